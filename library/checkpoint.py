@@ -1,0 +1,54 @@
+"""Resumable training state: written atomically, read back safely.
+
+A state directory holds one ``state.pt`` (tensors, numbers and plain containers only, loaded with
+``torch.load(weights_only=True)`` so a tampered file cannot run code) and a human-readable
+``train_state.json``. The directory is built under a temporary name and renamed into place, so an
+interrupted save leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import TrainingError
+
+STATE_FILE = "state.pt"
+SUMMARY_FILE = "train_state.json"
+
+
+def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dict[str, Any]) -> Path:
+    """Write ``state`` to ``directory`` atomically (replacing an older state there)."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def load_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read a state written by :func:`save_state`; a missing or corrupt one is a clear error."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise TrainingError(f"cannot resume: {path} not found (pass a directory written by --save_state)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state ({exc})") from None

@@ -1,0 +1,44 @@
+"""Shared plumbing of the entry scripts: parse, run, and turn user errors into one clear line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from library.errors import UserError
+
+
+def offline_environment() -> None:
+    """Never touch a model hub: every model is a local folder or file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; a :class:`UserError` prints ``error: <message>`` on stderr and returns exit status 2."""
+    offline_environment()
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def train_entry(method: str, description: str, argv: Sequence[str] | None = None) -> int:
+    """The whole body of ``train_lora.py`` / ``train_mp_lora.py`` / ``train_smp_lora.py``."""
+
+    def main(args: Sequence[str] | None) -> None:
+        from library.config import parse_config  # noqa: PLC0415 - fast --help and clean error paths
+        from library.train_config import TrainConfig  # noqa: PLC0415
+        from library.trainer import train  # noqa: PLC0415
+
+        config = parse_config(TrainConfig, args, description)
+        train(config, method)
+
+    return run_cli(main, argv)

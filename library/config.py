@@ -1,0 +1,172 @@
+"""Typed run configuration: one dataclass is the single source of truth for CLI flags and TOML keys.
+
+A field ``learning_rate: float = 1e-4`` becomes the flag ``--learning_rate`` and the TOML key
+``learning_rate`` (sd-scripts' names, so a kohya user's TOML mostly just works). ``--config_file x.toml``
+supplies defaults; flags given on the command line win. TOML tables (``[training]``, ``[privacy]`` ...)
+are flattened, as sd-scripts does, so users may group keys however they like.
+
+Every mistake gets one :class:`ConfigError` line: an unknown key (with the closest known key suggested),
+a value of the wrong type, a value outside its choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar, Union
+
+import toml
+
+from library.errors import ConfigError
+
+ConfigT = TypeVar("ConfigT")
+
+
+def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field carrying its CLI help text (and allowed values)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """``Optional[int]`` -> (int, True); ``int`` -> (int, False)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check/convert one TOML value to the field's type, or raise a ConfigError naming the key."""
+    base, optional = _unwrap_optional(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{name}' must not be empty")
+    if typing.get_origin(base) is list:
+        (item_type,) = typing.get_args(base)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(name, v, item_type, source) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{name}' must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{name}' must be an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: '{name}' must be a number, got {value!r}")
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{name}' must be a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {annotation!r} for {name}")
+
+
+def _flatten_toml(data: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        items = _flatten_toml(value, source).items() if isinstance(value, dict) else [(key, value)]
+        for sub_key, sub_value in items:
+            if sub_key in flat:
+                raise ConfigError(f"{source}: key '{sub_key}' is given twice")
+            flat[sub_key] = sub_value
+    return flat
+
+
+def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a TOML config file into checked ``{field: value}`` for dataclass ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = toml.loads(path.read_text(encoding="utf-8"))
+    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    types_by_name = _field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in _flatten_toml(raw, str(path)).items():
+        if key == "config_file":
+            raise ConfigError(f"{path}: 'config_file' cannot be set inside a config file")
+        if key not in types_by_name:
+            close = difflib.get_close_matches(key, list(types_by_name), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        values[key] = _coerce(key, value, types_by_name[key], str(path))
+    return values
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (plus ``--config_file``)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config_file", type=str, default=None, help="TOML file holding any of the flags below")
+    for f in dataclasses.fields(cls):
+        annotation = _field_types(cls)[f.name]
+        base, _ = _unwrap_optional(annotation)
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        # Defaults are applied later (TOML first, then dataclass), so argparse defaults stay None.
+        kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}
+        if base is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(base) is list:
+            (item_type,) = typing.get_args(base)
+            parser.add_argument(f"--{f.name}", type=item_type, nargs="*", choices=choices, **kwargs)
+            continue
+        parser.add_argument(f"--{f.name}", type=base, choices=choices, **kwargs)
+    return parser
+
+
+def parse_config(cls: type[ConfigT], argv: Sequence[str] | None, description: str = "") -> ConfigT:
+    """Parse ``argv`` (CLI flags, optionally ``--config_file``) into an instance of dataclass ``cls``."""
+    parser = build_parser(cls, description)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config_file:
+        values.update(load_toml(args.config_file, cls))
+    for f in dataclasses.fields(cls):
+        cli_value = getattr(args, f.name)
+        if cli_value is not None:
+            values[f.name] = cli_value
+    return make_config(cls, values)
+
+
+def make_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
+    """Build ``cls(**values)`` checking choices and required fields; run ``cls.validate()`` if present."""
+    types_by_name = _field_types(cls)
+    for key in values:
+        if key not in types_by_name:
+            raise ConfigError(f"unknown option '{key}'")
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in values and values[f.name] is not None:
+            given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
+            for item in given:
+                if item not in choices:
+                    raise ConfigError(f"'{f.name}' must be one of {list(choices)}, got {item!r}")
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/TOML-friendly dict of the config (for run records)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create ./.venv with the pinned dependencies (idempotent: a no-op when requirements are unchanged).
+# torch is installed first and alone so that nothing later can pull a CUDA build on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python_bin=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+stamp=.venv/.smp-lora-requirements
+wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "setting up .venv (first run takes a few minutes)..."
+  .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$(grep -E '^torch==' requirements.txt | cut -d= -f3)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "$wanted" > "$stamp"
+fi
