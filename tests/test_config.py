@@ -1,0 +1,81 @@
+"""TOML + CLI configuration: precedence, type checks and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from library.config import parse_config
+from library.errors import ConfigError
+from library.train_config import TrainConfig
+
+BASE = ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json"]
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_toml_values_and_cli_override(tmp_path):
+    path = write(tmp_path, """
+pretrained_model_name_or_path = "model_dir"
+split_manifest = "m.json"
+[training]
+learning_rate = 3e-4
+network_dim = 8
+attacker_timesteps = [10, 20]
+shuffle_caption = true
+""")
+    cfg = parse_config(TrainConfig, ["--config_file", path, "--network_dim", "16"])
+    assert cfg.learning_rate == 3e-4
+    assert cfg.network_dim == 16  # the command line wins
+    assert cfg.attacker_timesteps == [10, 20]
+    assert cfg.shuffle_caption is True
+    assert cfg.pretrained_model_name_or_path == "model_dir"
+
+
+def test_defaults_are_the_papers():
+    cfg = parse_config(TrainConfig, BASE)
+    assert (cfg.network_dim, cfg.network_alpha) == (64, 32.0)
+    assert cfg.privacy_lambda == 0.05 and cfg.privacy_delta == 1e-5
+    assert (cfg.attacker_lr, cfg.attacker_weight_decay, cfg.k_steps) == (1e-5, 1e-4, 1)
+    assert cfg.update_order == "attacker_first"
+
+
+def test_misspelled_key_names_it_and_suggests(tmp_path):
+    path = write(tmp_path, 'learning_rte = 1e-4\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rte'.*did you mean 'learning_rate'"):
+        parse_config(TrainConfig, ["--config_file", path] + BASE)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('network_dim = "eight"', "'network_dim' must be an integer"),
+    ('learning_rate = "fast"', "'learning_rate' must be a number"),
+    ('shuffle_caption = 1', "'shuffle_caption' must be true or false"),
+    ('update_order = "sideways"', "'update_order' must be one of"),
+    ('privacy_lambda = -0.5', "'privacy_lambda' must be a finite number >= 0"),
+])
+def test_bad_values_get_one_clear_error(tmp_path, line, message):
+    path = write(tmp_path, line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, ["--config_file", path] + BASE)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config(TrainConfig, ["--config_file", write(tmp_path, "a = = 1")] + BASE)
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_config(TrainConfig, ["--config_file", str(tmp_path / "nope.toml")] + BASE)
+
+
+def test_required_and_exclusive_inputs():
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path"):
+        parse_config(TrainConfig, ["--split_manifest", "s.json"])
+    with pytest.raises(ConfigError, match="exactly one of"):
+        parse_config(TrainConfig, BASE + ["--train_data_dir", "d"])
+
+
+def test_network_module_cannot_name_arbitrary_code():
+    with pytest.raises(SystemExit):  # argparse rejects choices outside the allow-list
+        parse_config(TrainConfig, BASE + ["--network_module", "os"])
