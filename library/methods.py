@@ -22,13 +22,7 @@ from typing import Any, Callable
 import torch
 
 from library.features import feature_dim, features_from_errors, membership_features
-from library.privacy import (
-    ProxyAttacker,
-    attacker_loss,
-    mi_gain_members,
-    mp_lora_loss,
-    smp_lora_loss,
-)
+from library.privacy import ProxyAttacker, attacker_loss, mi_gain_members, privacy_loss_terms
 from library.samplers import EpochCyclingSampler
 from library.train_config import TrainConfig
 
@@ -173,10 +167,8 @@ class AdversarialLoRA:
             for param in self.attacker.parameters():
                 param.requires_grad_(True)
         g = mi_gain_members(logits, member_weight=cfg.g_member_weight)  # G(h_w, D_tr, f), members only
-        if self.objective == "mp":
-            terms = mp_lora_loss(l_ada, g, cfg.privacy_lambda)  # Eq. 6
-        else:
-            terms = smp_lora_loss(l_ada, g, cfg.privacy_lambda, cfg.privacy_delta)  # Eq. 10
+        # Eq. 6 (MP-LoRA) or Eq. 10 (SMP-LoRA)
+        terms = privacy_loss_terms(self.objective, l_ada, g, cfg.privacy_lambda, cfg.privacy_delta)
         logs = {"l_ada": l_ada.item(), "g": g.item(), "loss": terms.loss.item()}
         if terms.denominator is not None:
             logs["denominator"] = float(terms.denominator)

@@ -30,6 +30,7 @@ from library.fileio import atomic_write_text
 from library.methods import AdversarialLoRA, AuxData, ForwardResult, StepContext, build_method
 from library.models import ModelBundle, load_sd_model
 from library.samplers import EpochCyclingSampler
+from library.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 from library.text import encode_prompts
 from library.train_config import TrainConfig
 from library.training_data import TrainingData, attach_latents, load_training_records
@@ -149,6 +150,8 @@ class Trainer:
         self.global_step = 0
         self.epoch_logs: list[dict[str, Any]] = []
         self.method = None  # built after latents exist (the attacker's input size depends on them)
+        self.smoothness = SmoothnessTracker() if config.track_smoothness else None
+        self.hessian_generator = torch.Generator().manual_seed(config.seed + 3)
 
     # ---- set-up that costs compute --------------------------------------------------------------
     def prepare(self) -> None:
@@ -208,18 +211,28 @@ class Trainer:
         if cfg.update_order == "attacker_first":
             logs.update(self.method.attacker_phase(ctx))  # Algorithm 1, lines 4-6
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.gradient_accumulation_steps):
+        for micro_batch in range(cfg.gradient_accumulation_steps):
             result = self._forward(self.sampler.next_indices(), ctx)  # line 7: a fresh D_tr batch
-            loss, loss_logs = self.method.lora_loss(ctx, result)  # line 8
-            if not torch.isfinite(loss):
+            try:
+                loss, loss_logs = self.method.lora_loss(ctx, result)  # line 8
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite training loss ({loss_logs}). Lower the learning rate or "
+                                        "privacy_lambda, or use mixed_precision bf16/no instead of fp16.")
+            except TrainingError as exc:
                 self._save_last_good()
-                raise TrainingError(f"non-finite training loss at step {self.global_step} ({loss_logs}); the "
-                                    f"last good LoRA was kept in {self.output_dir}. Lower the learning rate or "
-                                    "privacy_lambda, or use mixed_precision bf16/no instead of fp16.")
+                raise TrainingError(f"step {self.global_step}: {exc} The last good LoRA was kept as "
+                                    f"{self.output_dir / (self.output_name + '-last-good.safetensors')}.") from None
+            if self.smoothness is not None and micro_batch == 0 \
+                    and self.global_step % cfg.hessian_every_n_steps == 0:
+                hessian = hessian_top_eigenvalue(loss, self.trainable, generator=self.hessian_generator)
+                self.smoothness.add_hessian_norm(self.global_step, hessian)
+                logs["hessian_norm"] = hessian
             (loss / cfg.gradient_accumulation_steps).backward()
             logs.update(loss_logs)
         self._reduce_gradients(self.trainable)
-        logs["grad_norm"] = _flat_grad_norm(self.trainable)
+        logs["grad_norm"] = _flat_grad_norm(self.trainable)  # before clipping (paper Fig. 1b)
+        if self.smoothness is not None:
+            self.smoothness.add_grad_norm(self.global_step, logs["grad_norm"])
         if cfg.grad_normalize and logs["grad_norm"] > 0:  # paper Table 10 baseline
             for p in self.trainable:
                 if p.grad is not None:
@@ -259,6 +272,10 @@ class Trainer:
                     and self.global_step < self.total_steps:
                 self._save(f"{self.output_name}-step{self.global_step:08d}")
         bar.close()
+        if self.smoothness is not None and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            logs.update({f"smoothness_{k}": v for k, v in self.smoothness.write(
+                self.output_dir / self.output_name, title=self.method_name).items()})
         result = self._save(self.output_name, final_logs=logs)
         self.accelerator.end_training()
         return result
