@@ -103,7 +103,9 @@ class AdversarialLoRA:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             self.attacker = ProxyAttacker(
-                in_features, dropout=config.attacker_dropout, normalization=config.attacker_normalization
+                in_features, dropout=config.attacker_dropout, normalization=config.attacker_normalization,
+                # losses at different t differ in scale by orders of magnitude: one mean/var per timestep
+                per_feature_stats=config.attacker_features == "multi_t_loss",
             ).to(device)
         self.optimizer = torch.optim.Adam(
             self.attacker.parameters(), lr=config.attacker_lr, weight_decay=config.attacker_weight_decay
@@ -157,7 +159,8 @@ class AdversarialLoRA:
         else:  # upstream: a second, differentiable UNet pass with its own noise
             features = self._features(ctx, result.latents, result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
-        # leaves it in train mode (dropout active); we evaluate it deterministically.
+        # leaves it in train mode (dropout active); we evaluate it deterministically, and eval mode also
+        # keeps its normaliser's statistics fitted on balanced attacker batches only.
         self.attacker.eval()
         for param in self.attacker.parameters():
             param.requires_grad_(False)

@@ -1,0 +1,279 @@
+"""MIA metrics against scikit-learn and brute force; FID / KID maths against closed forms and torchmetrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from library.errors import DataError
+from library.metrics import (
+    accuracy_at_threshold,
+    argmax_asr,
+    auc_deviation,
+    balanced_accuracy,
+    best_threshold,
+    bootstrap_ci,
+    frechet_distance,
+    frechet_distance_from_features,
+    kid,
+    rates_at_threshold,
+    roc_auc,
+    roc_curve,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
+
+
+def _data(seed: int, n_pos: int = 60, n_neg: int = 50, ties: bool = True):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    s = rng.normal(size=y.size) + 0.7 * y
+    if ties:
+        s = np.round(s * 2) / 2
+    perm = rng.permutation(y.size)
+    return y[perm], s[perm]
+
+
+def _brute_auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+# ----------------------------------------------------------------------------- ROC / AUC
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("ties", [True, False])
+def test_roc_matches_sklearn(seed, ties):
+    y, s = _data(seed, ties=ties)
+    fpr, tpr, thr = roc_curve(y, s)
+    sk_fpr, sk_tpr, sk_thr = skm.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_array_equal(thr[1:], sk_thr[1:])
+    assert np.isinf(thr[0])
+    auc = roc_auc(y, s)
+    assert auc == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert auc == pytest.approx(_brute_auc(y, s), abs=1e-12)
+
+
+def test_auc_extremes_and_deviation():
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc(y, [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert roc_auc(y, [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert auc_deviation(0.5) == 0.0
+    assert auc_deviation(0.75) == pytest.approx(0.5)
+    assert auc_deviation(0.25) == pytest.approx(0.5)
+    assert auc_deviation(1.0) == 1.0
+
+
+def test_bad_inputs():
+    with pytest.raises(DataError, match="both members and non-members"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(DataError, match="NaN"):
+        roc_auc([0, 1], [0.1, np.nan])
+    with pytest.raises(DataError, match="0 \\(non-member\\) or 1"):
+        roc_auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        roc_auc([0, 1, 1], [0.1, 0.2])
+    assert roc_auc(np.array([False, True]), [0.1, 0.2]) == 1.0
+
+
+# ----------------------------------------------------------------------------- TPR @ FPR
+
+
+def _brute_tpr_at_fpr(y, s, alpha):
+    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
+    return max(t for f, t in zip(fpr, tpr) if f <= alpha + 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("alpha", [0.02, 0.05, 0.1, 0.3, 1.0])
+def test_tpr_at_fpr_matches_brute_force(seed, alpha):
+    y, s = _data(seed, n_pos=80, n_neg=100, ties=seed % 2 == 0)
+    assert tpr_at_fpr(y, s, alpha) == pytest.approx(_brute_tpr_at_fpr(y, s, alpha))
+
+
+def test_tpr_at_fpr_is_conservative_and_exact_at_grid_points():
+    # 4 non-members: achievable FPRs 0, .25, .5, .75, 1.
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.55, 0.3, 0.85, 0.6, 0.5, 0.1])
+    assert tpr_at_fpr(y, s, 0.25) == 0.5  # FPR exactly 0.25 is admissible
+    assert tpr_at_fpr(y, s, 0.49) == 0.5  # next point (FPR .5) would overshoot
+    assert tpr_at_fpr(y, s, 0.5) == 0.75
+    tau = threshold_at_fpr(y, s, 0.5)
+    assert tau == 0.55
+    assert rates_at_threshold(y, s, tau) == (0.75, 0.5)
+
+
+def test_tpr_at_fpr_na_rule():
+    y, s = _data(0, n_pos=50, n_neg=200)
+    assert tpr_at_fpr(y, s, 0.05) is not None
+    assert tpr_at_fpr(y, s, 0.005) is not None  # 1/200 == 0.005: measurable (one false positive)
+    assert tpr_at_fpr(y, s, 0.001) is None  # 1/200 > 0.001
+    y, s = _data(1, n_pos=30, n_neg=20)
+    assert tpr_at_fpr(y, s, 0.05) is not None  # 1/20 == 0.05
+    assert tpr_at_fpr(y, s, 0.049) is None
+    with pytest.raises(ValueError):
+        tpr_at_fpr(y, s, 0.0)
+
+
+# ----------------------------------------------------------------------------- accuracies and thresholds
+
+
+def _brute_best_balanced(y, s):
+    best = 0.5
+    for tau in np.unique(s):
+        pred = s >= tau
+        best = max(best, 0.5 * (pred[y == 1].mean() + (~pred[y == 0]).mean()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_threshold_matches_brute_force(seed):
+    y, s = _data(seed, n_pos=40 + seed * 7, n_neg=45, ties=seed % 2 == 0)
+    tau, bal = best_threshold(y, s)
+    assert bal == pytest.approx(_brute_best_balanced(y, s))
+    assert balanced_accuracy(y, s >= tau) == pytest.approx(bal)
+    # The threshold is a real number between data points, usable on new data.
+    assert np.isfinite(tau)
+    if tau not in set(s.tolist()):
+        assert s.min() < tau < s.max()
+
+
+def test_best_threshold_midpoint_and_ties():
+    y = np.array([0, 0, 1, 1])
+    tau, bal = best_threshold(y, [0.1, 0.2, 0.8, 0.9])
+    assert (tau, bal) == (pytest.approx(0.5), 1.0)
+    # All scores tied: the only finite point predicts everyone a member.
+    tau, bal = best_threshold(y, [0.3, 0.3, 0.3, 0.3])
+    assert (tau, bal) == (0.3, 0.5)
+    # Adjacent floats: the midpoint must not round onto the lower score.
+    a = 1.0
+    b = np.nextafter(a, 2.0)
+    tau, bal = best_threshold([0, 1], [a, b])
+    assert bal == 1.0 and accuracy_at_threshold([0, 1], [a, b], tau) == 1.0
+
+
+def test_accuracy_and_balanced_accuracy():
+    y = np.array([1, 1, 1, 0])
+    s = np.array([0.9, 0.4, 0.7, 0.2])
+    assert accuracy_at_threshold(y, s, 0.5) == 0.75
+    assert accuracy_at_threshold(y, s, 0.4) == 1.0  # >= threshold is "member"
+    assert balanced_accuracy(y, s >= 0.5) == pytest.approx(0.5 * (2 / 3 + 1))
+    assert balanced_accuracy(y, s >= 0.5) == pytest.approx(skm.balanced_accuracy_score(y, s >= 0.5))
+
+
+def test_argmax_asr():
+    y = np.array([1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.5, 0.5, 0.2, 0.7])  # 0.5 -> non-member (torch.argmax picks class 0 on ties)
+    assert argmax_asr(y, p) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError):
+        argmax_asr(y, p + 1)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_estimate_and_narrows():
+    widths = []
+    for n in (50, 800):
+        y, s = _data(3, n_pos=n, n_neg=n, ties=False)
+        lo, hi = bootstrap_ci(y, s, roc_auc, n_boot=300, seed=1)
+        assert lo <= roc_auc(y, s) <= hi
+        widths.append(hi - lo)
+    assert widths[1] < 0.5 * widths[0]
+    # Deterministic for a seed; the non-stratified variant works too.
+    y, s = _data(4, n_pos=30, n_neg=30)
+    assert bootstrap_ci(y, s, roc_auc, n_boot=50, seed=7) == bootstrap_ci(y, s, roc_auc, n_boot=50, seed=7)
+    lo, hi = bootstrap_ci(y, s, roc_auc, n_boot=100, stratified=False)
+    assert lo <= roc_auc(y, s) <= hi
+
+
+def test_bootstrap_ci_stratified_keeps_class_counts_and_skips_na():
+    y, s = _data(5, n_pos=7, n_neg=13)
+    seen = []
+
+    def spy(yy, ss):
+        seen.append((int(yy.sum()), int((yy == 0).sum())))
+        return roc_auc(yy, ss)
+
+    bootstrap_ci(y, s, spy, n_boot=20)
+    assert set(seen) == {(7, 13)}
+    assert bootstrap_ci(y, s, lambda yy, ss: tpr_at_fpr(yy, ss, 0.01), n_boot=10) is None
+    lo, hi = bootstrap_ci(y, s, lambda yy, ss: tpr_at_fpr(yy, ss, 0.1), n_boot=50)
+    assert 0.0 <= lo <= hi <= 1.0
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_full_covariance_commuting_case():
+    # Σ2 = c·Σ1 commutes with Σ1: Tr((Σ1Σ2)^½) = √c·Tr(Σ1), so d² = ||Δμ||² + (1 + c − 2√c)·Tr(Σ1).
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(6, 6))
+    s1 = a @ a.T + 0.1 * np.eye(6)
+    c = 2.5
+    mu1, mu2 = np.zeros(6), np.ones(6)
+    expected = 6.0 + (1 + c - 2 * np.sqrt(c)) * np.trace(s1)
+    assert frechet_distance(mu1, s1, mu2, c * s1) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_singular_covariances():
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.normal(size=(5, 20)), rng.normal(size=(5, 20)) + 0.5  # n < d: rank-deficient
+    d = frechet_distance_from_features(f1, f2)
+    assert np.isfinite(d) and d > 0
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_frechet_distance_from_features_behaviour():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))
+    assert frechet_distance_from_features(a, b) < 0.05
+    assert frechet_distance_from_features(a, b + 1.0) == pytest.approx(4.0, abs=0.2)
+
+
+# ----------------------------------------------------------------------------- KID
+
+
+def test_kid_same_vs_shifted():
+    rng = np.random.default_rng(4)
+    real, same = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    shifted = rng.normal(size=(300, 16)) + 0.5
+    m_same, sd_same = kid(real, same, subset_size=100, n_subsets=20)
+    m_shift, _ = kid(real, shifted, subset_size=100, n_subsets=20)
+    assert abs(m_same) < sd_same  # unbiased: zero up to subset noise
+    assert m_shift > 20 * abs(m_same) and m_shift > 0.5
+    # Default subset size = min(1000, n_real, n_fake) = 300 here: all subsets are the full sets.
+    assert kid(real, same, n_subsets=3)[1] == pytest.approx(0.0, abs=1e-12)
+    # Small sets: the default subset size adapts to the smaller set.
+    assert np.isfinite(kid(real[:30], shifted[:50], n_subsets=5)[0])
+    with pytest.raises(DataError):
+        kid(real[:30], shifted, subset_size=40)
+
+
+def test_kid_matches_torchmetrics_maths():
+    torch = pytest.importorskip("torch")
+    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) * 1.3 + 0.2
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    expected = kid_mod.poly_mmd(ta, tb, degree=3, gamma=None, coef=1.0).item()
+    # subset_size == n: every subset is a permutation of the full sets, and MMD² is permutation invariant.
+    mean, std = kid(a, b, subset_size=40, n_subsets=3)
+    assert mean == pytest.approx(expected, rel=1e-10)
+    assert std == pytest.approx(0.0, abs=1e-12)
