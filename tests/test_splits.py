@@ -1,0 +1,233 @@
+"""Split by file: presets, determinism, disjointness, manifest round trip and staleness checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from library.data import ImageCaption, scan_dataset
+from library.errors import ConfigError, DataError, UserError
+from library.splits import (
+    CORE_SPLITS,
+    PRESETS,
+    SplitEntry,
+    _stored_root,
+    SplitManifest,
+    make_split,
+    manifest_sha256,
+    read_manifest,
+    resolve_sizes,
+    write_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset(root: Path, n: int) -> list[ImageCaption]:
+    """n tiny distinct 'images' with captions (bytes need not decode: splits only hash them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"{i:04d}.png").write_bytes(f"image-{i}".encode())
+        (root / f"{i:04d}.txt").write_text(f"caption {i}\n")
+    return scan_dataset(root)
+
+
+def _paths(entries: list[SplitEntry]) -> list[str]:
+    return [e.path for e in entries]
+
+
+def test_presets_match_table4():
+    assert PRESETS["pokemon"].as_dict() == dict(member_aux=200, member_test=233, nonmember_aux=200, nonmember_test=200)
+    assert PRESETS["pokemon"].total == 833 and PRESETS["pokemon_table4"].total == 833
+    assert PRESETS["pokemon_table4"].as_dict()["nonmember_test"] == 233
+    expected = {"celeba_small": 50, "celeba_large": 200, "celeba_gender": 40, "celeba_varying": 63,
+                "celeba_large_5x": 1000, "afhq_large_5x": 750, "coco_large_5x": 1000, "digits_demo": 100}
+    for name, size in expected.items():
+        assert set(PRESETS[name].as_dict().values()) == {size}, name
+
+
+def test_split_sizes_from_preset_and_disjoint(tmp_path):
+    records = _dataset(tmp_path / "d", 900)
+    m = make_split(records, preset="pokemon", seed=1337)
+    assert m.sizes() == dict(member_aux=200, member_test=233, nonmember_aux=200, nonmember_test=200, pretrain=0,
+                             unused=67)
+    all_paths = [p for entries in m.splits().values() for p in _paths(entries)]
+    assert len(all_paths) == len(set(all_paths)) == 900  # disjoint and complete
+    assert len(m.members()) == 433 and set(_paths(m.members())).isdisjoint(_paths(m.nonmembers()))
+    assert _paths(m.aux()) == _paths(m.member_aux) + _paths(m.nonmember_aux)
+    assert _paths(m.test()) == _paths(m.member_test) + _paths(m.nonmember_test)
+    first = m.member_test[0]
+    assert m.split_of(first.path) == "member_test" and m.is_member(first.path)
+    assert m.split_of(m.nonmember_aux[0].path) == "nonmember_aux" and not m.is_member(m.nonmember_aux[0].path)
+    assert m.split_of("nope.png") is None
+    assert first.caption == f"caption {int(first.path[:4])}"
+    assert m.abs_path(first) == (tmp_path / "d" / first.path).resolve()
+
+
+def test_split_deterministic_and_seed_dependent(tmp_path):
+    records = _dataset(tmp_path / "d", 60)
+    sizes = dict(member_aux=10, member_test=10, nonmember_aux=10, nonmember_test=10)
+    state = random.getstate(), np.random.get_state()
+    a = make_split(records, sizes=sizes, seed=0)
+    random.seed(123)
+    np.random.seed(123)
+    b = make_split(list(reversed(records)), sizes=sizes, seed=0)  # input order and global RNG do not matter
+    c = make_split(records, sizes=sizes, seed=1)
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    assert a.splits() == b.splits()
+    assert _paths(a.members()) != _paths(c.members())
+
+
+def test_pretrain_portion(tmp_path):
+    records = _dataset(tmp_path / "d", 50)
+    sizes = dict(member_aux=5, member_test=5, nonmember_aux=5, nonmember_test=5)
+    rest = make_split(records, sizes=sizes, seed=0, pretrain="rest")
+    assert len(rest.pretrain) == 30 and rest.unused == []
+    some = make_split(records, sizes=sizes, seed=0, pretrain=7)
+    assert len(some.pretrain) == 7 and len(some.unused) == 23
+    core = {p for name in CORE_SPLITS for p in _paths(getattr(some, name))}
+    assert core.isdisjoint(_paths(some.pretrain))
+    # Reserving pretrain images never changes which images are members for the same seed.
+    assert some.splits()["member_aux"] == rest.splits()["member_aux"]
+
+
+def test_exclude_and_too_small(tmp_path):
+    records = _dataset(tmp_path / "d", 20)
+    sizes = dict(member_aux=5, member_test=5, nonmember_aux=5, nonmember_test=5)
+    small = dict(member_aux=4, member_test=4, nonmember_aux=4, nonmember_test=4)
+    m = make_split(records, sizes=small, seed=0, exclude={"0000.png", "0001.png"})
+    listed = {p for entries in m.splits().values() for p in _paths(entries)}
+    assert "0000.png" not in listed and len(listed) == 18
+    by_hash = make_split(records, sizes=small, seed=0, exclude={m.member_aux[0].sha256})
+    assert m.member_aux[0].path not in {p for e in by_hash.splits().values() for p in _paths(e)}
+    with pytest.raises(DataError, match=r"needs 20 images.*has 18 usable ones \(2 excluded\)"):
+        make_split(records, sizes=sizes, seed=0, exclude={"0000.png", "0001.png"}, pretrain=0)
+    with pytest.raises(DataError, match=r"needs 400 images .* has 20"):
+        make_split(records, preset="digits_demo", seed=0)
+    with pytest.raises(DataError, match=r"needs 21 images"):
+        make_split(records, sizes=sizes, seed=0, pretrain=1)
+
+
+def test_bad_sizes_and_balance(tmp_path):
+    records = _dataset(tmp_path / "d", 20)
+    with pytest.raises(ConfigError, match="non-negative"):
+        make_split(records, sizes=dict(member_aux=-1, member_test=1, nonmember_aux=1, nonmember_test=1), seed=0)
+    with pytest.raises(ConfigError, match="non-negative"):
+        resolve_sizes(dict(member_aux=1.5, member_test=1, nonmember_aux=1, nonmember_test=1))
+    with pytest.raises(ConfigError, match="unknown split size"):
+        resolve_sizes(dict(members=3), preset="celeba_small")
+    with pytest.raises(ConfigError, match="unknown split preset"):
+        resolve_sizes(preset="celeba_huge")
+    with pytest.raises(ConfigError, match="missing"):
+        resolve_sizes(dict(member_aux=1))
+    assert resolve_sizes(dict(member_test=7), preset="celeba_small").member_test == 7
+    unbalanced = dict(member_aux=3, member_test=1, nonmember_aux=2, nonmember_test=1)
+    with pytest.raises(ConfigError, match="balanced"):
+        make_split(records, sizes=unbalanced, seed=0)
+    assert len(make_split(records, sizes=unbalanced, seed=0, allow_unbalanced_aux=True).member_aux) == 3
+
+
+def test_duplicate_images_refused(tmp_path):
+    records = _dataset(tmp_path / "d", 10)
+    (tmp_path / "d" / "0009.png").write_bytes((tmp_path / "d" / "0003.png").read_bytes())
+    sizes = dict(member_aux=1, member_test=1, nonmember_aux=1, nonmember_test=1)
+    with pytest.raises(DataError, match=r"0003\.png and 0009\.png .*identical"):
+        make_split(records, sizes=sizes, seed=0)
+    make_split(records, sizes=sizes, seed=0, allow_duplicates=True)
+
+
+def test_manifest_rejects_overlap(tmp_path):
+    e = SplitEntry("a.png", "a", "0" * 64)
+    with pytest.raises(DataError, match="a.png twice"):
+        SplitManifest(dataset_root=tmp_path, seed=0, member_aux=[e], nonmember_test=[e])
+
+
+def test_manifest_round_trip(tmp_path):
+    records = _dataset(tmp_path / "data" / "d", 30)
+    m = make_split(records, preset=None, sizes=dict(member_aux=4, member_test=5, nonmember_aux=4, nonmember_test=6),
+                   seed=3, pretrain=2, dataset_root=tmp_path / "data" / "d")
+    path = tmp_path / "runs" / "split.json"
+    write_manifest(m, path)
+    doc = json.loads(path.read_text())
+    assert doc["dataset_root"] == "../data/d" and doc["format_version"] == 1 and doc["seed"] == 3
+    back = read_manifest(path)
+    assert back.splits() == m.splits() and back.seed == 3 and back.dataset_root == m.dataset_root
+    assert back.created_by.startswith("smp-lora")
+    digest = manifest_sha256(path)
+    write_manifest(back, path)
+    assert manifest_sha256(path) == digest  # byte-stable
+
+
+def test_stored_root_absolute_without_common_parent():
+    assert _stored_root(Path("/srv/data/celeba"), Path("/home/me/runs")) == "/srv/data/celeba"
+    assert _stored_root(Path("/home/me/data/celeba"), Path("/home/me/runs")) == "../data/celeba"
+
+
+def test_manifest_moved_dataset(tmp_path):
+    records = _dataset(tmp_path / "d", 8)
+    m = make_split(records, sizes=dict(member_aux=2, member_test=2, nonmember_aux=2, nonmember_test=2), seed=0)
+    path = tmp_path / "m.json"
+    write_manifest(m, path)
+    assert json.loads(path.read_text())["dataset_root"] == "d"
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "d").rename(moved)
+    with pytest.raises(DataError, match="missing"):
+        read_manifest(path)
+    assert read_manifest(path, dataset_root=moved).dataset_root == moved.resolve()
+
+
+def test_stale_manifest_names_image(tmp_path):
+    records = _dataset(tmp_path / "d", 12)
+    m = make_split(records, sizes=dict(member_aux=3, member_test=3, nonmember_aux=3, nonmember_test=3), seed=0)
+    path = tmp_path / "split.json"
+    write_manifest(m, path)
+    victim = m.abs_path(m.member_test[1])
+    victim.write_bytes(b"edited")
+    with pytest.raises(DataError, match=rf"{victim.name}.*member_test.*stale"):
+        read_manifest(path)
+    assert read_manifest(path, verify=False).member_test[1].path == victim.name
+    victim.unlink()
+    with pytest.raises(DataError, match=rf"{victim.name}.*missing.*stale"):
+        read_manifest(path)
+
+
+def test_corrupt_or_wrong_version_manifest(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text("{ not json")
+    with pytest.raises(DataError, match="not readable JSON"):
+        read_manifest(path)
+    path.write_text(json.dumps({"format": "smp-lora-split", "format_version": 99, "splits": {}}))
+    with pytest.raises(DataError, match="format_version 99"):
+        read_manifest(path)
+    path.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(DataError, match="not an smp-lora split manifest"):
+        read_manifest(path)
+    with pytest.raises(DataError, match="does not exist"):
+        read_manifest(tmp_path / "none.json")
+
+
+def test_make_split_script(tmp_path, capsys):
+    _dataset(tmp_path / "d", 20)
+    spec = importlib.util.spec_from_file_location("make_split", REPO / "scripts" / "make_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "split.json"
+    args = ["--dataset_dir", str(tmp_path / "d"), "--output", str(out), "--seed", "5", "--pretrain", "rest"]
+    sizes = ["--member_aux", "3", "--member_test", "4", "--nonmember_aux", "3", "--nonmember_test", "4"]
+    assert module.main(args + sizes) == 0
+    text = capsys.readouterr().out
+    assert "member_test     4" in text and "pretrain        6" in text
+    m = read_manifest(out)
+    assert len(m.members()) == 7 and m.created_by.endswith("make_split.py")
+    assert module.main(args + ["--preset", "celeba_small"]) == 2
+    assert "needs 200 images" in capsys.readouterr().err
+
+
+def test_user_errors_are_user_errors():
+    assert issubclass(DataError, UserError) and issubclass(ConfigError, UserError)
