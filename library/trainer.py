@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from library import checkpoint
 from library.config import config_to_dict
+from library.data import shuffle_caption
 from library.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.errors import ConfigError, TrainingError
 from library.fileio import atomic_write_text
@@ -197,6 +199,9 @@ class Trainer:
         members = self.data.members
         latents = members.latents[indices]
         captions = [members.captions[i] for i in indices]
+        if self.config.shuffle_caption:  # seeded by the step, so a resumed run shuffles identically
+            rng = random.Random(f"{self.config.seed}-{self.global_step}-{self.accelerator.process_index}")
+            captions = [shuffle_caption(c, self.config.keep_tokens, rng) for c in captions]
         conditioning = ctx.encode_text(captions)
         draw = draw_noise(latents, self.noise_generator, self.config.min_timestep, self.config.max_timestep)
         with self.accelerator.autocast():

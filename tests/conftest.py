@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny SD-shaped stack on disk, a small embedded-digits dataset and its split manifest.
+
+Built once per test session (a few seconds) and reused read-only by every end-to-end test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPLIT_SIZES = {"member_aux": 12, "member_test": 12, "nonmember_aux": 12, "nonmember_test": 12}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from library.tiny import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_tiny_model(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    from library.embedded_data import write_digits_dataset
+
+    path = tmp_path_factory.mktemp("digits") / "images"
+    write_digits_dataset(path, resolution=32, limit=60)
+    return path
+
+
+@pytest.fixture(scope="session")
+def manifest_path(digits_dir):
+    from library.data import scan_dataset
+    from library.splits import make_split, write_manifest
+
+    manifest = make_split(scan_dataset(digits_dir), sizes=SPLIT_SIZES, seed=0, dataset_root=digits_dir)
+    path = digits_dir.parent / "split.json"
+    write_manifest(manifest, path)
+    return path
+
+
+@pytest.fixture
+def tiny_train_args(tiny_model_dir, manifest_path, tmp_path):
+    """Command-line flags for a fast training run on the tiny stack (a few seconds on 2 cores)."""
+    return [
+        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--split_manifest", str(manifest_path),
+        "--resolution", "32",
+        "--network_dim", "4", "--network_alpha", "4",
+        "--train_batch_size", "4",
+        "--max_train_steps", "4",
+        "--learning_rate", "1e-3",
+        "--save_precision", "float",
+        "--output_dir", str(tmp_path / "out"),
+        "--no-progress_bar",
+    ]

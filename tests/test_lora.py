@@ -1,0 +1,395 @@
+"""Tests for networks/lora.py: kohya-compatible LoRA on the tiny SD v1.x stack (CPU, offline)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from library.errors import ConfigError, ModelError
+from networks.lora import (
+    FORBIDDEN_METADATA_KEYS,
+    LoRANetwork,
+    create_network,
+    create_network_from_weights,
+    lora_file_sha256,
+    read_lora_metadata,
+)
+
+RANK, ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores alpha is caught
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from library.tiny import build_tiny_stack
+
+    return build_tiny_stack(seed=0)
+
+
+@pytest.fixture()
+def models(stack):
+    """Fresh copies of the frozen base text encoder and UNet (the LoRA patches them in place)."""
+    return copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+
+
+@pytest.fixture(scope="module")
+def inputs(stack):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, len(stack.tokenizer), (2, 77), generator=g)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 700])
+    return ids, latents, timesteps
+
+
+def run(text_encoder, unet, inputs):
+    """Text-encoder hidden states and the UNet's prediction conditioned on them."""
+    ids, latents, timesteps = inputs
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+        return hidden, unet(latents, timesteps, hidden).sample
+
+
+def randomise(network: LoRANetwork, seed: int = 0, std: float = 0.2) -> None:
+    """Give every lora_up a non-zero value (at init they are zero and the LoRA does nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.loras:
+            w = lora.lora_up.weight
+            w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def trained_network(models, **kwargs) -> LoRANetwork:
+    te, unet = models
+    network = create_network(1.0, RANK, ALPHA, None, te, unet, **kwargs)
+    randomise(network)
+    return network
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+
+def test_targets_names_and_init(models):
+    te, unet = models
+    network = create_network(1.0, RANK, ALPHA, None, te, unet)
+    # 4 Transformer2D blocks x 12 layers (attn1/attn2 q,k,v,out, ff x2, proj_in/out); 2 CLIP layers x 6.
+    assert len(network.unet_loras) == 48 and len(network.text_encoder_loras) == 12
+    names = {lora.lora_name for lora in network.loras}
+    for expected in (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj",
+        "lora_unet_up_blocks_1_attentions_1_proj_out",
+        "lora_unet_mid_block_attentions_0_proj_in",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te_text_model_encoder_layers_1_mlp_fc2",
+    ):
+        assert expected in names
+    sd = network.state_dict()
+    assert sd["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape == (RANK, 64, 1, 1)
+    assert sd["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"].shape == (64, RANK, 1, 1)
+    assert sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"].shape == (RANK, 32)
+    assert sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"].shape == (64, RANK)
+    for lora in network.loras:
+        assert torch.count_nonzero(lora.lora_up.weight) == 0  # kohya init: up zero ...
+        assert lora.lora_down.weight.abs().max() > 0  # ... down kaiming-uniform
+        assert lora.alpha.dim() == 0 and float(lora.alpha) == ALPHA and lora.scale == ALPHA / RANK
+        assert lora.lora_down.bias is None and lora.lora_up.bias is None
+
+
+def test_zero_change_at_init_and_params_live_in_the_unet(models, inputs):
+    te, unet = models
+    base = run(te, unet, inputs)
+    network = create_network(1.0, RANK, ALPHA, None, te, unet)
+    network.apply_to(te, unet)
+    patched = run(te, unet, inputs)
+    assert torch.equal(base[0], patched[0]) and torch.equal(base[1], patched[1])
+    # The LoRA runs inside the models, so DDP on the UNet / text encoder sees (and syncs) its parameters.
+    model_params = {id(p) for p in unet.parameters()} | {id(p) for p in te.parameters()}
+    assert {id(p) for p in network.get_trainable_params()} <= model_params
+    assert all(p.requires_grad for p in network.get_trainable_params())
+
+
+def test_layer_output_is_base_plus_analytic_delta(models):
+    te, unet = models
+    network = trained_network(models)
+    network.set_multiplier(0.7)
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    conv = unet.mid_block.attentions[0].proj_in
+    x = torch.randn(3, 5, layer.in_features)
+    xc = torch.randn(2, conv.in_channels, 4, 4)
+    base_lin, base_conv = layer(x), conv(xc)
+    network.apply_to(te, unet)
+    lora = getattr(network, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k")
+    expected = base_lin + 0.7 * (ALPHA / RANK) * (x @ lora.lora_down.weight.T @ lora.lora_up.weight.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+    lc = getattr(network, "lora_unet_mid_block_attentions_0_proj_in")
+    delta = (lc.lora_up.weight[:, :, 0, 0] @ lc.lora_down.weight[:, :, 0, 0]) * (0.7 * ALPHA / RANK)
+    expected_conv = base_conv + torch.einsum("oi,bihw->bohw", delta, xc)
+    torch.testing.assert_close(conv(xc), expected_conv, atol=1e-6, rtol=1e-5)
+
+
+def test_patched_model_equals_hand_merged_weights(models, inputs):
+    te, unet = models
+    reference_te, reference_unet = copy.deepcopy(te), copy.deepcopy(unet)
+    network = trained_network(models)
+    network.apply_to(te, unet)
+    patched = run(te, unet, inputs)
+    base = run(reference_te, reference_unet, inputs)
+    assert (patched[1] - base[1]).abs().max() > 1e-3  # the LoRA does something
+    # Independent of merge_to: add scale * up @ down to each layer's weight by hand.
+    modules = dict(reference_unet.named_modules()) | dict(reference_te.named_modules())
+    with torch.no_grad():
+        for lora in network.loras:
+            w = modules[lora.module_path].weight
+            delta = lora.lora_up.weight.flatten(1) @ lora.lora_down.weight.flatten(1) * (ALPHA / RANK)
+            w += delta.reshape(w.shape)
+    merged = run(reference_te, reference_unet, inputs)
+    torch.testing.assert_close(patched[0], merged[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(patched[1], merged[1], atol=1e-5, rtol=1e-4)
+
+
+def test_multiplier_restore_and_gradients(models, inputs):
+    te, unet = models
+    base = run(te, unet, inputs)
+    network = trained_network(models)
+    network.apply_to(te, unet)
+    network.set_multiplier(0.0)
+    assert torch.equal(run(te, unet, inputs)[1], base[1])
+    network.set_multiplier(1.0)
+    ids, latents, timesteps = inputs
+    unet(latents, timesteps, te(ids)[0]).sample.square().mean().backward()
+    grads = [p.grad for p in network.get_trainable_params()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(RuntimeError, match="already"):
+        network.apply_to(te, unet)  # stacking a second time on the same layers is refused
+    clone_te, clone_unet = copy.deepcopy(te), copy.deepcopy(unet)  # e.g. an EMA copy keeps its LoRA
+    assert torch.equal(run(clone_te, clone_unet, inputs)[1], run(te, unet, inputs)[1])
+    network.restore()
+    assert not any(".lora." in k for k in unet.state_dict())
+    assert "forward" not in unet.mid_block.attentions[0].proj_in.__dict__
+    assert torch.equal(run(te, unet, inputs)[1], base[1])
+
+
+def test_network_args_and_optimizer_groups(models):
+    te, unet = models
+    unet_only = create_network(1.0, RANK, ALPHA, None, te, unet, train_unet_only="True", dropout="0.1")
+    assert not unet_only.text_encoder_loras and unet_only.unet_loras[0].dropout == 0.1
+    with pytest.raises(ConfigError, match="conv_dim"):
+        create_network(1.0, RANK, ALPHA, None, te, unet, conv_dim="4")
+    network = create_network(1.0, RANK, ALPHA, None, te, unet)
+    n_te = sum(p.numel() for lora in network.text_encoder_loras for p in lora.parameters())
+    groups = network.prepare_optimizer_params(None, 1e-4, 5e-5)
+    assert [g["lr"] for g in groups] == [5e-5, 1e-4]
+    assert sum(p.numel() for p in groups[0]["params"]) == n_te
+    groups = network.prepare_optimizer_params(0, None, 1e-4)  # lr 0 leaves the text encoder out
+    assert len(groups) == 1 and groups[0]["name"] == "unet" and groups[0]["lr"] == 1e-4
+    torch.optim.AdamW(network.prepare_optimizer_params(1e-5, 1e-4, None))
+    # As in sd-scripts, applying without the text encoder drops its modules (not trained, not saved).
+    network.apply_to(te, unet, apply_text_encoder=False)
+    assert not network.text_encoder_loras and not any(k.startswith("lora_te_") for k in network.state_dict())
+    assert not any(".lora." in k for k in te.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def test_save_layout_metadata_and_round_trip(models, stack, inputs, tmp_path):
+    te, unet = models
+    network = trained_network(models)
+    network.apply_to(te, unet)
+    expected = run(te, unet, inputs)
+    path = tmp_path / "lora.safetensors"
+    network.save_weights(path, torch.float32, {"smp_method": "smp", "ss_seed": "1337"})
+
+    sd = load_file(str(path))
+    assert len(sd) == 60 * 3
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in sd)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
+    alphas = [v for k, v in sd.items() if k.endswith(".alpha")]
+    assert len(alphas) == 60 and all(a.dim() == 0 and float(a) == ALPHA for a in alphas)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+    meta = read_lora_metadata(path)
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
+    assert meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.sai_model_spec"].startswith("1.0.")
+    assert meta["smp_method"] == "smp" and meta["ss_seed"] == "1337"
+    assert meta["sshs_model_hash"] == lora_file_sha256(path)
+    assert not any(k in meta for k in FORBIDDEN_METADATA_KEYS)
+
+    te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    loaded = create_network_from_weights(1.0, path, None, te2, unet2)
+    assert len(loaded.loras) == 60 and all(lora.scale == ALPHA / RANK for lora in loaded.loras)
+    loaded.apply_to(te2, unet2)
+    got = run(te2, unet2, inputs)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    # Some exporters drop the "text_model_" root of text-encoder names; such files load the same.
+    short = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in sd.items()}
+    te4, unet4 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    create_network_from_weights(1.0, short, None, te4, unet4).apply_to(te4, unet4)
+    assert torch.equal(run(te4, unet4, inputs)[0], expected[0])
+
+    # load_weights into a fresh network of the same shape reproduces it too.
+    te3, unet3 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    fresh = create_network(1.0, RANK, 1.0, None, te3, unet3)
+    info = fresh.load_weights(path)
+    assert info.loaded_modules == 60 and not info.missing_keys and not info.unexpected_keys
+    assert all(lora.scale == ALPHA / RANK for lora in fresh.loras)
+    fresh.apply_to(te3, unet3)
+    assert torch.equal(run(te3, unet3, inputs)[1], expected[1])
+
+
+def test_fp16_save(models, tmp_path):
+    network = trained_network(models)
+    path = tmp_path / "half.safetensors"
+    network.save_weights(path, torch.float16, None)
+    sd = load_file(str(path))
+    assert all(v.dtype == torch.float16 and v.is_contiguous() for v in sd.values())
+    reference = network.state_dict()
+    for key, value in sd.items():
+        torch.testing.assert_close(value.float(), reference[key], atol=1e-3, rtol=1e-3)
+    assert network.load_weights(path).loaded_modules == 60
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"ss_dataset_dirs": "{}"},
+        {"ss_tag_frequency": "{}"},
+        {"ss_datasets": "[]"},
+        {"ss_reg_dataset_dirs": "{}"},
+        {"ss_bucket_info": "{}"},
+        {"ss_num_train_images": "400"},
+        {"my_captions": "a photo of x"},
+        {"smp_train_data_dir": "members"},
+        {"smp_note": "/home/alice/private/faces"},
+        {"ss_seed": 1337},
+    ],
+)
+def test_privacy_leaking_metadata_is_refused(models, tmp_path, metadata):
+    network = create_network(1.0, RANK, ALPHA, None, *models)
+    path = tmp_path / "leak.safetensors"
+    with pytest.raises(ValueError):
+        network.save_weights(path, None, metadata)
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------------------------------ interop
+
+
+def test_diffusers_load_lora_weights_matches(models, stack, inputs, tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=stack.vae,
+        text_encoder=copy.deepcopy(stack.text_encoder),
+        tokenizer=stack.tokenizer,
+        unet=copy.deepcopy(stack.unet),
+        scheduler=stack.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    te, unet = models
+    network = trained_network(models)
+    path = tmp_path / "interop.safetensors"
+    network.save_weights(path, torch.float32)
+    network.apply_to(te, unet)
+    ours = run(te, unet, inputs)
+    base = run(pipe.text_encoder, pipe.unet, inputs)
+
+    pipe.load_lora_weights(str(path))
+    theirs = run(pipe.text_encoder, pipe.unet, inputs)
+    assert (ours[1] - base[1]).abs().max() > 1e-3 and (ours[0] - base[0]).abs().max() > 1e-3
+    torch.testing.assert_close(theirs[0], ours[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs[1], ours[1], atol=1e-5, rtol=0)
+
+
+def test_merge_to_equals_patched_forward(models, stack, inputs):
+    te, unet = models
+    network = trained_network(models)
+    network.set_multiplier(0.5)
+    network.apply_to(te, unet)
+    patched = run(te, unet, inputs)
+    sd = network.state_dict()
+    te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    other = create_network(1.0, RANK, 1.0, None, te2, unet2)
+    other.merge_to(te2, unet2, weights_sd=sd, multiplier=0.5)
+    assert not any(".lora." in k for k in unet2.state_dict())
+    merged = run(te2, unet2, inputs)
+    torch.testing.assert_close(merged[0], patched[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged[1], patched[1], atol=1e-5, rtol=1e-4)
+    # Merging the applied network itself removes the patch first, so the LoRA is not counted twice.
+    network.merge_to(te, unet, multiplier=0.5)
+    torch.testing.assert_close(run(te, unet, inputs)[1], patched[1], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+
+def _saved(network: LoRANetwork, tmp_path) -> dict[str, torch.Tensor]:
+    path = tmp_path / "good.safetensors"
+    network.save_weights(path)
+    return load_file(str(path))
+
+
+def test_lora_for_another_model_is_refused(models, tmp_path):
+    network = trained_network(models)
+    sd = _saved(network, tmp_path)
+
+    wrong_shape = dict(sd)
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    wrong_shape[key] = torch.zeros(RANK, 768)  # SD1.5's cross-attention width, not the tiny model's
+    bad = tmp_path / "sd15_lora.safetensors"
+    save_file(wrong_shape, str(bad))
+    with pytest.raises(ModelError, match=r"sd15_lora\.safetensors.*attn2_to_k.*another base model"):
+        create_network_from_weights(1.0, bad, None, *models)
+    with pytest.raises(ModelError, match=r"sd15_lora\.safetensors.*attn2_to_k"):
+        network.load_weights(bad)
+
+    sdxl = dict(sd)
+    sdxl["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"] = torch.zeros(RANK, 640)
+    sdxl["lora_unet_input_blocks_4_1_proj_in.lora_up.weight"] = torch.zeros(640, RANK)
+    bad = tmp_path / "sdxl_lora.safetensors"
+    save_file(sdxl, str(bad))
+    for load in (lambda: create_network_from_weights(1.0, bad, None, *models), lambda: network.load_weights(bad)):
+        with pytest.raises(ModelError, match=r"sdxl_lora\.safetensors.*input_blocks_4_1_proj_in.*another base"):
+            load()
+
+
+def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelError, match="corrupt.safetensors.*corrupt"):
+        create_network_from_weights(1.0, corrupt, None, *models)
+    with pytest.raises(ModelError, match="corrupt.safetensors"):
+        read_lora_metadata(corrupt)
+
+    with pytest.raises(ModelError, match="does not exist"):
+        create_network_from_weights(1.0, tmp_path / "missing.safetensors", None, *models)
+
+    random_file = tmp_path / "random.safetensors"
+    save_file({"model.weight": torch.zeros(3)}, str(random_file))
+    with pytest.raises(ModelError, match=r"random\.safetensors.*model\.weight"):
+        create_network_from_weights(1.0, random_file, None, *models)
+
+    peft_file = tmp_path / "peft.safetensors"
+    save_file({"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 64, 1, 1)}, str(peft_file))
+    with pytest.raises(ModelError, match="diffusers/PEFT"):
+        create_network_from_weights(1.0, peft_file, None, *models)
+
+    pickle_file = tmp_path / "lora.pt"
+    pickle_file.write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match="safetensors"):
+        create_network_from_weights(1.0, pickle_file, None, *models)
