@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Step-time overhead of MP-LoRA and SMP-LoRA against plain LoRA (and plain LoRA against a bare loop).
+
+Builds the tiny SD-shaped stack and a small embedded-digits split in a temp dir, sets up one trainer per
+method with the same config, batch and seed, then times their training steps *interleaved* in one
+process (CPU timings here drift by up to 2x between runs; ratios taken side by side do not). A bare
+loop — cached latents and text states, UNet forward, MSE, backward, AdamW — is the floor.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` per method; on the CPU, the growth of the
+process's peak RSS while one method runs alone in a fresh subprocess.
+
+    python bench/step_overhead.py [--steps 30] [--rounds 5] [--batch_size 8] [--threads 2]
+
+Prints a table of median step time per method and the ratios; never used as a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.cli import offline_environment  # noqa: E402
+
+offline_environment()
+
+import torch  # noqa: E402
+
+METHODS = ("lora", "mp_lora", "smp_lora")
+
+
+def make_fixture(root: Path) -> tuple[Path, Path]:
+    from library.data import scan_dataset
+    from library.embedded_data import write_digits_dataset
+    from library.splits import make_split, write_manifest
+    from library.tiny import save_tiny_model
+
+    save_tiny_model(root / "model")
+    write_digits_dataset(root / "images", resolution=32, limit=200)
+    sizes = {"member_aux": 32, "member_test": 32, "nonmember_aux": 32, "nonmember_test": 32}
+    write_manifest(make_split(scan_dataset(root / "images"), sizes=sizes, seed=0, dataset_root=root / "images"),
+                   root / "split.json")
+    return root / "model", root / "split.json"
+
+
+def make_trainer(method: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace, extra: list[str]):
+    from library.config import parse_config
+    from library.train_config import TrainConfig
+    from library.trainer import Trainer
+
+    argv = ["--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest), "--resolution", "32",
+            "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only",
+            "--train_batch_size", str(args.batch_size), "--attacker_batch_size", str(args.batch_size),
+            "--max_train_steps", "100000", "--output_dir", str(out / method), "--no-progress_bar",
+            "--g_noise", args.g_noise, *extra]
+    trainer = Trainer(parse_config(TrainConfig, argv), method)
+    trainer.prepare()
+    return trainer
+
+
+def bare_loop(trainer):
+    """The floor: one UNet pass on cached latents and conditioning, MSE, backward, AdamW step."""
+    from library.diffusion import draw_noise
+
+    members = trainer.data.members
+    conditioning = trainer.conditioner(members.captions[: trainer.config.train_batch_size])
+    optimizer = torch.optim.AdamW(trainer.trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    unet, scheduler = trainer.bundle.unet, trainer.bundle.noise_scheduler
+
+    def step() -> None:
+        latents = members.latents[: trainer.config.train_batch_size]
+        draw = draw_noise(latents, generator)
+        noisy = scheduler.add_noise(latents, draw.noise, draw.timesteps)
+        loss = torch.nn.functional.mse_loss(unet(noisy, draw.timesteps, encoder_hidden_states=conditioning).sample,
+                                            draw.noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step_fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> float:
+    """MiB the peak RSS grows while ``method`` trains alone (measured in a fresh subprocess)."""
+    cmd = [sys.executable, __file__, "--_child", method, "--_model", str(model), "--_manifest", str(manifest),
+           "--_out", str(out), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+           "--threads", str(args.threads), "--g_noise", args.g_noise]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["rss_growth_mib"]
+
+
+def child(args: argparse.Namespace) -> None:
+    trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args, [])
+    trainer._step()  # warm-up allocations common to every method are not the method's overhead
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.steps):
+        trainer._step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--g_noise", default="reuse", choices=["reuse", "independent"])
+    parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
+    for hidden in ("--_child", "--_model", "--_manifest", "--_out"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args._child:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, manifest = make_fixture(root)
+        trainers = {m: make_trainer(m, model, manifest, root / "out", args, []) for m in METHODS}
+        steps = {m: t._step for m, t in trainers.items()}
+        steps["bare"] = bare_loop(trainers["lora"])
+        for fn in steps.values():  # warm-up
+            fn()
+        samples: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, fn in steps.items():
+                samples[name].append(time_steps(fn, args.steps))
+        median = {name: statistics.median(v) for name, v in samples.items()}
+        memory = {} if args.no_memory else {m: peak_rss_child(m, model, manifest, root / "mem", args) for m in METHODS}
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} thread(s); tiny SD stack, batch {args.batch_size}, 8x8 latents, rank 16, "
+          f"g_noise={args.g_noise}; median of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(f"{'method':<10}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
+    for name in ("bare", *METHODS):
+        mem = f"{memory[name]:.1f}" if name in memory else "-"
+        print(f"{name:<10}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"
+              f"{median[name] / median['lora']:>10.2f}{mem:>22}")
+    print(f"plain LoRA / bare loop: {median['lora'] / median['bare']:.2f}x; "
+          f"SMP / plain: {median['smp_lora'] / median['lora']:.2f}x; MP / plain: {median['mp_lora'] / median['lora']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Tests for library.models (SD v1.x loading, single-file conversion, fingerprints) and library.tiny."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from library import models  # noqa: E402
+from library.errors import ModelError  # noqa: E402
+from library.models import (  # noqa: E402
+    ModelBundle,
+    fingerprint,
+    load_sd_model,
+    make_noise_scheduler,
+    save_single_file,
+    vae_fingerprint,
+)
+from library.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelBundle, Path, Path]:
+    """The in-memory tiny stack, and the same weights written as a diffusers folder and as one single file."""
+    root = tmp_path_factory.mktemp("tiny_sd")
+    folder, single = root / "folder", root / "tiny.safetensors"
+    bundle = save_tiny_model(folder, seed=0, single_file=single)
+    return bundle, folder, single
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_files: tuple[ModelBundle, Path, Path]) -> dict[str, ModelBundle]:
+    bundle, folder, single = tiny_files
+    return {"memory": bundle, "folder": load_sd_model(folder), "single": load_sd_model(single)}
+
+
+def _outputs(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """UNet, VAE (encode mean + decode) and text-encoder outputs on fixed inputs."""
+    gen = torch.Generator().manual_seed(123)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    images = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    ids = bundle.tokenizer(
+        ["a handwritten digit seven", "zebra"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        text = bundle.text_encoder(ids).last_hidden_state
+        eps = bundle.unet(latents, torch.tensor([10, 900]), encoder_hidden_states=text).sample
+        mean = bundle.vae.encode(images).latent_dist.mean
+        decoded = bundle.vae.decode(latents).sample
+    return {"text": text, "unet": eps, "vae_mean": mean, "vae_decode": decoded}
+
+
+# ------------------------------------------------------------------------------------------------ tiny stack
+
+
+def test_tiny_stack_shapes_and_classes(tiny_files: tuple[ModelBundle, Path, Path]) -> None:
+    bundle = tiny_files[0]
+    assert type(bundle.unet).__name__ == "UNet2DConditionModel"
+    assert type(bundle.vae).__name__ == "AutoencoderKL"
+    assert type(bundle.text_encoder).__name__ == "CLIPTextModel"
+    assert type(bundle.tokenizer).__name__ == "CLIPTokenizer"
+    assert bundle.tokenizer.model_max_length == 77
+    assert bundle.vae.config.scaling_factor == pytest.approx(0.18215)
+    with torch.no_grad():
+        latents = bundle.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)
+    assert bundle.base_model_version == "sd_v1"
+    # every demo word is one token (plus BOS/EOS)
+    for word in DIGIT_WORDS:
+        assert len(bundle.tokenizer(word).input_ids) == 3, word
+
+
+def test_tiny_stack_is_deterministic_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = build_tiny_stack(seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    assert fingerprint(first) == fingerprint(build_tiny_stack(seed=0))
+    assert fingerprint(first) != fingerprint(build_tiny_stack(seed=1))
+
+
+def test_noise_scheduler_is_sd_training_schedule() -> None:
+    config = make_noise_scheduler().config
+    assert config.num_train_timesteps == 1000
+    assert config.beta_schedule == "scaled_linear"
+    assert (config.beta_start, config.beta_end) == (0.00085, 0.012)
+    assert config.clip_sample is False
+    assert config.prediction_type == "epsilon"
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("kind", ["folder", "single"])
+def test_loaded_models_match_in_memory_stack(loaded: dict[str, ModelBundle], kind: str) -> None:
+    reference, other = _outputs(loaded["memory"]), _outputs(loaded[kind])
+    for name, tensor in reference.items():
+        torch.testing.assert_close(other[name], tensor, atol=1e-6, rtol=0, msg=f"{kind}: {name}")
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded["memory"], part).state_dict(), getattr(loaded[kind], part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+
+
+@pytest.mark.parametrize("kind", ["folder", "single"])
+def test_loaded_models_are_frozen_eval_and_tokenizer_round_trips(
+    loaded: dict[str, ModelBundle], kind: str
+) -> None:
+    bundle = loaded[kind]
+    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    text = "a handwritten digit seven, and an unknown word: zebra!"
+    assert bundle.tokenizer(text).input_ids == loaded["memory"].tokenizer(text).input_ids
+    assert bundle.tokenizer.get_vocab() == loaded["memory"].tokenizer.get_vocab()
+    assert bundle.tokenizer.model_max_length == 77
+    assert dict(bundle.noise_scheduler.config) == dict(make_noise_scheduler().config)
+
+
+def test_fingerprints_equal_for_same_weights(loaded: dict[str, ModelBundle]) -> None:
+    ids = {kind: fingerprint(bundle) for kind, bundle in loaded.items()}
+    assert len(set(ids.values())) == 1, ids
+    assert len(ids["memory"]) == 64 and int(ids["memory"], 16) >= 0
+    assert loaded["memory"].fingerprint() == ids["memory"]
+    assert len({vae_fingerprint(bundle.vae) for bundle in loaded.values()}) == 1
+
+
+def test_fingerprint_changes_with_one_weight_or_config() -> None:
+    bundle = build_tiny_stack(seed=0)
+    base, base_vae = fingerprint(bundle), vae_fingerprint(bundle.vae)
+    with torch.no_grad():
+        bundle.unet.conv_in.weight[0, 0, 0, 0] += 1e-6
+    assert fingerprint(bundle) != base
+    assert vae_fingerprint(bundle.vae) == base_vae  # the VAE did not change
+
+    other = build_tiny_stack(seed=0)
+    with torch.no_grad():
+        other.vae.decoder.conv_out.bias[1] += 1e-3
+    assert vae_fingerprint(other.vae) != base_vae and fingerprint(other) != base
+
+    config_changed = build_tiny_stack(seed=0)
+    config_changed.vae.register_to_config(scaling_factor=0.5)
+    assert vae_fingerprint(config_changed.vae) != base_vae
+
+    half = build_tiny_stack(seed=0)
+    half.vae.to(torch.float16)
+    assert vae_fingerprint(half.vae) != base_vae
+
+
+def test_load_in_half_precision(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    bundle, _, single = tiny_files
+    loaded = load_sd_model(single, dtype=torch.float16)
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float16}
+    # a file saved in fp16 loads back (and up-casts) to the fp16-rounded weights
+    half_file = save_single_file(bundle, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half_file.stat().st_size < single.stat().st_size * 0.6
+    back = load_sd_model(half_file)
+    weight = bundle.unet.conv_in.weight
+    assert back.unet.conv_in.weight.dtype == torch.float32
+    assert torch.equal(back.unet.conv_in.weight, weight.half().float())
+
+
+# ---------------------------------------------------------------------------------------- single-file layout
+
+
+def test_single_file_uses_ldm_layout(tiny_files: tuple[ModelBundle, Path, Path]) -> None:
+    single = tiny_files[2]
+    with safe_open(str(single), framework="pt") as handle:
+        keys = set(handle.keys())
+        metadata = handle.metadata()
+        q_weight = handle.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight")
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(k.startswith(prefixes) for k in keys)
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.middle_block.1.proj_out.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight",  # UpBlock2D's upsampler (no attention)
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.decoder.up.2.upsample.conv.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    ):
+        assert key in keys, key
+    assert q_weight.shape == (64, 64, 1, 1)  # LDM keeps VAE attention as 1x1 convs
+    assert json.loads(metadata[models.META_CONFIGS]).keys() == {"unet", "vae", "text_encoder"}
+    assert "vocab" in json.loads(metadata[models.META_TOKENIZER])
+
+
+def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
+    """Our diffusers->LDM names, fed to diffusers' LDM->diffusers converters, give every tensor back in place.
+
+    Runs on the real SD v1.5 architecture (meta tensors, no weights) with one distinct value per tensor, and
+    checks a few names known from v1-5-pruned.safetensors.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(models.SD15_UNET_CONFIG)
+        vae = AutoencoderKL.from_config(models.SD15_VAE_CONFIG)
+    unet_keys = list(unet.state_dict())
+    unet_ldm = {
+        models.LDM_UNET_PREFIX + models._unet_key_to_ldm(k, dict(unet.config)): torch.tensor([float(i)])
+        for i, k in enumerate(unet_keys)
+    }
+    assert len(unet_ldm) == len(unet_keys) == 686
+    back = convert_ldm_unet_checkpoint(unet_ldm, dict(unet.config))
+    assert {k: int(v.item()) for k, v in back.items()} == {k: i for i, k in enumerate(unet_keys)}
+
+    vae_state = vae.state_dict()
+    vae_ldm = {}
+    for i, key in enumerate(vae_state):
+        ldm = models.LDM_VAE_PREFIX + models._vae_key_to_ldm(key, dict(vae.config))
+        shape = (1, 1, 1, 1) if ".attn_1." in ldm and ldm.endswith("weight") else (1,)
+        vae_ldm[ldm] = torch.full(shape, float(i))
+    back = convert_ldm_vae_checkpoint(vae_ldm, dict(vae.config))
+    assert {k: int(v.flatten()[0].item()) for k, v in back.items()} == {k: i for i, k in enumerate(vae_state)}
+    assert len(vae_ldm) == 248
+
+    for key in (
+        "model.diffusion_model.output_blocks.2.1.conv.weight",
+        "model.diffusion_model.output_blocks.5.2.conv.weight",
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight",
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+    ):
+        assert key in unet_ldm, key
+    for key in (
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+        "first_stage_model.encoder.mid.attn_1.proj_out.weight",
+        "first_stage_model.decoder.mid.block_2.conv2.bias",
+    ):
+        assert key in vae_ldm, key
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+
+def _rewrite_metadata(src: Path, dst: Path, drop: tuple[str, ...]) -> None:
+    with safe_open(str(src), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = {k: v for k, v in (handle.metadata() or {}).items() if k not in drop}
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def test_single_file_tokenizer_sources(
+    tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, folder, single = tiny_files
+    bare = tmp_path / "no_tokenizer.safetensors"
+    _rewrite_metadata(single, bare, drop=(models.META_TOKENIZER,))
+
+    # no tokenizer anywhere -> one clear error pointing at --tokenizer_path
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelError, match=r"no_tokenizer\.safetensors.*--tokenizer_path"):
+        load_sd_model(bare)
+
+    # an explicit tokenizer folder wins
+    loaded = load_sd_model(bare, tokenizer_path=folder / "tokenizer")
+    assert loaded.tokenizer.get_vocab() == bundle.tokenizer.get_vocab()
+
+    # an installed open_clip's BPE file is found without importing the package
+    fake_pkg = tmp_path / "open_clip"
+    fake_pkg.mkdir()
+    merges = ["h a", "ha n", "han d</w>"]
+    with gzip.open(fake_pkg / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(["#version: 0.2", *merges, ""]))
+    spec = types.SimpleNamespace(submodule_search_locations=[str(fake_pkg)])
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: spec if name == "open_clip" else None)
+    from_bpe = load_sd_model(bare).tokenizer
+    vocab = from_bpe.get_vocab()
+    assert len(vocab) == 512 + len(merges) + 2
+    assert vocab["hand</w>"] == 512 + 2 and vocab["<|endoftext|>"] == len(vocab) - 1
+    assert from_bpe("hand").input_ids == [vocab["<|startoftext|>"], vocab["hand</w>"], vocab["<|endoftext|>"]]
+
+
+def test_tokenizer_too_big_for_text_encoder(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    from library.text import build_clip_tokenizer, small_clip_vocab
+
+    big = build_clip_tokenizer(*small_clip_vocab([f"word{i}" for i in range(60)]))
+    big.save_pretrained(str(tmp_path / "big_tokenizer"))
+    with pytest.raises(ModelError, match="tokenizer has .* tokens"):
+        load_sd_model(tiny_files[1], tokenizer_path=tmp_path / "big_tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"nowhere.*does not exist"):
+        load_sd_model(tmp_path / "nowhere")
+
+
+def test_folder_missing_unet(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "no_unet"
+    shutil.copytree(tiny_files[1], broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ModelError, match=r"no_unet.*'unet/' is missing"):
+        load_sd_model(broken)
+
+
+def test_folder_with_corrupt_weights(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "corrupt_vae"
+    shutil.copytree(tiny_files[1], broken)
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=r"corrupt_vae/vae"):
+        load_sd_model(broken)
+
+
+def test_folder_with_v_prediction_scheduler(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "vpred"
+    shutil.copytree(tiny_files[1], broken)
+    config_file = broken / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"scheduler_config\.json.*v_prediction"):
+        load_sd_model(broken)
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_truncated_single_file(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path, cut: str) -> None:
+    data = tiny_files[2].read_bytes()
+    broken = tmp_path / "truncated.safetensors"
+    broken.write_bytes(data[: len(data) // 2] if cut == "half" else data[:100])
+    with pytest.raises(ModelError, match=r"truncated\.safetensors.*(truncated|corrupt)"):
+        load_sd_model(broken)
+
+
+def test_garbage_single_file(tmp_path: Path) -> None:
+    broken = tmp_path / "garbage.safetensors"
+    broken.write_bytes(b"this is not a safetensors file at all" * 10)
+    with pytest.raises(ModelError, match=r"garbage\.safetensors"):
+        load_sd_model(broken)
+
+
+def test_non_sd_safetensors(tmp_path: Path) -> None:
+    other = tmp_path / "classifier.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}, str(other))
+    with pytest.raises(ModelError, match=r"classifier\.safetensors does not look like an SD v1\.x checkpoint"):
+        load_sd_model(other)
+
+
+def test_lora_file_is_recognised(tmp_path: Path) -> None:
+    lora = tmp_path / "my_lora.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, str(lora))
+    with pytest.raises(ModelError, match=r"my_lora\.safetensors looks like a LoRA file"):
+        load_sd_model(lora)
+
+
+def test_wrong_architecture_names_the_shape(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    """Without smp-lora metadata a file is read as SD v1.5; the tiny weights then fail the shape check."""
+    bare = tmp_path / "model.safetensors"
+    _rewrite_metadata(tiny_files[2], bare, drop=(models.META_CONFIGS, models.META_TOKENIZER))
+    with pytest.raises(ModelError) as info:
+        load_sd_model(bare)
+    message = str(info.value)
+    assert "model.safetensors does not look like an SD v1.x checkpoint" in message
+    assert "unet conv_in.weight expects shape (320, 4, 3, 3), file has (32, 4, 3, 3)" in message
+
+
+def test_pickle_checkpoint_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "v1-5-pruned.ckpt"
+    ckpt.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelError, match=r"v1-5-pruned\.ckpt is a pickle-based checkpoint"):
+        load_sd_model(ckpt)
+
+
+def test_existing_folder_is_not_clobbered(tmp_path: Path) -> None:
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match="not empty"):
+        save_tiny_model(target)
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        save_tiny_model(target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------------- diffusers interop
+
+
+def test_diffusers_pipeline_loads_tiny_folder(tiny_files: tuple[ModelBundle, Path, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_files[1]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        ["a handwritten digit seven", "digit zero"],
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(images).all()
