@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Mean ± standard error over seeds of every metric in several evaluation reports (paper Table 1 style).
+
+    python scripts/collect_results.py --output_dir runs/pokemon runs/pokemon/seed*/eval/report.json
+
+Input schema (what ``evaluate_mia.py`` writes as ``report.json``; read tolerantly): either a JSON list of
+rows, or an object whose ``rows`` (or ``results``) key holds that list. A row is an object with
+
+* ``model`` — which LoRA / base model (e.g. ``lora``, ``smp_lora``); required,
+* ``attack`` — which attack or evaluation (e.g. ``loss_threshold``, ``fid``); optional,
+* any number of metric fields: a number, or an object holding ``value`` / ``mean`` / ``estimate``.
+
+Other fields (strings, lists, confidence intervals ...) are ignored. Rows are grouped by (model, attack)
+across reports — one report per seed — and each metric's mean, standard error (sample s.d. / sqrt(n)) and
+n are written to ``<output_dir>/summary.json`` and ``summary.md`` and printed. When a group has ``auc`` but
+no ``auc_dev``, the paper's AUC deviation ``|AUC - 0.5| / 0.5`` is added. Uses the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+ID_FIELDS = ("model", "attack")
+SKIP_FIELDS = {"seed", "n", "num_members", "num_nonmembers", "n_members", "n_nonmembers"}
+# Preferred column order (the paper's Table 1 order); any other metric follows alphabetically.
+COLUMN_ORDER = ("fid", "kid", "asr", "auc", "auc_dev", "tpr@5%fpr", "tpr_at_5fpr", "tpr@1%fpr", "tpr_at_1fpr")
+
+
+class CollectError(Exception):
+    """A report that cannot be used at all; printed as one line."""
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        for key in ("value", "mean", "estimate", "point"):
+            if key in value:
+                return _number(value[key])
+    return None
+
+
+def report_rows(doc: Any, source: str) -> list[dict[str, Any]]:
+    """The list of rows of one report (see the module doc)."""
+    rows = doc
+    if isinstance(doc, dict):
+        rows = next((doc[k] for k in ("rows", "results") if isinstance(doc.get(k), list)), None)
+    if not isinstance(rows, list):
+        raise CollectError(f"{source}: expected a list of rows or an object with a 'rows' list")
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def collect(reports: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate rows of several reports: one entry per (model, attack, metric) with mean, se, n, values."""
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for source, doc in reports:
+        for row in report_rows(doc, source):
+            if "model" not in row:
+                print(f"warning: {source}: a row without 'model' is ignored", file=sys.stderr)
+                continue
+            model, attack = str(row["model"]), str(row.get("attack", ""))
+            metrics = {k: _number(v) for k, v in row.items() if k not in ID_FIELDS and k not in SKIP_FIELDS}
+            metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            if "auc" in metrics and not any(k in metrics for k in ("auc_dev", "auc_deviation")):
+                metrics["auc_dev"] = abs(metrics["auc"] - 0.5) / 0.5
+            for name, value in metrics.items():
+                values[(model, attack, name)].append(value)
+    summary = []
+    for (model, attack, name), vals in values.items():
+        n = len(vals)
+        mean = sum(vals) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None
+        summary.append({"model": model, "attack": attack, "metric": name, "mean": mean, "se": se, "n": n,
+                        "values": vals})
+    return summary
+
+
+def _column_key(name: str) -> tuple[int, str]:
+    return (COLUMN_ORDER.index(name), name) if name in COLUMN_ORDER else (len(COLUMN_ORDER), name)
+
+
+def to_markdown(summary: list[dict[str, Any]]) -> str:
+    """A table: one line per (model, attack), one column per metric, cells 'mean ± se (n)'."""
+    metrics = sorted({e["metric"] for e in summary}, key=_column_key)
+    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for entry in summary:
+        groups[(entry["model"], entry["attack"])][entry["metric"]] = entry
+    lines = ["| model | attack | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for (model, attack) in sorted(groups):
+        cells = []
+        for metric in metrics:
+            e = groups[(model, attack)].get(metric)
+            if e is None:
+                cells.append("")
+            elif e["se"] is None:
+                cells.append(f"{e['mean']:.4g} (n={e['n']})")
+            else:
+                cells.append(f"{e['mean']:.4g} ± {e['se']:.2g} (n={e['n']})")
+        lines.append(f"| {model} | {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", type=Path, help="report.json files (one per seed)")
+    parser.add_argument("--output_dir", type=Path, default=None, help="write summary.json and summary.md here")
+    parser.add_argument("--allow_missing", action="store_true", help="skip report files that do not exist")
+    args = parser.parse_args(argv)
+    loaded = []
+    try:
+        for path in args.reports:
+            if not path.is_file():
+                if args.allow_missing:
+                    print(f"warning: {path} does not exist; skipped", file=sys.stderr)
+                    continue
+                raise CollectError(f"report {path} does not exist: did evaluate_mia.py finish for that seed? "
+                                   f"(--allow_missing skips it)")
+            try:
+                loaded.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CollectError(f"report {path} is not readable JSON ({exc})") from None
+        if not loaded:
+            raise CollectError("no report to collect")
+        summary = collect(loaded)
+        if not summary:
+            raise CollectError("the reports hold no rows with a 'model' and numeric metrics")
+    except CollectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = to_markdown(summary)
+    print(table, end="")
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"reports": [src for src, _ in loaded], "summary": summary}
+        (args.output_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        header = f"Mean ± s.e. over {len(loaded)} report(s): " + ", ".join(src for src, _ in loaded) + "\n\n"
+        (args.output_dir / "summary.md").write_text(header + table, encoding="utf-8")
+        print(f"wrote {args.output_dir / 'summary.json'} and summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+# shellcheck shell=bash
+# Shared functions of the paper-reproduction launchers (scripts/launch/*.sh); source it, do not run it.
+#
+# Environment (every launcher):
+#   MODEL       SD v1.5 base model: a .safetensors checkpoint or a diffusers folder (required)
+#   DATA        split manifest (default data/<dataset>/split.json, written by scripts/prepare_*.py)
+#   SEEDS       training seeds, space-separated (dataset launchers: "1337 1338 1339"; ablations: "1337")
+#   OUT         output root (default runs/<dataset> or runs/<ablation>/<dataset>)
+#   DRY_RUN=1   pass --dry_run to every training call (validates model, manifest and config, trains nothing);
+#               evaluation is dry-run too when evaluate_mia.py has --dry_run and the LoRA files exist,
+#               otherwise skipped; results are not collected
+#   EXTRA_ARGS  extra flags appended to every training call, whitespace-separated (e.g. "--resolution 256")
+#   EVAL_ARGS   extra flags for evaluate_mia.py, whitespace-separated
+#   LAUNCH      how training scripts are started (default "accelerate launch"; e.g. "python" on one GPU,
+#               or "accelerate launch --num_processes 4")
+#   PYTHON      the Python interpreter for evaluation and the collector (default python)
+# Relative MODEL / DATA / OUT paths are taken from the directory you call the launcher from; the launcher
+# itself runs from the repository root, so the configs' relative paths resolve there.
+
+set -euo pipefail
+
+SMP_CALLER_PWD="$PWD"
+SMP_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+smp_die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+smp_log() {
+    echo "[launch] $*" >&2
+}
+
+# Absolute, normalised form of a path given relative to the caller's directory (symlinks kept).
+smp_abspath() {
+    local path="$1"
+    [[ "$path" == /* ]] || path="$SMP_CALLER_PWD/$path"
+    realpath -m -s -- "$path" 2>/dev/null || printf '%s\n' "$path"
+}
+
+# smp_setup <default-OUT relative to the repo> <default SEEDS> [dataset for the default DATA]
+# Resolves the environment, checks MODEL / DATA, and cd's to the repository root.
+smp_setup() {
+    local default_out="$1" default_seeds="$2" dataset="${3:-}"
+    [[ -n "${MODEL:-}" ]] || smp_die "set MODEL to the SD v1.5 base model (e.g. MODEL=/models/v1-5-pruned.safetensors)"
+    MODEL="$(smp_abspath "$MODEL")"
+    [[ -e "$MODEL" ]] || smp_die "MODEL $MODEL does not exist: point it at v1-5-pruned.safetensors or a diffusers folder"
+    if [[ -n "${DATA:-}" ]]; then
+        DATA="$(smp_abspath "$DATA")"
+    else
+        [[ -n "$dataset" ]] || smp_die "set DATA to a split manifest"
+        DATA="$SMP_REPO_ROOT/data/$dataset/split.json"
+    fi
+    [[ -f "$DATA" ]] || smp_die "split manifest $DATA not found: write it with scripts/prepare_*.py (see docs/reproducing.md) or set DATA"
+    if [[ -n "${OUT:-}" ]]; then OUT="$(smp_abspath "$OUT")"; else OUT="$SMP_REPO_ROOT/$default_out"; fi
+    SEEDS="${SEEDS:-$default_seeds}"
+    [[ -n "${SEEDS// /}" ]] || smp_die "SEEDS is empty: give at least one seed"
+    DRY_RUN="${DRY_RUN:-0}"
+    PYTHON="${PYTHON:-python}"
+    read -r -a SMP_LAUNCH <<< "${LAUNCH:-accelerate launch}"
+    read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"
+    read -r -a SMP_EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+    cd "$SMP_REPO_ROOT"
+    export MODEL DATA OUT SEEDS DRY_RUN
+    smp_log "model $MODEL"
+    smp_log "manifest $DATA"
+    local mode=""
+    [[ "$DRY_RUN" == 1 ]] && mode="; DRY RUN (nothing is trained)"
+    smp_log "output $OUT; seeds: $SEEDS$mode"
+}
+
+# Print a command (shell-quoted) and run it.
+smp_run() {
+    local quoted
+    quoted="$(printf '%q ' "$@")"
+    smp_log "+ ${quoted% }"
+    "$@"
+}
+
+# smp_train <method> <config.toml> <seed> <output_dir> <output_name> [flags...]
+# One training run of train_<method>.py; the extra flags come before EXTRA_ARGS (which win).
+smp_train() {
+    local method="$1" config="$2" seed="$3" out_dir="$4" name="$5"
+    shift 5
+    [[ -f "$config" ]] || smp_die "config $config not found"
+    local cmd=("${SMP_LAUNCH[@]}" "train_${method}.py" --config_file "$config"
+        --pretrained_model_name_or_path "$MODEL" --split_manifest "$DATA"
+        --seed "$seed" --output_dir "$out_dir" --output_name "$name" "$@")
+    cmd+=("${SMP_EXTRA[@]}")
+    [[ "$DRY_RUN" == 1 ]] && cmd+=(--dry_run)
+    smp_run "${cmd[@]}"
+}
+
+# Does evaluate_mia.py accept --dry_run? (asked once, from its --help)
+smp_eval_has_dry_run() {
+    if [[ -z "${SMP_EVAL_DRY_RUN:-}" ]]; then
+        if "$PYTHON" evaluate_mia.py --help 2>/dev/null | grep -q -- '--dry_run'; then
+            SMP_EVAL_DRY_RUN=1
+        else
+            SMP_EVAL_DRY_RUN=0
+        fi
+    fi
+    [[ "$SMP_EVAL_DRY_RUN" == 1 ]]
+}
+
+# smp_evaluate <output_dir> <lora.safetensors>...
+# One evaluate_mia.py call over several LoRAs (same split, same features), writing <output_dir>/report.json.
+smp_evaluate() {
+    local out_dir="$1"
+    shift
+    local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" --network_weights "$@"
+        --split_manifest "$DATA" --output_dir "$out_dir")
+    cmd+=("${SMP_EVAL_EXTRA[@]}")
+    if [[ ! -f evaluate_mia.py ]]; then
+        [[ "$DRY_RUN" == 1 ]] || smp_die "evaluate_mia.py not found in $SMP_REPO_ROOT: cannot evaluate"
+        smp_log "dry run: evaluate_mia.py is not there yet; skipping evaluation"
+        return 0
+    fi
+    if [[ "$DRY_RUN" == 1 ]]; then
+        local lora
+        for lora in "$@"; do
+            if [[ ! -f "$lora" ]]; then
+                smp_log "dry run: skipping evaluation ($lora does not exist: a dry run trains nothing)"
+                return 0
+            fi
+        done
+        if ! smp_eval_has_dry_run; then
+            smp_log "dry run: evaluate_mia.py has no --dry_run; skipping evaluation"
+            return 0
+        fi
+        cmd+=(--dry_run)
+    fi
+    smp_run "${cmd[@]}"
+}
+
+# smp_collect <output_dir> <report.json>...
+# Mean ± s.e. over seeds of every metric, per model and attack (paper Table 1 style).
+smp_collect() {
+    local out_dir="$1"
+    shift
+    if [[ "$DRY_RUN" == 1 ]]; then
+        smp_log "dry run: would collect $# report(s) into $out_dir/summary.{json,md}"
+        return 0
+    fi
+    smp_run "$PYTHON" scripts/collect_results.py --output_dir "$out_dir" "$@"
+}
+
+# smp_dataset_main <dataset>: LoRA, MP-LoRA and SMP-LoRA for every seed, evaluation, collection (Table 1/2).
+# METHODS (default "lora mp_lora smp_lora") picks a subset of the three.
+smp_dataset_main() {
+    local dataset="$1" seed method
+    smp_setup "runs/$dataset" "1337 1338 1339" "$dataset"
+    local methods="${METHODS:-lora mp_lora smp_lora}"
+    local reports=()
+    for seed in $SEEDS; do
+        local loras=()
+        for method in $methods; do
+            [[ -f "configs/$dataset/$method.toml" ]] || smp_die "unknown method $method (METHODS: lora mp_lora smp_lora)"
+            smp_train "$method" "configs/$dataset/$method.toml" "$seed" "$OUT/seed$seed/$method" "$method"
+            loras+=("$OUT/seed$seed/$method/$method.safetensors")
+        done
+        smp_evaluate "$OUT/seed$seed/eval" "${loras[@]}"
+        reports+=("$OUT/seed$seed/eval/report.json")
+    done
+    smp_collect "$OUT" "${reports[@]}"
+    smp_log "done: $dataset ($OUT)"
+}
+
+# smp_sweep <name> <method> <values> <name-fn> <flags-fn>: one run per value and seed, then evaluation.
+# <name-fn value> prints the run's name; <flags-fn value> prints its extra flags (one per line).
+smp_sweep() {
+    local sweep="$1" method="$2" values="$3" name_fn="$4" flags_fn="$5"
+    local dataset="${DATASET:-pokemon}"
+    smp_setup "runs/$sweep/$dataset" "1337" "$dataset"
+    local config="configs/$dataset/$method.toml"
+    local reports=() seed value
+    for seed in $SEEDS; do
+        local loras=()
+        for value in $values; do
+            local name flags=()
+            name="$("$name_fn" "$value")"
+            mapfile -t flags < <("$flags_fn" "$value")
+            smp_train "$method" "$config" "$seed" "$OUT/seed$seed/$name" "$name" "${flags[@]}"
+            loras+=("$OUT/seed$seed/$name/$name.safetensors")
+        done
+        smp_evaluate "$OUT/seed$seed/eval" "${loras[@]}"
+        reports+=("$OUT/seed$seed/eval/report.json")
+    done
+    smp_collect "$OUT" "${reports[@]}"
+    smp_log "done: $sweep on $dataset ($OUT)"
+}
+
+# Arithmetic on flag values (bash has integers only).
+smp_calc() {
+    awk -v x="$1" "BEGIN { printf \"%g\", $2 }"
+}

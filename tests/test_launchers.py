@@ -1,0 +1,236 @@
+"""Paper-scale configs, the reproduction launchers (dry runs on the tiny stack) and the results collector.
+
+Each launcher runs for real in bash with ``DRY_RUN=1``; its training commands go through a recording
+``LAUNCH`` stub and are then executed in this process (``parse_config`` + ``train`` in dry-run mode, which
+loads the tiny model and the manifest), so 40-odd dry runs cost one import of torch/diffusers. One launcher
+is also run end to end with ``LAUNCH=python`` to show that the real entry scripts accept what it passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from library.config import load_toml, make_config, parse_config
+from library.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_DIR = REPO / "scripts" / "launch"
+DATASETS = ("pokemon", "celeba_small", "celeba_large", "celeba_gender", "celeba_varying", "celeba_large_5x",
+            "afhq_large_5x", "coco_large_5x")
+METHODS = ("lora", "mp_lora", "smp_lora")
+ABLATIONS = {  # launcher -> (method, number of runs per seed, flag that varies)
+    "ablation_lambda": ("smp_lora", 5, "--privacy_lambda"),
+    "ablation_lr": ("smp_lora", 3, "--unet_lr"),
+    "ablation_rank": ("smp_lora", 5, "--network_dim"),
+    "mp_stabilisers": ("mp_lora", 2, "--max_grad_norm"),
+}
+EXTRA_ARGS = "--resolution 32 --mixed_precision no --no-progress_bar"
+RECORDER = 'for a in "$@"; do printf "%s\\0" "$a"; done >> "$REC_FILE"; printf "\\036" >> "$REC_FILE"\n'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_config_is_table5(dataset, method):
+    path = REPO / "configs" / dataset / f"{method}.toml"
+    values = load_toml(path, TrainConfig)  # unknown keys or bad types raise
+    config = make_config(TrainConfig, dict(values))
+    expected = dict(network_dim=64, network_alpha=32.0, learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=1e-5,
+                    max_train_epochs=400, train_batch_size=1, resolution=512, clip_skip=2, max_token_length=225,
+                    cache_latents=True, lr_scheduler="constant", mixed_precision="bf16", save_every_n_epochs=50,
+                    seed=1337, split_manifest=f"data/{dataset}/split.json", output_dir=f"runs/{dataset}/{method}",
+                    pretrained_model_name_or_path="/models/v1-5-pruned.safetensors")
+    for key, value in expected.items():
+        assert values[key] == value, key
+    if method != "lora":
+        assert (config.privacy_lambda, config.attacker_lr, config.attacker_weight_decay) == (0.05, 1e-5, 1e-4)
+        assert {"privacy_lambda", "attacker_lr", "attacker_weight_decay"} <= set(values)
+    else:
+        assert "privacy_lambda" not in values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("MODEL", "DATA", "OUT", "SEEDS", "DRY_RUN", "EXTRA_ARGS", "EVAL_ARGS", "LAUNCH", "METHODS",
+                "DATASET", "LAMBDAS", "LRS", "RANKS"):
+        env.pop(key, None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _run_launcher(name: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH_DIR / f"{name}.sh")], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _recorded(path: Path) -> list[list[str]]:
+    if not path.exists():
+        return []
+    chunks = path.read_text().split("\x1e")
+    return [chunk.split("\x00")[:-1] for chunk in chunks if chunk]
+
+
+@pytest.fixture
+def stack(tiny_model_dir, manifest_path, tmp_path):
+    """MODEL / DATA given relative to the caller's directory (tmp_path), a recording LAUNCH stub."""
+    recorder = tmp_path / "record.sh"
+    recorder.write_text(RECORDER)
+    rec_file = tmp_path / "commands.bin"
+    model_rel = os.path.relpath(tiny_model_dir, tmp_path)
+    env = _env(tmp_path, MODEL=model_rel, DATA=os.path.relpath(manifest_path, tmp_path), OUT="out",
+               DRY_RUN="1", SEEDS="1337 7", EXTRA_ARGS=EXTRA_ARGS, LAUNCH=f"bash {recorder}", REC_FILE=str(rec_file))
+    return env, rec_file
+
+
+def _dry_run_in_process(argv: list[str], monkeypatch, capsys) -> str:
+    """Execute one recorded training command (train_<method>.py + flags) here, in dry-run mode."""
+    from library.trainer import train  # noqa: PLC0415 - heavy import, only for these tests
+
+    script, flags = argv[0], argv[1:]
+    method = {"train_lora.py": "lora", "train_mp_lora.py": "mp_lora", "train_smp_lora.py": "smp_lora"}[script]
+    assert (REPO / script).is_file()
+    monkeypatch.chdir(REPO)  # configs are given relative to the repository root, as the launcher runs there
+    config = parse_config(TrainConfig, flags)
+    assert config.dry_run and config.resolution == 32
+    assert train(config, method) is None
+    return capsys.readouterr().out
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_dataset_launcher_dry_run(dataset, stack, tmp_path, manifest_path, monkeypatch, capsys):
+    env, rec_file = stack
+    result = _run_launcher(dataset, tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    commands = _recorded(rec_file)
+    assert [c[0] for c in commands] == [f"train_{m}.py" for m in METHODS] * 2
+    out = (tmp_path / "out").resolve()
+    for argv, (seed, method) in zip(commands, [(s, m) for s in ("1337", "7") for m in METHODS]):
+        assert _flag(argv, "--config_file") == f"configs/{dataset}/{method}.toml"
+        assert _flag(argv, "--seed") == seed
+        assert _flag(argv, "--output_dir") == str(out / f"seed{seed}" / method)
+        assert _flag(argv, "--split_manifest") == str(manifest_path)
+        assert argv[-1] == "--dry_run" and " ".join(argv).count(EXTRA_ARGS) == 1
+    # Evaluation / collection are skipped in a dry run (no LoRA files exist), and the launcher says so.
+    assert "skipping evaluation" in result.stderr and "would collect 2 report(s)" in result.stderr
+    for argv in commands[:3]:  # one seed: the other differs only by --seed / --output_dir
+        printed = _dry_run_in_process(argv, monkeypatch, capsys)
+        assert "dry run: model, data and config are valid" in printed
+
+
+@pytest.mark.parametrize("launcher", sorted(ABLATIONS))
+def test_ablation_launcher_dry_run(launcher, stack, tmp_path, monkeypatch, capsys):
+    env, rec_file = stack
+    env["SEEDS"] = "1337"
+    result = _run_launcher(launcher, tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    method, runs, flag = ABLATIONS[launcher]
+    commands = _recorded(rec_file)
+    assert len(commands) == runs and {c[0] for c in commands} == {f"train_{method}.py"}
+    values = [_flag(c, flag) for c in commands]
+    assert len(set(c[c.index("--output_name") + 1] for c in commands)) == runs  # distinct run names
+    if launcher == "ablation_lambda":
+        assert [float(v) for v in values] == [1, 0.5, 0.1, 0.05, 0.01]
+    elif launcher == "ablation_lr":
+        assert [float(v) for v in values] == [1e-4, 1e-5, 1e-6]
+        assert [float(_flag(c, "--text_encoder_lr")) for c in commands] == pytest.approx([1e-5, 1e-6, 1e-7])
+    elif launcher == "ablation_rank":
+        assert [int(v) for v in values] == [128, 64, 32, 16, 8]
+        assert [float(_flag(c, "--network_alpha")) for c in commands] == [64, 32, 16, 8, 4]
+    else:
+        assert "--grad_normalize" in commands[1] and values == ["1.0", "0"]
+    for argv in commands:
+        assert "dry run: model, data and config are valid" in _dry_run_in_process(argv, monkeypatch, capsys)
+
+
+def test_launcher_needs_model_and_manifest(tmp_path, tiny_model_dir):
+    result = _run_launcher("pokemon", tmp_path, _env(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error: set MODEL")
+    result = _run_launcher("pokemon", tmp_path, _env(tmp_path, MODEL=str(tiny_model_dir), DATA="nope.json"))
+    assert result.returncode == 2 and "nope.json not found" in result.stderr
+    result = _run_launcher("pokemon", tmp_path, _env(tmp_path, MODEL=str(tmp_path / "missing.safetensors")))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_launcher_real_entry_script(tmp_path, tiny_model_dir, manifest_path):
+    """One real subprocess: the actual train_lora.py accepts every flag the launcher passes."""
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"),
+               DRY_RUN="1", SEEDS="1337", METHODS="lora", LAUNCH=shlex.quote(sys.executable),
+               EXTRA_ARGS=EXTRA_ARGS)
+    result = _run_launcher("celeba_small", tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dry run: model, data and config are valid" in result.stdout
+
+
+def test_launchers_are_valid_bash():
+    for path in sorted(LAUNCH_DIR.glob("*.sh")):
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        text = path.read_text()
+        if path.name != "common.sh":
+            assert "set -euo pipefail" in text and "common.sh" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collector
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _collector():
+    spec = importlib.util.spec_from_file_location("collect_results", REPO / "scripts" / "collect_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_collect_results(tmp_path, capsys):
+    collect = _collector()
+    reports = []
+    for seed, (asr, auc) in enumerate([(0.80, 0.90), (0.84, 0.86), (0.82, 0.88)]):
+        rows = [
+            {"model": "lora", "attack": "loss_threshold", "asr": asr, "auc": auc, "tpr@5%fpr": {"value": 0.1},
+             "ci": [0.1, 0.2], "note": "text is ignored"},
+            {"model": "smp_lora", "attack": "loss_threshold", "asr": 0.5, "auc": 0.55},
+        ]
+        doc = {"rows": rows, "config": {}} if seed % 2 else rows  # both accepted shapes
+        path = tmp_path / f"seed{seed}" / "report.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(doc))
+        reports.append(str(path))
+    assert collect.main(["--output_dir", str(tmp_path / "summary"), *reports]) == 0
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())["summary"]
+    by_key = {(e["model"], e["metric"]): e for e in summary}
+    asr = by_key[("lora", "asr")]
+    assert asr["n"] == 3 and asr["mean"] == pytest.approx(0.82)
+    assert asr["se"] == pytest.approx(0.02 / math.sqrt(3))
+    assert by_key[("lora", "auc_dev")]["mean"] == pytest.approx(0.76)  # |AUC - .5| / .5, paper Table 1
+    assert by_key[("lora", "tpr@5%fpr")]["mean"] == pytest.approx(0.1)
+    assert by_key[("smp_lora", "asr")]["se"] == 0
+    assert ("lora", "ci") not in by_key and ("lora", "note") not in by_key
+    table = (tmp_path / "summary" / "summary.md").read_text()
+    assert "| lora | loss_threshold |" in table and "0.82 ± 0.012 (n=3)" in table
+    capsys.readouterr()
+    assert collect.main([str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert collect.main(["--allow_missing", str(tmp_path / "missing.json"), reports[0]]) == 0

@@ -1,0 +1,377 @@
+"""Paper dataset preparation on small synthetic stand-ins laid out like the real downloads.
+
+CelebA (img_align_celeba/, identity_CelebA.txt, list_attr_celeba.txt + a captions CSV), a Pokemon folder
+(kohya, metadata.jsonl, parquet via a stand-in pyarrow), AFHQ train/{cat,dog,wild} and a COCO annotation
+JSON. The CelebA subsets are checked at their Table 4 sizes; the others with --sizes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.cli import run_cli
+from library.errors import ConfigError, DataError
+from library.prepare import afhq, celeba, coco, pokemon
+from library.prepare.common import CaptionTable, parse_sizes, read_captions, split_total
+from library.splits import CORE_SPLITS, read_manifest
+
+RES = 16  # output side: tiny, so hundreds of images are written in well under a second
+
+
+def _noise_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
+    channels = len(mode)
+    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(array, mode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake CelebA: 110 identities x 9 images (enough for small, large, gender and varying), 18 x 22 JPEGs
+# ---------------------------------------------------------------------------------------------------------
+
+N_IDS, PER_ID = 110, 9
+
+
+def _is_male(identity: int) -> bool:
+    return identity % 3 == 0  # 36 male identities, 74 female
+
+
+@pytest.fixture(scope="module")
+def fake_celeba(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("celeba")
+    images = root / "img_align_celeba"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    id_lines, attr_rows, caption_rows = [], [], ["image_id,caption"]
+    n = 0
+    for identity in range(1, N_IDS + 1):
+        for _ in range(PER_ID):
+            n += 1
+            name = f"{n:06d}.jpg"
+            _noise_image(rng, 18, 22).save(images / name, quality=90)
+            id_lines.append(f"{name} {identity + 1000}")
+            male = _is_male(identity)
+            # One image per identity disagrees, as CelebA's per-image labels sometimes do: the vote still wins.
+            if n % PER_ID == 0:
+                male = not male
+            attr_rows.append(f"{name}  -1 {' 1' if male else '-1'}  1")  # Smiling Male Young
+            caption_rows.append(f'{name},"a person, photo number {n}"')
+    (root / "identity_CelebA.txt").write_text("\n".join(id_lines) + "\n")
+    attr = [str(n), "Smiling Male Young"] + attr_rows
+    (root / "list_attr_celeba.txt").write_text("\n".join(attr) + "\n")
+    captions = root / "captions.csv"
+    captions.write_text("\n".join(caption_rows) + "\n")
+    return root, captions
+
+
+def _identity_of(caption: str) -> int:
+    token = caption.split(",", 1)[0]
+    assert token.startswith("cele")
+    return int(token[len("cele"):])
+
+
+def _check_manifest(manifest_path: Path, expected: int) -> dict:
+    m = read_manifest(manifest_path)  # verifies every sha256
+    assert {m.sizes()[s] for s in CORE_SPLITS} == {expected}
+    paths = [e.path for s in CORE_SPLITS for e in getattr(m, s)]
+    assert len(paths) == len(set(paths)) == 4 * expected  # disjoint
+    return {s: getattr(m, s) for s in CORE_SPLITS}
+
+
+def test_celeba_small_table4(fake_celeba, tmp_path):
+    root, captions = fake_celeba
+    out, manifest = tmp_path / "celeba_small" / "images", tmp_path / "celeba_small" / "split.json"
+    result = celeba.main(["--celeba_dir", str(root), "--captions", str(captions), "--subset", "small",
+                          "--output_dir", str(out), "--manifest", str(manifest), "--resolution", str(RES)])
+    assert result.num_images == 200
+    sets = _check_manifest(manifest, 50)
+    per_identity = Counter(_identity_of(e.caption) for entries in sets.values() for e in entries)
+    assert len(per_identity) == 25 and set(per_identity.values()) == {8}
+    # Image-level membership: identities are spread over member and non-member sets, as upstream.
+    spread = Counter(len({s for s, entries in sets.items() for e in entries if _identity_of(e.caption) == i})
+                     for i in per_identity)
+    assert max(spread) > 1
+    png = sorted(out.glob("*.png"))
+    assert len(png) == 200 and len(list(out.glob("*.txt"))) == 200
+    with Image.open(png[0]) as img:
+        assert img.size == (RES, RES) and img.mode == "RGB"
+    text = png[0].with_suffix(".txt").read_text()
+    assert text.startswith("cele") and ", a person, photo number" in text
+
+
+def test_celeba_gender_ratio_and_flag(fake_celeba, tmp_path):
+    root, captions = fake_celeba
+    genders = {}
+    for ratio, females in (("7:3", 14), ("3:7", 6)):
+        out = tmp_path / ratio.replace(":", "_")
+        celeba.main(["--celeba_dir", str(root), "--captions", str(captions), "--subset", "gender",
+                     "--gender_ratio", ratio, "--output_dir", str(out / "images"), "--resolution", str(RES)])
+        sets = _check_manifest(out / "split.json", 40)
+        per_identity = Counter(_identity_of(e.caption) for entries in sets.values() for e in entries)
+        assert len(per_identity) == 20 and set(per_identity.values()) == {8}
+        genders[ratio] = Counter(_is_male(i - 1000) for i in per_identity)
+        assert genders[ratio][False] == females and genders[ratio][True] == 20 - females
+
+
+def test_celeba_varying_252(fake_celeba, tmp_path):
+    root, captions = fake_celeba
+    out = tmp_path / "varying" / "images"
+    code = run_cli(celeba.main, ["--celeba_dir", str(root), "--captions", str(captions), "--subset", "varying",
+                                 "--output_dir", str(out), "--resolution", str(RES)])
+    assert code == 0
+    sets = _check_manifest(out.parent / "split.json", 63)
+    per_identity = Counter(_identity_of(e.caption) for entries in sets.values() for e in entries)
+    assert len(per_identity) == 100 and sum(per_identity.values()) == 252
+    assert set(per_identity.values()) <= {1, 2, 3, 4} and len(set(per_identity.values())) == 4
+
+
+def test_celeba_selection_large_and_5x_and_determinism():
+    # Selection is pure (no image is read): check the big presets on a fake identity table.
+    identities = {f"{i:06d}.jpg": 5000 + i // 10 for i in range(6000)}  # 600 identities x 10 images
+    for subset, ids, total in (("large", 100, 800), ("large_5x", 500, 4000), ("small", 25, 200)):
+        picks = celeba.select_celeba(identities, subset, seed=1337)
+        assert len(picks) == total == split_total(f"celeba_{subset}", None)
+        assert len({p.identity for p in picks}) == ids
+        assert set(Counter(p.identity for p in picks).values()) == {8}
+        assert len({p.image for p in picks}) == total
+    a = celeba.select_celeba(identities, "large", seed=1)
+    assert a == celeba.select_celeba(identities, "large", seed=1)
+    assert a != celeba.select_celeba(identities, "large", seed=2)
+    with pytest.raises(DataError, match="identities with >= 8 images"):
+        celeba.select_celeba(dict(list(identities.items())[:300]), "large", seed=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_varying_counts_condition_on_total(seed):
+    counts = celeba.varying_counts(100, 252, seed)
+    assert len(counts) == 100 and sum(counts) == 252 and min(counts) >= 1 and max(counts) <= 4
+    assert counts == celeba.varying_counts(100, 252, seed)
+
+
+def test_celeba_errors_name_the_file(fake_celeba, tmp_path, capsys):
+    root, captions = fake_celeba
+    empty = tmp_path / "empty"
+    (empty / "img_align_celeba").mkdir(parents=True)
+    with pytest.raises(DataError, match="identity_CelebA.txt"):
+        celeba.main(["--celeba_dir", str(empty), "--captions", str(captions), "--subset", "small",
+                     "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="img_align_celeba"):
+        celeba.main(["--celeba_dir", str(tmp_path), "--captions", str(captions), "--subset", "small",
+                     "--output_dir", str(tmp_path / "o")])
+    partial = tmp_path / "partial.csv"
+    partial.write_text("image_id,caption\n000001.jpg,a face\n")
+    code = run_cli(celeba.main, ["--celeba_dir", str(root), "--captions", str(partial), "--subset", "small",
+                                 "--output_dir", str(tmp_path / "o2"), "--resolution", str(RES)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: captions file") and "partial.csv" in err
+    with pytest.raises(ConfigError, match="gender_ratio"):
+        celeba.parse_ratio("7-3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pokemon
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_pokemon(tmp_path_factory) -> Path:
+    """833 small images in the authors' kohya layout (1_pokemon/), some RGBA like the real PNGs."""
+    root = tmp_path_factory.mktemp("pokemon_src")
+    folder = root / "1_pokemon"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(833):
+        mode = "RGBA" if i % 5 == 0 else "RGB"
+        _noise_image(rng, 12, 12, mode).save(folder / f"pokemon_{i}-0000.png")
+        prefix = "pokemon, " if i % 2 else ""
+        (folder / f"pokemon_{i}-0000.txt").write_text(f"{prefix}a drawing of pokemon number {i}\n")
+    return root
+
+
+@pytest.mark.parametrize("table4, sizes", [(False, (200, 233, 200, 200)), (True, (200, 200, 200, 233))])
+def test_pokemon_presets(fake_pokemon, tmp_path, table4, sizes):
+    out = tmp_path / "pokemon" / "images"
+    args = ["--source", str(fake_pokemon), "--output_dir", str(out), "--resolution", "8"]
+    result = pokemon.main(args + (["--table4"] if table4 else []))
+    m = read_manifest(result.manifest_path)
+    assert tuple(m.sizes()[s] for s in CORE_SPLITS) == sizes
+    assert len(m.members()) == sizes[0] + sizes[1] and result.num_images == 833
+    assert m.preset == ("pokemon_table4" if table4 else "pokemon")
+    captions = [e.caption for e in m.members() + m.nonmembers()]
+    assert all(c.startswith("pokemon, a drawing") for c in captions)  # prefix added once, never twice
+    assert not any(c.startswith("pokemon, pokemon,") for c in captions)
+
+
+def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    lines = []
+    for i in range(12):
+        _noise_image(rng, 10, 14).save(src / f"{i}.jpg")
+        lines.append(json.dumps({"file_name": f"{i}.jpg", "text": f"a cute monster {i}"}))
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    result = pokemon.main(["--source", str(src), "--output_dir", str(tmp_path / "out"), "--resolution", "8",
+                           "--sizes", "3,3,3,3", "--caption_prefix", ""])
+    assert "holds 12 images" in capsys.readouterr().out  # warned: not the real 833
+    m = read_manifest(result.manifest_path)
+    assert m.sizes()["member_test"] == 3 and len(m.unused) == 0
+    assert m.member_aux[0].caption.startswith("a cute monster")
+    # A second run into the same folder needs --overwrite.
+    with pytest.raises(DataError, match="--overwrite"):
+        pokemon.main(["--source", str(src), "--output_dir", str(tmp_path / "out"), "--sizes", "3,3,3,3"])
+
+
+def _parquet_source(tmp_path: Path) -> Path:
+    path = tmp_path / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1 stand-in")
+    return path
+
+
+def test_pokemon_parquet_without_pyarrow(tmp_path, monkeypatch):
+    _parquet_source(tmp_path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import now fails even where pyarrow is installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="pip install pyarrow"):
+        pokemon.main(["--source", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_pokemon_parquet_with_stand_in_pyarrow(tmp_path, monkeypatch):
+    path = _parquet_source(tmp_path)
+    rng = np.random.default_rng(3)
+    blobs = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        _noise_image(rng, 12, 12, "RGBA").save(buffer, format="PNG")
+        blobs.append({"bytes": buffer.getvalue(), "path": None})
+    texts = [f"a pokemon with {i} eyes" for i in range(8)]
+
+    class Column(list):
+        def to_pylist(self):
+            return list(self)
+
+    class Table:
+        def column(self, name):
+            return Column(blobs if name == "image" else texts)
+
+    def read_table(source, columns):
+        assert source == str(path) and columns == ["image", "text"]
+        return Table()
+
+    fake = types.ModuleType("pyarrow.parquet")
+    fake.read_table = read_table
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", fake)
+    result = pokemon.main(["--source", str(path), "--output_dir", str(tmp_path / "out"), "--resolution", "8",
+                           "--sizes", "2,2,2,2"])
+    assert result.num_images == 8
+    assert (tmp_path / "out" / "pokemon_0003.txt").read_text() == "pokemon, a pokemon with 3 eyes\n"
+
+
+def test_pokemon_missing_source(tmp_path):
+    with pytest.raises(DataError, match="parquet"):
+        pokemon.main(["--source", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images or parquet"):
+        pokemon.main(["--source", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AFHQ and COCO (Large 5X presets; scaled down with --sizes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_afhq(tmp_path):
+    root = tmp_path / "afhq"
+    rng = np.random.default_rng(4)
+    rows = []
+    for cls in afhq.CLASSES:
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(10):
+            name = f"flickr_{cls}_{i:06d}.jpg"
+            _noise_image(rng, 16, 16).save(root / "train" / cls / name)
+            key = f"{cls}/{name}" if i % 2 else name  # both key styles are accepted
+            rows.append(json.dumps({"image_id": key, "caption": f"a {cls} looking at the camera {i}"}))
+    captions = tmp_path / "afhq_captions.jsonl"
+    captions.write_text("\n".join(rows) + "\n")
+    result = afhq.main(["--afhq_dir", str(root), "--captions", str(captions), "--output_dir",
+                        str(tmp_path / "out" / "images"), "--resolution", "8", "--sizes", "5,5,5,5"])
+    m = read_manifest(result.manifest_path)
+    assert result.num_images == 20 and all(m.sizes()[s] == 5 for s in CORE_SPLITS)
+    assert m.preset.startswith("afhq_large_5x")
+    assert {e.path.split("_")[0] for e in m.members() + m.nonmembers()} <= set(afhq.CLASSES)
+    assert split_total("afhq_large_5x", None) == 3000
+    with pytest.raises(DataError, match="train/cat/"):
+        afhq.main(["--afhq_dir", str(tmp_path), "--captions", str(captions), "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(DataError, match="3000 captioned images are needed"):
+        afhq.main(["--afhq_dir", str(root), "--captions", str(captions), "--output_dir", str(tmp_path / "x")])
+
+
+def test_coco(tmp_path):
+    images_dir = tmp_path / "train2017"
+    images_dir.mkdir()
+    rng = np.random.default_rng(5)
+    images, annotations = [], []
+    for i in range(24):
+        name = f"{i + 1:012d}.jpg"
+        _noise_image(rng, 20, 12).save(images_dir / name)  # landscape: must be centre-cropped
+        images.append({"id": i + 1, "file_name": name, "height": 12, "width": 20})
+        annotations.append({"id": 100 + i, "image_id": i + 1, "caption": f"first caption {i}"})
+    annotations += [{"id": 500 + i, "image_id": i + 1, "caption": f"second caption {i}"} for i in range(24)]
+    images.append({"id": 999, "file_name": "not_on_disk.jpg"})
+    annotations.append({"id": 999, "image_id": 999, "caption": "missing image"})
+    ann = tmp_path / "captions_train2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations}))
+    result = coco.main(["--images_dir", str(images_dir), "--annotations", str(ann), "--output_dir",
+                        str(tmp_path / "coco" / "images"), "--resolution", "8", "--sizes", "4,4,4,4"])
+    m = read_manifest(result.manifest_path)
+    assert result.num_images == 16
+    assert all(e.caption.startswith("first caption") for e in m.members() + m.nonmembers())
+    with Image.open(next((tmp_path / "coco" / "images").glob("*.png"))) as img:
+        assert img.size == (8, 8)
+    assert split_total("coco_large_5x", None) == 4000
+    bad = tmp_path / "instances_train2017.json"
+    bad.write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}]}))
+    with pytest.raises(DataError, match="captions_"):
+        coco.main(["--images_dir", str(images_dir), "--annotations", str(bad), "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(DataError, match="captions_train2017.json"):
+        coco.main(["--images_dir", str(images_dir), "--annotations", str(tmp_path / "none.json"),
+                   "--output_dir", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Captions files and small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_caption_files(tmp_path):
+    headerless = tmp_path / "a.csv"
+    headerless.write_text('000001.jpg,"smiling, outdoors"\n000002.jpg,a man\n')
+    assert read_captions(headerless) == {"000001.jpg": "smiling, outdoors", "000002.jpg": "a man"}
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text('{"file_name": "cat/x.jpg", "text": "a cat"}\n\n')
+    table = CaptionTable.from_file(jsonl)
+    assert table.get("cat/x.jpg") == table.get("x.jpg") == table.get("x") == "a cat"
+    mapping = tmp_path / "c.json"
+    mapping.write_text('{"y.png": "a dog"}')
+    assert read_captions(mapping) == {"y.png": "a dog"}
+    dup = tmp_path / "d.csv"
+    dup.write_text("image_id,caption\nx.jpg,one\nx.jpg,two\n")
+    with pytest.raises(DataError, match="second caption"):
+        read_captions(dup)
+    bad_header = tmp_path / "e.csv"
+    bad_header.write_text("name,caption\nx.jpg,one\n")
+    with pytest.raises(DataError, match="image_id"):
+        read_captions(bad_header)
+    assert parse_sizes("1,2,3,4") == dict(zip(CORE_SPLITS, (1, 2, 3, 4)))
+    with pytest.raises(ConfigError, match="--sizes"):
+        parse_sizes("1,2,3")
