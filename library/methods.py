@@ -56,6 +56,7 @@ class StepContext:
     encode_text: Callable[[list[str]], torch.Tensor]
     noise_generator: torch.Generator
     reduce_gradients: Callable[[list[torch.nn.Parameter]], None]
+    all_reduce_mean: Callable[[list[torch.Tensor]], None]
     min_timestep: int
     max_timestep: int
     logs: dict[str, float] = field(default_factory=dict)
@@ -136,6 +137,10 @@ class AdversarialLoRA:
             loss.backward()
             ctx.reduce_gradients(list(self.attacker.parameters()))
             self.optimizer.step()
+            # Each process saw different noise: average the feature normaliser's running statistics too,
+            # so the attacker stays identical on every rank.
+            with torch.no_grad():
+                ctx.all_reduce_mean(list(self.attacker.buffers()))
             with torch.no_grad():
                 predictions = logits.argmax(dim=1)
                 labels = torch.cat([torch.ones(n_members), torch.zeros(len(nonmember_idx))]).to(predictions)

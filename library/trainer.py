@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from library import checkpoint
@@ -28,7 +29,7 @@ from library.config import config_to_dict
 from library.data import shuffle_caption
 from library.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.errors import ConfigError, TrainingError
-from library.fileio import atomic_write_text
+from library.fileio import atomic_write_path, atomic_write_text
 from library.methods import AdversarialLoRA, AuxData, ForwardResult, StepContext, build_method
 from library.models import ModelBundle, load_sd_model
 from library.samplers import EpochCyclingSampler
@@ -107,6 +108,9 @@ class Trainer:
         self.output_name = config.output_name or method_name
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
+            # cpu=True on a CPU-only machine lets torchrun / `accelerate launch --multi_gpu` start a gloo
+            # process group there (multi-process tests and CPU debugging of the distributed path).
+            cpu=not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
             log_with="tensorboard" if config.logging_dir else None,
             project_dir=config.logging_dir,
@@ -179,20 +183,24 @@ class Trainer:
         return StepContext(
             unet=self.bundle.unet, noise_scheduler=self.bundle.noise_scheduler, encode_text=self.conditioner,
             noise_generator=self.noise_generator, reduce_gradients=self._reduce_gradients,
+            all_reduce_mean=self._all_reduce_mean,
             min_timestep=self.config.min_timestep, max_timestep=self.config.max_timestep,
         )
 
     def _reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients across processes (the LoRA runs inside the UNet's forward, outside DDP)."""
-        if self.accelerator.num_processes == 1:
+        self._all_reduce_mean([p.grad for p in params if p.grad is not None])
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """In-place mean over processes of float tensors, as one flat collective."""
+        tensors = [t for t in tensors if t.is_floating_point()]
+        if self.accelerator.num_processes == 1 or not tensors:
             return
-        with_grad = [p for p in params if p.grad is not None]
-        flat = torch.cat([p.grad.flatten() for p in with_grad])
-        flat = self.accelerator.reduce(flat, reduction="mean")
+        flat = self.accelerator.reduce(torch.cat([t.flatten() for t in tensors]), reduction="mean")
         offset = 0
-        for p in with_grad:
-            p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
-            offset += p.grad.numel()
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _forward(self, indices: list[int], ctx: StepContext) -> ForwardResult:
@@ -343,16 +351,15 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.network.save_weights(str(lora_path), SAVE_DTYPES[self.config.save_precision], self._metadata())
             if isinstance(self.method, AdversarialLoRA):
-                from safetensors.torch import save_file  # noqa: PLC0415
-
-                from library.fileio import atomic_write_path  # noqa: PLC0415
-
                 attacker_path = self.output_dir / f"{name}-attacker.safetensors"
                 tensors = {k: v.detach().contiguous().cpu() for k, v in self.method.attacker.state_dict().items()}
                 with atomic_write_path(attacker_path) as tmp:
                     save_file(tensors, str(tmp), metadata={"smp_lora.method": self.method_name})
+        in_sync = self._ranks_in_sync()
+        if self.accelerator.is_main_process:
             record = {
                 "method": self.method_name, "global_step": self.global_step, "total_steps": self.total_steps,
+                "num_processes": self.accelerator.num_processes, "ranks_in_sync": in_sync,
                 "manifest_sha256": self.data.manifest_sha256, "config": config_to_dict(self.config),
                 "epochs": self.epoch_logs, "final": final_logs or {},
             }
@@ -360,6 +367,18 @@ class Trainer:
         if self.config.save_state:
             self._save_state(self.output_dir / f"{name}-state")
         return TrainResult(lora_path, attacker_path, record_path, self.global_step, final_logs or {})
+
+    def _ranks_in_sync(self) -> bool:
+        """True when every process holds bit-identical LoRA (and attacker) weights."""
+        if self.accelerator.num_processes == 1:
+            return True
+        tensors = [p.detach().flatten() for p in self.trainable]
+        if isinstance(self.method, AdversarialLoRA):
+            tensors += [t.detach().flatten().float() for t in self.method.attacker.state_dict().values()]
+        flat = torch.cat(tensors).to(torch.float64)
+        digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+        gathered = self.accelerator.gather(digest[None].to(self.device)).cpu()
+        return bool((gathered == gathered[0]).all())
 
     def _save_last_good(self) -> None:
         if self.accelerator.is_main_process:

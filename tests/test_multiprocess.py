@@ -1,0 +1,24 @@
+"""Two CPU processes (gloo): the LoRA and the attacker stay identical across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_smp_training_keeps_ranks_in_sync(tiny_train_args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+           "--attacker_batch_size", "2", "--max_train_steps", "3"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
+    assert record["num_processes"] == 2
+    assert record["ranks_in_sync"] is True
+    assert (tmp_path / "out" / "smp_lora-attacker.safetensors").is_file()
