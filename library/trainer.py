@@ -33,6 +33,7 @@ from library.fileio import atomic_write_path, atomic_write_text
 from library.methods import AdversarialLoRA, AuxData, ForwardResult, StepContext, build_method
 from library.models import ModelBundle, load_sd_model
 from library.samplers import EpochCyclingSampler
+from library.sampling import build_pipeline, generate, read_prompt_file, save_grid
 from library.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 from library.text import encode_prompts
 from library.train_config import TrainConfig
@@ -118,6 +119,8 @@ class Trainer:
         self.device = self.accelerator.device
         torch.manual_seed(config.seed)
 
+        if config.sample_prompts:
+            read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=method_name != "lora")
         self.bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
         for module in (self.bundle.unet, self.bundle.vae, self.bundle.text_encoder):
@@ -305,6 +308,8 @@ class Trainer:
         self.epoch_logs.append(record)
         self.accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
                              step=self.global_step)
+        if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+            self._sample_images(f"{self.output_name}_e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
             self._save(f"{self.output_name}-{epoch:06d}")
 
@@ -320,6 +325,15 @@ class Trainer:
             labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
             out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions, labels)
         return out
+
+    def _sample_images(self, name: str) -> None:
+        """Sample the --sample_prompts with the current LoRA into <output_dir>/sample/<name>.png."""
+        if not self.accelerator.is_main_process:
+            return
+        specs = read_prompt_file(self.config.sample_prompts)
+        images = generate(build_pipeline(self.bundle), specs, resolution=self.config.resolution,
+                          steps=self.config.sample_steps, seed=self.config.seed)
+        save_grid(images, self.output_dir / "sample" / f"{name}.png")
 
     # ---- files ------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:

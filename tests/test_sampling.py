@@ -1,0 +1,44 @@
+"""Prompt files (sd-scripts syntax) and training-time sample images."""
+
+from __future__ import annotations
+
+import pytest
+
+from library.errors import ConfigError
+from library.sampling import PromptSpec, parse_prompt_line, read_prompt_file
+
+
+def test_prompt_options_are_parsed():
+    spec = parse_prompt_line("a handwritten digit seven --n blurry, noisy --d 3 --s 12 --l 4.5 --w 64 --h 32")
+    assert spec == PromptSpec("a handwritten digit seven", "blurry, noisy", 64, 32, 3, 12, 4.5)
+    assert parse_prompt_line("plain prompt") == PromptSpec("plain prompt")
+
+
+def test_bad_prompt_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_prompt_file(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match="holds no prompt"):
+        read_prompt_file(empty)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a digit --s many\n")
+    with pytest.raises(ConfigError, match=r"bad.txt:1: option --s expects a int"):
+        read_prompt_file(bad)
+
+
+def test_training_writes_sample_grid(tiny_train_args, tmp_path):
+    from library.config import parse_config
+    from library.train_config import TrainConfig
+    from library.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one --d 1\na handwritten digit two --s 3\n")
+    # 24 members at batch 4 = 6 steps per epoch: one epoch ends inside the run.
+    args = tiny_train_args + ["--max_train_steps", "6", "--sample_prompts", str(prompts),
+                              "--sample_every_n_epochs", "1", "--sample_steps", "2"]
+    train(parse_config(TrainConfig, args), "lora")
+    grid = tmp_path / "out" / "sample" / "lora_e000001.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (64, 32)  # two 32 px images side by side
