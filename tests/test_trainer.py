@@ -95,3 +95,40 @@ def test_dry_run_trains_nothing(tiny_train_args, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dry run" in out and "optimisation steps" in out
     assert not (tmp_path / "out" / "smp_lora.safetensors").exists()
+
+
+def test_tiny_config_trains_and_diffusers_loads_the_lora(tiny_model_dir, manifest_path, tmp_path):
+    """`train_lora.py --config_file configs/tiny/lora.toml` output loads in diffusers with the same UNet output."""
+    from diffusers import StableDiffusionPipeline
+
+    from library.models import load_sd_model
+    from networks.lora import create_network_from_weights
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config_file", str(root / "configs/tiny/lora.toml"),
+            "--pretrained_model_name_or_path", str(tiny_model_dir), "--split_manifest", str(manifest_path),
+            "--max_train_epochs", "1", "--no-network_train_unet_only", "--output_dir", str(tmp_path / "o"),
+            "--no-cache_latents_to_disk", "--no-progress_bar"]
+    assert train_entry("lora", "", args) == 0
+    lora_file = tmp_path / "o" / "lora.safetensors"
+
+    ours = load_sd_model(tiny_model_dir)
+    network = create_network_from_weights(1.0, lora_file, ours.vae, ours.text_encoder, ours.unet)
+    network.apply_to(ours.text_encoder, ours.unet)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, local_files_only=True)
+    pipe.load_lora_weights(str(lora_file))
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    tokens = ours.tokenizer(["a handwritten digit one", "a handwritten digit two"], padding="max_length",
+                            max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours_cond = ours.text_encoder(tokens)[0]
+        theirs_cond = pipe.text_encoder(tokens)[0]
+        assert torch.allclose(ours_cond, theirs_cond, atol=1e-5)
+        t = torch.tensor([10, 500])
+        ours_out = ours.unet(latents, t, encoder_hidden_states=ours_cond).sample
+        theirs_out = pipe.unet(latents, t, encoder_hidden_states=ours_cond).sample
+        base_out = load_sd_model(tiny_model_dir).unet(latents, t, encoder_hidden_states=ours_cond).sample
+    assert torch.allclose(ours_out, theirs_out, atol=1e-5)
+    assert not torch.allclose(ours_out, base_out, atol=1e-4)  # the LoRA really changed the model
