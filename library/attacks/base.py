@@ -175,6 +175,7 @@ class ThresholdAttack(Attack):
 
 def per_timestep_statistics(losses: np.ndarray, timesteps: Sequence[int]) -> dict[str, np.ndarray]:
     """``-loss`` at each timestep (mean over draws) and averaged over all K x M queries."""
-    stats = {f"t={t}": -losses[:, k, :].mean(axis=1) for k, t in enumerate(timesteps)}
-    stats["avg"] = -losses.reshape(losses.shape[0], -1).mean(axis=1)
+    # 0.0 - x rather than -x: a zero statistic stays +0.0 (the base model calibrated against itself).
+    stats = {f"t={t}": 0.0 - losses[:, k, :].mean(axis=1) for k, t in enumerate(timesteps)}
+    stats["avg"] = 0.0 - losses.reshape(losses.shape[0], -1).mean(axis=1)
     return stats

@@ -1,0 +1,128 @@
+"""Tests for library/attacks: the interface, score directions and metrics plumbing on synthetic features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from library.attacks import ATTACKS, AttackInputs, CalibratedLossAttack, FeatureSet, LossThresholdAttack, PaperMLPAttack
+from library.attacks.paper_mlp import stratified_holdout
+from library.errors import ConfigError
+from library.metrics import roc_auc
+
+TIMESTEPS = (50, 100, 200)
+
+
+def synthetic(n_members: int, n_nonmembers: int, shift: float, seed: int, paper_dim: int = 16):
+    """Losses [N, K, M] where members' losses are lower by ``shift``; error maps shifted the same way."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n_members, dtype=np.int64), np.zeros(n_nonmembers, dtype=np.int64)]
+    n = labels.size
+    difficulty = rng.normal(1.0, 0.3, size=(n, 1, 1))  # per-sample difficulty shared by both models
+    noise = rng.normal(0.0, 0.05, size=(n, len(TIMESTEPS), 2))
+    reference = np.abs(difficulty + noise)
+    target = reference - shift * labels[:, None, None] + rng.normal(0.0, 0.02, size=reference.shape)
+    paper = np.abs(rng.normal(1.0, 0.3, size=(n, paper_dim)) - shift * labels[:, None]).astype(np.float32)
+    inputs = AttackInputs(FeatureSet(target, TIMESTEPS, paper), FeatureSet(reference, TIMESTEPS, paper))
+    return inputs, labels
+
+
+def by_variant(score_sets):
+    return {s.variant: s for s in score_sets}
+
+
+def test_registry_and_interface():
+    assert set(ATTACKS) == {"paper", "loss", "calibrated"}
+    for name, cls in ATTACKS.items():
+        assert cls.name == name
+    assert CalibratedLossAttack.needs_reference and not LossThresholdAttack.needs_reference
+
+
+def test_loss_attack_scores_members_higher_and_fits_threshold_on_aux():
+    aux, aux_y = synthetic(40, 40, shift=0.2, seed=0)
+    test, test_y = synthetic(40, 40, shift=0.2, seed=1)
+    attack = LossThresholdAttack()
+    attack.fit(aux, aux_y)
+    sets = by_variant(attack.score(test))
+    assert set(sets) == {"t=50", "t=100", "t=200", "avg"}
+    assert sets["avg"].headline and sets["avg"].kind == "threshold"
+    # Score = -loss exactly, and the honest threshold comes from D_aux.
+    np.testing.assert_allclose(sets["avg"].scores, -test.target.losses.reshape(80, -1).mean(1))
+    assert sets["avg"].threshold == attack.thresholds["avg"]
+    assert roc_auc(test_y, sets["avg"].scores) > 0.6
+
+
+def test_calibrated_removes_difficulty_and_is_zero_against_itself():
+    aux, aux_y = synthetic(40, 40, shift=0.1, seed=2)
+    test, test_y = synthetic(40, 40, shift=0.1, seed=3)
+    calibrated, loss = CalibratedLossAttack(), LossThresholdAttack()
+    calibrated.fit(aux, aux_y)
+    loss.fit(aux, aux_y)
+    auc_cal = roc_auc(test_y, by_variant(calibrated.score(test))["avg"].scores)
+    auc_loss = roc_auc(test_y, by_variant(loss.score(test))["avg"].scores)
+    # The per-sample difficulty (std 0.3) swamps a 0.1 shift for the raw loss; calibration removes it.
+    assert auc_cal > 0.95 and auc_cal > auc_loss
+    itself = AttackInputs(test.reference, test.reference)
+    for s in calibrated.score(itself):
+        assert np.all(s.scores == 0.0) and not np.signbit(s.scores).any()
+
+
+def test_calibrated_needs_reference():
+    inputs, labels = synthetic(5, 5, 0.1, seed=4)
+    with pytest.raises(ConfigError, match="reference"):
+        CalibratedLossAttack().fit(AttackInputs(inputs.target), labels)
+
+
+@pytest.mark.parametrize("features", ["error_map", "multi_t_loss"])
+def test_paper_attack_learns_direction_and_reports_both_checkpoints(features):
+    aux, aux_y = synthetic(30, 30, shift=0.8, seed=5)
+    test, test_y = synthetic(20, 20, shift=0.8, seed=6)
+    attack = PaperMLPAttack(features=features, epochs=15, lr=1e-3, batch_size=8, holdout_fraction=0.25, seed=0)
+    attack.fit(aux, aux_y, oracle=(test, test_y))
+    sets = by_variant(attack.score(test))
+    assert set(sets) == {"h' [oracle ckpt]", "h' [honest ckpt]"}
+    for s in sets.values():
+        assert s.kind == "classifier" and s.member_probs is not None
+        assert np.all((s.member_probs >= 0) & (s.member_probs <= 1))
+        assert 1 <= s.info["epoch"] <= 15
+        assert roc_auc(test_y, s.scores) > 0.8
+    assert sets["h' [oracle ckpt]"].checkpoint == "oracle"
+    # The oracle checkpoint is the best epoch on D_te by construction.
+    oracle = sets["h' [oracle ckpt]"]
+    assert oracle.info["selection_asr"] == max(oracle.info["curve_asr"])
+    # Deterministic for a seed.
+    again = PaperMLPAttack(features=features, epochs=15, lr=1e-3, batch_size=8, holdout_fraction=0.25, seed=0)
+    again.fit(aux, aux_y, oracle=(test, test_y))
+    np.testing.assert_array_equal(by_variant(again.score(test))["h' [honest ckpt]"].scores,
+                                  sets["h' [honest ckpt]"].scores)
+
+
+def test_paper_attack_without_oracle_or_holdout():
+    aux, aux_y = synthetic(10, 10, shift=0.5, seed=7)
+    attack = PaperMLPAttack(features="error_map", epochs=2, lr=1e-3, batch_size=4, holdout_fraction=0.0)
+    attack.fit(aux, aux_y)
+    assert attack.score(aux) == []  # neither checkpoint can be chosen: nothing to report
+    attack = PaperMLPAttack(features="error_map", epochs=2, lr=1e-3, batch_size=4, holdout_fraction=0.2)
+    attack.fit(aux, aux_y)
+    assert [s.checkpoint for s in attack.score(aux)] == ["honest"]
+
+
+def test_paper_attack_needs_its_features():
+    inputs, labels = synthetic(5, 5, 0.1, seed=8)
+    bare = AttackInputs(FeatureSet(inputs.target.losses, TIMESTEPS))
+    with pytest.raises(ConfigError, match="random-t features"):
+        PaperMLPAttack(features="error_map", epochs=1).fit(bare, labels)
+
+
+def test_stratified_holdout_keeps_both_classes():
+    labels = np.r_[np.ones(10, dtype=np.int64), np.zeros(10, dtype=np.int64)]
+    train, hold = stratified_holdout(labels, 0.2, seed=0)
+    assert len(set(train) & set(hold)) == 0 and len(train) + len(hold) == 20
+    assert labels[hold].sum() == 2 and (labels[hold] == 0).sum() == 2
+
+
+def test_feature_set_validates_shapes():
+    with pytest.raises(ValueError):
+        FeatureSet(np.zeros((3, 2, 1)), TIMESTEPS)
+    with pytest.raises(ValueError):
+        AttackInputs(FeatureSet(np.zeros((3, 3, 1)), TIMESTEPS), FeatureSet(np.zeros((4, 3, 1)), TIMESTEPS))
