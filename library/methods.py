@@ -17,7 +17,7 @@ Per training iteration (Algorithm 1):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -57,6 +57,7 @@ class StepContext:
     noise_generator: torch.Generator
     reduce_gradients: Callable[[list[torch.nn.Parameter]], None]
     all_reduce_mean: Callable[[list[torch.Tensor]], None]
+    autocast: Callable[[], ContextManager]
     min_timestep: int
     max_timestep: int
     logs: dict[str, float] = field(default_factory=dict)
@@ -128,8 +129,7 @@ class AdversarialLoRA:
             captions = [self.aux.member_captions[i] for i in member_idx] + \
                        [self.aux.nonmember_captions[i] for i in nonmember_idx]
             with torch.no_grad():  # the attacker step never backpropagates into the LoRA
-                conditioning = ctx.encode_text(captions)
-                features = self._features(ctx, latents, conditioning)
+                features = self._features(ctx, latents, captions)
             logits = self.attacker(features)
             n_members = len(member_idx)
             loss = attacker_loss(logits[:n_members], logits[n_members:])  # = -G (Eq. 5): ascend G
@@ -147,12 +147,17 @@ class AdversarialLoRA:
                 logs = {"attacker_ce": loss.item(), "attacker_acc": (predictions == labels).float().mean().item()}
         return logs
 
-    def _features(self, ctx: StepContext, latents: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        return membership_features(
-            ctx.unet, ctx.noise_scheduler, latents, conditioning, self.config.attacker_features,
-            ctx.noise_generator, timesteps=self.config.attacker_timesteps,
-            min_timestep=ctx.min_timestep, max_timestep=ctx.max_timestep,
-        )
+    def _features(self, ctx: StepContext, latents: torch.Tensor, captions: list[str] | None = None,
+                  conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The attacker's features of a batch, from one batched UNet pass under the run's autocast."""
+        with ctx.autocast():
+            if conditioning is None:
+                conditioning = ctx.encode_text(captions)
+            return membership_features(
+                ctx.unet, ctx.noise_scheduler, latents, conditioning, self.config.attacker_features,
+                ctx.noise_generator, timesteps=self.config.attacker_timesteps,
+                min_timestep=ctx.min_timestep, max_timestep=ctx.max_timestep,
+            ).float()
 
     # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
@@ -162,7 +167,7 @@ class AdversarialLoRA:
         if reusable:
             features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0])
         else:  # upstream: a second, differentiable UNet pass with its own noise
-            features = self._features(ctx, result.latents, result.conditioning)
+            features = self._features(ctx, result.latents, conditioning=result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
         # leaves it in train mode (dropout active); we evaluate it deterministically, and eval mode also
         # keeps its normaliser's statistics fitted on balanced attacker batches only.
@@ -190,8 +195,7 @@ class AdversarialLoRA:
         correct = 0
         for start in range(0, len(captions), batch_size):
             chunk = slice(start, start + batch_size)
-            conditioning = ctx.encode_text(captions[chunk])
-            logits = self.attacker(self._features(ctx, latents[chunk], conditioning))
+            logits = self.attacker(self._features(ctx, latents[chunk], captions[chunk]))
             correct += (logits.argmax(dim=1).cpu() == labels[chunk]).sum().item()
         return correct / max(len(captions), 1)
 

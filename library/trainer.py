@@ -11,6 +11,7 @@ dedicated ``torch.Generator`` whose state is saved, and dropout from torch's glo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -112,7 +113,6 @@ class Trainer:
             # cpu=True on a CPU-only machine lets torchrun / `accelerate launch --multi_gpu` start a gloo
             # process group there (multi-process tests and CPU debugging of the distributed path).
             cpu=not torch.cuda.is_available(),
-            mixed_precision=config.mixed_precision,
             log_with="tensorboard" if config.logging_dir else None,
             project_dir=config.logging_dir,
         )
@@ -123,8 +123,17 @@ class Trainer:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=method_name != "lora")
         self.bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
-        for module in (self.bundle.unet, self.bundle.vae, self.bundle.text_encoder):
-            module.to(self.device)
+        # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
+        # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        # Autocast and loss scaling are ours rather than accelerate's: accelerate keeps one process-wide
+        # precision, and several trainers may run in one process (the demo, the benchmark, the tests).
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=weight_dtype,
+                                          enabled=config.mixed_precision != "no")
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        self.bundle.vae.to(self.device)
+        for module in (self.bundle.unet, self.bundle.text_encoder):
+            module.to(self.device, dtype=weight_dtype)
 
         self.network = lora.create_network(
             1.0, config.network_dim, config.network_alpha, self.bundle.vae, self.bundle.text_encoder,
@@ -186,7 +195,7 @@ class Trainer:
         return StepContext(
             unet=self.bundle.unet, noise_scheduler=self.bundle.noise_scheduler, encode_text=self.conditioner,
             noise_generator=self.noise_generator, reduce_gradients=self._reduce_gradients,
-            all_reduce_mean=self._all_reduce_mean,
+            all_reduce_mean=self._all_reduce_mean, autocast=self.autocast,
             min_timestep=self.config.min_timestep, max_timestep=self.config.max_timestep,
         )
 
@@ -213,9 +222,9 @@ class Trainer:
         if self.config.shuffle_caption:  # seeded by the step, so a resumed run shuffles identically
             rng = random.Random(f"{self.config.seed}-{self.global_step}-{self.accelerator.process_index}")
             captions = [shuffle_caption(c, self.config.keep_tokens, rng) for c in captions]
-        conditioning = ctx.encode_text(captions)
         draw = draw_noise(latents, self.noise_generator, self.config.min_timestep, self.config.max_timestep)
-        with self.accelerator.autocast():
+        with self.autocast():
+            conditioning = ctx.encode_text(captions)
             errors = denoising_errors(self.bundle.unet, self.bundle.noise_scheduler, latents, conditioning, draw)
         return ForwardResult(errors=errors, losses=per_sample_loss(errors), latents=latents,
                              conditioning=conditioning)
@@ -243,8 +252,9 @@ class Trainer:
                 hessian = hessian_top_eigenvalue(loss, self.trainable, generator=self.hessian_generator)
                 self.smoothness.add_hessian_norm(self.global_step, hessian)
                 logs["hessian_norm"] = hessian
-            (loss / cfg.gradient_accumulation_steps).backward()
+            self.grad_scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             logs.update(loss_logs)
+        self.grad_scaler.unscale_(self.optimizer)
         self._reduce_gradients(self.trainable)
         logs["grad_norm"] = _flat_grad_norm(self.trainable)  # before clipping (paper Fig. 1b)
         if self.smoothness is not None:
@@ -255,7 +265,8 @@ class Trainer:
                     p.grad.div_(logs["grad_norm"])
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.optimizer.step()  # line 9
+        self.grad_scaler.step(self.optimizer)  # line 9 (skipped by the fp16 scaler on inf/NaN gradients)
+        self.grad_scaler.update()
         self.scheduler.step()
         if cfg.update_order == "lora_first":  # upstream code order
             logs.update(self.method.attacker_phase(ctx))
@@ -405,6 +416,7 @@ class Trainer:
             "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -425,6 +437,7 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])

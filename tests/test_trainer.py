@@ -132,3 +132,19 @@ def test_tiny_config_trains_and_diffusers_loads_the_lora(tiny_model_dir, manifes
         base_out = load_sd_model(tiny_model_dir).unet(latents, t, encoder_hidden_states=ours_cond).sample
     assert torch.allclose(ours_out, theirs_out, atol=1e-5)
     assert not torch.allclose(ours_out, base_out, atol=1e-4)  # the LoRA really changed the model
+
+
+def test_bf16_autocast_trains_with_fp32_lora(tiny_train_args, tmp_path):
+    args = tiny_train_args + ["--mixed_precision", "bf16", "--attacker_batch_size", "2", "--max_train_steps", "2"]
+    result = run("smp_lora", args)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.final_logs.values())
+    assert all(t.dtype == torch.float32 for t in load_file(result.lora_path).values())
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tiny_train_args, tmp_path):
+    plain = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
+    ckpt = run("lora", tiny_train_args + ["--max_train_steps", "2", "--gradient_checkpointing",
+                                         "--output_dir", str(tmp_path / "b")])
+    a, b = load_file(plain.lora_path), load_file(ckpt.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_up" in k)  # it trained
