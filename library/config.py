@@ -118,7 +118,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         annotation = _field_types(cls)[f.name]
         base, _ = _unwrap_optional(annotation)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         choices = f.metadata.get("choices")
         # Defaults are applied later (TOML first, then dataclass), so argparse defaults stay None.
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}

@@ -64,6 +64,27 @@ class EvalConfig:
     holdout_fraction: float = option(
         0.2, "part of D_aux held out to choose h''s epoch honestly (0 = no honest h', only the paper's oracle)")
 
+    # --- utility: sample quality (library.quality) -------------------------------------------------
+    quality: bool = option(
+        False, "generate images from the D_te captions with every model, save samples_<model>.png and compute "
+        "Fréchet distance / KID against real images (see --quality_features)")
+    quality_num_images: int = option(64, "images generated per model (D_te captions cycled, seed quality_seed + i)")
+    quality_sampler: str = option("ddim", "sampler of the quality images", choices=["ddim", "euler"])
+    quality_steps: int = option(20, "sampling steps of the quality images")
+    quality_guidance_scale: float = option(7.5, "classifier-free guidance scale of the quality images")
+    quality_seed: int = option(0, "seed of image i is quality_seed + i, the same for every model")
+    quality_reference: str = option(
+        "members", "real images the samples are compared with: members = D_tr, the LoRA's training images (as the "
+        "paper), nonmembers, or test = D_te", choices=["members", "nonmembers", "test"])
+    quality_features: list[str] = option(
+        [], "feature extractors (default: every one whose weights are given): digits = PROXY learned-feature "
+        "FD/KID of the demo's digit classifier (never FID); inception = real FID/KID", choices=["digits", "inception"])
+    digit_feature_weights: Optional[str] = option(None, "digit feature net file for --quality_features digits")
+    inception_weights: Optional[str] = option(
+        None, "local FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth); never downloaded")
+    quality_kid_subsets: int = option(100, "KID subsets (subset size = min(1000, n_real, n_generated))")
+
     # --- metrics and output ----------------------------------------------------------------------
     n_bootstrap: int = option(1000, "bootstrap resamples for the 95% CIs (0 = no CIs)")
     output_dir: str = option("mia_eval", "where report.json, report.md, scores.csv and the plots go")
@@ -104,3 +125,22 @@ class EvalConfig:
             raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
         if len(set(self.network_weights)) != len(self.network_weights):
             raise ConfigError("'network_weights' lists a file twice")
+        self._validate_quality()
+
+    def _validate_quality(self) -> None:
+        """--quality flags (library.quality): extractors need their weights, weights need --quality."""
+        for name in ("quality_num_images", "quality_steps", "quality_kid_subsets"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if (self.digit_feature_weights or self.inception_weights) and self.quality_num_images < 2:
+            raise ConfigError("'quality_num_images' must be >= 2 to compute Fréchet distances / KID")
+        weights = {"digits": ("digit_feature_weights", self.digit_feature_weights),
+                   "inception": ("inception_weights", self.inception_weights)}
+        for extractor, (flag, value) in weights.items():
+            if value and not self.quality:
+                raise ConfigError(f"'{flag}' is only used with --quality; add --quality (or drop --{flag})")
+            if extractor in self.quality_features and not value:
+                raise ConfigError(f"'quality_features' lists {extractor!r} but --{flag} is not given")
+            if value and self.quality_features and extractor not in self.quality_features:
+                raise ConfigError(f"--{flag} is given but 'quality_features' {self.quality_features} omits "
+                                  f"{extractor!r}; add it or drop --{flag}")

@@ -296,12 +296,14 @@ def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Run the whole evaluation and write the report into ``config.output_dir``."""
-    from library import report
+    from library import quality, report
 
     started = time.time()
     manifest, samples, manifest_sha = load_samples(config)
     specs = model_specs(config, manifest_sha)
     device = resolve_device(config.device)
+    # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
+    extractors = quality.load_extractors(config, device) if config.quality else []
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device)}
@@ -310,6 +312,14 @@ def evaluate(config: EvalConfig) -> EvalResult:
     scores, rows, attack_settings = run_attacks(config, specs, samples, features, device)
     info["timing_s"]["attacks_and_metrics"] = time.perf_counter() - t0
     info["attack_settings"] = attack_settings
+    # Utility (library.quality): held-out losses always (free: the attack features hold them); samples, grids
+    # and FD/KID with --quality.
+    info["utility"] = quality.heldout_losses(features, samples.splits)
+    if config.quality:
+        t0 = time.perf_counter()
+        info["quality"] = quality.run_quality(config, specs, manifest, device, DTYPES[config.mixed_precision],
+                                              extractors, Path(config.output_dir), info["utility"])
+        info["timing_s"]["quality"] = time.perf_counter() - t0
     info["started"] = started
     result = EvalResult(config, specs, samples, features, scores, rows, info)
     report.write_report(result, Path(config.output_dir))

@@ -83,7 +83,38 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
         "device": result.info.get("device"),
         "timing_s": result.info.get("timing_s"),
         "results": result.rows,
+        # Per-model utility (library.quality): held-out losses always; FD/KID with --quality.
+        "utility": result.info.get("utility"),
+        "quality": result.info.get("quality"),
+        "utility_metrics": _utility_notes(result),
     })
+
+
+# ------------------------------------------------------------------------------------------------ utility
+
+
+def _utility_notes(result: "EvalResult") -> dict[str, str]:
+    """What each utility number present in the report means (proxy metrics are labelled as such)."""
+    from library.quality import METRIC_NOTES
+
+    present = {k for row in (result.info.get("utility") or {}).values() for k in row}
+    return {k: v for k, v in METRIC_NOTES.items() if k in present}
+
+
+def _utility_table(result: "EvalResult") -> list[str]:
+    """One row per model: held-out losses, then each quality metric present (proxy columns say so)."""
+    utility: dict[str, dict[str, Any]] = result.info.get("utility") or {}
+    if not utility:
+        return []
+    keys = list(dict.fromkeys(k for row in utility.values() for k in row if not k.endswith("_std")))
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for model, row in utility.items():
+        cells = []
+        for k in keys:
+            value, std = row.get(k), row.get(f"{k}_std")
+            cells.append("n/a" if value is None else f"{value:.4g}" + (f" ± {std:.2g}" if std is not None else ""))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -139,6 +170,25 @@ def report_markdown(result: "EvalResult") -> str:
     others = [r for r in rows if not r["headline"]]
     if others:
         lines += ["## Per-timestep variants", "", *_table(others), ""]
+    utility_lines = _utility_table(result)
+    if utility_lines:
+        quality = info.get("quality")
+        lines += ["## Utility (per model)", "", *utility_lines, ""]
+        lines += [f"- **{k}**: {v}" for k, v in _utility_notes(result).items()]
+        if quality:
+            lines.append(
+                f"- samples: {quality['num_images']} per model from D_te captions, {quality['sampler']} "
+                f"{quality['steps']} steps, guidance {quality['guidance_scale']}, seed {quality['seed']}; compared "
+                f"with the {quality['n_reference']} real `{quality['reference']}` images; KID subset size "
+                f"{quality['kid_subset_size']}; grids: {', '.join(f'`{g}`' for g in quality['grids'].values())}")
+            floor = quality.get("real_vs_real_floor") or {}
+            if floor:
+                lines.append("- real-vs-real floor (two halves of the reference set): " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in floor.items() if v is not None and not k.endswith("_std")))
+        else:
+            lines.append("- no sample-quality metrics: run with --quality (and --digit_feature_weights / "
+                         "--inception_weights) for FD/KID")
+        lines.append("")
     lines += [
         "## Conventions",
         "",
