@@ -131,9 +131,11 @@ class Trainer:
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=weight_dtype,
                                           enabled=config.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
-        self.bundle.vae.to(self.device)
-        for module in (self.bundle.unet, self.bundle.text_encoder):
-            module.to(self.device, dtype=weight_dtype)
+        for module in (self.bundle.vae, self.bundle.unet, self.bundle.text_encoder):
+            module.to(self.device)
+        if weight_dtype != torch.float32:
+            self.bundle.unet.to(dtype=weight_dtype)
+            self.bundle.text_encoder.to(dtype=weight_dtype)
 
         self.network = lora.create_network(
             1.0, config.network_dim, config.network_alpha, self.bundle.vae, self.bundle.text_encoder,

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""LoRA vs MP-LoRA vs SMP-LoRA on packaged digits, attacked with the evaluate_mia suite (see library/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.cli import run_cli  # noqa: E402
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    from library.demo import DemoSettings, run_demo  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest for the tiny model on a 2-core machine)")
+    parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
+    args = parser.parse_args(argv)
+    run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(_main))
