@@ -28,8 +28,7 @@ The Inception definition was checked against torch-fidelity 0.4.0's ``FeatureExt
 dict keys; identical 64/192/768/2048 features on 299 px inputs with shared random weights). torch-fidelity itself
 cannot serve here: its package ``__init__`` imports torchvision, which would replace the CPU torch.
 
-Fréchet distances use :func:`frechet` (the maths of :func:`library.metrics.frechet_distance_from_features`
-without ``sqrtm``). KID uses the largest subset size the sets allow (min(1000, n_real, n_generated)). Every
+Fréchet distances use :func:`library.metrics.frechet_distance_from_features` (exact, without ``sqrtm``). KID uses the largest subset size the sets allow (min(1000, n_real, n_generated)). Every
 metric also gets a real-vs-real floor (the reference set split into two halves, KID subsets of half size), the
 value "as good as it gets" at about this sample size: Fréchet distances on a few hundred images are strongly
 biased upward, KID is not.
@@ -385,43 +384,12 @@ def _kid_or_none(real: np.ndarray, fake: np.ndarray, n_subsets: int, seed: int) 
     return metrics.kid(real, fake, n_subsets=n_subsets, seed=seed)
 
 
-def frechet(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance of the Gaussians fitted to two feature sets [n, d]: the value of
-    :func:`library.metrics.frechet_distance_from_features` (unbiased covariances), computed without ``sqrtm``.
-
-    The only hard term is Tr((S1 S2)^1/2). With centred features A [n1, d], B [n2, d] and S1 = AᵀA / (n1 - 1),
-    S2 = BᵀB / (n2 - 1), the non-zero eigenvalues of S1 S2 are the squared singular values of
-    A Bᵀ / sqrt((n1 - 1)(n2 - 1)), so the term is that matrix's nuclear norm: exact, real, and an n1 x n2 SVD
-    instead of scipy's ``sqrtm`` of a 2048 x 2048 product (~25 s on one core, and it returns a spurious
-    imaginary part when n < d, i.e. for every sample set of a few hundred images). When both sets are larger
-    than d, the d x d form is used instead: the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric PSD, ``eigh``).
-    """
-    a, b = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [n, d] with the same d, got {a.shape} and {b.shape}")
-    n1, n2, d = a.shape[0], b.shape[0], a.shape[1]
-    if n1 < 2 or n2 < 2:
-        raise DataError(f"Fréchet distance needs at least 2 samples per set, got {n1} and {n2}")
-    diff = a.mean(0) - b.mean(0)
-    ac, bc = a - a.mean(0), b - b.mean(0)
-    trace1, trace2 = float((ac * ac).sum()) / (n1 - 1), float((bc * bc).sum()) / (n2 - 1)
-    if min(n1, n2) <= d:
-        cross = np.linalg.svd(ac @ bc.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
-    else:
-        s1, s2 = ac.T @ ac / (n1 - 1), bc.T @ bc / (n2 - 1)
-        w, v = np.linalg.eigh(s1)
-        root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-        cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0.0, None)).sum()
-    # Round-off can make identical sets come out as -1e-12.
-    return float(max(diff @ diff + trace1 + trace2 - 2.0 * cross, 0.0))
-
-
 def feature_metrics(extractor: FeatureExtractor, real: Mapping[str, np.ndarray], fake: Mapping[str, np.ndarray],
                     n_subsets: int = 100, seed: int = 0) -> dict[str, float | None]:
     """Fréchet distance and KID (mean, ``_std``) of generated vs real features, under the extractor's names."""
     out: dict[str, float | None] = {}
     for key, (fd_name, kid_name) in extractor.metrics.items():
-        out[fd_name] = frechet(real[key], fake[key])
+        out[fd_name] = metrics.frechet_distance_from_features(real[key], fake[key])
         if kid_name is not None:
             out[kid_name], out[f"{kid_name}_std"] = _kid_or_none(real[key], fake[key], n_subsets, seed)
     return out
@@ -538,5 +506,5 @@ def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: An
 
 
 __all__ = ["FIDInceptionV3", "FeatureExtractor", "METRIC_NOTES", "QUALITY_FEATURES", "QUALITY_REFERENCES",
-           "extract_features", "feature_metrics", "frechet", "heldout_losses", "load_extractors", "load_fid_inception",
+           "extract_features", "feature_metrics", "heldout_losses", "load_extractors", "load_fid_inception",
            "quality_prompts", "real_vs_real_floor", "reference_entries", "run_quality"]

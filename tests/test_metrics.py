@@ -277,3 +277,14 @@ def test_kid_matches_torchmetrics_maths():
     mean, std = kid(a, b, subset_size=40, n_subsets=3)
     assert mean == pytest.approx(expected, rel=1e-10)
     assert std == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n1, n2, d", [(50, 40, 8), (6, 24, 64), (300, 200, 16)])
+def test_frechet_from_features_matches_the_sqrtm_closed_form(n1, n2, d):
+    # Both branches (low-rank SVD when a set is not larger than d, d x d eigh otherwise) agree with the
+    # moments formula evaluated with scipy's sqrtm.
+    rng = np.random.default_rng(d)
+    a, b = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) * 1.3 + 0.2
+    expected = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_from_features(a, a) == pytest.approx(0.0, abs=1e-9)

@@ -17,8 +17,7 @@ import torch
 
 import evaluate_mia
 from library.errors import ModelError
-from library.metrics import frechet_distance_from_features
-from library.quality import (FIDInceptionV3, extract_features, feature_metrics, frechet, heldout_losses,
+from library.quality import (FIDInceptionV3, extract_features, feature_metrics, heldout_losses,
                              load_fid_inception, quality_prompts, real_vs_real_floor)
 
 N_IMAGES = 6
@@ -165,15 +164,6 @@ def test_frechet_distance_of_a_set_with_itself_is_zero(world):
     other = extract_features(extractor, torch.rand(5, 3, 32, 32) * 2 - 1, torch.device("cpu"))
     assert feature_metrics(extractor, feats, other, n_subsets=5)["fid_2048"] > 1e-4
     assert set(real_vs_real_floor(extractor, feats, n_subsets=5)) >= {"fid_2048", "kid_2048"}
-
-
-@pytest.mark.parametrize("n1, n2, d", [(50, 40, 8), (6, 24, 64), (300, 200, 16)])
-def test_frechet_matches_the_sqrtm_formula(n1, n2, d):
-    # Both branches (low-rank SVD when a set is not larger than d, d x d eigh otherwise) give metrics' value.
-    rng = np.random.default_rng(d)
-    a, b = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) * 1.3 + 0.2
-    assert frechet(a, b) == pytest.approx(frechet_distance_from_features(a, b), rel=1e-6)
-    assert frechet(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_prompts_cycle_the_test_captions_deterministically():
