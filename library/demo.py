@@ -141,6 +141,41 @@ def evaluate_methods(settings: DemoSettings, base: Path, manifest: Path, loras: 
     return out
 
 
+def strongest_attacks(rows: list[dict]) -> dict[str, dict]:
+    """Per model, the headline attack row with the highest AUC (the attack an adversary would pick)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row.get("headline") and row.get("auc") is not None:
+            if row["model"] not in best or row["auc"] > best[row["model"]]["auc"]:
+                best[row["model"]] = row
+    return best
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Plain-language lines computed from the numbers: does each defence lower the strongest attack?"""
+    best = strongest_attacks(rows)
+    lines = ["## What the numbers say (computed, not written by hand)", ""]
+    for model, row in best.items():
+        ci = row.get("auc_ci") or [float("nan"), float("nan")]
+        lines.append(f"- `{model}`: strongest attack `{row['label']}`, AUC {row['auc']:.3f} "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+    plain = best.get("lora")
+    for method in ("mp_lora", "smp_lora"):
+        row = best.get(method)
+        if plain is None or row is None:
+            continue
+        plain_ci, ci = plain.get("auc_ci"), row.get("auc_ci")
+        if ci and plain_ci and ci[1] < plain_ci[0]:
+            verdict = "lowers it: the 95 % CIs do not overlap"
+        elif ci and plain_ci and ci[0] > plain_ci[1]:
+            verdict = "makes it worse: the 95 % CIs do not overlap"
+        else:
+            verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
+        lines.append(f"- {method} vs plain LoRA under the strongest attack: {row['auc']:.3f} vs {plain['auc']:.3f}; "
+                     f"{method} {verdict}.")
+    return lines + [""]
+
+
 def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float]) -> Path:
     """Print the headline table and write <workdir>/report.md pointing at every artefact."""
     report = json.loads((eval_dir / "report.json").read_text())
@@ -159,6 +194,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         f"Wall time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}), "
         f"{torch.get_num_threads()} torch thread(s).",
         "",
+        *findings(report["results"]),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
         "samples: `eval/samples_*.png`; per-sample scores: `eval/scores.csv`; every number: `eval/report.json`.",
         "",
@@ -166,7 +202,9 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     ]
     path = settings.workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(line for line in eval_md.splitlines() if line.startswith("|")))
+    main_table = eval_md.split("## Main results")[1].split("\n## ")[0]
+    print("\n".join(line for line in main_table.splitlines() if line.startswith("|")))
+    print("\n".join(findings(report["results"])[2:]))
     _log(f"report: {path} ({len(report['results'])} rows); plots and samples in {eval_dir}")
     return path
 
