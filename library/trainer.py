@@ -282,7 +282,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.method_name, mininterval=1.0,
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
         logs: dict[str, float] = {}
-        started = time.perf_counter()
+        started, start_step = time.perf_counter(), self.global_step
         images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
         while self.global_step < self.total_steps:
             epoch_before = self._completed_epochs()
@@ -290,7 +290,7 @@ class Trainer:
             self.global_step += 1
             if self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
                 elapsed = time.perf_counter() - started
-                done = self.global_step - bar.initial
+                done = self.global_step - start_step
                 bar.set_postfix(loss=f"{logs.get('loss', logs.get('l_ada', 0.0)):.4f}",
                                 img_s=f"{images_per_step * done / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)

@@ -66,4 +66,5 @@ def tiny_train_args(tiny_model_dir, manifest_path, tmp_path):
         "--save_precision", "float",
         "--output_dir", str(tmp_path / "out"),
         "--no-progress_bar",
+        "--log_every_n_steps", "2",  # exercises the step-log path (and the hidden bar's postfix) in every run
     ]
