@@ -8,13 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_smp_training_keeps_ranks_in_sync(tiny_train_args, tmp_path):
+LAUNCHERS = {
+    # What the README tells users: accelerate's multi-process launcher; with no GPU it falls back to gloo on CPU.
+    # (`accelerate launch --cpu --num_processes 2` would start a single process: accelerate ignores the count.)
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29533"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+    cmd = [*LAUNCHERS[launcher], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--attacker_batch_size", "2", "--max_train_steps", "3"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
