@@ -401,6 +401,18 @@ def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtyp
 # ------------------------------------------------------------------------------------------------------ loading
 
 
+def _assemble(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, dtype: torch.dtype, *, source: str) -> ModelBundle:
+    """The loaded parts, frozen and cast (:func:`_finish`), with SD's training noise scheduler."""
+    return ModelBundle(
+        tokenizer=tokenizer,
+        text_encoder=_finish(text_encoder, dtype),
+        vae=_finish(vae, dtype),
+        unet=_finish(unet, dtype),
+        noise_scheduler=make_noise_scheduler(),
+        source=source,
+    )
+
+
 def _finish(module: Any, dtype: torch.dtype) -> Any:
     """Frozen, eval-mode, in ``dtype``: the trainer enables gradients only on what it trains."""
     # Cast only when needed: diffusers warns on every ``.to(dtype)``, even a no-op one.
@@ -488,14 +500,7 @@ def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype) 
         lambda: CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype),
     )
     tokenizer = _load_tokenizer_folder(tokenizer_path or folder / "tokenizer")
-    return ModelBundle(
-        tokenizer=tokenizer,
-        text_encoder=_finish(text_encoder, dtype),
-        vae=_finish(vae, dtype),
-        unet=_finish(unet, dtype),
-        noise_scheduler=make_noise_scheduler(),
-        source=str(folder),
-    )
+    return _assemble(tokenizer, text_encoder, vae, unet, dtype, source=str(folder))
 
 
 @contextlib.contextmanager
@@ -662,14 +667,7 @@ def _load_single_file(path: Path, tokenizer_path: Path | None, dtype: torch.dtyp
             raise RuntimeError(f"{name} tensors left unloaded: {leftover[:3]}")
 
     tokenizer = _single_file_tokenizer(path, metadata, tokenizer_path)
-    return ModelBundle(
-        tokenizer=tokenizer,
-        text_encoder=_finish(text_encoder, dtype),
-        vae=_finish(vae, dtype),
-        unet=_finish(unet, dtype),
-        noise_scheduler=make_noise_scheduler(),
-        source=str(path),
-    )
+    return _assemble(tokenizer, text_encoder, vae, unet, dtype, source=str(path))
 
 
 def load_sd_model(

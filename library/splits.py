@@ -439,3 +439,22 @@ def manifest_sha256(path: str | Path) -> str:
         return sha256_file(path)
     except OSError as exc:
         raise DataError(f"cannot read split manifest {path}: {exc}") from None
+
+
+def pretrain_records(manifest_path: str | os.PathLike | None = None,
+                     dataset_dir: str | os.PathLike | None = None) -> list[ImageCaption]:
+    """The images to pre-train a base model (or a feature net) on: a manifest's ``pretrain`` list, or a
+    whole dataset folder. The manifest's list is disjoint from every membership split by construction."""
+    if (manifest_path is None) == (dataset_dir is None):
+        raise ConfigError("give exactly one of a split manifest or a dataset folder to pre-train on")
+    if dataset_dir is not None:
+        from library.data import scan_dataset
+
+        return scan_dataset(dataset_dir)
+    manifest = read_manifest(manifest_path)
+    if not manifest.pretrain:
+        raise DataError(
+            f"split manifest {manifest_path} has no 'pretrain' images: re-create it with "
+            "scripts/make_split.py --pretrain rest (or pass --dataset_dir)"
+        )
+    return [ImageCaption(manifest.abs_path(e), e.caption, e.repeats) for e in manifest.pretrain]

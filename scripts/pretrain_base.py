@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from library import pretrain as P  # noqa: E402
 from library.cli import run_cli  # noqa: E402
-from library.errors import ConfigError, DataError  # noqa: E402
+from library.errors import ConfigError  # noqa: E402
+from library.splits import pretrain_records  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,22 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _records(args: argparse.Namespace) -> list:
-    from library.data import ImageCaption, scan_dataset
-
-    if args.dataset_dir is not None:
-        return scan_dataset(args.dataset_dir)
-    from library.splits import read_manifest
-
-    manifest = read_manifest(args.manifest)
-    if not manifest.pretrain:
-        raise DataError(
-            f"split manifest {args.manifest} has no 'pretrain' images: re-create it with "
-            "scripts/make_split.py --pretrain rest (or pass --dataset_dir)"
-        )
-    return [ImageCaption(manifest.abs_path(e), e.caption, e.repeats) for e in manifest.pretrain]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out: Path = args.output_dir
@@ -72,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} is a file; choose a folder")
-    records = _records(args)
+    records = pretrain_records(args.manifest, args.dataset_dir)
     P.pretrain_base_model(
         records, out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
         batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, lr=args.lr, vae_lr=args.vae_lr,

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from library import digit_features as D  # noqa: E402
 from library.cli import run_cli  # noqa: E402
-from library.errors import ConfigError, DataError  # noqa: E402
+from library.errors import ConfigError  # noqa: E402
+from library.splits import pretrain_records  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,22 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _records(args: argparse.Namespace) -> list:
-    from library.data import ImageCaption, scan_dataset
-
-    if args.dataset_dir is not None:
-        return scan_dataset(args.dataset_dir)
-    from library.splits import read_manifest
-
-    manifest = read_manifest(args.manifest)
-    if not manifest.pretrain:
-        raise DataError(
-            f"split manifest {args.manifest} has no 'pretrain' images: re-create it with "
-            "scripts/make_split.py --pretrain rest (or pass --dataset_dir)"
-        )
-    return [ImageCaption(manifest.abs_path(e), e.caption) for e in manifest.pretrain]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.output.is_dir():
@@ -66,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "skipping (pass --overwrite to re-train)")
         return
     result = D.train_digit_feature_net_on_records(
-        _records(args), seed=args.seed, epochs=args.epochs, out_path=args.output, batch_size=args.batch_size,
-        lr=args.lr, holdout_fraction=args.holdout_fraction, threads=args.threads,
+        pretrain_records(args.manifest, args.dataset_dir), seed=args.seed, epochs=args.epochs, out_path=args.output,
+        batch_size=args.batch_size, lr=args.lr, holdout_fraction=args.holdout_fraction, threads=args.threads,
     )
     print(f"wrote {args.output}: held-out accuracy {result.heldout_accuracy:.4f} ({result.num_heldout} images), "
           f"{result.seconds:.1f}s; its {D.FEATURE_DIM}-d features are for proxy FID/KID only")

@@ -25,9 +25,11 @@ from library.prepare.common import (
     CaptionTable,
     PreparedDataset,
     add_output_arguments,
+    common_options,
     output_paths,
-    parse_sizes,
+    preparation_parser,
     prepare_output_dir,
+    report,
     rng_for,
     sample_sorted,
     split_and_save,
@@ -87,10 +89,7 @@ def prepare_afhq(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write AFHQ Large 5X (square crops + captions) and its split manifest.\n\n"
-                    + (__doc__ or "").split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = preparation_parser("AFHQ Large 5X", __doc__)
     parser.add_argument("--afhq_dir", type=Path, required=True, help="AFHQ folder holding train/{cat,dog,wild}/")
     parser.add_argument("--captions", type=Path, required=True, help="captions file: CSV image_id,caption or JSONL")
     add_output_arguments(parser, PRESET)
@@ -100,8 +99,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> PreparedDataset:
     args = build_parser().parse_args(argv)
     image_dir, manifest = output_paths(args, PRESET)
-    result = prepare_afhq(args.afhq_dir, args.captions, image_dir, manifest, resolution=args.resolution,
-                          seed=args.seed, sizes=parse_sizes(args.sizes) if args.sizes else None,
-                          overwrite=args.overwrite)
-    print(result.summary())
-    return result
+    return report(prepare_afhq(args.afhq_dir, args.captions, image_dir, manifest, **common_options(args)))

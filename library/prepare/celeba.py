@@ -48,9 +48,11 @@ from library.prepare.common import (
     CaptionTable,
     PreparedDataset,
     add_output_arguments,
+    common_options,
     output_paths,
-    parse_sizes,
+    preparation_parser,
     prepare_output_dir,
+    report,
     require_path,
     rng_for,
     sample_sorted,
@@ -288,10 +290,7 @@ def _find(celeba_dir: Path, *names: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write a CelebA subset of the paper (square crops + captions) and its split manifest.\n\n"
-                    + (__doc__ or "").split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = preparation_parser("a CelebA subset of the paper", __doc__)
     parser.add_argument("--celeba_dir", type=Path, required=True,
                         help=f"folder holding {IMAGE_DIR}/ and {IDENTITY_FILE} (also looked for in Anno/)")
     parser.add_argument("--captions", type=Path, required=True,
@@ -306,10 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> PreparedDataset:
     args = build_parser().parse_args(argv)
     image_dir, manifest = output_paths(args, f"celeba_{args.subset}")
-    result = prepare_celeba(
-        args.celeba_dir, args.captions, args.subset, image_dir, manifest, resolution=args.resolution,
-        seed=args.seed, gender_ratio=parse_ratio(args.gender_ratio), identity_token=args.identity_token,
-        sizes=parse_sizes(args.sizes) if args.sizes else None, overwrite=args.overwrite,
-    )
-    print(result.summary())
-    return result
+    return report(prepare_celeba(
+        args.celeba_dir, args.captions, args.subset, image_dir, manifest, gender_ratio=parse_ratio(args.gender_ratio),
+        identity_token=args.identity_token, **common_options(args),
+    ))

@@ -24,9 +24,11 @@ from library.errors import DataError
 from library.prepare.common import (
     PreparedDataset,
     add_output_arguments,
+    common_options,
     output_paths,
-    parse_sizes,
+    preparation_parser,
     prepare_output_dir,
+    report,
     require_path,
     rng_for,
     sample_sorted,
@@ -102,10 +104,7 @@ def prepare_coco(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write MS-COCO Large 5X (square crops + captions) and its split manifest.\n\n"
-                    + (__doc__ or "").split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = preparation_parser("MS-COCO Large 5X", __doc__)
     parser.add_argument("--images_dir", type=Path, required=True, help="COCO image folder, e.g. train2017/")
     parser.add_argument("--annotations", type=Path, required=True,
                         help="COCO captions JSON, e.g. annotations/captions_train2017.json")
@@ -116,8 +115,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> PreparedDataset:
     args = build_parser().parse_args(argv)
     image_dir, manifest = output_paths(args, PRESET)
-    result = prepare_coco(args.images_dir, args.annotations, image_dir, manifest, resolution=args.resolution,
-                          seed=args.seed, sizes=parse_sizes(args.sizes) if args.sizes else None,
-                          overwrite=args.overwrite)
-    print(result.summary())
-    return result
+    return report(prepare_coco(args.images_dir, args.annotations, image_dir, manifest, **common_options(args)))

@@ -21,7 +21,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -317,6 +317,14 @@ def split_and_save(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def preparation_parser(what: str, module_doc: str | None) -> argparse.ArgumentParser:
+    """A parser whose help says it writes ``what`` and its manifest, with the module's usage text below."""
+    return argparse.ArgumentParser(
+        description=f"Write {what} (square crops + captions) and its split manifest.\n\n"
+                    + (module_doc or "").split("\n", 1)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """The options every preparation script shares."""
     parser.add_argument("--output_dir", type=Path, default=None,
@@ -330,6 +338,17 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                         help="override the Table 4 sizes: member_aux,member_test,nonmember_aux,nonmember_test "
                              "(for a quick smaller run; the preset is the paper's)")
     parser.add_argument("--overwrite", action="store_true", help="replace images and captions in --output_dir")
+
+
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every ``prepare_*`` function takes, from :func:`add_output_arguments`' options."""
+    return {"resolution": args.resolution, "seed": args.seed, "overwrite": args.overwrite,
+            "sizes": parse_sizes(args.sizes) if args.sizes else None}
+
+
+def report(result: PreparedDataset) -> PreparedDataset:
+    print(result.summary())
+    return result
 
 
 def output_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:

@@ -32,9 +32,11 @@ from library.errors import DataError
 from library.prepare.common import (
     PreparedDataset,
     add_output_arguments,
+    common_options,
     output_paths,
-    parse_sizes,
+    preparation_parser,
     prepare_output_dir,
+    report,
     split_and_save,
     write_pair,
 )
@@ -138,10 +140,7 @@ def prepare_pokemon(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write the Pokemon BLIP captions set (square crops + captions) and its split manifest.\n\n"
-                    + (__doc__ or "").split("\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = preparation_parser("the Pokemon BLIP captions set", __doc__)
     parser.add_argument("--source", type=Path, required=True, help=_SOURCE_HELP)
     parser.add_argument("--table4", action="store_true",
                         help="use the paper table's sizes 200/200/200/233 instead of the code's 200/233/200/200")
@@ -154,10 +153,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> PreparedDataset:
     args = build_parser().parse_args(argv)
     image_dir, manifest = output_paths(args, "pokemon")
-    result = prepare_pokemon(
-        args.source, image_dir, manifest, table4=args.table4, resolution=args.resolution, seed=args.seed,
-        caption_prefix=args.caption_prefix, sizes=parse_sizes(args.sizes) if args.sizes else None,
-        overwrite=args.overwrite,
-    )
-    print(result.summary())
-    return result
+    return report(prepare_pokemon(args.source, image_dir, manifest, table4=args.table4,
+                                  caption_prefix=args.caption_prefix, **common_options(args)))
