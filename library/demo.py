@@ -26,9 +26,9 @@ import torch
 
 from library.data import ImageCaption, scan_dataset
 from library.splits import make_split, read_manifest, write_manifest
+from library.train_config import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("lora", "mp_lora", "smp_lora")
 
 
 @dataclass

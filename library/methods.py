@@ -24,7 +24,7 @@ import torch
 from library.features import feature_dim, features_from_errors, membership_features
 from library.privacy import ProxyAttacker, attacker_loss, mi_gain_members, privacy_loss_terms
 from library.samplers import EpochCyclingSampler
-from library.train_config import TrainConfig
+from library.train_config import METHODS, TrainConfig
 
 
 @dataclass
@@ -230,6 +230,8 @@ class AdversarialLoRA:
 def build_method(name: str, config: TrainConfig, aux: AuxData | None, device: torch.device,
                  rank: int = 0, world_size: int = 1) -> PlainLoRA | AdversarialLoRA:
     """The strategy for ``name`` in ``METHODS`` (aux data is required for MP/SMP)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     if name == "lora":
         return PlainLoRA()
     assert aux is not None, "MP/SMP-LoRA need the auxiliary sets"

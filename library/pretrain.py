@@ -473,21 +473,13 @@ def pretrain_base_model(
     images: Sequence[_Captioned],
     output_dir: str | Path,
     *,
-    seed: int = 0,
-    vae_steps: int = DEFAULT_VAE_STEPS,
-    unet_steps: int = DEFAULT_UNET_STEPS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
-    lr: float = DEFAULT_UNET_LR,
-    vae_lr: float = DEFAULT_VAE_LR,
-    kl_weight: float = DEFAULT_KL_WEIGHT,
-    threads: int | None = None,
-    caption_dropout: float = DEFAULT_CAPTION_DROPOUT,
-    train_text_encoder: bool = True,
     overwrite: bool = False,
     log: Callable[[str], object] = echo,
+    **settings: Any,
 ) -> Path:
     """Pre-train the tiny stack on ``images`` and save it as a diffusers folder at ``output_dir``.
+
+    ``settings`` are :func:`pretrain_base_bundle`'s keyword arguments (seed, step counts, learning rates, ...).
 
     The folder loads with :func:`library.models.load_sd_model`; ``output_dir/pretrain.json`` records the
     settings and measurements. An existing non-empty ``output_dir`` is refused *before* training unless
@@ -501,12 +493,7 @@ def pretrain_base_model(
             raise ModelError(f"{target} already exists and is not empty; choose another folder or pass --overwrite")
         if not (target / "model_index.json").is_file():
             raise ModelError(f"{target} is not a diffusers model folder; refusing to overwrite it")
-    bundle, report = pretrain_base_bundle(
-        images, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
-        vae_batch_size=vae_batch_size, lr=lr,
-        vae_lr=vae_lr, kl_weight=kl_weight, threads=threads, caption_dropout=caption_dropout,
-        train_text_encoder=train_text_encoder, log=log,
-    )
+    bundle, report = pretrain_base_bundle(images, log=log, **settings)
     save_tiny_folder(bundle, target, overwrite=overwrite)
     (target / PRETRAIN_RECORD).write_text(report.to_json(), encoding="utf-8")
     log(

@@ -50,6 +50,9 @@ class TrainConfig:
     network_dropout: Optional[float] = option(None, "dropout on the LoRA down-projection output")
     network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file")
     network_train_unet_only: bool = option(False, "train the UNet LoRA only (no text-encoder LoRA)")
+    network_args: list[str] = option(
+        [], "key=value options for the network module, as sd-scripts: conv_dim=R conv_alpha=A also adapts the "
+        "ResNet blocks' 3x3 convs (LoCon)")
 
     # --- optimisation ------------------------------------------------------------------------
     seed: int = option(1337, "random seed (data order, noise, initialisation)")
@@ -114,6 +117,17 @@ class TrainConfig:
     progress_bar: bool = option(True, "show a tqdm progress bar")
     dry_run: bool = option(False, "validate model, data and config, print the plan and exit without training")
 
+    @property
+    def network_kwargs(self) -> dict[str, str]:
+        """``network_args`` as the keyword arguments of ``networks.lora.create_network``."""
+        kwargs: dict[str, str] = {}
+        for item in self.network_args:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"'network_args' entries are key=value (e.g. conv_dim=8), got {item!r}")
+            kwargs[key.strip()] = value.strip()
+        return kwargs
+
     def validate(self) -> None:
         """Cross-field checks; each failure is one ConfigError line naming the flag."""
         if not self.pretrained_model_name_or_path:
@@ -138,6 +152,10 @@ class TrainConfig:
             raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")
         if any(not 0 <= t < 1000 for t in self.attacker_timesteps) or not self.attacker_timesteps:
             raise ConfigError("'attacker_timesteps' must be a non-empty list of integers in [0, 1000)")
+        overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder"} & set(self.network_kwargs)
+        if overlap:
+            raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
+                              "--network_train_unet_only instead")
         if self.resolution % 8:
             raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
         if not self.cache_latents:

@@ -139,7 +139,7 @@ class Trainer:
 
         self.network = lora.create_network(
             1.0, config.network_dim, config.network_alpha, self.bundle.vae, self.bundle.text_encoder,
-            self.bundle.unet, dropout=config.network_dropout,
+            self.bundle.unet, dropout=config.network_dropout, **config.network_kwargs,
         )
         train_te = not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
         self.network.apply_to(self.bundle.text_encoder, self.bundle.unet, apply_text_encoder=train_te,

@@ -7,8 +7,12 @@ so sd-scripts users feel at home, and the files it writes are plain kohya LoRA f
 
 * keys ``lora_unet_<diffusers module path, '.' -> '_'>.{lora_down.weight, lora_up.weight, alpha}`` and
   ``lora_te_text_model_encoder_layers_<i>_{self_attn_{q,k,v,out}_proj, mlp_fc{1,2}}.…``;
-* ``lora_down`` is ``[r, in]`` (Linear) or ``[r, in, 1, 1]`` (1x1 conv), ``lora_up`` ``[out, r]`` or
-  ``[out, r, 1, 1]``, ``alpha`` a 0-dim tensor; the layer computes ``W x + up(down(x)) * multiplier * alpha / r``;
+* ``lora_down`` is ``[r, in]`` (Linear) or ``[r, in, kh, kw]`` (conv: the layer's own kernel, stride and
+  padding), ``lora_up`` ``[out, r]`` or ``[out, r, 1, 1]``, ``alpha`` a 0-dim tensor; the layer computes
+  ``W x + up(down(x)) * multiplier * alpha / r``;
+* with ``--network_args conv_dim=R [conv_alpha=A]`` (sd-scripts' "LoCon" option) the ResNet blocks and the
+  down/up-samplers are adapted too: their 3x3 convs at rank ``conv_dim``, their Linear / 1x1 layers
+  (``time_emb_proj``, ``conv_shortcut``) at ``network_dim``, exactly as sd-scripts does;
 * no other tensors, and metadata that never describes the (private) training set.
 
 One deliberate difference from sd-scripts: :meth:`LoRANetwork.apply_to` registers each LoRA module as a
@@ -111,6 +115,10 @@ _FORBIDDEN_KEY_FRAGMENTS: tuple[str, ...] = (
 _PATH_VALUE = re.compile(r"^\s*(/|~[/\\]|[A-Za-z]:[/\\]|\\\\)")
 
 _UNET_CONTAINER = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.")
+# sd-scripts' UNET_TARGET_REPLACE_MODULE_CONV2D_3X3: ResnetBlock2D, Downsample2D, Upsample2D.
+_UNET_CONV_CONTAINER = re.compile(
+    r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(resnets|downsamplers|upsamplers)\.\d+\."
+)
 _TE_TARGET = re.compile(
     r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
 )
@@ -123,7 +131,9 @@ _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 class LoRAModule(nn.Module):
-    """Low-rank update ``up(down(x)) * multiplier * alpha / rank`` for one Linear or 1x1 Conv2d.
+    """Low-rank update ``up(down(x)) * multiplier * alpha / rank`` for one Linear or Conv2d.
+
+    For a conv, ``down`` has the layer's kernel, stride and padding and ``up`` is 1x1 (sd-scripts' layout).
 
     ``alpha`` is a buffer so that it travels in the state dict as ``<lora_name>.alpha`` (kohya format).
     """
@@ -149,10 +159,12 @@ class LoRAModule(nn.Module):
         self.multiplier = float(multiplier)
         self.dropout = dropout
         self.is_conv = isinstance(org_module, nn.Conv2d)
+        self.kernel_size: tuple[int, ...] | None = tuple(org_module.kernel_size) if self.is_conv else None
         device = org_module.weight.device
         if self.is_conv:
             in_dim, out_dim = org_module.in_channels, org_module.out_channels
-            self.lora_down = nn.Conv2d(in_dim, self.rank, 1, bias=False, device=device)
+            self.lora_down = nn.Conv2d(in_dim, self.rank, org_module.kernel_size, org_module.stride,
+                                       org_module.padding, bias=False, device=device)
             self.lora_up = nn.Conv2d(self.rank, out_dim, 1, bias=False, device=device)
         else:
             in_dim, out_dim = org_module.in_features, org_module.out_features
@@ -217,10 +229,10 @@ class LoRAModule(nn.Module):
     # -- weights -----------------------------------------------------------------------------------
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``alpha / rank * up @ down`` shaped like the adapted layer's weight (multiplier not applied)."""
-        down = self.lora_down.weight.to(dtype).flatten(1)  # [r, in]
+        down = self.lora_down.weight.to(dtype).flatten(1)  # [r, in * kh * kw]
         up = self.lora_up.weight.to(dtype).flatten(1)  # [out, r]
         delta = (up @ down) * self.scale
-        return delta[:, :, None, None] if self.is_conv else delta
+        return delta.reshape(self.out_dim, self.in_dim, *self.kernel_size) if self.is_conv else delta
 
     def set_alpha(self, alpha: float) -> None:
         self.alpha.fill_(float(alpha))
@@ -237,10 +249,17 @@ class LoRAModule(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_target_layer(module: nn.Module) -> bool:
+def _is_target_layer(module: nn.Module, any_kernel: bool = False) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.dilation != (1, 1):
+        return False
+    return any_kernel or tuple(module.kernel_size) == (1, 1)
+
+
+def _is_conv3x3(layer: nn.Module) -> bool:
+    """A conv that gets ``conv_dim`` rather than ``network_dim`` (anything but 1x1, as in sd-scripts)."""
+    return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
 
 
 def _lora_name(part: str, module_path: str) -> str:
@@ -259,12 +278,15 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
-def find_target_layers(model: nn.Module | None, part: str) -> dict[str, tuple[str, nn.Module]]:
+def find_target_layers(
+    model: nn.Module | None, part: str, conv: bool = False
+) -> dict[str, tuple[str, nn.Module]]:
     """``{lora_name: (module_path, layer)}`` for every layer a LoRA targets in ``model``.
 
     UNet: every Linear and 1x1 Conv2d inside the ``Transformer2DModel`` blocks (``*.attentions.<i>``: attn1/attn2
-    q/k/v/out, ff, proj_in/out, mid block included). Text encoder: attention q/k/v/out and MLP fc1/fc2.
-    Matching uses module paths plus layer types rather than class names, which change between versions.
+    q/k/v/out, ff, proj_in/out, mid block included); with ``conv`` also every Linear and conv of the ResNet
+    blocks and down/up-samplers (sd-scripts' ``conv_dim`` targets). Text encoder: attention q/k/v/out and MLP
+    fc1/fc2. Matching uses module paths plus layer types rather than class names, which change between versions.
     """
     if model is None:
         return {}
@@ -274,9 +296,13 @@ def find_target_layers(model: nn.Module | None, part: str) -> dict[str, tuple[st
         # LoRA layers of an applied network hang inside the adapted layers: never adapt those.
         if f".{LORA_CHILD_NAME}." in f".{path}." or isinstance(module, LoRAModule):
             continue
-        if not _is_target_layer(module):
-            continue
-        if part == "unet" and not _UNET_CONTAINER.match(path):
+        if part == "unet":
+            in_conv_block = conv and _UNET_CONV_CONTAINER.match(path) is not None
+            if not (_UNET_CONTAINER.match(path) or in_conv_block):
+                continue
+            if not _is_target_layer(module, any_kernel=in_conv_block):
+                continue
+        elif not _is_target_layer(module):
             continue
         if part == "text_encoder" and not _TE_TARGET.match(path):
             continue
@@ -414,21 +440,23 @@ def _group_kohya_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> dict
     return grouped
 
 
-def _layer_dims(layer: nn.Module) -> tuple[int, int, bool]:
+def _layer_dims(layer: nn.Module) -> tuple[int, int, tuple[int, ...] | None]:
+    """(in, out, conv kernel size or None for a Linear)."""
     if isinstance(layer, nn.Conv2d):
-        return layer.in_channels, layer.out_channels, True
-    return layer.in_features, layer.out_features, False
+        return layer.in_channels, layer.out_channels, tuple(layer.kernel_size)
+    return layer.in_features, layer.out_features, None
 
 
 def _check_shapes(
-    name: str, w: _ModuleWeights, in_dim: int, out_dim: int, is_conv: bool, source: str
+    name: str, w: _ModuleWeights, in_dim: int, out_dim: int, kernel: tuple[int, ...] | None, source: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the file's tensors against the base layer; return them shaped like our LoRA weights."""
     down, up = w.down, w.up
+    down_kernels = ((), (1, 1)) if kernel in (None, (1, 1)) else (kernel,)
     ok = (
         down.dim() in (2, 4)
         and up.dim() in (2, 4)
-        and down.shape[2:] in ((), (1, 1))
+        and tuple(down.shape[2:]) in down_kernels
         and up.shape[2:] in ((), (1, 1))
         and down.shape[1] == in_dim
         and up.shape[0] == out_dim
@@ -442,8 +470,8 @@ def _check_shapes(
         )
     # Some exporters write 2-D weights for 1x1 convs (or 4-D for Linears); the numbers are the same.
     rank = down.shape[0]
-    if is_conv:
-        return down.reshape(rank, in_dim, 1, 1), up.reshape(out_dim, rank, 1, 1)
+    if kernel is not None:
+        return down.reshape(rank, in_dim, *kernel), up.reshape(out_dim, rank, 1, 1)
     return down.reshape(rank, in_dim), up.reshape(out_dim, rank)
 
 
@@ -453,6 +481,12 @@ def _unknown_module_error(key: str, source: str, has_te: bool) -> ModelError:
         hint = " (its names are SDXL / original-LDM names)"
     elif key.startswith(LORA_PREFIX_TEXT_ENCODER + "_") and not has_te:
         hint = " (it adapts the text encoder, which this network does not include)"
+    elif re.search(r"_(resnets|downsamplers|upsamplers)_\d+_", key):
+        return ModelError(
+            f"LoRA file {source}: key '{key}' adapts a ResNet block (a conv_dim / LoCon LoRA), which this network "
+            "was built without; build it with --network_args conv_dim=R or from the file "
+            "(create_network_from_weights)"
+        )
     return ModelError(
         f"LoRA file {source}: key '{key}' matches no layer of this SD v1.x model{hint}; the LoRA was "
         "probably trained for another base model — use a LoRA trained for this model"
@@ -492,22 +526,29 @@ class LoRANetwork(nn.Module):
         apply_text_encoder: bool = True,
         modules_dim: Mapping[str, int] | None = None,
         modules_alpha: Mapping[str, float | None] | None = None,
+        conv_lora_dim: int | None = None,
+        conv_alpha: float | None = None,
     ) -> None:
         super().__init__()
         self.multiplier = float(multiplier)
         self.lora_dim = int(lora_dim)
         self.alpha = float(alpha)
+        self.conv_lora_dim = None if conv_lora_dim is None else int(conv_lora_dim)
+        self.conv_alpha = None if self.conv_lora_dim is None else float(conv_alpha or 1.0)
         self.dropout = dropout
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         for part, model, enabled in (("text_encoder", text_encoder, apply_text_encoder), ("unet", unet, True)):
             if not enabled:
                 continue
-            for name, (path, layer) in find_target_layers(model, part).items():
+            with_conv = modules_dim is not None or self.conv_lora_dim is not None
+            for name, (path, layer) in find_target_layers(model, part, conv=with_conv).items():
                 if modules_dim is not None:
                     if name not in modules_dim:
                         continue  # built from a file: only the layers the file adapts
                     dim, alpha_i = modules_dim[name], (modules_alpha or {}).get(name)
+                elif _is_conv3x3(layer):
+                    dim, alpha_i = self.conv_lora_dim, self.conv_alpha
                 else:
                     dim, alpha_i = self.lora_dim, self.alpha
                 lora = LoRAModule(name, part, path, layer, dim, alpha_i, self.multiplier, dropout)
@@ -526,7 +567,7 @@ class LoRANetwork(nn.Module):
 
     def _layers_in(self, text_encoder: nn.Module | None, unet: nn.Module | None) -> dict[str, nn.Module]:
         layers = {n: m for n, (_, m) in find_target_layers(text_encoder, "text_encoder").items()}
-        layers.update({n: m for n, (_, m) in find_target_layers(unet, "unet").items()})
+        layers.update({n: m for n, (_, m) in find_target_layers(unet, "unet", conv=True).items()})
         return layers
 
     # -- kohya network-module contract -------------------------------------------------------------
@@ -634,8 +675,10 @@ class LoRANetwork(nn.Module):
 
     def default_metadata(self, title: str | None = None) -> dict[str, str]:
         """The metadata every file gets: network shape and ModelSpec identity, nothing about the data."""
-        ranks = Counter(lora.rank for lora in self.loras)
-        alphas = Counter(float(lora.alpha) for lora in self.loras)
+        plain = [lora for lora in self.loras if lora.kernel_size in (None, (1, 1))]
+        convs = [lora for lora in self.loras if lora.kernel_size not in (None, (1, 1))]
+        ranks = Counter(lora.rank for lora in plain)
+        alphas = Counter(float(lora.alpha) for lora in plain)
         dim = ranks.most_common(1)[0][0] if ranks else self.lora_dim
         alpha = alphas.most_common(1)[0][0] if alphas else self.alpha
         meta = {
@@ -652,9 +695,19 @@ class LoRANetwork(nn.Module):
             "modelspec.prediction_type": "epsilon",
             "modelspec.date": _dt.datetime.now().replace(microsecond=0).isoformat(),
         }
+        network_args: dict[str, Any] = {}
+        if convs:  # sd-scripts records its LoCon option the same way (values as strings)
+            conv_ranks = Counter(lora.rank for lora in convs)
+            conv_alphas = Counter(float(lora.alpha) for lora in convs)
+            network_args["conv_dim"] = str(conv_ranks.most_common(1)[0][0])
+            network_args["conv_alpha"] = str(conv_alphas.most_common(1)[0][0])
+            if len(conv_ranks) > 1 or len(conv_alphas) > 1:
+                network_args["variable_rank"] = True
         if len(ranks) > 1 or len(alphas) > 1:
             # Per-layer ranks differ (a file built from weights): record that honestly.
-            meta["ss_network_args"] = json.dumps({"variable_rank": True})
+            network_args["variable_rank"] = True
+        if network_args:
+            meta["ss_network_args"] = json.dumps(network_args)
         if self.dropout:
             meta["ss_network_dropout"] = str(self.dropout)
         return meta
@@ -704,7 +757,7 @@ class LoRANetwork(nn.Module):
                 raise _unknown_module_error(w.keys[0], source, bool(self.text_encoder_loras))
         for name, w in grouped.items():
             lora = by_name[name]
-            down, up = _check_shapes(lora.module_path, w, lora.in_dim, lora.out_dim, lora.is_conv, source)
+            down, up = _check_shapes(lora.module_path, w, lora.in_dim, lora.out_dim, lora.kernel_size, source)
             if down.shape[0] != lora.rank:
                 raise ModelError(
                     f"LoRA file {source}: '{w.keys[0]}' has rank {down.shape[0]} but this network was built with "
@@ -783,6 +836,8 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 _KNOWN_KWARGS = {
+    "conv_dim",
+    "conv_alpha",
     "train_unet_only",
     "apply_text_encoder",
     "dropout",
@@ -814,12 +869,31 @@ def _as_dropout(value: Any) -> float | None:
     return p or None
 
 
+def _as_conv(kwargs: Mapping[str, Any]) -> tuple[int | None, float | None]:
+    """``conv_dim`` / ``conv_alpha`` as sd-scripts reads them (alpha defaults to 1, like network_alpha)."""
+    raw_dim, raw_alpha = kwargs.get("conv_dim"), kwargs.get("conv_alpha")
+    if raw_dim is None or (isinstance(raw_dim, str) and raw_dim.strip().lower() in ("", "none")):
+        if raw_alpha is not None:
+            raise ConfigError("network argument conv_alpha needs conv_dim (the rank of the 3x3-conv LoRA)")
+        return None, None
+    try:
+        dim = int(raw_dim)
+        alpha = 1.0 if raw_alpha is None else float(raw_alpha)
+    except (TypeError, ValueError):
+        raise ConfigError(f"network arguments conv_dim / conv_alpha must be numbers, got {raw_dim!r} / "
+                          f"{raw_alpha!r}") from None
+    if dim < 1 or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"network argument conv_dim must be a positive integer and conv_alpha positive, got "
+                          f"{raw_dim!r} / {raw_alpha!r}")
+    return dim, alpha
+
+
 def _parse_kwargs(kwargs: Mapping[str, Any]) -> tuple[bool, float | None]:
     unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
     if unknown:
         raise ConfigError(
             f"unknown network argument(s) {', '.join(unknown)} for networks.lora; accepted: "
-            f"{', '.join(sorted(_KNOWN_KWARGS))} (3x3-conv / LyCORIS options are not supported)"
+            f"{', '.join(sorted(_KNOWN_KWARGS))} (LyCORIS options are not supported)"
         )
     apply_te = True
     if kwargs.get("train_unet_only") is not None:
@@ -854,9 +928,11 @@ def create_network(
 
     ``network_dim`` defaults to 4 and ``network_alpha`` to 1.0 (sd-scripts' defaults). ``kwargs``: ``train_unet_only``
     or ``apply_text_encoder`` (bool; no text-encoder LoRA), ``dropout`` / ``neuron_dropout`` (on the rank features,
-    training only). Values may be strings, as ``--network_args`` deliver them. The VAE is not adapted.
+    training only), ``conv_dim`` / ``conv_alpha`` (also adapt the ResNet blocks and samplers, 3x3 convs at this
+    rank). Values may be strings, as ``--network_args`` deliver them. The VAE is not adapted.
     """
     apply_te, dropout = _parse_kwargs(kwargs)
+    conv_dim, conv_alpha = _as_conv(kwargs)
     dim = 4 if network_dim is None else int(network_dim)
     if dim < 1:
         raise ConfigError(f"network_dim must be a positive integer, got {network_dim}")
@@ -870,6 +946,8 @@ def create_network(
         alpha=alpha,
         dropout=dropout,
         apply_text_encoder=apply_te and text_encoder is not None,
+        conv_lora_dim=conv_dim,
+        conv_alpha=conv_alpha,
     )
 
 
@@ -902,7 +980,7 @@ def create_network_from_weights(
     text_encoder = _single_text_encoder(text_encoder)
     grouped = _group_kohya_state_dict(sd, source)
     layers = {n: m for n, (_, m) in find_target_layers(text_encoder, "text_encoder").items()}
-    layers.update({n: m for n, (_, m) in find_target_layers(unet, "unet").items()})
+    layers.update({n: m for n, (_, m) in find_target_layers(unet, "unet", conv=True).items()})
     modules_dim: dict[str, int] = {}
     modules_alpha: dict[str, float] = {}
     for name, w in grouped.items():

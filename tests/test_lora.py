@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,8 +181,11 @@ def test_network_args_and_optimizer_groups(models):
     te, unet = models
     unet_only = create_network(1.0, RANK, ALPHA, None, te, unet, train_unet_only="True", dropout="0.1")
     assert not unet_only.text_encoder_loras and unet_only.unet_loras[0].dropout == 0.1
-    with pytest.raises(ConfigError, match="conv_dim"):
-        create_network(1.0, RANK, ALPHA, None, te, unet, conv_dim="4")
+    with pytest.raises(ConfigError, match="unknown network argument.*conv_lora_dim"):
+        create_network(1.0, RANK, ALPHA, None, te, unet, conv_lora_dim="4")
+    for bad in ({"conv_dim": "0"}, {"conv_dim": "x"}, {"conv_alpha": "2"}, {"conv_dim": "2", "conv_alpha": "-1"}):
+        with pytest.raises(ConfigError, match="conv_"):
+            create_network(1.0, RANK, ALPHA, None, te, unet, **bad)
     network = create_network(1.0, RANK, ALPHA, None, te, unet)
     n_te = sum(p.numel() for lora in network.text_encoder_loras for p in lora.parameters())
     groups = network.prepare_optimizer_params(None, 1e-4, 5e-5)
@@ -194,6 +198,40 @@ def test_network_args_and_optimizer_groups(models):
     network.apply_to(te, unet, apply_text_encoder=False)
     assert not network.text_encoder_loras and not any(k.startswith("lora_te_") for k in network.state_dict())
     assert not any(".lora." in k for k in te.state_dict())
+
+
+CONV = {"conv_dim": "3", "conv_alpha": "1.5"}  # sd-scripts' LoCon option, as --network_args delivers it
+
+
+def test_conv_dim_adapts_resnets_and_samplers_like_sd_scripts(models, tmp_path):
+    te, unet = models
+    plain = create_network(1.0, RANK, ALPHA, None, te, unet)
+    network = create_network(1.0, RANK, ALPHA, None, te, unet, **CONV)
+    by_name = {lora.lora_name: lora for lora in network.unet_loras}
+    extra = by_name.keys() - {lora.lora_name for lora in plain.unet_loras}
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in extra and "lora_unet_up_blocks_0_upsamplers_0_conv" in extra
+    assert "lora_unet_down_blocks_0_resnets_0_time_emb_proj" in extra and "lora_unet_mid_block_resnets_1_conv2" in extra
+    assert not any("conv_in" in n or "conv_out" in n or "time_embedding" in n for n in by_name)  # as sd-scripts
+    for name in extra:
+        lora = by_name[name]
+        if lora.kernel_size not in (None, (1, 1)):  # 3x3: conv_dim / conv_alpha, the layer's kernel in lora_down
+            assert (lora.rank, float(lora.alpha)) == (3, 1.5)
+            assert lora.lora_down.weight.shape[2:] == lora.kernel_size and lora.lora_up.weight.shape[2:] == (1, 1)
+        else:  # Linear / 1x1 inside the ResNet blocks (time_emb_proj, conv_shortcut): network_dim
+            assert (lora.rank, float(lora.alpha)) == (RANK, ALPHA)
+    # A strided conv (the downsampler) keeps the layer's output shape.
+    down = by_name["lora_unet_down_blocks_0_downsamplers_0_conv"]
+    assert down.lora_down.stride == (2, 2)
+    path = tmp_path / "locon.safetensors"
+    randomise(network)
+    network.save_weights(path)
+    meta = read_lora_metadata(path)
+    assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "1.5"}
+    rebuilt = create_network_from_weights(1.0, path, None, copy.deepcopy(te), copy.deepcopy(unet))
+    assert {m.lora_name: m.rank for m in rebuilt.loras} == {m.lora_name: m.rank for m in network.loras}
+    with pytest.raises(ModelError, match="conv_dim / LoCon"):  # a plain network cannot take a LoCon file
+        create_network(1.0, RANK, ALPHA, None, te, unet).load_weights(path)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -287,7 +325,8 @@ def test_privacy_leaking_metadata_is_refused(models, tmp_path, metadata):
 # ------------------------------------------------------------------------------------------ interop
 
 
-def test_diffusers_load_lora_weights_matches(models, stack, inputs, tmp_path):
+@pytest.mark.parametrize("network_args", [{}, CONV], ids=["lora", "locon"])
+def test_diffusers_load_lora_weights_matches(models, stack, inputs, tmp_path, network_args):
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
 
@@ -302,7 +341,7 @@ def test_diffusers_load_lora_weights_matches(models, stack, inputs, tmp_path):
         requires_safety_checker=False,
     )
     te, unet = models
-    network = trained_network(models)
+    network = trained_network(models, **network_args)
     path = tmp_path / "interop.safetensors"
     network.save_weights(path, torch.float32)
     network.apply_to(te, unet)
@@ -316,15 +355,16 @@ def test_diffusers_load_lora_weights_matches(models, stack, inputs, tmp_path):
     torch.testing.assert_close(theirs[1], ours[1], atol=1e-5, rtol=0)
 
 
-def test_merge_to_equals_patched_forward(models, stack, inputs):
+@pytest.mark.parametrize("network_args", [{}, CONV], ids=["lora", "locon"])
+def test_merge_to_equals_patched_forward(models, stack, inputs, network_args):
     te, unet = models
-    network = trained_network(models)
+    network = trained_network(models, **network_args)
     network.set_multiplier(0.5)
     network.apply_to(te, unet)
     patched = run(te, unet, inputs)
     sd = network.state_dict()
     te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
-    other = create_network(1.0, RANK, 1.0, None, te2, unet2)
+    other = create_network(1.0, RANK, 1.0, None, te2, unet2, **network_args)
     other.merge_to(te2, unet2, weights_sd=sd, multiplier=0.5)
     assert not any(".lora." in k for k in unet2.state_dict())
     merged = run(te2, unet2, inputs)

@@ -79,6 +79,19 @@ def test_cli_errors_are_one_line(tiny_train_args, tmp_path, capsys):
     assert "privacy_lambda" in capsys.readouterr().err
 
 
+def test_network_args_conv_dim_trains_a_locon_and_bad_entries_are_one_line(tiny_train_args, tmp_path, capsys):
+    result = run("lora", tiny_train_args + ["--network_args", "conv_dim=2", "conv_alpha=1"])
+    tensors = load_file(result.lora_path)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[:2] == (2, 32)
+    with safe_open(result.lora_path, "pt") as handle:
+        assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    for bad, expected in ((["conv_dim"], "key=value"), (["conv_dim=0"], "conv_dim"),
+                          (["dropout=0.1"], "--network_dropout"), (["rank_dropout=0.1"], "rank_dropout")):
+        assert train_entry("lora", "", tiny_train_args + ["--network_args", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+
+
 def test_lora_file_for_another_model_is_refused(tiny_train_args, tmp_path, capsys):
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
