@@ -46,13 +46,16 @@ def write_random_images(folder: Path, n: int, seed: int) -> list[ImageCaption]:
 
 
 def overfit_lora(bundle, manifest, manifest_file: Path, out: Path) -> Path:
-    """A rank-16 UNet LoRA over-fitted on the members at small t (full batch, high lr)."""
+    """A rank-16 UNet LoRA, ResNet convs included (conv_dim), over-fitted on the members at small t (full batch,
+    high lr)."""
     members = manifest.members()
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32)
     latents = cache.get_many([manifest.abs_path(e) for e in members])
     with torch.no_grad():
         cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [e.caption for e in members])
-    network = create_network(1.0, 16, 16.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True)
+    torch.manual_seed(0)  # the LoRA's init: the same over-fitted file whichever tests ran before
+    network = create_network(1.0, 16, 16.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True,
+                             conv_dim=16, conv_alpha=16)
     network.apply_to(None, bundle.unet, apply_text_encoder=False)
     network.requires_grad_(True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=TRAIN_LR, weight_decay=0.0)
@@ -149,19 +152,30 @@ def test_calibrated_base_against_itself_is_exactly_zero(evaluated):
     assert rows_by(report, "base", "calibrated avg")["auc"] == 0.5
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "measured, not tuned: 150 full-batch steps do not make a LoRA on the random-init tiny UNet memorise its "
-    "members (its latents have std ~0.06, so general denoising dominates); on 2 busy cores we saw AUC loss 0.70 "
-    "[0.51, 0.88], calibrated 0.45 [0.22, 0.66] vs base loss 0.66 [0.49, 0.87]. Needs a pre-trained tiny base."))
-def test_overfitted_lora_is_detected_and_base_is_at_chance(evaluated):
-    _, report = evaluated
+def measured_aucs(report: dict) -> dict[tuple[str, str], dict]:
     measured = {(m, a): rows_by(report, m, f"{a} avg") for m in ("base", "overfit") for a in ("loss", "calibrated")}
     print({k: (round(v["auc"], 3), [round(x, 3) for x in v["auc_ci"]]) for k, v in measured.items()})
-    for attack in ("loss", "calibrated"):
-        row = measured[("overfit", attack)]
-        assert row["auc"] > 0.75 and row["auc_ci"][0] > 0.5, (attack, row["auc"], row["auc_ci"])
+    return measured
+
+
+# Thresholds fixed before measuring (AUC > 0.75 with the CI above 0.5). With an attention-only LoRA both attacks
+# failed them (150 full-batch steps on the random-init tiny UNet did not memorise: loss AUC 0.70 [0.51, 0.88]);
+# with the ResNet convs adapted too (conv_dim, LoCon) the loss attack passes: 0.93-0.94, CI from 0.84.
+def test_overfitted_lora_is_detected_by_the_loss_attack_and_base_is_at_chance(evaluated):
+    measured = measured_aucs(evaluated[1])
+    row = measured[("overfit", "loss")]
+    assert row["auc"] > 0.75 and row["auc_ci"][0] > 0.5, (row["auc"], row["auc_ci"])
     lo, hi = measured[("base", "loss")]["auc_ci"]
     assert lo <= 0.5 <= hi
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "measured, not tuned: on this random-init base with random-pixel images the LoRA also lowers every image's "
+    "loss, which the base-model calibration turns into noise; we measured calibrated AUC 0.70 [0.50, 0.88] and "
+    "0.78 [0.58, 0.91] in two runs (on the pre-trained demo base it is the strongest attack, AUC 0.97)"))
+def test_overfitted_lora_is_detected_by_the_calibrated_attack(evaluated):
+    row = measured_aucs(evaluated[1])[("overfit", "calibrated")]
+    assert row["auc"] > 0.75 and row["auc_ci"][0] > 0.5, (row["auc"], row["auc_ci"])
 
 
 # ---------------------------------------------------------------------------------------------- paired noise, cache
