@@ -8,7 +8,8 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
 3. A tiny SD-shaped base model pre-trained on the ``pretrain`` portion only (no member or non-member
    image is ever seen by the base), and a small digit classifier whose features give a proxy
    Fréchet distance (learned features, not Inception: labelled as a proxy).
-4. LoRA, MP-LoRA and SMP-LoRA from ``configs/tiny/*.toml`` with the same budget and seed.
+4. LoRA, MP-LoRA and SMP-LoRA from ``configs/tiny/*.toml`` with the same budget and seed (``jobs`` of them at
+   a time, in worker processes; each run is seeded, so the files do not depend on ``jobs``).
 5. ``evaluate_mia`` on the three LoRA files and the base model, with the quality proxy.
 6. A Table-1-style summary printed and written to ``<workdir>/report.md``.
 """
@@ -16,16 +17,19 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from library.data import ImageCaption, scan_dataset
-from library.splits import make_split, read_manifest, write_manifest
+from library.data import scan_dataset
+from library.splits import make_split, pretrain_records, read_manifest, write_manifest
 from library.train_config import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +50,7 @@ class DemoSettings:
     train_overrides: list[str] = field(default_factory=list)  # extra flags for every training run
     eval_overrides: list[str] = field(default_factory=list)
     retrain: bool = False  # retrain the LoRAs even when their files exist
+    jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))  # trainings run at once
 
 
 def _log(message: str) -> None:
@@ -77,18 +82,13 @@ def prepare_data(settings: DemoSettings) -> Path:
     return manifest
 
 
-def _pretrain_records(manifest_path: Path) -> list[ImageCaption]:
-    manifest = read_manifest(manifest_path)
-    return [ImageCaption(manifest.abs_path(e), e.caption) for e in manifest.pretrain]
-
-
 def prepare_base_model(settings: DemoSettings, manifest: Path) -> Path:
     """The tiny base model, pre-trained on the pretrain portion only (cached)."""
     from library.pretrain import pretrain_base_model
 
     base = settings.workdir / "base_model"
     if not (base / "model_index.json").is_file():
-        pretrain_base_model(_pretrain_records(manifest), base, seed=settings.seed, threads=settings.threads,
+        pretrain_base_model(pretrain_records(manifest), base, seed=settings.seed, threads=settings.threads,
                             log=_log, **settings.pretrain_kwargs)
     return base
 
@@ -99,28 +99,44 @@ def prepare_feature_net(settings: DemoSettings, manifest: Path) -> Path:
 
     path = settings.workdir / "digit_features.safetensors"
     if not path.is_file():
-        train_digit_feature_net_on_records(_pretrain_records(manifest), out_path=path, seed=settings.seed,
+        train_digit_feature_net_on_records(pretrain_records(manifest), out_path=path, seed=settings.seed,
                                            **settings.feature_net_kwargs)
     return path
 
 
-def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
-    """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
+def _train_one(method: str, args: list[str], threads: int) -> None:
+    """One training run; also the body of a worker process (which starts with torch's default threads)."""
     from library.config import parse_config
     from library.train_config import TrainConfig
     from library.trainer import train
 
-    paths = {}
+    torch.set_num_threads(threads)
+    train(parse_config(TrainConfig, args), method)
+
+
+def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
+    """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
+    paths, todo = {}, {}
     for method in METHODS:
         out = settings.workdir / method
-        lora_file = out / f"{method}.safetensors"
-        if settings.retrain or not lora_file.is_file():
-            args = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{method}.toml"),
-                    "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
-                    "--output_dir", str(out), "--output_name", method,
-                    "--latent_cache_dir", str(settings.workdir / "latent_cache"), *settings.train_overrides]
-            train(parse_config(TrainConfig, args), method)
-        paths[method] = lora_file
+        paths[method] = out / f"{method}.safetensors"
+        if settings.retrain or not paths[method].is_file():
+            todo[method] = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{method}.toml"),
+                            "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
+                            "--output_dir", str(out), "--output_name", method,
+                            "--latent_cache_dir", str(settings.workdir / "latent_cache"), *settings.train_overrides]
+    if settings.jobs <= 1 or len(todo) <= 1:
+        for method, args in todo.items():
+            _train_one(method, args, settings.threads)
+        return paths
+    # The slow adversarial runs first, so the plain run fills the gap; progress bars from several processes
+    # would interleave, so each run prints its plan and result lines only.
+    order = sorted(todo, key=lambda m: m == "lora")
+    _log(f"training {', '.join(order)}: {settings.jobs} at a time")
+    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_one, m, todo[m] + ["--no-progress_bar"], settings.threads) for m in order]
+        for future in futures:
+            future.result()  # re-raises a worker's error (a UserError stays one clear line)
     return paths
 
 

@@ -15,14 +15,19 @@ from library.cli import run_cli  # noqa: E402
 
 def _main(argv: Sequence[str] | None) -> None:
     from library.demo import DemoSettings, run_demo  # noqa: PLC0415
+    from library.errors import ConfigError  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest for the tiny model on a 2-core machine)")
     parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
+    parser.add_argument("--jobs", type=int, default=DemoSettings().jobs,
+                        help="trainings run at once, one process each (default: min(2, CPU cores))")
     args = parser.parse_args(argv)
-    run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain))
+    if args.jobs < 1 or args.threads < 1:
+        raise ConfigError("--jobs and --threads must be at least 1")
+    run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain, jobs=args.jobs))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
-from library.demo import DemoSettings, run_demo
+import torch
+from safetensors.torch import load_file
+
+from library.demo import DemoSettings, run_demo, train_methods
 
 
 def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
@@ -36,3 +41,13 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
     run_demo(settings)
     assert (settings.workdir / "base_model" / "model_index.json").stat().st_mtime_ns == stamp
     assert (settings.workdir / "lora" / "lora.safetensors").stat().st_mtime_ns == lora_stamp
+
+    # The trainings ran in parallel worker processes (jobs = 2 here); one at a time in this process gives the
+    # very same files: each run is seeded, nothing depends on the schedule.
+    assert settings.jobs == min(2, os.cpu_count() or 1)
+    serial = dataclasses.replace(settings, workdir=tmp_path / "serial", jobs=1)
+    files = train_methods(serial, settings.workdir / "base_model", settings.workdir / "data" / "split.json")
+    for method, path in files.items():
+        ours, theirs = load_file(path), load_file(settings.workdir / method / f"{method}.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), method
