@@ -19,11 +19,12 @@ def _main(argv: Sequence[str] | None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for the tiny model on a 2-core machine)")
+    parser.add_argument("--threads", type=int, default=DemoSettings().threads,
+                        help="torch threads for the phases that run alone (default: min(2, CPU cores)); parallel "
+                             "trainings share them")
     parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs,
-                        help="trainings run at once, one process each (default: min(2, CPU cores))")
+                        help="trainings run at once, one process each (default 3: all three methods)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError("--jobs and --threads must be at least 1")

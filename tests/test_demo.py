@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import torch
 from safetensors.torch import load_file
@@ -42,10 +41,10 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
     assert (settings.workdir / "base_model" / "model_index.json").stat().st_mtime_ns == stamp
     assert (settings.workdir / "lora" / "lora.safetensors").stat().st_mtime_ns == lora_stamp
 
-    # The trainings ran in parallel worker processes (jobs = 2 here); one at a time in this process gives the
-    # very same files: each run is seeded, nothing depends on the schedule.
-    assert settings.jobs == min(2, os.cpu_count() or 1)
-    serial = dataclasses.replace(settings, workdir=tmp_path / "serial", jobs=1)
+    # The trainings ran in parallel worker processes (3 at once, one thread each); one at a time in this
+    # process, also with one thread, gives the very same files: each run is seeded, the schedule changes nothing.
+    assert settings.jobs == 3 and torch.get_num_threads() == 1  # run_demo restored the tests' thread count
+    serial = dataclasses.replace(settings, workdir=tmp_path / "serial", jobs=1, threads=1)
     files = train_methods(serial, settings.workdir / "base_model", settings.workdir / "data" / "split.json")
     for method, path in files.items():
         ours, theirs = load_file(path), load_file(settings.workdir / method / f"{method}.safetensors")

@@ -46,6 +46,11 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(hold))
 
 
+def _fused_adam_ok(model: torch.nn.Module) -> bool:
+    """Fused Adam exists for float parameters on CPU and CUDA in the torch versions we support."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
+
+
 class PaperMLPAttack(Attack):
     name = "paper"
     description = "the paper's h': ProxyAttacker trained on D_aux, scored on D_te (p(member))"
@@ -117,7 +122,9 @@ class PaperMLPAttack(Attack):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self._new_model()
-            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            # Batch 1 for 100 epochs is thousands of tiny steps: the fused kernel halves their cost on CPU.
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                         fused=_fused_adam_ok(model))
             generator = torch.Generator().manual_seed(seed)
             members, nonmembers = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
             b = self.batch_size
