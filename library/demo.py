@@ -41,8 +41,9 @@ class DemoSettings:
     """Everything the demo varies; the defaults are the README's main command."""
 
     workdir: Path = Path("runs/demo")
-    # torch threads of the phases that run alone (pre-training, evaluation); the tiny model's ops gain from a
-    # second thread only when nothing else runs. Parallel trainings get threads // jobs each (at least 1).
+    # torch threads for pre-training the base model, the one phase measured to gain from a second thread (VAE
+    # 141 s -> 100 s on 2 cores). Evaluation lost from it (features 300 -> 200 queries/s; 354 s -> 423 s in all)
+    # and runs with one; parallel trainings get threads // jobs each (at least 1).
     threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
     seed: int = 0
     split_sizes: dict[str, int] = field(default_factory=lambda: {
@@ -130,7 +131,7 @@ def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[st
                             "--latent_cache_dir", str(settings.workdir / "latent_cache"), *settings.train_overrides]
     if settings.jobs <= 1 or len(todo) <= 1:
         for method, args in todo.items():
-            _train_one(method, args, settings.threads)
+            _train_one(method, args, 1)
         return paths
     threads = max(1, settings.threads // min(settings.jobs, len(todo)))
     # The slow adversarial runs first, so the plain run fills the gap; progress bars from several processes
@@ -212,7 +213,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         "'Reading the demo table'.",
         "",
         f"Wall time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}), "
-        f"{torch.get_num_threads()} torch thread(s).",
+        f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings at once, the rest on one.",
         "",
         *findings(report["results"]),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
@@ -237,6 +238,7 @@ def run_demo(settings: DemoSettings) -> Path:
     with torch_threads(settings.threads):  # restored afterwards (the tests run the demo in-process)
         manifest = _timed("data", lambda: prepare_data(settings), timings)
         base = _timed("base model", lambda: prepare_base_model(settings, manifest), timings)
+    with torch_threads(1):
         feature_net = _timed("digit feature net", lambda: prepare_feature_net(settings, manifest), timings)
         loras = _timed("training", lambda: train_methods(settings, base, manifest), timings)
         eval_dir = _timed("evaluation", lambda: evaluate_methods(settings, base, manifest, loras, feature_net),

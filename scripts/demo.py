@@ -20,8 +20,8 @@ def _main(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--threads", type=int, default=DemoSettings().threads,
-                        help="torch threads for the phases that run alone (default: min(2, CPU cores)); parallel "
-                             "trainings share them")
+                        help="torch threads for pre-training the base model (default: min(2, CPU cores)); "
+                             "parallel trainings share them, evaluation uses one")
     parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs,
                         help="trainings run at once, one process each (default 3: all three methods)")
