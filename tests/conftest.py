@@ -68,3 +68,9 @@ def tiny_train_args(tiny_model_dir, manifest_path, tmp_path):
         "--no-progress_bar",
         "--log_every_n_steps", "2",  # exercises the step-log path (and the hidden bar's postfix) in every run
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the longest module first (tests/test_mechanism.py: minutes, two training subprocesses), so that
+    with pytest-xdist the other worker runs the rest of the suite meanwhile instead of waiting at the end."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_mechanism.py") else 1)
