@@ -9,8 +9,8 @@ monitor measures the proxy's accuracy on D_aux (the proxy's own training images,
 (images it never saw). The table reports the mean over the last ``--last`` measurements with its binomial
 standard error, so a single lucky draw on a few images does not decide the answer.
 
-    python bench/mechanism.py                              # 8+8 members, 400 steps, lambda 0 vs 1 (~10 min, 2 cores)
-    python bench/mechanism.py --members 16 --steps 800 --lambdas 0.05 1
+    python bench/mechanism.py                  # tests/test_mechanism.py's setting: 8+8 members, LoCon, 200 steps
+    python bench/mechanism.py --members 16 --steps 800 --lambdas 0.05 1 --conv_dim 0
 
 Everything is built in a temp dir (digits, split, pre-trained base), nothing is downloaded. It reports
 what it measured; it is not a test (a run takes minutes, and the outcome is the finding).
@@ -64,14 +64,18 @@ def train(base: Path, manifest: Path, out: Path, privacy_lambda: float, args: ar
     from library.train_config import TrainConfig
     from library.trainer import train as run
 
+    batch, attacker_batch = min(8, 2 * args.members), min(8, args.members)
     argv = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
             "--resolution", "32", "--network_dim", str(args.rank), "--network_alpha", str(args.rank),
-            "--network_train_unet_only", "--train_batch_size", "8", "--learning_rate", str(args.lr),
+            "--network_train_unet_only", "--train_batch_size", str(batch), "--learning_rate", str(args.lr),
             "--max_train_steps", str(args.steps), "--seed", str(args.seed), "--save_precision", "float",
             "--output_dir", str(out), "--output_name", "run", "--no-progress_bar", "--log_every_n_steps", "1000",
-            "--privacy_lambda", str(privacy_lambda), "--attacker_batch_size", "8", "--k_steps", str(args.k_steps),
-            "--attacker_lr", str(args.attacker_lr), "--attacker_features", args.features,
-            "--attacker_timesteps", *map(str, args.timesteps), "--attacker_eval_every_n_epochs", str(args.eval_every)]
+            "--privacy_lambda", str(privacy_lambda), "--attacker_batch_size", str(attacker_batch),
+            "--k_steps", str(args.k_steps), "--attacker_lr", str(args.attacker_lr),
+            "--attacker_features", args.features, "--attacker_timesteps", *map(str, args.timesteps),
+            "--attacker_eval_every_n_epochs", str(args.eval_every)]
+    if args.conv_dim:
+        argv += ["--network_args", f"conv_dim={args.conv_dim}", f"conv_alpha={args.conv_dim}"]
     run(parse_config(TrainConfig, argv), "smp_lora")
     return json.loads((out / "run.json").read_text())
 
@@ -98,8 +102,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="digits written (the rest pre-trains the base)")
     parser.add_argument("--vae_steps", type=int, default=100)
     parser.add_argument("--unet_steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=400, help="LoRA steps per run (batch 8)")
+    parser.add_argument("--steps", type=int, default=200, help="LoRA steps per run (batch 8)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--conv_dim", type=int, default=16, help="LoCon rank of the ResNet convs (0: attention only)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0], help="SMP lambdas to compare with 0")
     parser.add_argument("--features", default="multi_t_loss", choices=["error_map", "loss", "multi_t_loss"])
@@ -123,7 +128,8 @@ def main() -> None:
                                   2 * args.members)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
           f"thread(s); {args.members}+{args.members} members (D_aux + D_te halves), as many non-members; "
-          f"{args.steps} LoRA steps at batch 8 (rank {args.rank}, lr {args.lr}); proxy on {args.features} "
+          f"{args.steps} LoRA steps (rank {args.rank}, conv_dim {args.conv_dim}, lr {args.lr}); "
+          f"proxy on {args.features} "
           f"{args.timesteps}, attacker lr {args.attacker_lr}, k {args.k_steps}; "
           f"{time.perf_counter() - started:.0f} s in all")
     print(f"proxy accuracy, mean of the last {args.last} measurements (every {args.eval_every} epochs) ± s.e.; "

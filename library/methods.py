@@ -114,9 +114,10 @@ class AdversarialLoRA:
         )
         seed = config.seed + 2
         self.member_sampler = EpochCyclingSampler(len(aux.member_captions), config.attacker_batch_size,
-                                                  seed, rank, world_size)
+                                                  seed, rank, world_size, what="D^m_aux (--attacker_batch_size)")
         self.nonmember_sampler = EpochCyclingSampler(len(aux.nonmember_captions), config.attacker_batch_size,
-                                                     seed + 1, rank, world_size)
+                                                     seed + 1, rank, world_size,
+                                                     what="D^nm_aux (--attacker_batch_size)")
 
     # ---- Algorithm 1, lines 4-6 --------------------------------------------------------------
     def attacker_phase(self, ctx: StepContext) -> dict[str, float]:

@@ -155,7 +155,8 @@ class Trainer:
         self.conditioner = TextConditioner(self.bundle, config, trains_text_encoder=train_te)
 
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, rank, world)
+        self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, rank, world,
+                                           what="D_tr, the members (--train_batch_size)")
         micro_batches_per_step = config.gradient_accumulation_steps
         if config.max_train_epochs is not None:
             self.total_steps = math.ceil(config.max_train_epochs * self.sampler.batches_per_epoch

@@ -92,6 +92,16 @@ def test_network_args_conv_dim_trains_a_locon_and_bad_entries_are_one_line(tiny_
         assert err.count("\n") == 1 and expected in err, err
 
 
+def test_batch_larger_than_a_set_is_one_line(tiny_train_args, capsys):
+    # The fixture's split has 12 images in D^m_aux and 24 members in D_tr.
+    assert train_entry("smp_lora", "", tiny_train_args + ["--attacker_batch_size", "13"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "D^m_aux" in err and "--attacker_batch_size" in err, err
+    assert train_entry("lora", "", tiny_train_args + ["--train_batch_size", "25"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "D_tr" in err and "--train_batch_size" in err, err
+
+
 def test_lora_file_for_another_model_is_refused(tiny_train_args, tmp_path, capsys):
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
