@@ -18,16 +18,13 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from library.data import scan_dataset
 from library.splits import make_split, pretrain_records, read_manifest, write_manifest
@@ -55,6 +52,8 @@ class DemoSettings:
     eval_overrides: list[str] = field(default_factory=list)
     retrain: bool = False  # retrain the LoRAs even when their files exist
     jobs: int = 3  # trainings run at once (the three methods: both cores stay busy to the end)
+    # models evaluated at once (evaluate_mia --jobs), one process and thread each: the four models in two rounds
+    eval_jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
 
 def _log(message: str) -> None:
@@ -108,18 +107,20 @@ def prepare_feature_net(settings: DemoSettings, manifest: Path) -> Path:
     return path
 
 
-def _train_one(method: str, args: list[str], threads: int) -> None:
-    """One training run; also the body of a worker process (which starts with torch's default threads)."""
+def train_one(job: tuple[str, list[str]]) -> None:
+    """One training run (``(method, flags)``); also the body of a worker process."""
     from library.config import parse_config
     from library.train_config import TrainConfig
     from library.trainer import train
 
-    torch.set_num_threads(threads)
+    method, args = job
     train(parse_config(TrainConfig, args), method)
 
 
 def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
     """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
+    from library.workers import WorkerPool
+
     paths, todo = {}, {}
     for method in METHODS:
         out = settings.workdir / method
@@ -129,19 +130,15 @@ def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[st
                             "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
                             "--output_dir", str(out), "--output_name", method,
                             "--latent_cache_dir", str(settings.workdir / "latent_cache"), *settings.train_overrides]
-    if settings.jobs <= 1 or len(todo) <= 1:
-        for method, args in todo.items():
-            _train_one(method, args, 1)
-        return paths
-    threads = max(1, settings.threads // min(settings.jobs, len(todo)))
+    jobs = min(settings.jobs, len(todo)) if todo else 1
+    threads = max(1, settings.threads // jobs)
     # The slow adversarial runs first, so the plain run fills the gap; progress bars from several processes
-    # would interleave, so each run prints its plan and result lines only.
+    # would interleave, so parallel runs print their plan and result lines only.
     order = sorted(todo, key=lambda m: m == "lora")
-    _log(f"training {', '.join(order)}: {settings.jobs} at a time, {threads} thread(s) each")
-    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_one, m, todo[m] + ["--no-progress_bar"], threads) for m in order]
-        for future in futures:
-            future.result()  # re-raises a worker's error (a UserError stays one clear line)
+    if jobs > 1:
+        _log(f"training {', '.join(order)}: {jobs} at a time, {threads} thread(s) each")
+    with WorkerPool(jobs, threads) as pool:
+        pool.map(train_one, [(m, todo[m] + (["--no-progress_bar"] if jobs > 1 else [])) for m in order])
     return paths
 
 
@@ -155,7 +152,8 @@ def evaluate_methods(settings: DemoSettings, base: Path, manifest: Path, loras: 
     out = settings.workdir / "eval"
     args = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
             "--network_weights", *[str(p) for p in loras.values()], "--resolution", "32",
-            "--output_dir", str(out), "--cache_dir", str(settings.workdir / "eval_cache")]
+            "--output_dir", str(out), "--cache_dir", str(settings.workdir / "eval_cache"),
+            "--jobs", str(settings.eval_jobs)]
     if feature_net is not None:
         args += ["--quality", "--quality_features", "digits", "--digit_feature_weights", str(feature_net)]
     evaluate(parse_config(EvalConfig, args + settings.eval_overrides))
@@ -213,7 +211,8 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         "'Reading the demo table'.",
         "",
         f"Wall time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}), "
-        f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings at once, the rest on one.",
+        f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings and {settings.eval_jobs} "
+        "evaluated models at once, one thread each.",
         "",
         *findings(report["results"]),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
@@ -244,3 +243,4 @@ def run_demo(settings: DemoSettings) -> Path:
         eval_dir = _timed("evaluation", lambda: evaluate_methods(settings, base, manifest, loras, feature_net),
                           timings)
         return summarise(settings, eval_dir, timings)
+

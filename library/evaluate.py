@@ -31,6 +31,7 @@ from library.attacks.paper_mlp import PaperMLPAttack
 from library.errors import ConfigError, DataError
 from library.eval_config import EvalConfig
 from library.mia_features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
+from library.workers import WorkerPool
 
 EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 FPR_TARGETS = (0.05, 0.01, 0.001)
@@ -218,29 +219,81 @@ def _feature_set(features: ModelFeatures, timesteps: tuple[int, ...]) -> Feature
     return FeatureSet(features.losses.double().numpy(), timesteps, paper)
 
 
+def load_bundle(config: EvalConfig, device: torch.device) -> Any:
+    """The base model on ``device`` in the evaluation dtype."""
+    from library.models import load_sd_model
+
+    assert config.pretrained_model_name_or_path is not None
+    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
+                           dtype=DTYPES[config.mixed_precision])
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        module.to(device)
+    return bundle
+
+
+_PROCESS_BUNDLE: dict[tuple, Any] = {}
+
+
+def process_bundle(config: EvalConfig, device: torch.device) -> Any:
+    """A worker process's base model, loaded once and reused by its later jobs (features, then samples)."""
+    key = (config.pretrained_model_name_or_path, config.tokenizer_path, config.mixed_precision, str(device))
+    if key not in _PROCESS_BUNDLE:
+        _PROCESS_BUNDLE.clear()
+        _PROCESS_BUNDLE[key] = load_bundle(config, device)
+    return _PROCESS_BUNDLE[key]
+
+
+@dataclass
+class FeatureJob:
+    """One model's feature computation: everything a worker process needs besides the base model."""
+
+    config: EvalConfig
+    spec: ModelSpec
+    settings: FeatureSettings
+    samples: list[Sample]
+    latents: torch.Tensor
+    base_fingerprint: str
+    manifest_sha: str
+    device: torch.device
+
+
+def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, float]:
+    """(features, seconds) of one model; ``bundle`` None = this process's own copy (a worker)."""
+    config = job.config
+    in_worker = bundle is None
+    engine = FeatureEngine(process_bundle(config, job.device) if in_worker else bundle, job.settings,
+                           device=job.device, dtype=DTYPES[config.mixed_precision], batch_size=config.batch_size,
+                           cache_dir=None if config.no_cache else _cache_root(config) / "features",
+                           base_fingerprint=job.base_fingerprint, manifest_sha256=job.manifest_sha,
+                           progress=config.progress_bar and not in_worker)  # bars of several processes interleave
+    t0 = time.perf_counter()
+    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256)
+    return features, time.perf_counter() - t0
+
+
+def _cache_root(config: EvalConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
+
+
 def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples, manifest_sha: str,
-                     device: torch.device, info: dict[str, Any]) -> dict[str, ModelFeatures]:
-    """Load the base model, encode latents once, then features of every model (cached)."""
+                     device: torch.device, info: dict[str, Any], pool: WorkerPool) -> dict[str, ModelFeatures]:
+    """Load the base model, encode latents once, then features of every model (cached; ``pool.jobs`` at once)."""
     from library.data import LatentCache
-    from library.models import fingerprint, load_sd_model, vae_fingerprint
+    from library.models import fingerprint, vae_fingerprint
+    from networks.lora import create_network_from_weights
 
     dtype = DTYPES[config.mixed_precision]
     t0 = time.perf_counter()
-    assert config.pretrained_model_name_or_path is not None
-    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path, dtype=dtype)
+    bundle = load_bundle(config, device)
     # Fail fast on a LoRA for another model, before any long feature computation.
-    from networks.lora import create_network_from_weights
-
     for spec in specs:
         if spec.lora_path is not None:
             create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
     base_fp = fingerprint(bundle)
     info["base_fingerprint"] = base_fp
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
-        module.to(device)
-    cache_root = Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
-                               None if config.no_cache else cache_root / "latents", batch_size=config.vae_batch_size)
+                               None if config.no_cache else _cache_root(config) / "latents",
+                               batch_size=config.vae_batch_size)
     latents = latent_cache.get_many([s.path for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
     settings = FeatureSettings(
@@ -250,47 +303,69 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
         multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
     )
-    engine = FeatureEngine(bundle, settings, device=device, dtype=dtype, batch_size=config.batch_size,
-                           cache_dir=None if config.no_cache else cache_root / "features", base_fingerprint=base_fp,
-                           manifest_sha256=manifest_sha, progress=config.progress_bar)
-    features: dict[str, ModelFeatures] = {}
-    for spec in specs:
-        t1 = time.perf_counter()
-        features[spec.name] = engine.compute(spec.name, samples.samples, latents, spec.lora_path, spec.lora_sha256)
-        info["timing_s"][f"features[{spec.name}]"] = time.perf_counter() - t1
+    jobs = [FeatureJob(config, spec, settings, samples.samples, latents, base_fp, manifest_sha, device)
+            for spec in specs]
+    if pool.parallel:
+        del bundle, latent_cache  # the workers load their own copies
+        results = pool.map(model_features, jobs)
+    else:
+        results = [model_features(job, bundle) for job in jobs]
+    features = {spec.name: f for spec, (f, _) in zip(specs, results)}
+    info["timing_s"].update({f"features[{spec.name}]": seconds for spec, (_, seconds) in zip(specs, results)})
     info["feature_settings"] = settings.as_dict()
     info["feature_cache"] = {name: {"key": f.cache_key, "hit": f.cache_hit} for name, f in features.items()}
     return features
 
 
+@dataclass
+class AttackJob:
+    """Every attack on one model: fit on D_aux, score every sample, metrics on D_te."""
+
+    config: EvalConfig
+    model: str
+    inputs: AttackInputs
+    samples: EvalSamples
+    device: torch.device
+
+
+def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], dict[str, Any]]:
+    """(score sets over all samples, one metrics row per attack variant, the attacks' settings) of one model."""
+    config, inputs = job.config, job.inputs
+    aux, test, labels = job.samples.aux_index, job.samples.test_index, job.samples.labels
+    score_sets: list[ScoreSet] = []
+    rows: list[dict[str, Any]] = []
+    settings: dict[str, Any] = {}
+    for attack in build_attacks(config, job.device):
+        attack.fit(inputs.subset(aux), labels[aux], oracle=(inputs.subset(test), labels[test]))
+        settings[attack.name] = attack.settings()
+        for score_set in attack.score(inputs):
+            score_sets.append(score_set)
+            test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],
+                                   "member_probs": None if score_set.member_probs is None
+                                   else score_set.member_probs[test]})
+            row = {"model": job.model, "attack": score_set.attack, "variant": score_set.variant,
+                   "label": score_set.label, "kind": score_set.kind, "headline": score_set.headline,
+                   "checkpoint": score_set.checkpoint}
+            row.update(score_metrics(labels[test], test_set, config.n_bootstrap, config.seed))
+            row["info"] = {k: v for k, v in score_set.info.items() if k != "curve_asr"}
+            if "curve_asr" in score_set.info:
+                row["info"]["selection_curve_asr"] = score_set.info["curve_asr"]
+            rows.append(row)
+    return score_sets, rows, settings
+
+
 def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples, features: dict[str, ModelFeatures],
-                device: torch.device) -> tuple[dict[str, list[ScoreSet]], list[dict[str, Any]], dict[str, Any]]:
-    """Fit every attack on D_aux and score every sample, for every model; metrics on D_te."""
+                device: torch.device, pool: WorkerPool,
+                ) -> tuple[dict[str, list[ScoreSet]], list[dict[str, Any]], dict[str, Any]]:
+    """Fit every attack on D_aux and score every sample, for every model (``pool.jobs`` at once); metrics on D_te."""
     timesteps = tuple(config.timesteps)
     base = _feature_set(features[BASE_NAME], timesteps)
-    aux, test, labels = samples.aux_index, samples.test_index, samples.labels
-    all_scores: dict[str, list[ScoreSet]] = {}
-    rows: list[dict[str, Any]] = []
-    attack_settings: dict[str, Any] = {}
-    for spec in specs:
-        inputs = AttackInputs(_feature_set(features[spec.name], timesteps), base)
-        all_scores[spec.name] = []
-        for attack in build_attacks(config, device):
-            attack.fit(inputs.subset(aux), labels[aux], oracle=(inputs.subset(test), labels[test]))
-            attack_settings[attack.name] = attack.settings()
-            for score_set in attack.score(inputs):
-                all_scores[spec.name].append(score_set)
-                test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],
-                                       "member_probs": None if score_set.member_probs is None
-                                       else score_set.member_probs[test]})
-                row = {"model": spec.name, "attack": score_set.attack, "variant": score_set.variant,
-                       "label": score_set.label, "kind": score_set.kind, "headline": score_set.headline,
-                       "checkpoint": score_set.checkpoint}
-                row.update(score_metrics(labels[test], test_set, config.n_bootstrap, config.seed))
-                row["info"] = {k: v for k, v in score_set.info.items() if k != "curve_asr"}
-                if "curve_asr" in score_set.info:
-                    row["info"]["selection_curve_asr"] = score_set.info["curve_asr"]
-                rows.append(row)
+    jobs = [AttackJob(config, spec.name, AttackInputs(_feature_set(features[spec.name], timesteps), base), samples,
+                      device) for spec in specs]
+    results = pool.map(attack_model, jobs)
+    all_scores = {spec.name: score_sets for spec, (score_sets, _, _) in zip(specs, results)}
+    rows = [row for _, model_rows, _ in results for row in model_rows]
+    attack_settings = {name: value for _, _, settings in results for name, value in settings.items()}
     return all_scores, rows, attack_settings
 
 
@@ -307,19 +382,20 @@ def evaluate(config: EvalConfig) -> EvalResult:
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device)}
-    features = compute_features(config, specs, samples, manifest_sha, device, info)
-    t0 = time.perf_counter()
-    scores, rows, attack_settings = run_attacks(config, specs, samples, features, device)
-    info["timing_s"]["attacks_and_metrics"] = time.perf_counter() - t0
-    info["attack_settings"] = attack_settings
-    # Utility (library.quality): held-out losses always (free: the attack features hold them); samples, grids
-    # and FD/KID with --quality.
-    info["utility"] = quality.heldout_losses(features, samples.splits)
-    if config.quality:
+    with WorkerPool(config.jobs) as pool:
+        features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()
-        info["quality"] = quality.run_quality(config, specs, manifest, device, DTYPES[config.mixed_precision],
-                                              extractors, Path(config.output_dir), info["utility"])
-        info["timing_s"]["quality"] = time.perf_counter() - t0
+        scores, rows, attack_settings = run_attacks(config, specs, samples, features, device, pool)
+        info["timing_s"]["attacks_and_metrics"] = time.perf_counter() - t0
+        info["attack_settings"] = attack_settings
+        # Utility (library.quality): held-out losses always (free: the attack features hold them); samples,
+        # grids and FD/KID with --quality.
+        info["utility"] = quality.heldout_losses(features, samples.splits)
+        if config.quality:
+            t0 = time.perf_counter()
+            info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
+                                                  Path(config.output_dir), info["utility"], pool)
+            info["timing_s"]["quality"] = time.perf_counter() - t0
     info["started"] = started
     result = EvalResult(config, specs, samples, features, scores, rows, info)
     report.write_report(result, Path(config.output_dir))

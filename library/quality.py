@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from library.eval_config import EvalConfig
     from library.evaluate import ModelSpec
     from library.mia_features import ModelFeatures
+    from library.workers import WorkerPool
 
 QUALITY_FEATURES = ("digits", "inception")
 QUALITY_REFERENCES = ("members", "nonmembers", "test")
@@ -446,24 +447,51 @@ def generate_samples(config: "EvalConfig", bundle: Any, spec: "ModelSpec", promp
                         seed=config.quality_seed)
 
 
+@dataclass
+class SampleJob:
+    """One model's quality images, generated in a worker process (with that process's base model)."""
+
+    config: "EvalConfig"
+    spec: "ModelSpec"
+    prompts: list[str]
+    device: torch.device
+
+
+def generate_samples_job(job: SampleJob) -> tuple[list[Any], float]:
+    """(images, seconds) of one model, in a worker process."""
+    from library.evaluate import DTYPES, process_bundle  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    bundle = process_bundle(job.config, job.device)
+    images = generate_samples(job.config, bundle, job.spec, job.prompts, job.device, DTYPES[job.config.mixed_precision])
+    return images, time.perf_counter() - t0
+
+
 def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: Any, device: torch.device,
-                dtype: torch.dtype, extractors: Sequence[FeatureExtractor], output_dir: Path,
-                utility: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                extractors: Sequence[FeatureExtractor], output_dir: Path, utility: dict[str, dict[str, Any]],
+                pool: "WorkerPool") -> dict[str, Any]:
     """Generate, tile and score every model's samples; adds metrics to ``utility[model]``, returns the settings.
 
-    Loads its own copy of the base model (the feature engine's has been released by then).
+    Generation runs ``pool.jobs`` models at once; in the serial case this process loads its own copy of the base
+    model (the feature engine's has been released by then).
     """
     from library.data import load_image  # noqa: PLC0415
-    from library.models import load_sd_model  # noqa: PLC0415
+    from library.evaluate import DTYPES, load_bundle  # noqa: PLC0415
     from library.sampling import save_grid  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    assert config.pretrained_model_name_or_path is not None
-    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path, dtype=dtype)
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
-        module.to(device)
     prompts = quality_prompts(manifest, config.quality_num_images)
     refs = reference_entries(manifest, config.quality_reference)
+    if pool.parallel:
+        generated = pool.map(generate_samples_job, [SampleJob(config, spec, prompts, device) for spec in specs])
+    else:
+        bundle = load_bundle(config, device)
+        generated = []
+        for spec in specs:
+            t1 = time.perf_counter()
+            images = generate_samples(config, bundle, spec, prompts, device, DTYPES[config.mixed_precision])
+            generated.append((images, time.perf_counter() - t1))
+        del bundle
     # Chunks of real images: a few hundred 512 px reference images would otherwise take gigabytes at once.
     parts: dict[str, list[dict[str, np.ndarray]]] = {ex.name: [] for ex in extractors}
     for start in range(0, len(refs) if extractors else 0, REAL_CHUNK):
@@ -478,9 +506,8 @@ def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: An
     output_dir.mkdir(parents=True, exist_ok=True)
     grids: dict[str, str] = {}
     timing: dict[str, float] = {}
-    for spec in specs:
+    for spec, (images, seconds) in zip(specs, generated):
         t1 = time.perf_counter()
-        images = generate_samples(config, bundle, spec, prompts, device, dtype)
         grid = save_grid(images[:GRID_MAX_IMAGES], output_dir / f"samples_{spec.name}.png")
         grids[spec.name] = grid.name
         fake_images = pil_to_tensor(images)
@@ -488,7 +515,7 @@ def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: An
         for ex in extractors:
             fake = extract_features(ex, fake_images, device)
             row.update(feature_metrics(ex, real[ex.name], fake, config.quality_kid_subsets, config.seed))
-        timing[spec.name] = time.perf_counter() - t1
+        timing[spec.name] = seconds + time.perf_counter() - t1
     return {
         "num_images": len(prompts),
         "prompts": "D_te captions (member_test then nonmember_test), cycled; image i uses seed quality_seed + i "

@@ -25,10 +25,13 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs,
                         help="trainings run at once, one process each (default 3: all three methods)")
+    parser.add_argument("--eval_jobs", type=int, default=DemoSettings().eval_jobs,
+                        help="models evaluated at once, one process each (default: min(2, CPU cores))")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.threads < 1:
-        raise ConfigError("--jobs and --threads must be at least 1")
-    run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain, jobs=args.jobs))
+    if min(args.jobs, args.threads, args.eval_jobs) < 1:
+        raise ConfigError("--jobs, --eval_jobs and --threads must be at least 1")
+    run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain, jobs=args.jobs,
+                          eval_jobs=args.eval_jobs))
 
 
 if __name__ == "__main__":

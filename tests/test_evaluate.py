@@ -213,6 +213,23 @@ def test_second_run_hits_the_feature_cache(world, evaluated):
     assert [r["auc"] for r in again["results"]] == [r["auc"] for r in report["results"]]
 
 
+def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path):
+    """--jobs 2: features, attacks and quality samples per model in worker processes, the same numbers."""
+    _, serial = evaluated
+    out = tmp_path / "parallel"
+    # --no_cache: the workers compute the features themselves instead of reading the serial run's cache.
+    rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"]), "--jobs", "2",
+                                     "--no_cache", "--quality", "--quality_num_images", "2", "--quality_steps", "2"))
+    assert rc == 0
+    parallel = json.loads((out / "report.json").read_text())
+    assert parallel["config"]["jobs"] == 2
+    assert not any(entry["hit"] for entry in parallel["features"]["cache"].values())
+    assert [(r["model"], r["label"]) for r in parallel["results"]] == [(r["model"], r["label"]) for r in serial["results"]]
+    for ours, theirs in zip(parallel["results"], serial["results"]):
+        assert ours["auc"] == pytest.approx(theirs["auc"], abs=1e-9), (ours["model"], ours["label"])
+    assert (out / "samples_overfit.png").is_file() and (out / "samples_base.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
