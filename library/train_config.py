@@ -14,7 +14,9 @@ from typing import Optional
 from library.config import option
 from library.errors import ConfigError
 
-METHODS = ("lora", "mp_lora", "smp_lora")
+METHODS = ("lora", "mp_lora", "smp_lora")  # the paper's three (the demo trains these)
+BASELINES = ("relaxloss", "dp_lora")  # issue 7's reviewer baselines (library.methods, library.dp)
+ALL_METHODS = METHODS + BASELINES
 
 
 @dataclasses.dataclass
@@ -87,6 +89,16 @@ class TrainConfig:
         "error_map", "what the proxy sees: the per-element squared error map (upstream), the per-sample "
         "loss, or the losses at --attacker_timesteps", choices=["error_map", "loss", "multi_t_loss"])
     attacker_timesteps: list[int] = option([50, 100, 200, 350], "timesteps for --attacker_features multi_t_loss")
+    attacker_noise: str = option(
+        "fresh", "the proxy's (t, eps): a fresh draw every time (paper), or fixed: one draw per (image, t), the same "
+        "every time (paired, low variance; see library.features)", choices=["fresh", "fixed"])
+    attacker_calibration: str = option(
+        "none", "base: the proxy sees loss(LoRA) - loss(frozen base) for the same (t, eps), the signal of the strongest "
+        "evaluation attack (needs attacker_noise fixed and a normalisation without log)", choices=["none", "base"])
+    attacker_restart: str = option(
+        "none", "every --attacker_restart_every_n_epochs: reinit = a freshly initialised proxy, warm = reset its Adam "
+        "state only", choices=["none", "reinit", "warm"])
+    attacker_restart_every_n_epochs: int = option(10, "epochs between proxy restarts (with --attacker_restart)")
     attacker_normalization: str = option(
         "log_standardize", "feature normalisation inside the proxy", choices=["none", "log", "standardize",
                                                                               "log_standardize"])
@@ -96,6 +108,13 @@ class TrainConfig:
                           "noise with a second UNet pass (upstream)", choices=["reuse", "independent"])
     g_member_weight: float = option(1.0, "weight of the member term of G on D_tr (0.5 = literal Eq. 5)")
     attacker_eval_every_n_epochs: int = option(1, "monitor the proxy's accuracy on D_aux / D_te every N epochs")
+
+    # --- baselines (train_relaxloss.py, train_dp_lora.py) ------------------------------------------
+    relaxloss_alpha: Optional[float] = option(
+        None, "RelaxLoss target: descend L_ada above it, ascend below (absolute; near the base model's held-out loss)")
+    dp_noise_multiplier: float = option(1.0, "DP-SGD: Gaussian noise std as a multiple of dp_clip_norm (sigma)")
+    dp_clip_norm: float = option(1.0, "DP-SGD: per-sample gradient L2 clip over all LoRA parameters (C)")
+    dp_delta: float = option(1e-5, "DP-SGD: the delta of the reported (epsilon, delta); keep it below 1/|D_tr|")
 
     # --- smoothness analysis (paper Fig. 1b) ---------------------------------------------------
     track_smoothness: bool = option(False, "log gradient norms and top Hessian eigenvalues (slow)")
@@ -136,7 +155,8 @@ class TrainConfig:
             raise ConfigError("give exactly one of 'split_manifest' or 'train_data_dir'")
         positive = ["resolution", "network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                     "vae_batch_size", "attacker_batch_size", "k_steps", "log_every_n_steps", "clip_skip",
-                    "hessian_every_n_steps", "attacker_eval_every_n_epochs", "sample_steps"]
+                    "hessian_every_n_steps", "attacker_eval_every_n_epochs", "sample_steps",
+                    "attacker_restart_every_n_epochs"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
@@ -152,6 +172,7 @@ class TrainConfig:
             raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")
         if any(not 0 <= t < 1000 for t in self.attacker_timesteps) or not self.attacker_timesteps:
             raise ConfigError("'attacker_timesteps' must be a non-empty list of integers in [0, 1000)")
+        self._validate_proxy_features()
         overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder"} & set(self.network_kwargs)
         if overlap:
             raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
@@ -165,3 +186,31 @@ class TrainConfig:
             raise ConfigError("'max_grad_norm' must be >= 0 (0 disables clipping)")
         if not 0 <= self.attacker_dropout < 1:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
+
+    def _validate_proxy_features(self) -> None:
+        from library.features import ProxyFeatures  # noqa: PLC0415 - lazy: keeps --help fast
+
+        ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,
+                      calibration=self.attacker_calibration)  # ConfigError for an impossible combination
+        if self.attacker_calibration == "base" and "log" in self.attacker_normalization:
+            raise ConfigError(f"'attacker_calibration = base' gives signed features (LoRA minus base), which "
+                              f"'attacker_normalization = {self.attacker_normalization}' would take the log of; "
+                              "use standardize (or none)")
+
+    def validate_for_method(self, method: str) -> None:
+        """Checks that depend on which training script runs (one ConfigError line each)."""
+        if method not in ALL_METHODS:
+            raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(ALL_METHODS)}")
+        if method == "relaxloss" and not (self.relaxloss_alpha is not None and self.relaxloss_alpha > 0):
+            raise ConfigError("RelaxLoss needs 'relaxloss_alpha' > 0 (the members' target loss; start near the base "
+                              "model's loss, the l_ada logged at the first steps)")
+        if method == "dp_lora":
+            if self.dp_noise_multiplier < 0 or self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
+                raise ConfigError("DP-SGD needs 'dp_noise_multiplier' >= 0, 'dp_clip_norm' > 0 and 0 < 'dp_delta' < 1")
+            refused = {"gradient_accumulation_steps": self.gradient_accumulation_steps > 1,
+                       "mixed_precision = fp16": self.mixed_precision == "fp16",
+                       "track_smoothness": self.track_smoothness, "grad_normalize": self.grad_normalize}
+            for flag, used in refused.items():
+                if used:
+                    raise ConfigError(f"DP-SGD does not support '{flag}' (per-sample gradients are taken from one "
+                                      "batch in fp32/bf16); drop it")

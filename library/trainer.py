@@ -11,6 +11,7 @@ dedicated ``torch.Generator`` whose state is saved, and dropout from torch's glo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -18,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -38,10 +39,15 @@ from library.sampling import build_pipeline, generate, read_prompt_file, save_gr
 from library.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 from library.text import encode_prompts
 from library.train_config import TrainConfig
-from library.training_data import TrainingData, attach_latents, load_training_records
+from library.training_data import LabelledSet, TrainingData, attach_latents, load_training_records
 from networks import lora
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _keys(labelled: LabelledSet) -> list[str]:
+    """Sample identities (image paths): they seed the proxy's fixed noise and key its base-model cache."""
+    return [str(path) for path in labelled.paths]
 
 
 @dataclass
@@ -105,6 +111,7 @@ class Trainer:
     """Set up once, then :meth:`run`. Entry scripts call :func:`train` instead of using this directly."""
 
     def __init__(self, config: TrainConfig, method_name: str):
+        config.validate_for_method(method_name)
         self.config = config
         self.method_name = method_name
         self.output_name = config.output_name or method_name
@@ -121,7 +128,7 @@ class Trainer:
 
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
-        self.data: TrainingData = load_training_records(config, needs_aux=method_name != "lora")
+        self.data: TrainingData = load_training_records(config, needs_aux=method_name in ("mp_lora", "smp_lora"))
         self.bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
         # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
         # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
@@ -180,9 +187,22 @@ class Trainer:
         aux = None
         if self.data.member_aux is not None and len(self.data.member_aux) and len(self.data.nonmember_aux):
             aux = AuxData(self.data.member_aux.latents, self.data.member_aux.captions,
-                          self.data.nonmember_aux.latents, self.data.nonmember_aux.captions)
+                          self.data.nonmember_aux.latents, self.data.nonmember_aux.captions,
+                          _keys(self.data.member_aux), _keys(self.data.nonmember_aux))
+        if self.method_name == "dp_lora" and self.accelerator.num_processes > 1:
+            raise ConfigError("DP-SGD runs in one process (its per-sample clipping and accountant are per process); "
+                              "launch train_dp_lora.py without --multi_gpu / --num_processes")
         self.method = build_method(self.method_name, self.config, aux, self.device,
-                                   self.accelerator.process_index, self.accelerator.num_processes)
+                                   self.accelerator.process_index, self.accelerator.num_processes,
+                                   network=self.network, params=self.trainable, num_members=len(self.data.members))
+        if isinstance(self.method, AdversarialLoRA):
+            # --attacker_calibration base: the frozen base model's term of every sample the proxy will see
+            # (D_tr, D_aux and the monitor's D_te), once. The LoRA is switched off, so this also holds when
+            # training continues from --network_weights or a resumed state.
+            ctx = self._context()
+            for labelled in self.data.sets():
+                if labelled.latents is not None and len(labelled):
+                    self.method.cache_base_features(ctx, labelled.latents, labelled.captions, _keys(labelled))
         if self.config.resume:
             self._load_state(self.config.resume)
 
@@ -200,7 +220,18 @@ class Trainer:
             noise_generator=self.noise_generator, reduce_gradients=self._reduce_gradients,
             all_reduce_mean=self._all_reduce_mean, autocast=self.autocast,
             min_timestep=self.config.min_timestep, max_timestep=self.config.max_timestep,
+            base_model=self._base_model,
         )
+
+    @contextlib.contextmanager
+    def _base_model(self) -> Iterator[None]:
+        """The frozen base model for the block: the LoRA's multiplier at 0, then back."""
+        multiplier = self.network.multiplier
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(multiplier)
 
     def _reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients across processes (the LoRA runs inside the UNet's forward, outside DDP)."""
@@ -230,7 +261,7 @@ class Trainer:
             conditioning = ctx.encode_text(captions)
             errors = denoising_errors(self.bundle.unet, self.bundle.noise_scheduler, latents, conditioning, draw)
         return ForwardResult(errors=errors, losses=per_sample_loss(errors), latents=latents,
-                             conditioning=conditioning)
+                             conditioning=conditioning, keys=[str(members.paths[i]) for i in indices])
 
     def _step(self) -> dict[str, float]:
         cfg = self.config
@@ -258,6 +289,7 @@ class Trainer:
             self.grad_scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             logs.update(loss_logs)
         self.grad_scaler.unscale_(self.optimizer)
+        logs.update(self.method.process_gradients(cfg.train_batch_size))  # DP-SGD: clip per sample, add noise
         self._reduce_gradients(self.trainable)
         logs["grad_norm"] = _flat_grad_norm(self.trainable)  # before clipping (paper Fig. 1b)
         if self.smoothness is not None:
@@ -321,6 +353,7 @@ class Trainer:
         record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **logs}
         if isinstance(self.method, AdversarialLoRA) and epoch % cfg.attacker_eval_every_n_epochs == 0:
             record.update(self._proxy_monitor())
+        record.update(self.method.end_of_epoch(epoch))
         self.epoch_logs.append(record)
         self.accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
                              step=self.global_step)
@@ -339,7 +372,8 @@ class Trainer:
                 continue
             latents = torch.cat([m.latents, nm.latents])
             labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
-            out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions, labels)
+            out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
+                                                                  _keys(m) + _keys(nm), labels)
         return out
 
     def _sample_images(self, name: str) -> None:

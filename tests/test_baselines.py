@@ -1,0 +1,137 @@
+"""Issue 7's baselines: DP-SGD (per-sample clipping, noise, accountant) and RelaxLoss, unit and end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.config import parse_config
+from library.diffusion import NoiseDraw, denoising_errors, draw_noise, per_sample_loss
+from library.dp import DPSGD
+from library.errors import ConfigError
+from library.methods import ForwardResult, RelaxLoss
+from library.train_config import TrainConfig
+from library.trainer import train
+
+
+@pytest.fixture(scope="module")
+def lora_world():
+    """The tiny UNet with a LoCon network (Linear and Conv2d LoRA layers) that already changes the UNet."""
+    from library.text import encode_prompts
+    from library.tiny import build_tiny_stack
+    from networks.lora import create_network
+
+    bundle = build_tiny_stack(0)
+    network = create_network(1.0, 4, 4.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True,
+                             conv_dim=4, conv_alpha=4)
+    network.apply_to(None, bundle.unet, apply_text_encoder=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lora_up.weight.normal_(std=0.1)
+    params = network.get_trainable_params()
+    for p in params:
+        p.requires_grad_(True)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a digit"] * 4)
+    draw = draw_noise(latents, torch.Generator().manual_seed(2), 0, 1000)
+    return bundle, network, params, latents, cond, draw
+
+
+def _loss(world, rows: slice) -> torch.Tensor:
+    bundle, _, _, latents, cond, draw = world
+    sub = NoiseDraw(draw.timesteps[rows], draw.noise[rows])
+    return per_sample_loss(denoising_errors(bundle.unet, bundle.noise_scheduler, latents[rows], cond[rows], sub)).mean()
+
+
+def _dp_gradient(world, clip: float, noise: float) -> tuple[list[torch.Tensor], DPSGD]:
+    _, network, params, *_ = world
+    dp = DPSGD(network, params, noise_multiplier=noise, clip_norm=clip, sample_rate=0.1, delta=1e-5, seed=0)
+    try:
+        for p in params:
+            p.grad = None
+        _loss(world, slice(0, 4)).backward()
+        dp.privatize(4)
+        return [p.grad.clone() for p in params], dp
+    finally:
+        dp.module._close()  # remove the hooks: the next test wraps the network again
+
+
+def test_dp_gradient_is_the_mean_of_per_sample_clipped_gradients(lora_world):
+    _, _, params, *_ = lora_world
+    per_sample = [torch.autograd.grad(_loss(lora_world, slice(i, i + 1)), params) for i in range(4)]
+    norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_sample])
+    clip = float(norms.median())  # half the samples are clipped
+    expected = [sum(min(1.0, clip / float(n)) * grads[j] for n, grads in zip(norms, per_sample)) / 4
+                for j in range(len(params))]
+    got, dp = _dp_gradient(lora_world, clip, 0.0)
+    flat_got, flat_expected = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in expected])
+    assert (flat_got - flat_expected).norm() < 1e-4 * flat_expected.norm()
+    # With a clip above every norm and no noise it is the ordinary mean gradient.
+    plain = torch.autograd.grad(_loss(lora_world, slice(0, 4)), params)
+    unclipped, _ = _dp_gradient(lora_world, float(norms.max()) * 10, 0.0)
+    flat_unclipped, flat_plain = torch.cat([g.flatten() for g in unclipped]), torch.cat([g.flatten() for g in plain])
+    assert (flat_unclipped - flat_plain).norm() < 1e-4 * flat_plain.norm()
+
+
+def test_dp_noise_has_std_sigma_c_over_batch_and_the_accountant_counts_steps(lora_world):
+    clean, _ = _dp_gradient(lora_world, 0.5, 0.0)
+    noisy, dp = _dp_gradient(lora_world, 0.5, 2.0)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(noisy, clean)])
+    assert diff.numel() > 5000
+    assert diff.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.05)
+    first = dp.epsilon()
+    dp.accountant.step(noise_multiplier=2.0, sample_rate=0.1)
+    assert 0 < first < dp.epsilon() < float("inf")
+
+
+def test_relaxloss_descends_above_the_target_and_ascends_below():
+    losses = torch.tensor([0.2, 0.4], requires_grad=True)
+    result = ForwardResult(errors=torch.zeros(2, 1), losses=losses, latents=torch.zeros(2), conditioning=torch.zeros(2))
+    loss, logs = RelaxLoss(alpha=0.1).lora_loss(None, result)
+    assert loss.item() == pytest.approx(0.3) and logs["relax_ascending"] == 0.0
+    loss, logs = RelaxLoss(alpha=0.5).lora_loss(None, result)
+    assert loss.item() == pytest.approx(-0.3) and logs["relax_ascending"] == 1.0
+
+
+def test_dp_lora_trains_reports_epsilon_and_resumes_exactly(tiny_train_args, tmp_path):
+    common = tiny_train_args + ["--dp_noise_multiplier", "1.0", "--dp_clip_norm", "0.1", "--train_batch_size", "6"]
+    full = train(parse_config(TrainConfig, common + ["--max_train_steps", "8", "--output_dir", str(tmp_path / "a")]),
+                 "dp_lora")
+    with safe_open(full.lora_path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["smp_lora.method"] == "dp_lora" and float(meta["smp_lora.dp_epsilon"]) > 0
+    epochs = json.loads(full.record_path.read_text())["epochs"]
+    eps = [e["dp_epsilon"] for e in epochs]
+    assert eps == sorted(eps) and eps[0] > 0 and "dp_clipped_fraction" in full.final_logs
+    train(parse_config(TrainConfig, common + ["--max_train_steps", "4", "--save_state",
+                                              "--output_dir", str(tmp_path / "b")]), "dp_lora")
+    resumed = train(parse_config(TrainConfig, common + ["--max_train_steps", "8", "--resume",
+                                                        str(tmp_path / "b" / "dp_lora-state"),
+                                                        "--output_dir", str(tmp_path / "c")]), "dp_lora")
+    a, b = load_file(full.lora_path), load_file(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(resumed.lora_path, "pt") as handle:
+        assert handle.metadata()["smp_lora.dp_epsilon"] == meta["smp_lora.dp_epsilon"]
+
+
+def test_relaxloss_trains_and_records_its_target(tiny_train_args):
+    result = train(parse_config(TrainConfig, tiny_train_args + ["--relaxloss_alpha", "0.05"]), "relaxloss")
+    with safe_open(result.lora_path, "pt") as handle:
+        assert handle.metadata()["smp_lora.relaxloss_alpha"] == "0.05"
+    assert "relax_ascending" in result.final_logs
+
+
+@pytest.mark.parametrize("method, extra, message", [
+    ("relaxloss", [], "needs 'relaxloss_alpha' > 0"),
+    ("dp_lora", ["--gradient_accumulation_steps", "2"], "does not support 'gradient_accumulation_steps'"),
+    ("dp_lora", ["--dp_clip_norm", "0"], "'dp_clip_norm' > 0"),
+])
+def test_bad_baseline_settings_are_one_line(tiny_train_args, method, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        train(parse_config(TrainConfig, tiny_train_args + extra), method)

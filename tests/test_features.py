@@ -1,0 +1,116 @@
+"""library.features: fixed (paired) proxy noise, base calibration, and the proxy options end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from library.config import parse_config
+from library.errors import ConfigError
+from library.features import BaseFeatureCache, ProxyFeatures, fixed_draw
+from library.train_config import TrainConfig
+from library.trainer import train
+
+
+def test_fixed_draw_depends_on_the_key_only():
+    alone = fixed_draw(["b.png"], [50, 200], (4, 8, 8), seed=3)
+    batch = fixed_draw(["a.png", "b.png"], [50, 200], (4, 8, 8), seed=3)
+    assert batch.timesteps.tolist() == [50, 200, 50, 200]
+    assert torch.equal(alone.noise, batch.noise[2:])  # b's noise does not depend on its batch
+    assert not torch.equal(batch.noise[0], batch.noise[2])  # another image, other noise
+    assert not torch.equal(batch.noise[0], batch.noise[1])  # another t, other noise
+    other_seed = fixed_draw(["b.png"], [50, 200], (4, 8, 8), seed=4)
+    assert not torch.equal(alone.noise, other_seed.noise)
+
+
+def test_fixed_one_t_kinds_draw_a_t_per_key_within_range():
+    draw = fixed_draw([f"{i}.png" for i in range(32)], None, (4, 8, 8), seed=0, min_timestep=100, max_timestep=300)
+    assert draw.timesteps.shape == (32,) and draw.timesteps.min() >= 100 and draw.timesteps.max() < 300
+    assert len(set(draw.timesteps.tolist())) > 1
+    again = fixed_draw(["5.png"], None, (4, 8, 8), seed=0, min_timestep=100, max_timestep=300)
+    assert again.timesteps.item() == draw.timesteps[5].item() and torch.equal(again.noise[0], draw.noise[5])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"calibration": "base"}, "needs 'attacker_noise = fixed'"),
+    ({"calibration": "base", "noise": "fixed", "kind": "error_map"}, "works on losses"),
+    ({"noise": "paired"}, "'attacker_noise' must be one of"),
+])
+def test_impossible_combinations_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ProxyFeatures(**kwargs)
+
+
+def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args):
+    with pytest.raises(ConfigError, match="use standardize"):
+        parse_config(TrainConfig, tiny_train_args + ["--attacker_features", "multi_t_loss", "--attacker_noise",
+                                                     "fixed", "--attacker_calibration", "base"])
+
+
+def test_multi_t_features_are_batch_independent_and_calibrate_to_zero_on_the_base(tiny_model_dir):
+    """With fixed noise a sample's features do not depend on its batch; calibrated against the base model,
+    the base model itself gives exactly zero and a LoRA gives something else."""
+    from library.models import load_sd_model
+    from library.text import encode_prompts
+    from networks.lora import create_network
+
+    bundle = load_sd_model(tiny_model_dir)
+    network = create_network(1.0, 4, 4.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True)
+    network.apply_to(None, bundle.unet, apply_text_encoder=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lora_up.weight.normal_(std=0.5)  # a LoRA that changes the UNet
+    features = ProxyFeatures(kind="multi_t_loss", timesteps=(10, 100, 400), noise="fixed", calibration="base")
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    keys = ["x.png", "y.png", "z.png"]
+    with torch.no_grad():
+        cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a digit"] * 3)
+
+    def raw(rows: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return features.raw(bundle.unet, bundle.noise_scheduler, latents[rows], cond[rows],
+                                [keys[i] for i in rows], None)
+
+    lora_values = raw([0, 1, 2])
+    assert lora_values.shape == (3, 3)
+    torch.testing.assert_close(raw([2]), lora_values[2:], rtol=1e-5, atol=1e-7)
+
+    def base_model():
+        class Off:
+            def __enter__(self):
+                network.set_multiplier(0.0)
+
+            def __exit__(self, *exc):
+                network.set_multiplier(1.0)
+        return Off()
+
+    cache = BaseFeatureCache()
+    cache.fill(keys, lambda chunk: raw([keys.index(k) for k in chunk]), base_model, batch_size=2)
+    assert len(cache) == 3 and network.multiplier == 1.0
+    with base_model():
+        assert torch.equal(raw([0, 1, 2]) - cache.lookup(keys), torch.zeros(3, 3))
+    assert (lora_values - cache.lookup(keys)).abs().min() > 0
+    with pytest.raises(KeyError, match="w.png"):
+        cache.lookup(["w.png"])
+
+
+def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_proxy(tiny_train_args):
+    args = tiny_train_args + [
+        "--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "multi_t_loss",
+        "--attacker_timesteps", "20", "100", "--attacker_noise", "fixed", "--attacker_calibration", "base",
+        "--attacker_normalization", "standardize", "--attacker_restart", "reinit",
+        "--attacker_restart_every_n_epochs", "1", "--max_train_steps", "6", "--train_batch_size", "12",
+    ]
+    result = train(parse_config(TrainConfig, args), "smp_lora")
+    assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
+    with safe_open(result.lora_path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["smp_lora.attacker_noise"] == "fixed" and meta["smp_lora.attacker_calibration"] == "base"
+    assert meta["smp_lora.attacker_restart"] == "reinit/1"
+    import json
+
+    epochs = json.loads(result.record_path.read_text())["epochs"]
+    assert [e["attacker_restarts"] for e in epochs] == list(range(1, len(epochs) + 1))
+    assert all("proxy_acc_test" in e for e in epochs)

@@ -1,0 +1,90 @@
+"""scripts/frontier.py's pipeline with a reduced sweep: every method's curve, evaluated, tabulated and plotted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from library.demo import DemoSettings
+from library.errors import ConfigError
+from library.frontier import FrontierSettings, read_sweep, run_frontier, target_check
+
+REDUCED_SWEEP = """
+[[run]]
+method = "lora"
+label = "early_stopping"
+save_every_n_epochs = 1
+
+[[run]]
+method = "smp_lora"
+label = "smp_calibrated"
+knob = "privacy_lambda"
+values = [1.0]
+flags = ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "20", "100", "--attacker_noise", "fixed",
+         "--attacker_calibration", "base", "--attacker_normalization", "standardize", "--attacker_batch_size", "4"]
+
+[[run]]
+method = "relaxloss"
+knob = "relaxloss_alpha"
+values = [0.08]
+
+[[run]]
+method = "dp_lora"
+knob = "dp_noise_multiplier"
+values = [1.0]
+flags = ["--dp_clip_norm", "0.05"]
+"""
+
+
+def test_reduced_sweep_end_to_end(tmp_path, capsys):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(REDUCED_SWEEP)
+    demo = DemoSettings(
+        workdir=tmp_path / "demo",
+        split_sizes={"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8},
+        pretrain_images=96,
+        pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
+        feature_net_kwargs={"epochs": 1},
+        train_overrides=["--max_train_epochs", "2"],
+        eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
+                        "--quality_steps", "2"],
+        jobs=2, eval_jobs=2,
+    )
+    path = run_frontier(FrontierSettings(demo=demo, sweep=sweep))
+    points = json.loads((path.parent / "frontier.json").read_text())["points"]
+    by_curve = {}
+    for p in points:
+        by_curve.setdefault(p["curve"], []).append(p)
+    assert set(by_curve) == {"base", "early_stopping", "smp_calibrated", "relaxloss", "dp_lora"}
+    assert sorted(p["value"] for p in by_curve["early_stopping"]) == [1, 2]  # checkpoint + final: early stopping
+    for p in points:
+        assert 0.0 <= p["worst_auc"] <= 1.0 and p["heldout_loss"] > 0 and p["proxy_fd_digits"] is not None
+        assert p["worst_attack"]
+    text = path.read_text()
+    assert "## Target (issue 7)" in text and "| dp_lora | dp_noise_multiplier | 1.000 |" in text
+    assert (path.parent / "frontier.png").stat().st_size > 0
+    assert "Privacy-utility frontier" in capsys.readouterr().out
+
+
+def test_target_check_reports_a_hit_and_a_miss():
+    plain = {"model": "p", "method": "lora", "value": 160, "heldout_loss": 0.10, "worst_auc": 0.9, "worst_attack": "x"}
+    good = {"model": "g", "method": "smp_lora", "value": 1.0, "heldout_loss": 0.105, "worst_auc": 0.55,
+            "worst_attack": "calibrated avg"}
+    costly = {**good, "model": "c", "heldout_loss": 0.2}
+    assert any("REACHED by `g`" in line for line in target_check([plain, good, costly]))
+    miss = target_check([plain, costly])
+    assert any("NOT reached" in line for line in miss) and not any("REACHED by" in line for line in miss)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[run]]\nmethod = 'lora'\nlamda = 1\n", "unknown key"),
+    ("[[run]]\nmethod = 'plain'\n", "'method' must be one of"),
+    ("[[run]]\nmethod = 'lora'\n[[run]]\nmethod = 'lora'\n", "both named 'lora'"),
+    ("title = 'x'\n", r"expected only \[\[run\]\] tables"),
+])
+def test_bad_sweep_files_are_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_sweep(path)
