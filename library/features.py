@@ -21,9 +21,10 @@ adversary would really use (``docs/mia-anchors.md``; issue 7), chosen by three f
   * ``none`` — the raw value.
   * ``base`` — the value under the LoRA minus the value under the frozen base model for the same (t, eps):
     the reference-calibrated signal of the strongest evaluation attack (it removes how hard each image is
-    for the base model). Needs fixed noise, so the base term is a constant per (sample, t): it is computed
-    once, before training, and cached. Calibrated features can be negative: use a normalisation without
-    ``log``.
+    for the base model). With fixed noise the base term is a constant per (sample, t): it is computed once,
+    before training, and cached (:class:`BaseFeatureCache`). With fresh noise it costs one more no-grad UNet
+    pass (the LoRA switched off) on the same draw each time. Calibrated features can be negative: use a
+    normalisation without ``log``.
 """
 
 from __future__ import annotations
@@ -109,9 +110,6 @@ class ProxyFeatures:
                                      ("attacker_calibration", self.calibration, CALIBRATIONS)):
             if value not in allowed:
                 raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}, got {value!r}")
-        if self.calibration == "base" and self.noise != "fixed":
-            raise ConfigError("'attacker_calibration = base' needs 'attacker_noise = fixed' (the base model's term "
-                              "is then a constant per sample, computed once)")
         if self.calibration == "base" and self.kind == "error_map":
             raise ConfigError("'attacker_calibration = base' works on losses: use attacker_features loss or "
                               "multi_t_loss")
@@ -122,7 +120,12 @@ class ProxyFeatures:
     @property
     def reuses_training_forward(self) -> bool:
         """Whether the G term may read the error map of L_ada's own forward (one random fresh t per sample)."""
-        return self.kind != "multi_t_loss" and self.noise == "fresh"
+        return self.kind != "multi_t_loss" and self.noise == "fresh" and self.calibration == "none"
+
+    @property
+    def caches_base(self) -> bool:
+        """Whether the base model's term is a per-sample constant, computed once (fixed noise)."""
+        return self.calibration == "base" and self.noise == "fixed"
 
     def draw(self, latents: torch.Tensor, keys: Sequence[str] | None, generator: torch.Generator | None) -> NoiseDraw:
         """The (t, eps) of a batch: B rows, or B*K for ``multi_t_loss``."""
@@ -137,9 +140,11 @@ class ProxyFeatures:
         return draw_noise(latents, generator, self.min_timestep, self.max_timestep)
 
     def raw(self, unet: torch.nn.Module, noise_scheduler, latents: torch.Tensor, conditioning: torch.Tensor,
-            keys: Sequence[str] | None, generator: torch.Generator | None) -> torch.Tensor:
-        """Uncalibrated features (B, F) from one batched UNet pass (differentiable if the caller allows)."""
-        draw = self.draw(latents, keys, generator)
+            keys: Sequence[str] | None, generator: torch.Generator | None, draw: NoiseDraw | None = None,
+            ) -> torch.Tensor:
+        """Uncalibrated features (B, F) from one batched UNet pass (differentiable if the caller allows), on
+        ``draw`` when given (the same (t, eps) for the LoRA and the base model), else on :meth:`draw`'s."""
+        draw = draw if draw is not None else self.draw(latents, keys, generator)
         errors = denoising_errors(unet, noise_scheduler, latents, conditioning, draw)
         return features_from_errors(errors, self.kind, latents.shape[0])
 

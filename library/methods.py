@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from library.diffusion import NoiseDraw
 from library.features import BaseFeatureCache, ProxyFeatures, features_from_errors
 from library.privacy import ProxyAttacker, attacker_loss, mi_gain_members, privacy_loss_terms
 from library.samplers import EpochCyclingSampler
@@ -229,8 +230,9 @@ class AdversarialLoRA(TrainingMethod):
 
     def cache_base_features(self, ctx: StepContext, latents: torch.Tensor, captions: list[str],
                             keys: list[str]) -> None:
-        """``--attacker_calibration base``: the base model's features of these samples, once, before training."""
-        if self.features.calibration != "base":
+        """``--attacker_calibration base`` with fixed noise: the base model's features of these samples, once,
+        before training."""
+        if not self.features.caches_base:
             return
         if ctx.base_model is None:
             raise ValueError("base-calibrated features need the step context's base_model switch")
@@ -273,23 +275,32 @@ class AdversarialLoRA(TrainingMethod):
         return logs
 
     def _raw_features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
-                      captions: list[str] | None = None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                      captions: list[str] | None = None, conditioning: torch.Tensor | None = None,
+                      draw: NoiseDraw | None = None) -> torch.Tensor:
         """Uncalibrated features of a batch, from one batched UNet pass under the run's autocast."""
         with ctx.autocast():
             if conditioning is None:
                 assert captions is not None
                 conditioning = ctx.encode_text(captions)
             return self.features.raw(ctx.unet, ctx.noise_scheduler, latents, conditioning, keys,
-                                     ctx.noise_generator).float()
+                                     ctx.noise_generator, draw).float()
 
     def _features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
                   captions: list[str] | None = None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
-        """What h_w sees: the raw features, minus the cached base-model term when calibrated."""
-        features = self._raw_features(ctx, latents, keys, captions, conditioning)
-        if self.features.calibration == "base":
+        """What h_w sees: the raw features, minus the base model's on the same (t, eps) when calibrated."""
+        if self.features.calibration == "none":
+            return self._raw_features(ctx, latents, keys, captions, conditioning)
+        if self.features.caches_base:
             assert keys is not None
-            features = features - self.base_features.lookup(keys, features.device)
-        return features
+            features = self._raw_features(ctx, latents, keys, captions, conditioning)
+            return features - self.base_features.lookup(keys, features.device)
+        # Fresh noise: one draw for both passes; the base pass is a constant for the LoRA's gradient.
+        assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
+        draw = self.features.draw(latents, keys, ctx.noise_generator)
+        features = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
+        with ctx.base_model(), torch.no_grad():
+            base = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
+        return features - base
 
     # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:

@@ -94,7 +94,8 @@ class TrainConfig:
         "every time (paired, low variance; see library.features)", choices=["fresh", "fixed"])
     attacker_calibration: str = option(
         "none", "base: the proxy sees loss(LoRA) - loss(frozen base) for the same (t, eps), the signal of the strongest "
-        "evaluation attack (needs attacker_noise fixed and a normalisation without log)", choices=["none", "base"])
+        "evaluation attack (cached once with fixed noise, one more no-grad pass with fresh noise; needs loss "
+        "features and a normalisation without log)", choices=["none", "base"])
     attacker_restart: str = option(
         "none", "every --attacker_restart_every_n_epochs: reinit = a freshly initialised proxy, warm = reset its Adam "
         "state only", choices=["none", "reinit", "warm"])

@@ -70,6 +70,28 @@ def tiny_train_args(tiny_model_dir, manifest_path, tmp_path):
     ]
 
 
+@pytest.fixture
+def small_demo_settings():
+    """Factory of the demo pipeline at test size: 8 images per membership set, seconds of pre-training, 2 epochs."""
+    return _small_demo_settings
+
+
+def _small_demo_settings(workdir, **overrides):
+    from library.demo import DemoSettings
+
+    return DemoSettings(
+        workdir=workdir,
+        split_sizes={"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8},
+        pretrain_images=96,
+        pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
+        feature_net_kwargs={"epochs": 1},
+        train_overrides=["--max_train_epochs", "2", "--no-progress_bar"],
+        eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
+                        "--quality_steps", "2", "--no-progress_bar"],
+        **overrides,
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     """Start the longest module first (tests/test_mechanism.py: minutes, two training subprocesses), so that
     with pytest-xdist the other worker runs the rest of the suite meanwhile instead of waiting at the end."""

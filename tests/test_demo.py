@@ -8,20 +8,11 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from library.demo import DemoSettings, run_demo, train_methods
+from library.demo import run_demo, train_methods
 
 
-def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
-    settings = DemoSettings(
-        workdir=tmp_path / "demo",
-        split_sizes={"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8},
-        pretrain_images=96,
-        pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
-        feature_net_kwargs={"epochs": 1},
-        train_overrides=["--max_train_epochs", "2", "--no-progress_bar"],
-        eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
-                        "--quality_steps", "2", "--no-progress_bar"],
-    )
+def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small_demo_settings):
+    settings = small_demo_settings(tmp_path / "demo")
     report_md = run_demo(settings)
     report = json.loads((settings.workdir / "eval" / "report.json").read_text())
     models = {row["model"] for row in report["results"]}

@@ -33,7 +33,6 @@ def test_fixed_one_t_kinds_draw_a_t_per_key_within_range():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"calibration": "base"}, "needs 'attacker_noise = fixed'"),
     ({"calibration": "base", "noise": "fixed", "kind": "error_map"}, "works on losses"),
     ({"noise": "paired"}, "'attacker_noise' must be one of"),
 ])
@@ -96,10 +95,11 @@ def test_multi_t_features_are_batch_independent_and_calibrate_to_zero_on_the_bas
         cache.lookup(["w.png"])
 
 
-def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_proxy(tiny_train_args):
+@pytest.mark.parametrize("noise", ["fixed", "fresh"])
+def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_proxy(tiny_train_args, noise):
     args = tiny_train_args + [
         "--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "multi_t_loss",
-        "--attacker_timesteps", "20", "100", "--attacker_noise", "fixed", "--attacker_calibration", "base",
+        "--attacker_timesteps", "20", "100", "--attacker_noise", noise, "--attacker_calibration", "base",
         "--attacker_normalization", "standardize", "--attacker_restart", "reinit",
         "--attacker_restart_every_n_epochs", "1", "--max_train_steps", "6", "--train_batch_size", "12",
     ]
@@ -107,7 +107,7 @@ def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_prox
     assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
     with safe_open(result.lora_path, "pt") as handle:
         meta = handle.metadata()
-    assert meta["smp_lora.attacker_noise"] == "fixed" and meta["smp_lora.attacker_calibration"] == "base"
+    assert meta["smp_lora.attacker_noise"] == noise and meta["smp_lora.attacker_calibration"] == "base"
     assert meta["smp_lora.attacker_restart"] == "reinit/1"
     import json
 

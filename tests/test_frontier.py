@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from library.demo import DemoSettings
 from library.errors import ConfigError
 from library.frontier import FrontierSettings, read_sweep, run_frontier, target_check
 
@@ -37,20 +36,10 @@ flags = ["--dp_clip_norm", "0.05"]
 """
 
 
-def test_reduced_sweep_end_to_end(tmp_path, capsys):
+def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(REDUCED_SWEEP)
-    demo = DemoSettings(
-        workdir=tmp_path / "demo",
-        split_sizes={"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8},
-        pretrain_images=96,
-        pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
-        feature_net_kwargs={"epochs": 1},
-        train_overrides=["--max_train_epochs", "2"],
-        eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
-                        "--quality_steps", "2"],
-        jobs=2, eval_jobs=2,
-    )
+    demo = small_demo_settings(tmp_path / "demo", jobs=2, eval_jobs=2)
     path = run_frontier(FrontierSettings(demo=demo, sweep=sweep))
     points = json.loads((path.parent / "frontier.json").read_text())["points"]
     by_curve = {}
