@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step-time overhead of MP-LoRA and SMP-LoRA against plain LoRA (and plain LoRA against a bare loop).
+"""Step-time overhead of MP-LoRA, SMP-LoRA and the baselines against plain LoRA (and plain LoRA against a bare loop).
 
 Builds the tiny SD-shaped stack and a small embedded-digits split in a temp dir, sets up one trainer per
 method with the same config, batch and seed, then times their training steps *interleaved* in one
@@ -36,7 +36,18 @@ offline_environment()
 
 import torch  # noqa: E402
 
-METHODS = ("lora", "mp_lora", "smp_lora")
+# name -> (training method, extra flags). smp_calibrated is the frontier's SMP-LoRA (configs/frontier/demo.toml):
+# base-calibrated losses at two fixed timesteps, fixed noise; the attacker batch stays --batch_size for every method.
+VARIANTS = {
+    "lora": ("lora", []),
+    "mp_lora": ("mp_lora", []),
+    "smp_lora": ("smp_lora", []),
+    "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "20", "100",
+                                    "--attacker_noise", "fixed", "--attacker_calibration", "base",
+                                    "--attacker_normalization", "standardize"]),
+    "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
+    "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
+}
 
 
 def make_fixture(root: Path) -> tuple[Path, Path]:
@@ -53,15 +64,16 @@ def make_fixture(root: Path) -> tuple[Path, Path]:
     return root / "model", root / "split.json"
 
 
-def make_trainer(method: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace, extra: list[str]):
+def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace):
     from library.config import parse_config
     from library.train_config import TrainConfig
     from library.trainer import Trainer
 
+    method, extra = VARIANTS[variant]
     argv = ["--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest), "--resolution", "32",
             "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only",
             "--train_batch_size", str(args.batch_size), "--attacker_batch_size", str(args.batch_size),
-            "--max_train_steps", "100000", "--output_dir", str(out / method), "--no-progress_bar",
+            "--max_train_steps", "100000", "--output_dir", str(out / variant), "--no-progress_bar",
             "--g_noise", args.g_noise, *extra]
     trainer = Trainer(parse_config(TrainConfig, argv), method)
     trainer.prepare()
@@ -110,7 +122,7 @@ def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: ar
 
 
 def child(args: argparse.Namespace) -> None:
-    trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args, [])
+    trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args)
     trainer._step()  # warm-up allocations common to every method are not the method's overhead
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
@@ -138,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, manifest = make_fixture(root)
-        trainers = {m: make_trainer(m, model, manifest, root / "out", args, []) for m in METHODS}
+        trainers = {v: make_trainer(v, model, manifest, root / "out", args) for v in VARIANTS}
         steps = {m: t._step for m, t in trainers.items()}
         steps["bare"] = bare_loop(trainers["lora"])
         for fn in steps.values():  # warm-up
@@ -148,19 +160,19 @@ def main() -> None:
             for name, fn in steps.items():
                 samples[name].append(time_steps(fn, args.steps))
         median = {name: statistics.median(v) for name, v in samples.items()}
-        memory = {} if args.no_memory else {m: peak_rss_child(m, model, manifest, root / "mem", args) for m in METHODS}
+        memory = {} if args.no_memory else {v: peak_rss_child(v, model, manifest, root / "mem", args) for v in VARIANTS}
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s); tiny SD stack, batch {args.batch_size}, 8x8 latents, rank 16, "
           f"g_noise={args.g_noise}; median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"{'method':<10}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
-    for name in ("bare", *METHODS):
+    print(f"{'method':<16}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
+    for name in ("bare", *VARIANTS):
         mem = f"{memory[name]:.1f}" if name in memory else "-"
-        print(f"{name:<10}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"
+        print(f"{name:<16}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"
               f"{median[name] / median['lora']:>10.2f}{mem:>22}")
-    print(f"plain LoRA / bare loop: {median['lora'] / median['bare']:.2f}x; "
-          f"SMP / plain: {median['smp_lora'] / median['lora']:.2f}x; MP / plain: {median['mp_lora'] / median['lora']:.2f}x")
+    print(f"plain LoRA / bare loop: {median['lora'] / median['bare']:.2f}x; " + "; ".join(
+        f"{name} / plain: {median[name] / median['lora']:.2f}x" for name in VARIANTS if name != "lora"))
 
 
 if __name__ == "__main__":
