@@ -162,6 +162,7 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             continue
         worst = max(rows, key=lambda r: r["auc"])
         tprs = [r["tpr_at_fpr"].get("0.01") for r in rows if r["tpr_at_fpr"].get("0.01") is not None]
+        tprs5 = [r["tpr_at_fpr"].get("0.05") for r in rows if r["tpr_at_fpr"].get("0.05") is not None]
         run, value = files.get(stem, (None, None)) if stem else (None, None)
         utility = report.get("utility", {}).get(model, {})
         points.append({
@@ -169,29 +170,43 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             "knob": run.knob if run else None, "value": value,
             "worst_auc": worst["auc"], "worst_auc_ci": worst.get("auc_ci"), "worst_attack": worst["label"],
             "worst_tpr_at_1pct_fpr": max(tprs) if tprs else None,
+            "worst_tpr_at_5pct_fpr": max(tprs5) if tprs5 else None,
             "heldout_loss": utility.get("loss_nonmember_test"), "member_loss": utility.get("loss_member_test"),
             "proxy_fd_digits": utility.get("proxy_fd_digits"),
         })
     return points
 
 
+UTILITY_MEASURES = {"heldout_loss": "held-out loss", "proxy_fd_digits": "proxy FD (digits)"}
+
+
 def target_check(points: list[dict]) -> list[str]:
-    """Issue 7's target, computed: which points reach AUC <= 0.60 at held-out loss within 10 % of plain LoRA."""
+    """Issue 7's target, computed for each utility measure: which runs reach worst-case AUC <= 0.60 with that
+    measure within 10 % of plain LoRA's (the last plain-LoRA point). When the base model itself (no adaptation)
+    is within the budget, the measure does not tell adapted from unadapted models, and the line says so."""
     plain = [p for p in points if p["method"] == "lora"]
     if not plain:
-        return ["- no plain-LoRA point: the utility budget (plain LoRA's held-out loss + 10 %) is undefined"]
+        return ["- no plain-LoRA point: the utility budget (plain LoRA + 10 %) is undefined"]
     reference = max(plain, key=lambda p: p["value"] if isinstance(p["value"], (int, float)) else -1)
-    budget = reference["heldout_loss"] * TARGET_LOSS_RATIO
-    lines = [f"- utility budget: held-out loss <= {budget:.4f} (plain LoRA `{reference['model']}`: "
-             f"{reference['heldout_loss']:.4f}, + 10 %)"]
-    hits = [p for p in points if p["method"] != "base" and p["worst_auc"] <= TARGET_AUC and p["heldout_loss"] <= budget]
-    if hits:
-        lines += [f"- REACHED by `{p['model']}`: worst-case AUC {p['worst_auc']:.3f}, held-out loss "
-                  f"{p['heldout_loss']:.4f}" for p in hits]
-    else:
-        within = [p for p in points if p["method"] != "base" and p["heldout_loss"] <= budget]
+    base = next((p for p in points if p["method"] == "base"), None)
+    lines = []
+    for key, name in UTILITY_MEASURES.items():
+        if reference.get(key) is None:
+            continue
+        budget = reference[key] * TARGET_LOSS_RATIO
+        lines.append(f"- **{name}** budget <= {budget:.4g} (plain LoRA `{reference['model']}`: {reference[key]:.4g}, + 10 %)")
+        if base is not None and base.get(key) is not None and base[key] <= budget:
+            lines.append(f"  - caveat: the base model, with no adaptation at all, is within it ({base[key]:.4g}): "
+                         f"{name} does not measure what the LoRA learnt here, so a hit on it alone means little")
+        runs = [p for p in points if p["method"] != "base" and p.get(key) is not None]
+        hits = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p[key] <= budget]
+        if hits:
+            lines += [f"  - REACHED by `{p['model']}`: worst-case AUC {p['worst_auc']:.3f}, {name} {p[key]:.4g}"
+                      for p in hits]
+            continue
+        within = [p for p in runs if p[key] <= budget]
         best = min(within, key=lambda p: p["worst_auc"]) if within else None
-        lines.append("- NOT reached: no run has worst-case AUC <= 0.60 within the utility budget." + (
+        lines.append("  - NOT reached: no run has worst-case AUC <= 0.60 within this budget." + (
             f" Closest within budget: `{best['model']}` at AUC {best['worst_auc']:.3f} ({best['worst_attack']})."
             if best else ""))
     return lines
@@ -213,9 +228,9 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         "",
         f"Every LoRA of `{settings.sweep.name}` attacked by the full `evaluate_mia` suite (D_te: "
         f"{n_te.get('member_test')} members vs {n_te.get('nonmember_test')} non-members). Worst case = the "
-        "headline attack with the highest AUC. Utility: held-out denoising loss on D^nm_te (lower is better) and the "
-        "digit-feature Fréchet distance (a PROXY, lower is better). TPR@1%FPR is n/a when the test set has fewer "
-        "than 100 non-members. The maximum over several attack variants is biased upward on a small test set: the "
+        "headline attack with the highest AUC; TPR columns: the highest over the attacks (n/a at 1 % with fewer "
+        "than 100 non-members). Utility: held-out denoising loss on D^nm_te and the digit-feature Fréchet "
+        "distance of 64 generated images to the members (a PROXY, not FID); lower is better for both. The maximum over several attack variants is biased upward on a small test set: the "
         "`base` row (no LoRA, no membership signal) shows that floor. Plot: [frontier.png](frontier.png); every "
         "number: `frontier.json`, `eval/report.json`.",
         "",
@@ -223,14 +238,15 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         "",
         *target_check(points),
         "",
-        "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@1%FPR | held-out loss | member loss | "
-        "proxy FD (digits) |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|",
+        "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@5%FPR | TPR@1%FPR | held-out loss | "
+        "member loss | proxy FD (digits) |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         ci = p["worst_auc_ci"] or [None, None]
         lines.append(f"| {p['curve']} | {p['knob'] or ''} | {_fmt(p['value'])} | {p['worst_auc']:.3f} "
-                     f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt(p['worst_tpr_at_1pct_fpr'])} | "
+                     f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt(p['worst_tpr_at_5pct_fpr'])} | "
+                     f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | "
                      f"{_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} |")
     path = out / "frontier.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -56,14 +56,20 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
     assert "Privacy-utility frontier" in capsys.readouterr().out
 
 
-def test_target_check_reports_a_hit_and_a_miss():
-    plain = {"model": "p", "method": "lora", "value": 160, "heldout_loss": 0.10, "worst_auc": 0.9, "worst_attack": "x"}
-    good = {"model": "g", "method": "smp_lora", "value": 1.0, "heldout_loss": 0.105, "worst_auc": 0.55,
-            "worst_attack": "calibrated avg"}
-    costly = {**good, "model": "c", "heldout_loss": 0.2}
-    assert any("REACHED by `g`" in line for line in target_check([plain, good, costly]))
+def test_target_check_reports_hits_misses_and_a_vacuous_budget():
+    plain = {"model": "p", "method": "lora", "value": 160, "heldout_loss": 0.10, "proxy_fd_digits": 20.0,
+             "worst_auc": 0.9, "worst_attack": "x"}
+    good = {"model": "g", "method": "smp_lora", "value": 1.0, "heldout_loss": 0.105, "proxy_fd_digits": 21.0,
+            "worst_auc": 0.55, "worst_attack": "calibrated avg"}
+    costly = {**good, "model": "c", "heldout_loss": 0.2, "proxy_fd_digits": 40.0}
+    lines = target_check([plain, good, costly])
+    assert sum("REACHED by `g`" in line for line in lines) == 2  # both utility measures
     miss = target_check([plain, costly])
-    assert any("NOT reached" in line for line in miss) and not any("REACHED by" in line for line in miss)
+    assert sum("NOT reached" in line for line in miss) == 2 and not any("REACHED by" in line for line in miss)
+    base = {"model": "base", "method": "base", "value": None, "heldout_loss": 0.101, "proxy_fd_digits": 30.0,
+            "worst_auc": 0.5, "worst_attack": "x"}
+    caveats = [line for line in target_check([base, plain, good]) if "caveat" in line]
+    assert len(caveats) == 1 and "held-out loss" in caveats[0]  # the base is within the loss budget, not the FD one
 
 
 @pytest.mark.parametrize("text, message", [
