@@ -37,13 +37,13 @@ offline_environment()
 import torch  # noqa: E402
 
 # name -> (training method, extra flags). smp_calibrated is the frontier's SMP-LoRA (configs/frontier/demo.toml):
-# base-calibrated losses at two fixed timesteps, fixed noise; the attacker batch stays --batch_size for every method.
+# base-calibrated losses at five timesteps, fresh noise; the attacker batch stays --batch_size for every method.
 VARIANTS = {
     "lora": ("lora", []),
     "mp_lora": ("mp_lora", []),
     "smp_lora": ("smp_lora", []),
-    "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "20", "100",
-                                    "--attacker_noise", "fixed", "--attacker_calibration", "base",
+    "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "25", "100", "200",
+                                    "300", "400", "--attacker_noise", "fresh", "--attacker_calibration", "base",
                                     "--attacker_normalization", "standardize"]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),

@@ -83,3 +83,19 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_sweep(path)
+
+
+def test_shipped_sweep_parses_into_valid_training_configs(tmp_path):
+    """configs/frontier/demo.toml: every run's flags are real training flags for its method (no training)."""
+    from library.config import parse_config
+    from library.frontier import _train_args
+    from library.train_config import TrainConfig
+
+    settings = FrontierSettings()
+    runs = read_sweep(settings.sweep)
+    assert {r.label for r in runs} >= {"early_stopping", "smp_calibrated", "relaxloss", "dp_sgd"}
+    for run in runs:
+        config = parse_config(TrainConfig, _train_args(settings, run, tmp_path / "base", tmp_path / "split.json"))
+        config.validate_for_method(run.method)
+        if run.label == "smp_calibrated":  # fresh noise: a fixed-draw proxy is fooled on its draws (README)
+            assert config.attacker_noise == "fresh" and config.attacker_calibration == "base"
