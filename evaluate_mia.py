@@ -16,8 +16,8 @@ from library.cli import run_cli
 
 def _main(argv: Sequence[str] | None) -> None:
     from library.config import parse_config  # noqa: PLC0415 - fast --help and clean error paths
-    from library.eval_config import EvalConfig  # noqa: PLC0415
-    from library.evaluate import evaluate  # noqa: PLC0415
+    from library.eval.config import EvalConfig  # noqa: PLC0415
+    from library.eval.run import evaluate  # noqa: PLC0415
 
     config = parse_config(EvalConfig, argv, __doc__.splitlines()[0])
     result = evaluate(config)

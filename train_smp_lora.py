@@ -7,7 +7,7 @@ Every flag can also be a key of the TOML file; run with --help for the list.
 
 import sys
 
-from library.cli import train_entry
+from library.train.cli import train_entry
 
 if __name__ == "__main__":
     sys.exit(train_entry("smp_lora", __doc__.splitlines()[0]))

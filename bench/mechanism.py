@@ -24,26 +24,24 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cli import offline_environment  # noqa: E402
+from library.cli import offline_environment
 
 offline_environment()
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after offline_environment()
 
 
 def make_world(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Digits, a split with ``--members`` images in each of the four membership lists, a pre-trained base."""
-    from library import pretrain
-    from library.data import scan_dataset
-    from library.embedded_data import write_digits_dataset
-    from library.splits import make_split, pretrain_records, write_manifest
+    from library.demo import pretrain
+    from library.data.dataset import scan_dataset
+    from library.demo.digits import write_digits_dataset
+    from library.data.splits import make_split, pretrain_records, write_manifest
 
     write_digits_dataset(root / "images", resolution=32, limit=args.images)
     n = args.members
@@ -61,8 +59,8 @@ def make_world(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 def train(base: Path, manifest: Path, out: Path, privacy_lambda: float, args: argparse.Namespace) -> dict:
     """One SMP-LoRA run; returns its run record (``<name>.json``)."""
     from library.config import parse_config
-    from library.train_config import TrainConfig
-    from library.trainer import train as run
+    from library.train.config import TrainConfig
+    from library.train.trainer import train as run
 
     batch, attacker_batch = min(8, 2 * args.members), min(8, args.members)
     argv = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),

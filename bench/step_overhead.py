@@ -28,13 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cli import offline_environment  # noqa: E402
+from library.cli import offline_environment
 
 offline_environment()
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after offline_environment()
 
 # name -> (training method, extra flags). smp_calibrated is the frontier's SMP-LoRA (configs/frontier/demo.toml):
 # base-calibrated losses at five timesteps, fresh noise; the attacker batch stays --batch_size for every method.
@@ -51,10 +50,10 @@ VARIANTS = {
 
 
 def make_fixture(root: Path) -> tuple[Path, Path]:
-    from library.data import scan_dataset
-    from library.embedded_data import write_digits_dataset
-    from library.splits import make_split, write_manifest
-    from library.tiny import save_tiny_model
+    from library.data.dataset import scan_dataset
+    from library.demo.digits import write_digits_dataset
+    from library.data.splits import make_split, write_manifest
+    from library.demo.tiny import save_tiny_model
 
     save_tiny_model(root / "model")
     write_digits_dataset(root / "images", resolution=32, limit=200)
@@ -66,8 +65,8 @@ def make_fixture(root: Path) -> tuple[Path, Path]:
 
 def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace):
     from library.config import parse_config
-    from library.train_config import TrainConfig
-    from library.trainer import Trainer
+    from library.train.config import TrainConfig
+    from library.train.trainer import Trainer
 
     method, extra = VARIANTS[variant]
     argv = ["--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest), "--resolution", "32",
@@ -82,7 +81,7 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: arg
 
 def bare_loop(trainer):
     """The floor: one UNet pass on cached latents and conditioning, MSE, backward, AdamW step."""
-    from library.diffusion import draw_noise
+    from library.sd.diffusion import draw_noise
 
     members = trainer.data.members
     conditioning = trainer.conditioner(members.captions[: trainer.config.train_batch_size])

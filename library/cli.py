@@ -32,17 +32,3 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print("interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
-
-
-def train_entry(method: str, description: str, argv: Sequence[str] | None = None) -> int:
-    """The whole body of ``train_lora.py`` / ``train_mp_lora.py`` / ``train_smp_lora.py``."""
-
-    def main(args: Sequence[str] | None) -> None:
-        from library.config import parse_config  # noqa: PLC0415 - fast --help and clean error paths
-        from library.train_config import TrainConfig  # noqa: PLC0415
-        from library.trainer import train  # noqa: PLC0415
-
-        config = parse_config(TrainConfig, args, description)
-        train(config, method)
-
-    return run_cli(main, argv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""LoRA vs MP-LoRA vs SMP-LoRA on packaged digits, attacked with the evaluate_mia suite (see library/demo.py)."""
+"""LoRA vs MP-LoRA vs SMP-LoRA on packaged digits, attacked with the evaluate_mia suite (see library/demo/run.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cli import run_cli  # noqa: E402
+from library.cli import run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from library.demo import DemoSettings, run_demo  # noqa: PLC0415
+    from library.demo.run import DemoSettings, run_demo  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__)

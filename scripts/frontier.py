@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The privacy-utility frontier on the demo data: sweep each method's knob, attack every run (see library/frontier.py).
+"""The privacy-utility frontier on the demo data: sweep each method's knob, attack every run (see library/demo/frontier.py).
 
     bash scripts/setup.sh && .venv/bin/python scripts/frontier.py               # configs/frontier/demo.toml
     .venv/bin/python scripts/frontier.py --only smp_calibrated dp_sgd          # some curves of the sweep
@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.cli import run_cli  # noqa: E402
+from library.cli import run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from library.demo import DemoSettings  # noqa: PLC0415
+    from library.demo.run import DemoSettings  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
-    from library.frontier import FrontierSettings, run_frontier  # noqa: PLC0415
+    from library.demo.frontier import FrontierSettings, run_frontier  # noqa: PLC0415
 
     defaults = FrontierSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from library.embedded_data import SOURCES, write_digits_dataset  # noqa: E402
-from library.errors import UserError  # noqa: E402
+from library.demo.digits import SOURCES, write_digits_dataset
+from library.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

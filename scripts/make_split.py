@@ -15,11 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from library.data import scan_dataset  # noqa: E402
-from library.errors import UserError  # noqa: E402
-from library.splits import CORE_SPLITS, PRESETS, make_split, manifest_sha256, write_manifest  # noqa: E402
+from library.data.dataset import scan_dataset
+from library.errors import UserError
+from library.data.splits import CORE_SPLITS, PRESETS, make_split, manifest_sha256, write_manifest
 
 
 def _pretrain(value: str) -> int | str:

@@ -2,8 +2,8 @@
 
     python scripts/make_tiny_model.py --output_dir runs/tiny-sd [--single_file runs/tiny-sd.safetensors] [--seed 0]
 
-Both outputs load with ``library.models.load_sd_model`` (and the folder with diffusers'
-``StableDiffusionPipeline.from_pretrained``); see ``library/tiny.py`` for the architecture.
+Both outputs load with ``library.sd.models.load_sd_model`` (and the folder with diffusers'
+``StableDiffusionPipeline.from_pretrained``); see ``library/demo/tiny.py`` for the architecture.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 # Runs from a checkout without installation: make ``library`` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.errors import UserError  # noqa: E402
+from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from library.models import fingerprint
-    from library.tiny import save_tiny_model
+    from library.sd.models import fingerprint
+    from library.demo.tiny import save_tiny_model
 
     try:
         bundle = save_tiny_model(

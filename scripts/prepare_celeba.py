@@ -4,18 +4,16 @@
     python scripts/prepare_celeba.py --celeba_dir ~/datasets/celeba --captions celeba_blip.csv --subset small
     (subsets: small, large, gender, varying, large_5x; output data/celeba_<subset>/)
 
-Run with --help for the expected input files. See library/prepare/celeba.py for the details.
+Run with --help for the expected input files. See library/data/prepare/celeba.py for the details.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from library.cli import run_cli  # noqa: E402
-from library.prepare.celeba import main  # noqa: E402
+from library.cli import run_cli
+from library.data.prepare.celeba import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -4,18 +4,16 @@
     python scripts/prepare_coco.py --images_dir ~/datasets/coco/train2017 \
         --annotations ~/datasets/coco/annotations/captions_train2017.json             # -> data/coco_large_5x/
 
-Run with --help for the expected input files. See library/prepare/coco.py for the details.
+Run with --help for the expected input files. See library/data/prepare/coco.py for the details.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from library.cli import run_cli  # noqa: E402
-from library.prepare.coco import main  # noqa: E402
+from library.cli import run_cli
+from library.data.prepare.coco import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -17,12 +17,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from library import pretrain as P  # noqa: E402
-from library.cli import run_cli  # noqa: E402
-from library.errors import ConfigError  # noqa: E402
-from library.splits import pretrain_records  # noqa: E402
+from library.demo import pretrain as P
+from library.cli import run_cli
+from library.errors import ConfigError
+from library.data.splits import pretrain_records
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ SPLIT_SIZES = {"member_aux": 12, "member_test": 12, "nonmember_aux": 12, "nonmem
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from library.tiny import save_tiny_model
+    from library.demo.tiny import save_tiny_model
 
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_tiny_model(path, seed=0)
@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    from library.embedded_data import write_digits_dataset
+    from library.demo.digits import write_digits_dataset
 
     path = tmp_path_factory.mktemp("digits") / "images"
     write_digits_dataset(path, resolution=32, limit=60)
@@ -43,8 +43,8 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def manifest_path(digits_dir):
-    from library.data import scan_dataset
-    from library.splits import make_split, write_manifest
+    from library.data.dataset import scan_dataset
+    from library.data.splits import make_split, write_manifest
 
     manifest = make_split(scan_dataset(digits_dir), sizes=SPLIT_SIZES, seed=0, dataset_root=digits_dir)
     path = digits_dir.parent / "split.json"
@@ -77,7 +77,7 @@ def small_demo_settings():
 
 
 def _small_demo_settings(workdir, **overrides):
-    from library.demo import DemoSettings
+    from library.demo.run import DemoSettings
 
     return DemoSettings(
         workdir=workdir,

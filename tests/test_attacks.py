@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from library.attacks import ATTACKS, AttackInputs, CalibratedLossAttack, FeatureSet, LossThresholdAttack, PaperMLPAttack
-from library.attacks.paper_mlp import stratified_holdout
+from library.eval.attacks import ATTACKS, AttackInputs, CalibratedLossAttack, FeatureSet, LossThresholdAttack, PaperMLPAttack
+from library.eval.attacks.paper_mlp import stratified_holdout
 from library.errors import ConfigError
-from library.metrics import roc_auc
+from library.eval.metrics import roc_auc
 
 TIMESTEPS = (50, 100, 200)
 

@@ -6,7 +6,7 @@ import pytest
 
 from library.config import parse_config
 from library.errors import ConfigError
-from library.train_config import TrainConfig
+from library.train.config import TrainConfig
 
 BASE = ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json"]
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from library import embedded_data
-from library.data import (
+from library.demo import digits as embedded_data
+from library.data.dataset import (
     ImageCaption,
     LatentCache,
     LatentCaptionDataset,

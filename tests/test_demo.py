@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from library.demo import run_demo, train_methods
+from library.demo.run import run_demo, train_methods
 
 
 def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small_demo_settings):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from library import digit_features as D
+from library.demo import digit_classifier as D
 from library.cli import run_cli
-from library.embedded_data import DIGIT_NAMES, digit_caption
+from library.demo.digits import DIGIT_NAMES, digit_caption
 from library.errors import DataError, ModelError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digit_features.py"
@@ -53,7 +53,7 @@ def digits():
     """600 sklearn digits as 32 px RGB in [-1, 1], labels from their captions (written + read like the demo)."""
     import tempfile
 
-    from library.embedded_data import write_digits_dataset
+    from library.demo.digits import write_digits_dataset
 
     with tempfile.TemporaryDirectory() as folder:
         records = write_digits_dataset(Path(folder) / "d", limit=600)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,13 +16,13 @@ import torch
 from PIL import Image
 
 import evaluate_mia
-from library.data import ImageCaption, LatentCache
-from library.diffusion import denoising_errors, draw_noise, per_sample_loss
-from library.metrics import roc_auc
-from library.mia_features import FeatureEngine, FeatureSettings, Sample, noise_seed, plan_queries, query_noise
-from library.models import vae_fingerprint
-from library.splits import make_split, manifest_sha256, write_manifest
-from library.text import encode_prompts
+from library.data.dataset import ImageCaption, LatentCache
+from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
+from library.eval.metrics import roc_auc
+from library.eval.features import FeatureEngine, FeatureSettings, Sample, noise_seed, plan_queries, query_noise
+from library.sd.models import vae_fingerprint
+from library.data.splits import make_split, manifest_sha256, write_manifest
+from library.sd.text import encode_prompts
 from networks.lora import create_network
 
 # Sizes: 24 members (8 aux + 16 test) and 24 non-members. Images are random pixels, so nothing about one image
@@ -74,7 +73,7 @@ def overfit_lora(bundle, manifest, manifest_file: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from library.tiny import save_tiny_model
+    from library.demo.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("mia")
     bundle = save_tiny_model(root / "model", seed=0)

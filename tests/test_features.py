@@ -1,4 +1,4 @@
-"""library.features: fixed (paired) proxy noise, base calibration, and the proxy options end to end."""
+"""library.train.proxy_features: fixed (paired) proxy noise, base calibration, and the proxy options end to end."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from safetensors import safe_open
 
 from library.config import parse_config
 from library.errors import ConfigError
-from library.features import BaseFeatureCache, ProxyFeatures, fixed_draw
-from library.train_config import TrainConfig
-from library.trainer import train
+from library.train.proxy_features import BaseFeatureCache, ProxyFeatures, fixed_draw
+from library.train.config import TrainConfig
+from library.train.trainer import train
 
 
 def test_fixed_draw_depends_on_the_key_only():
@@ -50,8 +50,8 @@ def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args):
 def test_multi_t_features_are_batch_independent_and_calibrate_to_zero_on_the_base(tiny_model_dir):
     """With fixed noise a sample's features do not depend on its batch; calibrated against the base model,
     the base model itself gives exactly zero and a LoRA gives something else."""
-    from library.models import load_sd_model
-    from library.text import encode_prompts
+    from library.sd.models import load_sd_model
+    from library.sd.text import encode_prompts
     from networks.lora import create_network
 
     bundle = load_sd_model(tiny_model_dir)

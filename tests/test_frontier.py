@@ -7,7 +7,7 @@ import json
 import pytest
 
 from library.errors import ConfigError
-from library.frontier import FrontierSettings, read_sweep, run_frontier, target_check
+from library.demo.frontier import FrontierSettings, read_sweep, run_frontier, target_check
 
 REDUCED_SWEEP = """
 [[run]]
@@ -88,8 +88,8 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
 def test_shipped_sweep_parses_into_valid_training_configs(tmp_path):
     """configs/frontier/demo.toml: every run's flags are real training flags for its method (no training)."""
     from library.config import parse_config
-    from library.frontier import _train_args
-    from library.train_config import TrainConfig
+    from library.demo.frontier import _train_args
+    from library.train.config import TrainConfig
 
     settings = FrontierSettings()
     runs = read_sweep(settings.sweep)

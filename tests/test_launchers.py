@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from library.config import load_toml, make_config, parse_config
-from library.train_config import TrainConfig
+from library.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = REPO / "scripts" / "launch"
@@ -103,7 +103,7 @@ def stack(tiny_model_dir, manifest_path, tmp_path):
 
 def _dry_run_in_process(argv: list[str], monkeypatch, capsys) -> str:
     """Execute one recorded training command (train_<method>.py + flags) here, in dry-run mode."""
-    from library.trainer import train  # noqa: PLC0415 - heavy import, only for these tests
+    from library.train.trainer import train  # noqa: PLC0415 - heavy import, only for these tests
 
     script, flags = argv[0], argv[1:]
     method = {"train_lora.py": "lora", "train_mp_lora.py": "mp_lora", "train_smp_lora.py": "smp_lora"}[script]

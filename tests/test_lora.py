@@ -27,7 +27,7 @@ RANK, ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores alpha is caught
 
 @pytest.fixture(scope="module")
 def stack():
-    from library.tiny import build_tiny_stack
+    from library.demo.tiny import build_tiny_stack
 
     return build_tiny_stack(seed=0)
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from library.errors import DataError
-from library.metrics import (
+from library.eval.metrics import (
     accuracy_at_threshold,
     argmax_asr,
     auc_deviation,

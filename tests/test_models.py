@@ -1,4 +1,4 @@
-"""Tests for library.models (SD v1.x loading, single-file conversion, fingerprints) and library.tiny."""
+"""Tests for library.sd.models (SD v1.x loading, single-file conversion, fingerprints) and library.demo.tiny."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from library import models  # noqa: E402
+from library.sd import models  # noqa: E402
 from library.errors import ModelError  # noqa: E402
-from library.models import (  # noqa: E402
+from library.sd.models import (  # noqa: E402
     ModelBundle,
     fingerprint,
     load_sd_model,
@@ -28,7 +28,7 @@ from library.models import (  # noqa: E402
     save_single_file,
     vae_fingerprint,
 )
-from library.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
+from library.demo.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -289,7 +289,7 @@ def test_single_file_tokenizer_sources(
 
 
 def test_tokenizer_too_big_for_text_encoder(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
-    from library.text import build_clip_tokenizer, small_clip_vocab
+    from library.sd.text import build_clip_tokenizer, small_clip_vocab
 
     big = build_clip_tokenizer(*small_clip_vocab([f"word{i}" for i in range(60)]))
     big.save_pretrained(str(tmp_path / "big_tokenizer"))

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from library import pretrain as P
+from library.demo import pretrain as P
 from library.cli import run_cli
-from library.data import ImageCaption
+from library.data.dataset import ImageCaption
 from library.errors import ConfigError, ModelError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_base.py"
@@ -31,9 +31,9 @@ def _script_main():
 @pytest.fixture(scope="module")
 def split_with_pretrain(tmp_path_factory):
     """260 digits: 4 x 15 membership images + 200 pretrain images (the held-out set is the 60 others)."""
-    from library.data import scan_dataset
-    from library.embedded_data import write_digits_dataset
-    from library.splits import make_split, write_manifest
+    from library.data.dataset import scan_dataset
+    from library.demo.digits import write_digits_dataset
+    from library.data.splits import make_split, write_manifest
 
     root = tmp_path_factory.mktemp("pretrain_digits")
     write_digits_dataset(root / "images", limit=260)
@@ -65,8 +65,8 @@ def pretrained_dir(split_with_pretrain, tmp_path_factory):
 
 
 def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
-    from library.models import load_sd_model
-    from library.tiny import SD_SCALING_FACTOR, build_tiny_stack
+    from library.sd.models import load_sd_model
+    from library.demo.tiny import SD_SCALING_FACTOR, build_tiny_stack
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)
@@ -85,8 +85,8 @@ def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
 
 
 def test_pretraining_lowers_reconstruction_and_denoising_loss(pretrained_dir, held_out):
-    from library.models import load_sd_model
-    from library.tiny import build_tiny_stack
+    from library.sd.models import load_sd_model
+    from library.demo.tiny import build_tiny_stack
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)
@@ -136,7 +136,7 @@ def test_pretraining_is_deterministic_and_seeded(held_out):
     assert report_a.unet_loss_last == report_b.unet_loss_last
 
     # --freeze_text_encoder keeps the text encoder at its seeded init.
-    from library.tiny import build_tiny_stack
+    from library.demo.tiny import build_tiny_stack
 
     frozen, report = P.pretrain_base_bundle(records, seed=3, train_text_encoder=False, **kwargs)
     fresh_te = build_tiny_stack(3).text_encoder.state_dict()

@@ -1,4 +1,4 @@
-"""Tests of the utility reporting of evaluate_mia.py (library.quality): held-out losses, --quality sample grids,
+"""Tests of the utility reporting of evaluate_mia.py (library.eval.quality): held-out losses, --quality sample grids,
 proxy (digit-feature) and Inception FD/KID, and one clear error line for missing or foreign weight files.
 
 The Inception network here has random weights: it tests the plumbing (strict loading, feature widths, the
@@ -17,7 +17,7 @@ import torch
 
 import evaluate_mia
 from library.errors import ModelError
-from library.quality import (FIDInceptionV3, extract_features, feature_metrics, heldout_losses,
+from library.eval.quality import (FIDInceptionV3, extract_features, feature_metrics, heldout_losses,
                              load_fid_inception, quality_prompts, real_vs_real_floor)
 
 N_IMAGES = 6
@@ -38,7 +38,7 @@ def random_inception(path: Path, seed: int = 0) -> Path:
 
 def digit_weights(path: Path) -> Path:
     """An untrained digit feature net saved by its own module (the metric only needs some features)."""
-    digit_features = pytest.importorskip("library.digit_features")
+    digit_features = pytest.importorskip("library.demo.digit_classifier")
     torch.manual_seed(0)
     net = digit_features.DigitFeatureNet()
     digit_features.save_digit_feature_net(net, path)
@@ -47,8 +47,8 @@ def digit_weights(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, manifest_path):
-    from library.models import load_sd_model
-    from library.splits import manifest_sha256
+    from library.sd.models import load_sd_model
+    from library.data.splits import manifest_sha256
     from networks.lora import create_network
 
     root = tmp_path_factory.mktemp("quality")
@@ -93,7 +93,7 @@ def evaluated(world):
     try:
         extra += ["--digit_feature_weights", str(digit_weights(world["root"] / "digits.safetensors"))]
     except pytest.skip.Exception:
-        pass  # library.digit_features not there: the proxy metric is tested where it is
+        pass  # library.demo.digit_classifier not there: the proxy metric is tested where it is
     rc = evaluate_mia.main(base_args(world, out, *extra))
     assert rc == 0
     return out, json.loads((out / "report.json").read_text()), "--digit_feature_weights" in extra
@@ -151,7 +151,7 @@ def test_heldout_losses_average_the_right_samples():
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero(world):
-    from library.quality import _inception_extractor
+    from library.eval.quality import _inception_extractor
 
     extractor = _inception_extractor(world["inception"], torch.device("cpu"))
     images = torch.rand(5, 3, 32, 32) * 2 - 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.samplers import EpochCyclingSampler
+from library.train.samplers import EpochCyclingSampler
 
 
 def test_each_epoch_is_a_permutation_and_never_repeats_the_last_batch():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from library.errors import ConfigError
-from library.sampling import PromptSpec, parse_prompt_line, read_prompt_file
+from library.sd.sampling import PromptSpec, parse_prompt_line, read_prompt_file
 
 
 def test_prompt_options_are_parsed():
@@ -29,8 +29,8 @@ def test_bad_prompt_files(tmp_path):
 
 def test_training_writes_sample_grid(tiny_train_args, tmp_path):
     from library.config import parse_config
-    from library.train_config import TrainConfig
-    from library.trainer import train
+    from library.train.config import TrainConfig
+    from library.train.trainer import train
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit one --d 1\na handwritten digit two --s 3\n")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from library.smoothness import SmoothnessTracker, hessian_top_eigenvalue, pearson
+from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue, pearson
 
 
 def test_power_iteration_finds_the_top_eigenvalue_of_a_quadratic():

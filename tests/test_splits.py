@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from library.data import ImageCaption, scan_dataset
+from library.data.dataset import ImageCaption, scan_dataset
 from library.errors import ConfigError, DataError, UserError
-from library.splits import (
+from library.data.splits import (
     CORE_SPLITS,
     PRESETS,
     SplitEntry,

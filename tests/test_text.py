@@ -1,4 +1,4 @@
-"""Tests for library.text: offline CLIP tokenizers and SD v1.x prompt encoding (clip_skip, long captions)."""
+"""Tests for library.sd.text: offline CLIP tokenizers and SD v1.x prompt encoding (clip_skip, long captions)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from library.errors import ConfigError  # noqa: E402
-from library.models import ModelBundle  # noqa: E402
-from library.text import (  # noqa: E402
+from library.sd.models import ModelBundle  # noqa: E402
+from library.sd.text import (  # noqa: E402
     byte_level_alphabet,
     clip_tokenizer_from_bpe_file,
     encode_prompts,
@@ -24,7 +24,7 @@ from library.text import (  # noqa: E402
     tokenizer_from_dict,
     tokenizer_to_dict,
 )
-from library.tiny import build_tiny_stack  # noqa: E402
+from library.demo.tiny import build_tiny_stack  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a photo of the number zero"]
 

@@ -1,0 +1,1 @@
+"""Images, captions, latents and membership splits; dataset preparation in data.prepare."""

@@ -1,0 +1,181 @@
+"""The attack interface: what every membership-inference attack of the suite sees and returns.
+
+An attack is fitted on D_aux (members and non-members with labels) and then scores any samples; a higher
+score means "more likely a member". Each attack may return several *variants* (the loss at each timestep and
+averaged over timesteps, h' at two checkpoints, ...), each a :class:`ScoreSet`. Adding an attack (SecMI, PIA,
+CLiD, a gradient attack) means one module with one :class:`Attack` subclass, registered in
+:data:`library.eval.attacks.ATTACKS`; new per-sample statistics go into :class:`FeatureSet` (computed by
+:mod:`library.eval.features`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+
+from library.errors import ConfigError
+from library.eval.metrics import best_threshold
+
+ScoreKind = Literal["threshold", "classifier"]
+
+
+@dataclass
+class FeatureSet:
+    """Per-sample features of one model, rows aligned with the samples.
+
+    ``losses`` ``[N, K, M]``: the loss at K fixed ``timesteps`` x M noise draws (the same noise for every model).
+    ``paper`` ``[N, F]``: the paper's h' input (error map or loss at one random t), if computed.
+    """
+
+    losses: np.ndarray
+    timesteps: tuple[int, ...]
+    paper: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.losses = np.asarray(self.losses, dtype=np.float64)
+        if self.losses.ndim != 3 or self.losses.shape[1] != len(self.timesteps):
+            raise ValueError(f"losses must be [N, K={len(self.timesteps)}, M], got {self.losses.shape}")
+        if self.paper is not None:
+            self.paper = np.asarray(self.paper, dtype=np.float32)
+            if self.paper.ndim != 2 or self.paper.shape[0] != self.losses.shape[0]:
+                raise ValueError(f"paper features must be [N, F] with N={self.losses.shape[0]}, got {self.paper.shape}")
+
+    def __len__(self) -> int:
+        return int(self.losses.shape[0])
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "FeatureSet":
+        index = np.asarray(index, dtype=np.int64)
+        return FeatureSet(self.losses[index], self.timesteps, None if self.paper is None else self.paper[index])
+
+
+@dataclass
+class AttackInputs:
+    """What an attack sees: the attacked model's features and, optionally, the base model's (the reference)."""
+
+    target: FeatureSet
+    reference: FeatureSet | None = None
+
+    def __post_init__(self) -> None:
+        if self.reference is not None:
+            if len(self.reference) != len(self.target) or self.reference.timesteps != self.target.timesteps:
+                raise ValueError("target and reference features must cover the same samples and timesteps")
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "AttackInputs":
+        return AttackInputs(self.target.subset(index), None if self.reference is None else self.reference.subset(index))
+
+
+@dataclass
+class ScoreSet:
+    """One variant's membership scores for the samples given to :meth:`Attack.score` (higher = member).
+
+    ``kind="threshold"``: a scalar statistic; ``threshold`` is the balanced-accuracy-optimal threshold fitted on
+    D_aux (the honest decision rule). ``kind="classifier"``: a trained model; ``member_probs`` = p(member), whose
+    argmax decision is the paper's ASR. ``checkpoint`` says how a classifier's epoch was chosen ("oracle" on
+    D_te as in the paper, or "honest" on held-out D_aux). ``headline`` variants go in the plots and main table.
+    """
+
+    attack: str
+    variant: str
+    scores: np.ndarray
+    kind: ScoreKind
+    threshold: float | None = None
+    member_probs: np.ndarray | None = None
+    checkpoint: str | None = None
+    headline: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack} {self.variant}".strip()
+
+
+class Attack(ABC):
+    """A membership-inference attack: ``fit`` on D_aux, then ``score`` any samples (higher = member)."""
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
+        """Fit on D_aux (``labels``: 1 = member). ``oracle`` (D_te with labels) is only for choices the paper makes
+        on the evaluation set itself; results that use it must be labelled "oracle"."""
+
+    @abstractmethod
+    def score(self, inputs: AttackInputs) -> list[ScoreSet]:
+        """Scores of every variant for ``inputs`` (same row order)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The attack's hyper-parameters, for the report."""
+        return {}
+
+    def _check(self, inputs: AttackInputs) -> None:
+        if self.needs_reference and inputs.reference is None:
+            raise ConfigError(f"attack '{self.name}' needs the base model's features as a reference")
+
+
+def check_labels(labels: np.ndarray, n: int, what: str = "D_aux") -> np.ndarray:
+    """Labels as an int array of length ``n`` with both classes present."""
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if y.size != n:
+        raise ValueError(f"{what}: {n} samples but {y.size} labels")
+    if not ((y == 1).any() and (y == 0).any()):
+        raise ValueError(f"{what} needs both members and non-members")
+    return y
+
+
+class ThresholdAttack(Attack):
+    """An attack that thresholds scalar statistics: one :class:`ScoreSet` per statistic.
+
+    Subclasses implement :meth:`statistics`; ``fit`` fixes each statistic's threshold on D_aux (the honest
+    rule, applied unchanged to D_te), the oracle threshold is computed on D_te by the metrics.
+    """
+
+    headline_variant: ClassVar[str] = "avg"
+
+    def __init__(self) -> None:
+        self.thresholds: dict[str, float] = {}
+        self.aux_balanced_accuracy: dict[str, float] = {}
+
+    @abstractmethod
+    def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
+        """``{variant: scores}``, higher = member."""
+
+    def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
+        self._check(aux)
+        y = check_labels(labels, len(aux))
+        self.thresholds, self.aux_balanced_accuracy = {}, {}
+        for variant, scores in self.statistics(aux).items():
+            tau, bal = best_threshold(y, scores)
+            self.thresholds[variant], self.aux_balanced_accuracy[variant] = tau, bal
+
+    def score(self, inputs: AttackInputs) -> list[ScoreSet]:
+        self._check(inputs)
+        out = []
+        for variant, scores in self.statistics(inputs).items():
+            out.append(
+                ScoreSet(
+                    attack=self.name,
+                    variant=variant,
+                    scores=np.asarray(scores, dtype=np.float64),
+                    kind="threshold",
+                    threshold=self.thresholds.get(variant),
+                    headline=variant == self.headline_variant,
+                    info={"aux_balanced_accuracy": self.aux_balanced_accuracy.get(variant)},
+                )
+            )
+        return out
+
+
+def per_timestep_statistics(losses: np.ndarray, timesteps: Sequence[int]) -> dict[str, np.ndarray]:
+    """``-loss`` at each timestep (mean over draws) and averaged over all K x M queries."""
+    # 0.0 - x rather than -x: a zero statistic stays +0.0 (the base model calibrated against itself).
+    stats = {f"t={t}": 0.0 - losses[:, k, :].mean(axis=1) for k, t in enumerate(timesteps)}
+    stats["avg"] = 0.0 - losses.reshape(losses.shape[0], -1).mean(axis=1)
+    return stats

@@ -1,0 +1,149 @@
+"""The configuration of ``evaluate_mia.py``: one dataclass = CLI flags = TOML keys (see :mod:`library.config`).
+
+Defaults follow the paper's evaluation protocol where it states one (App. E: a fresh h' with h_w's
+architecture, 100 epochs, Adam 1e-5, balanced batches, features = the squared-error map at a random t) and
+``docs/mia-anchors.md`` where it does not (loss at fixed small timesteps, several noise draws shared by
+every model, honest thresholds and checkpoints chosen on D_aux, bootstrap CIs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from library.config import option
+from library.errors import ConfigError
+
+ATTACK_NAMES = ("paper", "loss", "calibrated")
+PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
+NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    # --- what to evaluate ----------------------------------------------------------------------
+    pretrained_model_name_or_path: Optional[str] = option(
+        None, "SD v1.x base model the LoRAs were trained on: a local diffusers folder or a single .safetensors")
+    tokenizer_path: Optional[str] = option(None, "local CLIP tokenizer folder (for a single file without one)")
+    network_weights: list[str] = option(
+        [], "LoRA .safetensors file(s) to attack; the base model (no LoRA) is always evaluated too, as row 'base'")
+    network_multiplier: float = option(1.0, "LoRA strength used for every LoRA")
+    split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
+    allow_manifest_mismatch: bool = option(
+        False, "evaluate a LoRA whose metadata names another split manifest (its membership labels may be wrong)")
+
+    # --- features --------------------------------------------------------------------------------
+    resolution: int = option(512, "image resolution in pixels (resize short side + centre crop), as in training")
+    timesteps: list[int] = option([50, 100, 200, 350], "fixed timesteps of the loss features (membership lives at small t)")
+    num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
+    batch_size: int = option(16, "UNet queries per forward pass")
+    vae_batch_size: int = option(8, "images per VAE pass when encoding latents")
+    seed: int = option(0, "seed of the noise, the attack models, the hold-out split and the bootstrap")
+    clip_skip: int = option(1, "use the N-th last CLIP layer, as in training (the paper's runs use 2)")
+    max_token_length: Optional[int] = option(None, "75 (default), 150 or 225 caption tokens, as in training",
+                                             choices=[75, 150, 225])
+    mixed_precision: str = option("no", "dtype of the models during feature extraction", choices=["no", "fp16", "bf16"])
+    device: str = option("auto", "torch device ('auto' = cuda if available, else cpu)")
+    cache_dir: Optional[str] = option(None, "where latents and features are cached (default <output_dir>/cache)")
+    no_cache: bool = option(False, "do not read or write cached features (latents are still cached in memory)")
+    jobs: int = option(
+        1, "models processed at once (features, attacks, quality samples), each in a worker process with one torch "
+        "thread and its own copy of the base model: for CPU boxes (2 on 2 cores halves the time); keep 1 on a GPU")
+
+    # --- attacks ---------------------------------------------------------------------------------
+    attacks: list[str] = option(list(ATTACK_NAMES), "attacks to run", choices=list(ATTACK_NAMES))
+    paper_features: str = option(
+        "error_map", "what the paper's h' sees: the squared-error map at one random t (paper), the scalar loss "
+        "at that t, or the losses at --timesteps", choices=list(PAPER_FEATURES))
+    paper_min_timestep: int = option(0, "smallest random t of the paper's features")
+    paper_max_timestep: int = option(1000, "one past the largest random t of the paper's features")
+    paper_epochs: int = option(100, "epochs of h' training (paper: 100)")
+    paper_lr: float = option(1e-5, "Adam learning rate of h' (paper: 1e-5)")
+    paper_weight_decay: float = option(1e-4, "Adam weight decay of h' (upstream: 1e-4)")
+    paper_batch_size: int = option(1, "members per balanced h' batch (as many non-members; upstream: 1)")
+    paper_dropout: float = option(0.5, "dropout of h' (upstream: 0.5)")
+    paper_normalization: str = option("log_standardize", "input normalisation of h' (see library.privacy)",
+                                      choices=list(NORMALIZATIONS))
+    holdout_fraction: float = option(
+        0.2, "part of D_aux held out to choose h''s epoch honestly (0 = no honest h', only the paper's oracle)")
+
+    # --- utility: sample quality (library.eval.quality) -------------------------------------------------
+    quality: bool = option(
+        False, "generate images from the D_te captions with every model, save samples_<model>.png and compute "
+        "Fréchet distance / KID against real images (see --quality_features)")
+    quality_num_images: int = option(64, "images generated per model (D_te captions cycled, seed quality_seed + i)")
+    quality_sampler: str = option("ddim", "sampler of the quality images", choices=["ddim", "euler"])
+    quality_steps: int = option(20, "sampling steps of the quality images")
+    quality_guidance_scale: float = option(7.5, "classifier-free guidance scale of the quality images")
+    quality_seed: int = option(0, "seed of image i is quality_seed + i, the same for every model")
+    quality_reference: str = option(
+        "members", "real images the samples are compared with: members = D_tr, the LoRA's training images (as the "
+        "paper), nonmembers, or test = D_te", choices=["members", "nonmembers", "test"])
+    quality_features: list[str] = option(
+        [], "feature extractors (default: every one whose weights are given): digits = PROXY learned-feature "
+        "FD/KID of the demo's digit classifier (never FID); inception = real FID/KID", choices=["digits", "inception"])
+    digit_feature_weights: Optional[str] = option(None, "digit feature net file for --quality_features digits")
+    inception_weights: Optional[str] = option(
+        None, "local FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth); never downloaded")
+    quality_kid_subsets: int = option(100, "KID subsets (subset size = min(1000, n_real, n_generated))")
+
+    # --- metrics and output ----------------------------------------------------------------------
+    n_bootstrap: int = option(1000, "bootstrap resamples for the 95% CIs (0 = no CIs)")
+    output_dir: str = option("mia_eval", "where report.json, report.md, scores.csv and the plots go")
+    plots: bool = option(True, "draw roc.png, roc_loglog.png and hist.png")
+    progress_bar: bool = option(True, "show tqdm progress bars")
+
+    def validate(self) -> None:
+        """Cross-field checks; each failure is one ConfigError line naming the flag."""
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("'pretrained_model_name_or_path' is required (the base model the LoRAs were trained on)")
+        if not self.split_manifest:
+            raise ConfigError("'split_manifest' is required (the split manifest the LoRAs were trained with)")
+        for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "clip_skip", "paper_epochs",
+                     "paper_batch_size", "jobs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
+        if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
+            raise ConfigError("'timesteps' must be a non-empty list of integers in [0, 1000)")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise ConfigError(f"'timesteps' lists a timestep twice: {self.timesteps}")
+        if not 0 <= self.paper_min_timestep < self.paper_max_timestep <= 1000:
+            raise ConfigError("need 0 <= paper_min_timestep < paper_max_timestep <= 1000")
+        if not self.attacks:
+            raise ConfigError(f"'attacks' must name at least one of {list(ATTACK_NAMES)}")
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ConfigError(f"'attacks' lists an attack twice: {self.attacks}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"'holdout_fraction' must be in [0, 1), got {self.holdout_fraction}")
+        if not self.paper_lr > 0:
+            raise ConfigError(f"'paper_lr' must be > 0, got {self.paper_lr}")
+        if self.paper_weight_decay < 0:
+            raise ConfigError(f"'paper_weight_decay' must be >= 0, got {self.paper_weight_decay}")
+        if not 0.0 <= self.paper_dropout < 1.0:
+            raise ConfigError(f"'paper_dropout' must be in [0, 1), got {self.paper_dropout}")
+        if self.n_bootstrap < 0:
+            raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
+        if len(set(self.network_weights)) != len(self.network_weights):
+            raise ConfigError("'network_weights' lists a file twice")
+        self._validate_quality()
+
+    def _validate_quality(self) -> None:
+        """--quality flags (library.eval.quality): extractors need their weights, weights need --quality."""
+        for name in ("quality_num_images", "quality_steps", "quality_kid_subsets"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if (self.digit_feature_weights or self.inception_weights) and self.quality_num_images < 2:
+            raise ConfigError("'quality_num_images' must be >= 2 to compute Fréchet distances / KID")
+        weights = {"digits": ("digit_feature_weights", self.digit_feature_weights),
+                   "inception": ("inception_weights", self.inception_weights)}
+        for extractor, (flag, value) in weights.items():
+            if value and not self.quality:
+                raise ConfigError(f"'{flag}' is only used with --quality; add --quality (or drop --{flag})")
+            if extractor in self.quality_features and not value:
+                raise ConfigError(f"'quality_features' lists {extractor!r} but --{flag} is not given")
+            if value and self.quality_features and extractor not in self.quality_features:
+                raise ConfigError(f"--{flag} is given but 'quality_features' {self.quality_features} omits "
+                                  f"{extractor!r}; add it or drop --{flag}")

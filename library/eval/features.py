@@ -1,0 +1,330 @@
+"""The feature engine of the MIA suite: per-sample UNet noise-prediction errors, with paired noise, cached.
+
+For every sample of the split manifest and every model (the base model and each LoRA) it computes
+
+* ``losses`` ``[N, K, M]``: the per-sample loss of Eq. 1 at each of the K fixed ``timesteps`` and M noise draws;
+* ``paper`` ``[N, F]`` (optional): what the paper's h' sees, the squared-error map (F = C*H*W) or the scalar
+  loss (F = 1) at ONE random timestep per sample, as the upstream attacker does.
+
+**Paired noise.** The noise of query (sample, slot, draw) comes from its own ``torch.Generator`` seeded by a
+hash of (seed, the image's sha256, slot, draw), where the slot is the timestep value (or ``paper`` for the
+random-t query, whose t is drawn from the same generator). Every model therefore sees *exactly* the same
+(t, eps) for a sample: differences between models are not noise (common random numbers, which is what makes
+the reference-calibrated attack sharp), the base model evaluated twice gives identical features, and the
+noise of a sample does not depend on batch composition, sample order or which other timesteps are asked.
+
+**Caching.** Features are stored as safetensors under ``cache_dir`` keyed by the base model's fingerprint, the
+LoRA file's weights sha256, the manifest's sha256 and every feature setting, so re-running a report (another
+attack, more bootstrap resamples) costs no UNet pass. An unreadable or mismatching cache file is recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
+from library.fileio import atomic_write_path
+from library.sd.text import encode_prompts
+
+FEATURE_FORMAT = "smp-lora-mia-features-v1"
+PAPER_ROW_KINDS = ("error_map", "loss")  # paper feature kinds that need their own random-t query
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that changes the features' values (all of it goes into the cache key)."""
+
+    timesteps: tuple[int, ...]
+    num_noise_draws: int
+    seed: int
+    paper_features: str | None = None  # None: no paper query; "multi_t_loss" reuses ``losses``
+    paper_min_timestep: int = 0
+    paper_max_timestep: int = 1000
+    resolution: int = 512
+    clip_skip: int = 1
+    max_token_length: int | None = None
+    multiplier: float = 1.0
+    dtype: str = "float32"
+
+    @property
+    def paper_row(self) -> bool:
+        """Whether each sample gets one extra random-t query for the paper's features."""
+        return self.paper_features in PAPER_ROW_KINDS
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timesteps"] = list(self.timesteps)
+        return data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to attack: its path, caption and content hash (the hash seeds its noise)."""
+
+    path: Path
+    caption: str
+    sha256: str
+
+
+@dataclass
+class ModelFeatures:
+    """Features of one model on every sample (rows in the order of the samples given)."""
+
+    name: str
+    losses: torch.Tensor  # [N, K, M] float32
+    paper: torch.Tensor | None  # [N, F] float32
+    paper_timesteps: torch.Tensor | None  # [N] long, the random t of each sample's paper query
+    cache_key: str = ""
+    cache_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Query:
+    sample: int
+    timestep: int
+    noise_seed: int
+    slot: int  # index into the K*M loss slots, or -1 for the paper query
+
+
+def noise_seed(seed: int, sample_sha256: str, slot: str, draw: int) -> int:
+    """A 63-bit generator seed for one (sample, slot, draw); independent of model, order and batching."""
+    text = f"smp-lora-mia-noise|{seed}|{sample_sha256}|{slot}|{draw}"
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) & ((1 << 63) - 1)
+
+
+def paper_timestep(settings: FeatureSettings, sample_sha256: str) -> tuple[int, int]:
+    """(t, noise seed) of a sample's paper query: t ~ U{min, ..., max-1} from a seed of its own."""
+    generator = torch.Generator().manual_seed(noise_seed(settings.seed, sample_sha256, "paper_t", 0))
+    t = int(torch.randint(settings.paper_min_timestep, settings.paper_max_timestep, (1,), generator=generator))
+    return t, noise_seed(settings.seed, sample_sha256, "paper", 0)
+
+
+def plan_queries(samples: Sequence[Sample], settings: FeatureSettings) -> list[Query]:
+    """Every UNet query, sample-major: K*M fixed-t queries per sample, then its paper query (if any)."""
+    queries: list[Query] = []
+    m_draws = settings.num_noise_draws
+    for i, sample in enumerate(samples):
+        for k, t in enumerate(settings.timesteps):
+            for m in range(m_draws):
+                queries.append(Query(i, int(t), noise_seed(settings.seed, sample.sha256, f"t{t}", m), k * m_draws + m))
+        if settings.paper_row:
+            t, seed = paper_timestep(settings, sample.sha256)
+            queries.append(Query(i, t, seed, -1))
+    return queries
+
+
+def query_noise(query: Query, shape: Sequence[int]) -> torch.Tensor:
+    """The Gaussian noise of ``query`` (CPU, fp32), from its own generator."""
+    generator = torch.Generator().manual_seed(query.noise_seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def feature_cache_key(
+    settings: FeatureSettings, base_fingerprint: str, lora_sha256: str | None, manifest_sha256: str, n_samples: int
+) -> str:
+    """sha256 over everything the features depend on."""
+    doc = {
+        "format": FEATURE_FORMAT,
+        "base_fingerprint": base_fingerprint,
+        "lora_sha256": lora_sha256,
+        "manifest_sha256": manifest_sha256,
+        "n_samples": n_samples,
+        "settings": settings.as_dict(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def applied_lora(bundle: Any, lora_path: str | Path | None, multiplier: float, device: torch.device,
+                 dtype: torch.dtype) -> Iterator[Any]:
+    """Apply a LoRA file to the bundle's UNet / text encoder for the duration of the block (None: base model).
+
+    A LoRA for another model raises :class:`~library.errors.ModelError` (from ``networks.lora``) before anything
+    is patched; the models are restored even if the block fails.
+    """
+    if lora_path is None:
+        yield None
+        return
+    from networks.lora import create_network_from_weights
+
+    network = create_network_from_weights(multiplier, lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+    network.apply_to(bundle.text_encoder, bundle.unet)
+    network.to(device=device, dtype=dtype)
+    network.requires_grad_(False)
+    network.eval()
+    try:
+        yield network
+    finally:
+        network.restore()
+
+
+class FeatureEngine:
+    """Computes (or loads from cache) :class:`ModelFeatures` for the base model and its LoRAs."""
+
+    def __init__(
+        self,
+        bundle: Any,
+        settings: FeatureSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 16,
+        cache_dir: str | Path | None = None,
+        base_fingerprint: str,
+        manifest_sha256: str,
+        progress: bool = True,
+    ) -> None:
+        self.bundle = bundle
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.base_fingerprint = base_fingerprint
+        self.manifest_sha256 = manifest_sha256
+        self.progress = progress
+
+    # -- cache ------------------------------------------------------------------------------------
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"mia-features-{key[:32]}.safetensors"
+
+    def _read_cache(self, key: str, n: int) -> dict[str, torch.Tensor] | None:
+        file = self._cache_file(key)
+        if file is None or not file.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception:  # an unreadable cache file is only a miss: the features can be recomputed
+            return None
+        k, m = len(self.settings.timesteps), self.settings.num_noise_draws
+        losses = tensors.get("losses")
+        if meta.get("key") != key or losses is None or tuple(losses.shape) != (n, k, m):
+            return None
+        if self.settings.paper_row and ("paper" not in tensors or tensors["paper"].shape[0] != n):
+            return None
+        if not all(torch.isfinite(t.float()).all() for t in tensors.values()):
+            return None
+        return tensors
+
+    def _write_cache(self, key: str, name: str, tensors: dict[str, torch.Tensor], lora_sha256: str | None) -> None:
+        file = self._cache_file(key)
+        if file is None:
+            return
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": FEATURE_FORMAT,
+            "key": key,
+            "model": name,
+            "lora_sha256": lora_sha256 or "",
+            "base_fingerprint": self.base_fingerprint,
+            "manifest_sha256": self.manifest_sha256,
+            "settings": json.dumps(self.settings.as_dict(), sort_keys=True),
+        }
+        with atomic_write_path(file) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+    # -- compute ----------------------------------------------------------------------------------
+    def compute(
+        self,
+        name: str,
+        samples: Sequence[Sample],
+        latents: torch.Tensor,
+        lora_path: str | Path | None = None,
+        lora_sha256: str | None = None,
+    ) -> ModelFeatures:
+        """Features of the base model (``lora_path=None``) or of the base model + one LoRA."""
+        n = len(samples)
+        if latents.shape[0] != n:
+            raise ValueError(f"{n} samples but {latents.shape[0]} latents")
+        key = feature_cache_key(self.settings, self.base_fingerprint, lora_sha256, self.manifest_sha256, n)
+        cached = self._read_cache(key, n)
+        if cached is not None:
+            return ModelFeatures(name, cached["losses"].float(), cached.get("paper"), cached.get("paper_timesteps"),
+                                 cache_key=key, cache_hit=True)
+        with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype):
+            tensors = self._run(name, samples, latents)
+        self._write_cache(key, name, tensors, lora_sha256)
+        return ModelFeatures(name, tensors["losses"], tensors.get("paper"), tensors.get("paper_timesteps"),
+                             cache_key=key, cache_hit=False)
+
+    @torch.no_grad()
+    def _run(self, name: str, samples: Sequence[Sample], latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        settings = self.settings
+        n, k, m = len(samples), len(settings.timesteps), settings.num_noise_draws
+        queries = plan_queries(samples, settings)
+        losses = torch.full((n, k * m), float("nan"))
+        paper: torch.Tensor | None = None
+        paper_t = torch.full((n,), -1, dtype=torch.long) if settings.paper_row else None
+        unet, text_encoder, tokenizer = self.bundle.unet, self.bundle.text_encoder, self.bundle.tokenizer
+        latent_shape = tuple(latents.shape[1:])
+        bar = tqdm(total=len(queries), desc=f"features [{name}]", unit="query", disable=not self.progress, leave=False)
+        try:
+            for start in range(0, len(queries), self.batch_size):
+                chunk = queries[start : start + self.batch_size]
+                idx = torch.tensor([q.sample for q in chunk])
+                # Encode each distinct caption of the chunk once (with the LoRA's text encoder, if it has one).
+                captions = [samples[q.sample].caption for q in chunk]
+                distinct = list(dict.fromkeys(captions))
+                states = encode_prompts(tokenizer, text_encoder, distinct, max_token_length=settings.max_token_length,
+                                        clip_skip=settings.clip_skip)
+                cond = states[torch.tensor([distinct.index(c) for c in captions])]
+                draw = NoiseDraw(
+                    torch.tensor([q.timestep for q in chunk], dtype=torch.long, device=self.device),
+                    torch.stack([query_noise(q, latent_shape) for q in chunk]).to(self.device, self.dtype),
+                )
+                errors = denoising_errors(unet, self.bundle.noise_scheduler, latents[idx].to(self.device, self.dtype),
+                                          cond.to(self.dtype), draw)
+                row_losses = per_sample_loss(errors).float().cpu()
+                for row, q in enumerate(chunk):
+                    if q.slot >= 0:
+                        losses[q.sample, q.slot] = row_losses[row]
+                        continue
+                    value = errors[row].flatten().float().cpu() if settings.paper_features == "error_map" \
+                        else row_losses[row : row + 1]
+                    if paper is None:
+                        paper = torch.empty((n, value.numel()), dtype=torch.float32)
+                    paper[q.sample] = value
+                    assert paper_t is not None
+                    paper_t[q.sample] = q.timestep
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        if not torch.isfinite(losses).all():
+            from library.errors import ModelError
+
+            raise ModelError(f"model '{name}' gives NaN/inf noise predictions (try --mixed_precision no)")
+        out = {"losses": losses.view(n, k, m)}
+        if paper is not None and paper_t is not None:
+            out["paper"] = paper
+            out["paper_timesteps"] = paper_t
+        return out
+
+
+__all__ = [
+    "FEATURE_FORMAT",
+    "FeatureEngine",
+    "FeatureSettings",
+    "ModelFeatures",
+    "Query",
+    "Sample",
+    "applied_lora",
+    "feature_cache_key",
+    "noise_seed",
+    "paper_timestep",
+    "plan_queries",
+    "query_noise",
+]

@@ -1,0 +1,339 @@
+"""Writing an MIA evaluation: ``report.json``, ``report.md``, ``scores.csv``, ``roc.png``, ``roc_loglog.png``, ``hist.png``.
+
+``report.json`` holds every number (with sample counts, seeds and the hashes of the base model, each LoRA and
+the manifest) so a table can be re-derived without re-running anything; ``scores.csv`` holds every per-sample
+score, so any metric can be re-computed from it. Everything is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from library import __version__
+from library.config import config_to_dict
+from library.fileio import atomic_write_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from library.eval.run import EvalResult
+
+REPORT_FORMAT = "smp-lora-mia-report"
+REPORT_VERSION = 1
+CONVENTIONS = {
+    "score": "higher = member",
+    "auc_deviation": "|AUC - 0.5| / 0.5 (paper Table 1 'AUC')",
+    "tpr_at_fpr": "TPR at the largest ROC FPR <= alpha; null (n/a) when alpha * n_nonmembers < 1",
+    "asr_oracle": "threshold attacks: best-threshold balanced accuracy on D_te; paper h': argmax accuracy at "
+                  "the epoch with the best D_te accuracy (the paper's protocol)",
+    "asr_honest": "threshold attacks: balanced accuracy on D_te at the threshold fitted on D_aux; paper h': argmax "
+                  "accuracy at the epoch chosen on a held-out part of D_aux",
+    "ci": "stratified percentile bootstrap, 95 %",
+    "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
+}
+
+
+def score_column(model: str, label: str) -> str:
+    """The scores.csv column of one (model, attack variant)."""
+    return f"{model}|{label}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None, paths to str."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def report_dict(result: "EvalResult") -> dict[str, Any]:
+    samples = result.samples
+    counts = {name: int(sum(1 for s in samples.splits if s == name)) for name in dict.fromkeys(samples.splits)}
+    return _clean({
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "created_by": f"smp-lora {__version__}",
+        "config": config_to_dict(result.config),
+        "base_model": {"path": result.config.pretrained_model_name_or_path,
+                       "fingerprint": result.info.get("base_fingerprint")},
+        "manifest": {"path": result.config.split_manifest, "sha256": result.info.get("manifest_sha256"),
+                     "seed": result.info.get("manifest_seed"), "sizes": result.info.get("manifest_sizes")},
+        "models": [{"name": m.name, "lora_path": m.lora_path, "lora_sha256": m.lora_sha256, "metadata": m.metadata}
+                   for m in result.models],
+        "samples": {"counts": counts, "n_aux": int(samples.aux_index.size), "n_test": int(samples.test_index.size)},
+        "seeds": {"noise_attacks_bootstrap": result.config.seed, "split": result.info.get("manifest_seed")},
+        "features": {"settings": result.info.get("feature_settings"), "cache": result.info.get("feature_cache")},
+        "attacks": result.info.get("attack_settings"),
+        "conventions": CONVENTIONS,
+        "device": result.info.get("device"),
+        "timing_s": result.info.get("timing_s"),
+        "results": result.rows,
+        # Per-model utility (library.eval.quality): held-out losses always; FD/KID with --quality.
+        "utility": result.info.get("utility"),
+        "quality": result.info.get("quality"),
+        "utility_metrics": _utility_notes(result),
+    })
+
+
+# ------------------------------------------------------------------------------------------------ utility
+
+
+def _utility_notes(result: "EvalResult") -> dict[str, str]:
+    """What each utility number present in the report means (proxy metrics are labelled as such)."""
+    from library.eval.quality import METRIC_NOTES
+
+    present = {k for row in (result.info.get("utility") or {}).values() for k in row}
+    return {k: v for k, v in METRIC_NOTES.items() if k in present}
+
+
+def _utility_table(result: "EvalResult") -> list[str]:
+    """One row per model: held-out losses, then each quality metric present (proxy columns say so)."""
+    utility: dict[str, dict[str, Any]] = result.info.get("utility") or {}
+    if not utility:
+        return []
+    keys = list(dict.fromkeys(k for row in utility.values() for k in row if not k.endswith("_std")))
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for model, row in utility.items():
+        cells = []
+        for k in keys:
+            value, std = row.get(k), row.get(f"{k}_std")
+            cells.append("n/a" if value is None else f"{value:.4g}" + (f" ± {std:.2g}" if std is not None else ""))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" if pct else f"{value:.3f}"
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | attack | ASR % (oracle) | ASR % (honest) | \\|AUC−0.5\\|/0.5 | TPR@5%FPR % | AUC [95% CI] | "
+        "TPR@1%FPR % | TPR@0.1%FPR % |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        tpr = r["tpr_at_fpr"]
+        lines.append(
+            f"| {r['model']} | {r['label']} | {_fmt(r['asr_oracle'], True)} | {_fmt(r['asr_honest'], True)} | "
+            f"{_fmt(r['auc_deviation'])} | {_fmt(tpr['0.05'], True)} | {_fmt(r['auc'])}{_ci(r.get('auc_ci'))} | "
+            f"{_fmt(tpr['0.01'], True)} | {_fmt(tpr['0.001'], True)} |"
+        )
+    return lines
+
+
+def report_markdown(result: "EvalResult") -> str:
+    cfg, info = result.config, result.info
+    rows = result.rows
+    n_m = rows[0]["n_members"] if rows else 0
+    n_nm = rows[0]["n_nonmembers"] if rows else 0
+    lines = [
+        "# Membership-inference evaluation",
+        "",
+        f"- base model: `{cfg.pretrained_model_name_or_path}` (fingerprint `{str(info.get('base_fingerprint'))[:16]}`)",
+        f"- split manifest: `{cfg.split_manifest}` (sha256 `{str(info.get('manifest_sha256'))[:16]}`), "
+        f"sizes {info.get('manifest_sizes')}",
+        f"- D_te: {n_m} members / {n_nm} non-members; attacks fit on D_aux "
+        f"({result.samples.aux_index.size} samples)",
+        f"- features: loss at t = {list(cfg.timesteps)} x {cfg.num_noise_draws} noise draws (same noise for every "
+        f"model), seed {cfg.seed}; paper h' on `{cfg.paper_features}`",
+        "",
+        "## Main results (paper Table 1 columns first)",
+        "",
+        *_table([r for r in rows if r["headline"]]),
+        "",
+    ]
+    others = [r for r in rows if not r["headline"]]
+    if others:
+        lines += ["## Per-timestep variants", "", *_table(others), ""]
+    utility_lines = _utility_table(result)
+    if utility_lines:
+        quality = info.get("quality")
+        lines += ["## Utility (per model)", "", *utility_lines, ""]
+        lines += [f"- **{k}**: {v}" for k, v in _utility_notes(result).items()]
+        if quality:
+            lines.append(
+                f"- samples: {quality['num_images']} per model from D_te captions, {quality['sampler']} "
+                f"{quality['steps']} steps, guidance {quality['guidance_scale']}, seed {quality['seed']}; compared "
+                f"with the {quality['n_reference']} real `{quality['reference']}` images; KID subset size "
+                f"{quality['kid_subset_size']}; grids: {', '.join(f'`{g}`' for g in quality['grids'].values())}")
+            floor = quality.get("real_vs_real_floor") or {}
+            if floor:
+                lines.append("- real-vs-real floor (two halves of the reference set): " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in floor.items() if v is not None and not k.endswith("_std")))
+        else:
+            lines.append("- no sample-quality metrics: run with --quality (and --digit_feature_weights / "
+                         "--inception_weights) for FD/KID")
+        lines.append("")
+    lines += [
+        "## Conventions",
+        "",
+        *[f"- **{k}**: {v}" for k, v in CONVENTIONS.items()],
+        "- The `base` rows attack the base model without any LoRA: with an IID split their AUC should be ~0.5 "
+        "(a sanity check against distribution shift between members and non-members).",
+        "- `paper h' [oracle ckpt]` picks h''s epoch on D_te itself, as the paper does (attacker-favourable); "
+        "`[honest ckpt]` picks it on held-out D_aux.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CSV
+
+
+def scores_csv(result: "EvalResult") -> str:
+    samples = result.samples
+    columns: list[tuple[str, Any]] = []
+    for model, score_sets in result.scores.items():
+        for s in score_sets:
+            columns.append((score_column(model, s.label), s.scores))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["file", "split", "label", *[name for name, _ in columns]])
+    for i, (path, split, label) in enumerate(zip(samples.rel_paths, samples.splits, samples.labels)):
+        writer.writerow([path, split, int(label), *[repr(float(values[i])) for _, values in columns]])
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _headline_labels(result: "EvalResult") -> list[str]:
+    return list(dict.fromkeys(r["label"] for r in result.rows if r["headline"]))
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 2)
+    return max(1, math.ceil(n / cols)), max(1, cols)
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_roc(result: "EvalResult", path: Path, loglog: bool) -> None:
+    """One panel per headline attack, one ROC curve per model (on D_te)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from library.eval.metrics import roc_curve
+
+    labels = _headline_labels(result)
+    rows, cols = _grid(len(labels))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
+    test = result.samples.test_index
+    y = result.samples.labels[test]
+    n_nm = int((y == 0).sum())
+    floor = 1.0 / max(n_nm, 1)
+    for ax, label in zip(axes.flat, labels):
+        for model, score_sets in result.scores.items():
+            for s in score_sets:
+                if s.label != label:
+                    continue
+                fpr, tpr, _ = roc_curve(y, s.scores[test])
+                auc = next(r["auc"] for r in result.rows if r["model"] == model and r["label"] == label)
+                if loglog:
+                    ax.loglog(np.clip(fpr, floor / 2, 1), np.clip(tpr, floor / 2, 1), label=f"{model} (AUC {auc:.3f})")
+                else:
+                    ax.plot(fpr, tpr, label=f"{model} (AUC {auc:.3f})")
+        if loglog:
+            ax.loglog([floor / 2, 1], [floor / 2, 1], "k:", lw=0.8)
+            ax.set_xlim(floor / 2, 1)
+            ax.set_ylim(floor / 2, 1)
+        else:
+            ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(label)
+        ax.set_xlabel("FPR")
+        ax.set_ylabel("TPR")
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(f"ROC on D_te ({int(y.sum())} members / {n_nm} non-members)" + (", log-log" if loglog else ""))
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_histograms(result: "EvalResult", path: Path) -> None:
+    """Member vs non-member score histograms on D_te: rows = models, columns = headline attacks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = _headline_labels(result)
+    models = list(result.scores)
+    fig, axes = plt.subplots(len(models), max(1, len(labels)), figsize=(3.6 * max(1, len(labels)), 2.6 * len(models)),
+                             squeeze=False)
+    test = result.samples.test_index
+    y = result.samples.labels[test]
+    for i, model in enumerate(models):
+        by_label = {s.label: s for s in result.scores[model]}
+        for j, label in enumerate(labels):
+            ax = axes[i, j]
+            s = by_label.get(label)
+            if s is None:
+                ax.axis("off")
+                continue
+            values = s.scores[test]
+            lo, hi = float(values.min()), float(values.max())
+            bins = np.linspace(lo, hi if hi > lo else lo + 1e-9, 25)
+            ax.hist(values[y == 1], bins=bins, alpha=0.6, label="member")
+            ax.hist(values[y == 0], bins=bins, alpha=0.6, label="non-member")
+            ax.set_title(f"{model}: {label}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
+    """Write every output file; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": output_dir / "report.json",
+        "markdown": output_dir / "report.md",
+        "csv": output_dir / "scores.csv",
+    }
+    atomic_write_text(paths["json"], json.dumps(report_dict(result), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], report_markdown(result))
+    atomic_write_text(paths["csv"], scores_csv(result))
+    if result.config.plots:
+        paths["roc"] = output_dir / "roc.png"
+        paths["roc_loglog"] = output_dir / "roc_loglog.png"
+        paths["hist"] = output_dir / "hist.png"
+        plot_roc(result, paths["roc"], loglog=False)
+        plot_roc(result, paths["roc_loglog"], loglog=True)
+        plot_histograms(result, paths["hist"])
+    return paths
+
+
+__all__ = ["CONVENTIONS", "REPORT_FORMAT", "report_dict", "report_markdown", "score_column", "scores_csv",
+           "write_report"]

@@ -1,0 +1,406 @@
+"""Orchestration of ``evaluate_mia.py``: manifest -> latents -> features per model -> attacks -> metrics -> report.
+
+Models: the base model (row ``base``, the sanity reference: with an IID split its AUC should be ~0.5) and every
+LoRA given. Samples: D_aux = member_aux + nonmember_aux (what attacks fit on) and D_te = member_test +
+nonmember_test (where every reported number comes from). Metric conventions (``docs/mia-anchors.md`` §3):
+
+* AUC from the full ROC; |AUC - 0.5| / 0.5 is the paper's Table 1 "AUC" column;
+* TPR at the largest FPR <= alpha (5 %, 1 %, 0.1 %), ``None`` ("n/a") when alpha * N_nonmembers < 1;
+* ASR, oracle: best-threshold balanced accuracy on D_te (threshold attacks) or h''s argmax accuracy at the epoch
+  chosen on D_te (the paper); ASR, honest: the threshold fitted on D_aux applied to D_te, or h' at the epoch chosen
+  on a held-out part of D_aux;
+* stratified percentile-bootstrap 95 % CIs for AUC and TPR@5%FPR.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from library.eval import metrics
+from library.eval.attacks import ATTACKS, Attack, AttackInputs, FeatureSet, ScoreSet
+from library.eval.attacks.calibrated import CalibratedLossAttack
+from library.eval.attacks.loss_threshold import LossThresholdAttack
+from library.eval.attacks.paper_mlp import PaperMLPAttack
+from library.errors import ConfigError, DataError
+from library.eval.config import EvalConfig
+from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
+from library.workers import WorkerPool
+
+EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
+FPR_TARGETS = (0.05, 0.01, 0.001)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BASE_NAME = "base"
+
+
+@dataclass
+class ModelSpec:
+    """One evaluated model: the base (``lora_path`` None) or base + one LoRA file."""
+
+    name: str
+    lora_path: Path | None = None
+    lora_sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSamples:
+    """The samples attacked, in the order member_aux, nonmember_aux, member_test, nonmember_test."""
+
+    samples: list[Sample]
+    rel_paths: list[str]
+    splits: list[str]
+    labels: np.ndarray  # 1 = member
+
+    @property
+    def aux_index(self) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.splits, ("member_aux", "nonmember_aux")))
+
+    @property
+    def test_index(self) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.splits, ("member_test", "nonmember_test")))
+
+
+@dataclass
+class EvalResult:
+    """Everything the report is written from."""
+
+    config: EvalConfig
+    models: list[ModelSpec]
+    samples: EvalSamples
+    features: dict[str, ModelFeatures]
+    scores: dict[str, list[ScoreSet]]  # model name -> score sets over ALL samples
+    rows: list[dict[str, Any]]  # one per (model, attack variant): metrics on D_te
+    info: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text) or "lora"
+
+
+def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
+    """The base model plus one spec per LoRA (unique names; files exist and belong to this split)."""
+    from networks.lora import lora_file_sha256, read_lora_metadata
+
+    specs = [ModelSpec(BASE_NAME)]
+    used = {BASE_NAME}
+    for file in config.network_weights:
+        path = Path(file)
+        sha = lora_file_sha256(path)  # ModelError for a missing file
+        meta = read_lora_metadata(path)  # ModelError for a file that is not safetensors
+        recorded = meta.get("smp_lora.manifest_sha256")
+        if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
+            raise DataError(
+                f"LoRA {path} was trained with another split manifest (sha256 {recorded[:12]}...) than "
+                f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
+                "pass the manifest it was trained with (or --allow_manifest_mismatch)"
+            )
+        name = _safe_name(path.stem)
+        candidate, n = name, 2
+        while candidate in used:
+            candidate, n = f"{name}-{n}", n + 1
+        used.add(candidate)
+        specs.append(ModelSpec(candidate, path, sha, {k: v for k, v in meta.items() if k.startswith(("smp_lora.", "ss_network", "ss_base"))}))
+    return specs
+
+
+def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:
+    """Read and verify the manifest; refuse empty splits. Returns (manifest, samples, manifest sha256)."""
+    from library.data.splits import manifest_sha256, read_manifest
+
+    path = config.split_manifest
+    assert path is not None
+    manifest = read_manifest(path, verify=True)  # DataError when an image changed or is missing
+    for name in EVAL_SPLITS:
+        if not getattr(manifest, name):
+            raise DataError(
+                f"split manifest {path}: split '{name}' is empty; membership evaluation needs members and "
+                "non-members in both D_aux and D_te — re-create the manifest with all four sizes > 0"
+            )
+    samples, rel, splits, labels = [], [], [], []
+    for name in EVAL_SPLITS:
+        for entry in getattr(manifest, name):
+            samples.append(Sample(manifest.abs_path(entry), entry.caption, entry.sha256))
+            rel.append(entry.path)
+            splits.append(name)
+            labels.append(1 if name.startswith("member") else 0)
+    return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), manifest_sha256(path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"'device' {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'device' {name!r} asks for CUDA but no GPU is available; use --device cpu")
+    return device
+
+
+def build_attacks(config: EvalConfig, device: torch.device) -> list[Attack]:
+    attacks: list[Attack] = []
+    for name in config.attacks:
+        if name == "paper":
+            attacks.append(PaperMLPAttack(
+                features=config.paper_features, epochs=config.paper_epochs, lr=config.paper_lr,
+                weight_decay=config.paper_weight_decay, batch_size=config.paper_batch_size,
+                dropout=config.paper_dropout, normalization=config.paper_normalization,
+                holdout_fraction=config.holdout_fraction, seed=config.seed, device=device))
+        elif name == "loss":
+            attacks.append(LossThresholdAttack())
+        elif name == "calibrated":
+            attacks.append(CalibratedLossAttack())
+        else:  # a registered attack without options
+            attacks.append(ATTACKS[name]())
+    return attacks
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def _tpr5(y: np.ndarray, s: np.ndarray) -> float | None:
+    return metrics.tpr_at_fpr(y, s, 0.05)
+
+
+def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Every number of one (model, attack variant) on D_te (``labels`` and the score set restricted to D_te)."""
+    y, s = labels, score_set.scores
+    auc = metrics.roc_auc(y, s)
+    out: dict[str, Any] = {
+        "n_members": int(y.sum()),
+        "n_nonmembers": int(y.size - y.sum()),
+        "auc": auc,
+        "auc_deviation": metrics.auc_deviation(auc),
+        "tpr_at_fpr": {str(a): metrics.tpr_at_fpr(y, s, a) for a in FPR_TARGETS},
+        "asr_oracle": None,
+        "asr_honest": None,
+    }
+    _, best_bal = metrics.best_threshold(y, s)
+    out["best_threshold_balanced_accuracy"] = best_bal
+    if score_set.kind == "threshold":
+        out["asr_oracle"] = best_bal
+        if score_set.threshold is not None:
+            tau = score_set.threshold
+            tpr, fpr = metrics.rates_at_threshold(y, s, tau)
+            out["asr_honest"] = 0.5 * (tpr + 1.0 - fpr)
+            out["honest_threshold"] = tau
+            out["honest_tpr"], out["honest_fpr"] = tpr, fpr
+    else:
+        assert score_set.member_probs is not None
+        asr = metrics.argmax_asr(y, score_set.member_probs)
+        out["asr_oracle" if score_set.checkpoint == "oracle" else "asr_honest"] = asr
+        out["argmax_asr"] = asr
+    if n_bootstrap > 0:
+        ci = metrics.bootstrap_ci(y, s, metrics.roc_auc, n_boot=n_bootstrap, seed=seed)
+        out["auc_ci"] = list(ci) if ci else None
+        ci5 = metrics.bootstrap_ci(y, s, _tpr5, n_boot=n_bootstrap, seed=seed) if _tpr5(y, s) is not None else None
+        out["tpr_at_5pct_fpr_ci"] = list(ci5) if ci5 else None
+    else:
+        out["auc_ci"] = out["tpr_at_5pct_fpr_ci"] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _feature_set(features: ModelFeatures, timesteps: tuple[int, ...]) -> FeatureSet:
+    paper = None if features.paper is None else features.paper.numpy()
+    return FeatureSet(features.losses.double().numpy(), timesteps, paper)
+
+
+def load_bundle(config: EvalConfig, device: torch.device) -> Any:
+    """The base model on ``device`` in the evaluation dtype."""
+    from library.sd.models import load_sd_model
+
+    assert config.pretrained_model_name_or_path is not None
+    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
+                           dtype=DTYPES[config.mixed_precision])
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        module.to(device)
+    return bundle
+
+
+_PROCESS_BUNDLE: dict[tuple, Any] = {}
+
+
+def process_bundle(config: EvalConfig, device: torch.device) -> Any:
+    """A worker process's base model, loaded once and reused by its later jobs (features, then samples)."""
+    key = (config.pretrained_model_name_or_path, config.tokenizer_path, config.mixed_precision, str(device))
+    if key not in _PROCESS_BUNDLE:
+        _PROCESS_BUNDLE.clear()
+        _PROCESS_BUNDLE[key] = load_bundle(config, device)
+    return _PROCESS_BUNDLE[key]
+
+
+@dataclass
+class FeatureJob:
+    """One model's feature computation: everything a worker process needs besides the base model."""
+
+    config: EvalConfig
+    spec: ModelSpec
+    settings: FeatureSettings
+    samples: list[Sample]
+    latents: torch.Tensor
+    base_fingerprint: str
+    manifest_sha: str
+    device: torch.device
+
+
+def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, float]:
+    """(features, seconds) of one model; ``bundle`` None = this process's own copy (a worker)."""
+    config = job.config
+    in_worker = bundle is None
+    engine = FeatureEngine(process_bundle(config, job.device) if in_worker else bundle, job.settings,
+                           device=job.device, dtype=DTYPES[config.mixed_precision], batch_size=config.batch_size,
+                           cache_dir=None if config.no_cache else _cache_root(config) / "features",
+                           base_fingerprint=job.base_fingerprint, manifest_sha256=job.manifest_sha,
+                           progress=config.progress_bar and not in_worker)  # bars of several processes interleave
+    t0 = time.perf_counter()
+    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256)
+    return features, time.perf_counter() - t0
+
+
+def _cache_root(config: EvalConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
+
+
+def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples, manifest_sha: str,
+                     device: torch.device, info: dict[str, Any], pool: WorkerPool) -> dict[str, ModelFeatures]:
+    """Load the base model, encode latents once, then features of every model (cached; ``pool.jobs`` at once)."""
+    from library.data.dataset import LatentCache
+    from library.sd.models import fingerprint, vae_fingerprint
+    from networks.lora import create_network_from_weights
+
+    dtype = DTYPES[config.mixed_precision]
+    t0 = time.perf_counter()
+    bundle = load_bundle(config, device)
+    # Fail fast on a LoRA for another model, before any long feature computation.
+    for spec in specs:
+        if spec.lora_path is not None:
+            create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+    base_fp = fingerprint(bundle)
+    info["base_fingerprint"] = base_fp
+    latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
+                               None if config.no_cache else _cache_root(config) / "latents",
+                               batch_size=config.vae_batch_size)
+    latents = latent_cache.get_many([s.path for s in samples.samples])
+    info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
+    settings = FeatureSettings(
+        timesteps=tuple(config.timesteps), num_noise_draws=config.num_noise_draws, seed=config.seed,
+        paper_features=config.paper_features if "paper" in config.attacks else None,
+        paper_min_timestep=config.paper_min_timestep, paper_max_timestep=config.paper_max_timestep,
+        resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
+        multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
+    )
+    jobs = [FeatureJob(config, spec, settings, samples.samples, latents, base_fp, manifest_sha, device)
+            for spec in specs]
+    if pool.parallel:
+        del bundle, latent_cache  # the workers load their own copies
+        results = pool.map(model_features, jobs)
+    else:
+        results = [model_features(job, bundle) for job in jobs]
+    features = {spec.name: f for spec, (f, _) in zip(specs, results)}
+    info["timing_s"].update({f"features[{spec.name}]": seconds for spec, (_, seconds) in zip(specs, results)})
+    info["feature_settings"] = settings.as_dict()
+    info["feature_cache"] = {name: {"key": f.cache_key, "hit": f.cache_hit} for name, f in features.items()}
+    return features
+
+
+@dataclass
+class AttackJob:
+    """Every attack on one model: fit on D_aux, score every sample, metrics on D_te."""
+
+    config: EvalConfig
+    model: str
+    inputs: AttackInputs
+    samples: EvalSamples
+    device: torch.device
+
+
+def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], dict[str, Any]]:
+    """(score sets over all samples, one metrics row per attack variant, the attacks' settings) of one model."""
+    config, inputs = job.config, job.inputs
+    aux, test, labels = job.samples.aux_index, job.samples.test_index, job.samples.labels
+    score_sets: list[ScoreSet] = []
+    rows: list[dict[str, Any]] = []
+    settings: dict[str, Any] = {}
+    for attack in build_attacks(config, job.device):
+        attack.fit(inputs.subset(aux), labels[aux], oracle=(inputs.subset(test), labels[test]))
+        settings[attack.name] = attack.settings()
+        for score_set in attack.score(inputs):
+            score_sets.append(score_set)
+            test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],
+                                   "member_probs": None if score_set.member_probs is None
+                                   else score_set.member_probs[test]})
+            row = {"model": job.model, "attack": score_set.attack, "variant": score_set.variant,
+                   "label": score_set.label, "kind": score_set.kind, "headline": score_set.headline,
+                   "checkpoint": score_set.checkpoint}
+            row.update(score_metrics(labels[test], test_set, config.n_bootstrap, config.seed))
+            row["info"] = {k: v for k, v in score_set.info.items() if k != "curve_asr"}
+            if "curve_asr" in score_set.info:
+                row["info"]["selection_curve_asr"] = score_set.info["curve_asr"]
+            rows.append(row)
+    return score_sets, rows, settings
+
+
+def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples, features: dict[str, ModelFeatures],
+                device: torch.device, pool: WorkerPool,
+                ) -> tuple[dict[str, list[ScoreSet]], list[dict[str, Any]], dict[str, Any]]:
+    """Fit every attack on D_aux and score every sample, for every model (``pool.jobs`` at once); metrics on D_te."""
+    timesteps = tuple(config.timesteps)
+    base = _feature_set(features[BASE_NAME], timesteps)
+    jobs = [AttackJob(config, spec.name, AttackInputs(_feature_set(features[spec.name], timesteps), base), samples,
+                      device) for spec in specs]
+    results = pool.map(attack_model, jobs)
+    all_scores = {spec.name: score_sets for spec, (score_sets, _, _) in zip(specs, results)}
+    rows = [row for _, model_rows, _ in results for row in model_rows]
+    attack_settings = {name: value for _, _, settings in results for name, value in settings.items()}
+    return all_scores, rows, attack_settings
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Run the whole evaluation and write the report into ``config.output_dir``."""
+    from library.eval import quality, report
+
+    started = time.time()
+    manifest, samples, manifest_sha = load_samples(config)
+    specs = model_specs(config, manifest_sha)
+    device = resolve_device(config.device)
+    # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
+    extractors = quality.load_extractors(config, device) if config.quality else []
+    info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
+                            "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
+                            "device": str(device)}
+    with WorkerPool(config.jobs) as pool:
+        features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
+        t0 = time.perf_counter()
+        scores, rows, attack_settings = run_attacks(config, specs, samples, features, device, pool)
+        info["timing_s"]["attacks_and_metrics"] = time.perf_counter() - t0
+        info["attack_settings"] = attack_settings
+        # Utility (library.eval.quality): held-out losses always (free: the attack features hold them); samples,
+        # grids and FD/KID with --quality.
+        info["utility"] = quality.heldout_losses(features, samples.splits)
+        if config.quality:
+            t0 = time.perf_counter()
+            info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
+                                                  Path(config.output_dir), info["utility"], pool)
+            info["timing_s"]["quality"] = time.perf_counter() - t0
+    info["started"] = started
+    result = EvalResult(config, specs, samples, features, scores, rows, info)
+    report.write_report(result, Path(config.output_dir))
+    return result
+
+
+__all__ = ["BASE_NAME", "EvalResult", "EvalSamples", "ModelSpec", "evaluate", "load_samples", "model_specs",
+           "score_metrics"]

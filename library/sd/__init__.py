@@ -1,0 +1,1 @@
+"""Stable Diffusion building blocks: model bundle and loading, text conditioning, the diffusion maths, sampling."""

@@ -1,0 +1,217 @@
+"""The training configuration shared by ``train_lora.py``, ``train_mp_lora.py`` and ``train_smp_lora.py``.
+
+Flag names follow kohya sd-scripts where a flag exists there; the privacy flags are this project's.
+Defaults are the paper's (Table 5 / App. E): r 64 / alpha 32, UNet lr 1e-4, text-encoder lr 1e-5,
+lambda 0.05, delta 1e-5, attacker Adam lr 1e-5 with weight decay 1e-4, k = 1, batch size 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from library.config import option
+from library.errors import ConfigError
+
+METHODS = ("lora", "mp_lora", "smp_lora")  # the paper's three (the demo trains these)
+BASELINES = ("relaxloss", "dp_lora")  # issue 7's reviewer baselines (library.train.methods, library.train.dp)
+ALL_METHODS = METHODS + BASELINES
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    pretrained_model_name_or_path: Optional[str] = option(
+        None, "SD v1.x base model: a local diffusers folder or a single .safetensors checkpoint")
+    tokenizer_path: Optional[str] = option(
+        None, "local CLIP tokenizer folder (needed for a single-file checkpoint that carries none)")
+
+    # --- data --------------------------------------------------------------------------------
+    split_manifest: Optional[str] = option(
+        None, "split manifest JSON (scripts/make_split.py): the LoRA trains on its members (D_tr); "
+        "MP/SMP-LoRA also use its aux sets (D^m_aux, D^nm_aux)")
+    train_data_dir: Optional[str] = option(
+        None, "plain LoRA only: train on every image of this captioned folder instead of a manifest")
+    caption_extension: str = option(".txt", "caption file extension for --train_data_dir")
+    resolution: int = option(512, "square training resolution in pixels (resize short side + centre crop)")
+    cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents")
+    cache_latents_to_disk: bool = option(False, "also keep cached latents on disk (under <output_dir>/latent_cache)")
+    latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)")
+    vae_batch_size: int = option(8, "batch size for VAE encoding when caching latents")
+    shuffle_caption: bool = option(False, "shuffle comma-separated caption tags every time a caption is used")
+    keep_tokens: int = option(0, "with --shuffle_caption: keep the first N tags in place")
+    max_token_length: Optional[int] = option(None, "75 (default), 150 or 225 tokens of caption", choices=[75, 150, 225])
+    clip_skip: int = option(1, "use the output of the N-th last CLIP layer (2 = penultimate, as the paper's runs)")
+
+    # --- network -----------------------------------------------------------------------------
+    network_module: str = option("networks.lora", "LoRA network module (only the built-in one is allowed)",
+                                 choices=["networks.lora"])
+    network_dim: int = option(64, "LoRA rank r")
+    network_alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank)")
+    network_dropout: Optional[float] = option(None, "dropout on the LoRA down-projection output")
+    network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file")
+    network_train_unet_only: bool = option(False, "train the UNet LoRA only (no text-encoder LoRA)")
+    network_args: list[str] = option(
+        [], "key=value options for the network module, as sd-scripts: conv_dim=R conv_alpha=A also adapts the "
+        "ResNet blocks' 3x3 convs (LoCon)")
+
+    # --- optimisation ------------------------------------------------------------------------
+    seed: int = option(1337, "random seed (data order, noise, initialisation)")
+    train_batch_size: int = option(1, "training batch size per process")
+    max_train_epochs: Optional[int] = option(None, "number of epochs over D_tr (overrides max_train_steps)")
+    max_train_steps: int = option(1600, "number of optimisation steps")
+    gradient_accumulation_steps: int = option(1, "accumulate gradients over N batches")
+    learning_rate: float = option(1e-4, "default learning rate")
+    unet_lr: Optional[float] = option(None, "UNet LoRA learning rate (default: learning_rate)")
+    text_encoder_lr: Optional[float] = option(1e-5, "text-encoder LoRA learning rate (default: learning_rate)")
+    optimizer_type: str = option("AdamW", "optimizer (AdamW8bit needs bitsandbytes)", choices=["AdamW", "AdamW8bit"])
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    lr_scheduler: str = option("constant", "learning-rate schedule",
+                               choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule")
+    max_grad_norm: float = option(1.0, "clip the LoRA gradient to this global L2 norm (0 disables)")
+    grad_normalize: bool = option(False, "normalise the LoRA gradient to unit L2 norm (paper Table 10 baseline)")
+    mixed_precision: str = option("no", "autocast precision", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
+    min_timestep: int = option(0, "smallest diffusion timestep sampled in training")
+    max_timestep: int = option(1000, "one past the largest diffusion timestep sampled in training")
+
+    # --- privacy (MP-LoRA / SMP-LoRA) --------------------------------------------------------
+    privacy_lambda: float = option(0.05, "lambda of Eq. 6 / Eq. 10 (paper 0.05; upstream launchers used 1)")
+    privacy_delta: float = option(1e-5, "delta of Eq. 10, keeps the SMP denominator away from 0")
+    attacker_lr: float = option(1e-5, "proxy attacker Adam learning rate (eta_1)")
+    attacker_weight_decay: float = option(1e-4, "proxy attacker Adam weight decay")
+    attacker_batch_size: int = option(1, "members and (as many) non-members per attacker step")
+    attacker_dropout: float = option(0.5, "dropout in the proxy attacker MLP")
+    k_steps: int = option(1, "attacker updates per LoRA update")
+    attacker_features: str = option(
+        "error_map", "what the proxy sees: the per-element squared error map (upstream), the per-sample "
+        "loss, or the losses at --attacker_timesteps", choices=["error_map", "loss", "multi_t_loss"])
+    attacker_timesteps: list[int] = option([50, 100, 200, 350], "timesteps for --attacker_features multi_t_loss")
+    attacker_noise: str = option(
+        "fresh", "the proxy's (t, eps): a fresh draw every time (paper), or fixed: one draw per (image, t), the same "
+        "every time (paired, low variance; see library.train.proxy_features)", choices=["fresh", "fixed"])
+    attacker_calibration: str = option(
+        "none", "base: the proxy sees loss(LoRA) - loss(frozen base) for the same (t, eps), the signal of the strongest "
+        "evaluation attack (cached once with fixed noise, one more no-grad pass with fresh noise; needs loss "
+        "features and a normalisation without log)", choices=["none", "base"])
+    attacker_restart: str = option(
+        "none", "every --attacker_restart_every_n_epochs: reinit = a freshly initialised proxy, warm = reset its Adam "
+        "state only", choices=["none", "reinit", "warm"])
+    attacker_restart_every_n_epochs: int = option(10, "epochs between proxy restarts (with --attacker_restart)")
+    attacker_normalization: str = option(
+        "log_standardize", "feature normalisation inside the proxy", choices=["none", "log", "standardize",
+                                                                              "log_standardize"])
+    update_order: str = option("attacker_first", "Algorithm 1 order, or lora_first as the upstream code",
+                               choices=["attacker_first", "lora_first"])
+    g_noise: str = option("reuse", "G on the training batch reuses L_ada's (t, eps) forward, or draws fresh "
+                          "noise with a second UNet pass (upstream)", choices=["reuse", "independent"])
+    g_member_weight: float = option(1.0, "weight of the member term of G on D_tr (0.5 = literal Eq. 5)")
+    attacker_eval_every_n_epochs: int = option(1, "monitor the proxy's accuracy on D_aux / D_te every N epochs")
+
+    # --- baselines (train_relaxloss.py, train_dp_lora.py) ------------------------------------------
+    relaxloss_alpha: Optional[float] = option(
+        None, "RelaxLoss target: descend L_ada above it, ascend below (absolute; near the base model's held-out loss)")
+    dp_noise_multiplier: float = option(1.0, "DP-SGD: Gaussian noise std as a multiple of dp_clip_norm (sigma)")
+    dp_clip_norm: float = option(1.0, "DP-SGD: per-sample gradient L2 clip over all LoRA parameters (C)")
+    dp_delta: float = option(1e-5, "DP-SGD: the delta of the reported (epsilon, delta); keep it below 1/|D_tr|")
+
+    # --- smoothness analysis (paper Fig. 1b) ---------------------------------------------------
+    track_smoothness: bool = option(False, "log gradient norms and top Hessian eigenvalues (slow)")
+    hessian_every_n_steps: int = option(100, "with --track_smoothness: Hessian power iteration every N steps")
+
+    # --- output ------------------------------------------------------------------------------
+    output_dir: str = option("output", "where LoRA files, states and logs go")
+    output_name: Optional[str] = option(None, "base name of the output files (default: the method name)")
+    save_precision: str = option("fp16", "dtype of the saved LoRA", choices=["float", "fp16", "bf16"])
+    save_every_n_epochs: Optional[int] = option(None, "also save a LoRA every N epochs")
+    save_every_n_steps: Optional[int] = option(None, "also save a LoRA every N steps")
+    save_state: bool = option(False, "save a resumable training state with every LoRA save and at the end")
+    resume: Optional[str] = option(None, "resume from a state directory written by --save_state")
+    logging_dir: Optional[str] = option(None, "tensorboard log directory (default: none)")
+    log_every_n_steps: int = option(10, "how often step metrics are logged")
+    sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training")
+    sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
+    sample_steps: int = option(20, "sampler steps for training-time samples")
+    progress_bar: bool = option(True, "show a tqdm progress bar")
+    dry_run: bool = option(False, "validate model, data and config, print the plan and exit without training")
+
+    @property
+    def network_kwargs(self) -> dict[str, str]:
+        """``network_args`` as the keyword arguments of ``networks.lora.create_network``."""
+        kwargs: dict[str, str] = {}
+        for item in self.network_args:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"'network_args' entries are key=value (e.g. conv_dim=8), got {item!r}")
+            kwargs[key.strip()] = value.strip()
+        return kwargs
+
+    def validate(self) -> None:
+        """Cross-field checks; each failure is one ConfigError line naming the flag."""
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("'pretrained_model_name_or_path' is required (a diffusers folder or a .safetensors file)")
+        if bool(self.split_manifest) == bool(self.train_data_dir):
+            raise ConfigError("give exactly one of 'split_manifest' or 'train_data_dir'")
+        positive = ["resolution", "network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                    "vae_batch_size", "attacker_batch_size", "k_steps", "log_every_n_steps", "clip_skip",
+                    "hessian_every_n_steps", "attacker_eval_every_n_epochs", "sample_steps",
+                    "attacker_restart_every_n_epochs"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs"]:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {value}")
+        if self.privacy_lambda < 0 or not math.isfinite(self.privacy_lambda):
+            raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
+        if self.privacy_delta <= 0:
+            raise ConfigError(f"'privacy_delta' must be > 0, got {self.privacy_delta}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")
+        if any(not 0 <= t < 1000 for t in self.attacker_timesteps) or not self.attacker_timesteps:
+            raise ConfigError("'attacker_timesteps' must be a non-empty list of integers in [0, 1000)")
+        self._validate_proxy_features()
+        overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder"} & set(self.network_kwargs)
+        if overlap:
+            raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
+                              "--network_train_unet_only instead")
+        if self.resolution % 8:
+            raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
+        if not self.cache_latents:
+            raise ConfigError("'cache_latents = false' is not supported: latents are always cached (no image "
+                              "augmentation is applied, so caching changes nothing but speed)")
+        if self.max_grad_norm < 0:
+            raise ConfigError("'max_grad_norm' must be >= 0 (0 disables clipping)")
+        if not 0 <= self.attacker_dropout < 1:
+            raise ConfigError("'attacker_dropout' must be in [0, 1)")
+
+    def _validate_proxy_features(self) -> None:
+        from library.train.proxy_features import ProxyFeatures  # noqa: PLC0415 - lazy: keeps --help fast
+
+        ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,
+                      calibration=self.attacker_calibration)  # ConfigError for an impossible combination
+        if self.attacker_calibration == "base" and "log" in self.attacker_normalization:
+            raise ConfigError(f"'attacker_calibration = base' gives signed features (LoRA minus base), which "
+                              f"'attacker_normalization = {self.attacker_normalization}' would take the log of; "
+                              "use standardize (or none)")
+
+    def validate_for_method(self, method: str) -> None:
+        """Checks that depend on which training script runs (one ConfigError line each)."""
+        if method not in ALL_METHODS:
+            raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(ALL_METHODS)}")
+        if method == "relaxloss" and not (self.relaxloss_alpha is not None and self.relaxloss_alpha > 0):
+            raise ConfigError("RelaxLoss needs 'relaxloss_alpha' > 0 (the members' target loss; start near the base "
+                              "model's loss, the l_ada logged at the first steps)")
+        if method == "dp_lora":
+            if self.dp_noise_multiplier < 0 or self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
+                raise ConfigError("DP-SGD needs 'dp_noise_multiplier' >= 0, 'dp_clip_norm' > 0 and 0 < 'dp_delta' < 1")
+            refused = {"gradient_accumulation_steps": self.gradient_accumulation_steps > 1,
+                       "mixed_precision = fp16": self.mixed_precision == "fp16",
+                       "track_smoothness": self.track_smoothness, "grad_normalize": self.grad_normalize}
+            for flag, used in refused.items():
+                if used:
+                    raise ConfigError(f"DP-SGD does not support '{flag}' (per-sample gradients are taken from one "
+                                      "batch in fp32/bf16); drop it")

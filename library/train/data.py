@@ -1,0 +1,90 @@
+"""What the training loop trains on: records from the split manifest (or a plain folder) and their latents.
+
+Training reads only the manifest: D_tr = D^m_aux ∪ D^m_te are the members the LoRA fits; MP/SMP-LoRA's
+proxy attacker also sees D^m_aux and D^nm_aux. An image that appears in several roles (a D^m_aux image is
+also in D_tr) gets one latent, cached once (upstream cached it twice with different VAE samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.data.dataset import ImageCaption, LatentCache, scan_dataset
+from library.errors import DataError
+from library.sd.models import ModelBundle, vae_fingerprint
+from library.data.splits import SplitManifest, manifest_sha256, read_manifest
+from library.train.config import TrainConfig
+
+
+@dataclass
+class LabelledSet:
+    """Images with their captions and clean latents."""
+
+    paths: list[Path]
+    captions: list[str]
+    latents: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class TrainingData:
+    members: LabelledSet  # D_tr
+    member_aux: LabelledSet | None = None  # D^m_aux (subset of D_tr)
+    nonmember_aux: LabelledSet | None = None  # D^nm_aux
+    member_test: LabelledSet | None = None  # D^m_te (subset of D_tr)
+    nonmember_test: LabelledSet | None = None  # D^nm_te
+    manifest_sha256: str | None = None
+
+    def sets(self) -> list[LabelledSet]:
+        return [s for s in (self.members, self.member_aux, self.nonmember_aux, self.member_test,
+                            self.nonmember_test) if s is not None]
+
+
+def _labelled(manifest: SplitManifest, entries) -> LabelledSet:
+    return LabelledSet([manifest.abs_path(e) for e in entries], [e.caption for e in entries])
+
+
+def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
+    """Resolve the images to train on (verifying the manifest's hashes); no model work yet."""
+    if config.split_manifest:
+        manifest = read_manifest(config.split_manifest, verify=True)
+        data = TrainingData(
+            members=_labelled(manifest, manifest.members()),
+            member_aux=_labelled(manifest, manifest.member_aux),
+            nonmember_aux=_labelled(manifest, manifest.nonmember_aux),
+            member_test=_labelled(manifest, manifest.member_test),
+            nonmember_test=_labelled(manifest, manifest.nonmember_test),
+            manifest_sha256=manifest_sha256(config.split_manifest),
+        )
+        if needs_aux and (len(data.member_aux) == 0 or len(data.nonmember_aux) == 0):
+            raise DataError(f"{config.split_manifest}: MP/SMP-LoRA need non-empty member_aux and nonmember_aux "
+                            "sets (re-run scripts/make_split.py with aux sizes > 0)")
+    else:
+        if needs_aux:
+            raise DataError("MP/SMP-LoRA need a split manifest (--split_manifest) to know the auxiliary "
+                            "member and non-member sets; --train_data_dir is for plain LoRA")
+        records: list[ImageCaption] = scan_dataset(config.train_data_dir, config.caption_extension)
+        paths, captions = [], []
+        for record in records:  # kohya's <repeats>_<name> folders: repeat the image in the epoch
+            paths += [record.path] * record.repeats
+            captions += [record.caption] * record.repeats
+        data = TrainingData(members=LabelledSet(paths, captions))
+    if len(data.members) == 0:
+        raise DataError("the training set (members) is empty")
+    return data
+
+
+def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig, device: torch.device) -> None:
+    """Encode every image once with the VAE (cached in memory, and on disk if asked)."""
+    cache_dir = None
+    if config.cache_latents_to_disk:
+        cache_dir = Path(config.latent_cache_dir or Path(config.output_dir) / "latent_cache")
+    cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, cache_dir,
+                        batch_size=config.vae_batch_size)
+    for labelled in data.sets():
+        labelled.latents = cache.get_many(labelled.paths).to(device)

@@ -1,0 +1,393 @@
+"""Training methods as strategies plugged into the one loop of :mod:`library.train.trainer`.
+
+* :class:`PlainLoRA` — minimise L_ada (Eq. 3). The baseline.
+* :class:`AdversarialLoRA` — the min-max game of Algorithm 1 (SMP-LoRA) / Algorithm 2 (MP-LoRA). The two
+  differ only in the objective the LoRA minimises: ``objective="mp"`` is Eq. 6, L_ada + lambda*G;
+  ``objective="smp"`` is Eq. 10, L_ada / (1 - lambda*G + delta).
+* Baselines a reviewer asks for (issue 7): :class:`RelaxLoss` (a loss-level target for members) and
+  :class:`DPLoRA` (DP-SGD on the LoRA parameters, :mod:`library.train.dp`). Early stopping needs no strategy: it is
+  plain LoRA saved every N epochs (``--save_every_n_epochs``), each file an early-stopped model.
+
+Per training iteration (Algorithm 1):
+  lines 4-6  :meth:`attacker_phase` — balanced batches S^m from D^m_aux and S^nm from D^nm_aux, their
+             features from the *current* LoRA under ``no_grad`` (the attacker never backpropagates into
+             the UNet), ``k_steps`` Adam steps ascending G (Eq. 5).
+  lines 7-9  :meth:`lora_loss` — on the fresh D_tr batch, G over its members only (Eq. 6/10) and the
+             method's loss. In ``g_noise="reuse"`` mode (default) the attacker reads the error map of the
+             very forward that gave L_ada: one differentiable UNet pass instead of two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from library.sd.diffusion import NoiseDraw
+from library.train.proxy_features import BaseFeatureCache, ProxyFeatures, features_from_errors
+from library.privacy import ProxyAttacker, attacker_loss, mi_gain_members, privacy_loss_terms
+from library.train.samplers import EpochCyclingSampler
+from library.train.config import ALL_METHODS, TrainConfig
+
+
+@dataclass
+class ForwardResult:
+    """The differentiable forward of a D_tr batch (Eq. 1-3)."""
+
+    errors: torch.Tensor  # (B, C, H, W) squared errors, with grad
+    losses: torch.Tensor  # (B,) per-sample l_ada
+    latents: torch.Tensor
+    conditioning: torch.Tensor
+    keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
+
+
+@dataclass
+class AuxData:
+    """Clean latents, captions and keys (image paths) of the attacker's auxiliary sets D^m_aux and D^nm_aux."""
+
+    member_latents: torch.Tensor
+    member_captions: list[str]
+    nonmember_latents: torch.Tensor
+    nonmember_captions: list[str]
+    member_keys: list[str] = field(default_factory=list)
+    nonmember_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """What a method may use from the loop: the patched UNet and how to condition and noise it."""
+
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    encode_text: Callable[[list[str]], torch.Tensor]
+    noise_generator: torch.Generator
+    reduce_gradients: Callable[[list[torch.nn.Parameter]], None]
+    all_reduce_mean: Callable[[list[torch.Tensor]], None]
+    autocast: Callable[[], ContextManager]
+    min_timestep: int
+    max_timestep: int
+    base_model: Callable[[], ContextManager] | None = None  # the LoRA switched off for the block
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingMethod:
+    """The hooks the loop calls; every one is a no-op here, so a method overrides only what it changes."""
+
+    name = "method"
+    has_attacker = False
+
+    def attacker_phase(self, ctx: StepContext) -> dict[str, float]:
+        """Algorithm 1, lines 4-6 (MP/SMP-LoRA only)."""
+        return {}
+
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def process_gradients(self, batch_size: int) -> dict[str, float]:
+        """Called between backward and the optimiser step (DP-SGD replaces the gradients here)."""
+        return {}
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+
+class PlainLoRA(TrainingMethod):
+    """Plain LoRA: the loop with no privacy term."""
+
+    name = "lora"
+
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        l_ada = result.losses.mean()  # Eq. 3
+        return l_ada, {"l_ada": l_ada.item()}
+
+
+class RelaxLoss(PlainLoRA):
+    """RelaxLoss (Chen et al., ICLR 2022, Alg. 1) for the denoising loss: descend L_ada while it is above the
+    target alpha, ascend it while below, so the members' loss hovers at alpha instead of going to ~0.
+
+    The classification-specific half of RelaxLoss (posterior flattening on alternate epochs) has no analogue
+    for a regression loss and is left out. alpha is absolute (``--relaxloss_alpha``): set it near the base
+    model's loss on held-out images (the trainer logs ``l_ada`` from step 1, when the LoRA is still the base).
+    """
+
+    name = "relaxloss"
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = float(alpha)
+
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        l_ada = result.losses.mean()
+        ascending = bool(l_ada.item() < self.alpha)
+        loss = -l_ada if ascending else l_ada
+        return loss, {"l_ada": l_ada.item(), "loss": loss.item(), "relax_ascending": float(ascending)}
+
+    def metadata(self) -> dict[str, str]:
+        return {"smp_lora.relaxloss_alpha": str(self.alpha)}
+
+
+class DPLoRA(PlainLoRA):
+    """Plain LoRA trained with DP-SGD (:class:`library.train.dp.DPSGD`); epsilon is logged every epoch and saved."""
+
+    name = "dp_lora"
+
+    def __init__(self, config: TrainConfig, network: torch.nn.Module, params: list[torch.nn.Parameter],
+                 num_members: int) -> None:
+        from library.train.dp import DPSGD  # noqa: PLC0415 - opacus only when DP is asked for
+
+        self.config = config
+        self.dp = DPSGD(network, params, noise_multiplier=config.dp_noise_multiplier, clip_norm=config.dp_clip_norm,
+                        sample_rate=min(1.0, config.train_batch_size / num_members), delta=config.dp_delta,
+                        seed=config.seed + 5)
+
+    def process_gradients(self, batch_size: int) -> dict[str, float]:
+        return self.dp.privatize(batch_size)
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {"dp_epsilon": self.dp.epsilon()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dp.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dp.load_state_dict(state)
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {"smp_lora.dp_noise_multiplier": str(cfg.dp_noise_multiplier),
+                "smp_lora.dp_clip_norm": str(cfg.dp_clip_norm), "smp_lora.dp_delta": str(cfg.dp_delta),
+                "smp_lora.dp_epsilon": f"{self.dp.epsilon():.4g}",
+                "smp_lora.dp_accountant": "opacus RDP, q = batch / |D_tr| (shuffled batches, not Poisson)"}
+
+
+class AdversarialLoRA(TrainingMethod):
+    """MP-LoRA (Eq. 6) or SMP-LoRA (Eq. 10) with a proxy attacker h_w trained on D_aux (Eq. 5)."""
+
+    has_attacker = True
+
+    def __init__(self, config: TrainConfig, objective: str, aux: AuxData, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        if objective not in ("mp", "smp"):
+            raise ValueError(f"objective must be 'mp' or 'smp', got {objective!r}")
+        self.name = "mp_lora" if objective == "mp" else "smp_lora"
+        self.objective = objective
+        self.config = config
+        self.aux = aux
+        self.device = device
+        self.features = ProxyFeatures(
+            kind=config.attacker_features, timesteps=tuple(config.attacker_timesteps), noise=config.attacker_noise,
+            calibration=config.attacker_calibration, seed=config.seed, min_timestep=config.min_timestep,
+            max_timestep=config.max_timestep)
+        self.base_features = BaseFeatureCache()
+        self.in_features = self.features.dim(tuple(aux.member_latents.shape[1:]))
+        self.restarts = 0
+        self._new_attacker(config.seed + 1)
+        seed = config.seed + 2
+        self.member_sampler = EpochCyclingSampler(len(aux.member_captions), config.attacker_batch_size,
+                                                  seed, rank, world_size, what="D^m_aux (--attacker_batch_size)")
+        self.nonmember_sampler = EpochCyclingSampler(len(aux.nonmember_captions), config.attacker_batch_size,
+                                                     seed + 1, rank, world_size,
+                                                     what="D^nm_aux (--attacker_batch_size)")
+
+    def _new_attacker(self, seed: int) -> None:
+        """A freshly initialised h_w and its optimiser (seeded apart from the LoRA's initialisation)."""
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.attacker = ProxyAttacker(
+                self.in_features, dropout=cfg.attacker_dropout, normalization=cfg.attacker_normalization,
+                # losses at different t differ in scale by orders of magnitude: one mean/var per timestep
+                per_feature_stats=cfg.attacker_features == "multi_t_loss",
+            ).to(self.device)
+        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
+                                          weight_decay=cfg.attacker_weight_decay)
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        """``--attacker_restart``: every N epochs a new h_w (``reinit``) or a reset of its Adam state (``warm``).
+
+        Why: a proxy that has fallen into a poor optimum (or that the LoRA has learnt to fool) keeps the G
+        term near a constant; a fresh attacker re-measures what the LoRA leaks now.
+        """
+        cfg = self.config
+        if cfg.attacker_restart == "none" or epoch % cfg.attacker_restart_every_n_epochs:
+            return {}
+        self.restarts += 1
+        if cfg.attacker_restart == "reinit":
+            self._new_attacker(cfg.seed + 1 + 1000 * self.restarts)
+        else:
+            self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
+                                              weight_decay=cfg.attacker_weight_decay)
+        return {"attacker_restarts": float(self.restarts)}
+
+    def cache_base_features(self, ctx: StepContext, latents: torch.Tensor, captions: list[str],
+                            keys: list[str]) -> None:
+        """``--attacker_calibration base`` with fixed noise: the base model's features of these samples, once,
+        before training."""
+        if not self.features.caches_base:
+            return
+        if ctx.base_model is None:
+            raise ValueError("base-calibrated features need the step context's base_model switch")
+        index = {key: i for i, key in enumerate(keys)}
+
+        def compute(chunk: list[str]) -> torch.Tensor:
+            rows = [index[k] for k in chunk]
+            return self._raw_features(ctx, latents[rows], chunk, [captions[i] for i in rows])
+
+        self.base_features.fill(keys, compute, ctx.base_model, batch_size=max(1, 64 // len(self.features.timesteps)))
+
+    # ---- Algorithm 1, lines 4-6 --------------------------------------------------------------
+    def attacker_phase(self, ctx: StepContext) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        self.attacker.train()
+        for _ in range(self.config.k_steps):
+            member_idx = self.member_sampler.next_indices()
+            nonmember_idx = self.nonmember_sampler.next_indices()
+            latents = torch.cat([self.aux.member_latents[member_idx], self.aux.nonmember_latents[nonmember_idx]])
+            captions = [self.aux.member_captions[i] for i in member_idx] + \
+                       [self.aux.nonmember_captions[i] for i in nonmember_idx]
+            keys = [self.aux.member_keys[i] for i in member_idx] + [self.aux.nonmember_keys[i] for i in nonmember_idx]
+            with torch.no_grad():  # the attacker step never backpropagates into the LoRA
+                features = self._features(ctx, latents, keys, captions)
+            logits = self.attacker(features)
+            n_members = len(member_idx)
+            loss = attacker_loss(logits[:n_members], logits[n_members:])  # = -G (Eq. 5): ascend G
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            ctx.reduce_gradients(list(self.attacker.parameters()))
+            self.optimizer.step()
+            # Each process saw different noise: average the feature normaliser's running statistics too,
+            # so the attacker stays identical on every rank.
+            with torch.no_grad():
+                ctx.all_reduce_mean(list(self.attacker.buffers()))
+            with torch.no_grad():
+                predictions = logits.argmax(dim=1)
+                labels = torch.cat([torch.ones(n_members), torch.zeros(len(nonmember_idx))]).to(predictions)
+                logs = {"attacker_ce": loss.item(), "attacker_acc": (predictions == labels).float().mean().item()}
+        return logs
+
+    def _raw_features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
+                      captions: list[str] | None = None, conditioning: torch.Tensor | None = None,
+                      draw: NoiseDraw | None = None) -> torch.Tensor:
+        """Uncalibrated features of a batch, from one batched UNet pass under the run's autocast."""
+        with ctx.autocast():
+            if conditioning is None:
+                assert captions is not None
+                conditioning = ctx.encode_text(captions)
+            return self.features.raw(ctx.unet, ctx.noise_scheduler, latents, conditioning, keys,
+                                     ctx.noise_generator, draw).float()
+
+    def _features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
+                  captions: list[str] | None = None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """What h_w sees: the raw features, minus the base model's on the same (t, eps) when calibrated."""
+        if self.features.calibration == "none":
+            return self._raw_features(ctx, latents, keys, captions, conditioning)
+        if self.features.caches_base:
+            assert keys is not None
+            features = self._raw_features(ctx, latents, keys, captions, conditioning)
+            return features - self.base_features.lookup(keys, features.device)
+        # Fresh noise: one draw for both passes; the base pass is a constant for the LoRA's gradient.
+        assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
+        draw = self.features.draw(latents, keys, ctx.noise_generator)
+        features = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
+        with ctx.base_model(), torch.no_grad():
+            base = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
+        return features - base
+
+    # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        l_ada = result.losses.mean()  # Eq. 3 on the fresh D_tr batch
+        if cfg.g_noise == "reuse" and self.features.reuses_training_forward:
+            features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0])
+        else:  # upstream (and fixed / multi-t features): a second, differentiable UNet pass
+            features = self._features(ctx, result.latents, result.keys, conditioning=result.conditioning)
+        # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
+        # leaves it in train mode (dropout active); we evaluate it deterministically, and eval mode also
+        # keeps its normaliser's statistics fitted on balanced attacker batches only.
+        self.attacker.eval()
+        for param in self.attacker.parameters():
+            param.requires_grad_(False)
+        try:
+            logits = self.attacker(features)
+        finally:
+            for param in self.attacker.parameters():
+                param.requires_grad_(True)
+        g = mi_gain_members(logits, member_weight=cfg.g_member_weight)  # G(h_w, D_tr, f), members only
+        # Eq. 6 (MP-LoRA) or Eq. 10 (SMP-LoRA)
+        terms = privacy_loss_terms(self.objective, l_ada, g, cfg.privacy_lambda, cfg.privacy_delta)
+        logs = {"l_ada": l_ada.item(), "g": g.item(), "loss": terms.loss.item()}
+        if terms.denominator is not None:
+            logs["denominator"] = float(terms.denominator)
+        return terms.loss, logs
+
+    @torch.no_grad()
+    def proxy_accuracy(self, ctx: StepContext, latents: torch.Tensor, captions: list[str], keys: list[str],
+                       labels: torch.Tensor, batch_size: int = 32) -> float:
+        """Accuracy of h_w's argmax on a labelled set, with the training features (a monitor only)."""
+        self.attacker.eval()
+        correct = 0
+        for start in range(0, len(captions), batch_size):
+            chunk = slice(start, start + batch_size)
+            logits = self.attacker(self._features(ctx, latents[chunk], keys[chunk], captions[chunk]))
+            correct += (logits.argmax(dim=1).cpu() == labels[chunk]).sum().item()
+        return correct / max(len(captions), 1)
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "attacker": self.attacker.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "member_sampler": self.member_sampler.state_dict(),
+            "nonmember_sampler": self.nonmember_sampler.state_dict(),
+            "restarts": self.restarts,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restarts = int(state.get("restarts", 0))
+        self.attacker.load_state_dict(state["attacker"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.member_sampler.load_state_dict(state["member_sampler"])
+        self.nonmember_sampler.load_state_dict(state["nonmember_sampler"])
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "smp_lora.privacy_lambda": str(cfg.privacy_lambda),
+            "smp_lora.privacy_delta": str(cfg.privacy_delta),
+            "smp_lora.attacker_features": cfg.attacker_features,
+            "smp_lora.attacker_timesteps": ",".join(map(str, cfg.attacker_timesteps)),
+            "smp_lora.attacker_noise": cfg.attacker_noise,
+            "smp_lora.attacker_calibration": cfg.attacker_calibration,
+            "smp_lora.attacker_lr": str(cfg.attacker_lr),
+            "smp_lora.attacker_batch_size": str(cfg.attacker_batch_size),
+            "smp_lora.attacker_restart": f"{cfg.attacker_restart}/{cfg.attacker_restart_every_n_epochs}",
+            "smp_lora.k_steps": str(cfg.k_steps),
+            "smp_lora.update_order": cfg.update_order,
+            "smp_lora.g_noise": cfg.g_noise,
+        }
+
+
+def build_method(name: str, config: TrainConfig, aux: AuxData | None, device: torch.device,
+                 rank: int = 0, world_size: int = 1, *, network: torch.nn.Module | None = None,
+                 params: list[torch.nn.Parameter] | None = None, num_members: int = 0) -> TrainingMethod:
+    """The strategy for ``name`` in ``ALL_METHODS`` (MP/SMP need the aux sets, DP the network and its params)."""
+    if name not in ALL_METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(ALL_METHODS)}")
+    if name == "lora":
+        return PlainLoRA()
+    if name == "relaxloss":
+        return RelaxLoss(config.relaxloss_alpha)
+    if name == "dp_lora":
+        assert network is not None and params is not None and num_members > 0, "DP-SGD needs the network"
+        return DPLoRA(config, network, params, num_members)
+    assert aux is not None, "MP/SMP-LoRA need the auxiliary sets"
+    return AdversarialLoRA(config, "mp" if name == "mp_lora" else "smp", aux, device, rank, world_size)
