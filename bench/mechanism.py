@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from library.cli import offline_environment
 
 offline_environment()
@@ -38,10 +37,10 @@ import torch  # noqa: E402 - after offline_environment()
 
 def make_world(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Digits, a split with ``--members`` images in each of the four membership lists, a pre-trained base."""
-    from library.demo import pretrain
     from library.data.dataset import scan_dataset
-    from library.demo.digits import write_digits_dataset
     from library.data.splits import make_split, pretrain_records, write_manifest
+    from library.demo import pretrain
+    from library.demo.digits import write_digits_dataset
 
     write_digits_dataset(root / "images", resolution=32, limit=args.images)
     n = args.members

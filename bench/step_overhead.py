@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from library.cli import offline_environment
 
 offline_environment()
@@ -51,8 +50,8 @@ VARIANTS = {
 
 def make_fixture(root: Path) -> tuple[Path, Path]:
     from library.data.dataset import scan_dataset
-    from library.demo.digits import write_digits_dataset
     from library.data.splits import make_split, write_manifest
+    from library.demo.digits import write_digits_dataset
     from library.demo.tiny import save_tiny_model
 
     save_tiny_model(root / "model")

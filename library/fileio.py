@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,23 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``staging`` to ``target``, replacing an older ``target`` if there is one.
+
+    ``staging`` must be a sibling of ``target`` (same file system). The older folder is first renamed into a
+    fresh private folder beside it, so a leftover from an earlier interrupted swap can never block this one,
+    and then deleted: a reader sees the old folder or the new one, never a mix.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(old)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-
 from library.cli import run_cli
 
 

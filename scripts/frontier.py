@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-
 from library.cli import run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
+    from library.demo.frontier import FrontierSettings, run_frontier  # noqa: PLC0415
     from library.demo.run import DemoSettings  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
-    from library.demo.frontier import FrontierSettings, run_frontier  # noqa: PLC0415
 
     defaults = FrontierSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from library.demo.digits import SOURCES, write_digits_dataset
 from library.errors import UserError
 

@@ -15,10 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from library.data.dataset import scan_dataset
+from library.data.splits import (
+    CORE_SPLITS,
+    PRESETS,
+    make_split,
+    manifest_sha256,
+    write_manifest,
+)
 from library.errors import UserError
-from library.data.splits import CORE_SPLITS, PRESETS, make_split, manifest_sha256, write_manifest
 
 
 def _pretrain(value: str) -> int | str:

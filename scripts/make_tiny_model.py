@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from library.sd.models import fingerprint
     from library.demo.tiny import save_tiny_model
+    from library.sd.models import fingerprint
 
     try:
         bundle = save_tiny_model(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-
 from library.cli import run_cli
 from library.data.prepare.afhq import main
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-
 from library.cli import run_cli
 from library.data.prepare.pokemon import main
 

@@ -17,11 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
-from library.demo import digit_classifier as D
 from library.cli import run_cli
-from library.errors import ConfigError
 from library.data.splits import pretrain_records
+from library.demo import digit_classifier as D
+from library.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from library.eval.attacks import ATTACKS, AttackInputs, CalibratedLossAttack, FeatureSet, LossThresholdAttack, PaperMLPAttack
-from library.eval.attacks.paper_mlp import stratified_holdout
 from library.errors import ConfigError
+from library.eval.attacks import (
+    ATTACKS,
+    AttackInputs,
+    CalibratedLossAttack,
+    FeatureSet,
+    LossThresholdAttack,
+    PaperMLPAttack,
+)
+from library.eval.attacks.paper_mlp import stratified_holdout
 from library.eval.metrics import roc_auc
 
 TIMESTEPS = (50, 100, 200)

@@ -10,19 +10,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.config import parse_config
-from library.sd.diffusion import NoiseDraw, denoising_errors, draw_noise, per_sample_loss
-from library.train.dp import DPSGD
 from library.errors import ConfigError
-from library.train.methods import ForwardResult, RelaxLoss
+from library.sd.diffusion import (
+    NoiseDraw,
+    denoising_errors,
+    draw_noise,
+    per_sample_loss,
+)
 from library.train.config import TrainConfig
+from library.train.dp import DPSGD
+from library.train.methods import ForwardResult, RelaxLoss
 from library.train.trainer import train
 
 
 @pytest.fixture(scope="module")
 def lora_world():
     """The tiny UNet with a LoCon network (Linear and Conv2d LoRA layers) that already changes the UNet."""
-    from library.sd.text import encode_prompts
     from library.demo.tiny import build_tiny_stack
+    from library.sd.text import encode_prompts
     from networks.lora import create_network
 
     bundle = build_tiny_stack(0)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from library.demo import digits as embedded_data
 from library.data.dataset import (
     ImageCaption,
     LatentCache,
@@ -22,6 +21,7 @@ from library.data.dataset import (
     scan_dataset,
     shuffle_caption,
 )
+from library.demo import digits as embedded_data
 from library.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.demo import digit_classifier as D
 from library.cli import run_cli
+from library.demo import digit_classifier as D
 from library.demo.digits import DIGIT_NAMES, digit_caption
 from library.errors import DataError, ModelError
 

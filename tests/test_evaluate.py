@@ -17,11 +17,18 @@ from PIL import Image
 
 import evaluate_mia
 from library.data.dataset import ImageCaption, LatentCache
-from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
-from library.eval.metrics import roc_auc
-from library.eval.features import FeatureEngine, FeatureSettings, Sample, noise_seed, plan_queries, query_noise
-from library.sd.models import vae_fingerprint
 from library.data.splits import make_split, manifest_sha256, write_manifest
+from library.eval.features import (
+    FeatureEngine,
+    FeatureSettings,
+    Sample,
+    noise_seed,
+    plan_queries,
+    query_noise,
+)
+from library.eval.metrics import roc_auc
+from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
+from library.sd.models import vae_fingerprint
 from library.sd.text import encode_prompts
 from networks.lora import create_network
 

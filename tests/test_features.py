@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from library.config import parse_config
 from library.errors import ConfigError
-from library.train.proxy_features import BaseFeatureCache, ProxyFeatures, fixed_draw
 from library.train.config import TrainConfig
+from library.train.proxy_features import BaseFeatureCache, ProxyFeatures, fixed_draw
 from library.train.trainer import train
 
 

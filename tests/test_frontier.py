@@ -6,8 +6,13 @@ import json
 
 import pytest
 
+from library.demo.frontier import (
+    FrontierSettings,
+    read_sweep,
+    run_frontier,
+    target_check,
+)
 from library.errors import ConfigError
-from library.demo.frontier import FrontierSettings, read_sweep, run_frontier, target_check
 
 REDUCED_SWEEP = """
 [[run]]

@@ -39,10 +39,10 @@ LAST_EVALUATIONS = 8
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from library.demo import pretrain
     from library.data.dataset import scan_dataset
-    from library.demo.digits import write_digits_dataset
     from library.data.splits import make_split, pretrain_records, write_manifest
+    from library.demo import pretrain
+    from library.demo.digits import write_digits_dataset
 
     root = tmp_path_factory.mktemp("mechanism")
     write_digits_dataset(root / "images", resolution=32, limit=600)

@@ -18,8 +18,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from library.sd import models  # noqa: E402
+from library.demo.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
 from library.errors import ModelError  # noqa: E402
+from library.sd import models  # noqa: E402
 from library.sd.models import (  # noqa: E402
     ModelBundle,
     fingerprint,
@@ -28,7 +29,6 @@ from library.sd.models import (  # noqa: E402
     save_single_file,
     vae_fingerprint,
 )
-from library.demo.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +208,10 @@ def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
     checks a few names known from v1-5-pruned.safetensors.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(models.SD15_UNET_CONFIG)

@@ -19,10 +19,15 @@ import pytest
 from PIL import Image
 
 from library.cli import run_cli
-from library.errors import ConfigError, DataError
 from library.data.prepare import afhq, celeba, coco, pokemon
-from library.data.prepare.common import CaptionTable, parse_sizes, read_captions, split_total
+from library.data.prepare.common import (
+    CaptionTable,
+    parse_sizes,
+    read_captions,
+    split_total,
+)
 from library.data.splits import CORE_SPLITS, read_manifest
+from library.errors import ConfigError, DataError
 
 RES = 16  # output side: tiny, so hundreds of images are written in well under a second
 

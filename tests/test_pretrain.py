@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.demo import pretrain as P
 from library.cli import run_cli
 from library.data.dataset import ImageCaption
+from library.demo import pretrain as P
 from library.errors import ConfigError, ModelError
+from library.runtime import torch_threads
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_base.py"
 
@@ -32,8 +33,8 @@ def _script_main():
 def split_with_pretrain(tmp_path_factory):
     """260 digits: 4 x 15 membership images + 200 pretrain images (the held-out set is the 60 others)."""
     from library.data.dataset import scan_dataset
-    from library.demo.digits import write_digits_dataset
     from library.data.splits import make_split, write_manifest
+    from library.demo.digits import write_digits_dataset
 
     root = tmp_path_factory.mktemp("pretrain_digits")
     write_digits_dataset(root / "images", limit=260)
@@ -65,8 +66,8 @@ def pretrained_dir(split_with_pretrain, tmp_path_factory):
 
 
 def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
-    from library.sd.models import load_sd_model
     from library.demo.tiny import SD_SCALING_FACTOR, build_tiny_stack
+    from library.sd.models import load_sd_model
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)
@@ -85,8 +86,8 @@ def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
 
 
 def test_pretraining_lowers_reconstruction_and_denoising_loss(pretrained_dir, held_out):
-    from library.sd.models import load_sd_model
     from library.demo.tiny import build_tiny_stack
+    from library.sd.models import load_sd_model
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)
@@ -159,5 +160,5 @@ def test_refuses_existing_output_before_training_and_bad_settings(tmp_path, held
     with pytest.raises(ConfigError, match="unet_steps"):
         P.pretrain_base_bundle(held_out[:4], unet_steps=-1)
     with pytest.raises(ConfigError, match="threads"):
-        with P.torch_threads(0):
+        with torch_threads(0):
             pass

@@ -17,8 +17,15 @@ import torch
 
 import evaluate_mia
 from library.errors import ModelError
-from library.eval.quality import (FIDInceptionV3, extract_features, feature_metrics, heldout_losses,
-                             load_fid_inception, quality_prompts, real_vs_real_floor)
+from library.eval.quality import (
+    FIDInceptionV3,
+    extract_features,
+    feature_metrics,
+    heldout_losses,
+    load_fid_inception,
+    quality_prompts,
+    real_vs_real_floor,
+)
 
 N_IMAGES = 6
 
@@ -47,8 +54,8 @@ def digit_weights(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, manifest_path):
-    from library.sd.models import load_sd_model
     from library.data.splits import manifest_sha256
+    from library.sd.models import load_sd_model
     from networks.lora import create_network
 
     root = tmp_path_factory.mktemp("quality")

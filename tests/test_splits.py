@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 
 from library.data.dataset import ImageCaption, scan_dataset
-from library.errors import ConfigError, DataError, UserError
 from library.data.splits import (
     CORE_SPLITS,
     PRESETS,
     SplitEntry,
-    _stored_root,
     SplitManifest,
+    _stored_root,
     make_split,
     manifest_sha256,
     read_manifest,
     resolve_sizes,
     write_manifest,
 )
+from library.errors import ConfigError, DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from library.demo.tiny import build_tiny_stack  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
 from library.sd.models import ModelBundle  # noqa: E402
 from library.sd.text import (  # noqa: E402
@@ -24,7 +25,6 @@ from library.sd.text import (  # noqa: E402
     tokenizer_from_dict,
     tokenizer_to_dict,
 )
-from library.demo.tiny import build_tiny_stack  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a photo of the number zero"]
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.train.cli import train_entry
 from library.config import parse_config
+from library.train.cli import train_entry
 from library.train.config import TrainConfig
 from library.train.trainer import train
 

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from library.demo.digits import DIGIT_NAMES
 from library.errors import ConfigError, DataError, ModelError
-from library.demo.pretrain import echo, torch_threads
+from library.runtime import echo, torch_threads
 
 FORMAT_NAME = "smp-lora-digit-features"
 FORMAT_VERSION = "1"

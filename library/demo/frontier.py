@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.demo.run import REPO_ROOT, DemoSettings, prepare_base_model, prepare_data, prepare_feature_net, train_one
+from library.demo.run import (
+    REPO_ROOT,
+    DemoSettings,
+    prepare_base_model,
+    prepare_data,
+    prepare_feature_net,
+    train_one,
+)
 from library.errors import ConfigError
 from library.train.config import ALL_METHODS
 
@@ -286,7 +293,7 @@ def plot_frontier(points: list[dict], path: Path) -> None:
 
 def run_frontier(settings: FrontierSettings) -> Path:
     """Data, base and feature net (reused from the demo when cached), the sweep, its evaluation, the outputs."""
-    from library.demo.pretrain import torch_threads
+    from library.runtime import torch_threads
 
     runs = read_sweep(settings.sweep)
     if settings.runs_filter:

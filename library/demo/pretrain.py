@@ -33,7 +33,6 @@ generators, so a given seed, data and thread count give the same model. The resu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -45,8 +44,14 @@ from typing import Any, Protocol
 import torch
 
 from library.data.dataset import load_image
-from library.sd.diffusion import NoiseDraw, denoising_errors, draw_noise, per_sample_loss
 from library.errors import ConfigError, DataError, ModelError
+from library.runtime import echo, torch_threads
+from library.sd.diffusion import (
+    NoiseDraw,
+    denoising_errors,
+    draw_noise,
+    per_sample_loss,
+)
 from library.sd.models import ModelBundle
 from library.sd.text import encode_prompts
 
@@ -105,29 +110,6 @@ class PretrainReport:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def echo(message: str) -> None:
-    """Default progress sink: print and flush, so lines appear promptly when stdout is a file or a pipe."""
-    print(message, flush=True)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op threads, then restore the previous setting.
-
-    Tiny models are dominated by per-op overhead; on a busy 2-core box one thread per process is often
-    faster than two (threads spin waiting for each other), so the caller chooses. ``None`` keeps the setting.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def load_pixels(records: Sequence[_Captioned], resolution: int = IMAGE_SIZE) -> torch.Tensor:
@@ -516,7 +498,6 @@ __all__ = [
     "pretrain_base_model",
     "reconstruction_mse",
     "scaled_latents",
-    "torch_threads",
     "train_unet",
     "train_vae",
 ]

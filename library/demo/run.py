@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
 from library.data.dataset import scan_dataset
-from library.data.splits import make_split, pretrain_records, read_manifest, write_manifest
+from library.data.splits import (
+    make_split,
+    pretrain_records,
+    read_manifest,
+    write_manifest,
+)
 from library.train.config import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,7 +234,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
 
 
 def run_demo(settings: DemoSettings) -> Path:
-    from library.demo.pretrain import torch_threads
+    from library.runtime import torch_threads
 
     settings.workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

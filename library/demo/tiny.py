@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from library.errors import ModelError
+from library.fileio import replace_dir
 from library.sd.models import ModelBundle, make_noise_scheduler, save_single_file
 from library.sd.text import build_clip_tokenizer, small_clip_vocab
 
@@ -139,13 +140,7 @@ def save_tiny_folder(bundle: ModelBundle, output_dir: str | os.PathLike, *, over
     staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; the model folder should not be
     try:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "model")
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
+        replace_dir(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

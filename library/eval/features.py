@@ -30,8 +30,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.fileio import atomic_write_path
+from library.runtime import hashed_seed
+from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.sd.text import encode_prompts
 
 FEATURE_FORMAT = "smp-lora-mia-features-v1"
@@ -97,8 +98,7 @@ class Query:
 
 def noise_seed(seed: int, sample_sha256: str, slot: str, draw: int) -> int:
     """A 63-bit generator seed for one (sample, slot, draw); independent of model, order and batching."""
-    text = f"smp-lora-mia-noise|{seed}|{sample_sha256}|{slot}|{draw}"
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) & ((1 << 63) - 1)
+    return hashed_seed("smp-lora-mia-noise", seed, sample_sha256, slot, draw)
 
 
 def paper_timestep(settings: FeatureSettings, sample_sha256: str) -> tuple[int, int]:

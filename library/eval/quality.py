@@ -46,13 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.eval import metrics
 from library.errors import ConfigError, ModelError
+from library.eval import metrics
+from library.runtime import PRECISION_DTYPES
 
 if TYPE_CHECKING:
     from library.eval.config import EvalConfig
-    from library.eval.run import ModelSpec
     from library.eval.features import ModelFeatures
+    from library.eval.run import ModelSpec
     from library.workers import WorkerPool
 
 QUALITY_FEATURES = ("digits", "inception")
@@ -459,11 +460,11 @@ class SampleJob:
 
 def generate_samples_job(job: SampleJob) -> tuple[list[Any], float]:
     """(images, seconds) of one model, in a worker process."""
-    from library.eval.run import DTYPES, process_bundle  # noqa: PLC0415
+    from library.eval.run import process_bundle  # noqa: PLC0415
 
     t0 = time.perf_counter()
     bundle = process_bundle(job.config, job.device)
-    images = generate_samples(job.config, bundle, job.spec, job.prompts, job.device, DTYPES[job.config.mixed_precision])
+    images = generate_samples(job.config, bundle, job.spec, job.prompts, job.device, PRECISION_DTYPES[job.config.mixed_precision])
     return images, time.perf_counter() - t0
 
 
@@ -476,7 +477,7 @@ def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: An
     model (the feature engine's has been released by then).
     """
     from library.data.dataset import load_image  # noqa: PLC0415
-    from library.eval.run import DTYPES, load_bundle  # noqa: PLC0415
+    from library.eval.run import load_bundle  # noqa: PLC0415
     from library.sd.sampling import save_grid  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -489,7 +490,7 @@ def run_quality(config: "EvalConfig", specs: Sequence["ModelSpec"], manifest: An
         generated = []
         for spec in specs:
             t1 = time.perf_counter()
-            images = generate_samples(config, bundle, spec, prompts, device, DTYPES[config.mixed_precision])
+            images = generate_samples(config, bundle, spec, prompts, device, PRECISION_DTYPES[config.mixed_precision])
             generated.append((images, time.perf_counter() - t1))
         del bundle
     # Chunks of real images: a few hundred 512 px reference images would otherwise take gigabytes at once.

@@ -23,19 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from library.errors import ConfigError, DataError
 from library.eval import metrics
 from library.eval.attacks import ATTACKS, Attack, AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.calibrated import CalibratedLossAttack
 from library.eval.attacks.loss_threshold import LossThresholdAttack
 from library.eval.attacks.paper_mlp import PaperMLPAttack
-from library.errors import ConfigError, DataError
 from library.eval.config import EvalConfig
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
+from library.runtime import PRECISION_DTYPES
 from library.workers import WorkerPool
 
 EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 FPR_TARGETS = (0.05, 0.01, 0.001)
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASE_NAME = "base"
 
 
@@ -225,7 +225,7 @@ def load_bundle(config: EvalConfig, device: torch.device) -> Any:
 
     assert config.pretrained_model_name_or_path is not None
     bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
-                           dtype=DTYPES[config.mixed_precision])
+                           dtype=PRECISION_DTYPES[config.mixed_precision])
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
         module.to(device)
     return bundle
@@ -262,7 +262,7 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
     config = job.config
     in_worker = bundle is None
     engine = FeatureEngine(process_bundle(config, job.device) if in_worker else bundle, job.settings,
-                           device=job.device, dtype=DTYPES[config.mixed_precision], batch_size=config.batch_size,
+                           device=job.device, dtype=PRECISION_DTYPES[config.mixed_precision], batch_size=config.batch_size,
                            cache_dir=None if config.no_cache else _cache_root(config) / "features",
                            base_fingerprint=job.base_fingerprint, manifest_sha256=job.manifest_sha,
                            progress=config.progress_bar and not in_worker)  # bars of several processes interleave
@@ -282,7 +282,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     from library.sd.models import fingerprint, vae_fingerprint
     from networks.lora import create_network_from_weights
 
-    dtype = DTYPES[config.mixed_precision]
+    dtype = PRECISION_DTYPES[config.mixed_precision]
     t0 = time.perf_counter()
     bundle = load_bundle(config, device)
     # Fail fast on a LoRA for another model, before any long feature computation.

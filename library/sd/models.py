@@ -41,7 +41,11 @@ import torch
 
 from library.errors import ModelError
 from library.fileio import atomic_write_path
-from library.sd.text import clip_tokenizer_from_bpe_file, tokenizer_from_dict, tokenizer_to_dict
+from library.sd.text import (
+    clip_tokenizer_from_bpe_file,
+    tokenizer_from_dict,
+    tokenizer_to_dict,
+)
 
 logger = logging.getLogger(__name__)
 

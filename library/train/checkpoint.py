@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from library.errors import TrainingError
+from library.fileio import replace_dir
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "train_state.json"
@@ -31,12 +32,7 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dic
     try:
         torch.save(state, tmp / STATE_FILE)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

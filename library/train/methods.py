@@ -24,11 +24,20 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from library.privacy import (
+    ProxyAttacker,
+    attacker_loss,
+    mi_gain_members,
+    privacy_loss_terms,
+)
 from library.sd.diffusion import NoiseDraw
-from library.train.proxy_features import BaseFeatureCache, ProxyFeatures, features_from_errors
-from library.privacy import ProxyAttacker, attacker_loss, mi_gain_members, privacy_loss_terms
-from library.train.samplers import EpochCyclingSampler
 from library.train.config import ALL_METHODS, TrainConfig
+from library.train.proxy_features import (
+    BaseFeatureCache,
+    ProxyFeatures,
+    features_from_errors,
+)
+from library.train.samplers import EpochCyclingSampler
 
 
 @dataclass

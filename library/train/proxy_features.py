@@ -29,14 +29,20 @@ adversary would really use (``docs/mia-anchors.md``; issue 7), chosen by three f
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from library.sd.diffusion import NoiseDraw, denoising_errors, draw_noise, fixed_timestep_noise, per_sample_loss
 from library.errors import ConfigError
+from library.runtime import hashed_seed
+from library.sd.diffusion import (
+    NoiseDraw,
+    denoising_errors,
+    draw_noise,
+    fixed_timestep_noise,
+    per_sample_loss,
+)
 
 FEATURE_KINDS = ("error_map", "loss", "multi_t_loss")
 NOISE_MODES = ("fresh", "fixed")
@@ -69,8 +75,7 @@ def features_from_errors(errors: torch.Tensor, kind: str, batch_size: int) -> to
 
 def key_seed(seed: int, key: str, slot: str) -> int:
     """A 63-bit generator seed for one (sample key, slot); independent of batch composition and order."""
-    digest = hashlib.sha256(f"smp-lora-proxy-noise|{seed}|{key}|{slot}".encode("utf-8")).hexdigest()
-    return int(digest[:16], 16) & ((1 << 63) - 1)
+    return hashed_seed("smp-lora-proxy-noise", seed, key, slot)
 
 
 def fixed_draw(keys: Sequence[str], timesteps: Sequence[int] | None, latent_shape: Sequence[int], seed: int,

@@ -26,23 +26,33 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from library.train import checkpoint
 from library.config import config_to_dict
 from library.data.dataset import shuffle_caption
-from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.errors import ConfigError, TrainingError
 from library.fileio import atomic_write_path, atomic_write_text
-from library.train.methods import AdversarialLoRA, AuxData, ForwardResult, StepContext, build_method
+from library.runtime import PRECISION_DTYPES, SAVE_DTYPES
+from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.sd.models import ModelBundle, load_sd_model
-from library.train.samplers import EpochCyclingSampler
 from library.sd.sampling import build_pipeline, generate, read_prompt_file, save_grid
-from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 from library.sd.text import encode_prompts
+from library.train import checkpoint
 from library.train.config import TrainConfig
-from library.train.data import LabelledSet, TrainingData, attach_latents, load_training_records
+from library.train.data import (
+    LabelledSet,
+    TrainingData,
+    attach_latents,
+    load_training_records,
+)
+from library.train.methods import (
+    AdversarialLoRA,
+    AuxData,
+    ForwardResult,
+    StepContext,
+    build_method,
+)
+from library.train.samplers import EpochCyclingSampler
+from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 from networks import lora
-
-SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _keys(labelled: LabelledSet) -> list[str]:
@@ -132,7 +142,7 @@ class Trainer:
         self.bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
         # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
         # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
-        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        weight_dtype = PRECISION_DTYPES[config.mixed_precision]
         # Autocast and loss scaling are ours rather than accelerate's: accelerate keeps one process-wide
         # precision, and several trainers may run in one process (the demo, the benchmark, the tests).
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=weight_dtype,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from library.data.dataset import IMAGE_EXTENSIONS
-from library.errors import DataError
 from library.data.prepare.common import (
     CaptionTable,
     PreparedDataset,
@@ -36,6 +35,7 @@ from library.data.prepare.common import (
     split_total,
     write_pair,
 )
+from library.errors import DataError
 
 CLASSES: tuple[str, ...] = ("cat", "dog", "wild")
 PRESET = "afhq_large_5x"

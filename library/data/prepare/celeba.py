@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from library.errors import ConfigError, DataError
 from library.data.prepare.common import (
     CaptionTable,
     PreparedDataset,
@@ -59,6 +58,7 @@ from library.data.prepare.common import (
     split_and_save,
     write_pair,
 )
+from library.errors import ConfigError, DataError
 
 SUBSETS: tuple[str, ...] = ("small", "large", "gender", "varying", "large_5x")
 # identities, images per identity (None: varying)

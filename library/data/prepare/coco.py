@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from library.errors import DataError
 from library.data.prepare.common import (
     PreparedDataset,
     add_output_arguments,
@@ -36,6 +35,7 @@ from library.data.prepare.common import (
     split_total,
     write_pair,
 )
+from library.errors import DataError
 
 PRESET = "coco_large_5x"
 

@@ -26,10 +26,22 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from library.data.dataset import IMAGE_EXTENSIONS, _open_rgb, resize_center_crop, scan_dataset
+from library.data.dataset import (
+    IMAGE_EXTENSIONS,
+    _open_rgb,
+    resize_center_crop,
+    scan_dataset,
+)
+from library.data.splits import (
+    CORE_SPLITS,
+    PRESETS,
+    SplitManifest,
+    make_split,
+    manifest_sha256,
+    write_manifest,
+)
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
-from library.data.splits import CORE_SPLITS, PRESETS, SplitManifest, make_split, manifest_sha256, write_manifest
 
 DEFAULT_RESOLUTION = 512
 DEFAULT_SEED = 1337  # upstream's set_seed(1337)

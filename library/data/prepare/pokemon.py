@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from library.data.dataset import IMAGE_EXTENSIONS, METADATA_FILE, scan_dataset
-from library.errors import DataError
 from library.data.prepare.common import (
     PreparedDataset,
     add_output_arguments,
@@ -40,6 +39,7 @@ from library.data.prepare.common import (
     split_and_save,
     write_pair,
 )
+from library.errors import DataError
 
 EXPECTED_IMAGES = 833
 DEFAULT_PREFIX = "pokemon, "

@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
-from library.eval.attacks.base import Attack, AttackInputs, FeatureSet, ScoreSet, ThresholdAttack
+from library.eval.attacks.base import (
+    Attack,
+    AttackInputs,
+    FeatureSet,
+    ScoreSet,
+    ThresholdAttack,
+)
 from library.eval.attacks.calibrated import CalibratedLossAttack
 from library.eval.attacks.loss_threshold import LossThresholdAttack
 from library.eval.attacks.paper_mlp import PaperMLPAttack

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from library.eval.attacks.base import AttackInputs, ThresholdAttack, per_timestep_statistics
+from library.eval.attacks.base import (
+    AttackInputs,
+    ThresholdAttack,
+    per_timestep_statistics,
+)
 
 
 class LossThresholdAttack(ThresholdAttack):

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.eval.attacks.base import Attack, AttackInputs, ScoreSet, check_labels
 from library.errors import ConfigError
+from library.eval.attacks.base import Attack, AttackInputs, ScoreSet, check_labels
 from library.privacy import ProxyAttacker, attacker_loss
 
 
