@@ -38,7 +38,8 @@ import torch  # noqa: E402 - after offline_environment()
 def make_world(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Digits, a split with ``--members`` images in each of the four membership lists, a pre-trained base."""
     from library.data.dataset import scan_dataset
-    from library.data.splits import make_split, pretrain_records, write_manifest
+    from library.data.manifest import pretrain_records, write_manifest
+    from library.data.splits import make_split
     from library.demo import pretrain
     from library.demo.digits import write_digits_dataset
 

@@ -50,7 +50,8 @@ VARIANTS = {
 
 def make_fixture(root: Path) -> tuple[Path, Path]:
     from library.data.dataset import scan_dataset
-    from library.data.splits import make_split, write_manifest
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
     from library.demo.digits import write_digits_dataset
     from library.demo.tiny import save_tiny_model
 
@@ -121,10 +122,10 @@ def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: ar
 
 def child(args: argparse.Namespace) -> None:
     trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args)
-    trainer._step()  # warm-up allocations common to every method are not the method's overhead
+    trainer.step()  # warm-up allocations common to every method are not the method's overhead
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
-        trainer._step()
+        trainer.step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
 
@@ -149,7 +150,7 @@ def main() -> None:
         root = Path(tmp)
         model, manifest = make_fixture(root)
         trainers = {v: make_trainer(v, model, manifest, root / "out", args) for v in VARIANTS}
-        steps = {m: t._step for m, t in trainers.items()}
+        steps = {m: t.step for m, t in trainers.items()}
         steps["bare"] = bare_loop(trainers["lora"])
         for fn in steps.values():  # warm-up
             fn()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -54,6 +55,27 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(target, old / target.name)
     os.replace(staging, target)
     shutil.rmtree(old)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` and ``metadata`` as a safetensors file, atomically and with a canonical header.
+
+    safetensors keeps metadata in a hash map whose order changes from process to process, so the same
+    weights would give files with different sha256s. Re-encoding the header with sorted keys makes the
+    bytes a function of the content: seeded runs write bit-identical files. Offsets in the header are
+    relative to the data region, which is written as it is.
+    """
+    from safetensors.torch import save  # noqa: PLC0415 - keeps this core module free of torch at import
+
+    raw = memoryview(save(dict(tensors), metadata=dict(metadata) if metadata is not None else None))
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(bytes(raw[8 : 8 + header_len]))
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header with spaces to 8-byte alignment
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        handle.write(raw[8 + header_len :])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,13 +16,8 @@ import sys
 from pathlib import Path
 
 from library.data.dataset import scan_dataset
-from library.data.splits import (
-    CORE_SPLITS,
-    PRESETS,
-    make_split,
-    manifest_sha256,
-    write_manifest,
-)
+from library.data.manifest import CORE_SPLITS, manifest_sha256, write_manifest
+from library.data.splits import PRESETS, make_split
 from library.errors import UserError
 
 

@@ -2,7 +2,7 @@
 
     python scripts/make_tiny_model.py --output_dir runs/tiny-sd [--single_file runs/tiny-sd.safetensors] [--seed 0]
 
-Both outputs load with ``library.sd.models.load_sd_model`` (and the folder with diffusers'
+Both outputs load with ``library.sd.loading.load_sd_model`` (and the folder with diffusers'
 ``StableDiffusionPipeline.from_pretrained``); see ``library/demo/tiny.py`` for the architecture.
 """
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from library.demo.tiny import save_tiny_model
-    from library.sd.models import fingerprint
+    from library.sd.bundle import fingerprint
 
     try:
         bundle = save_tiny_model(

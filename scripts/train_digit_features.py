@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from library.cli import run_cli
-from library.data.splits import pretrain_records
+from library.data.manifest import pretrain_records
 from library.demo import digit_classifier as D
 from library.errors import ConfigError
 

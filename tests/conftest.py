@@ -44,7 +44,8 @@ def digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def manifest_path(digits_dir):
     from library.data.dataset import scan_dataset
-    from library.data.splits import make_split, write_manifest
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
 
     manifest = make_split(scan_dataset(digits_dir), sizes=SPLIT_SIZES, seed=0, dataset_root=digits_dir)
     path = digits_dir.parent / "split.json"

@@ -7,14 +7,16 @@ import pytest
 
 from library.errors import ConfigError
 from library.eval.attacks import (
-    ATTACKS,
-    AttackInputs,
-    CalibratedLossAttack,
-    FeatureSet,
-    LossThresholdAttack,
-    PaperMLPAttack,
+    ATTACK_NAMES,
+    DEFAULT_ATTACKS,
+    attack_class,
+    build_attacks,
 )
-from library.eval.attacks.paper_mlp import stratified_holdout
+from library.eval.attacks.base import Attack, AttackInputs, FeatureSet
+from library.eval.attacks.calibrated import CalibratedLossAttack
+from library.eval.attacks.loss_threshold import LossThresholdAttack
+from library.eval.attacks.paper_mlp import PaperMLPAttack, stratified_holdout
+from library.eval.config import EvalConfig
 from library.eval.metrics import roc_auc
 
 TIMESTEPS = (50, 100, 200)
@@ -39,10 +41,23 @@ def by_variant(score_sets):
 
 
 def test_registry_and_interface():
-    assert set(ATTACKS) == {"paper", "loss", "calibrated"}
-    for name, cls in ATTACKS.items():
-        assert cls.name == name
+    assert set(ATTACK_NAMES) >= {"paper", "loss", "calibrated"} and DEFAULT_ATTACKS == ("paper", "loss", "calibrated")
+    for name in ATTACK_NAMES:
+        cls = attack_class(name)
+        assert issubclass(cls, Attack) and cls.name == name
+    assert attack_class("loss") is LossThresholdAttack and attack_class("calibrated") is CalibratedLossAttack
     assert CalibratedLossAttack.needs_reference and not LossThresholdAttack.needs_reference
+    with pytest.raises(ConfigError, match="unknown attack"):
+        attack_class("nope")
+
+
+def test_attacks_are_built_from_the_config_by_their_own_class():
+    config = EvalConfig(attacks=["loss", "paper"], paper_epochs=7, paper_lr=3e-4, paper_features="loss",
+                        holdout_fraction=0.1, seed=5)
+    loss, paper = build_attacks(config, "cpu")
+    assert isinstance(loss, LossThresholdAttack) and isinstance(paper, PaperMLPAttack)
+    assert (paper.epochs, paper.lr, paper.features, paper.holdout_fraction, paper.seed) == (7, 3e-4, "loss", 0.1, 5)
+    assert EvalConfig.__dataclass_fields__["attacks"].metadata["choices"] == list(ATTACK_NAMES)
 
 
 def test_loss_attack_scores_members_higher_and_fits_threshold_on_aux():
@@ -133,3 +148,12 @@ def test_feature_set_validates_shapes():
         FeatureSet(np.zeros((3, 2, 1)), TIMESTEPS)
     with pytest.raises(ValueError):
         AttackInputs(FeatureSet(np.zeros((3, 3, 1)), TIMESTEPS), FeatureSet(np.zeros((4, 3, 1)), TIMESTEPS))
+
+
+def test_config_reads_the_registries_without_importing_torch():
+    """--help stays fast: the attack and extractor registries give their names without importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, library.eval.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,12 +15,12 @@ from PIL import Image
 
 from library.data.dataset import (
     ImageCaption,
-    LatentCache,
     LatentCaptionDataset,
-    load_image,
     scan_dataset,
     shuffle_caption,
 )
+from library.data.images import load_image
+from library.data.latents import LatentCache
 from library.demo import digits as embedded_data
 from library.errors import DataError
 

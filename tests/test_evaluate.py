@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 import evaluate_mia
-from library.data.dataset import ImageCaption, LatentCache
-from library.data.splits import make_split, manifest_sha256, write_manifest
+from library.data.dataset import ImageCaption
+from library.data.latents import LatentCache
+from library.data.manifest import manifest_sha256, write_manifest
+from library.data.splits import make_split
 from library.eval.features import (
     FeatureEngine,
     FeatureSettings,
@@ -27,8 +29,8 @@ from library.eval.features import (
     query_noise,
 )
 from library.eval.metrics import roc_auc
+from library.sd.bundle import vae_fingerprint
 from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
-from library.sd.models import vae_fingerprint
 from library.sd.text import encode_prompts
 from networks.lora import create_network
 

@@ -82,6 +82,7 @@ def test_target_check_reports_hits_misses_and_a_vacuous_budget():
     ("[[run]]\nmethod = 'plain'\n", "'method' must be one of"),
     ("[[run]]\nmethod = 'lora'\n[[run]]\nmethod = 'lora'\n", "both named 'lora'"),
     ("title = 'x'\n", r"expected only \[\[run\]\] tables"),
+    ("[[run]]\nmethod = 'lora'\nflags = ['--lamda', '1']\n", "run 1: unrecognized arguments: --lamda 1"),
 ])
 def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -92,15 +93,16 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
 
 def test_shipped_sweep_parses_into_valid_training_configs(tmp_path):
     """configs/frontier/demo.toml: every run's flags are real training flags for its method (no training)."""
-    from library.config import parse_config
-    from library.demo.frontier import _train_args
-    from library.train.config import TrainConfig
+    from library.demo.frontier import train_config
 
     settings = FrontierSettings()
     runs = read_sweep(settings.sweep)
     assert {r.label for r in runs} >= {"early_stopping", "smp_calibrated", "relaxloss", "dp_sgd"}
     for run in runs:
-        config = parse_config(TrainConfig, _train_args(settings, run, tmp_path / "base", tmp_path / "split.json"))
+        config = train_config(settings, run, tmp_path / "base", tmp_path / "split.json")
         config.validate_for_method(run.method)
-        if run.label == "smp_calibrated":  # fresh noise: a fixed-draw proxy is fooled on its draws (README)
+        assert config.output_name == run.name and not config.progress_bar
+        if run.value is not None:
+            assert getattr(config, run.knob) == run.value
+        if run.label == "smp_calibrated":  # fresh noise: a fixed-draw proxy is fooled on its draws (docs/results.md §6)
             assert config.attacker_noise == "fresh" and config.attacker_calibration == "base"

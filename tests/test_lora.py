@@ -177,6 +177,23 @@ def test_multiplier_restore_and_gradients(models, inputs):
     assert torch.equal(run(te, unet, inputs)[1], base[1])
 
 
+def test_disabled_is_the_base_model_and_restores_the_multiplier(models, inputs):
+    te, unet = models
+    base = run(te, unet, inputs)
+    network = trained_network(models)
+    network.apply_to(te, unet)
+    network.set_multiplier(0.5)
+    adapted = run(te, unet, inputs)
+    with network.disabled():
+        assert network.multiplier == 0.0 and all(lora.multiplier == 0.0 for lora in network.loras)
+        assert torch.equal(run(te, unet, inputs)[1], base[1])
+    assert network.multiplier == 0.5 and all(lora.multiplier == 0.5 for lora in network.loras)
+    assert torch.equal(run(te, unet, inputs)[1], adapted[1])
+    with pytest.raises(KeyError), network.disabled():
+        raise KeyError("the block fails")
+    assert network.multiplier == 0.5 and all(lora.multiplier == 0.5 for lora in network.loras)
+
+
 def test_network_args_and_optimizer_groups(models):
     te, unet = models
     unet_only = create_network(1.0, RANK, ALPHA, None, te, unet, train_unet_only="True", dropout="0.1")

@@ -40,7 +40,8 @@ LAST_EVALUATIONS = 8
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from library.data.dataset import scan_dataset
-    from library.data.splits import make_split, pretrain_records, write_manifest
+    from library.data.manifest import pretrain_records, write_manifest
+    from library.data.splits import make_split
     from library.demo import pretrain
     from library.demo.digits import write_digits_dataset
 

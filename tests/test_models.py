@@ -1,4 +1,4 @@
-"""Tests for library.sd.models (SD v1.x loading, single-file conversion, fingerprints) and library.demo.tiny."""
+"""Tests for library.sd's loading (bundle, configs, ldm_keys, loading, single_file) and library.demo.tiny."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from safetensors.torch import save_file  # noqa: E402
 
 from library.demo.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
 from library.errors import ModelError  # noqa: E402
-from library.sd import models  # noqa: E402
-from library.sd.models import (  # noqa: E402
+from library.sd import configs, ldm_keys, single_file  # noqa: E402
+from library.sd.bundle import (  # noqa: E402
     ModelBundle,
     fingerprint,
-    load_sd_model,
     make_noise_scheduler,
-    save_single_file,
     vae_fingerprint,
 )
+from library.sd.loading import load_sd_model  # noqa: E402
+from library.sd.single_file import save_single_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -197,8 +197,8 @@ def test_single_file_uses_ldm_layout(tiny_files: tuple[ModelBundle, Path, Path])
     ):
         assert key in keys, key
     assert q_weight.shape == (64, 64, 1, 1)  # LDM keeps VAE attention as 1x1 convs
-    assert json.loads(metadata[models.META_CONFIGS]).keys() == {"unet", "vae", "text_encoder"}
-    assert "vocab" in json.loads(metadata[models.META_TOKENIZER])
+    assert json.loads(metadata[single_file.META_CONFIGS]).keys() == {"unet", "vae", "text_encoder"}
+    assert "vocab" in json.loads(metadata[single_file.META_TOKENIZER])
 
 
 def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
@@ -214,11 +214,11 @@ def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
     )
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(models.SD15_UNET_CONFIG)
-        vae = AutoencoderKL.from_config(models.SD15_VAE_CONFIG)
+        unet = UNet2DConditionModel.from_config(configs.SD15_UNET_CONFIG)
+        vae = AutoencoderKL.from_config(configs.SD15_VAE_CONFIG)
     unet_keys = list(unet.state_dict())
     unet_ldm = {
-        models.LDM_UNET_PREFIX + models._unet_key_to_ldm(k, dict(unet.config)): torch.tensor([float(i)])
+        ldm_keys.LDM_UNET_PREFIX + ldm_keys._unet_key_to_ldm(k, dict(unet.config)): torch.tensor([float(i)])
         for i, k in enumerate(unet_keys)
     }
     assert len(unet_ldm) == len(unet_keys) == 686
@@ -228,7 +228,7 @@ def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
     vae_state = vae.state_dict()
     vae_ldm = {}
     for i, key in enumerate(vae_state):
-        ldm = models.LDM_VAE_PREFIX + models._vae_key_to_ldm(key, dict(vae.config))
+        ldm = ldm_keys.LDM_VAE_PREFIX + ldm_keys._vae_key_to_ldm(key, dict(vae.config))
         shape = (1, 1, 1, 1) if ".attn_1." in ldm and ldm.endswith("weight") else (1,)
         vae_ldm[ldm] = torch.full(shape, float(i))
     back = convert_ldm_vae_checkpoint(vae_ldm, dict(vae.config))
@@ -265,10 +265,10 @@ def test_single_file_tokenizer_sources(
 ) -> None:
     bundle, folder, single = tiny_files
     bare = tmp_path / "no_tokenizer.safetensors"
-    _rewrite_metadata(single, bare, drop=(models.META_TOKENIZER,))
+    _rewrite_metadata(single, bare, drop=(single_file.META_TOKENIZER,))
 
     # no tokenizer anywhere -> one clear error pointing at --tokenizer_path
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(single_file.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelError, match=r"no_tokenizer\.safetensors.*--tokenizer_path"):
         load_sd_model(bare)
 
@@ -283,7 +283,7 @@ def test_single_file_tokenizer_sources(
     with gzip.open(fake_pkg / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as handle:
         handle.write("\n".join(["#version: 0.2", *merges, ""]))
     spec = types.SimpleNamespace(submodule_search_locations=[str(fake_pkg)])
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: spec if name == "open_clip" else None)
+    monkeypatch.setattr(single_file.importlib.util, "find_spec", lambda name, *a: spec if name == "open_clip" else None)
     from_bpe = load_sd_model(bare).tokenizer
     vocab = from_bpe.get_vocab()
     assert len(vocab) == 512 + len(merges) + 2
@@ -369,7 +369,7 @@ def test_lora_file_is_recognised(tmp_path: Path) -> None:
 def test_wrong_architecture_names_the_shape(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
     """Without smp-lora metadata a file is read as SD v1.5; the tiny weights then fail the shape check."""
     bare = tmp_path / "model.safetensors"
-    _rewrite_metadata(tiny_files[2], bare, drop=(models.META_CONFIGS, models.META_TOKENIZER))
+    _rewrite_metadata(tiny_files[2], bare, drop=(single_file.META_CONFIGS, single_file.META_TOKENIZER))
     with pytest.raises(ModelError) as info:
         load_sd_model(bare)
     message = str(info.value)

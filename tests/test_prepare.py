@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from library.cli import run_cli
+from library.data.manifest import CORE_SPLITS, read_manifest
 from library.data.prepare import afhq, celeba, coco, pokemon
 from library.data.prepare.common import (
     CaptionTable,
@@ -26,7 +27,6 @@ from library.data.prepare.common import (
     read_captions,
     split_total,
 )
-from library.data.splits import CORE_SPLITS, read_manifest
 from library.errors import ConfigError, DataError
 
 RES = 16  # output side: tiny, so hundreds of images are written in well under a second

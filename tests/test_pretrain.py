@@ -33,7 +33,8 @@ def _script_main():
 def split_with_pretrain(tmp_path_factory):
     """260 digits: 4 x 15 membership images + 200 pretrain images (the held-out set is the 60 others)."""
     from library.data.dataset import scan_dataset
-    from library.data.splits import make_split, write_manifest
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
     from library.demo.digits import write_digits_dataset
 
     root = tmp_path_factory.mktemp("pretrain_digits")
@@ -67,7 +68,7 @@ def pretrained_dir(split_with_pretrain, tmp_path_factory):
 
 def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
     from library.demo.tiny import SD_SCALING_FACTOR, build_tiny_stack
-    from library.sd.models import load_sd_model
+    from library.sd.loading import load_sd_model
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)
@@ -87,7 +88,7 @@ def test_saved_folder_loads_and_differs_from_fresh_stack(pretrained_dir):
 
 def test_pretraining_lowers_reconstruction_and_denoising_loss(pretrained_dir, held_out):
     from library.demo.tiny import build_tiny_stack
-    from library.sd.models import load_sd_model
+    from library.sd.loading import load_sd_model
 
     bundle = load_sd_model(pretrained_dir)
     fresh = build_tiny_stack(0)

@@ -17,15 +17,17 @@ import torch
 
 import evaluate_mia
 from library.errors import ModelError
-from library.eval.quality import (
-    FIDInceptionV3,
+from library.eval.extractors import (
+    EXTRACTORS,
     extract_features,
-    feature_metrics,
-    heldout_losses,
-    load_fid_inception,
-    quality_prompts,
-    real_vs_real_floor,
+    inception_extractor,
+    small_cnn_extractor,
 )
+from library.eval.fid_inception import FIDInceptionV3, load_fid_inception
+from library.eval.generation import quality_prompts
+from library.eval.metrics import feature_metrics, real_vs_real_floor
+from library.eval.quality import heldout_losses
+from library.eval.small_cnn import SmallCNN, save_small_cnn
 
 N_IMAGES = 6
 
@@ -44,18 +46,17 @@ def random_inception(path: Path, seed: int = 0) -> Path:
 
 
 def digit_weights(path: Path) -> Path:
-    """An untrained digit feature net saved by its own module (the metric only needs some features)."""
-    digit_features = pytest.importorskip("library.demo.digit_classifier")
+    """An untrained small-CNN feature net (the metric only needs some features), as the demo would save one."""
     torch.manual_seed(0)
-    net = digit_features.DigitFeatureNet()
-    digit_features.save_digit_feature_net(net, path)
+    net = SmallCNN()
+    save_small_cnn(net, path)
     return path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, manifest_path):
-    from library.data.splits import manifest_sha256
-    from library.sd.models import load_sd_model
+    from library.data.manifest import manifest_sha256
+    from library.sd.loading import load_sd_model
     from networks.lora import create_network
 
     root = tmp_path_factory.mktemp("quality")
@@ -96,18 +97,15 @@ def run_error(capsys, argv) -> str:
 def evaluated(world):
     out = world["root"] / "eval"
     extra = ["--network_weights", str(world["lora"]), "--quality", "--quality_num_images", str(N_IMAGES),
-             "--quality_steps", "2", "--quality_kid_subsets", "10", "--inception_weights", str(world["inception"])]
-    try:
-        extra += ["--digit_feature_weights", str(digit_weights(world["root"] / "digits.safetensors"))]
-    except pytest.skip.Exception:
-        pass  # library.demo.digit_classifier not there: the proxy metric is tested where it is
+             "--quality_steps", "2", "--quality_kid_subsets", "10", "--inception_weights", str(world["inception"]),
+             "--digit_feature_weights", str(digit_weights(world["root"] / "digits.safetensors"))]
     rc = evaluate_mia.main(base_args(world, out, *extra))
     assert rc == 0
-    return out, json.loads((out / "report.json").read_text()), "--digit_feature_weights" in extra
+    return out, json.loads((out / "report.json").read_text())
 
 
 def test_quality_writes_grids_and_metrics(evaluated):
-    out, report, with_digits = evaluated
+    out, report = evaluated
     from PIL import Image
 
     assert set(report["utility"]) == {"base", "noisy"}
@@ -127,16 +125,15 @@ def test_quality_writes_grids_and_metrics(evaluated):
     assert {"fid_2048", "kid_2048", "fid_768"} <= set(quality["real_vs_real_floor"])
     md = (out / "report.md").read_text()
     assert "## Utility (per model)" in md and "fid_2048" in md and "samples_noisy.png" in md
-    if with_digits:
-        for model in ("base", "noisy"):
-            assert np.isfinite(report["utility"][model]["proxy_fd_digits"])
-            assert report["utility"][model]["proxy_kid_digits"] is not None
-        assert "PROXY" in report["utility_metrics"]["proxy_fd_digits"] and "proxy_fd_digits" in md
-        assert "fid" not in json.dumps({k: v for k, v in report["utility"]["base"].items() if k.startswith("proxy")})
+    for model in ("base", "noisy"):
+        assert np.isfinite(report["utility"][model]["proxy_fd_digits"])
+        assert report["utility"][model]["proxy_kid_digits"] is not None
+    assert "PROXY" in report["utility_metrics"]["proxy_fd_digits"] and "proxy_fd_digits" in md
+    assert "fid" not in json.dumps({k: v for k, v in report["utility"]["base"].items() if k.startswith("proxy")})
 
 
 def test_heldout_losses_are_reported(evaluated):
-    out, report, _ = evaluated
+    out, report = evaluated
     for model in ("base", "noisy"):
         row = report["utility"][model]
         assert row["loss_member_test"] > 0 and row["loss_nonmember_test"] > 0
@@ -158,19 +155,30 @@ def test_heldout_losses_average_the_right_samples():
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero(world):
-    from library.eval.quality import _inception_extractor
-
-    extractor = _inception_extractor(world["inception"], torch.device("cpu"))
+    extractor = inception_extractor(world["inception"], torch.device("cpu"))
     images = torch.rand(5, 3, 32, 32) * 2 - 1
     feats = extract_features(extractor, images, torch.device("cpu"))
     assert {k: v.shape for k, v in feats.items()} == {"64": (5, 64), "192": (5, 192), "768": (5, 768),
                                                       "2048": (5, 2048)}
-    same = feature_metrics(extractor, feats, feats, n_subsets=5)
+    same = feature_metrics(extractor.metrics, feats, feats, n_subsets=5)
     for key in ("fid_2048", "fid_768", "fid_192", "fid_64"):
         assert same[key] == pytest.approx(0.0, abs=1e-6), key
     other = extract_features(extractor, torch.rand(5, 3, 32, 32) * 2 - 1, torch.device("cpu"))
-    assert feature_metrics(extractor, feats, other, n_subsets=5)["fid_2048"] > 1e-4
-    assert set(real_vs_real_floor(extractor, feats, n_subsets=5)) >= {"fid_2048", "kid_2048"}
+    assert feature_metrics(extractor.metrics, feats, other, n_subsets=5)["fid_2048"] > 1e-4
+    assert set(real_vs_real_floor(extractor.metrics, feats, n_subsets=5)) >= {"fid_2048", "kid_2048"}
+
+
+def test_extractor_registry(world, tmp_path):
+    """Both extractors are registered in evaluation (worker processes import nothing else), with their flags."""
+    assert {name: entry.weights_option for name, entry in EXTRACTORS.items()} == {
+        "digits": "digit_feature_weights", "inception": "inception_weights"}
+    digits = EXTRACTORS["digits"].load(digit_weights(tmp_path / "d.safetensors"), torch.device("cpu"))
+    assert digits.name == "digits" and digits.metrics == {"digits": ("proxy_fd_digits", "proxy_kid_digits")}
+    assert "PROXY" in digits.description
+    feats = extract_features(digits, torch.rand(3, 3, 32, 32) * 2 - 1, torch.device("cpu"))
+    assert feats["digits"].shape == (3, 64) and feats["digits"].dtype == np.float64
+    assert small_cnn_extractor("glyphs", "a glyph classifier", tmp_path / "d.safetensors",
+                               torch.device("cpu")).metrics == {"glyphs": ("proxy_fd_glyphs", "proxy_kid_glyphs")}
 
 
 def test_prompts_cycle_the_test_captions_deterministically():

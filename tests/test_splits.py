@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 
 from library.data.dataset import ImageCaption, scan_dataset
-from library.data.splits import (
+from library.data.manifest import (
     CORE_SPLITS,
-    PRESETS,
     SplitEntry,
     SplitManifest,
     _stored_root,
-    make_split,
     manifest_sha256,
     read_manifest,
-    resolve_sizes,
     write_manifest,
 )
+from library.data.splits import PRESETS, make_split, resolve_sizes
 from library.errors import ConfigError, DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]

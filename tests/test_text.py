@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from library.demo.tiny import build_tiny_stack  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
-from library.sd.models import ModelBundle  # noqa: E402
+from library.sd.bundle import ModelBundle  # noqa: E402
 from library.sd.text import (  # noqa: E402
     byte_level_alphabet,
     clip_tokenizer_from_bpe_file,

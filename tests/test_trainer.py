@@ -30,7 +30,7 @@ def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manife
     with safe_open(result.lora_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_network_module"] == "networks.lora" and meta["smp_lora.method"] == "lora"
-    from library.data.splits import manifest_sha256
+    from library.data.manifest import manifest_sha256
 
     assert meta["smp_lora.manifest_sha256"] == manifest_sha256(manifest_path)
     leaked = [k for k in meta if k in ("ss_dataset_dirs", "ss_tag_frequency", "ss_datasets")]
@@ -124,7 +124,7 @@ def test_tiny_config_trains_and_diffusers_loads_the_lora(tiny_model_dir, manifes
     """`train_lora.py --config_file configs/tiny/lora.toml` output loads in diffusers with the same UNet output."""
     from diffusers import StableDiffusionPipeline
 
-    from library.sd.models import load_sd_model
+    from library.sd.loading import load_sd_model
     from networks.lora import create_network_from_weights
 
     root = Path(__file__).resolve().parents[1]

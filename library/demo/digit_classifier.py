@@ -7,14 +7,11 @@ give a **learned-feature Fréchet distance / KID ("proxy FID", "proxy KID")** be
 digits. Those numbers are comparable only with each other (same network file, same image count), never
 with published FID values: always label them as proxy metrics.
 
-Network (input (N, 3, 32, 32) in [-1, 1], the layout every smp-lora image loader produces):
-``[conv3x3 -> ReLU -> maxpool2] x 3`` with 16 / 32 / 64 channels (32 -> 16 -> 8 -> 4 px), then
-``Linear(64*4*4 -> 64)`` — the **feature layer** — then ReLU, dropout and ``Linear(64 -> 10)``.
-:meth:`DigitFeatureNet.features` returns the feature layer's output *before* the ReLU: the classifier
-sees a function of it, so it carries the same information, and unlike post-ReLU activations it has no
-dead (always-zero) dimensions that would make the feature covariance singular. They are standardised per
-dimension with the training images' mean and std (stored in the file), so KID's cubic kernel sees O(1)
-values and the proxy FD is in units of feature standard deviations.
+The network (:class:`~library.eval.small_cnn.SmallCNN`: three conv blocks, a 64-d feature layer, 10 classes),
+its safetensors format and its loader live in :mod:`library.eval.small_cnn`, so that evaluation reads the file
+without importing the demo; this module holds what is specific to digits: labels from captions, and training.
+``DigitFeatureNet``, ``save_digit_feature_net``, ``load_digit_feature_net`` and ``extract_features`` are the
+demo's names for that network and its functions.
 
 Training augments with random shifts of up to 2 px (generated digits are not centred exactly like the
 data) and holds out a seeded fraction of the images to report accuracy. The weights are stored as
@@ -23,7 +20,6 @@ safetensors with the architecture and the held-out accuracy in the metadata.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -33,19 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from library.demo.digits import DIGIT_NAMES
-from library.errors import ConfigError, DataError, ModelError
+from library.errors import ConfigError, DataError
+from library.eval.small_cnn import (
+    FEATURE_DIM,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    SmallCNN,
+    load_small_cnn,
+    save_small_cnn,
+    small_cnn_features,
+)
 from library.runtime import echo, torch_threads
 
-FORMAT_NAME = "smp-lora-digit-features"
-FORMAT_VERSION = "1"
-IMAGE_SIZE = 32
-NUM_CLASSES = 10
-FEATURE_DIM = 64
-
+# The demo's names for the network of library.eval.small_cnn, trained here on digits.
+DigitFeatureNet = SmallCNN
+save_digit_feature_net = save_small_cnn
+load_digit_feature_net = load_small_cnn
+extract_features = small_cnn_features
 
 DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 64
@@ -84,7 +87,7 @@ def digit_label(caption: str) -> int:
 
 def load_digit_images(records: Sequence[Any], resolution: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels (N, 3, R, R) in [-1, 1] and labels (N,) of records with ``.path`` and a digit ``.caption``."""
-    from library.data.dataset import load_image
+    from library.data.images import load_image
 
     if not records:
         raise DataError("no digit images given: the image set is empty")
@@ -92,72 +95,7 @@ def load_digit_images(records: Sequence[Any], resolution: int = IMAGE_SIZE) -> t
     return torch.stack([load_image(r.path, resolution) for r in records]), labels
 
 
-# ------------------------------------------------------------------------------------------ network
-
-
-class DigitFeatureNet(nn.Module):
-    """Small CNN digit classifier; :meth:`features` gives the proxy-FID features (see module docstring)."""
-
-    def __init__(self, width: int = 16, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.config = {"width": int(width), "feature_dim": int(feature_dim), "num_classes": int(num_classes),
-                       "image_size": IMAGE_SIZE}
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
-        self.feature = nn.Linear(4 * width * (IMAGE_SIZE // 8) ** 2, feature_dim)
-        self.dropout = nn.Dropout(0.3)
-        self.classifier = nn.Linear(feature_dim, num_classes)
-        # Per-dimension mean / std of the training images' features, set after training: features are returned
-        # standardised, so KID's polynomial kernel (x.y/d + 1)^3 sees O(1) values, as with Inception features.
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
-        # torchmetrics' FID/KID accept a custom ``feature=`` module that declares its output width.
-        self.num_features = int(feature_dim)
-        self.metadata: dict[str, str] = {}
-
-    @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        """Check and adapt a batch: grey -> RGB, other sizes resized (bilinear, antialiased) to 32 px."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise DataError(f"digit images must be shaped (N, 3, H, W) (or N, 1, H, W), got {tuple(images.shape)}")
-        images = images.float()
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        return images
-
-    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.prepare(images)
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = F.max_pool2d(F.relu(conv(x)), 2)
-        return self.feature(x.flatten(1))
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 32, 32) images in [-1, 1] -> (N, ``feature_dim``) penultimate features.
-
-        The feature layer's pre-ReLU output, standardised per dimension with the training set's statistics
-        (a fixed affine map: it changes the units of the proxy FD, not what it can tell apart).
-        """
-        return (self._trunk(images) - self.feature_mean) / self.feature_std
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, 10)."""
-        return self.classifier(self.dropout(F.relu(self._trunk(images))))
-
-
-@torch.no_grad()
-def extract_features(net: DigitFeatureNet, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Features of many images in eval mode, batch by batch: (N, D) float32."""
-    was_training = net.training
-    net.eval()
-    try:
-        parts = [net.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    finally:
-        net.train(was_training)
-    return torch.cat(parts) if parts else torch.empty(0, net.num_features)
+# ------------------------------------------------------------------------------------------ evaluation
 
 
 @torch.no_grad()
@@ -203,9 +141,36 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def _as_pixels(images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return DigitFeatureNet.prepare(images)
-    from library.data.dataset import load_image
+    from library.data.images import load_image
 
     return torch.stack([load_image(p, IMAGE_SIZE) for p in images])
+
+
+def _checked_inputs(images: torch.Tensor | Sequence[Any], labels: torch.Tensor | Sequence[int], epochs: int,
+                    batch_size: int, holdout_fraction: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(pixels, labels, number held out) after checking the data and the settings (one error line each)."""
+    pixels = _as_pixels(images)
+    targets = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
+    if len(pixels) != len(targets):
+        raise DataError(f"{len(pixels)} images but {len(targets)} labels")
+    if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= NUM_CLASSES):
+        raise DataError(f"digit labels must be 0..9, got values from {int(targets.min())} to {int(targets.max())}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ConfigError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    num_heldout = max(1, int(round(len(pixels) * holdout_fraction)))
+    if len(pixels) - num_heldout < 10:
+        raise DataError(f"{len(pixels)} images are too few to train a digit classifier (need at least 20)")
+    return pixels, targets, num_heldout
+
+
+@torch.no_grad()
+def _set_feature_statistics(net: DigitFeatureNet, x_train: torch.Tensor) -> None:
+    """Store the per-dimension mean / std of the training images' raw features, which :meth:`features` removes."""
+    raw = torch.cat([net.raw_features(x_train[i : i + 256]) for i in range(0, len(x_train), 256)])
+    net.feature_mean.copy_(raw.mean(0))
+    net.feature_std.copy_(raw.std(0).clamp_min(1e-6))
 
 
 def train_digit_feature_net(
@@ -227,20 +192,7 @@ def train_digit_feature_net(
     ``out_path`` the weights are saved as safetensors (metadata: architecture, accuracy, sizes, seed).
     Deterministic for a given seed, data and thread count.
     """
-    pixels = _as_pixels(images)
-    targets = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels, dtype=torch.long)
-    if len(pixels) != len(targets):
-        raise DataError(f"{len(pixels)} images but {len(targets)} labels")
-    if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= NUM_CLASSES):
-        raise DataError(f"digit labels must be 0..9, got values from {int(targets.min())} to {int(targets.max())}")
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ConfigError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    num_heldout = max(1, int(round(len(pixels) * holdout_fraction)))
-    if len(pixels) - num_heldout < 10:
-        raise DataError(f"{len(pixels)} images are too few to train a digit classifier (need at least 20)")
-
+    pixels, targets, num_heldout = _checked_inputs(images, labels, epochs, batch_size, holdout_fraction)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pixels), generator=generator)
     held, train = order[:num_heldout], order[num_heldout:]
@@ -273,10 +225,7 @@ def train_digit_feature_net(
                     f"{time.perf_counter() - started:.0f}s")
         net.eval()
         net.requires_grad_(False)
-        with torch.no_grad():
-            raw = torch.cat([net._trunk(x_train[i : i + 256]) for i in range(0, len(x_train), 256)])
-            net.feature_mean.copy_(raw.mean(0))
-            net.feature_std.copy_(raw.std(0).clamp_min(1e-6))
+        _set_feature_statistics(net, x_train)
         held_acc = accuracy(net, pixels[held], targets[held])
         train_acc = accuracy(net, x_train, y_train)
     seconds = time.perf_counter() - started
@@ -303,63 +252,6 @@ def train_digit_feature_net_on_records(
     ``pretrain`` list; labels come from the captions (:func:`digit_label`)."""
     pixels, labels = load_digit_images(records)
     return train_digit_feature_net(pixels, labels, seed=seed, out_path=out_path, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------ files
-
-
-def save_digit_feature_net(net: DigitFeatureNet, path: str | Path) -> Path:
-    """Write the weights as safetensors; metadata holds the format, architecture and ``net.metadata``."""
-    from safetensors.torch import save_file
-
-    from library.fileio import atomic_write_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = dict(net.metadata)
-    metadata.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": json.dumps(net.config)})
-    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    with atomic_write_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
-
-
-def load_digit_feature_net(path: str | Path) -> DigitFeatureNet:
-    """Load a network written by :func:`save_digit_feature_net` (eval mode, gradients off).
-
-    ``net.metadata`` holds what was recorded at training time (e.g. ``heldout_accuracy``).
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(
-            f"digit feature network {path} does not exist: train it with scripts/train_digit_features.py"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises several types for a corrupt or foreign file
-        raise ModelError(f"cannot read digit feature network {path}: {exc}") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise ModelError(f"{path} is not a digit feature network (no format {FORMAT_NAME!r} in its metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
-            f"{path} has digit-feature format version {metadata.get('format_version')!r}; this smp-lora reads "
-            f"{FORMAT_VERSION}: re-train it with scripts/train_digit_features.py"
-        )
-    try:
-        config = json.loads(metadata["config"])
-        net = DigitFeatureNet(width=config["width"], feature_dim=config["feature_dim"],
-                              num_classes=config["num_classes"])
-        net.load_state_dict(tensors, strict=True)
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise ModelError(f"digit feature network {path} does not match its recorded architecture: {exc}") from None
-    net.metadata = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "config")}
-    net.eval()
-    net.requires_grad_(False)
-    return net
 
 
 __all__ = [

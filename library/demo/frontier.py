@@ -3,13 +3,14 @@
 On the demo's data, base model and split (built or reused through :mod:`library.demo.run`):
 
 1. a sweep file (``configs/frontier/*.toml``) lists runs: a method, the knob it sweeps, its values and extra
-   training flags; each (method, value) starts from the demo's ``configs/tiny/<config>.toml``. Plain LoRA saved
+   training flags; each (method, value) is a :class:`~library.train.config.TrainConfig` that starts from the
+   demo's ``configs/tiny/<config>.toml``, with the flags and ``<knob> = <value>`` on top. Plain LoRA saved
    every N epochs gives the *early-stopping* curve from one run (each checkpoint is an early-stopped model);
 2. every LoRA file is attacked by ``evaluate_mia`` (every attack of the suite, calibrated included) with the
    learned-feature quality proxy;
-3. per file: the **worst case over attacks** (the highest headline AUC with its bootstrap CI, and the highest
-   TPR@1%FPR where the test set is large enough for it) against the utility: the held-out denoising loss on
-   D^nm_te and the digit-feature Fréchet distance (a proxy, not FID);
+3. per file: the **worst case over attacks** (:func:`library.eval.summary.worst_case`: the highest headline AUC
+   with its bootstrap CI, and the highest TPR@1%FPR where the test set is large enough for it) against the
+   utility: the held-out denoising loss on D^nm_te and the digit-feature Fréchet distance (a proxy, not FID);
 4. ``frontier.md`` (table + the target check: AUC <= 0.60 under every attack at held-out loss within 10 % of
    plain LoRA's), ``frontier.png`` (one curve per method, CIs as error bars) and ``frontier.json``.
 """
@@ -22,20 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.config import parse_flags
 from library.demo.run import (
     REPO_ROOT,
     DemoSettings,
+    demo_eval_config,
     prepare_base_model,
     prepare_data,
     prepare_feature_net,
+    tiny_train_config,
     train_one,
 )
 from library.errors import ConfigError
-from library.train.config import ALL_METHODS
+from library.eval.summary import worst_case
+from library.train.config import ALL_METHODS, TrainConfig
+from library.train.methods import method_class
 
 TARGET_AUC = 0.60  # issue 7: "attack AUC <= 0.60 under every attack"
 TARGET_LOSS_RATIO = 1.10  # "... with held-out denoising loss within 10 % of plain LoRA's"
-BASE_CONFIG = {"lora": "lora", "relaxloss": "lora", "dp_lora": "lora", "mp_lora": "mp_lora", "smp_lora": "smp_lora"}
 SWEEP_KEYS = {"method", "label", "knob", "values", "flags", "save_every_n_epochs"}
 
 
@@ -48,7 +53,7 @@ class SweepRun:
     label: str  # the curve it belongs to
     knob: str
     value: Any
-    flags: list[str]
+    overrides: dict[str, Any]  # TrainConfig fields on top of configs/tiny: the run's flags, then knob = value
     save_every_n_epochs: int | None = None
 
 
@@ -88,7 +93,7 @@ def read_sweep(path: Path) -> list[SweepRun]:
         if method not in ALL_METHODS:
             raise ConfigError(f"sweep file {path}, run {i}: 'method' must be one of {', '.join(ALL_METHODS)}")
         label, knob = entry.get("label", method), entry.get("knob", "epochs")
-        flags = [str(f) for f in entry.get("flags", [])]
+        flags = parse_flags(TrainConfig, [str(f) for f in entry.get("flags", [])], f"sweep file {path}, run {i}")
         every = entry.get("save_every_n_epochs")
         values = entry.get("values")
         if values is None:  # one run; its checkpoints (if any) are the points
@@ -96,8 +101,7 @@ def read_sweep(path: Path) -> list[SweepRun]:
             continue
         for value in values:
             suffix = "_".join(_flag_value(value)).replace(".", "p").replace("-", "m")
-            runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value,
-                                 flags + [f"--{knob}", *_flag_value(value)], every))
+            runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value, {**flags, knob: value}, every))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep file {path}: two runs are both named {next(n for n in names if names.count(n) > 1)!r}; "
@@ -105,16 +109,12 @@ def read_sweep(path: Path) -> list[SweepRun]:
     return runs
 
 
-def _train_args(settings: FrontierSettings, run: SweepRun, base: Path, manifest: Path) -> list[str]:
-    demo = settings.demo
-    args = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{BASE_CONFIG[run.method]}.toml"),
-            "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
-            "--output_dir", str(settings.out / "runs" / run.name), "--output_name", run.name,
-            "--latent_cache_dir", str(demo.workdir / "latent_cache"), "--no-progress_bar", *demo.train_overrides,
-            *run.flags]
-    if run.save_every_n_epochs:
-        args += ["--save_every_n_epochs", str(run.save_every_n_epochs)]
-    return args
+def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest: Path) -> TrainConfig:
+    """The run's TrainConfig: the demo's ``configs/tiny`` file of its method, quiet (runs go in parallel), the
+    demo's ``train_overrides``, the run's own overrides, then its checkpoint interval (each beating the one before)."""
+    every = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
+    return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, settings.out / "runs" / run.name,
+                             run.name, {"progress_bar": False, **settings.demo.train_overrides, **run.overrides, **every})
 
 
 def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any]]:
@@ -135,49 +135,40 @@ def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, ma
     """Train the runs whose final file is missing, ``demo.jobs`` at a time (slowest first)."""
     from library.workers import WorkerPool
 
-    cost = {"smp_lora": 3, "mp_lora": 3, "dp_lora": 2}
     todo = [r for r in runs if settings.demo.retrain or not (settings.out / "runs" / r.name / f"{r.name}.safetensors").is_file()]
-    todo.sort(key=lambda r: -cost.get(r.method, 1))
+    todo.sort(key=lambda r: -method_class(r.method).step_cost)
     jobs = max(1, min(settings.demo.jobs, len(todo)))
     with WorkerPool(jobs, max(1, settings.demo.threads // jobs)) as pool:
-        pool.map(train_one, [(r.method, _train_args(settings, r, base, manifest)) for r in todo])
+        pool.map(train_one, [(r.method, train_config(settings, r, base, manifest)) for r in todo])
 
 
 def evaluate_sweep(settings: FrontierSettings, files: list[Path], base: Path, manifest: Path,
                    feature_net: Path) -> dict[str, Any]:
-    from library.config import parse_config
-    from library.eval.config import EvalConfig
+    """Every file (and the base model) attacked by the demo's evaluation, quietly; returns its report.json."""
     from library.eval.run import evaluate
 
-    demo = settings.demo
-    args = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
-            "--network_weights", *map(str, files), "--resolution", "32", "--output_dir", str(settings.out / "eval"),
-            "--cache_dir", str(demo.workdir / "eval_cache"), "--jobs", str(demo.eval_jobs), "--no-progress_bar",
-            "--quality", "--quality_features", "digits", "--digit_feature_weights", str(feature_net),
-            *demo.eval_overrides]
-    evaluate(parse_config(EvalConfig, args))
-    return json.loads((settings.out / "eval" / "report.json").read_text())
+    out = settings.out / "eval"
+    evaluate(demo_eval_config(settings.demo, base, manifest, files, out, feature_net, {"progress_bar": False}))
+    return json.loads((out / "report.json").read_text())
 
 
 def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[str, tuple[SweepRun, Any]]) -> list[dict]:
     """One point per evaluated model: worst case over the attacks against the utility."""
     points = []
+    worst_by_model = worst_case(report)
     names = {m["name"]: Path(m["lora_path"]).stem if m.get("lora_path") else None for m in report["models"]}
     for model, stem in names.items():
-        rows = [r for r in report["results"] if r["model"] == model and r.get("headline") and r.get("auc") is not None]
-        if not rows:
+        worst = worst_by_model.get(model)
+        if worst is None:
             continue
-        worst = max(rows, key=lambda r: r["auc"])
-        tprs = [r["tpr_at_fpr"].get("0.01") for r in rows if r["tpr_at_fpr"].get("0.01") is not None]
-        tprs5 = [r["tpr_at_fpr"].get("0.05") for r in rows if r["tpr_at_fpr"].get("0.05") is not None]
         run, value = files.get(stem, (None, None)) if stem else (None, None)
         utility = report.get("utility", {}).get(model, {})
         points.append({
             "model": model, "curve": run.label if run else "base", "method": run.method if run else "base",
             "knob": run.knob if run else None, "value": value,
-            "worst_auc": worst["auc"], "worst_auc_ci": worst.get("auc_ci"), "worst_attack": worst["label"],
-            "worst_tpr_at_1pct_fpr": max(tprs) if tprs else None,
-            "worst_tpr_at_5pct_fpr": max(tprs5) if tprs5 else None,
+            "worst_auc": worst.auc, "worst_auc_ci": worst.auc_ci, "worst_attack": worst.attack,
+            "worst_tpr_at_1pct_fpr": worst.tpr_at_fpr.get("0.01"),
+            "worst_tpr_at_5pct_fpr": worst.tpr_at_fpr.get("0.05"),
             "heldout_loss": utility.get("loss_nonmember_test"), "member_loss": utility.get("loss_member_test"),
             "proxy_fd_digits": utility.get("proxy_fd_digits"),
         })

@@ -10,9 +10,12 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
    Fréchet distance (learned features, not Inception: labelled as a proxy).
 4. LoRA, MP-LoRA and SMP-LoRA from ``configs/tiny/*.toml`` with the same budget and seed (``jobs`` of them at
    a time, in worker processes; each run is seeded, so at a given thread count the files do not depend on
-   ``jobs``).
-5. ``evaluate_mia`` on the three LoRA files and the base model, with the quality proxy.
-6. A Table-1-style summary printed and written to ``<workdir>/report.md``.
+   ``jobs``). Each run is a :class:`~library.train.config.TrainConfig` built here (:func:`tiny_train_config`)
+   and handed to the worker as is.
+5. ``evaluate_mia`` on the three LoRA files and the base model, with the quality proxy (an
+   :class:`~library.eval.config.EvalConfig` from :func:`demo_eval_config`).
+6. A Table-1-style summary read from ``eval/report.json`` (the worst case over the attacks per model:
+   :func:`library.eval.summary.worst_case`), printed and written to ``<workdir>/report.md``.
 """
 
 from __future__ import annotations
@@ -23,16 +26,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
+from library.config import load_config, parse_flags
 from library.data.dataset import scan_dataset
-from library.data.splits import (
-    make_split,
-    pretrain_records,
-    read_manifest,
-    write_manifest,
-)
-from library.train.config import METHODS
+from library.data.manifest import pretrain_records, read_manifest, write_manifest
+from library.data.splits import make_split
+from library.eval.config import EvalConfig
+from library.eval.summary import main_results_table, worst_case
+from library.train.config import METHODS, TrainConfig
+from library.train.methods import method_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,12 +55,20 @@ class DemoSettings:
     pretrain_images: int | None = None  # None = every image not in the membership sets
     pretrain_kwargs: dict = field(default_factory=dict)  # budget overrides for library.demo.pretrain
     feature_net_kwargs: dict = field(default_factory=dict)
-    train_overrides: list[str] = field(default_factory=list)  # extra flags for every training run
-    eval_overrides: list[str] = field(default_factory=list)
+    # TrainConfig / EvalConfig fields set for every training run / for the evaluation (beating configs/tiny);
+    # a list of command-line flags (["--max_train_epochs", "2"]) is accepted and converted.
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_overrides: dict[str, Any] = field(default_factory=dict)
     retrain: bool = False  # retrain the LoRAs even when their files exist
     jobs: int = 3  # trainings run at once (the three methods: both cores stay busy to the end)
     # models evaluated at once (evaluate_mia --jobs), one process and thread each: the four models in two rounds
     eval_jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_overrides, (list, tuple)):
+            self.train_overrides = parse_flags(TrainConfig, self.train_overrides, "train_overrides")
+        if isinstance(self.eval_overrides, (list, tuple)):
+            self.eval_overrides = parse_flags(EvalConfig, self.eval_overrides, "eval_overrides")
 
 
 def _log(message: str) -> None:
@@ -111,90 +122,89 @@ def prepare_feature_net(settings: DemoSettings, manifest: Path) -> Path:
     return path
 
 
-def train_one(job: tuple[str, list[str]]) -> None:
-    """One training run (``(method, flags)``); also the body of a worker process."""
-    from library.config import parse_config
-    from library.train.config import TrainConfig
+def tiny_train_config(settings: DemoSettings, config_name: str, base: Path, manifest: Path, output_dir: Path,
+                      output_name: str, overrides: Mapping[str, Any]) -> TrainConfig:
+    """``configs/tiny/<config_name>.toml`` pointed at the demo's base model, split and latent cache, writing
+    ``<output_dir>/<output_name>.safetensors``; ``overrides`` (TrainConfig fields) beat all of it."""
+    return load_config(TrainConfig, REPO_ROOT / "configs" / "tiny" / f"{config_name}.toml", {
+        "pretrained_model_name_or_path": str(base), "split_manifest": str(manifest), "output_dir": str(output_dir),
+        "output_name": output_name, "latent_cache_dir": str(settings.workdir / "latent_cache"), **overrides})
+
+
+def demo_eval_config(settings: DemoSettings, base: Path, manifest: Path, loras: list[Path], output_dir: Path,
+                     feature_net: Path | None, overrides: Mapping[str, Any] | None = None) -> EvalConfig:
+    """evaluate_mia on ``loras`` (and the base model) at 32 px with the demo's caches, plus the digit-feature
+    quality proxy when ``feature_net`` is given; ``overrides``, then ``settings.eval_overrides``, beat all of it."""
+    values: dict[str, Any] = {
+        "pretrained_model_name_or_path": str(base), "split_manifest": str(manifest),
+        "network_weights": [str(p) for p in loras], "resolution": 32, "output_dir": str(output_dir),
+        "cache_dir": str(settings.workdir / "eval_cache"), "jobs": settings.eval_jobs, **(overrides or {})}
+    if feature_net is not None:
+        values.update(quality=True, quality_features="digits", digit_feature_weights=str(feature_net))
+    return load_config(EvalConfig, None, {**values, **settings.eval_overrides})
+
+
+def train_one(job: tuple[str, TrainConfig]) -> None:
+    """One training run (``(method, config)``); also the body of a worker process."""
     from library.train.trainer import train
 
-    method, args = job
-    train(parse_config(TrainConfig, args), method)
+    method, config = job
+    train(config, method)
 
 
 def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
     """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
     from library.workers import WorkerPool
 
-    paths, todo = {}, {}
-    for method in METHODS:
-        out = settings.workdir / method
-        paths[method] = out / f"{method}.safetensors"
-        if settings.retrain or not paths[method].is_file():
-            todo[method] = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{method}.toml"),
-                            "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
-                            "--output_dir", str(out), "--output_name", method,
-                            "--latent_cache_dir", str(settings.workdir / "latent_cache"), *settings.train_overrides]
+    paths = {method: settings.workdir / method / f"{method}.safetensors" for method in METHODS}
+    todo = [m for m in METHODS if settings.retrain or not paths[m].is_file()]
     jobs = min(settings.jobs, len(todo)) if todo else 1
     threads = max(1, settings.threads // jobs)
-    # The slow adversarial runs first, so the plain run fills the gap; progress bars from several processes
-    # would interleave, so parallel runs print their plan and result lines only.
+    # Progress bars from several processes would interleave, so parallel runs print their plan and result lines
+    # only (this beats settings.train_overrides).
+    quiet = {"progress_bar": False} if jobs > 1 else {}
+    configs = {m: tiny_train_config(settings, m, base, manifest, settings.workdir / m, m,
+                                    {**settings.train_overrides, **quiet}) for m in todo}
+    # The slow adversarial runs first, so the plain run fills the gap.
     order = sorted(todo, key=lambda m: m == "lora")
     if jobs > 1:
         _log(f"training {', '.join(order)}: {jobs} at a time, {threads} thread(s) each")
     with WorkerPool(jobs, threads) as pool:
-        pool.map(train_one, [(m, todo[m] + (["--no-progress_bar"] if jobs > 1 else [])) for m in order])
+        pool.map(train_one, [(m, configs[m]) for m in order])
     return paths
 
 
 def evaluate_methods(settings: DemoSettings, base: Path, manifest: Path, loras: dict[str, Path],
                      feature_net: Path | None) -> Path:
     """evaluate_mia on the three LoRA files (plus the base model, always included)."""
-    from library.config import parse_config
-    from library.eval.config import EvalConfig
     from library.eval.run import evaluate
 
     out = settings.workdir / "eval"
-    args = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
-            "--network_weights", *[str(p) for p in loras.values()], "--resolution", "32",
-            "--output_dir", str(out), "--cache_dir", str(settings.workdir / "eval_cache"),
-            "--jobs", str(settings.eval_jobs)]
-    if feature_net is not None:
-        args += ["--quality", "--quality_features", "digits", "--digit_feature_weights", str(feature_net)]
-    evaluate(parse_config(EvalConfig, args + settings.eval_overrides))
+    evaluate(demo_eval_config(settings, base, manifest, list(loras.values()), out, feature_net))
     return out
 
 
-def strongest_attacks(rows: list[dict]) -> dict[str, dict]:
-    """Per model, the headline attack row with the highest AUC (the attack an adversary would pick)."""
-    best: dict[str, dict] = {}
-    for row in rows:
-        if row.get("headline") and row.get("auc") is not None:
-            if row["model"] not in best or row["auc"] > best[row["model"]]["auc"]:
-                best[row["model"]] = row
-    return best
-
-
-def findings(rows: list[dict]) -> list[str]:
+def findings(report: dict) -> list[str]:
     """Plain-language lines computed from the numbers: does each defence lower the strongest attack?"""
-    best = strongest_attacks(rows)
+    best = worst_case(report)
     lines = ["## What the numbers say (computed, not written by hand)", ""]
-    for model, row in best.items():
-        ci = row.get("auc_ci") or [float("nan"), float("nan")]
-        lines.append(f"- `{model}`: strongest attack `{row['label']}`, AUC {row['auc']:.3f} "
+    for model, worst in best.items():
+        ci = worst.auc_ci or [float("nan"), float("nan")]
+        lines.append(f"- `{model}`: strongest attack `{worst.attack}`, AUC {worst.auc:.3f} "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}]")
     plain = best.get("lora")
-    for method in ("mp_lora", "smp_lora"):
-        row = best.get(method)
-        if plain is None or row is None:
+    for method in (m for m in METHODS if method_class(m).has_attacker):
+        worst = best.get(method)
+        if plain is None or worst is None:
             continue
-        plain_ci, ci = plain.get("auc_ci"), row.get("auc_ci")
+        plain_ci, ci = plain.auc_ci, worst.auc_ci
         if ci and plain_ci and ci[1] < plain_ci[0]:
             verdict = "lowers it: the 95 % CIs do not overlap"
         elif ci and plain_ci and ci[0] > plain_ci[1]:
             verdict = "makes it worse: the 95 % CIs do not overlap"
         else:
             verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
-        lines.append(f"- {method} vs plain LoRA under the strongest attack: {row['auc']:.3f} vs {plain['auc']:.3f}; "
+        lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
                      f"{method} {verdict}.")
     return lines + [""]
 
@@ -218,7 +228,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings and {settings.eval_jobs} "
         "evaluated models at once, one thread each.",
         "",
-        *findings(report["results"]),
+        *findings(report),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
         "samples: `eval/samples_*.png`; per-sample scores: `eval/scores.csv`; every number: `eval/report.json`.",
         "",
@@ -226,9 +236,8 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     ]
     path = settings.workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    main_table = eval_md.split("## Main results")[1].split("\n## ")[0]
-    print("\n".join(line for line in main_table.splitlines() if line.startswith("|")))
-    print("\n".join(findings(report["results"])[2:]))
+    print("\n".join(main_results_table(report)))
+    print("\n".join(findings(report)[2:]))
     _log(f"report: {path} ({len(report['results'])} rows); plots and samples in {eval_dir}")
     return path
 

@@ -25,7 +25,8 @@ import torch
 
 from library.errors import ModelError
 from library.fileio import replace_dir
-from library.sd.models import ModelBundle, make_noise_scheduler, save_single_file
+from library.sd.bundle import ModelBundle, make_noise_scheduler
+from library.sd.single_file import save_single_file
 from library.sd.text import build_clip_tokenizer, small_clip_vocab
 
 # Words of the demo captions ("a handwritten digit seven", "a photo of the number three", ...), each of which

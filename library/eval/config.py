@@ -2,7 +2,7 @@
 
 Defaults follow the paper's evaluation protocol where it states one (App. E: a fresh h' with h_w's
 architecture, 100 epochs, Adam 1e-5, balanced batches, features = the squared-error map at a random t) and
-``docs/mia-anchors.md`` where it does not (loss at fixed small timesteps, several noise draws shared by
+``docs/evaluation.md`` where it does not (loss at fixed small timesteps, several noise draws shared by
 every model, honest thresholds and checkpoints chosen on D_aux, bootstrap CIs).
 """
 
@@ -14,7 +14,10 @@ from typing import Optional
 from library.config import option
 from library.errors import ConfigError
 
-ATTACK_NAMES = ("paper", "loss", "calibrated")
+# Both registries import no torch: the choices below (and so --help) are read from them.
+from library.eval.attacks.registry import ATTACK_NAMES, DEFAULT_ATTACKS
+from library.eval.extractors import EXTRACTORS
+
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
 
@@ -51,7 +54,7 @@ class EvalConfig:
         "thread and its own copy of the base model: for CPU boxes (2 on 2 cores halves the time); keep 1 on a GPU")
 
     # --- attacks ---------------------------------------------------------------------------------
-    attacks: list[str] = option(list(ATTACK_NAMES), "attacks to run", choices=list(ATTACK_NAMES))
+    attacks: list[str] = option(list(DEFAULT_ATTACKS), "attacks to run", choices=list(ATTACK_NAMES))
     paper_features: str = option(
         "error_map", "what the paper's h' sees: the squared-error map at one random t (paper), the scalar loss "
         "at that t, or the losses at --timesteps", choices=list(PAPER_FEATURES))
@@ -81,7 +84,7 @@ class EvalConfig:
         "paper), nonmembers, or test = D_te", choices=["members", "nonmembers", "test"])
     quality_features: list[str] = option(
         [], "feature extractors (default: every one whose weights are given): digits = PROXY learned-feature "
-        "FD/KID of the demo's digit classifier (never FID); inception = real FID/KID", choices=["digits", "inception"])
+        "FD/KID of the demo's digit classifier (never FID); inception = real FID/KID", choices=list(EXTRACTORS))
     digit_feature_weights: Optional[str] = option(None, "digit feature net file for --quality_features digits")
     inception_weights: Optional[str] = option(
         None, "local FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
@@ -135,10 +138,11 @@ class EvalConfig:
         for name in ("quality_num_images", "quality_steps", "quality_kid_subsets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
-        if (self.digit_feature_weights or self.inception_weights) and self.quality_num_images < 2:
+        # Each registered extractor names the field of its weight file (library.eval.extractors).
+        weights = {name: (entry.weights_option, getattr(self, entry.weights_option))
+                   for name, entry in EXTRACTORS.items()}
+        if any(value for _, value in weights.values()) and self.quality_num_images < 2:
             raise ConfigError("'quality_num_images' must be >= 2 to compute Fréchet distances / KID")
-        weights = {"digits": ("digit_feature_weights", self.digit_feature_weights),
-                   "inception": ("inception_weights", self.inception_weights)}
         for extractor, (flag, value) in weights.items():
             if value and not self.quality:
                 raise ConfigError(f"'{flag}' is only used with --quality; add --quality (or drop --{flag})")

@@ -30,7 +30,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from library.fileio import atomic_write_path
+from library.data.images import IMAGE_CONVERSION
+from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.sd.text import encode_prompts
@@ -138,6 +139,7 @@ def feature_cache_key(
         "lora_sha256": lora_sha256,
         "manifest_sha256": manifest_sha256,
         "n_samples": n_samples,
+        "image_conversion": IMAGE_CONVERSION,  # latents of images decoded another way are other samples
         "settings": settings.as_dict(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
@@ -223,7 +225,6 @@ class FeatureEngine:
         file = self._cache_file(key)
         if file is None:
             return
-        from safetensors.torch import save_file
 
         meta = {
             "format": FEATURE_FORMAT,
@@ -234,8 +235,7 @@ class FeatureEngine:
             "manifest_sha256": self.manifest_sha256,
             "settings": json.dumps(self.settings.as_dict(), sort_keys=True),
         }
-        with atomic_write_path(file) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        write_safetensors(file, {k: v.contiguous() for k, v in tensors.items()}, meta)
 
     # -- compute ----------------------------------------------------------------------------------
     def compute(

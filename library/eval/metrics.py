@@ -1,6 +1,6 @@
 """Membership-inference metrics (ASR, AUC, TPR@FPR, bootstrap CIs) and FID / KID maths.
 
-Conventions (``docs/mia-anchors.md`` §3):
+Conventions (``docs/evaluation.md``, "Metric conventions"):
 
 * ``labels``: 1 = member (the positive class), 0 = non-member; ``scores``: higher = more likely member.
 * A threshold τ predicts "member" when ``score >= τ`` (as ``sklearn.metrics.roc_curve``).
@@ -14,7 +14,7 @@ the AUC deviation |AUC − 0.5| / 0.5 and TPR at 5% FPR, plus FID and KID for im
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import scipy.linalg
@@ -362,6 +362,42 @@ def kid(
     return float(vals.mean()), float(vals.std())
 
 
+
+def _kid_or_none(real: np.ndarray, fake: np.ndarray, n_subsets: int, seed: int) -> tuple[float | None, float | None]:
+    if min(real.shape[0], fake.shape[0]) < 2:
+        return None, None
+    return kid(real, fake, n_subsets=n_subsets, seed=seed)
+
+
+def feature_metrics(names: Mapping[str, tuple[str, str | None]], real: Mapping[str, np.ndarray],
+                    fake: Mapping[str, np.ndarray], n_subsets: int = 100, seed: int = 0) -> dict[str, float | None]:
+    """Fréchet distance and KID (mean, ``_std``) of generated vs real feature sets, several at once.
+
+    ``names`` maps each feature key of ``real`` / ``fake`` to its (Fréchet name, KID name or None) (an
+    extractor's ``metrics``); KID is None when a set has fewer than 2 samples.
+    """
+    out: dict[str, float | None] = {}
+    for key, (fd_name, kid_name) in names.items():
+        out[fd_name] = frechet_distance_from_features(real[key], fake[key])
+        if kid_name is not None:
+            out[kid_name], out[f"{kid_name}_std"] = _kid_or_none(real[key], fake[key], n_subsets, seed)
+    return out
+
+
+def real_vs_real_floor(names: Mapping[str, tuple[str, str | None]], real: Mapping[str, np.ndarray],
+                       n_subsets: int = 100, seed: int = 0) -> dict[str, float | None]:
+    """:func:`feature_metrics` between two halves of the reference set (a fixed permutation): the value "as good as
+    it gets" at about this sample size (Fréchet distances on a few hundred images are strongly biased upward, KID
+    is not); empty below 4 samples."""
+    n = next(iter(real.values())).shape[0]
+    if n < 4:
+        return {}
+    order = np.random.default_rng(seed).permutation(n)
+    first, second = order[: n // 2], order[n // 2:]
+    return feature_metrics(names, {k: v[first] for k, v in real.items()}, {k: v[second] for k, v in real.items()},
+                           n_subsets, seed)
+
+
 __all__ = [
     "accuracy_at_threshold",
     "argmax_asr",
@@ -369,10 +405,12 @@ __all__ = [
     "balanced_accuracy",
     "best_threshold",
     "bootstrap_ci",
+    "feature_metrics",
     "frechet_distance",
     "frechet_distance_from_features",
     "kid",
     "rates_at_threshold",
+    "real_vs_real_floor",
     "roc_auc",
     "roc_curve",
     "threshold_at_fpr",

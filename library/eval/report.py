@@ -18,10 +18,11 @@ import numpy as np
 
 from library import __version__
 from library.config import config_to_dict
+from library.eval.extractors import extractor_notes
 from library.fileio import atomic_write_path, atomic_write_text
 
 if TYPE_CHECKING:
-    from library.eval.run import EvalResult
+    from library.eval.records import EvalResult
 
 REPORT_FORMAT = "smp-lora-mia-report"
 REPORT_VERSION = 1
@@ -36,6 +37,18 @@ CONVENTIONS = {
     "ci": "stratified percentile bootstrap, 95 %",
     "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
 }
+# What each held-out loss of library.eval.quality means; each feature extractor labels its own metrics.
+LOSS_NOTES = {
+    "loss_member_test": "mean per-sample denoising loss on D^m_te at the evaluation timesteps (same noise for "
+                        "every model)",
+    "loss_nonmember_test": "the same on D^nm_te (held-out images the LoRA never saw)",
+    "loss_gap": "loss_nonmember_test - loss_member_test (> 0: the model fits its members better)",
+}
+
+
+def metric_notes() -> dict[str, str]:
+    """The label of every utility metric: the held-out losses, then each registered extractor's metrics."""
+    return {**LOSS_NOTES, **extractor_notes()}
 
 
 def score_column(model: str, label: str) -> str:
@@ -95,10 +108,8 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
 
 def _utility_notes(result: "EvalResult") -> dict[str, str]:
     """What each utility number present in the report means (proxy metrics are labelled as such)."""
-    from library.eval.quality import METRIC_NOTES
-
     present = {k for row in (result.info.get("utility") or {}).values() for k in row}
-    return {k: v for k, v in METRIC_NOTES.items() if k in present}
+    return {k: v for k, v in metric_notes().items() if k in present}
 
 
 def _utility_table(result: "EvalResult") -> list[str]:
@@ -130,7 +141,7 @@ def _ci(ci: Sequence[float] | None) -> str:
     return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
+def results_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | attack | ASR % (oracle) | ASR % (honest) | \\|AUC−0.5\\|/0.5 | TPR@5%FPR % | AUC [95% CI] | "
         "TPR@1%FPR % | TPR@0.1%FPR % |",
@@ -164,12 +175,12 @@ def report_markdown(result: "EvalResult") -> str:
         "",
         "## Main results (paper Table 1 columns first)",
         "",
-        *_table([r for r in rows if r["headline"]]),
+        *results_table([r for r in rows if r["headline"]]),
         "",
     ]
     others = [r for r in rows if not r["headline"]]
     if others:
-        lines += ["## Per-timestep variants", "", *_table(others), ""]
+        lines += ["## Per-timestep variants", "", *results_table(others), ""]
     utility_lines = _utility_table(result)
     if utility_lines:
         quality = info.get("quality")
@@ -335,5 +346,5 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["CONVENTIONS", "REPORT_FORMAT", "report_dict", "report_markdown", "score_column", "scores_csv",
-           "write_report"]
+__all__ = ["CONVENTIONS", "LOSS_NOTES", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
+           "score_column", "scores_csv", "write_report"]

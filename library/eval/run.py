@@ -2,7 +2,7 @@
 
 Models: the base model (row ``base``, the sanity reference: with an IID split its AUC should be ~0.5) and every
 LoRA given. Samples: D_aux = member_aux + nonmember_aux (what attacks fit on) and D_te = member_test +
-nonmember_test (where every reported number comes from). Metric conventions (``docs/mia-anchors.md`` §3):
+nonmember_test (where every reported number comes from). Metric conventions (``docs/evaluation.md``):
 
 * AUC from the full ROC; |AUC - 0.5| / 0.5 is the paper's Table 1 "AUC" column;
 * TPR at the largest FPR <= alpha (5 %, 1 %, 0.1 %), ``None`` ("n/a") when alpha * N_nonmembers < 1;
@@ -10,160 +10,43 @@ nonmember_test (where every reported number comes from). Metric conventions (``d
   chosen on D_te (the paper); ASR, honest: the threshold fitted on D_aux applied to D_te, or h' at the epoch chosen
   on a held-out part of D_aux;
 * stratified percentile-bootstrap 95 % CIs for AUC and TPR@5%FPR.
+
+The stages live in their own modules, which never import this one: the records passed between them
+(:mod:`library.eval.records`), the manifest and LoRA files (:mod:`library.eval.inputs`), the base model
+(:mod:`library.eval.models`), the features (:mod:`library.eval.features`), the attacks
+(:mod:`library.eval.attacks`), utility and sample quality (:mod:`library.eval.quality`) and the report
+(:mod:`library.eval.report`).
 """
 
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from library.errors import ConfigError, DataError
-from library.eval import metrics
-from library.eval.attacks import ATTACKS, Attack, AttackInputs, FeatureSet, ScoreSet
-from library.eval.attacks.calibrated import CalibratedLossAttack
-from library.eval.attacks.loss_threshold import LossThresholdAttack
-from library.eval.attacks.paper_mlp import PaperMLPAttack
+from library.eval import metrics, quality, report
+from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
+from library.eval.attacks.registry import build_attacks
 from library.eval.config import EvalConfig
+from library.eval.extractors import load_extractors
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
+from library.eval.inputs import load_samples, model_specs
+from library.eval.models import load_bundle, process_bundle, resolve_device
+from library.eval.records import (
+    BASE_NAME,
+    EVAL_SPLITS,
+    EvalResult,
+    EvalSamples,
+    ModelSpec,
+)
 from library.runtime import PRECISION_DTYPES
 from library.workers import WorkerPool
 
-EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 FPR_TARGETS = (0.05, 0.01, 0.001)
-BASE_NAME = "base"
-
-
-@dataclass
-class ModelSpec:
-    """One evaluated model: the base (``lora_path`` None) or base + one LoRA file."""
-
-    name: str
-    lora_path: Path | None = None
-    lora_sha256: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EvalSamples:
-    """The samples attacked, in the order member_aux, nonmember_aux, member_test, nonmember_test."""
-
-    samples: list[Sample]
-    rel_paths: list[str]
-    splits: list[str]
-    labels: np.ndarray  # 1 = member
-
-    @property
-    def aux_index(self) -> np.ndarray:
-        return np.flatnonzero(np.isin(self.splits, ("member_aux", "nonmember_aux")))
-
-    @property
-    def test_index(self) -> np.ndarray:
-        return np.flatnonzero(np.isin(self.splits, ("member_test", "nonmember_test")))
-
-
-@dataclass
-class EvalResult:
-    """Everything the report is written from."""
-
-    config: EvalConfig
-    models: list[ModelSpec]
-    samples: EvalSamples
-    features: dict[str, ModelFeatures]
-    scores: dict[str, list[ScoreSet]]  # model name -> score sets over ALL samples
-    rows: list[dict[str, Any]]  # one per (model, attack variant): metrics on D_te
-    info: dict[str, Any]
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text) or "lora"
-
-
-def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
-    """The base model plus one spec per LoRA (unique names; files exist and belong to this split)."""
-    from networks.lora import lora_file_sha256, read_lora_metadata
-
-    specs = [ModelSpec(BASE_NAME)]
-    used = {BASE_NAME}
-    for file in config.network_weights:
-        path = Path(file)
-        sha = lora_file_sha256(path)  # ModelError for a missing file
-        meta = read_lora_metadata(path)  # ModelError for a file that is not safetensors
-        recorded = meta.get("smp_lora.manifest_sha256")
-        if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
-            raise DataError(
-                f"LoRA {path} was trained with another split manifest (sha256 {recorded[:12]}...) than "
-                f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
-                "pass the manifest it was trained with (or --allow_manifest_mismatch)"
-            )
-        name = _safe_name(path.stem)
-        candidate, n = name, 2
-        while candidate in used:
-            candidate, n = f"{name}-{n}", n + 1
-        used.add(candidate)
-        specs.append(ModelSpec(candidate, path, sha, {k: v for k, v in meta.items() if k.startswith(("smp_lora.", "ss_network", "ss_base"))}))
-    return specs
-
-
-def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:
-    """Read and verify the manifest; refuse empty splits. Returns (manifest, samples, manifest sha256)."""
-    from library.data.splits import manifest_sha256, read_manifest
-
-    path = config.split_manifest
-    assert path is not None
-    manifest = read_manifest(path, verify=True)  # DataError when an image changed or is missing
-    for name in EVAL_SPLITS:
-        if not getattr(manifest, name):
-            raise DataError(
-                f"split manifest {path}: split '{name}' is empty; membership evaluation needs members and "
-                "non-members in both D_aux and D_te — re-create the manifest with all four sizes > 0"
-            )
-    samples, rel, splits, labels = [], [], [], []
-    for name in EVAL_SPLITS:
-        for entry in getattr(manifest, name):
-            samples.append(Sample(manifest.abs_path(entry), entry.caption, entry.sha256))
-            rel.append(entry.path)
-            splits.append(name)
-            labels.append(1 if name.startswith("member") else 0)
-    return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), manifest_sha256(path)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"'device' {name!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"'device' {name!r} asks for CUDA but no GPU is available; use --device cpu")
-    return device
-
-
-def build_attacks(config: EvalConfig, device: torch.device) -> list[Attack]:
-    attacks: list[Attack] = []
-    for name in config.attacks:
-        if name == "paper":
-            attacks.append(PaperMLPAttack(
-                features=config.paper_features, epochs=config.paper_epochs, lr=config.paper_lr,
-                weight_decay=config.paper_weight_decay, batch_size=config.paper_batch_size,
-                dropout=config.paper_dropout, normalization=config.paper_normalization,
-                holdout_fraction=config.holdout_fraction, seed=config.seed, device=device))
-        elif name == "loss":
-            attacks.append(LossThresholdAttack())
-        elif name == "calibrated":
-            attacks.append(CalibratedLossAttack())
-        else:  # a registered attack without options
-            attacks.append(ATTACKS[name]())
-    return attacks
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -219,30 +102,6 @@ def _feature_set(features: ModelFeatures, timesteps: tuple[int, ...]) -> Feature
     return FeatureSet(features.losses.double().numpy(), timesteps, paper)
 
 
-def load_bundle(config: EvalConfig, device: torch.device) -> Any:
-    """The base model on ``device`` in the evaluation dtype."""
-    from library.sd.models import load_sd_model
-
-    assert config.pretrained_model_name_or_path is not None
-    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
-                           dtype=PRECISION_DTYPES[config.mixed_precision])
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
-        module.to(device)
-    return bundle
-
-
-_PROCESS_BUNDLE: dict[tuple, Any] = {}
-
-
-def process_bundle(config: EvalConfig, device: torch.device) -> Any:
-    """A worker process's base model, loaded once and reused by its later jobs (features, then samples)."""
-    key = (config.pretrained_model_name_or_path, config.tokenizer_path, config.mixed_precision, str(device))
-    if key not in _PROCESS_BUNDLE:
-        _PROCESS_BUNDLE.clear()
-        _PROCESS_BUNDLE[key] = load_bundle(config, device)
-    return _PROCESS_BUNDLE[key]
-
-
 @dataclass
 class FeatureJob:
     """One model's feature computation: everything a worker process needs besides the base model."""
@@ -278,8 +137,8 @@ def _cache_root(config: EvalConfig) -> Path:
 def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples, manifest_sha: str,
                      device: torch.device, info: dict[str, Any], pool: WorkerPool) -> dict[str, ModelFeatures]:
     """Load the base model, encode latents once, then features of every model (cached; ``pool.jobs`` at once)."""
-    from library.data.dataset import LatentCache
-    from library.sd.models import fingerprint, vae_fingerprint
+    from library.data.latents import LatentCache
+    from library.sd.bundle import fingerprint, vae_fingerprint
     from networks.lora import create_network_from_weights
 
     dtype = PRECISION_DTYPES[config.mixed_precision]
@@ -371,14 +230,12 @@ def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Run the whole evaluation and write the report into ``config.output_dir``."""
-    from library.eval import quality, report
-
     started = time.time()
     manifest, samples, manifest_sha = load_samples(config)
     specs = model_specs(config, manifest_sha)
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
-    extractors = quality.load_extractors(config, device) if config.quality else []
+    extractors = load_extractors(config, device) if config.quality else []
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device)}
@@ -402,5 +259,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
     return result
 
 
+# The records and input readers moved to their own modules; these names stay importable from here.
 __all__ = ["BASE_NAME", "EvalResult", "EvalSamples", "ModelSpec", "evaluate", "load_samples", "model_specs",
            "score_metrics"]

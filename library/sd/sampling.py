@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from library.errors import ConfigError
-from library.sd.models import ModelBundle
+from library.sd.bundle import ModelBundle
 
 _OPTION = re.compile(r"\s--([nwhdsl])\s+")
 

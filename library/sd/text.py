@@ -3,8 +3,8 @@
 Two concerns live here:
 
 * **Building tokenizers without the Hub.** transformers 5's ``CLIPTokenizer(vocab=dict, merges=[tuples])`` is
-  the constructor that works offline (``vocab_file=`` silently yields a 3-token vocabulary, see
-  ``docs/offline-feasibility.md`` §2). The helpers below build the byte-level alphabet CLIP uses, turn
+  the constructor that works offline (``vocab_file=`` silently yields a 3-token vocabulary on
+  transformers 5.23). The helpers below build the byte-level alphabet CLIP uses, turn
   OpenAI's BPE merge list into the real 49,408-token vocabulary, and (de)serialise a tokenizer as plain JSON
   so it can travel inside a single-file checkpoint's metadata.
 * **Encoding prompts the way kohya's sd-scripts does for SD v1.x**, including ``clip_skip`` and the

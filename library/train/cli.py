@@ -1,4 +1,4 @@
-"""The whole body of the training entry scripts (``train_lora.py``, ``train_smp_lora.py``, ...)."""
+"""The whole body of the training entry scripts: ``train_<name>.py`` for each name of the method registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from library.cli import run_cli
 
 
 def train_entry(method: str, description: str, argv: Sequence[str] | None = None) -> int:
-    """The whole body of ``train_lora.py`` / ``train_mp_lora.py`` / ``train_smp_lora.py``."""
+    """The whole body of ``train_<method>.py``; ``method`` is a key of ``library.train.methods.METHOD_REGISTRY``."""
 
     def main(args: Sequence[str] | None) -> None:
         from library.config import parse_config  # noqa: PLC0415 - fast --help and clean error paths

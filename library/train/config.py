@@ -1,4 +1,4 @@
-"""The training configuration shared by ``train_lora.py``, ``train_mp_lora.py`` and ``train_smp_lora.py``.
+"""The training configuration shared by the entry scripts ``train_<method>.py`` (one per registered method).
 
 Flag names follow kohya sd-scripts where a flag exists there; the privacy flags are this project's.
 Defaults are the paper's (Table 5 / App. E): r 64 / alpha 32, UNet lr 1e-4, text-encoder lr 1e-5,
@@ -13,10 +13,13 @@ from typing import Optional
 
 from library.config import option
 from library.errors import ConfigError
+from library.train.methods import method_class, method_names
+from library.train.proxy_features import ProxyFeatures
 
-METHODS = ("lora", "mp_lora", "smp_lora")  # the paper's three (the demo trains these)
-BASELINES = ("relaxloss", "dp_lora")  # issue 7's reviewer baselines (library.train.methods, library.train.dp)
-ALL_METHODS = METHODS + BASELINES
+# Read from the method registry (library.train.methods.METHOD_REGISTRY), kept here for their importers.
+METHODS = method_names(in_paper=True)  # the paper's three (the demo trains these)
+BASELINES = method_names(in_paper=False)  # issue 7's reviewer baselines (RelaxLoss, DP-SGD)
+ALL_METHODS = method_names()
 
 
 @dataclasses.dataclass
@@ -189,8 +192,6 @@ class TrainConfig:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
 
     def _validate_proxy_features(self) -> None:
-        from library.train.proxy_features import ProxyFeatures  # noqa: PLC0415 - lazy: keeps --help fast
-
         ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,
                       calibration=self.attacker_calibration)  # ConfigError for an impossible combination
         if self.attacker_calibration == "base" and "log" in self.attacker_normalization:
@@ -199,19 +200,5 @@ class TrainConfig:
                               "use standardize (or none)")
 
     def validate_for_method(self, method: str) -> None:
-        """Checks that depend on which training script runs (one ConfigError line each)."""
-        if method not in ALL_METHODS:
-            raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(ALL_METHODS)}")
-        if method == "relaxloss" and not (self.relaxloss_alpha is not None and self.relaxloss_alpha > 0):
-            raise ConfigError("RelaxLoss needs 'relaxloss_alpha' > 0 (the members' target loss; start near the base "
-                              "model's loss, the l_ada logged at the first steps)")
-        if method == "dp_lora":
-            if self.dp_noise_multiplier < 0 or self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
-                raise ConfigError("DP-SGD needs 'dp_noise_multiplier' >= 0, 'dp_clip_norm' > 0 and 0 < 'dp_delta' < 1")
-            refused = {"gradient_accumulation_steps": self.gradient_accumulation_steps > 1,
-                       "mixed_precision = fp16": self.mixed_precision == "fp16",
-                       "track_smoothness": self.track_smoothness, "grad_normalize": self.grad_normalize}
-            for flag, used in refused.items():
-                if used:
-                    raise ConfigError(f"DP-SGD does not support '{flag}' (per-sample gradients are taken from one "
-                                      "batch in fp32/bf16); drop it")
+        """Checks that depend on which training script runs: the method's own (one ConfigError line each)."""
+        method_class(method).check_config(self)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from library.data.dataset import ImageCaption, LatentCache, scan_dataset
-from library.data.splits import SplitManifest, manifest_sha256, read_manifest
+from library.data.dataset import ImageCaption, scan_dataset
+from library.data.latents import LatentCache
+from library.data.manifest import SplitManifest, manifest_sha256, read_manifest
 from library.errors import DataError
-from library.sd.models import ModelBundle, vae_fingerprint
+from library.sd.bundle import ModelBundle, vae_fingerprint
 from library.train.config import TrainConfig
 
 

@@ -2,7 +2,7 @@
 
 The paper feeds h_w "the adaptation loss" of a sample; the upstream code feeds the full per-element
 squared-error map of one random (t, eps). :class:`ProxyFeatures` offers those and the stronger views an
-adversary would really use (``docs/mia-anchors.md``; issue 7), chosen by three flags:
+adversary would really use (``docs/paper-fidelity.md``, "What h_w sees"; ``docs/results.md`` §6), chosen by three flags:
 
 ``--attacker_features`` (what is measured)
   * ``error_map``    — the flattened (eps_hat - eps)^2 map at one t, C*H*W features (upstream).

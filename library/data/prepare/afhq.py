@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from library.data.dataset import IMAGE_EXTENSIONS
+from library.data.images import IMAGE_EXTENSIONS
 from library.data.prepare.common import (
     CaptionTable,
     PreparedDataset,

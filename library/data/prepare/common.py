@@ -26,20 +26,21 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from library.data.dataset import (
+from library.data.dataset import scan_dataset
+from library.data.images import (
     IMAGE_EXTENSIONS,
-    _open_rgb,
+    decode_image,
+    open_rgb,
     resize_center_crop,
-    scan_dataset,
+    to_rgb,
 )
-from library.data.splits import (
+from library.data.manifest import (
     CORE_SPLITS,
-    PRESETS,
     SplitManifest,
-    make_split,
     manifest_sha256,
     write_manifest,
 )
+from library.data.splits import PRESETS, make_split
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
 
@@ -277,14 +278,15 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
 
 
 def open_image(source: Path | bytes, name: str) -> Image.Image:
-    """Decode an image file or encoded bytes to RGB (alpha composited on white, EXIF rotation applied)."""
+    """Decode an image file or encoded bytes to 8-bit RGB by :func:`library.data.images.to_rgb`'s rules."""
     if isinstance(source, (bytes, bytearray)):
         # Image.open takes a file object as well as a path, so the same decoding rules apply to bytes.
         try:
-            return _open_rgb(io.BytesIO(source))  # type: ignore[arg-type]
+            img = decode_image(io.BytesIO(source), name)
         except DataError:
             raise DataError(f"image {name} cannot be decoded: the input data is corrupt (re-download it)") from None
-    return _open_rgb(Path(source))
+        return to_rgb(img, name)
+    return open_rgb(Path(source))
 
 
 def write_pair(out_dir: Path, stem: str, image: Path | bytes, caption: str, resolution: int) -> Path:

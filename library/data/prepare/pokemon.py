@@ -27,7 +27,8 @@ import importlib
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from library.data.dataset import IMAGE_EXTENSIONS, METADATA_FILE, scan_dataset
+from library.data.dataset import METADATA_FILE, scan_dataset
+from library.data.images import IMAGE_EXTENSIONS
 from library.data.prepare.common import (
     PreparedDataset,
     add_output_arguments,

@@ -3,21 +3,26 @@
 An attack is fitted on D_aux (members and non-members with labels) and then scores any samples; a higher
 score means "more likely a member". Each attack may return several *variants* (the loss at each timestep and
 averaged over timesteps, h' at two checkpoints, ...), each a :class:`ScoreSet`. Adding an attack (SecMI, PIA,
-CLiD, a gradient attack) means one module with one :class:`Attack` subclass, registered in
-:data:`library.eval.attacks.ATTACKS`; new per-sample statistics go into :class:`FeatureSet` (computed by
-:mod:`library.eval.features`).
+CLiD, a gradient attack) means one module with one :class:`Attack` subclass, registered by one line in
+:data:`library.eval.attacks.registry.ATTACK_CLASSES`; new per-sample statistics go into :class:`FeatureSet`
+(computed by :mod:`library.eval.features`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 
 from library.errors import ConfigError
 from library.eval.metrics import best_threshold
+
+if TYPE_CHECKING:  # the config is only read, never imported at run time: see library.eval.attacks.registry
+    import torch
+
+    from library.eval.config import EvalConfig
 
 ScoreKind = Literal["threshold", "classifier"]
 
@@ -101,6 +106,11 @@ class Attack(ABC):
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, config: EvalConfig, device: torch.device) -> Attack:
+        """A fresh attack with the options ``config`` gives it; an attack without options takes none."""
+        return cls()
 
     @abstractmethod
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The paper's evaluation attacker h' (App. E): a fresh MLP with h_w's architecture trained on D_aux.
 
-Protocol (paper, and ``docs/upstream-analysis.md`` §2): h' = :class:`~library.privacy.ProxyAttacker`
+Protocol (paper, and ``docs/paper-fidelity.md``, "Evaluation"): h' = :class:`~library.privacy.ProxyAttacker`
 (512-256-2, dropout 0.5) trained for 100 epochs with Adam (lr 1e-5, wd 1e-4) on balanced batches of D_aux
 features, then applied to D_te; "the checkpoint of h' with the highest ASR" is reported. That checkpoint is
 chosen on D_te itself, an optimistic (attacker-favourable) choice, so two variants are reported:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import torch
 from library.errors import ConfigError
 from library.eval.attacks.base import Attack, AttackInputs, ScoreSet, check_labels
 from library.privacy import ProxyAttacker, attacker_loss
+
+if TYPE_CHECKING:
+    from library.eval.config import EvalConfig
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +86,14 @@ class PaperMLPAttack(Attack):
         self.checkpoints: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self.curves: dict[str, list[dict[str, float]]] = {}
         self.in_features = 0
+
+    @classmethod
+    def from_config(cls, config: EvalConfig, device: torch.device) -> PaperMLPAttack:
+        """h' with the ``paper_*`` options, the hold-out fraction and the seed of the evaluation."""
+        return cls(features=config.paper_features, epochs=config.paper_epochs, lr=config.paper_lr,
+                   weight_decay=config.paper_weight_decay, batch_size=config.paper_batch_size,
+                   dropout=config.paper_dropout, normalization=config.paper_normalization,
+                   holdout_fraction=config.holdout_fraction, seed=config.seed, device=device)
 
     def settings(self) -> dict[str, Any]:
         return {

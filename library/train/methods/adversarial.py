@@ -1,26 +1,19 @@
-"""Training methods as strategies plugged into the one loop of :mod:`library.train.trainer`.
+"""MP-LoRA and SMP-LoRA: the min-max game of Algorithm 2 (MP) / Algorithm 1 (SMP) with a proxy attacker h_w.
 
-* :class:`PlainLoRA` — minimise L_ada (Eq. 3). The baseline.
-* :class:`AdversarialLoRA` — the min-max game of Algorithm 1 (SMP-LoRA) / Algorithm 2 (MP-LoRA). The two
-  differ only in the objective the LoRA minimises: ``objective="mp"`` is Eq. 6, L_ada + lambda*G;
-  ``objective="smp"`` is Eq. 10, L_ada / (1 - lambda*G + delta).
-* Baselines a reviewer asks for (issue 7): :class:`RelaxLoss` (a loss-level target for members) and
-  :class:`DPLoRA` (DP-SGD on the LoRA parameters, :mod:`library.train.dp`). Early stopping needs no strategy: it is
-  plain LoRA saved every N epochs (``--save_every_n_epochs``), each file an early-stopped model.
+The two differ only in the objective the LoRA minimises: MP-LoRA's Eq. 6, L_ada + lambda*G, or SMP-LoRA's
+Eq. 10, L_ada / (1 - lambda*G + delta). Per training iteration (Algorithm 1):
 
-Per training iteration (Algorithm 1):
-  lines 4-6  :meth:`attacker_phase` — balanced batches S^m from D^m_aux and S^nm from D^nm_aux, their
-             features from the *current* LoRA under ``no_grad`` (the attacker never backpropagates into
-             the UNet), ``k_steps`` Adam steps ascending G (Eq. 5).
-  lines 7-9  :meth:`lora_loss` — on the fresh D_tr batch, G over its members only (Eq. 6/10) and the
-             method's loss. In ``g_noise="reuse"`` mode (default) the attacker reads the error map of the
-             very forward that gave L_ada: one differentiable UNet pass instead of two.
+  lines 4-6  :meth:`AdversarialLoRA.attacker_phase` — balanced batches S^m from D^m_aux and S^nm from
+             D^nm_aux, their features from the *current* LoRA under ``no_grad`` (the attacker never
+             backpropagates into the UNet), ``k_steps`` Adam steps ascending G (Eq. 5).
+  lines 7-9  :meth:`AdversarialLoRA.lora_loss` — on the fresh D_tr batch, G over its members only (Eq. 6/10)
+             and the method's loss. In ``g_noise="reuse"`` mode (default) the attacker reads the error map of
+             the very forward that gave L_ada: one differentiable UNet pass instead of two.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
@@ -31,7 +24,14 @@ from library.privacy import (
     privacy_loss_terms,
 )
 from library.sd.diffusion import NoiseDraw
-from library.train.config import ALL_METHODS, TrainConfig
+from library.train.methods.base import (
+    AuxData,
+    ForwardResult,
+    MethodSetup,
+    SampleSet,
+    StepContext,
+    TrainingMethod,
+)
 from library.train.proxy_features import (
     BaseFeatureCache,
     ProxyFeatures,
@@ -39,156 +39,20 @@ from library.train.proxy_features import (
 )
 from library.train.samplers import EpochCyclingSampler
 
-
-@dataclass
-class ForwardResult:
-    """The differentiable forward of a D_tr batch (Eq. 1-3)."""
-
-    errors: torch.Tensor  # (B, C, H, W) squared errors, with grad
-    losses: torch.Tensor  # (B,) per-sample l_ada
-    latents: torch.Tensor
-    conditioning: torch.Tensor
-    keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
-
-
-@dataclass
-class AuxData:
-    """Clean latents, captions and keys (image paths) of the attacker's auxiliary sets D^m_aux and D^nm_aux."""
-
-    member_latents: torch.Tensor
-    member_captions: list[str]
-    nonmember_latents: torch.Tensor
-    nonmember_captions: list[str]
-    member_keys: list[str] = field(default_factory=list)
-    nonmember_keys: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StepContext:
-    """What a method may use from the loop: the patched UNet and how to condition and noise it."""
-
-    unet: torch.nn.Module
-    noise_scheduler: Any
-    encode_text: Callable[[list[str]], torch.Tensor]
-    noise_generator: torch.Generator
-    reduce_gradients: Callable[[list[torch.nn.Parameter]], None]
-    all_reduce_mean: Callable[[list[torch.Tensor]], None]
-    autocast: Callable[[], ContextManager]
-    min_timestep: int
-    max_timestep: int
-    base_model: Callable[[], ContextManager] | None = None  # the LoRA switched off for the block
-    logs: dict[str, float] = field(default_factory=dict)
-
-
-class TrainingMethod:
-    """The hooks the loop calls; every one is a no-op here, so a method overrides only what it changes."""
-
-    name = "method"
-    has_attacker = False
-
-    def attacker_phase(self, ctx: StepContext) -> dict[str, float]:
-        """Algorithm 1, lines 4-6 (MP/SMP-LoRA only)."""
-        return {}
-
-    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def process_gradients(self, batch_size: int) -> dict[str, float]:
-        """Called between backward and the optimiser step (DP-SGD replaces the gradients here)."""
-        return {}
-
-    def end_of_epoch(self, epoch: int) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def metadata(self) -> dict[str, str]:
-        return {}
-
-
-class PlainLoRA(TrainingMethod):
-    """Plain LoRA: the loop with no privacy term."""
-
-    name = "lora"
-
-    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        l_ada = result.losses.mean()  # Eq. 3
-        return l_ada, {"l_ada": l_ada.item()}
-
-
-class RelaxLoss(PlainLoRA):
-    """RelaxLoss (Chen et al., ICLR 2022, Alg. 1) for the denoising loss: descend L_ada while it is above the
-    target alpha, ascend it while below, so the members' loss hovers at alpha instead of going to ~0.
-
-    The classification-specific half of RelaxLoss (posterior flattening on alternate epochs) has no analogue
-    for a regression loss and is left out. alpha is absolute (``--relaxloss_alpha``): set it near the base
-    model's loss on held-out images (the trainer logs ``l_ada`` from step 1, when the LoRA is still the base).
-    """
-
-    name = "relaxloss"
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = float(alpha)
-
-    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        l_ada = result.losses.mean()
-        ascending = bool(l_ada.item() < self.alpha)
-        loss = -l_ada if ascending else l_ada
-        return loss, {"l_ada": l_ada.item(), "loss": loss.item(), "relax_ascending": float(ascending)}
-
-    def metadata(self) -> dict[str, str]:
-        return {"smp_lora.relaxloss_alpha": str(self.alpha)}
-
-
-class DPLoRA(PlainLoRA):
-    """Plain LoRA trained with DP-SGD (:class:`library.train.dp.DPSGD`); epsilon is logged every epoch and saved."""
-
-    name = "dp_lora"
-
-    def __init__(self, config: TrainConfig, network: torch.nn.Module, params: list[torch.nn.Parameter],
-                 num_members: int) -> None:
-        from library.train.dp import DPSGD  # noqa: PLC0415 - opacus only when DP is asked for
-
-        self.config = config
-        self.dp = DPSGD(network, params, noise_multiplier=config.dp_noise_multiplier, clip_norm=config.dp_clip_norm,
-                        sample_rate=min(1.0, config.train_batch_size / num_members), delta=config.dp_delta,
-                        seed=config.seed + 5)
-
-    def process_gradients(self, batch_size: int) -> dict[str, float]:
-        return self.dp.privatize(batch_size)
-
-    def end_of_epoch(self, epoch: int) -> dict[str, float]:
-        return {"dp_epsilon": self.dp.epsilon()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.dp.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dp.load_state_dict(state)
-
-    def metadata(self) -> dict[str, str]:
-        cfg = self.config
-        return {"smp_lora.dp_noise_multiplier": str(cfg.dp_noise_multiplier),
-                "smp_lora.dp_clip_norm": str(cfg.dp_clip_norm), "smp_lora.dp_delta": str(cfg.dp_delta),
-                "smp_lora.dp_epsilon": f"{self.dp.epsilon():.4g}",
-                "smp_lora.dp_accountant": "opacus RDP, q = batch / |D_tr| (shuffled batches, not Poisson)"}
+if TYPE_CHECKING:
+    from library.train.config import TrainConfig
 
 
 class AdversarialLoRA(TrainingMethod):
     """MP-LoRA (Eq. 6) or SMP-LoRA (Eq. 10) with a proxy attacker h_w trained on D_aux (Eq. 5)."""
 
+    objective: ClassVar[str]  # "mp" (Eq. 6) or "smp" (Eq. 10): the subclass decides
+    in_paper = True
+    needs_aux = True
     has_attacker = True
+    step_cost = 3
 
-    def __init__(self, config: TrainConfig, objective: str, aux: AuxData, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
-        if objective not in ("mp", "smp"):
-            raise ValueError(f"objective must be 'mp' or 'smp', got {objective!r}")
-        self.name = "mp_lora" if objective == "mp" else "smp_lora"
-        self.objective = objective
+    def __init__(self, config: TrainConfig, aux: AuxData, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config
         self.aux = aux
         self.device = device
@@ -206,6 +70,11 @@ class AdversarialLoRA(TrainingMethod):
         self.nonmember_sampler = EpochCyclingSampler(len(aux.nonmember_captions), config.attacker_batch_size,
                                                      seed + 1, rank, world_size,
                                                      what="D^nm_aux (--attacker_batch_size)")
+
+    @classmethod
+    def build(cls, setup: MethodSetup) -> AdversarialLoRA:
+        assert setup.aux is not None, "MP/SMP-LoRA need the auxiliary sets"
+        return cls(setup.config, setup.aux, setup.device, setup.rank, setup.world_size)
 
     def _new_attacker(self, seed: int) -> None:
         """A freshly initialised h_w and its optimiser (seeded apart from the LoRA's initialisation)."""
@@ -237,10 +106,16 @@ class AdversarialLoRA(TrainingMethod):
                                               weight_decay=cfg.attacker_weight_decay)
         return {"attacker_restarts": float(self.restarts)}
 
+    def before_training(self, ctx: StepContext, sets: Sequence[SampleSet]) -> None:
+        """``--attacker_calibration base`` with fixed noise: the frozen base model's term of every sample the
+        proxy will see (D_tr, D_aux and the monitor's D_te), once. The LoRA is switched off, so this also
+        holds when training continues from --network_weights or a resumed state."""
+        for samples in sets:
+            self.cache_base_features(ctx, samples.latents, samples.captions, samples.keys)
+
     def cache_base_features(self, ctx: StepContext, latents: torch.Tensor, captions: list[str],
                             keys: list[str]) -> None:
-        """``--attacker_calibration base`` with fixed noise: the base model's features of these samples, once,
-        before training."""
+        """The base model's features of these samples, once (only for base calibration with fixed noise)."""
         if not self.features.caches_base:
             return
         if ctx.base_model is None:
@@ -385,18 +260,17 @@ class AdversarialLoRA(TrainingMethod):
         }
 
 
-def build_method(name: str, config: TrainConfig, aux: AuxData | None, device: torch.device,
-                 rank: int = 0, world_size: int = 1, *, network: torch.nn.Module | None = None,
-                 params: list[torch.nn.Parameter] | None = None, num_members: int = 0) -> TrainingMethod:
-    """The strategy for ``name`` in ``ALL_METHODS`` (MP/SMP need the aux sets, DP the network and its params)."""
-    if name not in ALL_METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(ALL_METHODS)}")
-    if name == "lora":
-        return PlainLoRA()
-    if name == "relaxloss":
-        return RelaxLoss(config.relaxloss_alpha)
-    if name == "dp_lora":
-        assert network is not None and params is not None and num_members > 0, "DP-SGD needs the network"
-        return DPLoRA(config, network, params, num_members)
-    assert aux is not None, "MP/SMP-LoRA need the auxiliary sets"
-    return AdversarialLoRA(config, "mp" if name == "mp_lora" else "smp", aux, device, rank, world_size)
+class MPLoRA(AdversarialLoRA):
+    """MP-LoRA (Algorithm 2): minimise Eq. 6, L_ada + lambda*G."""
+
+    name = "mp_lora"
+    objective = "mp"
+    base_config = "mp_lora"
+
+
+class SMPLoRA(AdversarialLoRA):
+    """SMP-LoRA (Algorithm 1): minimise Eq. 10, L_ada / (1 - lambda*G + delta)."""
+
+    name = "smp_lora"
+    objective = "smp"
+    base_config = "smp_lora"

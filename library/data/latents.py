@@ -1,0 +1,174 @@
+"""The VAE latent cache: every image encoded once, kept in memory and optionally on disk.
+
+A cache entry is keyed on the image's bytes, the image conversion (:data:`library.data.images.IMAGE_CONVERSION`),
+the VAE's fingerprint, the resolution and the encoding mode, so a changed image, pixel conversion, VAE or
+resolution can never be served a stale latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from library.data.images import IMAGE_CONVERSION, load_image
+from library.errors import DataError
+from library.fileio import sha256_file, write_safetensors
+
+LatentMode = Literal["mean", "sample"]
+_CACHE_FORMAT = "smp-lora-latent-v1"
+
+
+class LatentCache:
+    """VAE latents of images, cached in memory and optionally as safetensors files in ``cache_dir``.
+
+    ``mode="mean"`` (default) stores the mean of the VAE's posterior: deterministic, so a member image
+    gets the same latent in training and evaluation. ``mode="sample"`` draws one sample per image (as
+    kohya's cache does) from a generator seeded by the image's cache key and ``seed``, so it is reproducible
+    too. Latents are multiplied by ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` if the VAE
+    has one), i.e. they are what the UNet sees.
+
+    The key of an entry is a sha256 over the image's bytes, the image conversion, ``vae_fingerprint``, the
+    resolution and the mode (and seed in sample mode). A disk file that cannot be read or does not match is
+    recomputed and rewritten.
+    """
+
+    def __init__(
+        self,
+        vae: Any,
+        vae_fingerprint: str,
+        resolution: int,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 16,
+        *,
+        mode: LatentMode = "mean",
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.vae = vae
+        self.vae_fingerprint = vae_fingerprint
+        self.resolution = int(resolution)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size = batch_size
+        self.mode: LatentMode = mode
+        self.seed = seed
+        self._memory: dict[str, torch.Tensor] = {}
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0}
+
+    # -- keys ------------------------------------------------------------------------------------------
+    def key_for_hash(self, image_sha256: str) -> str:
+        parts = [_CACHE_FORMAT, IMAGE_CONVERSION, image_sha256, self.vae_fingerprint, str(self.resolution),
+                 self.mode]
+        if self.mode == "sample":
+            parts.append(str(self.seed))
+        return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+    def key(self, path: str | Path) -> str:
+        """Cache key of the image at ``path`` as it is on disk now."""
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc} (restore it or remove it from the dataset)") from None
+        return self.key_for_hash(digest)
+
+    def _file(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{key}.safetensors"
+
+    # -- disk ------------------------------------------------------------------------------------------
+    def _read_disk(self, key: str) -> torch.Tensor | None:
+        if self.cache_dir is None:
+            return None
+        file = self._file(key)
+        if not file.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                latent = handle.get_tensor("latent")
+        except Exception:  # any unreadable file is just a cache miss: we can always recompute
+            return None
+        if meta.get("key") != key or latent.ndim != 3 or not torch.isfinite(latent).all():
+            return None
+        return latent.float()
+
+    def _write_disk(self, key: str, latent: torch.Tensor) -> None:
+        if self.cache_dir is None:
+            return
+
+        meta = {
+            "format": _CACHE_FORMAT,
+            "key": key,
+            "vae_fingerprint": self.vae_fingerprint,
+            "resolution": str(self.resolution),
+            "mode": self.mode,
+        }
+        write_safetensors(self._file(key), {"latent": latent.contiguous()}, meta)
+
+    # -- encoding --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, paths: Sequence[Path], keys: Sequence[str]) -> torch.Tensor:
+        param = next(self.vae.parameters())
+        pixels = torch.stack([load_image(p, self.resolution) for p in paths])
+        dist = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        latents = dist.mean
+        if self.mode == "sample":
+            # One generator per image, seeded by its key: the sample does not depend on batch composition.
+            eps = torch.stack(
+                [
+                    torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(k[:15], 16)))
+                    for k in keys
+                ]
+            )
+            latents = latents + dist.std * eps.to(device=latents.device, dtype=latents.dtype)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        latents = latents * self.vae.config.scaling_factor
+        self.stats["encoded"] += len(paths)
+        return latents.float().cpu()
+
+    def get_many(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Latents of ``paths`` in order, shape (N, C, h, w), float32 on the CPU (N may be 0)."""
+        paths = [Path(p) for p in paths]
+        if not paths:
+            # An empty set (say an aux split of size 0) gets an empty batch of the right shape.
+            config = self.vae.config
+            side = self.resolution // 2 ** (len(config.block_out_channels) - 1)
+            return torch.empty(0, config.latent_channels, side, side)
+        keys = [self.key(p) for p in paths]
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, Path] = {}  # key -> a path; identical images are encoded once
+        for path, key in zip(paths, keys):
+            if key in found or key in missing:
+                continue
+            if key in self._memory:
+                found[key] = self._memory[key]
+                self.stats["memory_hits"] += 1
+                continue
+            latent = self._read_disk(key)
+            if latent is not None:
+                self._memory[key] = found[key] = latent
+                self.stats["disk_hits"] += 1
+                continue
+            missing[key] = path
+        todo = list(missing.items())
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            batch = self._encode([p for _, p in chunk], [k for k, _ in chunk])
+            for (key, _), latent in zip(chunk, batch):
+                latent = latent.clone()  # own storage, so the memory cache does not pin the whole batch
+                self._write_disk(key, latent)
+                self._memory[key] = found[key] = latent
+        return torch.stack([found[k] for k in keys])
+
+    def get(self, path: str | Path) -> torch.Tensor:
+        """Latent of one image, shape (C, h, w)."""
+        return self.get_many([path])[0]

@@ -1,0 +1,72 @@
+"""What an evaluation attacks, read and checked before any model is loaded: the samples of the split manifest
+and the evaluated models (the base model plus one spec per LoRA file)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from library.errors import DataError
+from library.eval.config import EvalConfig
+from library.eval.features import Sample
+from library.eval.records import BASE_NAME, EVAL_SPLITS, EvalSamples, ModelSpec
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text) or "lora"
+
+
+def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
+    """The base model plus one spec per LoRA (unique names; files exist and belong to this split)."""
+    from networks.lora import lora_file_sha256, read_lora_metadata
+
+    specs = [ModelSpec(BASE_NAME)]
+    used = {BASE_NAME}
+    for file in config.network_weights:
+        path = Path(file)
+        sha = lora_file_sha256(path)  # ModelError for a missing file
+        meta = read_lora_metadata(path)  # ModelError for a file that is not safetensors
+        recorded = meta.get("smp_lora.manifest_sha256")
+        if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
+            raise DataError(
+                f"LoRA {path} was trained with another split manifest (sha256 {recorded[:12]}...) than "
+                f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
+                "pass the manifest it was trained with (or --allow_manifest_mismatch)"
+            )
+        name = _safe_name(path.stem)
+        candidate, n = name, 2
+        while candidate in used:
+            candidate, n = f"{name}-{n}", n + 1
+        used.add(candidate)
+        recorded_meta = {k: v for k, v in meta.items() if k.startswith(("smp_lora.", "ss_network", "ss_base"))}
+        specs.append(ModelSpec(candidate, path, sha, recorded_meta))
+    return specs
+
+
+def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:
+    """Read and verify the manifest; refuse empty splits. Returns (manifest, samples, manifest sha256)."""
+    from library.data.manifest import manifest_sha256, read_manifest
+
+    path = config.split_manifest
+    assert path is not None
+    manifest = read_manifest(path, verify=True)  # DataError when an image changed or is missing
+    for name in EVAL_SPLITS:
+        if not getattr(manifest, name):
+            raise DataError(
+                f"split manifest {path}: split '{name}' is empty; membership evaluation needs members and "
+                "non-members in both D_aux and D_te — re-create the manifest with all four sizes > 0"
+            )
+    samples, rel, splits, labels = [], [], [], []
+    for name in EVAL_SPLITS:
+        for entry in getattr(manifest, name):
+            samples.append(Sample(manifest.abs_path(entry), entry.caption, entry.sha256))
+            rel.append(entry.path)
+            splits.append(name)
+            labels.append(1 if name.startswith("member") else 0)
+    return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), manifest_sha256(path)
+
+
+__all__ = ["load_samples", "model_specs"]

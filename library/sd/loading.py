@@ -1,0 +1,157 @@
+"""Load Stable Diffusion v1.x offline: a diffusers folder or one single-file checkpoint.
+
+:func:`load_sd_model` accepts
+
+* a local **diffusers folder** (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, as written by
+  ``StableDiffusionPipeline.save_pretrained``), loaded here with ``local_files_only=True``;
+* a **single-file** ``.safetensors`` checkpoint in the original LDM key layout, read by
+  :func:`library.sd.single_file.load_single_file`.
+
+Pickle-based ``.ckpt`` files are refused (unpickling can run code); convert them to safetensors first.
+
+The noise scheduler is never read from disk (:func:`library.sd.bundle.make_noise_scheduler` builds SD v1.x's
+training schedule, as kohya's trainer does). A folder's ``scheduler/scheduler_config.json`` is only checked: a
+v-prediction model is refused, other differences (often an inference scheduler such as PNDM) are logged and
+ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import ModelError
+from library.sd.bundle import (
+    ModelBundle,
+    assemble_bundle,
+    first_line,
+    load_tokenizer_folder,
+)
+from library.sd.configs import SCHEDULER_SETTINGS
+from library.sd.single_file import load_single_file
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
+_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+def _check_scheduler_config(folder: Path) -> None:
+    """Refuse a v-prediction ``scheduler_config.json``; log (and ignore) other schedule differences."""
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_file} is not valid JSON ({exc}); fix or delete it") from exc
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelError(
+            f"{config_file} says prediction_type={config['prediction_type']!r}; smp-lora trains SD v1.x "
+            "epsilon-prediction models only (v-prediction SD 2.x models are not supported)"
+        )
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end"):
+        if key in config and config[key] != SCHEDULER_SETTINGS[key]:
+            logger.warning(
+                "%s has %s=%r; training uses SD v1.x's %r regardless", config_file, key, config[key],
+                SCHEDULER_SETTINGS[key],
+            )
+
+
+def _check_stack(bundle: ModelBundle, source: Path) -> None:
+    """Cross-component checks that catch SD 2.x / SDXL / inpainting models and mismatched tokenizers."""
+    unet_cfg, te_cfg = bundle.unet.config, bundle.text_encoder.config
+    if unet_cfg.get("addition_embed_type") or unet_cfg.get("use_linear_projection"):
+        raise ModelError(f"{source} looks like an SD 2.x / SDXL model; smp-lora supports SD v1.x only")
+    if unet_cfg["cross_attention_dim"] != te_cfg.hidden_size:
+        raise ModelError(
+            f"{source}: the UNet expects {unet_cfg['cross_attention_dim']}-dim text states but the text encoder "
+            f"gives {te_cfg.hidden_size}; the components do not belong together"
+        )
+    if unet_cfg["in_channels"] != bundle.vae.config["latent_channels"]:
+        raise ModelError(
+            f"{source}: the UNet takes {unet_cfg['in_channels']} input channels but the VAE makes "
+            f"{bundle.vae.config['latent_channels']}-channel latents (inpainting models are not supported)"
+        )
+    if len(bundle.tokenizer) > te_cfg.vocab_size:
+        raise ModelError(
+            f"{source}: the tokenizer has {len(bundle.tokenizer)} tokens but the text encoder only "
+            f"{te_cfg.vocab_size} embeddings; pass the tokenizer that belongs to this model (--tokenizer_path)"
+        )
+
+
+def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for sub in _REQUIRED_SUBFOLDERS + (() if tokenizer_path else ("tokenizer",)):
+        if not (folder / sub).is_dir():
+            raise ModelError(
+                f"{folder} is not a diffusers Stable Diffusion folder: subfolder '{sub}/' is missing "
+                "(expected unet/, vae/, text_encoder/ and tokenizer/ as written by "
+                "StableDiffusionPipeline.save_pretrained)"
+            )
+    _check_scheduler_config(folder)
+
+    def load(sub: str, loader: Any) -> Any:
+        try:
+            return loader()
+        except ModelError:
+            raise
+        except Exception as exc:  # missing weights, corrupt safetensors, bad config.json, ...
+            raise ModelError(
+                f"could not load {folder / sub} ({first_line(exc)}); the files may be incomplete or corrupt: "
+                "download or save the model again"
+            ) from exc
+
+    unet = load(
+        "unet",
+        lambda: UNet2DConditionModel.from_pretrained(
+            str(folder), subfolder="unet", local_files_only=True, torch_dtype=dtype
+        ),
+    )
+    vae = load(
+        "vae",
+        lambda: AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True, torch_dtype=dtype),
+    )
+    text_encoder = load(
+        "text_encoder",
+        lambda: CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype),
+    )
+    tokenizer = load_tokenizer_folder(tokenizer_path or folder / "tokenizer")
+    return assemble_bundle(tokenizer, text_encoder, vae, unet, dtype, source=str(folder))
+
+
+def load_sd_model(
+    path: str | Path, *, tokenizer_path: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> ModelBundle:
+    """Load an SD v1.x model from a local diffusers folder or a single LDM-layout ``.safetensors`` file.
+
+    ``tokenizer_path`` (a local folder with a CLIP tokenizer) overrides the model's own tokenizer; single files
+    otherwise use the tokenizer in their metadata, or the CLIP BPE file of an installed ``open_clip``. The three
+    networks come back in eval mode with gradients disabled. Never touches the network.
+    """
+    path = Path(path).expanduser()
+    tok_path = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist; pass a diffusers folder or an SD v1.x .safetensors file")
+    if path.is_dir():
+        bundle = _load_folder(path, tok_path, dtype)
+    elif path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ModelError(
+            f"{path} is a pickle-based checkpoint, which smp-lora does not load (unpickling can run code); "
+            "convert it to .safetensors first"
+        )
+    elif path.suffix.lower() == ".safetensors":
+        bundle = load_single_file(path, tok_path, dtype)
+    else:
+        raise ModelError(f"{path} is neither a diffusers folder nor a .safetensors checkpoint")
+    _check_stack(bundle, path)
+    logger.info("loaded SD v1.x model from %s", path)
+    return bundle
+
+

@@ -1,0 +1,113 @@
+"""What a run writes: the LoRA file and its metadata, the attacker file, the run record and resumable states.
+
+Every function takes the :class:`~library.train.trainer.Trainer` whose run it records; only the main process
+writes, and every process takes part in the collectives (the barrier, the rank sync check).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from library.config import config_to_dict
+from library.fileio import atomic_write_text, write_safetensors
+from library.runtime import SAVE_DTYPES
+from library.train import checkpoint
+
+if TYPE_CHECKING:
+    from library.train.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    attacker_path: Path | None
+    record_path: Path
+    global_step: int
+    final_logs: dict[str, float]
+
+
+def lora_metadata(trainer: Trainer) -> dict[str, str]:
+    """The LoRA file's metadata: kohya's ``ss_*`` training keys and this project's ``smp_lora.*`` (no data paths)."""
+    cfg = trainer.config
+    meta = {
+        "ss_output_name": trainer.output_name,
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate),
+        "ss_max_train_steps": str(trainer.total_steps),
+        "ss_steps": str(trainer.global_step),
+        "ss_seed": str(cfg.seed),
+        "ss_clip_skip": str(cfg.clip_skip),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_mixed_precision": cfg.mixed_precision,
+        "smp_lora.method": trainer.method_name,
+        "smp_lora.seed": str(cfg.seed),
+    }
+    if trainer.data.manifest_sha256:
+        meta["smp_lora.manifest_sha256"] = trainer.data.manifest_sha256
+    meta.update(trainer.method.metadata())
+    return meta
+
+
+def save_lora(trainer: Trainer, path: Path) -> None:
+    trainer.network.save_weights(str(path), SAVE_DTYPES[trainer.config.save_precision], lora_metadata(trainer))
+
+
+def save_attacker(trainer: Trainer, path: Path) -> None:
+    """The proxy attacker h_w in a file of its own (it never goes into the LoRA file)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in trainer.method.attacker.state_dict().items()}
+    write_safetensors(path, tensors, {"smp_lora.method": trainer.method_name})
+
+
+def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | None = None) -> TrainResult:
+    """``<name>.safetensors`` (+ ``-attacker.safetensors``), the run record ``<name>.json`` and, with
+    ``--save_state``, the resumable state ``<name>-state``."""
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    lora_path = trainer.output_dir / f"{name}.safetensors"
+    attacker_path = None
+    record_path = trainer.output_dir / f"{name}.json"
+    if accelerator.is_main_process:
+        save_lora(trainer, lora_path)
+        if trainer.method.has_attacker:
+            attacker_path = trainer.output_dir / f"{name}-attacker.safetensors"
+            save_attacker(trainer, attacker_path)
+    in_sync = trainer.ranks_in_sync()
+    if accelerator.is_main_process:
+        record = {
+            "method": trainer.method_name, "global_step": trainer.global_step, "total_steps": trainer.total_steps,
+            "num_processes": accelerator.num_processes, "ranks_in_sync": in_sync,
+            "manifest_sha256": trainer.data.manifest_sha256, "config": config_to_dict(trainer.config),
+            "epochs": trainer.epoch_logs, "final": final_logs or {},
+        }
+        atomic_write_text(record_path, json.dumps(record, indent=2, default=str))
+    if trainer.config.save_state:
+        save_state(trainer, trainer.output_dir / f"{name}-state")
+    return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})
+
+
+def last_good_path(trainer: Trainer) -> Path:
+    return trainer.output_dir / f"{trainer.output_name}-last-good.safetensors"
+
+
+def save_last_good(trainer: Trainer) -> None:
+    """The LoRA as it was before the step that failed (kept for inspection when training diverges)."""
+    if trainer.accelerator.is_main_process:
+        save_lora(trainer, last_good_path(trainer))
+
+
+def save_state(trainer: Trainer, directory: Path) -> None:
+    """A state ``--resume`` continues exactly from (see :meth:`Trainer.state_dict`)."""
+    if trainer.accelerator.is_main_process:
+        checkpoint.save_state(directory, trainer.state_dict(), {
+            "global_step": trainer.global_step, "method": trainer.method_name,
+            "epoch": trainer.completed_epochs(), "config": config_to_dict(trainer.config),
+        })
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_state(trainer: Trainer, directory: str) -> None:
+    trainer.load_state_dict(checkpoint.load_state(directory))

@@ -1,0 +1,37 @@
+"""The few collectives the loop needs across processes (the LoRA runs inside the UNet's forward, outside DDP)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+
+class Collectives:
+    """Gradient and buffer averaging, and a bit-exact sync check, over the processes of ``accelerator``."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients across processes."""
+        self.all_reduce_mean([p.grad for p in params if p.grad is not None])
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """In-place mean over processes of float tensors, as one flat collective."""
+        tensors = [t for t in tensors if t.is_floating_point()]
+        if self.accelerator.num_processes == 1 or not tensors:
+            return
+        flat = self.accelerator.reduce(torch.cat([t.flatten() for t in tensors]), reduction="mean")
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def in_sync(self, tensors: list[torch.Tensor]) -> bool:
+        """True when every process holds bit-identical ``tensors`` (compared by two float64 checksums)."""
+        if self.accelerator.num_processes == 1:
+            return True
+        flat = torch.cat([t.detach().flatten() for t in tensors]).to(torch.float64)
+        digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+        gathered = self.accelerator.gather(digest[None].to(self.accelerator.device)).cpu()
+        return bool((gathered == gathered[0]).all())

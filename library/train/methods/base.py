@@ -1,0 +1,130 @@
+"""What every training method shares: the data it sees from the loop, and the hooks and capabilities it declares.
+
+The loop (:mod:`library.train.trainer`) never asks a method's class or name what to do; it reads the
+capabilities below (does it need the attacker's auxiliary sets? does it train an attacker? may it run in
+several processes?) and calls the hooks of :class:`TrainingMethod`, which are no-ops unless overridden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from library.train.config import TrainConfig
+
+
+@dataclass
+class ForwardResult:
+    """The differentiable forward of a D_tr batch (Eq. 1-3)."""
+
+    errors: torch.Tensor  # (B, C, H, W) squared errors, with grad
+    losses: torch.Tensor  # (B,) per-sample l_ada
+    latents: torch.Tensor
+    conditioning: torch.Tensor
+    keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
+
+
+@dataclass
+class AuxData:
+    """Clean latents, captions and keys (image paths) of the attacker's auxiliary sets D^m_aux and D^nm_aux."""
+
+    member_latents: torch.Tensor
+    member_captions: list[str]
+    nonmember_latents: torch.Tensor
+    nonmember_captions: list[str]
+    member_keys: list[str] = field(default_factory=list)
+    nonmember_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleSet:
+    """Clean latents with their captions and keys: one labelled set the loop hands a method before training."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    keys: list[str]
+
+
+@dataclass
+class StepContext:
+    """What a method may use from the loop: the patched UNet and how to condition and noise it."""
+
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    encode_text: Callable[[list[str]], torch.Tensor]
+    noise_generator: torch.Generator
+    reduce_gradients: Callable[[list[torch.nn.Parameter]], None]
+    all_reduce_mean: Callable[[list[torch.Tensor]], None]
+    autocast: Callable[[], ContextManager]
+    min_timestep: int
+    max_timestep: int
+    base_model: Callable[[], ContextManager] | None = None  # the LoRA switched off for the block
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MethodSetup:
+    """Everything a method may be built from (:meth:`TrainingMethod.build` takes what it needs)."""
+
+    config: TrainConfig
+    device: torch.device
+    aux: AuxData | None = None  # D^m_aux / D^nm_aux, when the method ``needs_aux``
+    rank: int = 0
+    world_size: int = 1
+    network: torch.nn.Module | None = None  # the LoRA network (DP-SGD hooks its layers)
+    params: list[torch.nn.Parameter] | None = None  # its trainable parameters
+    num_members: int = 0  # |D_tr|
+
+
+class TrainingMethod:
+    """The hooks the loop calls; every one is a no-op here, so a method overrides only what it changes.
+
+    A method also declares, as class attributes, what the loop must provide or do for it. Adding a method
+    is one module with a subclass and one line in :data:`library.train.methods.METHOD_REGISTRY`.
+    """
+
+    name: ClassVar[str] = "method"  # the registry key, the ``smp_lora.method`` metadata and the default output name
+    in_paper: ClassVar[bool] = False  # one of the paper's three methods (the demo trains those)
+    needs_aux: ClassVar[bool] = False  # loads the attacker's auxiliary sets D^m_aux and D^nm_aux
+    has_attacker: ClassVar[bool] = False  # trains a proxy attacker (``self.attacker``, saved next to the LoRA)
+    single_process: ClassVar[str | None] = None  # why it cannot run across processes (None: it can)
+    base_config: ClassVar[str] = "lora"  # the configs/<set>/<base_config>.toml a run of it starts from
+    step_cost: ClassVar[int] = 1  # rough cost of a step relative to plain LoRA (schedules slow runs first)
+
+    @classmethod
+    def build(cls, setup: MethodSetup) -> TrainingMethod:
+        """The method for a run (called once the latents exist)."""
+        return cls()
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """Method-specific config checks; a ConfigError line each (see :meth:`TrainConfig.validate_for_method`)."""
+
+    def before_training(self, ctx: StepContext, sets: Sequence[SampleSet]) -> None:
+        """Called once, after :meth:`build` and before any step or resume, with every set of the split."""
+
+    def attacker_phase(self, ctx: StepContext) -> dict[str, float]:
+        """Algorithm 1, lines 4-6 (MP/SMP-LoRA only)."""
+        return {}
+
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def process_gradients(self, batch_size: int) -> dict[str, float]:
+        """Called between backward and the optimiser step (DP-SGD replaces the gradients here)."""
+        return {}
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def metadata(self) -> dict[str, str]:
+        return {}

@@ -1,0 +1,69 @@
+"""DP-LoRA, a reviewer's baseline (issue 7): plain LoRA trained with DP-SGD (:mod:`library.train.dp`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from library.errors import ConfigError
+from library.train.methods.base import MethodSetup
+from library.train.methods.plain import PlainLoRA
+
+if TYPE_CHECKING:
+    from library.train.config import TrainConfig
+
+
+class DPLoRA(PlainLoRA):
+    """Plain LoRA trained with DP-SGD (:class:`library.train.dp.DPSGD`); epsilon is logged every epoch and saved."""
+
+    name = "dp_lora"
+    in_paper = False
+    single_process = "DP-SGD runs in one process (its per-sample clipping and accountant are per process)"
+    step_cost = 2
+
+    def __init__(self, config: TrainConfig, network: torch.nn.Module, params: list[torch.nn.Parameter],
+                 num_members: int) -> None:
+        from library.train.dp import DPSGD  # noqa: PLC0415 - opacus only when DP is asked for
+
+        self.config = config
+        self.dp = DPSGD(network, params, noise_multiplier=config.dp_noise_multiplier, clip_norm=config.dp_clip_norm,
+                        sample_rate=min(1.0, config.train_batch_size / num_members), delta=config.dp_delta,
+                        seed=config.seed + 5)
+
+    @classmethod
+    def build(cls, setup: MethodSetup) -> DPLoRA:
+        assert setup.network is not None and setup.params is not None and setup.num_members > 0, \
+            "DP-SGD needs the network"
+        return cls(setup.config, setup.network, setup.params, setup.num_members)
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        if config.dp_noise_multiplier < 0 or config.dp_clip_norm <= 0 or not 0 < config.dp_delta < 1:
+            raise ConfigError("DP-SGD needs 'dp_noise_multiplier' >= 0, 'dp_clip_norm' > 0 and 0 < 'dp_delta' < 1")
+        refused = {"gradient_accumulation_steps": config.gradient_accumulation_steps > 1,
+                   "mixed_precision = fp16": config.mixed_precision == "fp16",
+                   "track_smoothness": config.track_smoothness, "grad_normalize": config.grad_normalize}
+        for flag, used in refused.items():
+            if used:
+                raise ConfigError(f"DP-SGD does not support '{flag}' (per-sample gradients are taken from one "
+                                  "batch in fp32/bf16); drop it")
+
+    def process_gradients(self, batch_size: int) -> dict[str, float]:
+        return self.dp.privatize(batch_size)
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {"dp_epsilon": self.dp.epsilon()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dp.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dp.load_state_dict(state)
+
+    def metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {"smp_lora.dp_noise_multiplier": str(cfg.dp_noise_multiplier),
+                "smp_lora.dp_clip_norm": str(cfg.dp_clip_norm), "smp_lora.dp_delta": str(cfg.dp_delta),
+                "smp_lora.dp_epsilon": f"{self.dp.epsilon():.4g}",
+                "smp_lora.dp_accountant": "opacus RDP, q = batch / |D_tr| (shuffled batches, not Poisson)"}

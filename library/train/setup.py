@@ -1,0 +1,129 @@
+"""Set-up of a training run: the accelerator, the frozen models in their dtypes, the LoRA, optimiser and schedule.
+
+The order of the calls in :class:`library.train.trainer.Trainer` matters: the global seed is set before the
+models load and the LoRA is created (its initialisation draws from torch's global RNG).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, ContextManager
+
+import torch
+from accelerate import Accelerator
+
+from library.errors import ConfigError
+from library.runtime import PRECISION_DTYPES
+from library.sd.bundle import ModelBundle
+from library.sd.loading import load_sd_model
+from library.sd.text import encode_prompts
+from library.train.config import TrainConfig
+from library.train.samplers import EpochCyclingSampler
+from networks import lora
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    return Accelerator(
+        # cpu=True on a CPU-only machine lets torchrun / `accelerate launch --multi_gpu` start a gloo
+        # process group there (multi-process tests and CPU debugging of the distributed path).
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard" if config.logging_dir else None,
+        project_dir=config.logging_dir,
+    )
+
+
+def load_models(config: TrainConfig, device: torch.device,
+                ) -> tuple[ModelBundle, Callable[[], ContextManager], torch.amp.GradScaler]:
+    """The SD model on ``device``, the run's autocast and its fp16 loss scaler."""
+    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
+    # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
+    # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
+    weight_dtype = PRECISION_DTYPES[config.mixed_precision]
+    # Autocast and loss scaling are ours rather than accelerate's: accelerate keeps one process-wide
+    # precision, and several trainers may run in one process (the demo, the benchmark, the tests).
+    autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype,
+                                 enabled=config.mixed_precision != "no")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    for module in (bundle.vae, bundle.unet, bundle.text_encoder):
+        module.to(device)
+    if weight_dtype != torch.float32:
+        bundle.unet.to(dtype=weight_dtype)
+        bundle.text_encoder.to(dtype=weight_dtype)
+    return bundle, autocast, grad_scaler
+
+
+def trains_text_encoder(config: TrainConfig) -> bool:
+    return not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
+
+
+def attach_lora(config: TrainConfig, bundle: ModelBundle, device: torch.device,
+                ) -> tuple[lora.LoRANetwork, list[torch.nn.Parameter]]:
+    """The LoRA network patched into the UNet (and the text encoder unless it is frozen), and its parameters."""
+    network = lora.create_network(
+        1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
+        dropout=config.network_dropout, **config.network_kwargs,
+    )
+    network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
+                     apply_unet=True)
+    if config.network_weights:
+        network.load_weights(config.network_weights)
+    network.to(device)
+    trainable = [p for p in network.get_trainable_params()]
+    for p in trainable:
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+    return network, trainable
+
+
+class TextConditioner:
+    """Caption -> CLIP conditioning; cached per caption when the text encoder is frozen and captions fixed."""
+
+    def __init__(self, bundle: ModelBundle, config: TrainConfig, trains_text_encoder: bool):
+        self.bundle = bundle
+        self.config = config
+        self.trains_text_encoder = trains_text_encoder
+        self.cacheable = not trains_text_encoder and not config.shuffle_caption
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.cacheable:
+            missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+            if missing:
+                with torch.no_grad():
+                    encoded = self._encode(missing)
+                self._cache.update(zip(missing, encoded))
+            return torch.stack([self._cache[c] for c in captions])
+        return self._encode(captions)
+
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        return encode_prompts(self.bundle.tokenizer, self.bundle.text_encoder, captions,
+                              max_token_length=self.config.max_token_length, clip_skip=self.config.clip_skip)
+
+
+def total_steps(config: TrainConfig, sampler: EpochCyclingSampler) -> int:
+    """Optimisation steps of the run: ``max_train_epochs`` over D_tr when given, else ``max_train_steps``."""
+    if config.max_train_epochs is not None:
+        return math.ceil(config.max_train_epochs * sampler.batches_per_epoch / config.gradient_accumulation_steps)
+    return config.max_train_steps
+
+
+def build_optimizer(config: TrainConfig, network: lora.LoRANetwork) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over the LoRA's text-encoder and UNet parameter groups."""
+    param_groups = network.prepare_optimizer_params(config.text_encoder_lr, config.unet_lr, config.learning_rate)
+    if config.optimizer_type == "AdamW8bit":
+        try:
+            import bitsandbytes as bnb  # noqa: PLC0415 - optional GPU-box dependency
+        except ImportError:
+            raise ConfigError("optimizer_type 'AdamW8bit' needs bitsandbytes (pip install bitsandbytes on a "
+                              "CUDA machine); use 'AdamW' here") from None
+        return bnb.optim.AdamW8bit(param_groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler  # noqa: PLC0415 - keeps import time down for --help
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps)

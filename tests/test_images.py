@@ -1,0 +1,164 @@
+"""Issue 19: every image mode loads as 8-bit RGB with its full range kept (library.data.images).
+
+One picture (an sklearn digit upscaled 4x, plus ramps holding every grey level 0..255) is written in many
+modes and formats; each must load to exactly the tensor of the 8-bit RGB PNG. The issue allows a quantisation
+error of 1/255 per channel for the lossless ones; the conversion is exact, so the tests ask for equality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library.cli import run_cli
+from library.data import latents
+from library.data.images import IMAGE_CONVERSION, load_image, open_rgb, to_rgb
+from library.data.latents import LatentCache
+from library.data.prepare.common import write_pair
+from library.errors import DataError
+
+SIZE = 48
+INT32_MAX = 2**31 - 1
+
+
+@pytest.fixture(scope="module")
+def grey() -> np.ndarray:
+    """48x48 uint8: a digit upscaled to 32x32 at the top left, every level 0..255 (several times) elsewhere."""
+    from sklearn.datasets import load_digits
+
+    digit = load_digits().images[0]  # 8x8, values 0..16
+    image = np.zeros((SIZE, SIZE), dtype=np.int64)
+    image[:32, :32] = np.rint(np.kron(digit, np.ones((4, 4))) * 255 / 16)
+    image[:32, 32:] = np.arange(32 * 16).reshape(32, 16) % 256
+    image[32:, :] = np.arange(16 * SIZE).reshape(16, SIZE) % 256
+    return image.astype(np.uint8)
+
+
+def _white_transparent(grey: np.ndarray) -> np.ndarray:
+    """Alpha that hides every white pixel (their colour underneath is set to black)."""
+    return np.where(grey == 255, 0, 255).astype(np.uint8)
+
+
+def _grey_palette(grey: np.ndarray, transparent_white: bool) -> Image.Image:
+    pal = Image.new("P", (grey.shape[1], grey.shape[0]))
+    pal.putdata(list(grey.reshape(-1)))
+    palette = [v for i in range(256) for v in (i, i, i)]
+    if transparent_white:
+        palette[-3:] = [0, 0, 0]  # index 255 is black but fully transparent: must come out white
+    pal.putpalette(palette)
+    if transparent_white:
+        pal.info["transparency"] = 255
+    return pal
+
+
+def _write_variants(grey: np.ndarray, folder: Path) -> dict[str, Path]:
+    """The same picture in every lossless mode a dataset may hold; name -> file."""
+    g16 = grey.astype(np.uint16) * 257
+    files: dict[str, Image.Image] = {
+        "rgb8.png": Image.fromarray(np.stack([grey] * 3, axis=-1)),
+        "l8.png": Image.fromarray(grey),
+        "i16.png": Image.fromarray(g16),  # reopens as I;16
+        "rgba.png": Image.fromarray(np.dstack([np.where(grey == 255, 0, grey)] * 3 + [_white_transparent(grey)])),
+        "la.png": Image.merge("LA", [Image.fromarray(np.where(grey == 255, 0, grey).astype(np.uint8)),
+                                     Image.fromarray(_white_transparent(grey))]),
+        "palette.png": _grey_palette(grey, transparent_white=False),
+        "palette_trns.png": _grey_palette(grey, transparent_white=True),
+        "i32_16bit.tiff": Image.fromarray(grey.astype(np.int32) * 257),
+        "i32_full.tiff": Image.fromarray(np.rint(grey.astype(np.float64) * INT32_MAX / 255).astype(np.int32)),
+        "f_unit.tiff": Image.fromarray(grey.astype(np.float32) / 255),
+        "f_255.tiff": Image.fromarray(grey.astype(np.float32)),
+        "cmyk.tiff": Image.fromarray(np.stack([grey] * 3, axis=-1)).convert("CMYK"),
+    }
+    paths = {}
+    for name, img in files.items():
+        path = folder / name
+        extra = {"transparency": img.info["transparency"]} if "transparency" in img.info else {}
+        img.save(path, **extra)
+        paths[name] = path
+    return paths
+
+
+def test_every_lossless_mode_loads_to_the_same_tensor(grey: np.ndarray, tmp_path: Path) -> None:
+    paths = _write_variants(grey, tmp_path)
+    expected_modes = {"rgb8.png": "RGB", "l8.png": "L", "i16.png": "I;16", "rgba.png": "RGBA", "la.png": "LA",
+                      "palette.png": "P", "palette_trns.png": "P", "i32_16bit.tiff": "I", "i32_full.tiff": "I",
+                      "f_unit.tiff": "F", "f_255.tiff": "F", "cmyk.tiff": "CMYK"}
+    for name, mode in expected_modes.items():
+        with Image.open(paths[name]) as img:
+            assert img.mode == mode, name
+    reference = load_image(paths["rgb8.png"], SIZE)
+    assert np.array_equal(np.asarray(open_rgb(paths["rgb8.png"])), np.stack([grey] * 3, axis=-1))
+    for name, path in paths.items():
+        loaded = load_image(path, SIZE)
+        assert torch.equal(loaded, reference), f"{name}: max diff {(loaded - reference).abs().max() * 127.5} levels"
+
+
+def test_in_memory_16bit_byte_orders(grey: np.ndarray) -> None:
+    g16 = grey.astype(np.uint16) * 257
+    reference = np.stack([grey] * 3, axis=-1)
+    for mode, dtype in (("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")):
+        img = Image.frombytes(mode, (SIZE, SIZE), g16.astype(dtype).tobytes())
+        assert np.array_equal(np.asarray(to_rgb(img, mode)), reference), mode
+
+
+def test_mid_grey_16bit_is_mid_grey_not_white(tmp_path: Path) -> None:
+    """The issue's example: 32768 of 65535 used to load as 255 (Pillow's convert clips)."""
+    path = tmp_path / "mid.png"
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
+    assert np.unique(np.asarray(open_rgb(path))).tolist() == [128]
+
+
+def test_cmyk_jpeg_within_jpeg_error(grey: np.ndarray, tmp_path: Path) -> None:
+    """JPEG is lossy: a CMYK JPEG matches the picture within 8 levels at worst and 1 level on average (quality 95)."""
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).convert("CMYK").save(path, quality=95)
+    with Image.open(path) as img:
+        assert img.mode == "CMYK"
+    reference = torch.from_numpy(np.stack([grey] * 3).astype(np.float32)).div_(127.5).sub_(1.0)
+    diff = (load_image(path, SIZE) - reference).abs() * 127.5
+    assert diff.max() <= 8 and diff.mean() <= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "needle"),
+    [
+        ("lab.tiff", lambda: Image.new("LAB", (8, 8), (50, 0, 0)), "has mode LAB"),
+        ("negative.tiff", lambda: Image.fromarray(np.full((8, 8), -5, dtype=np.int32)), "mode I with negative"),
+        ("hot.tiff", lambda: Image.fromarray(np.full((8, 8), 300.0, dtype=np.float32)), "mode F with values"),
+        ("nan.tiff", lambda: Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)), "mode F with NaN"),
+    ],
+)
+def test_unmappable_mode_is_one_clear_error(tmp_path: Path, capsys, name, make, needle) -> None:
+    path = tmp_path / name
+    make().save(path)
+    with pytest.raises(DataError, match=needle) as info:
+        load_image(path, 8)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert run_cli(lambda argv: load_image(path, 8), []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image ") and needle in err and err.count("\n") == 1
+
+
+def test_preparation_reports_the_mode_not_corruption(tmp_path: Path) -> None:
+    """Encoded bytes (parquet / zip inputs) that decode fine but cannot be mapped name the mode."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("LAB", (8, 8), (50, 0, 0)).save(buffer, format="TIFF")
+    with pytest.raises(DataError, match=r"image pika_001 has mode LAB"):
+        write_pair(tmp_path, "pika_001", buffer.getvalue(), "a pokemon", 8)
+    with pytest.raises(DataError, match=r"image pika_002 cannot be decoded: the input data is corrupt"):
+        write_pair(tmp_path, "pika_002", b"not an image", "a pokemon", 8)
+
+
+def test_latent_cache_key_includes_the_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    cache = LatentCache(None, "fp", 8)
+    key = cache.key(path)
+    monkeypatch.setattr(latents, "IMAGE_CONVERSION", IMAGE_CONVERSION + "-next")
+    assert cache.key(path) != key

@@ -1,0 +1,80 @@
+"""The method registry: what it lists, the capabilities the loop reads, and that a new method is one class plus one
+registry line (trained here end to end through the public ``Trainer.step``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from library.config import parse_config
+from library.errors import ConfigError
+from library.train.config import ALL_METHODS, BASELINES, METHODS, TrainConfig
+from library.train.methods import (
+    METHOD_REGISTRY,
+    ForwardResult,
+    PlainLoRA,
+    StepContext,
+    method_class,
+    method_names,
+)
+from library.train.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_registry_lists_the_paper_methods_first_and_config_reads_it():
+    assert method_names() == ALL_METHODS == ("lora", "mp_lora", "smp_lora", "relaxloss", "dp_lora")
+    assert method_names(in_paper=True) == METHODS == ("lora", "mp_lora", "smp_lora")
+    assert method_names(in_paper=False) == BASELINES == ("relaxloss", "dp_lora")
+    for name, method in METHOD_REGISTRY.items():
+        assert method.name == name
+        assert (REPO / f"train_{name}.py").is_file(), f"no entry script for {name}"
+        assert method.base_config in METHOD_REGISTRY  # configs/<set>/<base_config>.toml exists for these
+
+
+def test_capabilities_say_what_the_loop_must_provide():
+    needs_aux = {n for n, m in METHOD_REGISTRY.items() if m.needs_aux}
+    attacker = {n for n, m in METHOD_REGISTRY.items() if m.has_attacker}
+    single = {n for n, m in METHOD_REGISTRY.items() if m.single_process}
+    assert needs_aux == attacker == {"mp_lora", "smp_lora"}
+    assert single == {"dp_lora"}
+    assert {n: m.base_config for n, m in METHOD_REGISTRY.items()} == {
+        "lora": "lora", "mp_lora": "mp_lora", "smp_lora": "smp_lora", "relaxloss": "lora", "dp_lora": "lora"}
+    assert METHOD_REGISTRY["mp_lora"].objective == "mp" and METHOD_REGISTRY["smp_lora"].objective == "smp"
+
+
+def test_unknown_method_is_one_config_error_line(tiny_train_args):
+    with pytest.raises(ConfigError, match="unknown method 'nope'; expected one of lora, mp_lora"):
+        method_class("nope")
+    with pytest.raises(ConfigError, match="unknown method"):
+        parse_config(TrainConfig, tiny_train_args).validate_for_method("nope")
+
+
+class DoubledLoRA(PlainLoRA):
+    """A method that is not in the library: twice plain LoRA's loss."""
+
+    name = "doubled_lora"
+    in_paper = False
+
+    def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = 2 * result.losses.mean()
+        return loss, {"loss": loss.item()}
+
+    def metadata(self) -> dict[str, str]:
+        return {"smp_lora.doubled": "yes"}
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(tiny_train_args, monkeypatch):
+    monkeypatch.setitem(METHOD_REGISTRY, DoubledLoRA.name, DoubledLoRA)
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args), "doubled_lora")
+    trainer.prepare()
+    logs = trainer.step()  # the public step the benchmark times
+    assert {"loss", "grad_norm", "lr"} <= set(logs) and trainer.sampler.position > 0
+    result = train(parse_config(TrainConfig, tiny_train_args), "doubled_lora")
+    with safe_open(result.lora_path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["smp_lora.method"] == "doubled_lora" and meta["smp_lora.doubled"] == "yes"
+    assert result.lora_path.name == "doubled_lora.safetensors" and result.attacker_path is None
