@@ -15,7 +15,6 @@ import pytest
 
 from library.config import load_config, parse_config, parse_flags
 from library.demo.frontier import (
-    BASE_CONFIG,
     FrontierSettings,
     read_sweep,
     train_config,
@@ -29,6 +28,9 @@ from library.demo.run import (
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.train.config import METHODS, TrainConfig
+
+# The old frontier's method -> base TOML table, kept here as the reference the registry must reproduce.
+OLD_BASE_CONFIG = {"lora": "lora", "relaxloss": "lora", "dp_lora": "lora", "mp_lora": "mp_lora", "smp_lora": "smp_lora"}
 
 SMALL_TRAIN_FLAGS = ["--max_train_epochs", "2", "--no-progress_bar"]  # tests/conftest.py's small demo
 # Cases the shipped sweep lacks: a list-valued knob, ints for a float knob, flags that a knob or the checkpoint
@@ -82,7 +84,7 @@ def _legacy_sweep_args(settings: FrontierSettings, run, flags: list[str], base: 
                        overrides: list[str]) -> list[str]:
     """frontier.py's former _train_args, with the run's former flag list (sweep flags + --knob value)."""
     demo = settings.demo
-    args = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{BASE_CONFIG[run.method]}.toml"),
+    args = ["--config_file", str(REPO_ROOT / "configs" / "tiny" / f"{OLD_BASE_CONFIG[run.method]}.toml"),
             "--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
             "--output_dir", str(settings.out / "runs" / run.name), "--output_name", run.name,
             "--latent_cache_dir", str(demo.workdir / "latent_cache"), "--no-progress_bar", *overrides, *flags]
