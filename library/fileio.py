@@ -40,6 +40,21 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def temporary_dir(target: str | os.PathLike) -> Path:
+    """A fresh hidden staging folder ``.<name>.<random>.tmp`` beside ``target``, with the user's umask.
+
+    Build the folder's content there, then :func:`replace_dir` it into place; a run killed meanwhile leaves
+    only a ``.tmp`` folder, which :func:`library.outputs.remove_stale_temporaries` recognises.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; the finished folder should not be
+    return staging
+
+
 def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder ``staging`` to ``target``, replacing an older ``target`` if there is one.
 
@@ -51,7 +66,7 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
     os.replace(target, old / target.name)
     os.replace(staging, target)
     shutil.rmtree(old)

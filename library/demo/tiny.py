@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from library.errors import ModelError
-from library.fileio import replace_dir
+from library.fileio import replace_dir, temporary_dir
 from library.sd.bundle import ModelBundle, make_noise_scheduler
 from library.sd.single_file import save_single_file
 from library.sd.text import build_clip_tokenizer, small_clip_vocab
@@ -135,10 +134,7 @@ def save_tiny_folder(bundle: ModelBundle, output_dir: str | os.PathLike, *, over
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; the model folder should not be
+    staging = temporary_dir(target)
     try:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
         replace_dir(staging, target)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from library.errors import TrainingError
-from library.fileio import replace_dir
+from library.fileio import replace_dir, temporary_dir
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "train_state.json"
@@ -27,8 +26,7 @@ SUMMARY_FILE = "train_state.json"
 def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dict[str, Any]) -> Path:
     """Write ``state`` to ``directory`` atomically (replacing an older state there)."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temporary_dir(target)
     try:
         torch.save(state, tmp / STATE_FILE)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")

@@ -1,0 +1,111 @@
+"""Output folders: checked before any long computation, locked while a run writes, swept of stale temporaries.
+
+Every writer in the toolkit stages its files as hidden ``.<name>.<random>.tmp`` siblings (files from
+:func:`library.fileio.atomic_write_path`, folders from :func:`library.fileio.temporary_dir`) and renames them
+into place. A run killed with ``kill -9`` can leave such temporaries behind; the next run that holds the
+folder's lock knows no other writer is alive and removes them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from library.errors import ConfigError
+
+LOCK_FILE = ".smp-lora.lock"
+TEMP_SUFFIX = ".tmp"
+
+
+def check_output_dir(path: str | os.PathLike, flag: str, *, create: bool = True) -> Path:
+    """``path`` as a folder this process can write to; created (with parents) unless ``create`` is False.
+
+    A path that is a file, lies under a file, or cannot be written is a :class:`ConfigError` naming ``flag``,
+    raised before anything is computed, so a long run is never lost at its final save. With ``create=False``
+    (``--dry_run``) nothing is created: the nearest existing ancestor must be a writable folder.
+    """
+    target = Path(path)
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == target else f"lies under the file {existing}"
+        raise ConfigError(f"{flag} {target} {where}; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {target}: cannot write to {existing} (permission denied); choose a writable folder")
+    if not create:
+        return target
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=target, prefix=".write-probe.", suffix=TEMP_SUFFIX)
+        probe.close()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {target}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
+    return target
+
+
+def check_inside(folder: str | os.PathLike, name: str, flag: str) -> str:
+    """``name`` as a plain file name inside ``folder``: no separators, no ``..``, not hidden, not empty."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise ConfigError(f"{flag} {name!r} must be a plain file name without folders (it is written into {folder})")
+    if name.startswith("."):
+        raise ConfigError(f"{flag} {name!r} must not start with '.' (hidden names are the toolkit's temporaries)")
+    return name
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output folder for the duration of a run.
+
+    A second run into the same folder fails at once with one clear line instead of both finishing and the
+    last one silently overwriting the other. The lock is an ``flock`` on ``<folder>/.smp-lora.lock``: the
+    kernel releases it when the process dies, so a killed run never leaves the folder locked.
+    """
+
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+        self.folder = Path(folder)
+        self.flag = flag
+        self._handle: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only; elsewhere runs are not locked
+        except ImportError:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)
+            raise ConfigError(f"{self.flag} {self.folder} is in use by another run (it holds {LOCK_FILE}); wait for "
+                              "it to finish or choose another folder") from None
+        self._handle = handle
+        remove_stale_temporaries(self.folder)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._handle is not None:
+            os.close(self._handle)  # closing the descriptor releases the flock
+            self._handle = None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.*.tmp`` files and folders directly in ``folder``; returns what was removed.
+
+    Only call this while holding the folder's :class:`OutputLock`: then no live writer owns them.
+    """
+    removed = []
+    for entry in Path(folder).iterdir():
+        if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
