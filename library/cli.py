@@ -2,11 +2,69 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from library.errors import UserError
+from library.errors import ConfigError, UserError
+
+HELP_HINT = "run with --help for the flags"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose parse errors are one :class:`ConfigError` line, not 70 lines of usage.
+
+    An unknown flag, a bad number or a value outside the choices raises ``ConfigError("<what>; run with --help
+    for the flags")`` (with the closest flag or choice suggested); :func:`run_cli` prints it as ``error: ...``
+    and exits with status 2, as argparse would. ``--help`` still prints the full usage. ``error_prefix`` (e.g.
+    the sweep file a flag list came from) starts every message; ``help_hint`` ends it (None: no hint).
+    """
+
+    def __init__(self, *args: Any, error_prefix: str = "", help_hint: str | None = HELP_HINT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+        self.help_hint = help_hint
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                   ) -> argparse.Namespace:  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras))
+        return namespace
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        """argparse's ``unrecognized arguments: --lerning_rate 1e-4`` plus ``(did you mean --learning_rate?)``."""
+        flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+        message = "unrecognized arguments: " + " ".join(extras)
+        if flags:
+            close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        return message
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the parse error as one ConfigError line (argparse would print the usage and exit)."""
+        message = " ".join(message.split())  # one line, whatever argparse composed
+        if message.startswith("argument "):  # "argument --seed: invalid int value: 'x'" -> "--seed: ..."
+            message = message[len("argument "):]
+        message += _closest_choice(message, self._actions)
+        parts = [self.error_prefix + message] + ([self.help_hint] if self.help_hint else [])
+        raise ConfigError("; ".join(parts))
+
+
+def _closest_choice(message: str, actions: Sequence[argparse.Action]) -> str:
+    """`` (did you mean 'bf16'?)`` for argparse's ``--x: invalid choice: 'bf61' (...)`` message, else ``""``."""
+    flag, sep, rest = message.partition(": invalid choice: ")
+    if not sep:
+        return ""
+    action = next((a for a in actions if "/".join(a.option_strings) == flag or a.dest == flag), None)
+    if action is None or not action.choices or not all(isinstance(c, str) for c in action.choices):
+        return ""  # near numbers are no better guesses than far ones
+    given = rest.split(" (choose from", 1)[0].strip("'\"")
+    close = difflib.get_close_matches(given, [str(c) for c in action.choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def offline_environment() -> None:
@@ -21,14 +79,17 @@ def offline_environment() -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a :class:`UserError` prints ``error: <message>`` on stderr and returns exit status 2."""
+    """Run ``main``; a :class:`UserError` prints ``error: <message>`` on stderr and returns exit status 2.
+
+    The exit status is ``main``'s return value when that is an int (scripts that report their own status), else 0.
+    """
     offline_environment()
     try:
-        main(argv)
+        status = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0

@@ -3,10 +3,17 @@
 A field ``learning_rate: float = 1e-4`` becomes the flag ``--learning_rate`` and the TOML key
 ``learning_rate`` (sd-scripts' names, so a kohya user's TOML mostly just works). ``--config_file x.toml``
 supplies defaults; flags given on the command line win. TOML tables (``[training]``, ``[privacy]`` ...)
-are flattened, as sd-scripts does, so users may group keys however they like.
+are flattened, as sd-scripts does, so users may group keys under any of :data:`TOML_SECTIONS`.
 
-Every mistake gets one :class:`ConfigError` line: an unknown key (with the closest known key suggested),
-a value of the wrong type, a value outside its choices.
+The command line wins also over *related* keys: a config class may declare ``OVERRIDE_GROUPS``, tuples of
+options that override one another (``("max_train_steps", "max_train_epochs")``: epochs, when set, replace
+steps). A flag of such a group on the command line drops the TOML's values of the others, so
+``--max_train_steps 100`` really trains 100 steps under a TOML that sets ``max_train_epochs``. An ``Optional``
+value of the TOML is unset from the command line with ``none`` (``--max_train_epochs none``; an empty value
+for text options: ``--resume ''``).
+
+Every mistake gets one :class:`ConfigError` line: an unknown key or section (with the closest known one
+suggested), a value of the wrong type, a value outside its choices or its ``minimum`` / ``maximum``.
 """
 
 from __future__ import annotations
@@ -18,20 +25,43 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence, TypeVar, Union
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
 import toml
 
+from library.cli import ArgumentParser
 from library.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT")
 
+#: The TOML tables a config file may group its keys under (a config class may replace them with its own
+#: ``TOML_SECTIONS``): this project's (configs/*/*.toml use model, data, network, training, privacy and output),
+#: then those of kohya sd-scripts' config files.
+KOHYA_SECTIONS: tuple[str, ...] = (
+    "general", "model_arguments", "additional_network_arguments", "optimizer_arguments", "dataset_arguments",
+    "training_arguments", "sample_prompt_arguments", "saving_arguments", "logging_arguments",
+)
+TOML_SECTIONS: tuple[str, ...] = (
+    "model", "data", "network", "training", "optimisation", "optimization", "privacy", "attacker", "baselines",
+    "smoothness", "output", "logging", "sampling", "evaluation", "features", "attacks", "quality", "metrics",
+) + KOHYA_SECTIONS
+COMMAND_LINE = "command line"
+DEFAULT = "default"
+_SOURCES_ATTR = "_value_sources"
 
-def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
-    """A dataclass field carrying its CLI help text (and allowed values)."""
+
+def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,
+           minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A dataclass field carrying its CLI help text, allowed values and numeric bounds (both inclusive).
+
+    ``seed: int = option(0, "...", minimum=0, maximum=2**63 - 1)``: a value outside the bounds, from the command
+    line, a TOML file or :func:`load_config`'s overrides, is one ConfigError line (``None`` is always allowed for
+    an ``Optional`` field, and each item of a list is checked).
+    """
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -79,10 +109,22 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     raise AssertionError(f"unsupported config type {annotation!r} for {name}")
 
 
-def _flatten_toml(data: dict[str, Any], source: str) -> dict[str, Any]:
+def _closest(word: str, known: Sequence[str], fmt: str) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
+
+
+def _flatten_toml(data: dict[str, Any], source: str, sections: Sequence[str], prefix: str = "") -> dict[str, Any]:
+    """The keys of every table, in one dict; a table not named in ``sections`` is an error (a typo, not a group)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        items = _flatten_toml(value, source).items() if isinstance(value, dict) else [(key, value)]
+        if isinstance(value, dict):
+            name = prefix + key
+            if key not in sections:
+                raise _unknown_section(name, sections, source)
+            items = _flatten_toml(value, source, sections, name + ".").items()
+        else:
+            items = [(key, value)]
         for sub_key, sub_value in items:
             if sub_key in flat:
                 raise ConfigError(f"{source}: key '{sub_key}' is given twice")
@@ -90,9 +132,17 @@ def _flatten_toml(data: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+def _unknown_section(name: str, sections: Sequence[str], source: str) -> ConfigError:
+    known = ", ".join(s for s in sections if s not in KOHYA_SECTIONS)
+    if set(KOHYA_SECTIONS) <= set(sections):
+        known += " and sd-scripts' general and *_arguments"
+    hint = _closest(name.rsplit(".", 1)[-1], sections, "[{}]")
+    return ConfigError(f"{source}: unknown section [{name}]{hint}; known sections: {known} (or put the keys "
+                       "before any section)")
+
+
 def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_field_types(cls)), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = _closest(key, list(_field_types(cls)), "'{}'")
     return ConfigError(f"{source}: unknown key '{key}'{hint}")
 
 
@@ -107,7 +157,7 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     types_by_name = _field_types(cls)
     values: dict[str, Any] = {}
-    for key, value in _flatten_toml(raw, str(path)).items():
+    for key, value in _flatten_toml(raw, str(path), getattr(cls, "TOML_SECTIONS", TOML_SECTIONS)).items():
         if key == "config_file":
             raise ConfigError(f"{path}: 'config_file' cannot be set inside a config file")
         if key not in types_by_name:
@@ -116,17 +166,45 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
     return values
 
 
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field (plus ``--config_file``)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+class _ChoicesOrNone(tuple):
+    """The choices of an ``Optional`` field: argparse's membership test also lets ``none`` (None) through,
+    while ``--help`` and the error message list the real choices only."""
+
+    def __contains__(self, item: object) -> bool:
+        return item is None or tuple.__contains__(self, item)
+
+
+def _cli_type(base: type, optional: bool) -> Callable[[str], Any]:
+    """argparse's converter of a field: ``base``, where ``none`` (numbers) or ``''`` gives None for Optional fields.
+
+    Text options take only ``''`` as None: ``none`` may be a real name (``--output_name none``).
+    """
+    if not optional:
+        return base
+
+    def convert(text: str) -> Any:
+        if text == "" or (base is not str and text.strip().lower() == "none"):
+            return None
+        return base(text)
+
+    convert.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
+    return convert
+
+
+def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (plus ``--config_file``); parse errors are ConfigErrors.
+
+    Flags not given are absent from the parsed namespace (``argparse.SUPPRESS``): defaults are applied later,
+    TOML first, then the dataclass's.
+    """
+    parser = ArgumentParser(description=description, allow_abbrev=False, **parser_kwargs)
     parser.add_argument("--config_file", type=str, default=None, help="TOML file holding any of the flags below")
+    types_by_name = _field_types(cls)
     for f in dataclasses.fields(cls):
-        annotation = _field_types(cls)[f.name]
-        base, _ = _unwrap_optional(annotation)
+        base, optional = _unwrap_optional(types_by_name[f.name])
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         choices = f.metadata.get("choices")
-        # Defaults are applied later (TOML first, then dataclass), so argparse defaults stay None.
-        kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": f.name}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if base is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -134,26 +212,59 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
             (item_type,) = typing.get_args(base)
             parser.add_argument(f"--{f.name}", type=item_type, nargs="*", choices=choices, **kwargs)
             continue
-        parser.add_argument(f"--{f.name}", type=base, choices=choices, **kwargs)
+        if choices and optional:
+            choices = _ChoicesOrNone(choices)
+        parser.add_argument(f"--{f.name}", type=_cli_type(base, optional), choices=choices, **kwargs)
     return parser
 
 
 def parse_config(cls: type[ConfigT], argv: Sequence[str] | None, description: str = "") -> ConfigT:
     """Parse ``argv`` (CLI flags, optionally ``--config_file``) into an instance of dataclass ``cls``."""
-    parser = build_parser(cls, description)
-    args = parser.parse_args(argv)
+    given = vars(build_parser(cls, description).parse_args(argv))
+    config_file = given.pop("config_file")
+    file_values = load_toml(config_file, cls) if config_file else {}
+    return _combine(cls, file_values, str(config_file), given, COMMAND_LINE)
+
+
+def _combine(cls: type[ConfigT], file_values: dict[str, Any], file_source: str, given: Mapping[str, Any],
+             given_source: str) -> ConfigT:
+    """``given`` on top of ``file_values``, less the file's values that a given member of an override group drops."""
     values: dict[str, Any] = {}
-    if args.config_file:
-        values.update(load_toml(args.config_file, cls))
-    for f in dataclasses.fields(cls):
-        cli_value = getattr(args, f.name)
-        if cli_value is not None:
-            values[f.name] = cli_value
-    return make_config(cls, values)
+    sources: dict[str, str] = {}
+    for group in getattr(cls, "OVERRIDE_GROUPS", ()):
+        setter = next((name for name in group if name in given), None)
+        for name in group:
+            if setter is not None and name not in given and name in file_values:
+                del file_values[name]
+                sources[name] = f"{DEFAULT} ({file_source}'s value dropped: {given_source} sets {setter})"
+    for name, value in file_values.items():
+        values[name], sources[name] = value, file_source
+    for name, value in given.items():
+        values[name], sources[name] = value, given_source
+    return make_config(cls, values, sources)
 
 
-def make_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
-    """Build ``cls(**values)`` checking choices and required fields; run ``cls.validate()`` if present."""
+def _check_bounds(f: dataclasses.Field, value: Any) -> None:
+    minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if value is None or (minimum is None and maximum is None):
+        return
+    for item in value if isinstance(value, list) else [value]:
+        low_ok = minimum is None or item >= minimum  # written so that NaN fails both
+        high_ok = maximum is None or item <= maximum
+        if low_ok and high_ok:
+            continue
+        if minimum is not None and maximum is not None:
+            bound = f"in [{minimum}, {maximum}]"
+        else:
+            bound = f">= {minimum}" if minimum is not None else f"<= {maximum}"
+        raise ConfigError(f"'{f.name}' must be {bound}, got {item!r}")
+
+
+def make_config(cls: type[ConfigT], values: dict[str, Any], sources: Mapping[str, str] | None = None) -> ConfigT:
+    """Build ``cls(**values)`` checking choices, bounds and required fields; run ``cls.validate()`` if present.
+
+    ``sources`` (``{field: where its value came from}``) is kept for :func:`value_sources`.
+    """
     types_by_name = _field_types(cls)
     for key in values:
         if key not in types_by_name:
@@ -165,11 +276,26 @@ def make_config(cls: type[ConfigT], values: dict[str, Any]) -> ConfigT:
             for item in given:
                 if item not in choices:
                     raise ConfigError(f"'{f.name}' must be one of {list(choices)}, got {item!r}")
+        if f.name in values:
+            _check_bounds(f, values[f.name])
     config = cls(**values)
+    if sources is not None:
+        # Not a field: equality, asdict() and run records are unchanged.
+        object.__setattr__(config, _SOURCES_ATTR,
+                           {f.name: sources.get(f.name, DEFAULT) for f in dataclasses.fields(cls)})
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()
     return config
+
+
+def value_sources(config: Any) -> dict[str, str]:
+    """``{field: source}`` of a config built by :func:`parse_config` / :func:`load_config`, else ``{}``.
+
+    A source is ``"command line"``, the TOML file's path, ``"overrides"`` (:func:`load_config`) or ``"default"``
+    (with a note when an override group dropped the file's value), e.g. for a ``--dry_run`` plan.
+    """
+    return dict(getattr(config, _SOURCES_ATTR, {}))
 
 
 def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
@@ -178,11 +304,13 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
 
     The typed twin of :func:`parse_config`: ``load_config(C, "x.toml", {"seed": 3})`` equals
     ``parse_config(C, ["--config_file", "x.toml", "--seed", "3"])`` (same defaults, checks and precedence: an
-    override beats the file, the file beats the dataclass default). Values are checked and converted as TOML
-    values are (an ``int`` for a ``float`` field becomes a float); paths are accepted for string fields.
+    override beats the file, also the file's other members of its override group; the file beats the dataclass
+    default). Values are checked and converted as TOML values are (an ``int`` for a ``float`` field becomes a
+    float); paths are accepted for string fields.
     """
-    values = load_toml(config_file, cls) if config_file else {}
+    file_values = load_toml(config_file, cls) if config_file else {}
     types_by_name = _field_types(cls)
+    given: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if key not in types_by_name:
             raise _unknown_key(key, cls, "overrides")
@@ -190,26 +318,21 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
             value = os.fspath(value)
         elif isinstance(value, (list, tuple)):
             value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
-        values[key] = _coerce(key, value, types_by_name[key], "overrides")
-    return make_config(cls, values)
+        given[key] = _coerce(key, value, types_by_name[key], "overrides")
+    return _combine(cls, file_values, str(config_file), given, "overrides")
 
 
 def parse_flags(cls: type, argv: Sequence[str], source: str = "flags") -> dict[str, Any]:
     """Command-line flags of ``cls`` (e.g. ``["--seed", "3", "--no-progress_bar"]``) as typed ``{field: value}``.
 
-    Only the flags given appear (the last one wins, as on a command line), ready for :func:`load_config`'s
-    ``overrides``; a bad flag is one ConfigError line naming ``source`` (argparse would exit instead).
+    Only the flags given appear (the last one wins, as on a command line; ``none`` gives an explicit None), ready
+    for :func:`load_config`'s ``overrides``; a bad flag is one ConfigError line starting with ``source``.
     """
-    parser = build_parser(cls, "")
-
-    def error(message: str) -> NoReturn:
-        raise ConfigError(f"{source}: {message}")
-
-    parser.error = error  # type: ignore[method-assign]  # argparse reports every parse error through it
-    args = parser.parse_args(list(argv))
-    if args.config_file is not None:
+    parser = build_parser(cls, "", error_prefix=f"{source}: ", help_hint=None)
+    given = vars(parser.parse_args(list(argv)))
+    if given.pop("config_file") is not None:
         raise ConfigError(f"{source}: '--config_file' cannot be given here")
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

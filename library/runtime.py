@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from typing import Iterator
 
 import torch
@@ -26,18 +27,50 @@ def hashed_seed(*parts: object) -> int:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) & ((1 << 63) - 1)
 
 
+#: Environment variables read by the OpenMP, MKL and oneDNN runtimes under torch (thread counts, kernel choice).
+_THREADING_ENV = ("OMP_", "MKL_", "KMP_", "ONEDNN_", "DNNL_")
+
+
+def configure_torch(threads: int) -> None:
+    """Set this process up to run a job with ``threads`` torch intra-op threads.
+
+    The one set-up shared by a :class:`~library.workers.WorkerPool` worker (its initializer) and the in-process
+    path (:func:`torch_threads`), so a job computes the same bits in either. The thread count is the only
+    knob that differs between the two: a ``spawn``-ed worker starts from torch's defaults, and every other setting
+    that can move a float (:func:`torch_setup`) was checked to be the same in both. It must be the same whatever the
+    process layout, because it changes results: one and two threads give LoRA files that differ in the last bits
+    (see docs/determinism.md).
+    """
+    if threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(int(threads))
+
+
+def torch_setup() -> dict[str, object]:
+    """This process's torch settings that can change a float result; equal in a worker and in its parent."""
+    tiny = torch.tensor([1e-39])  # a float32 denormal: 0 after a multiply when denormals are flushed
+    return {
+        "threads": torch.get_num_threads(),
+        "flush_denormal": bool((tiny * 1.0).item() == 0.0),
+        "mkldnn": torch.backends.mkldnn.enabled,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "default_dtype": str(torch.get_default_dtype()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_THREADING_ENV)},
+    }
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op threads, then restore the previous setting.
+    """Run the block with ``threads`` intra-op threads (:func:`configure_torch`), then restore the previous setting.
 
     Tiny models are dominated by per-op overhead; on a busy 2-core box one thread per process is often
     faster than two (threads spin waiting for each other), so the caller chooses. ``None`` keeps the setting.
     """
     previous = torch.get_num_threads()
     if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(int(threads))
+        configure_torch(threads)
     try:
         yield
     finally:

@@ -5,7 +5,10 @@ and on a 2-core CPU box torch's second intra-op thread mostly spins. Measured on
 feature queries *slower* (300 -> 200 queries/s), while two processes at one thread each do twice the work.
 On a GPU box keep ``jobs=1``: the models would be loaded once per process for no gain.
 
-``jobs <= 1`` runs everything in the calling process, in order, so the serial path is the same code.
+``jobs <= 1`` runs everything in the calling process, in order, so the serial path is the same code. With a
+``threads_per_job`` count both paths run a job with exactly that many torch threads, set up by the one
+:func:`library.runtime.configure_torch` (a job's floats depend on its thread count, so this is what keeps seeded
+results independent of ``jobs``: docs/determinism.md).
 Workers are ``spawn``-ed (safe with torch, the same on every OS); the job function must be importable at
 module level and its arguments picklable. A worker's exception is re-raised in the caller unchanged, so a
 :class:`~library.errors.UserError` stays one clear line.
@@ -17,26 +20,30 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-import torch
-
 from library.errors import ConfigError
+from library.runtime import configure_torch, torch_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+    configure_torch(threads)
 
 
 class WorkerPool:
-    """``with WorkerPool(jobs) as pool: results = pool.map(fn, items)``; results keep the order of ``items``."""
+    """``with WorkerPool(jobs) as pool: results = pool.map(fn, items)``; results keep the order of ``items``.
 
-    def __init__(self, jobs: int, threads_per_job: int = 1) -> None:
-        if jobs < 1 or threads_per_job < 1:
+    ``threads_per_job``: torch threads of every job, in a worker process and in this process alike. ``None`` (the
+    default) gives a worker one thread and leaves this process's setting alone, so a job's thread count, and with
+    it its last bits, may then depend on ``jobs``: pass a count wherever results must not.
+    """
+
+    def __init__(self, jobs: int, threads_per_job: int | None = None) -> None:
+        if jobs < 1 or (threads_per_job is not None and threads_per_job < 1):
             raise ConfigError(f"jobs and threads per job must be at least 1, got {jobs} and {threads_per_job}")
         self.jobs = int(jobs)
-        self.threads_per_job = int(threads_per_job)
+        self.threads_per_job = None if threads_per_job is None else int(threads_per_job)
         self._executor: ProcessPoolExecutor | None = None
 
     @property
@@ -46,7 +53,7 @@ class WorkerPool:
     def __enter__(self) -> "WorkerPool":
         if self.parallel:
             self._executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(self.threads_per_job,))
+                                                 initializer=_init_worker, initargs=(self.threads_per_job or 1,))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -58,7 +65,8 @@ class WorkerPool:
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)
         if self._executor is None or len(items) <= 1:
-            return [fn(item) for item in items]
+            with torch_threads(self.threads_per_job):  # the workers' set-up, here (None: as the caller left it)
+                return [fn(item) for item in items]
         futures = [self._executor.submit(fn, item) for item in items]
         return [future.result() for future in futures]
 

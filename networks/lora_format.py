@@ -1,4 +1,4 @@
-"""The kohya LoRA file format: key names, reading and writing ``.safetensors``, hashing, metadata policy.
+"""The kohya LoRA file format: key names, writing ``.safetensors``, metadata policy (reading: :mod:`networks.lora_io`).
 
 A kohya LoRA file holds, per adapted layer, three tensors under one name:
 
@@ -32,12 +32,23 @@ from library.errors import ModelError
 from library.fileio import write_safetensors
 from library.sd.bundle import BASE_MODEL_VERSION
 
+# The readers live in networks.lora_io; re-exported here, where callers have always found them.
+from networks.lora_io import (
+    check_lora_file,
+    describe_source,
+    load_lora_state_dict,
+    lora_file_sha256,
+    read_lora_metadata,
+    read_lora_source,
+)
+
 __all__ = [
     "FORBIDDEN_METADATA_KEYS",
     "KOHYA_SUFFIXES",
     "LORA_PREFIX_TEXT_ENCODER",
     "LORA_PREFIX_UNET",
     "ModuleWeights",
+    "check_lora_file",
     "check_metadata",
     "check_shapes",
     "default_metadata",
@@ -119,35 +130,9 @@ def lora_name(part: str, module_path: str) -> str:
     return f"{LORA_PREFIX_TEXT_ENCODER}_{module_path.replace('.', '_')}"
 
 
-def describe_source(source: str | os.PathLike | None) -> str:
-    """How error messages name where a state dict came from."""
-    return str(source) if source is not None else "<LoRA state dict>"
-
-
 # --------------------------------------------------------------------------------------------------
-# reading, writing and hashing files
+# writing files
 # --------------------------------------------------------------------------------------------------
-
-
-def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a LoRA ``.safetensors`` file (CPU tensors); a missing or unreadable file raises ModelError."""
-    path = Path(file)
-    if not path.is_file():
-        raise ModelError(f"LoRA file {path} does not exist; check the path")
-    if path.suffix.lower() != ".safetensors":
-        raise ModelError(
-            f"LoRA file {path} is not a .safetensors file; only safetensors LoRA files are read "
-            "(pickled .pt/.ckpt files can run code when loaded) — convert it to safetensors first"
-        )
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises several types for truncated / garbage files
-        raise ModelError(
-            f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
-            "the file is corrupt or truncated — re-download or re-export it"
-        ) from exc
 
 
 def creation_date() -> str:
@@ -160,32 +145,6 @@ def creation_date() -> str:
     if epoch is not None and epoch.strip().isdigit():
         return _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc).replace(tzinfo=None).isoformat()
     return _dt.datetime.now().replace(microsecond=0).isoformat()
-
-
-def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of a LoRA file (``{}`` if it has none)."""
-    path = Path(file)
-    if not path.is_file():
-        raise ModelError(f"LoRA file {path} does not exist; check the path")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(sorted((handle.metadata() or {}).items()))  # safetensors hands keys in random order
-    except Exception as exc:
-        raise ModelError(
-            f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
-            "the file is corrupt or truncated — re-download or re-export it"
-        ) from exc
-
-
-def read_lora_source(
-    file: str | os.PathLike | Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
-    """``(state dict, its name for error messages, header metadata)`` of a LoRA file or in-memory state dict."""
-    if isinstance(file, Mapping):
-        return dict(file), describe_source(None), {}
-    return load_lora_state_dict(file), describe_source(file), read_lora_metadata(file)
 
 
 def write_lora_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -205,24 +164,6 @@ def _tensor_data_sha256(data: bytes) -> str:
     # The data region follows an 8-byte little-endian header length and the JSON header.
     header_len = int.from_bytes(data[:8], "little")
     return hashlib.sha256(data[8 + header_len :]).hexdigest()
-
-
-def lora_file_sha256(file: str | os.PathLike) -> str:
-    """sha256 of the tensor data of a safetensors file, header (metadata) excluded.
-
-    This is the ``sshs_model_hash`` that sd-scripts stores and the A1111 additional-networks extension shows:
-    it identifies the weights and does not change when only the metadata is edited.
-    """
-    path = Path(file)
-    if not path.is_file():
-        raise ModelError(f"LoRA file {path} does not exist; check the path")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header_len)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
     from library.demo.run import DemoSettings, run_demo  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
     parser.add_argument("--threads", type=int, default=DemoSettings().threads,
-                        help="torch threads for pre-training the base model (default: min(2, CPU cores)); "
-                             "parallel trainings share them, evaluation uses one")
+                        help="torch threads for pre-training the base model (default 1: with more it is faster, but its "
+                             "weights are no longer bit-identical from run to run); trainings and evaluation use one each")
     parser.add_argument("--retrain", action="store_true", help="retrain the LoRAs even if their files exist")
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs,
                         help="trainings run at once, one process each (default 3: all three methods)")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
@@ -24,7 +24,7 @@ def _main(argv: Sequence[str] | None) -> None:
     from library.errors import ConfigError  # noqa: PLC0415
 
     defaults = FrontierSettings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, default=defaults.sweep, help="sweep file (TOML, [[run]] tables)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="the demo's work dir (reused)")
     parser.add_argument("--out_dir", type=Path, default=None, help="default: <workdir>/frontier")

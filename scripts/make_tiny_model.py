@@ -17,11 +17,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from library.cli import ArgumentParser, run_cli
 from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, type=Path, help="diffusers folder to write")
     parser.add_argument("--single_file", type=Path, default=None, help="also write this LDM-layout .safetensors")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

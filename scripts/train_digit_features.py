@@ -17,14 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from library.cli import run_cli
+from library.cli import ArgumentParser, run_cli
 from library.data.manifest import pretrain_records
 from library.demo import digit_classifier as D
 from library.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", type=Path, help="split manifest JSON; its 'pretrain' images are used")
     source.add_argument("--dataset_dir", type=Path, help="a captioned digit dataset folder used whole")

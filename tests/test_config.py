@@ -77,5 +77,5 @@ def test_required_and_exclusive_inputs():
 
 
 def test_network_module_cannot_name_arbitrary_code():
-    with pytest.raises(SystemExit):  # argparse rejects choices outside the allow-list
+    with pytest.raises(ConfigError, match="--network_module: invalid choice: 'os'"):  # outside the allow-list
         parse_config(TrainConfig, BASE + ["--network_module", "os"])

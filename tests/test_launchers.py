@@ -34,6 +34,7 @@ ABLATIONS = {  # launcher -> (method, number of runs per seed, flag that varies)
     "mp_stabilisers": ("mp_lora", 2, "--max_grad_norm"),
 }
 EXTRA_ARGS = "--resolution 32 --mixed_precision no --no-progress_bar"
+DRY_RUN_OK = "dry run: model, data"  # the trainer's "dry run: model, data ... are valid; nothing was trained"
 RECORDER = 'for a in "$@"; do printf "%s\\0" "$a"; done >> "$REC_FILE"; printf "\\036" >> "$REC_FILE"\n'
 
 
@@ -137,7 +138,7 @@ def test_dataset_launcher_dry_run(dataset, stack, tmp_path, manifest_path, monke
     assert "skipping evaluation" in result.stderr and "would collect 2 report(s)" in result.stderr
     for argv in commands[:3]:  # one seed: the other differs only by --seed / --output_dir
         printed = _dry_run_in_process(argv, monkeypatch, capsys)
-        assert "dry run: model, data and config are valid" in printed
+        assert DRY_RUN_OK in printed
 
 
 @pytest.mark.parametrize("launcher", sorted(ABLATIONS))
@@ -162,7 +163,45 @@ def test_ablation_launcher_dry_run(launcher, stack, tmp_path, monkeypatch, capsy
     else:
         assert "--grad_normalize" in commands[1] and values == ["1.0", "0"]
     for argv in commands:
-        assert "dry run: model, data and config are valid" in _dry_run_in_process(argv, monkeypatch, capsys)
+        assert DRY_RUN_OK in _dry_run_in_process(argv, monkeypatch, capsys)
+
+
+def _eval_loras(argv: list[str]) -> list[str]:
+    start = argv.index("--network_weights") + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    return argv[start:end]
+
+
+@pytest.mark.parametrize("launcher", list(DATASETS) + sorted(ABLATIONS))
+def test_eval_command_agrees_with_the_training(launcher, stack, tmp_path, monkeypatch):
+    """The evaluation sees the text encoder as the training did: each launcher's evaluate_mia.py call passes the
+    training configs' clip_skip / max_token_length (the paper's 2 / 225) or neither, so that evaluate_mia.py reads
+    them from the LoRA files; never another value (the default 1 / 75 would query another model)."""
+    env, rec_file = stack
+    python = tmp_path / "python"  # PYTHON is one executable (LAUNCH may be a command line)
+    python.write_text("#!/usr/bin/env bash\n" + RECORDER)
+    python.chmod(0o755)
+    env.update(DRY_RUN="0", SEEDS="1337", PYTHON=str(python))  # record every command, run none
+    result = _run_launcher(launcher, tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    commands = _recorded(rec_file)
+    monkeypatch.chdir(REPO)
+    trained = {}
+    for argv in commands:
+        if argv[0].startswith("train_"):
+            config = parse_config(TrainConfig, argv[1:])
+            trained[str(Path(config.output_dir) / f"{config.output_name}.safetensors")] = config
+    evals = [argv for argv in commands if argv[0] == "evaluate_mia.py"]
+    assert len(evals) == 1 and trained
+    for argv in evals:
+        configs = [trained[path] for path in _eval_loras(argv)]
+        assert len(configs) == len(trained)
+        for flag in ("clip_skip", "max_token_length"):
+            values = {getattr(c, flag) for c in configs}
+            assert len(values) == 1, f"one evaluation of LoRAs trained with different {flag}: {values}"
+            if f"--{flag}" in argv:
+                assert str(values.pop()) == _flag(argv, f"--{flag}"), flag
+        assert (configs[0].clip_skip, configs[0].max_token_length) == (2, 225)  # the paper configs
 
 
 def test_launcher_needs_model_and_manifest(tmp_path, tiny_model_dir):
@@ -181,7 +220,7 @@ def test_launcher_real_entry_script(tmp_path, tiny_model_dir, manifest_path):
                EXTRA_ARGS=EXTRA_ARGS)
     result = _run_launcher("celeba_small", tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "dry run: model, data and config are valid" in result.stdout
+    assert DRY_RUN_OK in result.stdout
 
 
 def test_launchers_are_valid_bash():

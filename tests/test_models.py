@@ -370,8 +370,8 @@ def test_wrong_architecture_names_the_shape(tiny_files: tuple[ModelBundle, Path,
     """Without smp-lora metadata a file is read as SD v1.5; the tiny weights then fail the shape check."""
     bare = tmp_path / "model.safetensors"
     _rewrite_metadata(tiny_files[2], bare, drop=(single_file.META_CONFIGS, single_file.META_TOKENIZER))
-    with pytest.raises(ModelError) as info:
-        load_sd_model(bare)
+    with pytest.raises(ModelError) as info:  # the tokenizer is checked first (before any tensor): pass one
+        load_sd_model(bare, tokenizer_path=tiny_files[1] / "tokenizer")
     message = str(info.value)
     assert "model.safetensors does not look like an SD v1.x checkpoint" in message
     assert "unet conv_in.weight expects shape (320, 4, 3, 3), file has (32, 4, 3, 3)" in message

@@ -230,9 +230,12 @@ def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
     m = read_manifest(result.manifest_path)
     assert m.sizes()["member_test"] == 3 and len(m.unused) == 0
     assert m.member_aux[0].caption.startswith("a cute monster")
-    # A second run into the same folder needs --overwrite.
-    with pytest.raises(DataError, match="--overwrite"):
+    # A second run into the same folder needs --overwrite: for the manifest, and for the images.
+    with pytest.raises(ConfigError, match="split.json already exists; pass --overwrite"):
         pokemon.main(["--source", str(src), "--output_dir", str(tmp_path / "out"), "--sizes", "3,3,3,3"])
+    with pytest.raises(DataError, match="--overwrite"):
+        pokemon.main(["--source", str(src), "--output_dir", str(tmp_path / "out"), "--sizes", "3,3,3,3",
+                      "--manifest", str(tmp_path / "other.json")])
 
 
 def _parquet_source(tmp_path: Path) -> Path:

@@ -223,8 +223,12 @@ def test_make_split_script(tmp_path, capsys):
     assert "member_test     4" in text and "pretrain        6" in text
     m = read_manifest(out)
     assert len(m.members()) == 7 and m.created_by.endswith("make_split.py")
-    assert module.main(args + ["--preset", "celeba_small"]) == 2
+    written = out.read_bytes()
+    assert module.main(args + ["--preset", "celeba_small"]) == 2  # an existing manifest needs --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert module.main(args + ["--preset", "celeba_small", "--overwrite"]) == 2
     assert "needs 200 images" in capsys.readouterr().err
+    assert out.read_bytes() == written  # a failed split replaces nothing
 
 
 def test_user_errors_are_user_errors():

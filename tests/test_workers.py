@@ -1,4 +1,5 @@
-"""library.workers: results in order, the serial path in-process, a worker's UserError unchanged."""
+"""library.workers: results in order, the serial path in-process with the workers' torch set-up, a worker's
+UserError unchanged."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from library.errors import ConfigError, DataError
+from library.runtime import torch_setup
 from library.workers import WorkerPool
 
 
@@ -16,6 +18,10 @@ def job(x: int) -> tuple[int, int, int]:
     if x < 0:
         raise DataError(f"image {x}: negative")
     return x * x, os.getpid(), torch.get_num_threads()
+
+
+def setup(_: int) -> dict[str, object]:
+    return torch_setup()
 
 
 def test_serial_pool_runs_in_this_process_in_order():
@@ -33,6 +39,30 @@ def test_parallel_pool_keeps_order_uses_workers_with_their_threads():
     assert {r[2] for r in results} == {1}
 
 
+def test_serial_pool_runs_its_jobs_on_threads_per_job_then_restores():
+    assert torch.get_num_threads() == 1  # tests/conftest.py
+    with WorkerPool(1, threads_per_job=2) as pool:
+        assert {r[2] for r in pool.map(job, [1, 2])} == {2}
+    assert torch.get_num_threads() == 1
+    with WorkerPool(1) as pool:  # no count: the caller's setting
+        assert {r[2] for r in pool.map(job, [1])} == {1}
+
+
+def test_a_worker_sets_torch_up_as_the_serial_path_does():
+    """Everything that can move a float (threads, denormal flushing, oneDNN, deterministic algorithms, matmul
+    precision, OMP/MKL environment...) is the same in a spawned worker and in this process: docs/determinism.md."""
+    torch.set_num_threads(2)  # a parent left at another count must not leak into the serial path
+    try:
+        with WorkerPool(1, threads_per_job=1) as pool:
+            here = pool.map(setup, [0])[0]
+        with WorkerPool(2, threads_per_job=1) as pool:
+            there = pool.map(setup, [0, 1])
+    finally:
+        torch.set_num_threads(1)
+    assert here["threads"] == 1
+    assert there == [here, here]
+
+
 def test_a_worker_error_reaches_the_caller_unchanged():
     with pytest.raises(DataError, match="image -1: negative"):
         with WorkerPool(2) as pool:
@@ -42,3 +72,5 @@ def test_a_worker_error_reaches_the_caller_unchanged():
 def test_jobs_below_one_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 1"):
         WorkerPool(0)
+    with pytest.raises(ConfigError, match="at least 1"):
+        WorkerPool(2, threads_per_job=0)

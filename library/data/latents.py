@@ -144,11 +144,11 @@ class LatentCache:
             side = self.resolution // 2 ** (len(config.block_out_channels) - 1)
             return torch.empty(0, config.latent_channels, side, side)
         keys = [self.key(p) for p in paths]
-        found: dict[str, torch.Tensor] = {}
-        missing: dict[str, Path] = {}  # key -> a path; identical images are encoded once
+        unique: dict[str, Path] = {}  # key -> a path; identical images are encoded once
         for path, key in zip(paths, keys):
-            if key in found or key in missing:
-                continue
+            unique.setdefault(key, path)
+        found: dict[str, torch.Tensor] = {}
+        for key in unique:
             if key in self._memory:
                 found[key] = self._memory[key]
                 self.stats["memory_hits"] += 1
@@ -157,13 +157,18 @@ class LatentCache:
             if latent is not None:
                 self._memory[key] = found[key] = latent
                 self.stats["disk_hits"] += 1
-                continue
-            missing[key] = path
-        todo = list(missing.items())
+        # Fixed batches of the request's images, whatever is cached already: the VAE's kernels depend on the batch
+        # size, so encoding only the misses would make a latent's last bits depend on what another process had
+        # written so far (issue 14, docs/determinism.md). A batch with a miss is encoded whole; hits keep their value.
+        todo = list(unique.items())
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
+            if all(key in found for key, _ in chunk):
+                continue
             batch = self._encode([p for _, p in chunk], [k for k, _ in chunk])
             for (key, _), latent in zip(chunk, batch):
+                if key in found:
+                    continue
                 latent = latent.clone()  # own storage, so the memory cache does not pin the whole batch
                 self._write_disk(key, latent)
                 self._memory[key] = found[key] = latent

@@ -32,7 +32,7 @@ from library.demo.run import (
     prepare_data,
     prepare_feature_net,
     tiny_train_config,
-    train_one,
+    train_all,
 )
 from library.errors import ConfigError
 from library.eval.summary import worst_case
@@ -114,7 +114,8 @@ def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest
     demo's ``train_overrides``, the run's own overrides, then its checkpoint interval (each beating the one before)."""
     every = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
     return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, settings.out / "runs" / run.name,
-                             run.name, {"progress_bar": False, **settings.demo.train_overrides, **run.overrides, **every})
+                             run.name, {"progress_bar": False, "overwrite": settings.demo.retrain,
+                                    **settings.demo.train_overrides, **run.overrides, **every})
 
 
 def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any]]:
@@ -133,13 +134,10 @@ def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any
 
 def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:
     """Train the runs whose final file is missing, ``demo.jobs`` at a time (slowest first)."""
-    from library.workers import WorkerPool
-
     todo = [r for r in runs if settings.demo.retrain or not (settings.out / "runs" / r.name / f"{r.name}.safetensors").is_file()]
     todo.sort(key=lambda r: -method_class(r.method).step_cost)
     jobs = max(1, min(settings.demo.jobs, len(todo)))
-    with WorkerPool(jobs, max(1, settings.demo.threads // jobs)) as pool:
-        pool.map(train_one, [(r.method, train_config(settings, r, base, manifest)) for r in todo])
+    train_all([(r.method, train_config(settings, r, base, manifest)) for r in todo], jobs)
 
 
 def evaluate_sweep(settings: FrontierSettings, files: list[Path], base: Path, manifest: Path,

@@ -9,9 +9,10 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
    image is ever seen by the base), and a small digit classifier whose features give a proxy
    Fréchet distance (learned features, not Inception: labelled as a proxy).
 4. LoRA, MP-LoRA and SMP-LoRA from ``configs/tiny/*.toml`` with the same budget and seed (``jobs`` of them at
-   a time, in worker processes; each run is seeded, so at a given thread count the files do not depend on
-   ``jobs``). Each run is a :class:`~library.train.config.TrainConfig` built here (:func:`tiny_train_config`)
-   and handed to the worker as is.
+   a time, in worker processes, by :func:`train_all`: each run is seeded and runs on :data:`TRAINING_THREADS`
+   torch threads whatever ``jobs``, so the files are bit-identical for any ``jobs``; docs/determinism.md). Each
+   run is a :class:`~library.train.config.TrainConfig` built here (:func:`tiny_train_config`) and handed to the
+   worker as is.
 5. ``evaluate_mia`` on the three LoRA files and the base model, with the quality proxy (an
    :class:`~library.eval.config.EvalConfig` from :func:`demo_eval_config`).
 6. A Table-1-style summary read from ``eval/report.json`` (the worst case over the attacks per model:
@@ -38,6 +39,9 @@ from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: torch threads of every demo training, in a worker or in this process: a thread count changes a LoRA file's last
+#: bits, so it must not follow ``jobs``. One: what the tiny stack runs fastest on (see library/workers.py).
+TRAINING_THREADS = 1
 
 
 @dataclass
@@ -45,10 +49,11 @@ class DemoSettings:
     """Everything the demo varies; the defaults are the README's main command."""
 
     workdir: Path = Path("runs/demo")
-    # torch threads for pre-training the base model, the one phase measured to gain from a second thread (VAE
-    # 141 s -> 100 s on 2 cores). Evaluation lost from it (features 300 -> 200 queries/s; 354 s -> 423 s in all)
-    # and runs with one; parallel trainings get threads // jobs each (at least 1).
-    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    # torch threads for pre-training the base model. One by default: with two, the pre-trained weights differ in
+    # their last bits from run to run on CPU (measured 2026-12-03, docs/determinism.md), and every later number
+    # with them; two are ~30 % faster (VAE 141 s -> 100 s) for who does not need bit-identical reruns. Evaluation
+    # and every training run on one thread whatever this says (TRAINING_THREADS).
+    threads: int = 1
     seed: int = 0
     split_sizes: dict[str, int] = field(default_factory=lambda: {
         "member_aux": 50, "member_test": 50, "nonmember_aux": 50, "nonmember_test": 50})
@@ -152,14 +157,57 @@ def train_one(job: tuple[str, TrainConfig]) -> None:
     train(config, method)
 
 
-def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
-    """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
+def fill_latent_caches(configs: list[TrainConfig]) -> None:
+    """Encode the images of runs that share an on-disk latent cache into it now, in this process, with the
+    trainer's own code (:func:`library.train.data.attach_latents`) on :data:`TRAINING_THREADS` threads.
+
+    Why: the VAE's CPU kernels depend on the batch size (an image encoded in a batch of one differs in the last
+    bits from the same image in a batch of eight), and the cache encodes only the images it misses, in batches of
+    ``--vae_batch_size``. Runs filling one cache at once can find another run's batch half written, encode the
+    rest in other batches than a run alone does, and train on latents ~1e-6 apart (issue 14's flaky demo test).
+    Filled here first, every parallel run reads the latents a serial run encodes for itself.
+    """
+    import torch
+
+    from library.runtime import torch_threads
+    from library.train.data import attach_latents, load_training_records
+    from library.train.setup import load_models
+
+    groups: dict[tuple, list[TrainConfig]] = {}
+    for config in configs:
+        if config.cache_latents_to_disk and config.latent_cache_dir:  # else each run has a cache of its own
+            groups.setdefault((config.latent_cache_dir, config.pretrained_model_name_or_path, config.split_manifest,
+                               config.train_data_dir, config.resolution, config.vae_batch_size), []).append(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the trainer's (make_accelerator)
+    for config, *others in groups.values():
+        if not others:
+            continue
+        with torch_threads(TRAINING_THREADS), torch.random.fork_rng(devices=[]):
+            bundle, _, _ = load_models(config, device)
+            attach_latents(load_training_records(config, needs_aux=False), bundle, config, device)
+
+
+def train_all(runs: list[tuple[str, TrainConfig]], jobs: int) -> None:
+    """Train ``runs`` (``(method, config)`` pairs, started in order), ``jobs`` at a time in worker processes.
+
+    The files are bit-identical to training the runs one by one in this process: every run gets
+    :data:`TRAINING_THREADS` threads in either, and a latent cache they share is filled before they start
+    (:func:`fill_latent_caches`).
+    """
     from library.workers import WorkerPool
 
+    jobs = max(1, min(jobs, len(runs)))
+    if jobs > 1:
+        fill_latent_caches([config for _, config in runs])
+    with WorkerPool(jobs, TRAINING_THREADS) as pool:
+        pool.map(train_one, runs)
+
+
+def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
+    """LoRA, MP-LoRA and SMP-LoRA from configs/tiny with the same budget and seed."""
     paths = {method: settings.workdir / method / f"{method}.safetensors" for method in METHODS}
     todo = [m for m in METHODS if settings.retrain or not paths[m].is_file()]
     jobs = min(settings.jobs, len(todo)) if todo else 1
-    threads = max(1, settings.threads // jobs)
     # Progress bars from several processes would interleave, so parallel runs print their plan and result lines
     # only (this beats settings.train_overrides).
     quiet = {"progress_bar": False} if jobs > 1 else {}
@@ -168,9 +216,8 @@ def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[st
     # The slow adversarial runs first, so the plain run fills the gap.
     order = sorted(todo, key=lambda m: m == "lora")
     if jobs > 1:
-        _log(f"training {', '.join(order)}: {jobs} at a time, {threads} thread(s) each")
-    with WorkerPool(jobs, threads) as pool:
-        pool.map(train_one, [(m, configs[m]) for m in order])
+        _log(f"training {', '.join(order)}: {jobs} at a time, {TRAINING_THREADS} thread(s) each")
+    train_all([(m, configs[m]) for m in order], jobs)
     return paths
 
 

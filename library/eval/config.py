@@ -22,6 +22,17 @@ PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
 
 
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64 (as in training)
+
+
+def _check_seed(name: str, value: int, span: int = 1) -> None:
+    """A seed (and the ``span - 1`` seeds after it, for per-image seeds) must be in [0, MAX_SEED]."""
+    top = MAX_SEED - (span - 1)
+    if not 0 <= value <= top:
+        limit = "2**63 - 1" if span == 1 else f"2**63 - {span} (image i uses {name} + i)"
+        raise ConfigError(f"'{name}' must be an integer in [0, {limit} = {top}] (a 64-bit seed), got {value}")
+
+
 @dataclasses.dataclass
 class EvalConfig:
     # --- what to evaluate ----------------------------------------------------------------------
@@ -34,6 +45,8 @@ class EvalConfig:
     split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
     allow_manifest_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another split manifest (its membership labels may be wrong)")
+    allow_pickle: bool = option(
+        False, "load pickle .bin/.ckpt weights of the base model (unsafe: only for files you trust)")
 
     # --- features --------------------------------------------------------------------------------
     resolution: int = option(512, "image resolution in pixels (resize short side + centre crop), as in training")
@@ -41,10 +54,16 @@ class EvalConfig:
     num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
     batch_size: int = option(16, "UNet queries per forward pass")
     vae_batch_size: int = option(8, "images per VAE pass when encoding latents")
-    seed: int = option(0, "seed of the noise, the attack models, the hold-out split and the bootstrap")
-    clip_skip: int = option(1, "use the N-th last CLIP layer, as in training (the paper's runs use 2)")
-    max_token_length: Optional[int] = option(None, "75 (default), 150 or 225 caption tokens, as in training",
-                                             choices=[75, 150, 225])
+    seed: int = option(
+        0, "seed of the noise, the attack models, the hold-out split and the bootstrap, in [0, 2**63 - 1]")
+    clip_skip: Optional[int] = option(
+        None, "use the N-th last CLIP layer (the paper's runs use 2); default: as the LoRAs were trained (their "
+        "ss_clip_skip metadata), 1 for the base model alone")
+    max_token_length: Optional[int] = option(
+        None, "75, 150 or 225 caption tokens; default: as the LoRAs were trained (their ss_max_token_length "
+        "metadata), 75 for the base model alone", choices=[75, 150, 225])
+    allow_conditioning_mismatch: bool = option(
+        False, "use --clip_skip / --max_token_length even where a LoRA's metadata records other training values")
     mixed_precision: str = option("no", "dtype of the models during feature extraction", choices=["no", "fp16", "bf16"])
     device: str = option("auto", "torch device ('auto' = cuda if available, else cpu)")
     cache_dir: Optional[str] = option(None, "where latents and features are cached (default <output_dir>/cache)")
@@ -103,10 +122,13 @@ class EvalConfig:
             raise ConfigError("'pretrained_model_name_or_path' is required (the base model the LoRAs were trained on)")
         if not self.split_manifest:
             raise ConfigError("'split_manifest' is required (the split manifest the LoRAs were trained with)")
-        for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "clip_skip", "paper_epochs",
+        for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "paper_epochs",
                      "paper_batch_size", "jobs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if self.clip_skip is not None and self.clip_skip <= 0:
+            raise ConfigError(f"'clip_skip' must be > 0, got {self.clip_skip}")
+        _check_seed("seed", self.seed)
         if self.resolution % 8:
             raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
         if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
@@ -138,6 +160,7 @@ class EvalConfig:
         for name in ("quality_num_images", "quality_steps", "quality_kid_subsets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        _check_seed("quality_seed", self.quality_seed, span=self.quality_num_images)
         # Each registered extractor names the field of its weight file (library.eval.extractors).
         weights = {name: (entry.weights_option, getattr(self, entry.weights_option))
                    for name, entry in EXTRACTORS.items()}

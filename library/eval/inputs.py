@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from library.errors import DataError
+from library.eval.conditioning import CONDITIONING_KEYS
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
 from library.eval.records import BASE_NAME, EVAL_SPLITS, EvalSamples, ModelSpec
@@ -41,7 +42,9 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
         while candidate in used:
             candidate, n = f"{name}-{n}", n + 1
         used.add(candidate)
-        recorded_meta = {k: v for k, v in meta.items() if k.startswith(("smp_lora.", "ss_network", "ss_base"))}
+        # What the report shows of each file, and the training conditioning library.eval.conditioning reads.
+        recorded_meta = {k: v for k, v in meta.items()
+                         if k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS}
         specs.append(ModelSpec(candidate, path, sha, recorded_meta))
     return specs
 

@@ -34,7 +34,7 @@ def load_bundle(config: EvalConfig, device: torch.device) -> Any:
 
     assert config.pretrained_model_name_or_path is not None
     bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
-                           dtype=PRECISION_DTYPES[config.mixed_precision])
+                           dtype=PRECISION_DTYPES[config.mixed_precision], allow_pickle=config.allow_pickle)
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
         module.to(device)
     return bundle
@@ -45,7 +45,8 @@ _PROCESS_BUNDLE: dict[tuple, Any] = {}
 
 def process_bundle(config: EvalConfig, device: torch.device) -> Any:
     """A worker process's base model, loaded once and reused by its later jobs (features, then samples)."""
-    key = (config.pretrained_model_name_or_path, config.tokenizer_path, config.mixed_precision, str(device))
+    key = (config.pretrained_model_name_or_path, config.tokenizer_path, config.mixed_precision, config.allow_pickle,
+           str(device))
     if key not in _PROCESS_BUNDLE:
         _PROCESS_BUNDLE.clear()
         _PROCESS_BUNDLE[key] = load_bundle(config, device)

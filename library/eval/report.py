@@ -91,6 +91,8 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
         "samples": {"counts": counts, "n_aux": int(samples.aux_index.size), "n_test": int(samples.test_index.size)},
         "seeds": {"noise_attacks_bootstrap": result.config.seed, "split": result.info.get("manifest_seed")},
         "features": {"settings": result.info.get("feature_settings"), "cache": result.info.get("feature_cache")},
+        # Caption encoding (library.eval.conditioning): the LoRAs' training values, a flag or the default.
+        "conditioning": result.info.get("conditioning"),
         "attacks": result.info.get("attack_settings"),
         "conventions": CONVENTIONS,
         "device": result.info.get("device"),
@@ -157,6 +159,14 @@ def results_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _conditioning_line(conditioning: dict[str, Any] | None) -> list[str]:
+    if not conditioning:
+        return []
+    sources = sorted(set(conditioning["source"].values()))
+    return [f"- captions encoded with clip_skip {conditioning['clip_skip']} and {conditioning['max_token_length']} "
+            f"tokens (from: {', '.join(sources)})"]
+
+
 def report_markdown(result: "EvalResult") -> str:
     cfg, info = result.config, result.info
     rows = result.rows
@@ -172,6 +182,7 @@ def report_markdown(result: "EvalResult") -> str:
         f"({result.samples.aux_index.size} samples)",
         f"- features: loss at t = {list(cfg.timesteps)} x {cfg.num_noise_draws} noise draws (same noise for every "
         f"model), seed {cfg.seed}; paper h' on `{cfg.paper_features}`",
+        *_conditioning_line(info.get("conditioning")),
         "",
         "## Main results (paper Table 1 columns first)",
         "",

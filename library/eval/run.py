@@ -20,6 +20,7 @@ The stages live in their own modules, which never import this one: the records p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from library.eval import metrics, quality, report
 from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.registry import build_attacks
+from library.eval.conditioning import resolve_conditioning
 from library.eval.config import EvalConfig
 from library.eval.extractors import load_extractors
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
@@ -43,6 +45,7 @@ from library.eval.records import (
     EvalSamples,
     ModelSpec,
 )
+from library.outputs import OutputLock, check_output_dir
 from library.runtime import PRECISION_DTYPES
 from library.workers import WorkerPool
 
@@ -229,16 +232,37 @@ def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    """Run the whole evaluation and write the report into ``config.output_dir``."""
+    """Run the whole evaluation and write the report into ``config.output_dir``.
+
+    Everything that needs no model weights is checked first (output folder, base model files, LoRA files, their
+    training conditioning), and the output folder is locked for the run, so two evaluations into one folder
+    never interleave their files.
+    """
+    from library.sd.loading import check_sd_model  # noqa: PLC0415
+
+    output_dir = check_output_dir(config.output_dir, "--output_dir")
+    if config.cache_dir and not config.no_cache:
+        check_output_dir(config.cache_dir, "--cache_dir")
+    check_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
+                   allow_pickle=config.allow_pickle)
+    with OutputLock(output_dir, "--output_dir"):
+        return _evaluate_locked(config, output_dir)
+
+
+def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     started = time.time()
     manifest, samples, manifest_sha = load_samples(config)
     specs = model_specs(config, manifest_sha)
+    # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
+    conditioning = resolve_conditioning(config, specs)
+    config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
+                                 max_token_length=conditioning.max_token_length)
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
     extractors = load_extractors(config, device) if config.quality else []
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
-                            "device": str(device)}
+                            "device": str(device), "conditioning": conditioning.as_dict()}
     with WorkerPool(config.jobs) as pool:
         features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()
@@ -251,11 +275,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
         if config.quality:
             t0 = time.perf_counter()
             info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
-                                                  Path(config.output_dir), info["utility"], pool)
+                                                  output_dir, info["utility"], pool)
             info["timing_s"]["quality"] = time.perf_counter() - t0
     info["started"] = started
     result = EvalResult(config, specs, samples, features, scores, rows, info)
-    report.write_report(result, Path(config.output_dir))
+    report.write_report(result, output_dir)
     return result
 
 

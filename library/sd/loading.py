@@ -7,7 +7,11 @@
 * a **single-file** ``.safetensors`` checkpoint in the original LDM key layout, read by
   :func:`library.sd.single_file.load_single_file`.
 
-Pickle-based ``.ckpt`` files are refused (unpickling can run code); convert them to safetensors first.
+One rule for pickle weights (unpickling can run code): a ``.ckpt``/``.pt``/``.bin`` single file and a folder whose
+networks are stored only as pickle ``.bin`` files are refused unless ``allow_pickle=True`` (``--allow_pickle``); with
+it, folders fall back to their ``.bin`` files and ``.ckpt`` files are read like ``.safetensors`` ones.
+:func:`check_sd_model` runs every check that needs no weights (folder layout, weight formats, a single file's
+header and tokenizer), so the entry scripts can fail in a moment instead of after loading gigabytes.
 
 The noise scheduler is never read from disk (:func:`library.sd.bundle.make_noise_scheduler` builds SD v1.x's
 training schedule, as kohya's trainer does). A folder's ``scheduler/scheduler_config.json`` is only checked: a
@@ -32,12 +36,13 @@ from library.sd.bundle import (
     load_tokenizer_folder,
 )
 from library.sd.configs import SCHEDULER_SETTINGS
-from library.sd.single_file import load_single_file
+from library.sd.single_file import check_single_file, load_single_file
 
 logger = logging.getLogger(__name__)
 
 _REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder")
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+_PICKLE_HINT = "pass --allow_pickle (allow_pickle=True) only if you trust the files: unpickling can run code"
 
 
 def _check_scheduler_config(folder: Path) -> None:
@@ -84,10 +89,26 @@ def _check_stack(bundle: ModelBundle, source: Path) -> None:
         )
 
 
-def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype) -> ModelBundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _check_weight_format(folder: Path, allow_pickle: bool) -> None:
+    """Each network's subfolder must hold ``.safetensors`` weights, or pickle ones with ``allow_pickle``."""
+    for sub in _REQUIRED_SUBFOLDERS:
+        files = [p for p in (folder / sub).iterdir() if p.is_file()]
+        if any(p.suffix == ".safetensors" for p in files):
+            continue
+        pickles = sorted(p.name for p in files if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles and not allow_pickle:
+            raise ModelError(
+                f"{folder / sub} holds only pickle weights ({pickles[0]}); smp-lora loads .safetensors weights "
+                f"only: save the model again with safe_serialization=True, or {_PICKLE_HINT}"
+            )
+        if not pickles:
+            raise ModelError(
+                f"{folder / sub} holds no weights (no .safetensors file); the download or save is incomplete: "
+                "download or save the model again"
+            )
 
+
+def _check_folder(folder: Path, tokenizer_path: Path | None, allow_pickle: bool) -> None:
     for sub in _REQUIRED_SUBFOLDERS + (() if tokenizer_path else ("tokenizer",)):
         if not (folder / sub).is_dir():
             raise ModelError(
@@ -95,7 +116,18 @@ def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype) 
                 "(expected unet/, vae/, text_encoder/ and tokenizer/ as written by "
                 "StableDiffusionPipeline.save_pretrained)"
             )
+    if tokenizer_path is not None and not tokenizer_path.is_dir():
+        raise ModelError(f"tokenizer folder {tokenizer_path} does not exist; pass a folder holding a CLIP tokenizer")
+    _check_weight_format(folder, allow_pickle)
     _check_scheduler_config(folder)
+
+
+def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype, allow_pickle: bool) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    # True: never fall back to a pickle file; None: the libraries' default (safetensors first, then .bin).
+    safetensors_only = None if allow_pickle else True
 
     def load(sub: str, loader: Any) -> Any:
         try:
@@ -111,47 +143,73 @@ def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype) 
     unet = load(
         "unet",
         lambda: UNet2DConditionModel.from_pretrained(
-            str(folder), subfolder="unet", local_files_only=True, torch_dtype=dtype
+            str(folder), subfolder="unet", local_files_only=True, torch_dtype=dtype, use_safetensors=safetensors_only
         ),
     )
     vae = load(
         "vae",
-        lambda: AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True, torch_dtype=dtype),
+        lambda: AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True, torch_dtype=dtype,
+                                              use_safetensors=safetensors_only),
     )
     text_encoder = load(
         "text_encoder",
-        lambda: CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype),
+        lambda: CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype,
+                                              use_safetensors=safetensors_only),
     )
     tokenizer = load_tokenizer_folder(tokenizer_path or folder / "tokenizer")
     return assemble_bundle(tokenizer, text_encoder, vae, unet, dtype, source=str(folder))
 
 
-def load_sd_model(
-    path: str | Path, *, tokenizer_path: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> ModelBundle:
-    """Load an SD v1.x model from a local diffusers folder or a single LDM-layout ``.safetensors`` file.
+def check_sd_model(
+    path: str | Path, *, tokenizer_path: str | Path | None = None, allow_pickle: bool = False
+) -> None:
+    """Every check of :func:`load_sd_model` that reads no weights; one :class:`ModelError` naming the problem.
 
-    ``tokenizer_path`` (a local folder with a CLIP tokenizer) overrides the model's own tokenizer; single files
-    otherwise use the tokenizer in their metadata, or the CLIP BPE file of an installed ``open_clip``. The three
-    networks come back in eval mode with gradients disabled. Never touches the network.
+    Folders: the four subfolders, safetensors weights (or pickle ones with ``allow_pickle``), the scheduler
+    config. Single files: the suffix (pickle only with ``allow_pickle``), the header and key layout of a
+    ``.safetensors``, and a tokenizer (``tokenizer_path``, the file's metadata or an installed ``open_clip``).
+    Costs a directory listing or a header read: call it before any long work.
     """
     path = Path(path).expanduser()
     tok_path = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
     if not path.exists():
         raise ModelError(f"model path {path} does not exist; pass a diffusers folder or an SD v1.x .safetensors file")
     if path.is_dir():
-        bundle = _load_folder(path, tok_path, dtype)
+        _check_folder(path, tok_path, allow_pickle)
     elif path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise ModelError(
-            f"{path} is a pickle-based checkpoint, which smp-lora does not load (unpickling can run code); "
-            "convert it to .safetensors first"
-        )
+        if not allow_pickle:
+            raise ModelError(
+                f"{path} is a pickle-based checkpoint, which smp-lora does not load by default (unpickling can run "
+                f"code); convert it to .safetensors first, or {_PICKLE_HINT}"
+            )
     elif path.suffix.lower() == ".safetensors":
-        bundle = load_single_file(path, tok_path, dtype)
+        check_single_file(path, tok_path)
     else:
         raise ModelError(f"{path} is neither a diffusers folder nor a .safetensors checkpoint")
+
+
+def load_sd_model(
+    path: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> ModelBundle:
+    """Load an SD v1.x model from a local diffusers folder or a single LDM-layout ``.safetensors`` file.
+
+    ``tokenizer_path`` (a local folder with a CLIP tokenizer) overrides the model's own tokenizer; single files
+    otherwise use the tokenizer in their metadata, or the CLIP BPE file of an installed ``open_clip``.
+    ``allow_pickle`` also loads pickle weights (a ``.ckpt`` file, a folder with only ``.bin`` files): only for
+    files you trust. :func:`check_sd_model` runs first, so bad input fails before any weight is read. The
+    three networks come back in eval mode with gradients disabled. Never touches the network.
+    """
+    check_sd_model(path, tokenizer_path=tokenizer_path, allow_pickle=allow_pickle)
+    path = Path(path).expanduser()
+    tok_path = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
+    if path.is_dir():
+        bundle = _load_folder(path, tok_path, dtype, allow_pickle)
+    else:
+        bundle = load_single_file(path, tok_path, dtype, allow_pickle=allow_pickle)
     _check_stack(bundle, path)
     logger.info("loaded SD v1.x model from %s", path)
     return bundle
-
-

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from library.errors import ConfigError
+from library.fileio import atomic_write_path
 from library.sd.bundle import ModelBundle
 
 _OPTION = re.compile(r"\s--([nwhdsl])\s+")
@@ -90,7 +91,7 @@ def generate(pipe, specs: Sequence[PromptSpec], *, resolution: int, steps: int =
 
 
 def save_grid(images: Sequence, path: str | Path, columns: int | None = None) -> Path:
-    """Tile PIL images into one PNG."""
+    """Tile PIL images into one PNG, written atomically (a killed run leaves no half-written image)."""
     from PIL import Image  # noqa: PLC0415
 
     if not images:
@@ -102,6 +103,6 @@ def save_grid(images: Sequence, path: str | Path, columns: int | None = None) ->
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_write_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path

@@ -6,7 +6,9 @@ own converters from ``diffusers.loaders.single_file_utils``; the configs come fr
 (``smp_lora.sd_configs``, written by :func:`save_single_file`) or, for files from elsewhere, from the SD v1.5
 configs of :mod:`library.sd.configs`, so nothing is fetched from the Hub. Every tensor is shape-checked against
 the config before any weight is materialised, so a wrong file gives one :class:`~library.errors.ModelError`
-rather than a traceback from deep inside ``load_state_dict``.
+rather than a traceback from deep inside ``load_state_dict``. The tokenizer is resolved from the header before
+any tensor is read (:func:`check_tokenizer_source`), so a file without one fails at once. A pickle ``.ckpt`` in
+the same layout is read only with ``allow_pickle`` (see :mod:`library.sd.loading`).
 
 :func:`save_single_file` writes the reverse: one LDM-layout ``.safetensors`` holding the three networks (names
 from :mod:`library.sd.ldm_keys`), with the configs and the tokenizer in its metadata.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ from library.sd.text import (
 META_CONFIGS = "smp_lora.sd_configs"
 META_TOKENIZER = "smp_lora.tokenizer"
 META_FORMAT = "smp_lora.format"
+_NETWORK_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)
 
 
 def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
@@ -160,7 +164,41 @@ def _meta_model(model_cls: Any, config: Mapping[str, Any]) -> Any:
         return model_cls.from_config(dict(config))
 
 
+def _open_clip_bpe() -> Path | None:
+    """The CLIP BPE vocabulary an installed ``open_clip`` ships, found without importing it (it needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            bpe = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
+            if bpe.is_file():
+                return bpe
+    return None
+
+
+def check_tokenizer_source(path: Path, metadata: Mapping[str, str], tokenizer_path: Path | None) -> None:
+    """Refuse, before any tensor is read, a single file that carries no tokenizer when none is given either.
+
+    The sources, in order: ``tokenizer_path``, the tokenizer in the file's metadata, an installed
+    ``open_clip``'s BPE file. Checking them costs a header read; loading the whole model first would cost
+    seconds to minutes before the same error.
+    """
+    if tokenizer_path is not None:
+        if not tokenizer_path.is_dir():
+            raise ModelError(
+                f"tokenizer folder {tokenizer_path} does not exist; pass a folder holding a CLIP tokenizer"
+            )
+        return
+    if META_TOKENIZER in metadata or _open_clip_bpe() is not None:
+        return
+    raise ModelError(
+        f"{path} carries no tokenizer: pass --tokenizer_path with a local CLIP tokenizer folder (e.g. the "
+        "tokenizer/ folder of a diffusers SD v1.5 download), or `pip install --no-deps open_clip_torch`, "
+        "which ships the CLIP BPE vocabulary"
+    )
+
+
 def _single_file_tokenizer(path: Path, metadata: Mapping[str, str], tokenizer_path: Path | None) -> Any:
+    check_tokenizer_source(path, metadata, tokenizer_path)
     if tokenizer_path is not None:
         return load_tokenizer_folder(tokenizer_path)
     if META_TOKENIZER in metadata:
@@ -169,21 +207,88 @@ def _single_file_tokenizer(path: Path, metadata: Mapping[str, str], tokenizer_pa
             return tokenizer_from_dict(data)
         except Exception as exc:
             raise ModelError(f"{path}: the tokenizer in its metadata is unusable ({first_line(exc)})") from exc
-    spec = importlib.util.find_spec("open_clip")  # locates the package without importing it (it needs torchvision)
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            bpe = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
-            if bpe.is_file():
-                return clip_tokenizer_from_bpe_file(bpe)
-    raise ModelError(
-        f"{path} carries no tokenizer: pass --tokenizer_path with a local CLIP tokenizer folder (e.g. the "
-        "tokenizer/ folder of a diffusers SD v1.5 download), or `pip install --no-deps open_clip_torch`, "
-        "which ships the CLIP BPE vocabulary"
-    )
+    bpe = _open_clip_bpe()
+    assert bpe is not None  # check_tokenizer_source found it
+    return clip_tokenizer_from_bpe_file(bpe)
 
 
-def load_single_file(path: Path, tokenizer_path: Path | None, dtype: torch.dtype) -> ModelBundle:
-    """Read one LDM-layout SD v1.x ``.safetensors`` as a frozen :class:`ModelBundle` in ``dtype``."""
+def _configs(path: Path, metadata: Mapping[str, str]) -> tuple[dict[str, Any], str]:
+    """(the networks' configs, a hint for shape errors): from the file's metadata, else SD v1.5's."""
+    if META_CONFIGS in metadata:
+        return _read_json_metadata(path, metadata, META_CONFIGS), ""
+    configs = {"unet": SD15_UNET_CONFIG, "vae": SD15_VAE_CONFIG, "text_encoder": SD15_TEXT_ENCODER_CONFIG}
+    return configs, "; files without smp-lora metadata are read with the SD v1.5 architecture"
+
+
+def check_single_file(path: Path, tokenizer_path: Path | None) -> None:
+    """The cheap checks of :func:`load_single_file` (header, key layout, configs, tokenizer), reading no tensor."""
+    with _open_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+        _classify_single_file(path, list(handle.keys()))
+    _configs(path, metadata)
+    check_tokenizer_source(path, metadata, tokenizer_path)
+
+
+def _read_safetensors(path: Path, tokenizer_path: Path | None) -> tuple[dict[str, str], Any, dict[str, torch.Tensor]]:
+    """``(metadata, tokenizer, the three networks' tensors)`` of a single ``.safetensors``; the tokenizer is
+    resolved before any tensor is read, so a file without one fails in a moment."""
+    with _open_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+        keys = list(handle.keys())
+        _classify_single_file(path, keys)
+        tokenizer = _single_file_tokenizer(path, metadata, tokenizer_path)
+        # Only the three networks' tensors are read: EMA copies and schedule buffers in the file are skipped.
+        try:
+            checkpoint = {key: handle.get_tensor(key) for key in keys if key.startswith(_NETWORK_PREFIXES)}
+        except Exception as exc:
+            raise ModelError(
+                f"{path} could not be read ({first_line(exc)}); it may be truncated or corrupt: download or "
+                "export it again"
+            ) from exc
+    return metadata, tokenizer, checkpoint
+
+
+def _read_pickle(path: Path, tokenizer_path: Path | None) -> tuple[dict[str, str], Any, dict[str, torch.Tensor]]:
+    """The same from a pickle ``.ckpt`` (only with ``allow_pickle``: unpickling can run code).
+
+    ``weights_only`` unpickling is tried first; a checkpoint that pickles other objects (a Lightning
+    trainer's state) is then unpickled in full, which the caller's ``allow_pickle`` has consented to.
+    """
+    check_tokenizer_source(path, {}, tokenizer_path)
+    try:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raw = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelError(f"{path} could not be unpickled ({first_line(exc)}); it may be truncated or corrupt") from exc
+    state = raw.get("state_dict", raw) if isinstance(raw, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path} holds a {type(raw).__name__}, not a state dict of an SD v1.x checkpoint")
+    keys = [key for key in state if isinstance(key, str)]
+    _classify_single_file(path, keys)
+    checkpoint = {k: state[k] for k in keys if k.startswith(_NETWORK_PREFIXES) and isinstance(state[k], torch.Tensor)}
+    return {}, _single_file_tokenizer(path, {}, tokenizer_path), checkpoint
+
+
+def load_single_file(
+    path: Path, tokenizer_path: Path | None, dtype: torch.dtype, *, allow_pickle: bool = False
+) -> ModelBundle:
+    """Read one LDM-layout SD v1.x ``.safetensors`` (or, with ``allow_pickle``, a ``.ckpt``) as a frozen
+    :class:`ModelBundle` in ``dtype``."""
+    if path.suffix.lower() == ".safetensors":
+        metadata, tokenizer, checkpoint = _read_safetensors(path, tokenizer_path)
+    elif allow_pickle:
+        metadata, tokenizer, checkpoint = _read_pickle(path, tokenizer_path)
+    else:
+        raise ModelError(f"{path} is not a .safetensors file; pickle checkpoints load only with allow_pickle")
+    text_encoder, vae, unet = _networks(path, checkpoint, *_configs(path, metadata), dtype)
+    return assemble_bundle(tokenizer, text_encoder, vae, unet, dtype, source=str(path))
+
+
+def _networks(path: Path, checkpoint: dict[str, torch.Tensor], configs: Mapping[str, Any], hint: str,
+              dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """(text encoder, VAE, UNet) built from ``configs`` and loaded with the converted LDM ``checkpoint``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -191,29 +296,6 @@ def load_single_file(path: Path, tokenizer_path: Path | None, dtype: torch.dtype
         convert_ldm_vae_checkpoint,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    with _open_safetensors(path) as handle:
-        metadata = handle.metadata() or {}
-        keys = list(handle.keys())
-        _classify_single_file(path, keys)
-        if META_CONFIGS in metadata:
-            configs = _read_json_metadata(path, metadata, META_CONFIGS)
-            hint = ""
-        else:
-            configs = {"unet": SD15_UNET_CONFIG, "vae": SD15_VAE_CONFIG, "text_encoder": SD15_TEXT_ENCODER_CONFIG}
-            hint = "; files without smp-lora metadata are read with the SD v1.5 architecture"
-        # Only the three networks' tensors are read: EMA copies and schedule buffers in the file are skipped.
-        try:
-            checkpoint = {
-                key: handle.get_tensor(key)
-                for key in keys
-                if key.startswith((LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX))
-            }
-        except Exception as exc:
-            raise ModelError(
-                f"{path} could not be read ({first_line(exc)}); it may be truncated or corrupt: download or "
-                "export it again"
-            ) from exc
 
     try:
         unet = _meta_model(UNet2DConditionModel, configs["unet"])
@@ -236,7 +318,7 @@ def load_single_file(path: Path, tokenizer_path: Path | None, dtype: torch.dtype
     te_sd.pop("text_model.embeddings.position_ids", None)  # a buffer older exports saved; rebuilt by the model
     if not hasattr(te_meta, "text_model"):
         te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
-    del checkpoint
+    checkpoint.clear()  # consumed: drop the references to tensors no network adopted
 
     _check_against(path, "unet", unet.state_dict(), unet_sd, hint)
     _check_against(path, "vae", vae.state_dict(), vae_sd, hint)
@@ -253,6 +335,4 @@ def load_single_file(path: Path, tokenizer_path: Path | None, dtype: torch.dtype
         leftover = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if leftover:  # a diffusers change added buffers: fail loudly rather than compute with empty tensors
             raise RuntimeError(f"{name} tensors left unloaded: {leftover[:3]}")
-
-    tokenizer = _single_file_tokenizer(path, metadata, tokenizer_path)
-    return assemble_bundle(tokenizer, text_encoder, vae, unet, dtype, source=str(path))
+    return text_encoder, vae, unet

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from library.config import config_to_dict
+from library.errors import TrainingError
 from library.fileio import atomic_write_text, write_safetensors
 from library.runtime import SAVE_DTYPES
-from library.train import checkpoint
+from library.train import checkpoint, preflight
 
 if TYPE_CHECKING:
+    from library.train.config import TrainConfig
     from library.train.trainer import Trainer
 
 
@@ -27,6 +29,22 @@ class TrainResult:
     record_path: Path
     global_step: int
     final_logs: dict[str, float]
+
+
+def conditioning_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """What conditions the UNet at training time, in sd-scripts' keys and value formats (``str()`` of the value:
+    ``ss_max_token_length`` is "None" for the default 75 tokens): an evaluation must condition the same way."""
+    return {
+        "ss_clip_skip": str(cfg.clip_skip),
+        "ss_max_token_length": str(cfg.max_token_length),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "ss_v_parameterization": "False",  # SD v1.x epsilon prediction only (library.sd.loading refuses others)
+        "ss_shuffle_caption": str(cfg.shuffle_caption),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_min_timestep": str(cfg.min_timestep),
+        "ss_max_timestep": str(cfg.max_timestep),
+    }
 
 
 def lora_metadata(trainer: Trainer) -> dict[str, str]:
@@ -40,9 +58,8 @@ def lora_metadata(trainer: Trainer) -> dict[str, str]:
         "ss_max_train_steps": str(trainer.total_steps),
         "ss_steps": str(trainer.global_step),
         "ss_seed": str(cfg.seed),
-        "ss_clip_skip": str(cfg.clip_skip),
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_mixed_precision": cfg.mixed_precision,
+        **conditioning_metadata(cfg),
         "smp_lora.method": trainer.method_name,
         "smp_lora.seed": str(cfg.seed),
     }
@@ -103,11 +120,20 @@ def save_state(trainer: Trainer, directory: Path) -> None:
     """A state ``--resume`` continues exactly from (see :meth:`Trainer.state_dict`)."""
     if trainer.accelerator.is_main_process:
         checkpoint.save_state(directory, trainer.state_dict(), {
-            "global_step": trainer.global_step, "method": trainer.method_name,
-            "epoch": trainer.completed_epochs(), "config": config_to_dict(trainer.config),
+            "global_step": trainer.global_step, "method": trainer.method_name, "output_name": trainer.output_name,
+            "epoch": trainer.completed_epochs(), "identity": preflight.run_identity(trainer),
+            "config": config_to_dict(trainer.config),
         })
     trainer.accelerator.wait_for_everyone()
 
 
 def load_state(trainer: Trainer, directory: str) -> None:
-    trainer.load_state_dict(checkpoint.load_state(directory))
+    """Continue from a state; one that does not fit this run (a state written before run identities were
+    recorded, see :func:`library.train.preflight.check_resume`) is one line, not torch's multi-line error."""
+    state = checkpoint.load_state(directory)
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise TrainingError(f"cannot resume from {directory}: the state does not fit this run ({reason}); resume "
+                            "with the settings of the run that wrote it") from None

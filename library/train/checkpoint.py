@@ -37,6 +37,25 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dic
     return target
 
 
+def read_summary(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The state's ``train_state.json`` (step, method, run identity, config), read before any model work;
+    None when only ``state.pt`` is there. A missing state folder or an unreadable summary is a clear error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TrainingError(f"cannot resume: {directory} is not a folder (pass a directory written by --save_state)")
+    path = directory / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TrainingError(f"cannot resume: {path} is unreadable ({exc}); pass a directory written by "
+                            "--save_state") from None
+    if not isinstance(summary, dict):
+        raise TrainingError(f"cannot resume: {path} is not a training-state summary")
+    return summary
+
+
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
     """Read a state written by :func:`save_state`; a missing or corrupt one is a clear error."""
     path = Path(directory) / STATE_FILE

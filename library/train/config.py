@@ -13,6 +13,7 @@ from typing import Optional
 
 from library.config import option
 from library.errors import ConfigError
+from library.outputs import check_inside
 from library.train.methods import method_class, method_names
 from library.train.proxy_features import ProxyFeatures
 
@@ -20,15 +21,22 @@ from library.train.proxy_features import ProxyFeatures
 METHODS = method_names(in_paper=True)  # the paper's three (the demo trains these)
 BASELINES = method_names(in_paper=False)  # issue 7's reviewer baselines (RelaxLoss, DP-SGD)
 ALL_METHODS = method_names()
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    # Options that override one another (max_train_epochs, when set, replaces max_train_steps): one of them on the
+    # command line drops the config file's value of the other (library.config), so the command line wins.
+    OVERRIDE_GROUPS = (("max_train_steps", "max_train_epochs"),)
+
     # --- model -------------------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(
         None, "SD v1.x base model: a local diffusers folder or a single .safetensors checkpoint")
     tokenizer_path: Optional[str] = option(
         None, "local CLIP tokenizer folder (needed for a single-file checkpoint that carries none)")
+    allow_pickle: bool = option(
+        False, "load pickle .bin/.ckpt weights of the base model (unsafe: only for files you trust)")
 
     # --- data --------------------------------------------------------------------------------
     split_manifest: Optional[str] = option(
@@ -60,14 +68,15 @@ class TrainConfig:
         "ResNet blocks' 3x3 convs (LoCon)")
 
     # --- optimisation ------------------------------------------------------------------------
-    seed: int = option(1337, "random seed (data order, noise, initialisation)")
+    seed: int = option(1337, "random seed (data order, noise, initialisation), in [0, 2**63 - 1]")
     train_batch_size: int = option(1, "training batch size per process")
     max_train_epochs: Optional[int] = option(None, "number of epochs over D_tr (overrides max_train_steps)")
     max_train_steps: int = option(1600, "number of optimisation steps")
     gradient_accumulation_steps: int = option(1, "accumulate gradients over N batches")
     learning_rate: float = option(1e-4, "default learning rate")
-    unet_lr: Optional[float] = option(None, "UNet LoRA learning rate (default: learning_rate)")
-    text_encoder_lr: Optional[float] = option(1e-5, "text-encoder LoRA learning rate (default: learning_rate)")
+    unet_lr: Optional[float] = option(None, "UNet LoRA learning rate (default: learning_rate; 0 = do not train it)")
+    text_encoder_lr: Optional[float] = option(
+        1e-5, "text-encoder LoRA learning rate (default: learning_rate; 0 = no text-encoder LoRA)")
     optimizer_type: str = option("AdamW", "optimizer (AdamW8bit needs bitsandbytes)", choices=["AdamW", "AdamW8bit"])
     weight_decay: float = option(1e-2, "AdamW weight decay")
     lr_scheduler: str = option("constant", "learning-rate schedule",
@@ -81,7 +90,9 @@ class TrainConfig:
     max_timestep: int = option(1000, "one past the largest diffusion timestep sampled in training")
 
     # --- privacy (MP-LoRA / SMP-LoRA) --------------------------------------------------------
-    privacy_lambda: float = option(0.05, "lambda of Eq. 6 / Eq. 10 (paper 0.05; upstream launchers used 1)")
+    privacy_lambda: float = option(
+        0.05, "lambda of Eq. 6 / Eq. 10 (paper 0.05; upstream launchers used 1). SMP-LoRA warns above ~143, where "
+        "the Eq. 10 denominator exceeds 100 already for an attacker at chance (G = log 1/2): the LoRA barely moves")
     privacy_delta: float = option(1e-5, "delta of Eq. 10, keeps the SMP denominator away from 0")
     attacker_lr: float = option(1e-5, "proxy attacker Adam learning rate (eta_1)")
     attacker_weight_decay: float = option(1e-4, "proxy attacker Adam weight decay")
@@ -126,7 +137,11 @@ class TrainConfig:
 
     # --- output ------------------------------------------------------------------------------
     output_dir: str = option("output", "where LoRA files, states and logs go")
-    output_name: Optional[str] = option(None, "base name of the output files (default: the method name)")
+    output_name: Optional[str] = option(
+        None, "base name of the output files, a plain file name (default: the method name)")
+    overwrite: bool = option(
+        False, "replace a finished run's <output_dir>/<output_name>.safetensors (without it such a run is refused; "
+        "--resume of that run's own state needs no --overwrite)")
     save_precision: str = option("fp16", "dtype of the saved LoRA", choices=["float", "fp16", "bf16"])
     save_every_n_epochs: Optional[int] = option(None, "also save a LoRA every N epochs")
     save_every_n_steps: Optional[int] = option(None, "also save a LoRA every N steps")
@@ -138,7 +153,8 @@ class TrainConfig:
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
     sample_steps: int = option(20, "sampler steps for training-time samples")
     progress_bar: bool = option(True, "show a tqdm progress bar")
-    dry_run: bool = option(False, "validate model, data and config, print the plan and exit without training")
+    dry_run: bool = option(False, "validate model, data, output folders and config, print the plan and exit "
+                           "without training (writes nothing)")
 
     @property
     def network_kwargs(self) -> dict[str, str]:
@@ -168,6 +184,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {value}")
+        self._validate_rates_and_seed()
         if self.privacy_lambda < 0 or not math.isfinite(self.privacy_lambda):
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
         if self.privacy_delta <= 0:
@@ -190,6 +207,20 @@ class TrainConfig:
             raise ConfigError("'max_grad_norm' must be >= 0 (0 disables clipping)")
         if not 0 <= self.attacker_dropout < 1:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
+
+    def _validate_rates_and_seed(self) -> None:
+        """Rates torch would reject with a traceback (or, for a negative part rate, silently read as "off")."""
+        for name in ["learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "attacker_lr",
+                     "attacker_weight_decay"]:
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                zero = " (0 means: do not train that part)" if name in ("unet_lr", "text_encoder_lr") else ""
+                raise ConfigError(f"'{name}' must be a finite number >= 0{zero}, got {value}")
+        # torch seeds are 64-bit; derived seeds (seed * 7919 + rank, ...) are reduced modulo 2**64 in the trainer
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"'seed' must be an integer in [0, 2**63 - 1 = {MAX_SEED}], got {self.seed}")
+        if self.output_name is not None:
+            check_inside(self.output_dir, self.output_name, "--output_name")
 
     def _validate_proxy_features(self) -> None:
         ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,

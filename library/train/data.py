@@ -80,12 +80,16 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
     return data
 
 
+def latent_cache_dir(config: TrainConfig) -> Path | None:
+    """Where on-disk latents go (None without ``--cache_latents_to_disk``)."""
+    if not config.cache_latents_to_disk:
+        return None
+    return Path(config.latent_cache_dir or Path(config.output_dir) / "latent_cache")
+
+
 def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig, device: torch.device) -> None:
     """Encode every image once with the VAE (cached in memory, and on disk if asked)."""
-    cache_dir = None
-    if config.cache_latents_to_disk:
-        cache_dir = Path(config.latent_cache_dir or Path(config.output_dir) / "latent_cache")
-    cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, cache_dir,
+    cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
                         batch_size=config.vae_batch_size)
     for labelled in data.sets():
         labelled.latents = cache.get_many(labelled.paths).to(device)

@@ -36,7 +36,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def load_models(config: TrainConfig, device: torch.device,
                 ) -> tuple[ModelBundle, Callable[[], ContextManager], torch.amp.GradScaler]:
     """The SD model on ``device``, the run's autocast and its fp16 loss scaler."""
-    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path)
+    bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
+                           allow_pickle=config.allow_pickle)
     # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
     # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
     weight_dtype = PRECISION_DTYPES[config.mixed_precision]

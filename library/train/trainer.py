@@ -24,7 +24,7 @@ from library.data.dataset import shuffle_caption
 from library.errors import ConfigError, TrainingError
 from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.sd.sampling import build_pipeline, generate, read_prompt_file, save_grid
-from library.train import artifacts
+from library.train import artifacts, preflight
 from library.train.artifacts import TrainResult
 from library.train.collectives import Collectives
 from library.train.config import TrainConfig
@@ -99,7 +99,8 @@ class Trainer:
         self.total_steps = total_steps(config, self.sampler)
         self.optimizer = build_optimizer(config, self.network)
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
-        self.noise_generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
+        # modulo 2**64: any seed up to 2**63 - 1 is valid (torch takes 64 bits); smaller products are unchanged
+        self.noise_generator = torch.Generator().manual_seed((config.seed * 7919 + rank) % 2**64)
         self.global_step = 0
         self.epoch_logs: list[dict[str, Any]] = []
         self.method: TrainingMethod = None  # built in prepare(): the attacker's input size depends on the latents
@@ -126,11 +127,15 @@ class Trainer:
 
     def plan(self) -> str:
         cfg = self.config
+        if cfg.max_train_epochs is not None:
+            budget = f"set by max_train_epochs = {cfg.max_train_epochs}; max_train_steps is ignored"
+        else:
+            budget = f"set by max_train_steps = {cfg.max_train_steps}"
         return (f"method {self.method_name}: {len(self.data.members)} member images, batch "
                 f"{cfg.train_batch_size} x {self.accelerator.num_processes} process(es), "
                 f"{self.sampler.batches_per_epoch} batches/epoch, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
-                f" epochs), output {self.output_dir / (self.output_name + '.safetensors')}")
+                f" epochs; {budget}), output {self.output_dir / (self.output_name + '.safetensors')}")
 
     def _context(self) -> StepContext:
         return StepContext(
@@ -324,14 +329,22 @@ class Trainer:
 
 
 def train(config: TrainConfig, method_name: str) -> TrainResult | None:
-    """Train ``method_name`` (a key of ``library.train.methods.METHOD_REGISTRY``) as configured; None for a dry run."""
+    """Train ``method_name`` (a key of ``library.train.methods.METHOD_REGISTRY``) as configured; None for a dry run.
+
+    The output folders are checked first; the run then holds its output folder's lock from before the latents
+    are encoded until the last file is written (:mod:`library.train.preflight`)."""
+    preflight.check_output_folders(config)
     trainer = Trainer(config, method_name)
-    print(trainer.plan(), flush=True)
-    if config.dry_run:
-        print("dry run: model, data and config are valid; nothing was trained", flush=True)
-        return None
-    trainer.prepare()
-    result = trainer.run()
+    with preflight.run_lock(trainer):
+        preflight.check_overwrite(trainer)
+        if config.resume:
+            preflight.check_resume(trainer)
+        print(trainer.plan(), flush=True)
+        if config.dry_run:
+            print("dry run: model, data and config are valid; nothing was trained", flush=True)
+            return None
+        trainer.prepare()
+        result = trainer.run()
     if trainer.accelerator.is_main_process:
         print(f"saved LoRA to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
                                                      if result.attacker_path else ""), flush=True)

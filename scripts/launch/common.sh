@@ -105,6 +105,9 @@ smp_eval_has_dry_run() {
 
 # smp_evaluate <output_dir> <lora.safetensors>...
 # One evaluate_mia.py call over several LoRAs (same split, same features), writing <output_dir>/report.json.
+# No --clip_skip / --max_token_length: evaluate_mia.py takes them from the LoRA files' metadata, so the attack
+# queries the text encoder exactly as each training did (the paper configs: 2 / 225); a value passed here could
+# only contradict it (tests/test_launchers.py checks this).
 smp_evaluate() {
     local out_dir="$1"
     shift

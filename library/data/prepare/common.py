@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from library.cli import ArgumentParser
 from library.data.dataset import scan_dataset
 from library.data.images import (
     IMAGE_EXTENSIONS,
@@ -43,6 +44,7 @@ from library.data.manifest import (
 from library.data.splits import PRESETS, make_split
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
+from library.outputs import check_output_dir
 
 DEFAULT_RESOLUTION = 512
 DEFAULT_SEED = 1337  # upstream's set_seed(1337)
@@ -277,6 +279,21 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
     return out_dir
 
 
+def check_output_file(path: Path, flag: str, overwrite: bool) -> Path:
+    """``path`` as a new file to write (a manifest): not a folder, in a writable folder, absent unless ``overwrite``.
+
+    Checked before any work, so a finished split or preparation is never lost at its last step and an existing
+    file is never replaced silently. Nothing is created here.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give the file to write (e.g. {path / 'split.json'})")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another file")
+    check_output_dir(path.parent, flag, create=False)
+    return path
+
+
 def open_image(source: Path | bytes, name: str) -> Image.Image:
     """Decode an image file or encoded bytes to 8-bit RGB by :func:`library.data.images.to_rgb`'s rules."""
     if isinstance(source, (bytes, bytearray)):
@@ -333,7 +350,7 @@ def split_and_save(
 
 def preparation_parser(what: str, module_doc: str | None) -> argparse.ArgumentParser:
     """A parser whose help says it writes ``what`` and its manifest, with the module's usage text below."""
-    return argparse.ArgumentParser(
+    return ArgumentParser(
         description=f"Write {what} (square crops + captions) and its split manifest.\n\n"
                     + (module_doc or "").split("\n", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,7 +368,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     parser.add_argument("--sizes", type=str, default=None,
                         help="override the Table 4 sizes: member_aux,member_test,nonmember_aux,nonmember_test "
                              "(for a quick smaller run; the preset is the paper's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace images and captions in --output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the images and captions in --output_dir and the --manifest file")
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -371,4 +389,4 @@ def output_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
         raise ConfigError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     image_dir = args.output_dir if args.output_dir is not None else Path("data") / name / "images"
     manifest = args.manifest if args.manifest is not None else image_dir.parent / "split.json"
-    return Path(image_dir), Path(manifest)
+    return Path(image_dir), check_output_file(Path(manifest), "--manifest", args.overwrite)

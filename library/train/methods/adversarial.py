@@ -13,6 +13,8 @@ Eq. 10, L_ada / (1 - lambda*G + delta). Per training iteration (Algorithm 1):
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
@@ -41,6 +43,9 @@ from library.train.samplers import EpochCyclingSampler
 
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
+
+#: SMP-LoRA warns when the Eq. 10 denominator exceeds this already for an attacker at chance (see check_config).
+LARGE_DENOMINATOR = 100.0
 
 
 class AdversarialLoRA(TrainingMethod):
@@ -274,3 +279,21 @@ class SMPLoRA(AdversarialLoRA):
     name = "smp_lora"
     objective = "smp"
     base_config = "smp_lora"
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        """Warn (one ``warning:`` line, the run goes on) when lambda makes Eq. 10 all but stop the LoRA.
+
+        G <= 0 and it falls as the LoRA hides its members, so the denominator 1 - lambda*G + delta is smallest
+        for an attacker at chance, G = g_member_weight * log(1/2), where training starts. If it exceeds
+        :data:`LARGE_DENOMINATOR` even there, every LoRA gradient is scaled down at least that much throughout:
+        with the paper's lambda 0.05 it is ~1.03; lambda 1e9 gives ~7e8 and a LoRA that barely moves.
+        A warning, not an error: a huge lambda is a legitimate end point of a privacy-utility sweep.
+        """
+        g_at_chance = config.g_member_weight * math.log(2.0)  # -G
+        at_chance = 1.0 + config.privacy_lambda * g_at_chance + config.privacy_delta
+        if g_at_chance > 0 and at_chance > LARGE_DENOMINATOR:
+            print(f"warning: privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} "
+                  "already for an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA "
+                  f"will barely train; lambda below {(LARGE_DENOMINATOR - 1) / g_at_chance:.0f} keeps it under "
+                  f"{LARGE_DENOMINATOR:.0f}", file=sys.stderr, flush=True)

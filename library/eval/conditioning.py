@@ -1,0 +1,123 @@
+"""The text conditioning of an evaluation: the one the LoRAs were trained with, read from their metadata.
+
+A LoRA's losses are only comparable to its training losses when the captions are encoded the same way: the
+same CLIP layer (``clip_skip``, paper runs: 2) and the same caption window (``max_token_length``, paper runs:
+225). Training records both in every LoRA file under kohya's keys ``ss_clip_skip`` and ``ss_max_token_length``
+(a number, or ``"None"`` for kohya's default: the last layer, the tokenizer's 75-token window), so by default
+the evaluation uses what the files say:
+
+* ``--clip_skip`` / ``--max_token_length`` unset: the LoRAs' recorded values; the base model alone (no LoRA):
+  clip_skip 1 and the 75-token window, as before;
+* a flag that contradicts a LoRA's record is refused unless ``--allow_conditioning_mismatch``;
+* LoRAs recorded with different conditioning are refused in one evaluation (their features would not be
+  comparable to each other's training): evaluate them separately;
+* a file without the keys (older files, foreign LoRAs) gets the default with one ``warning:`` line.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from library.errors import ConfigError, ModelError
+from library.eval.config import EvalConfig
+from library.eval.records import ModelSpec
+
+CLIP_SKIP_KEY = "ss_clip_skip"
+MAX_TOKEN_LENGTH_KEY = "ss_max_token_length"
+CONDITIONING_KEYS = (CLIP_SKIP_KEY, MAX_TOKEN_LENGTH_KEY)
+DEFAULT_TOKENS = 75  # what ``max_token_length`` None (the tokenizer's own window) means for SD v1.x
+
+# (config field, metadata key, default when nothing says otherwise)
+_SETTINGS = (("clip_skip", CLIP_SKIP_KEY, 1), ("max_token_length", MAX_TOKEN_LENGTH_KEY, None))
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How captions are encoded: ``max_token_length`` None is the tokenizer's 75-token window (as in training)."""
+
+    clip_skip: int
+    max_token_length: int | None
+    source: dict[str, str]  # per field: "flag", "LoRA metadata" or "default"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clip_skip": self.clip_skip, "max_token_length": self.max_token_length or DEFAULT_TOKENS,
+                "source": dict(self.source)}
+
+
+def _parse(spec: ModelSpec, key: str) -> int | None:
+    """A recorded value: ``"None"`` is kohya's default (None), otherwise a positive integer."""
+    raw = spec.metadata[key].strip()
+    if raw == "None":
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ModelError(f"LoRA file {spec.lora_path}: metadata {key}={raw!r} is neither a positive integer nor "
+                         "'None'; fix the file's metadata or re-export it")
+    return int(raw)
+
+
+def _comparable(field: str, value: int | None) -> int:
+    """The value with kohya's None spelled out: clip_skip None = 1, max_token_length None = 75."""
+    if value is not None:
+        return value
+    return 1 if field == "clip_skip" else DEFAULT_TOKENS
+
+
+def _describe(field: str, value: int | None) -> str:
+    if field == "clip_skip":
+        return f"clip_skip {_comparable(field, value)}"
+    return f"{_comparable(field, value)} caption tokens"
+
+
+def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key: str, default: int | None,
+                 missing: list[str]) -> tuple[int | None, str]:
+    """(value, source) of one setting; appends the files that do not record it to ``missing``."""
+    flag = getattr(config, field)
+    recorded = {spec.name: _parse(spec, key) for spec in loras if key in spec.metadata}
+    missing.extend(str(spec.lora_path) for spec in loras if key not in spec.metadata)
+    distinct = {}
+    for name, value in recorded.items():
+        distinct.setdefault(_comparable(field, value), (name, value))
+    if flag is not None:
+        clash = [(name, value) for name, value in recorded.items()
+                 if _comparable(field, value) != _comparable(field, flag)]
+        if clash and not config.allow_conditioning_mismatch:
+            name, value = clash[0]
+            raise ConfigError(
+                f"--{field} {flag} contradicts LoRA '{name}', trained with {_describe(field, value)} (its {key}); "
+                f"drop --{field} to evaluate as trained, or pass --allow_conditioning_mismatch")
+        return flag, "flag"
+    if len(distinct) > 1:
+        (a, va), (b, vb) = list(distinct.values())[:2]
+        raise ConfigError(
+            f"LoRAs '{a}' ({_describe(field, va)}) and '{b}' ({_describe(field, vb)}) were trained with different "
+            "text conditioning; evaluate them separately (one evaluate_mia.py run each)")
+    if distinct:
+        return next(iter(distinct.values()))[1], "LoRA metadata"
+    return default, "default"
+
+
+def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Conditioning:
+    """The conditioning of this evaluation (see the module docstring); prints one ``warning:`` line for LoRA
+    files that record no conditioning and are evaluated with an assumed one."""
+    loras = [spec for spec in specs if spec.lora_path is not None]
+    values: dict[str, int | None] = {}
+    source: dict[str, str] = {}
+    unrecorded: list[tuple[str, list[str]]] = []
+    for field, key, default in _SETTINGS:
+        missing: list[str] = []
+        values[field], source[field] = _resolve_one(config, loras, field, key, default, missing)
+        if missing and source[field] != "flag":
+            unrecorded.append((field, missing))
+    if unrecorded:
+        files = sorted({file for _, missing in unrecorded for file in missing})
+        keys = " / ".join(key for field, key, _ in _SETTINGS if field in dict(unrecorded))
+        used = " and ".join(_describe(field, values[field]) for field, _ in unrecorded)
+        flags = " / ".join(f"--{field}" for field, _ in unrecorded)
+        print(f"warning: LoRA file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
+              f"with {used} — pass {flags} if they were trained otherwise", file=sys.stderr, flush=True)
+    return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source)
+
+
+__all__ = ["CLIP_SKIP_KEY", "CONDITIONING_KEYS", "Conditioning", "MAX_TOKEN_LENGTH_KEY", "resolve_conditioning"]

@@ -1,0 +1,149 @@
+"""Checks a training run passes before it computes anything: its output folders, what it would replace, and
+whether the state it resumes belongs to it.
+
+Each refusal is one :class:`~library.errors.UserError` line naming the flag or folder and what to do, raised
+before the latents are encoded or a step is taken, so no hour of training is lost at the final save and no
+finished LoRA is silently replaced. A state folder records the run's *identity* (:func:`run_identity`: the
+method, the LoRA's shape, the seed and the training set); ``--resume`` refuses a state whose identity differs,
+because such a resume either crashes deep inside torch or, worse for a membership study, silently trains on
+one split while the LoRA file names another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager
+
+from library.errors import ConfigError, TrainingError
+from library.outputs import OutputLock, check_output_dir
+from library.train.checkpoint import read_summary
+from library.train.config import TrainConfig
+from library.train.data import latent_cache_dir
+from library.train.setup import trains_text_encoder
+
+if TYPE_CHECKING:
+    from library.train.data import LabelledSet
+    from library.train.trainer import Trainer
+
+# identity key -> how the user changes it (for the refusal's "what to do")
+IDENTITY_FLAGS = {
+    "method": "the training script (train_<method>.py)",
+    "network_dim": "--network_dim",
+    "network_alpha": "--network_alpha",
+    "network_args": "--network_args",
+    "text_encoder_lora": "--network_train_unet_only / --text_encoder_lr",
+    "seed": "--seed",
+    "manifest_sha256": "--split_manifest (its sha256)",
+    "members_sha256": "the training images and captions",
+}
+
+
+def check_output_folders(config: TrainConfig) -> None:
+    """``--output_dir``, ``--logging_dir`` and the latent cache folder are writable folders (created unless
+    ``--dry_run``, which writes nothing): a file there, or no permission, is one line now, not a lost run."""
+    create = not config.dry_run
+    check_output_dir(config.output_dir, "--output_dir", create=create)
+    if config.logging_dir:
+        check_output_dir(config.logging_dir, "--logging_dir", create=create)
+    cache = latent_cache_dir(config)
+    if cache is not None:
+        check_output_dir(cache, "--latent_cache_dir" if config.latent_cache_dir else "--output_dir (its latent_cache)",
+                         create=create)
+
+
+def run_lock(trainer: Trainer) -> ContextManager:
+    """The output folder's lock for the whole run, held by the main process (a dry run writes nothing)."""
+    if trainer.config.dry_run or not trainer.accelerator.is_main_process:
+        return contextlib.nullcontext()
+    return OutputLock(trainer.output_dir, "--output_dir")
+
+
+def check_overwrite(trainer: Trainer) -> None:
+    """Refuse to replace a finished run's LoRA unless ``--overwrite``, or this run resumes that run's own state
+    (sd-scripts users continue a run with ``--resume <output_dir>/<name>-state`` into the same folder)."""
+    config = trainer.config
+    final = trainer.output_dir / f"{trainer.output_name}.safetensors"
+    if config.overwrite or not final.exists() or _resumes_own_state(trainer):
+        return
+    raise ConfigError(f"--output_dir {trainer.output_dir} already holds the finished run {final.name}; pass "
+                      "--overwrite to replace it, choose another --output_dir or --output_name, or --resume its "
+                      "state to continue it")
+
+
+def _resumes_own_state(trainer: Trainer) -> bool:
+    if not trainer.config.resume:
+        return False
+    state = Path(trainer.config.resume)
+    if state.resolve().parent != trainer.output_dir.resolve():
+        return False
+    summary = read_summary(state)
+    recorded = summary.get("output_name") if summary else None
+    if recorded is not None:
+        return recorded == trainer.output_name
+    return state.name.startswith(f"{trainer.output_name}-")  # a state written before output_name was recorded
+
+
+def members_sha256(members: LabelledSet) -> str:
+    """sha256 of the training set as the LoRA sees it: each member's path (relative to the members' common
+    folder, so a moved dataset still matches) and caption, in order, repeats included."""
+    parents = [str(Path(p).parent) for p in members.paths]
+    root = os.path.commonpath(parents) if parents else ""
+    lines = [f"{os.path.relpath(p, root)}\t{c}" for p, c in zip(members.paths, members.captions)]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def run_identity(trainer: Trainer) -> dict[str, Any]:
+    """What a resumed run must share with the state it resumes (recorded in ``train_state.json``)."""
+    config = trainer.config
+    return {
+        "method": trainer.method_name,
+        "network_dim": config.network_dim,
+        "network_alpha": float(config.network_alpha),
+        "network_args": json.dumps(config.network_kwargs, sort_keys=True),
+        "text_encoder_lora": trains_text_encoder(config),
+        "seed": config.seed,
+        "manifest_sha256": trainer.data.manifest_sha256,
+        "members_sha256": members_sha256(trainer.data.members),
+    }
+
+
+def _identity_of_older_state(summary: dict[str, Any]) -> dict[str, Any]:
+    """The identity facts a state written before identities were recorded still carries (its config)."""
+    config = summary.get("config") or {}
+    known: dict[str, Any] = {"method": summary.get("method")}
+    for key in ("network_dim", "seed"):
+        if key in config:
+            known[key] = config[key]
+    if "network_alpha" in config:
+        known["network_alpha"] = float(config["network_alpha"])
+    return {k: v for k, v in known.items() if v is not None}
+
+
+def check_resume(trainer: Trainer) -> None:
+    """``--resume``: the state exists, belongs to this run (same identity) and is not past this run's budget."""
+    directory = Path(trainer.config.resume)
+    summary = read_summary(directory)
+    if summary is None:
+        return  # only state.pt: load_state checks what it can (a missing or corrupt state is a clear error there)
+    saved = summary.get("identity") or _identity_of_older_state(summary)
+    current = run_identity(trainer)
+    for key, value in saved.items():
+        if key in current and current[key] != value:
+            raise TrainingError(
+                f"cannot resume from {directory}: it was trained with {key} = {_show(value)}, this run has "
+                f"{_show(current[key])} (set by {IDENTITY_FLAGS.get(key, key)}); resume with the settings of that "
+                "run, or start a new run without --resume")
+    step = int(summary.get("global_step", 0))
+    if step > trainer.total_steps:
+        raise ConfigError(f"cannot resume from {directory}: the state is at step {step}, beyond this run's "
+                          f"{trainer.total_steps} steps; ask for at least {step} (--max_train_steps, or "
+                          "--max_train_epochs which overrides it)")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:12] + "..."

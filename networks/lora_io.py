@@ -1,0 +1,145 @@
+"""Reading LoRA files: a cheap plausibility check of the bytes first, then the tensors, metadata and weights hash.
+
+Every reader here checks a file with :func:`check_lora_file` before handing it to ``safetensors`` or seeking in
+it: a safetensors file is an 8-byte little-endian header length, a JSON header of that length and the tensor
+data. Random bytes or a pickle (``.ckpt``/``.pt``/``.bin``) renamed to ``.safetensors`` give a header length
+far beyond the file, which would otherwise surface as ``OverflowError``/``OSError [Errno 22]`` from a seek or
+as a Rust panic; here they are one :class:`~library.errors.ModelError` naming the file.
+
+Writing lives in :mod:`networks.lora_format` (:func:`~networks.lora_format.write_lora_file`), beside the
+metadata policy every written file is checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from library.errors import ModelError
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "PICKLE_SUFFIXES",
+    "check_lora_file",
+    "describe_source",
+    "load_lora_state_dict",
+    "lora_file_sha256",
+    "read_lora_metadata",
+    "read_lora_source",
+]
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_CONVERT_HINT = (
+    "convert it once, in a Python session you trust, with "
+    "safetensors.torch.save_file(torch.load(FILE, weights_only=True), 'lora.safetensors')"
+)
+
+
+def describe_source(source: str | os.PathLike | None) -> str:
+    """How error messages name where a state dict came from."""
+    return str(source) if source is not None else "<LoRA state dict>"
+
+
+def _corrupt(path: Path, why: str) -> ModelError:
+    return ModelError(
+        f"LoRA file {path} is not a valid .safetensors file ({why}); the file is corrupt or truncated, or not a "
+        "LoRA at all — re-download or re-export it"
+    )
+
+
+def check_lora_file(file: str | os.PathLike) -> tuple[int, dict[str, Any]]:
+    """``(header length, parsed JSON header)`` of a plausible safetensors LoRA file; ModelError otherwise.
+
+    Reads only the first ``8 + header length`` bytes. Refused with one line each: a missing path, a pickle
+    suffix (only safetensors LoRA files are read: unpickling can run code), another suffix, a file shorter than
+    8 bytes, a header length beyond the file or above :data:`MAX_HEADER_BYTES`, and a header that is not a JSON
+    object.
+    """
+    path = Path(file)
+    if not path.is_file():
+        raise ModelError(f"LoRA file {path} does not exist; check the path")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"LoRA file {path} is a pickle ({suffix}) file; only safetensors LoRA files are read (unpickling can "
+            f"run code): {_CONVERT_HINT}"
+        )
+    if suffix != ".safetensors":
+        raise ModelError(f"LoRA file {path} is not a .safetensors file; only safetensors LoRA files are read")
+    size = path.stat().st_size
+    if size < 8:
+        raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise _corrupt(path, f"its header claims {header_len} bytes but the file has {size}")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise _corrupt(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    return header_len, header
+
+
+def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a LoRA ``.safetensors`` file (CPU tensors); a missing or unreadable file raises ModelError."""
+    path = Path(file)
+    check_lora_file(path)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises several types for truncated / garbage files
+        raise ModelError(
+            f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated — re-download or re-export it"
+        ) from exc
+
+
+def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of a LoRA file (``{}`` if it has none)."""
+    path = Path(file)
+    check_lora_file(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(sorted((handle.metadata() or {}).items()))  # safetensors hands keys in random order
+    except Exception as exc:
+        raise ModelError(
+            f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated — re-download or re-export it"
+        ) from exc
+
+
+def read_lora_source(
+    file: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
+    """``(state dict, its name for error messages, header metadata)`` of a LoRA file or in-memory state dict."""
+    if isinstance(file, Mapping):
+        return dict(file), describe_source(None), {}
+    return load_lora_state_dict(file), describe_source(file), read_lora_metadata(file)
+
+
+def lora_file_sha256(file: str | os.PathLike) -> str:
+    """sha256 of the tensor data of a safetensors file, header (metadata) excluded.
+
+    This is the ``sshs_model_hash`` that sd-scripts stores and the A1111 additional-networks extension shows:
+    it identifies the weights and does not change when only the metadata is edited.
+    """
+    path = Path(file)
+    header_len, _ = check_lora_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(8 + header_len)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

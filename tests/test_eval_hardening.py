@@ -1,0 +1,334 @@
+"""Issue 14, evaluation side: every bad input to ``evaluate_mia.py`` is one ``error:`` line before any long work,
+nothing is lost or overwritten, and the evaluation encodes captions the way the LoRAs were trained.
+
+Cases: corrupt / pickle LoRA files, unusable or busy output folders, the training conditioning read from the LoRA
+metadata (ss_clip_skip / ss_max_token_length), a single-file base model without a tokenizer, pickle base weights
+(refused unless --allow_pickle), file permissions of everything written, and seeds beyond 64 bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import evaluate_mia
+from library.errors import ConfigError, ModelError
+from library.eval.conditioning import resolve_conditioning
+from library.eval.config import EvalConfig
+from library.eval.features import FeatureSettings
+from library.eval.records import ModelSpec
+from library.outputs import OutputLock
+from library.sd import single_file
+from library.sd.loading import load_sd_model
+from library.train.cli import train_entry
+from networks.lora import (
+    create_network,
+    load_lora_state_dict,
+    lora_file_sha256,
+    read_lora_metadata,
+)
+
+UMASK = 0o027  # not the usual 022, so a file that ignores the umask shows
+
+
+def eval_args(model, manifest, out: Path, *extra: str) -> list[str]:
+    """The fastest evaluation of the tiny stack: one timestep, one noise draw, the loss attack only."""
+    return ["--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest),
+            "--output_dir", str(out), "--resolution", "32", "--timesteps", "5", "--num_noise_draws", "1",
+            "--attacks", "loss", "--n_bootstrap", "0", "--no-plots", "--no-progress_bar", *extra]
+
+
+def run_cli(capfd, argv) -> tuple[int, list[str]]:
+    rc = evaluate_mia.main(argv)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return rc, captured.err.strip().splitlines()
+
+
+def one_error(capfd, argv) -> str:
+    """Run a refused evaluation: exit 2, exactly one ``error:`` line, nothing else but ``warning:`` lines."""
+    rc, lines = run_cli(capfd, argv)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1, lines
+    assert all(line.startswith(("error: ", "warning: ")) for line in lines), lines
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def lora_file(tiny_model_dir, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """A rank-2 UNet LoRA of the tiny model (zero up-weights: the base model's features) with ``metadata``."""
+    torch.manual_seed(0)
+    network = create_network(1.0, 2, 2.0, None, None, load_sd_model(tiny_model_dir).unet)
+    network.save_weights(path, metadata=metadata)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, manifest_path):
+    """An SMP-LoRA run trained with clip_skip 2 under umask 027: the LoRA, its attacker file and the folder."""
+    out = tmp_path_factory.mktemp("trained")
+    args = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--split_manifest", str(manifest_path),
+            "--resolution", "32", "--network_dim", "4", "--network_alpha", "4", "--train_batch_size", "4",
+            "--max_train_steps", "2", "--learning_rate", "1e-3", "--save_precision", "float", "--output_dir", str(out),
+            "--no-progress_bar", "--attacker_batch_size", "2", "--k_steps", "2", "--clip_skip", "2"]
+    old = os.umask(UMASK)
+    try:
+        assert train_entry("smp_lora", "train", args) == 0
+    finally:
+        os.umask(old)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- 1. LoRA files
+
+
+BAD_LORAS = {
+    "huge_header.safetensors": (2**63 + 12345).to_bytes(8, "little") + os.urandom(200),
+    "random.safetensors": os.urandom(64),
+    "short.safetensors": b"\x01\x02",
+    "not_json.safetensors": (16).to_bytes(8, "little") + b"\xff" * 16 + b"data",
+    "a_list.safetensors": (8).to_bytes(8, "little") + b"[1,2,3] " + b"data",
+    "lora.ckpt": b"\x80\x04\x95pickle",
+    "lora.pt": b"PK\x03\x04zip-pickle",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LORAS))
+def test_bad_lora_file_is_one_line_before_any_model_loads(name, tiny_model_dir, manifest_path, tmp_path, capfd,
+                                                          monkeypatch):
+    bad = tmp_path / name
+    bad.write_bytes(BAD_LORAS[name])
+    monkeypatch.setattr("library.eval.run.load_bundle", lambda *a: pytest.fail("the base model was loaded"))
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", "--network_weights", str(bad)))
+    assert str(bad) in err
+    if bad.suffix == ".safetensors":
+        assert "not a valid .safetensors file" in err
+    else:
+        assert "only safetensors LoRA files are read" in err and "save_file" in err
+    assert bad.read_bytes() == BAD_LORAS[name]
+    for reader in (lora_file_sha256, read_lora_metadata, load_lora_state_dict):  # every reader checks first
+        with pytest.raises(ModelError, match=name.replace(".", r"\.")):
+            reader(bad)
+
+
+# ----------------------------------------------------------------------------------------- 2. output folder
+
+
+def test_output_dir_that_is_a_file_or_under_one_is_refused_first(tiny_model_dir, manifest_path, tmp_path, capfd,
+                                                                  monkeypatch):
+    monkeypatch.setattr("library.eval.run.load_samples", lambda *a: pytest.fail("the manifest was read"))
+    taken = tmp_path / "report.txt"
+    taken.write_text("keep me")
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, taken))
+    assert "--output_dir" in err and "is a file" in err
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, taken / "sub"))
+    assert "--output_dir" in err and "lies under the file" in err
+    assert taken.read_text() == "keep me"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir_is_refused(tiny_model_dir, manifest_path, tmp_path, capfd):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, locked / "out"))
+    finally:
+        locked.chmod(0o700)
+    assert "--output_dir" in err and "permission denied" in err
+
+
+def test_busy_output_dir_is_refused_and_left_alone(tiny_model_dir, manifest_path, tmp_path, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{\"from\": \"the other run\"}")
+    with OutputLock(out):  # another evaluation writing into the same folder
+        before = snapshot(out)
+        err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out))
+    assert "in use by another run" in err
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------- 3. conditioning
+
+
+def _spec(name: str, **meta: str) -> ModelSpec:
+    return ModelSpec(name, Path(f"{name}.safetensors"), "0" * 64, dict(meta))
+
+
+def test_default_conditioning_is_todays(capsys):
+    """The base alone, and a LoRA trained with the defaults (the demo's), are evaluated exactly as before:
+    FeatureSettings' defaults, so the same features, cache keys and numbers."""
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
+    demo = _spec("demo", ss_clip_skip="1", ss_max_token_length="None")  # what a default training run records
+    for specs in ([ModelSpec("base")], [ModelSpec("base"), demo]):
+        got = resolve_conditioning(config, specs)
+        assert (got.clip_skip, got.max_token_length) == (FeatureSettings.clip_skip, FeatureSettings.max_token_length)
+    assert capsys.readouterr().err == ""
+
+
+def test_conditioning_rules(capsys):
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
+    paper = _spec("paper", ss_clip_skip="2", ss_max_token_length="225")
+    got = resolve_conditioning(config, [ModelSpec("base"), paper])
+    assert (got.clip_skip, got.max_token_length) == (2, 225)
+    assert got.as_dict() == {"clip_skip": 2, "max_token_length": 225,
+                             "source": {"clip_skip": "LoRA metadata", "max_token_length": "LoRA metadata"}}
+    # kohya's "None" and an explicit 75 are the same window: no contradiction
+    kohya_default = _spec("a", ss_clip_skip="1", ss_max_token_length="None")
+    same = resolve_conditioning(EvalConfig(max_token_length=75), [kohya_default])
+    assert same.max_token_length == 75
+    # a contradicting flag is refused, unless forced
+    with pytest.raises(ConfigError, match=r"--clip_skip 1 contradicts LoRA 'paper'.*allow_conditioning_mismatch"):
+        resolve_conditioning(EvalConfig(clip_skip=1), [paper])
+    forced = resolve_conditioning(EvalConfig(clip_skip=1, allow_conditioning_mismatch=True), [paper])
+    assert (forced.clip_skip, forced.max_token_length) == (1, 225)
+    # LoRAs trained differently are never mixed silently
+    with pytest.raises(ConfigError, match="evaluate them separately"):
+        resolve_conditioning(config, [paper, _spec("plain", ss_clip_skip="1", ss_max_token_length="225")])
+    with pytest.raises(ModelError, match=r"ss_clip_skip='two'"):
+        resolve_conditioning(config, [_spec("odd", ss_clip_skip="two")])
+    assert capsys.readouterr().err == ""
+    # a file without the keys: the defaults, with one warning line
+    old = resolve_conditioning(config, [_spec("old")])
+    assert (old.clip_skip, old.max_token_length) == (1, None)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "old.safetensors" in warning[0]
+
+
+def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
+    """A LoRA trained with --clip_skip 2 is evaluated with clip_skip 2 without any flag, and the report says so."""
+    lora = trained / "smp_lora.safetensors"
+    assert read_lora_metadata(lora)["ss_clip_skip"] == "2"
+    out = tmp_path / "eval"
+    rc, lines = run_cli(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora)))
+    assert rc == 0, lines
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["clip_skip"] == 2 and report["features"]["settings"]["clip_skip"] == 2
+    assert report["conditioning"]["clip_skip"] == 2
+    assert report["conditioning"]["source"]["clip_skip"] == "LoRA metadata"
+    assert "clip_skip 2" in (out / "report.md").read_text()
+    # the training helper adds ss_max_token_length; until a file has it, the default comes with a warning
+    has_tokens = "ss_max_token_length" in read_lora_metadata(lora)
+    assert any(line.startswith("warning: ") for line in lines) != has_tokens, lines
+
+
+def test_contradicting_flag_and_mixed_loras_are_one_line(tiny_model_dir, manifest_path, tmp_path, capfd):
+    paper = lora_file(tiny_model_dir, tmp_path / "paper.safetensors",
+                      {"ss_clip_skip": "2", "ss_max_token_length": "225"})
+    plain = lora_file(tiny_model_dir, tmp_path / "plain.safetensors",
+                      {"ss_clip_skip": "1", "ss_max_token_length": "None"})
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "a", "--network_weights", str(paper),
+                                     "--clip_skip", "1"))
+    assert "--clip_skip 1 contradicts LoRA 'paper'" in err
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "b", "--network_weights", str(paper),
+                                     str(plain)))
+    assert "'paper'" in err and "'plain'" in err and "evaluate them separately" in err
+
+
+# ----------------------------------------------------------------------------------------- 4. single file, no tokenizer
+
+
+def test_single_file_without_tokenizer_fails_before_reading_tensors(tiny_model_dir, manifest_path, tmp_path, capfd,
+                                                                     monkeypatch):
+    bundle = load_sd_model(tiny_model_dir)
+    full = single_file.save_single_file(bundle, tmp_path / "full.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    with safe_open(str(full), framework="pt") as handle:
+        meta = {k: v for k, v in handle.metadata().items() if k != single_file.META_TOKENIZER}
+        save_file({k: handle.get_tensor(k) for k in handle.keys()}, str(bare), metadata=meta)
+    monkeypatch.setattr(single_file.importlib.util, "find_spec", lambda name, *a: None)  # no open_clip either
+    monkeypatch.setattr(single_file, "_networks", lambda *a: pytest.fail("tensors were loaded"))
+    monkeypatch.setattr("library.eval.run.load_samples", lambda *a: pytest.fail("the manifest was read first"))
+    err = one_error(capfd, eval_args(bare, manifest_path, tmp_path / "out"))
+    assert "bare.safetensors carries no tokenizer" in err and "--tokenizer_path" in err
+    with pytest.raises(ModelError, match="carries no tokenizer"):
+        load_sd_model(bare)
+
+
+# ----------------------------------------------------------------------------------------- 5. pickle base weights
+
+
+def test_folder_with_only_pickle_weights_needs_allow_pickle(tiny_model_dir, manifest_path, tmp_path, capfd):
+    folder = tmp_path / "bin_model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    err = one_error(capfd, eval_args(folder, manifest_path, tmp_path / "out"))
+    assert "bin_model/unet holds only pickle weights" in err and "--allow_pickle" in err
+    with pytest.raises(ModelError, match="only pickle weights"):
+        load_sd_model(folder)
+    loaded = load_sd_model(folder, allow_pickle=True)  # diffusers falls back to the .bin file
+    reference = load_sd_model(tiny_model_dir)
+    assert loaded.fingerprint() == reference.fingerprint()
+
+
+def test_safetensors_win_over_pickle_files_beside_them(tiny_model_dir, tmp_path):
+    """use_safetensors=True: a stray (here: zeroed) .bin beside the safetensors is never read."""
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_model_dir, folder)
+    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    zeros = {k: torch.zeros_like(v) for k, v in unet.items()}
+    torch.save(zeros, folder / "unet" / "diffusion_pytorch_model.bin")
+    for allow in (False, True):
+        assert load_sd_model(folder, allow_pickle=allow).fingerprint() == load_sd_model(tiny_model_dir).fingerprint()
+
+
+def test_ckpt_needs_allow_pickle(tiny_model_dir, manifest_path, tmp_path, capfd):
+    bundle = load_sd_model(tiny_model_dir)
+    full = single_file.save_single_file(bundle, tmp_path / "full.safetensors")
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(full), "global_step": 3}, ckpt)
+    err = one_error(capfd, eval_args(ckpt, manifest_path, tmp_path / "out"))
+    assert "model.ckpt is a pickle-based checkpoint" in err and "--allow_pickle" in err
+    # allowed, it is read (a .ckpt has no smp-lora metadata: SD v1.5's shapes, which the tiny weights do not fit)
+    with pytest.raises(ModelError, match=r"model\.ckpt does not look like an SD v1\.x checkpoint .*expects shape"):
+        load_sd_model(ckpt, allow_pickle=True, tokenizer_path=tiny_model_dir / "tokenizer")
+
+
+# ----------------------------------------------------------------------------------------- 6. permissions
+
+
+def test_written_files_follow_the_umask(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
+    expected = 0o666 & ~UMASK
+    old = os.umask(UMASK)
+    try:
+        saved = lora_file(tiny_model_dir, tmp_path / "saved.safetensors")
+        out = tmp_path / "eval"
+        rc, lines = run_cli(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(saved),
+                                             "--plots"))
+    finally:
+        os.umask(old)
+    assert rc == 0, lines
+    files = [saved, trained / "smp_lora.safetensors", trained / "smp_lora-attacker.safetensors",
+             trained / "smp_lora.json"]
+    files += [out / name
+              for name in ("report.json", "report.md", "scores.csv", "roc.png", "roc_loglog.png", "hist.png")]
+    modes = {str(f): oct(f.stat().st_mode & 0o777) for f in files}
+    assert modes == {str(f): oct(expected) for f in files}
+
+
+# ----------------------------------------------------------------------------------------- 7. seeds
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", str(2**63)), ("--seed", "-1"), ("--quality_seed", str(2**63 - 1))])
+def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_path, tmp_path, capfd):
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", flag, value))
+    assert f"'{flag.lstrip('-')}' must be an integer in [0, 2**63" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_largest_seeds_are_valid():
+    EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", seed=2**63 - 1,
+               quality_seed=2**63 - 64).validate()  # 64 images: seeds up to 2**63 - 1

@@ -1,0 +1,228 @@
+"""Issue 14, training side: every bad input to train_<method>.py is one `error:` line (exit 2, no traceback,
+nothing lost), and the documented warnings are one `warning:` line. Each case runs the real CLI entry."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+from safetensors import safe_open
+
+from library.config import parse_config
+from library.errors import ConfigError
+from library.outputs import OutputLock
+from library.train.artifacts import conditioning_metadata
+from library.train.cli import train_entry
+from library.train.config import TrainConfig
+
+
+def one_line(capsys, starts: str = "error:") -> str:
+    """The single stderr line of the last call, which must start with ``starts``; never a traceback."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err + captured.out
+    assert len(lines) == 1 and lines[0].startswith(starts), captured.err
+    return lines[0]
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to show nothing was lost or overwritten)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, manifest_path, tmp_path_factory):
+    """A finished 2-step plain-LoRA run with --save_state: (its flags without --output_dir, its folder)."""
+    base = [
+        "--pretrained_model_name_or_path", str(tiny_model_dir), "--split_manifest", str(manifest_path),
+        "--resolution", "32", "--network_dim", "4", "--network_alpha", "4", "--train_batch_size", "4",
+        "--learning_rate", "1e-3", "--save_precision", "float", "--no-progress_bar",
+    ]
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert train_entry("lora", "", base + ["--max_train_steps", "2", "--save_state", "--output_dir", str(out)]) == 0
+    return base, out
+
+
+def copy_run(finished_run, tmp_path):
+    base, out = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return base, copy
+
+
+# ---- 1, 2: rates and seeds -----------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "-1e-4"), ("--learning_rate", "nan"),
+                                        ("--unet_lr", "-1e-4"), ("--unet_lr", "inf"), ("--text_encoder_lr", "nan"),
+                                        ("--text_encoder_lr", "-1"), ("--seed", str(2**64)), ("--seed", "-1")])
+def test_bad_rate_or_seed_is_one_line(tiny_train_args, capsys, flag, value):
+    assert train_entry("lora", "", tiny_train_args + [flag, value]) == 2
+    assert flag.lstrip("-") in one_line(capsys)
+
+
+def test_zero_part_rate_still_means_do_not_train_and_the_largest_seed_trains(tiny_train_args, tmp_path, capsys):
+    assert train_entry("lora", "", tiny_train_args + ["--text_encoder_lr", "0", "--dry_run"]) == 0
+    args = tiny_train_args + ["--seed", str(2**63 - 1), "--max_train_steps", "1"]
+    assert train_entry("lora", "", args) == 0
+    with safe_open(tmp_path / "out" / "lora.safetensors", "pt") as handle:
+        assert handle.metadata()["ss_seed"] == str(2**63 - 1)
+
+
+# ---- 3: output folders ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--output_dir", "--logging_dir", "--latent_cache_dir"])
+@pytest.mark.parametrize("under", [False, True])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_output_folder_that_is_a_file_is_one_line(tiny_train_args, tmp_path, capsys, flag, under, dry_run):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    path = blocker / "sub" if under else blocker
+    args = tiny_train_args + [flag, str(path)] + (["--cache_latents_to_disk"] if flag == "--latent_cache_dir" else [])
+    assert train_entry("lora", "", args + (["--dry_run"] if dry_run else [])) == 2
+    assert flag in one_line(capsys)
+    assert blocker.read_text() == "keep me"
+
+
+def test_unwritable_output_folder_is_refused_up_front(tiny_train_args, tmp_path, capsys, monkeypatch):
+    # Tests run as root, for whom chmod does not bite: deny access to this folder in-process instead.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(locked))
+                        else real_access(p, mode, **kw))
+    for extra in ([], ["--dry_run"]):
+        assert train_entry("lora", "", tiny_train_args + ["--output_dir", str(locked / "out")] + extra) == 2
+        assert "permission denied" in one_line(capsys)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod 0o500")
+def test_read_only_output_folder_is_refused_up_front(tiny_train_args, tmp_path, capsys):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        assert train_entry("lora", "", tiny_train_args + ["--output_dir", str(read_only / "out")]) == 2
+        assert "--output_dir" in one_line(capsys)
+    finally:
+        read_only.chmod(0o700)
+
+
+# ---- 8, 9: overwriting, concurrent runs, names outside the folder -------------------------------------------
+def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
+    base, out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    for extra in ([], ["--dry_run"]):
+        assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out)] + extra) == 2
+        assert "--overwrite" in one_line(capsys)
+    assert snapshot(out) == before
+    assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--overwrite"]) == 0
+    assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"]
+
+
+def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    with OutputLock(out):
+        assert train_entry("lora", "", tiny_train_args) == 2
+        assert "in use" in one_line(capsys)
+    assert not (out / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/x", ".hidden"])
+def test_output_name_must_stay_inside_the_folder(tiny_train_args, tmp_path, capsys, name):
+    assert train_entry("lora", "", tiny_train_args + ["--output_name", name]) == 2
+    assert "--output_name" in one_line(capsys)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+# ---- 4, 6, 7: resume of another run ---------------------------------------------------------------------
+def test_resume_of_another_shape_method_split_or_budget_is_one_line(finished_run, tmp_path, capsys, digits_dir):
+    base, out = finished_run
+    state = out / "lora-state"
+    before = snapshot(out)
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+
+    sizes = {"member_aux": 12, "member_test": 12, "nonmember_aux": 12, "nonmember_test": 12}
+    other = tmp_path / "other_split.json"
+    write_manifest(make_split(scan_dataset(digits_dir), sizes=sizes, seed=1, dataset_root=digits_dir), other)
+    resume = base + ["--resume", str(state), "--output_dir", str(tmp_path / "resumed")]
+    cases = [("lora", ["--max_train_steps", "3", "--network_dim", "8"], "network_dim"),
+             ("smp_lora", ["--max_train_steps", "3"], "method"),
+             ("lora", ["--max_train_steps", "3", "--split_manifest", str(other)], "split_manifest"),
+             ("lora", ["--max_train_steps", "3", "--seed", "7"], "seed"),
+             ("lora", ["--max_train_steps", "1"], "at step 2")]
+    for method, extra, expected in cases:
+        assert train_entry(method, "", resume + extra) == 2
+        line = one_line(capsys)
+        assert expected in line and str(state) in line, line
+    assert snapshot(out) == before
+    assert not (tmp_path / "resumed" / "lora.safetensors").exists()
+
+
+def test_state_without_summary_still_fails_in_one_line(finished_run, tmp_path, capsys):
+    base, out = copy_run(finished_run, tmp_path)
+    (out / "lora-state" / "train_state.json").unlink()  # no recorded identity: the load itself must fail cleanly
+    args = base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--output_dir", str(tmp_path / "r")]
+    assert train_entry("smp_lora", "", args) == 2
+    assert "does not fit this run" in one_line(capsys)
+
+
+# ---- 5 and the sd-scripts way of continuing a run ---------------------------------------------------------
+def test_resume_into_its_own_folder_needs_no_overwrite_and_survives_leftovers(finished_run, tmp_path, capsys):
+    base, out = copy_run(finished_run, tmp_path)
+    for leftover in ("lora-state.old", ".lora-state.old", ".lora-state.k1ll3d.tmp", ".lora-state.old.x9.tmp"):
+        (out / leftover).mkdir()
+        (out / leftover / "state.pt").write_text("stale")
+    args = base + ["--max_train_steps", "3", "--save_state", "--resume", str(out / "lora-state"),
+                   "--output_dir", str(out)]
+    assert train_entry("lora", "", args) == 0
+    assert json.loads((out / "lora-state" / "train_state.json").read_text())["global_step"] == 3
+    assert not list(out.glob(".*.tmp"))  # stale staging folders are swept at the start
+    assert (out / "lora-state.old" / "state.pt").read_text() == "stale"  # not ours: left alone
+    assert (out / ".lora-state.old" / "state.pt").read_text() == "stale"
+
+
+# ---- 10: lambda so large that SMP-LoRA cannot train -------------------------------------------------------
+def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
+    assert train_entry("smp_lora", "", tiny_train_args + ["--privacy_lambda", "1e9", "--dry_run"]) == 0
+    assert "privacy_lambda" in one_line(capsys, starts="warning:")
+    assert train_entry("smp_lora", "", tiny_train_args + ["--privacy_lambda", "100", "--dry_run"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+# ---- 11: conditioning in the metadata --------------------------------------------------------------------------
+def test_lora_metadata_records_the_conditioning(finished_run, tiny_train_args):
+    with safe_open(finished_run[1] / "lora.safetensors", "pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_clip_skip"] == "1" and meta["ss_max_token_length"] == "None"
+    assert meta["ss_resolution"] == "(32, 32)" and meta["modelspec.resolution"] == "32x32"
+    assert meta["ss_v_parameterization"] == "False"
+    config = parse_config(TrainConfig, tiny_train_args + ["--clip_skip", "2", "--max_token_length", "225"])
+    paper = conditioning_metadata(config)
+    assert paper["ss_clip_skip"] == "2" and paper["ss_max_token_length"] == "225"
+
+
+# ---- 12 and the dry-run plan --------------------------------------------------------------------------------
+def test_allow_pickle_reaches_the_loader(tiny_train_args, capsys, monkeypatch):
+    seen = {}
+
+    def fake_loader(path, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr("library.train.setup.load_sd_model", fake_loader)
+    for extra, expected in (([], False), (["--allow_pickle"], True)):
+        assert train_entry("lora", "", tiny_train_args + extra) == 2
+        assert one_line(capsys) == "error: stop here" and seen["allow_pickle"] is expected
+
+
+def test_dry_run_names_what_decides_the_length(tiny_train_args, capsys):
+    assert train_entry("lora", "", tiny_train_args + ["--dry_run"]) == 0
+    assert "set by max_train_steps = 4" in capsys.readouterr().out
+    assert train_entry("lora", "", tiny_train_args + ["--dry_run", "--max_train_epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "set by max_train_epochs = 2; max_train_steps is ignored" in out
+    assert math.isfinite(float(out.split(" optimisation steps")[0].split()[-1]))
