@@ -19,6 +19,7 @@ from library.eval.attacks.registry import ATTACK_NAMES, DEFAULT_ATTACKS
 from library.eval.extractors import EXTRACTORS
 
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
+IMAGE_SPACE_ATTACKS = ("blackbox", "reconstruction")  # they read --digit_feature_weights / --inception_weights
 NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
 
 
@@ -89,6 +90,30 @@ class EvalConfig:
     holdout_fraction: float = option(
         0.2, "part of D_aux held out to choose h''s epoch honestly (0 = no honest h', only the paper's oracle)")
 
+    # --- the attack suite (docs/attacks.md): each attack's settings -------------------------------
+    secmi_timestep: int = option(100, "SecMI: t_SEC, where the deterministic DDIM inversion stops (paper: 100)")
+    secmi_step: int = option(10, "SecMI: DDIM step k of the inversion and of the step back (paper: 10)")
+    pia_timesteps: list[int] = option(
+        [50, 100, 200, 300], "PIA / PIAN: candidate timesteps (one is chosen on D_aux; 1 query each + eps_0)")
+    pia_norm: int = option(4, "PIA / PIAN: p of the ||eps(z_t, t) - eps_0||_p^p statistic (paper: 4)")
+    clid_timesteps: list[int] = option([440, 450, 460], "CLiD: timesteps, one shared noise per t (paper)")
+    clid_mask_fractions: list[float] = option(
+        [0.3, 0.5, 0.7], "CLiD: fractions of caption words replaced by <|endoftext|> (degraded captions; plus "
+        "the empty caption)")
+    gsa_timesteps: int = option(10, "GSA: K, the timesteps t_j = j*1000/K - 1 of the gradient features (paper: 10)")
+    sima_timesteps: list[int] = option(
+        [0, 10, 20, 50, 100], "SimA: candidate small timesteps of ||eps(z_0, t)|| (one is chosen on D_aux)")
+    sima_norm: int = option(2, "SimA: p of the mean |eps(z_0, t)|^p statistic")
+    blackbox_num_images: int = option(
+        8, "black-box: images generated per distinct caption (the query's nearest one is its score)")
+    blackbox_steps: int = option(20, "black-box and reconstruction: DDIM sampling steps")
+    blackbox_guidance_scale: float = option(7.5, "black-box and reconstruction: classifier-free guidance scale")
+    reconstruction_strength: float = option(
+        0.5, "reconstruction: how far the query is noised before it is denoised (img2img strength, 0-1)")
+    reconstruction_repeats: int = option(1, "reconstruction: noisings per query (averaged; Pang & Wang: 3)")
+    epsilon_delta: float = option(1e-5, "empirical epsilon: the delta of the (epsilon, delta) lower bound")
+    audit_alpha: float = option(0.01, "set-level audit: the p-value a suspect set must reach")
+
     # --- utility: sample quality (library.eval.quality) -------------------------------------------------
     quality: bool = option(
         False, "generate images from the D_te captions with every model, save samples_<model>.png and compute "
@@ -115,6 +140,11 @@ class EvalConfig:
     output_dir: str = option("mia_eval", "where report.json, report.md, scores.csv and the plots go")
     plots: bool = option(True, "draw roc.png, roc_loglog.png and hist.png")
     progress_bar: bool = option(True, "show tqdm progress bars")
+
+    @property
+    def image_space_attacks(self) -> list[str]:
+        """The attacks of ``attacks`` that compare images in a feature space (they use the extractors)."""
+        return [a for a in self.attacks if a in IMAGE_SPACE_ATTACKS]
 
     def validate(self) -> None:
         """Cross-field checks; each failure is one ConfigError line naming the flag."""
@@ -153,7 +183,33 @@ class EvalConfig:
             raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
         if len(set(self.network_weights)) != len(self.network_weights):
             raise ConfigError("'network_weights' lists a file twice")
+        self._validate_attack_suite()
         self._validate_quality()
+
+    def _validate_attack_suite(self) -> None:
+        """The attack-suite settings: timesteps in range, positive counts, fractions in (0, 1)."""
+        for name in ("pia_timesteps", "clid_timesteps", "sima_timesteps"):
+            values = getattr(self, name)
+            if not values or any(not 0 <= t < 1000 for t in values) or len(set(values)) != len(values):
+                raise ConfigError(f"'{name}' must be a non-empty list of distinct integers in [0, 1000)")
+        if not 0 < self.secmi_step <= self.secmi_timestep < 1000 or self.secmi_timestep % self.secmi_step:
+            raise ConfigError("need 0 < secmi_step <= secmi_timestep < 1000 with secmi_timestep a multiple of "
+                              f"secmi_step, got secmi_timestep={self.secmi_timestep}, secmi_step={self.secmi_step}")
+        for name in ("pia_norm", "sima_norm", "gsa_timesteps", "blackbox_num_images", "blackbox_steps",
+                     "reconstruction_repeats"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if any(not 0.0 < f < 1.0 for f in self.clid_mask_fractions):
+            raise ConfigError(f"'clid_mask_fractions' must lie in (0, 1), got {self.clid_mask_fractions}")
+        if not 0.0 < self.reconstruction_strength <= 1.0:
+            raise ConfigError(f"'reconstruction_strength' must be in (0, 1], got {self.reconstruction_strength}")
+        if self.blackbox_guidance_scale < 1.0:
+            raise ConfigError(f"'blackbox_guidance_scale' must be >= 1 (1 = no guidance), got "
+                              f"{self.blackbox_guidance_scale}")
+        if not 0.0 <= self.epsilon_delta < 1.0:
+            raise ConfigError(f"'epsilon_delta' must be in [0, 1), got {self.epsilon_delta}")
+        if not 0.0 < self.audit_alpha < 1.0:
+            raise ConfigError(f"'audit_alpha' must be in (0, 1), got {self.audit_alpha}")
 
     def _validate_quality(self) -> None:
         """--quality flags (library.eval.quality): extractors need their weights, weights need --quality."""
@@ -167,8 +223,9 @@ class EvalConfig:
         if any(value for _, value in weights.values()) and self.quality_num_images < 2:
             raise ConfigError("'quality_num_images' must be >= 2 to compute Fréchet distances / KID")
         for extractor, (flag, value) in weights.items():
-            if value and not self.quality:
-                raise ConfigError(f"'{flag}' is only used with --quality; add --quality (or drop --{flag})")
+            if value and not self.quality and not self.image_space_attacks:
+                raise ConfigError(f"'{flag}' is only used with --quality or the image-space attacks "
+                                  f"{list(IMAGE_SPACE_ATTACKS)}; add --quality (or drop --{flag})")
             if extractor in self.quality_features and not value:
                 raise ConfigError(f"'quality_features' lists {extractor!r} but --{flag} is not given")
             if value and self.quality_features and extractor not in self.quality_features:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from library.data.images import IMAGE_CONVERSION
+from library.eval.probes import ModelContext, Probe, ProbeCache, probe_cache_key, run_probes, unique_probes
 from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
@@ -87,6 +88,8 @@ class ModelFeatures:
     cache_key: str = ""
     cache_hit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # {probe: {output: [N, ...]}}
+    probe_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # {probe: cost and cache record}
 
 
 @dataclass(frozen=True)
@@ -245,21 +248,52 @@ class FeatureEngine:
         latents: torch.Tensor,
         lora_path: str | Path | None = None,
         lora_sha256: str | None = None,
+        probes: Sequence[Probe] = (),
     ) -> ModelFeatures:
-        """Features of the base model (``lora_path=None``) or of the base model + one LoRA."""
+        """Features of the base model (``lora_path=None``) or of the base model + one LoRA: the fixed-t losses
+        (and the paper's row) and the outputs of ``probes`` (:mod:`library.eval.probes`), each cached on its own."""
         n = len(samples)
         if latents.shape[0] != n:
             raise ValueError(f"{n} samples but {latents.shape[0]} latents")
         key = feature_cache_key(self.settings, self.base_fingerprint, lora_sha256, self.manifest_sha256, n)
         cached = self._read_cache(key, n)
-        if cached is not None:
-            return ModelFeatures(name, cached["losses"].float(), cached.get("paper"), cached.get("paper_timesteps"),
-                                 cache_key=key, cache_hit=True)
-        with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype):
-            tensors = self._run(name, samples, latents)
-        self._write_cache(key, name, tensors, lora_sha256)
-        return ModelFeatures(name, tensors["losses"], tensors.get("paper"), tensors.get("paper_timesteps"),
-                             cache_key=key, cache_hit=False)
+        probe_cache = ProbeCache(self.cache_dir)
+        identity = self.model_identity(lora_sha256, n)
+        pending = [p for p in unique_probes(probes)
+                   if probe_cache.read(p.name, probe_cache_key(p, identity), n) is None]
+        tensors, runs = cached, {}
+        if cached is None or pending:
+            with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype) as network:
+                if cached is None:
+                    tensors = self._run(name, samples, latents)
+                    self._write_cache(key, name, tensors, lora_sha256)
+                runs = self._run_probes(probes, samples, latents, network, probe_cache, identity)
+        elif probes:
+            runs = self._run_probes(probes, samples, latents, None, probe_cache, identity)  # all cache hits
+        assert tensors is not None
+        return ModelFeatures(name, tensors["losses"].float(), tensors.get("paper"), tensors.get("paper_timesteps"),
+                             cache_key=key, cache_hit=cached is not None,
+                             probes={p: run.outputs for p, run in runs.items()},
+                             probe_runs={p: {"cache_key": run.cache_key, "cache_hit": run.cache_hit,
+                                             "queries_computed": run.queries_computed, "seconds": run.seconds}
+                                         for p, run in runs.items()})
+
+    def model_identity(self, lora_sha256: str | None, n_samples: int) -> dict[str, Any]:
+        """What a probe's outputs depend on besides the probe itself: the model, the samples and the settings
+        shared by every query (not the loss features' timesteps and draws)."""
+        shared = {k: v for k, v in self.settings.as_dict().items()
+                  if k not in ("timesteps", "num_noise_draws") and not k.startswith("paper_")}
+        return {"base_fingerprint": self.base_fingerprint, "lora_sha256": lora_sha256,
+                "manifest_sha256": self.manifest_sha256, "n_samples": n_samples, "settings": shared}
+
+    def _run_probes(self, probes: Sequence[Probe], samples: Sequence[Sample], latents: torch.Tensor, network: Any,
+                    cache: ProbeCache, identity: dict[str, Any]) -> dict[str, Any]:
+        if not probes:
+            return {}
+        model = ModelContext(self.bundle, samples, self.device, self.dtype, self.settings.seed,
+                             self.settings.resolution, self.settings.clip_skip, self.settings.max_token_length,
+                             network=network)
+        return run_probes(probes, model, latents, batch_size=self.batch_size, cache=cache, model_identity=identity)
 
     @torch.no_grad()
     def _run(self, name: str, samples: Sequence[Sample], latents: torch.Tensor) -> dict[str, torch.Tensor]:

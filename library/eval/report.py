@@ -90,7 +90,9 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
                    for m in result.models],
         "samples": {"counts": counts, "n_aux": int(samples.aux_index.size), "n_test": int(samples.test_index.size)},
         "seeds": {"noise_attacks_bootstrap": result.config.seed, "split": result.info.get("manifest_seed")},
-        "features": {"settings": result.info.get("feature_settings"), "cache": result.info.get("feature_cache")},
+        "features": {"settings": result.info.get("feature_settings"), "cache": result.info.get("feature_cache"),
+                     # per model and probe: UNet queries actually computed (shared queries once), seconds, cache
+                     "probes": result.info.get("probe_runs")},
         # Caption encoding (library.eval.conditioning): the LoRAs' training values, a flag or the default.
         "conditioning": result.info.get("conditioning"),
         "attacks": result.info.get("attack_settings"),

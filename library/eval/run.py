@@ -102,7 +102,9 @@ def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, see
 
 def _feature_set(features: ModelFeatures, timesteps: tuple[int, ...]) -> FeatureSet:
     paper = None if features.paper is None else features.paper.numpy()
-    return FeatureSet(features.losses.double().numpy(), timesteps, paper)
+    probes = {probe: {name: value.double().numpy() for name, value in outputs.items()}
+              for probe, outputs in features.probes.items()}
+    return FeatureSet(features.losses.double().numpy(), timesteps, paper, probes)
 
 
 @dataclass
@@ -128,8 +130,10 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
                            cache_dir=None if config.no_cache else _cache_root(config) / "features",
                            base_fingerprint=job.base_fingerprint, manifest_sha256=job.manifest_sha,
                            progress=config.progress_bar and not in_worker)  # bars of several processes interleave
+    probes = [probe for attack in build_attacks(config, job.device) for probe in attack.probes()]
     t0 = time.perf_counter()
-    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256)
+    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256,
+                              probes=probes)
     return features, time.perf_counter() - t0
 
 
@@ -176,6 +180,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     info["timing_s"].update({f"features[{spec.name}]": seconds for spec, (_, seconds) in zip(specs, results)})
     info["feature_settings"] = settings.as_dict()
     info["feature_cache"] = {name: {"key": f.cache_key, "hit": f.cache_hit} for name, f in features.items()}
+    info["probe_runs"] = {name: f.probe_runs for name, f in features.items() if f.probe_runs}
     return features
 
 
@@ -199,7 +204,8 @@ def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], 
     settings: dict[str, Any] = {}
     for attack in build_attacks(config, job.device):
         attack.fit(inputs.subset(aux), labels[aux], oracle=(inputs.subset(test), labels[test]))
-        settings[attack.name] = attack.settings()
+        settings[attack.name] = {**attack.settings(), "threat_model": attack.threat_model,
+                                 "citation": attack.citation, "queries_per_sample": attack.queries_per_sample()}
         for score_set in attack.score(inputs):
             score_sets.append(score_set)
             test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],

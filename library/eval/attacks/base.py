@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 import numpy as np
 
 from library.errors import ConfigError
-from library.eval.metrics import best_threshold
+from library.eval.metrics import best_threshold, roc_auc
 
 if TYPE_CHECKING:  # the config is only read, never imported at run time: see library.eval.attacks.registry
     import torch
 
     from library.eval.config import EvalConfig
+    from library.eval.probes import Probe
 
 ScoreKind = Literal["threshold", "classifier"]
 
@@ -33,11 +34,13 @@ class FeatureSet:
 
     ``losses`` ``[N, K, M]``: the loss at K fixed ``timesteps`` x M noise draws (the same noise for every model).
     ``paper`` ``[N, F]``: the paper's h' input (error map or loss at one random t), if computed.
+    ``probes``: the outputs of the attacks' own probes (:mod:`library.eval.probes`), ``{probe: {name: [N, ...]}}``.
     """
 
     losses: np.ndarray
     timesteps: tuple[int, ...]
     paper: np.ndarray | None = None
+    probes: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.losses = np.asarray(self.losses, dtype=np.float64)
@@ -47,13 +50,26 @@ class FeatureSet:
             self.paper = np.asarray(self.paper, dtype=np.float32)
             if self.paper.ndim != 2 or self.paper.shape[0] != self.losses.shape[0]:
                 raise ValueError(f"paper features must be [N, F] with N={self.losses.shape[0]}, got {self.paper.shape}")
+        for probe, outputs in self.probes.items():
+            for name, value in outputs.items():
+                if value.shape[0] != self.losses.shape[0]:
+                    raise ValueError(f"probe output {probe}.{name} has {value.shape[0]} rows, not {len(self)}")
 
     def __len__(self) -> int:
         return int(self.losses.shape[0])
 
     def subset(self, index: Sequence[int] | np.ndarray) -> "FeatureSet":
         index = np.asarray(index, dtype=np.int64)
-        return FeatureSet(self.losses[index], self.timesteps, None if self.paper is None else self.paper[index])
+        probes = {probe: {name: value[index] for name, value in outputs.items()}
+                  for probe, outputs in self.probes.items()}
+        return FeatureSet(self.losses[index], self.timesteps, None if self.paper is None else self.paper[index],
+                          probes)
+
+    def probe(self, probe: str) -> dict[str, np.ndarray]:
+        """The outputs of ``probe``; a ConfigError if the feature engine did not run it."""
+        if probe not in self.probes:
+            raise ConfigError(f"the features hold no outputs of probe {probe!r}; was its attack in --attacks?")
+        return self.probes[probe]
 
 
 @dataclass
@@ -106,11 +122,22 @@ class Attack(ABC):
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    threat_model: ClassVar[str] = ""  # what the attacker has: e.g. "gray-box: noise predictions + caption"
+    citation: ClassVar[str] = ""  # the paper the statistic comes from
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> Attack:
         """A fresh attack with the options ``config`` gives it; an attack without options takes none."""
         return cls()
+
+    def probes(self) -> list[Probe]:
+        """The model queries this attack needs beyond the shared fixed-t losses (:mod:`library.eval.probes`);
+        their outputs reach :meth:`fit` and :meth:`score` as ``inputs.target.probes[probe.name]``."""
+        return []
+
+    def queries_per_sample(self) -> float:
+        """Nominal cost in UNet forwards per sample (the report's cost column); default: its probes' costs."""
+        return float(sum(p.queries_per_sample() for p in self.probes()))
 
     @abstractmethod
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
@@ -181,6 +208,62 @@ class ThresholdAttack(Attack):
                 )
             )
         return out
+
+
+class SelectedThresholdAttack(ThresholdAttack):
+    """A threshold attack with several candidate statistics (one per timestep, mixing weight, ...), of which
+    ``fit`` picks the one with the highest AUC on D_aux: that choice is the headline variant ``selected``
+    (honest: chosen without D_te). Every candidate stays a row of its own, so the best candidate on D_te, the
+    oracle choice, is visible as a labelled extra."""
+
+    headline_variant: ClassVar[str] = "selected"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: str | None = None
+
+    @abstractmethod
+    def candidates(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
+        """``{candidate: scores}``, higher = member."""
+
+    def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
+        stats = self.candidates(inputs)
+        if self.selected is not None:
+            stats["selected"] = stats[self.selected]
+        return stats
+
+    def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
+        self._check(aux)
+        y = check_labels(labels, len(aux))
+        stats = self.candidates(aux)
+        self.selected = max(stats, key=lambda name: roc_auc(y, stats[name]))  # the first one on a tie
+        super().fit(aux, labels, oracle=oracle)
+
+    def score(self, inputs: AttackInputs) -> list[ScoreSet]:
+        out = super().score(inputs)
+        for score_set in out:
+            score_set.info["selected_on_aux"] = self.selected
+        return out
+
+
+class LossFeatureAttack(ThresholdAttack):
+    """A threshold attack on the feature engine's shared fixed-t losses (K timesteps x M draws per sample).
+
+    Its cost is those K*M queries per sample, times ``models_queried`` (2 when the base model's losses are
+    queried too, as a reference)."""
+
+    models_queried: ClassVar[int] = 1
+
+    def __init__(self, loss_queries: int = 0) -> None:
+        super().__init__()
+        self.loss_queries = int(loss_queries)
+
+    @classmethod
+    def from_config(cls, config: EvalConfig, device: torch.device) -> Attack:
+        return cls(len(config.timesteps) * config.num_noise_draws)
+
+    def queries_per_sample(self) -> float:
+        return float(self.loss_queries * self.models_queried)
 
 
 def per_timestep_statistics(losses: np.ndarray, timesteps: Sequence[int]) -> dict[str, np.ndarray]:

@@ -13,15 +13,18 @@ import numpy as np
 
 from library.eval.attacks.base import (
     AttackInputs,
-    ThresholdAttack,
+    LossFeatureAttack,
     per_timestep_statistics,
 )
 
 
-class CalibratedLossAttack(ThresholdAttack):
+class CalibratedLossAttack(LossFeatureAttack):
     name = "calibrated"
     needs_reference = True
+    models_queried = 2
     description = "threshold on -(L_lora - L_base) with common (t, eps), per t and averaged"
+    threat_model = 'gray-box + reference model: losses of the fine-tune and of its public base model, shared noise'
+    citation = 'Watson et al. 2022, On the importance of difficulty calibration in membership inference attacks'
 
     def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
         self._check(inputs)

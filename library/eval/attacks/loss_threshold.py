@@ -10,14 +10,16 @@ import numpy as np
 
 from library.eval.attacks.base import (
     AttackInputs,
-    ThresholdAttack,
+    LossFeatureAttack,
     per_timestep_statistics,
 )
 
 
-class LossThresholdAttack(ThresholdAttack):
+class LossThresholdAttack(LossFeatureAttack):
     name = "loss"
     description = "threshold on -L(x, t, eps) of the attacked model, per t and averaged over t and draws"
+    threat_model = 'gray-box: per-sample denoising loss at fixed t (noise predictions + caption)'
+    citation = 'Matsumoto et al. 2023, Membership inference attacks against diffusion models; Hu & Pang 2023'
 
     def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
         return per_timestep_statistics(inputs.target.losses, inputs.target.timesteps)

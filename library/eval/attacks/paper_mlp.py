@@ -57,6 +57,8 @@ def _fused_adam_ok(model: torch.nn.Module) -> bool:
 class PaperMLPAttack(Attack):
     name = "paper"
     description = "the paper's h': ProxyAttacker trained on D_aux, scored on D_te (p(member))"
+    threat_model = 'gray-box: squared-error map at one random t, MLP trained on D_aux'
+    citation = "Luo et al., AAAI 2025 (the paper), App. E: the attacker h' with h_w's architecture"
 
     def __init__(
         self,
@@ -86,14 +88,21 @@ class PaperMLPAttack(Attack):
         self.checkpoints: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self.curves: dict[str, list[dict[str, float]]] = {}
         self.in_features = 0
+        self.loss_queries = 0  # K*M, the shared fixed-t losses h' reads with features=multi_t_loss
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> PaperMLPAttack:
         """h' with the ``paper_*`` options, the hold-out fraction and the seed of the evaluation."""
-        return cls(features=config.paper_features, epochs=config.paper_epochs, lr=config.paper_lr,
-                   weight_decay=config.paper_weight_decay, batch_size=config.paper_batch_size,
-                   dropout=config.paper_dropout, normalization=config.paper_normalization,
-                   holdout_fraction=config.holdout_fraction, seed=config.seed, device=device)
+        attack = cls(features=config.paper_features, epochs=config.paper_epochs, lr=config.paper_lr,
+                     weight_decay=config.paper_weight_decay, batch_size=config.paper_batch_size,
+                     dropout=config.paper_dropout, normalization=config.paper_normalization,
+                     holdout_fraction=config.holdout_fraction, seed=config.seed, device=device)
+        attack.loss_queries = len(config.timesteps) * config.num_noise_draws
+        return attack
+
+    def queries_per_sample(self) -> float:
+        """One random-t query per sample (the paper's features); the shared fixed-t losses with multi_t_loss."""
+        return float(self.loss_queries) if self.features == "multi_t_loss" else 1.0
 
     def settings(self) -> dict[str, Any]:
         return {

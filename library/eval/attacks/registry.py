@@ -29,6 +29,15 @@ ATTACK_CLASSES: dict[str, str] = {
     "paper": "library.eval.attacks.paper_mlp:PaperMLPAttack",
     "loss": "library.eval.attacks.loss_threshold:LossThresholdAttack",
     "calibrated": "library.eval.attacks.calibrated:CalibratedLossAttack",
+    "secmi": "library.eval.attacks.secmi:SecMIAttack",
+    "pia": "library.eval.attacks.pia:PIAAttack",
+    "pian": "library.eval.attacks.pia:PIANAttack",
+    "clid": "library.eval.attacks.clid:CLiDAttack",
+    "gsa": "library.eval.attacks.gsa:GSAAttack",
+    "sima": "library.eval.attacks.sima:SimAAttack",
+    "blackbox": "library.eval.attacks.blackbox:BlackBoxAttack",
+    "reconstruction": "library.eval.attacks.reconstruction:ReconstructionAttack",
+    "blind": "library.eval.attacks.blind:BlindAttack",
 }
 ATTACK_NAMES = tuple(ATTACK_CLASSES)
 # What runs without --attacks; kept apart from the registry so that registering an attack does not change it.
