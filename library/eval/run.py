@@ -213,7 +213,7 @@ def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], 
                                    else score_set.member_probs[test]})
             row = {"model": job.model, "attack": score_set.attack, "variant": score_set.variant,
                    "label": score_set.label, "kind": score_set.kind, "headline": score_set.headline,
-                   "checkpoint": score_set.checkpoint}
+                   "checkpoint": score_set.checkpoint, "floor": attack.floor}
             row.update(score_metrics(labels[test], test_set, config.n_bootstrap, config.seed))
             row["info"] = {k: v for k, v in score_set.info.items() if k != "curve_asr"}
             if "curve_asr" in score_set.info:

@@ -124,6 +124,8 @@ class Attack(ABC):
     description: ClassVar[str] = ""
     threat_model: ClassVar[str] = ""  # what the attacker has: e.g. "gray-box: noise predictions + caption"
     citation: ClassVar[str] = ""  # the paper the statistic comes from
+    # A floor (the blind baseline) uses no model: it is reported, but never a model's worst case.
+    floor: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> Attack:
