@@ -33,6 +33,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mia_world(tmp_path_factory):
+    """The MIA test world of tests/mia_world.py (tiny model, random images, an over-fitted LoRA), built once."""
+    from mia_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("mia"))
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     from library.demo.digits import write_digits_dataset
 

@@ -6,19 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
 import torch
+from mia_world import SIZES, base_args, write_random_images
 from PIL import Image
 
 import evaluate_mia
-from library.data.dataset import ImageCaption
 from library.data.latents import LatentCache
-from library.data.manifest import manifest_sha256, write_manifest
+from library.data.manifest import write_manifest
 from library.data.splits import make_split
 from library.eval.features import (
     FeatureEngine,
@@ -30,79 +29,12 @@ from library.eval.features import (
 )
 from library.eval.metrics import roc_auc
 from library.sd.bundle import vae_fingerprint
-from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
-from library.sd.text import encode_prompts
 from networks.lora import create_network
-
-# Sizes: 24 members (8 aux + 16 test) and 24 non-members. Images are random pixels, so nothing about one image
-# predicts another: a LoRA can only lower a member's loss by memorising it, and the base model has no signal.
-SIZES = {"member_aux": 8, "member_test": 16, "nonmember_aux": 8, "nonmember_test": 16}
-TRAIN_STEPS, TRAIN_LR, TRAIN_MAX_T = 150, 1e-2, 20
-EVAL_TIMESTEPS = ["1", "2", "5", "10"]
-
-
-def write_random_images(folder: Path, n: int, seed: int) -> list[ImageCaption]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        path = folder / f"{i:03d}.png"
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(path)
-        (folder / f"{i:03d}.txt").write_text("a photo\n", encoding="utf-8")
-        records.append(ImageCaption(path, "a photo", 1))
-    return records
-
-
-def overfit_lora(bundle, manifest, manifest_file: Path, out: Path) -> Path:
-    """A rank-16 UNet LoRA, ResNet convs included (conv_dim), over-fitted on the members at small t (full batch,
-    high lr)."""
-    members = manifest.members()
-    cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32)
-    latents = cache.get_many([manifest.abs_path(e) for e in members])
-    with torch.no_grad():
-        cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [e.caption for e in members])
-    torch.manual_seed(0)  # the LoRA's init: the same over-fitted file whichever tests ran before
-    network = create_network(1.0, 16, 16.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True,
-                             conv_dim=16, conv_alpha=16)
-    network.apply_to(None, bundle.unet, apply_text_encoder=False)
-    network.requires_grad_(True)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=TRAIN_LR, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        draw = draw_noise(latents, generator, 0, TRAIN_MAX_T)
-        loss = per_sample_loss(denoising_errors(bundle.unet, bundle.noise_scheduler, latents, cond, draw)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = out / "overfit.safetensors"
-    network.save_weights(path, metadata={"smp_lora.manifest_sha256": manifest_sha256(manifest_file)})
-    network.restore()
-    return path
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from library.demo.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("mia")
-    bundle = save_tiny_model(root / "model", seed=0)
-    records = write_random_images(root / "data", sum(SIZES.values()), seed=0)
-    manifest = make_split(records, sizes=SIZES, seed=0)
-    manifest_file = root / "split.json"
-    write_manifest(manifest, manifest_file)
-    lora = overfit_lora(bundle, manifest, manifest_file, root)
-    return {"root": root, "bundle": bundle, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}
-
-
-def base_args(world, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(world["root"] / "model"),
-        "--split_manifest", str(world["manifest_file"]),
-        "--output_dir", str(out),
-        "--resolution", "32", "--timesteps", *EVAL_TIMESTEPS, "--num_noise_draws", "2",
-        "--batch_size", "64", "--paper_epochs", "20", "--paper_batch_size", "4", "--n_bootstrap", "300",
-        "--no-progress_bar", *extra,
-    ]
+def world(mia_world):
+    return mia_world
 
 
 @pytest.fixture(scope="module")
