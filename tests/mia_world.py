@@ -38,9 +38,10 @@ def write_random_images(folder: Path, n: int, seed: int) -> list[ImageCaption]:
     return records
 
 
-def overfit_lora(bundle, manifest, manifest_file: Path, out: Path) -> Path:
-    """A rank-16 UNet LoRA, ResNet convs included (conv_dim), over-fitted on the members at small t (full batch,
-    high lr)."""
+def overfit_lora(bundle, manifest, manifest_file: Path, out: Path, *, steps: int = TRAIN_STEPS,
+                 lr: float = TRAIN_LR, max_t: int = TRAIN_MAX_T) -> Path:
+    """A rank-16 UNet LoRA, ResNet convs included (conv_dim), over-fitted on the members at t < ``max_t`` (full
+    batch, high lr)."""
     members = manifest.members()
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32)
     latents = cache.get_many([manifest.abs_path(e) for e in members])
@@ -51,10 +52,10 @@ def overfit_lora(bundle, manifest, manifest_file: Path, out: Path) -> Path:
                              conv_dim=16, conv_alpha=16)
     network.apply_to(None, bundle.unet, apply_text_encoder=False)
     network.requires_grad_(True)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        draw = draw_noise(latents, generator, 0, TRAIN_MAX_T)
+    for _ in range(steps):
+        draw = draw_noise(latents, generator, 0, max_t)
         loss = per_sample_loss(denoising_errors(bundle.unet, bundle.noise_scheduler, latents, cond, draw)).mean()
         optimizer.zero_grad()
         loss.backward()
