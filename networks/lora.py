@@ -43,6 +43,7 @@ from networks.lora_args import (
     parse_network_kwargs,
     single_text_encoder,
 )
+from networks.lora_convert import group_lora_state_dict
 from networks.lora_format import (
     BASE_MODEL_VERSION,
     FORBIDDEN_METADATA_KEYS,
@@ -57,7 +58,6 @@ from networks.lora_format import (
     check_shapes,
     default_metadata,
     describe_source,
-    group_kohya_state_dict,
     load_lora_state_dict,
     lora_file_sha256,
     ranks_and_alphas,
@@ -308,8 +308,8 @@ class LoRANetwork(nn.Module):
         fit, raises ModelError naming the file and the key. Modules the file does not mention keep their weights
         and are reported in ``missing_keys``. A file without ``.alpha`` means alpha = rank (as in every loader).
         """
-        sd, source, meta = read_lora_source(file)
-        return self._load_grouped(group_kohya_state_dict(sd, source), source, meta)
+        sd, source, meta = read_lora_source(file)  # diffusers/PEFT keys are read as kohya ones (lora_convert)
+        return self._load_grouped(group_lora_state_dict(sd, source, meta), source, meta)
 
     def _load_grouped(self, grouped: dict[str, ModuleWeights], source: str, meta: dict[str, str]) -> LoadInfo:
         by_name = {lora.lora_name: lora for lora in self.loras}
@@ -431,8 +431,8 @@ def create_network_from_weights(
     else:
         sd, source, meta = read_lora_source(file_or_state_dict)
     text_encoder = single_text_encoder(text_encoder)
-    grouped = group_kohya_state_dict(sd, source)
     layers = layers_by_name(text_encoder, unet)
+    grouped = group_lora_state_dict(sd, source, meta, layers)  # kohya, diffusers or PEFT keys (lora_convert)
     modules_dim, modules_alpha = ranks_and_alphas(grouped, layers, source, text_encoder is not None)
     has_te = any(n.startswith(LORA_PREFIX_TEXT_ENCODER + "_") for n in grouped)
     network = LoRANetwork(

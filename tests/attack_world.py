@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mia_world import overfit_lora
+
 from library.data.manifest import write_manifest
 from library.data.splits import make_split
-from mia_world import overfit_lora
 
 SUITE_SIZES = {"member_aux": 16, "member_test": 24, "nonmember_aux": 16, "nonmember_test": 24}
 PRETRAIN = {"vae_steps": 80, "unet_steps": 300, "batch_size": 16, "vae_batch_size": 16, "threads": 1}

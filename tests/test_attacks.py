@@ -41,10 +41,14 @@ def by_variant(score_sets):
 
 
 def test_registry_and_interface():
-    assert set(ATTACK_NAMES) >= {"paper", "loss", "calibrated"} and DEFAULT_ATTACKS == ("paper", "loss", "calibrated")
+    suite = {"paper", "loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima", "blackbox",
+             "reconstruction", "blind"}
+    assert set(ATTACK_NAMES) == suite and set(DEFAULT_ATTACKS) == suite  # the default is the whole suite
     for name in ATTACK_NAMES:
         cls = attack_class(name)
         assert issubclass(cls, Attack) and cls.name == name
+        assert cls.threat_model and cls.citation, f"attack {name} must state its threat model and citation"
+    assert [name for name in ATTACK_NAMES if attack_class(name).floor] == ["blind"]
     assert attack_class("loss") is LossThresholdAttack and attack_class("calibrated") is CalibratedLossAttack
     assert CalibratedLossAttack.needs_reference and not LossThresholdAttack.needs_reference
     with pytest.raises(ConfigError, match="unknown attack"):

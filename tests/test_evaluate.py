@@ -31,6 +31,9 @@ from library.eval.metrics import roc_auc
 from library.sd.bundle import vae_fingerprint
 from networks.lora import create_network
 
+# The attacks these tests read (the rest of the suite has its own tests: tests/test_attack_*.py).
+CORE_ATTACKS = ("--attacks", "paper", "loss", "calibrated")
+
 
 @pytest.fixture(scope="module")
 def world(mia_world):
@@ -40,7 +43,7 @@ def world(mia_world):
 @pytest.fixture(scope="module")
 def evaluated(world):
     out = world["root"] / "eval"
-    rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"])))
+    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"])))
     assert rc == 0
     return out, json.loads((out / "report.json").read_text())
 
@@ -146,7 +149,7 @@ def test_same_noise_for_every_model(world):
 
 def test_second_run_hits_the_feature_cache(world, evaluated):
     out, report = evaluated
-    rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"])))
+    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"])))
     assert rc == 0
     again = json.loads((out / "report.json").read_text())
     assert all(entry["hit"] for entry in again["features"]["cache"].values())
@@ -158,7 +161,7 @@ def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path)
     _, serial = evaluated
     out = tmp_path / "parallel"
     # --no_cache: the workers compute the features themselves instead of reading the serial run's cache.
-    rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"]), "--jobs", "2",
+    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]), "--jobs", "2",
                                      "--no_cache", "--quality", "--quality_num_images", "2", "--quality_steps", "2"))
     assert rc == 0
     parallel = json.loads((out / "report.json").read_text())

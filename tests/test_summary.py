@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from library.eval.summary import headline_rows, main_results_table, worst_case
+from library.eval.summary import (
+    dp_budget,
+    floor_row,
+    headline_rows,
+    main_results_table,
+    oracle_extra_rows,
+    suite_sections,
+    worst_case,
+)
 
 
 def _row(model, label, auc, tpr1=None, tpr5=None, headline=True, ci=None):
@@ -40,3 +48,94 @@ def test_headline_rows_and_the_main_table_come_from_the_report():
     assert table[0].startswith("| model | attack |") and len(table) == 2 + 7  # header, rule, the headline rows
     assert any(line.startswith("| lora | calibrated avg |") and "0.900 [0.850, 0.950]" in line for line in table)
     assert not any("loss t=50" in line for line in table)
+
+
+# ---------------------------------------------------------------------------------------------- the attack suite
+
+
+def _suite_row(model, attack, variant, auc, headline=True, floor=False, selected=None, asr=(0.5, None)):
+    row = _row(model, f"{attack} {variant}".strip(), auc, tpr1=0.1, headline=headline, ci=[auc - 0.05, auc + 0.05])
+    row.update(attack=attack, variant=variant, floor=floor, asr_honest=asr[0], asr_oracle=asr[1],
+               info={"selected_on_aux": selected} if selected else {})
+    return row
+
+
+SUITE = {
+    "results": [
+        _suite_row("lora", "sima", "selected", 0.80, selected="t=50"),
+        _suite_row("lora", "sima", "t=50", 0.80, headline=False, selected="t=50"),
+        _suite_row("lora", "sima", "t=100", 0.88, headline=False, selected="t=50"),  # the best on D_te: oracle extra
+        _suite_row("lora", "gsa", "", 0.90, asr=(0.85, 0.92)),
+        _suite_row("lora", "blackbox", "", 0.70, asr=(0.66, None)),
+        _suite_row("lora", "blind", "", 0.95, floor=True),  # a leaky split would show here; never the worst case
+        _suite_row("smp_lora", "gsa", "", 0.60, asr=(0.58, 0.63)),
+        _suite_row("smp_lora", "blind", "", 0.50, floor=True),
+    ],
+    "attacks": {
+        "sima": {"threat_model": "gray-box: eps | caption", "queries_per_sample": 2.0, "citation": "Rao et al. 2025",
+                 "probes": ["sima"]},
+        "gsa": {"threat_model": "white-box", "queries_per_sample": 30.0, "citation": "Pang et al. 2023",
+                "probes": ["gsa"]},
+        "blackbox": {"threat_model": "black-box", "queries_per_sample": 50.0, "citation": "Wu et al. 2022"},
+        "blind": {"threat_model": "no model", "queries_per_sample": 0.0, "citation": "Das et al. 2024", "probes": []},
+    },
+    "features": {"probes": {"lora": {"sima": {"queries_computed": 40, "cache_hit": False},
+                                     "gsa": {"queries_computed": 600, "cache_hit": False}},
+                            "smp_lora": {"sima": {"queries_computed": 0, "cache_hit": True},
+                                         "gsa": {"queries_computed": 0, "cache_hit": True}}}},
+    "samples": {"counts": {"member_test": 10, "nonmember_test": 10}},
+    "privacy_audit": {
+        "lora": {"set_audit": {"p_value": 1.2e-5, "n_needed": 4, "alpha": 0.01, "n_suspect": 10},
+                 "epsilon_lb": {"honest": 1.234, "oracle": 2.5, "delta": 1e-5, "confidence": 0.95},
+                 "dp_epsilon": None},
+        "smp_lora": {"set_audit": {"p_value": 0.2, "n_needed": None, "alpha": 0.01, "n_suspect": 10},
+                     "epsilon_lb": {"honest": 0.0, "oracle": 0.1, "delta": 1e-5, "confidence": 0.95},
+                     "dp_epsilon": {"epsilon": 8.0, "delta": 1e-5}},
+    },
+}
+
+
+def test_the_floor_is_never_the_worst_case_but_is_shown_beside_it():
+    worst = worst_case(SUITE)
+    assert worst["lora"].attack == "gsa" and worst["lora"].auc == 0.90  # not the blind row's 0.95
+    assert worst["lora"].floor["label"] == "blind" and floor_row(SUITE, "smp_lora")["auc"] == 0.50
+    assert floor_row(REPORT, "lora") is None and worst_case(REPORT)["lora"].floor is None
+    assert [r["label"] for r in headline_rows(SUITE, "lora", floor=False)] == ["sima selected", "gsa", "blackbox"]
+    only_floor = {"results": [_suite_row("m", "blind", "", 0.7, floor=True)]}
+    assert worst_case(only_floor) == {}  # a model with only the floor has no worst case
+
+
+def test_suite_sections_worst_case_oracle_extras_table11_and_cost():
+    text = "\n".join(suite_sections(SUITE))
+    lines = text.splitlines()
+    assert "## Worst case over the attack suite" in text and "suspect images for p < 0.01" in text
+    lora = next(line for line in lines if line.startswith("| lora | gsa |"))
+    assert "0.900 [0.850, 0.950]" in lora and "0.950 [0.900, 1.000]" in lora  # the floor beside the worst case
+    assert "| 1.2e-05 | 4 of 10 | 1.234 | 2.500 | — |" in lora
+    smp = next(line for line in lines if line.startswith("| smp_lora | gsa |"))
+    assert "not reached (10)" in smp and "| 8 (δ 1e-05) |" in smp  # the accountant's upper bound beside the bound
+    # Oracle extras: sima's best candidate on D_te (t=100), labelled; the D_aux choice stays the headline.
+    extras = oracle_extra_rows(SUITE)
+    assert [(r["model"], r["label"], r["auc"]) for r in extras] == [("lora", "sima t=100 [oracle t]", 0.88)]
+    assert "| lora | sima t=100 [oracle t] |" in text
+    # Table 11: black-box and gradient rows with ASR % and |AUC-0.5|/0.5.
+    assert "| gradient (Pang et al. 2023) | lora | gsa | 85.00 | 92.00 | 0.800 |" in text
+    assert "| black-box (Wu et al. 2022) | lora | blackbox | 66.00 | n/a | 0.400 |" in text
+    assert "| gradient (Pang et al. 2023) | smp_lora | gsa | 58.00 | 63.00 | 0.200 |" in text
+    # Cost: nominal, computed per model (per sample over the 20 samples), cached, unknown probes, escaped pipes.
+    assert "| sima | gray-box: eps \\| caption | 2 | lora: 40 (2/sample); smp_lora: cached | Rao et al. 2025 |" in text
+    assert "| blackbox | black-box | 50 | n/a |" in text and "| blind | no model | 0 | 0 |" in text
+
+
+def test_an_older_report_renders_without_the_suite():
+    text = "\n".join(suite_sections(REPORT))
+    assert "## Worst case over the attack suite" in text and "| lora | calibrated avg | 0.900 [0.850, 0.950] |" in text
+    assert "| n/a | n/a | n/a | n/a | — |" in text  # no privacy audit: every audit cell n/a
+    for absent in ("Oracle extras", "Table 11", "Attack cost", "set audit (dataset inference)"):
+        assert absent not in text
+    assert suite_sections({"results": []}) == []
+
+
+def test_dp_budget_reads_the_accountant_from_lora_metadata():
+    assert dp_budget({"smp_lora.dp_epsilon": "3.5", "smp_lora.dp_delta": "1e-05"}) == {"epsilon": 3.5, "delta": 1e-5}
+    assert dp_budget({"smp_lora.method": "lora"}) is None and dp_budget(None) is None

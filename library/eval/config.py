@@ -43,6 +43,9 @@ class EvalConfig:
     network_weights: list[str] = option(
         [], "LoRA .safetensors file(s) to attack; the base model (no LoRA) is always evaluated too, as row 'base'")
     network_multiplier: float = option(1.0, "LoRA strength used for every LoRA")
+    unet_weights: list[str] = option(
+        [], "fully fine-tuned UNet(s) of this base model to attack, each a diffusers UNet folder (config.json + "
+        "weights, or a pipeline folder with unet/) or an SD single-file .safetensors (its UNet is used)")
     split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
     allow_manifest_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another split manifest (its membership labels may be wrong)")
@@ -181,8 +184,10 @@ class EvalConfig:
             raise ConfigError(f"'paper_dropout' must be in [0, 1), got {self.paper_dropout}")
         if self.n_bootstrap < 0:
             raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
-        if len(set(self.network_weights)) != len(self.network_weights):
-            raise ConfigError("'network_weights' lists a file twice")
+        for name in ("network_weights", "unet_weights"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"'{name}' lists a file twice")
         self._validate_attack_suite()
         self._validate_quality()
 

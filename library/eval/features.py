@@ -14,8 +14,9 @@ the reference-calibrated attack sharp), the base model evaluated twice gives ide
 noise of a sample does not depend on batch composition, sample order or which other timesteps are asked.
 
 **Caching.** Features are stored as safetensors under ``cache_dir`` keyed by the base model's fingerprint, the
-LoRA file's weights sha256, the manifest's sha256 and every feature setting, so re-running a report (another
-attack, more bootstrap resamples) costs no UNet pass. An unreadable or mismatching cache file is recomputed.
+LoRA file's (or fully fine-tuned UNet's) weights sha256, the manifest's sha256 and every feature setting, so
+re-running a report (another attack, more bootstrap resamples) costs no UNet pass. An unreadable or mismatching
+cache file is recomputed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ import torch
 from tqdm.auto import tqdm
 
 from library.data.images import IMAGE_CONVERSION
-from library.eval.probes import ModelContext, Probe, ProbeCache, probe_cache_key, run_probes, unique_probes
+from library.eval.probes import (
+    ModelContext,
+    Probe,
+    ProbeCache,
+    probe_cache_key,
+    run_probes,
+    unique_probes,
+)
+from library.eval.unet_weights import UNetWeights, load_unet_state_dict, swapped_unet
 from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
@@ -133,9 +142,11 @@ def query_noise(query: Query, shape: Sequence[int]) -> torch.Tensor:
 
 
 def feature_cache_key(
-    settings: FeatureSettings, base_fingerprint: str, lora_sha256: str | None, manifest_sha256: str, n_samples: int
+    settings: FeatureSettings, base_fingerprint: str, lora_sha256: str | None, manifest_sha256: str, n_samples: int,
+    unet_sha256: str | None = None,
 ) -> str:
-    """sha256 over everything the features depend on."""
+    """sha256 over everything the features depend on (a fully fine-tuned UNet's weights sha256 too; it is left
+    out of the key when there is none, so the keys of the base model and of LoRAs are what they always were)."""
     doc = {
         "format": FEATURE_FORMAT,
         "base_fingerprint": base_fingerprint,
@@ -144,32 +155,37 @@ def feature_cache_key(
         "n_samples": n_samples,
         "image_conversion": IMAGE_CONVERSION,  # latents of images decoded another way are other samples
         "settings": settings.as_dict(),
+        **({"unet_sha256": unet_sha256} if unet_sha256 is not None else {}),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 @contextlib.contextmanager
 def applied_lora(bundle: Any, lora_path: str | Path | None, multiplier: float, device: torch.device,
-                 dtype: torch.dtype) -> Iterator[Any]:
-    """Apply a LoRA file to the bundle's UNet / text encoder for the duration of the block (None: base model).
+                 dtype: torch.dtype, unet: UNetWeights | None = None) -> Iterator[Any]:
+    """The model under audit for the duration of the block; yields the applied LoRA network, or None.
 
-    A LoRA for another model raises :class:`~library.errors.ModelError` (from ``networks.lora``) before anything
-    is patched; the models are restored even if the block fails.
+    ``unet`` (a fully fine-tuned UNet, :mod:`library.eval.unet_weights`) swaps its weights into the bundle's UNet
+    (the network stays None, so probes see a model without LoRA and group the UNet's own blocks); ``lora_path``
+    applies a kohya / diffusers / PEFT LoRA file to the UNet and text encoder; neither is the base model. A LoRA
+    or UNet for another model raises :class:`~library.errors.ModelError` before anything is patched; the base
+    weights are back even if the block fails.
     """
-    if lora_path is None:
-        yield None
-        return
-    from networks.lora import create_network_from_weights
+    with contextlib.ExitStack() as stack:
+        if unet is not None:
+            stack.enter_context(swapped_unet(bundle.unet, load_unet_state_dict(unet, bundle.unet)))
+        if lora_path is None:
+            yield None
+            return
+        from networks.lora import create_network_from_weights
 
-    network = create_network_from_weights(multiplier, lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
-    network.apply_to(bundle.text_encoder, bundle.unet)
-    network.to(device=device, dtype=dtype)
-    network.requires_grad_(False)
-    network.eval()
-    try:
+        network = create_network_from_weights(multiplier, lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+        network.apply_to(bundle.text_encoder, bundle.unet)
+        stack.callback(network.restore)
+        network.to(device=device, dtype=dtype)
+        network.requires_grad_(False)
+        network.eval()
         yield network
-    finally:
-        network.restore()
 
 
 class FeatureEngine:
@@ -224,7 +240,8 @@ class FeatureEngine:
             return None
         return tensors
 
-    def _write_cache(self, key: str, name: str, tensors: dict[str, torch.Tensor], lora_sha256: str | None) -> None:
+    def _write_cache(self, key: str, name: str, tensors: dict[str, torch.Tensor], lora_sha256: str | None,
+                     unet_sha256: str | None = None) -> None:
         file = self._cache_file(key)
         if file is None:
             return
@@ -234,6 +251,7 @@ class FeatureEngine:
             "key": key,
             "model": name,
             "lora_sha256": lora_sha256 or "",
+            "unet_sha256": unet_sha256 or "",
             "base_fingerprint": self.base_fingerprint,
             "manifest_sha256": self.manifest_sha256,
             "settings": json.dumps(self.settings.as_dict(), sort_keys=True),
@@ -249,24 +267,29 @@ class FeatureEngine:
         lora_path: str | Path | None = None,
         lora_sha256: str | None = None,
         probes: Sequence[Probe] = (),
+        unet: UNetWeights | None = None,
     ) -> ModelFeatures:
-        """Features of the base model (``lora_path=None``) or of the base model + one LoRA: the fixed-t losses
-        (and the paper's row) and the outputs of ``probes`` (:mod:`library.eval.probes`), each cached on its own."""
+        """Features of the base model (``lora_path`` and ``unet`` None), of the base model + one LoRA, or of the
+        base model with a fully fine-tuned UNet: the fixed-t losses (and the paper's row) and the outputs of
+        ``probes`` (:mod:`library.eval.probes`), each cached on its own (the UNet's sha256 in both keys)."""
         n = len(samples)
         if latents.shape[0] != n:
             raise ValueError(f"{n} samples but {latents.shape[0]} latents")
-        key = feature_cache_key(self.settings, self.base_fingerprint, lora_sha256, self.manifest_sha256, n)
+        unet_sha256 = None if unet is None else unet.sha256
+        key = feature_cache_key(self.settings, self.base_fingerprint, lora_sha256, self.manifest_sha256, n,
+                                unet_sha256)
         cached = self._read_cache(key, n)
         probe_cache = ProbeCache(self.cache_dir)
-        identity = self.model_identity(lora_sha256, n)
+        identity = self.model_identity(lora_sha256, n, unet_sha256)
         pending = [p for p in unique_probes(probes)
                    if probe_cache.read(p.name, probe_cache_key(p, identity), n) is None]
         tensors, runs = cached, {}
         if cached is None or pending:
-            with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype) as network:
+            with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype,
+                              unet) as network:
                 if cached is None:
                     tensors = self._run(name, samples, latents)
-                    self._write_cache(key, name, tensors, lora_sha256)
+                    self._write_cache(key, name, tensors, lora_sha256, unet_sha256)
                 runs = self._run_probes(probes, samples, latents, network, probe_cache, identity)
         elif probes:
             runs = self._run_probes(probes, samples, latents, None, probe_cache, identity)  # all cache hits
@@ -278,13 +301,18 @@ class FeatureEngine:
                                              "queries_computed": run.queries_computed, "seconds": run.seconds}
                                          for p, run in runs.items()})
 
-    def model_identity(self, lora_sha256: str | None, n_samples: int) -> dict[str, Any]:
-        """What a probe's outputs depend on besides the probe itself: the model, the samples and the settings
-        shared by every query (not the loss features' timesteps and draws)."""
+    def model_identity(self, lora_sha256: str | None, n_samples: int,
+                       unet_sha256: str | None = None) -> dict[str, Any]:
+        """What a probe's outputs depend on besides the probe itself: the model (a fully fine-tuned UNet's
+        sha256 only when there is one, so other keys stay as they were), the samples and the settings shared by
+        every query (not the loss features' timesteps and draws)."""
         shared = {k: v for k, v in self.settings.as_dict().items()
                   if k not in ("timesteps", "num_noise_draws") and not k.startswith("paper_")}
-        return {"base_fingerprint": self.base_fingerprint, "lora_sha256": lora_sha256,
-                "manifest_sha256": self.manifest_sha256, "n_samples": n_samples, "settings": shared}
+        identity = {"base_fingerprint": self.base_fingerprint, "lora_sha256": lora_sha256,
+                    "manifest_sha256": self.manifest_sha256, "n_samples": n_samples, "settings": shared}
+        if unet_sha256 is not None:
+            identity["unet_sha256"] = unet_sha256
+        return identity
 
     def _run_probes(self, probes: Sequence[Probe], samples: Sequence[Sample], latents: torch.Tensor, network: Any,
                     cache: ProbeCache, identity: dict[str, Any]) -> dict[str, Any]:

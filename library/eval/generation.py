@@ -1,7 +1,7 @@
 """The images of the sample-quality metrics: what every model generates, and the real images it is compared with.
 
-Every model (``base`` and each LoRA, applied exactly as for the attacks) generates ``--quality_num_images``
-images from the D_te captions (member_test then nonmember_test, cycled; image ``i`` uses seed
+Every model (``base``, each LoRA and each fully fine-tuned UNet, applied exactly as for the attacks) generates
+``--quality_num_images`` images from the D_te captions (member_test then nonmember_test, cycled; image ``i`` uses seed
 ``quality_seed + i`` for every model, so models are compared on identical prompts and initial noise), in worker
 processes when ``--jobs`` > 1. The reference is the REAL images of ``--quality_reference``: ``members`` = D_tr,
 the LoRA's training images (the paper compares with "the training images"), ``nonmembers`` or ``test`` = D_te.
@@ -53,11 +53,12 @@ def pil_to_tensor(images: Sequence[Any]) -> torch.Tensor:
 
 def generate_samples(config: EvalConfig, bundle: Any, spec: ModelSpec, prompts: Sequence[str],
                      device: torch.device, dtype: torch.dtype) -> list[Any]:
-    """PIL images of one model: the base bundle with ``spec``'s LoRA applied as for the attacks."""
+    """PIL images of one model: the base bundle with ``spec``'s LoRA applied (or its fully fine-tuned UNet swapped
+    in) as for the attacks."""
     from library.eval.features import applied_lora  # noqa: PLC0415
     from library.sd.sampling import PromptSpec, build_pipeline, generate  # noqa: PLC0415
 
-    with applied_lora(bundle, spec.lora_path, config.network_multiplier, device, dtype):
+    with applied_lora(bundle, spec.lora_path, config.network_multiplier, device, dtype, unet=spec.unet):
         pipe = build_pipeline(bundle, config.quality_sampler)
         return generate(pipe, [PromptSpec(p) for p in prompts], resolution=config.resolution,
                         steps=config.quality_steps, guidance_scale=config.quality_guidance_scale,

@@ -1,5 +1,5 @@
 """What an evaluation attacks, read and checked before any model is loaded: the samples of the split manifest
-and the evaluated models (the base model plus one spec per LoRA file)."""
+and the evaluated models (the base model, one spec per LoRA file and one per fully fine-tuned UNet)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from library.eval.conditioning import CONDITIONING_KEYS
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
 from library.eval.records import BASE_NAME, EVAL_SPLITS, EvalSamples, ModelSpec
+from library.eval.unet_weights import resolve_unet_weights
 
 
 def _safe_name(text: str) -> str:
@@ -21,7 +22,8 @@ def _safe_name(text: str) -> str:
 
 
 def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
-    """The base model plus one spec per LoRA (unique names; files exist and belong to this split)."""
+    """The base model, one spec per LoRA (files exist and belong to this split), then one per fully fine-tuned
+    UNet (files found, format checked and hashed); names unique."""
     from networks.lora import lora_file_sha256, read_lora_metadata
 
     specs = [ModelSpec(BASE_NAME)]
@@ -37,16 +39,27 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
                 f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
                 "pass the manifest it was trained with (or --allow_manifest_mismatch)"
             )
-        name = _safe_name(path.stem)
-        candidate, n = name, 2
-        while candidate in used:
-            candidate, n = f"{name}-{n}", n + 1
-        used.add(candidate)
         # What the report shows of each file, and the training conditioning library.eval.conditioning reads.
         recorded_meta = {k: v for k, v in meta.items()
                          if k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS}
-        specs.append(ModelSpec(candidate, path, sha, recorded_meta))
+        specs.append(ModelSpec(_unique_name(path.stem, used), path, sha, recorded_meta))
+    for entry in config.unet_weights:
+        weights = resolve_unet_weights(entry, allow_pickle=config.allow_pickle)  # one ModelError line if unusable
+        path = weights.path.resolve()
+        # A folder named unet/ is the UNet of a pipeline folder: the pipeline's name says more.
+        stem = path.stem if not path.is_dir() else path.parent.name if path.name == "unet" else path.name
+        specs.append(ModelSpec(_unique_name(stem, used), unet=weights))
     return specs
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem`` made safe for file names and distinct from every name in ``used`` (which it joins)."""
+    name = _safe_name(stem)
+    candidate, n = name, 2
+    while candidate in used:
+        candidate, n = f"{name}-{n}", n + 1
+    used.add(candidate)
+    return candidate
 
 
 def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:

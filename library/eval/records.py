@@ -16,19 +16,47 @@ if TYPE_CHECKING:
     from library.eval.attacks.base import ScoreSet
     from library.eval.config import EvalConfig
     from library.eval.features import ModelFeatures, Sample
+    from library.eval.unet_weights import UNetWeights
 
 EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 BASE_NAME = "base"
 
 
+MODEL_KINDS = ("base", "lora", "unet")
+
+
 @dataclass
 class ModelSpec:
-    """One evaluated model: the base (``lora_path`` None) or base + one LoRA file."""
+    """One evaluated model: the base (``lora_path`` and ``unet`` None), base + one LoRA file, or the base model
+    with a fully fine-tuned UNet (``unet``, :class:`library.eval.unet_weights.UNetWeights`) in place of its own."""
 
     name: str
     lora_path: Path | None = None
     lora_sha256: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    unet: UNetWeights | None = None
+
+    @property
+    def kind(self) -> str:
+        """``base``, ``lora`` or ``unet`` (one of :data:`MODEL_KINDS`)."""
+        return "unet" if self.unet is not None else "lora" if self.lora_path is not None else "base"
+
+    @property
+    def path(self) -> Path | None:
+        """The LoRA file or the UNet folder / file given (None for the base model)."""
+        return self.unet.path if self.unet is not None else self.lora_path
+
+    @property
+    def sha256(self) -> str | None:
+        """What identifies the weights in caches and the report (the LoRA's or the UNet's weights sha256)."""
+        return self.unet.sha256 if self.unet is not None else self.lora_sha256
+
+    def record(self) -> dict[str, Any]:
+        """The report's entry of this model (``lora_path`` / ``lora_sha256`` kept for older readers)."""
+        return {"name": self.name, "kind": self.kind, "path": None if self.path is None else str(self.path),
+                "sha256": self.sha256, "layout": None if self.unet is None else self.unet.layout,
+                "lora_path": None if self.lora_path is None else str(self.lora_path),
+                "lora_sha256": self.lora_sha256, "metadata": self.metadata}
 
 
 @dataclass
@@ -62,4 +90,4 @@ class EvalResult:
     info: dict[str, Any]
 
 
-__all__ = ["BASE_NAME", "EVAL_SPLITS", "EvalResult", "EvalSamples", "ModelSpec"]
+__all__ = ["BASE_NAME", "EVAL_SPLITS", "MODEL_KINDS", "EvalResult", "EvalSamples", "ModelSpec"]

@@ -12,13 +12,14 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from library import __version__
 from library.config import config_to_dict
 from library.eval.extractors import extractor_notes
+from library.eval.summary import results_table, suite_sections
 from library.fileio import atomic_write_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ CONVENTIONS = {
                   "accuracy at the epoch chosen on a held-out part of D_aux",
     "ci": "stratified percentile bootstrap, 95 %",
     "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
+    "worst_case": "per model: the headline attack with the highest AUC on D_te; floor rows (blind) excluded",
+    "set_audit": "one-sided Mann-Whitney U of the worst-case scores, D^m_te (suspects) vs D^nm_te; n_needed: the "
+                 "smallest n whose median p over 200 seeded n-subsets is < audit_alpha (null: not reached)",
+    "epsilon_lb": "max(log((TPR_lo - delta)/FPR_hi), log((1 - FPR_hi - delta)/(1 - TPR_lo))), >= 0, two-sided 95 % "
+                  "Clopper-Pearson; honest: the D_aux decision rule; oracle: max over D_te thresholds (optimistic)",
 }
 # What each held-out loss of library.eval.quality means; each feature extractor labels its own metrics.
 LOSS_NOTES = {
@@ -86,8 +92,7 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
                        "fingerprint": result.info.get("base_fingerprint")},
         "manifest": {"path": result.config.split_manifest, "sha256": result.info.get("manifest_sha256"),
                      "seed": result.info.get("manifest_seed"), "sizes": result.info.get("manifest_sizes")},
-        "models": [{"name": m.name, "lora_path": m.lora_path, "lora_sha256": m.lora_sha256, "metadata": m.metadata}
-                   for m in result.models],
+        "models": [m.record() for m in result.models],
         "samples": {"counts": counts, "n_aux": int(samples.aux_index.size), "n_test": int(samples.test_index.size)},
         "seeds": {"noise_attacks_bootstrap": result.config.seed, "split": result.info.get("manifest_seed")},
         "features": {"settings": result.info.get("feature_settings"), "cache": result.info.get("feature_cache"),
@@ -100,6 +105,8 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
         "device": result.info.get("device"),
         "timing_s": result.info.get("timing_s"),
         "results": result.rows,
+        # Per model: the worst case over the suite, its set-level audit and empirical epsilon (library.eval.audit).
+        "privacy_audit": result.info.get("privacy_audit"),
         # Per-model utility (library.eval.quality): held-out losses always; FD/KID with --quality.
         "utility": result.info.get("utility"),
         "quality": result.info.get("quality"),
@@ -135,32 +142,6 @@ def _utility_table(result: "EvalResult") -> list[str]:
 # ------------------------------------------------------------------------------------------------ markdown
 
 
-def _fmt(value: Any, pct: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.2f}" if pct else f"{value:.3f}"
-
-
-def _ci(ci: Sequence[float] | None) -> str:
-    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def results_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| model | attack | ASR % (oracle) | ASR % (honest) | \\|AUC−0.5\\|/0.5 | TPR@5%FPR % | AUC [95% CI] | "
-        "TPR@1%FPR % | TPR@0.1%FPR % |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for r in rows:
-        tpr = r["tpr_at_fpr"]
-        lines.append(
-            f"| {r['model']} | {r['label']} | {_fmt(r['asr_oracle'], True)} | {_fmt(r['asr_honest'], True)} | "
-            f"{_fmt(r['auc_deviation'])} | {_fmt(tpr['0.05'], True)} | {_fmt(r['auc'])}{_ci(r.get('auc_ci'))} | "
-            f"{_fmt(tpr['0.01'], True)} | {_fmt(tpr['0.001'], True)} |"
-        )
-    return lines
-
-
 def _conditioning_line(conditioning: dict[str, Any] | None) -> list[str]:
     if not conditioning:
         return []
@@ -190,6 +171,8 @@ def report_markdown(result: "EvalResult") -> str:
         "",
         *results_table([r for r in rows if r["headline"]]),
         "",
+        # The suite's tables are read back from the report dict, as for any finished report.json.
+        *suite_sections(report_dict(result)),
     ]
     others = [r for r in rows if not r["headline"]]
     if others:
@@ -360,4 +343,4 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
 
 
 __all__ = ["CONVENTIONS", "LOSS_NOTES", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
-           "score_column", "scores_csv", "write_report"]
+           "results_table", "score_column", "scores_csv", "write_report"]

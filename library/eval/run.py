@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.eval import metrics, quality, report
+from library.eval import audit, metrics, quality, report
 from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.registry import build_attacks
 from library.eval.conditioning import resolve_conditioning
@@ -133,7 +133,7 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
     probes = [probe for attack in build_attacks(config, job.device) for probe in attack.probes()]
     t0 = time.perf_counter()
     features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256,
-                              probes=probes)
+                              probes=probes, unet=job.spec.unet)
     return features, time.perf_counter() - t0
 
 
@@ -145,16 +145,19 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
                      device: torch.device, info: dict[str, Any], pool: WorkerPool) -> dict[str, ModelFeatures]:
     """Load the base model, encode latents once, then features of every model (cached; ``pool.jobs`` at once)."""
     from library.data.latents import LatentCache
+    from library.eval.unet_weights import check_unet_weights
     from library.sd.bundle import fingerprint, vae_fingerprint
     from networks.lora import create_network_from_weights
 
     dtype = PRECISION_DTYPES[config.mixed_precision]
     t0 = time.perf_counter()
     bundle = load_bundle(config, device)
-    # Fail fast on a LoRA for another model, before any long feature computation.
+    # Fail fast on a LoRA or UNet for another model, before any long feature computation.
     for spec in specs:
         if spec.lora_path is not None:
             create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+        if spec.unet is not None:
+            check_unet_weights(spec.unet, bundle.unet)
     base_fp = fingerprint(bundle)
     info["base_fingerprint"] = base_fp
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
@@ -205,7 +208,8 @@ def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], 
     for attack in build_attacks(config, job.device):
         attack.fit(inputs.subset(aux), labels[aux], oracle=(inputs.subset(test), labels[test]))
         settings[attack.name] = {**attack.settings(), "threat_model": attack.threat_model,
-                                 "citation": attack.citation, "queries_per_sample": attack.queries_per_sample()}
+                                 "citation": attack.citation, "queries_per_sample": attack.queries_per_sample(),
+                                 "probes": [probe.name for probe in attack.probes()]}
         for score_set in attack.score(inputs):
             score_sets.append(score_set)
             test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],
@@ -275,6 +279,11 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
         scores, rows, attack_settings = run_attacks(config, specs, samples, features, device, pool)
         info["timing_s"]["attacks_and_metrics"] = time.perf_counter() - t0
         info["attack_settings"] = attack_settings
+        # The suite's audit (library.eval.audit): every row's empirical epsilon; per model the worst case's
+        # set-level audit and epsilon.
+        audit.add_row_epsilons(rows, scores, samples.splits, config.epsilon_delta)
+        info["privacy_audit"] = audit.privacy_audit(rows, scores, samples.splits, {s.name: s.metadata for s in specs},
+                                                    config.audit_alpha, config.epsilon_delta, seed=config.seed)
         # Utility (library.eval.quality): held-out losses always (free: the attack features hold them); samples,
         # grids and FD/KID with --quality.
         info["utility"] = quality.heldout_losses(features, samples.splits)

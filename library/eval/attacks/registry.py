@@ -40,8 +40,10 @@ ATTACK_CLASSES: dict[str, str] = {
     "blind": "library.eval.attacks.blind:BlindAttack",
 }
 ATTACK_NAMES = tuple(ATTACK_CLASSES)
-# What runs without --attacks; kept apart from the registry so that registering an attack does not change it.
-DEFAULT_ATTACKS = ("paper", "loss", "calibrated")
+# What runs without --attacks: the whole suite (docs/attacks.md), so that a model's headline is its worst case
+# over all of it. Kept apart from the registry so that registering an attack does not add it here by itself.
+DEFAULT_ATTACKS = ("paper", "loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima", "blackbox",
+                   "reconstruction", "blind")
 
 
 def attack_class(name: str) -> type[Attack]:

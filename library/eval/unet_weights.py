@@ -1,0 +1,215 @@
+"""A fully fine-tuned SD v1.x UNet under audit (``--unet_weights``): finding its files, hashing, loading, swapping.
+
+An entry is a **diffusers model folder** (``config.json`` + ``diffusion_pytorch_model.safetensors``, or a
+``.safetensors.index.json`` with its shards), directly or in a ``unet/`` subfolder (a whole pipeline folder), or an
+**SD single-file checkpoint** in the original LDM layout, of which only the ``model.diffusion_model.*`` tensors
+are read and renamed with diffusers' own ``convert_ldm_unet_checkpoint`` (as :mod:`library.sd.single_file`
+does for base models). The text encoder and VAE always stay the base model's: a fine-tune that also changed
+them is audited through its UNet only. Pickle weights (``.ckpt``, ``.bin``) are read only with
+``--allow_pickle``, as for the base model, and then with ``torch.load(weights_only=True)``.
+
+The UNet must have the base model's architecture: the same tensor names and shapes (checked on the safetensors
+headers, with meta tensors, before any weight is read), else one :class:`~library.errors.ModelError` line.
+Its identity in caches and the report is :func:`weights_sha256`: the sha256 of each weight file's tensor
+index (names, dtypes, shapes, offsets) and tensor bytes, header metadata excluded, so a re-saved file with other
+metadata keeps its cached features and two different UNets never share them.
+
+:func:`swapped_unet` puts the fine-tuned tensors into the base UNet for a block and gives the base its own
+tensor objects back afterwards (no copy of the base weights is made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from library.errors import ModelError
+from library.sd.bundle import first_line
+
+__all__ = ["UNetWeights", "check_unet_weights", "load_unet_state_dict", "resolve_unet_weights", "swapped_unet", "weights_sha256"]
+
+_WEIGHTS = "diffusion_pytorch_model"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_LDM_UNET_PREFIX = "model.diffusion_model."
+_PICKLE_HINT = "pass --allow_pickle only if you trust the file (unpickling can run code), or convert it to .safetensors"
+
+
+@dataclass(frozen=True)
+class UNetWeights:
+    """A resolved ``--unet_weights`` entry: what was given, its layout, its weight files and their sha256."""
+
+    path: Path
+    layout: str  # "diffusers" (a model folder) or "single_file" (an LDM checkpoint)
+    files: tuple[Path, ...]
+    sha256: str
+
+
+def _folder_files(folder: Path, allow_pickle: bool) -> tuple[Path, ...]:
+    """The weight files of a diffusers model folder (shards in index order); ModelError if there are none."""
+    index = folder / f"{_WEIGHTS}.safetensors.index.json"
+    if (folder / f"{_WEIGHTS}.safetensors").is_file():
+        return (folder / f"{_WEIGHTS}.safetensors",)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelError(f"UNet weights {index} is not a valid shard index ({exc}); save the UNet again") from exc
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelError(f"UNet weights {folder}: shard {missing[0]} named by {index.name} is missing")
+        return tuple(folder / name for name in shards)
+    if (folder / f"{_WEIGHTS}.bin").is_file():
+        if not allow_pickle:
+            raise ModelError(f"UNet weights {folder} holds only pickle weights ({_WEIGHTS}.bin); {_PICKLE_HINT}")
+        return (folder / f"{_WEIGHTS}.bin",)
+    raise ModelError(f"UNet weights {folder} holds no {_WEIGHTS}.safetensors (nor a shard index); pass a "
+                     "diffusers UNet folder (config.json + weights), its pipeline folder, or a single .safetensors")
+
+
+def _check_safetensors(file: Path) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors file; ModelError for anything that is not one."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+        raw = handle.read(header_len) if 0 < header_len <= size - 8 else b""
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise ModelError(f"UNet weights {file} is not a valid .safetensors file (corrupt or truncated); "
+                         "download or save it again") from None
+    return header
+
+
+def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWeights:
+    """Find and hash the weight files of one ``--unet_weights`` entry; every failure is one ModelError line."""
+    given = Path(path).expanduser()
+    if given.is_dir():
+        folder = given / "unet" if not (given / "config.json").is_file() and (given / "unet").is_dir() else given
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"UNet weights {given} is not a diffusers UNet folder (no config.json, no unet/ "
+                             "subfolder); pass a UNet folder, its pipeline folder or a single .safetensors file")
+        files, layout = _folder_files(folder, allow_pickle), "diffusers"
+    elif given.is_file():
+        suffix = given.suffix.lower()
+        if suffix in _PICKLE_SUFFIXES and not allow_pickle:
+            raise ModelError(f"UNet weights {given} is a pickle ({suffix}) checkpoint; {_PICKLE_HINT}")
+        if suffix not in _PICKLE_SUFFIXES and suffix != ".safetensors":
+            raise ModelError(f"UNet weights {given} is neither a diffusers folder nor a .safetensors checkpoint")
+        files, layout = (given,), "single_file"
+    else:
+        raise ModelError(f"UNet weights {given} does not exist; pass a diffusers UNet folder or a .safetensors file")
+    for file in files:
+        if file.suffix == ".safetensors":
+            keys = [k for k in _check_safetensors(file) if k != "__metadata__"]
+            if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
+                raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
+                                 "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
+    return UNetWeights(given, layout, files, weights_sha256(files))
+
+
+def weights_sha256(files: tuple[Path, ...]) -> str:
+    """sha256 over the weight files: a safetensors file's tensor index and data (header metadata excluded), a
+    pickle file's bytes."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            if file.suffix == ".safetensors":
+                header = _check_safetensors(file)
+                header.pop("__metadata__", None)
+                digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+                handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_file(file: Path, meta: bool, wanted: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of one weight file whose names start with ``wanted`` (meta tensors from the header if ``meta``)."""
+    if file.suffix != ".safetensors":  # only reached with --allow_pickle (resolve_unet_weights)
+        try:
+            state = torch.load(str(file), map_location="meta" if meta else "cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"UNet weights {file} could not be unpickled ({first_line(exc)})") from exc
+        state = state.get("state_dict", state) if isinstance(state, Mapping) else {}
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(wanted)}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys = [k for k in handle.keys() if k.startswith(wanted)]
+            if not meta:
+                return {k: handle.get_tensor(k) for k in keys}
+            slices = {k: handle.get_slice(k) for k in keys}
+            return {k: torch.empty(s.get_shape(), device="meta") for k, s in slices.items()}
+    except Exception as exc:
+        raise ModelError(f"UNet weights {file} could not be read ({first_line(exc)}); it may be truncated or "
+                         "corrupt") from exc
+
+
+def load_unet_state_dict(weights: UNetWeights, unet: Any, meta: bool = False) -> dict[str, torch.Tensor]:
+    """The diffusers-named state dict of ``weights``, checked against the base ``unet``'s names and shapes.
+
+    ``meta=True`` reads only the headers (shape-only meta tensors): the check costs no weight read.
+    """
+    wanted = _LDM_UNET_PREFIX if weights.layout == "single_file" else ""
+    state: dict[str, torch.Tensor] = {}
+    for file in weights.files:
+        state.update(_read_file(file, meta, wanted))
+    if weights.layout == "single_file":
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        try:
+            state = convert_ldm_unet_checkpoint(state, dict(unet.config))
+        except Exception as exc:  # the converter indexes blocks by the base config; another layout fails inside
+            raise ModelError(f"UNet weights {weights.path} do not fit the base model's UNet ({first_line(exc)}); "
+                             "a fully fine-tuned UNet must have its base model's architecture") from exc
+    _check_architecture(weights.path, unet.state_dict(), state)
+    return state
+
+
+def check_unet_weights(weights: UNetWeights, unet: Any) -> None:
+    """ModelError unless ``weights`` fit the base ``unet`` (names and shapes); reads only the files' headers, so
+    the orchestrator can call it for every ``--unet_weights`` entry right after loading the base model."""
+    load_unet_state_dict(weights, unet, meta=True)
+
+
+def _check_architecture(path: Path, base: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> None:
+    missing = [k for k in base if k not in got]
+    unexpected = [k for k in got if k not in base]
+    wrong = [k for k in base if k in got and tuple(got[k].shape) != tuple(base[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    if wrong:
+        detail = f"{wrong[0]} is {tuple(got[wrong[0]].shape)}, the base model's {tuple(base[wrong[0]].shape)}"
+    else:
+        detail = f"{len(missing)} tensors missing, {len(unexpected)} unexpected, e.g. " + (
+            f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+    raise ModelError(f"UNet weights {path} do not fit the base model's UNet ({detail}); a fully fine-tuned UNet "
+                     "must have its base model's architecture — pass the base model it was fine-tuned from")
+
+
+@contextlib.contextmanager
+def swapped_unet(unet: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``unet`` computes with ``state``'s weights (cast to each base tensor's device and dtype) for the block.
+
+    The base tensors are kept by reference and assigned back afterwards (even if the block fails), with their
+    ``requires_grad`` flags, so nothing of the base model is copied or changed.
+    """
+    originals = dict(unet.state_dict(keep_vars=True))
+    flags = {k: v.requires_grad for k, v in originals.items()}
+    swapped = {k: state[k].to(device=v.device, dtype=v.dtype) for k, v in originals.items()}
+    unet.load_state_dict(swapped, strict=True, assign=True)
+    del swapped
+    try:
+        yield
+    finally:
+        unet.load_state_dict(originals, strict=True, assign=True)
+        for key, tensor in unet.state_dict(keep_vars=True).items():
+            tensor.requires_grad_(flags[key])

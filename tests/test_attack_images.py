@@ -1,0 +1,254 @@
+"""Tests of the image-space attacks: black-box generation (Wu et al. 2022), reconstruction (Pang & Wang 2025) and
+the blind baseline (Das et al. 2024), on the tiny MIA world (tests/mia_world.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from mia_world import base_args
+
+import evaluate_mia
+from library.errors import ConfigError
+from library.eval.attacks.blackbox import (
+    BlackBoxProbe,
+    ddim_denoise,
+    generation_noise,
+    unet_eps,
+)
+from library.eval.attacks.blind import BLIND_FEATURES, BlindProbe
+from library.eval.attacks.ddim import ddim_timesteps
+from library.eval.attacks.image_distance import (
+    COST_OUTPUT,
+    ImageSet,
+    nearest_distances,
+    paired_distances,
+)
+from library.eval.attacks.reconstruction import (
+    ReconstructionProbe,
+    reconstruction_timesteps,
+)
+from library.eval.features import Sample, applied_lora
+from library.eval.probes import ModelContext, QueryContext
+from library.fileio import sha256_file
+from library.sd.text import encode_prompts
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def world(mia_world):
+    return mia_world
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    manifest = world["manifest"]
+    entries = manifest.member_aux + manifest.nonmember_aux
+    return [Sample(manifest.abs_path(e), e.caption, sha256_file(manifest.abs_path(e))) for e in entries]
+
+
+@pytest.fixture(scope="module")
+def latents(world, samples):
+    from library.data.latents import LatentCache
+    from library.sd.bundle import vae_fingerprint
+
+    bundle = world["bundle"]
+    return LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32).get_many([s.path for s in samples])
+
+
+def model_context(bundle, samples, seed=0):
+    return ModelContext(bundle, samples, CPU, torch.float32, seed, 32)
+
+
+def hand_ddim(unet, z, timesteps, cond, uncond, scale, alphas):
+    """The DDIM loop written out: direct UNet calls, eta = 0, alpha-bar 1 after the last step."""
+    z = z.float()
+    for i, t in enumerate(timesteps):
+        steps = torch.full((z.shape[0],), t, dtype=torch.long)
+        eps = unet(z, steps, encoder_hidden_states=cond.expand(z.shape[0], -1, -1)).sample
+        if scale != 1.0:
+            eps_u = unet(z, steps, encoder_hidden_states=uncond.expand(z.shape[0], -1, -1)).sample
+            eps = eps_u + scale * (eps - eps_u)
+        a = float(alphas[t])
+        a_next = float(alphas[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+        x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        z = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+    return z
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_ddim_loop_equals_hand_loop(world, scale):
+    bundle = world["bundle"]
+    cond, uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo", ""]).split(1)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = ddim_timesteps(3)
+    assert timesteps == [667, 334, 1]
+    alphas = bundle.noise_scheduler.alphas_cumprod.double()
+    ours = ddim_denoise(z, timesteps, unet_eps(bundle.unet, cond, uncond, scale, torch.float32), alphas)
+    expected = hand_ddim(bundle.unet, z, timesteps, cond, uncond, scale, alphas)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_blackbox_generations_are_paired_across_models_and_batches(world, samples, latents):
+    bundle = world["bundle"]
+    probe = BlackBoxProbe(num_images=3, steps=2, guidance_scale=2.0)
+    model = model_context(bundle, samples)
+    probe.begin(model)
+    ctx = QueryContext(model, [0, 1], latents[[0, 1]])
+    first = probe.generations(ctx, "a photo")
+    assert ctx.queries == 3 * 2 * 2  # images x steps x (cond + uncond)
+    # The same model seen again with the samples reversed, in another batch: identical generations.
+    again = BlackBoxProbe(num_images=3, steps=2, guidance_scale=2.0)
+    other = model_context(bundle, samples[::-1])
+    again.begin(other)
+    second = again.generations(QueryContext(other, [5], latents[[5]]), "a photo")
+    assert torch.equal(first.latents, second.latents) and torch.equal(first.images, second.images)
+    assert first.images.shape == (3, 3, 32, 32) and first.images.abs().max() <= 1.0
+    # The starting noise is (seed, caption, i): another seed or caption starts elsewhere.
+    noise = generation_noise(0, "a photo", 3, (4, 8, 8))
+    assert not torch.equal(noise, generation_noise(1, "a photo", 3, (4, 8, 8)))
+    assert not torch.equal(noise[0], generation_noise(0, "a drawing", 1, (4, 8, 8))[0])
+    assert not torch.equal(noise[0], noise[1])
+    # Cost: one caption for all samples -> caption cost / N per sample.
+    assert probe.queries_per_sample() == pytest.approx(3 * 2 * 2 / len(samples))
+
+
+@torch.no_grad()
+def test_blackbox_probe_outputs_nearest_distances(world, samples, latents):
+    bundle = world["bundle"]
+    probe = BlackBoxProbe(num_images=2, steps=2, guidance_scale=1.0)
+    model = model_context(bundle, samples[:3])
+    probe.begin(model)
+    ctx = QueryContext(model, [0, 1, 2], latents[:3])
+    gen = probe.generations(ctx, "a photo")
+    assert ctx.queries == 2 * 2  # images x steps, no guidance
+    out = probe.compute(ctx)
+    assert ctx.queries == 4, "the caption's generations are made once per model"
+    assert probe._generated == {}, "released after the caption's last sample"
+    expected_pixel = torch.stack([((ctx.images()[i] - gen.images) ** 2).flatten(1).mean(1).min() for i in range(3)])
+    expected_latent = torch.stack([((latents[i] - gen.latents) ** 2).flatten(1).mean(1).min() for i in range(3)])
+    torch.testing.assert_close(out["pixel"], expected_pixel.double(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(out["latent"], expected_latent.double(), rtol=1e-5, atol=1e-9)
+    assert torch.all(out[COST_OUTPUT] == 2 * 2 / 3)
+
+
+def test_nearest_distance_picks_the_minimum_in_each_space():
+    query = ImageSet(torch.zeros(2, 3, 2, 2), torch.zeros(2, 4, 1, 1))
+    query.images[1] += 1.0
+    # Candidate 0 is the nearest in pixels for query 0, candidate 2 the nearest in latents.
+    cand = ImageSet(torch.stack([torch.full((3, 2, 2), v) for v in (0.1, 0.5, 2.0)]),
+                    torch.stack([torch.full((4, 1, 1), v) for v in (3.0, 1.0, -0.2)]))
+    d = nearest_distances(query, cand)
+    torch.testing.assert_close(d["pixel"], torch.tensor([0.01, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(d["latent"], torch.tensor([0.04, 0.04], dtype=torch.float64))
+    paired = paired_distances(query, cand.subset([1, 2]))
+    torch.testing.assert_close(paired["pixel"], torch.tensor([0.25, 1.0], dtype=torch.float64))
+
+
+def test_reconstruction_schedule():
+    assert reconstruction_timesteps(20, 0.5)[0] == 451 and len(reconstruction_timesteps(20, 0.5)) == 10
+    assert reconstruction_timesteps(4, 0.5) == [251, 1]
+    assert reconstruction_timesteps(20, 1.0) == ddim_timesteps(20)
+    assert reconstruction_timesteps(100, 0.51)[0] == 501
+    with pytest.raises(ConfigError, match="reconstruction_strength"):
+        reconstruction_timesteps(4, 0.0005)
+
+
+class RecordingUNet:
+    """The UNet, recording the timestep of every forward."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+
+    def __call__(self, x, timesteps, **kwargs):
+        self.calls.append(int(timesteps[0]))
+        return self.unet(x, timesteps, **kwargs)
+
+
+@torch.no_grad()
+def test_reconstruction_starts_at_its_timestep_and_counts_its_queries(world, samples, latents):
+    bundle = world["bundle"]
+    recorder = RecordingUNet(bundle.unet)
+    fake = types.SimpleNamespace(**{k: getattr(bundle, k) for k in ("vae", "text_encoder", "tokenizer",
+                                                                    "noise_scheduler")}, unet=recorder)
+    probe = ReconstructionProbe(strength=0.5, steps=4, guidance_scale=2.0, repeats=2)
+    ctx = QueryContext(model_context(fake, samples), [0, 1, 2], latents[[0, 1, 2]])
+    out = probe.compute(ctx)
+    assert recorder.calls == [251, 251, 1, 1] * 2  # (cond, uncond) per step, per repeat
+    assert ctx.queries == 3 * 2 * 2 * 2 and probe.queries_per_sample() == 8.0
+    assert torch.all(out[COST_OUTPUT] == 8.0)
+
+
+@torch.no_grad()
+def test_reconstruction_equals_hand_computation(world, samples, latents):
+    bundle = world["bundle"]
+    probe = ReconstructionProbe(strength=0.5, steps=4, guidance_scale=1.0, repeats=1)
+    ctx = QueryContext(model_context(bundle, samples), [3, 4], latents[[3, 4]])
+    out = probe.compute(ctx)
+    a = float(bundle.noise_scheduler.alphas_cumprod[251])
+    z = math.sqrt(a) * latents[[3, 4]] + math.sqrt(1 - a) * ctx.noise("reconstruction", 0)
+    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo"])
+    z0_hat = hand_ddim(bundle.unet, z, [251, 1], cond, None, 1.0, bundle.noise_scheduler.alphas_cumprod.double())
+    images = bundle.vae.decode(z0_hat / bundle.vae.config.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(out["latent"], ((z0_hat - latents[[3, 4]]) ** 2).flatten(1).mean(1).double(),
+                               rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(out["pixel"], ((images - ctx.images()) ** 2).flatten(1).mean(1).double(),
+                               rtol=1e-4, atol=1e-8)
+
+
+@torch.no_grad()
+def test_blind_features_ignore_the_model(world, samples, latents):
+    bundle, probe = world["bundle"], BlindProbe()
+    base = probe.compute(QueryContext(model_context(bundle, samples), [0, 1, 2], latents[[0, 1, 2]]))["features"]
+    with applied_lora(bundle, world["lora"], 1.0, CPU, torch.float32) as network:
+        assert network is not None
+        lora_ctx = QueryContext(model_context(bundle, samples, seed=7), [0, 1, 2], latents[[0, 1, 2]])
+        tuned = probe.compute(lora_ctx)["features"]
+    assert torch.equal(base, tuned) and base.shape == (3, len(BLIND_FEATURES))
+    images = (lora_ctx.images().double() + 1) / 2
+    names = list(BLIND_FEATURES)
+    torch.testing.assert_close(base[:, names.index("mean_g")], images[:, 1].mean(dim=(1, 2)))
+    assert base[:, names.index("caption_chars")].tolist() == [7.0] * 3  # "a photo"
+    assert base[:, names.index("caption_words")].tolist() == [2.0] * 3
+    hist = base[:, [names.index(f"hist_{b}") for b in range(8)]]
+    torch.testing.assert_close(hist.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    assert probe.queries_per_sample() == 0.0
+
+
+def test_end_to_end_rows_costs_and_floor(world):
+    out = world["root"] / "eval_images"
+    rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"]), "--attacks", "blackbox",
+                                     "reconstruction", "blind", "--blackbox_num_images", "4", "--blackbox_steps", "4"))
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["model"], r["attack"], r["variant"]): r for r in report["results"]}
+    for model in ("base", "overfit"):
+        for attack in ("blackbox", "reconstruction"):
+            row = rows[(model, attack, "classifier")]
+            assert row["headline"] and row["kind"] == "classifier" and not row["floor"]
+            assert {(model, attack, v) for v in ("pixel", "latent")} <= set(rows)
+        blind = rows[(model, "blind", "classifier")]
+        assert blind["floor"] and blind["headline"]
+        assert blind["auc_ci"][0] <= 0.5 <= blind["auc_ci"][1], blind  # random i.i.d. images: chance
+    n = len(world["manifest"].member_aux + world["manifest"].nonmember_aux + world["manifest"].member_test
+             + world["manifest"].nonmember_test)
+    settings = report["attacks"]
+    assert settings["blackbox"]["queries_per_sample"] == pytest.approx(4 * 4 * 2 / n)  # one caption for all
+    assert settings["reconstruction"]["queries_per_sample"] == 2 * 2  # [251, 1] x (cond + uncond)
+    assert settings["blind"]["queries_per_sample"] == 0.0
+    probes = report["features"]["probes"]["overfit"]
+    assert probes["blackbox"]["queries_computed"] == 4 * 4 * 2
+    assert probes["reconstruction"]["queries_computed"] == n * 4
+    aucs = {f"{m} {a} {v}": round(r["auc"], 3) for (m, a, v), r in rows.items()}
+    print("AUCs on D_te:", json.dumps(aucs, indent=1))
+    assert np.isfinite(list(aucs.values())).all()

@@ -1,0 +1,173 @@
+"""library.eval.audit: the set-level audit (Mann-Whitney, images needed) and the empirical epsilon lower bound
+(Clopper-Pearson), against hand computations; and both in an evaluation's report on the over-fitted LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from mia_world import base_args
+from scipy import stats
+
+from library.eval.attacks.base import ScoreSet
+from library.eval.audit import (
+    MIN_SET_SIZE,
+    add_row_epsilons,
+    clopper_pearson,
+    epsilon_at_decision,
+    epsilon_from_counts,
+    epsilon_lb,
+    epsilon_oracle,
+    images_needed,
+    mann_whitney_p,
+    privacy_audit,
+    set_audit,
+    subset_median_p,
+)
+
+DELTA = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- set-level audit
+
+
+def test_mann_whitney_p_by_hand_and_against_scipy():
+    # Both suspects above both non-members: U = 4, the largest of the C(4, 2) = 6 equally likely rank splits.
+    assert mann_whitney_p([3.0, 4.0], [1.0, 2.0]) == pytest.approx(1 / 6)
+    assert mann_whitney_p([1.0, 2.0], [3.0, 4.0]) == pytest.approx(1.0)  # one-sided: the wrong direction is p = 1
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.5, 1, 20), rng.normal(0, 1, 25)
+    assert mann_whitney_p(a, b) == stats.mannwhitneyu(a, b, alternative="greater").pvalue
+
+
+def test_subset_median_p_is_the_median_over_seeded_subsets():
+    rng = np.random.default_rng(2)
+    suspect, nonmembers = rng.normal(1, 1, 12), rng.normal(0, 1, 12)
+    assert subset_median_p(suspect, nonmembers, 12) == mann_whitney_p(suspect, nonmembers)  # the whole set
+    p5 = subset_median_p(suspect, nonmembers, 5, n_subsets=31, seed=3)
+    assert p5 == subset_median_p(suspect, nonmembers, 5, n_subsets=31, seed=3)  # seeded
+    # Recompute independently: the same subsets, one test at a time.
+    picks = np.argsort(np.random.default_rng([3, 5]).random((31, 12)), axis=1)[:, :5]
+    assert p5 == pytest.approx(np.median([mann_whitney_p(suspect[i], nonmembers) for i in picks]))
+    assert all(len(set(i)) == 5 for i in picks)  # without replacement
+
+
+def test_images_needed_small_when_separated_none_when_identical():
+    rng = np.random.default_rng(4)
+    nonmembers = rng.normal(0, 1, 40)
+    strong, weak = rng.normal(3, 1, 40), rng.normal(1, 1, 40)
+    n_strong, n_weak = images_needed(strong, nonmembers, 0.01), images_needed(weak, nonmembers, 0.01)
+    assert n_strong is not None and MIN_SET_SIZE <= n_strong <= 5
+    assert n_weak is not None and n_strong < n_weak <= 40  # a weaker signal needs more suspect images
+    for suspect, n in ((strong, n_strong), (weak, n_weak)):  # the smallest such n: one fewer does not reach alpha
+        assert subset_median_p(suspect, nonmembers, n) < 0.01
+        if n > MIN_SET_SIZE:
+            assert subset_median_p(suspect, nonmembers, n - 1) >= 0.01
+    assert images_needed(nonmembers.copy(), nonmembers, 0.01) is None  # the same distribution: never
+    audit = set_audit(nonmembers.copy(), nonmembers, 0.01)
+    assert audit["n_needed"] is None and audit["p_value"] > 0.4 and audit["alpha"] == 0.01
+
+
+# ---------------------------------------------------------------------------------------------- epsilon
+
+
+def test_clopper_pearson_known_values():
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)))
+    assert clopper_pearson(10, 10) == pytest.approx((0.025 ** (1 / 10), 1.0))
+    assert clopper_pearson(5, 10) == pytest.approx((0.187086, 0.812914), abs=1e-6)  # the textbook 5/10 interval
+    lo, hi = clopper_pearson(np.array([0, 5, 10]), 10)
+    assert lo == pytest.approx([0.0, 0.187086, 0.025 ** 0.1], abs=1e-6) and hi[0] == pytest.approx(1 - 0.025 ** 0.1)
+
+
+def test_epsilon_zero_for_identical_and_the_hand_value_for_perfect_separation():
+    y = np.r_[np.ones(20), np.zeros(20)]
+    same = np.r_[np.arange(20.0), np.arange(20.0)]
+    assert epsilon_oracle(y, same, DELTA) == 0.0
+    assert epsilon_at_decision(y, same >= 10, DELTA) == 0.0  # TPR = FPR = 1/2: nothing to conclude
+    # Perfect separation of 20 vs 20: TPR_lo = 0.025^(1/20), FPR_hi = 1 - 0.025^(1/20), and symmetric.
+    lo = 0.025 ** (1 / 20)
+    expected = math.log((lo - DELTA) / (1 - lo))
+    assert epsilon_at_decision(y, y == 1, DELTA) == pytest.approx(expected)
+    assert epsilon_oracle(y, y.copy(), DELTA) == pytest.approx(expected) and expected > 1.5
+    assert epsilon_from_counts(200, 200, 0, 200, DELTA) > expected  # more samples, tighter intervals, larger bound
+
+
+def test_epsilon_decreases_in_delta_and_oracle_is_the_max_over_thresholds():
+    values = [epsilon_from_counts(18, 20, 2, 20, d) for d in (0.0, 0.1, 0.3, 0.6)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] == 0.0
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(15), np.zeros(15)]
+    s = np.round(rng.normal(y, 1.0), 1)  # rounding makes ties
+    brute = max(epsilon_at_decision(y, s >= tau, DELTA) for tau in np.unique(s))
+    assert epsilon_oracle(y, s, DELTA) == pytest.approx(brute)
+
+
+def test_honest_epsilon_uses_the_fitted_rule():
+    y = np.r_[np.ones(10), np.zeros(10)]
+    scores = np.r_[np.full(10, 2.0), np.full(10, 1.0)]
+    index = np.arange(20)
+    good = ScoreSet("a", "", scores, "threshold", threshold=1.5)
+    bad = ScoreSet("a", "", scores, "threshold", threshold=3.0)  # fitted on D_aux, calls nobody a member
+    probs = ScoreSet("h", "", scores, "classifier", member_probs=np.r_[np.full(10, 0.9), np.full(10, 0.5)])
+    assert epsilon_lb(good, y, index, DELTA)["honest"] == pytest.approx(epsilon_at_decision(y, y == 1, DELTA))
+    assert epsilon_lb(bad, y, index, DELTA)["honest"] == 0.0 and epsilon_lb(bad, y, index, DELTA)["oracle"] > 0.5
+    assert epsilon_lb(probs, y, index, DELTA)["honest"] == epsilon_lb(good, y, index, DELTA)["honest"]  # p > 0.5
+    assert epsilon_lb(ScoreSet("a", "", scores, "threshold"), y, index, DELTA)["honest"] is None
+
+
+def _row(model, attack, auc, floor=False):
+    return {"model": model, "attack": attack, "label": attack, "headline": True, "floor": floor, "auc": auc,
+            "auc_ci": [auc - 0.1, auc + 0.1], "tpr_at_fpr": {"0.01": 0.2}}
+
+
+def test_privacy_audit_uses_the_worst_case_attack_never_the_floor():
+    splits = ["member_aux"] * 4 + ["member_test"] * 20 + ["nonmember_test"] * 20
+    rng = np.random.default_rng(6)
+    noise = rng.normal(0, 1, 44)
+    strong = noise + np.r_[np.zeros(4), np.full(20, 4.0), np.zeros(20)]
+    sets = {"m": [ScoreSet("weak", "", noise, "threshold", threshold=0.0, headline=True),
+                  ScoreSet("strong", "", strong, "threshold", threshold=2.0, headline=True),
+                  ScoreSet("blind", "", -strong, "threshold", threshold=0.0, headline=True)]}
+    rows = [_row("m", "weak", 0.55), _row("m", "strong", 0.98), _row("m", "blind", 0.99, floor=True)]
+    meta = {"m": {"smp_lora.dp_epsilon": "8", "smp_lora.dp_delta": "1e-05"}}
+    block = privacy_audit(rows, sets, splits, meta, alpha=0.01, delta=DELTA)["m"]
+    assert block["worst_case_attack"] == "strong" and block["floor"]["label"] == "blind"
+    assert block["set_audit"]["p_value"] == pytest.approx(mann_whitney_p(strong[4:24], strong[24:]))
+    assert block["set_audit"]["n_needed"] is not None and block["set_audit"]["n_needed"] <= 4
+    assert block["epsilon_lb"]["honest"] == pytest.approx(
+        epsilon_at_decision(np.r_[np.ones(20), np.zeros(20)], strong[4:] >= 2.0, DELTA))
+    assert block["dp_epsilon"] == {"epsilon": 8.0, "delta": 1e-5}
+    add_row_epsilons(rows, sets, splits, DELTA)
+    assert rows[1]["epsilon_lb"]["honest"] == block["epsilon_lb"]["honest"] and rows[0]["epsilon_lb"]["oracle"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
+    import evaluate_mia
+
+    out = mia_world["root"] / "eval_audit"
+    args = base_args(mia_world, out, "--network_weights", str(mia_world["lora"]), "--attacks", "loss", "calibrated",
+                     "--no-plots")
+    assert evaluate_mia.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    audit = report["privacy_audit"]
+    overfit, base = audit["overfit"], audit["base"]
+    print({m: (a["worst_case_attack"], a["auc"], a["set_audit"], a["epsilon_lb"]) for m, a in audit.items()})
+    assert overfit["auc"] > 0.9 and overfit["set_audit"]["p_value"] < 0.01
+    assert overfit["set_audit"]["n_needed"] is not None and overfit["set_audit"]["n_needed"] <= 8
+    assert overfit["epsilon_lb"]["oracle"] >= overfit["epsilon_lb"]["honest"] > 0
+    assert base["set_audit"]["n_needed"] is None and base["set_audit"]["p_value"] > 0.01
+    assert base["epsilon_lb"]["honest"] == 0.0 and overfit["dp_epsilon"] is None
+    assert all("epsilon_lb" in row for row in report["results"])
+    assert report["attacks"]["loss"]["probes"] == []
+    md = (out / "report.md").read_text()
+    assert "## Worst case over the attack suite" in md and "## Attack cost" in md
+    assert "| overfit | " + overfit["worst_case_attack"] + " |" in md
+    assert "Table 11" not in md  # neither black-box nor gradient attack ran: no such section

@@ -1,0 +1,340 @@
+"""Auditing SD v1.x fine-tunes that did not come from this toolkit (issue 15 "Protocol"): a diffusers/PEFT-format
+LoRA and a fully fine-tuned UNet (diffusers folder and single file) evaluated end to end on the tiny stack, the
+same numbers as the kohya LoRA they were made from, the base weights restored, and one error line for a file
+that does not fit the model."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mia_world import base_args
+from safetensors.torch import load_file, save_file
+
+import evaluate_mia
+from library.errors import ModelError
+from library.eval.features import FeatureSettings, applied_lora, feature_cache_key
+from library.eval.unet_weights import check_unet_weights, resolve_unet_weights
+from library.sd.bundle import fingerprint
+from library.sd.single_file import save_single_file
+from networks.lora import create_network_from_weights
+from networks.lora_convert import to_kohya_state_dict
+
+# No bootstrap and no plots: these tests compare per-sample scores and AUCs, which need neither (half the time).
+ATTACKS = ("--attacks", "loss", "calibrated", "sima", "--n_bootstrap", "0", "--no-plots")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' convert_state_dict_to_diffusers renames only these
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def kohya_to_diffusers(kohya: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The keys train_text_to_image_lora.py would write for these weights, built without networks.lora_convert:
+    module paths found by spelling the UNet's own paths kohya's way; attention projections as ``.lora.down``
+    (what convert_state_dict_to_diffusers makes of PEFT's lora_A), the other layers keep PEFT's ``lora_A/B``;
+    ``unet.`` prefix; no alphas (alpha = rank, as the over-fitted LoRA has)."""
+    paths = {"lora_unet_" + path.replace(".", "_"): path for path, _ in unet.named_modules() if path}
+    out = {}
+    for key, tensor in kohya.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            assert float(tensor) == tensor.new_tensor(kohya[f"{name}.lora_down.weight"].shape[0]).item()
+            continue
+        path = paths[name]
+        if name.endswith(ATTENTION):
+            tail = "lora.down.weight" if suffix == "lora_down.weight" else "lora.up.weight"
+        else:
+            tail = "lora_A.weight" if suffix == "lora_down.weight" else "lora_B.weight"
+        out[f"unet.{path}.{tail}"] = tensor
+    return out
+
+
+def evaluate(world, out, *extra):
+    assert evaluate_mia.main(base_args(world, out, *extra)) == 0
+    report = json.loads((out / "report.json").read_text())
+    with open(out / "scores.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    return report, table
+
+
+def column(table, model, label):
+    return np.array([float(row[f"{model}|{label}"]) for row in table])
+
+
+def labels_of(table, model):
+    return sorted(c.split("|", 1)[1] for c in table[0] if c.startswith(f"{model}|"))
+
+
+def auc(report, model, label):
+    return next(r["auc"] for r in report["results"] if r["model"] == model and r["label"] == label)
+
+
+def one_error(capsys, argv):
+    capsys.readouterr()
+    assert evaluate_mia.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and all(line.startswith(("error: ", "warning: ")) for line in lines), lines
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world(mia_world):
+    return mia_world
+
+
+@pytest.fixture(scope="module")
+def kohya_run(world, merged, tmp_path_factory):
+    """One run: the kohya LoRA (row ``overfit``) and the same LoRA merged into full UNets (``ft_folder``,
+    ``ft_single``)."""
+    return evaluate(world, tmp_path_factory.mktemp("kohya") / "out", "--network_weights", str(world["lora"]),
+                    "--unet_weights", str(merged["folder"]), str(merged["single"]), *ATTACKS)
+
+
+@pytest.fixture(scope="module")
+def peft_file(world, tmp_path_factory):
+    path = tmp_path_factory.mktemp("peft") / "overfit.safetensors"  # same stem: the same row name "overfit"
+    save_file(kohya_to_diffusers(load_file(str(world["lora"])), world["bundle"].unet), str(path),
+              metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def merged(world, tmp_path_factory):
+    """The over-fitted LoRA merged into a copy of the tiny model, saved as a diffusers UNet folder and as a
+    single-file checkpoint."""
+    root = tmp_path_factory.mktemp("merged")
+    bundle = copy.deepcopy(world["bundle"])
+    network = create_network_from_weights(1.0, world["lora"], None, bundle.text_encoder, bundle.unet)
+    network.merge_to(None, bundle.unet)
+    bundle.unet.save_pretrained(str(root / "ft_folder"), safe_serialization=True)
+    save_single_file(bundle, root / "ft_single.safetensors")
+    return {"folder": root / "ft_folder", "single": root / "ft_single.safetensors", "unet": bundle.unet}
+
+
+# ---------------------------------------------------------------------------------------------- LoRA formats
+
+
+def test_diffusers_names_are_what_diffusers_writes(peft_file):
+    keys = set(load_file(str(peft_file)))
+    # By hand, as train_text_to_image_lora.py's pytorch_lora_weights.safetensors names them.
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight" in keys
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora.up.weight" in keys
+    assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in keys
+    assert not any(k.startswith("lora_") or k.endswith("alpha") for k in keys)
+
+
+@pytest.fixture(scope="module")
+def peft_run(world, peft_file, tmp_path_factory):
+    return evaluate(world, tmp_path_factory.mktemp("peft_run") / "out", "--network_weights", str(peft_file), *ATTACKS)
+
+
+def test_peft_format_lora_gives_the_kohya_numbers_end_to_end(kohya_run, peft_run):
+    report, table = peft_run
+    kohya_report, kohya_table = kohya_run
+    labels = labels_of(kohya_table, "overfit")
+    assert labels == labels_of(table, "overfit") and any(label.startswith("sima") for label in labels)
+    for label in labels:
+        np.testing.assert_allclose(column(table, "overfit", label), column(kohya_table, "overfit", label),
+                                   rtol=1e-6, atol=1e-6, err_msg=label)
+        assert auc(report, "overfit", label) == pytest.approx(auc(kohya_report, "overfit", label), abs=1e-9)
+    print({label: round(auc(report, "overfit", label), 3) for label in labels})
+    assert auc(report, "overfit", "loss avg") > 0.75
+    assert report["models"][1]["lora_sha256"] != kohya_report["models"][1]["lora_sha256"]
+
+
+def test_peft_prefixes_and_processor_layout_read_as_kohya():
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    kohya = f"lora_unet_{block.replace('.', '_')}_attn1_to_out_0"
+    layouts = [(f"unet.{block}.attn1.to_out.0.lora_{{}}.weight", "A", "B"),  # PEFT keys, three prefixes
+               (f"base_model.model.{block}.attn1.to_out.0.lora_{{}}.weight", "A", "B"),
+               (f"{block}.attn1.to_out.0.lora_{{}}.default.weight", "A", "B"),
+               (f"unet.{block}.attn1.to_out.0.lora.{{}}.weight", "down", "up"),  # diffusers
+               (f"unet.{block}.attn1.processor.to_out_lora.{{}}.weight", "down", "up")]  # attention processors
+    for pattern, d, u in layouts:
+        converted, origin = to_kohya_state_dict({pattern.format(d): down, pattern.format(u): up})
+        assert converted == {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up}, pattern
+        assert origin[f"{kohya}.lora_down.weight"] == pattern.format(d)
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight"
+    assert set(to_kohya_state_dict({te: down})[0]) == {"lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+                                                       ".lora_down.weight"}
+    old_te = "text_encoder.text_model.encoder.layers.1.self_attn.to_out_lora.up.weight"
+    assert set(to_kohya_state_dict({old_te: up})[0]) == {"lora_te_text_model_encoder_layers_1_self_attn_out_proj"
+                                                         ".lora_up.weight"}
+    kohya_sd = {f"{kohya}.lora_down.weight": down}
+    assert to_kohya_state_dict(kohya_sd) == (kohya_sd, {})
+
+
+def test_alpha_from_adapter_metadata_and_alpha_keys():
+    key = "unet.mid_block.attentions.0.proj_in"
+    sd = {f"{key}.lora_A.weight": torch.randn(4, 8), f"{key}.lora_B.weight": torch.randn(8, 4)}
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2, "unet.alpha_pattern": {}})}
+    converted, _ = to_kohya_state_dict(sd, meta)
+    assert float(converted["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == 2.0
+    pattern = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2,
+                                                    "unet.alpha_pattern": {"proj_in": 6}, "unet.use_rslora": True})}
+    converted, _ = to_kohya_state_dict(sd, pattern)
+    assert float(converted["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == pytest.approx(6 * 2.0)  # *sqrt(4)
+    converted, _ = to_kohya_state_dict({**sd, f"{key}.alpha": torch.tensor(3.0)}, meta)  # the file's own alpha wins
+    assert float(converted["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == 3.0
+    with pytest.raises(ModelError, match="DoRA"):
+        to_kohya_state_dict({**sd, f"{key}.lora_magnitude_vector": torch.ones(8)})
+    with pytest.raises(ModelError, match="both give"):
+        to_kohya_state_dict({**sd, "unet.mid_block.attentions.0.proj_in.lora.down.weight": torch.randn(4, 8)})
+
+
+def test_diffusers_text_encoder_lora_is_applied_with_its_scale(world):
+    bundle = world["bundle"]
+    layer = bundle.text_encoder.get_submodule("text_model.encoder.layers.0.self_attn.q_proj") \
+        if hasattr(bundle.text_encoder, "text_model") else bundle.text_encoder.get_submodule(
+            "encoder.layers.0.self_attn.q_proj")
+    width = layer.in_features
+    down, up = torch.randn(2, width), torch.randn(width, 2)
+    prefix = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+    network = create_network_from_weights(1.0, {f"{prefix}.down.weight": down, f"{prefix}.up.weight": up},
+                                          None, bundle.text_encoder, bundle.unet)
+    x = torch.randn(3, width)
+    expected = layer(x) + x @ (up @ down).T  # no alpha: scale 1
+    network.apply_to(bundle.text_encoder, bundle.unet)
+    try:
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        network.restore()
+
+
+def test_sd_scripts_locon_conv_key_loads_with_its_alpha(world):
+    unet = world["bundle"].unet
+    conv = unet.down_blocks[0].resnets[0].conv1
+    rank, alpha = 2, 1.0
+    down = torch.randn(rank, conv.in_channels, 3, 3)
+    up = torch.randn(conv.out_channels, rank, 1, 1)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"  # sd-scripts' LoCon naming of this conv
+    sd = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)}
+    network = create_network_from_weights(1.0, sd, None, None, unet)
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * (alpha / rank)
+    expected = F.conv2d(x, conv.weight + delta, conv.bias, padding=conv.padding)
+    network.apply_to(None, unet, apply_text_encoder=False)
+    try:
+        torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        network.restore()
+
+
+def test_peft_key_for_a_missing_module_is_one_error_line(world, tmp_path, capsys):
+    bad = tmp_path / "peft_bad.safetensors"
+    key = "unet.down_blocks.7.attentions.0.proj_in"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 32), f"{key}.lora_B.weight": torch.zeros(32, 2)}, str(bad))
+    err = one_error(capsys, base_args(world, tmp_path / "out", "--network_weights", str(bad), "--attacks", "loss"))
+    assert "peft_bad.safetensors" in err and f"{key}.lora_A.weight" in err and "matches no layer" in err
+
+
+# ---------------------------------------------------------------------------------------------- full UNet
+
+
+def test_merged_unet_gives_the_lora_losses_end_to_end(kohya_run, peft_run):
+    report, table = kohya_run
+    names = [m["name"] for m in report["models"]]
+    assert names == ["base", "overfit", "ft_folder", "ft_single"]
+    keys = report["features"]["cache"]
+    assert len({keys[name]["key"] for name in names}) == 4  # two UNets never share a cache entry
+    for name in ("ft_folder", "ft_single"):
+        labels = labels_of(table, name)
+        assert labels == labels_of(table, "overfit") and "loss avg" in labels
+        for label in labels:
+            np.testing.assert_allclose(column(table, name, label), column(table, "overfit", label), rtol=1e-5,
+                                       atol=1e-5, err_msg=f"{name} {label}")
+        print(name, {label: round(auc(report, name, label), 3) for label in labels})
+        assert auc(report, name, "loss avg") > 0.75
+    # The base row is the base model's: the same as in the run without --unet_weights.
+    peft_table = peft_run[1]
+    for label in labels_of(table, "base"):
+        np.testing.assert_array_equal(column(table, "base", label), column(peft_table, "base", label))
+
+
+def test_unet_swap_restores_the_base_weights(world, merged):
+    bundle = world["bundle"]
+    before = fingerprint(bundle)
+    params = dict(bundle.unet.named_parameters())
+    weights = resolve_unet_weights(merged["single"])
+    x = torch.randn(1, bundle.unet.config.in_channels, 4, 4)
+    cond = torch.randn(1, 3, bundle.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        base_out = bundle.unet(x, 5, cond).sample
+        with applied_lora(bundle, None, 1.0, torch.device("cpu"), torch.float32, unet=weights) as network:
+            assert network is None
+            swapped_out = bundle.unet(x, 5, cond).sample
+            torch.testing.assert_close(swapped_out, merged["unet"](x, 5, cond).sample, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="inside"):
+            with applied_lora(bundle, None, 1.0, torch.device("cpu"), torch.float32, unet=weights):
+                raise RuntimeError("inside")
+        assert not torch.allclose(swapped_out, base_out)
+        torch.testing.assert_close(bundle.unet(x, 5, cond).sample, base_out, rtol=0, atol=0)
+    assert fingerprint(bundle) == before
+    assert all(p is params[n] and not p.requires_grad for n, p in bundle.unet.named_parameters())
+
+
+def test_model_specs_name_and_record_each_unet(world, merged, tmp_path):
+    from library.data.manifest import manifest_sha256
+    from library.eval.config import EvalConfig
+    from library.eval.inputs import model_specs
+
+    pipeline = tmp_path / "pipe"
+    (pipeline / "unet").mkdir(parents=True)
+    for file in merged["folder"].iterdir():
+        (pipeline / "unet" / file.name).write_bytes(file.read_bytes())
+    config = EvalConfig(unet_weights=[str(merged["folder"]), str(merged["single"]), str(pipeline / "unet"),
+                                      str(pipeline)], network_weights=[str(world["lora"])])
+    specs = model_specs(config, manifest_sha256(world["manifest_file"]))
+    assert [(s.name, s.kind) for s in specs] == [("base", "base"), ("overfit", "lora"), ("ft_folder", "unet"),
+                                                 ("ft_single", "unet"), ("pipe", "unet"), ("pipe-2", "unet")]
+    record = specs[2].record()
+    assert record["kind"] == "unet" and record["layout"] == "diffusers" and record["sha256"] == specs[2].unet.sha256
+    assert specs[4].sha256 == specs[5].sha256 == specs[2].sha256  # the same weights, wherever they lie
+    assert specs[1].record()["sha256"] == specs[1].lora_sha256 and specs[0].record()["path"] is None
+
+
+def test_unet_sha256_enters_the_cache_key(merged):
+    settings = FeatureSettings(timesteps=(1,), num_noise_draws=1, seed=0)
+    plain = feature_cache_key(settings, "fp", None, "m", 4)
+    assert feature_cache_key(settings, "fp", None, "m", 4, None) == plain
+    folder, single = resolve_unet_weights(merged["folder"]), resolve_unet_weights(merged["single"])
+    assert folder.layout == "diffusers" and single.layout == "single_file" and folder.sha256 != single.sha256
+    assert resolve_unet_weights(merged["folder"]).sha256 == folder.sha256  # deterministic
+    keyed = {feature_cache_key(settings, "fp", None, "m", 4, w.sha256) for w in (folder, single)}
+    assert len(keyed | {plain}) == 3
+
+
+def test_unet_of_another_shape_is_one_error_line(world, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(world["bundle"].unet.config)
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
+    UNet2DConditionModel.from_config(config).save_pretrained(str(tmp_path / "wide" / "unet"))
+    with pytest.raises(ModelError, match="conv_in.weight"):  # from the headers alone, no weight read
+        check_unet_weights(resolve_unet_weights(tmp_path / "wide"), world["bundle"].unet)
+    err = one_error(capsys, base_args(world, tmp_path / "out", "--unet_weights", str(tmp_path / "wide"),
+                                      "--attacks", "loss"))
+    assert "wide" in err and "do not fit the base model's UNet" in err
+
+
+def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
+    missing = one_error(capsys, base_args(world, tmp_path / "a", "--unet_weights", str(tmp_path / "nope")))
+    assert "does not exist" in missing
+    ckpt = tmp_path / "ft.ckpt"
+    ckpt.write_bytes(b"not really a pickle")
+    assert "--allow_pickle" in one_error(capsys, base_args(world, tmp_path / "b", "--unet_weights", str(ckpt)))
+    lora_as_unet = one_error(capsys, base_args(world, tmp_path / "c", "--unet_weights", str(world["lora"])))
+    assert "not an SD single-file checkpoint" in lora_as_unet
