@@ -17,10 +17,10 @@ from library.data.splits import make_split
 
 SUITE_SIZES = {"member_aux": 16, "member_test": 24, "nonmember_aux": 16, "nonmember_test": 24}
 PRETRAIN = {"vae_steps": 80, "unet_steps": 300, "batch_size": 16, "vae_batch_size": 16, "threads": 1}
-OVERFIT = {"steps": 300, "lr": 5e-3, "max_t": 1000}
+OVERFIT = {"steps": 600, "lr": 5e-3, "max_t": 1000}
 
 
-def build_attack_world(root: Path) -> dict:
+def build_attack_world(root: Path, overfit: dict | None = None, pretrain_settings: dict | None = None) -> dict:
     """Everything under ``root``: images/, split.json, model/ (pre-trained), overfit.safetensors."""
     from library.demo.digits import write_digits_dataset
     from library.demo.pretrain import pretrain_base_model
@@ -31,8 +31,8 @@ def build_attack_world(root: Path) -> dict:
     manifest_file = root / "split.json"
     write_manifest(manifest, manifest_file)
     in_sets = {manifest.abs_path(e) for e in manifest.members() + manifest.nonmembers()}
-    pretrain = [r for r in records if Path(r.path) not in in_sets]
-    pretrain_base_model(pretrain, root / "model", seed=0, log=lambda _: None, **PRETRAIN)
+    pretrain_records = [r for r in records if Path(r.path) not in in_sets]
+    pretrain_base_model(pretrain_records, root / "model", seed=0, log=lambda _: None, **(pretrain_settings or PRETRAIN))
     bundle = load_sd_model(str(root / "model"))
-    lora = overfit_lora(bundle, manifest, manifest_file, root, **OVERFIT)
+    lora = overfit_lora(bundle, manifest, manifest_file, root, **(overfit or OVERFIT))
     return {"root": root, "bundle": bundle, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}

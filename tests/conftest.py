@@ -41,6 +41,14 @@ def mia_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def attack_world(tmp_path_factory):
+    """The attack-suite world of tests/attack_world.py (pre-trained tiny base, over-fitted LoRA), built once."""
+    from attack_world import build_attack_world
+
+    return build_attack_world(tmp_path_factory.mktemp("attack_world"))
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     from library.demo.digits import write_digits_dataset
 
@@ -95,8 +103,11 @@ def _small_demo_settings(workdir, **overrides):
         pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
         feature_net_kwargs={"epochs": 1},
         train_overrides=["--max_train_epochs", "2", "--no-progress_bar"],
+        # The whole attack suite (the default), each attack at its cheapest settings.
         eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
-                        "--quality_steps", "2", "--no-progress_bar"],
+                        "--quality_steps", "2", "--no-progress_bar", "--gsa_timesteps", "2", "--blackbox_num_images",
+                        "2", "--blackbox_steps", "2", "--pia_timesteps", "50", "--sima_timesteps", "0", "20",
+                        "--secmi_timestep", "20", "--clid_mask_fractions", "0.5"],
         **overrides,
     )
 

@@ -200,16 +200,11 @@ def test_end_to_end_report_rows_and_costs(mia_world, tmp_path):
     aucs = {key: (round(r["auc"], 3), [round(c, 3) for c in r["auc_ci"]]) for key, r in headline.items()}
     print("headline AUC [95% CI] on D_te:", aucs)
     variants = {r["label"] for r in report["results"] if r["model"] == "overfit"}
-    assert {"secmi stat", "secmi trajectory", "pia selected", "pia t=5", "pian t=50"} <= variants
+    assert {"secmi selected", "secmi stat", "secmi trajectory", "pia selected", "pia t=5", "pian t=50"} <= variants
     # Queries actually computed: SecMI (first in --attacks) pays eps(z_0, 0); PIA and PIAN reuse it.
     computed = {p: run["queries_computed"] for p, run in report["features"]["probes"]["overfit"].items()}
     assert computed == {"secmi": 48 * 5, "pia": 48 * 4, "pian": 48 * 4}
-    # Measured (seeded, CPU): base AUCs .48 / .38 / .41 with CIs containing 0.5. On this world the over-fitted
-    # LoRA makes members' steps LESS self-consistent (AUC .11 SecMI, .31 PIA, .16 PIAN: the paper's direction
-    # fails here; see docs); asserted direction-free: the overfit CI excludes 0.5 for SecMI and PIAN.
-    for attack in ("secmi", "pia", "pian"):
-        lo, hi = headline[("base", attack)]["auc_ci"]
-        assert lo <= 0.5 <= hi, (attack, lo, hi)
-    for attack in ("secmi", "pian"):
-        lo, hi = headline[("overfit", attack)]["auc_ci"]
-        assert not lo <= 0.5 <= hi, (attack, lo, hi)
+    # Detection on an over-fitted LoRA and chance on the base model are asserted on the pre-trained attack world
+    # (tests/test_attack_suite.py); this world's D_te (16 + 16) is too small for a CI to mean much.
+    for row in headline.values():
+        assert row["info"]["direction"] in ("published", "reversed on D_aux")

@@ -45,6 +45,7 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(REDUCED_SWEEP)
     demo = small_demo_settings(tmp_path / "demo", jobs=2, eval_jobs=2)
+    demo.eval_overrides["attacks"] = ["loss", "calibrated"]  # the sweep, not the suite (tests/test_demo.py runs it)
     path = run_frontier(FrontierSettings(demo=demo, sweep=sweep))
     points = json.loads((path.parent / "frontier.json").read_text())["points"]
     by_curve = {}

@@ -177,10 +177,16 @@ class ThresholdAttack(Attack):
     """
 
     headline_variant: ClassVar[str] = "avg"
+    # Whether the direction of each statistic is fitted on D_aux too: a statistic whose D_aux AUC is below 0.5
+    # is reversed. For attacks whose published direction rests on an assumption a fine-tune need not meet
+    # (SecMI, PIA: "members are more self-consistent along the deterministic path"); measured reversed on an
+    # over-fitted LoRA (docs/attacks.md). A tunable like the threshold, so fitted on D_aux, never on D_te.
+    fit_direction: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.thresholds: dict[str, float] = {}
         self.aux_balanced_accuracy: dict[str, float] = {}
+        self.signs: dict[str, float] = {}
 
     @abstractmethod
     def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
@@ -189,10 +195,15 @@ class ThresholdAttack(Attack):
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
         self._check(aux)
         y = check_labels(labels, len(aux))
-        self.thresholds, self.aux_balanced_accuracy = {}, {}
+        self.thresholds, self.aux_balanced_accuracy, self.signs = {}, {}, {}
         for variant, scores in self.statistics(aux).items():
-            tau, bal = best_threshold(y, scores)
+            self.signs[variant] = -1.0 if self.fit_direction and roc_auc(y, scores) < 0.5 else 1.0
+            tau, bal = best_threshold(y, self._oriented(variant, scores))
             self.thresholds[variant], self.aux_balanced_accuracy[variant] = tau, bal
+
+    def _oriented(self, variant: str, scores: np.ndarray) -> np.ndarray:
+        """``scores`` in the direction fitted on D_aux (the published one unless ``fit_direction`` reversed it)."""
+        return scores if self.signs.get(variant, 1.0) > 0 else 0.0 - scores
 
     def score(self, inputs: AttackInputs) -> list[ScoreSet]:
         self._check(inputs)
@@ -202,11 +213,13 @@ class ThresholdAttack(Attack):
                 ScoreSet(
                     attack=self.name,
                     variant=variant,
-                    scores=np.asarray(scores, dtype=np.float64),
+                    scores=np.asarray(self._oriented(variant, scores), dtype=np.float64),
                     kind="threshold",
                     threshold=self.thresholds.get(variant),
                     headline=variant == self.headline_variant,
-                    info={"aux_balanced_accuracy": self.aux_balanced_accuracy.get(variant)},
+                    info={"aux_balanced_accuracy": self.aux_balanced_accuracy.get(variant),
+                          **({"direction": "published" if self.signs.get(variant, 1.0) > 0 else "reversed on D_aux"}
+                             if self.fit_direction else {})},
                 )
             )
         return out
@@ -238,7 +251,10 @@ class SelectedThresholdAttack(ThresholdAttack):
         self._check(aux)
         y = check_labels(labels, len(aux))
         stats = self.candidates(aux)
-        self.selected = max(stats, key=lambda name: roc_auc(y, stats[name]))  # the first one on a tie
+        aucs = {name: roc_auc(y, scores) for name, scores in stats.items()}
+        if self.fit_direction:  # a reversed statistic is as good as its distance from 0.5
+            aucs = {name: max(auc, 1.0 - auc) for name, auc in aucs.items()}
+        self.selected = max(aucs, key=aucs.__getitem__)  # the first one on a tie
         super().fit(aux, labels, oracle=oracle)
 
     def score(self, inputs: AttackInputs) -> list[ScoreSet]:

@@ -95,6 +95,7 @@ class PIANProbe(PIAProbe):
 class PIAAttack(SelectedThresholdAttack):
     name = "pia"
     probe_class: ClassVar[type[PIAProbe]] = PIAProbe
+    fit_direction = True  # see ThresholdAttack.fit_direction
     description = ("threshold on -mean|eps(z_t, t, c) - eps_0|^p with z_t on the forward path of "
                    "eps_0 = eps(z_0, 0, c); t chosen on D_aux")
     threat_model = "gray-box: noise predictions at chosen latents and timesteps + caption"

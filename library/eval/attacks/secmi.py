@@ -19,8 +19,11 @@ Our choices (stated where the paper or its code is vague):
 * the squared error is averaged over latent elements instead of summed (a constant factor: same ROC);
 * the query eps(z_0, 0, c) is asked as ``key="z0"``, the very query PIA's eps_0 and SimA's t = 0 use, so the
   probe engine computes it once for all three;
-* a free extra variant ``trajectory``: stepping back from *every* inverted z_t (t = k .. t_SEC) reuses the
-  inversion's own queries, so the mean of those step-back errors costs no query; it is a non-headline row.
+* a free second candidate ``trajectory``: stepping back from *every* inverted z_t (t = k .. t_SEC) reuses the
+  inversion's own queries, so the mean of those step-back errors costs no query. The headline ``selected`` is the
+  candidate (``stat`` or ``trajectory``) chosen on D_aux, and so is the direction: on an over-fitted LoRA we
+  measured members *less* self-consistent than non-members (AUC far below 0.5 in the paper's direction), so
+  the direction is a tunable fitted on D_aux (``ThresholdAttack.fit_direction``), reported per row.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from library.eval.attacks.base import AttackInputs, ThresholdAttack
+from library.eval.attacks.base import AttackInputs, SelectedThresholdAttack
 from library.eval.attacks.ddim import ddim_step
 from library.eval.probes import Probe, QueryContext
 
@@ -93,13 +96,13 @@ class SecMIProbe(Probe):
         return {"error": torch.stack(columns, dim=1)}
 
 
-class SecMIAttack(ThresholdAttack):
+class SecMIAttack(SelectedThresholdAttack):
     name = "secmi"
     description = ("threshold on -||Phi(z_tSEC, tSEC -> tSEC-k) - z_(tSEC-k)||^2 after a deterministic DDIM inversion "
                    "of the clean latent to t_SEC (SecMI_stat)")
     threat_model = "gray-box: noise predictions at chosen latents and timesteps + caption"
     citation = ("Duan et al., ICML 2023, Are Diffusion Models Vulnerable to Membership Inference Attacks? (SecMI)")
-    headline_variant = "stat"
+    fit_direction = True  # see ThresholdAttack.fit_direction
 
     def __init__(self, timestep: int = 100, step: int = 10) -> None:
         super().__init__()
@@ -115,7 +118,9 @@ class SecMIAttack(ThresholdAttack):
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "guidance_scale": 1.0, "schedule": "scaled_linear (training)"}
 
-    def statistics(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
+    def candidates(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
+        """The paper's statistic (the step-back error at t_SEC - k) and its mean over the trajectory; the
+        headline (``selected``) is the one of them chosen on D_aux."""
         errors = inputs.target.probe(self.probe.name)["error"]
         # 0.0 - x: a zero error stays +0.0 (as the loss attacks do).
         return {"stat": 0.0 - errors[:, -1], "trajectory": 0.0 - errors.mean(axis=1)}
