@@ -195,6 +195,30 @@ def test_gsa_probe_reads_only_lora_gradients_and_changes_nothing(mia_world, samp
         assert float(out["gsa2"][1, col]) == pytest.approx(float(sum(g.norm() for g in grads) / 2), rel=1e-4)
 
 
+def test_gsa_batched_lora_gradients_equal_one_backward_per_sample(mia_world, samples):
+    """The LoRA path (Opacus per-sample hooks, one backward per t for the batch) gives every feature of the
+    per-sample loop (one backward per sample and t)."""
+    bundle = mia_world["bundle"]
+    probe = GSAProbe(k=2)
+    with applied_lora(bundle, mia_world["lora"], 1.0, torch.device("cpu"), torch.float32) as network:
+        ctx = context(bundle, samples, network)
+        groups = list(ctx.model.parameter_groups().values())
+        params = [p for group in groups for p in group]
+        cond = ctx.conditioning().detach()
+        noise = [ctx.noise(f"gsa:j={j}") for j in (1, 2)]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            gsa1, gsa2 = probe._batch_features(ctx, groups, params, cond, noise)
+            loop = [probe._sample_features(ctx, groups, params, cond[i:i + 1], [e[i:i + 1] for e in noise], i)
+                    for i in range(len(ctx))]
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    torch.testing.assert_close(gsa1, torch.stack([g1 for g1, _ in loop]), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(gsa2, torch.stack([g2 for _, g2 in loop]), rtol=1e-4, atol=1e-8)
+
+
 def test_gsa_probe_on_the_base_model_uses_unet_blocks(mia_world, samples):
     bundle = mia_world["bundle"]
     ctx = context(bundle, ([samples[0][0]], samples[1][:1]))

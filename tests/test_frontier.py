@@ -56,6 +56,8 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
     for p in points:
         assert 0.0 <= p["worst_auc"] <= 1.0 and p["heldout_loss"] > 0 and p["proxy_fd_digits"] is not None
         assert p["worst_attack"]
+        assert p["epsilon_lb"] is not None and p["epsilon_lb"] >= 0  # the measured lower bound, for every model
+        assert (p["dp_epsilon"] is not None) == (p["method"] == "dp_lora")  # the accountant's, for DP-SGD only
     text = path.read_text()
     assert "## Target (issue 7)" in text and "| dp_lora | dp_noise_multiplier | 1.000 |" in text
     assert (path.parent / "frontier.png").stat().st_size > 0

@@ -161,6 +161,7 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             continue
         run, value = files.get(stem, (None, None)) if stem else (None, None)
         utility = report.get("utility", {}).get(model, {})
+        audit = report.get("privacy_audit", {}).get(model, {})
         points.append({
             "model": model, "curve": run.label if run else "base", "method": run.method if run else "base",
             "knob": run.knob if run else None, "value": value,
@@ -169,6 +170,10 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             "worst_tpr_at_5pct_fpr": worst.tpr_at_fpr.get("0.05"),
             "heldout_loss": utility.get("loss_nonmember_test"), "member_loss": utility.get("loss_member_test"),
             "proxy_fd_digits": utility.get("proxy_fd_digits"),
+            # One privacy axis for heuristic defences and DP-SGD: the measured lower bound on epsilon (worst-case
+            # attack, threshold fitted on D_aux) beside the accountant's upper bound where the run has one.
+            "epsilon_lb": (audit.get("epsilon_lb") or {}).get("honest"),
+            "dp_epsilon": (audit.get("dp_epsilon") or {}).get("epsilon"),
         })
     return points
 
@@ -234,16 +239,16 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         "",
         *target_check(points),
         "",
-        "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@5%FPR | TPR@1%FPR | held-out loss | "
-        "member loss | proxy FD (digits) |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+        "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@5%FPR | TPR@1%FPR | ε measured ≥ | "
+        "ε DP ≤ | held-out loss | member loss | proxy FD (digits) |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         ci = p["worst_auc_ci"] or [None, None]
         lines.append(f"| {p['curve']} | {p['knob'] or ''} | {_fmt(p['value'])} | {p['worst_auc']:.3f} "
                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt(p['worst_tpr_at_5pct_fpr'])} | "
-                     f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | "
-                     f"{_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} |")
+                     f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | {_fmt(p.get('epsilon_lb'), 2)} | "
+                     f"{_fmt(p.get('dp_epsilon'), 1)} | {_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} |")
     path = out / "frontier.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
