@@ -132,10 +132,13 @@ class Attack(ABC):
         """A fresh attack with the options ``config`` gives it; an attack without options takes none."""
         return cls()
 
+    # The attack's own model queries, if it has one probe (most attacks: set in __init__).
+    probe: Probe | None = None
+
     def probes(self) -> list[Probe]:
         """The model queries this attack needs beyond the shared fixed-t losses (:mod:`library.eval.probes`);
         their outputs reach :meth:`fit` and :meth:`score` as ``inputs.target.probes[probe.name]``."""
-        return []
+        return [] if self.probe is None else [self.probe]
 
     def queries_per_sample(self) -> float:
         """Nominal cost in UNet forwards per sample (the report's cost column); default: its probes' costs."""
@@ -151,8 +154,8 @@ class Attack(ABC):
         """Scores of every variant for ``inputs`` (same row order)."""
 
     def settings(self) -> dict[str, Any]:
-        """The attack's hyper-parameters, for the report."""
-        return {}
+        """The attack's hyper-parameters, for the report (by default its probe's settings)."""
+        return {} if self.probe is None else self.probe.settings()
 
     def _check(self, inputs: AttackInputs) -> None:
         if self.needs_reference and inputs.reference is None:

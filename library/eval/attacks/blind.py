@@ -88,9 +88,6 @@ class BlindAttack(Attack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> BlindAttack:
         return cls(config.seed)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "classifier": "logistic regression (C=1, standardised)"}
 

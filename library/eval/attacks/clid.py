@@ -135,9 +135,6 @@ class CLiDAttack(SelectedThresholdAttack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> CLiDAttack:
         return cls(config.clid_timesteps, config.clid_mask_fractions)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         # The per-model fitted values (scalers, alpha) are in each score set's info, not here: settings are shared.
         return {**self.probe.settings(), "alphas": list(ALPHAS), "alpha_choice": "best AUC on D_aux",

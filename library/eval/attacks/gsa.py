@@ -213,9 +213,6 @@ class GSAAttack(Attack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> GSAAttack:
         return cls(config.gsa_timesteps, seed=config.seed)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "classifier": "sklearn GradientBoostingClassifier", **self.tree_settings,
                 "random_state": self.seed, "features": "log norm, standardised on D_aux",

@@ -163,9 +163,6 @@ class DistanceClassifierAttack(Attack):
         self.thresholds: dict[str, float] = {}
         self.measured_cost: float | None = None
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "classifier": "logistic regression (C=1, standardised) on -log distances"}
 

@@ -110,9 +110,6 @@ class PIAAttack(SelectedThresholdAttack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> PIAAttack:
         return cls(config.pia_timesteps, config.pia_norm)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "guidance_scale": 1.0, "schedule": "scaled_linear (training)"}
 

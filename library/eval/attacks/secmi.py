@@ -112,9 +112,6 @@ class SecMIAttack(SelectedThresholdAttack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> SecMIAttack:
         return cls(config.secmi_timestep, config.secmi_step)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "guidance_scale": 1.0, "schedule": "scaled_linear (training)"}
 

@@ -60,12 +60,6 @@ class SimAAttack(SelectedThresholdAttack):
     def from_config(cls, config: EvalConfig, device: torch.device) -> SimAAttack:
         return cls(config.sima_timesteps, config.sima_norm)
 
-    def probes(self) -> list[Probe]:
-        return [self.probe]
-
-    def settings(self) -> dict[str, Any]:
-        return self.probe.settings()
-
     def candidates(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
         norms = inputs.target.probe(self.probe.name)["norm"]
         return {f"t={t}": 0.0 - norms[:, k] for k, t in enumerate(self.probe.timesteps)}
