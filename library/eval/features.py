@@ -36,9 +36,8 @@ from library.eval.probes import (
     ModelContext,
     Probe,
     ProbeCache,
-    probe_cache_key,
-    run_probes,
-    unique_probes,
+    cached_probe_runs,
+    compute_probes,
 )
 from library.eval.unet_weights import UNetWeights, load_unet_state_dict, swapped_unet
 from library.fileio import write_safetensors
@@ -281,18 +280,18 @@ class FeatureEngine:
         cached = self._read_cache(key, n)
         probe_cache = ProbeCache(self.cache_dir)
         identity = self.model_identity(lora_sha256, n, unet_sha256)
-        pending = [p for p in unique_probes(probes)
-                   if probe_cache.read(p.name, probe_cache_key(p, identity), n) is None]
-        tensors, runs = cached, {}
-        if cached is None or pending:
+        runs, pending = cached_probe_runs(probes, probe_cache, identity, n)
+        tensors = cached
+        if cached is None or pending:  # the model is applied only when something must be computed
             with applied_lora(self.bundle, lora_path, self.settings.multiplier, self.device, self.dtype,
                               unet) as network:
                 if cached is None:
                     tensors = self._run(name, samples, latents)
                     self._write_cache(key, name, tensors, lora_sha256, unet_sha256)
-                runs = self._run_probes(probes, samples, latents, network, probe_cache, identity)
-        elif probes:
-            runs = self._run_probes(probes, samples, latents, None, probe_cache, identity)  # all cache hits
+                model = ModelContext(self.bundle, samples, self.device, self.dtype, self.settings.seed,
+                                     self.settings.resolution, self.settings.clip_skip,
+                                     self.settings.max_token_length, network=network)
+                runs.update(compute_probes(pending, model, latents, batch_size=self.batch_size, cache=probe_cache))
         assert tensors is not None
         return ModelFeatures(name, tensors["losses"].float(), tensors.get("paper"), tensors.get("paper_timesteps"),
                              cache_key=key, cache_hit=cached is not None,
@@ -313,15 +312,6 @@ class FeatureEngine:
         if unet_sha256 is not None:
             identity["unet_sha256"] = unet_sha256
         return identity
-
-    def _run_probes(self, probes: Sequence[Probe], samples: Sequence[Sample], latents: torch.Tensor, network: Any,
-                    cache: ProbeCache, identity: dict[str, Any]) -> dict[str, Any]:
-        if not probes:
-            return {}
-        model = ModelContext(self.bundle, samples, self.device, self.dtype, self.settings.seed,
-                             self.settings.resolution, self.settings.clip_skip, self.settings.max_token_length,
-                             network=network)
-        return run_probes(probes, model, latents, batch_size=self.batch_size, cache=cache, model_identity=identity)
 
     @torch.no_grad()
     def _run(self, name: str, samples: Sequence[Sample], latents: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -256,13 +256,9 @@ class ProbeCache:
                               {"format": PROBE_FORMAT, "key": key, "probe": name})
 
 
-def run_probes(probes: Sequence[Probe], model: ModelContext, latents: torch.Tensor, *, batch_size: int,
-               cache: ProbeCache, model_identity: dict[str, Any]) -> dict[str, ProbeRun]:
-    """Every probe's outputs on every sample of ``model``: from the cache, else computed batch by batch with one
-    shared :class:`QueryContext` per batch (so shared queries run once)."""
-    from library.errors import ModelError
-
-    n = len(model.samples)
+def cached_probe_runs(probes: Sequence[Probe], cache: ProbeCache, model_identity: dict[str, Any],
+                      n: int) -> tuple[dict[str, ProbeRun], list[tuple[Probe, str]]]:
+    """(the probes' runs found in the cache, the (probe, cache key) pairs still to compute); each file read once."""
     runs: dict[str, ProbeRun] = {}
     todo: list[tuple[Probe, str]] = []
     for probe in unique_probes(probes):
@@ -272,6 +268,25 @@ def run_probes(probes: Sequence[Probe], model: ModelContext, latents: torch.Tens
             runs[probe.name] = ProbeRun(cached, key, cache_hit=True)
         else:
             todo.append((probe, key))
+    return runs, todo
+
+
+def run_probes(probes: Sequence[Probe], model: ModelContext, latents: torch.Tensor, *, batch_size: int,
+               cache: ProbeCache, model_identity: dict[str, Any]) -> dict[str, ProbeRun]:
+    """Every probe's outputs on every sample of ``model``: from the cache, else computed batch by batch with one
+    shared :class:`QueryContext` per batch (so shared queries run once)."""
+    runs, todo = cached_probe_runs(probes, cache, model_identity, len(model.samples))
+    return {**runs, **compute_probes(todo, model, latents, batch_size=batch_size, cache=cache)}
+
+
+def compute_probes(todo: Sequence[tuple[Probe, str]], model: ModelContext, latents: torch.Tensor, *,
+                   batch_size: int, cache: ProbeCache) -> dict[str, ProbeRun]:
+    """The outputs of the (probe, cache key) pairs ``todo`` on every sample of ``model``, computed batch by batch
+    with one shared :class:`QueryContext` per batch, and written to the cache."""
+    from library.errors import ModelError
+
+    n = len(model.samples)
+    runs: dict[str, ProbeRun] = {}
     if not todo:
         return runs
     parts: dict[str, dict[str, list[torch.Tensor]]] = {probe.name: {} for probe, _ in todo}
@@ -302,5 +317,6 @@ def run_probes(probes: Sequence[Probe], model: ModelContext, latents: torch.Tens
     return runs
 
 
-__all__ = ["ModelContext", "Probe", "ProbeCache", "ProbeRun", "QueryContext", "probe_cache_key", "run_probes",
+__all__ = ["ModelContext", "Probe", "ProbeCache", "ProbeRun", "QueryContext", "cached_probe_runs", "compute_probes",
+           "probe_cache_key", "run_probes",
            "unique_probes"]
