@@ -19,6 +19,11 @@ Measured on a 2-core CPU (the test prints it): plain 0.738, SMP 0.539.
 The same two LoRA files then go through ``evaluate_mia.py`` (the real attacks, on D_te only): the over-fitted
 plain LoRA must be caught by the loss and the calibrated attack (AUC > 0.75, CI above 0.5; thresholds as in
 test_evaluate) while the base model's CI contains 0.5; SMP's numbers are printed, not asserted.
+
+Marked ``slow`` (~6 min on an idle 2-core box, a pre-training and two 200-step trainings; under the parallel default
+run it took 7.3 min of one worker and made the suite 12-14 min): run it with ``bash scripts/test.sh -m slow``.
+The default run keeps the defence's mechanics covered by tests/test_features.py, tests/test_methods.py and the
+demo's end-to-end test.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8}
 LAST_EVALUATIONS = 8
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

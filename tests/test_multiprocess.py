@@ -29,7 +29,7 @@ def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args,
     cmd = [*LAUNCHERS[launcher], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--attacker_batch_size", "2", "--max_train_steps", "3"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
     assert record["num_processes"] == 2
     assert record["ranks_in_sync"] is True

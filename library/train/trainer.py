@@ -248,6 +248,10 @@ class Trainer:
             logs.update({f"smoothness_{k}": v for k, v in self.smoothness.write(
                 self.output_dir / self.output_name, title=self.method_name).items()})
         result = artifacts.save_outputs(self, self.output_name, final_logs=logs)
+        # Every rank reaches the end before any tears the process group down: a gloo rank that destroys its
+        # group while a peer is still writing the run record can abort at exit ("terminate called without an
+        # active exception"), failing a run whose outputs are complete.
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return result
 
