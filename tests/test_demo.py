@@ -8,6 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from library.data.digit_captions import digit_label
 from library.data.manifest import read_manifest
 from library.demo.run import (
     fill_latent_caches,
@@ -31,7 +32,21 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small
     for name in ("roc.png", "roc_loglog.png", "scores.csv", "samples_smp_lora.png"):
         assert (settings.workdir / "eval" / name).is_file(), name
     out = capsys.readouterr().out
-    assert "| base |" in out  # the table is printed
+    assert "| base |" in out and "| model | worst-case attack |" in out  # the tables are printed
+
+    # The new concept: the base pre-trains on digits 0-4 only, members and non-members are digits 5-9.
+    split = read_manifest(settings.workdir / "data" / "split.json", verify=False)
+    assert {digit_label(e.caption) for e in split.pretrain} == {0, 1, 2, 3, 4}
+    assert {digit_label(e.caption) for e in split.members() + split.nonmembers()} <= {5, 6, 7, 8, 9}
+    # Utility that generalises, per model beside the attack rows: conditional accuracy, and U where plain LoRA
+    # gained anything over the base (with 2 epochs and 4 samples it may not have).
+    utility = report["utility"]
+    assert set(utility) == models and report["quality"]["utility_reference"] == "lora"
+    assert report["quality"]["reference"] == "nonmembers"
+    assert all(0.0 <= utility[m]["conditional_accuracy"] <= 1.0 for m in models)
+    gained = utility["lora"]["conditional_accuracy"] != utility["base"]["conditional_accuracy"]
+    assert all(("utility_retained" in utility[m]) == gained for m in models)
+    assert "## Privacy and utility" in text and "conditional accuracy" in text
 
     # A second run reuses the data, the base model and the LoRA files (nothing is retrained).
     stamp = (settings.workdir / "base_model" / "model_index.json").stat().st_mtime_ns

@@ -98,7 +98,8 @@ def evaluated(world):
     out = world["root"] / "eval"
     extra = ["--network_weights", str(world["lora"]), "--quality", "--quality_num_images", str(N_IMAGES),
              "--quality_steps", "2", "--quality_kid_subsets", "10", "--inception_weights", str(world["inception"]),
-             "--digit_feature_weights", str(digit_weights(world["root"] / "digits.safetensors"))]
+             "--digit_feature_weights", str(digit_weights(world["root"] / "digits.safetensors")),
+             "--utility_reference", "noisy"]
     rc = evaluate_mia.main(base_args(world, out, *extra))
     assert rc == 0
     return out, json.loads((out / "report.json").read_text())
@@ -130,6 +131,15 @@ def test_quality_writes_grids_and_metrics(evaluated):
         assert report["utility"][model]["proxy_kid_digits"] is not None
     assert "PROXY" in report["utility_metrics"]["proxy_fd_digits"] and "proxy_fd_digits" in md
     assert "fid" not in json.dumps({k: v for k, v in report["utility"]["base"].items() if k.startswith("proxy")})
+    # The digit classifier also reads the samples back: conditional accuracy over the digit prompts, and U.
+    accuracy = {m: report["utility"][m]["conditional_accuracy"] for m in ("base", "noisy")}
+    assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    assert report["utility"]["noisy"]["conditional_accuracy_n"] == N_IMAGES
+    assert quality["utility_reference"] == "noisy"
+    if accuracy["base"] != accuracy["noisy"]:
+        assert report["utility"]["noisy"]["utility_retained"] == pytest.approx(1.0)
+        assert report["utility"]["base"]["utility_retained"] == pytest.approx(0.0)
+    assert "conditional_accuracy" in md
 
 
 def test_heldout_losses_are_reported(evaluated):
@@ -223,3 +233,49 @@ def test_quality_flag_combinations_are_checked(world, tmp_path, capsys):
     assert "--quality" in err
     err = run_error(capsys, base_args(world, tmp_path / "out", "--quality", "--quality_features", "digits"))
     assert "digit_feature_weights" in err
+
+
+def test_conditional_accuracy_reads_the_prompt_class_and_skips_prompts_without_one():
+    from library.eval.extractors import FeatureExtractor
+    from library.eval.quality import conditional_accuracy
+
+    predicted = torch.tensor([5, 6, 0, 7])  # what the "classifier" reads in images 0..3
+    extractor = FeatureExtractor("fake", "", lambda x: {}, {}, batch_size=3,
+                                 classify=lambda images: predicted[images[:, 0, 0, 0].long()],
+                                 label_of=lambda prompt: None if prompt == "a cat" else int(prompt))
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    out = conditional_accuracy(extractor, images, ["5", "a cat", "1", "7"], torch.device("cpu"))
+    assert out == {"conditional_accuracy": pytest.approx(2 / 3), "conditional_accuracy_n": 3}
+    assert conditional_accuracy(extractor, images[:1], ["a cat"], torch.device("cpu"))["conditional_accuracy"] is None
+
+
+def test_utility_retained_is_the_share_of_the_reference_gain():
+    from library.eval.quality import add_utility_retained
+
+    utility = {"base": {"conditional_accuracy": 0.2}, "lora": {"conditional_accuracy": 0.9},
+               "smp": {"conditional_accuracy": 0.55}, "other": {"proxy_fd_digits": 3.0}}
+    add_utility_retained(utility, "lora", "conditional_accuracy")
+    assert utility["base"]["utility_retained"] == 0.0 and utility["lora"]["utility_retained"] == 1.0
+    assert utility["smp"]["utility_retained"] == pytest.approx(0.5)
+    assert "utility_retained" not in utility["other"]
+    flat = {"base": {"conditional_accuracy": 0.5}, "lora": {"conditional_accuracy": 0.5}}
+    add_utility_retained(flat, "lora", "conditional_accuracy")  # no gain over the base: U undefined, left out
+    assert "utility_retained" not in flat["lora"]
+
+
+def test_utility_reference_defaults_to_the_one_plain_lora_and_checks_a_given_name():
+    from library.errors import ConfigError
+    from library.eval.quality import utility_reference
+    from library.eval.records import ModelSpec
+
+    def spec(name, method):
+        return ModelSpec(name, Path(f"{name}.safetensors"), metadata={"smp_lora.method": method})
+
+    config = SimpleNamespace(utility_reference=None)  # the one field it reads
+    assert utility_reference(config, [ModelSpec("base"), spec("a", "lora"), spec("b", "smp_lora")]) == "a"
+    assert utility_reference(config, [spec("a", "lora"), spec("b", "lora")]) is None  # ambiguous: no U
+    config.utility_reference = "b"
+    assert utility_reference(config, [spec("a", "lora"), spec("b", "smp_lora")]) == "b"
+    config.utility_reference = "typo"
+    with pytest.raises(ConfigError, match="'utility_reference' 'typo' is not an evaluated model"):
+        utility_reference(config, [spec("a", "lora")])

@@ -95,6 +95,22 @@ def test_pretrain_portion(tmp_path):
     assert some.splits()["member_aux"] == rest.splits()["member_aux"]
 
 
+def test_new_concept_split_keeps_the_base_domain_out_of_every_membership_set(tmp_path):
+    records = _dataset(tmp_path / "d", 50)
+    in_base = {r.path for r in records if int(r.caption.split()[1]) % 2 == 0}  # "caption 4": even = base domain
+    sizes = dict(member_aux=4, member_test=4, nonmember_aux=4, nonmember_test=4)
+    split = make_split(records, sizes=sizes, seed=0, base_domain=lambda r: r.path in in_base)
+    assert {tmp_path / "d" / e.path for e in split.pretrain} == in_base  # the whole base domain, nothing else
+    drawn = [tmp_path / "d" / p for name in CORE_SPLITS for p in _paths(getattr(split, name))]
+    assert len(drawn) == 16 and in_base.isdisjoint(drawn)
+    assert len(split.unused) == 25 - 16 and in_base.isdisjoint(tmp_path / "d" / e.path for e in split.unused)
+    with pytest.raises(ConfigError, match="either pretrain= or base_domain="):
+        make_split(records, sizes=sizes, seed=0, pretrain="rest", base_domain=lambda r: True)
+    with pytest.raises(DataError, match=r"needs 28 images .* has 25 usable ones outside the base domain \(25 images"):
+        make_split(records, sizes=dict(sizes, member_test=10, nonmember_test=10), seed=0,
+                   base_domain=lambda r: r.path in in_base)
+
+
 def test_exclude_and_too_small(tmp_path):
     records = _dataset(tmp_path / "d", 20)
     sizes = dict(member_aux=5, member_test=5, nonmember_aux=5, nonmember_test=5)

@@ -8,6 +8,7 @@ from library.eval.summary import (
     headline_rows,
     main_results_table,
     oracle_extra_rows,
+    privacy_utility_table,
     suite_sections,
     worst_case,
 )
@@ -139,3 +140,17 @@ def test_an_older_report_renders_without_the_suite():
 def test_dp_budget_reads_the_accountant_from_lora_metadata():
     assert dp_budget({"smp_lora.dp_epsilon": "3.5", "smp_lora.dp_delta": "1e-05"}) == {"epsilon": 3.5, "delta": 1e-5}
     assert dp_budget({"smp_lora.method": "lora"}) is None and dp_budget(None) is None
+
+
+def test_privacy_utility_table_puts_the_worst_case_beside_the_paper_attacker_and_the_utility():
+    paper = {**_row("lora", "paper h' [honest ckpt]", 0.70, ci=[0.6, 0.8]), "attack": "paper", "argmax_asr": 0.66}
+    report = {"results": REPORT["results"] + [paper],
+              "utility": {"base": {"conditional_accuracy": 0.1, "utility_retained": 0.0, "proxy_fd_digits": 30.0},
+                          "lora": {"conditional_accuracy": 0.9, "utility_retained": 1.0, "proxy_fd_digits": 5.0}}}
+    table = privacy_utility_table(report)
+    assert table[0].startswith("| model | worst-case attack |") and len(table) == 2 + 3
+    lora = next(line for line in table if line.startswith("| lora |"))
+    assert lora == ("| lora | calibrated avg | 0.900 [0.850, 0.950] | 30.00 | 0.700 / 66.00 | 90.00 | 1.000 | "
+                    "5.000 |")
+    smp = next(line for line in table if line.startswith("| smp_lora |"))
+    assert smp.endswith("| — | n/a | n/a | n/a |")  # no paper row, no utility: said, not invented

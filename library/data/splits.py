@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -170,6 +170,7 @@ def make_split(
     pretrain: int | str | None = None,
     allow_unbalanced_aux: bool = False,
     allow_duplicates: bool = False,
+    base_domain: Callable[[ImageCaption], bool] | None = None,
 ) -> SplitManifest:
     """Draw the four membership sets (and optionally ``pretrain``) from ``records``, by file.
 
@@ -182,6 +183,11 @@ def make_split(
     also left out of ``unused``). ``dataset_root`` defaults to the deepest folder holding every record.
     Identical image files would sit on both sides of the member line, so they are an error unless
     ``allow_duplicates``. D_aux must be balanced (paper) unless ``allow_unbalanced_aux``.
+
+    ``base_domain`` makes a *new-concept* split: the records it accepts are never drawn into the membership sets,
+    they are the ``pretrain`` list (what the base model knows), and the four sets are drawn from the others only
+    (the concept the fine-tune adds; leftovers go to ``unused``). It excludes ``pretrain=``: the base's domain is
+    given, not drawn.
     """
     wanted = resolve_sizes(sizes, preset)
     if wanted.member_aux != wanted.nonmember_aux and not allow_unbalanced_aux:
@@ -202,6 +208,14 @@ def make_split(
     excluded = {norm_path(x) for x in exclude} if exclude else set()
     candidates = _candidates(records, root, excluded, allow_duplicates)
 
+    n_excluded = len(records) - len(candidates)
+    base: list[tuple[str, ImageCaption, str]] = []
+    if base_domain is not None:
+        if pretrain is not None:
+            raise ConfigError("give either pretrain= or base_domain=: a new-concept split pre-trains on the base "
+                              "domain's images")
+        base = [c for c in candidates if base_domain(c[1])]
+        candidates = [c for c in candidates if not base_domain(c[1])]
     # With "rest", needed = max(total, len(candidates)): the size check below still tests len < total.
     n_pretrain = _pretrain_count(pretrain, len(candidates) - wanted.total)
     needed = wanted.total + n_pretrain
@@ -211,11 +225,14 @@ def make_split(
             detail += f", pretrain {n_pretrain}"
         raise DataError(
             f"dataset {root} is too small for this split: it needs {needed} images ({detail}) but has "
-            f"{len(candidates)} usable ones" + (f" ({len(records) - len(candidates)} excluded)" if excluded else "")
+            f"{len(candidates)} usable ones" + (f" ({n_excluded} excluded)" if excluded else "")
+            + (f" outside the base domain ({len(base)} images inside it)" if base_domain is not None else "")
             + "; add images or choose smaller sizes"
         )
 
     lists = _draw(candidates, dict(wanted.as_dict(), pretrain=n_pretrain), seed)
+    if base_domain is not None:
+        lists["pretrain"] = [SplitEntry(rel, rec.caption, digest, rec.repeats) for rel, rec, digest in base]
     manifest = SplitManifest(dataset_root=root, seed=int(seed), preset=preset, **lists)
     # Belt and braces: the construction above cannot overlap, but a future edit might.
     paths = [e.path for entries in manifest.splits().values() for e in entries]

@@ -21,7 +21,6 @@ safetensors with the architecture and the held-out accuracy in the metadata.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from library.demo.digits import DIGIT_NAMES
+from library.data.digit_captions import DIGIT_NAMES, digit_label
 from library.errors import ConfigError, DataError
 from library.eval.small_cnn import (
     FEATURE_DIM,
@@ -55,34 +54,6 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 2e-3
 DEFAULT_HOLDOUT = 0.15
 _MAX_SHIFT = 2  # pixels of random translation used as augmentation
-
-
-# ------------------------------------------------------------------------------------------ captions
-
-
-_WORD = re.compile(r"[a-z]+|[0-9]+")
-
-
-def digit_label(caption: str) -> int:
-    """The digit a caption names: ``"a handwritten digit seven"`` -> 7 (also accepts a numeral, "digit 7").
-
-    Exactly one digit must be named (repeats of the same digit are fine). A caption naming none, or two
-    different digits, raises :class:`DataError`.
-    """
-    found = set()
-    for word in _WORD.findall(str(caption).lower()):
-        if word in DIGIT_NAMES:
-            found.add(DIGIT_NAMES.index(word))
-        elif word.isdigit() and len(word) == 1:
-            found.add(int(word))
-    if len(found) == 1:
-        return found.pop()
-    if not found:
-        raise DataError(
-            f"caption {caption!r} names no digit; digit captions must contain one of "
-            f"{', '.join(DIGIT_NAMES)} (e.g. 'a handwritten digit seven')"
-        )
-    raise DataError(f"caption {caption!r} names several digits ({sorted(found)}); a digit caption must name one")
 
 
 def load_digit_images(records: Sequence[Any], resolution: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:

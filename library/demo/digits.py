@@ -26,19 +26,14 @@ import numpy as np
 from PIL import Image
 
 from library.data.dataset import ImageCaption
+from library.data.digit_captions import DIGIT_NAMES, digit_caption  # noqa: F401 - the demo's names
 from library.errors import DataError
 from library.fileio import atomic_write_path, atomic_write_text
 
-DIGIT_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 Source = Literal["digits", "mnist5k"]
 SOURCES: tuple[str, ...] = ("digits", "mnist5k")
 MNIST5K_RELATIVE = Path("data") / "data" / "mnist_5k.csv.gz"
 _OWN_FILE = re.compile(r"^\d+\.(png|txt)$")
-
-
-def digit_caption(label: int) -> str:
-    """Caption of a digit image, e.g. ``digit_caption(7) == "a handwritten digit seven"``."""
-    return f"a handwritten digit {DIGIT_NAMES[int(label)]}"
 
 
 def find_mnist5k() -> Path:

@@ -31,10 +31,16 @@ from typing import Any, Callable, Mapping
 
 from library.config import load_config, parse_flags
 from library.data.dataset import scan_dataset
+from library.data.digit_captions import digit_label
 from library.data.manifest import pretrain_records, read_manifest, write_manifest
 from library.data.splits import make_split
 from library.eval.config import EvalConfig
-from library.eval.summary import main_results_table, worst_case
+from library.eval.summary import (
+    main_results_table,
+    paper_honest_row,
+    privacy_utility_table,
+    worst_case,
+)
 from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
@@ -57,7 +63,11 @@ class DemoSettings:
     seed: int = 0
     split_sizes: dict[str, int] = field(default_factory=lambda: {
         "member_aux": 50, "member_test": 50, "nonmember_aux": 50, "nonmember_test": 50})
-    pretrain_images: int | None = None  # None = every image not in the membership sets
+    # The new concept (issue 16): the base model is pre-trained on these digits only, and the membership sets are
+    # drawn from the others, so the LoRA learns classes the base never saw and its utility is measurable apart from
+    # memorisation. None: the first edition's i.i.d. demo (base pre-trained on every class, minus the sets).
+    base_digits: tuple[int, ...] | None = (0, 1, 2, 3, 4)
+    pretrain_images: int | None = None  # None = every image not in the membership sets (base_digits None only)
     pretrain_kwargs: dict = field(default_factory=dict)  # budget overrides for library.demo.pretrain
     feature_net_kwargs: dict = field(default_factory=dict)
     # TrainConfig / EvalConfig fields set for every training run / for the evaluation (beating configs/tiny);
@@ -98,11 +108,26 @@ def prepare_data(settings: DemoSettings) -> Path:
         if images.exists():
             shutil.rmtree(images)
         write_digits_dataset(images, resolution=32)
-        pretrain = "rest" if settings.pretrain_images is None else settings.pretrain_images
-        split = make_split(scan_dataset(images), sizes=settings.split_sizes, seed=settings.seed,
-                           dataset_root=images, pretrain=pretrain)
+        if settings.base_digits is None:
+            pretrain = "rest" if settings.pretrain_images is None else settings.pretrain_images
+            split = make_split(scan_dataset(images), sizes=settings.split_sizes, seed=settings.seed,
+                               dataset_root=images, pretrain=pretrain)
+        else:
+            base_digits = set(settings.base_digits)
+            split = make_split(scan_dataset(images), sizes=settings.split_sizes, seed=settings.seed,
+                               dataset_root=images, base_domain=lambda r: digit_label(r.caption) in base_digits)
         write_manifest(split, manifest)
     return manifest
+
+
+def classifier_records(manifest: Path) -> list:
+    """The images the digit classifier trains on: every image outside the member and non-member sets (the
+    base's pre-training images and the unused ones), so that it reads the new classes too and is independent of
+    what it judges."""
+    from library.data.dataset import ImageCaption
+
+    split = read_manifest(manifest, verify=False)
+    return [ImageCaption(split.abs_path(e), e.caption, e.repeats) for e in split.pretrain + split.unused]
 
 
 def prepare_base_model(settings: DemoSettings, manifest: Path) -> Path:
@@ -117,12 +142,12 @@ def prepare_base_model(settings: DemoSettings, manifest: Path) -> Path:
 
 
 def prepare_feature_net(settings: DemoSettings, manifest: Path) -> Path:
-    """The digit classifier behind the proxy Fréchet distance (cached)."""
+    """The digit classifier behind the proxy Fréchet distance and the conditional accuracy (cached)."""
     from library.demo.digit_classifier import train_digit_feature_net_on_records
 
     path = settings.workdir / "digit_features.safetensors"
     if not path.is_file():
-        train_digit_feature_net_on_records(pretrain_records(manifest), out_path=path, seed=settings.seed,
+        train_digit_feature_net_on_records(classifier_records(manifest), out_path=path, seed=settings.seed,
                                            **settings.feature_net_kwargs)
     return path
 
@@ -145,7 +170,10 @@ def demo_eval_config(settings: DemoSettings, base: Path, manifest: Path, loras: 
         "network_weights": [str(p) for p in loras], "resolution": 32, "output_dir": str(output_dir),
         "cache_dir": str(settings.workdir / "eval_cache"), "jobs": settings.eval_jobs, **(overrides or {})}
     if feature_net is not None:
-        values.update(quality=True, quality_features="digits", digit_feature_weights=str(feature_net))
+        # Samples are compared with the non-members (images of the fine-tuned classes the LoRA never saw), never
+        # with the members: utility must measure what generalises.
+        values.update(quality=True, quality_features="digits", digit_feature_weights=str(feature_net),
+                      quality_reference="nonmembers")
     return load_config(EvalConfig, None, {**values, **settings.eval_overrides})
 
 
@@ -253,7 +281,33 @@ def findings(report: dict) -> list[str]:
             verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
         lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
                      f"{method} {verdict}.")
-    return lines + [""]
+    return lines + utility_findings(report) + [""]
+
+
+def utility_findings(report: dict) -> list[str]:
+    """What the fine-tunes learned that generalises (conditional accuracy, U) and whether the paper's h' sees plain
+    LoRA: lines computed from the numbers (none without --quality)."""
+    utility = report.get("utility") or {}
+    accuracy = {m: row["conditional_accuracy"] for m, row in utility.items()
+                if row.get("conditional_accuracy") is not None}
+    lines = []
+    if "base" in accuracy and "lora" in accuracy:
+        lines.append(f"- conditional accuracy (samples of the fine-tuned digits read as the digit asked for): base "
+                     f"{100 * accuracy['base']:.1f} %, plain LoRA {100 * accuracy['lora']:.1f} %"
+                     + ("" if accuracy["lora"] > accuracy["base"] else " - plain LoRA learned nothing that generalises")
+                     + ".")
+    for model, row in utility.items():
+        if model not in ("base", "lora") and row.get("utility_retained") is not None:
+            lines.append(f"- `{model}` keeps U = {row['utility_retained']:.2f} of plain LoRA's gain over the base "
+                         f"(conditional accuracy {100 * row['conditional_accuracy']:.1f} %).")
+    paper = paper_honest_row(report, "lora")
+    if paper is not None and paper.get("auc_ci"):
+        seen = paper["auc_ci"][0] > 0.5
+        lines.append(f"- the paper's own attacker h' (honest checkpoint) on plain LoRA: AUC {paper['auc']:.3f} "
+                     f"[{paper['auc_ci'][0]:.3f}, {paper['auc_ci'][1]:.3f}]: "
+                     + ("it detects membership (CI above 0.5), the paper's regime." if seen else
+                        "its CI contains 0.5: the demo is NOT in the paper's regime for this attacker."))
+    return lines
 
 
 def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float]) -> Path:
@@ -262,11 +316,14 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     eval_md = (eval_dir / "report.md").read_text()
     total = sum(timings.values())
     split = read_manifest(settings.workdir / "data" / "split.json", verify=False)
+    base_classes = sorted({digit_label(e.caption) for e in split.pretrain})
+    new_classes = sorted({digit_label(e.caption) for e in split.members()})
     lines = [
         "# smp-lora demo: membership inference against LoRA, MP-LoRA and SMP-LoRA",
         "",
-        f"A tiny SD-shaped model pre-trained on {len(split.pretrain)} packaged digit images; each method fine-tuned "
-        f"on the same {len(split.members())} member digits (D_tr) with the same budget and seed; the attacks fit on "
+        f"A tiny SD-shaped model pre-trained on {len(split.pretrain)} packaged digit images (digits "
+        f"{', '.join(map(str, base_classes))}); each method fine-tuned on the same {len(split.members())} member "
+        f"digits (D_tr; digits {', '.join(map(str, new_classes))}) with the same budget and seed; the attacks fit on "
         f"D_aux ({len(split.member_aux)} members + {len(split.nonmember_aux)} non-members) and are scored on D_te "
         f"({len(split.member_test)} members vs {len(split.nonmember_test)} non-members). See the README, "
         "'Reading the demo table'.",
@@ -274,6 +331,10 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         f"Wall time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}), "
         f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings and {settings.eval_jobs} "
         "evaluated models at once, one thread each.",
+        "",
+        "## Privacy and utility",
+        "",
+        *privacy_utility_table(report),
         "",
         *findings(report),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
@@ -284,6 +345,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     path = settings.workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(main_results_table(report)))
+    print("\n" + "\n".join(privacy_utility_table(report)))
     print("\n".join(findings(report)[2:]))
     _log(f"report: {path} ({len(report['results'])} rows); plots and samples in {eval_dir}")
     return path

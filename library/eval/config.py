@@ -137,6 +137,9 @@ class EvalConfig:
         None, "local FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
         "weights-inception-2015-12-05-6726825d.pth); never downloaded")
     quality_kid_subsets: int = option(100, "KID subsets (subset size = min(1000, n_real, n_generated))")
+    utility_reference: Optional[str] = option(
+        None, "model (report name) whose gain over the base is the unit of the utility retained U (needs a classifier "
+        "among --quality_features, e.g. digits); default: the one plain-LoRA file evaluated, if there is exactly one")
 
     # --- metrics and output ----------------------------------------------------------------------
     n_bootstrap: int = option(1000, "bootstrap resamples for the 95% CIs (0 = no CIs)")

@@ -21,7 +21,6 @@ the config reads the registered names (for ``--help``), and a network is importe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -41,6 +40,11 @@ class FeatureExtractor:
     extract: Callable[[torch.Tensor], dict[str, torch.Tensor]]  # images [N, 3, R, R] in [-1, 1] on device
     metrics: dict[str, tuple[str, str | None]]
     batch_size: int = 32
+    # A classifier among the extractors gives the conditional accuracy: the share of samples it reads as the class
+    # their prompt names. ``classify``: images -> class indices [N]; ``label_of``: prompt -> its class, or None
+    # for a prompt that names no single class (left out of the accuracy).
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None
+    label_of: Callable[[str], int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def register_extractor(entry: ExtractorEntry) -> None:
     EXTRACTORS[entry.name] = entry
 
 
-def small_cnn_extractor(name: str, source: str, path: str | Path, device: torch.device) -> FeatureExtractor:
+def small_cnn_extractor(name: str, source: str, path: str | Path, device: torch.device,
+                        label_of: Callable[[str], int | None] | None = None) -> FeatureExtractor:
     """The learned features of a :class:`~library.eval.small_cnn.SmallCNN` file: PROXY FD / KID named after ``name``."""
     from library.eval.small_cnn import load_small_cnn  # noqa: PLC0415 - torch only when used
 
@@ -71,7 +76,15 @@ def small_cnn_extractor(name: str, source: str, path: str | Path, device: torch.
     return FeatureExtractor(
         name, f"PROXY metric: features of {source} ({path}); a learned-feature Fréchet distance / KID, not FID",
         lambda images: {name: net.features(images.float()).float()},  # resizes to 32
-        {name: (f"proxy_fd_{name}", f"proxy_kid_{name}")}, batch_size=64)
+        {name: (f"proxy_fd_{name}", f"proxy_kid_{name}")}, batch_size=64,
+        classify=lambda images: net(images.float()).argmax(1), label_of=label_of)
+
+
+def digits_extractor(path: str | Path, device: torch.device) -> FeatureExtractor:
+    """The demo's digit classifier: proxy FD / KID, and the conditional accuracy on digit prompts."""
+    from library.data.digit_captions import digit_label_or_none  # noqa: PLC0415
+
+    return small_cnn_extractor("digits", "the demo's digit classifier", path, device, label_of=digit_label_or_none)
 
 
 def inception_extractor(path: str | Path, device: torch.device) -> FeatureExtractor:
@@ -87,9 +100,13 @@ def inception_extractor(path: str | Path, device: torch.device) -> FeatureExtrac
 
 
 register_extractor(ExtractorEntry(
-    "digits", "digit_feature_weights", partial(small_cnn_extractor, "digits", "the demo's digit classifier"),
+    "digits", "digit_feature_weights", digits_extractor,
     {"proxy_fd_digits": "PROXY: Fréchet distance of the demo's digit-classifier features (not FID)",
-     "proxy_kid_digits": "PROXY: KID of the demo's digit-classifier features (not Inception KID)"}))
+     "proxy_kid_digits": "PROXY: KID of the demo's digit-classifier features (not Inception KID)",
+     "conditional_accuracy": "share of the samples the digit classifier reads as the digit their prompt names "
+                             "(prompts naming one digit only)",
+     "utility_retained": "U = (m - m_base) / (m_ref - m_base) with m the conditional accuracy and ref the plain "
+                         "fine-tune (--utility_reference): 1 = all of the plain fine-tune's gain kept, 0 = none"}))
 register_extractor(ExtractorEntry(
     "inception", "inception_weights", inception_extractor,
     {"fid_2048": "FID, Inception-v3 pool3 (2048-d), pytorch-fid conventions",
@@ -134,4 +151,4 @@ def extract_features(extractor: FeatureExtractor, images: torch.Tensor, device: 
 
 
 __all__ = ["EXTRACTORS", "ExtractorEntry", "FeatureExtractor", "extract_features", "extractor_notes",
-           "inception_extractor", "load_extractors", "register_extractor", "small_cnn_extractor"]
+           "digits_extractor", "inception_extractor", "load_extractors", "register_extractor", "small_cnn_extractor"]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from library.errors import ConfigError
 from library.eval import metrics
 from library.eval.config import EvalConfig
 from library.eval.extractors import FeatureExtractor, extract_features
@@ -37,7 +38,7 @@ from library.eval.generation import (
     quality_prompts,
     reference_entries,
 )
-from library.eval.records import ModelSpec
+from library.eval.records import BASE_NAME, ModelSpec
 
 if TYPE_CHECKING:
     from library.eval.features import ModelFeatures
@@ -81,6 +82,7 @@ def run_quality(config: EvalConfig, specs: Sequence[ModelSpec], manifest: Any, d
     from library.sd.sampling import save_grid  # noqa: PLC0415
 
     t0 = time.perf_counter()
+    reference = utility_reference(config, specs)  # a wrong name fails before the samples are generated
     prompts = quality_prompts(manifest, config.quality_num_images)
     refs = reference_entries(manifest, config.quality_reference)
     generated = generate_all(config, specs, prompts, device, pool)
@@ -101,8 +103,12 @@ def run_quality(config: EvalConfig, specs: Sequence[ModelSpec], manifest: Any, d
             fake = extract_features(ex, fake_images, device)
             row.update(metrics.feature_metrics(ex.metrics, real[ex.name], fake, config.quality_kid_subsets,
                                                config.seed))
+            if ex.classify is not None and ex.label_of is not None:
+                row.update(conditional_accuracy(ex, fake_images, prompts, device))
         timing[spec.name] = seconds + time.perf_counter() - t1
+    add_utility_retained(utility, reference, "conditional_accuracy")
     return {
+        "utility_reference": reference,
         "num_images": len(prompts),
         "prompts": "D_te captions (member_test then nonmember_test), cycled; image i uses seed quality_seed + i "
                    "for every model",
@@ -118,4 +124,47 @@ def run_quality(config: EvalConfig, specs: Sequence[ModelSpec], manifest: Any, d
     }
 
 
-__all__ = ["GRID_MAX_IMAGES", "heldout_losses", "real_features", "run_quality"]
+def conditional_accuracy(extractor: FeatureExtractor, images: torch.Tensor, prompts: Sequence[str],
+                         device: torch.device) -> dict[str, Any]:
+    """``conditional_accuracy``: the share of ``images`` the extractor's classifier reads as the class their prompt
+    names (prompts naming no single class left out; None when none does), and ``conditional_accuracy_n``."""
+    assert extractor.classify is not None and extractor.label_of is not None
+    labels = [extractor.label_of(p) for p in prompts]
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    if not keep:
+        return {"conditional_accuracy": None, "conditional_accuracy_n": 0}
+    with torch.no_grad():
+        predicted = torch.cat([extractor.classify(images[keep[i:i + extractor.batch_size]].to(device)).cpu()
+                               for i in range(0, len(keep), extractor.batch_size)])
+    wanted = torch.tensor([labels[i] for i in keep])
+    return {"conditional_accuracy": float((predicted == wanted).double().mean()), "conditional_accuracy_n": len(keep)}
+
+
+def utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> str | None:
+    """The model whose gain over the base is U's unit: ``--utility_reference``, else the one plain-LoRA file among
+    ``specs`` (training metadata ``smp_lora.method = lora``), else None (no U)."""
+    if config.utility_reference is not None:
+        names = [s.name for s in specs]
+        if config.utility_reference not in names:
+            raise ConfigError(f"'utility_reference' {config.utility_reference!r} is not an evaluated model; choose "
+                              f"one of {names}")
+        return config.utility_reference
+    plain = [s.name for s in specs if s.metadata.get("smp_lora.method") == "lora"]
+    return plain[0] if len(plain) == 1 else None
+
+
+def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,
+                         base: str = BASE_NAME) -> None:
+    """Utility gain retained, U = (m - m_base) / (m_ref - m_base) (issue 16), as ``utility_retained`` in every row
+    holding ``metric``; left out when the reference or the base lacks the metric or gains nothing over the base."""
+    m_base = utility.get(base, {}).get(metric)
+    m_ref = utility.get(reference, {}).get(metric) if reference is not None else None
+    if m_base is None or m_ref is None or m_ref == m_base:
+        return
+    for row in utility.values():
+        if row.get(metric) is not None:
+            row["utility_retained"] = (row[metric] - m_base) / (m_ref - m_base)
+
+
+__all__ = ["GRID_MAX_IMAGES", "add_utility_retained", "conditional_accuracy", "heldout_losses", "real_features",
+           "run_quality", "utility_reference"]

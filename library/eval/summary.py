@@ -263,6 +263,29 @@ def suite_sections(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def paper_honest_row(report: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """The paper's h' row of ``model`` at the honest checkpoint (D_te never seen), if the paper attack ran."""
+    return next((r for r in report["results"] if r["model"] == model and r.get("attack") == "paper"
+                 and "honest" in str(r.get("label"))), None)
+
+
+def privacy_utility_table(report: dict[str, Any]) -> list[str]:
+    """Per model the worst case over the suite beside the paper's h' and the utility that generalises
+    (conditional accuracy and the utility retained U, with --quality and a classifier; proxy FD): issue 16's table."""
+    utility = report.get("utility") or {}
+    lines = ["| model | worst-case attack | AUC [95% CI] | TPR@1%FPR % | paper h' (honest) AUC / ASR % | "
+             "conditional accuracy % | U | proxy FD (digits) |", "|---|---|---|---:|---|---:|---:|---:|"]
+    for model, w in worst_case(report).items():
+        paper = paper_honest_row(report, model)
+        paper_cell = "—" if paper is None else f"{fmt(paper.get('auc'))} / {fmt(paper.get('argmax_asr'), True)}"
+        row = utility.get(model) or {}
+        cells = [model, w.attack, f"{fmt(w.auc)}{fmt_ci(w.auc_ci)}", fmt(w.tpr_at_fpr.get("0.01"), True), paper_cell,
+                 fmt(row.get("conditional_accuracy"), True), fmt(row.get("utility_retained")),
+                 fmt(row.get("proxy_fd_digits"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 __all__ = ["DP_EPSILON_KEY", "ORACLE_T", "WorstCase", "cost_table", "dp_budget", "floor_row", "headline_rows",
-           "main_results_table", "oracle_extra_rows", "results_table", "suite_sections", "table11_table",
-           "worst_case", "worst_case_table"]
+           "main_results_table", "oracle_extra_rows", "paper_honest_row", "privacy_utility_table", "results_table",
+           "suite_sections", "table11_table", "worst_case", "worst_case_table"]
