@@ -13,6 +13,7 @@ from library.eval.metrics import (
     auc_deviation,
     balanced_accuracy,
     best_threshold,
+    bootstrap_auc_tpr_ci,
     bootstrap_ci,
     frechet_distance,
     frechet_distance_from_features,
@@ -288,3 +289,19 @@ def test_frechet_from_features_matches_the_sqrtm_closed_form(n1, n2, d):
     expected = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert frechet_distance_from_features(a, b) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("n_pos, n_neg, levels", [(50, 50, None), (30, 70, 5), (12, 20, 3), (40, 10, None)])
+def test_vectorised_bootstrap_equals_one_roc_curve_per_resample(n_pos, n_neg, levels):
+    """The same resamples, the same AUC and TPR@5%FPR CIs as bootstrap_ci (ties included: few score levels)."""
+    rng = np.random.default_rng(n_pos)
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    s = rng.normal(size=y.size) + 0.8 * y
+    if levels:
+        s = np.round(s * levels / 3.0)
+    auc_ci, tpr_ci = bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=200, seed=3)
+    assert auc_ci == pytest.approx(bootstrap_ci(y, s, roc_auc, n_boot=200, seed=3), abs=1e-12)
+    expected = bootstrap_ci(y, s, lambda a, b: tpr_at_fpr(a, b, 0.05), n_boot=200, seed=3)
+    assert (tpr_ci is None) == (n_neg < 20)  # 10 non-members cannot measure a 5 % FPR
+    if tpr_ci is not None:
+        assert tpr_ci == pytest.approx(expected, abs=1e-12)

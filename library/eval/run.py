@@ -55,10 +55,6 @@ FPR_TARGETS = (0.05, 0.01, 0.001)
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def _tpr5(y: np.ndarray, s: np.ndarray) -> float | None:
-    return metrics.tpr_at_fpr(y, s, 0.05)
-
-
 def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Every number of one (model, attack variant) on D_te (``labels`` and the score set restricted to D_te)."""
     y, s = labels, score_set.scores
@@ -88,9 +84,8 @@ def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, see
         out["asr_oracle" if score_set.checkpoint == "oracle" else "asr_honest"] = asr
         out["argmax_asr"] = asr
     if n_bootstrap > 0:
-        ci = metrics.bootstrap_ci(y, s, metrics.roc_auc, n_boot=n_bootstrap, seed=seed)
-        out["auc_ci"] = list(ci) if ci else None
-        ci5 = metrics.bootstrap_ci(y, s, _tpr5, n_boot=n_bootstrap, seed=seed) if _tpr5(y, s) is not None else None
+        ci, ci5 = metrics.bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=n_bootstrap, seed=seed)
+        out["auc_ci"] = list(ci)
         out["tpr_at_5pct_fpr_ci"] = list(ci5) if ci5 else None
     else:
         out["auc_ci"] = out["tpr_at_5pct_fpr_ci"] = None
