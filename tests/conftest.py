@@ -99,7 +99,6 @@ def _small_demo_settings(workdir, **overrides):
     return DemoSettings(
         workdir=workdir,
         split_sizes={"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8},
-        pretrain_images=96,
         pretrain_kwargs={"vae_steps": 10, "unet_steps": 20, "batch_size": 8, "vae_batch_size": 8},
         feature_net_kwargs={"epochs": 1},
         train_overrides=["--max_train_epochs", "2", "--no-progress_bar"],

@@ -58,6 +58,9 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
         assert p["worst_attack"]
         assert p["epsilon_lb"] is not None and p["epsilon_lb"] >= 0  # the measured lower bound, for every model
         assert (p["dp_epsilon"] is not None) == (p["method"] == "dp_lora")  # the accountant's, for DP-SGD only
+        assert 0.0 <= p["conditional_accuracy"] <= 1.0  # the digit classifier's reading of every model's samples
+    plain = next(p for p in points if p["model"] == "early_stopping")  # U's unit: the first plain run's final file
+    assert plain.get("utility_retained") in (None, 1.0)  # None when it gained nothing over the base (2 epochs)
     text = path.read_text()
     assert "## Target (issue 7)" in text and "| dp_lora | dp_noise_multiplier | 1.000 |" in text
     assert (path.parent / "frontier.png").stat().st_size > 0
@@ -78,6 +81,11 @@ def test_target_check_reports_hits_misses_and_a_vacuous_budget():
             "worst_auc": 0.5, "worst_attack": "x"}
     caveats = [line for line in target_check([base, plain, good]) if "caveat" in line]
     assert len(caveats) == 1 and "held-out loss" in caveats[0]  # the base is within the loss budget, not the FD one
+    # Issue 16's target on U (no U in the points: no line).
+    kept, lost = {**good, "utility_retained": 0.95}, {**good, "model": "l", "utility_retained": 0.4}
+    assert any("REACHED by `g`: worst-case AUC 0.550, U 0.95" in line for line in target_check([plain, kept, lost]))
+    assert any("NOT reached. Highest U at AUC <= 0.6: `l`, U 0.40" in line for line in target_check([plain, lost]))
+    assert not any("utility retained" in line for line in target_check([plain, good]))
 
 
 @pytest.mark.parametrize("text, message", [

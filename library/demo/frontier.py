@@ -141,12 +141,14 @@ def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, ma
 
 
 def evaluate_sweep(settings: FrontierSettings, files: list[Path], base: Path, manifest: Path,
-                   feature_net: Path) -> dict[str, Any]:
-    """Every file (and the base model) attacked by the demo's evaluation, quietly; returns its report.json."""
+                   feature_net: Path, utility_reference: str | None = None) -> dict[str, Any]:
+    """Every file (and the base model) attacked by the demo's evaluation, quietly; returns its report.json. The
+    utility retained U counts in units of ``utility_reference``'s gain (a model name: the file's stem)."""
     from library.eval.run import evaluate
 
     out = settings.out / "eval"
-    evaluate(demo_eval_config(settings.demo, base, manifest, files, out, feature_net, {"progress_bar": False}))
+    evaluate(demo_eval_config(settings.demo, base, manifest, files, out, feature_net,
+                              {"progress_bar": False, "utility_reference": utility_reference}))
     return json.loads((out / "report.json").read_text())
 
 
@@ -170,6 +172,8 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             "worst_tpr_at_5pct_fpr": worst.tpr_at_fpr.get("0.05"),
             "heldout_loss": utility.get("loss_nonmember_test"), "member_loss": utility.get("loss_member_test"),
             "proxy_fd_digits": utility.get("proxy_fd_digits"),
+            "conditional_accuracy": utility.get("conditional_accuracy"),
+            "utility_retained": utility.get("utility_retained"),
             # One privacy axis for heuristic defences and DP-SGD: the measured lower bound on epsilon (worst-case
             # attack, threshold fitted on D_aux) beside the accountant's upper bound where the run has one.
             "epsilon_lb": (audit.get("epsilon_lb") or {}).get("honest"),
@@ -210,7 +214,28 @@ def target_check(points: list[dict]) -> list[str]:
         lines.append("  - NOT reached: no run has worst-case AUC <= 0.60 within this budget." + (
             f" Closest within budget: `{best['model']}` at AUC {best['worst_auc']:.3f} ({best['worst_attack']})."
             if best else ""))
-    return lines
+    return lines + retained_check(points)
+
+
+TARGET_RETAINED = 0.9  # issue 16: "a defence at worst-case AUC <= 0.60 that keeps U >= 0.9"
+
+
+def retained_check(points: list[dict]) -> list[str]:
+    """Issue 16's target: which defences reach worst-case AUC <= 0.60 while keeping U >= 0.9 (U: the share of plain
+    LoRA's conditional-accuracy gain over the base); otherwise the highest U at AUC <= 0.60, if any."""
+    runs = [p for p in points if p["method"] not in ("base", "lora") and p.get("utility_retained") is not None]
+    if not runs:
+        return []
+    lines = [f"- **utility retained U** >= {TARGET_RETAINED} at worst-case AUC <= {TARGET_AUC}:"]
+    hits = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p["utility_retained"] >= TARGET_RETAINED]
+    if hits:
+        return lines + [f"  - REACHED by `{p['model']}`: worst-case AUC {p['worst_auc']:.3f}, U "
+                        f"{p['utility_retained']:.2f}" for p in hits]
+    private = [p for p in runs if p["worst_auc"] <= TARGET_AUC]
+    best = max(private, key=lambda p: p["utility_retained"]) if private else None
+    return lines + ["  - NOT reached." + (f" Highest U at AUC <= {TARGET_AUC}: `{best['model']}`, U "
+                                          f"{best['utility_retained']:.2f} (AUC {best['worst_auc']:.3f})." if best else
+                                          f" No defence reaches AUC <= {TARGET_AUC}.")]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -231,7 +256,8 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         f"{n_te.get('member_test')} members vs {n_te.get('nonmember_test')} non-members). Worst case = the "
         "headline attack with the highest AUC; TPR columns: the highest over the attacks (n/a at 1 % with fewer "
         "than 100 non-members). Utility: held-out denoising loss on D^nm_te and the digit-feature Fréchet "
-        "distance of 64 generated images to the members (a PROXY, not FID); lower is better for both. The maximum over several attack variants is biased upward on a small test set: the "
+        "distance of the generated images to the non-members (a PROXY, not FID), lower is better for both; the "
+        "conditional accuracy of the samples and U, the share of plain LoRA's gain over the base it keeps. The maximum over several attack variants is biased upward on a small test set: the "
         "`base` row (no LoRA, no membership signal) shows that floor. Plot: [frontier.png](frontier.png); every "
         "number: `frontier.json`, `eval/report.json`.",
         "",
@@ -240,15 +266,16 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         *target_check(points),
         "",
         "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@5%FPR | TPR@1%FPR | ε measured ≥ | "
-        "ε DP ≤ | held-out loss | member loss | proxy FD (digits) |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "ε DP ≤ | held-out loss | member loss | proxy FD (digits) | conditional accuracy | U |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         ci = p["worst_auc_ci"] or [None, None]
         lines.append(f"| {p['curve']} | {p['knob'] or ''} | {_fmt(p['value'])} | {p['worst_auc']:.3f} "
                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt(p['worst_tpr_at_5pct_fpr'])} | "
                      f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | {_fmt(p.get('epsilon_lb'), 2)} | "
-                     f"{_fmt(p.get('dp_epsilon'), 1)} | {_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} |")
+                     f"{_fmt(p.get('dp_epsilon'), 1)} | {_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} | "
+                     f"{_fmt(p.get('conditional_accuracy'))} | {_fmt(p.get('utility_retained'), 2)} |")
     path = out / "frontier.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -260,10 +287,11 @@ def plot_frontier(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     curves = list(dict.fromkeys(p["curve"] for p in points))
     for ax, key, xlabel in ((axes[0], "heldout_loss", "held-out denoising loss on D^nm_te (lower = better)"),
-                            (axes[1], "proxy_fd_digits", "digit-feature Fréchet distance (PROXY, lower = better)")):
+                            (axes[1], "proxy_fd_digits", "digit-feature Fréchet distance (PROXY, lower = better)"),
+                            (axes[2], "utility_retained", "utility retained U (conditional accuracy; higher = better)")):
         for curve in curves:
             pts = [p for p in points if p["curve"] == curve and p.get(key) is not None]
             if not pts:
@@ -279,7 +307,7 @@ def plot_frontier(points: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("worst-case attack AUC (95% CI)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Privacy-utility frontier (down-left is better; dotted: AUC 0.60 target, dashed: chance)")
+    fig.suptitle("Privacy-utility frontier (low AUC is better; dotted: AUC 0.60 target, dashed: chance)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -304,8 +332,10 @@ def run_frontier(settings: FrontierSettings) -> Path:
         feature_net = prepare_feature_net(demo, manifest)
         train_sweep(settings, runs, base, manifest)
         files = {path.stem: (run, value) for run in runs for path, value in run_files(settings, run)}
+        # U's unit: the first plain-LoRA run's final file (its stem is its model name in the report).
+        plain = next((r.name for r in runs if r.method == "lora"), None)
         report = evaluate_sweep(settings, [settings.out / "runs" / files[s][0].name / f"{s}.safetensors"
-                                           for s in files], base, manifest, feature_net)
+                                           for s in files], base, manifest, feature_net, plain)
     points = frontier_points(report, runs, files)
     path = write_outputs(settings, points, report)
     print(path.read_text(encoding="utf-8"), flush=True)

@@ -34,6 +34,7 @@ from library.data.dataset import scan_dataset
 from library.data.digit_captions import digit_label
 from library.data.manifest import pretrain_records, read_manifest, write_manifest
 from library.data.splits import make_split
+from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.eval.summary import (
     main_results_table,
@@ -80,6 +81,9 @@ class DemoSettings:
     eval_jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
+        if self.base_digits is not None and self.pretrain_images is not None:
+            raise ConfigError("pretrain_images applies to the i.i.d. demo only (base_digits None): the new-concept "
+                              "base pre-trains on every image of its base_digits")
         if isinstance(self.train_overrides, (list, tuple)):
             self.train_overrides = parse_flags(TrainConfig, self.train_overrides, "train_overrides")
         if isinstance(self.eval_overrides, (list, tuple)):
