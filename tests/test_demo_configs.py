@@ -76,7 +76,8 @@ def _legacy_eval_args(workdir: Path, base: Path, manifest: Path, loras: list[Pat
     if frontier:
         args.append("--no-progress_bar")
     if feature_net is not None:
-        args += ["--quality", "--quality_features", "digits", "--digit_feature_weights", str(feature_net)]
+        args += ["--quality", "--quality_features", "digits", "--digit_feature_weights", str(feature_net),
+                 "--quality_reference", "nonmembers"]  # issue 16: samples judged against unseen images
     return args + overrides
 
 

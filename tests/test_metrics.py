@@ -7,14 +7,13 @@ import pytest
 from sklearn import metrics as skm
 
 from library.errors import DataError
+from library.eval.bootstrap import bootstrap_auc_tpr_ci, bootstrap_ci
 from library.eval.metrics import (
     accuracy_at_threshold,
     argmax_asr,
     auc_deviation,
     balanced_accuracy,
     best_threshold,
-    bootstrap_auc_tpr_ci,
-    bootstrap_ci,
     frechet_distance,
     frechet_distance_from_features,
     kid,

@@ -32,6 +32,7 @@ import torch
 from library.eval import audit, metrics, quality, report
 from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.registry import build_attacks
+from library.eval.bootstrap import bootstrap_auc_tpr_ci
 from library.eval.conditioning import resolve_conditioning
 from library.eval.config import EvalConfig
 from library.eval.extractors import load_extractors
@@ -84,7 +85,7 @@ def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, see
         out["asr_oracle" if score_set.checkpoint == "oracle" else "asr_honest"] = asr
         out["argmax_asr"] = asr
     if n_bootstrap > 0:
-        ci, ci5 = metrics.bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=n_bootstrap, seed=seed)
+        ci, ci5 = bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=n_bootstrap, seed=seed)
         out["auc_ci"] = list(ci)
         out["tpr_at_5pct_fpr_ci"] = list(ci5) if ci5 else None
     else:
