@@ -14,6 +14,7 @@ Presets (paper Table 4): {presets}
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, required=True, help="the split depends on this seed only")
     parser.add_argument("--pretrain", type=_pretrain, default=None,
                         help="also reserve N images (or 'rest') for pre-training a base model, disjoint from all sets")
+    parser.add_argument("--base_domain_caption_regex", default=None, metavar="REGEX",
+                        help="a new-concept split: images whose caption matches REGEX (re.search) are the base model's "
+                             "pretrain set and never members or non-members; the four sets are drawn from the others")
     parser.add_argument("--caption_extension", default=".txt")
     parser.add_argument("--caption_column", default="text", help="caption column of metadata.jsonl")
     parser.add_argument("--allow_unbalanced_aux", action="store_true",
@@ -65,12 +69,20 @@ def _main(argv: Sequence[str] | None) -> None:
     sizes = {name: getattr(args, name) for name in CORE_SPLITS if getattr(args, name) is not None}
     if args.preset is None and len(sizes) != len(CORE_SPLITS):
         parser.error("give --preset or all of " + ", ".join(f"--{n}" for n in CORE_SPLITS))
+    base_domain = None
+    if args.base_domain_caption_regex is not None:
+        try:
+            pattern = re.compile(args.base_domain_caption_regex)
+        except re.error as exc:
+            parser.error(f"--base_domain_caption_regex {args.base_domain_caption_regex!r} is not a regular expression: "
+                         f"{exc}")
+        base_domain = lambda record: pattern.search(record.caption) is not None  # noqa: E731
     check_output_file(args.output, "--output", args.overwrite)  # before the dataset is hashed
     records = scan_dataset(args.dataset_dir, args.caption_extension, caption_column=args.caption_column)
     manifest = make_split(
         records, sizes=sizes, preset=args.preset, seed=args.seed, dataset_root=args.dataset_dir,
         pretrain=args.pretrain, allow_unbalanced_aux=args.allow_unbalanced_aux,
-        allow_duplicates=args.allow_duplicates,
+        allow_duplicates=args.allow_duplicates, base_domain=base_domain,
     )
     manifest.created_by += " scripts/make_split.py"
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -246,6 +246,18 @@ def test_make_split_script(tmp_path, capsys):
     assert "needs 200 images" in capsys.readouterr().err
     assert out.read_bytes() == written  # a failed split replaces nothing
 
+    # A new-concept split: captions "caption 1x" (10-19) are the base domain, the sets come from 0-9.
+    small = ["--member_aux", "2", "--member_test", "3", "--nonmember_aux", "2", "--nonmember_test", "3"]
+    concept = ["--dataset_dir", str(tmp_path / "d"), "--seed", "5", "--base_domain_caption_regex", r"^caption 1\d$",
+               *small]
+    assert module.main(concept + ["--output", str(tmp_path / "concept.json")]) == 0
+    m = read_manifest(tmp_path / "concept.json")
+    assert sorted(e.caption for e in m.pretrain) == [f"caption {i}" for i in range(10, 20)]
+    assert all(int(e.caption.split()[1]) < 10 for e in m.members() + m.nonmembers())
+    capsys.readouterr()
+    assert module.main(concept[:5] + ["(", *small, "--output", str(tmp_path / "bad.json")]) == 2
+    assert "is not a regular expression" in capsys.readouterr().err
+
 
 def test_user_errors_are_user_errors():
     assert issubclass(DataError, UserError) and issubclass(ConfigError, UserError)
