@@ -233,6 +233,8 @@ def test_quality_flag_combinations_are_checked(world, tmp_path, capsys):
     assert "--quality" in err
     err = run_error(capsys, base_args(world, tmp_path / "out", "--quality", "--quality_features", "digits"))
     assert "digit_feature_weights" in err
+    err = run_error(capsys, base_args(world, tmp_path / "out", "--utility_reference", "base"))
+    assert "'utility_reference' is only used with --quality" in err
 
 
 def test_conditional_accuracy_reads_the_prompt_class_and_skips_prompts_without_one():

@@ -225,6 +225,8 @@ class EvalConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         _check_seed("quality_seed", self.quality_seed, span=self.quality_num_images)
+        if self.utility_reference is not None and not self.quality:
+            raise ConfigError("'utility_reference' is only used with --quality (U is computed on the samples)")
         # Each registered extractor names the field of its weight file (library.eval.extractors).
         weights = {name: (entry.weights_option, getattr(self, entry.weights_option))
                    for name, entry in EXTRACTORS.items()}
