@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from library.errors import ConfigError
 from library.eval.attacks import (
@@ -121,6 +122,33 @@ def test_paper_attack_learns_direction_and_reports_both_checkpoints(features):
     again.fit(aux, aux_y, oracle=(test, test_y))
     np.testing.assert_array_equal(by_variant(again.score(test))["h' [honest ckpt]"].scores,
                                   sets["h' [honest ckpt]"].scores)
+
+
+def test_paper_attack_with_several_draws_averages_them():
+    """D draws per sample: each epoch trains on one draw, the score is p(member) averaged over the D draws."""
+    rng = np.random.default_rng(9)
+
+    def drawn(n: int, seed: int):
+        inputs, labels = synthetic(n, n, shift=0.3, seed=seed)
+        # Three noisy draws around each sample's map: one draw is weak evidence, their mean is better.
+        paper = inputs.target.paper + rng.normal(0.0, 0.6, size=(2 * n, 3, 16)).astype(np.float32)
+        return AttackInputs(FeatureSet(inputs.target.losses, TIMESTEPS, np.abs(paper))), labels
+
+    aux, aux_y = drawn(40, 10)
+    test, test_y = drawn(40, 11)
+    attack = PaperMLPAttack(features="error_map", epochs=12, lr=1e-3, batch_size=8, holdout_fraction=0.25, seed=0)
+    attack.fit(aux, aux_y)
+    assert attack.draws == 3 and attack.queries_per_sample() == 3.0 and attack.settings()["draws"] == 3
+    (honest,) = attack.score(test)
+    state, _ = attack.checkpoints["honest"]
+    model = attack._new_model()
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        per_draw = [torch.softmax(model(torch.as_tensor(test.target.paper[:, d])), dim=1)[:, 1].numpy()
+                    for d in range(3)]
+    np.testing.assert_allclose(honest.scores, np.mean(per_draw, axis=0), rtol=1e-5)
+    assert roc_auc(test_y, honest.scores) > max(roc_auc(test_y, p) for p in per_draw) - 0.02
 
 
 def test_paper_attack_without_oracle_or_holdout():

@@ -72,7 +72,8 @@ def _legacy_eval_args(workdir: Path, base: Path, manifest: Path, loras: list[Pat
                       eval_jobs: int, overrides: list[str], frontier: bool) -> list[str]:
     args = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
             "--network_weights", *[str(p) for p in loras], "--resolution", "32",
-            "--output_dir", str(out), "--cache_dir", str(workdir / "eval_cache"), "--jobs", str(eval_jobs)]
+            "--output_dir", str(out), "--cache_dir", str(workdir / "eval_cache"), "--jobs", str(eval_jobs),
+            "--paper_draws", "16", "--paper_max_timestep", "500"]  # issue 16: h' with draws in the band t < 500
     if frontier:
         args.append("--no-progress_bar")
     if feature_net is not None:

@@ -147,6 +147,26 @@ def test_same_noise_for_every_model(world):
     assert torch.equal(query_noise(queries[0], (4, 8, 8)), query_noise(queries[0], (4, 8, 8)))
 
 
+def test_paper_draws_extend_the_single_draw(world):
+    """--paper_draws D: D random-t queries per sample; draw 0 is exactly the single-draw query, the others differ."""
+    bundle, manifest = world["bundle"], world["manifest"]
+    samples = [Sample(manifest.abs_path(e), e.caption, e.sha256) for e in manifest.test()[:4]]
+    latents = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32).get_many([s.path for s in samples])
+
+    def paper_features(draws: int):
+        settings = FeatureSettings(timesteps=(50,), num_noise_draws=1, seed=3, paper_features="error_map",
+                                   paper_draws=draws)
+        engine = FeatureEngine(bundle, settings, device=torch.device("cpu"), batch_size=3, cache_dir=None,
+                               base_fingerprint="x", manifest_sha256="y", progress=False)
+        return engine.compute("base", samples, latents)
+
+    one, three = paper_features(1), paper_features(3)
+    assert one.paper.shape == (4, 1, 4 * 8 * 8) and three.paper.shape == (4, 3, 4 * 8 * 8)
+    assert torch.equal(three.paper[:, :1], one.paper) and torch.equal(three.paper_timesteps[:, :1], one.paper_timesteps)
+    assert not torch.equal(three.paper[:, 1], three.paper[:, 2])
+    assert three.losses.shape == one.losses.shape
+
+
 def test_second_run_hits_the_feature_cache(world, evaluated):
     out, report = evaluated
     rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"])))

@@ -172,7 +172,11 @@ def demo_eval_config(settings: DemoSettings, base: Path, manifest: Path, loras: 
     values: dict[str, Any] = {
         "pretrained_model_name_or_path": str(base), "split_manifest": str(manifest),
         "network_weights": [str(p) for p in loras], "resolution": 32, "output_dir": str(output_dir),
-        "cache_dir": str(settings.workdir / "eval_cache"), "jobs": settings.eval_jobs, **(overrides or {})}
+        "cache_dir": str(settings.workdir / "eval_cache"), "jobs": settings.eval_jobs,
+        # The paper's h' (its MLP, optimiser, 100 epochs, balanced batches), given 16 (t, eps) draws per sample with
+        # t < 500, where membership lives; the paper says neither. With upstream's one draw at t ~ U[0, 1000) it was
+        # at chance on a plain LoRA that the loss attack catches at AUC 0.92 (docs/results.md section 12).
+        "paper_draws": 16, "paper_max_timestep": 500, **(overrides or {})}
     if feature_net is not None:
         # Samples are compared with the non-members (images of the fine-tuned classes the LoRA never saw), never
         # with the members: utility must measure what generalises.
@@ -307,7 +311,10 @@ def utility_findings(report: dict) -> list[str]:
     paper = paper_honest_row(report, "lora")
     if paper is not None and paper.get("auc_ci"):
         seen = paper["auc_ci"][0] > 0.5
-        lines.append(f"- the paper's own attacker h' (honest checkpoint) on plain LoRA: AUC {paper['auc']:.3f} "
+        settings = report.get("attacks", {}).get("paper", {})
+        drawn = (f" ({settings['draws']} draws per sample, t < {report['features']['settings']['paper_max_timestep']})"
+                 if settings.get("draws", 1) > 1 else "")
+        lines.append(f"- the paper's own attacker h'{drawn} (honest checkpoint) on plain LoRA: AUC {paper['auc']:.3f} "
                      f"[{paper['auc_ci'][0]:.3f}, {paper['auc_ci'][1]:.3f}]: "
                      + ("it detects membership (CI above 0.5), the paper's regime." if seen else
                         "its CI contains 0.5: the demo is NOT in the paper's regime for this attacker."))

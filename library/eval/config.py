@@ -83,6 +83,10 @@ class EvalConfig:
         "at that t, or the losses at --timesteps", choices=list(PAPER_FEATURES))
     paper_min_timestep: int = option(0, "smallest random t of the paper's features")
     paper_max_timestep: int = option(1000, "one past the largest random t of the paper's features")
+    paper_draws: int = option(
+        1, "independent (t, eps) draws per sample for h' (paper: not said; 1 = upstream's one query). With D > 1, "
+        "h' trains on draw (epoch mod D) of each sample, as upstream's monitor re-draws every pass, and scores the "
+        "mean p(member) over the D draws; D queries per sample")
     paper_epochs: int = option(100, "epochs of h' training (paper: 100)")
     paper_lr: float = option(1e-5, "Adam learning rate of h' (paper: 1e-5)")
     paper_weight_decay: float = option(1e-4, "Adam weight decay of h' (upstream: 1e-4)")
@@ -158,7 +162,7 @@ class EvalConfig:
             raise ConfigError("'pretrained_model_name_or_path' is required (the base model the LoRAs were trained on)")
         if not self.split_manifest:
             raise ConfigError("'split_manifest' is required (the split manifest the LoRAs were trained with)")
-        for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "paper_epochs",
+        for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "paper_epochs", "paper_draws",
                      "paper_batch_size", "jobs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")

@@ -3,8 +3,9 @@
 For every sample of the split manifest and every model (the base model and each LoRA) it computes
 
 * ``losses`` ``[N, K, M]``: the per-sample loss of Eq. 1 at each of the K fixed ``timesteps`` and M noise draws;
-* ``paper`` ``[N, F]`` (optional): what the paper's h' sees, the squared-error map (F = C*H*W) or the scalar
-  loss (F = 1) at ONE random timestep per sample, as the upstream attacker does.
+* ``paper`` ``[N, D, F]`` (optional): what the paper's h' sees, the squared-error map (F = C*H*W) or the scalar
+  loss (F = 1) at a random timestep per sample, as the upstream attacker does; D = ``paper_draws`` independent
+  (t, eps) draws per sample (1, the default, is upstream's single query).
 
 **Paired noise.** The noise of query (sample, slot, draw) comes from its own ``torch.Generator`` seeded by a
 hash of (seed, the image's sha256, slot, draw), where the slot is the timestep value (or ``paper`` for the
@@ -45,7 +46,7 @@ from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.sd.text import encode_prompts
 
-FEATURE_FORMAT = "smp-lora-mia-features-v1"
+FEATURE_FORMAT = "smp-lora-mia-features-v2"  # v2: the paper features are [N, D, F]
 PAPER_ROW_KINDS = ("error_map", "loss")  # paper feature kinds that need their own random-t query
 
 
@@ -59,6 +60,7 @@ class FeatureSettings:
     paper_features: str | None = None  # None: no paper query; "multi_t_loss" reuses ``losses``
     paper_min_timestep: int = 0
     paper_max_timestep: int = 1000
+    paper_draws: int = 1  # independent random-t queries per sample for the paper's features
     resolution: int = 512
     clip_skip: int = 1
     max_token_length: int | None = None
@@ -67,7 +69,7 @@ class FeatureSettings:
 
     @property
     def paper_row(self) -> bool:
-        """Whether each sample gets one extra random-t query for the paper's features."""
+        """Whether each sample gets extra random-t queries (``paper_draws`` of them) for the paper's features."""
         return self.paper_features in PAPER_ROW_KINDS
 
     def as_dict(self) -> dict[str, Any]:
@@ -91,8 +93,8 @@ class ModelFeatures:
 
     name: str
     losses: torch.Tensor  # [N, K, M] float32
-    paper: torch.Tensor | None  # [N, F] float32
-    paper_timesteps: torch.Tensor | None  # [N] long, the random t of each sample's paper query
+    paper: torch.Tensor | None  # [N, D, F] float32
+    paper_timesteps: torch.Tensor | None  # [N, D] long, the random t of each sample's paper queries
     cache_key: str = ""
     cache_hit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +107,7 @@ class Query:
     sample: int
     timestep: int
     noise_seed: int
-    slot: int  # index into the K*M loss slots, or -1 for the paper query
+    slot: int  # index into the K*M loss slots, or -1-d for the paper query of draw d
 
 
 def noise_seed(seed: int, sample_sha256: str, slot: str, draw: int) -> int:
@@ -113,15 +115,15 @@ def noise_seed(seed: int, sample_sha256: str, slot: str, draw: int) -> int:
     return hashed_seed("smp-lora-mia-noise", seed, sample_sha256, slot, draw)
 
 
-def paper_timestep(settings: FeatureSettings, sample_sha256: str) -> tuple[int, int]:
-    """(t, noise seed) of a sample's paper query: t ~ U{min, ..., max-1} from a seed of its own."""
-    generator = torch.Generator().manual_seed(noise_seed(settings.seed, sample_sha256, "paper_t", 0))
+def paper_timestep(settings: FeatureSettings, sample_sha256: str, draw: int = 0) -> tuple[int, int]:
+    """(t, noise seed) of a sample's paper query number ``draw``: t ~ U{min, ..., max-1} from a seed of its own."""
+    generator = torch.Generator().manual_seed(noise_seed(settings.seed, sample_sha256, "paper_t", draw))
     t = int(torch.randint(settings.paper_min_timestep, settings.paper_max_timestep, (1,), generator=generator))
-    return t, noise_seed(settings.seed, sample_sha256, "paper", 0)
+    return t, noise_seed(settings.seed, sample_sha256, "paper", draw)
 
 
 def plan_queries(samples: Sequence[Sample], settings: FeatureSettings) -> list[Query]:
-    """Every UNet query, sample-major: K*M fixed-t queries per sample, then its paper query (if any)."""
+    """Every UNet query, sample-major: K*M fixed-t queries per sample, then its paper queries (if any)."""
     queries: list[Query] = []
     m_draws = settings.num_noise_draws
     for i, sample in enumerate(samples):
@@ -129,8 +131,9 @@ def plan_queries(samples: Sequence[Sample], settings: FeatureSettings) -> list[Q
             for m in range(m_draws):
                 queries.append(Query(i, int(t), noise_seed(settings.seed, sample.sha256, f"t{t}", m), k * m_draws + m))
         if settings.paper_row:
-            t, seed = paper_timestep(settings, sample.sha256)
-            queries.append(Query(i, t, seed, -1))
+            for d in range(settings.paper_draws):
+                t, seed = paper_timestep(settings, sample.sha256, d)
+                queries.append(Query(i, t, seed, -1 - d))
     return queries
 
 
@@ -233,7 +236,8 @@ class FeatureEngine:
         losses = tensors.get("losses")
         if meta.get("key") != key or losses is None or tuple(losses.shape) != (n, k, m):
             return None
-        if self.settings.paper_row and ("paper" not in tensors or tensors["paper"].shape[0] != n):
+        if self.settings.paper_row and ("paper" not in tensors or tensors["paper"].dim() != 3
+                                        or tuple(tensors["paper"].shape[:2]) != (n, self.settings.paper_draws)):
             return None
         if not all(torch.isfinite(t.float()).all() for t in tensors.values()):
             return None
@@ -320,7 +324,8 @@ class FeatureEngine:
         queries = plan_queries(samples, settings)
         losses = torch.full((n, k * m), float("nan"))
         paper: torch.Tensor | None = None
-        paper_t = torch.full((n,), -1, dtype=torch.long) if settings.paper_row else None
+        draws = settings.paper_draws
+        paper_t = torch.full((n, draws), -1, dtype=torch.long) if settings.paper_row else None
         unet, text_encoder, tokenizer = self.bundle.unet, self.bundle.text_encoder, self.bundle.tokenizer
         latent_shape = tuple(latents.shape[1:])
         bar = tqdm(total=len(queries), desc=f"features [{name}]", unit="query", disable=not self.progress, leave=False)
@@ -348,10 +353,10 @@ class FeatureEngine:
                     value = errors[row].flatten().float().cpu() if settings.paper_features == "error_map" \
                         else row_losses[row : row + 1]
                     if paper is None:
-                        paper = torch.empty((n, value.numel()), dtype=torch.float32)
-                    paper[q.sample] = value
+                        paper = torch.empty((n, draws, value.numel()), dtype=torch.float32)
+                    paper[q.sample, -1 - q.slot] = value
                     assert paper_t is not None
-                    paper_t[q.sample] = q.timestep
+                    paper_t[q.sample, -1 - q.slot] = q.timestep
                 bar.update(len(chunk))
         finally:
             bar.close()

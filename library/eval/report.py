@@ -164,7 +164,9 @@ def report_markdown(result: "EvalResult") -> str:
         f"- D_te: {n_m} members / {n_nm} non-members; attacks fit on D_aux "
         f"({result.samples.aux_index.size} samples)",
         f"- features: loss at t = {list(cfg.timesteps)} x {cfg.num_noise_draws} noise draws (same noise for every "
-        f"model), seed {cfg.seed}; paper h' on `{cfg.paper_features}`",
+        f"model), seed {cfg.seed}; paper h' on `{cfg.paper_features}`"
+        + ("" if cfg.paper_features == "multi_t_loss" else
+           f" at t ~ U[{cfg.paper_min_timestep}, {cfg.paper_max_timestep}), {cfg.paper_draws} draw(s) per sample"),
         *_conditioning_line(info.get("conditioning")),
         "",
         "## Main results (paper Table 1 columns first)",

@@ -165,6 +165,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         timesteps=tuple(config.timesteps), num_noise_draws=config.num_noise_draws, seed=config.seed,
         paper_features=config.paper_features if "paper" in config.attacks else None,
         paper_min_timestep=config.paper_min_timestep, paper_max_timestep=config.paper_max_timestep,
+        paper_draws=config.paper_draws,
         resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
         multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
     )

@@ -33,7 +33,8 @@ class FeatureSet:
     """Per-sample features of one model, rows aligned with the samples.
 
     ``losses`` ``[N, K, M]``: the loss at K fixed ``timesteps`` x M noise draws (the same noise for every model).
-    ``paper`` ``[N, F]``: the paper's h' input (error map or loss at one random t), if computed.
+    ``paper`` ``[N, D, F]``: the paper's h' input (error map or loss at a random t) for D draws per sample, if
+    computed; an ``[N, F]`` array is one draw.
     ``probes``: the outputs of the attacks' own probes (:mod:`library.eval.probes`), ``{probe: {name: [N, ...]}}``.
     """
 
@@ -48,8 +49,11 @@ class FeatureSet:
             raise ValueError(f"losses must be [N, K={len(self.timesteps)}, M], got {self.losses.shape}")
         if self.paper is not None:
             self.paper = np.asarray(self.paper, dtype=np.float32)
-            if self.paper.ndim != 2 or self.paper.shape[0] != self.losses.shape[0]:
-                raise ValueError(f"paper features must be [N, F] with N={self.losses.shape[0]}, got {self.paper.shape}")
+            if self.paper.ndim == 2:
+                self.paper = self.paper[:, None, :]
+            if self.paper.ndim != 3 or self.paper.shape[0] != self.losses.shape[0]:
+                raise ValueError(f"paper features must be [N, D, F] with N={self.losses.shape[0]}, "
+                                 f"got {self.paper.shape}")
         for probe, outputs in self.probes.items():
             for name, value in outputs.items():
                 if value.shape[0] != self.losses.shape[0]:

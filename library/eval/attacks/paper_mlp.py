@@ -9,9 +9,12 @@ chosen on D_te itself, an optimistic (attacker-favourable) choice, so two varian
 * ``h' [honest ckpt]`` — trained on D_aux minus a stratified hold-out (``holdout_fraction``), the epoch with
   the best ASR on the hold-out (ties: lower hold-out cross-entropy, then the earlier epoch). D_te is never seen.
 
-Features: the per-element squared-error map at one random t per sample (upstream's input), the scalar loss at
-that t, or the losses at the fixed timesteps (averaged over draws). They are fixed per sample (the paper does not
-say whether they are re-drawn per epoch). The score of a sample is h''s p(member); the ASR is its argmax accuracy.
+Features: the per-element squared-error map at a random t per sample (upstream's input), the scalar loss at
+that t, or the losses at the fixed timesteps (averaged over draws). The paper does not say how many (t, eps) draws
+a sample gets nor whether they are re-drawn per epoch; we take D = ``paper_draws`` fixed draws per sample (default
+1: one fixed draw). With D > 1, epoch e trains on draw e mod D of every sample (upstream's in-training monitor
+re-draws every pass; this is that, with the draws shared by every model) and a sample's score is h''s p(member)
+averaged over its D draws. The ASR is the argmax accuracy of that score (p > 1/2).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _fused_adam_ok(model: torch.nn.Module) -> bool:
 class PaperMLPAttack(Attack):
     name = "paper"
     description = "the paper's h': ProxyAttacker trained on D_aux, scored on D_te (p(member))"
-    threat_model = 'gray-box: squared-error map at one random t, MLP trained on D_aux'
+    threat_model = 'gray-box: squared-error map at a random t (paper_draws per sample), MLP trained on D_aux'
     citation = "Luo et al., AAAI 2025 (the paper), App. E: the attacker h' with h_w's architecture"
 
     def __init__(
@@ -88,6 +91,7 @@ class PaperMLPAttack(Attack):
         self.checkpoints: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self.curves: dict[str, list[dict[str, float]]] = {}
         self.in_features = 0
+        self.draws = 1  # D, the paper draws per sample (set by fit from the features)
         self.loss_queries = 0  # K*M, the shared fixed-t losses h' reads with features=multi_t_loss
 
     @classmethod
@@ -101,22 +105,23 @@ class PaperMLPAttack(Attack):
         return attack
 
     def queries_per_sample(self) -> float:
-        """One random-t query per sample (the paper's features); the shared fixed-t losses with multi_t_loss."""
-        return float(self.loss_queries) if self.features == "multi_t_loss" else 1.0
+        """D random-t queries per sample (the paper's features); the shared fixed-t losses with multi_t_loss."""
+        return float(self.loss_queries) if self.features == "multi_t_loss" else float(self.draws)
 
     def settings(self) -> dict[str, Any]:
         return {
             "features": self.features, "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
             "batch_size": self.batch_size, "dropout": self.dropout, "normalization": self.normalization,
             "holdout_fraction": self.holdout_fraction, "seed": self.seed, "architecture": "ProxyAttacker 512-256-2",
+            "draws": self.draws,
         }
 
     # -- features ---------------------------------------------------------------------------------
     def matrix(self, inputs: AttackInputs) -> np.ndarray:
-        """The [N, F] input of h' for ``inputs``."""
+        """The [N, D, F] input of h' for ``inputs`` (D draws per sample)."""
         target = inputs.target
         if self.features == "multi_t_loss":
-            return target.losses.mean(axis=2).astype(np.float32)
+            return target.losses.mean(axis=2).astype(np.float32)[:, None, :]
         if target.paper is None:
             raise ConfigError(f"attack 'paper' with paper_features={self.features!r} needs the random-t features; "
                               "they were not computed")
@@ -127,13 +132,26 @@ class PaperMLPAttack(Attack):
                              per_feature_stats=self.features == "multi_t_loss").to(self.device)
 
     # -- training ---------------------------------------------------------------------------------
+    @staticmethod
     @torch.no_grad()
-    def _evaluate(self, model: ProxyAttacker, x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
-        """(argmax accuracy, mean cross-entropy) of ``model`` on ``x``."""
+    def _member_probs(model: ProxyAttacker, x: torch.Tensor) -> torch.Tensor:
+        """p(member) of each sample of ``x`` [N, D, F], averaged over its D draws."""
         model.eval()
-        logits = model(x)
-        ce = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y, device=logits.device)))
-        acc = float((logits.argmax(dim=1).cpu().numpy() == y).mean())
+        n, d, f = x.shape
+        return torch.softmax(model(x.reshape(n * d, f)).float(), dim=1)[:, 1].reshape(n, d).mean(dim=1)
+
+    def _evaluate(self, model: ProxyAttacker, x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``model`` on ``x`` [N, D, F], from the draw-averaged p(member)."""
+        if x.shape[1] == 1:  # one draw: the logits' own argmax and cross-entropy
+            model.eval()
+            with torch.no_grad():
+                logits = model(x[:, 0])
+            ce = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y, device=logits.device)))
+            return float((logits.argmax(dim=1).cpu().numpy() == y).mean()), ce
+        p = self._member_probs(model, x).double().clamp(1e-12, 1 - 1e-12)
+        target = torch.as_tensor(y, dtype=torch.float64, device=p.device)
+        ce = float(torch.nn.functional.binary_cross_entropy(p, target))
+        acc = float(((p > 0.5).cpu().numpy() == y).mean())
         return acc, ce
 
     def _train(self, x: torch.Tensor, y: np.ndarray, monitor_x: torch.Tensor, monitor_y: np.ndarray, seed: int,
@@ -155,13 +173,14 @@ class PaperMLPAttack(Attack):
             curve: list[dict[str, float]] = []
             for epoch in range(1, self.epochs + 1):
                 model.train()
+                xe = x[:, (epoch - 1) % x.shape[1]]  # this epoch's draw of every sample
                 # Balanced batches: b members + b non-members; the smaller class is cycled through.
                 pm = members[torch.randperm(members.size, generator=generator).numpy()]
                 pn = nonmembers[torch.randperm(nonmembers.size, generator=generator).numpy()]
                 for j in range(n_batches):
                     im = pm[np.arange(j * b, (j + 1) * b) % pm.size]
                     inn = pn[np.arange(j * b, (j + 1) * b) % pn.size]
-                    logits = model(torch.cat([x[im], x[inn]]))
+                    logits = model(torch.cat([xe[im], xe[inn]]))
                     loss = attacker_loss(logits[: im.size], logits[im.size :])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -177,7 +196,7 @@ class PaperMLPAttack(Attack):
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
         y = check_labels(labels, len(aux))
         x_np = self.matrix(aux)
-        self.in_features = int(x_np.shape[1])
+        self.draws, self.in_features = int(x_np.shape[1]), int(x_np.shape[2])
         x = torch.as_tensor(x_np, dtype=torch.float32, device=self.device)
         self.checkpoints, self.curves = {}, {}
         if oracle is not None:
@@ -192,14 +211,12 @@ class PaperMLPAttack(Attack):
                                               use_ce_tiebreak=True)
             self.checkpoints["honest"], self.curves["honest"] = (state, epoch), curve
 
-    @torch.no_grad()
     def member_probs(self, checkpoint: str, inputs: AttackInputs) -> np.ndarray:
         state, _ = self.checkpoints[checkpoint]
         model = self._new_model()
         model.load_state_dict(state)
-        model.eval()
         x = torch.as_tensor(self.matrix(inputs), dtype=torch.float32, device=self.device)
-        return torch.softmax(model(x).float(), dim=1)[:, 1].double().cpu().numpy()
+        return self._member_probs(model, x).double().cpu().numpy()
 
     def score(self, inputs: AttackInputs) -> list[ScoreSet]:
         out = []
