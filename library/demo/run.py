@@ -312,8 +312,8 @@ def utility_findings(report: dict) -> list[str]:
     if paper is not None and paper.get("auc_ci"):
         seen = paper["auc_ci"][0] > 0.5
         settings = report.get("attacks", {}).get("paper", {})
-        drawn = (f" ({settings['draws']} draws per sample, t < {report['features']['settings']['paper_max_timestep']})"
-                 if settings.get("draws", 1) > 1 else "")
+        drawn = (f" with {settings['draws']} draws per sample at t < "
+                 f"{report['features']['settings']['paper_max_timestep']}" if settings.get("draws", 1) > 1 else "")
         lines.append(f"- the paper's own attacker h'{drawn} (honest checkpoint) on plain LoRA: AUC {paper['auc']:.3f} "
                      f"[{paper['auc_ci'][0]:.3f}, {paper['auc_ci'][1]:.3f}]: "
                      + ("it detects membership (CI above 0.5), the paper's regime." if seen else
