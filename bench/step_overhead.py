@@ -43,6 +43,9 @@ VARIANTS = {
     "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "25", "100", "200",
                                     "300", "400", "--attacker_noise", "fresh", "--attacker_calibration", "base",
                                     "--attacker_normalization", "standardize"]),
+    # issue 17's cheaper candidate: base-calibrated (t, loss) at one random t, G read from L_ada's own forward
+    "smp_t_loss": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
+                                "--attacker_calibration", "base", "--attacker_normalization", "standardize"]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
 }

@@ -117,3 +117,55 @@ def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_prox
     epochs = json.loads(result.record_path.read_text())["epochs"]
     assert [e["attacker_restarts"] for e in epochs] == list(range(1, len(epochs) + 1))
     assert all("proxy_acc_test" in e for e in epochs)
+
+
+def test_t_loss_features_are_t_and_loss_and_calibrate_the_loss_only():
+    from library.sd.diffusion import per_sample_loss
+    from library.train.proxy_features import features_from_errors
+
+    errors = torch.rand(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 250, 999])
+    features = features_from_errors(errors, "t_loss", 3, t)
+    torch.testing.assert_close(features, torch.stack([t / 1000.0, per_sample_loss(errors)], dim=1))
+    with pytest.raises(ValueError, match="timesteps"):
+        features_from_errors(errors, "t_loss", 3)
+    proxy = ProxyFeatures(kind="t_loss", calibration="base")
+    assert proxy.dim((4, 8, 8)) == 2 and proxy.reuses_training_forward
+    base = features.clone()
+    base[:, 1] -= 0.25
+    torch.testing.assert_close(proxy.calibrate(features, base), torch.stack([t / 1000.0, torch.full((3,), 0.25)], 1))
+    assert not ProxyFeatures(kind="multi_t_loss", calibration="base").reuses_training_forward
+    assert not ProxyFeatures(kind="loss", calibration="base").reuses_training_forward  # its G needs its own pass
+
+
+def test_calibrated_t_loss_smp_reads_g_from_the_training_forward(tiny_train_args, monkeypatch):
+    """--attacker_features t_loss with base calibration and fresh noise: per step one no-grad LoRA and one base
+    pass for the attacker batch, then L_ada's forward and ONE no-grad base pass on its very draw for G (no second
+    differentiable pass)."""
+    import library.train.methods.adversarial as adversarial_module
+
+    passes = []
+    real_raw = adversarial_module.ProxyFeatures.raw
+
+    def counting_raw(self, unet, scheduler, latents, conditioning, keys, generator, draw=None):
+        passes.append((torch.is_grad_enabled(), draw))
+        return real_raw(self, unet, scheduler, latents, conditioning, keys, generator, draw)
+
+    monkeypatch.setattr(adversarial_module.ProxyFeatures, "raw", counting_raw)
+    seen = {}
+    real_base = adversarial_module.AdversarialLoRA._base_on_draw
+
+    def spying_base(self, ctx, result):
+        seen.setdefault("draws", []).append(result.draw)
+        return real_base(self, ctx, result)
+
+    monkeypatch.setattr(adversarial_module.AdversarialLoRA, "_base_on_draw", spying_base)
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "t_loss",
+                              "--attacker_calibration", "base", "--attacker_normalization", "standardize",
+                              "--max_train_steps", "2", "--attacker_eval_every_n_epochs", "1000"]
+    result = train(parse_config(TrainConfig, args), "smp_lora")
+    assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
+    # per step: attacker LoRA pass + base pass (same draw), then the base pass for G on L_ada's draw
+    assert len(passes) == 6 and not any(grad for grad, _ in passes)
+    assert all(passes[3 * i][1] is passes[3 * i + 1][1] for i in range(2))  # LoRA and base on one attacker draw
+    assert all(passes[3 * i + 2][1] is seen["draws"][i] for i in range(2))  # G's base pass is on L_ada's draw

@@ -101,7 +101,8 @@ class TrainConfig:
     k_steps: int = option(1, "attacker updates per LoRA update")
     attacker_features: str = option(
         "error_map", "what the proxy sees: the per-element squared error map (upstream), the per-sample "
-        "loss, or the losses at --attacker_timesteps", choices=["error_map", "loss", "multi_t_loss"])
+        "loss, the losses at --attacker_timesteps, or (t, loss) at one random t (timestep-aware, one pass)",
+        choices=["error_map", "loss", "multi_t_loss", "t_loss"])
     attacker_timesteps: list[int] = option([50, 100, 200, 350], "timesteps for --attacker_features multi_t_loss")
     attacker_noise: str = option(
         "fresh", "the proxy's (t, eps): a fresh draw every time (paper), or fixed: one draw per (image, t), the same "

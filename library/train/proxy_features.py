@@ -10,6 +10,10 @@ adversary would really use (``docs/paper-fidelity.md``, "What h_w sees"; ``docs/
   * ``multi_t_loss`` — the per-sample losses at the fixed ``--attacker_timesteps`` (K features): membership
     lives at small t (per-t AUC ~0.99 for t <= 200 on the demo, 0.67 at t = 700), which one random t
     mostly misses.
+  * ``t_loss``       — the loss at one random t *and that t* (two features, t / 1000 and the loss): a
+    timestep-aware proxy at the cost of one t per sample, which reads G from L_ada's own forward
+    (``--g_noise reuse``) even when base-calibrated: the holding variant's signal at a fraction of multi_t_loss's
+    passes (issue 17).
 
 ``--attacker_noise`` (which (t, eps))
   * ``fresh`` — a new draw from the run's noise generator on every call (the paper / upstream).
@@ -44,7 +48,7 @@ from library.sd.diffusion import (
     per_sample_loss,
 )
 
-FEATURE_KINDS = ("error_map", "loss", "multi_t_loss")
+FEATURE_KINDS = ("error_map", "loss", "multi_t_loss", "t_loss")
 NOISE_MODES = ("fresh", "fixed")
 CALIBRATIONS = ("none", "base")
 
@@ -58,16 +62,24 @@ def feature_dim(kind: str, latent_shape: Sequence[int], timesteps: Sequence[int]
         return 1
     if kind == "multi_t_loss":
         return len(timesteps)
+    if kind == "t_loss":
+        return 2
     raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
 
 
-def features_from_errors(errors: torch.Tensor, kind: str, batch_size: int) -> torch.Tensor:
-    """Turn error maps from :func:`denoising_errors` into a (B, F) feature matrix."""
+def features_from_errors(errors: torch.Tensor, kind: str, batch_size: int,
+                         timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn error maps from :func:`denoising_errors` into a (B, F) feature matrix (``t_loss`` needs the rows'
+    ``timesteps``)."""
     if kind == "error_map":
         return errors.flatten(1)
     losses = per_sample_loss(errors)
     if kind == "loss":
         return losses[:, None]
+    if kind == "t_loss":
+        if timesteps is None:
+            raise ValueError("t_loss features need the timesteps of the rows")
+        return torch.stack([timesteps.to(losses) / 1000.0, losses], dim=1)
     if kind == "multi_t_loss":
         return losses.view(batch_size, -1)
     raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
@@ -124,8 +136,16 @@ class ProxyFeatures:
 
     @property
     def reuses_training_forward(self) -> bool:
-        """Whether the G term may read the error map of L_ada's own forward (one random fresh t per sample)."""
-        return self.kind != "multi_t_loss" and self.noise == "fresh" and self.calibration == "none"
+        """Whether the G term may read the error map of L_ada's own forward (one random fresh t per sample); with
+        base calibration only for ``t_loss``, whose base term is one no-grad pass on that same draw."""
+        one_t = self.kind != "multi_t_loss" and self.noise == "fresh"
+        return one_t and (self.calibration == "none" or self.kind == "t_loss")
+
+    def calibrate(self, features: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``features`` minus the base model's on the same (t, eps); ``t_loss`` keeps its t column."""
+        if self.kind == "t_loss":
+            return torch.stack([features[:, 0], features[:, 1] - base[:, 1]], dim=1)
+        return features - base
 
     @property
     def caches_base(self) -> bool:
@@ -151,7 +171,7 @@ class ProxyFeatures:
         ``draw`` when given (the same (t, eps) for the LoRA and the base model), else on :meth:`draw`'s."""
         draw = draw if draw is not None else self.draw(latents, keys, generator)
         errors = denoising_errors(unet, noise_scheduler, latents, conditioning, draw)
-        return features_from_errors(errors, self.kind, latents.shape[0])
+        return features_from_errors(errors, self.kind, latents.shape[0], draw.timesteps)
 
 
 class BaseFeatureCache:

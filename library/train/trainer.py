@@ -199,7 +199,7 @@ class Trainer:
             conditioning = ctx.encode_text(captions)
             errors = denoising_errors(self.bundle.unet, self.bundle.noise_scheduler, latents, conditioning, draw)
         return ForwardResult(errors=errors, losses=per_sample_loss(errors), latents=latents,
-                             conditioning=conditioning, keys=[str(members.paths[i]) for i in indices])
+                             conditioning=conditioning, keys=[str(members.paths[i]) for i in indices], draw=draw)
 
     def _method_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's loss; a non-finite one stops the run with the last good LoRA kept."""

@@ -89,7 +89,7 @@ class AdversarialLoRA(TrainingMethod):
             self.attacker = ProxyAttacker(
                 self.in_features, dropout=cfg.attacker_dropout, normalization=cfg.attacker_normalization,
                 # losses at different t differ in scale by orders of magnitude: one mean/var per timestep
-                per_feature_stats=cfg.attacker_features == "multi_t_loss",
+                per_feature_stats=cfg.attacker_features in ("multi_t_loss", "t_loss"),
             ).to(self.device)
         self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
                                           weight_decay=cfg.attacker_weight_decay)
@@ -182,21 +182,24 @@ class AdversarialLoRA(TrainingMethod):
         if self.features.caches_base:
             assert keys is not None
             features = self._raw_features(ctx, latents, keys, captions, conditioning)
-            return features - self.base_features.lookup(keys, features.device)
+            return self.features.calibrate(features, self.base_features.lookup(keys, features.device))
         # Fresh noise: one draw for both passes; the base pass is a constant for the LoRA's gradient.
         assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
         draw = self.features.draw(latents, keys, ctx.noise_generator)
         features = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
         with ctx.base_model(), torch.no_grad():
             base = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
-        return features - base
+        return self.features.calibrate(features, base)
 
     # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         l_ada = result.losses.mean()  # Eq. 3 on the fresh D_tr batch
         if cfg.g_noise == "reuse" and self.features.reuses_training_forward:
-            features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0])
+            features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0],
+                                            result.draw.timesteps if result.draw is not None else None)
+            if self.features.calibration == "base":  # t_loss: the base model on the very same (t, eps)
+                features = self.features.calibrate(features, self._base_on_draw(ctx, result))
         else:  # upstream (and fixed / multi-t features): a second, differentiable UNet pass
             features = self._features(ctx, result.latents, result.keys, conditioning=result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
@@ -217,6 +220,14 @@ class AdversarialLoRA(TrainingMethod):
         if terms.denominator is not None:
             logs["denominator"] = float(terms.denominator)
         return terms.loss, logs
+
+    @torch.no_grad()
+    def _base_on_draw(self, ctx: StepContext, result: ForwardResult) -> torch.Tensor:
+        """The frozen base model's features of L_ada's batch on L_ada's own (t, eps): one no-grad pass."""
+        assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
+        with ctx.base_model():
+            return self._raw_features(ctx, result.latents, result.keys, conditioning=result.conditioning.detach(),
+                                      draw=result.draw)
 
     @torch.no_grad()
     def proxy_accuracy(self, ctx: StepContext, latents: torch.Tensor, captions: list[str], keys: list[str],

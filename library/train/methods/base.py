@@ -25,6 +25,7 @@ class ForwardResult:
     latents: torch.Tensor
     conditioning: torch.Tensor
     keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
+    draw: Any = None  # the (t, eps) of this forward (library.sd.diffusion.NoiseDraw)
 
 
 @dataclass
