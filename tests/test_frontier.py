@@ -8,11 +8,14 @@ import pytest
 
 from library.demo.frontier import (
     FrontierSettings,
+    best_defence,
     read_sweep,
     run_frontier,
     target_check,
 )
+from library.demo.run import frontier_rows
 from library.errors import ConfigError
+from library.eval.summary import privacy_utility_table
 
 REDUCED_SWEEP = """
 [[run]]
@@ -61,6 +64,12 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
         assert 0.0 <= p["conditional_accuracy"] <= 1.0  # the digit classifier's reading of every model's samples
     plain = next(p for p in points if p["model"] == "early_stopping")  # U's unit: the first plain run's final file
     assert plain.get("utility_retained") in (None, 1.0)  # None when it gained nothing over the base (2 epochs)
+    best = json.loads((path.parent / "frontier.json").read_text())["best_defence"]
+    assert best == best_defence(points) and best["method"] not in ("base", "lora")
+    # The demo's table gains that run as its fifth row, read from the frontier's own report.
+    (label, report, model), = frontier_rows(demo.workdir)
+    assert model == best["model"] and label.startswith(f"{model} (frontier's best: {best['curve']}")
+    assert any(line.startswith(f"| {label} |") for line in privacy_utility_table({"results": []}, [(label, report, model)]))
     text = path.read_text()
     assert "## Target (issue 7)" in text and "| dp_lora | dp_noise_multiplier | 1.000 |" in text
     assert (path.parent / "frontier.png").stat().st_size > 0
@@ -86,6 +95,17 @@ def test_target_check_reports_hits_misses_and_a_vacuous_budget():
     assert any("REACHED by `g`: worst-case AUC 0.550, U 0.95" in line for line in target_check([plain, kept, lost]))
     assert any("NOT reached. Highest U at AUC <= 0.6: `l`, U 0.40" in line for line in target_check([plain, lost]))
     assert not any("utility retained" in line for line in target_check([plain, good]))
+
+
+def test_best_defence_keeps_the_most_utility_at_the_target_else_the_lowest_auc():
+    point = {"method": "smp_lora", "worst_auc": 0.58, "utility_retained": 0.5}
+    points = [{"model": "base", "method": "base", "worst_auc": 0.50, "utility_retained": 0.0},
+              {"model": "plain", "method": "lora", "worst_auc": 0.55, "utility_retained": 1.0},
+              {**point, "model": "a"}, {**point, "model": "b", "worst_auc": 0.60, "utility_retained": 0.7},
+              {**point, "model": "c", "worst_auc": 0.75, "utility_retained": 0.95}]
+    assert best_defence(points)["model"] == "b"  # never the base nor plain LoRA, even when they score better
+    assert best_defence([p for p in points if p["model"] not in ("a", "b")])["model"] == "c"  # none private: lowest
+    assert best_defence(points[:2]) is None
 
 
 @pytest.mark.parametrize("text, message", [

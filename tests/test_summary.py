@@ -154,3 +154,6 @@ def test_privacy_utility_table_puts_the_worst_case_beside_the_paper_attacker_and
                     "5.000 |")
     smp = next(line for line in table if line.startswith("| smp_lora |"))
     assert smp.endswith("| — | n/a | n/a | n/a |")  # no paper row, no utility: said, not invented
+    # Rows of another report (the demo's fifth row, from the frontier's evaluation) come last, under their label.
+    extra = privacy_utility_table(report, [("best (frontier)", report, "lora"), ("absent", report, "nothing")])
+    assert extra[:-1] == table and extra[-1] == lora.replace("| lora |", "| best (frontier) |", 1)

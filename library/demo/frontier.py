@@ -238,6 +238,17 @@ def retained_check(points: list[dict]) -> list[str]:
                                           f" No defence reaches AUC <= {TARGET_AUC}.")]
 
 
+def best_defence(points: list[dict]) -> dict | None:
+    """The defence the demo's table shows beside the paper's three methods: of the runs that are neither the base
+    model nor plain LoRA, the one keeping the most utility (U) at worst-case AUC <= 0.60, or else the one with the
+    lowest worst-case AUC."""
+    runs = [p for p in points if p["method"] not in ("base", "lora")]
+    private = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p.get("utility_retained") is not None]
+    if private:
+        return max(private, key=lambda p: p["utility_retained"])
+    return min(runs, key=lambda p: p["worst_auc"]) if runs else None
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -246,7 +257,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[str, Any]) -> Path:
     out = settings.out
-    (out / "frontier.json").write_text(json.dumps({"points": points}, indent=2), encoding="utf-8")
+    (out / "frontier.json").write_text(json.dumps({"points": points, "best_defence": best_defence(points)}, indent=2),
+                                       encoding="utf-8")
     plot_frontier(points, out / "frontier.png")
     n_te = report["samples"]["counts"]
     lines = [
@@ -342,4 +354,4 @@ def run_frontier(settings: FrontierSettings) -> Path:
     return path
 
 
-__all__ = ["FrontierSettings", "SweepRun", "frontier_points", "read_sweep", "run_frontier", "target_check"]
+__all__ = ["FrontierSettings", "SweepRun", "best_defence", "frontier_points", "read_sweep", "run_frontier", "target_check"]

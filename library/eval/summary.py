@@ -269,17 +269,23 @@ def paper_honest_row(report: dict[str, Any], model: str) -> dict[str, Any] | Non
                  and "honest" in str(r.get("label"))), None)
 
 
-def privacy_utility_table(report: dict[str, Any]) -> list[str]:
+def privacy_utility_table(report: dict[str, Any],
+                          extra: Sequence[tuple[str, dict[str, Any], str]] = ()) -> list[str]:
     """Per model the worst case over the suite beside the paper's h' and the utility that generalises
-    (conditional accuracy and the utility retained U, with --quality and a classifier; proxy FD): issue 16's table."""
-    utility = report.get("utility") or {}
+    (conditional accuracy and the utility retained U, with --quality and a classifier; proxy FD): issue 16's table.
+    ``extra``: rows of other reports, ``(label, report, model)`` (the demo's best defence from the frontier's report,
+    attacked on the same D_te with the same settings)."""
     lines = ["| model | worst-case attack | AUC [95% CI] | TPR@1%FPR % | paper h' (honest) AUC / ASR % | "
              "conditional accuracy % | U | proxy FD (digits) |", "|---|---|---|---:|---|---:|---:|---:|"]
-    for model, w in worst_case(report).items():
-        paper = paper_honest_row(report, model)
+    rows = [(model, report, model) for model in worst_case(report)] + list(extra)
+    for label, source, model in rows:
+        w = worst_case(source).get(model)
+        if w is None:
+            continue
+        paper = paper_honest_row(source, model)
         paper_cell = "—" if paper is None else f"{fmt(paper.get('auc'))} / {fmt(paper.get('argmax_asr'), True)}"
-        row = utility.get(model) or {}
-        cells = [model, w.attack, f"{fmt(w.auc)}{fmt_ci(w.auc_ci)}", fmt(w.tpr_at_fpr.get("0.01"), True), paper_cell,
+        row = (source.get("utility") or {}).get(model) or {}
+        cells = [label, w.attack, f"{fmt(w.auc)}{fmt_ci(w.auc_ci)}", fmt(w.tpr_at_fpr.get("0.01"), True), paper_cell,
                  fmt(row.get("conditional_accuracy"), True), fmt(row.get("utility_retained")),
                  fmt(row.get("proxy_fd_digits"))]
         lines.append("| " + " | ".join(cells) + " |")
