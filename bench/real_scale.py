@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Step time and memory of plain LoRA, MP-LoRA, SMP-LoRA and the holding SMP-LoRA variant at SD v1.5 scale.
+
+The SD v1.5 architecture itself (UNet, VAE and CLIP ViT-L text tower from the built-in configs of
+:mod:`library.sd.configs`), random weights (nothing to download: step time does not depend on the weights),
+512 px, batch 1, the Pokemon configs of the paper (``configs/pokemon/*.toml``: rank 64, text-encoder LoRA, clip
+skip 2, 225 tokens, attacker batch 1 + 1). Each method runs through the real trainer on a few packaged digits
+upscaled to 512 px.
+
+    python bench/real_scale.py                      # CPU, fp32, one timed step each (~15 min on 2 cores)
+    python bench/real_scale.py --device cuda        # a GPU box: bf16 autocast, SDPA, max_memory_allocated, MFU
+
+The methods run one after another (five SD-sized copies would not fit in memory at once), plain LoRA first (and,
+with ``--drift``, again last, so that the drift of the machine over the run shows). Memory: on CUDA the peak
+``max_memory_allocated`` of each method's steps; on the CPU the process's peak RSS after each method (a running
+maximum: a method that needs no more than the ones before it shows the same value). FLOPs of a step are counted
+once per method with ``torch.utils.flop_counter`` (a forward/backward count, independent of the device); with
+``--peak_tflops`` (the device's dense bf16 peak) the bench prints the model FLOPs utilisation.
+
+Prints a table; never used as a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from library.cli import offline_environment
+
+offline_environment()
+
+import torch  # noqa: E402 - after offline_environment()
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("lora", "mp_lora", "smp_lora", "smp_calibrated", "smp_t_loss")
+LABELS = {"lora": "LoRA", "mp_lora": "MP-LoRA (paper features)", "smp_lora": "SMP-LoRA (paper features)",
+          "smp_calibrated": "SMP-LoRA, calibrated multi-t proxy (the frontier's)",
+          "smp_t_loss": "SMP-LoRA, calibrated (t, loss) proxy (issue 17 candidate)"}
+
+
+def variant_flags(variant: str) -> tuple[str, list[str]]:
+    """(training method, extra flags) of a variant; the SMP-LoRA variants of the frontier take their flags from its
+    sweep file (configs/frontier/demo.toml), at lambda 1, so the bench measures what the frontier measured."""
+    if variant in ("lora", "mp_lora", "smp_lora"):
+        return variant, []
+    import toml
+
+    sweep = toml.loads((REPO_ROOT / "configs" / "frontier" / "demo.toml").read_text())
+    run = next(r for r in sweep["run"] if r.get("label") == variant)
+    return run["method"], [str(f) for f in run.get("flags", [])] + ["--privacy_lambda", "1.0"]
+
+
+def build_sd15_stack(seed: int = 0):
+    """SD v1.5's UNet, VAE and text encoder with seeded random weights, and the demo's small CLIP tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.demo.tiny import DIGIT_WORDS
+    from library.sd.bundle import ModelBundle, make_noise_scheduler
+    from library.sd.configs import (
+        SD15_TEXT_ENCODER_CONFIG,
+        SD15_UNET_CONFIG,
+        SD15_VAE_CONFIG,
+    )
+    from library.sd.text import build_clip_tokenizer, small_clip_vocab
+
+    tokenizer = build_clip_tokenizer(*small_clip_vocab(DIGIT_WORDS), model_max_length=77)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**SD15_TEXT_ENCODER_CONFIG, **ids}))
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    return ModelBundle(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                       noise_scheduler=make_noise_scheduler(), source=f"sd15-random:seed={seed}")
+
+
+def make_fixture(root: Path) -> tuple[Path, Path]:
+    """The random SD v1.5 folder and a split of 8 digits at 512 px (2 per membership set)."""
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+    from library.demo.digits import write_digits_dataset
+    from library.demo.tiny import save_tiny_folder
+
+    save_tiny_folder(build_sd15_stack(), root / "model")
+    write_digits_dataset(root / "images", resolution=512, limit=8)
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    write_manifest(make_split(scan_dataset(root / "images"), sizes=sizes, seed=0, dataset_root=root / "images"),
+                   root / "split.json")
+    return root / "model", root / "split.json"
+
+
+def make_trainer(variant: str, model: Path, manifest: Path, out: Path, device: str):
+    from library.config import parse_config
+    from library.train.config import TrainConfig
+    from library.train.trainer import Trainer
+
+    method, extra = variant_flags(variant)
+    argv = ["--config_file", str(REPO_ROOT / "configs" / "pokemon" / f"{method}.toml"),
+            "--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest),
+            "--output_dir", str(out / variant), "--max_train_steps", "100000", "--no-progress_bar",
+            "--save_every_n_epochs", "100000", "--mixed_precision", "bf16" if device == "cuda" else "no",
+            # the 512 px latents are encoded once, by the first method, and read from disk by the others
+            "--cache_latents_to_disk", "--latent_cache_dir", str(out / "latents"),
+            *extra, "--attacker_batch_size", "1",  # the frontier's flags set 4; the paper's batch is 1
+            "--attacker_eval_every_n_epochs", "100000"]  # no proxy monitor in the timed steps
+    trainer = Trainer(parse_config(TrainConfig, argv), method)
+    trainer.prepare()
+    return trainer
+
+
+def step_flops(trainer) -> float:
+    """FLOPs of one training step (forward and backward of every pass the method makes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.step()
+    return float(counter.get_total_flops())
+
+
+def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step (median of ``args.steps`` after one warm-up step), FLOPs per step and peak memory."""
+    cuda = args.device == "cuda"
+    trainer = make_trainer(variant, model, manifest, out, args.device)
+    flops = step_flops(trainer)  # also the warm-up step: allocations and lazy initialisation are not the method's cost
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        trainer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    memory = (torch.cuda.max_memory_allocated() if cuda
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"s_step": statistics.median(times), "flops": flops, "memory_gib": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after one warm-up step)")
+    parser.add_argument("--drift", action="store_true", help="time plain LoRA again at the end (the machine's drift)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's dense peak TFLOP/s (e.g. 989 for an H100 SXM in bf16): prints MFU")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, manifest = make_fixture(root)
+        order = [*args.methods, "lora"] if args.drift and "lora" in args.methods else list(args.methods)
+        results: list[tuple[str, dict[str, float]]] = []
+        for variant in order:
+            results.append((variant, measure(variant, model, manifest, root / "out", args)))
+            print(f"  {variant}: {results[-1][1]['s_step']:.2f} s/step", file=sys.stderr, flush=True)
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    plain = statistics.mean(r["s_step"] for v, r in results if v == "lora") if "lora" in args.methods else None
+    print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {'bf16 autocast' if args.device == 'cuda' else 'fp32'}; SD v1.5 architecture "
+          f"(random weights), 512 px, batch 1, Pokemon configs (rank 64, text-encoder LoRA, attacker batch 1+1); "
+          f"median of {args.steps} step(s) after a warm-up; {(time.perf_counter() - started) / 60:.1f} min in all")
+    memory_name = "peak GiB (max_memory_allocated)" if args.device == "cuda" else "peak RSS GiB (running max)"
+    print(f"| method | s/step | x plain | TFLOP/step | achieved TFLOP/s | {memory_name} |"
+          + (" MFU |" if args.peak_tflops else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if args.peak_tflops else ""))
+    for variant, r in results:
+        ratio = f"{r['s_step'] / plain:.2f}" if plain else "-"
+        achieved = r["flops"] / r["s_step"] / 1e12
+        mfu = f" {100 * achieved / args.peak_tflops:.1f} % |" if args.peak_tflops else ""
+        print(f"| {LABELS[variant]} | {r['s_step']:.2f} | {ratio} | {r['flops'] / 1e12:.2f} | {achieved:.2f} "
+              f"| {r['memory_gib']:.1f} |{mfu}")
+
+
+if __name__ == "__main__":
+    main()
