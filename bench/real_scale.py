@@ -8,7 +8,8 @@ skip 2, 225 tokens, attacker batch 1 + 1). Each method runs through the real tra
 upscaled to 512 px.
 
     python bench/real_scale.py                      # CPU, fp32, one timed step each (~15 min on 2 cores)
-    python bench/real_scale.py --device cuda        # a GPU box: bf16 autocast, SDPA, max_memory_allocated, MFU
+    python bench/real_scale.py --device cuda        # a GPU box: bf16 autocast, diffusers' SDPA attention,
+                                                    # max_memory_allocated, MFU (with --peak_tflops)
 
 The methods run one after another (five SD-sized copies would not fit in memory at once), plain LoRA first (and,
 with ``--drift``, again last, so that the drift of the machine over the run shows). Memory: on CUDA the peak
@@ -154,7 +155,8 @@ def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="where the trainer runs (it takes the GPU whenever one is visible)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after one warm-up step)")
     parser.add_argument("--drift", action="store_true", help="time plain LoRA again at the end (the machine's drift)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -163,8 +165,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if (args.device == "cuda") != torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {'sees no' if args.device == 'cuda' else 'sees a'} CUDA device "
+                         "(the trainer uses one whenever it is visible; CUDA_VISIBLE_DEVICES= hides it)")
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
