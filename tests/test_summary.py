@@ -157,3 +157,12 @@ def test_privacy_utility_table_puts_the_worst_case_beside_the_paper_attacker_and
     # Rows of another report (the demo's fifth row, from the frontier's evaluation) come last, under their label.
     extra = privacy_utility_table(report, [("best (frontier)", report, "lora"), ("absent", report, "nothing")])
     assert extra[:-1] == table and extra[-1] == lora.replace("| lora |", "| best (frontier) |", 1)
+
+
+def test_the_oracle_checkpoint_is_never_the_worst_case():
+    """h' at its D_te-chosen checkpoint is reported, but the headline worst case is never tuned on D_te."""
+    oracle = {**_row("lora", "paper h' [oracle ckpt]", 0.99), "attack": "paper", "checkpoint": "oracle"}
+    honest = {**_row("lora", "paper h' [honest ckpt]", 0.60), "attack": "paper", "checkpoint": "honest"}
+    worst = worst_case({"results": [_row("lora", "loss avg", 0.70), oracle, honest]})["lora"]
+    assert worst.attack == "loss avg" and worst.auc == 0.70
+    assert worst_case({"results": [oracle]}) == {}
