@@ -72,8 +72,8 @@ def main() -> None:
     rows = torch.arange(n_queries) % len(samples)
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.randint(0, 1000, (n_queries,), generator=generator)
-    noisy = bundle.noise_scheduler.add_noise(latents[rows], torch.randn(latents[rows].shape, generator=generator),
-                                             timesteps)
+    clean = latents[rows]
+    noisy = bundle.noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), timesteps)
     conditioning = states[rows]
 
     @torch.no_grad()

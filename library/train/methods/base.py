@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Seque
 
 import torch
 
+from library.sd.diffusion import NoiseDraw
+
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
 
@@ -25,7 +27,7 @@ class ForwardResult:
     latents: torch.Tensor
     conditioning: torch.Tensor
     keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
-    draw: Any = None  # the (t, eps) of this forward (library.sd.diffusion.NoiseDraw)
+    draw: NoiseDraw | None = None  # the (t, eps) of this forward (t_loss features read its timesteps)
 
 
 @dataclass
