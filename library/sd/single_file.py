@@ -60,10 +60,12 @@ META_FORMAT = "smp_lora.format"
 _NETWORK_PREFIXES = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)
 
 
-def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``bundle`` as ONE LDM-layout ``.safetensors`` (configs and tokenizer in its metadata), atomically.
 
-    ``dtype`` optionally casts the floating-point weights (e.g. ``torch.float16`` halves the file).
+    ``dtype`` optionally casts the floating-point weights (e.g. ``torch.float16`` halves the file); ``metadata``
+    adds header entries (a fine-tune's training settings) under the ones this function writes.
     """
 
     path = Path(path)
@@ -80,14 +82,15 @@ def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtyp
         "vae": diffusers_config(bundle.vae),
         "text_encoder": text_encoder_config(bundle.text_encoder),
     }
-    metadata = {
+    header = {
+        **(metadata or {}),
         META_FORMAT: "1",
         META_CONFIGS: json.dumps(configs, sort_keys=True),
         META_TOKENIZER: json.dumps(tokenizer_to_dict(bundle.tokenizer)),
         "modelspec.architecture": "stable-diffusion-v1",
         "ss_base_model_version": bundle.base_model_version,
     }
-    write_safetensors(path, tensors, metadata)
+    write_safetensors(path, tensors, header)
     return path
 
 

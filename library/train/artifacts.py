@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainResult:
-    lora_path: Path
+    lora_path: Path  # the weights file: a LoRA, or a full fine-tune's SD single file
     attacker_path: Path | None
     record_path: Path
     global_step: int
@@ -47,8 +47,9 @@ def conditioning_metadata(cfg: TrainConfig) -> dict[str, str]:
     }
 
 
-def lora_metadata(trainer: Trainer) -> dict[str, str]:
-    """The LoRA file's metadata: kohya's ``ss_*`` training keys and this project's ``smp_lora.*`` (no data paths)."""
+def training_metadata(trainer: Trainer) -> dict[str, str]:
+    """The saved weights' metadata (a LoRA file's, a full fine-tune's): kohya's ``ss_*`` training keys and this
+    project's ``smp_lora.*`` (no data paths)."""
     cfg = trainer.config
     meta = {
         "ss_output_name": trainer.output_name,
@@ -69,8 +70,11 @@ def lora_metadata(trainer: Trainer) -> dict[str, str]:
     return meta
 
 
-def save_lora(trainer: Trainer, path: Path) -> None:
-    trainer.network.save_weights(str(path), SAVE_DTYPES[trainer.config.save_precision], lora_metadata(trainer))
+def save_weights(trainer: Trainer, name: str) -> Path:
+    """The trained weights as ``<output_dir>/<name>.safetensors`` (a LoRA file, or a full fine-tune's single file
+    with its diffusers folders beside it: :mod:`library.train.parametrization`)."""
+    return trainer.trained.save(trainer.output_dir, name, SAVE_DTYPES[trainer.config.save_precision],
+                                training_metadata(trainer))
 
 
 def save_attacker(trainer: Trainer, path: Path) -> None:
@@ -88,7 +92,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     attacker_path = None
     record_path = trainer.output_dir / f"{name}.json"
     if accelerator.is_main_process:
-        save_lora(trainer, lora_path)
+        save_weights(trainer, name)
         if trainer.method.has_attacker:
             attacker_path = trainer.output_dir / f"{name}-attacker.safetensors"
             save_attacker(trainer, attacker_path)
@@ -106,14 +110,18 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})
 
 
+def last_good_name(trainer: Trainer) -> str:
+    return f"{trainer.output_name}-last-good"
+
+
 def last_good_path(trainer: Trainer) -> Path:
-    return trainer.output_dir / f"{trainer.output_name}-last-good.safetensors"
+    return trainer.output_dir / f"{last_good_name(trainer)}.safetensors"
 
 
 def save_last_good(trainer: Trainer) -> None:
     """The LoRA as it was before the step that failed (kept for inspection when training diverges)."""
     if trainer.accelerator.is_main_process:
-        save_lora(trainer, last_good_path(trainer))
+        save_weights(trainer, last_good_name(trainer))
 
 
 def save_state(trainer: Trainer, directory: Path) -> None:

@@ -55,6 +55,14 @@ class TrainConfig:
     max_token_length: Optional[int] = option(None, "75 (default), 150 or 225 tokens of caption", choices=[75, 150, 225])
     clip_skip: int = option(1, "use the output of the N-th last CLIP layer (2 = penultimate, as the paper's runs)")
 
+    # --- what is trained ----------------------------------------------------------------------
+    train_mode: str = option(
+        "lora", "what is trained, whatever the objective: lora = a LoRA/LoCon adapter (networks.lora), full = the "
+        "UNet's own weights (full fine-tuning; saves an SD single file and a diffusers UNet folder)",
+        choices=["lora", "full"])
+    train_text_encoder: bool = option(
+        False, "train_mode full: also train the text encoder's own weights (at text_encoder_lr)")
+
     # --- network -----------------------------------------------------------------------------
     network_module: str = option("networks.lora", "LoRA network module (only the built-in one is allowed)",
                                  choices=["networks.lora"])
@@ -195,6 +203,7 @@ class TrainConfig:
         if any(not 0 <= t < 1000 for t in self.attacker_timesteps) or not self.attacker_timesteps:
             raise ConfigError("'attacker_timesteps' must be a non-empty list of integers in [0, 1000)")
         self._validate_proxy_features()
+        self._validate_train_mode()
         overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder"} & set(self.network_kwargs)
         if overlap:
             raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
@@ -222,6 +231,17 @@ class TrainConfig:
             raise ConfigError(f"'seed' must be an integer in [0, 2**63 - 1 = {MAX_SEED}], got {self.seed}")
         if self.output_name is not None:
             check_inside(self.output_dir, self.output_name, "--output_name")
+
+    def _validate_train_mode(self) -> None:
+        """Adapter flags in a full fine-tune (or the reverse) would be ignored silently: refuse them."""
+        if self.train_mode == "full":
+            for name in ("network_weights", "network_args"):
+                if getattr(self, name):
+                    raise ConfigError(f"'{name}' configures a LoRA, but 'train_mode = full' trains the UNet's own "
+                                      "weights; drop it (or use train_mode lora)")
+        elif self.train_text_encoder:
+            raise ConfigError("'train_text_encoder' is for 'train_mode = full'; a LoRA's text-encoder part is set by "
+                              "text_encoder_lr / network_train_unet_only")
 
     def _validate_proxy_features(self) -> None:
         ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,

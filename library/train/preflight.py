@@ -23,7 +23,7 @@ from library.outputs import OutputLock, check_output_dir
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.data import latent_cache_dir
-from library.train.setup import trains_text_encoder
+from library.train.parametrization import trains_text_encoder
 
 if TYPE_CHECKING:
     from library.train.data import LabelledSet

@@ -1,4 +1,5 @@
-"""Set-up of a training run: the accelerator, the frozen models in their dtypes, the LoRA, optimiser and schedule.
+"""Set-up of a training run: the accelerator, the models in their dtypes, the text conditioning, optimiser and
+schedule (what is trained is :mod:`library.train.parametrization`).
 
 The order of the calls in :class:`library.train.trainer.Trainer` matters: the global seed is set before the
 models load and the LoRA is created (its initialisation draws from torch's global RNG).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +21,6 @@ from library.sd.loading import load_sd_model
 from library.sd.text import encode_prompts
 from library.train.config import TrainConfig
 from library.train.samplers import EpochCyclingSampler
-from networks import lora
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -48,34 +48,12 @@ def load_models(config: TrainConfig, device: torch.device,
     grad_scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
     for module in (bundle.vae, bundle.unet, bundle.text_encoder):
         module.to(device)
-    if weight_dtype != torch.float32:
-        bundle.unet.to(dtype=weight_dtype)
-        bundle.text_encoder.to(dtype=weight_dtype)
+    if weight_dtype != torch.float32:  # what full fine-tuning trains keeps fp32 master weights under autocast
+        if config.train_mode != "full":
+            bundle.unet.to(dtype=weight_dtype)
+        if config.train_mode != "full" or not config.train_text_encoder:
+            bundle.text_encoder.to(dtype=weight_dtype)
     return bundle, autocast, grad_scaler
-
-
-def trains_text_encoder(config: TrainConfig) -> bool:
-    return not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
-
-
-def attach_lora(config: TrainConfig, bundle: ModelBundle, device: torch.device,
-                ) -> tuple[lora.LoRANetwork, list[torch.nn.Parameter]]:
-    """The LoRA network patched into the UNet (and the text encoder unless it is frozen), and its parameters."""
-    network = lora.create_network(
-        1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
-        dropout=config.network_dropout, **config.network_kwargs,
-    )
-    network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
-                     apply_unet=True)
-    if config.network_weights:
-        network.load_weights(config.network_weights)
-    network.to(device)
-    trainable = [p for p in network.get_trainable_params()]
-    for p in trainable:
-        p.requires_grad_(True)
-    if config.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
-    return network, trainable
 
 
 class TextConditioner:
@@ -110,9 +88,8 @@ def total_steps(config: TrainConfig, sampler: EpochCyclingSampler) -> int:
     return config.max_train_steps
 
 
-def build_optimizer(config: TrainConfig, network: lora.LoRANetwork) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' AdamW8bit) over the LoRA's text-encoder and UNet parameter groups."""
-    param_groups = network.prepare_optimizer_params(config.text_encoder_lr, config.unet_lr, config.learning_rate)
+def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit) over the trained parts' parameter groups."""
     if config.optimizer_type == "AdamW8bit":
         try:
             import bitsandbytes as bnb  # noqa: PLC0415 - optional GPU-box dependency

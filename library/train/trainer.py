@@ -43,16 +43,15 @@ from library.train.methods import (
     TrainingMethod,
     method_class,
 )
+from library.train.parametrization import build_parametrization, trains_text_encoder
 from library.train.samplers import EpochCyclingSampler
 from library.train.setup import (
     TextConditioner,
-    attach_lora,
     build_optimizer,
     build_scheduler,
     load_models,
     make_accelerator,
     total_steps,
-    trains_text_encoder,
 )
 from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 
@@ -91,13 +90,15 @@ class Trainer:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=self.method_class.needs_aux)
         self.bundle, self.autocast, self.grad_scaler = load_models(config, self.device)
-        self.network, self.trainable = attach_lora(config, self.bundle, self.device)
+        self.trained = build_parametrization(config, self.bundle, self.device,
+                                             keep_base=self.method_class.needs_base_model(config))
+        self.trainable = self.trained.params
         self.conditioner = TextConditioner(self.bundle, config, trains_text_encoder=trains_text_encoder(config))
 
         self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, rank, world,
                                            what="D_tr, the members (--train_batch_size)")
         self.total_steps = total_steps(config, self.sampler)
-        self.optimizer = build_optimizer(config, self.network)
+        self.optimizer = build_optimizer(config, self.trained.param_groups(config))
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         # modulo 2**64: any seed up to 2**63 - 1 is valid (torch takes 64 bits); smaller products are unchanged
         self.noise_generator = torch.Generator().manual_seed((config.seed * 7919 + rank) % 2**64)
@@ -118,7 +119,7 @@ class Trainer:
                           _keys(self.data.member_aux), _keys(self.data.nonmember_aux))
         self.method = self.method_class.build(MethodSetup(
             self.config, self.device, aux, self.accelerator.process_index, self.accelerator.num_processes,
-            network=self.network, params=self.trainable, num_members=len(self.data.members)))
+            network=self.trained.module, params=self.trainable, num_members=len(self.data.members)))
         sets = [SampleSet(labelled.latents, labelled.captions, _keys(labelled)) for labelled in self.data.sets()
                 if labelled.latents is not None and len(labelled)]
         self.method.before_training(self._context(), sets)
@@ -131,7 +132,12 @@ class Trainer:
             budget = f"set by max_train_epochs = {cfg.max_train_epochs}; max_train_steps is ignored"
         else:
             budget = f"set by max_train_steps = {cfg.max_train_steps}"
-        return (f"method {self.method_name}: {len(self.data.members)} member images, batch "
+        count = self.trained.parameter_count()
+        # fp32 weights + gradients + AdamW's two moments (AdamW8bit: two bytes of moments), activations apart
+        state_bytes = count * (4 + 4 + (2 if cfg.optimizer_type == "AdamW8bit" else 8))
+        return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
+                f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
+                f"{len(self.data.members)} member images, batch "
                 f"{cfg.train_batch_size} x {self.accelerator.num_processes} process(es), "
                 f"{self.sampler.batches_per_epoch} batches/epoch, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
@@ -143,7 +149,7 @@ class Trainer:
             noise_generator=self.noise_generator, reduce_gradients=self.collectives.reduce_gradients,
             all_reduce_mean=self.collectives.all_reduce_mean, autocast=self.autocast,
             min_timestep=self.config.min_timestep, max_timestep=self.config.max_timestep,
-            base_model=self.network.disabled,
+            base_model=self.trained.disabled,
         )
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ class Trainer:
         """Everything ``--resume`` needs to continue bit-exactly, RNG states included."""
         return {
             "global_step": self.global_step,
-            "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            "network": self.trained.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict(),
@@ -320,7 +326,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
+        self.trained.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -350,7 +356,8 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
         trainer.prepare()
         result = trainer.run()
     if trainer.accelerator.is_main_process:
-        print(f"saved LoRA to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
+        what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
+        print(f"saved {what} to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
                                                      if result.attacker_path else ""), flush=True)
     return result
 

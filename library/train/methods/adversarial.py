@@ -292,6 +292,10 @@ class SMPLoRA(AdversarialLoRA):
     base_config = "smp_lora"
 
     @classmethod
+    def needs_base_model(cls, config: TrainConfig) -> bool:
+        return config.attacker_calibration == "base"
+
+    @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         """Warn (one ``warning:`` line, the run goes on) when lambda makes Eq. 10 all but stop the LoRA.
 

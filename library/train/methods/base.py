@@ -103,6 +103,12 @@ class TrainingMethod:
         return cls()
 
     @classmethod
+    def needs_base_model(cls, config: TrainConfig) -> bool:
+        """Whether a run compares with the frozen base model (``StepContext.base_model``): a full fine-tune keeps a
+        copy of the initial weights only then."""
+        return False
+
+    @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         """Method-specific config checks; a ConfigError line each (see :meth:`TrainConfig.validate_for_method`)."""
 

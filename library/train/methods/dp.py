@@ -41,6 +41,9 @@ class DPLoRA(PlainLoRA):
     def check_config(cls, config: TrainConfig) -> None:
         if config.dp_noise_multiplier < 0 or config.dp_clip_norm <= 0 or not 0 < config.dp_delta < 1:
             raise ConfigError("DP-SGD needs 'dp_noise_multiplier' >= 0, 'dp_clip_norm' > 0 and 0 < 'dp_delta' < 1")
+        if config.train_mode != "lora":
+            raise ConfigError("DP-SGD trains adapters only here ('train_mode = lora'): per-sample gradients of a "
+                              "whole UNet do not fit in memory; use train_mode lora")
         refused = {"gradient_accumulation_steps": config.gradient_accumulation_steps > 1,
                    "mixed_precision = fp16": config.mixed_precision == "fp16",
                    "track_smoothness": config.track_smoothness, "grad_normalize": config.grad_normalize}

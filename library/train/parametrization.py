@@ -1,0 +1,217 @@
+"""What a run trains, chosen independently of the objective (:mod:`library.train.methods`).
+
+``--train_mode lora`` (the default) trains a LoRA / LoCon adapter patched into the frozen UNet (and text encoder):
+:class:`LoRAParametrization`, kohya's network module. ``--train_mode full`` trains the UNet's own weights, and the
+text encoder's with ``--train_text_encoder``: :class:`FullParametrization`, the paper's "full fine-tuning" and
+DreamBooth rows (Table 9). Every objective (plain, MP, SMP, RelaxLoss; DP-SGD for adapters only) runs on either
+through the same loop: the loop sees only the parameters, their optimiser groups, a switch to the frozen base model
+and how to save and resume.
+
+A full fine-tune is written as an SD single-file checkpoint ``<name>.safetensors`` (LDM layout, what AUTOMATIC1111
+and ComfyUI load) and a diffusers UNet folder ``<name>-unet/`` (``UNet2DConditionModel.from_pretrained``), plus
+``<name>-text_encoder/`` when the text encoder was trained; safetensors only, each with the LoRA files' metadata
+policy (training settings, never the data: :func:`networks.lora_format.check_metadata`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, ContextManager, Iterator
+
+import torch
+
+from library.errors import ConfigError, TrainingError
+from library.fileio import replace_dir, temporary_dir, write_safetensors
+from library.sd.bundle import ModelBundle
+from library.sd.configs import diffusers_config, text_encoder_config
+from library.sd.single_file import save_single_file
+from library.train.config import TrainConfig
+from networks import lora
+from networks.lora_format import check_metadata
+
+TRAIN_MODES = ("lora", "full")
+
+
+def trains_text_encoder(config: TrainConfig) -> bool:
+    """Whether the run updates the text encoder (its LoRA, or its own weights in full fine-tuning)."""
+    if config.train_mode == "full":
+        return config.train_text_encoder
+    return not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
+
+
+def _lr(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+class Parametrization:
+    """The trained parameters of a run and everything the loop does with them."""
+
+    kind = "parametrization"
+    module: torch.nn.Module  # what per-sample-gradient hooks wrap (DP-SGD)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        """Optimiser groups with their learning rates (a rate of 0 leaves that part out)."""
+        raise NotImplementedError
+
+    def disabled(self) -> ContextManager[None]:
+        """The frozen base model for the block (what base-calibrated features compare with)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+        """Write the trained weights as ``<output_dir>/<name>.safetensors`` (and siblings); returns that file."""
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+class LoRAParametrization(Parametrization):
+    """A kohya LoRA / LoCon network (``networks.lora``) patched into the frozen models."""
+
+    kind = "lora"
+
+    def __init__(self, network: lora.LoRANetwork):
+        self.network = network
+        self.module = network
+        self._params = network.get_trainable_params()
+        for p in self._params:
+            p.requires_grad_(True)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        return self.network.prepare_optimizer_params(config.text_encoder_lr, config.unet_lr, config.learning_rate)
+
+    def disabled(self) -> ContextManager[None]:
+        return self.network.disabled()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(state)
+
+    def save(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+        path = output_dir / f"{name}.safetensors"
+        self.network.save_weights(str(path), dtype, metadata)
+        return path
+
+
+class FullParametrization(Parametrization):
+    """The UNet's own weights (and the text encoder's with ``--train_text_encoder``), in fp32 master copies.
+
+    The frozen base model (``keep_base``, for base-calibrated proxy features) is a copy of the initial weights that
+    :meth:`disabled` swaps in for a no-grad block: twice the UNet's memory, so it is kept only when the objective
+    asks for it (:meth:`library.train.methods.TrainingMethod.needs_base_model`).
+    """
+
+    kind = "full"
+
+    def __init__(self, bundle: ModelBundle, train_text_encoder: bool, keep_base: bool):
+        self.bundle = bundle
+        self.parts: dict[str, torch.nn.Module] = {"unet": bundle.unet}
+        if train_text_encoder:
+            self.parts["text_encoder"] = bundle.text_encoder
+        self.module = bundle.unet
+        self._params = [p for part in self.parts.values() for p in part.parameters()]
+        for p in self._params:
+            p.requires_grad_(True)
+        self._base = [p.detach().clone() for p in self._params] if keep_base else None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        rates = {"unet": _lr(config.unet_lr, config.learning_rate),
+                 "text_encoder": _lr(config.text_encoder_lr, config.learning_rate)}
+        return [{"params": list(part.parameters()), "lr": rates[name], "name": name}
+                for name, part in self.parts.items() if rates[name] > 0]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        if self._base is None:
+            raise TrainingError("the base model was not kept for this run (FullParametrization(keep_base=False))")
+        base = self._base
+        with torch.no_grad():
+            for i, p in enumerate(self._params):  # swap storages: no copy, and the same tensors come back
+                p.data, base[i] = base[i], p.data
+            try:
+                yield
+            finally:
+                for i, p in enumerate(self._params):
+                    p.data, base[i] = base[i], p.data
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": value.detach().cpu().clone()
+                for name, part in self.parts.items() for key, value in part.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, part in self.parts.items():
+            prefix = f"{name}."
+            part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def save(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+        """``<name>.safetensors`` (SD single file), ``<name>-unet/`` (and ``<name>-text_encoder/``), atomically."""
+        meta = {**metadata, "smp_lora.train_mode": "full"}
+        check_metadata(meta)  # the LoRA files' policy: settings only, nothing that names the data
+        path = save_single_file(self.bundle, output_dir / f"{name}.safetensors", dtype=dtype, metadata=meta)
+        for part_name, part in self.parts.items():
+            config = diffusers_config(part) if part_name == "unet" else text_encoder_config(part)
+            weights = "diffusion_pytorch_model.safetensors" if part_name == "unet" else "model.safetensors"
+            _save_model_folder(output_dir / f"{name}-{part_name}", part, config, weights, dtype, meta)
+        return path
+
+
+def _save_model_folder(target: Path, model: torch.nn.Module, config: dict[str, Any], weights: str,
+                       dtype: torch.dtype, metadata: dict[str, str]) -> None:
+    """A diffusers / transformers model folder (``config.json`` + one safetensors file), built aside, moved in."""
+    staging = temporary_dir(target)
+    try:
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                   for k, v in model.state_dict().items()}
+        write_safetensors(staging / weights, tensors, {"format": "pt", **metadata})
+        replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torch.device,
+                          keep_base: bool) -> Parametrization:
+    """What ``config.train_mode`` trains, on ``device``, with gradient checkpointing when asked."""
+    if config.train_mode == "full":
+        trained: Parametrization = FullParametrization(bundle, config.train_text_encoder, keep_base)
+    else:
+        network = lora.create_network(
+            1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
+            dropout=config.network_dropout, **config.network_kwargs,
+        )
+        network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
+                         apply_unet=True)
+        if config.network_weights:
+            network.load_weights(config.network_weights)
+        network.to(device)
+        trained = LoRAParametrization(network)
+    if not trained.param_groups(config):
+        raise ConfigError("nothing to train: every learning rate of the trained parts is 0 (check unet_lr, "
+                          "text_encoder_lr and learning_rate)")
+    if config.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+    return trained

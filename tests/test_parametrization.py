@@ -1,0 +1,129 @@
+"""What is trained, independently of the objective: full fine-tuning of the UNet (library.train.parametrization)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.config import parse_config
+from library.sd.loading import load_sd_model
+from library.train.cli import train_entry
+from library.train.config import TrainConfig
+from library.train.parametrization import FullParametrization
+from library.train.trainer import Trainer, train
+
+FULL = ["--train_mode", "full", "--learning_rate", "1e-4"]
+
+
+def _unet_output(unet, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    latents = torch.randn(2, config.in_channels, 4, 4, generator=generator)
+    context = torch.randn(2, 5, config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+
+
+def _trained(args: list[str], method: str) -> Trainer:
+    trainer = Trainer(parse_config(TrainConfig, args), method)
+    trainer.prepare()
+    trainer.run()
+    return trainer
+
+
+def test_smp_full_finetune_changes_the_unet_only_and_both_saved_forms_give_its_outputs(tiny_train_args, tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    trainer = _trained(tiny_train_args + FULL + ["--attacker_batch_size", "2"], "smp_lora")
+    out = trainer.output_dir
+    base = load_sd_model(str(tiny_model_dir))
+    trained_unet = {k: v.detach() for k, v in trainer.bundle.unet.state_dict().items()}
+    unchanged = [k for k, v in base.unet.state_dict().items() if torch.equal(v, trained_unet[k])]
+    assert not unchanged, unchanged[:5]  # every UNet weight moved (AdamW over all of them)
+    for name in ("text_encoder", "vae"):  # ... and nothing else did
+        before, after = getattr(base, name).state_dict(), getattr(trainer.bundle, name).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+    expected = _unet_output(trainer.bundle.unet)
+
+    folder = UNet2DConditionModel.from_pretrained(out / "smp_lora-unet")  # diffusers' own loader
+    assert torch.allclose(_unet_output(folder), expected, atol=1e-6)
+    single = load_sd_model(str(out / "smp_lora.safetensors"))  # the SD single file, as a base model
+    assert torch.allclose(_unet_output(single.unet), expected, atol=1e-6)
+    assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in single.text_encoder.state_dict().items())
+    with safe_open(out / "smp_lora.safetensors", "pt") as handle:
+        meta = handle.metadata()
+    assert meta["smp_lora.method"] == "smp_lora" and meta["smp_lora.train_mode"] == "full"
+    assert "smp_lora.manifest_sha256" in meta and not any(str(tiny_model_dir) in v for v in meta.values())
+    assert not (out / "smp_lora-text_encoder").exists()
+    assert trainer.method.attacker is not None and (out / "smp_lora-attacker.safetensors").is_file()
+
+
+def test_train_text_encoder_saves_it_too(tiny_train_args, tiny_model_dir):
+    result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--train_text_encoder", "--max_train_steps",
+                                                                        "2"]), "lora")
+    saved = load_file(result.lora_path.parent / "lora-text_encoder" / "model.safetensors")
+    base = load_sd_model(str(tiny_model_dir)).text_encoder.state_dict()
+    moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], base[k])]
+    assert moved and json.loads((result.lora_path.parent / "lora-text_encoder" / "config.json").read_text())
+
+
+def test_resume_is_exact_for_full_finetuning(tiny_train_args, tmp_path):
+    common = tiny_train_args + FULL + ["--attacker_batch_size", "2"]
+    whole = train(parse_config(TrainConfig, common + ["--max_train_steps", "4", "--output_dir", str(tmp_path / "a")]),
+                  "smp_lora")
+    train(parse_config(TrainConfig, common + ["--max_train_steps", "2", "--save_state", "--output_dir",
+                                              str(tmp_path / "b")]), "smp_lora")
+    resumed = train(parse_config(TrainConfig, common + ["--max_train_steps", "4", "--resume",
+                                                        str(tmp_path / "b" / "smp_lora-state"), "--output_dir",
+                                                        str(tmp_path / "c")]), "smp_lora")
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_model_switch_swaps_the_initial_weights_in_and_back(tiny_model_dir):
+    bundle = load_sd_model(str(tiny_model_dir))
+    initial = _unet_output(bundle.unet)
+    trained = FullParametrization(bundle, train_text_encoder=False, keep_base=True)
+    with torch.no_grad():
+        for p in trained.params:
+            p.add_(0.01)
+    moved = _unet_output(bundle.unet)
+    assert not torch.allclose(moved, initial)
+    with trained.disabled():
+        assert torch.equal(_unet_output(bundle.unet), initial)
+    assert torch.equal(_unet_output(bundle.unet), moved)
+    assert all(p.requires_grad for p in trained.params)
+
+
+def test_calibrated_smp_trains_a_full_finetune(tiny_train_args):
+    args = tiny_train_args + FULL + ["--attacker_batch_size", "2", "--attacker_features", "t_loss",
+                                     "--attacker_calibration", "base", "--attacker_normalization", "standardize",
+                                     "--max_train_steps", "2"]
+    result = train(parse_config(TrainConfig, args), "smp_lora")
+    assert result.global_step == 2 and "g" in result.final_logs
+
+
+@pytest.mark.parametrize("flags, method, expected", [
+    (["--network_args", "conv_dim=2"], "lora", "'network_args' configures a LoRA"),
+    ([], "dp_lora", "DP-SGD trains adapters only"),
+    (["--unet_lr", "0"], "lora", "nothing to train"),
+])
+def test_bad_full_finetune_settings_are_one_line(tiny_train_args, capsys, flags, method, expected):
+    assert train_entry(method, "", tiny_train_args + FULL + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_train_text_encoder_without_full_mode_is_refused(tiny_train_args, capsys):
+    assert train_entry("lora", "", tiny_train_args + ["--train_text_encoder"]) == 2
+    assert "'train_text_encoder' is for 'train_mode = full'" in capsys.readouterr().err
+
+
+def test_dry_run_states_the_trained_parameter_count(tiny_train_args, capsys, tiny_model_dir):
+    assert train_entry("lora", "", tiny_train_args + FULL + ["--dry_run"]) == 0
+    count = sum(p.numel() for p in load_sd_model(str(tiny_model_dir)).unet.parameters())
+    assert f"{count:,} trained parameters" in capsys.readouterr().out
