@@ -42,7 +42,7 @@ KOHYA_SECTIONS: tuple[str, ...] = (
     "training_arguments", "sample_prompt_arguments", "saving_arguments", "logging_arguments",
 )
 TOML_SECTIONS: tuple[str, ...] = (
-    "model", "data", "network", "training", "optimisation", "optimization", "privacy", "attacker", "baselines",
+    "model", "data", "network", "training", "optimisation", "optimization", "privacy", "attacker", "baselines", "dreambooth",
     "smoothness", "output", "logging", "sampling", "evaluation", "features", "attacks", "quality", "metrics",
 ) + KOHYA_SECTIONS
 COMMAND_LINE = "command line"

@@ -140,6 +140,23 @@ class TrainConfig:
     dp_clip_norm: float = option(1.0, "DP-SGD: per-sample gradient L2 clip over all LoRA parameters (C)")
     dp_delta: float = option(1e-5, "DP-SGD: the delta of the reported (epsilon, delta); keep it below 1/|D_tr|")
 
+    # --- DreamBooth: identifier and prior preservation (library.train.prior) ------------------------
+    instance_token: Optional[str] = option(
+        None, "DreamBooth: the identifier of the instance (e.g. sks); every member caption must contain it")
+    with_prior_preservation: bool = option(
+        False, "DreamBooth: denoise as many class images as members in every step and add their loss (the prior)")
+    prior_loss_weight: float = option(1.0, "weight of the prior-preservation loss")
+    prior_in_objective: bool = option(
+        True, "the prior loss is part of L_ada, so Eq. 6 / Eq. 10 act on the DreamBooth loss as a whole; false: it is "
+        "added after the method's objective, unscaled")
+    class_data_dir: Optional[str] = option(
+        None, "folder of class images (same-stem caption files, else class_prompt); the base model generates the "
+        "missing ones up to num_class_images into it")
+    class_prompt: Optional[str] = option(
+        None, "caption of class images without a caption file, and the prompt that generates missing ones")
+    num_class_images: int = option(100, "class images a run uses (the folder's first ones; diffusers' default 100)")
+    class_sample_steps: int = option(50, "sampler steps for generating class images")
+
     # --- smoothness analysis (paper Fig. 1b) ---------------------------------------------------
     track_smoothness: bool = option(False, "log gradient norms and top Hessian eigenvalues (slow)")
     hessian_every_n_steps: int = option(100, "with --track_smoothness: Hessian power iteration every N steps")
@@ -185,7 +202,7 @@ class TrainConfig:
         positive = ["resolution", "network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                     "vae_batch_size", "attacker_batch_size", "k_steps", "log_every_n_steps", "clip_skip",
                     "hessian_every_n_steps", "attacker_eval_every_n_epochs", "sample_steps",
-                    "attacker_restart_every_n_epochs"]
+                    "attacker_restart_every_n_epochs", "num_class_images", "class_sample_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
@@ -196,6 +213,8 @@ class TrainConfig:
         self._validate_rates_and_seed()
         if self.privacy_lambda < 0 or not math.isfinite(self.privacy_lambda):
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
+        if self.prior_loss_weight < 0 or not math.isfinite(self.prior_loss_weight):
+            raise ConfigError(f"'prior_loss_weight' must be a finite number >= 0, got {self.prior_loss_weight}")
         if self.privacy_delta <= 0:
             raise ConfigError(f"'privacy_delta' must be > 0, got {self.privacy_delta}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:

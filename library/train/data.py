@@ -40,6 +40,7 @@ class TrainingData:
     member_test: LabelledSet | None = None  # D^m_te (subset of D_tr)
     nonmember_test: LabelledSet | None = None  # D^nm_te
     manifest_sha256: str | None = None
+    prior: LabelledSet | None = None  # DreamBooth's class images: never a member nor a non-member, so not in sets()
 
     def sets(self) -> list[LabelledSet]:
         return [s for s in (self.members, self.member_aux, self.nonmember_aux, self.member_test,
@@ -91,5 +92,5 @@ def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig,
     """Encode every image once with the VAE (cached in memory, and on disk if asked)."""
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
                         batch_size=config.vae_batch_size)
-    for labelled in data.sets():
+    for labelled in data.sets() + ([data.prior] if data.prior is not None else []):
         labelled.latents = cache.get_many(labelled.paths).to(device)

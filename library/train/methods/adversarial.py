@@ -194,7 +194,7 @@ class AdversarialLoRA(TrainingMethod):
     # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        l_ada = result.losses.mean()  # Eq. 3 on the fresh D_tr batch
+        l_ada = result.adaptation_loss()  # Eq. 3 on the fresh D_tr batch
         if cfg.g_noise == "reuse" and self.features.reuses_training_forward:
             features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0],
                                             result.draw.timesteps if result.draw is not None else None)

@@ -28,6 +28,13 @@ class ForwardResult:
     conditioning: torch.Tensor
     keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
     draw: NoiseDraw | None = None  # the (t, eps) of this forward (t_loss features read its timesteps)
+    prior_loss: torch.Tensor | None = None  # DreamBooth: prior_loss_weight x the class images' mean loss
+
+    def adaptation_loss(self) -> torch.Tensor:
+        """L_ada (Eq. 3), the batch mean of the members' losses; with DreamBooth's prior preservation in the
+        objective, plus the weighted prior loss (the DreamBooth loss is then the adaptation loss of Eq. 6 / 10)."""
+        l_ada = self.losses.mean()
+        return l_ada if self.prior_loss is None else l_ada + self.prior_loss
 
 
 @dataclass

@@ -44,7 +44,8 @@ class DPLoRA(PlainLoRA):
         if config.train_mode != "lora":
             raise ConfigError("DP-SGD trains adapters only here ('train_mode = lora'): per-sample gradients of a "
                               "whole UNet do not fit in memory; use train_mode lora")
-        refused = {"gradient_accumulation_steps": config.gradient_accumulation_steps > 1,
+        refused = {"with_prior_preservation": config.with_prior_preservation,
+                   "gradient_accumulation_steps": config.gradient_accumulation_steps > 1,
                    "mixed_precision = fp16": config.mixed_precision == "fp16",
                    "track_smoothness": config.track_smoothness, "grad_normalize": config.grad_normalize}
         for flag, used in refused.items():

@@ -14,5 +14,5 @@ class PlainLoRA(TrainingMethod):
     in_paper = True
 
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        l_ada = result.losses.mean()  # Eq. 3
+        l_ada = result.adaptation_loss()  # Eq. 3
         return l_ada, {"l_ada": l_ada.item()}

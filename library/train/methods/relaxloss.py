@@ -40,9 +40,11 @@ class RelaxLoss(PlainLoRA):
                               "model's loss, the l_ada logged at the first steps)")
 
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        l_ada = result.losses.mean()
+        l_ada = result.losses.mean()  # the members' loss only: ascending a DreamBooth prior would unlearn the class
         ascending = bool(l_ada.item() < self.alpha)
         loss = -l_ada if ascending else l_ada
+        if result.prior_loss is not None:
+            loss = loss + result.prior_loss  # always descended
         return loss, {"l_ada": l_ada.item(), "loss": loss.item(), "relax_ascending": float(ascending)}
 
     def metadata(self) -> dict[str, str]:

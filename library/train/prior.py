@@ -1,0 +1,141 @@
+"""DreamBooth's prior preservation (Ruiz et al. 2023), as diffusers' and kohya's DreamBooth trainers do it.
+
+The instance images (the manifest's members, D_tr) carry an identifier in their captions ("a photo of sks dog",
+``--instance_token sks``). ``--with_prior_preservation`` adds, to every step, as many *class images* ("a photo of a
+dog") denoised in the same batched forward, and their loss times ``--prior_loss_weight``: the model keeps what it
+knew of the class while it learns the instance.
+
+Class images come from ``--class_data_dir``: images with same-stem caption files, or without, captioned by
+``--class_prompt``. When the folder holds fewer than ``--num_class_images``, the base model generates the missing
+ones from ``--class_prompt`` (seeded per image, so the cache is the same whoever fills it) and writes them there with
+their caption, as diffusers' ``train_dreambooth.py`` does; later runs reuse them. Like diffusers, a run uses the
+first ``num_class_images`` images of the folder.
+
+Class images are never members nor non-members: they are not in the split manifest, the proxy attacker of
+MP/SMP-LoRA never sees them, and the membership sets (and their counts) are the manifest's alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from library.data.dataset import ImageCaption, read_caption_file
+from library.data.images import IMAGE_EXTENSIONS
+from library.errors import ConfigError, DataError
+from library.fileio import atomic_write_path, atomic_write_text
+from library.runtime import hashed_seed
+from library.sd.bundle import ModelBundle
+from library.sd.sampling import PromptSpec, build_pipeline, generate
+from library.train.config import TrainConfig
+
+GENERATED_PREFIX = "class_"
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def has_word(caption: str, word: str) -> bool:
+    """``word`` appears in ``caption`` as a whole token (so "sks" is not found in "asks")."""
+    return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", caption) is not None
+
+
+def check_instance_captions(paths: list[Path], captions: list[str], token: str) -> None:
+    """Every instance caption names the identifier; else one DataError line naming the first that does not."""
+    for path, caption in zip(paths, captions):
+        if not has_word(caption, token):
+            raise DataError(f"the caption of member image {path} ({caption!r}) does not contain the identifier "
+                            f"'{token}' (--instance_token): write it into the member captions (e.g. 'a photo of "
+                            f"{token} dog'), or drop --instance_token")
+
+
+def missing_class_images(config: TrainConfig) -> int:
+    """How many class images the base model must still generate into ``--class_data_dir``."""
+    folder = Path(config.class_data_dir or "")
+    have = len(_images(folder)) if folder.is_dir() else 0
+    return max(0, config.num_class_images - have)
+
+
+def check_prior_config(config: TrainConfig) -> None:
+    """Prior preservation's settings, before any model work (one ConfigError line each)."""
+    if not config.with_prior_preservation:
+        return
+    if not config.class_data_dir:
+        raise ConfigError("'with_prior_preservation' needs 'class_data_dir': a folder of class images, or an empty "
+                          "one for the base model to fill from 'class_prompt'")
+    folder = Path(config.class_data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"'class_data_dir' {folder} is not a folder")
+    if missing_class_images(config) and not config.class_prompt:
+        raise ConfigError(f"'class_data_dir' {folder} holds fewer than num_class_images = {config.num_class_images} "
+                          "class images and no 'class_prompt' is given to generate the rest: add images or set "
+                          "class_prompt (e.g. 'a photo of a dog')")
+    if config.instance_token and config.class_prompt and has_word(config.class_prompt, config.instance_token):
+        raise ConfigError(f"'class_prompt' {config.class_prompt!r} contains the identifier "
+                          f"'{config.instance_token}': the class prompt names the class only (e.g. 'a photo of a dog')")
+
+
+def generate_class_images(config: TrainConfig, bundle: ModelBundle) -> int:
+    """Fill ``--class_data_dir`` up to ``--num_class_images`` with the base model's images; how many were made.
+
+    Call it before any adapter is attached, or with the adapter switched off: the prior is the *base* model's."""
+    missing = missing_class_images(config)
+    if not missing:
+        return 0
+    folder = Path(config.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(bundle)
+    made, index = 0, 0
+    while made < missing:
+        image_path = folder / f"{GENERATED_PREFIX}{index:05d}.png"
+        index += 1
+        if image_path.exists():
+            continue
+        spec = PromptSpec(config.class_prompt, seed=hashed_seed("class-image", config.seed, index - 1))
+        image = generate(pipe, [spec], resolution=config.resolution, steps=config.class_sample_steps)[0]
+        with atomic_write_path(image_path) as tmp:
+            image.save(tmp, format="PNG")
+        atomic_write_text(image_path.with_suffix(config.caption_extension), config.class_prompt)
+        made += 1
+    return made
+
+
+def class_images(config: TrainConfig) -> list[ImageCaption]:
+    """The first ``--num_class_images`` class images with their captions (caption file, else ``--class_prompt``)."""
+    folder = Path(config.class_data_dir)
+    records = []
+    for image in _images(folder)[:config.num_class_images]:
+        caption_path = image.with_suffix(config.caption_extension)
+        if caption_path.is_file():
+            caption = read_caption_file(caption_path)
+        elif config.class_prompt:
+            caption = config.class_prompt
+        else:
+            raise DataError(f"class image {image} has no caption file {caption_path.name} and no 'class_prompt' is "
+                            "given: write one, or set class_prompt")
+        if config.instance_token and has_word(caption, config.instance_token):
+            raise DataError(f"the caption of class image {image} ({caption!r}) contains the identifier "
+                            f"'{config.instance_token}': class captions name the class only")
+        records.append(ImageCaption(image, caption))
+    if len(records) < config.num_class_images:
+        raise DataError(f"'class_data_dir' {folder} holds {len(records)} class image(s), fewer than num_class_images "
+                        f"= {config.num_class_images}")
+    return records
+
+
+def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: bool,
+                  wait_for_everyone: Callable[[], None]) -> tuple[list[ImageCaption], int]:
+    """The class images a run trains its prior on, generated first where missing (by the main process, from the
+    base model as loaded: call this before the trained parameters are attached), and how many were generated.
+    Torch's global RNG is left as it was, so the adapter's initialisation does not depend on the generation."""
+    made = 0
+    if is_main_process and missing_class_images(config):
+        state = torch.get_rng_state()
+        made = generate_class_images(config, bundle)
+        torch.set_rng_state(state)
+    wait_for_everyone()
+    return class_images(config), made

@@ -1,0 +1,120 @@
+"""DreamBooth's prior preservation (library.train.prior): class images, identifier checks, the prior loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.config import parse_config
+from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
+from library.train.cli import train_entry
+from library.train.config import TrainConfig
+from library.train.prior import has_word
+from library.train.trainer import Trainer, train
+
+# Every digit caption is "a handwritten digit <name>": "handwritten" plays the identifier, "a digit" the class.
+DREAMBOOTH = ["--instance_token", "handwritten", "--with_prior_preservation", "--class_prompt", "a digit",
+              "--num_class_images", "6", "--class_sample_steps", "3", "--prior_loss_weight", "0.5"]
+
+
+@pytest.fixture
+def dreambooth_args(tiny_train_args, tmp_path):
+    return tiny_train_args + DREAMBOOTH + ["--class_data_dir", str(tmp_path / "class"), "--attacker_batch_size", "2"]
+
+
+def test_identifier_is_a_whole_word():
+    assert has_word("a photo of sks dog", "sks") and not has_word("he asks", "sks")
+
+
+def test_class_images_are_generated_once_and_never_join_the_membership_sets(dreambooth_args, tmp_path, capsys):
+    trainer = Trainer(parse_config(TrainConfig, dreambooth_args), "smp_lora")
+    assert "generated 6 class image(s)" in capsys.readouterr().out
+    class_dir = tmp_path / "class"
+    assert sorted(p.name for p in class_dir.glob("*.png")) == [f"class_{i:05d}.png" for i in range(6)]
+    assert all(p.read_text() == "a digit" for p in class_dir.glob("*.txt"))
+    prior_paths = set(trainer.data.prior.paths)
+    assert len(prior_paths) == 6
+    for labelled in trainer.data.sets():  # D_tr, D_aux, D_te: the manifest's images only
+        assert not prior_paths & set(labelled.paths)
+    assert len(trainer.data.members) == 24  # the fixture split's members, class images not counted
+    trainer.prepare()
+    assert trainer.method.aux.member_keys and not {str(p) for p in prior_paths} & set(
+        trainer.method.aux.member_keys + trainer.method.aux.nonmember_keys)
+
+    Trainer(parse_config(TrainConfig, dreambooth_args), "lora")  # a second run reuses the cached images
+    assert "generated" not in capsys.readouterr().out
+
+
+def test_prior_loss_is_the_class_rows_loss_and_the_method_sees_members_only(dreambooth_args):
+    trainer = Trainer(parse_config(TrainConfig, dreambooth_args), "lora")
+    trainer.prepare()
+    ctx = trainer._context()
+    noise_state, prior_state = trainer.noise_generator.get_state(), trainer.prior_sampler.state_dict()
+    indices = trainer.sampler.next_indices()
+    with torch.no_grad():
+        result = trainer._forward(indices, ctx)
+    assert len(result.losses) == len(indices) == len(result.keys) == 4
+    members = {str(p) for p in trainer.data.members.paths}
+    assert set(result.keys) <= members
+
+    # Recompute the prior term by hand: the class rows of the same draw, alone.
+    trainer.noise_generator.set_state(noise_state)
+    trainer.prior_sampler.load_state_dict(prior_state)
+    class_rows = trainer.prior_sampler.next_indices()
+    latents = torch.cat([trainer.data.members.latents[indices], trainer.data.prior.latents[class_rows]])
+    draw = draw_noise(latents, trainer.noise_generator, 0, 1000)
+    captions = [trainer.data.prior.captions[i] for i in class_rows]
+    with torch.no_grad():
+        errors = denoising_errors(trainer.bundle.unet, trainer.bundle.noise_scheduler, latents[4:],
+                                  ctx.encode_text(captions), type(draw)(draw.timesteps[4:], draw.noise[4:]))
+    expected = 0.5 * per_sample_loss(errors).mean()
+    assert torch.allclose(result.prior_loss, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(result.adaptation_loss(), result.losses.mean() + expected, rtol=1e-5)
+
+
+def test_dreambooth_trains_with_lora_and_full_finetuning_and_resumes_exactly(dreambooth_args, tmp_path):
+    for mode in ("lora", "full"):
+        common = dreambooth_args + ["--train_mode", mode]
+        whole = train(parse_config(TrainConfig, common + ["--output_dir", str(tmp_path / mode / "a")]), "smp_lora")
+        assert "prior_loss" in whole.final_logs
+        train(parse_config(TrainConfig, common + ["--max_train_steps", "2", "--save_state",
+                                                  "--output_dir", str(tmp_path / mode / "b")]), "smp_lora")
+        resumed = train(parse_config(TrainConfig, common + ["--resume", str(tmp_path / mode / "b" / "smp_lora-state"),
+                                                            "--output_dir", str(tmp_path / mode / "c")]), "smp_lora")
+        a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mode
+
+
+@pytest.mark.parametrize("in_objective", [True, False])
+def test_prior_goes_into_eq10_or_is_added_after_it(dreambooth_args, in_objective):
+    flag = "--prior_in_objective" if in_objective else "--no-prior_in_objective"
+    logs = train(parse_config(TrainConfig, dreambooth_args + [flag, "--max_train_steps", "1"]), "smp_lora").final_logs
+    # Eq. 10 divides L_ada; with the prior in the objective L_ada is the DreamBooth loss (members + weighted prior)
+    smp = logs["l_ada"] / logs["denominator"]
+    assert logs["loss"] == pytest.approx(smp if in_objective else smp + logs["prior_loss"], rel=1e-5)
+    assert logs["denominator"] > 1
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--class_data_dir", ""], "needs 'class_data_dir'"),
+    (["--class_prompt", ""], "no 'class_prompt' is given"),
+    (["--instance_token", "sks"], "does not contain the identifier 'sks'"),
+    (["--class_prompt", "a handwritten thing"], "contains the identifier 'handwritten'"),
+    (["--prior_loss_weight", "-1"], "'prior_loss_weight' must be"),
+])
+def test_bad_dreambooth_inputs_are_one_line(dreambooth_args, capsys, change, expected):
+    assert train_entry("smp_lora", "", dreambooth_args + change) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_dp_with_a_prior_is_refused(dreambooth_args, capsys):
+    assert train_entry("dp_lora", "", dreambooth_args) == 2
+    assert "with_prior_preservation" in capsys.readouterr().err
+
+
+def test_dry_run_says_how_many_class_images_it_would_generate(dreambooth_args, tmp_path, capsys):
+    assert train_entry("lora", "", dreambooth_args + ["--dry_run"]) == 0
+    assert "(6 to generate with the base model)" in capsys.readouterr().out
+    assert not (tmp_path / "class").exists()
