@@ -108,7 +108,7 @@ def test_calibrated_smp_trains_a_full_finetune(tiny_train_args):
 
 
 @pytest.mark.parametrize("flags, method, expected", [
-    (["--network_args", "conv_dim=2"], "lora", "'network_args' configures a LoRA"),
+    (["--network_weights", "x.safetensors"], "lora", "'network_weights' continues a LoRA"),
     ([], "dp_lora", "DP-SGD trains adapters only"),
     (["--unet_lr", "0"], "lora", "nothing to train"),
 ])
@@ -127,3 +127,34 @@ def test_dry_run_states_the_trained_parameter_count(tiny_train_args, capsys, tin
     assert train_entry("lora", "", tiny_train_args + FULL + ["--dry_run"]) == 0
     count = sum(p.numel() for p in load_sd_model(str(tiny_model_dir)).unet.parameters())
     assert f"{count:,} trained parameters" in capsys.readouterr().out
+
+
+def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args, tiny_model_dir, manifest_path,
+                                                                 digits_dir, tmp_path, capsys):
+    import evaluate_mia
+
+    result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--clip_skip", "2"]),
+                   "lora")
+    folder, single = result.lora_path.parent / "lora-unet", result.lora_path
+    common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--resolution", "32", "--timesteps", "100",
+              "200", "--num_noise_draws", "1", "--attacks", "loss", "gsa", "--n_bootstrap", "0", "--no-plots",
+              "--no-progress_bar", "--unet_weights", str(folder), str(single)]
+    out = tmp_path / "eval"
+    assert evaluate_mia.main(common + ["--split_manifest", str(manifest_path), "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["model"], r["label"]): r["auc"] for r in report["results"]}
+    for label in {label for _, label in rows}:
+        assert rows[("lora-unet", label)] == pytest.approx(rows[("lora", label)], abs=1e-9), label
+    assert report["conditioning"]["clip_skip"] == 2  # read from the fine-tune's own metadata
+
+    from conftest import SPLIT_SIZES
+
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+
+    other = tmp_path / "other.json"  # the same images under another split: the labels would be wrong
+    write_manifest(make_split(scan_dataset(digits_dir), sizes=SPLIT_SIZES, seed=1, dataset_root=digits_dir), other)
+    capsys.readouterr()
+    assert evaluate_mia.main(common + ["--split_manifest", str(other), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "was trained with another split manifest" in capsys.readouterr().err

@@ -113,6 +113,8 @@ def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest
     """The run's TrainConfig: the demo's ``configs/tiny`` file of its method, quiet (runs go in parallel), the
     demo's ``train_overrides``, the run's own overrides, then its checkpoint interval (each beating the one before)."""
     every = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
+    if run.overrides.get("with_prior_preservation") and not run.overrides.get("class_data_dir"):
+        every["class_data_dir"] = str(settings.out / "class_images")  # DreamBooth runs share the base's class images
     return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, settings.out / "runs" / run.name,
                              run.name, {"progress_bar": False, "overwrite": settings.demo.retrain,
                                     **settings.demo.train_overrides, **run.overrides, **every})
@@ -147,8 +149,11 @@ def evaluate_sweep(settings: FrontierSettings, files: list[Path], base: Path, ma
     from library.eval.run import evaluate
 
     out = settings.out / "eval"
-    evaluate(demo_eval_config(settings.demo, base, manifest, files, out, feature_net,
-                              {"progress_bar": False, "utility_reference": utility_reference}))
+    full = [f for f in files if (f.parent / f"{f.stem}-unet").is_dir()]  # full fine-tunes: their SD single file
+    loras = [f for f in files if f not in full]
+    evaluate(demo_eval_config(settings.demo, base, manifest, loras, out, feature_net,
+                              {"progress_bar": False, "utility_reference": utility_reference,
+                               "unet_weights": [str(f) for f in full]}))
     return json.loads((out / "report.json").read_text())
 
 
@@ -156,7 +161,7 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
     """One point per evaluated model: worst case over the attacks against the utility."""
     points = []
     worst_by_model = worst_case(report)
-    names = {m["name"]: Path(m["lora_path"]).stem if m.get("lora_path") else None for m in report["models"]}
+    names = {m["name"]: Path(m["path"]).stem if m.get("path") else None for m in report["models"]}
     for model, stem in names.items():
         worst = worst_by_model.get(model)
         if worst is None:

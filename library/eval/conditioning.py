@@ -75,7 +75,7 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
     """(value, source) of one setting; appends the files that do not record it to ``missing``."""
     flag = getattr(config, field)
     recorded = {spec.name: _parse(spec, key) for spec in loras if key in spec.metadata}
-    missing.extend(str(spec.lora_path) for spec in loras if key not in spec.metadata)
+    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if key not in spec.metadata)
     distinct = {}
     for name, value in recorded.items():
         distinct.setdefault(_comparable(field, value), (name, value))
@@ -101,7 +101,8 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
 def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Conditioning:
     """The conditioning of this evaluation (see the module docstring); prints one ``warning:`` line for LoRA
     files that record no conditioning and are evaluated with an assumed one."""
-    loras = [spec for spec in specs if spec.lora_path is not None]
+    # LoRAs, and fine-tuned UNets that record their training (a foreign UNet records nothing: no warning for it)
+    loras = [spec for spec in specs if spec.lora_path is not None or (spec.unet is not None and spec.metadata)]
     values: dict[str, int | None] = {}
     source: dict[str, str] = {}
     unrecorded: list[tuple[str, list[str]]] = []

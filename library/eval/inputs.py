@@ -14,7 +14,7 @@ from library.eval.conditioning import CONDITIONING_KEYS
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
 from library.eval.records import BASE_NAME, EVAL_SPLITS, EvalSamples, ModelSpec
-from library.eval.unet_weights import resolve_unet_weights
+from library.eval.unet_weights import resolve_unet_weights, weights_metadata
 
 
 def _safe_name(text: str) -> str:
@@ -31,25 +31,30 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
     for file in config.network_weights:
         path = Path(file)
         sha = lora_file_sha256(path)  # ModelError for a missing file
-        meta = read_lora_metadata(path)  # ModelError for a file that is not safetensors
-        recorded = meta.get("smp_lora.manifest_sha256")
-        if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
-            raise DataError(
-                f"LoRA {path} was trained with another split manifest (sha256 {recorded[:12]}...) than "
-                f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
-                "pass the manifest it was trained with (or --allow_manifest_mismatch)"
-            )
-        # What the report shows of each file, and the training conditioning library.eval.conditioning reads.
-        recorded_meta = {k: v for k, v in meta.items()
-                         if k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS}
-        specs.append(ModelSpec(_unique_name(path.stem, used), path, sha, recorded_meta))
+        meta = _recorded(config, manifest_sha, f"LoRA {path}", read_lora_metadata(path))  # not safetensors: ModelError
+        specs.append(ModelSpec(_unique_name(path.stem, used), path, sha, meta))
     for entry in config.unet_weights:
         weights = resolve_unet_weights(entry, allow_pickle=config.allow_pickle)  # one ModelError line if unusable
         path = weights.path.resolve()
         # A folder named unet/ is the UNet of a pipeline folder: the pipeline's name says more.
         stem = path.stem if not path.is_dir() else path.parent.name if path.name == "unet" else path.name
-        specs.append(ModelSpec(_unique_name(stem, used), unet=weights))
+        meta = _recorded(config, manifest_sha, f"fine-tuned UNet {weights.path}", weights_metadata(weights))
+        specs.append(ModelSpec(_unique_name(stem, used), metadata=meta, unet=weights))
     return specs
+
+
+def _recorded(config: EvalConfig, manifest_sha: str, what: str, meta: dict[str, str]) -> dict[str, str]:
+    """What the report shows of a model's training metadata, and the conditioning library.eval.conditioning reads;
+    a model trained on another split is one DataError line (its membership labels would be wrong)."""
+    recorded = meta.get("smp_lora.manifest_sha256")
+    if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
+        raise DataError(
+            f"{what} was trained with another split manifest (sha256 {recorded[:12]}...) than "
+            f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
+            "pass the manifest it was trained with (or --allow_manifest_mismatch)"
+        )
+    return {k: v for k, v in meta.items()
+            if k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS}
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

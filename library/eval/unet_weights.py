@@ -32,7 +32,8 @@ import torch
 from library.errors import ModelError
 from library.sd.bundle import first_line
 
-__all__ = ["UNetWeights", "check_unet_weights", "load_unet_state_dict", "resolve_unet_weights", "swapped_unet", "weights_sha256"]
+__all__ = ["UNetWeights", "check_unet_weights", "load_unet_state_dict", "resolve_unet_weights", "swapped_unet",
+           "weights_metadata", "weights_sha256"]
 
 _WEIGHTS = "diffusion_pytorch_model"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -112,6 +113,16 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
                 raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
                                  "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
     return UNetWeights(given, layout, files, weights_sha256(files))
+
+
+def weights_metadata(weights: UNetWeights) -> dict[str, str]:
+    """The header metadata of the first safetensors weight file (a fine-tune of this toolkit records its training
+    settings there, as a LoRA file does); empty for pickle weights."""
+    first = weights.files[0]
+    if first.suffix != ".safetensors":
+        return {}
+    meta = _check_safetensors(first).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def weights_sha256(files: tuple[Path, ...]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Optional
 
 from library.config import option
@@ -254,10 +255,12 @@ class TrainConfig:
     def _validate_train_mode(self) -> None:
         """Adapter flags in a full fine-tune (or the reverse) would be ignored silently: refuse them."""
         if self.train_mode == "full":
-            for name in ("network_weights", "network_args"):
-                if getattr(self, name):
-                    raise ConfigError(f"'{name}' configures a LoRA, but 'train_mode = full' trains the UNet's own "
-                                      "weights; drop it (or use train_mode lora)")
+            if self.network_weights:
+                raise ConfigError("'network_weights' continues a LoRA, but 'train_mode = full' trains the UNet's own "
+                                  "weights; drop it (or use train_mode lora)")
+            if self.network_args:  # a LoRA config file reused for a full fine-tune (the frontier does): say so
+                print(f"warning: 'network_args' {self.network_args} configure a LoRA; 'train_mode = full' ignores them",
+                      file=sys.stderr, flush=True)
         elif self.train_text_encoder:
             raise ConfigError("'train_text_encoder' is for 'train_mode = full'; a LoRA's text-encoder part is set by "
                               "text_encoder_lr / network_train_unet_only")
