@@ -71,7 +71,7 @@ def test_config_is_table5(dataset, method):
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("MODEL", "DATA", "OUT", "SEEDS", "DRY_RUN", "EXTRA_ARGS", "EVAL_ARGS", "LAUNCH", "METHODS",
-                "DATASET", "LAMBDAS", "LRS", "RANKS"):
+                "DATASET", "LAMBDAS", "LRS", "RANKS", "INSTANCE_TOKEN", "CLASS_PROMPT", "NUM_CLASS_IMAGES"):
         env.pop(key, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
@@ -202,6 +202,37 @@ def test_eval_command_agrees_with_the_training(launcher, stack, tmp_path, monkey
             if f"--{flag}" in argv:
                 assert str(values.pop()) == _flag(argv, f"--{flag}"), flag
         assert (configs[0].clip_skip, configs[0].max_token_length) == (2, 225)  # the paper configs
+
+
+@pytest.mark.parametrize("kind", ["full", "dreambooth"])
+def test_table9_launchers_train_the_whole_unet_and_audit_it(kind, stack, tmp_path, monkeypatch, capsys):
+    env, rec_file = stack
+    env.update(SEEDS="1337", INSTANCE_TOKEN="handwritten")  # the digits' captions hold no "pokemon"
+    result = _run_launcher(f"pokemon_{kind}", tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    commands = _recorded(rec_file)
+    assert [c[0] for c in commands] == ["train_lora.py", "train_smp_lora.py"]
+    assert "skipping evaluation" in result.stderr
+    for argv in commands:
+        assert _flag(argv, "--config_file") == f"configs/pokemon/{argv[0][6:-3]}.toml"
+        assert _flag(argv, "--train_mode") == "full" and float(_flag(argv, "--unet_lr")) == 5e-6
+        assert ("--with_prior_preservation" in argv) == (kind == "dreambooth")
+        printed = _dry_run_in_process(argv, monkeypatch, capsys)
+        assert DRY_RUN_OK in printed and "trained parameters (full;" in printed
+        assert ("200 to generate with the base model" in printed) == (kind == "dreambooth")
+
+    python = tmp_path / "python"  # now record the evaluation too (DRY_RUN 0: the commands are recorded, not run)
+    python.write_text("#!/usr/bin/env bash\n" + RECORDER)
+    python.chmod(0o755)
+    rec_file.unlink()
+    env.update(DRY_RUN="0", PYTHON=str(python))
+    assert _run_launcher(f"pokemon_{kind}", tmp_path, env).returncode == 0
+    commands = _recorded(rec_file)
+    evaluation = next(argv for argv in commands if argv[0] == "evaluate_mia.py")
+    start = evaluation.index("--unet_weights") + 1
+    trained = [Path(_flag(c, "--output_dir")) / f"{_flag(c, '--output_name')}-unet" for c in commands[:2]]
+    assert [Path(p) for p in evaluation[start:start + 2]] == trained
+    assert "--network_weights" not in evaluation and "--clip_skip" not in evaluation
 
 
 def test_launcher_needs_model_and_manifest(tmp_path, tiny_model_dir):

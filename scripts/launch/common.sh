@@ -111,7 +111,16 @@ smp_eval_has_dry_run() {
 smp_evaluate() {
     local out_dir="$1"
     shift
-    local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" --network_weights "$@"
+    smp_evaluate_models "$out_dir" --network_weights "$@"
+}
+
+# smp_evaluate_models <output_dir> <--network_weights|--unet_weights> <model>...
+# The same for LoRA files or fully fine-tuned UNets (diffusers folders or SD single files; their metadata too
+# records the conditioning).
+smp_evaluate_models() {
+    local out_dir="$1" flag="$2"
+    shift 2
+    local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" "$flag" "$@"
         --split_manifest "$DATA" --output_dir "$out_dir")
     cmd+=("${SMP_EVAL_EXTRA[@]}")
     if [[ ! -f evaluate_mia.py ]]; then
@@ -122,7 +131,7 @@ smp_evaluate() {
     if [[ "$DRY_RUN" == 1 ]]; then
         local lora
         for lora in "$@"; do
-            if [[ ! -f "$lora" ]]; then
+            if [[ ! -e "$lora" ]]; then
                 smp_log "dry run: skipping evaluation ($lora does not exist: a dry run trains nothing)"
                 return 0
             fi
@@ -191,6 +200,35 @@ smp_sweep() {
     done
     smp_collect "$OUT" "${reports[@]}"
     smp_log "done: $sweep on $dataset ($OUT)"
+}
+
+# smp_table9 <full|dreambooth>: paper Table 9 on Pokemon, plain and SMP (the Pokemon configs' settings, paper
+# features, lambda 0.05) training the whole UNet at eta_2 = 5e-6 with gradient checkpointing; "dreambooth" adds
+# prior preservation (identifier INSTANCE_TOKEN, default "pokemon": every caption of prepare_pokemon.py starts with
+# it, as the authors' kohya folder 1_pokemon; CLASS_PROMPT, default "a cartoon character"; NUM_CLASS_IMAGES,
+# default 200, generated once by the base model into $OUT/class_images). Then one evaluation of the UNets.
+smp_table9() {
+    local kind="$1" seed method
+    smp_setup "runs/table9_$kind/pokemon" "1337" pokemon
+    local flags=(--train_mode full --learning_rate 5e-6 --unet_lr 5e-6 --gradient_checkpointing)
+    if [[ "$kind" == dreambooth ]]; then
+        flags+=(--with_prior_preservation --instance_token "${INSTANCE_TOKEN:-pokemon}"
+            --class_prompt "${CLASS_PROMPT:-a cartoon character}" --num_class_images "${NUM_CLASS_IMAGES:-200}"
+            --class_data_dir "$OUT/class_images")
+    fi
+    local reports=()
+    for seed in $SEEDS; do
+        local unets=()
+        for method in lora smp_lora; do
+            local name="${method%lora}$kind"  # full / smp_full, dreambooth / smp_dreambooth
+            smp_train "$method" "configs/pokemon/$method.toml" "$seed" "$OUT/seed$seed/$name" "$name" "${flags[@]}"
+            unets+=("$OUT/seed$seed/$name/$name-unet")
+        done
+        smp_evaluate_models "$OUT/seed$seed/eval" --unet_weights "${unets[@]}"
+        reports+=("$OUT/seed$seed/eval/report.json")
+    done
+    smp_collect "$OUT" "${reports[@]}"
+    smp_log "done: Table 9 $kind on pokemon ($OUT)"
 }
 
 # Arithmetic on flag values (bash has integers only).
