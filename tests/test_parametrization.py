@@ -158,3 +158,18 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
     capsys.readouterr()
     assert evaluate_mia.main(common + ["--split_manifest", str(other), "--output_dir", str(tmp_path / "x")]) == 2
     assert "was trained with another split manifest" in capsys.readouterr().err
+
+
+def test_resuming_a_lora_state_as_a_full_finetune_is_one_line(tiny_train_args, tmp_path, capsys):
+    train(parse_config(TrainConfig, tiny_train_args + ["--max_train_steps", "1", "--save_state"]), "lora")
+    state = tmp_path / "out" / "lora-state"
+    args = tiny_train_args + FULL + ["--resume", str(state), "--output_dir", str(tmp_path / "full")]
+    assert train_entry("lora", "", args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_mode = 'lora'" in err and "--train_mode" in err, err
+
+
+def test_bf16_full_finetune_keeps_fp32_master_weights(tiny_train_args):
+    trainer = _trained(tiny_train_args + FULL + ["--mixed_precision", "bf16", "--max_train_steps", "2"], "lora")
+    assert {p.dtype for p in trainer.trained.params} == {torch.float32}
+    assert trainer.bundle.text_encoder.dtype == torch.bfloat16  # the frozen parts run in the autocast dtype

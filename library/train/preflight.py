@@ -35,7 +35,9 @@ IDENTITY_FLAGS = {
     "network_dim": "--network_dim",
     "network_alpha": "--network_alpha",
     "network_args": "--network_args",
-    "text_encoder_lora": "--network_train_unet_only / --text_encoder_lr",
+    "text_encoder_lora": "--network_train_unet_only / --text_encoder_lr (--train_text_encoder in full mode)",
+    "train_mode": "--train_mode",
+    "prior_images": "--with_prior_preservation / --num_class_images",
     "seed": "--seed",
     "manifest_sha256": "--split_manifest (its sha256)",
     "members_sha256": "the training images and captions",
@@ -101,10 +103,12 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
     config = trainer.config
     return {
         "method": trainer.method_name,
+        "train_mode": config.train_mode,  # before the LoRA's own facts: the first mismatch is the one reported
         "network_dim": config.network_dim,
         "network_alpha": float(config.network_alpha),
         "network_args": json.dumps(config.network_kwargs, sort_keys=True),
         "text_encoder_lora": trains_text_encoder(config),
+        "prior_images": config.num_class_images if config.with_prior_preservation else 0,
         "seed": config.seed,
         "manifest_sha256": trainer.data.manifest_sha256,
         "members_sha256": members_sha256(trainer.data.members),
@@ -131,10 +135,10 @@ def check_resume(trainer: Trainer) -> None:
         return  # only state.pt: load_state checks what it can (a missing or corrupt state is a clear error there)
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
-    for key, value in saved.items():
-        if key in current and current[key] != value:
+    for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
+        if key in saved and current[key] != saved[key]:
             raise TrainingError(
-                f"cannot resume from {directory}: it was trained with {key} = {_show(value)}, this run has "
+                f"cannot resume from {directory}: it was trained with {key} = {_show(saved[key])}, this run has "
                 f"{_show(current[key])} (set by {IDENTITY_FLAGS.get(key, key)}); resume with the settings of that "
                 "run, or start a new run without --resume")
     step = int(summary.get("global_step", 0))
