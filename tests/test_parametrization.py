@@ -53,6 +53,9 @@ def test_smp_full_finetune_changes_the_unet_only_and_both_saved_forms_give_its_o
     assert torch.allclose(_unet_output(folder), expected, atol=1e-6)
     single = load_sd_model(str(out / "smp_lora.safetensors"))  # the SD single file, as a base model
     assert torch.allclose(_unet_output(single.unet), expected, atol=1e-6)
+    from_single = UNet2DConditionModel.from_single_file(str(out / "smp_lora.safetensors"), config=str(tiny_model_dir),
+                                                        subfolder="unet")  # diffusers' own LDM converter
+    assert torch.allclose(_unet_output(from_single), expected, atol=1e-6)
     assert all(torch.equal(v, base.text_encoder.state_dict()[k]) for k, v in single.text_encoder.state_dict().items())
     with safe_open(out / "smp_lora.safetensors", "pt") as handle:
         meta = handle.metadata()
