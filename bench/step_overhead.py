@@ -46,6 +46,10 @@ VARIANTS = {
     # issue 17's cheaper candidate: base-calibrated (t, loss) at one random t, G read from L_ada's own forward
     "smp_t_loss": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
                                 "--attacker_calibration", "base", "--attacker_normalization", "standardize"]),
+    # ... with the proxy's t banded below 400 and G read from L_ada's rows in that band only
+    "smp_t_band": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
+                                "--attacker_calibration", "base", "--attacker_normalization", "standardize",
+                                "--attacker_max_timestep", "400"]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
 }

@@ -155,9 +155,9 @@ def test_calibrated_t_loss_smp_reads_g_from_the_training_forward(tiny_train_args
     seen = {}
     real_base = adversarial_module.AdversarialLoRA._base_on_draw
 
-    def spying_base(self, ctx, result):
-        seen.setdefault("draws", []).append(result.draw)
-        return real_base(self, ctx, result)
+    def spying_base(self, ctx, latents, keys, conditioning, draw):
+        seen.setdefault("draws", []).append(draw)
+        return real_base(self, ctx, latents, keys, conditioning, draw)
 
     monkeypatch.setattr(adversarial_module.AdversarialLoRA, "_base_on_draw", spying_base)
     args = tiny_train_args + ["--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "t_loss",
@@ -169,3 +169,52 @@ def test_calibrated_t_loss_smp_reads_g_from_the_training_forward(tiny_train_args
     assert len(passes) == 6 and not any(grad for grad, _ in passes)
     assert all(passes[3 * i][1] is passes[3 * i + 1][1] for i in range(2))  # LoRA and base on one attacker draw
     assert all(passes[3 * i + 2][1] is seen["draws"][i] for i in range(2))  # G's base pass is on L_ada's draw
+
+
+def test_banded_t_loss_proxy_sees_the_band_and_g_reads_only_its_rows(tiny_train_args, monkeypatch):
+    """--attacker_max_timestep 500: the proxy's draws are all below 500, and G reads exactly the rows of L_ada's
+    forward whose t is below 500 (a batch with none gets no privacy term)."""
+    import library.train.methods.adversarial as adversarial_module
+
+    proxy_draws, g_reads = [], []
+    real_draw = adversarial_module.ProxyFeatures.draw
+    real_training = adversarial_module.AdversarialLoRA._training_features
+
+    def spying_draw(self, latents, keys, generator):
+        draw = real_draw(self, latents, keys, generator)
+        proxy_draws.append(draw.timesteps)
+        return draw
+
+    def spying_training(self, ctx, result):
+        features = real_training(self, ctx, result)
+        g_reads.append((result.draw.timesteps, None if features is None else features[:, 0]))
+        return features
+
+    monkeypatch.setattr(adversarial_module.ProxyFeatures, "draw", spying_draw)
+    monkeypatch.setattr(adversarial_module.AdversarialLoRA, "_training_features", spying_training)
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "t_loss",
+                              "--attacker_calibration", "base", "--attacker_normalization", "standardize",
+                              "--attacker_max_timestep", "500", "--max_train_steps", "4",
+                              "--attacker_eval_every_n_epochs", "1000"]
+    result = train(parse_config(TrainConfig, args), "smp_lora")
+    assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
+    assert proxy_draws and all(bool((t < 500).all()) for t in proxy_draws)
+    assert len(g_reads) == 4
+    for timesteps, t_column in g_reads:
+        in_band = timesteps[timesteps < 500].float() / 1000
+        if t_column is None:
+            assert len(in_band) == 0
+        else:
+            assert torch.equal(t_column, in_band)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--attacker_features", "loss", "--attacker_max_timestep", "400"], "bands the t of 'attacker_features = t_loss'"),
+    (["--attacker_features", "t_loss", "--attacker_max_timestep", "0"], "'attacker_max_timestep' must be in"),
+])
+def test_attacker_band_needs_t_loss_and_a_timestep_in_range(tiny_train_args, capsys, flags, expected):
+    from library.train.cli import train_entry
+
+    assert train_entry("smp_lora", "", tiny_train_args + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err

@@ -113,6 +113,9 @@ class TrainConfig:
         "loss, the losses at --attacker_timesteps, or (t, loss) at one random t (timestep-aware, one pass)",
         choices=["error_map", "loss", "multi_t_loss", "t_loss"])
     attacker_timesteps: list[int] = option([50, 100, 200, 350], "timesteps for --attacker_features multi_t_loss")
+    attacker_max_timestep: Optional[int] = option(
+        None, "t_loss only: the proxy's t is drawn below this (the band where membership lives), and G on the training "
+        "batch counts only the rows of L_ada's forward whose t falls below it (default: max_timestep, every row)")
     attacker_noise: str = option(
         "fresh", "the proxy's (t, eps): a fresh draw every time (paper), or fixed: one draw per (image, t), the same "
         "every time (paired, low variance; see library.train.proxy_features)", choices=["fresh", "fixed"])
@@ -266,6 +269,14 @@ class TrainConfig:
                               "text_encoder_lr / network_train_unet_only")
 
     def _validate_proxy_features(self) -> None:
+        band = self.attacker_max_timestep
+        if band is not None:
+            if self.attacker_features != "t_loss":
+                raise ConfigError("'attacker_max_timestep' bands the t of 'attacker_features = t_loss'; drop it, or "
+                                  f"use t_loss (got {self.attacker_features})")
+            if not self.min_timestep < band <= self.max_timestep:
+                raise ConfigError(f"'attacker_max_timestep' must be in (min_timestep, max_timestep] = "
+                                  f"({self.min_timestep}, {self.max_timestep}], got {band}")
         ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,
                       calibration=self.attacker_calibration)  # ConfigError for an impossible combination
         if self.attacker_calibration == "base" and "log" in self.attacker_normalization:

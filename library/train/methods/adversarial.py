@@ -64,7 +64,7 @@ class AdversarialLoRA(TrainingMethod):
         self.features = ProxyFeatures(
             kind=config.attacker_features, timesteps=tuple(config.attacker_timesteps), noise=config.attacker_noise,
             calibration=config.attacker_calibration, seed=config.seed, min_timestep=config.min_timestep,
-            max_timestep=config.max_timestep)
+            max_timestep=config.attacker_max_timestep or config.max_timestep)
         self.base_features = BaseFeatureCache()
         self.in_features = self.features.dim(tuple(aux.member_latents.shape[1:]))
         self.restarts = 0
@@ -196,10 +196,11 @@ class AdversarialLoRA(TrainingMethod):
         cfg = self.config
         l_ada = result.adaptation_loss()  # Eq. 3 on the fresh D_tr batch
         if cfg.g_noise == "reuse" and self.features.reuses_training_forward:
-            features = features_from_errors(result.errors, cfg.attacker_features, result.latents.shape[0],
-                                            result.draw.timesteps if result.draw is not None else None)
-            if self.features.calibration == "base":  # t_loss: the base model on the very same (t, eps)
-                features = self.features.calibrate(features, self._base_on_draw(ctx, result))
+            features = self._training_features(ctx, result)
+            if features is None:  # no row of this batch in the proxy's t band: no privacy term this step
+                terms = privacy_loss_terms(self.objective, l_ada, l_ada.new_zeros(()), cfg.privacy_lambda,
+                                           cfg.privacy_delta)
+                return terms.loss, {"l_ada": l_ada.item(), "g": 0.0, "loss": terms.loss.item()}
         else:  # upstream (and fixed / multi-t features): a second, differentiable UNet pass
             features = self._features(ctx, result.latents, result.keys, conditioning=result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
@@ -221,13 +222,33 @@ class AdversarialLoRA(TrainingMethod):
             logs["denominator"] = float(terms.denominator)
         return terms.loss, logs
 
+    def _training_features(self, ctx: StepContext, result: ForwardResult) -> torch.Tensor | None:
+        """G's input read from L_ada's own forward. ``t_loss`` with ``--attacker_max_timestep`` keeps only the rows
+        whose t falls in the proxy's band (None when none does); base calibration adds one no-grad base pass on
+        those rows' very (t, eps)."""
+        errors, latents, conditioning, keys, draw = (result.errors, result.latents, result.conditioning,
+                                                      result.keys, result.draw)
+        if self.features.kind == "t_loss" and draw is not None:
+            rows = draw.timesteps < self.features.max_timestep
+            if not bool(rows.any()):
+                return None
+            if not bool(rows.all()):
+                errors, latents, conditioning = errors[rows], latents[rows], conditioning[rows]
+                draw = NoiseDraw(draw.timesteps[rows], draw.noise[rows])
+                keys = [key for key, kept in zip(keys, rows.tolist()) if kept] if keys is not None else None
+        features = features_from_errors(errors, self.config.attacker_features, latents.shape[0],
+                                        draw.timesteps if draw is not None else None)
+        if self.features.calibration == "base":  # t_loss: the base model on the very same (t, eps)
+            features = self.features.calibrate(features, self._base_on_draw(ctx, latents, keys, conditioning, draw))
+        return features
+
     @torch.no_grad()
-    def _base_on_draw(self, ctx: StepContext, result: ForwardResult) -> torch.Tensor:
-        """The frozen base model's features of L_ada's batch on L_ada's own (t, eps): one no-grad pass."""
+    def _base_on_draw(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
+                      conditioning: torch.Tensor, draw: NoiseDraw | None) -> torch.Tensor:
+        """The frozen base model's features of L_ada's rows on L_ada's own (t, eps): one no-grad pass."""
         assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
         with ctx.base_model():
-            return self._raw_features(ctx, result.latents, result.keys, conditioning=result.conditioning.detach(),
-                                      draw=result.draw)
+            return self._raw_features(ctx, latents, keys, conditioning=conditioning.detach(), draw=draw)
 
     @torch.no_grad()
     def proxy_accuracy(self, ctx: StepContext, latents: torch.Tensor, captions: list[str], keys: list[str],
