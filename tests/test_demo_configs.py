@@ -92,6 +92,8 @@ def _legacy_sweep_args(settings: FrontierSettings, run, flags: list[str], base: 
             "--latent_cache_dir", str(demo.workdir / "latent_cache"), "--no-progress_bar", *overrides, *flags]
     if run.save_every_n_epochs:
         args += ["--save_every_n_epochs", str(run.save_every_n_epochs)]
+    if "--with_prior_preservation" in flags and "--class_data_dir" not in flags:  # DreamBooth runs share one folder
+        args += ["--class_data_dir", str(settings.out / "class_images")]
     return args
 
 
