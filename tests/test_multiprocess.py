@@ -34,3 +34,19 @@ def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args,
     assert record["num_processes"] == 2
     assert record["ranks_in_sync"] is True
     assert (tmp_path / "out" / "smp_lora-attacker.safetensors").is_file()
+
+
+def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_args, tmp_path):
+    """Full fine-tuning with prior preservation on two ranks: rank 0 generates the class images while rank 1
+    waits, then both train the whole UNet (gradients all-reduced) and end bit-identical."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [*LAUNCHERS["torchrun"], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+           "--attacker_batch_size", "2", "--max_train_steps", "3", "--train_mode", "full",
+           "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a digit",
+           "--num_class_images", "4", "--class_sample_steps", "2"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
+    assert record["num_processes"] == 2 and record["ranks_in_sync"] is True
+    assert len(list((tmp_path / "class").glob("*.png"))) == 4
+    assert result.stdout.count("generated 4 class image(s)") == 1  # rank 0 only
