@@ -149,6 +149,8 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
     for label in {label for _, label in rows}:
         assert rows[("lora-unet", label)] == pytest.approx(rows[("lora", label)], abs=1e-9), label
     assert report["conditioning"]["clip_skip"] == 2  # read from the fine-tune's own metadata
+    single_meta = next(m["metadata"] for m in report["models"] if m["name"] == "lora")
+    assert single_meta["smp_lora.train_mode"] == "full" and "smp_lora.sd_configs" not in single_meta
 
     from conftest import SPLIT_SIZES
 

@@ -15,6 +15,7 @@ from library.eval.config import EvalConfig
 from library.eval.features import Sample
 from library.eval.records import BASE_NAME, EVAL_SPLITS, EvalSamples, ModelSpec
 from library.eval.unet_weights import resolve_unet_weights, weights_metadata
+from library.sd.single_file import META_CONFIGS, META_FORMAT, META_TOKENIZER
 
 
 def _safe_name(text: str) -> str:
@@ -43,6 +44,10 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
     return specs
 
 
+# A single-file checkpoint's description of its own networks (configs, tokenizer): not training metadata.
+_MODEL_DESCRIPTION_KEYS = {META_CONFIGS, META_TOKENIZER, META_FORMAT}
+
+
 def _recorded(config: EvalConfig, manifest_sha: str, what: str, meta: dict[str, str]) -> dict[str, str]:
     """What the report shows of a model's training metadata, and the conditioning library.eval.conditioning reads;
     a model trained on another split is one DataError line (its membership labels would be wrong)."""
@@ -53,8 +58,8 @@ def _recorded(config: EvalConfig, manifest_sha: str, what: str, meta: dict[str, 
             f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
             "pass the manifest it was trained with (or --allow_manifest_mismatch)"
         )
-    return {k: v for k, v in meta.items()
-            if k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS}
+    return {k: v for k, v in meta.items() if k not in _MODEL_DESCRIPTION_KEYS
+            and (k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS)}
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
