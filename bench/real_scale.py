@@ -41,10 +41,11 @@ offline_environment()
 import torch  # noqa: E402 - after offline_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("lora", "mp_lora", "smp_lora", "smp_calibrated", "smp_t_loss")
+METHODS = ("lora", "mp_lora", "smp_lora", "smp_calibrated", "smp_t_loss", "smp_t_band")
 LABELS = {"lora": "LoRA", "mp_lora": "MP-LoRA (paper features)", "smp_lora": "SMP-LoRA (paper features)",
           "smp_calibrated": "SMP-LoRA, calibrated multi-t proxy (the frontier's)",
-          "smp_t_loss": "SMP-LoRA, calibrated (t, loss) proxy (issue 17 candidate)"}
+          "smp_t_loss": "SMP-LoRA, calibrated (t, loss) proxy (issue 17 candidate)",
+          "smp_t_band": "SMP-LoRA, calibrated (t, loss) proxy banded at t < 400"}
 
 
 def variant_flags(variant: str) -> tuple[str, list[str]]:
