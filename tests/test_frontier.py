@@ -104,7 +104,10 @@ def test_best_defence_keeps_the_most_utility_at_the_target_else_the_lowest_auc()
               {**point, "model": "a"}, {**point, "model": "b", "worst_auc": 0.60, "utility_retained": 0.7},
               {**point, "model": "c", "worst_auc": 0.75, "utility_retained": 0.95}]
     assert best_defence(points)["model"] == "b"  # never the base nor plain LoRA, even when they score better
-    assert best_defence([p for p in points if p["model"] not in ("a", "b")])["model"] == "c"  # none private: lowest
+    # none private: the lowest AUC of those keeping U >= 0.9, before a lower one that keeps nothing
+    useless = {**point, "model": "d", "worst_auc": 0.62, "utility_retained": 0.02}
+    assert best_defence([p for p in points if p["model"] not in ("a", "b")] + [useless])["model"] == "c"
+    assert best_defence([p for p in points if p["model"] not in ("a", "b", "c")] + [useless])["model"] == "d"
     assert best_defence(points[:2]) is None
 
 

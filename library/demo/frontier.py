@@ -244,14 +244,16 @@ def retained_check(points: list[dict]) -> list[str]:
 
 
 def best_defence(points: list[dict]) -> dict | None:
-    """The defence the demo's table shows beside the paper's three methods: of the runs that are neither the base
-    model nor plain LoRA, the one keeping the most utility (U) at worst-case AUC <= 0.60, or else the one with the
-    lowest worst-case AUC."""
+    """The defence the demo's table shows beside the paper's three methods, of the runs that are neither the base
+    model nor plain LoRA, by issue 16's target (worst-case AUC <= 0.60 at U >= 0.9): the one keeping the most
+    utility (U) at AUC <= 0.60; else the lowest worst-case AUC among those keeping U >= 0.9; else the lowest
+    worst-case AUC of all (a defence that keeps nothing is shown only when none keeps the utility)."""
     runs = [p for p in points if p["method"] not in ("base", "lora")]
     private = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p.get("utility_retained") is not None]
     if private:
         return max(private, key=lambda p: p["utility_retained"])
-    return min(runs, key=lambda p: p["worst_auc"]) if runs else None
+    useful = [p for p in runs if (p.get("utility_retained") or 0.0) >= TARGET_RETAINED]
+    return min(useful or runs, key=lambda p: p["worst_auc"]) if runs else None
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

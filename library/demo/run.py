@@ -343,7 +343,8 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     eval_md = (eval_dir / "report.md").read_text()
     extra = frontier_rows(settings.workdir)
     fifth = ("The last row is the best defence `scripts/frontier.py` found on this work dir (the most utility at "
-             "worst-case AUC <= 0.60, else the lowest worst-case AUC), from its own evaluation on the same D_te."
+             "worst-case AUC <= 0.60, else the lowest worst-case AUC at U >= 0.9, else the lowest of all), from its own "
+             "evaluation on the same D_te."
              if extra else "A fifth row, the best defence of the privacy-utility sweep, appears here once "
              "`.venv/bin/python scripts/frontier.py` has run on this work dir (~40-60 min on 2 cores).")
     total = sum(timings.values())
