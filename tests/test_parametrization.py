@@ -178,3 +178,11 @@ def test_bf16_full_finetune_keeps_fp32_master_weights(tiny_train_args):
     trainer = _trained(tiny_train_args + FULL + ["--mixed_precision", "bf16", "--max_train_steps", "2"], "lora")
     assert {p.dtype for p in trainer.trained.params} == {torch.float32}
     assert trainer.bundle.text_encoder.dtype == torch.bfloat16  # the frozen parts run in the autocast dtype
+
+
+def test_gradient_checkpointing_gives_the_same_full_finetune(tiny_train_args, tmp_path):
+    runs = [train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--output_dir",
+                                                                       str(tmp_path / name)] + extra), "lora")
+            for name, extra in (("a", []), ("b", ["--gradient_checkpointing"]))]
+    a, b = (load_file(r.lora_path.parent / "lora-unet" / "diffusion_pytorch_model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
