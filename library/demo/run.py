@@ -346,7 +346,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
              "worst-case AUC <= 0.60, else the lowest worst-case AUC at U >= 0.9, else the lowest of all), from its own "
              "evaluation on the same D_te."
              if extra else "A fifth row, the best defence of the privacy-utility sweep, appears here once "
-             "`.venv/bin/python scripts/frontier.py` has run on this work dir (~40-60 min on 2 cores).")
+             "`.venv/bin/python scripts/frontier.py` has run on this work dir (about 1.5-2 h on 2 cores).")
     total = sum(timings.values())
     split = read_manifest(settings.workdir / "data" / "split.json", verify=False)
     base_classes = sorted({digit_label(e.caption) for e in split.pretrain})
