@@ -66,12 +66,18 @@ def test_smp_full_finetune_changes_the_unet_only_and_both_saved_forms_give_its_o
 
 
 def test_train_text_encoder_saves_it_too(tiny_train_args, tiny_model_dir):
-    result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--train_text_encoder", "--max_train_steps",
-                                                                        "2"]), "lora")
-    saved = load_file(result.lora_path.parent / "lora-text_encoder" / "model.safetensors")
+    from transformers import CLIPTextModel
+
+    trainer = _trained(tiny_train_args + FULL + ["--train_text_encoder", "--max_train_steps", "2"], "lora")
+    folder = trainer.output_dir / "lora-text_encoder"
+    saved = load_file(folder / "model.safetensors")
     base = load_sd_model(str(tiny_model_dir)).text_encoder.state_dict()
-    moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], base[k])]
-    assert moved and json.loads((result.lora_path.parent / "lora-text_encoder" / "config.json").read_text())
+    assert [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], base[k])]
+    loaded = CLIPTextModel.from_pretrained(folder)  # transformers' own loader gives the trainer's text encoder
+    ids = torch.tensor([[trainer.bundle.tokenizer.bos_token_id, 5, 9, trainer.bundle.tokenizer.eos_token_id]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).last_hidden_state, trainer.bundle.text_encoder(ids).last_hidden_state,
+                              atol=1e-6)
 
 
 def test_resume_is_exact_for_full_finetuning(tiny_train_args, tmp_path):

@@ -32,14 +32,18 @@ from library.train.config import TrainConfig
 from networks import lora
 from networks.lora_format import check_metadata
 
-TRAIN_MODES = ("lora", "full")
-
 
 def trains_text_encoder(config: TrainConfig) -> bool:
     """Whether the run updates the text encoder (its LoRA, or its own weights in full fine-tuning)."""
     if config.train_mode == "full":
         return config.train_text_encoder
     return not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
+
+
+def _trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _lr(value: float | None, default: float) -> float:
@@ -51,10 +55,7 @@ class Parametrization:
 
     kind = "parametrization"
     module: torch.nn.Module  # what per-sample-gradient hooks wrap (DP-SGD)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
+    params: list[torch.nn.Parameter]  # the trained parameters, requires_grad set
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups with their learning rates (a rate of 0 leaves that part out)."""
@@ -86,13 +87,7 @@ class LoRAParametrization(Parametrization):
     def __init__(self, network: lora.LoRANetwork):
         self.network = network
         self.module = network
-        self._params = network.get_trainable_params()
-        for p in self._params:
-            p.requires_grad_(True)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return self._params
+        self.params = _trainable(network.get_trainable_params())
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         return self.network.prepare_optimizer_params(config.text_encoder_lr, config.unet_lr, config.learning_rate)
@@ -128,14 +123,8 @@ class FullParametrization(Parametrization):
         if train_text_encoder:
             self.parts["text_encoder"] = bundle.text_encoder
         self.module = bundle.unet
-        self._params = [p for part in self.parts.values() for p in part.parameters()]
-        for p in self._params:
-            p.requires_grad_(True)
-        self._base = [p.detach().clone() for p in self._params] if keep_base else None
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return self._params
+        self.params = _trainable([p for part in self.parts.values() for p in part.parameters()])
+        self._base = [p.detach().clone() for p in self.params] if keep_base else None
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         rates = {"unet": _lr(config.unet_lr, config.learning_rate),
@@ -149,12 +138,12 @@ class FullParametrization(Parametrization):
             raise TrainingError("the base model was not kept for this run (FullParametrization(keep_base=False))")
         base = self._base
         with torch.no_grad():
-            for i, p in enumerate(self._params):  # swap storages: no copy, and the same tensors come back
+            for i, p in enumerate(self.params):  # swap storages: no copy, and the same tensors come back
                 p.data, base[i] = base[i], p.data
             try:
                 yield
             finally:
-                for i, p in enumerate(self._params):
+                for i, p in enumerate(self.params):
                     p.data, base[i] = base[i], p.data
 
     def state_dict(self) -> dict[str, torch.Tensor]:
