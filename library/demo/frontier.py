@@ -111,13 +111,14 @@ def read_sweep(path: Path) -> list[SweepRun]:
 
 def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest: Path) -> TrainConfig:
     """The run's TrainConfig: the demo's ``configs/tiny`` file of its method, quiet (runs go in parallel), the
-    demo's ``train_overrides``, the run's own overrides, then its checkpoint interval (each beating the one before)."""
-    every = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
+    demo's ``train_overrides``, the run's own overrides, then its checkpoint interval and, for DreamBooth runs, the
+    class-image folder they share (each beating the one before)."""
+    placed = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
     if run.overrides.get("with_prior_preservation") and not run.overrides.get("class_data_dir"):
-        every["class_data_dir"] = str(settings.out / "class_images")  # DreamBooth runs share the base's class images
+        placed["class_data_dir"] = str(settings.out / "class_images")  # the base's class images, generated once
     return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, settings.out / "runs" / run.name,
                              run.name, {"progress_bar": False, "overwrite": settings.demo.retrain,
-                                    **settings.demo.train_overrides, **run.overrides, **every})
+                                    **settings.demo.train_overrides, **run.overrides, **placed})
 
 
 def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any]]:
