@@ -42,10 +42,13 @@ import torch  # noqa: E402 - after offline_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "mp_lora", "smp_lora", "smp_calibrated", "smp_t_loss", "smp_t_band")
+EVERY2 = {"mp_lora_every2": "mp_lora", "smp_lora_every2": "smp_lora"}  # --attacker_every_n_steps 2 (not by default)
 LABELS = {"lora": "LoRA", "mp_lora": "MP-LoRA (paper features)", "smp_lora": "SMP-LoRA (paper features)",
           "smp_calibrated": "SMP-LoRA, calibrated multi-t proxy (the frontier's)",
           "smp_t_loss": "SMP-LoRA, calibrated (t, loss) proxy (issue 17 candidate)",
-          "smp_t_band": "SMP-LoRA, calibrated (t, loss) proxy banded at t < 400"}
+          "smp_t_band": "SMP-LoRA, calibrated (t, loss) proxy banded at t < 400",
+          "mp_lora_every2": "MP-LoRA (paper features), attacker phase every 2nd step",
+          "smp_lora_every2": "SMP-LoRA (paper features), attacker phase every 2nd step"}
 
 
 def variant_flags(variant: str) -> tuple[str, list[str]]:
@@ -53,6 +56,8 @@ def variant_flags(variant: str) -> tuple[str, list[str]]:
     sweep file (configs/frontier/demo.toml), at lambda 1, so the bench measures what the frontier measured."""
     if variant in ("lora", "mp_lora", "smp_lora"):
         return variant, []
+    if variant in EVERY2:
+        return EVERY2[variant], ["--attacker_every_n_steps", "2"]
     import toml
 
     sweep = toml.loads((REPO_ROOT / "configs" / "frontier" / "demo.toml").read_text())
@@ -121,27 +126,37 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, device: s
     return trainer
 
 
-def step_flops(trainer) -> float:
-    """FLOPs of one training step (forward and backward of every pass the method makes)."""
+def advance(trainer) -> None:
+    """One training step as ``Trainer.run`` takes it: the step, then the step counter (which decides the steps of
+    ``--attacker_every_n_steps``)."""
+    trainer.step()
+    trainer.global_step += 1
+
+
+def step_flops(trainer, cycle: int) -> float:
+    """FLOPs per training step (forward and backward of every pass the method makes), over ``cycle`` steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        trainer.step()
-    return float(counter.get_total_flops())
+        for _ in range(cycle):
+            advance(trainer)
+    return float(counter.get_total_flops()) / cycle
 
 
 def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per step (median of ``args.steps`` after one warm-up step), FLOPs per step and peak memory."""
+    """Seconds per step (mean of ``args.steps`` after the warm-up, rounded up to whole attacker cycles), FLOPs per
+    step and peak memory."""
     cuda = args.device == "cuda"
     trainer = make_trainer(variant, model, manifest, out, args.device)
-    flops = step_flops(trainer)  # also the warm-up step: allocations and lazy initialisation are not the method's cost
+    cycle = trainer.config.attacker_every_n_steps  # steps with and without the attacker phase, in proportion
+    flops = step_flops(trainer, cycle)  # also the warm-up: allocations and lazy initialisation are not the cost
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for _ in range(-(-args.steps // cycle) * cycle):
         start = time.perf_counter()
-        trainer.step()
+        advance(trainer)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -151,7 +166,7 @@ def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return {"s_step": statistics.median(times), "flops": flops, "memory_gib": memory}
+    return {"s_step": statistics.mean(times), "flops": flops, "memory_gib": memory}
 
 
 def main() -> None:
@@ -163,7 +178,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense peak TFLOP/s (e.g. 989 for an H100 SXM in bf16): prints MFU")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *EVERY2])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if (args.device == "cuda") != torch.cuda.is_available():
@@ -185,7 +200,8 @@ def main() -> None:
     print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s), {'bf16 autocast' if args.device == 'cuda' else 'fp32'}; SD v1.5 architecture "
           f"(random weights), 512 px, batch 1, Pokemon configs (rank 64, text-encoder LoRA, attacker batch 1+1); "
-          f"median of {args.steps} step(s) after a warm-up; {(time.perf_counter() - started) / 60:.1f} min in all")
+          f"mean of {args.steps} step(s) (whole attacker cycles) after a warm-up; "
+          f"{(time.perf_counter() - started) / 60:.1f} min in all")
     memory_name = "peak GiB (max_memory_allocated)" if args.device == "cuda" else "peak RSS GiB (running max)"
     print(f"| method | s/step | x plain | TFLOP/step | achieved TFLOP/s | {memory_name} |"
           + (" MFU |" if args.peak_tflops else ""))

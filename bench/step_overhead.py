@@ -40,6 +40,9 @@ VARIANTS = {
     "lora": ("lora", []),
     "mp_lora": ("mp_lora", []),
     "smp_lora": ("smp_lora", []),
+    # Algorithm 1's attacker phase (lines 4-6) on every second LoRA step only: half its no-grad pass
+    "mp_lora_every2": ("mp_lora", ["--attacker_every_n_steps", "2"]),
+    "smp_lora_every2": ("smp_lora", ["--attacker_every_n_steps", "2"]),
     "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "25", "100", "200",
                                     "300", "400", "--attacker_noise", "fresh", "--attacker_calibration", "base",
                                     "--attacker_normalization", "standardize"]),
@@ -86,6 +89,17 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: arg
     return trainer
 
 
+def advancing_step(trainer):
+    """One training step as ``Trainer.run`` takes it: the step, then the step counter (which decides, e.g., the
+    steps of ``--attacker_every_n_steps``)."""
+
+    def step() -> None:
+        trainer.step()
+        trainer.global_step += 1
+
+    return step
+
+
 def bare_loop(trainer):
     """The floor: one UNet pass on cached latents and conditioning, MSE, backward, AdamW step."""
     from library.sd.diffusion import draw_noise
@@ -129,10 +143,11 @@ def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: ar
 
 def child(args: argparse.Namespace) -> None:
     trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args)
-    trainer.step()  # warm-up allocations common to every method are not the method's overhead
+    step = advancing_step(trainer)
+    step()  # warm-up allocations common to every method are not the method's overhead
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
-        trainer.step()
+        step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
 
@@ -157,7 +172,7 @@ def main() -> None:
         root = Path(tmp)
         model, manifest = make_fixture(root)
         trainers = {v: make_trainer(v, model, manifest, root / "out", args) for v in VARIANTS}
-        steps = {m: t.step for m, t in trainers.items()}
+        steps = {m: advancing_step(t) for m, t in trainers.items()}
         steps["bare"] = bare_loop(trainers["lora"])
         for fn in steps.values():  # warm-up
             fn()
@@ -172,10 +187,10 @@ def main() -> None:
     print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s); tiny SD stack, batch {args.batch_size}, 8x8 latents, rank 16, "
           f"g_noise={args.g_noise}; median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"{'method':<16}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
+    print(f"{'method':<18}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
     for name in ("bare", *VARIANTS):
         mem = f"{memory[name]:.1f}" if name in memory else "-"
-        print(f"{name:<16}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"
+        print(f"{name:<18}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"
               f"{median[name] / median['lora']:>10.2f}{mem:>22}")
     print(f"plain LoRA / bare loop: {median['lora'] / median['bare']:.2f}x; " + "; ".join(
         f"{name} / plain: {median[name] / median['lora']:.2f}x" for name in VARIANTS if name != "lora"))

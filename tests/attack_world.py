@@ -8,16 +8,39 @@ generation-based attacks (black-box, reconstruction) and the reference-calibrate
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from pathlib import Path
 
 from mia_world import overfit_lora
 
-from library.data.manifest import write_manifest
+from library.data.manifest import SplitManifest, write_manifest
 from library.data.splits import make_split
 
 SUITE_SIZES = {"member_aux": 16, "member_test": 24, "nonmember_aux": 16, "nonmember_test": 24}
 PRETRAIN = {"vae_steps": 80, "unet_steps": 300, "batch_size": 16, "vae_batch_size": 16, "threads": 1}
 OVERFIT = {"steps": 600, "lr": 5e-3, "max_t": 1000}
+
+
+def serial_captions(manifest: SplitManifest, seed: int = 0) -> SplitManifest:
+    """The same split with one caption per image: its class caption plus a serial number drawn at random (so the
+    number says nothing of the image's split), as in Wu et al.'s MS-COCO setting and the paper's Pokemon BLIP
+    captions, where a caption names one image. With the attack world's ten shared class captions, generating from
+    a member's caption need not give back that member (docs/results.md, section 10)."""
+    entries = manifest.members() + manifest.nonmembers()
+    serials = random.Random(seed).sample(range(100, 1000), len(entries))
+    caption = {e.path: f"{e.caption}, specimen {n}" for e, n in zip(entries, serials)}
+    return dataclasses.replace(manifest, **{name: [dataclasses.replace(e, caption=caption.get(e.path, e.caption))
+                                                   for e in rows] for name, rows in manifest.splits().items()})
+
+
+def build_captioned_world(world: dict, root: Path, overfit: dict | None = None) -> dict:
+    """The attack world's base model and images with :func:`serial_captions`, and a LoRA over-fitted on them."""
+    manifest = serial_captions(world["manifest"])
+    manifest_file = root / "split.json"
+    write_manifest(manifest, manifest_file)
+    lora = overfit_lora(world["bundle"], manifest, manifest_file, root, **(overfit or OVERFIT))
+    return {**world, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}
 
 
 def build_attack_world(root: Path, overfit: dict | None = None, pretrain_settings: dict | None = None) -> dict:

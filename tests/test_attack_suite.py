@@ -63,6 +63,35 @@ def test_each_attack_finds_the_overfitted_lora(suite_report, attack):
     assert row["auc"] >= floor, (attack, row["label"], row["auc"], row["auc_ci"])
 
 
+@pytest.fixture(scope="module")
+def captioned_report(attack_world, tmp_path_factory):
+    """The image-space attacks and the blind floor on the attack world's images with one caption per image (a
+    class caption plus a random serial, tests/attack_world.py) and a LoRA over-fitted on those captions."""
+    from attack_world import build_captioned_world
+
+    world = build_captioned_world(attack_world, tmp_path_factory.mktemp("captioned_world"))
+    out = world["root"] / "eval"
+    rc = evaluate_mia.main([
+        "--pretrained_model_name_or_path", str(attack_world["root"] / "model"),
+        "--split_manifest", str(world["manifest_file"]), "--network_weights", str(world["lora"]),
+        "--output_dir", str(out), "--resolution", "32", "--n_bootstrap", "300", "--jobs", "2",
+        "--attacks", *BLACK_BOX, "blind", "--no-progress_bar", "--no-plots",
+    ])
+    assert rc == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("attack", BLACK_BOX)
+def test_black_box_attacks_find_the_overfitted_lora_when_a_caption_names_one_image(captioned_report, attack):
+    """Wu et al.'s setting (MS-COCO captions) and the paper's (Pokemon BLIP captions): generating from a member's
+    own caption gives that member back, so the nearest generation singles it out."""
+    row = headline(captioned_report, "overfit", attack)
+    assert row["auc"] >= 0.7, (attack, row["label"], row["auc"], row["auc_ci"])
+    for model in ("base", "blind"):
+        lo, hi = headline(captioned_report, "base", attack if model == "base" else "blind")["auc_ci"]
+        assert lo <= 0.5 <= hi, (model, attack, lo, hi)
+
+
 @pytest.mark.parametrize("attack", DEFAULT_ATTACKS)
 def test_no_attack_finds_anything_in_the_base_model(suite_report, attack):
     for row in [r for r in suite_report["results"] if r["model"] == "base" and r["attack"] == attack and r["headline"]]:

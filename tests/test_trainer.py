@@ -54,6 +54,36 @@ def test_privacy_methods_train_and_save_attacker_separately(method, tiny_train_a
         assert result.final_logs["denominator"] >= 1.0  # 1 - lambda*G + delta with G <= 0
 
 
+@pytest.mark.parametrize("every, order, expected_steps", [(1, "attacker_first", [0, 1, 2, 3, 4]),
+                                                          (2, "attacker_first", [0, 2, 4]),
+                                                          (3, "lora_first", [0, 3])])
+def test_attacker_every_n_steps_runs_the_attacker_phase_on_those_steps(every, order, expected_steps,
+                                                                      tiny_train_args, monkeypatch):
+    from library.train.methods.adversarial import AdversarialLoRA
+    from library.train.trainer import Trainer
+
+    seen: list[int] = []
+    original_step, original_phase = Trainer.step, AdversarialLoRA.attacker_phase
+    current: list[int] = []
+
+    def step(self):
+        current[:] = [self.global_step]
+        return original_step(self)
+
+    def phase(self, ctx):
+        seen.append(current[0])
+        return original_phase(self, ctx)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(AdversarialLoRA, "attacker_phase", phase)
+    result = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "5",
+                                                "--attacker_every_n_steps", str(every), "--update_order", order])
+    assert seen == expected_steps
+    assert result.final_logs["g"] <= 0  # G enters every LoRA step, attacker phase or not
+    with safe_open(result.lora_path, "pt") as handle:
+        assert handle.metadata()["smp_lora.attacker_every_n_steps"] == str(every)
+
+
 def test_resume_is_exact(tiny_train_args, tmp_path):
     common = tiny_train_args + ["--attacker_batch_size", "2"]
     full = run("smp_lora", common + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "full")])

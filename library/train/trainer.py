@@ -188,7 +188,8 @@ class Trainer:
         cfg = self.config
         ctx = self._context()
         logs: dict[str, float] = {}
-        if cfg.update_order == "attacker_first":
+        attacker_turn = self.global_step % cfg.attacker_every_n_steps == 0
+        if cfg.update_order == "attacker_first" and attacker_turn:
             logs.update(self.method.attacker_phase(ctx))  # Algorithm 1, lines 4-6
         self.optimizer.zero_grad(set_to_none=True)
         for micro_batch in range(cfg.gradient_accumulation_steps):
@@ -216,7 +217,7 @@ class Trainer:
         self.grad_scaler.step(self.optimizer)  # line 9 (skipped by the fp16 scaler on inf/NaN gradients)
         self.grad_scaler.update()
         self.scheduler.step()
-        if cfg.update_order == "lora_first":  # upstream code order
+        if cfg.update_order == "lora_first" and attacker_turn:  # upstream code order
             logs.update(self.method.attacker_phase(ctx))
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs

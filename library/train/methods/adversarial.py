@@ -292,6 +292,7 @@ class AdversarialLoRA(TrainingMethod):
             "smp_lora.attacker_batch_size": str(cfg.attacker_batch_size),
             "smp_lora.attacker_restart": f"{cfg.attacker_restart}/{cfg.attacker_restart_every_n_epochs}",
             "smp_lora.k_steps": str(cfg.k_steps),
+            "smp_lora.attacker_every_n_steps": str(cfg.attacker_every_n_steps),
             "smp_lora.update_order": cfg.update_order,
             "smp_lora.g_noise": cfg.g_noise,
         }
