@@ -40,7 +40,7 @@ def build_captioned_world(world: dict, root: Path, overfit: dict | None = None) 
     manifest_file = root / "split.json"
     write_manifest(manifest, manifest_file)
     lora = overfit_lora(world["bundle"], manifest, manifest_file, root, **(overfit or OVERFIT))
-    return {**world, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}
+    return {**world, "root": root, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}
 
 
 def build_attack_world(root: Path, overfit: dict | None = None, pretrain_settings: dict | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""The README's main job, end to end with a tiny budget: data -> base -> 3 methods -> evaluate -> report."""
+"""The README's main job, end to end with a tiny budget: data -> base -> 3 methods + the frontier's best defence ->
+evaluate -> report."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small
     report_md = run_demo(settings)
     report = json.loads((settings.workdir / "eval" / "report.json").read_text())
     models = {row["model"] for row in report["results"]}
-    assert models == {"base", "lora", "mp_lora", "smp_lora"}
+    assert models == {"base", "lora", "mp_lora", "smp_lora", settings.defence}  # the frontier's best, trained here
     from library.eval.attacks.registry import DEFAULT_ATTACKS
 
     assert {row["attack"] for row in report["results"]} == set(DEFAULT_ATTACKS)  # the whole suite
     text = report_md.read_text()
-    assert "| smp_lora |" in text and "roc.png" in text
+    assert "| smp_lora |" in text and f"| {settings.defence} |" in text and "roc.png" in text
     for name in ("roc.png", "roc_loglog.png", "scores.csv", "samples_smp_lora.png"):
         assert (settings.workdir / "eval" / name).is_file(), name
     out = capsys.readouterr().out

@@ -16,7 +16,6 @@ import pytest
 from library.config import load_config, parse_config, parse_flags
 from library.demo.frontier import (
     FrontierSettings,
-    read_sweep,
     train_config,
 )
 from library.demo.run import (
@@ -25,6 +24,7 @@ from library.demo.run import (
     demo_eval_config,
     tiny_train_config,
 )
+from library.demo.sweep import read_sweep
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.train.config import METHODS, TrainConfig
@@ -139,6 +139,23 @@ def test_demo_configs_equal_the_former_flag_lists(tmp_path, small, jobs):
         legacy = parse_config(EvalConfig, _legacy_eval_args(settings.workdir, base, manifest, loras, out, feature_net,
                                                              settings.eval_jobs, eval_flags, frontier=False))
         _same(typed, legacy)
+
+
+def test_the_demos_defence_is_the_frontiers_run(tmp_path):
+    """The demo trains ``DemoSettings.defence`` with the very config the frontier gives that run (same flags, budget
+    and seed): only where it is written and whether it may overwrite differ."""
+    from library.demo.run import demo_runs
+
+    settings = DemoSettings(workdir=tmp_path / "demo", train_overrides=list(SMALL_TRAIN_FLAGS))
+    base, manifest = settings.workdir / "base_model", settings.workdir / "data" / "split.json"
+    method, config_name, overrides = demo_runs(settings)[settings.defence]
+    ours = tiny_train_config(settings, config_name, base, manifest, settings.workdir / settings.defence,
+                             settings.defence, {**settings.train_overrides, **overrides, "progress_bar": False})
+    frontier = FrontierSettings(demo=settings)
+    run = next(r for r in read_sweep(frontier.sweep) if r.name == settings.defence)
+    theirs = train_config(frontier, run, base, manifest)
+    assert method == run.method and ours.attacker_max_timestep == 400 and ours.privacy_lambda == 2.0
+    _same(dataclasses.replace(ours, output_dir=theirs.output_dir, overwrite=theirs.overwrite), theirs)
 
 
 @pytest.mark.parametrize("small", [False, True], ids=["shipped", "edge_cases"])

@@ -9,11 +9,11 @@ import pytest
 from library.demo.frontier import (
     FrontierSettings,
     best_defence,
-    read_sweep,
     run_frontier,
     target_check,
 )
 from library.demo.run import frontier_rows
+from library.demo.sweep import read_sweep
 from library.errors import ConfigError
 from library.eval.summary import privacy_utility_table
 

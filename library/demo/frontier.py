@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.config import parse_flags
 from library.demo.run import (
     REPO_ROOT,
     DemoSettings,
@@ -34,27 +33,14 @@ from library.demo.run import (
     tiny_train_config,
     train_all,
 )
+from library.demo.sweep import SweepRun, read_sweep
 from library.errors import ConfigError
 from library.eval.summary import worst_case
-from library.train.config import ALL_METHODS, TrainConfig
+from library.train.config import TrainConfig
 from library.train.methods import method_class
 
 TARGET_AUC = 0.60  # issue 7: "attack AUC <= 0.60 under every attack"
 TARGET_LOSS_RATIO = 1.10  # "... with held-out denoising loss within 10 % of plain LoRA's"
-SWEEP_KEYS = {"method", "label", "knob", "values", "flags", "save_every_n_epochs"}
-
-
-@dataclass
-class SweepRun:
-    """One training run of the sweep (one LoRA file, or several when plain LoRA saves checkpoints)."""
-
-    name: str
-    method: str
-    label: str  # the curve it belongs to
-    knob: str
-    value: Any
-    overrides: dict[str, Any]  # TrainConfig fields on top of configs/tiny: the run's flags, then knob = value
-    save_every_n_epochs: int | None = None
 
 
 @dataclass
@@ -67,46 +53,6 @@ class FrontierSettings:
     @property
     def out(self) -> Path:
         return self.out_dir or self.demo.workdir / "frontier"
-
-
-def _flag_value(value: Any) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def read_sweep(path: Path) -> list[SweepRun]:
-    """The runs of a sweep file; unknown keys, unknown methods and duplicate names are one ConfigError line."""
-    import toml
-
-    try:
-        doc = toml.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, toml.TomlDecodeError) as exc:
-        raise ConfigError(f"sweep file {path}: {exc}") from None
-    entries = doc.get("run")
-    if not isinstance(entries, list) or not entries or set(doc) - {"run"}:
-        raise ConfigError(f"sweep file {path}: expected only [[run]] tables")
-    runs: list[SweepRun] = []
-    for i, entry in enumerate(entries, 1):
-        unknown = set(entry) - SWEEP_KEYS
-        if unknown:
-            raise ConfigError(f"sweep file {path}, run {i}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
-        method = entry.get("method")
-        if method not in ALL_METHODS:
-            raise ConfigError(f"sweep file {path}, run {i}: 'method' must be one of {', '.join(ALL_METHODS)}")
-        label, knob = entry.get("label", method), entry.get("knob", "epochs")
-        flags = parse_flags(TrainConfig, [str(f) for f in entry.get("flags", [])], f"sweep file {path}, run {i}")
-        every = entry.get("save_every_n_epochs")
-        values = entry.get("values")
-        if values is None:  # one run; its checkpoints (if any) are the points
-            runs.append(SweepRun(label, method, label, knob, None, flags, every))
-            continue
-        for value in values:
-            suffix = "_".join(_flag_value(value)).replace(".", "p").replace("-", "m")
-            runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value, {**flags, knob: value}, every))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep file {path}: two runs are both named {next(n for n in names if names.count(n) > 1)!r}; "
-                          "give them different labels")
-    return runs
 
 
 def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest: Path) -> TrainConfig:
