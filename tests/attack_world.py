@@ -35,11 +35,13 @@ def serial_captions(manifest: SplitManifest, seed: int = 0) -> SplitManifest:
 
 
 def build_captioned_world(world: dict, root: Path, overfit: dict | None = None) -> dict:
-    """The attack world's base model and images with :func:`serial_captions`, and a LoRA over-fitted on them."""
+    """The attack world's base model and images with :func:`serial_captions`, and a LoRA over-fitted on them with a
+    text-encoder LoRA as well (kohya's default and the paper's Pokemon setting): without it the UNet LoRA alone did
+    not learn which serial goes with which image (docs/results.md, section 10)."""
     manifest = serial_captions(world["manifest"])
     manifest_file = root / "split.json"
     write_manifest(manifest, manifest_file)
-    lora = overfit_lora(world["bundle"], manifest, manifest_file, root, **(overfit or OVERFIT))
+    lora = overfit_lora(world["bundle"], manifest, manifest_file, root, text_encoder=True, **(overfit or OVERFIT))
     return {**world, "root": root, "manifest": manifest, "manifest_file": manifest_file, "lora": lora}
 
 

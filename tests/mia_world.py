@@ -39,22 +39,26 @@ def write_random_images(folder: Path, n: int, seed: int) -> list[ImageCaption]:
 
 
 def overfit_lora(bundle, manifest, manifest_file: Path, out: Path, *, steps: int = TRAIN_STEPS,
-                 lr: float = TRAIN_LR, max_t: int = TRAIN_MAX_T) -> Path:
+                 lr: float = TRAIN_LR, max_t: int = TRAIN_MAX_T, text_encoder: bool = False) -> Path:
     """A rank-16 UNet LoRA, ResNet convs included (conv_dim), over-fitted on the members at t < ``max_t`` (full
-    batch, high lr)."""
+    batch, high lr); with ``text_encoder`` a text-encoder LoRA too (kohya's default), which binds each caption to
+    its image."""
     members = manifest.members()
+    captions = [e.caption for e in members]
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32)
     latents = cache.get_many([manifest.abs_path(e) for e in members])
     with torch.no_grad():
-        cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [e.caption for e in members])
+        cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, captions)
     torch.manual_seed(0)  # the LoRA's init: the same over-fitted file whichever tests ran before
-    network = create_network(1.0, 16, 16.0, None, bundle.text_encoder, bundle.unet, train_unet_only=True,
-                             conv_dim=16, conv_alpha=16)
-    network.apply_to(None, bundle.unet, apply_text_encoder=False)
+    network = create_network(1.0, 16, 16.0, None, bundle.text_encoder, bundle.unet,
+                             train_unet_only=not text_encoder, conv_dim=16, conv_alpha=16)
+    network.apply_to(bundle.text_encoder if text_encoder else None, bundle.unet, apply_text_encoder=text_encoder)
     network.requires_grad_(True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
+        if text_encoder:  # the caption's encoding moves with the text-encoder LoRA
+            cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, captions)
         draw = draw_noise(latents, generator, 0, max_t)
         loss = per_sample_loss(denoising_errors(bundle.unet, bundle.noise_scheduler, latents, cond, draw)).mean()
         optimizer.zero_grad()
