@@ -1,7 +1,9 @@
 """The whole attack suite, end to end, on a pre-trained tiny base and a LoRA deliberately over-fitted on its
 members (tests/attack_world.py): every attack must find the over-fitted LoRA and none may find anything in the
 base model (issue 15's acceptance check). Thresholds fixed before measuring: white/gray-box AUC >= 0.8,
-black-box >= 0.7, the base model's bootstrap CI containing 0.5 for every attack, the blind floor at chance.
+black-box >= 0.7, the base model's bootstrap CI containing 0.5 for every attack, the blind floor at chance. The
+black-box attacks are also checked where captions name one image each (the captioned world), which Wu et al.'s
+generate-and-compare attack needs.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import evaluate_mia
 from library.eval.attacks.registry import DEFAULT_ATTACKS
 from library.eval.summary import worst_case
 
-# ~8 min on 2 cores (building the world: pre-training ~100 s, over-fitting ~220 s; the suite ~140 s), so not in
-# the default run: `bash scripts/test.sh -m slow`. Measured results: docs/results.md, "The attack suite".
+# ~12 min on 2 cores (building the world: pre-training ~100 s, over-fitting ~220 s; the suite ~140 s; the captioned
+# world's over-fit and black-box evaluation ~4 min), so not in the default run: `bash scripts/test.sh -m slow`. Measured results: docs/results.md, "The attack suite".
 pytestmark = pytest.mark.slow
 
 WHITE_OR_GRAY_BOX = ("loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima")
@@ -53,7 +55,8 @@ BLACKBOX_GAP = pytest.mark.xfail(strict=False, reason=(
     "measured, not tuned: Wu et al.'s generate-and-compare attack stays at AUC 0.53-0.66 on this world (8 to 32 "
     "generations per caption, guidance 1 or 7.5, LoRA over-fitted 300 or 600 steps), while the reconstruction "
     "attack reaches 0.84-0.94 on the same models: with ten captions shared by all images, nearest-generation "
-    "distances do not single out the members (docs/results.md)"))
+    "distances do not single out the members (docs/results.md); with one caption per image it passes "
+    "(test_black_box_attacks_find_the_overfitted_lora_when_a_caption_names_one_image)"))
 
 
 @pytest.mark.parametrize("attack", WHITE_OR_GRAY_BOX + ("reconstruction", pytest.param("blackbox", marks=BLACKBOX_GAP)))
