@@ -158,6 +158,14 @@ def test_the_demos_defence_is_the_frontiers_run(tmp_path):
     _same(dataclasses.replace(ours, output_dir=theirs.output_dir, overwrite=theirs.overwrite), theirs)
 
 
+def test_an_unknown_defence_fails_when_the_settings_are_made(tmp_path):
+    with pytest.raises(ConfigError, match="no run named 'smp_t_band-privacy_lambda9p0'.*smp_t_band-privacy_lambda2p0"):
+        DemoSettings(workdir=tmp_path, defence="smp_t_band-privacy_lambda9p0")
+    from library.demo.run import demo_runs
+
+    assert list(demo_runs(DemoSettings(workdir=tmp_path, defence=None))) == list(METHODS)
+
+
 @pytest.mark.parametrize("small", [False, True], ids=["shipped", "edge_cases"])
 def test_frontier_configs_equal_the_former_flag_lists(tmp_path, small):
     sweep = FrontierSettings().sweep

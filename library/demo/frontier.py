@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from library.demo.run import (
-    REPO_ROOT,
+    DEMO_SWEEP,
     DemoSettings,
     demo_eval_config,
     prepare_base_model,
@@ -46,7 +46,7 @@ TARGET_LOSS_RATIO = 1.10  # "... with held-out denoising loss within 10 % of pla
 @dataclass
 class FrontierSettings:
     demo: DemoSettings = field(default_factory=DemoSettings)
-    sweep: Path = REPO_ROOT / "configs" / "frontier" / "demo.toml"
+    sweep: Path = DEMO_SWEEP
     out_dir: Path | None = None  # default <demo workdir>/frontier
     runs_filter: list[str] = field(default_factory=list)  # only these curve labels (empty: all)
 

@@ -9,10 +9,10 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
    image is ever seen by the base), and a small digit classifier whose features give a proxy
    Fréchet distance (learned features, not Inception: labelled as a proxy).
 4. LoRA, MP-LoRA and SMP-LoRA from ``configs/tiny/*.toml``, and the best defence of the frontier's sweep
-   (``DemoSettings.defence``), with the same budget and seed (``jobs`` of them at a time, in worker processes, by :func:`train_all`: each run is seeded and runs on :data:`TRAINING_THREADS`
-   torch threads whatever ``jobs``, so the files are bit-identical for any ``jobs``; docs/determinism.md). Each
-   run is a :class:`~library.train.config.TrainConfig` built here (:func:`tiny_train_config`) and handed to the
-   worker as is.
+   (``DemoSettings.defence``), with the same budget and seed (``jobs`` of them at a time, in worker processes,
+   by :func:`train_all`: each run is seeded and runs on :data:`TRAINING_THREADS` torch threads whatever ``jobs``,
+   so the files are bit-identical for any ``jobs``; docs/determinism.md). Each run is a
+   :class:`~library.train.config.TrainConfig` built here (:func:`tiny_train_config`) and handed to the worker as is.
 5. ``evaluate_mia`` on the LoRA files and the base model, with the quality proxy (an
    :class:`~library.eval.config.EvalConfig` from :func:`demo_eval_config`).
 6. A Table-1-style summary read from ``eval/report.json`` (the worst case over the attacks per model:
@@ -34,6 +34,7 @@ from library.data.dataset import scan_dataset
 from library.data.digit_captions import digit_label
 from library.data.manifest import pretrain_records, read_manifest, write_manifest
 from library.data.splits import make_split
+from library.demo.sweep import sweep_run
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.eval.summary import (
@@ -46,6 +47,7 @@ from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_SWEEP = REPO_ROOT / "configs" / "frontier" / "demo.toml"  # the privacy-utility sweep on the demo
 #: torch threads of every demo training, in a worker or in this process: a thread count changes a LoRA file's last
 #: bits, so it must not follow ``jobs``. One: what the tiny stack runs fastest on (see library/workers.py).
 TRAINING_THREADS = 1
@@ -80,14 +82,16 @@ class DemoSettings:
     # methods, so that its table shows what does hold without the 1.5-2 h sweep. None: the paper's three only.
     defence: str | None = "smp_t_band-privacy_lambda2p0"
     retrain: bool = False  # retrain the LoRAs even when their files exist
-    jobs: int = 3  # trainings run at once (the three methods: both cores stay busy to the end)
-    # models evaluated at once (evaluate_mia --jobs), one process and thread each: the four models in two rounds
+    jobs: int = 3  # trainings run at once (both cores stay busy to the end)
+    # models evaluated at once (evaluate_mia --jobs), one process and thread each
     eval_jobs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         if self.base_digits is not None and self.pretrain_images is not None:
             raise ConfigError("pretrain_images applies to the i.i.d. demo only (base_digits None): the new-concept "
                               "base pre-trains on every image of its base_digits")
+        if self.defence:
+            sweep_run(DEMO_SWEEP, self.defence)  # an unknown run name fails now, not after pre-training
         if isinstance(self.train_overrides, (list, tuple)):
             self.train_overrides = parse_flags(TrainConfig, self.train_overrides, "train_overrides")
         if isinstance(self.eval_overrides, (list, tuple)):
@@ -248,9 +252,7 @@ def demo_runs(settings: DemoSettings) -> dict[str, tuple[str, str, dict[str, Any
     then ``settings.defence`` (its method, config and flags from the frontier's sweep file)."""
     runs: dict[str, tuple[str, str, dict[str, Any]]] = {m: (m, m, {}) for m in METHODS}
     if settings.defence:
-        from library.demo.sweep import sweep_run
-
-        run = sweep_run(REPO_ROOT / "configs" / "frontier" / "demo.toml", settings.defence)
+        run = sweep_run(DEMO_SWEEP, settings.defence)
         runs[run.name] = (run.method, method_class(run.method).base_config, run.overrides)
     return runs
 
