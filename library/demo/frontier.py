@@ -191,9 +191,9 @@ def retained_check(points: list[dict]) -> list[str]:
 
 
 def best_defence(points: list[dict]) -> dict | None:
-    """The defence the demo's table shows beside the paper's three methods, of the runs that are neither the base
-    model nor plain LoRA, by issue 16's target (worst-case AUC <= 0.60 at U >= 0.9): the one keeping the most
-    utility (U) at AUC <= 0.60; else the lowest worst-case AUC among those keeping U >= 0.9; else the lowest
+    """The defence the demo's table shows in its last row (the run ``DemoSettings.defence`` should name), of the
+    runs that are neither the base model nor plain LoRA, by issue 16's target (worst-case AUC <= 0.60 at
+    U >= 0.9): the one keeping the most utility (U) at AUC <= 0.60; else the lowest worst-case AUC among those keeping U >= 0.9; else the lowest
     worst-case AUC of all (a defence that keeps nothing is shown only when none keeps the utility)."""
     runs = [p for p in points if p["method"] not in ("base", "lora")]
     private = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p.get("utility_retained") is not None]

@@ -340,7 +340,7 @@ def utility_findings(report: dict) -> list[str]:
 
 
 def frontier_rows(workdir: Path) -> list[tuple[str, dict, str]]:
-    """The fifth row of the demo's table: the best defence ``scripts/frontier.py`` found on this work dir (its
+    """The last row of the demo's table: the best defence ``scripts/frontier.py`` found on this work dir (its
     ``frontier.json``), from the frontier's own report (same D_te, same attack settings); none before it ran."""
     folder = workdir / "frontier"
     try:
