@@ -126,20 +126,13 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, device: s
     return trainer
 
 
-def advance(trainer) -> None:
-    """One training step as ``Trainer.run`` takes it: the step, then the step counter (which decides the steps of
-    ``--attacker_every_n_steps``)."""
-    trainer.step()
-    trainer.global_step += 1
-
-
 def step_flops(trainer, cycle: int) -> float:
     """FLOPs per training step (forward and backward of every pass the method makes), over ``cycle`` steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         for _ in range(cycle):
-            advance(trainer)
+            trainer.step()
     return float(counter.get_total_flops()) / cycle
 
 
@@ -156,7 +149,7 @@ def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse
     times = []
     for _ in range(-(-args.steps // cycle) * cycle):
         start = time.perf_counter()
-        advance(trainer)
+        trainer.step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -89,17 +89,6 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: arg
     return trainer
 
 
-def advancing_step(trainer):
-    """One training step as ``Trainer.run`` takes it: the step, then the step counter (which decides, e.g., the
-    steps of ``--attacker_every_n_steps``)."""
-
-    def step() -> None:
-        trainer.step()
-        trainer.global_step += 1
-
-    return step
-
-
 def bare_loop(trainer):
     """The floor: one UNet pass on cached latents and conditioning, MSE, backward, AdamW step."""
     from library.sd.diffusion import draw_noise
@@ -143,11 +132,10 @@ def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: ar
 
 def child(args: argparse.Namespace) -> None:
     trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args)
-    step = advancing_step(trainer)
-    step()  # warm-up allocations common to every method are not the method's overhead
+    trainer.step()  # warm-up allocations common to every method are not the method's overhead
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
-        step()
+        trainer.step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
 
@@ -172,7 +160,7 @@ def main() -> None:
         root = Path(tmp)
         model, manifest = make_fixture(root)
         trainers = {v: make_trainer(v, model, manifest, root / "out", args) for v in VARIANTS}
-        steps = {m: advancing_step(t) for m, t in trainers.items()}
+        steps = {m: t.step for m, t in trainers.items()}
         steps["bare"] = bare_loop(trainers["lora"])
         for fn in steps.values():  # warm-up
             fn()

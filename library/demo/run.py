@@ -360,10 +360,10 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     report = json.loads((eval_dir / "report.json").read_text())
     eval_md = (eval_dir / "report.md").read_text()
     extra = frontier_rows(settings.workdir)
-    fifth = (f"`{settings.defence}` is the best defence the privacy-utility sweep found on this demo "
+    note = (f"`{settings.defence}` is the best defence the privacy-utility sweep found on this demo "
              "(configs/frontier/demo.toml, measured in docs/results.md), trained here with the same budget and seed. "
              if settings.defence else "")
-    fifth += ("The last row is the best defence `scripts/frontier.py` found on this work dir (the most utility at "
+    note += ("The last row is the best defence `scripts/frontier.py` found on this work dir (the most utility at "
               "worst-case AUC <= 0.60, else the lowest worst-case AUC at U >= 0.9, else the lowest of all), from its "
               "own evaluation on the same D_te."
               if extra else "`.venv/bin/python scripts/frontier.py` re-runs the whole sweep on this work dir (about "
@@ -390,7 +390,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         "",
         *privacy_utility_table(report, extra),
         "",
-        fifth,
+        note,
         "",
         *findings(report),
         "Plots: [ROC](eval/roc.png), [ROC log-log](eval/roc_loglog.png), [score histograms](eval/hist.png); "
@@ -401,7 +401,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     path = settings.workdir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(main_results_table(report)))
-    print("\n" + "\n".join(privacy_utility_table(report, extra)) + "\n" + fifth)
+    print("\n" + "\n".join(privacy_utility_table(report, extra)) + "\n" + note)
     print("\n".join(findings(report)[2:]))
     _log(f"report: {path} ({len(report['results'])} rows); plots and samples in {eval_dir}")
     return path

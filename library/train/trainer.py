@@ -184,7 +184,8 @@ class Trainer:
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         """One optimisation step, Algorithm 1 lines 4-9 for every method: the attacker's phase (a no-op
-        without an attacker), the method's loss on a fresh D_tr batch, its gradients, the LoRA update."""
+        without an attacker, and only every ``attacker_every_n_steps``), the method's loss on a fresh D_tr batch, its
+        gradients, the LoRA update; then the step counter advances."""
         cfg = self.config
         ctx = self._context()
         logs: dict[str, float] = {}
@@ -220,6 +221,7 @@ class Trainer:
         if cfg.update_order == "lora_first" and attacker_turn:  # upstream code order
             logs.update(self.method.attacker_phase(ctx))
         logs["lr"] = self.scheduler.get_last_lr()[0]
+        self.global_step += 1  # here, not in run(): whoever takes steps (the loop, a bench) keeps the same schedule
         return logs
 
     def _forward(self, indices: list[int], ctx: StepContext) -> ForwardResult:
@@ -280,7 +282,6 @@ class Trainer:
         while self.global_step < self.total_steps:
             epoch_before = self.completed_epochs()
             logs = self.step()
-            self.global_step += 1
             if self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
                 elapsed = time.perf_counter() - started
                 done = self.global_step - start_step
