@@ -1,5 +1,6 @@
-"""library.eval.audit: the set-level audit (Mann-Whitney, images needed) and the empirical epsilon lower bound
-(Clopper-Pearson), against hand computations; and both in an evaluation's report on the over-fitted LoRA."""
+"""library.eval.audit: the set-level audit (Mann-Whitney, images needed), the empirical epsilon lower bound
+(Clopper-Pearson) and the suite-wide permutation test of the worst case, against hand computations; and all three
+in an evaluation's report on the over-fitted LoRA."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from library.eval.audit import (
     privacy_audit,
     set_audit,
     subset_median_p,
+    worst_case_null,
 )
 
 DELTA = 1e-5
@@ -120,6 +122,49 @@ def test_honest_epsilon_uses_the_fitted_rule():
     assert epsilon_lb(ScoreSet("a", "", scores, "threshold"), y, index, DELTA)["honest"] is None
 
 
+# ---------------------------------------------------------------------------------------------- worst case at chance
+
+
+def test_worst_case_null_observes_the_highest_auc_and_a_signal():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(30), np.zeros(30)]
+    scores = rng.normal(size=(6, 60))
+    scores[2] = np.round(scores[2])  # ties count 1/2, as in roc_auc_score
+    noise = worst_case_null(scores, labels, n_permutations=2000)
+    assert noise["observed_max_auc"] == pytest.approx(max(roc_auc_score(labels, s) for s in scores))
+    assert noise["null_median"] > 0.55 and noise["null_q95"] > noise["null_median"]  # the max of 6 is not 0.5
+    scores[4] += 1.5 * labels
+    signal = worst_case_null(scores, labels, n_permutations=2000)
+    assert signal["p_value"] == pytest.approx(1 / 2001) and signal["observed_max_auc"] > signal["null_q95"]
+    flat = worst_case_null(np.zeros((3, 60)), labels, n_permutations=100)
+    assert flat["observed_max_auc"] == 0.5 and flat["p_value"] == 1.0
+
+
+def test_worst_case_null_is_calibrated_where_one_ci_per_attack_is_not():
+    # 200 models with no membership signal, 8 correlated attacks each: the suite-wide test rejects at the 5 % level
+    # about 5 % of the time; "some attack's AUC is above its own 95 % one-sided cut" happens far more often.
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(20), np.zeros(20)]
+    p_values, any_single = [], []
+    for _ in range(200):
+        shared = rng.normal(size=40)
+        scores = 0.5 * shared + rng.normal(size=(8, 40))
+        result = worst_case_null(scores, labels, n_permutations=200, seed=int(rng.integers(1 << 30)))
+        p_values.append(result["p_value"])
+        z = [(stats.mannwhitneyu(s[:20], s[20:], alternative="greater").pvalue) for s in scores]
+        any_single.append(min(z) < 0.05)
+    rejected = np.mean(np.asarray(p_values) < 0.05)
+    print(f"suite-wide test rejects {rejected:.3f}, any single attack {np.mean(any_single):.3f}")
+    assert 0.01 <= rejected <= 0.10 and np.mean(any_single) > 0.2
+
+
+def test_worst_case_null_refuses_one_class():
+    with pytest.raises(ValueError, match="members and non-members"):
+        worst_case_null(np.zeros((2, 4)), np.ones(4))
+
+
 def _row(model, attack, auc, floor=False):
     return {"model": model, "attack": attack, "label": attack, "headline": True, "floor": floor, "auc": auc,
             "auc_ci": [auc - 0.1, auc + 0.1], "tpr_at_fpr": {"0.01": 0.2}}
@@ -142,6 +187,10 @@ def test_privacy_audit_uses_the_worst_case_attack_never_the_floor():
     assert block["epsilon_lb"]["honest"] == pytest.approx(
         epsilon_at_decision(np.r_[np.ones(20), np.zeros(20)], strong[4:] >= 2.0, DELTA))
     assert block["dp_epsilon"] == {"epsilon": 8.0, "delta": 1e-5}
+    null = block["worst_case_null"]  # over the worst-case candidates: the floor is not one of them
+    assert null["attacks"] == ["weak", "strong"] and null["p_value"] < 0.001
+    assert null == {**worst_case_null(np.stack([noise[4:], strong[4:]]), np.r_[np.ones(20), np.zeros(20)]),
+                    "attacks": ["weak", "strong"]}
     add_row_epsilons(rows, sets, splits, DELTA)
     assert rows[1]["epsilon_lb"]["honest"] == block["epsilon_lb"]["honest"] and rows[0]["epsilon_lb"]["oracle"] >= 0
 
@@ -165,6 +214,7 @@ def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
     assert overfit["epsilon_lb"]["oracle"] >= overfit["epsilon_lb"]["honest"] > 0
     assert base["set_audit"]["n_needed"] is None and base["set_audit"]["p_value"] > 0.01
     assert base["epsilon_lb"]["honest"] == 0.0 and overfit["dp_epsilon"] is None
+    assert overfit["worst_case_null"]["p_value"] < 0.01 and base["worst_case_null"]["p_value"] > 0.01
     assert all("epsilon_lb" in row for row in report["results"])
     assert report["attacks"]["loss"]["probes"] == []
     md = (out / "report.md").read_text()

@@ -34,6 +34,7 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small
         assert (settings.workdir / "eval" / name).is_file(), name
     out = capsys.readouterr().out
     assert "| base |" in out and "| model | worst-case attack |" in out  # the tables are printed
+    assert "- the base model under the whole suite" in out  # the suite-wide permutation test's verdict
 
     # The new concept: the base pre-trains on digits 0-4 only, members and non-members are digits 5-9.
     split = read_manifest(settings.workdir / "data" / "split.json", verify=False)

@@ -34,15 +34,11 @@ from library.data.dataset import scan_dataset
 from library.data.digit_captions import digit_label
 from library.data.manifest import pretrain_records, read_manifest, write_manifest
 from library.data.splits import make_split
+from library.demo.findings import findings
 from library.demo.sweep import sweep_run
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
-from library.eval.summary import (
-    main_results_table,
-    paper_honest_row,
-    privacy_utility_table,
-    worst_case,
-)
+from library.eval.summary import main_results_table, privacy_utility_table
 from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
@@ -284,59 +280,6 @@ def evaluate_methods(settings: DemoSettings, base: Path, manifest: Path, loras: 
     out = settings.workdir / "eval"
     evaluate(demo_eval_config(settings, base, manifest, list(loras.values()), out, feature_net))
     return out
-
-
-def findings(report: dict) -> list[str]:
-    """Plain-language lines computed from the numbers: does each defence lower the strongest attack?"""
-    best = worst_case(report)
-    lines = ["## What the numbers say (computed, not written by hand)", ""]
-    for model, worst in best.items():
-        ci = worst.auc_ci or [float("nan"), float("nan")]
-        lines.append(f"- `{model}`: strongest attack `{worst.attack}`, AUC {worst.auc:.3f} "
-                     f"[{ci[0]:.3f}, {ci[1]:.3f}]")
-    plain = best.get("lora")
-    for method, worst in best.items():
-        if plain is None or method in ("base", "lora"):
-            continue
-        plain_ci, ci = plain.auc_ci, worst.auc_ci
-        if ci and plain_ci and ci[1] < plain_ci[0]:
-            verdict = "lowers it: the 95 % CIs do not overlap"
-        elif ci and plain_ci and ci[0] > plain_ci[1]:
-            verdict = "makes it worse: the 95 % CIs do not overlap"
-        else:
-            verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
-        lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
-                     f"{method} {verdict}.")
-    return lines + utility_findings(report) + [""]
-
-
-def utility_findings(report: dict) -> list[str]:
-    """What the fine-tunes learned that generalises (conditional accuracy, U) and whether the paper's h' sees plain
-    LoRA: lines computed from the numbers (none without --quality)."""
-    utility = report.get("utility") or {}
-    accuracy = {m: row["conditional_accuracy"] for m, row in utility.items()
-                if row.get("conditional_accuracy") is not None}
-    lines = []
-    if "base" in accuracy and "lora" in accuracy:
-        lines.append(f"- conditional accuracy (samples of the fine-tuned digits read as the digit asked for): base "
-                     f"{100 * accuracy['base']:.1f} %, plain LoRA {100 * accuracy['lora']:.1f} %"
-                     + ("" if accuracy["lora"] > accuracy["base"] else " - plain LoRA learned nothing that generalises")
-                     + ".")
-    for model, row in utility.items():
-        if model not in ("base", "lora") and row.get("utility_retained") is not None:
-            lines.append(f"- `{model}` keeps U = {row['utility_retained']:.2f} of plain LoRA's gain over the base "
-                         f"(conditional accuracy {100 * row['conditional_accuracy']:.1f} %).")
-    paper = paper_honest_row(report, "lora")
-    if paper is not None and paper.get("auc_ci"):
-        seen = paper["auc_ci"][0] > 0.5
-        settings = report.get("attacks", {}).get("paper", {})
-        drawn = (f" with {settings['draws']} draws per sample at t < "
-                 f"{report['features']['settings']['paper_max_timestep']}" if settings.get("draws", 1) > 1 else "")
-        lines.append(f"- the paper's own attacker h'{drawn} (honest checkpoint) on plain LoRA: AUC {paper['auc']:.3f} "
-                     f"[{paper['auc_ci'][0]:.3f}, {paper['auc_ci'][1]:.3f}]: "
-                     + ("it detects membership (CI above 0.5), the paper's regime." if seen else
-                        "its CI contains 0.5: the demo is NOT in the paper's regime for this attacker."))
-    return lines
 
 
 def frontier_rows(workdir: Path) -> list[tuple[str, dict, str]]:

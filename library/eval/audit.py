@@ -25,6 +25,14 @@ bound of FNR (1 - TPR_lo), the conservative ends. "honest": the decision rule fi
 attack's threshold, ``score >= threshold``; a classifier's ``p(member) > 0.5``, its argmax as in the paper's
 ASR). "oracle": the maximum over every threshold on D_te: multiple testing on the evaluation set, optimistic,
 not a valid bound; a labelled extra.
+
+**Worst case at chance?** A model's worst case is the highest AUC over ~10 attacks on the same D_te, so it sits
+above 0.5 with no membership signal at all, and one of ten 95 % CIs excludes 0.5 about every second model by
+chance alone. :func:`worst_case_null` answers "is there *any* signal in the suite?" with one permutation test:
+under H0 (no attack's score depends on membership) the member labels of D_te are exchangeable, so the same
+random relabelling applied to every attack at once draws the null distribution of the maximum AUC, attacks'
+correlations included; the p-value is exact up to Monte Carlo error. A model trained on neither set (the demo's
+base: members and non-members are i.i.d. draws from one pool) satisfies H0 by construction.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from library.eval.summary import dp_budget, worst_case
+from library.eval.summary import dp_budget, worst_case, worst_case_candidates
 
 if TYPE_CHECKING:
     from library.eval.attacks.base import ScoreSet
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 CONFIDENCE = 0.95  # two-sided Clopper-Pearson
 N_SUBSETS = 200  # random subsets per set size in images_needed
 MIN_SET_SIZE = 2  # the smallest suspect set tried: a set-level test needs a set
+N_PERMUTATIONS = 10_000  # label shuffles of worst_case_null: p-values resolved to 1e-4
 SUSPECT_SPLIT, NONMEMBER_SPLIT = "member_test", "nonmember_test"
 
 
@@ -169,6 +178,38 @@ def epsilon_lb(score_set: ScoreSet, labels: np.ndarray, index: np.ndarray, delta
             "delta": delta, "confidence": confidence}
 
 
+# ------------------------------------------------------------------------------------------------ worst case at chance
+
+
+def worst_case_null(scores: np.ndarray, labels: np.ndarray, *, n_permutations: int = N_PERMUTATIONS,
+                    seed: int = 0) -> dict[str, Any]:
+    """The suite-wide permutation test of the worst case (module docstring).
+
+    ``scores``: ``[attacks, samples]``, every attack's scores on D_te (higher = member); ``labels``: ``[samples]``,
+    1 = member. Returns the observed maximum AUC over the attacks, the p-value ``(1 + #{null max >= observed}) /
+    (1 + n_permutations)``, and the null maximum's median and 95th percentile (how high the suite's worst case
+    reaches with no signal).
+    """
+    scores, labels = np.atleast_2d(np.asarray(scores, float)), np.asarray(labels).astype(bool).ravel()
+    n_members, n = int(labels.sum()), labels.size
+    if scores.shape[1] != n or not 0 < n_members < n:
+        raise ValueError(f"need [attacks, {n}] scores and both members and non-members, got {scores.shape}")
+    ranks = stats.rankdata(scores, axis=1)  # ties get their average rank: the AUC counts a tie as 1/2
+
+    def max_auc(member_masks: np.ndarray) -> np.ndarray:  # [B, n] bool -> [B]: the Mann-Whitney AUC, maximised
+        rank_sums = member_masks.astype(float) @ ranks.T
+        return ((rank_sums - n_members * (n_members + 1) / 2.0) / (n_members * (n - n_members))).max(axis=1)
+
+    rng = np.random.default_rng(seed)
+    # A random member set per row (the positions of a random permutation's first n_members), 1,000 rows at a time.
+    null = np.concatenate([max_auc(np.argsort(rng.random((min(1000, n_permutations - i), n)), axis=1) < n_members)
+                           for i in range(0, n_permutations, 1000)])
+    observed = float(max_auc(labels[None])[0])
+    return {"observed_max_auc": observed, "p_value": float((1 + np.sum(null >= observed - 1e-12)) / (1 + null.size)),
+            "null_median": float(np.median(null)), "null_q95": float(np.quantile(null, 0.95)),
+            "n_attacks": int(scores.shape[0]), "n_permutations": n_permutations, "seed": seed}
+
+
 # ------------------------------------------------------------------------------------------------ one evaluation
 
 
@@ -200,6 +241,7 @@ def privacy_audit(rows: list[dict[str, Any]], scores: Mapping[str, Sequence[Scor
     test = np.sort(np.r_[suspect, nonmembers])
     labels = (splits_arr == SUSPECT_SPLIT).astype(int)
     out = {}
+    candidates = worst_case_candidates({"results": rows})
     for model, worst in worst_case({"results": rows}).items():
         score_set = next((s for s in scores.get(model, ()) if s.label == worst.attack), None)
         if score_set is None or suspect.size == 0 or nonmembers.size == 0:
@@ -213,10 +255,22 @@ def privacy_audit(rows: list[dict[str, Any]], scores: Mapping[str, Sequence[Scor
             "epsilon_lb": {**epsilon_lb(score_set, labels, test, delta),
                            "oracle_note": "maximum over D_te thresholds: multiple testing, optimistic"},
             "dp_epsilon": dp_budget(dict(metadata.get(model) or {})),
+            "worst_case_null": _suite_null(candidates[model], scores.get(model, ()), labels, test, seed),
         }
     return out
 
 
+def _suite_null(rows: Sequence[dict[str, Any]], score_sets: Sequence[ScoreSet], labels: np.ndarray,
+                test: np.ndarray, seed: int) -> dict[str, Any] | None:
+    """:func:`worst_case_null` over the score sets of a model's worst-case candidate ``rows``, on D_te (None when a
+    row has no score set)."""
+    by_label = {s.label: s for s in score_sets}
+    if any(row["label"] not in by_label for row in rows):
+        return None
+    scores = np.stack([np.asarray(by_label[row["label"]].scores, float)[test] for row in rows])
+    return {**worst_case_null(scores, labels[test], seed=seed), "attacks": [row["label"] for row in rows]}
+
+
 __all__ = ["CONFIDENCE", "MIN_SET_SIZE", "N_SUBSETS", "add_row_epsilons", "clopper_pearson", "epsilon_at_decision",
            "epsilon_from_counts", "epsilon_lb", "epsilon_oracle", "honest_predictions", "images_needed",
-           "mann_whitney_p", "privacy_audit", "set_audit", "subset_median_p"]
+           "mann_whitney_p", "privacy_audit", "set_audit", "subset_median_p", "worst_case_null"]

@@ -10,7 +10,8 @@ so an older report (no attack suite, no privacy audit) still renders: a missing 
 number is "n/a".
 
 Note: the maximum over several attack variants is biased upward on a small test set; the ``base`` model (no
-LoRA, no membership signal) shows that floor.
+LoRA, no membership signal) shows that floor, and the suite-wide permutation test of
+:func:`library.eval.audit.worst_case_null` says how high the maximum reaches by chance alone.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def floor_row(report: dict[str, Any], model: str) -> dict[str, Any] | None:
     return next((r for r in headline_rows(report, model) if r.get("floor")), None)
 
 
+def worst_case_candidates(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per model (in report order), the rows its worst case is the maximum of: the headline rows with an AUC,
+    without the floor rows and without the rows whose checkpoint was chosen on D_te."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in headline_rows(report, floor=False):
+        if row.get("checkpoint") != "oracle":
+            by_model.setdefault(row["model"], []).append(row)
+    return by_model
+
+
 def worst_case(report: dict[str, Any]) -> dict[str, WorstCase]:
     """Per model (in the order of the report's rows), the worst case over its headline attacks, floor excluded,
     and without the rows whose checkpoint was chosen on D_te (``h' [oracle ckpt]``, the paper's protocol: reported,
@@ -73,12 +84,8 @@ def worst_case(report: dict[str, Any]) -> dict[str, WorstCase]:
     AUC (the attack with the best TPR at 1 % FPR need not be the one with the best AUC); an FPR level none of
     the attacks reaches (``tpr_at_fpr`` null: too few non-members) stays None.
     """
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    for row in headline_rows(report, floor=False):
-        if row.get("checkpoint") != "oracle":
-            by_model.setdefault(row["model"], []).append(row)
     worst = {}
-    for model, rows in by_model.items():
+    for model, rows in worst_case_candidates(report).items():
         levels = dict.fromkeys(level for r in rows for level in r.get("tpr_at_fpr") or {})
         tprs = {level: [r["tpr_at_fpr"][level] for r in rows if r["tpr_at_fpr"].get(level) is not None]
                 for level in levels}
@@ -146,7 +153,9 @@ def _audit_cells(block: dict[str, Any]) -> list[str]:
     needed = "n/a" if not sets else (f"{n_needed} of {sets.get('n_suspect')}" if n_needed is not None
                                      else f"not reached ({sets.get('n_suspect')})")
     p_value = "n/a" if sets.get("p_value") is None else f"{sets['p_value']:.2g}"
-    return [p_value, needed, fmt(eps.get("honest")), fmt(eps.get("oracle")),
+    null = block.get("worst_case_null")
+    chance = "n/a" if not null else f"{null['p_value']:.2g} ({fmt(null['null_q95'])})"
+    return [chance, p_value, needed, fmt(eps.get("honest")), fmt(eps.get("oracle")),
             "—" if not dp else f"{dp['epsilon']:.3g} (δ {dp['delta']:.0e})"]
 
 
@@ -162,9 +171,9 @@ def worst_case_table(report: dict[str, Any]) -> list[str]:
     eps = any_audit.get("epsilon_lb") or {}
     lines = [
         "| model | worst-case attack | AUC [95% CI] | TPR@1%FPR % | floor (blind) AUC [95% CI] | "
-        f"set audit p | suspect images for p < {alpha if alpha is not None else 'alpha'} | ε lower bound (honest) | "
+        f"suite-wide p (chance q95) | set audit p | suspect images for p < {alpha if alpha is not None else 'alpha'} | ε lower bound (honest) | "
         "ε lower bound (oracle) | DP ε (accountant, upper bound) |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for model, w in worst.items():
         floor = "—" if w.floor is None else f"{fmt(w.floor['auc'])}{fmt_ci(w.floor.get('auc_ci'))}"
@@ -174,6 +183,9 @@ def worst_case_table(report: dict[str, Any]) -> list[str]:
               "the highest over the headline attacks."]
     if audits:
         lines += [
+            "- suite-wide p: a permutation test of the worst case (the same shuffle of D_te's member labels for every "
+            "headline attack, the maximum AUC recomputed): the chance that the suite's highest AUC reaches the observed "
+            "one with no membership signal at all; chance q95: the highest AUC the suite reaches in 95 % of shuffles.",
             "- set audit (dataset inference): one-sided Mann-Whitney U test of the worst-case attack's scores on "
             "D^m_te (the suspect set) against D^nm_te (known non-members); suspect images needed: the smallest n "
             "whose median p over seeded random n-subsets is below alpha.",
@@ -297,4 +309,4 @@ def privacy_utility_table(report: dict[str, Any],
 
 __all__ = ["DP_EPSILON_KEY", "ORACLE_T", "WorstCase", "cost_table", "dp_budget", "floor_row", "headline_rows",
            "main_results_table", "oracle_extra_rows", "paper_honest_row", "privacy_utility_table", "results_table",
-           "suite_sections", "table11_table", "worst_case", "worst_case_table"]
+           "suite_sections", "table11_table", "worst_case", "worst_case_candidates", "worst_case_table"]
