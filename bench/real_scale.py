@@ -10,6 +10,8 @@ upscaled to 512 px.
     python bench/real_scale.py                      # CPU, fp32, one timed step each (~15 min on 2 cores)
     python bench/real_scale.py --device cuda        # a GPU box: bf16 autocast, diffusers' SDPA attention,
                                                     # max_memory_allocated, MFU (with --peak_tflops)
+    python bench/real_scale.py --architecture tiny --resolution 64 --precision bf16   # the bench's own smoke run
+                                                    # (tests/test_benches.py): the same code on the tiny stack
 
 The methods run one after another (five SD-sized copies would not fit in memory at once), plain LoRA first (and,
 with ``--drift``, again last, so that the drift of the machine over the run shows). Memory: on CUDA the peak
@@ -91,23 +93,24 @@ def build_sd15_stack(seed: int = 0):
                        noise_scheduler=make_noise_scheduler(), source=f"sd15-random:seed={seed}")
 
 
-def make_fixture(root: Path) -> tuple[Path, Path]:
-    """The random SD v1.5 folder and a split of 8 digits at 512 px (2 per membership set)."""
+def make_fixture(root: Path, architecture: str = "sd15", resolution: int = 512) -> tuple[Path, Path]:
+    """The random model folder (SD v1.5, or the demo's tiny stack) and a split of 8 digits at ``resolution`` px (2 per
+    membership set)."""
     from library.data.dataset import scan_dataset
     from library.data.manifest import write_manifest
     from library.data.splits import make_split
     from library.demo.digits import write_digits_dataset
-    from library.demo.tiny import save_tiny_folder
+    from library.demo.tiny import build_tiny_stack, save_tiny_folder
 
-    save_tiny_folder(build_sd15_stack(), root / "model")
-    write_digits_dataset(root / "images", resolution=512, limit=8)
+    save_tiny_folder(build_sd15_stack() if architecture == "sd15" else build_tiny_stack(), root / "model")
+    write_digits_dataset(root / "images", resolution=resolution, limit=8)
     sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
     write_manifest(make_split(scan_dataset(root / "images"), sizes=sizes, seed=0, dataset_root=root / "images"),
                    root / "split.json")
     return root / "model", root / "split.json"
 
 
-def make_trainer(variant: str, model: Path, manifest: Path, out: Path, device: str):
+def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace):
     from library.config import parse_config
     from library.train.config import TrainConfig
     from library.train.trainer import Trainer
@@ -116,7 +119,8 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, device: s
     argv = ["--config_file", str(REPO_ROOT / "configs" / "pokemon" / f"{method}.toml"),
             "--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest),
             "--output_dir", str(out / variant), "--max_train_steps", "100000", "--no-progress_bar",
-            "--save_every_n_epochs", "100000", "--mixed_precision", "bf16" if device == "cuda" else "no",
+            "--save_every_n_epochs", "100000", "--mixed_precision", precision(args),
+            "--resolution", str(args.resolution),
             # the 512 px latents are encoded once, by the first method, and read from disk by the others
             "--cache_latents_to_disk", "--latent_cache_dir", str(out / "latents"),
             *extra, "--attacker_batch_size", "1",  # the frontier's flags set 4; the paper's batch is 1
@@ -140,7 +144,7 @@ def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse
     """Seconds per step (mean of ``args.steps`` after the warm-up, rounded up to whole attacker cycles), FLOPs per
     step and peak memory."""
     cuda = args.device == "cuda"
-    trainer = make_trainer(variant, model, manifest, out, args.device)
+    trainer = make_trainer(variant, model, manifest, out, args)
     cycle = trainer.config.attacker_every_n_steps  # steps with and without the attacker phase, in proportion
     flops = step_flops(trainer, cycle)  # also the warm-up: allocations and lazy initialisation are not the cost
     if cuda:
@@ -162,6 +166,13 @@ def measure(variant: str, model: Path, manifest: Path, out: Path, args: argparse
     return {"s_step": statistics.mean(times), "flops": flops, "memory_gib": memory}
 
 
+def precision(args: argparse.Namespace) -> str:
+    """The trainer's ``--mixed_precision``: ``--precision``, where ``auto`` is bf16 autocast on CUDA, fp32 on the CPU."""
+    if args.precision == "auto":
+        return "bf16" if args.device == "cuda" else "no"
+    return {"fp32": "no"}.get(args.precision, args.precision)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
@@ -172,6 +183,11 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense peak TFLOP/s (e.g. 989 for an H100 SXM in bf16): prints MFU")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *EVERY2])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    parser.add_argument("--architecture", default="sd15", choices=["sd15", "tiny"],
+                        help="sd15: the bench; tiny: the demo's stack, a smoke run of this script")
+    parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (the paper: 512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if (args.device == "cuda") != torch.cuda.is_available():
@@ -181,7 +197,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model, manifest = make_fixture(root)
+        model, manifest = make_fixture(root, args.architecture, args.resolution)
         order = [*args.methods, "lora"] if args.drift and "lora" in args.methods else list(args.methods)
         results: list[tuple[str, dict[str, float]]] = []
         for variant in order:
@@ -191,8 +207,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     plain = statistics.mean(r["s_step"] for v, r in results if v == "lora") if "lora" in args.methods else None
     print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} thread(s), {'bf16 autocast' if args.device == 'cuda' else 'fp32'}; SD v1.5 architecture "
-          f"(random weights), 512 px, batch 1, Pokemon configs (rank 64, text-encoder LoRA, attacker batch 1+1); "
+          f"{args.threads} thread(s), {'bf16 autocast' if precision(args) == 'bf16' else 'fp32'}; "
+          f"{'SD v1.5' if args.architecture == 'sd15' else 'the tiny'} architecture (random weights), "
+          f"{args.resolution} px, batch 1, Pokemon configs (rank 64, text-encoder LoRA, attacker batch 1+1); "
           f"mean of {args.steps} step(s) (whole attacker cycles) after a warm-up; "
           f"{(time.perf_counter() - started) / 60:.1f} min in all")
     memory_name = "peak GiB (max_memory_allocated)" if args.device == "cuda" else "peak RSS GiB (running max)"

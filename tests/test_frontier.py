@@ -62,6 +62,7 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
         assert p["epsilon_lb"] is not None and p["epsilon_lb"] >= 0  # the measured lower bound, for every model
         assert (p["dp_epsilon"] is not None) == (p["method"] == "dp_lora")  # the accountant's, for DP-SGD only
         assert 0.0 <= p["conditional_accuracy"] <= 1.0  # the digit classifier's reading of every model's samples
+        assert 0.0 < p["suite_p"] <= 1.0  # the suite-wide permutation test of the worst case, for every model
     plain = next(p for p in points if p["model"] == "early_stopping")  # U's unit: the first plain run's final file
     assert plain.get("utility_retained") in (None, 1.0)  # None when it gained nothing over the base (2 epochs)
     best = json.loads((path.parent / "frontier.json").read_text())["best_defence"]
@@ -95,6 +96,12 @@ def test_target_check_reports_hits_misses_and_a_vacuous_budget():
     assert any("REACHED by `g`: worst-case AUC 0.550, U 0.95" in line for line in target_check([plain, kept, lost]))
     assert any("NOT reached. Highest U at AUC <= 0.6: `l`, U 0.40" in line for line in target_check([plain, lost]))
     assert not any("utility retained" in line for line in target_check([plain, good]))
+    # Beside it: the defences with no detectable signal in the suite (suite-wide p >= 0.05), most U first.
+    quiet, loud = {**kept, "model": "q", "worst_auc": 0.63, "suite_p": 0.2}, {**lost, "suite_p": 0.001}
+    lines = target_check([plain, loud, quiet, {**quiet, "model": "r", "utility_retained": 0.5, "suite_p": 0.07}])
+    start = lines.index("- **no detectable signal** (suite-wide permutation p >= 0.05), by U:")
+    assert lines[start + 1:] == ["  - `q`: p 0.2, worst-case AUC 0.630, U 0.95", "  - `r`: p 0.07, worst-case AUC 0.630, U 0.50"]
+    assert target_check([plain, loud])[-1] == "  - none. Highest p: `l`, p 0.001 (AUC 0.550, U 0.40)."
 
 
 def test_best_defence_keeps_the_most_utility_at_the_target_else_the_lowest_auc():

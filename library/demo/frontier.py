@@ -129,6 +129,9 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             # One privacy axis for heuristic defences and DP-SGD: the measured lower bound on epsilon (worst-case
             # attack, threshold fitted on D_aux) beside the accountant's upper bound where the run has one.
             "epsilon_lb": (audit.get("epsilon_lb") or {}).get("honest"),
+            # Is there any signal at all in the suite (library.eval.audit.worst_case_null)? The worst case is a
+            # maximum over attacks, above 0.5 by chance alone; this p says whether it is more than that.
+            "suite_p": (audit.get("worst_case_null") or {}).get("p_value"),
             "dp_epsilon": (audit.get("dp_epsilon") or {}).get("epsilon"),
         })
     return points
@@ -187,7 +190,26 @@ def retained_check(points: list[dict]) -> list[str]:
     best = max(private, key=lambda p: p["utility_retained"]) if private else None
     return lines + ["  - NOT reached." + (f" Highest U at AUC <= {TARGET_AUC}: `{best['model']}`, U "
                                           f"{best['utility_retained']:.2f} (AUC {best['worst_auc']:.3f})." if best else
-                                          f" No defence reaches AUC <= {TARGET_AUC}.")]
+                                          f" No defence reaches AUC <= {TARGET_AUC}.")] + chance_check(runs)
+
+
+SUITE_ALPHA = 0.05  # "no detectable signal in the suite": suite-wide permutation p >= this
+
+
+def chance_check(runs: list[dict]) -> list[str]:
+    """Beside the AUC target: the defences in which the whole suite finds no signal (suite-wide permutation
+    p >= 0.05; the worst case of a model with no signal exceeds 0.60 by chance alone on a small D_te)."""
+    tested = [p for p in runs if p.get("suite_p") is not None]
+    if not tested:
+        return []
+    silent = sorted((p for p in tested if p["suite_p"] >= SUITE_ALPHA), key=lambda p: -p["utility_retained"])
+    head = f"- **no detectable signal** (suite-wide permutation p >= {SUITE_ALPHA}), by U:"
+    if not silent:
+        closest = max(tested, key=lambda p: p["suite_p"])
+        return [head, f"  - none. Highest p: `{closest['model']}`, p {closest['suite_p']:.2g} (AUC "
+                      f"{closest['worst_auc']:.3f}, U {closest['utility_retained']:.2f})."]
+    return [head] + [f"  - `{p['model']}`: p {p['suite_p']:.2g}, worst-case AUC {p['worst_auc']:.3f}, U "
+                     f"{p['utility_retained']:.2f}" for p in silent]
 
 
 def best_defence(points: list[dict]) -> dict | None:
@@ -209,6 +231,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
 def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[str, Any]) -> Path:
     out = settings.out
     (out / "frontier.json").write_text(json.dumps({"points": points, "best_defence": best_defence(points)}, indent=2),
@@ -224,21 +250,23 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
         "than 100 non-members). Utility: held-out denoising loss on D^nm_te and the digit-feature Fréchet "
         "distance of the generated images to the non-members (a PROXY, not FID), lower is better for both; the "
         "conditional accuracy of the samples and U, the share of plain LoRA's gain over the base it keeps. The maximum over several attack variants is biased upward on a small test set: the "
-        "`base` row (no LoRA, no membership signal) shows that floor. Plot: [frontier.png](frontier.png); every "
+        "`base` row (no LoRA, no membership signal) shows that floor, and the suite-wide p (a permutation test of "
+        "the maximum over the suite, docs/evaluation.md) says whether a worst case is more than it. Plot: [frontier.png](frontier.png); every "
         "number: `frontier.json`, `eval/report.json`.",
         "",
         "## Target (issue 7)",
         "",
         *target_check(points),
         "",
-        "| curve | knob | value | worst AUC [95% CI] | worst attack | TPR@5%FPR | TPR@1%FPR | ε measured ≥ | "
-        "ε DP ≤ | held-out loss | member loss | proxy FD (digits) | conditional accuracy | U |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| curve | knob | value | worst AUC [95% CI] | worst attack | suite-wide p | TPR@5%FPR | TPR@1%FPR | "
+        "ε measured ≥ | ε DP ≤ | held-out loss | member loss | proxy FD (digits) | conditional accuracy | U |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         ci = p["worst_auc_ci"] or [None, None]
         lines.append(f"| {p['curve']} | {p['knob'] or ''} | {_fmt(p['value'])} | {p['worst_auc']:.3f} "
-                     f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt(p['worst_tpr_at_5pct_fpr'])} | "
+                     f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {p['worst_attack']} | {_fmt_p(p.get('suite_p'))} | "
+                     f"{_fmt(p['worst_tpr_at_5pct_fpr'])} | "
                      f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | {_fmt(p.get('epsilon_lb'), 2)} | "
                      f"{_fmt(p.get('dp_epsilon'), 1)} | {_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} | "
                      f"{_fmt(p.get('conditional_accuracy'))} | {_fmt(p.get('utility_retained'), 2)} |")
