@@ -215,6 +215,10 @@ def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
     assert base["set_audit"]["n_needed"] is None and base["set_audit"]["p_value"] > 0.01
     assert base["epsilon_lb"]["honest"] == 0.0 and overfit["dp_epsilon"] is None
     assert overfit["worst_case_null"]["p_value"] < 0.01 and base["worst_case_null"]["p_value"] > 0.01
+    # scripts/suite_null.py re-derives the same test from report.json + scores.csv (for reports older than it).
+    from library.eval.rederive import suite_null_from_files
+
+    assert suite_null_from_files(out) == {model: block["worst_case_null"] for model, block in audit.items()}
     assert all("epsilon_lb" in row for row in report["results"])
     assert report["attacks"]["loss"]["probes"] == []
     md = (out / "report.md").read_text()

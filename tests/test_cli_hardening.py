@@ -50,7 +50,8 @@ def one_error_line(err: str) -> str:
 def _clis(tmp: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str]]]:
     """script -> (how its __main__ runs it, the required flags)."""
     script = {name: _script(name) for name in ("make_split", "demo", "frontier", "pretrain_base",
-                                               "train_digit_features", "make_tiny_model", "make_digits_dataset")}
+                                               "train_digit_features", "make_tiny_model", "make_digits_dataset",
+                                               "suite_null")}
     return {
         "train_lora.py": (lambda argv: train_entry("lora", "", argv), BASE),
         "evaluate_mia.py": (evaluate_mia.main, BASE),
@@ -72,6 +73,7 @@ def _clis(tmp: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str]]]:
                                ["--output_dir", str(tmp / "tiny")]),
         "make_digits_dataset.py": (lambda argv: run_cli(script["make_digits_dataset"].main, argv),
                                    ["--output_dir", str(tmp / "digits")]),
+        "suite_null.py": (lambda argv: run_cli(script["suite_null"]._main, argv), [str(tmp / "eval")]),
     }
 
 
@@ -102,6 +104,7 @@ PARSE_ERRORS = [
     ("train_digit_features.py", ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
     ("make_tiny_model.py", ["--seed", "x"], "--seed: invalid int value: 'x'"),
     ("make_digits_dataset.py", ["--source", "mnist"], "--source: invalid choice: 'mnist'"),
+    ("suite_null.py", ["--sed", "1"], "did you mean --seed?"),
 ]
 
 
@@ -123,6 +126,15 @@ def test_missing_required_flags_are_one_line(tmp_path, capsys):
         capsys.readouterr().err)
     assert run(["--dataset_dir", "d", "--output", str(tmp_path / "s.json"), "--seed", "0"]) == 2
     assert "give --preset or all of --member_aux" in one_error_line(capsys.readouterr().err)
+
+
+def test_suite_null_names_the_folder_it_cannot_read(tmp_path, capsys):
+    run, _ = _clis(tmp_path)["suite_null.py"]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text('{"results": []}')
+    assert run([str(tmp_path / "eval")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "eval/scores.csv: cannot read the evaluation's per-sample scores" in line, line
 
 
 @pytest.mark.parametrize("script", ["train_lora.py", "scripts/make_split.py"])

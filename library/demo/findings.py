@@ -21,7 +21,7 @@ def findings(report: dict) -> list[str]:
         null = (audits.get(model) or {}).get("worst_case_null")
         lines.append(f"- `{model}`: strongest attack `{worst.attack}`, AUC {worst.auc:.3f} "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}]" + ("" if not null else
-                                                    f"; suite-wide permutation p = {null['p_value']:.2g}"))
+                                                    f"; suite-wide permutation p = {null['p_value']:.3g}"))
     lines += chance_findings(audits.get("base"))
     plain = best.get("lora")
     for method, worst in best.items():
@@ -49,8 +49,8 @@ def chance_findings(base_audit: dict | None) -> list[str]:
             f"{null['observed_max_auc']:.3f}, while the highest of {null['n_attacks']} AUCs with no membership signal "
             f"reaches {null['null_q95']:.3f} in 5 % of label shuffles (median {null['null_median']:.3f}): ")
     if null["p_value"] >= 0.05:
-        return [head + f"at chance (p = {null['p_value']:.2g}), as it must be."]
-    return [head + f"NOT at chance (p = {null['p_value']:.2g}): the split or an attack leaks; do not trust the rows."]
+        return [head + f"at chance (p = {null['p_value']:.3g}), as it must be."]
+    return [head + f"NOT at chance (p = {null['p_value']:.3g}): the split or an attack leaks; do not trust the rows."]
 
 
 def utility_findings(report: dict) -> list[str]:

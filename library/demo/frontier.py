@@ -206,9 +206,9 @@ def chance_check(runs: list[dict]) -> list[str]:
     head = f"- **no detectable signal** (suite-wide permutation p >= {SUITE_ALPHA}), by U:"
     if not silent:
         closest = max(tested, key=lambda p: p["suite_p"])
-        return [head, f"  - none. Highest p: `{closest['model']}`, p {closest['suite_p']:.2g} (AUC "
+        return [head, f"  - none. Highest p: `{closest['model']}`, p {closest['suite_p']:.3g} (AUC "
                       f"{closest['worst_auc']:.3f}, U {closest['utility_retained']:.2f})."]
-    return [head] + [f"  - `{p['model']}`: p {p['suite_p']:.2g}, worst-case AUC {p['worst_auc']:.3f}, U "
+    return [head] + [f"  - `{p['model']}`: p {p['suite_p']:.3g}, worst-case AUC {p['worst_auc']:.3f}, U "
                      f"{p['utility_retained']:.2f}" for p in silent]
 
 
@@ -232,7 +232,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _fmt_p(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2g}"
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[str, Any]) -> Path:

@@ -154,7 +154,7 @@ def _audit_cells(block: dict[str, Any]) -> list[str]:
                                      else f"not reached ({sets.get('n_suspect')})")
     p_value = "n/a" if sets.get("p_value") is None else f"{sets['p_value']:.2g}"
     null = block.get("worst_case_null")
-    chance = "n/a" if not null else f"{null['p_value']:.2g} ({fmt(null['null_q95'])})"
+    chance = "n/a" if not null else f"{null['p_value']:.3g} ({fmt(null['null_q95'])})"
     return [chance, p_value, needed, fmt(eps.get("honest")), fmt(eps.get("oracle")),
             "—" if not dp else f"{dp['epsilon']:.3g} (δ {dp['delta']:.0e})"]
 
