@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from library.data.digit_captions import digit_label
 from library.data.manifest import read_manifest
 from library.demo.run import (
+    DemoSettings,
     fill_latent_caches,
+    prepare_data,
     run_demo,
     tiny_train_config,
     train_methods,
 )
+from library.errors import ConfigError
 
 
 def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small_demo_settings):
@@ -86,3 +90,13 @@ def test_parallel_runs_find_their_shared_latent_cache_filled(tmp_path, small_dem
     assert len(files) == len(images)
     fill_latent_caches(configs)  # a run started now encodes nothing: every latent is read from the disk
     assert {f: f.stat().st_mtime_ns for f in cache.iterdir()} == files
+
+
+def test_a_work_dir_keeps_the_split_size_it_was_made_with(tmp_path):
+    sizes = dict.fromkeys(("member_aux", "member_test", "nonmember_aux", "nonmember_test"), 5)
+    manifest = prepare_data(DemoSettings(workdir=tmp_path, split_sizes=sizes, defence=None))
+    assert read_manifest(manifest, verify=False).sizes()["member_test"] == 5
+    assert prepare_data(DemoSettings(workdir=tmp_path, split_sizes=sizes, defence=None)) == manifest  # reused
+    larger = {**sizes, "member_test": 6, "nonmember_test": 6}
+    with pytest.raises(ConfigError, match="holds a split of .* give another --workdir"):
+        prepare_data(DemoSettings(workdir=tmp_path, split_sizes=larger, defence=None))

@@ -112,7 +112,13 @@ def prepare_data(settings: DemoSettings) -> Path:
 
     images = settings.workdir / "data" / "images"
     manifest = settings.workdir / "data" / "split.json"
-    if not manifest.is_file():
+    if manifest.is_file():
+        # Everything in a work dir (LoRAs, caches, reports) belongs to its split: another size needs another dir.
+        existing = {k: v for k, v in read_manifest(manifest, verify=False).sizes().items() if k in settings.split_sizes}
+        if existing != settings.split_sizes:
+            raise ConfigError(f"{manifest} holds a split of {existing}, not the {settings.split_sizes} asked for: give "
+                              "another --workdir (its LoRAs and reports belong to that split)")
+    else:
         if images.exists():
             shutil.rmtree(images)
         write_digits_dataset(images, resolution=32)
