@@ -28,6 +28,10 @@ def _report(smp_auc: float, smp_ci: tuple[float, float], base_p: float) -> dict:
 def test_a_defence_is_judged_against_plain_lora_by_the_cis():
     lower = "\n".join(findings(_report(0.65, (0.54, 0.75), base_p=0.6)))
     assert "smp_lora vs plain LoRA under the strongest attack: 0.650 vs 0.920; smp_lora lowers it" in lower
+    assert "The suite still finds its members (suite-wide p = 0.01)." in lower
+    quiet = _report(0.65, (0.54, 0.75), base_p=0.6)
+    quiet["privacy_audit"]["smp_lora"]["worst_case_null"]["p_value"] = 0.0501
+    assert "The suite finds no signal in it at the 5 % level (suite-wide p = 0.0501)." in "\n".join(findings(quiet))
     assert "`lora`: strongest attack `calibrated`, AUC 0.920 [0.870, 0.970]; suite-wide permutation p = 0.0001" in lower
     same = "\n".join(findings(_report(0.90, (0.84, 0.95), base_p=0.6)))
     assert "smp_lora does NOT measurably reduce it (the 95 % CIs overlap)" in same

@@ -34,8 +34,13 @@ def findings(report: dict) -> list[str]:
             verdict = "makes it worse: the 95 % CIs do not overlap"
         else:
             verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
+        null = (audits.get(method) or {}).get("worst_case_null")
+        signal = "" if not null else (
+            f" The suite finds no signal in it at the 5 % level (suite-wide p = {null['p_value']:.3g})."
+            if null["p_value"] >= 0.05 else
+            f" The suite still finds its members (suite-wide p = {null['p_value']:.3g}).")
         lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
-                     f"{method} {verdict}.")
+                     f"{method} {verdict}.{signal}")
     return lines + utility_findings(report) + [""]
 
 
