@@ -201,7 +201,7 @@ def worst_case_null(scores: np.ndarray, labels: np.ndarray, *, n_permutations: i
         return ((rank_sums - n_members * (n_members + 1) / 2.0) / (n_members * (n - n_members))).max(axis=1)
 
     rng = np.random.default_rng(seed)
-    # A random member set per row (the positions of a random permutation's first n_members), 1,000 rows at a time.
+    # A uniformly random member set per row (where a random permutation puts 0 .. n_members - 1), 1,000 rows at a time.
     null = np.concatenate([max_auc(np.argsort(rng.random((min(1000, n_permutations - i), n)), axis=1) < n_members)
                            for i in range(0, n_permutations, 1000)])
     observed = float(max_auc(labels[None])[0])
