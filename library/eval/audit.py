@@ -28,10 +28,10 @@ not a valid bound; a labelled extra.
 
 **Worst case at chance?** A model's worst case is the highest AUC over ~10 attacks on the same D_te, so it sits
 above 0.5 with no membership signal at all, and with ten attacks some 95 % CI excludes 0.5 in up to 40 % of
-leak-free models by chance alone. :func:`worst_case_null` answers "is there *any* signal in the suite?" with one permutation test:
-under H0 (no attack's score depends on membership) the member labels of D_te are exchangeable, so the same
-random relabelling applied to every attack at once draws the null distribution of the maximum AUC, attacks'
-correlations included; the p-value is exact up to Monte Carlo error. A model trained on neither set (the demo's
+leak-free models by chance alone. :func:`worst_case_null` answers "is there *any* signal in the suite?" with one
+permutation test: under H0 (no attack's score depends on membership) the member labels of D_te are exchangeable,
+so the same random relabelling applied to every attack at once draws the null distribution of the maximum AUC,
+attacks' correlations included; the p-value is exact up to Monte Carlo error. A model trained on neither set (the demo's
 base: members and non-members are i.i.d. draws from one pool) satisfies H0 by construction.
 """
 
