@@ -75,7 +75,7 @@ class DemoSettings:
     eval_overrides: dict[str, Any] = field(default_factory=dict)
     # The best defence the privacy-utility sweep found on this demo (docs/results.md, 2026-12-04): the run of
     # configs/frontier/demo.toml with this name, trained and attacked by the demo itself beside the paper's three
-    # methods, so that its table shows what does hold without the 1.5-2 h sweep. None: the paper's three only.
+    # methods, so that its table shows what does hold without the ~70 min sweep. None: the paper's three only.
     defence: str | None = "smp_t_band-privacy_lambda2p0"
     retrain: bool = False  # retrain the LoRAs even when their files exist
     jobs: int = 3  # trainings run at once (both cores stay busy to the end)
@@ -316,7 +316,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
               "worst-case AUC <= 0.60, else the lowest worst-case AUC at U >= 0.9, else the lowest of all), from its "
               "own evaluation on the same D_te."
               if extra else "`.venv/bin/python scripts/frontier.py` re-runs the whole sweep on this work dir (about "
-              "1.5-2 h on 2 cores) and adds its best defence as a last row.")
+              "70 min on 2 cores) and adds its best defence as a last row.")
     total = sum(timings.values())
     split = read_manifest(settings.workdir / "data" / "split.json", verify=False)
     base_classes = sorted({digit_label(e.caption) for e in split.pretrain})
