@@ -11,6 +11,7 @@ from library.cli import ArgumentParser, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
+    from library.data.manifest import CORE_SPLITS  # noqa: PLC0415
     from library.demo.run import DemoSettings, run_demo  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
 
@@ -37,8 +38,7 @@ def _main(argv: Sequence[str] | None) -> None:
     defence = None if str(args.defence).lower() == "none" else args.defence
     run_demo(DemoSettings(workdir=args.workdir, threads=args.threads, retrain=args.retrain, jobs=args.jobs,
                           eval_jobs=args.eval_jobs, defence=defence,
-                          split_sizes=dict.fromkeys(("member_aux", "member_test", "nonmember_aux", "nonmember_test"),
-                                                    args.set_size)))
+                          split_sizes=dict.fromkeys(CORE_SPLITS, args.set_size)))
 
 
 if __name__ == "__main__":

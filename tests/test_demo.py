@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.data.digit_captions import digit_label
-from library.data.manifest import read_manifest
+from library.data.manifest import CORE_SPLITS, read_manifest
 from library.demo.run import (
     DemoSettings,
     fill_latent_caches,
@@ -93,7 +93,7 @@ def test_parallel_runs_find_their_shared_latent_cache_filled(tmp_path, small_dem
 
 
 def test_a_work_dir_keeps_the_split_size_it_was_made_with(tmp_path):
-    sizes = dict.fromkeys(("member_aux", "member_test", "nonmember_aux", "nonmember_test"), 5)
+    sizes = dict.fromkeys(CORE_SPLITS, 5)
     manifest = prepare_data(DemoSettings(workdir=tmp_path, split_sizes=sizes, defence=None))
     assert read_manifest(manifest, verify=False).sizes()["member_test"] == 5
     assert prepare_data(DemoSettings(workdir=tmp_path, split_sizes=sizes, defence=None)) == manifest  # reused

@@ -31,8 +31,8 @@ above 0.5 with no membership signal at all, and with ten attacks some 95 % CI ex
 leak-free models by chance alone. :func:`worst_case_null` answers "is there *any* signal in the suite?" with one
 permutation test: under H0 (no attack's score depends on membership) the member labels of D_te are exchangeable,
 so the same random relabelling applied to every attack at once draws the null distribution of the maximum AUC,
-attacks' correlations included; the p-value is exact up to Monte Carlo error. A model trained on neither set (the demo's
-base: members and non-members are i.i.d. draws from one pool) satisfies H0 by construction.
+attacks' correlations included; the p-value is exact up to Monte Carlo error. A model trained on neither
+set (the demo's base: members and non-members are i.i.d. draws from one pool) satisfies H0 by construction.
 """
 
 from __future__ import annotations
@@ -255,22 +255,22 @@ def privacy_audit(rows: list[dict[str, Any]], scores: Mapping[str, Sequence[Scor
             "epsilon_lb": {**epsilon_lb(score_set, labels, test, delta),
                            "oracle_note": "maximum over D_te thresholds: multiple testing, optimistic"},
             "dp_epsilon": dp_budget(dict(metadata.get(model) or {})),
-            "worst_case_null": _suite_null(candidates[model], scores.get(model, ()), labels, test, seed),
+            "worst_case_null": suite_null(candidates[model], {s.label: s.scores for s in scores.get(model, ())},
+                                          labels, test, seed),
         }
     return out
 
 
-def _suite_null(rows: Sequence[dict[str, Any]], score_sets: Sequence[ScoreSet], labels: np.ndarray,
-                test: np.ndarray, seed: int) -> dict[str, Any] | None:
-    """:func:`worst_case_null` over the score sets of a model's worst-case candidate ``rows``, on D_te (None when a
-    row has no score set)."""
-    by_label = {s.label: s for s in score_sets}
-    if any(row["label"] not in by_label for row in rows):
+def suite_null(rows: Sequence[dict[str, Any]], scores: Mapping[str, Any], labels: np.ndarray, test: np.ndarray,
+               seed: int) -> dict[str, Any] | None:
+    """:func:`worst_case_null` over a model's worst-case candidate ``rows`` (:func:`worst_case_candidates`), their
+    per-sample ``scores`` by row label restricted to the samples ``test`` (D_te); None when a row has no scores."""
+    if any(row["label"] not in scores for row in rows):
         return None
-    scores = np.stack([np.asarray(by_label[row["label"]].scores, float)[test] for row in rows])
-    return {**worst_case_null(scores, labels[test], seed=seed), "attacks": [row["label"] for row in rows]}
+    matrix = np.stack([np.asarray(scores[row["label"]], float)[test] for row in rows])
+    return {**worst_case_null(matrix, np.asarray(labels)[test], seed=seed), "attacks": [row["label"] for row in rows]}
 
 
 __all__ = ["CONFIDENCE", "MIN_SET_SIZE", "N_SUBSETS", "add_row_epsilons", "clopper_pearson", "epsilon_at_decision",
            "epsilon_from_counts", "epsilon_lb", "epsilon_oracle", "honest_predictions", "images_needed",
-           "mann_whitney_p", "privacy_audit", "set_audit", "subset_median_p", "worst_case_null"]
+           "mann_whitney_p", "privacy_audit", "set_audit", "subset_median_p", "suite_null", "worst_case_null"]

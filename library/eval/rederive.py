@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from library.errors import DataError
-from library.eval.audit import NONMEMBER_SPLIT, SUSPECT_SPLIT, worst_case_null
+from library.eval.audit import NONMEMBER_SPLIT, SUSPECT_SPLIT, suite_null
 from library.eval.report import score_column
 from library.eval.summary import worst_case_candidates
 
@@ -51,14 +51,14 @@ def suite_null_from_files(eval_dir: Path, seed: int | None = None) -> dict[str, 
         seed = int((report.get("seeds") or {}).get("noise_attacks_bootstrap") or 0)
     splits, scores = read_scores_csv(Path(eval_dir) / "scores.csv")
     test = np.flatnonzero(np.isin(splits, (SUSPECT_SPLIT, NONMEMBER_SPLIT)))
-    labels = (splits[test] == SUSPECT_SPLIT).astype(int)
+    labels = (splits == SUSPECT_SPLIT).astype(int)
     out = {}
     for model, rows in worst_case_candidates(report).items():
         missing = [row["label"] for row in rows if score_column(model, row["label"]) not in scores]
         if missing:
             raise DataError(f"{eval_dir}/scores.csv has no column for {model} {missing[0]!r}: not this report's scores")
-        matrix = np.stack([scores[score_column(model, row["label"])][test] for row in rows])
-        out[model] = {**worst_case_null(matrix, labels, seed=seed), "attacks": [row["label"] for row in rows]}
+        by_label = {row["label"]: scores[score_column(model, row["label"])] for row in rows}
+        out[model] = suite_null(rows, by_label, labels, test, seed)
     return out
 
 
