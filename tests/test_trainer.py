@@ -99,6 +99,22 @@ def test_resume_is_exact(tiny_train_args, tmp_path):
         assert torch.equal(value, load_file(resumed.attacker_path)[key]), key
 
 
+
+def test_the_proxy_monitor_does_not_change_what_is_trained(tiny_train_args, tmp_path):
+    # The fixture's D_tr holds 24 members: 6 steps of 4 per epoch, so 13 steps cross two epoch ends.
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "13"]
+    monitored = run("smp_lora", common + ["--attacker_eval_every_n_epochs", "1",
+                                          "--output_dir", str(tmp_path / "monitored")])
+    unmonitored = run("smp_lora", common + ["--attacker_eval_every_n_epochs", "1000",
+                                            "--output_dir", str(tmp_path / "unmonitored")])
+    epochs = json.loads(monitored.record_path.read_text())["epochs"]
+    assert [e["epoch"] for e in epochs if "proxy_acc_aux" in e] == [1, 2]  # the monitor did run
+    a, b = load_file(monitored.lora_path), load_file(unmonitored.lora_path)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key, value in load_file(monitored.attacker_path).items():
+        assert torch.equal(value, load_file(unmonitored.attacker_path)[key]), key
+
 def test_cli_errors_are_one_line(tiny_train_args, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rat = 1e-4\n")

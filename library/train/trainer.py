@@ -317,7 +317,7 @@ class Trainer:
         cfg = self.config
         record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **logs}
         if self.method.has_attacker and epoch % cfg.attacker_eval_every_n_epochs == 0:
-            record.update(self._proxy_monitor())
+            record.update(self._proxy_monitor(epoch))
         record.update(self.method.end_of_epoch(epoch))
         self.epoch_logs.append(record)
         self.accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
@@ -327,9 +327,14 @@ class Trainer:
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
             artifacts.save_outputs(self, f"{self.output_name}-{epoch:06d}")
 
-    def _proxy_monitor(self) -> dict[str, float]:
-        """The proxy h_w's accuracy on D_aux and D_te (a monitor only; evaluate_mia.py is the real test)."""
-        ctx = self._context()
+    def _proxy_monitor(self, epoch: int) -> dict[str, float]:
+        """The proxy h_w's accuracy on D_aux and D_te (a monitor only; evaluate_mia.py is the real test).
+
+        Its noise and timesteps come from a generator of its own, seeded by (seed, epoch): drawing them from the
+        training stream would make the monitor's cadence change every later training draw, hence the LoRA.
+        """
+        monitor_generator = torch.Generator().manual_seed((self.config.seed * 104729 + epoch) % 2**64)
+        ctx = dataclasses.replace(self._context(), noise_generator=monitor_generator)
         out = {}
         for name, (m, nm) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
                               "test": (self.data.member_test, self.data.nonmember_test)}.items():
