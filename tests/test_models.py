@@ -23,6 +23,7 @@ from library.errors import ModelError  # noqa: E402
 from library.sd import configs, ldm_keys, single_file  # noqa: E402
 from library.sd.bundle import (  # noqa: E402
     ModelBundle,
+    cast_weights,
     fingerprint,
     make_noise_scheduler,
     vae_fingerprint,
@@ -172,6 +173,19 @@ def test_load_in_half_precision(tiny_files: tuple[ModelBundle, Path, Path], tmp_
     weight = bundle.unet.conv_in.weight
     assert back.unet.conv_in.weight.dtype == torch.float32
     assert torch.equal(back.unet.conv_in.weight, weight.half().float())
+
+
+def test_cast_weights_casts_without_diffusers_empty_fp32_warning(capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    unet = build_tiny_stack().unet
+    assert not unet._keep_in_fp32_modules  # SD's UNet names no module to keep in float32
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    cast_weights(unet, torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert "kept in float32" not in capfd.readouterr().err
+    assert logger.level == level  # restored
 
 
 # ---------------------------------------------------------------------------------------- single-file layout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,30 @@ def assemble_bundle(
     )
 
 
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype=dtype)``, in place, only when some floating-point weight is in another dtype.
+
+    diffusers (0.42) warns on every dtype cast of one of its models that "modules ... should be kept in
+    float32", listing the model's ``_keep_in_fp32_modules`` even when it names none (SD v1.x's UNet and VAE):
+    that warning is silenced for such models only; for a model that does name modules, it stands.
+    """
+    if not any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
+        return
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype=dtype)
+        return
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        module.to(dtype=dtype)
+    finally:
+        logger.setLevel(level)
+
+
 def _finish(module: Any, dtype: torch.dtype) -> Any:
     """Frozen, eval-mode, in ``dtype``: the trainer enables gradients only on what it trains."""
-    # Cast only when needed: diffusers warns on every ``.to(dtype)``, even a no-op one.
-    if any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
-        module.to(dtype=dtype)
+    cast_weights(module, dtype)
     module.eval()
     module.requires_grad_(False)
     return module

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from library.errors import ConfigError
 from library.runtime import PRECISION_DTYPES
-from library.sd.bundle import ModelBundle
+from library.sd.bundle import ModelBundle, cast_weights
 from library.sd.loading import load_sd_model
 from library.sd.text import encode_prompts
 from library.train.config import TrainConfig
@@ -50,9 +50,9 @@ def load_models(config: TrainConfig, device: torch.device,
         module.to(device)
     if weight_dtype != torch.float32:  # what full fine-tuning trains keeps fp32 master weights under autocast
         if config.train_mode != "full":
-            bundle.unet.to(dtype=weight_dtype)
+            cast_weights(bundle.unet, weight_dtype)
         if config.train_mode != "full" or not config.train_text_encoder:
-            bundle.text_encoder.to(dtype=weight_dtype)
+            cast_weights(bundle.text_encoder, weight_dtype)
     return bundle, autocast, grad_scaler
 
 
