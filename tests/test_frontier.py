@@ -104,17 +104,23 @@ def test_target_check_reports_hits_misses_and_a_vacuous_budget():
     assert target_check([plain, loud])[-1] == "  - none. Highest p: `l`, p 0.001 (AUC 0.550, U 0.40)."
 
 
-def test_best_defence_keeps_the_most_utility_at_the_target_else_the_lowest_auc():
-    point = {"method": "smp_lora", "worst_auc": 0.58, "utility_retained": 0.5}
-    points = [{"model": "base", "method": "base", "worst_auc": 0.50, "utility_retained": 0.0},
-              {"model": "plain", "method": "lora", "worst_auc": 0.55, "utility_retained": 1.0},
-              {**point, "model": "a"}, {**point, "model": "b", "worst_auc": 0.60, "utility_retained": 0.7},
-              {**point, "model": "c", "worst_auc": 0.75, "utility_retained": 0.95}]
-    assert best_defence(points)["model"] == "b"  # never the base nor plain LoRA, even when they score better
-    # none private: the lowest AUC of those keeping U >= 0.9, before a lower one that keeps nothing
-    useless = {**point, "model": "d", "worst_auc": 0.62, "utility_retained": 0.02}
-    assert best_defence([p for p in points if p["model"] not in ("a", "b")] + [useless])["model"] == "c"
-    assert best_defence([p for p in points if p["model"] not in ("a", "b", "c")] + [useless])["model"] == "d"
+def test_best_defence_keeps_the_utility_then_the_target_then_no_signal_then_the_lowest_auc():
+    point = {"method": "smp_lora", "worst_auc": 0.58, "utility_retained": 0.95}
+    points = [{"model": "base", "method": "base", "worst_auc": 0.50, "utility_retained": 0.0, "suite_p": 0.6},
+              {"model": "plain", "method": "lora", "worst_auc": 0.55, "utility_retained": 1.0, "suite_p": 0.3},
+              {**point, "model": "a"}, {**point, "model": "b", "worst_auc": 0.60, "utility_retained": 0.97},
+              {**point, "model": "c", "worst_auc": 0.66, "utility_retained": 0.99, "suite_p": 0.08},
+              {**point, "model": "d", "worst_auc": 0.64, "utility_retained": 0.92, "suite_p": 0.01},
+              {**point, "model": "dp", "worst_auc": 0.52, "utility_retained": 0.02, "suite_p": 0.7}]
+    # the target reached: the most U at AUC <= 0.60 (never the base nor plain LoRA, even when they score better)
+    assert best_defence(points)["model"] == "b"
+    # none at the target: the most U with no detectable signal, before a lower AUC that the suite still detects
+    rest = [p for p in points if p["model"] not in ("a", "b")]
+    assert best_defence(rest)["model"] == "c"
+    # none silent: the lowest AUC of those keeping U >= 0.9, never the one that learnt nothing
+    assert best_defence([p for p in rest if p["model"] != "c"])["model"] == "d"
+    # none keeps the utility: the lowest AUC of all
+    assert best_defence([p for p in rest if p["model"] not in ("c", "d")])["model"] == "dp"
     assert best_defence(points[:2]) is None
 
 

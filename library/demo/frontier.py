@@ -214,14 +214,21 @@ def chance_check(runs: list[dict]) -> list[str]:
 
 def best_defence(points: list[dict]) -> dict | None:
     """The defence the demo's table shows in its last row (the run ``DemoSettings.defence`` should name), of the
-    runs that are neither the base model nor plain LoRA, by issue 16's target (worst-case AUC <= 0.60 at
-    U >= 0.9): the one keeping the most utility (U) at AUC <= 0.60; else the lowest worst-case AUC among those keeping U >= 0.9; else the lowest
-    worst-case AUC of all (a defence that keeps nothing is shown only when none keeps the utility)."""
+    runs that are neither the base model nor plain LoRA.
+
+    Of the runs that keep the utility (U >= 0.9), the one keeping the most U at worst-case AUC <= 0.60 (issue 16's
+    target); else the one keeping the most U in which the whole suite finds no detectable signal (suite-wide
+    p >= 0.05: on a small D_te the AUC bar sits inside the noise, the permutation test does not); else the lowest
+    worst-case AUC of those. Only when no run keeps the utility, the lowest worst-case AUC of all. A run that
+    learns nothing (DP-SGD at a high noise multiplier) is thus never "best" while one that keeps the utility
+    exists, however low its AUC.
+    """
     runs = [p for p in points if p["method"] not in ("base", "lora")]
-    private = [p for p in runs if p["worst_auc"] <= TARGET_AUC and p.get("utility_retained") is not None]
-    if private:
-        return max(private, key=lambda p: p["utility_retained"])
     useful = [p for p in runs if (p.get("utility_retained") or 0.0) >= TARGET_RETAINED]
+    for chosen in ([p for p in useful if p["worst_auc"] <= TARGET_AUC],
+                   [p for p in useful if (p.get("suite_p") or 0.0) >= SUITE_ALPHA]):
+        if chosen:
+            return max(chosen, key=lambda p: p["utility_retained"])
     return min(useful or runs, key=lambda p: p["worst_auc"]) if runs else None
 
 

@@ -312,9 +312,10 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     note = (f"`{settings.defence}` is the best defence the privacy-utility sweep found on this demo "
              "(configs/frontier/demo.toml, measured in docs/results.md), trained here with the same budget and seed. "
              if settings.defence else "")
-    note += ("The last row is the best defence `scripts/frontier.py` found on this work dir (the most utility at "
-              "worst-case AUC <= 0.60, else the lowest worst-case AUC at U >= 0.9, else the lowest of all), from its "
-              "own evaluation on the same D_te."
+    note += ("The last row is the best defence `scripts/frontier.py` found on this work dir (of the runs keeping "
+              "U >= 0.9: the most U at worst-case AUC <= 0.60, else the most U with no detectable signal (suite-wide "
+              "p >= 0.05), else the lowest worst-case AUC; the lowest of all when none keeps U), from its own "
+              "evaluation on the same D_te."
               if extra else "`.venv/bin/python scripts/frontier.py` re-runs the whole sweep on this work dir (about "
               "70 min on 2 cores) and adds its best defence as a last row.")
     total = sum(timings.values())
