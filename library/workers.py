@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, ContextManager, Iterable, TypeVar
 
 from library.errors import ConfigError
 from library.runtime import configure_torch, torch_threads
@@ -62,10 +62,15 @@ class WorkerPool:
             self._executor.shutdown(wait=True, cancel_futures=exc[0] is not None)
             self._executor = None
 
+    def in_process(self) -> ContextManager[None]:
+        """The workers' torch set-up for a block run in this process (None: as the caller left it): for a
+        caller that runs its jobs here itself, e.g. to reuse an object it cannot send to a worker."""
+        return torch_threads(self.threads_per_job)
+
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)
         if self._executor is None or len(items) <= 1:
-            with torch_threads(self.threads_per_job):  # the workers' set-up, here (None: as the caller left it)
+            with self.in_process():
                 return [fn(item) for item in items]
         futures = [self._executor.submit(fn, item) for item in items]
         return [future.result() for future in futures]

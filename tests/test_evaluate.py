@@ -178,7 +178,7 @@ def test_second_run_hits_the_feature_cache(world, evaluated):
 
 def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path):
     """--jobs 2: features, attacks and quality samples per model in worker processes, the same numbers."""
-    _, serial = evaluated
+    serial_dir, serial = evaluated
     out = tmp_path / "parallel"
     # --no_cache: the workers compute the features themselves instead of reading the serial run's cache.
     rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]), "--jobs", "2",
@@ -190,7 +190,26 @@ def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path)
     assert [(r["model"], r["label"]) for r in parallel["results"]] == [(r["model"], r["label"]) for r in serial["results"]]
     for ours, theirs in zip(parallel["results"], serial["results"]):
         assert ours["auc"] == pytest.approx(theirs["auc"], abs=1e-9), (ours["model"], ours["label"])
+    # every per-sample score to the bit: both layouts run each model's job on --threads (1) torch threads
+    assert (out / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
     assert (out / "samples_overfit.png").is_file() and (out / "samples_base.png").is_file()
+
+
+def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
+    """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's."""
+    import library.eval.run as run
+
+    seen: list[int] = []
+    original = run.model_features
+
+    def spy(job, bundle=None):
+        seen.append(torch.get_num_threads())
+        return original(job, bundle)
+
+    monkeypatch.setattr(run, "model_features", spy)
+    rc = evaluate_mia.main(base_args(world, tmp_path / "eval", "--attacks", "loss", "--threads", "2", "--no_cache"))
+    assert rc == 0 and seen and set(seen) == {2}
+    assert torch.get_num_threads() == 1  # the caller's setting (tests/conftest.py), restored
 
 
 # ---------------------------------------------------------------------------------------------- bad input

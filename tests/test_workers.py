@@ -48,6 +48,12 @@ def test_serial_pool_runs_its_jobs_on_threads_per_job_then_restores():
         assert {r[2] for r in pool.map(job, [1])} == {1}
 
 
+def test_in_process_blocks_get_the_workers_threads_then_restore():
+    with WorkerPool(1, threads_per_job=2) as pool, pool.in_process():
+        assert torch.get_num_threads() == 2  # a caller running its jobs here itself (the eval's feature engine)
+    assert torch.get_num_threads() == 1
+
+
 def test_a_worker_sets_torch_up_as_the_serial_path_does():
     """Everything that can move a float (threads, denormal flushing, oneDNN, deterministic algorithms, matmul
     precision, OMP/MKL environment...) is the same in a spawned worker and in this process: docs/determinism.md."""

@@ -73,8 +73,12 @@ class EvalConfig:
     cache_dir: Optional[str] = option(None, "where latents and features are cached (default <output_dir>/cache)")
     no_cache: bool = option(False, "do not read or write cached features (latents are still cached in memory)")
     jobs: int = option(
-        1, "models processed at once (features, attacks, quality samples), each in a worker process with one torch "
-        "thread and its own copy of the base model: for CPU boxes (2 on 2 cores halves the time); keep 1 on a GPU")
+        1, "models processed at once (features, attacks, quality samples), each in a worker process with its own "
+        "copy of the base model: for CPU boxes (2 on 2 cores halves the time); keep 1 on a GPU")
+    threads: int = option(
+        1, "torch threads of each model's job (features, attacks, quality samples), in a worker or in this process "
+        "alike: a job's floats depend on its thread count, so this, not --jobs, fixes the numbers (more help one "
+        "large model on a many-core CPU)")
 
     # --- attacks ---------------------------------------------------------------------------------
     attacks: list[str] = option(list(DEFAULT_ATTACKS), "attacks to run", choices=list(ATTACK_NAMES))
@@ -163,7 +167,7 @@ class EvalConfig:
         if not self.split_manifest:
             raise ConfigError("'split_manifest' is required (the split manifest the LoRAs were trained with)")
         for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "paper_epochs", "paper_draws",
-                     "paper_batch_size", "jobs"):
+                     "paper_batch_size", "jobs", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if self.clip_skip is not None and self.clip_skip <= 0:

@@ -92,10 +92,11 @@ def generate_all(config: EvalConfig, specs: Sequence[ModelSpec], prompts: list[s
         return pool.map(generate_samples_job, [SampleJob(config, spec, prompts, device) for spec in specs])
     bundle = load_bundle(config, device)
     generated = []
-    for spec in specs:
-        t1 = time.perf_counter()
-        images = generate_samples(config, bundle, spec, prompts, device, PRECISION_DTYPES[config.mixed_precision])
-        generated.append((images, time.perf_counter() - t1))
+    with pool.in_process():
+        for spec in specs:
+            t1 = time.perf_counter()
+            images = generate_samples(config, bundle, spec, prompts, device, PRECISION_DTYPES[config.mixed_precision])
+            generated.append((images, time.perf_counter() - t1))
     del bundle
     return generated
 

@@ -175,7 +175,8 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         del bundle, latent_cache  # the workers load their own copies
         results = pool.map(model_features, jobs)
     else:
-        results = [model_features(job, bundle) for job in jobs]
+        with pool.in_process():
+            results = [model_features(job, bundle) for job in jobs]
     features = {spec.name: f for spec, (f, _) in zip(specs, results)}
     info["timing_s"].update({f"features[{spec.name}]": seconds for spec, (_, seconds) in zip(specs, results)})
     info["feature_settings"] = settings.as_dict()
@@ -270,7 +271,7 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device), "conditioning": conditioning.as_dict()}
-    with WorkerPool(config.jobs) as pool:
+    with WorkerPool(config.jobs, config.threads) as pool:
         features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()
         scores, rows, attack_settings = run_attacks(config, specs, samples, features, device, pool)
