@@ -218,3 +218,24 @@ def test_attacker_band_needs_t_loss_and_a_timestep_in_range(tiny_train_args, cap
     assert train_entry("smp_lora", "", tiny_train_args + flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_fixed_noise_proxy_gives_the_same_lora_for_a_moved_dataset(tiny_train_args, manifest_path, tmp_path):
+    """The proxy's fixed noise and base-feature cache are keyed by the manifest's image hashes, not by where the
+    images lie: the same split copied elsewhere (dataset folder and manifest together) trains the same LoRA."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    moved = tmp_path / "moved"
+    shutil.copytree(manifest_path.parent, moved)
+    flags = ["--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "multi_t_loss",
+             "--attacker_timesteps", "20", "100", "--attacker_noise", "fixed", "--attacker_calibration", "base",
+             "--attacker_normalization", "standardize", "--max_train_steps", "3"]
+    here = train(parse_config(TrainConfig, tiny_train_args + flags + ["--output_dir", str(tmp_path / "here")]),
+                 "smp_lora")
+    args = [str(moved / manifest_path.name) if a == str(manifest_path) else a for a in tiny_train_args]
+    there = train(parse_config(TrainConfig, args + flags + ["--output_dir", str(tmp_path / "there")]), "smp_lora")
+    a, b = load_file(here.lora_path), load_file(there.lora_path)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -7,7 +7,7 @@ also in D_tr) gets one latent, cached once (upstream cached it twice with differ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,11 +22,21 @@ from library.train.config import TrainConfig
 
 @dataclass
 class LabelledSet:
-    """Images with their captions and clean latents."""
+    """Images with their captions and clean latents.
+
+    ``keys`` name each image where the proxy needs a stable identity (its fixed noise, its cached base features):
+    the manifest's sha256 of the image, as evaluation keys its noise, so that a dataset moved to another folder
+    gives the same run; without a manifest, the image's path.
+    """
 
     paths: list[Path]
     captions: list[str]
     latents: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [str(path) for path in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +58,8 @@ class TrainingData:
 
 
 def _labelled(manifest: SplitManifest, entries) -> LabelledSet:
-    return LabelledSet([manifest.abs_path(e) for e in entries], [e.caption for e in entries])
+    return LabelledSet([manifest.abs_path(e) for e in entries], [e.caption for e in entries],
+                       keys=[e.sha256 for e in entries])
 
 
 def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:

@@ -17,8 +17,9 @@ adversary would really use (``docs/paper-fidelity.md``, "What h_w sees"; ``docs/
 
 ``--attacker_noise`` (which (t, eps))
   * ``fresh`` — a new draw from the run's noise generator on every call (the paper / upstream).
-  * ``fixed`` — one draw per (sample, t), seeded by the sample's identity (its image path) and t: the same
-    sample always gets the same noise (and, for the one-t kinds, the same t), as the evaluation attacks do.
+  * ``fixed`` — one draw per (sample, t), seeded by the sample's identity (the manifest's sha256 of the image,
+    so a moved dataset trains the same) and t: the same sample always gets the same noise (and, for the one-t
+    kinds, the same t), as the evaluation attacks do.
     Paired draws take the noise variance out of the comparison between members and non-members.
 
 ``--attacker_calibration`` (relative to what)

@@ -62,11 +62,6 @@ from library.train.setup import (
 from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue
 
 
-def _keys(labelled: LabelledSet) -> list[str]:
-    """Sample identities (image paths): they seed the proxy's fixed noise and key its base-model cache."""
-    return [str(path) for path in labelled.paths]
-
-
 def _flat_grad_norm(params: list[torch.nn.Parameter]) -> float:
     grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
     return torch.cat(grads).norm().item() if grads else 0.0
@@ -137,11 +132,11 @@ class Trainer:
         if self.data.member_aux is not None and len(self.data.member_aux) and len(self.data.nonmember_aux):
             aux = AuxData(self.data.member_aux.latents, self.data.member_aux.captions,
                           self.data.nonmember_aux.latents, self.data.nonmember_aux.captions,
-                          _keys(self.data.member_aux), _keys(self.data.nonmember_aux))
+                          self.data.member_aux.keys, self.data.nonmember_aux.keys)
         self.method = self.method_class.build(MethodSetup(
             self.config, self.device, aux, self.accelerator.process_index, self.accelerator.num_processes,
             network=self.trained.module, params=self.trainable, num_members=len(self.data.members)))
-        sets = [SampleSet(labelled.latents, labelled.captions, _keys(labelled)) for labelled in self.data.sets()
+        sets = [SampleSet(labelled.latents, labelled.captions, labelled.keys) for labelled in self.data.sets()
                 if labelled.latents is not None and len(labelled)]
         self.method.before_training(self._context(), sets)
         if self.config.resume:
@@ -246,7 +241,7 @@ class Trainer:
             errors, losses, latents, conditioning = errors[:n], losses[:n], latents[:n], conditioning[:n]
             draw = NoiseDraw(draw.timesteps[:n], draw.noise[:n])
         return ForwardResult(errors=errors, losses=losses, latents=latents, conditioning=conditioning,
-                             keys=[str(members.paths[i]) for i in indices], draw=draw, prior_loss=prior_loss)
+                             keys=[members.keys[i] for i in indices], draw=draw, prior_loss=prior_loss)
 
     def _method_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's loss; a non-finite one stops the run with the last good LoRA kept."""
@@ -343,7 +338,7 @@ class Trainer:
             latents = torch.cat([m.latents, nm.latents])
             labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
             out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
-                                                                  _keys(m) + _keys(nm), labels)
+                                                                  m.keys + nm.keys, labels)
         return out
 
     def _sample_images(self, name: str) -> None:
