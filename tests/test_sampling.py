@@ -42,3 +42,36 @@ def test_training_writes_sample_grid(tiny_train_args, tmp_path):
     from PIL import Image
 
     assert Image.open(grid).size == (64, 32)  # two 32 px images side by side
+
+
+def test_generation_encodes_prompts_as_training_does(monkeypatch):
+    """With clip skip 1 and one window the images equal the pipeline's own encoding (the demo's numbers stay);
+    clip skip and 225-token captions reach the UNet as training conditioned it, where the pipeline would not."""
+    import numpy as np
+    import torch
+
+    from library.demo.tiny import build_tiny_stack
+    from library.sd.sampling import build_pipeline, generate
+    from library.sd.text import encode_prompts
+
+    bundle = build_tiny_stack()
+    pipe = build_pipeline(bundle)
+    prompt = "a handwritten digit seven"
+    ours = generate(pipe, [PromptSpec(prompt, "blurry")], resolution=32, steps=2, seed=5)[0]
+    theirs = pipe(prompt, negative_prompt="blurry", height=32, width=32, num_inference_steps=2, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+    long_prompt = " ".join(["a handwritten digit seven"] * 30)  # 120 words: past one 75-token window
+    seen: list[tuple[int, ...]] = []
+    original = pipe.__class__.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(kwargs["prompt_embeds"].shape))
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, [long_prompt], max_token_length=225, clip_skip=2)
+        assert torch.equal(kwargs["prompt_embeds"], embeds)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    generate(pipe, [PromptSpec(long_prompt)], resolution=32, steps=1, clip_skip=2, max_token_length=225)
+    assert seen == [(1, 227, bundle.text_encoder.config.hidden_size)]

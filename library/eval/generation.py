@@ -62,7 +62,8 @@ def generate_samples(config: EvalConfig, bundle: Any, spec: ModelSpec, prompts: 
         pipe = build_pipeline(bundle, config.quality_sampler)
         return generate(pipe, [PromptSpec(p) for p in prompts], resolution=config.resolution,
                         steps=config.quality_steps, guidance_scale=config.quality_guidance_scale,
-                        seed=config.quality_seed)
+                        seed=config.quality_seed, clip_skip=config.clip_skip or 1,
+                        max_token_length=config.max_token_length)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from library.errors import ConfigError
 from library.fileio import atomic_write_path
 from library.sd.bundle import ModelBundle
+from library.sd.text import encode_prompts
 
 _OPTION = re.compile(r"\s--([nwhdsl])\s+")
 
@@ -76,12 +77,21 @@ def build_pipeline(bundle: ModelBundle, sampler: str = "ddim"):
 
 @torch.no_grad()
 def generate(pipe, specs: Sequence[PromptSpec], *, resolution: int, steps: int = 20, guidance_scale: float = 7.5,
-             seed: int = 0) -> list:
-    """PIL images, one per spec; image ``i`` uses the spec's seed, else ``seed + i`` (independent of order)."""
+             seed: int = 0, clip_skip: int = 1, max_token_length: int | None = None) -> list:
+    """PIL images, one per spec; image ``i`` uses the spec's seed, else ``seed + i`` (independent of order).
+
+    The prompts are encoded as training encodes captions (:func:`library.sd.text.encode_prompts`: kohya's
+    ``clip_skip`` and 75-token chunks up to ``max_token_length``), not by the pipeline, which truncates at 77 tokens
+    and counts clip skip one lower; with ``clip_skip=1`` and one window both give the same embeddings.
+    """
+    def encode(prompt: str) -> torch.Tensor:
+        return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt], max_token_length=max_token_length,
+                              clip_skip=clip_skip)
+
     images = []
     for i, spec in enumerate(specs):
         generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else seed + i)
-        out = pipe(spec.prompt, negative_prompt=spec.negative_prompt or None,
+        out = pipe(prompt_embeds=encode(spec.prompt), negative_prompt_embeds=encode(spec.negative_prompt or ""),
                    height=spec.height or resolution, width=spec.width or resolution,
                    num_inference_steps=spec.steps or steps,
                    guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else guidance_scale,

@@ -96,7 +96,8 @@ def generate_class_images(config: TrainConfig, bundle: ModelBundle) -> int:
         if image_path.exists():
             continue
         spec = PromptSpec(config.class_prompt, seed=hashed_seed("class-image", config.seed, index - 1))
-        image = generate(pipe, [spec], resolution=config.resolution, steps=config.class_sample_steps)[0]
+        image = generate(pipe, [spec], resolution=config.resolution, steps=config.class_sample_steps,
+                         clip_skip=config.clip_skip, max_token_length=config.max_token_length)[0]
         with atomic_write_path(image_path) as tmp:
             image.save(tmp, format="PNG")
         atomic_write_text(image_path.with_suffix(config.caption_extension), config.class_prompt)

@@ -347,7 +347,8 @@ class Trainer:
             return
         specs = read_prompt_file(self.config.sample_prompts)
         images = generate(build_pipeline(self.bundle), specs, resolution=self.config.resolution,
-                          steps=self.config.sample_steps, seed=self.config.seed)
+                          steps=self.config.sample_steps, seed=self.config.seed, clip_skip=self.config.clip_skip,
+                          max_token_length=self.config.max_token_length)
         save_grid(images, self.output_dir / "sample" / f"{name}.png")
 
     # ---- state ------------------------------------------------------------------------------------
