@@ -11,6 +11,7 @@ dedicated ``torch.Generator`` whose state is saved, and dropout from torch's glo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
@@ -188,11 +190,15 @@ class Trainer:
         if cfg.update_order == "attacker_first" and attacker_turn:
             logs.update(self.method.attacker_phase(ctx))  # Algorithm 1, lines 4-6
         self.optimizer.zero_grad(set_to_none=True)
+        hessian_turn = self.smoothness is not None and self.global_step % cfg.hessian_every_n_steps == 0
         for micro_batch in range(cfg.gradient_accumulation_steps):
-            result = self._forward(self.sampler.next_indices(), ctx)  # line 7: a fresh D_tr batch
-            loss, loss_logs = self._method_loss(ctx, result)  # line 8
-            if self.smoothness is not None and micro_batch == 0 \
-                    and self.global_step % cfg.hessian_every_n_steps == 0:
+            hessian_now = hessian_turn and micro_batch == 0
+            # A Hessian-vector product differentiates the backward again, which the fused attention kernels do
+            # not implement: that forward runs attention through PyTorch's (twice differentiable) math kernel.
+            with sdpa_kernel(SDPBackend.MATH) if hessian_now else contextlib.nullcontext():
+                result = self._forward(self.sampler.next_indices(), ctx)  # line 7: a fresh D_tr batch
+                loss, loss_logs = self._method_loss(ctx, result)  # line 8
+            if hessian_now:
                 hessian = hessian_top_eigenvalue(loss, self.trainable, generator=self.hessian_generator)
                 self.smoothness.add_hessian_norm(self.global_step, hessian)
                 logs["hessian_norm"] = hessian
