@@ -50,3 +50,18 @@ def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_arg
     assert record["num_processes"] == 2 and record["ranks_in_sync"] is True
     assert len(list((tmp_path / "class").glob("*.png"))) == 4
     assert result.stdout.count("generated 4 class image(s)") == 1  # rank 0 only
+
+
+def test_a_refused_two_process_run_ends_on_every_rank_at_once(tiny_train_args, tmp_path):
+    """Only the main process takes the output folder's lock; when another run holds it, every rank must stop
+    with the refusal, not wait at its first collective for the distributed timeout (30 min with gloo)."""
+    from library.outputs import OutputLock
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [*LAUNCHERS["torchrun"], str(ROOT / "train_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+           "--max_train_steps", "2"]
+    with OutputLock(tmp_path / "out"):  # "another run"
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if "is in use by another run" in line]
+    assert len(refusals) == 2, result.stderr[-4000:]  # one line from each rank

@@ -27,6 +27,13 @@ class Collectives:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on at least one (a refusal every rank must act on)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
+        return bool(total.item() > 0)
+
     def in_sync(self, tensors: list[torch.Tensor]) -> bool:
         """True when every process holds bit-identical ``tensors`` (compared by two float64 checksums)."""
         if self.accelerator.num_processes == 1:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, Iterator
 
 from library.errors import ConfigError, TrainingError
 from library.outputs import OutputLock, check_output_dir
@@ -57,11 +57,30 @@ def check_output_folders(config: TrainConfig) -> None:
                          create=create)
 
 
-def run_lock(trainer: Trainer) -> ContextManager:
-    """The output folder's lock for the whole run, held by the main process (a dry run writes nothing)."""
-    if trainer.config.dry_run or not trainer.accelerator.is_main_process:
-        return contextlib.nullcontext()
-    return OutputLock(trainer.output_dir, "--output_dir")
+@contextlib.contextmanager
+def run_lock(trainer: Trainer) -> Iterator[None]:
+    """The output folder's lock for the whole run, held by the main process (a dry run writes nothing).
+
+    Every process learns whether the main one got it: a refused multi-process run then ends on every rank at once
+    with the same line, instead of the other ranks waiting at their first collective for the distributed timeout.
+    """
+    if trainer.config.dry_run:
+        yield
+        return
+    lock = OutputLock(trainer.output_dir, "--output_dir")
+    refusal: ConfigError | None = None
+    if trainer.accelerator.is_main_process:
+        try:
+            lock.__enter__()
+        except ConfigError as exc:
+            refusal = exc
+    if trainer.collectives.any_rank(refusal is not None):
+        raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main process "
+                                     "could not take its lock); wait for it to finish or choose another folder")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def check_overwrite(trainer: Trainer) -> None:
