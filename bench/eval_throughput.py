@@ -14,20 +14,21 @@ Prints queries per second for both and their ratio (the median of ``--rounds`` i
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from library.cli import offline_environment
+from library.cli import ArgumentParser, offline_environment, run_cli
 
 offline_environment()
 
 import torch  # noqa: E402 - after offline_environment()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from library.data.latents import LatentCache
     from library.data.manifest import read_manifest
     from library.eval.features import (
@@ -40,13 +41,13 @@ def main() -> None:
     from library.sd.loading import load_sd_model
     from library.sd.text import encode_prompts
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--lora", type=Path, default=None, help="default: <workdir>/lora/lora.safetensors")
     parser.add_argument("--batch_size", type=int, default=16, help="queries per UNet pass (evaluate_mia's default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lora = args.lora or args.workdir / "lora" / "lora.safetensors"
 
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

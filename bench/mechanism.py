@@ -24,11 +24,13 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from library.cli import offline_environment
+from library.cli import ArgumentParser, offline_environment, run_cli
 
 offline_environment()
 
@@ -94,8 +96,8 @@ def summarise(record: dict, last: int, n_eval: int) -> dict[str, float]:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=8, help="images in each of the four membership lists")
     parser.add_argument("--images", type=int, default=600, help="digits written (the rest pre-trains the base)")
     parser.add_argument("--vae_steps", type=int, default=100)
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=10, help="average the last N proxy measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -139,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

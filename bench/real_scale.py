@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from library.cli import offline_environment
+from library.cli import ArgumentParser, offline_environment, run_cli
 
 offline_environment()
 
@@ -173,8 +174,8 @@ def precision(args: argparse.Namespace) -> str:
     return {"fp32": "no"}.get(args.precision, args.precision)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where the trainer runs (it takes the GPU whenever one is visible)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after one warm-up step)")
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("--architecture", default="sd15", choices=["sd15", "tiny"],
                         help="sd15: the bench; tiny: the demo's stack, a smoke run of this script")
     parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (the paper: 512)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if (args.device == "cuda") != torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch {'sees no' if args.device == 'cuda' else 'sees a'} CUDA device "
@@ -225,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -27,8 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-from library.cli import offline_environment
+from library.cli import ArgumentParser, offline_environment, run_cli
 
 offline_environment()
 
@@ -140,8 +141,8 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
     for hidden in ("--_child", "--_model", "--_manifest", "--_out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._child:
         child(args)
@@ -185,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -64,3 +64,22 @@ def test_track_smoothness_trains_and_writes_the_hessian(tiny_train_args, tmp_pat
     assert len(hessians) == 2 and all(math.isfinite(h) and h > 0 for h in hessians)  # steps 0 and 2
     assert (tmp_path / "out" / "smp_lora-smoothness.png").is_file()
     assert math.isfinite(result.final_logs["loss"])
+
+
+def test_a_resumed_tracked_run_continues_its_smoothness_history(tiny_train_args, tmp_path):
+    from library.config import parse_config
+    from library.train.config import TrainConfig
+    from library.train.trainer import train
+
+    common = tiny_train_args + ["--track_smoothness", "--hessian_every_n_steps", "2", "--attacker_batch_size", "2"]
+
+    def run(steps: int, out: str, *extra: str):
+        return train(parse_config(TrainConfig, common + ["--max_train_steps", str(steps), "--output_dir",
+                                                         str(tmp_path / out), *extra]), "smp_lora")
+
+    run(4, "full")
+    run(2, "half", "--save_state")
+    run(4, "resumed", "--resume", str(tmp_path / "half" / "smp_lora-state"))
+    full = (tmp_path / "full" / "smp_lora-smoothness.csv").read_text()
+    assert full.count("\n") == 5  # header + steps 0-3
+    assert (tmp_path / "resumed" / "smp_lora-smoothness.csv").read_text() == full  # not steps 2-3 only

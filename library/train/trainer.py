@@ -379,6 +379,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
+            **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
+                "hessian_generator": self.hessian_generator.get_state()} if self.smoothness is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,6 +396,9 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.global_step = int(state["global_step"])
         self.epoch_logs = json.loads(state["epoch_logs"])
+        if self.smoothness is not None and "smoothness" in state:  # --track_smoothness: its history goes on
+            self.smoothness = SmoothnessTracker(**json.loads(state["smoothness"]))
+            self.hessian_generator.set_state(state["hessian_generator"])
 
 
 def train(config: TrainConfig, method_name: str) -> TrainResult | None:
