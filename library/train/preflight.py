@@ -67,20 +67,18 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
     if trainer.config.dry_run:
         yield
         return
-    lock = OutputLock(trainer.output_dir, "--output_dir")
-    refusal: ConfigError | None = None
-    if trainer.accelerator.is_main_process:
-        try:
-            lock.__enter__()
-        except ConfigError as exc:
-            refusal = exc
-    if trainer.collectives.any_rank(refusal is not None):
-        raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main process "
-                                     "could not take its lock); wait for it to finish or choose another folder")
-    try:
+    with contextlib.ExitStack() as held:
+        refusal: ConfigError | None = None
+        if trainer.accelerator.is_main_process:
+            try:
+                held.enter_context(OutputLock(trainer.output_dir, "--output_dir"))
+            except ConfigError as exc:
+                refusal = exc
+        if trainer.collectives.any_rank(refusal is not None):
+            raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main "
+                                         "process could not take its lock); wait for it to finish or choose another "
+                                         "folder")
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def check_overwrite(trainer: Trainer) -> None:
