@@ -158,6 +158,28 @@ def test_the_demos_defence_is_the_frontiers_run(tmp_path):
     _same(dataclasses.replace(ours, output_dir=theirs.output_dir, overwrite=theirs.overwrite), theirs)
 
 
+def test_the_seed_sweeps_first_seed_is_the_demos_own_runs(tmp_path):
+    """configs/frontier/seeds.toml at seed 1337 trains the demo's plain LoRA, SMP-LoRA and defence with their very
+    configs (so its spread is around the demo's rows); every other seed differs from them in the seed alone."""
+    from library.demo.run import demo_runs
+
+    settings = DemoSettings(workdir=tmp_path / "demo")
+    base, manifest = settings.workdir / "base_model", settings.workdir / "data" / "split.json"
+    frontier = FrontierSettings(demo=settings, sweep=REPO_ROOT / "configs" / "frontier" / "seeds.toml")
+    runs = read_sweep(frontier.sweep)
+    demo_names = {"lora_seeds": "lora", "smp_paper_seeds": "smp_lora", "smp_t_band_seeds": settings.defence}
+    assert {r.label for r in runs} == set(demo_names)
+    for run in runs:
+        method, config_name, overrides = demo_runs(settings)[demo_names[run.label]]
+        ours = tiny_train_config(settings, config_name, base, manifest, tmp_path / "x", "x",
+                                 {**overrides, "progress_bar": False, "seed": run.value})
+        theirs = train_config(frontier, run, base, manifest)
+        assert method == run.method
+        _same(dataclasses.replace(ours, output_dir=theirs.output_dir, output_name=theirs.output_name,
+                                  overwrite=theirs.overwrite), theirs)
+    assert sorted({r.value for r in runs}) == [1, 2, 3, 1337]
+
+
 def test_an_unknown_defence_fails_when_the_settings_are_made(tmp_path):
     with pytest.raises(ConfigError, match="no run named 'smp_t_band-privacy_lambda9p0'.*smp_t_band-privacy_lambda2p0"):
         DemoSettings(workdir=tmp_path, defence="smp_t_band-privacy_lambda9p0")

@@ -10,6 +10,7 @@ from library.demo.frontier import (
     FrontierSettings,
     best_defence,
     run_frontier,
+    seed_spread,
     target_check,
 )
 from library.demo.run import frontier_rows
@@ -124,6 +125,21 @@ def test_best_defence_keeps_the_utility_then_the_target_then_no_signal_then_the_
     assert best_defence(points[:2]) is None
 
 
+def test_seed_spread_summarises_the_seed_curves_only():
+    point = {"method": "smp_lora", "curve": "smp", "knob": "seed", "suite_p": 0.01, "conditional_accuracy": 0.5}
+    points = [{"model": "base", "method": "base", "curve": "base", "knob": None, "worst_auc": 0.55},
+              {**point, "value": 1337, "worst_auc": 0.70, "utility_retained": 0.90},
+              {**point, "value": 1, "worst_auc": 0.60, "utility_retained": 0.60, "suite_p": 0.2},
+              {**point, "value": 2, "worst_auc": 0.65, "utility_retained": None},
+              {**point, "curve": "other", "knob": "privacy_lambda", "value": 2.0, "worst_auc": 0.99}]
+    lines = seed_spread(points)
+    assert lines[0] == "## Across training seeds"
+    rows = [line for line in lines if line.startswith("| smp |")]
+    assert rows == ["| smp | 1337, 1, 2 | 0.650 [0.600, 0.700] | 0.75 [0.60, 0.90] | 0.500 [0.500, 0.500] | [0.01, 0.2] |"]
+    assert not any(line.startswith(("| other", "| base")) for line in lines)
+    assert seed_spread([p for p in points if p.get("knob") != "seed"]) == []
+
+
 @pytest.mark.parametrize("text, message", [
     ("[[run]]\nmethod = 'lora'\nlamda = 1\n", "unknown key"),
     ("[[run]]\nmethod = 'plain'\n", "'method' must be one of"),
@@ -138,13 +154,16 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
         read_sweep(path)
 
 
-def test_shipped_sweep_parses_into_valid_training_configs(tmp_path):
-    """configs/frontier/demo.toml: every run's flags are real training flags for its method (no training)."""
+@pytest.mark.parametrize("name", ["demo.toml", "seeds.toml"])
+def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
+    """configs/frontier/*.toml: every run's flags are real training flags for its method (no training)."""
     from library.demo.frontier import train_config
+    from library.demo.run import REPO_ROOT
 
-    settings = FrontierSettings()
+    settings = FrontierSettings(sweep=REPO_ROOT / "configs" / "frontier" / name)
     runs = read_sweep(settings.sweep)
-    assert {r.label for r in runs} >= {"early_stopping", "smp_calibrated", "relaxloss", "dp_sgd"}
+    if name == "demo.toml":
+        assert {r.label for r in runs} >= {"early_stopping", "smp_calibrated", "relaxloss", "dp_sgd"}
     for run in runs:
         config = train_config(settings, run, tmp_path / "base", tmp_path / "split.json")
         config.validate_for_method(run.method)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,35 @@ def best_defence(points: list[dict]) -> dict | None:
     return min(useful or runs, key=lambda p: p["worst_auc"]) if runs else None
 
 
+def seed_spread(points: list[dict]) -> list[str]:
+    """For the curves that sweep the training seed (knob ``seed``, configs/frontier/seeds.toml): mean and range over
+    the seeds of the worst-case AUC, of U and of the suite-wide p: how much of one frontier point is its seed."""
+    curves: dict[str, list[dict]] = {}
+    for p in points:
+        if p.get("knob") == "seed":
+            curves.setdefault(p["curve"], []).append(p)
+    if not curves:
+        return []
+
+    def spread(rows: list[dict], key: str, digits: int) -> str:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if not values:
+            return "n/a"
+        return f"{statistics.mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+    lines = ["## Across training seeds", "",
+             "Each curve below trains one configuration with several seeds (mean [min, max] over them); U counts in "
+             "units of the first plain-LoRA run's gain, so the plain-LoRA row shows the noise of that unit too.", "",
+             "| curve | seeds | worst AUC | U | conditional accuracy | suite-wide p [min, max] |",
+             "|---|---|---|---|---|---|"]
+    for curve, rows in curves.items():
+        p_values = [r["suite_p"] for r in rows if r.get("suite_p") is not None]
+        p_range = f"[{min(p_values):.3g}, {max(p_values):.3g}]" if p_values else "n/a"
+        lines.append(f"| {curve} | {', '.join(str(r['value']) for r in rows)} | {spread(rows, 'worst_auc', 3)} | "
+                     f"{spread(rows, 'utility_retained', 2)} | {spread(rows, 'conditional_accuracy', 3)} | {p_range} |")
+    return lines
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -277,6 +307,8 @@ def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[s
                      f"{_fmt(p['worst_tpr_at_1pct_fpr'])} | {_fmt(p.get('epsilon_lb'), 2)} | "
                      f"{_fmt(p.get('dp_epsilon'), 1)} | {_fmt(p['heldout_loss'], 4)} | {_fmt(p['member_loss'], 4)} | {_fmt(p['proxy_fd_digits'], 2)} | "
                      f"{_fmt(p.get('conditional_accuracy'))} | {_fmt(p.get('utility_retained'), 2)} |")
+    spread = seed_spread(points)
+    lines += ["", *spread] if spread else []
     path = out / "frontier.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -343,4 +375,5 @@ def run_frontier(settings: FrontierSettings) -> Path:
     return path
 
 
-__all__ = ["FrontierSettings", "SweepRun", "best_defence", "frontier_points", "read_sweep", "run_frontier", "target_check"]
+__all__ = ["FrontierSettings", "SweepRun", "best_defence", "frontier_points", "read_sweep", "run_frontier", "seed_spread",
+           "target_check"]
