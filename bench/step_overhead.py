@@ -6,8 +6,8 @@ method with the same config, batch and seed, then times their training steps *in
 process (CPU timings here drift by up to 2x between runs; ratios taken side by side do not). A bare
 loop — cached latents and text states, UNet forward, MSE, backward, AdamW — is the floor.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` per method; on the CPU, the growth of the
-process's peak RSS while one method runs alone in a fresh subprocess.
+Peak memory, each method alone in a fresh subprocess: on CUDA, ``torch.cuda.max_memory_allocated`` over its
+timed steps; on the CPU, the growth of the process's peak RSS over them.
 
     python bench/step_overhead.py [--steps 30] [--rounds 5] [--batch_size 8] [--threads 2]
 
@@ -122,23 +122,31 @@ def time_steps(step_fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def peak_rss_child(method: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> float:
-    """MiB the peak RSS grows while ``method`` trains alone (measured in a fresh subprocess)."""
+def peak_memory_child(method: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> float:
+    """MiB of peak memory while ``method`` trains alone in a fresh subprocess: the CUDA peak allocation on a GPU,
+    the growth of the peak RSS on the CPU."""
     cmd = [sys.executable, __file__, "--_child", method, "--_model", str(model), "--_manifest", str(manifest),
            "--_out", str(out), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
            "--threads", str(args.threads), "--g_noise", args.g_noise]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["rss_growth_mib"]
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def child(args: argparse.Namespace) -> None:
     trainer = make_trainer(args._child, Path(args._model), Path(args._manifest), Path(args._out), args)
     trainer.step()  # warm-up allocations common to every method are not the method's overhead
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.steps):
         trainer.step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rss_growth_mib": (after - before) / 1024}))
+    if cuda:
+        torch.cuda.synchronize()
+        print(json.dumps({"peak_mib": torch.cuda.max_memory_allocated() / 2**20}))
+        return
+    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -170,13 +178,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, fn in steps.items():
                 samples[name].append(time_steps(fn, args.steps))
         median = {name: statistics.median(v) for name, v in samples.items()}
-        memory = {} if args.no_memory else {v: peak_rss_child(v, model, manifest, root / "mem", args) for v in VARIANTS}
+        memory = {} if args.no_memory else {v: peak_memory_child(v, model, manifest, root / "mem", args) for v in VARIANTS}
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"machine: {platform.machine()} {device}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s); tiny SD stack, batch {args.batch_size}, 8x8 latents, rank 16, "
           f"g_noise={args.g_noise}; median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"{'method':<18}{'s/step':>10}{'img/s':>10}{'x plain':>10}{'peak RSS growth MiB':>22}")
+    memory_name = "CUDA peak MiB" if torch.cuda.is_available() else "peak RSS growth MiB"
+    print(f"{'method':<18}{'s/step':>10}{'img/s':>10}{'x plain':>10}{memory_name:>22}")
     for name in ("bare", *VARIANTS):
         mem = f"{memory[name]:.1f}" if name in memory else "-"
         print(f"{name:<18}{median[name]:>10.4f}{args.batch_size / median[name]:>10.1f}"

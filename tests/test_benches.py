@@ -40,3 +40,12 @@ def test_step_overhead_bench_times_every_variant_against_plain_lora():
     ratios = dict(re.findall(r"(\w+) / plain: ([\d.]+)x", out))
     assert {"mp_lora", "smp_lora", "smp_lora_every2", "smp_t_band"} <= set(ratios)
     assert all(float(value) > 0 for value in ratios.values()) and "plain LoRA / bare loop" in out
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
+    """scripts/gpu_check.sh (tests/test_cuda.py and the benches on a GPU box) says so, rather than timing the CPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip() == "scripts/gpu_check.sh: torch sees no CUDA device"
+    assert not list((tmp_path / "out").iterdir())  # nothing ran

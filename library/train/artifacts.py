@@ -100,7 +100,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     if accelerator.is_main_process:
         record = {
             "method": trainer.method_name, "global_step": trainer.global_step, "total_steps": trainer.total_steps,
-            "num_processes": accelerator.num_processes, "ranks_in_sync": in_sync,
+            "num_processes": accelerator.num_processes, "device": str(trainer.device), "ranks_in_sync": in_sync,
             "manifest_sha256": trainer.data.manifest_sha256, "config": config_to_dict(trainer.config),
             "epochs": trainer.epoch_logs, "final": final_logs or {},
         }

@@ -1,0 +1,101 @@
+"""The GPU path: the same training and evaluation code on a CUDA device, checked against the CPU.
+
+Skipped where torch sees no CUDA device (every machine of this project's CI). On a GPU box the rest of the suite
+runs on the GPU as well (the trainer and ``evaluate_mia`` take it whenever one is visible); these tests add what
+only a comparison can show: the first step's objective and the evaluation's scores on the GPU equal the CPU's up
+to float rounding (TF32 convolutions, other kernels), a GPU-trained file is the same kohya file, and the benches'
+CUDA path (``max_memory_allocated``, bf16 autocast, MFU) runs. ``bash scripts/gpu_check.sh`` runs them with the
+rest of the suite and the real-scale benches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mia_world import base_args
+from safetensors import safe_open
+
+import evaluate_mia
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _subprocess(argv: list[str], cuda: bool) -> str:
+    """Run a command of this repository with the GPU visible (``cuda``) or hidden, offline; its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _train(method: str, args: list[str], out: Path, cuda: bool) -> dict:
+    _subprocess([str(REPO_ROOT / f"train_{method}.py"), *args, "--output_dir", str(out)], cuda)
+    return json.loads((out / f"{method}.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["lora", "mp_lora", "smp_lora"])
+def test_the_first_steps_objective_on_the_gpu_equals_the_cpus(method, tiny_train_args, tmp_path):
+    """One step from the same seed: the same timesteps and noise (drawn on the CPU whatever the device), the same
+    weights, so L_ada (and G, after the attacker's first phase) agree up to the kernels' rounding."""
+    args = tiny_train_args + ["--max_train_steps", "1", "--attacker_batch_size", "2", "--k_steps", "2"]
+    gpu = _train(method, args, tmp_path / "gpu", cuda=True)
+    cpu = _train(method, args, tmp_path / "cpu", cuda=False)
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    assert gpu["final"]["l_ada"] == pytest.approx(cpu["final"]["l_ada"], rel=2e-2)
+    if method != "lora":
+        assert gpu["final"]["g"] == pytest.approx(cpu["final"]["g"], abs=2e-2)
+    with safe_open(tmp_path / "gpu" / f"{method}.safetensors", "pt") as g, \
+            safe_open(tmp_path / "cpu" / f"{method}.safetensors", "pt") as c:
+        assert sorted(g.keys()) == sorted(c.keys())  # the same kohya layout, written from the GPU
+        assert all(g.get_tensor(k).shape == c.get_tensor(k).shape and g.get_tensor(k).dtype == torch.float32
+                   and torch.isfinite(g.get_tensor(k)).all() for k in g.keys())
+
+
+def test_bf16_autocast_trains_on_the_gpu(tiny_train_args, tmp_path):
+    record = _train("smp_lora", tiny_train_args + ["--mixed_precision", "bf16", "--attacker_batch_size", "2"],
+                    tmp_path / "bf16", cuda=True)
+    assert record["device"].startswith("cuda") and record["global_step"] == 4
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["final"].values())
+
+
+def test_the_evaluation_on_the_gpu_scores_like_the_cpu(mia_world, tmp_path):
+    """``evaluate_mia --device cuda`` against ``--device cpu`` on the over-fitted LoRA: the same per-sample noise,
+    so the same scores up to rounding, and the same AUCs."""
+    reports = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device
+        argv = base_args(mia_world, out, "--attacks", "loss", "calibrated", "--network_weights",
+                         str(mia_world["lora"]), "--device", device, "--no-quality")
+        assert evaluate_mia.main(argv) == 0
+        reports[device] = json.loads((out / "report.json").read_text())
+    assert reports["cuda"]["device"].startswith("cuda") and reports["cpu"]["device"] == "cpu"
+    auc = {device: {(r["model"], r["label"]): r["auc"] for r in report["results"]} for device, report in reports.items()}
+    assert auc["cuda"].keys() == auc["cpu"].keys() and auc["cpu"]
+    for key, value in auc["cpu"].items():
+        assert auc["cuda"][key] == pytest.approx(value, abs=0.03), key
+
+
+def test_the_real_scale_bench_takes_its_cuda_path():
+    out = _subprocess([str(REPO_ROOT / "bench" / "real_scale.py"), "--device", "cuda", "--architecture", "tiny",
+                       "--resolution", "64", "--methods", "lora", "smp_lora", "--peak_tflops", "989"], cuda=True)
+    assert "bf16 autocast" in out and "max_memory_allocated" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == 2 and all(float(row.strip("|").split("|")[5]) >= 0 for row in rows)  # the memory column
+
+
+def test_the_step_overhead_bench_runs_on_the_gpu():
+    out = _subprocess([str(REPO_ROOT / "bench" / "step_overhead.py"), "--steps", "1", "--rounds", "1",
+                       "--no_memory"], cuda=True)
+    assert "CUDA peak MiB" in out and "smp_lora / plain:" in out
