@@ -45,13 +45,15 @@ import torch  # noqa: E402 - after offline_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "mp_lora", "smp_lora", "smp_calibrated", "smp_t_loss", "smp_t_band")
-EVERY2 = {"mp_lora_every2": "mp_lora", "smp_lora_every2": "smp_lora"}  # --attacker_every_n_steps 2 (not by default)
+# --attacker_every_n_steps 2 (not by default): the variant's name -> the variant it halves the attacker phase of
+EVERY2 = {"mp_lora_every2": "mp_lora", "smp_lora_every2": "smp_lora", "smp_t_band_every2": "smp_t_band"}
 LABELS = {"lora": "LoRA", "mp_lora": "MP-LoRA (paper features)", "smp_lora": "SMP-LoRA (paper features)",
           "smp_calibrated": "SMP-LoRA, calibrated multi-t proxy (the frontier's)",
           "smp_t_loss": "SMP-LoRA, calibrated (t, loss) proxy (issue 17 candidate)",
           "smp_t_band": "SMP-LoRA, calibrated (t, loss) proxy banded at t < 400",
           "mp_lora_every2": "MP-LoRA (paper features), attacker phase every 2nd step",
-          "smp_lora_every2": "SMP-LoRA (paper features), attacker phase every 2nd step"}
+          "smp_lora_every2": "SMP-LoRA (paper features), attacker phase every 2nd step",
+          "smp_t_band_every2": "SMP-LoRA, banded calibrated (t, loss) proxy, attacker phase every 2nd step"}
 
 
 def variant_flags(variant: str) -> tuple[str, list[str]]:
@@ -60,7 +62,8 @@ def variant_flags(variant: str) -> tuple[str, list[str]]:
     if variant in ("lora", "mp_lora", "smp_lora"):
         return variant, []
     if variant in EVERY2:
-        return EVERY2[variant], ["--attacker_every_n_steps", "2"]
+        method, flags = variant_flags(EVERY2[variant])
+        return method, [*flags, "--attacker_every_n_steps", "2"]
     import toml
 
     sweep = toml.loads((REPO_ROOT / "configs" / "frontier" / "demo.toml").read_text())

@@ -54,6 +54,10 @@ VARIANTS = {
     "smp_t_band": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
                                 "--attacker_calibration", "base", "--attacker_normalization", "standardize",
                                 "--attacker_max_timestep", "400"]),
+    # ... and its attacker phase on every second LoRA step (G still on every step)
+    "smp_t_band_every2": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
+                                       "--attacker_calibration", "base", "--attacker_normalization", "standardize",
+                                       "--attacker_max_timestep", "400", "--attacker_every_n_steps", "2"]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
 }
