@@ -62,6 +62,9 @@ def test_a_refused_two_process_run_ends_on_every_rank_at_once(tiny_train_args, t
            "--max_train_steps", "2"]
     with OutputLock(tmp_path / "out"):  # "another run"
         result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    # Ending inside the timeout is the check that no rank waits at a collective. The refusal line: at least one;
+    # usually one per rank, but torchrun stops the other rank as soon as the first one exits, sometimes before it
+    # has printed its own line (seen once in a fresh-clone run, 2026-12-05).
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if "is in use by another run" in line]
-    assert len(refusals) == 2, result.stderr[-4000:]  # one line from each rank
+    assert 1 <= len(refusals) <= 2, result.stderr[-4000:]
