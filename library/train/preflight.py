@@ -62,7 +62,8 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
     """The output folder's lock for the whole run, held by the main process (a dry run writes nothing).
 
     Every process learns whether the main one got it: a refused multi-process run then ends on every rank at once
-    with the same line, instead of the other ranks waiting at their first collective for the distributed timeout.
+    with the same line, instead of the other ranks waiting at their first collective for the distributed timeout
+    (under a launcher that does not stop the other ranks when one exits, as torchrun does).
     """
     if trainer.config.dry_run:
         yield
