@@ -35,6 +35,10 @@ offline_environment()
 
 import torch  # noqa: E402 - after offline_environment()
 
+# The banded calibrated (t, loss) proxy: the frontier's best defence (configs/frontier/demo.toml, smp_t_band).
+T_BAND_FLAGS = ["--attacker_features", "t_loss", "--attacker_noise", "fresh", "--attacker_calibration", "base",
+                "--attacker_normalization", "standardize", "--attacker_max_timestep", "400"]
+
 # name -> (training method, extra flags). smp_calibrated is the frontier's SMP-LoRA (configs/frontier/demo.toml):
 # base-calibrated losses at five timesteps, fresh noise; the attacker batch stays --batch_size for every method.
 VARIANTS = {
@@ -51,13 +55,9 @@ VARIANTS = {
     "smp_t_loss": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
                                 "--attacker_calibration", "base", "--attacker_normalization", "standardize"]),
     # ... with the proxy's t banded below 400 and G read from L_ada's rows in that band only
-    "smp_t_band": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
-                                "--attacker_calibration", "base", "--attacker_normalization", "standardize",
-                                "--attacker_max_timestep", "400"]),
+    "smp_t_band": ("smp_lora", T_BAND_FLAGS),
     # ... and its attacker phase on every second LoRA step (G still on every step)
-    "smp_t_band_every2": ("smp_lora", ["--attacker_features", "t_loss", "--attacker_noise", "fresh",
-                                       "--attacker_calibration", "base", "--attacker_normalization", "standardize",
-                                       "--attacker_max_timestep", "400", "--attacker_every_n_steps", "2"]),
+    "smp_t_band_every2": ("smp_lora", [*T_BAND_FLAGS, "--attacker_every_n_steps", "2"]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
 }
