@@ -59,6 +59,8 @@ def test_reduced_sweep_end_to_end(tmp_path, capsys, small_demo_settings):
     assert sorted(p["value"] for p in by_curve["early_stopping"]) == [1, 2]  # checkpoint + final: early stopping
     for p in points:
         assert 0.0 <= p["worst_auc"] <= 1.0 and p["heldout_loss"] > 0 and p["proxy_fd_digits"] is not None
+        by_t = p["heldout_loss_by_t"]  # the evaluation's timesteps, their mean the held-out loss
+        assert len(by_t) > 1 and sum(by_t.values()) / len(by_t) == pytest.approx(p["heldout_loss"])
         assert p["worst_attack"]
         assert p["epsilon_lb"] is not None and p["epsilon_lb"] >= 0  # the measured lower bound, for every model
         assert (p["dp_epsilon"] is not None) == (p["method"] == "dp_lora")  # the accountant's, for DP-SGD only

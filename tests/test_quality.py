@@ -150,7 +150,12 @@ def test_heldout_losses_are_reported(evaluated):
         assert row["loss_gap"] == pytest.approx(row["loss_nonmember_test"] - row["loss_member_test"])
     assert "loss_member_test" in report["utility_metrics"]
     md = (out / "report.md").read_text()
-    assert "| model | loss_member_test | loss_nonmember_test | loss_gap |" in md
+    assert "| model | loss_member_test | loss_nonmember_test | loss_gap | loss_nonmember_test_t" in md
+    timesteps = report["config"]["timesteps"]
+    for model in ("base", "noisy"):  # one held-out loss per evaluation timestep, their mean the overall one
+        per_t = [report["utility"][model][f"loss_nonmember_test_t{t}"] for t in timesteps]
+        assert sum(per_t) / len(per_t) == pytest.approx(report["utility"][model]["loss_nonmember_test"])
+    assert f"loss_nonmember_test_t{timesteps[0]}" in report["utility_metrics"]
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -162,6 +167,17 @@ def test_heldout_losses_average_the_right_samples():
     splits = ["member_aux", "member_test", "member_test", "nonmember_test", "nonmember_aux"]
     row = heldout_losses(feats, splits)["m"]
     assert row == {"loss_member_test": 6.0, "loss_nonmember_test": 20.0, "loss_gap": 14.0}
+
+
+def test_heldout_losses_per_timestep_read_each_column_of_the_non_members():
+    # two timesteps: the non-member's losses are 20 at t=50 and 40 at t=200, others differ at every t
+    losses = torch.tensor([[1.0, 3.0], [20.0, 40.0], [100.0, 300.0]]).view(3, 2, 1).expand(3, 2, 4).clone()
+    row = heldout_losses({"m": SimpleNamespace(losses=losses)}, ["member_test", "nonmember_test", "nonmember_aux"],
+                         timesteps=[50, 200])["m"]
+    assert row["loss_nonmember_test_t50"] == 20.0 and row["loss_nonmember_test_t200"] == 40.0
+    assert row["loss_nonmember_test"] == 30.0  # the mean over t is unchanged
+    with pytest.raises(ValueError, match="3 timesteps named for 2 loss columns"):
+        heldout_losses({"m": SimpleNamespace(losses=losses)}, ["member_test"] * 3, timesteps=[1, 2, 3])
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero(world):

@@ -36,6 +36,7 @@ from library.demo.run import (
 )
 from library.demo.sweep import SweepRun, read_sweep
 from library.errors import ConfigError
+from library.eval.quality import PER_T_PREFIX
 from library.eval.summary import worst_case
 from library.train.config import TrainConfig
 from library.train.methods import method_class
@@ -124,6 +125,8 @@ def frontier_points(report: dict[str, Any], runs: list[SweepRun], files: dict[st
             "worst_tpr_at_1pct_fpr": worst.tpr_at_fpr.get("0.01"),
             "worst_tpr_at_5pct_fpr": worst.tpr_at_fpr.get("0.05"),
             "heldout_loss": utility.get("loss_nonmember_test"), "member_loss": utility.get("loss_member_test"),
+            "heldout_loss_by_t": {k.removeprefix(PER_T_PREFIX): v for k, v in utility.items()
+                                  if k.startswith(PER_T_PREFIX)},
             "proxy_fd_digits": utility.get("proxy_fd_digits"),
             "conditional_accuracy": utility.get("conditional_accuracy"),
             "utility_retained": utility.get("utility_retained"),

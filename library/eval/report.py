@@ -19,6 +19,7 @@ import numpy as np
 from library import __version__
 from library.config import config_to_dict
 from library.eval.extractors import extractor_notes
+from library.eval.quality import PER_T_PREFIX
 from library.eval.summary import results_table, suite_sections
 from library.fileio import atomic_write_path, atomic_write_text
 
@@ -120,7 +121,11 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
 def _utility_notes(result: "EvalResult") -> dict[str, str]:
     """What each utility number present in the report means (proxy metrics are labelled as such)."""
     present = {k for row in (result.info.get("utility") or {}).values() for k in row}
-    return {k: v for k, v in metric_notes().items() if k in present}
+    notes = {k: v for k, v in metric_notes().items() if k in present}
+    notes.update({k: f"loss_nonmember_test at t = {k.removeprefix(PER_T_PREFIX)} only (a defence that raises the "
+                     "error at small t for everyone loses fine detail that the mean hides)"
+                  for k in sorted(present) if k.startswith(PER_T_PREFIX)})
+    return notes
 
 
 def _utility_table(result: "EvalResult") -> list[str]:

@@ -284,7 +284,7 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
                                                     config.audit_alpha, config.epsilon_delta, seed=config.seed)
         # Utility (library.eval.quality): held-out losses always (free: the attack features hold them); samples,
         # grids and FD/KID with --quality.
-        info["utility"] = quality.heldout_losses(features, samples.splits)
+        info["utility"] = quality.heldout_losses(features, samples.splits, config.timesteps)
         if config.quality:
             t0 = time.perf_counter()
             info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
