@@ -77,6 +77,28 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Run the block with ``modules`` in eval mode (no dropout), then give every submodule its own mode back."""
+    modes = [(m, m.training) for module in modules if module is not None for m in module.modules()]
+    for module in modules:
+        if module is not None:
+            module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices whose random state belongs to a process on ``device`` (none on the CPU), for
+    :func:`torch.random.fork_rng`."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def echo(message: str) -> None:
     """Default progress sink: print and flush, so lines appear promptly when stdout is a file or a pipe."""
     print(message, flush=True)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,32 @@ def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args,
     assert record["num_processes"] == 2
     assert record["ranks_in_sync"] is True
     assert (tmp_path / "out" / "smp_lora-attacker.safetensors").is_file()
+
+
+def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
+    """Each rank draws its own (t, eps) stream: the state keeps every rank's, so 2 steps + resume to 4 give the
+    files of 4 uninterrupted steps (with only the main process's streams saved, both ranks drew the same noise)."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    common = [*LAUNCHERS["torchrun"], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+              "--attacker_batch_size", "2"]
+    for extra in (["--max_train_steps", "4", "--output_dir", "full"],
+                  ["--max_train_steps", "2", "--save_state", "--output_dir", "half"],
+                  ["--max_train_steps", "4", "--resume", "half/smp_lora-state", "--output_dir", "resumed"]):
+        result = subprocess.run([*common, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for name in ("smp_lora.safetensors", "smp_lora-attacker.safetensors"):
+        full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        assert full.keys() == resumed.keys()
+        for key in full:
+            assert torch.equal(full[key], resumed[key]), (name, key)
+    # The same state on one process: it goes on, and says it is no longer the uninterrupted run.
+    one = subprocess.run([sys.executable, str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size",
+                          "2", "--attacker_batch_size", "2", "--max_train_steps", "3", "--resume", "half/smp_lora-state",
+                          "--output_dir", "single"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+    assert "the state was written by 2 process(es), this run has 1" in one.stdout
 
 
 def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_args, tmp_path):

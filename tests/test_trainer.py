@@ -100,9 +100,11 @@ def test_resume_is_exact(tiny_train_args, tmp_path):
 
 
 
-def test_the_proxy_monitor_does_not_change_what_is_trained(tiny_train_args, tmp_path):
-    # The fixture's D_tr holds 24 members: 6 steps of 4 per epoch, so 13 steps cross two epoch ends.
-    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "13"]
+@pytest.mark.parametrize("dropout", [[], ["--network_dropout", "0.1"]], ids=["no-dropout", "lora-dropout"])
+def test_the_proxy_monitor_does_not_change_what_is_trained(dropout, tiny_train_args, tmp_path):
+    # The fixture's D_tr holds 24 members: 6 steps of 4 per epoch, so 13 steps cross two epoch ends. With LoRA
+    # dropout the monitor's forwards would draw masks from torch's global RNG and shift every later one.
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "13", *dropout]
     monitored = run("smp_lora", common + ["--attacker_eval_every_n_epochs", "1",
                                           "--output_dir", str(tmp_path / "monitored")])
     unmonitored = run("smp_lora", common + ["--attacker_eval_every_n_epochs", "1000",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 
 class Collectives:
@@ -33,6 +36,12 @@ class Collectives:
             return flag
         total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
         return bool(total.item() > 0)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order, on every process (a list of one with one process)."""
+        if self.accelerator.num_processes == 1:
+            return [obj]
+        return gather_object([obj])
 
     def in_sync(self, tensors: list[torch.Tensor]) -> bool:
         """True when every process holds bit-identical ``tensors`` (compared by two float64 checksums)."""

@@ -6,7 +6,8 @@ Algorithm 1, for every method), the epoch bookkeeping, logging and the resumable
 
 Randomness is explicit so that ``--save_state`` then ``--resume`` reproduces an uninterrupted run
 exactly: data order comes from :class:`EpochCyclingSampler` (state = two integers), (t, eps) from a
-dedicated ``torch.Generator`` whose state is saved, and dropout from torch's global RNG (saved too).
+dedicated ``torch.Generator`` per process whose state is saved, and dropout from torch's global RNG and, on a
+GPU, the device's (saved too). Every process's streams are gathered into the one state the main process writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
 from library.errors import ConfigError, TrainingError
+from library.runtime import cuda_devices, eval_mode
 from library.sd.diffusion import (
     NoiseDraw,
     denoising_errors,
@@ -337,14 +339,18 @@ class Trainer:
         monitor_generator = torch.Generator().manual_seed((self.config.seed * 104729 + epoch) % 2**64)
         ctx = dataclasses.replace(self._context(), noise_generator=monitor_generator)
         out = {}
-        for name, (m, nm) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
-                              "test": (self.data.member_test, self.data.nonmember_test)}.items():
-            if m is None or nm is None or len(m) + len(nm) == 0:
-                continue
-            latents = torch.cat([m.latents, nm.latents])
-            labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
-            out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
-                                                                  m.keys + nm.keys, labels)
+        # In eval mode (no LoRA or UNet dropout: a measurement, and one that draws nothing from torch's global
+        # RNG); the fork is a second guard, so the monitor can never shift a later dropout mask.
+        with torch.random.fork_rng(devices=cuda_devices(self.device)), \
+                eval_mode(self.bundle.unet, self.bundle.text_encoder, getattr(self.trained, "network", None)):
+            for name, (m, nm) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
+                                  "test": (self.data.member_test, self.data.nonmember_test)}.items():
+                if m is None or nm is None or len(m) + len(nm) == 0:
+                    continue
+                latents = torch.cat([m.latents, nm.latents])
+                labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
+                out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
+                                                                      m.keys + nm.keys, labels)
         return out
 
     def _sample_images(self, name: str) -> None:
@@ -375,8 +381,7 @@ class Trainer:
             "grad_scaler": self.grad_scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             **({"prior_sampler": self.prior_sampler.state_dict()} if self.prior_sampler is not None else {}),
-            "noise_generator": self.noise_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "rank_rng": self.collectives.gather_objects(self._rng_state()),  # a collective: every rank calls it
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
             **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
@@ -391,14 +396,39 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.prior_sampler is not None:
             self.prior_sampler.load_state_dict(state["prior_sampler"])
-        self.noise_generator.set_state(state["noise_generator"])
-        torch.set_rng_state(state["torch_rng"])
+        self._load_rng_state(state)
         self.method.load_state_dict(state["method"])
         self.global_step = int(state["global_step"])
         self.epoch_logs = json.loads(state["epoch_logs"])
         if self.smoothness is not None and "smoothness" in state:  # --track_smoothness: its history goes on
             self.smoothness = SmoothnessTracker(**json.loads(state["smoothness"]))
             self.hessian_generator.set_state(state["hessian_generator"])
+
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's random streams: its own (t, eps) stream, torch's global one and, on a GPU, the device's."""
+        state = {"noise_generator": self.noise_generator.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _load_rng_state(self, state: dict[str, Any]) -> None:
+        """Each process takes back its own streams. A state of another process count (or one written before
+        2026-12-05, which kept the main process's streams only) cannot continue every stream: the run goes on
+        with each process's freshly seeded ones and says it is no longer the uninterrupted run."""
+        ranks = state.get("rank_rng") or [{"noise_generator": state["noise_generator"],
+                                           "torch_rng": state["torch_rng"]}]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if len(ranks) != world:
+            if self.accelerator.is_main_process:
+                print(f"warning: the state was written by {len(ranks)} process(es), this run has {world}: training "
+                      "goes on, but with new random streams, not as the uninterrupted run would", flush=True)
+            return
+        mine = ranks[rank]
+        self.noise_generator.set_state(mine["noise_generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
 
 
 def train(config: TrainConfig, method_name: str) -> TrainResult | None:

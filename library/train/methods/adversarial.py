@@ -25,6 +25,7 @@ from library.privacy import (
     mi_gain_members,
     privacy_loss_terms,
 )
+from library.runtime import cuda_devices
 from library.sd.diffusion import NoiseDraw
 from library.train.methods.base import (
     AuxData,
@@ -84,7 +85,7 @@ class AdversarialLoRA(TrainingMethod):
     def _new_attacker(self, seed: int) -> None:
         """A freshly initialised h_w and its optimiser (seeded apart from the LoRA's initialisation)."""
         cfg = self.config
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=cuda_devices(self.device)):  # manual_seed reseeds the GPU's RNG too
             torch.manual_seed(seed)
             self.attacker = ProxyAttacker(
                 self.in_features, dropout=cfg.attacker_dropout, normalization=cfg.attacker_normalization,
