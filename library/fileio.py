@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+OLD_MARK = ".old."  # in the name of the folder replace_dir moves an older folder into while it swaps
+
 
 @contextlib.contextmanager
 def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -59,17 +61,37 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder ``staging`` to ``target``, replacing an older ``target`` if there is one.
 
     ``staging`` must be a sibling of ``target`` (same file system). The older folder is first renamed into a
-    fresh private folder beside it, so a leftover from an earlier interrupted swap can never block this one,
-    and then deleted: a reader sees the old folder or the new one, never a mix.
+    fresh private folder ``.<name>.old.<random>.tmp/<name>`` beside it, so a leftover from an earlier interrupted
+    swap can never block this one, and then deleted: a reader sees the old folder or the new one, never a mix.
+    Two renames are not one: if the second fails, the old folder is put back; if the process dies between them,
+    :func:`library.outputs.remove_stale_temporaries` puts it back at the next start. Either way one of the two
+    folders survives.
     """
     staging, target = Path(staging), Path(target)
     if not target.exists():
         os.replace(staging, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_MARK}", suffix=".tmp", dir=target.parent))
     os.replace(target, old / target.name)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        old.rmdir()
+        raise
     shutil.rmtree(old)
+
+
+def restore_swapped_out(entry: str | os.PathLike) -> bool:
+    """Put back the folder a :func:`replace_dir` killed between its two renames had moved aside into ``entry``
+    (``.<name>.old.<random>.tmp/<name>``) when nothing has taken its place; True when it did."""
+    entry = Path(entry)
+    for child in entry.iterdir() if entry.is_dir() and OLD_MARK in entry.name else ():
+        target = entry.parent / child.name
+        if entry.name.startswith(f".{child.name}{OLD_MARK}") and not target.exists():
+            os.replace(child, target)
+            return True
+    return False
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from library.errors import ConfigError
+from library.fileio import restore_swapped_out
 
 LOCK_FILE = ".smp-lora.lock"
 TEMP_SUFFIX = ".tmp"
@@ -97,12 +98,15 @@ class OutputLock:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the hidden ``.*.tmp`` files and folders directly in ``folder``; returns what was removed.
 
-    Only call this while holding the folder's :class:`OutputLock`: then no live writer owns them.
+    A folder that a killed :func:`library.fileio.replace_dir` had moved aside (a resumable state, say) and not
+    yet replaced is first put back where it was. Only call this while holding the folder's :class:`OutputLock`:
+    then no live writer owns them.
     """
     removed = []
-    for entry in Path(folder).iterdir():
+    for entry in sorted(Path(folder).iterdir()):
         if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
             continue
+        restore_swapped_out(entry)
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
