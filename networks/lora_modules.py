@@ -129,10 +129,13 @@ class LoRAModule(nn.Module):
         return delta.reshape(self.out_dim, self.in_dim, *self.kernel_size) if self.is_conv else delta
 
     def set_alpha(self, alpha: float) -> None:
-        self.alpha.fill_(float(alpha))
-        self.scale = float(alpha) / self.rank
+        """``alpha`` 0 means alpha = rank (scale 1), as in the constructor, kohya and AUTOMATIC1111: a file
+        with ``.alpha`` 0 is a full-strength LoRA, not the base model."""
+        alpha = float(alpha) or float(self.rank)
+        self.alpha.fill_(alpha)
+        self.scale = alpha / self.rank
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # Keep the cached Python scale in step with a loaded alpha, whichever load path was used.
-        self.scale = float(self.alpha) / self.rank
+        self.set_alpha(float(self.alpha))

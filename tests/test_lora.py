@@ -450,3 +450,18 @@ def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     pickle_file.write_bytes(b"\x80\x04")
     with pytest.raises(ModelError, match="safetensors"):
         create_network_from_weights(1.0, pickle_file, None, *models)
+
+
+def test_a_file_with_alpha_zero_is_a_full_strength_lora(models, stack, tmp_path):
+    # kohya and AUTOMATIC1111 read alpha 0 as alpha = rank (scale 1); scale 0 would make the file the base model
+    # and an attack on it report a private LoRA that is not.
+    path = tmp_path / "lora.safetensors"
+    trained_network(models).save_weights(path, torch.float32, {})
+    zero = {k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in load_file(str(path)).items()}
+    te, unet = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    assert all(lora.scale == 1.0 for lora in create_network_from_weights(1.0, zero, None, te, unet).loras)
+    fresh = create_network(1.0, RANK, ALPHA, None, *copy.deepcopy(models))
+    fresh.load_weights(zero)
+    assert all(lora.scale == 1.0 and float(lora.alpha) == RANK for lora in fresh.loras)
+    fresh.load_state_dict(zero, strict=False)
+    assert all(lora.scale == 1.0 for lora in fresh.loras)
