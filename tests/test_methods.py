@@ -79,3 +79,29 @@ def test_a_new_method_is_one_class_and_one_registry_line(tiny_train_args, monkey
         meta = handle.metadata()
     assert meta["smp_lora.method"] == "doubled_lora" and meta["smp_lora.doubled"] == "yes"
     assert result.lora_path.name == "doubled_lora.safetensors" and result.attacker_path is None
+
+
+def test_the_g_terms_base_model_encodes_captions_with_the_base_text_encoder(tiny_train_args):
+    """With a text-encoder LoRA, the base term of G (L_ada's rows) must be the base model's whole, as the attacker
+    phase's is: the base UNet on the *base* text encoder's encoding, not on the LoRA text encoder's."""
+    from library.sd.diffusion import draw_noise
+
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "4", "--learning_rate", "1e-2",
+                              "--attacker_features", "t_loss", "--attacker_calibration", "base",
+                              "--attacker_normalization", "standardize"]
+    trainer = Trainer(parse_config(TrainConfig, args), "smp_lora")
+    trainer.prepare()
+    for _ in range(4):
+        trainer.step()
+    ctx, method, members = trainer._context(), trainer.method, trainer.data.members
+    latents, captions, keys = members.latents[:4], members.captions[:4], members.keys[:4]
+    draw = draw_noise(latents, torch.Generator().manual_seed(0), 0, 1000)
+    with torch.no_grad():
+        with ctx.base_model():
+            attacker_phase_base = method._raw_features(ctx, latents, keys, captions, None, draw)
+        lora_conditioning = ctx.encode_text(captions)  # what L_ada's forward encoded (the text-encoder LoRA on)
+        g_base = method._base_on_draw(ctx, latents, keys, captions, lora_conditioning, draw)
+        g_base_without_captions = method._base_on_draw(ctx, latents, keys, None, lora_conditioning, draw)
+    assert torch.equal(g_base, attacker_phase_base)
+    assert not torch.equal(g_base_without_captions, attacker_phase_base)  # the text-encoder LoRA did move
+    assert trainer._forward([0, 1], ctx).captions == members.captions[:2]  # L_ada's forward hands them on

@@ -249,7 +249,8 @@ class Trainer:
             errors, losses, latents, conditioning = errors[:n], losses[:n], latents[:n], conditioning[:n]
             draw = NoiseDraw(draw.timesteps[:n], draw.noise[:n])
         return ForwardResult(errors=errors, losses=losses, latents=latents, conditioning=conditioning,
-                             keys=[members.keys[i] for i in indices], draw=draw, prior_loss=prior_loss)
+                             keys=[members.keys[i] for i in indices], draw=draw, prior_loss=prior_loss,
+                             captions=captions[:n])
 
     def _method_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
         """The method's loss; a non-finite one stops the run with the last good LoRA kept."""

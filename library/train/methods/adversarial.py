@@ -184,12 +184,13 @@ class AdversarialLoRA(TrainingMethod):
             assert keys is not None
             features = self._raw_features(ctx, latents, keys, captions, conditioning)
             return self.features.calibrate(features, self.base_features.lookup(keys, features.device))
-        # Fresh noise: one draw for both passes; the base pass is a constant for the LoRA's gradient.
+        # Fresh noise: one draw for both passes; the base pass is a constant for the LoRA's gradient. The base
+        # model is the whole of it: its own text encoder too, so captions are re-encoded when they are known.
         assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
         draw = self.features.draw(latents, keys, ctx.noise_generator)
         features = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
         with ctx.base_model(), torch.no_grad():
-            base = self._raw_features(ctx, latents, keys, captions, conditioning, draw)
+            base = self._raw_features(ctx, latents, keys, captions, None if captions else conditioning, draw)
         return self.features.calibrate(features, base)
 
     # ---- Algorithm 1, lines 7-9 --------------------------------------------------------------
@@ -203,7 +204,7 @@ class AdversarialLoRA(TrainingMethod):
                                            cfg.privacy_delta)
                 return terms.loss, {"l_ada": l_ada.item(), "g": 0.0, "loss": terms.loss.item()}
         else:  # upstream (and fixed / multi-t features): a second, differentiable UNet pass
-            features = self._features(ctx, result.latents, result.keys, conditioning=result.conditioning)
+            features = self._features(ctx, result.latents, result.keys, result.captions, result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
         # leaves it in train mode (dropout active); we evaluate it deterministically, and eval mode also
         # keeps its normaliser's statistics fitted on balanced attacker batches only.
@@ -227,8 +228,8 @@ class AdversarialLoRA(TrainingMethod):
         """G's input read from L_ada's own forward. ``t_loss`` with ``--attacker_max_timestep`` keeps only the rows
         whose t falls in the proxy's band (None when none does); base calibration adds one no-grad base pass on
         those rows' very (t, eps)."""
-        errors, latents, conditioning, keys, draw = (result.errors, result.latents, result.conditioning,
-                                                      result.keys, result.draw)
+        errors, latents, conditioning, keys, captions, draw = (result.errors, result.latents, result.conditioning,
+                                                                result.keys, result.captions, result.draw)
         if self.features.kind == "t_loss" and draw is not None:
             rows = draw.timesteps < self.features.max_timestep
             if not bool(rows.any()):
@@ -236,20 +237,25 @@ class AdversarialLoRA(TrainingMethod):
             if not bool(rows.all()):
                 errors, latents, conditioning = errors[rows], latents[rows], conditioning[rows]
                 draw = NoiseDraw(draw.timesteps[rows], draw.noise[rows])
-                keys = [key for key, kept in zip(keys, rows.tolist()) if kept] if keys is not None else None
+                kept = rows.tolist()
+                keys = [key for key, k in zip(keys, kept) if k] if keys is not None else None
+                captions = [caption for caption, k in zip(captions, kept) if k] if captions is not None else None
         features = features_from_errors(errors, self.config.attacker_features, latents.shape[0],
                                         draw.timesteps if draw is not None else None)
         if self.features.calibration == "base":  # t_loss: the base model on the very same (t, eps)
-            features = self.features.calibrate(features, self._base_on_draw(ctx, latents, keys, conditioning, draw))
+            base = self._base_on_draw(ctx, latents, keys, captions, conditioning, draw)
+            features = self.features.calibrate(features, base)
         return features
 
     @torch.no_grad()
     def _base_on_draw(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
-                      conditioning: torch.Tensor, draw: NoiseDraw | None) -> torch.Tensor:
-        """The frozen base model's features of L_ada's rows on L_ada's own (t, eps): one no-grad pass."""
+                      captions: list[str] | None, conditioning: torch.Tensor, draw: NoiseDraw | None) -> torch.Tensor:
+        """The frozen base model's features of L_ada's rows on L_ada's own (t, eps): one no-grad pass, with the base
+        text encoder's encoding of the captions (as the attacker phase's base term has), where they are known."""
         assert ctx.base_model is not None, "base-calibrated features need the step context's base_model switch"
         with ctx.base_model():
-            return self._raw_features(ctx, latents, keys, conditioning=conditioning.detach(), draw=draw)
+            return self._raw_features(ctx, latents, keys, captions,
+                                      conditioning=None if captions else conditioning.detach(), draw=draw)
 
     @torch.no_grad()
     def proxy_accuracy(self, ctx: StepContext, latents: torch.Tensor, captions: list[str], keys: list[str],

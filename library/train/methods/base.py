@@ -29,6 +29,7 @@ class ForwardResult:
     keys: list[str] | None = None  # the samples' identities (image paths): they seed fixed proxy noise
     draw: NoiseDraw | None = None  # the (t, eps) of this forward (t_loss features read its timesteps)
     prior_loss: torch.Tensor | None = None  # DreamBooth: prior_loss_weight x the class images' mean loss
+    captions: list[str] | None = None  # as encoded into ``conditioning`` (a base-model term re-encodes them)
 
     def adaptation_loss(self) -> torch.Tensor:
         """L_ada (Eq. 3), the batch mean of the members' losses; with DreamBooth's prior preservation in the
