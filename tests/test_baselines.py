@@ -140,3 +140,20 @@ def test_relaxloss_trains_and_records_its_target(tiny_train_args):
 def test_bad_baseline_settings_are_one_line(tiny_train_args, method, extra, message):
     with pytest.raises(ConfigError, match=message):
         train(parse_config(TrainConfig, tiny_train_args + extra), method)
+
+
+def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manifest_path, tmp_path, capsys):
+    """One image k times in D_tr is k records to the accountant: its epsilon would be understated."""
+    import dataclasses
+
+    from library.data.manifest import read_manifest, write_manifest
+    from library.train.cli import train_entry
+
+    manifest = read_manifest(manifest_path)
+    manifest.member_test[0] = dataclasses.replace(manifest.member_test[0], repeats=2)  # a kohya 2_<name> folder
+    repeated = manifest_path.parent / f"repeated-{tmp_path.name}.json"  # beside the images it names
+    write_manifest(manifest, repeated)
+    assert train_entry("dp_lora", "", tiny_train_args + ["--split_manifest", str(repeated),
+                                                         "--dp_clip_norm", "0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "occurs 2 times in D_tr" in err[0] and "epsilon would be understated" in err[0]

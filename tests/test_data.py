@@ -376,3 +376,25 @@ def test_mnist5k_source_missing_and_fake(tmp_path, monkeypatch):
     img = np.asarray(Image.open(records[0].path))
     assert img.shape == (32, 32, 3)
     assert img[:2].max() == 0 and img[:, :2].max() == 0  # the 2-pixel pad
+
+
+def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
+    """D_tr repeats an image as its <repeats>_<name> folder says (as --train_data_dir and sd-scripts do); the
+    attacker's and evaluation's sets hold each image once, and DP-SGD refuses a repeated image."""
+    from types import SimpleNamespace
+
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+    from library.train.data import load_training_records, most_repeats
+
+    for i in range(4):
+        _pair(tmp_path / "data" / "3_triple", f"t{i}", f"triple {i}", color=(10 + i, 0, 0))
+        _pair(tmp_path / "data" / "1_plain", f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    manifest = make_split(scan_dataset(tmp_path / "data"), sizes=sizes, seed=0, dataset_root=tmp_path / "data")
+    write_manifest(manifest, tmp_path / "split.json")
+    data = load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=True)
+    expected = sum(e.repeats for e in manifest.members())
+    assert expected > len(manifest.members())  # the seed put at least one repeated image among the members
+    assert len(data.members) == expected and most_repeats(data.members) == 3
+    assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux) == 1

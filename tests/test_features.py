@@ -155,9 +155,9 @@ def test_calibrated_t_loss_smp_reads_g_from_the_training_forward(tiny_train_args
     seen = {}
     real_base = adversarial_module.AdversarialLoRA._base_on_draw
 
-    def spying_base(self, ctx, latents, keys, conditioning, draw):
+    def spying_base(self, ctx, latents, keys, captions, conditioning, draw):
         seen.setdefault("draws", []).append(draw)
-        return real_base(self, ctx, latents, keys, conditioning, draw)
+        return real_base(self, ctx, latents, keys, captions, conditioning, draw)
 
     monkeypatch.setattr(adversarial_module.AdversarialLoRA, "_base_on_draw", spying_base)
     args = tiny_train_args + ["--attacker_batch_size", "2", "--privacy_lambda", "1", "--attacker_features", "t_loss",

@@ -7,6 +7,7 @@ also in D_tr) gets one latent, cached once (upstream cached it twice with differ
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,18 @@ class TrainingData:
                             self.nonmember_test) if s is not None]
 
 
-def _labelled(manifest: SplitManifest, entries) -> LabelledSet:
+def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> LabelledSet:
+    """The entries as a set; ``repeat``: each as many times as its kohya ``<repeats>_<name>`` folder says (D_tr
+    only: an epoch is one pass over the repeated list, as in sd-scripts; the attacker's and the evaluation's sets
+    hold each image once)."""
+    entries = [e for e in entries for _ in range(e.repeats if repeat else 1)]
     return LabelledSet([manifest.abs_path(e) for e in entries], [e.caption for e in entries],
                        keys=[e.sha256 for e in entries])
+
+
+def most_repeats(labelled: LabelledSet) -> int:
+    """How often the most repeated image occurs (kohya repeats, or one image under two names)."""
+    return max(Counter(labelled.keys).values(), default=0)
 
 
 def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
@@ -67,7 +77,7 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
     if config.split_manifest:
         manifest = read_manifest(config.split_manifest, verify=True)
         data = TrainingData(
-            members=_labelled(manifest, manifest.members()),
+            members=_labelled(manifest, manifest.members(), repeat=True),
             member_aux=_labelled(manifest, manifest.member_aux),
             nonmember_aux=_labelled(manifest, manifest.nonmember_aux),
             member_test=_labelled(manifest, manifest.member_test),

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
-from library.errors import ConfigError, TrainingError
+from library.errors import ConfigError, DataError, TrainingError
 from library.runtime import cuda_devices, eval_mode
 from library.sd.diffusion import (
     NoiseDraw,
@@ -43,6 +43,7 @@ from library.train.data import (
     TrainingData,
     attach_latents,
     load_training_records,
+    most_repeats,
 )
 from library.train.methods import (
     AuxData,
@@ -54,6 +55,7 @@ from library.train.methods import (
     method_class,
 )
 from library.train.parametrization import build_parametrization, trains_text_encoder
+from library.train.rng_state import process_rng_state, restore_process_rng_state
 from library.train.samplers import EpochCyclingSampler
 from library.train.setup import (
     TextConditioner,
@@ -94,6 +96,10 @@ class Trainer:
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=self.method_class.needs_aux)
+        if self.method_class.distinct_members and most_repeats(self.data.members) > 1:
+            raise DataError(f"{self.method_class.distinct_members}: an image occurs {most_repeats(self.data.members)} "
+                            "times in D_tr (kohya <repeats>_<name> folders, or one image under two names); train "
+                            f"{method_name} on a set with each image once")
         prior.check_prior_config(config)
         if config.instance_token:
             prior.check_instance_captions(self.data.members.paths, self.data.members.captions, config.instance_token)
@@ -382,7 +388,8 @@ class Trainer:
             "grad_scaler": self.grad_scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             **({"prior_sampler": self.prior_sampler.state_dict()} if self.prior_sampler is not None else {}),
-            "rank_rng": self.collectives.gather_objects(self._rng_state()),  # a collective: every rank calls it
+            # a collective: every rank calls state_dict()
+            "rank_rng": self.collectives.gather_objects(process_rng_state(self.noise_generator, self.device)),
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
             **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
@@ -397,39 +404,16 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.prior_sampler is not None:
             self.prior_sampler.load_state_dict(state["prior_sampler"])
-        self._load_rng_state(state)
+        warning = restore_process_rng_state(state, self.noise_generator, self.device, self.accelerator.process_index,
+                                            self.accelerator.num_processes)
+        if warning and self.accelerator.is_main_process:
+            print(warning, flush=True)
         self.method.load_state_dict(state["method"])
         self.global_step = int(state["global_step"])
         self.epoch_logs = json.loads(state["epoch_logs"])
         if self.smoothness is not None and "smoothness" in state:  # --track_smoothness: its history goes on
             self.smoothness = SmoothnessTracker(**json.loads(state["smoothness"]))
             self.hessian_generator.set_state(state["hessian_generator"])
-
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        """This process's random streams: its own (t, eps) stream, torch's global one and, on a GPU, the device's."""
-        state = {"noise_generator": self.noise_generator.get_state(), "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _load_rng_state(self, state: dict[str, Any]) -> None:
-        """Each process takes back its own streams. A state of another process count (or one written before
-        2026-12-05, which kept the main process's streams only) cannot continue every stream: the run goes on
-        with each process's freshly seeded ones and says it is no longer the uninterrupted run."""
-        ranks = state.get("rank_rng") or [{"noise_generator": state["noise_generator"],
-                                           "torch_rng": state["torch_rng"]}]
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if len(ranks) != world:
-            if self.accelerator.is_main_process:
-                print(f"warning: the state was written by {len(ranks)} process(es), this run has {world}: training "
-                      "goes on, but with new random streams, not as the uninterrupted run would", flush=True)
-            return
-        mine = ranks[rank]
-        self.noise_generator.set_state(mine["noise_generator"])
-        torch.set_rng_state(mine["torch_rng"])
-        if "cuda_rng" in mine and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
 
 
 def train(config: TrainConfig, method_name: str) -> TrainResult | None:

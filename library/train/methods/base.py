@@ -102,6 +102,7 @@ class TrainingMethod:
     needs_aux: ClassVar[bool] = False  # loads the attacker's auxiliary sets D^m_aux and D^nm_aux
     has_attacker: ClassVar[bool] = False  # trains a proxy attacker (``self.attacker``, saved next to the LoRA)
     single_process: ClassVar[str | None] = None  # why it cannot run across processes (None: it can)
+    distinct_members: ClassVar[str | None] = None  # why each member image must occur once in D_tr (None: repeats ok)
     base_config: ClassVar[str] = "lora"  # the configs/<set>/<base_config>.toml a run of it starts from
     step_cost: ClassVar[int] = 1  # rough cost of a step relative to plain LoRA (schedules slow runs first)
 

@@ -20,6 +20,8 @@ class DPLoRA(PlainLoRA):
     name = "dp_lora"
     in_paper = False
     single_process = "DP-SGD runs in one process (its per-sample clipping and accountant are per process)"
+    distinct_members = ("DP-SGD's accountant bounds what one training record changes; an image that occurs k times "
+                        "is k records, so its epsilon would be understated")
     step_cost = 2
 
     def __init__(self, config: TrainConfig, network: torch.nn.Module, params: list[torch.nn.Parameter],
