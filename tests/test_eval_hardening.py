@@ -170,22 +170,25 @@ def test_default_conditioning_is_todays(capsys):
     """The base alone, and a LoRA trained with the defaults (the demo's), are evaluated exactly as before:
     FeatureSettings' defaults, so the same features, cache keys and numbers."""
     config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
-    demo = _spec("demo", ss_clip_skip="1", ss_max_token_length="None")  # what a default training run records
+    demo = _spec("demo", ss_clip_skip="1", ss_max_token_length="None",  # what a default training run records
+                 ss_resolution="(512, 512)")
     for specs in ([ModelSpec("base")], [ModelSpec("base"), demo]):
         got = resolve_conditioning(config, specs)
-        assert (got.clip_skip, got.max_token_length) == (FeatureSettings.clip_skip, FeatureSettings.max_token_length)
+        assert (got.clip_skip, got.max_token_length, got.resolution) == (
+            FeatureSettings.clip_skip, FeatureSettings.max_token_length, FeatureSettings.resolution)
     assert capsys.readouterr().err == ""
 
 
 def test_conditioning_rules(capsys):
     config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
-    paper = _spec("paper", ss_clip_skip="2", ss_max_token_length="225")
+    paper = _spec("paper", ss_clip_skip="2", ss_max_token_length="225", ss_resolution="(512, 512)")
     got = resolve_conditioning(config, [ModelSpec("base"), paper])
     assert (got.clip_skip, got.max_token_length) == (2, 225)
-    assert got.as_dict() == {"clip_skip": 2, "max_token_length": 225,
-                             "source": {"clip_skip": "LoRA metadata", "max_token_length": "LoRA metadata"}}
+    assert got.as_dict() == {"clip_skip": 2, "max_token_length": 225, "resolution": 512,
+                             "source": {"clip_skip": "LoRA metadata", "max_token_length": "LoRA metadata",
+                                        "resolution": "LoRA metadata"}}
     # kohya's "None" and an explicit 75 are the same window: no contradiction
-    kohya_default = _spec("a", ss_clip_skip="1", ss_max_token_length="None")
+    kohya_default = _spec("a", ss_clip_skip="1", ss_max_token_length="None", ss_resolution="(512, 512)")
     same = resolve_conditioning(EvalConfig(max_token_length=75), [kohya_default])
     assert same.max_token_length == 75
     # a contradicting flag is refused, unless forced
@@ -195,15 +198,36 @@ def test_conditioning_rules(capsys):
     assert (forced.clip_skip, forced.max_token_length) == (1, 225)
     # LoRAs trained differently are never mixed silently
     with pytest.raises(ConfigError, match="evaluate them separately"):
-        resolve_conditioning(config, [paper, _spec("plain", ss_clip_skip="1", ss_max_token_length="225")])
+        resolve_conditioning(config, [paper, _spec("plain", ss_clip_skip="1", ss_max_token_length="225",
+                                                   ss_resolution="(512, 512)")])
     with pytest.raises(ModelError, match=r"ss_clip_skip='two'"):
         resolve_conditioning(config, [_spec("odd", ss_clip_skip="two")])
     assert capsys.readouterr().err == ""
     # a file without the keys: the defaults, with one warning line
     old = resolve_conditioning(config, [_spec("old")])
-    assert (old.clip_skip, old.max_token_length) == (1, None)
+    assert (old.clip_skip, old.max_token_length, old.resolution) == (1, None, 512)
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and warning[0].startswith("warning: ") and "old.safetensors" in warning[0]
+
+
+def test_the_evaluation_sees_images_at_the_size_the_lora_learnt_them(capsys):
+    """A LoRA trained at 768 px is evaluated at 768 px without a flag (not at SD's 512); a contradicting flag is
+    refused unless forced; a non-square training size counts as unrecorded (the evaluation crops squares)."""
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
+    big = _spec("big", ss_clip_skip="1", ss_max_token_length="None", ss_resolution="(768, 768)")
+    got = resolve_conditioning(config, [ModelSpec("base"), big])
+    assert got.resolution == 768 and got.source["resolution"] == "LoRA metadata"
+    with pytest.raises(ConfigError, match=r"--resolution 512 contradicts LoRA 'big', trained with 768 px images"):
+        resolve_conditioning(EvalConfig(resolution=512), [big])
+    assert resolve_conditioning(EvalConfig(resolution=512, allow_conditioning_mismatch=True), [big]).resolution == 512
+    with pytest.raises(ConfigError, match="evaluate them separately"):
+        resolve_conditioning(config, [big, _spec("small", ss_clip_skip="1", ss_max_token_length="None",
+                                                 ss_resolution="(512, 512)")])
+    assert capsys.readouterr().err == ""
+    wide = _spec("wide", ss_clip_skip="1", ss_max_token_length="None", ss_resolution="(768, 512)")
+    assert resolve_conditioning(config, [wide]).resolution == 512
+    assert "record no ss_resolution" in capsys.readouterr().err
+    assert resolve_conditioning(EvalConfig(resolution=640), [wide]).resolution == 640
 
 
 def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
@@ -211,10 +235,13 @@ def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path
     lora = trained / "smp_lora.safetensors"
     assert read_lora_metadata(lora)["ss_clip_skip"] == "2"
     out = tmp_path / "eval"
-    rc, lines = run_cli(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora)))
+    args = eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora))
+    args.remove("--resolution"), args.remove("32")  # the LoRA's 32 px comes from its metadata
+    rc, lines = run_cli(capfd, args)
     assert rc == 0, lines
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["clip_skip"] == 2 and report["features"]["settings"]["clip_skip"] == 2
+    assert report["config"]["resolution"] == 32 and report["conditioning"]["source"]["resolution"] == "LoRA metadata"
     assert report["conditioning"]["clip_skip"] == 2
     assert report["conditioning"]["source"]["clip_skip"] == "LoRA metadata"
     assert "clip_skip 2" in (out / "report.md").read_text()

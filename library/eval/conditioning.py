@@ -1,13 +1,14 @@
-"""The text conditioning of an evaluation: the one the LoRAs were trained with, read from their metadata.
+"""The conditioning of an evaluation: the one the LoRAs were trained with, read from their metadata.
 
 A LoRA's losses are only comparable to its training losses when the captions are encoded the same way: the
 same CLIP layer (``clip_skip``, paper runs: 2) and the same caption window (``max_token_length``, paper runs:
-225). Training records both in every LoRA file under kohya's keys ``ss_clip_skip`` and ``ss_max_token_length``
-(a number, or ``"None"`` for kohya's default: the last layer, the tokenizer's 75-token window), so by default
-the evaluation uses what the files say:
+225), and when the images are the size it learnt them at (``resolution``). Training records all three in every
+LoRA file under kohya's keys ``ss_clip_skip``, ``ss_max_token_length`` (a number, or ``"None"`` for kohya's
+default: the last layer, the tokenizer's 75-token window) and ``ss_resolution`` (``"(512, 512)"``), so by
+default the evaluation uses what the files say:
 
-* ``--clip_skip`` / ``--max_token_length`` unset: the LoRAs' recorded values; the base model alone (no LoRA):
-  clip_skip 1 and the 75-token window, as before;
+* ``--clip_skip`` / ``--max_token_length`` / ``--resolution`` unset: the LoRAs' recorded values; the base model
+  alone (no LoRA): clip_skip 1, the 75-token window and 512 px;
 * a flag that contradicts a LoRA's record is refused unless ``--allow_conditioning_mismatch``;
 * LoRAs recorded with different conditioning are refused in one evaluation (their features would not be
   comparable to each other's training): evaluate them separately;
@@ -16,6 +17,7 @@ the evaluation uses what the files say:
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,11 +28,14 @@ from library.eval.records import ModelSpec
 
 CLIP_SKIP_KEY = "ss_clip_skip"
 MAX_TOKEN_LENGTH_KEY = "ss_max_token_length"
-CONDITIONING_KEYS = (CLIP_SKIP_KEY, MAX_TOKEN_LENGTH_KEY)
+RESOLUTION_KEY = "ss_resolution"
+CONDITIONING_KEYS = (CLIP_SKIP_KEY, MAX_TOKEN_LENGTH_KEY, RESOLUTION_KEY)
 DEFAULT_TOKENS = 75  # what ``max_token_length`` None (the tokenizer's own window) means for SD v1.x
+DEFAULT_RESOLUTION = 512  # SD v1.x's training size, for the base model alone or a file that records none
 
 # (config field, metadata key, default when nothing says otherwise)
-_SETTINGS = (("clip_skip", CLIP_SKIP_KEY, 1), ("max_token_length", MAX_TOKEN_LENGTH_KEY, None))
+_SETTINGS = (("clip_skip", CLIP_SKIP_KEY, 1), ("max_token_length", MAX_TOKEN_LENGTH_KEY, None),
+             ("resolution", RESOLUTION_KEY, DEFAULT_RESOLUTION))
 
 
 @dataclass(frozen=True)
@@ -40,15 +45,27 @@ class Conditioning:
     clip_skip: int
     max_token_length: int | None
     source: dict[str, str]  # per field: "flag", "LoRA metadata" or "default"
+    resolution: int = DEFAULT_RESOLUTION
 
     def as_dict(self) -> dict[str, Any]:
         return {"clip_skip": self.clip_skip, "max_token_length": self.max_token_length or DEFAULT_TOKENS,
-                "source": dict(self.source)}
+                "resolution": self.resolution, "source": dict(self.source)}
+
+
+def _records(spec: ModelSpec, key: str) -> bool:
+    """Whether the file records ``key`` in a form the evaluation can use (a square ``ss_resolution`` only: the
+    evaluation crops squares, so a file trained at W x H counts as recording none, and the flag decides)."""
+    if key not in spec.metadata:
+        return False
+    return key != RESOLUTION_KEY or len(set(re.findall(r"\d+", spec.metadata[key]))) == 1
 
 
 def _parse(spec: ModelSpec, key: str) -> int | None:
-    """A recorded value: ``"None"`` is kohya's default (None), otherwise a positive integer."""
+    """A recorded value: ``"None"`` is kohya's default (None), otherwise a positive integer (``ss_resolution``:
+    ``"(512, 512)"``)."""
     raw = spec.metadata[key].strip()
+    if key == RESOLUTION_KEY:
+        return int(re.findall(r"\d+", raw)[0])
     if raw == "None":
         return None
     if not raw.isdigit() or int(raw) <= 0:
@@ -67,6 +84,8 @@ def _comparable(field: str, value: int | None) -> int:
 def _describe(field: str, value: int | None) -> str:
     if field == "clip_skip":
         return f"clip_skip {_comparable(field, value)}"
+    if field == "resolution":
+        return f"{value} px images"
     return f"{_comparable(field, value)} caption tokens"
 
 
@@ -74,8 +93,8 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
                  missing: list[str]) -> tuple[int | None, str]:
     """(value, source) of one setting; appends the files that do not record it to ``missing``."""
     flag = getattr(config, field)
-    recorded = {spec.name: _parse(spec, key) for spec in loras if key in spec.metadata}
-    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if key not in spec.metadata)
+    recorded = {spec.name: _parse(spec, key) for spec in loras if _records(spec, key)}
+    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if not _records(spec, key))
     distinct = {}
     for name, value in recorded.items():
         distinct.setdefault(_comparable(field, value), (name, value))
@@ -92,7 +111,7 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
         (a, va), (b, vb) = list(distinct.values())[:2]
         raise ConfigError(
             f"LoRAs '{a}' ({_describe(field, va)}) and '{b}' ({_describe(field, vb)}) were trained with different "
-            "text conditioning; evaluate them separately (one evaluate_mia.py run each)")
+            "conditioning; evaluate them separately (one evaluate_mia.py run each)")
     if distinct:
         return next(iter(distinct.values()))[1], "LoRA metadata"
     return default, "default"
@@ -118,7 +137,9 @@ def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Cond
         flags = " / ".join(f"--{field}" for field, _ in unrecorded)
         print(f"warning: LoRA file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
               f"with {used} — pass {flags} if they were trained otherwise", file=sys.stderr, flush=True)
-    return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source)
+    return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source,
+                        values["resolution"] or DEFAULT_RESOLUTION)
 
 
-__all__ = ["CLIP_SKIP_KEY", "CONDITIONING_KEYS", "Conditioning", "MAX_TOKEN_LENGTH_KEY", "resolve_conditioning"]
+__all__ = ["CLIP_SKIP_KEY", "CONDITIONING_KEYS", "Conditioning", "DEFAULT_RESOLUTION", "MAX_TOKEN_LENGTH_KEY",
+           "RESOLUTION_KEY", "resolve_conditioning"]

@@ -53,7 +53,9 @@ class EvalConfig:
         False, "load pickle .bin/.ckpt weights of the base model (unsafe: only for files you trust)")
 
     # --- features --------------------------------------------------------------------------------
-    resolution: int = option(512, "image resolution in pixels (resize short side + centre crop), as in training")
+    resolution: Optional[int] = option(
+        None, "image resolution in pixels (resize short side + centre crop); default: the LoRAs' training resolution "
+        "(their ss_resolution metadata), else 512")
     timesteps: list[int] = option([50, 100, 200, 350], "fixed timesteps of the loss features (membership lives at small t)")
     num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
     batch_size: int = option(16, "UNet queries per forward pass")
@@ -67,7 +69,8 @@ class EvalConfig:
         None, "75, 150 or 225 caption tokens; default: as the LoRAs were trained (their ss_max_token_length "
         "metadata), 75 for the base model alone", choices=[75, 150, 225])
     allow_conditioning_mismatch: bool = option(
-        False, "use --clip_skip / --max_token_length even where a LoRA's metadata records other training values")
+        False, "use --clip_skip / --max_token_length / --resolution even where a LoRA's metadata records other training "
+        "values")
     mixed_precision: str = option("no", "dtype of the models during feature extraction", choices=["no", "fp16", "bf16"])
     device: str = option("auto", "torch device ('auto' = cuda if available, else cpu)")
     cache_dir: Optional[str] = option(None, "where latents and features are cached (default <output_dir>/cache)")
@@ -168,12 +171,12 @@ class EvalConfig:
             raise ConfigError("'split_manifest' is required (the split manifest the LoRAs were trained with)")
         for name in ("resolution", "num_noise_draws", "batch_size", "vae_batch_size", "paper_epochs", "paper_draws",
                      "paper_batch_size", "jobs", "threads"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if self.clip_skip is not None and self.clip_skip <= 0:
             raise ConfigError(f"'clip_skip' must be > 0, got {self.clip_skip}")
         _check_seed("seed", self.seed)
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
         if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
             raise ConfigError("'timesteps' must be a non-empty list of integers in [0, 1000)")

@@ -151,8 +151,9 @@ def _conditioning_line(conditioning: dict[str, Any] | None) -> list[str]:
     if not conditioning:
         return []
     sources = sorted(set(conditioning["source"].values()))
+    size = f", images at {conditioning['resolution']} px" if "resolution" in conditioning else ""
     return [f"- captions encoded with clip_skip {conditioning['clip_skip']} and {conditioning['max_token_length']} "
-            f"tokens (from: {', '.join(sources)})"]
+            f"tokens{size} (from: {', '.join(sources)})"]
 
 
 def report_markdown(result: "EvalResult") -> str:

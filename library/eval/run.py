@@ -264,7 +264,7 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
     conditioning = resolve_conditioning(config, specs)
     config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
-                                 max_token_length=conditioning.max_token_length)
+                                 max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
     extractors = load_extractors(config, device) if config.quality else []
