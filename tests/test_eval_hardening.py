@@ -359,3 +359,22 @@ def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_p
 def test_largest_seeds_are_valid():
     EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", seed=2**63 - 1,
                quality_seed=2**63 - 64).validate()  # 64 images: seeds up to 2**63 - 1
+
+
+def test_a_lora_trained_on_another_base_is_refused(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
+    """Same architecture, other weights: shapes fit, so only the recorded base fingerprint can tell."""
+    from library.demo.tiny import save_tiny_model
+
+    lora = trained / "smp_lora.safetensors"
+    assert read_lora_metadata(lora)["smp_lora.base_fingerprint"]
+    other = tmp_path / "other-base"
+    save_tiny_model(other, seed=1)
+    rc, lines = run_cli(capfd, eval_args(other, manifest_path, tmp_path / "eval", "--network_weights", str(lora)))
+    assert rc == 2 and len(lines) == 1
+    assert "was trained on another base model" in lines[0] and "--allow_base_mismatch" in lines[0]
+    rc, lines = run_cli(capfd, eval_args(other, manifest_path, tmp_path / "forced", "--network_weights", str(lora),
+                                         "--allow_base_mismatch"))
+    assert rc == 0, lines
+    rc, lines = run_cli(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "same", "--network_weights",
+                                         str(lora)))
+    assert rc == 0, lines  # its own base, as a folder here: the check passes

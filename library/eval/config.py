@@ -49,6 +49,9 @@ class EvalConfig:
     split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
     allow_manifest_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another split manifest (its membership labels may be wrong)")
+    allow_base_mismatch: bool = option(
+        False, "evaluate a LoRA whose metadata names another base model (smp_lora.base_fingerprint) than "
+        "--pretrained_model_name_or_path")
     allow_pickle: bool = option(
         False, "load pickle .bin/.ckpt weights of the base model (unsafe: only for files you trust)")
 

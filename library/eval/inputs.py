@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from library.errors import DataError
+from library.errors import DataError, ModelError
 from library.eval.conditioning import CONDITIONING_KEYS
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
@@ -60,6 +60,21 @@ def _recorded(config: EvalConfig, manifest_sha: str, what: str, meta: dict[str, 
         )
     return {k: v for k, v in meta.items() if k not in _MODEL_DESCRIPTION_KEYS
             and (k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS)}
+
+
+def check_base_model(config: EvalConfig, specs: Sequence[ModelSpec], base_fingerprint: str) -> None:
+    """A model trained on another base than the one given is one ModelError line: its LoRA would be measured on
+    weights it never adapted (shapes alike, numbers meaningless). Compared only when the evaluation loads the base
+    as training recorded it (fp32: another dtype gives another fingerprint) and the file records one."""
+    if config.allow_base_mismatch or config.mixed_precision != "no":
+        return
+    for spec in specs:
+        recorded = spec.metadata.get("smp_lora.base_fingerprint")
+        if recorded and recorded != base_fingerprint:
+            raise ModelError(
+                f"{spec.lora_path or spec.unet.path} was trained on another base model (fingerprint {recorded[:12]}...) "
+                f"than {config.pretrained_model_name_or_path} ({base_fingerprint[:12]}...); pass the base it was "
+                "trained on (or --allow_base_mismatch)")
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

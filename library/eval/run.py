@@ -37,7 +37,7 @@ from library.eval.conditioning import resolve_conditioning
 from library.eval.config import EvalConfig
 from library.eval.extractors import load_extractors
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
-from library.eval.inputs import load_samples, model_specs
+from library.eval.inputs import check_base_model, load_samples, model_specs
 from library.eval.models import load_bundle, process_bundle, resolve_device
 from library.eval.records import (
     BASE_NAME,
@@ -156,6 +156,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
             check_unet_weights(spec.unet, bundle.unet)
     base_fp = fingerprint(bundle)
     info["base_fingerprint"] = base_fp
+    check_base_model(config, specs, base_fp)
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
                                None if config.no_cache else _cache_root(config) / "latents",
                                batch_size=config.vae_batch_size)

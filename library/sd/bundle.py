@@ -37,6 +37,9 @@ class ModelBundle:
     noise_scheduler: Any
     source: str
     base_model_version: str = BASE_MODEL_VERSION
+    # fingerprint() as loaded, before training cast any weights (set by library.train.setup.load_models): the id a
+    # trained file records of its base, which an evaluation loading that base in fp32 recomputes
+    loaded_fingerprint: str | None = None
 
     def fingerprint(self) -> str:
         """See :func:`fingerprint`."""

@@ -66,6 +66,8 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
     }
     if trainer.data.manifest_sha256:
         meta["smp_lora.manifest_sha256"] = trainer.data.manifest_sha256
+    if trainer.bundle.loaded_fingerprint:  # evaluate_mia.py refuses the file on another base model
+        meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
     meta.update(trainer.method.metadata())
     return meta
 

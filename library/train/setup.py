@@ -38,6 +38,7 @@ def load_models(config: TrainConfig, device: torch.device,
     """The SD model on ``device``, the run's autocast and its fp16 loss scaler."""
     bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
                            allow_pickle=config.allow_pickle)
+    bundle.loaded_fingerprint = bundle.fingerprint()  # ~2-4 s for SD v1.5; recorded in what the run saves
     # Frozen UNet and text encoder in the autocast dtype (memory); the VAE stays fp32 (fp16 SD VAEs
     # overflow to NaN, sd-scripts' --no_half_vae) and so do the LoRA weights, which the optimiser updates.
     weight_dtype = PRECISION_DTYPES[config.mixed_precision]
