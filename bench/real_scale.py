@@ -117,9 +117,13 @@ def make_fixture(root: Path, architecture: str = "sd15", resolution: int = 512) 
 def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace):
     from library.config import parse_config
     from library.train.config import TrainConfig
+    from library.train.methods import method_class
     from library.train.trainer import Trainer
 
     method, extra = variant_flags(variant)
+    # the frontier's flags set an attacker batch of 4, the paper's is 1; no proxy monitor in the timed steps
+    attacker = ["--attacker_batch_size", "1", "--attacker_eval_every_n_epochs", "100000"] \
+        if method_class(method).has_attacker else []
     argv = ["--config_file", str(REPO_ROOT / "configs" / "pokemon" / f"{method}.toml"),
             "--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest),
             "--output_dir", str(out / variant), "--max_train_steps", "100000", "--no-progress_bar",
@@ -127,8 +131,7 @@ def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: arg
             "--resolution", str(args.resolution),
             # the 512 px latents are encoded once, by the first method, and read from disk by the others
             "--cache_latents_to_disk", "--latent_cache_dir", str(out / "latents"),
-            *extra, "--attacker_batch_size", "1",  # the frontier's flags set 4; the paper's batch is 1
-            "--attacker_eval_every_n_epochs", "100000"]  # no proxy monitor in the timed steps
+            *extra, *attacker]
     trainer = Trainer(parse_config(TrainConfig, argv), method)
     trainer.prepare()
     return trainer

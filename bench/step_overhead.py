@@ -81,14 +81,16 @@ def make_fixture(root: Path) -> tuple[Path, Path]:
 def make_trainer(variant: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace):
     from library.config import parse_config
     from library.train.config import TrainConfig
+    from library.train.methods import method_class
     from library.train.trainer import Trainer
 
     method, extra = VARIANTS[variant]
+    attacker = ["--attacker_batch_size", str(args.batch_size), "--g_noise", args.g_noise] \
+        if method_class(method).has_attacker else []
     argv = ["--pretrained_model_name_or_path", str(model), "--split_manifest", str(manifest), "--resolution", "32",
             "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only",
-            "--train_batch_size", str(args.batch_size), "--attacker_batch_size", str(args.batch_size),
-            "--max_train_steps", "100000", "--output_dir", str(out / variant), "--no-progress_bar",
-            "--g_noise", args.g_noise, *extra]
+            "--train_batch_size", str(args.batch_size), "--max_train_steps", "100000",
+            "--output_dir", str(out / variant), "--no-progress_bar", *attacker, *extra]
     trainer = Trainer(parse_config(TrainConfig, argv), method)
     trainer.prepare()
     return trainer

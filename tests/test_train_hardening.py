@@ -193,6 +193,17 @@ def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_privacy_settings_given_to_plain_lora_are_one_warning(tiny_train_args, tmp_path, capsys):
+    smp_toml = tmp_path / "smp.toml"
+    smp_toml.write_text("[privacy]\nprivacy_lambda = 0.5\nattacker_features = 'loss'\n")
+    assert train_entry("lora", "", tiny_train_args + ["--config_file", str(smp_toml), "--k_steps", "2",
+                                                      "--dry_run"]) == 0
+    line = one_line(capsys, starts="warning:")
+    assert "privacy_lambda" in line and "attacker_features" in line and "k_steps" in line and "lora ignores" in line
+    assert train_entry("lora", "", tiny_train_args + ["--dry_run"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 # ---- 11: conditioning in the metadata --------------------------------------------------------------------------
 def test_lora_metadata_records_the_conditioning(finished_run, tiny_train_args):
     with safe_open(finished_run[1] / "lora.safetensors", "pt") as handle:

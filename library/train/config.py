@@ -12,7 +12,7 @@ import math
 import sys
 from typing import Optional
 
-from library.config import option
+from library.config import DEFAULT, option, value_sources
 from library.errors import ConfigError
 from library.outputs import check_inside
 from library.train.methods import method_class, method_names
@@ -206,7 +206,8 @@ class TrainConfig:
         if not self.pretrained_model_name_or_path:
             raise ConfigError("'pretrained_model_name_or_path' is required (a diffusers folder or a .safetensors file)")
         if bool(self.split_manifest) == bool(self.train_data_dir):
-            raise ConfigError("give exactly one of 'split_manifest' or 'train_data_dir'")
+            raise ConfigError("give exactly one of 'split_manifest' or 'train_data_dir' (to drop the one a TOML sets, "
+                              "pass it empty on the command line: --split_manifest '')")
         positive = ["resolution", "network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                     "vae_batch_size", "attacker_batch_size", "k_steps", "attacker_every_n_steps", "log_every_n_steps",
                     "clip_skip", "hessian_every_n_steps", "attacker_eval_every_n_epochs", "sample_steps",
@@ -289,5 +290,20 @@ class TrainConfig:
                               "use standardize (or none)")
 
     def validate_for_method(self, method: str) -> None:
-        """Checks that depend on which training script runs: the method's own (one ConfigError line each)."""
-        method_class(method).check_config(self)
+        """Checks that depend on which training script runs: the method's own (one ConfigError line each), and one
+        ``warning:`` line when the proxy attacker's settings are given to a method without one (train_lora.py
+        with an SMP TOML: the run is plain LoRA, whatever the file's name says)."""
+        cls = method_class(method)
+        cls.check_config(self)
+        if not cls.has_attacker:
+            ignored = [name for name, source in value_sources(self).items()
+                       if name in ATTACKER_FIELDS and not source.startswith(DEFAULT)]
+            if ignored:
+                print(f"warning: {', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores "
+                      "them (train with train_mp_lora.py / train_smp_lora.py for the defence)", file=sys.stderr,
+                      flush=True)
+
+
+#: What only MP/SMP-LoRA's proxy attacker reads (Eq. 5, 6, 10 and Algorithm 1's attacker phase).
+ATTACKER_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)
+                            if f.name.startswith(("attacker_", "privacy_", "g_")) or f.name in ("k_steps", "update_order"))
