@@ -190,6 +190,9 @@ def _normalise_lora_name(name: str) -> str:
 
 
 def _foreign_format_hint(key: str) -> str:
+    if key.startswith(("normalizer.", "net.")):  # library.privacy.ProxyAttacker's state dict
+        return (" — it looks like an MP/SMP-LoRA run's proxy attacker (<name>-attacker.safetensors), not a LoRA; "
+                "pass the run's <name>.safetensors")
     if "lora_A" in key or "lora_B" in key or key.startswith(("unet.", "text_encoder.")) or ".lora.down." in key:
         return (
             " — it looks like a diffusers/PEFT-format LoRA; this loader reads kohya-format files "
@@ -256,7 +259,8 @@ def check_shapes(
     )
     if not ok:
         raise ModelError(
-            f"LoRA file {source}: '{w.keys[0]}' has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, "
+            f"LoRA file {source}: '{next((k for k in w.keys if 'lora_down' in k), w.keys[0])}' has shapes down "
+            f"{tuple(down.shape)} / up {tuple(up.shape)}, "
             f"but layer {name} of this model is {in_dim} -> {out_dim}; the LoRA was probably trained for "
             "another base model (e.g. SD2 or SDXL) — use a LoRA trained for this SD v1.x model"
         )

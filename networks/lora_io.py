@@ -62,6 +62,9 @@ def check_lora_file(file: str | os.PathLike) -> tuple[int, dict[str, Any]]:
     object.
     """
     path = Path(file)
+    if path.is_dir():
+        raise ModelError(f"LoRA file {path} is a folder (a --save_state folder?); pass the .safetensors file the "
+                         "run wrote beside it")
     if not path.is_file():
         raise ModelError(f"LoRA file {path} does not exist; check the path")
     suffix = path.suffix.lower()

@@ -451,6 +451,26 @@ def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     with pytest.raises(ModelError, match="safetensors"):
         create_network_from_weights(1.0, pickle_file, None, *models)
 
+    # this project's own files that are not LoRAs: the proxy attacker, a --save_state folder
+    from library.privacy import ProxyAttacker
+
+    attacker_file = tmp_path / "smp_lora-attacker.safetensors"
+    save_file(ProxyAttacker(2).state_dict(), str(attacker_file))
+    with pytest.raises(ModelError, match=r"proxy attacker .*pass the run's <name>\.safetensors"):
+        create_network_from_weights(1.0, attacker_file, None, *models)
+    (tmp_path / "smp_lora-state").mkdir()
+    with pytest.raises(ModelError, match="is a folder"):
+        create_network_from_weights(1.0, tmp_path / "smp_lora-state", None, *models)
+
+    # a wrong shape names the lora_down tensor, not the .alpha key that sorts first in the file
+    good = tmp_path / "good.safetensors"
+    trained_network(models).save_weights(good, torch.float32, {})
+    sd = load_file(str(good))
+    down = next(k for k in sorted(sd) if k.endswith(".lora_down.weight"))
+    sd[down] = torch.zeros(sd[down].shape[0], sd[down].shape[1] + 1)
+    with pytest.raises(ModelError, match=rf"'{down.replace('.', '[.]')}' has shapes"):
+        create_network_from_weights(1.0, sd, None, *copy.deepcopy(models))
+
 
 def test_a_file_with_alpha_zero_is_a_full_strength_lora(models, stack, tmp_path):
     # kohya and AUTOMATIC1111 read alpha 0 as alpha = rank (scale 1); scale 0 would make the file the base model

@@ -121,7 +121,7 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
         if caption_column not in row:
             raise DataError(
                 f"{where} has no '{caption_column}' column (keys: {sorted(row)}): "
-                f"add it or pass the right caption column"
+                f"add it or pass the right caption column (--caption_column)"
             )
         name, caption = row["file_name"], row[caption_column]
         if not isinstance(name, str) or not isinstance(caption, str):

@@ -119,7 +119,7 @@ def _candidates(
         if digest in first_with_hash and not allow_duplicates:
             raise DataError(
                 f"images {first_with_hash[digest]} and {rel} in {root} are byte-identical: a copy could land on "
-                f"both sides of the member line; remove one (or allow duplicates explicitly)"
+                f"both sides of the member line; remove one (or pass --allow_duplicates)"
             )
         first_with_hash.setdefault(digest, rel)
         candidates.append((rel, record, digest))
@@ -193,7 +193,7 @@ def make_split(
     if wanted.member_aux != wanted.nonmember_aux and not allow_unbalanced_aux:
         raise ConfigError(
             f"member_aux ({wanted.member_aux}) and nonmember_aux ({wanted.nonmember_aux}) differ; the paper's "
-            f"D_aux is balanced — make them equal or allow an unbalanced aux set explicitly"
+            f"D_aux is balanced — make them equal or pass --allow_unbalanced_aux"
         )
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ConfigError(f"split seed must be an integer, got {seed!r}")
