@@ -23,7 +23,7 @@ from library.cli import ArgumentParser, run_cli
 from library.data.dataset import scan_dataset
 from library.data.manifest import CORE_SPLITS, manifest_sha256, write_manifest
 from library.data.prepare.common import check_output_file
-from library.data.splits import PRESETS, make_split
+from library.data.splits import PRESETS, check_images_decode, make_split
 
 
 def _pretrain(value: str) -> int | str:
@@ -84,6 +84,7 @@ def _main(argv: Sequence[str] | None) -> None:
         pretrain=args.pretrain, allow_unbalanced_aux=args.allow_unbalanced_aux,
         allow_duplicates=args.allow_duplicates, base_domain=base_domain,
     )
+    check_images_decode(manifest)  # a corrupt image fails now, not at the start of a training run
     manifest.created_by += " scripts/make_split.py"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, args.output)

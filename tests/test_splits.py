@@ -26,11 +26,17 @@ from library.errors import ConfigError, DataError, UserError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _dataset(root: Path, n: int) -> list[ImageCaption]:
-    """n tiny distinct 'images' with captions (bytes need not decode: splits only hash them)."""
+def _dataset(root: Path, n: int, decodable: bool = False) -> list[ImageCaption]:
+    """n tiny distinct 'images' with captions (bytes need not decode: make_split only hashes them; the script
+    decodes what it draws, so ``decodable`` writes real 1-pixel PNGs)."""
+    from PIL import Image
+
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (root / f"{i:04d}.png").write_bytes(f"image-{i}".encode())
+        if decodable:
+            Image.new("RGB", (1, 1), (i % 256, i // 256, 0)).save(root / f"{i:04d}.png")
+        else:
+            (root / f"{i:04d}.png").write_bytes(f"image-{i}".encode())
         (root / f"{i:04d}.txt").write_text(f"caption {i}\n")
     return scan_dataset(root)
 
@@ -227,7 +233,7 @@ def test_corrupt_or_wrong_version_manifest(tmp_path):
 
 
 def test_make_split_script(tmp_path, capsys):
-    _dataset(tmp_path / "d", 20)
+    _dataset(tmp_path / "d", 20, decodable=True)
     spec = importlib.util.spec_from_file_location("make_split", REPO / "scripts" / "make_split.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -261,3 +267,23 @@ def test_make_split_script(tmp_path, capsys):
 
 def test_user_errors_are_user_errors():
     assert issubclass(DataError, UserError) and issubclass(ConfigError, UserError)
+
+
+def test_a_corrupt_image_fails_the_split_not_the_training(tmp_path):
+    """make_split decodes what a run will read: a truncated PNG is one DataError naming it, before any manifest."""
+    from PIL import Image
+
+    from library.data.dataset import scan_dataset
+    from library.data.splits import check_images_decode, make_split
+    from library.errors import DataError
+
+    for i in range(8):
+        Image.new("RGB", (16, 16), (10 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"image {i}")
+    whole = (tmp_path / "img3.png").read_bytes()
+    (tmp_path / "img3.png").write_bytes(whole[: len(whole) // 2])
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    manifest = make_split(scan_dataset(tmp_path), sizes=sizes, seed=0, dataset_root=tmp_path)  # bytes only here
+    with pytest.raises(DataError, match=r"cannot read image .*img3\.png"):
+        check_images_decode(manifest)
+    assert "img3.png" in [e.path for e in manifest.members() + manifest.nonmembers()]  # 8 images, all drawn

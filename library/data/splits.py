@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from library.data.dataset import ImageCaption
+from library.data.images import decode_image
 from library.data.manifest import (
     CORE_SPLITS,
     SplitEntry,
@@ -238,3 +239,11 @@ def make_split(
     paths = [e.path for entries in manifest.splits().values() for e in entries]
     assert len(paths) == len(set(paths)), "split lists overlap"
     return manifest
+
+
+def check_images_decode(manifest: SplitManifest) -> None:
+    """Decode every image a run will read (not the ``unused`` ones: a large dataset's spare images cost time), so
+    that ``scripts/make_split.py`` refuses a corrupt file before a manifest names it, not a training run later."""
+    for name, entries in manifest.splits().items():
+        for entry in entries if name != "unused" else ():
+            decode_image(manifest.abs_path(entry))
