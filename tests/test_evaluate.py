@@ -65,6 +65,7 @@ def test_outputs_exist(evaluated):
     assert report["samples"]["counts"] == SIZES
     md = (out / "report.md").read_text()
     assert "| base | loss avg |" in md and "| overfit | paper h' [honest ckpt] |" in md
+    assert f"- model `overfit`: `{report['models'][1]['path']}`" in md  # which file each name is
     labels = {r["label"] for r in report["results"]}
     assert {"paper h' [oracle ckpt]", "paper h' [honest ckpt]", "loss avg", "calibrated avg", "loss t=1"} <= labels
     row = rows_by(report, "overfit", "loss avg")

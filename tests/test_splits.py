@@ -287,3 +287,24 @@ def test_a_corrupt_image_fails_the_split_not_the_training(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*img3\.png"):
         check_images_decode(manifest)
     assert "img3.png" in [e.path for e in manifest.members() + manifest.nonmembers()]  # 8 images, all drawn
+
+
+def test_a_base_domain_rule_that_matches_nothing_is_refused(tmp_path):
+    records = _dataset(tmp_path / "d", 20)
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    with pytest.raises(DataError, match="base-domain rule matches no caption of the 20 images"):
+        make_split(records, sizes=sizes, seed=0, dataset_root=tmp_path / "d",
+                   base_domain=lambda record: "zzz" in record.caption)
+
+
+def test_a_missing_spare_image_does_not_make_the_manifest_stale(tmp_path):
+    """Only the images a run reads are verified: a spare (``unused``) one may go; a member may not."""
+    records = _dataset(tmp_path / "d", 20)
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    split = make_split(records, sizes=sizes, seed=0, dataset_root=tmp_path / "d")
+    write_manifest(split, tmp_path / "s.json")
+    (tmp_path / "d" / split.unused[0].path).unlink()
+    read_manifest(tmp_path / "s.json", verify=True)
+    (tmp_path / "d" / split.member_test[0].path).unlink()
+    with pytest.raises(DataError, match="is missing: the manifest is stale"):
+        read_manifest(tmp_path / "s.json", verify=True)

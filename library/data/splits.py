@@ -217,6 +217,9 @@ def make_split(
                               "domain's images")
         base = [c for c in candidates if base_domain(c[1])]
         candidates = [c for c in candidates if not base_domain(c[1])]
+        if not base:
+            raise DataError(f"the base-domain rule matches no caption of the {len(candidates)} images in {root}: the "
+                            "split would have no base domain; check --base_domain_caption_regex against the captions")
     # With "rest", needed = max(total, len(candidates)): the size check below still tests len < total.
     n_pretrain = _pretrain_count(pretrain, len(candidates) - wanted.total)
     needed = wanted.total + n_pretrain

@@ -174,6 +174,7 @@ def report_markdown(result: "EvalResult") -> str:
         + ("" if cfg.paper_features == "multi_t_loss" else
            f" at t ~ U[{cfg.paper_min_timestep}, {cfg.paper_max_timestep}), {cfg.paper_draws} draw(s) per sample"),
         *_conditioning_line(info.get("conditioning")),
+        *(f"- model `{m.name}`: `{m.path}` (sha256 `{str(m.sha256)[:16]}`)" for m in result.models if m.path),
         "",
         "## Main results (paper Table 1 columns first)",
         "",
