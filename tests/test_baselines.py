@@ -157,3 +157,7 @@ def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manif
                                                          "--dp_clip_norm", "0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "occurs 2 times in D_tr" in err[0] and "epsilon would be understated" in err[0]
+    # plain LoRA trains it, the repeated image twice per epoch, and its plan says so
+    assert train_entry("lora", "", tiny_train_args + ["--split_manifest", str(repeated), "--dry_run"]) == 0
+    n = len(manifest.members())
+    assert f"{n} member images ({n + 1} per epoch with their kohya repeats)" in capsys.readouterr().out

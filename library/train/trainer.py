@@ -42,6 +42,7 @@ from library.train.data import (
     LabelledSet,
     TrainingData,
     attach_latents,
+    latent_cache_dir,
     load_training_records,
     most_repeats,
 )
@@ -163,11 +164,17 @@ class Trainer:
         state_bytes = count * (4 + 4 + (2 if cfg.optimizer_type == "AdamW8bit" else 8))
         return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
                 f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
-                f"{len(self.data.members)} member images, batch "
+                f"{self._members_plan()}, batch "
                 f"{cfg.train_batch_size} x {self.accelerator.num_processes} process(es), "
                 f"{self.sampler.batches_per_epoch} batches/epoch, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
-                f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}")
+                f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}"
+                + (f", latents cached in {latent_cache_dir(cfg)}" if latent_cache_dir(cfg) else ""))
+
+    def _members_plan(self) -> str:
+        distinct, per_epoch = len(set(self.data.members.keys)), len(self.data.members)
+        repeats = "" if distinct == per_epoch else f" ({per_epoch} per epoch with their kohya repeats)"
+        return f"{distinct} member images{repeats}"
 
     def _prior_plan(self) -> str:
         cfg = self.config
