@@ -155,6 +155,10 @@ def test_heldout_losses_are_reported(evaluated):
     for model in ("base", "noisy"):  # one held-out loss per evaluation timestep, their mean the overall one
         per_t = [report["utility"][model][f"loss_nonmember_test_t{t}"] for t in timesteps]
         assert sum(per_t) / len(per_t) == pytest.approx(report["utility"][model]["loss_nonmember_test"])
+    from library.eval.quality import worse_than_base
+
+    flagged = worse_than_base(report["utility"])  # report.md says so exactly for the flagged models
+    assert ("`noisy` denoises worse than the base model" in md) == ("noisy" in flagged)
     assert f"loss_nonmember_test_t{timesteps[0]}" in report["utility_metrics"]
 
 
@@ -297,3 +301,14 @@ def test_utility_reference_defaults_to_the_one_plain_lora_and_checks_a_given_nam
     config.utility_reference = "typo"
     with pytest.raises(ConfigError, match="'utility_reference' 'typo' is not an evaluated model"):
         utility_reference(config, [spec("a", "lora")])
+
+
+def test_a_model_that_denoises_some_t_worse_than_the_base_is_flagged():
+    from library.eval.quality import worse_than_base
+
+    utility = {"base": {"loss_nonmember_test_t50": 0.172, "loss_nonmember_test_t350": 0.122},
+               "fine": {"loss_nonmember_test_t50": 0.181, "loss_nonmember_test_t350": 0.101},  # +5 %: within
+               "lost": {"loss_nonmember_test_t50": 0.281, "loss_nonmember_test_t350": 0.112}}
+    assert worse_than_base(utility) == {"lost": [("50", 0.281, 0.172)]}
+    assert worse_than_base(utility, tolerance=0.04) == {"fine": [("50", 0.181, 0.172)], "lost": [("50", 0.281, 0.172)]}
+    assert worse_than_base({"lost": utility["lost"]}) == {}  # no base row: nothing to compare with

@@ -19,7 +19,7 @@ import numpy as np
 from library import __version__
 from library.config import config_to_dict
 from library.eval.extractors import extractor_notes
-from library.eval.quality import PER_T_PREFIX
+from library.eval.quality import PER_T_PREFIX, WORSE_THAN_BASE, worse_than_base
 from library.eval.summary import results_table, suite_sections
 from library.fileio import atomic_write_path, atomic_write_text
 
@@ -191,6 +191,10 @@ def report_markdown(result: "EvalResult") -> str:
         quality = info.get("quality")
         lines += ["## Utility (per model)", "", *utility_lines, ""]
         lines += [f"- **{k}**: {v}" for k, v in _utility_notes(result).items()]
+        lines += [f"- **`{model}` denoises worse than the base model** (by > {WORSE_THAN_BASE:.0%}) at "
+                  + ", ".join(f"t = {t}: {value:.4g} against {base:.4g}" for t, value, base in worse)
+                  + " on held-out images: the adaptation lost detail there"
+                  for model, worse in worse_than_base(info.get("utility") or {}).items()]
         if quality:
             lines.append(
                 f"- samples: {quality['num_images']} per model from D_te captions, {quality['sampler']} "
