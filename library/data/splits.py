@@ -127,6 +127,25 @@ def _candidates(
     return candidates
 
 
+Candidate = tuple[str, ImageCaption, str]  # (relative path, record, sha256)
+
+
+def _base_domain(candidates: list[Candidate], base_domain: Callable[[ImageCaption], bool] | None,
+                 pretrain: int | str | None, root: Path) -> tuple[list[Candidate], list[Candidate]]:
+    """``(base domain, the rest)`` of the candidates; no base domain without a rule, and a rule that matches no
+    caption is refused (the split would silently be an ordinary one)."""
+    if base_domain is None:
+        return [], candidates
+    if pretrain is not None:
+        raise ConfigError("give either pretrain= or base_domain=: a new-concept split pre-trains on the base "
+                          "domain's images")
+    base = [c for c in candidates if base_domain(c[1])]
+    if not base:
+        raise DataError(f"the base-domain rule matches no caption of the {len(candidates)} images in {root}: the "
+                        "split would have no base domain; check --base_domain_caption_regex against the captions")
+    return base, [c for c in candidates if not base_domain(c[1])]
+
+
 def _pretrain_count(pretrain: int | str | None, spare: int) -> int:
     """How many images ``pretrain`` asks for: an integer, or ``"rest"`` (the ``spare`` ones left, at least 0)."""
     if isinstance(pretrain, str):
@@ -210,16 +229,7 @@ def make_split(
     candidates = _candidates(records, root, excluded, allow_duplicates)
 
     n_excluded = len(records) - len(candidates)
-    base: list[tuple[str, ImageCaption, str]] = []
-    if base_domain is not None:
-        if pretrain is not None:
-            raise ConfigError("give either pretrain= or base_domain=: a new-concept split pre-trains on the base "
-                              "domain's images")
-        base = [c for c in candidates if base_domain(c[1])]
-        candidates = [c for c in candidates if not base_domain(c[1])]
-        if not base:
-            raise DataError(f"the base-domain rule matches no caption of the {len(candidates)} images in {root}: the "
-                            "split would have no base domain; check --base_domain_caption_regex against the captions")
+    base, candidates = _base_domain(candidates, base_domain, pretrain, root)
     # With "rest", needed = max(total, len(candidates)): the size check below still tests len < total.
     n_pretrain = _pretrain_count(pretrain, len(candidates) - wanted.total)
     needed = wanted.total + n_pretrain
