@@ -72,6 +72,23 @@ def test_bf16_autocast_trains_on_the_gpu(tiny_train_args, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in record["final"].values())
 
 
+def test_a_gpu_run_resumes_with_its_dropout_streams(tiny_train_args, tmp_path):
+    """LoRA and attacker dropout draw from the GPU's RNG there: the state carries it, so 3 steps + resume to 6 give
+    the uninterrupted run's weights up to kernel rounding (other dropout masks would move them far beyond it)."""
+    from safetensors.torch import load_file
+
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--network_dropout", "0.1"]
+    _train("smp_lora", args + ["--max_train_steps", "6"], tmp_path / "full", cuda=True)
+    _train("smp_lora", args + ["--max_train_steps", "3", "--save_state"], tmp_path / "half", cuda=True)
+    record = _train("smp_lora", args + ["--max_train_steps", "6", "--resume",
+                                        str(tmp_path / "half" / "smp_lora-state")], tmp_path / "resumed", cuda=True)
+    assert record["device"].startswith("cuda")
+    for name in ("smp_lora.safetensors", "smp_lora-attacker.safetensors"):
+        full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        for key in full:
+            torch.testing.assert_close(resumed[key], full[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
 def test_the_evaluation_on_the_gpu_scores_like_the_cpu(mia_world, tmp_path):
     """``evaluate_mia --device cuda`` against ``--device cpu`` on the over-fitted LoRA: the same per-sample noise,
     so the same scores up to rounding, and the same AUCs."""
