@@ -161,3 +161,17 @@ def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manif
     assert train_entry("lora", "", tiny_train_args + ["--split_manifest", str(repeated), "--dry_run"]) == 0
     n = len(manifest.members())
     assert f"{n} member images ({n + 1} per epoch with their kohya repeats)" in capsys.readouterr().out
+    # a plain folder (no manifest: images keyed by path) with one image under two names is refused by content
+    import shutil
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, entry in enumerate(manifest.member_test[:4]):
+        shutil.copy(manifest.abs_path(entry), folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(entry.caption)
+    shutil.copy(folder / "0.png", folder / "copy.png")
+    (folder / "copy.txt").write_text("a copy")
+    plain = [a for a in tiny_train_args]
+    plain[plain.index("--split_manifest"):plain.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    assert train_entry("dp_lora", "", plain + ["--dp_clip_norm", "0.05", "--dry_run"]) == 2
+    assert "occurs 2 times in D_tr" in capsys.readouterr().err

@@ -228,6 +228,10 @@ def test_the_evaluation_sees_images_at_the_size_the_lora_learnt_them(capsys):
     assert resolve_conditioning(config, [wide]).resolution == 512
     assert "record no ss_resolution" in capsys.readouterr().err
     assert resolve_conditioning(EvalConfig(resolution=640), [wide]).resolution == 640
+    for raw, side in (("(512.0, 512.0)", 512), ("768", 768), ("(0, 0)", None), ("(500, 500)", None)):
+        got = resolve_conditioning(config, [_spec("x", ss_clip_skip="1", ss_max_token_length="None", ss_resolution=raw)])
+        assert got.resolution == (side or 512) and (got.source["resolution"] == "LoRA metadata") == bool(side), raw
+    capsys.readouterr()
 
 
 def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path, tmp_path, capfd):

@@ -287,6 +287,15 @@ def test_a_corrupt_image_fails_the_split_not_the_training(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*img3\.png"):
         check_images_decode(manifest)
     assert "img3.png" in [e.path for e in manifest.members() + manifest.nonmembers()]  # 8 images, all drawn
+    # an image that decodes but that training cannot turn into 8-bit RGB fails here too (float values to 4095,
+    # a TIFF under a .png name: PIL reads by content)
+    import numpy as np
+
+    Image.fromarray(np.arange(256, dtype=np.float32).reshape(16, 16) * 16, mode="F").save(tmp_path / "img3.png",
+                                                                                           format="TIFF")
+    manifest = make_split(scan_dataset(tmp_path), sizes=sizes, seed=0, dataset_root=tmp_path)
+    with pytest.raises(DataError, match=r"img3\.png"):
+        check_images_decode(manifest)
 
 
 def test_a_base_domain_rule_that_matches_nothing_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from library.data.dataset import ImageCaption
-from library.data.images import decode_image
+from library.data.images import open_rgb
 from library.data.manifest import (
     CORE_SPLITS,
     SplitEntry,
@@ -259,4 +259,4 @@ def check_images_decode(manifest: SplitManifest) -> None:
     that ``scripts/make_split.py`` refuses a corrupt file before a manifest names it, not a training run later."""
     for name, entries in manifest.splits().items():
         for entry in entries if name != "unused" else ():
-            decode_image(manifest.abs_path(entry))
+            open_rgb(manifest.abs_path(entry))  # as training reads them: decoded, then to 8-bit RGB

@@ -52,12 +52,22 @@ class Conditioning:
                 "resolution": self.resolution, "source": dict(self.source)}
 
 
+def _square_size(raw: str) -> int | None:
+    """The side of a recorded ``ss_resolution`` (``"(512, 512)"``, ``"512"``, ``"(512.0, 512.0)"``); None unless it
+    is one positive multiple of 8 (the evaluation crops squares of such sizes)."""
+    sizes = {float(number) for number in re.findall(r"\d+(?:\.\d+)?", raw)}
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return int(size) if size.is_integer() and size > 0 and size % 8 == 0 else None
+
+
 def _records(spec: ModelSpec, key: str) -> bool:
-    """Whether the file records ``key`` in a form the evaluation can use (a square ``ss_resolution`` only: the
-    evaluation crops squares, so a file trained at W x H counts as recording none, and the flag decides)."""
+    """Whether the file records ``key`` in a form the evaluation can use (``ss_resolution``: a square size; a file
+    trained at W x H, or at an odd size, counts as recording none, and the flag or the default decides)."""
     if key not in spec.metadata:
         return False
-    return key != RESOLUTION_KEY or len(set(re.findall(r"\d+", spec.metadata[key]))) == 1
+    return key != RESOLUTION_KEY or _square_size(spec.metadata[key]) is not None
 
 
 def _parse(spec: ModelSpec, key: str) -> int | None:
@@ -65,7 +75,7 @@ def _parse(spec: ModelSpec, key: str) -> int | None:
     ``"(512, 512)"``)."""
     raw = spec.metadata[key].strip()
     if key == RESOLUTION_KEY:
-        return int(re.findall(r"\d+", raw)[0])
+        return _square_size(raw)
     if raw == "None":
         return None
     if not raw.isdigit() or int(raw) <= 0:

@@ -128,9 +128,9 @@ def save_last_good(trainer: Trainer) -> None:
 
 def save_state(trainer: Trainer, directory: Path) -> None:
     """A state ``--resume`` continues exactly from (see :meth:`Trainer.state_dict`)."""
-    state = trainer.state_dict()  # on every process: it gathers each one's random streams
+    rank_rng = trainer.gather_rng_states()  # on every process; the rest (a whole UNet in full fine-tuning) on one
     if trainer.accelerator.is_main_process:
-        checkpoint.save_state(directory, state, {
+        checkpoint.save_state(directory, trainer.state_dict(rank_rng), {
             "global_step": trainer.global_step, "method": trainer.method_name, "output_name": trainer.output_name,
             "epoch": trainer.completed_epochs(), "identity": preflight.run_identity(trainer),
             "config": config_to_dict(trainer.config),

@@ -17,6 +17,7 @@ from library.data.dataset import ImageCaption, scan_dataset
 from library.data.latents import LatentCache
 from library.data.manifest import SplitManifest, manifest_sha256, read_manifest
 from library.errors import DataError
+from library.fileio import sha256_file
 from library.sd.bundle import ModelBundle, vae_fingerprint
 from library.train.config import TrainConfig
 
@@ -67,9 +68,19 @@ def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> Labelle
                        keys=[e.sha256 for e in entries])
 
 
-def most_repeats(labelled: LabelledSet) -> int:
-    """How often the most repeated image occurs (kohya repeats, or one image under two names)."""
-    return max(Counter(labelled.keys).values(), default=0)
+def most_repeats(labelled: LabelledSet, by_content: bool = False) -> int:
+    """How often the most repeated image occurs: by key (kohya repeats; with a manifest the keys are the images'
+    sha256, so also one image under two names), or ``by_content``, hashing each file (any layout)."""
+    keys = [sha256_file(path) for path in labelled.paths] if by_content else labelled.keys
+    return max(Counter(keys).values(), default=0)
+
+
+def check_distinct_members(members: LabelledSet, reason: str | None, method: str) -> None:
+    """A method that needs each member image once (``reason`` says why; None: repeats are fine) refuses a D_tr in
+    which an image occurs more than once, by content: kohya repeats, or one image under two names."""
+    if reason and (repeats := most_repeats(members, by_content=True)) > 1:
+        raise DataError(f"{reason}: an image occurs {repeats} times in D_tr (kohya <repeats>_<name> folders, or one "
+                        f"image under two names); train {method} on a set with each image once")
 
 
 def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:

@@ -29,8 +29,10 @@ def restore_process_rng_state(state: dict[str, Any], noise_generator: torch.Gene
     uninterrupted one, which the returned line says."""
     ranks = state.get("rank_rng") or [{"noise_generator": state["noise_generator"], "torch_rng": state["torch_rng"]}]
     if len(ranks) != world:
-        return (f"warning: the state was written by {len(ranks)} process(es), this run has {world}: training goes "
-                "on, but with new random streams, not as the uninterrupted run would")
+        written = (f"was written by {len(ranks)} process(es)" if "rank_rng" in state
+                   else "keeps one process's random streams (written before 2026-12-05)")
+        return (f"warning: the state {written}, this run has {world}: training goes on, but with new random "
+                "streams, not as the uninterrupted run would")
     mine = ranks[rank]
     noise_generator.set_state(mine["noise_generator"])
     torch.set_rng_state(mine["torch_rng"])

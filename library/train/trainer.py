@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
-from library.errors import ConfigError, DataError, TrainingError
+from library.errors import ConfigError, TrainingError
 from library.runtime import cuda_devices, eval_mode
 from library.sd.diffusion import (
     NoiseDraw,
@@ -42,9 +42,9 @@ from library.train.data import (
     LabelledSet,
     TrainingData,
     attach_latents,
+    check_distinct_members,
     latent_cache_dir,
     load_training_records,
-    most_repeats,
 )
 from library.train.methods import (
     AuxData,
@@ -97,10 +97,7 @@ class Trainer:
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=self.method_class.needs_aux)
-        if self.method_class.distinct_members and most_repeats(self.data.members) > 1:
-            raise DataError(f"{self.method_class.distinct_members}: an image occurs {most_repeats(self.data.members)} "
-                            "times in D_tr (kohya <repeats>_<name> folders, or one image under two names); train "
-                            f"{method_name} on a set with each image once")
+        check_distinct_members(self.data.members, self.method_class.distinct_members, method_name)
         prior.check_prior_config(config)
         if config.instance_token:
             prior.check_instance_captions(self.data.members.paths, self.data.members.captions, config.instance_token)
@@ -385,8 +382,8 @@ class Trainer:
             tensors += [t.float() for t in self.method.attacker.state_dict().values()]
         return self.collectives.in_sync(tensors)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything ``--resume`` needs to continue bit-exactly, RNG states included."""
+    def state_dict(self, rank_rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Everything ``--resume`` needs to continue bit-exactly; ``rank_rng``: :meth:`gather_rng_states`'s."""
         return {
             "global_step": self.global_step,
             "network": self.trained.state_dict(),
@@ -395,13 +392,16 @@ class Trainer:
             "grad_scaler": self.grad_scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             **({"prior_sampler": self.prior_sampler.state_dict()} if self.prior_sampler is not None else {}),
-            # a collective: every rank calls state_dict()
-            "rank_rng": self.collectives.gather_objects(process_rng_state(self.noise_generator, self.device)),
+            "rank_rng": rank_rng,
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
             **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
                 "hessian_generator": self.hessian_generator.get_state()} if self.smoothness is not None else {}),
         }
+
+    def gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every process's random streams, in rank order (a collective: every process calls it)."""
+        return self.collectives.gather_objects(process_rng_state(self.noise_generator, self.device))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trained.load_state_dict(state["network"])
