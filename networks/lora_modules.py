@@ -68,10 +68,9 @@ class LoRAModule(nn.Module):
         # kohya / PEFT init: down like nn.Linear's default, up zero, so the network starts as the identity.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        alpha = float(self.rank if alpha is None or alpha == 0 else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
-        # A Python float, not a tensor read per forward: reading the buffer would sync the GPU every call.
-        self.scale = alpha / self.rank
+        self.register_buffer("alpha", torch.tensor(0.0, dtype=torch.float32, device=device))
+        # scale: a Python float, not a tensor read per forward (reading the buffer would sync the GPU every call)
+        self.set_alpha(0.0 if alpha is None else alpha)
         # Held in a tuple so nn.Module does not register the adapted layer as our child (that would make
         # the module tree cyclic once we are registered as *its* child).
         self._target: tuple[nn.Module, ...] = ()

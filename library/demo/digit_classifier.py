@@ -41,7 +41,7 @@ from library.eval.small_cnn import (
     save_small_cnn,
     small_cnn_features,
 )
-from library.runtime import echo, torch_threads
+from library.runtime import echo, eval_mode, torch_threads
 
 # The demo's names for the network of library.eval.small_cnn, trained here on digits.
 DigitFeatureNet = SmallCNN
@@ -74,15 +74,11 @@ def accuracy(net: DigitFeatureNet, images: torch.Tensor, labels: torch.Tensor, b
     """Fraction of ``images`` classified as ``labels`` (eval mode)."""
     if len(images) == 0:
         return float("nan")
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         correct = sum(
             int((net(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
             for i in range(0, len(images), batch_size)
         )
-    finally:
-        net.train(was_training)
     return correct / len(images)
 
 

@@ -104,7 +104,7 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
     """(value, source) of one setting; appends the files that do not record it to ``missing``."""
     flag = getattr(config, field)
     recorded = {spec.name: _parse(spec, key) for spec in loras if _records(spec, key)}
-    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if not _records(spec, key))
+    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if spec.name not in recorded)
     distinct = {}
     for name, value in recorded.items():
         distinct.setdefault(_comparable(field, value), (name, value))

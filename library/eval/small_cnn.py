@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from library.errors import DataError, ModelError
+from library.runtime import eval_mode
 
 FORMAT_NAME = "smp-lora-digit-features"  # the file format's name since its first (digit) use: files carry it
 FORMAT_VERSION = "1"
@@ -96,12 +97,8 @@ class SmallCNN(nn.Module):
 @torch.no_grad()
 def small_cnn_features(net: SmallCNN, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Features of many images in eval mode, batch by batch: (N, D) float32."""
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         parts = [net.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    finally:
-        net.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0, net.num_features)
 
 

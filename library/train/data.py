@@ -28,7 +28,7 @@ class LabelledSet:
 
     ``keys`` name each image where the proxy needs a stable identity (its fixed noise, its cached base features):
     the manifest's sha256 of the image, as evaluation keys its noise, so that a dataset moved to another folder
-    gives the same run; without a manifest, the image's path.
+    gives the same run; for a --train_data_dir folder, the sha256 of each file; otherwise the image's path.
     """
 
     paths: list[Path]
@@ -68,17 +68,16 @@ def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> Labelle
                        keys=[e.sha256 for e in entries])
 
 
-def most_repeats(labelled: LabelledSet, by_content: bool = False) -> int:
-    """How often the most repeated image occurs: by key (kohya repeats; with a manifest the keys are the images'
-    sha256, so also one image under two names), or ``by_content``, hashing each file (any layout)."""
-    keys = [sha256_file(path) for path in labelled.paths] if by_content else labelled.keys
-    return max(Counter(keys).values(), default=0)
+def most_repeats(labelled: LabelledSet) -> int:
+    """How often the most repeated image occurs, by key: D_tr's keys are the images' sha256 (from the manifest, or
+    hashed from a --train_data_dir folder), so kohya repeats and one image under two names both count."""
+    return max(Counter(labelled.keys).values(), default=0)
 
 
 def check_distinct_members(members: LabelledSet, reason: str | None, method: str) -> None:
     """A method that needs each member image once (``reason`` says why; None: repeats are fine) refuses a D_tr in
     which an image occurs more than once, by content: kohya repeats, or one image under two names."""
-    if reason and (repeats := most_repeats(members, by_content=True)) > 1:
+    if reason and (repeats := most_repeats(members)) > 1:
         raise DataError(f"{reason}: an image occurs {repeats} times in D_tr (kohya <repeats>_<name> folders, or one "
                         f"image under two names); train {method} on a set with each image once")
 
@@ -103,11 +102,12 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
             raise DataError("MP/SMP-LoRA need a split manifest (--split_manifest) to know the auxiliary "
                             "member and non-member sets; --train_data_dir is for plain LoRA")
         records: list[ImageCaption] = scan_dataset(config.train_data_dir, config.caption_extension)
-        paths, captions = [], []
+        paths, captions, keys = [], [], []
         for record in records:  # kohya's <repeats>_<name> folders: repeat the image in the epoch
             paths += [record.path] * record.repeats
             captions += [record.caption] * record.repeats
-        data = TrainingData(members=LabelledSet(paths, captions))
+            keys += [sha256_file(record.path)] * record.repeats  # by content, as a manifest keys its images
+        data = TrainingData(members=LabelledSet(paths, captions, keys=keys))
     if len(data.members) == 0:
         raise DataError("the training set (members) is empty")
     return data
