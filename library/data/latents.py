@@ -21,6 +21,24 @@ LatentMode = Literal["mean", "sample"]
 _CACHE_FORMAT = "smp-lora-latent-v1"
 
 
+@torch.no_grad()
+def encode_pixels(vae: Any, pixels: torch.Tensor, *, sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """SD latents (what the UNet sees: ``(mean - shift_factor) * scaling_factor``, float32 on the CPU) of
+    ``pixels`` [B, 3, R, R] in [-1, 1]. ``sample_seeds`` (one per image): draw from the VAE's posterior with
+    those seeds instead of taking its mean."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    latents = dist.mean
+    if sample_seeds is not None:
+        eps = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed))
+                           for seed in sample_seeds])
+        latents = latents + dist.std * eps.to(device=latents.device, dtype=latents.dtype)
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return (latents * vae.config.scaling_factor).float().cpu()
+
+
 class LatentCache:
     """VAE latents of images, cached in memory and optionally as safetensors files in ``cache_dir``.
 
@@ -113,27 +131,13 @@ class LatentCache:
         write_safetensors(self._file(key), {"latent": latent.contiguous()}, meta)
 
     # -- encoding --------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _encode(self, paths: Sequence[Path], keys: Sequence[str]) -> torch.Tensor:
-        param = next(self.vae.parameters())
         pixels = torch.stack([load_image(p, self.resolution) for p in paths])
-        dist = self.vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        latents = dist.mean
-        if self.mode == "sample":
-            # One generator per image, seeded by its key: the sample does not depend on batch composition.
-            eps = torch.stack(
-                [
-                    torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(k[:15], 16)))
-                    for k in keys
-                ]
-            )
-            latents = latents + dist.std * eps.to(device=latents.device, dtype=latents.dtype)
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        latents = latents * self.vae.config.scaling_factor
+        # One generator per image, seeded by its key: a sampled latent does not depend on batch composition.
+        seeds = [int(k[:15], 16) for k in keys] if self.mode == "sample" else None
+        latents = encode_pixels(self.vae, pixels, sample_seeds=seeds)
         self.stats["encoded"] += len(paths)
-        return latents.float().cpu()
+        return latents
 
     def get_many(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Latents of ``paths`` in order, shape (N, C, h, w), float32 on the CPU (N may be 0)."""

@@ -121,6 +121,12 @@ class EvalConfig:
     sima_timesteps: list[int] = option(
         [0, 10, 20, 50, 100], "SimA: candidate small timesteps of ||eps(z_0, t)|| (one is chosen on D_aux)")
     sima_norm: int = option(2, "SimA: p of the mean |eps(z_0, t)|^p statistic")
+    pfami_perturbations: int = option(
+        10, "PFAMI: P, centre-crop perturbations of each query image (public SD script: 10); its error is SecMI's "
+        "step-back error (--secmi_timestep, --secmi_step), (1 + P) x (t_SEC/k + 1) queries")
+    pfami_crop_range: list[float] = option(
+        [0.95, 0.7], "PFAMI: crop fractions of the first and last perturbation, the others evenly spaced between "
+        "(public SD script: 0.95 0.7)")
     blackbox_num_images: int = option(
         8, "black-box: images generated per distinct caption (the query's nearest one is its score)")
     blackbox_steps: int = option(20, "black-box and reconstruction: DDIM sampling steps")
@@ -218,9 +224,12 @@ class EvalConfig:
             raise ConfigError("need 0 < secmi_step <= secmi_timestep < 1000 with secmi_timestep a multiple of "
                               f"secmi_step, got secmi_timestep={self.secmi_timestep}, secmi_step={self.secmi_step}")
         for name in ("pia_norm", "sima_norm", "gsa_timesteps", "blackbox_num_images", "blackbox_steps",
-                     "reconstruction_repeats"):
+                     "reconstruction_repeats", "pfami_perturbations"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if len(self.pfami_crop_range) != 2 or any(not 0.0 < f <= 1.0 for f in self.pfami_crop_range):
+            raise ConfigError(f"'pfami_crop_range' must be two crop fractions in (0, 1] (first and last "
+                              f"perturbation), got {self.pfami_crop_range}")
         if any(not 0.0 < f < 1.0 for f in self.clid_mask_fractions):
             raise ConfigError(f"'clid_mask_fractions' must lie in (0, 1), got {self.clid_mask_fractions}")
         if not 0.0 < self.reconstruction_strength <= 1.0:

@@ -85,6 +85,13 @@ class ModelContext:
                                 max_token_length=self.max_token_length, clip_skip=self.clip_skip)
         return states.to(self.device, self.dtype)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """SD latents of ``images`` [B, 3, R, R] in [-1, 1], encoded as the evaluation's latent cache encodes the
+        query images (the VAE posterior's mean), in the model's dtype on its device."""
+        from library.data.latents import encode_pixels
+
+        return encode_pixels(self.bundle.vae, images).to(self.device, self.dtype)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] (fp32) of SD latents (already multiplied by the VAE scaling factor)."""
         vae = self.bundle.vae

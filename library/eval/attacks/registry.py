@@ -35,6 +35,7 @@ ATTACK_CLASSES: dict[str, str] = {
     "clid": "library.eval.attacks.clid:CLiDAttack",
     "gsa": "library.eval.attacks.gsa:GSAAttack",
     "sima": "library.eval.attacks.sima:SimAAttack",
+    "pfami": "library.eval.attacks.pfami:PFAMIAttack",
     "blackbox": "library.eval.attacks.blackbox:BlackBoxAttack",
     "reconstruction": "library.eval.attacks.reconstruction:ReconstructionAttack",
     "blind": "library.eval.attacks.blind:BlindAttack",

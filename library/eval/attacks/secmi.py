@@ -47,24 +47,45 @@ def schedule_alpha_bar(ctx: QueryContext, t: int) -> torch.Tensor:
     return ctx.model.alphas_cumprod[int(t)].to(torch.float32).to(ctx.model.device)
 
 
-def inversion_key(step: int, t: int) -> str:
-    """The memo key of the DDIM-inverted latent at ``t`` (step ``step`` from the clean latent): the same path is
-    one set of queries, whichever probe walks it; t = 0 is the clean latent itself."""
-    return "z0" if t == 0 else f"ddim-inversion:step={step}:t={t}"
+def inversion_key(step: int, t: int, start: str = "z0") -> str:
+    """The memo key of the DDIM-inverted latent at ``t`` (step ``step`` from the latent named ``start``, by default
+    the clean latent): the same path is one set of queries, whichever probe walks it; t = 0 is the start itself."""
+    if t == 0:
+        return start
+    return f"ddim-inversion:step={step}:t={t}" if start == "z0" else f"{start}:ddim-inversion:step={step}:t={t}"
 
 
-def ddim_inversion(ctx: QueryContext, end: int, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The deterministic DDIM inversion of the batch's clean latents from t = 0 to ``end`` in steps of ``step``.
+def ddim_inversion(ctx: QueryContext, end: int, step: int, *, start: tuple[str, torch.Tensor] | None = None,
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The deterministic DDIM inversion of the batch's clean latents from t = 0 to ``end`` in steps of ``step``
+    (``start``: another (name, latents) to invert instead, e.g. PFAMI's perturbed images).
 
     Returns (latents, eps): ``latents[i]`` is z at t = i*step (float32, ``latents[0]`` = z_0), for i = 0 .. end/step;
     ``eps[i]`` = eps(latents[i], i*step, c) for i = 0 .. end/step - 1 (the queries the inversion made).
     """
-    latents, eps = [ctx.z0.float()], []
+    name, z0 = start if start is not None else ("z0", ctx.z0)
+    latents, eps = [z0.float()], []
     for t in range(0, end, step):
-        e = ctx.predict(latents[-1], t, key=inversion_key(step, t)).float()
+        e = ctx.predict(latents[-1], t, key=inversion_key(step, t, name)).float()
         eps.append(e)
         latents.append(ddim_step(latents[-1], e, schedule_alpha_bar(ctx, t), schedule_alpha_bar(ctx, t + step)))
     return latents, eps
+
+
+def step_back_errors(ctx: QueryContext, end: int, step: int, *, start: tuple[str, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
+    """[B, end/step]: the mean squared step-back error ||Phi(z_t, t -> t-k) - z_{t-k}||^2 / D along the DDIM
+    inversion (:func:`ddim_inversion`, same ``start``) at t = k, 2k, ..., ``end`` (k = ``step``)."""
+    name = start[0] if start is not None else "z0"
+    latents, eps = ddim_inversion(ctx, end, step, start=start)
+    # The one extra query: eps at the end of the inversion; every earlier step back reuses the inversion's eps.
+    eps.append(ctx.predict(latents[-1], end, key=inversion_key(step, end, name)).float())
+    columns = []
+    for i in range(1, len(latents)):
+        t = i * step
+        back = ddim_step(latents[i], eps[i], schedule_alpha_bar(ctx, t), schedule_alpha_bar(ctx, t - step))
+        columns.append((back - latents[i - 1]).pow(2).flatten(1).mean(dim=1))
+    return torch.stack(columns, dim=1)
 
 
 class SecMIProbe(Probe):
@@ -85,15 +106,7 @@ class SecMIProbe(Probe):
         return float(self.timestep // self.step + 1)
 
     def compute(self, ctx: QueryContext) -> dict[str, torch.Tensor]:
-        latents, eps = ddim_inversion(ctx, self.timestep, self.step)
-        # The one extra query: eps at the end of the inversion; every earlier step back reuses the inversion's eps.
-        eps.append(ctx.predict(latents[-1], self.timestep, key=inversion_key(self.step, self.timestep)).float())
-        columns = []
-        for i in range(1, len(latents)):
-            t = i * self.step
-            back = ddim_step(latents[i], eps[i], schedule_alpha_bar(ctx, t), schedule_alpha_bar(ctx, t - self.step))
-            columns.append((back - latents[i - 1]).pow(2).flatten(1).mean(dim=1))
-        return {"error": torch.stack(columns, dim=1)}
+        return {"error": step_back_errors(ctx, self.timestep, self.step)}
 
 
 class SecMIAttack(SelectedThresholdAttack):
@@ -123,4 +136,4 @@ class SecMIAttack(SelectedThresholdAttack):
         return {"stat": 0.0 - errors[:, -1], "trajectory": 0.0 - errors.mean(axis=1)}
 
 
-__all__ = ["SecMIAttack", "SecMIProbe", "ddim_inversion", "inversion_key", "schedule_alpha_bar"]
+__all__ = ["SecMIAttack", "SecMIProbe", "ddim_inversion", "inversion_key", "schedule_alpha_bar", "step_back_errors"]

@@ -1,0 +1,142 @@
+"""PFAMI (library/eval/attacks/pfami.py): the fluctuation statistic and the crop are checked against hand
+computations, the probe's columns against SecMI's step-back errors on hand-encoded crops, the unperturbed
+inversion is shared with SecMI, bad settings are one ConfigError, and the attack runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from mia_world import base_args
+
+import evaluate_mia
+from library.data.images import load_image
+from library.errors import ConfigError
+from library.eval.attacks.base import AttackInputs, FeatureSet
+from library.eval.attacks.pfami import (
+    PFAMIAttack,
+    PFAMIProbe,
+    center_crop_resized,
+    crop_fractions,
+    probability_fluctuation,
+)
+from library.eval.attacks.secmi import SecMIProbe
+from library.eval.config import EvalConfig
+from library.eval.features import Sample
+from library.eval.probes import ModelContext, QueryContext
+
+N = 3
+
+
+def test_probability_fluctuation_equals_hand_computation():
+    # errors [N=2, 1 + P=2, T=2]: index 0 the image itself, 1..2 its perturbations.
+    errors = np.array([[[1.0, 2.0], [2.0, 2.0], [4.0, 3.0]],
+                       [[4.0, 1.0], [2.0, 1.0], [4.0, 1.0]]])
+    expected = np.array([[((2 - 1) / 1 + (4 - 1) / 1) / 2, ((2 - 2) / 2 + (3 - 2) / 2) / 2],
+                         [((2 - 4) / 4 + (4 - 4) / 4) / 2, 0.0]])
+    np.testing.assert_allclose(probability_fluctuation(errors), expected)
+    # A zero error on the image itself gives a large, finite fluctuation, not inf / nan.
+    assert np.isfinite(probability_fluctuation(np.array([[[0.0], [1.0]]]))).all()
+    with pytest.raises(ValueError, match="1 \\+ P"):
+        probability_fluctuation(errors[:, :1, :])
+
+
+def test_crop_fractions_and_the_centre_crop():
+    assert crop_fractions(0.95, 0.7, 6) == (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    assert crop_fractions(0.9, 0.7, 1) == (0.9,)
+    with pytest.raises(ValueError):
+        crop_fractions(1.2, 0.7, 3)
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(center_crop_resized(images, 1.0), images)
+    # Crop to the central 8 x 8, which holds one value per channel: the resized image is that value everywhere.
+    framed = torch.full((1, 3, 16, 16), -1.0)
+    framed[:, :, 4:12, 4:12] = torch.tensor([0.3, -0.2, 0.7]).view(1, 3, 1, 1)
+    expected = torch.tensor([0.3, -0.2, 0.7]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    torch.testing.assert_close(center_crop_resized(framed, 0.5), expected)
+
+
+@pytest.fixture(scope="module")
+def model(mia_world):
+    manifest = mia_world["manifest"]
+    entries = manifest.members()[:N]
+    samples = [Sample(manifest.abs_path(e), e.caption, f"{i:064x}") for i, e in enumerate(entries)]
+    return ModelContext(mia_world["bundle"], samples, torch.device("cpu"), torch.float32, seed=0, resolution=32)
+
+
+def encoded(model, images):
+    """The hand encoding: the VAE posterior's mean times the scaling factor."""
+    vae = model.bundle.vae
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+
+def test_probe_columns_are_secmi_errors_of_the_image_and_of_each_crop(model):
+    images = torch.stack([load_image(s.path, 32) for s in model.samples])
+    z0 = encoded(model, images)
+    probe = PFAMIProbe((0.9, 0.75), timestep=20, step=5)
+    ctx = QueryContext(model, range(N), z0)
+    errors = probe.compute(ctx)["error"]
+    assert errors.shape == (N, 3, 4)
+    secmi = SecMIProbe(20, 5)
+    torch.testing.assert_close(errors[:, 0], secmi.compute(QueryContext(model, range(N), z0))["error"])
+    for p, fraction in enumerate((0.9, 0.75), start=1):
+        crop_latents = encoded(model, center_crop_resized(images, fraction))
+        hand = secmi.compute(QueryContext(model, range(N), crop_latents))["error"]
+        torch.testing.assert_close(errors[:, p], hand, rtol=1e-4, atol=1e-7)
+    # (1 + P) inversions of 20/5 steps plus one step-back query each.
+    assert ctx.queries == N * probe.queries_per_sample() == N * 3 * 5
+    # Run after SecMI on the same batch, PFAMI's unperturbed inversion is SecMI's: only the crops cost queries.
+    shared = QueryContext(model, range(N), z0)
+    secmi.compute(shared)
+    before = shared.queries
+    probe.compute(shared)
+    assert shared.queries - before == N * 2 * 5
+
+
+def test_attack_selects_on_aux_and_scores_the_fluctuation():
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.repeat([1, 0], n // 2)
+    errors = rng.uniform(1.0, 2.0, size=(n, 3, 2))
+    errors[labels == 1, 1:, 1] *= 1.5  # members: larger errors on their crops at t = 10
+    errors[:, 1:, 0] = rng.uniform(0.1, 50.0, size=(n, 2))  # t = 5: a wide, uninformative fluctuation
+    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5)
+    inputs = AttackInputs(FeatureSet(np.zeros((n, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
+    attack.fit(inputs, labels)
+    assert attack.selected == "t=10"
+    rows = {s.variant: s for s in attack.score(inputs)}
+    assert set(rows) == {"sum", "t=5", "t=10", "selected"}
+    np.testing.assert_allclose(rows["selected"].scores, probability_fluctuation(errors)[:, 1])
+    assert rows["selected"].headline and rows["selected"].info["direction"] == "published"
+
+
+def test_options_validation_and_cost():
+    config = EvalConfig(pfami_perturbations=4, pfami_crop_range=[0.9, 0.6], secmi_timestep=40, secmi_step=10)
+    attack = PFAMIAttack.from_config(config, torch.device("cpu"))
+    assert attack.probe.fractions == (0.9, 0.8, 0.7, 0.6)
+    assert attack.queries_per_sample() == 5 * 5
+    for bad, key in (({"pfami_crop_range": [0.9]}, "pfami_crop_range"),
+                     ({"pfami_crop_range": [0.9, 0.0]}, "pfami_crop_range"),
+                     ({"pfami_perturbations": 0}, "pfami_perturbations")):
+        with pytest.raises(ConfigError, match=key):
+            EvalConfig(pretrained_model_name_or_path="model", split_manifest="split.json", **bad).validate()
+
+
+def test_end_to_end_report_rows_and_costs(mia_world, tmp_path):
+    out = tmp_path / "eval"
+    rc = evaluate_mia.main(base_args(mia_world, out, "--network_weights", str(mia_world["lora"]),
+                                     "--attacks", "pfami", "--secmi_timestep", "20", "--secmi_step", "5",
+                                     "--pfami_perturbations", "3"))
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["attacks"]["pfami"]
+    assert entry["queries_per_sample"] == 4 * 5 and entry["crop_fractions"] == [0.95, 0.825, 0.7]
+    labels = {r["label"] for r in report["results"] if r["model"] == "overfit"}
+    assert {"pfami selected", "pfami sum", "pfami t=5", "pfami t=20"} <= labels
+    computed = report["features"]["probes"]["overfit"]["pfami"]["queries_computed"]
+    assert computed == 48 * 4 * 5
