@@ -7,6 +7,9 @@ traceback from deep inside torch. Raise it with a message that names the file or
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class UserError(Exception):
     """An error caused by the user's input: its message is shown as-is, without a traceback."""
@@ -26,3 +29,11 @@ class ModelError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good state has been kept."""
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr (the run goes on), once per launch: in a multi-process run only the
+    main process prints (``RANK``, set by accelerate and torchrun, is 0 or unset), as the checks that warn run
+    in every process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -193,7 +193,7 @@ def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_privacy_settings_given_to_plain_lora_are_one_warning(tiny_train_args, tmp_path, capsys):
+def test_privacy_settings_given_to_plain_lora_are_one_warning(tiny_train_args, tmp_path, capsys, monkeypatch):
     smp_toml = tmp_path / "smp.toml"
     smp_toml.write_text("[privacy]\nprivacy_lambda = 0.5\nattacker_features = 'loss'\n")
     assert train_entry("lora", "", tiny_train_args + ["--config_file", str(smp_toml), "--k_steps", "2",
@@ -202,6 +202,10 @@ def test_privacy_settings_given_to_plain_lora_are_one_warning(tiny_train_args, t
     assert "privacy_lambda" in line and "attacker_features" in line and "k_steps" in line and "lora ignores" in line
     assert train_entry("lora", "", tiny_train_args + ["--dry_run"]) == 0
     assert capsys.readouterr().err == ""
+    # In a multi-process launch only the main process (RANK 0) says it: one line per run, not one per process.
+    monkeypatch.setenv("RANK", "1")
+    assert train_entry("lora", "", tiny_train_args + ["--config_file", str(smp_toml), "--dry_run"]) == 0
+    assert "warning:" not in capsys.readouterr().err
 
 
 # ---- 11: conditioning in the metadata --------------------------------------------------------------------------

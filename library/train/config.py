@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Optional
 
 from library.config import DEFAULT, option, value_sources
-from library.errors import ConfigError
+from library.errors import ConfigError, warn
 from library.outputs import check_inside
 from library.train.methods import method_class, method_names
 from library.train.proxy_features import ProxyFeatures
@@ -267,8 +266,7 @@ class TrainConfig:
                 raise ConfigError("'network_weights' continues a LoRA, but 'train_mode = full' trains the UNet's own "
                                   "weights; drop it (or use train_mode lora)")
             if self.network_args:  # a LoRA config file reused for a full fine-tune (the frontier does): say so
-                print(f"warning: 'network_args' {self.network_args} configure a LoRA; 'train_mode = full' ignores them",
-                      file=sys.stderr, flush=True)
+                warn(f"'network_args' {self.network_args} configure a LoRA; 'train_mode = full' ignores them")
         elif self.train_text_encoder:
             raise ConfigError("'train_text_encoder' is for 'train_mode = full'; a LoRA's text-encoder part is set by "
                               "text_encoder_lr / network_train_unet_only")
@@ -299,9 +297,8 @@ class TrainConfig:
             ignored = [name for name, source in value_sources(self).items()
                        if name in ATTACKER_FIELDS and not source.startswith(DEFAULT)]
             if ignored:
-                print(f"warning: {', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores "
-                      "them (train with train_mp_lora.py / train_smp_lora.py for the defence)", file=sys.stderr,
-                      flush=True)
+                warn(f"{', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores them (train "
+                     "with train_mp_lora.py / train_smp_lora.py for the defence)")
 
 
 #: What only MP/SMP-LoRA's proxy attacker reads (Eq. 5, 6, 10 and Algorithm 1's attacker phase).

@@ -14,11 +14,11 @@ Eq. 10, L_ada / (1 - lambda*G + delta). Per training iteration (Algorithm 1):
 from __future__ import annotations
 
 import math
-import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
+from library.errors import warn
 from library.privacy import (
     ProxyAttacker,
     attacker_loss,
@@ -337,7 +337,6 @@ class SMPLoRA(AdversarialLoRA):
         g_at_chance = config.g_member_weight * math.log(2.0)  # -G
         at_chance = 1.0 + config.privacy_lambda * g_at_chance + config.privacy_delta
         if g_at_chance > 0 and at_chance > LARGE_DENOMINATOR:
-            print(f"warning: privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} "
-                  "already for an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA "
-                  f"will barely train; lambda below {(LARGE_DENOMINATOR - 1) / g_at_chance:.0f} keeps it under "
-                  f"{LARGE_DENOMINATOR:.0f}", file=sys.stderr, flush=True)
+            warn(f"privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} already for "
+                 "an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA will barely train; "
+                 f"lambda below {(LARGE_DENOMINATOR - 1) / g_at_chance:.0f} keeps it under {LARGE_DENOMINATOR:.0f}")
