@@ -13,13 +13,14 @@ import json
 import pytest
 
 import evaluate_mia
-from library.eval.attacks.registry import DEFAULT_ATTACKS
+from library.eval.attacks.registry import ATTACK_NAMES, DEFAULT_ATTACKS
 from library.eval.summary import worst_case
 
 # ~12 min on 2 cores (building the world: pre-training ~100 s, over-fitting ~220 s; the suite ~140 s; the captioned
 # world's over-fit and black-box evaluation ~4 min), so not in the default run: `bash scripts/test.sh -m slow`. Measured results: docs/results.md, "The attack suite".
 pytestmark = pytest.mark.slow
 
+OPT_IN = tuple(name for name in ATTACK_NAMES if name not in DEFAULT_ATTACKS)  # PFAMI: outside the default suite
 WHITE_OR_GRAY_BOX = ("loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima")
 BLACK_BOX = ("blackbox", "reconstruction")
 
@@ -110,3 +111,24 @@ def test_blind_floor_is_at_chance_and_never_the_worst_case(suite_report):
     assert worst["overfit"].row["attack"] != "blind" and worst["overfit"].auc >= 0.95
     audit = suite_report["privacy_audit"]["overfit"]
     assert audit["set_audit"]["p_value"] < 0.01 and audit["epsilon_lb"]["honest"] > 0
+
+
+@pytest.fixture(scope="module")
+def opt_in_report(attack_world):
+    """The attacks outside the default suite (PFAMI), on the same world."""
+    out = attack_world["root"] / "eval-opt-in"
+    rc = evaluate_mia.main([
+        "--pretrained_model_name_or_path", str(attack_world["root"] / "model"),
+        "--split_manifest", str(attack_world["manifest_file"]), "--network_weights", str(attack_world["lora"]),
+        "--output_dir", str(out), "--resolution", "32", "--n_bootstrap", "300", "--jobs", "2",
+        "--attacks", *OPT_IN, "--no-progress_bar", "--no-plots",
+    ])
+    assert rc == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("attack", OPT_IN)
+def test_opt_in_attacks_find_the_overfitted_lora_and_nothing_in_the_base(opt_in_report, attack):
+    assert headline(opt_in_report, "overfit", attack)["auc"] >= 0.8
+    lo, hi = headline(opt_in_report, "base", attack)["auc_ci"]
+    assert lo <= 0.5 <= hi, (attack, lo, hi)
