@@ -25,17 +25,22 @@ WHITE_OR_GRAY_BOX = ("loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa"
 BLACK_BOX = ("blackbox", "reconstruction")
 
 
-@pytest.fixture(scope="module")
-def suite_report(attack_world):
-    out = attack_world["root"] / "eval"
+def evaluate_overfit(base: dict, world: dict, folder: str, *extra: str) -> dict:
+    """report.json of evaluate_mia.py on ``base``'s model and ``world``'s split and over-fitted LoRA."""
+    out = world["root"] / folder
     rc = evaluate_mia.main([
-        "--pretrained_model_name_or_path", str(attack_world["root"] / "model"),
-        "--split_manifest", str(attack_world["manifest_file"]), "--network_weights", str(attack_world["lora"]),
+        "--pretrained_model_name_or_path", str(base["root"] / "model"),
+        "--split_manifest", str(world["manifest_file"]), "--network_weights", str(world["lora"]),
         "--output_dir", str(out), "--resolution", "32", "--paper_epochs", "20", "--n_bootstrap", "300",
-        "--jobs", "2", "--no-progress_bar", "--no-plots",
-    ])  # the default --attacks: the whole suite
+        "--jobs", "2", "--no-progress_bar", "--no-plots", *extra,
+    ])
     assert rc == 0
     return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def suite_report(attack_world):
+    return evaluate_overfit(attack_world, attack_world, "eval")  # the default --attacks: the whole suite
 
 
 def headline(report: dict, model: str, attack: str) -> dict:
@@ -74,15 +79,7 @@ def captioned_report(attack_world, tmp_path_factory):
     from attack_world import build_captioned_world
 
     world = build_captioned_world(attack_world, tmp_path_factory.mktemp("captioned_world"))
-    out = world["root"] / "eval"
-    rc = evaluate_mia.main([
-        "--pretrained_model_name_or_path", str(attack_world["root"] / "model"),
-        "--split_manifest", str(world["manifest_file"]), "--network_weights", str(world["lora"]),
-        "--output_dir", str(out), "--resolution", "32", "--n_bootstrap", "300", "--jobs", "2",
-        "--attacks", *BLACK_BOX, "blind", "--no-progress_bar", "--no-plots",
-    ])
-    assert rc == 0
-    return json.loads((out / "report.json").read_text())
+    return evaluate_overfit(attack_world, world, "eval", "--attacks", *BLACK_BOX, "blind")
 
 
 @pytest.mark.parametrize("attack", BLACK_BOX)
@@ -116,15 +113,7 @@ def test_blind_floor_is_at_chance_and_never_the_worst_case(suite_report):
 @pytest.fixture(scope="module")
 def opt_in_report(attack_world):
     """The attacks outside the default suite (PFAMI), on the same world."""
-    out = attack_world["root"] / "eval-opt-in"
-    rc = evaluate_mia.main([
-        "--pretrained_model_name_or_path", str(attack_world["root"] / "model"),
-        "--split_manifest", str(attack_world["manifest_file"]), "--network_weights", str(attack_world["lora"]),
-        "--output_dir", str(out), "--resolution", "32", "--n_bootstrap", "300", "--jobs", "2",
-        "--attacks", *OPT_IN, "--no-progress_bar", "--no-plots",
-    ])
-    assert rc == 0
-    return json.loads((out / "report.json").read_text())
+    return evaluate_overfit(attack_world, attack_world, "eval-opt-in", "--attacks", *OPT_IN)
 
 
 @pytest.mark.parametrize("attack", OPT_IN)
