@@ -339,17 +339,20 @@ class LoRANetwork(nn.Module):
         unet: nn.Module | None,
         weights_sd: Mapping[str, torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
-        multiplier: float = 1.0,
+        device: torch.device | str | None = None,
+        *,
+        multiplier: float | None = None,
     ) -> None:
-        """Fold ``multiplier * alpha / r * up @ down`` into the base weights (for inference).
+        """Fold ``multiplier * alpha / r * up @ down`` into the base weights (for inference); sd-scripts' signature.
 
-        ``weights_sd`` (optional) is loaded first. The delta is computed in ``dtype`` (default float32) and added
-        in the base weight's own dtype. If this network is applied to those layers it is removed first, so the
-        LoRA is not counted twice. Layers of a model passed as ``None`` are left alone.
+        ``weights_sd`` (optional) is loaded first. The delta is computed in ``dtype`` (default float32) on ``device``
+        (default: the LoRA's) and added in the base weight's own dtype; ``multiplier`` defaults to the network's own,
+        as in the patched forward. If this network is applied to those layers it is removed first, so the LoRA is
+        not counted twice. Layers of a model passed as ``None`` are left alone.
         """
         if weights_sd is not None:
             self.load_weights(weights_sd)
-        compute = dtype or torch.float32
+        compute, strength = dtype or torch.float32, self.multiplier if multiplier is None else float(multiplier)
         layers = layers_by_name(text_encoder, unet)
         for lora in self.loras:
             model = text_encoder if lora.part == "text_encoder" else unet
@@ -361,7 +364,7 @@ class LoRANetwork(nn.Module):
             if lora.applied and lora._target[0] is layer:
                 lora.restore()
             with torch.no_grad():
-                delta = lora.delta_weight(compute) * float(multiplier)
+                delta = lora.delta_weight(compute, device) * strength
                 layer.weight.add_(delta.to(device=layer.weight.device, dtype=layer.weight.dtype))
 
 
@@ -393,17 +396,9 @@ def create_network(
         raise ConfigError(f"network_dim must be a positive integer, got {network_dim}")
     alpha = 1.0 if network_alpha is None else float(network_alpha)
     text_encoder = single_text_encoder(text_encoder)
-    return LoRANetwork(
-        text_encoder if apply_te else None,
-        unet,
-        multiplier=multiplier,
-        lora_dim=dim,
-        alpha=alpha,
-        dropout=dropout,
-        apply_text_encoder=apply_te and text_encoder is not None,
-        conv_lora_dim=conv_dim,
-        conv_alpha=conv_alpha,
-    )
+    return LoRANetwork(text_encoder if apply_te else None, unet, multiplier=multiplier, lora_dim=dim, alpha=alpha,
+                       dropout=dropout, apply_text_encoder=apply_te and text_encoder is not None,
+                       conv_lora_dim=conv_dim, conv_alpha=conv_alpha)
 
 
 def create_network_from_weights(
@@ -414,8 +409,9 @@ def create_network_from_weights(
     unet: nn.Module,
     weights_sd: Mapping[str, torch.Tensor] | None = None,
     **kwargs: Any,
-) -> LoRANetwork:
-    """A network shaped by a kohya LoRA file (per-layer rank from ``lora_down``, alpha from ``.alpha``), loaded.
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """(a network shaped by a kohya LoRA file (per-layer rank from ``lora_down``, alpha from ``.alpha``), loaded;
+    the file's tensors), as sd-scripts returns them (``network, weights_sd = create_network_from_weights(...)``).
 
     Only the layers the file adapts get a module. A key that matches no layer of ``unet`` / ``text_encoder``
     or a tensor of the wrong shape raises ModelError naming the file and the key.
@@ -447,4 +443,4 @@ def create_network_from_weights(
         modules_alpha=modules_alpha,
     )
     network._load_grouped(grouped, source, meta)
-    return network
+    return network, sd

@@ -120,10 +120,11 @@ class LoRAModule(nn.Module):
         self.org_forward = None
 
     # -- weights -----------------------------------------------------------------------------------
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``alpha / rank * up @ down`` shaped like the adapted layer's weight (multiplier not applied)."""
-        down = self.lora_down.weight.to(dtype).flatten(1)  # [r, in * kh * kw]
-        up = self.lora_up.weight.to(dtype).flatten(1)  # [out, r]
+    def delta_weight(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """``alpha / rank * up @ down`` shaped like the adapted layer's weight (multiplier not applied), computed in
+        ``dtype`` on ``device`` (default: the LoRA's)."""
+        down = self.lora_down.weight.to(device=device, dtype=dtype).flatten(1)  # [r, in * kh * kw]
+        up = self.lora_up.weight.to(device=device, dtype=dtype).flatten(1)  # [out, r]
         delta = (up @ down) * self.scale
         return delta.reshape(self.out_dim, self.in_dim, *self.kernel_size) if self.is_conv else delta
 

@@ -116,7 +116,7 @@ def merged(world, tmp_path_factory):
     single-file checkpoint."""
     root = tmp_path_factory.mktemp("merged")
     bundle = copy.deepcopy(world["bundle"])
-    network = create_network_from_weights(1.0, world["lora"], None, bundle.text_encoder, bundle.unet)
+    network, _ = create_network_from_weights(1.0, world["lora"], None, bundle.text_encoder, bundle.unet)
     network.merge_to(None, bundle.unet)
     bundle.unet.save_pretrained(str(root / "ft_folder"), safe_serialization=True)
     save_single_file(bundle, root / "ft_single.safetensors")
@@ -203,7 +203,7 @@ def test_diffusers_text_encoder_lora_is_applied_with_its_scale(world):
     width = layer.in_features
     down, up = torch.randn(2, width), torch.randn(width, 2)
     prefix = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
-    network = create_network_from_weights(1.0, {f"{prefix}.down.weight": down, f"{prefix}.up.weight": up},
+    network, _ = create_network_from_weights(1.0, {f"{prefix}.down.weight": down, f"{prefix}.up.weight": up},
                                           None, bundle.text_encoder, bundle.unet)
     x = torch.randn(3, width)
     expected = layer(x) + x @ (up @ down).T  # no alpha: scale 1
@@ -222,7 +222,7 @@ def test_sd_scripts_locon_conv_key_loads_with_its_alpha(world):
     up = torch.randn(conv.out_channels, rank, 1, 1)
     name = "lora_unet_down_blocks_0_resnets_0_conv1"  # sd-scripts' LoCon naming of this conv
     sd = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)}
-    network = create_network_from_weights(1.0, sd, None, None, unet)
+    network, _ = create_network_from_weights(1.0, sd, None, None, unet)
     x = torch.randn(1, conv.in_channels, 8, 8)
     delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * (alpha / rank)
     expected = F.conv2d(x, conv.weight + delta, conv.bias, padding=conv.padding)

@@ -245,7 +245,7 @@ def test_conv_dim_adapts_resnets_and_samplers_like_sd_scripts(models, tmp_path):
     meta = read_lora_metadata(path)
     assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "1.5"}
-    rebuilt = create_network_from_weights(1.0, path, None, copy.deepcopy(te), copy.deepcopy(unet))
+    rebuilt, _ = create_network_from_weights(1.0, path, None, copy.deepcopy(te), copy.deepcopy(unet))
     assert {m.lora_name: m.rank for m in rebuilt.loras} == {m.lora_name: m.rank for m in network.loras}
     with pytest.raises(ModelError, match="conv_dim / LoCon"):  # a plain network cannot take a LoCon file
         create_network(1.0, RANK, ALPHA, None, te, unet).load_weights(path)
@@ -282,7 +282,7 @@ def test_save_layout_metadata_and_round_trip(models, stack, inputs, tmp_path):
     assert not any(k in meta for k in FORBIDDEN_METADATA_KEYS)
 
     te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
-    loaded = create_network_from_weights(1.0, path, None, te2, unet2)
+    loaded, _ = create_network_from_weights(1.0, path, None, te2, unet2)
     assert len(loaded.loras) == 60 and all(lora.scale == ALPHA / RANK for lora in loaded.loras)
     loaded.apply_to(te2, unet2)
     got = run(te2, unet2, inputs)
@@ -291,7 +291,7 @@ def test_save_layout_metadata_and_round_trip(models, stack, inputs, tmp_path):
     # Some exporters drop the "text_model_" root of text-encoder names; such files load the same.
     short = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in sd.items()}
     te4, unet4 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
-    create_network_from_weights(1.0, short, None, te4, unet4).apply_to(te4, unet4)
+    create_network_from_weights(1.0, short, None, te4, unet4)[0].apply_to(te4, unet4)
     assert torch.equal(run(te4, unet4, inputs)[0], expected[0])
 
     # load_weights into a fresh network of the same shape reproduces it too.
@@ -392,6 +392,26 @@ def test_merge_to_equals_patched_forward(models, stack, inputs, network_args):
     torch.testing.assert_close(run(te, unet, inputs)[1], patched[1], atol=1e-5, rtol=1e-4)
 
 
+def test_sd_scripts_inference_contract(models, stack, inputs, tmp_path):
+    """sd-scripts' gen_img.py: ``network, weights_sd = create_network_from_weights(m, file, vae, te, unet,
+    for_inference=True)`` then ``network.merge_to(te, unet, weights_sd, dtype, device)``, positionally, at the
+    network's own multiplier."""
+    te, unet = models
+    network = trained_network(models)
+    path = tmp_path / "lora.safetensors"
+    network.save_weights(path, torch.float32)
+    network.set_multiplier(0.5)
+    network.apply_to(te, unet)
+    patched = run(te, unet, inputs)
+    te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    loaded, weights_sd = create_network_from_weights(0.5, str(path), None, te2, unet2, for_inference=True)
+    assert set(weights_sd) == set(load_file(path))
+    loaded.merge_to(te2, unet2, weights_sd, torch.float32, torch.device("cpu"))
+    merged = run(te2, unet2, inputs)
+    torch.testing.assert_close(merged[0], patched[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged[1], patched[1], atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ bad files
 
 
@@ -479,7 +499,7 @@ def test_a_file_with_alpha_zero_is_a_full_strength_lora(models, stack, tmp_path)
     trained_network(models).save_weights(path, torch.float32, {})
     zero = {k: torch.zeros_like(v) if k.endswith(".alpha") else v for k, v in load_file(str(path)).items()}
     te, unet = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
-    assert all(lora.scale == 1.0 for lora in create_network_from_weights(1.0, zero, None, te, unet).loras)
+    assert all(lora.scale == 1.0 for lora in create_network_from_weights(1.0, zero, None, te, unet)[0].loras)
     fresh = create_network(1.0, RANK, ALPHA, None, *copy.deepcopy(models))
     fresh.load_weights(zero)
     assert all(lora.scale == 1.0 and float(lora.alpha) == RANK for lora in fresh.loras)

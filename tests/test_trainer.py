@@ -184,7 +184,7 @@ def test_tiny_config_trains_and_diffusers_loads_the_lora(tiny_model_dir, manifes
     lora_file = tmp_path / "o" / "lora.safetensors"
 
     ours = load_sd_model(tiny_model_dir)
-    network = create_network_from_weights(1.0, lora_file, ours.vae, ours.text_encoder, ours.unet)
+    network, _ = create_network_from_weights(1.0, lora_file, ours.vae, ours.text_encoder, ours.unet)
     network.apply_to(ours.text_encoder, ours.unet)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, local_files_only=True)
     pipe.load_lora_weights(str(lora_file))

@@ -181,7 +181,7 @@ def applied_lora(bundle: Any, lora_path: str | Path | None, multiplier: float, d
             return
         from networks.lora import create_network_from_weights
 
-        network = create_network_from_weights(multiplier, lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+        network, _ = create_network_from_weights(multiplier, lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
         network.apply_to(bundle.text_encoder, bundle.unet)
         stack.callback(network.restore)
         network.to(device=device, dtype=dtype)
