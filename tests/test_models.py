@@ -28,7 +28,7 @@ from library.sd.bundle import (  # noqa: E402
     make_noise_scheduler,
     vae_fingerprint,
 )
-from library.sd.loading import load_sd_model  # noqa: E402
+from library.sd.loading import check_sd_model, load_sd_model  # noqa: E402
 from library.sd.single_file import save_single_file  # noqa: E402
 
 
@@ -337,6 +337,19 @@ def test_folder_with_corrupt_weights(tiny_files: tuple[ModelBundle, Path, Path],
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelError, match=r"corrupt_vae/vae"):
         load_sd_model(broken)
+
+
+def test_folder_of_fp16_variant_weights_loads(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    """A download of SD v1.5's fp16 files only: ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16.safetensors``."""
+    variant = tmp_path / "fp16_only"
+    shutil.copytree(tiny_files[1], variant)
+    for sub in ("unet", "vae", "text_encoder"):
+        weights = next((variant / sub).glob("*.safetensors"))
+        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    check_sd_model(variant)
+    ours, theirs = _outputs(load_sd_model(variant)), _outputs(tiny_files[0])
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
 
 
 def test_folder_with_v_prediction_scheduler(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:

@@ -108,6 +108,17 @@ def _check_weight_format(folder: Path, allow_pickle: bool) -> None:
             )
 
 
+def _weights_variant(folder: Path) -> str | None:
+    """The weight variant to load from ``folder``: None when it holds plain ``<name>.safetensors`` weights, else
+    the variant of its ``<name>.<variant>.safetensors`` files (e.g. ``fp16``, as a download of SD v1.5's fp16
+    files only leaves them; ``fp16`` first if there are several)."""
+    names = [p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors")]
+    if any(name.count(".") == 1 for name in names):
+        return None
+    variants = sorted({name.split(".")[-2] for name in names}, key=lambda v: (v != "fp16", v))
+    return variants[0] if variants else None
+
+
 def _check_folder(folder: Path, tokenizer_path: Path | None, allow_pickle: bool) -> None:
     for sub in _REQUIRED_SUBFOLDERS + (() if tokenizer_path else ("tokenizer",)):
         if not (folder / sub).is_dir():
@@ -143,18 +154,20 @@ def _load_folder(folder: Path, tokenizer_path: Path | None, dtype: torch.dtype, 
     unet = load(
         "unet",
         lambda: UNet2DConditionModel.from_pretrained(
-            str(folder), subfolder="unet", local_files_only=True, torch_dtype=dtype, use_safetensors=safetensors_only
+            str(folder), subfolder="unet", local_files_only=True, torch_dtype=dtype, use_safetensors=safetensors_only,
+            variant=_weights_variant(folder / "unet"),
         ),
     )
     vae = load(
         "vae",
         lambda: AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True, torch_dtype=dtype,
-                                              use_safetensors=safetensors_only),
+                                              use_safetensors=safetensors_only, variant=_weights_variant(folder / "vae")),
     )
     text_encoder = load(
         "text_encoder",
         lambda: CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True, dtype=dtype,
-                                              use_safetensors=safetensors_only),
+                                              use_safetensors=safetensors_only,
+                                              variant=_weights_variant(folder / "text_encoder")),
     )
     tokenizer = load_tokenizer_folder(tokenizer_path or folder / "tokenizer")
     return assemble_bundle(tokenizer, text_encoder, vae, unet, dtype, source=str(folder))
