@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
 from safetensors import safe_open
@@ -51,6 +52,8 @@ def test_smp_full_finetune_changes_the_unet_only_and_both_saved_forms_give_its_o
 
     folder = UNet2DConditionModel.from_pretrained(out / "smp_lora-unet")  # diffusers' own loader
     assert torch.allclose(_unet_output(folder), expected, atol=1e-6)
+    auto = diffusers.AutoModel.from_pretrained(str(out / "smp_lora-unet"))  # its config.json names the class
+    assert isinstance(auto, UNet2DConditionModel) and torch.allclose(_unet_output(auto), expected, atol=1e-6)
     single = load_sd_model(str(out / "smp_lora.safetensors"))  # the SD single file, as a base model
     assert torch.allclose(_unet_output(single.unet), expected, atol=1e-6)
     from_single = UNet2DConditionModel.from_single_file(str(out / "smp_lora.safetensors"), config=str(tiny_model_dir),
@@ -66,6 +69,7 @@ def test_smp_full_finetune_changes_the_unet_only_and_both_saved_forms_give_its_o
 
 
 def test_train_text_encoder_saves_it_too(tiny_train_args, tiny_model_dir):
+    import transformers
     from transformers import CLIPTextModel
 
     trainer = _trained(tiny_train_args + FULL + ["--train_text_encoder", "--max_train_steps", "2"], "lora")
@@ -74,6 +78,7 @@ def test_train_text_encoder_saves_it_too(tiny_train_args, tiny_model_dir):
     base = load_sd_model(str(tiny_model_dir)).text_encoder.state_dict()
     assert [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], base[k])]
     loaded = CLIPTextModel.from_pretrained(folder)  # transformers' own loader gives the trainer's text encoder
+    assert isinstance(transformers.AutoModel.from_pretrained(folder), CLIPTextModel)  # config.json has model_type
     ids = torch.tensor([[trainer.bundle.tokenizer.bos_token_id, 5, 9, trainer.bundle.tokenizer.eos_token_id]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).last_hidden_state, trainer.bundle.text_encoder(ids).last_hidden_state,

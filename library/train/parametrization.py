@@ -161,10 +161,21 @@ class FullParametrization(Parametrization):
         check_metadata(meta)  # the LoRA files' policy: settings only, nothing that names the data
         path = save_single_file(self.bundle, output_dir / f"{name}.safetensors", dtype=dtype, metadata=meta)
         for part_name, part in self.parts.items():
-            config = diffusers_config(part) if part_name == "unet" else text_encoder_config(part)
             weights = "diffusion_pytorch_model.safetensors" if part_name == "unet" else "model.safetensors"
-            _save_model_folder(output_dir / f"{name}-{part_name}", part, config, weights, dtype, meta)
+            _save_model_folder(output_dir / f"{name}-{part_name}", part, _folder_config(part_name, part), weights,
+                               dtype, meta)
         return path
+
+
+def _folder_config(part_name: str, part: torch.nn.Module) -> dict[str, Any]:
+    """``config.json`` of a saved part, with the class keys diffusers' / transformers' ``AutoModel`` read."""
+    if part_name == "unet":
+        import diffusers
+
+        return {"_class_name": type(part).__name__, "_diffusers_version": diffusers.__version__,
+                **diffusers_config(part)}
+    return {"model_type": getattr(part.config, "model_type", "clip_text_model"),
+            "architectures": [type(part).__name__], **text_encoder_config(part)}
 
 
 def _save_model_folder(target: Path, model: torch.nn.Module, config: dict[str, Any], weights: str,
