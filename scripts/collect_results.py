@@ -7,13 +7,18 @@ Input schema (what ``evaluate_mia.py`` writes as ``report.json``; read tolerantl
 rows, or an object whose ``rows`` (or ``results``) key holds that list. A row is an object with
 
 * ``model`` — which LoRA / base model (e.g. ``lora``, ``smp_lora``); required,
-* ``attack`` — which attack or evaluation (e.g. ``loss_threshold``, ``fid``); optional,
-* any number of metric fields: a number, or an object holding ``value`` / ``mean`` / ``estimate``.
+* ``attack`` — which attack or evaluation (e.g. ``loss``, ``fid``) and ``variant`` (e.g. ``t=50``, ``avg``) or
+  ``label`` (both in one: ``loss avg``); optional,
+* ``headline`` — whether the row is its attack's headline; when rows carry it, only headline rows are
+  collected unless ``--all_variants``,
+* any number of metric fields: a number, or an object holding ``value`` / ``mean`` / ``estimate``;
+  ``tpr_at_fpr`` (``{"0.05": x, "0.01": y}``) becomes ``tpr@5%fpr``, ``tpr@1%fpr``, ...
 
-Other fields (strings, lists, confidence intervals ...) are ignored. Rows are grouped by (model, attack)
-across reports — one report per seed — and each metric's mean, standard error (sample s.d. / sqrt(n)) and
-n are written to ``<output_dir>/summary.json`` and ``summary.md`` and printed. When a group has ``auc`` but
-no ``auc_dev``, the paper's AUC deviation ``|AUC - 0.5| / 0.5`` is added. Uses the standard library only.
+Other fields (strings, lists, confidence intervals ...) are ignored. Rows are grouped by (model, attack with
+its variant) across reports — one report per seed — and each metric's mean, standard error (sample s.d. /
+sqrt(n)) and n are written to ``<output_dir>/summary.json`` and ``summary.md`` and printed. When a group has
+``auc`` but no ``auc_dev``, the paper's AUC deviation ``|AUC - 0.5| / 0.5`` is added. A report with two rows of
+one (model, attack, variant) is refused: they would count as two seeds. Uses the standard library only.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-ID_FIELDS = ("model", "attack")
+ID_FIELDS = ("model", "attack", "variant", "label", "headline")
 SKIP_FIELDS = {"seed", "n", "num_members", "num_nonmembers", "n_members", "n_nonmembers"}
 # Preferred column order (the paper's Table 1 order); any other metric follows alphabetically.
-COLUMN_ORDER = ("fid", "kid", "asr", "auc", "auc_dev", "tpr@5%fpr", "tpr_at_5fpr", "tpr@1%fpr", "tpr_at_1fpr")
+COLUMN_ORDER = ("fid", "kid", "asr", "auc", "auc_dev", "tpr@5%fpr", "tpr_at_5fpr", "tpr@1%fpr", "tpr_at_1fpr",
+                "tpr@0.1%fpr")
 
 
 class CollectError(Exception):
@@ -58,17 +64,45 @@ def report_rows(doc: Any, source: str) -> list[dict[str, Any]]:
     return [row for row in rows if isinstance(row, dict)]
 
 
-def collect(reports: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate rows of several reports: one entry per (model, attack, metric) with mean, se, n, values."""
+def _attack_label(row: dict[str, Any]) -> str:
+    """The row's attack with its variant (``loss t=50``): rows of one attack's variants are different results."""
+    if row.get("label"):
+        return str(row["label"])
+    return " ".join(str(row[k]) for k in ("attack", "variant") if row.get(k) not in (None, ""))
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric metrics of a row, ``tpr_at_fpr`` spread out as ``tpr@<percent>%fpr``."""
+    fields = {k: v for k, v in row.items() if k not in ID_FIELDS and k not in SKIP_FIELDS}
+    rates = fields.pop("tpr_at_fpr", None)
+    if isinstance(rates, dict):
+        for fpr, tpr in rates.items():
+            try:
+                fields[f"tpr@{float(fpr) * 100:g}%fpr"] = tpr
+            except ValueError:
+                continue
+    metrics = {k: _number(v) for k, v in fields.items()}
+    return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+def collect(reports: Sequence[tuple[str, Any]], all_variants: bool = False) -> list[dict[str, Any]]:
+    """Aggregate rows of several reports: one entry per (model, attack label, metric) with mean, se, n, values."""
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for source, doc in reports:
-        for row in report_rows(doc, source):
+        rows = report_rows(doc, source)
+        if not all_variants and any("headline" in row for row in rows):
+            rows = [row for row in rows if row.get("headline")]
+        seen: set[tuple[str, str]] = set()
+        for row in rows:
             if "model" not in row:
                 print(f"warning: {source}: a row without 'model' is ignored", file=sys.stderr)
                 continue
-            model, attack = str(row["model"]), str(row.get("attack", ""))
-            metrics = {k: _number(v) for k, v in row.items() if k not in ID_FIELDS and k not in SKIP_FIELDS}
-            metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            model, attack = str(row["model"]), _attack_label(row)
+            if (model, attack) in seen:
+                raise CollectError(f"{source}: two rows for model {model!r}, attack {attack!r}; give each variant "
+                                   "its own 'variant' or 'label' (they would be averaged as if they were seeds)")
+            seen.add((model, attack))
+            metrics = _metrics(row)
             if "auc" in metrics and not any(k in metrics for k in ("auc_dev", "auc_deviation")):
                 metrics["auc_dev"] = abs(metrics["auc"] - 0.5) / 0.5
             for name, value in metrics.items():
@@ -113,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("reports", nargs="+", type=Path, help="report.json files (one per seed)")
     parser.add_argument("--output_dir", type=Path, default=None, help="write summary.json and summary.md here")
     parser.add_argument("--allow_missing", action="store_true", help="skip report files that do not exist")
+    parser.add_argument("--all_variants", action="store_true",
+                        help="every row of every attack (each timestep, candidate, ...), not only the headline rows")
     args = parser.parse_args(argv)
     loaded = []
     try:
@@ -129,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CollectError(f"report {path} is not readable JSON ({exc})") from None
         if not loaded:
             raise CollectError("no report to collect")
-        summary = collect(loaded)
+        summary = collect(loaded, args.all_variants)
         if not summary:
             raise CollectError("the reports hold no rows with a 'model' and numeric metrics")
     except CollectError as exc:

@@ -304,3 +304,33 @@ def test_collect_results(tmp_path, capsys):
     assert collect.main([str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert collect.main(["--allow_missing", str(tmp_path / "missing.json"), reports[0]]) == 0
+
+
+def test_collect_results_keeps_variants_apart_and_reads_evaluate_mia_rows(tmp_path, capsys):
+    """evaluate_mia.py's report.json: several variants per attack (one headline) and ``tpr_at_fpr`` as a dict."""
+    collect = _collector()
+    reports = []
+    for seed, auc in enumerate([0.9, 0.8]):
+        rows = [{"model": "lora", "attack": "loss", "variant": "t=50", "label": "loss t=50", "headline": False,
+                 "auc": 0.6, "tpr_at_fpr": {"0.05": 0.2, "0.01": None}},
+                {"model": "lora", "attack": "loss", "variant": "avg", "label": "loss avg", "headline": True,
+                 "auc": auc, "tpr_at_fpr": {"0.05": 0.3 + seed / 10, "0.01": None}, "auc_ci": [0.7, 0.95]}]
+        path = tmp_path / f"report{seed}.json"
+        path.write_text(json.dumps({"results": rows}))
+        reports.append(str(path))
+    assert collect.main(["--output_dir", str(tmp_path / "head"), *reports]) == 0
+    summary = json.loads((tmp_path / "head" / "summary.json").read_text())["summary"]
+    by_key = {(e["attack"], e["metric"]): e for e in summary}
+    assert {attack for attack, _ in by_key} == {"loss avg"}  # the headline row only, one per seed
+    assert by_key[("loss avg", "auc")]["n"] == 2 and by_key[("loss avg", "auc")]["mean"] == pytest.approx(0.85)
+    assert by_key[("loss avg", "tpr@5%fpr")]["mean"] == pytest.approx(0.35)
+    assert ("loss avg", "tpr@1%fpr") not in by_key  # None: not resolvable with these sizes
+    assert collect.main(["--all_variants", "--output_dir", str(tmp_path / "all"), *reports]) == 0
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())["summary"]
+    assert {e["attack"] for e in summary} == {"loss avg", "loss t=50"}
+    assert all(e["n"] == 2 for e in summary)
+    capsys.readouterr()
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps([{"model": "lora", "attack": "loss", "auc": 0.9}] * 2))
+    assert collect.main([str(twice)]) == 2
+    assert "two rows" in capsys.readouterr().err
