@@ -289,7 +289,7 @@ def test_unet_swap_restores_the_base_weights(world, merged):
 def test_model_specs_name_and_record_each_unet(world, merged, tmp_path):
     from library.data.manifest import manifest_sha256
     from library.eval.config import EvalConfig
-    from library.eval.inputs import model_specs
+    from library.eval.inputs import SplitIdentity, model_specs
 
     pipeline = tmp_path / "pipe"
     (pipeline / "unet").mkdir(parents=True)
@@ -297,7 +297,7 @@ def test_model_specs_name_and_record_each_unet(world, merged, tmp_path):
         (pipeline / "unet" / file.name).write_bytes(file.read_bytes())
     config = EvalConfig(unet_weights=[str(merged["folder"]), str(merged["single"]), str(pipeline / "unet"),
                                       str(pipeline)], network_weights=[str(world["lora"])])
-    specs = model_specs(config, manifest_sha256(world["manifest_file"]))
+    specs = model_specs(config, SplitIdentity(manifest_sha256(world["manifest_file"]), "not recorded by these files"))
     assert [(s.name, s.kind) for s in specs] == [("base", "base"), ("overfit", "lora"), ("ft_folder", "unet"),
                                                  ("ft_single", "unet"), ("pipe", "unet"), ("pipe-2", "unet")]
     record = specs[2].record()

@@ -162,6 +162,27 @@ def test_resume_of_another_shape_method_split_or_budget_is_one_line(finished_run
     assert not (tmp_path / "resumed" / "lora.safetensors").exists()
 
 
+def test_a_moved_dataset_keeps_its_lora_and_its_state(finished_run, tmp_path, manifest_path, digits_dir):
+    """The dataset moved and its manifest was written again (same splits, another dataset_root, so other bytes):
+    the run resumes from its state, and evaluate_mia.py takes its LoRA, with the new manifest."""
+    from library.data.manifest import read_manifest, write_manifest
+    from library.eval.config import EvalConfig
+    from library.eval.inputs import load_samples, model_specs
+
+    base, out = copy_run(finished_run, tmp_path)
+    moved_images = tmp_path / "moved" / "images"
+    shutil.copytree(digits_dir, moved_images)
+    moved = tmp_path / "elsewhere" / "split.json"
+    write_manifest(read_manifest(manifest_path, dataset_root=moved_images), moved)
+    assert moved.read_bytes() != manifest_path.read_bytes()
+    flags = [str(moved) if arg == str(manifest_path) else arg for arg in base]
+    assert train_entry("lora", "", flags + ["--max_train_steps", "3", "--resume", str(out / "lora-state"),
+                                            "--output_dir", str(tmp_path / "r")]) == 0
+    config = EvalConfig(pretrained_model_name_or_path="unused", split_manifest=str(moved),
+                        network_weights=[str(out / "lora.safetensors"), str(tmp_path / "r" / "lora.safetensors")])
+    assert [spec.name for spec in model_specs(config, load_samples(config)[2])] == ["base", "lora", "lora-2"]
+
+
 def test_state_without_summary_still_fails_in_one_line(finished_run, tmp_path, capsys):
     base, out = copy_run(finished_run, tmp_path)
     (out / "lora-state" / "train_state.json").unlink()  # no recorded identity: the load itself must fail cleanly

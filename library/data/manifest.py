@@ -16,6 +16,7 @@ How a split is drawn (the paper's Table 4 presets, the seeded permutation) is :m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -246,7 +247,8 @@ def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the sp
             except FileNotFoundError:
                 raise DataError(
                     f"image {image} ({name} in {manifest_path}) is missing: the manifest is stale — restore "
-                    f"the file or re-run scripts/make_split.py"
+                    f"the file, or re-run scripts/make_split.py (if the dataset moved: same --seed and sizes, and "
+                    "the LoRAs and states of this split stay valid)"
                 ) from None
             except OSError as exc:
                 raise DataError(f"cannot read image {image} ({name} in {manifest_path}): {exc}") from None
@@ -258,11 +260,22 @@ def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the sp
 
 
 def manifest_sha256(path: str | Path) -> str:
-    """sha256 of the manifest file's bytes (recorded in a LoRA's metadata to tie it to its split)."""
+    """sha256 of the manifest file's bytes (the report's record of the file; LoRA files before 2026-12-05 were tied
+    to their split by it)."""
     try:
         return sha256_file(path)
     except OSError as exc:
         raise DataError(f"cannot read split manifest {path}: {exc}") from None
+
+
+def split_sha256(manifest: SplitManifest) -> str:
+    """sha256 of what the manifest says, not where the dataset lies: every split's entries (relative path, caption,
+    image sha256, repeats). A LoRA records it, so moving the dataset and writing its manifest again (same split,
+    another ``dataset_root``) keeps the LoRA and its training state valid."""
+    doc = {name: [[e.path, e.caption, e.sha256, e.repeats] for e in entries]
+           for name, entries in manifest.splits().items()}
+    text = json.dumps({"format_version": manifest.format_version, "splits": doc}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def pretrain_records(manifest_path: str | os.PathLike | None = None,

@@ -4,6 +4,7 @@ and the evaluated models (the base model, one spec per LoRA file and one per ful
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text) or "lora"
 
 
-def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
+def model_specs(config: EvalConfig, split: SplitIdentity) -> list[ModelSpec]:
     """The base model, one spec per LoRA (files exist and belong to this split), then one per fully fine-tuned
     UNet (files found, format checked and hashed); names unique."""
     from networks.lora import lora_file_sha256, read_lora_metadata
@@ -32,14 +33,14 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
     for file in config.network_weights:
         path = Path(file)
         sha = lora_file_sha256(path)  # ModelError for a missing file
-        meta = _recorded(config, manifest_sha, f"LoRA {path}", read_lora_metadata(path))  # not safetensors: ModelError
+        meta = _recorded(config, split, f"LoRA {path}", read_lora_metadata(path))  # not safetensors: ModelError
         specs.append(ModelSpec(_unique_name(path.stem, used), path, sha, meta))
     for entry in config.unet_weights:
         weights = resolve_unet_weights(entry, allow_pickle=config.allow_pickle)  # one ModelError line if unusable
         path = weights.path.resolve()
         # A folder named unet/ is the UNet of a pipeline folder: the pipeline's name says more.
         stem = path.stem if not path.is_dir() else path.parent.name if path.name == "unet" else path.name
-        meta = _recorded(config, manifest_sha, f"fine-tuned UNet {weights.path}", weights_metadata(weights))
+        meta = _recorded(config, split, f"fine-tuned UNet {weights.path}", weights_metadata(weights))
         specs.append(ModelSpec(_unique_name(stem, used), metadata=meta, unet=weights))
     return specs
 
@@ -48,14 +49,17 @@ def model_specs(config: EvalConfig, manifest_sha: str) -> list[ModelSpec]:
 _MODEL_DESCRIPTION_KEYS = {META_CONFIGS, META_TOKENIZER, META_FORMAT}
 
 
-def _recorded(config: EvalConfig, manifest_sha: str, what: str, meta: dict[str, str]) -> dict[str, str]:
+def _recorded(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[str, str]) -> dict[str, str]:
     """What the report shows of a model's training metadata, and the conditioning library.eval.conditioning reads;
-    a model trained on another split is one DataError line (its membership labels would be wrong)."""
-    recorded = meta.get("smp_lora.manifest_sha256")
-    if recorded and recorded != manifest_sha and not config.allow_manifest_mismatch:
+    a model trained on another split is one DataError line (its membership labels would be wrong). Compared by
+    the splits' content (``smp_lora.split_sha256``: a moved dataset's re-written manifest still matches), or for
+    older files by the manifest file's bytes."""
+    key = "split_sha256" if meta.get("smp_lora.split_sha256") else "manifest_sha256"
+    recorded, current = meta.get(f"smp_lora.{key}"), getattr(split, key)
+    if recorded and recorded != current and not config.allow_manifest_mismatch:
         raise DataError(
-            f"{what} was trained with another split manifest (sha256 {recorded[:12]}...) than "
-            f"{config.split_manifest} (sha256 {manifest_sha[:12]}...): its membership labels would be wrong; "
+            f"{what} was trained with another split manifest ({key} {recorded[:12]}...) than "
+            f"{config.split_manifest} ({current[:12]}...): its membership labels would be wrong; "
             "pass the manifest it was trained with (or --allow_manifest_mismatch)"
         )
     return {k: v for k, v in meta.items() if k not in _MODEL_DESCRIPTION_KEYS
@@ -87,9 +91,17 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return candidate
 
 
-def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:
-    """Read and verify the manifest; refuse empty splits. Returns (manifest, samples, manifest sha256)."""
-    from library.data.manifest import manifest_sha256, read_manifest
+@dataclass(frozen=True)
+class SplitIdentity:
+    """The evaluated split manifest's two hashes: its file's bytes, and its splits' content."""
+
+    manifest_sha256: str
+    split_sha256: str
+
+
+def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, SplitIdentity]:
+    """Read and verify the manifest; refuse empty splits. Returns (manifest, samples, its identity)."""
+    from library.data.manifest import manifest_sha256, read_manifest, split_sha256
 
     path = config.split_manifest
     assert path is not None
@@ -107,7 +119,8 @@ def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, str]:
             rel.append(entry.path)
             splits.append(name)
             labels.append(1 if name.startswith("member") else 0)
-    return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), manifest_sha256(path)
+    identity = SplitIdentity(manifest_sha256(path), split_sha256(manifest))
+    return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), identity
 
 
-__all__ = ["load_samples", "model_specs"]
+__all__ = ["SplitIdentity", "load_samples", "model_specs"]

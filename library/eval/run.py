@@ -260,8 +260,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     started = time.time()
-    manifest, samples, manifest_sha = load_samples(config)
-    specs = model_specs(config, manifest_sha)
+    manifest, samples, split = load_samples(config)
+    specs = model_specs(config, split)
+    manifest_sha = split.manifest_sha256
     # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
     conditioning = resolve_conditioning(config, specs)
     config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
@@ -269,7 +270,8 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
     extractors = load_extractors(config, device) if config.quality else []
-    info: dict[str, Any] = {"manifest_sha256": manifest_sha, "manifest_seed": manifest.seed,
+    info: dict[str, Any] = {"manifest_sha256": manifest_sha, "split_sha256": split.split_sha256,
+                            "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device), "conditioning": conditioning.as_dict()}
     with WorkerPool(config.jobs, config.threads) as pool:

@@ -66,6 +66,7 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
     }
     if trainer.data.manifest_sha256:
         meta["smp_lora.manifest_sha256"] = trainer.data.manifest_sha256
+        meta["smp_lora.split_sha256"] = trainer.data.split_sha256 or ""  # what evaluate_mia.py checks
     if trainer.bundle.loaded_fingerprint:  # evaluate_mia.py refuses the file on another base model
         meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
     meta.update(trainer.method.metadata())
@@ -103,7 +104,8 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
         record = {
             "method": trainer.method_name, "global_step": trainer.global_step, "total_steps": trainer.total_steps,
             "num_processes": accelerator.num_processes, "device": str(trainer.device), "ranks_in_sync": in_sync,
-            "manifest_sha256": trainer.data.manifest_sha256, "config": config_to_dict(trainer.config),
+            "manifest_sha256": trainer.data.manifest_sha256, "split_sha256": trainer.data.split_sha256,
+            "config": config_to_dict(trainer.config),
             "epochs": trainer.epoch_logs, "final": final_logs or {},
         }
         atomic_write_text(record_path, json.dumps(record, indent=2, default=str))

@@ -15,7 +15,12 @@ import torch
 
 from library.data.dataset import ImageCaption, scan_dataset
 from library.data.latents import LatentCache
-from library.data.manifest import SplitManifest, manifest_sha256, read_manifest
+from library.data.manifest import (
+    SplitManifest,
+    manifest_sha256,
+    read_manifest,
+    split_sha256,
+)
 from library.errors import DataError
 from library.fileio import sha256_file
 from library.sd.bundle import ModelBundle, vae_fingerprint
@@ -51,7 +56,8 @@ class TrainingData:
     nonmember_aux: LabelledSet | None = None  # D^nm_aux
     member_test: LabelledSet | None = None  # D^m_te (subset of D_tr)
     nonmember_test: LabelledSet | None = None  # D^nm_te
-    manifest_sha256: str | None = None
+    manifest_sha256: str | None = None  # the file's bytes
+    split_sha256: str | None = None  # its splits' content (library.data.manifest.split_sha256)
     prior: LabelledSet | None = None  # DreamBooth's class images: never a member nor a non-member, so not in sets()
 
     def sets(self) -> list[LabelledSet]:
@@ -93,6 +99,7 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
             member_test=_labelled(manifest, manifest.member_test),
             nonmember_test=_labelled(manifest, manifest.nonmember_test),
             manifest_sha256=manifest_sha256(config.split_manifest),
+            split_sha256=split_sha256(manifest),
         )
         if needs_aux and (len(data.member_aux) == 0 or len(data.nonmember_aux) == 0):
             raise DataError(f"{config.split_manifest}: MP/SMP-LoRA need non-empty member_aux and nonmember_aux "

@@ -39,6 +39,7 @@ IDENTITY_FLAGS = {
     "train_mode": "--train_mode",
     "prior_images": "--with_prior_preservation / --num_class_images",
     "seed": "--seed",
+    "split_sha256": "--split_manifest (its splits: which images, captions and repeats)",
     "manifest_sha256": "--split_manifest (its sha256)",
     "members_sha256": "the training images and captions",
 }
@@ -128,6 +129,8 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "text_encoder_lora": trains_text_encoder(config),
         "prior_images": config.num_class_images if config.with_prior_preservation else 0,
         "seed": config.seed,
+        "split_sha256": trainer.data.split_sha256,
+        # The file's bytes: only compared with a state that predates split_sha256 (they change with dataset_root).
         "manifest_sha256": trainer.data.manifest_sha256,
         "members_sha256": members_sha256(trainer.data.members),
     }
@@ -154,6 +157,8 @@ def check_resume(trainer: Trainer) -> None:
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
+        if key == "manifest_sha256" and "split_sha256" in saved:
+            continue  # a moved dataset's re-written manifest: same splits, other bytes
         if key in saved and current[key] != saved[key]:
             raise TrainingError(
                 f"cannot resume from {directory}: it was trained with {key} = {_show(saved[key])}, this run has "
