@@ -81,6 +81,31 @@ def test_scan_imagefolder_caption_column(tmp_path):
         scan_dataset(tmp_path)
 
 
+def test_bom_captions_hidden_files_and_symlinked_images(tmp_path):
+    """What Windows and macOS leave in a dataset: a BOM in caption files and metadata.jsonl (Notepad), "._x.png"
+    resource forks; and an image symlinked from elsewhere, which the split records under the dataset's name."""
+    from library.data.splits import make_split
+
+    folder = tmp_path / "data"
+    for i in range(4):
+        _pair(folder, f"img{i}", f"sks dog {i}", color=(i * 40, 10, 10))
+        (folder / f"img{i}.txt").write_bytes("\ufeffsks dog {}\n".format(i).encode("utf-8"))
+    (folder / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # no image, no caption
+    _png(tmp_path / "elsewhere" / "real.png", color=(1, 2, 3))
+    (folder / "img4.png").symlink_to(tmp_path / "elsewhere" / "real.png")
+    (folder / "img4.txt").write_text("sks dog 4\n", encoding="utf-8")
+    records = scan_dataset(folder)
+    assert [r.caption for r in records] == [f"sks dog {i}" for i in range(5)]
+    manifest = make_split(records, sizes={"member_aux": 1, "member_test": 1, "nonmember_aux": 1,
+                                          "nonmember_test": 1}, seed=0, dataset_root=folder)
+    listed = {e.path for entries in manifest.splits().values() for e in entries}
+    assert "img4.png" in listed and not any(p.startswith("._") for p in listed)
+    meta = tmp_path / "hf"
+    _png(meta / "a.png")
+    (meta / "metadata.jsonl").write_bytes(("\ufeff" + json.dumps({"file_name": "a.png", "text": "a"})).encode("utf-8"))
+    assert scan_dataset(meta)[0].caption == "a"
+
+
 def test_missing_caption_names_image(tmp_path):
     _pair(tmp_path, "ok", "fine")
     _png(tmp_path / "lonely.png")

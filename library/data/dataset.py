@@ -47,7 +47,8 @@ class ImageCaption:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    # Hidden files are no images of the dataset (macOS' "._x.png" resource forks; kohya skips them too).
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def read_caption_file(path: Path) -> str:
@@ -58,7 +59,7 @@ def read_caption_file(path: Path) -> str:
     silently turn a captioned LoRA into an unconditional one.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows Notepad) is not part of the caption
     except FileNotFoundError:
         raise DataError(f"caption file {path} is missing: write the image's caption into it") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -105,7 +106,7 @@ def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
 def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[ImageCaption]:
     records: dict[str, ImageCaption] = {}
     try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {metadata}: {exc}") from None
     for lineno, line in enumerate(lines, start=1):
@@ -120,8 +121,8 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
             raise DataError(f"{where} has no 'file_name' key: every line needs file_name and {caption_column}")
         if caption_column not in row:
             raise DataError(
-                f"{where} has no '{caption_column}' column (keys: {sorted(row)}): "
-                f"add it or pass the right caption column (--caption_column)"
+                f"{where} has no '{caption_column}' column (keys: {sorted(row)}): add it, or make a split "
+                "manifest that reads another column (scripts/make_split.py --caption_column NAME) and train with it"
             )
         name, caption = row["file_name"], row[caption_column]
         if not isinstance(name, str) or not isinstance(caption, str):

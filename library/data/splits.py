@@ -88,9 +88,15 @@ def resolve_sizes(sizes: dict[str, int] | None = None, preset: str | None = None
     return SplitSizes(**merged)
 
 
+def _located(path: Path) -> Path:
+    """``path`` with its folders resolved but not the file itself: a symlinked image stays where the dataset
+    lists it (the manifest records that name; reading it follows the link)."""
+    return path.parent.resolve() / path.name
+
+
 def _relative(record: ImageCaption, root: Path) -> str:
     try:
-        return record.path.resolve().relative_to(root).as_posix()
+        return _located(record.path).relative_to(root).as_posix()
     except ValueError:
         raise DataError(f"image {record.path} is not inside the dataset folder {root}") from None
 
@@ -221,7 +227,7 @@ def make_split(
         raise DataError("no images to split: the dataset is empty")
 
     if dataset_root is None:
-        root = Path(os.path.commonpath([str(r.path.resolve().parent) for r in records]))
+        root = Path(os.path.commonpath([str(_located(r.path).parent) for r in records]))
     else:
         root = Path(dataset_root).resolve()
 
