@@ -141,6 +141,14 @@ def test_dataset_launcher_dry_run(dataset, stack, tmp_path, manifest_path, monke
         assert DRY_RUN_OK in printed
 
 
+def test_a_misspelled_method_stops_the_launcher_before_any_training(stack, tmp_path):
+    env, rec_file = stack
+    env["METHODS"] = "lora smp_lroa"
+    result = _run_launcher("pokemon", tmp_path, env)
+    assert result.returncode != 0 and "unknown method smp_lroa" in result.stderr
+    assert not _recorded(rec_file)  # not even the plain LoRA ran first
+
+
 @pytest.mark.parametrize("launcher", sorted(ABLATIONS))
 def test_ablation_launcher_dry_run(launcher, stack, tmp_path, monkeypatch, capsys):
     env, rec_file = stack

@@ -164,10 +164,12 @@ smp_dataset_main() {
     smp_setup "runs/$dataset" "1337 1338 1339" "$dataset"
     local methods="${METHODS:-lora mp_lora smp_lora}"
     local reports=()
+    for method in $methods; do  # every name checked before the first (hours-long) training starts
+        [[ -f "configs/$dataset/$method.toml" ]] || smp_die "unknown method $method (METHODS: lora mp_lora smp_lora)"
+    done
     for seed in $SEEDS; do
         local loras=()
         for method in $methods; do
-            [[ -f "configs/$dataset/$method.toml" ]] || smp_die "unknown method $method (METHODS: lora mp_lora smp_lora)"
             smp_train "$method" "configs/$dataset/$method.toml" "$seed" "$OUT/seed$seed/$method" "$method"
             loras+=("$OUT/seed$seed/$method/$method.safetensors")
         done
