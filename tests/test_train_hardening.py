@@ -206,6 +206,14 @@ def test_resume_into_its_own_folder_needs_no_overwrite_and_survives_leftovers(fi
     assert (out / ".lora-state.old" / "state.pt").read_text() == "stale"
 
 
+def test_dry_run_refuses_an_attacker_batch_larger_than_the_aux_sets(tiny_train_args, capsys):
+    """Checked with the data, before any latent is encoded: --dry_run says it, not the real run minutes later."""
+    assert train_entry("smp_lora", "", tiny_train_args + ["--attacker_batch_size", "13", "--dry_run"]) == 2
+    line = one_line(capsys)
+    assert "D^m_aux (--attacker_batch_size) has 12 image(s)" in line and "lower the batch size" in line
+    assert train_entry("smp_lora", "", tiny_train_args + ["--attacker_batch_size", "12", "--dry_run"]) == 0
+
+
 # ---- 10: lambda so large that SMP-LoRA cannot train -------------------------------------------------------
 def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
     assert train_entry("smp_lora", "", tiny_train_args + ["--privacy_lambda", "1e9", "--dry_run"]) == 0

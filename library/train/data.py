@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,10 @@ from library.errors import DataError
 from library.fileio import sha256_file
 from library.sd.bundle import ModelBundle, vae_fingerprint
 from library.train.config import TrainConfig
+from library.train.samplers import check_batch_fits
+
+if TYPE_CHECKING:
+    from library.train.methods.base import TrainingMethod
 
 
 @dataclass
@@ -80,12 +85,17 @@ def most_repeats(labelled: LabelledSet) -> int:
     return max(Counter(labelled.keys).values(), default=0)
 
 
-def check_distinct_members(members: LabelledSet, reason: str | None, method: str) -> None:
-    """A method that needs each member image once (``reason`` says why; None: repeats are fine) refuses a D_tr in
-    which an image occurs more than once, by content: kohya repeats, or one image under two names."""
-    if reason and (repeats := most_repeats(members)) > 1:
-        raise DataError(f"{reason}: an image occurs {repeats} times in D_tr (kohya <repeats>_<name> folders, or one "
-                        f"image under two names); train {method} on a set with each image once")
+def check_training_data(data: TrainingData, method: type[TrainingMethod], config: TrainConfig, world: int) -> None:
+    """What the method needs of the sets, checked before any model work (so ``--dry_run`` says it): each member
+    image once where the method says why (``distinct_members``: kohya repeats or one image under two names are
+    refused), and an attacker's D^m_aux / D^nm_aux each filling one ``--attacker_batch_size`` batch."""
+    if method.distinct_members and (repeats := most_repeats(data.members)) > 1:
+        raise DataError(f"{method.distinct_members}: an image occurs {repeats} times in D_tr (kohya "
+                        f"<repeats>_<name> folders, or one image under two names); train {method.name} on a set "
+                        "with each image once")
+    if method.needs_aux and data.member_aux is not None and data.nonmember_aux is not None:
+        for aux, what in ((data.member_aux, "D^m_aux"), (data.nonmember_aux, "D^nm_aux")):
+            check_batch_fits(len(aux), config.attacker_batch_size, world, f"{what} (--attacker_batch_size)")
 
 
 def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:

@@ -17,16 +17,22 @@ import torch
 from library.errors import ConfigError
 
 
+def check_batch_fits(num_items: int, batch_size: int, world_size: int, what: str) -> None:
+    """One ConfigError line when a set of ``num_items`` cannot fill one global batch (``what`` names the set and
+    the flag that sizes its batches)."""
+    if num_items < batch_size * world_size:
+        raise ConfigError(
+            f"{what} has {num_items} image(s), fewer than one batch of {batch_size * world_size} "
+            f"({batch_size} per process x {world_size} process(es)); lower the batch size or give the split "
+            "more images (scripts/make_split.py)"
+        )
+
+
 class EpochCyclingSampler:
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  what: str = "the dataset"):
         """``what`` names the set and the flag that sizes its batches, for the error when it is too small."""
-        if num_items < batch_size * world_size:
-            raise ConfigError(
-                f"{what} has {num_items} image(s), fewer than one batch of {batch_size * world_size} "
-                f"({batch_size} per process x {world_size} process(es)); lower the batch size or give the split "
-                "more images (scripts/make_split.py)"
-            )
+        check_batch_fits(num_items, batch_size, world_size, what)
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed

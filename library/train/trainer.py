@@ -42,7 +42,7 @@ from library.train.data import (
     LabelledSet,
     TrainingData,
     attach_latents,
-    check_distinct_members,
+    check_training_data,
     latent_cache_dir,
     load_training_records,
 )
@@ -97,7 +97,7 @@ class Trainer:
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=self.method_class.needs_aux)
-        check_distinct_members(self.data.members, self.method_class.distinct_members, method_name)
+        check_training_data(self.data, self.method_class, config, world)
         prior.check_prior_config(config)
         if config.instance_token:
             prior.check_instance_captions(self.data.members.paths, self.data.members.captions, config.instance_token)
