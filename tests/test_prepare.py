@@ -238,6 +238,24 @@ def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
                       "--manifest", str(tmp_path / "other.json")])
 
 
+def test_pokemon_duplicate_images_say_how_to_split_the_written_folder(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(8):
+        _noise_image(rng, 10, 14).save(src / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"monster {i}"}))
+    (src / "7.png").write_bytes((src / "0.png").read_bytes())  # one picture twice, under two names
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="byte-identical") as failure:
+        pokemon.main(["--source", str(src), "--output_dir", str(out), "--resolution", "8", "--sizes", "1,1,1,1",
+                      "--caption_prefix", ""])
+    assert f"scripts/make_split.py --dataset_dir {out}" in str(failure.value)  # a flag that exists, where it does
+    assert "--allow_duplicates" in str(failure.value)
+
+
 def _parquet_source(tmp_path: Path) -> Path:
     path = tmp_path / "data" / "train-00000-of-00001.parquet"
     path.parent.mkdir(parents=True)

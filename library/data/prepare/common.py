@@ -332,8 +332,13 @@ def split_and_save(
 ) -> PreparedDataset:
     """Split the written folder by file (Table 4 ``preset`` unless explicit ``sizes``) and save the manifest."""
     records = scan_dataset(image_dir)
-    manifest = make_split(records, preset=None if sizes else preset, sizes=dict(sizes) if sizes else None,
-                          seed=seed, dataset_root=image_dir)
+    try:
+        manifest = make_split(records, preset=None if sizes else preset, sizes=dict(sizes) if sizes else None,
+                              seed=seed, dataset_root=image_dir)
+    except (DataError, ConfigError) as exc:  # the images are written: say how to split them by hand
+        raise type(exc)(f"{exc} — the {len(records)} images are in {image_dir}: split them with "
+                        f"scripts/make_split.py --dataset_dir {image_dir} (its flags: --sizes, --allow_duplicates, "
+                        "...)") from None
     if sizes:
         manifest.preset = f"{preset} (scaled: {','.join(str(v) for v in sizes.values())})"
     if created_by:
