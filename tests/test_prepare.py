@@ -215,15 +215,20 @@ def test_pokemon_presets(fake_pokemon, tmp_path, table4, sizes):
     assert not any(c.startswith("pokemon, pokemon,") for c in captions)
 
 
-def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
-    src = tmp_path / "src"
+def _imagefolder_source(src: Path, n: int, seed: int, suffix: str = ".jpg", caption: str = "a cute monster") -> Path:
+    """An imagefolder (metadata.jsonl) of ``n`` noise images captioned '<caption> <i>'."""
     src.mkdir()
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     lines = []
-    for i in range(12):
-        _noise_image(rng, 10, 14).save(src / f"{i}.jpg")
-        lines.append(json.dumps({"file_name": f"{i}.jpg", "text": f"a cute monster {i}"}))
+    for i in range(n):
+        _noise_image(rng, 10, 14).save(src / f"{i}{suffix}")
+        lines.append(json.dumps({"file_name": f"{i}{suffix}", "text": f"{caption} {i}"}))
     (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return src
+
+
+def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
+    src = _imagefolder_source(tmp_path / "src", 12, seed=2)
     result = pokemon.main(["--source", str(src), "--output_dir", str(tmp_path / "out"), "--resolution", "8",
                            "--sizes", "3,3,3,3", "--caption_prefix", ""])
     assert "holds 12 images" in capsys.readouterr().out  # warned: not the real 833
@@ -239,15 +244,8 @@ def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
 
 
 def test_pokemon_duplicate_images_say_how_to_split_the_written_folder(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(3)
-    lines = []
-    for i in range(8):
-        _noise_image(rng, 10, 14).save(src / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"monster {i}"}))
+    src = _imagefolder_source(tmp_path / "src", 8, seed=3, suffix=".png", caption="monster")
     (src / "7.png").write_bytes((src / "0.png").read_bytes())  # one picture twice, under two names
-    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     with pytest.raises(DataError, match="byte-identical") as failure:
         pokemon.main(["--source", str(src), "--output_dir", str(out), "--resolution", "8", "--sizes", "1,1,1,1",
