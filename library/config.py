@@ -191,6 +191,21 @@ def _cli_type(base: type, optional: bool) -> Callable[[str], Any]:
     return convert
 
 
+def _with_default(help_text: str, f: dataclasses.Field) -> str:
+    """``help_text`` ending in "(default: X)" (the parser's own defaults are suppressed, see :func:`build_parser`),
+    unless the help already says its default or there is none to show."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return help_text
+    if default in (None, "", [], False) or "(default:" in help_text:
+        return help_text
+    shown = "on" if default is True else " ".join(map(str, default)) if isinstance(default, list) else default
+    return f"{help_text} (default: {shown})"
+
+
 def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (plus ``--config_file``); parse errors are ConfigErrors.
 
@@ -202,7 +217,7 @@ def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.
     types_by_name = _field_types(cls)
     for f in dataclasses.fields(cls):
         base, optional = _unwrap_optional(types_by_name[f.name])
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        help_text = _with_default(f.metadata.get("help", ""), f).replace("%", "%%")  # argparse formats with %
         choices = f.metadata.get("choices")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
         if base is bool:

@@ -41,6 +41,17 @@ def test_defaults_are_the_papers():
     assert cfg.privacy_lambda == 0.05 and cfg.privacy_delta == 1e-5
     assert (cfg.attacker_lr, cfg.attacker_weight_decay, cfg.k_steps) == (1e-5, 1e-4, 1)
     assert cfg.update_order == "attacker_first"
+    # What the paper's configs set explicitly, the defaults take from sd-scripts: the text-encoder LoRA trains at
+    # --learning_rate unless --text_encoder_lr says otherwise.
+    assert cfg.text_encoder_lr is None and cfg.unet_lr is None
+
+
+def test_help_shows_each_default():
+    from library.config import build_parser
+
+    text = build_parser(TrainConfig, "").format_help()
+    for shown in ("(default: 64)", "(default: 32.0)", "(default: 0.0001)", "(default: AdamW)"):
+        assert shown in " ".join(text.split()), shown
 
 
 def test_misspelled_key_names_it_and_suggests(tmp_path):

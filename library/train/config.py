@@ -66,8 +66,8 @@ class TrainConfig:
     # --- network -----------------------------------------------------------------------------
     network_module: str = option("networks.lora", "LoRA network module (only the built-in one is allowed)",
                                  choices=["networks.lora"])
-    network_dim: int = option(64, "LoRA rank r")
-    network_alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank)")
+    network_dim: int = option(64, "LoRA rank r (the paper's; sd-scripts' default is 4)")
+    network_alpha: float = option(32.0, "LoRA alpha, scale = alpha / rank (the paper's; sd-scripts' default is 1)")
     network_dropout: Optional[float] = option(None, "dropout on the LoRA down-projection output")
     network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file")
     network_train_unet_only: bool = option(False, "train the UNet LoRA only (no text-encoder LoRA)")
@@ -84,7 +84,8 @@ class TrainConfig:
     learning_rate: float = option(1e-4, "default learning rate")
     unet_lr: Optional[float] = option(None, "UNet LoRA learning rate (default: learning_rate; 0 = do not train it)")
     text_encoder_lr: Optional[float] = option(
-        1e-5, "text-encoder LoRA learning rate (default: learning_rate; 0 = no text-encoder LoRA)")
+        None, "text-encoder LoRA learning rate (default: learning_rate, as sd-scripts; the paper's configs set "
+        "1e-5; 0 = no text-encoder LoRA)")
     optimizer_type: str = option("AdamW", "optimizer (AdamW8bit needs bitsandbytes)", choices=["AdamW", "AdamW8bit"])
     weight_decay: float = option(1e-2, "AdamW weight decay")
     lr_scheduler: str = option("constant", "learning-rate schedule",
