@@ -214,6 +214,16 @@ def test_dry_run_refuses_an_attacker_batch_larger_than_the_aux_sets(tiny_train_a
     assert train_entry("smp_lora", "", tiny_train_args + ["--attacker_batch_size", "12", "--dry_run"]) == 0
 
 
+@pytest.mark.parametrize("method,extra,expected", [
+    ("dp_lora", ["--gradient_checkpointing"], "gradient_checkpointing"),  # used to fail after the latents
+    ("lora", ["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], "constant_with_warmup"),  # was ignored
+    ("lora", ["--clip_skip", "5"], "clip_skip must be between 1 and 2"),  # the tiny CLIP has 2 layers
+])
+def test_dry_run_refuses_what_the_real_run_could_not_do(tiny_train_args, capsys, method, extra, expected):
+    assert train_entry(method, "", tiny_train_args + extra + ["--dry_run"]) == 2
+    assert expected in one_line(capsys)
+
+
 # ---- 10: lambda so large that SMP-LoRA cannot train -------------------------------------------------------
 def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
     assert train_entry("smp_lora", "", tiny_train_args + ["--privacy_lambda", "1e9", "--dry_run"]) == 0

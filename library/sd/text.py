@@ -197,6 +197,13 @@ def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
     return inner.final_layer_norm
 
 
+def check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
+    """One ConfigError line when the text encoder has fewer than ``clip_skip`` layers."""
+    num_layers = int(text_encoder.config.num_hidden_layers)
+    if not 1 <= clip_skip <= num_layers:
+        raise ConfigError(f"clip_skip must be between 1 and {num_layers} for this text encoder, got {clip_skip}")
+
+
 def encode_prompts(
     tokenizer: Any,
     text_encoder: Any,
@@ -211,9 +218,7 @@ def encode_prompts(
     k-th hidden state from the end and applies the final layer norm, as kohya and A1111 do (``2`` is the
     popular "penultimate layer" setting). Gradients flow if the caller enables them (text-encoder training).
     """
-    num_layers = int(text_encoder.config.num_hidden_layers)
-    if not 1 <= clip_skip <= num_layers:
-        raise ConfigError(f"clip_skip must be between 1 and {num_layers} for this text encoder, got {clip_skip}")
+    check_clip_skip(text_encoder, clip_skip)
     ids = tokenize(tokenizer, prompts, max_token_length=max_token_length)
     batch, chunks, window = ids.shape
     flat = ids.reshape(batch * chunks, window).to(text_encoder.device)

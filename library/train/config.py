@@ -243,6 +243,9 @@ class TrainConfig:
                               "augmentation is applied, so caching changes nothing but speed)")
         if self.max_grad_norm < 0:
             raise ConfigError("'max_grad_norm' must be >= 0 (0 disables clipping)")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise ConfigError("'lr_scheduler = constant' has no warm-up, so 'lr_warmup_steps' would be ignored; use "
+                              "'lr_scheduler = constant_with_warmup', or 'lr_warmup_steps = 0'")
         if not 0 <= self.attacker_dropout < 1:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
 

@@ -18,7 +18,7 @@ from library.errors import ConfigError
 from library.runtime import PRECISION_DTYPES
 from library.sd.bundle import ModelBundle, cast_weights
 from library.sd.loading import load_sd_model
-from library.sd.text import encode_prompts
+from library.sd.text import check_clip_skip, encode_prompts
 from library.train.config import TrainConfig
 from library.train.samplers import EpochCyclingSampler
 
@@ -66,6 +66,7 @@ class TextConditioner:
         self.trains_text_encoder = trains_text_encoder
         self.cacheable = not trains_text_encoder and not config.shuffle_caption
         self._cache: dict[str, torch.Tensor] = {}
+        check_clip_skip(bundle.text_encoder, config.clip_skip)  # now, so --dry_run says it
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         if self.cacheable:

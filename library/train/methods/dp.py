@@ -49,11 +49,12 @@ class DPLoRA(PlainLoRA):
         refused = {"with_prior_preservation": config.with_prior_preservation,
                    "gradient_accumulation_steps": config.gradient_accumulation_steps > 1,
                    "mixed_precision = fp16": config.mixed_precision == "fp16",
-                   "track_smoothness": config.track_smoothness, "grad_normalize": config.grad_normalize}
+                   "track_smoothness": config.track_smoothness, "grad_normalize": config.grad_normalize,
+                   "gradient_checkpointing": config.gradient_checkpointing}
         for flag, used in refused.items():
             if used:
-                raise ConfigError(f"DP-SGD does not support '{flag}' (per-sample gradients are taken from one "
-                                  "batch in fp32/bf16); drop it")
+                raise ConfigError(f"DP-SGD does not support '{flag}' (Opacus takes per-sample gradients from one "
+                                  "plain fp32/bf16 forward and backward per batch); drop it")
 
     def process_gradients(self, batch_size: int) -> dict[str, float]:
         return self.dp.privatize(batch_size)
