@@ -224,6 +224,17 @@ def test_dry_run_refuses_what_the_real_run_could_not_do(tiny_train_args, capsys,
     assert expected in one_line(capsys)
 
 
+def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
+    import re
+
+    def count(*extra: str) -> int:
+        assert train_entry("lora", "", tiny_train_args + [*extra, "--dry_run"]) == 0
+        return int(re.search(r"([\d,]+) trained parameters", capsys.readouterr().out).group(1).replace(",", ""))
+
+    both, unet_only, text_only = count(), count("--text_encoder_lr", "0"), count("--unet_lr", "0")
+    assert 0 < text_only < both and 0 < unet_only < both and text_only + unet_only == both
+
+
 # ---- 10: lambda so large that SMP-LoRA cannot train -------------------------------------------------------
 def test_huge_privacy_lambda_warns_in_one_line(tiny_train_args, capsys):
     assert train_entry("smp_lora", "", tiny_train_args + ["--privacy_lambda", "1e9", "--dry_run"]) == 0

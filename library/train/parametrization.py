@@ -75,9 +75,6 @@ class Parametrization:
         """Write the trained weights as ``<output_dir>/<name>.safetensors`` (and siblings); returns that file."""
         raise NotImplementedError
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.params)
-
 
 class LoRAParametrization(Parametrization):
     """A kohya LoRA / LoCon network (``networks.lora``) patched into the frozen models."""

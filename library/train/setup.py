@@ -102,6 +102,15 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> 
     return torch.optim.AdamW(param_groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def learning_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
+    """The step's learning rates for the logs: ``lr`` (the UNet's, else the only group's) and, with several
+    groups, ``lr/<group>`` each (``lr/unet``, ``lr/text_encoder``), as sd-scripts logs them."""
+    rates = {group.get("name", str(i)): lr
+             for i, (group, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
+    main = rates.get("unet", next(iter(rates.values())))
+    return {"lr": main, **({f"lr/{name}": lr for name, lr in rates.items()} if len(rates) > 1 else {})}
+
+
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     from diffusers.optimization import get_scheduler  # noqa: PLC0415 - keeps import time down for --help
 

@@ -4,10 +4,9 @@ The method-specific parts live in the method; the set-up in :mod:`library.train.
 :mod:`library.train.artifacts`. This module owns the loop: :meth:`Trainer.step` (one iteration of
 Algorithm 1, for every method), the epoch bookkeeping, logging and the resumable state.
 
-Randomness is explicit so that ``--save_state`` then ``--resume`` reproduces an uninterrupted run
-exactly: data order comes from :class:`EpochCyclingSampler` (state = two integers), (t, eps) from a
-dedicated ``torch.Generator`` per process whose state is saved, and dropout from torch's global RNG and, on a
-GPU, the device's (saved too). Every process's streams are gathered into the one state the main process writes.
+Randomness is explicit so that ``--save_state`` then ``--resume`` reproduces an uninterrupted run exactly: data
+order from :class:`EpochCyclingSampler` (state: two integers), (t, eps) from a ``torch.Generator`` per process,
+dropout from torch's global RNG (and the GPU's); every process's streams go into the one state the main one writes.
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ from library.train.setup import (
     TextConditioner,
     build_optimizer,
     build_scheduler,
+    learning_rates,
     load_models,
     make_accelerator,
     total_steps,
@@ -156,7 +156,7 @@ class Trainer:
             budget = f"set by max_train_epochs = {cfg.max_train_epochs}; max_train_steps is ignored"
         else:
             budget = f"set by max_train_steps = {cfg.max_train_steps}"
-        count = self.trained.parameter_count()
+        count = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])  # lr 0: none
         # fp32 weights + gradients + AdamW's two moments (AdamW8bit: two bytes of moments), activations apart
         state_bytes = count * (4 + 4 + (2 if cfg.optimizer_type == "AdamW8bit" else 8))
         return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
@@ -233,7 +233,7 @@ class Trainer:
         self.scheduler.step()
         if cfg.update_order == "lora_first" and attacker_turn:  # upstream code order
             logs.update(self.method.attacker_phase(ctx))
-        logs["lr"] = self.scheduler.get_last_lr()[0]
+        logs.update(learning_rates(self.optimizer, self.scheduler))
         self.global_step += 1  # here, not in run(): whoever takes steps (the loop, a bench) keeps the same schedule
         return logs
 
