@@ -322,7 +322,8 @@ class LoRANetwork(nn.Module):
             if down.shape[0] != lora.rank:
                 raise ModelError(
                     f"LoRA file {source}: '{w.keys[0]}' has rank {down.shape[0]} but this network was built with "
-                    f"rank {lora.rank}; build the network from the file (create_network_from_weights) instead"
+                    f"rank {lora.rank}; continue it with --network_dim {down.shape[0]} (and its --network_alpha), "
+                    "or in Python build the network from the file (create_network_from_weights)"
                 )
             with torch.no_grad():
                 lora.lora_down.weight.copy_(down)

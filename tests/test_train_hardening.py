@@ -224,6 +224,14 @@ def test_dry_run_refuses_what_the_real_run_could_not_do(tiny_train_args, capsys,
     assert expected in one_line(capsys)
 
 
+def test_continuing_a_lora_of_another_rank_names_the_flag(finished_run, tmp_path, capsys):
+    base, out = finished_run  # a rank-4 LoRA
+    args = base + ["--network_dim", "8", "--network_weights", str(out / "lora.safetensors"), "--max_train_steps", "1",
+                   "--output_dir", str(tmp_path / "more")]
+    assert train_entry("lora", "", args) == 2
+    assert "has rank 4" in (line := one_line(capsys)) and "--network_dim 4" in line
+
+
 def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
     import re
 
