@@ -232,6 +232,19 @@ def test_continuing_a_lora_of_another_rank_names_the_flag(finished_run, tmp_path
     assert "has rank 4" in (line := one_line(capsys)) and "--network_dim 4" in line
 
 
+def test_each_run_logs_into_a_tensorboard_run_of_its_own(tiny_train_args, tmp_path, monkeypatch):
+    import library.train.trainer as trainer_module
+
+    stamps = iter(["20261205100000", "20261205100001"])
+    monkeypatch.setattr(trainer_module.time, "strftime", lambda _: next(stamps))
+    logs = tmp_path / "logs"
+    for run in ("a", "b"):
+        args = tiny_train_args + ["--max_train_steps", "1", "--logging_dir", str(logs), "--output_dir",
+                                  str(tmp_path / run)]
+        assert train_entry("lora", "", args) == 0
+    assert sorted(p.name for p in logs.iterdir()) == ["lora-20261205100000", "lora-20261205100001"]
+
+
 def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
     import re
 

@@ -181,7 +181,8 @@ class TrainConfig:
     save_every_n_steps: Optional[int] = option(None, "also save a LoRA every N steps")
     save_state: bool = option(False, "save a resumable training state with every LoRA save and at the end")
     resume: Optional[str] = option(None, "resume from a state directory written by --save_state")
-    logging_dir: Optional[str] = option(None, "tensorboard log directory (default: none)")
+    logging_dir: Optional[str] = option(
+        None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)")
     log_every_n_steps: int = option(10, "how often step metrics are logged")
     sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training")
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")

@@ -287,7 +287,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         if self.accelerator.is_main_process and cfg.logging_dir:
-            self.accelerator.init_trackers(self.output_name)
+            self.accelerator.init_trackers(f"{self.output_name}-{time.strftime('%Y%m%d%H%M%S')}")  # a run each
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.method_name, mininterval=1.0,
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
         logs: dict[str, float] = {}
