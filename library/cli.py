@@ -6,7 +6,7 @@ import argparse
 import difflib
 import os
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from library.errors import ConfigError, UserError
 
@@ -22,10 +22,13 @@ class ArgumentParser(argparse.ArgumentParser):
     the sweep file a flag list came from) starts every message; ``help_hint`` ends it (None: no hint).
     """
 
-    def __init__(self, *args: Any, error_prefix: str = "", help_hint: str | None = HELP_HINT, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, error_prefix: str = "", help_hint: str | None = HELP_HINT,
+                 foreign: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """``foreign``: other tools' flags we do not take, each with an ``advice`` (what to do instead)."""
         super().__init__(*args, **kwargs)
         self.error_prefix = error_prefix
         self.help_hint = help_hint
+        self.foreign = dict(foreign or {})
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
                    ) -> argparse.Namespace:  # type: ignore[override]
@@ -37,6 +40,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def _unrecognized(self, extras: list[str]) -> str:
         """argparse's ``unrecognized arguments: --lerning_rate 1e-4`` plus ``(did you mean --learning_rate?)``."""
         flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+        names = [f[5:] if f.startswith("--no-") and f[5:] in self.foreign else f[2:] for f in flags]
+        advice = [f"--{name}: {self.foreign[name].advice}" for name in names if name in self.foreign]
+        if advice:  # an sd-scripts flag: say what to do instead, not which of ours looks alike
+            return "; ".join(advice)
         message = "unrecognized arguments: " + " ".join(extras)
         if flags:
             close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 import toml
 
 from library.cli import ArgumentParser
-from library.errors import ConfigError
+from library.errors import ConfigError, warn
 
 ConfigT = TypeVar("ConfigT")
 
@@ -156,13 +156,22 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
     except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     types_by_name = _field_types(cls)
+    foreign = getattr(cls, "FOREIGN_KEYS", {})
     values: dict[str, Any] = {}
+    unknown: list[str] = []  # every unknown key of the file in one message, not one per run
     for key, value in _flatten_toml(raw, str(path), getattr(cls, "TOML_SECTIONS", TOML_SECTIONS)).items():
         if key == "config_file":
             raise ConfigError(f"{path}: 'config_file' cannot be set inside a config file")
-        if key not in types_by_name:
-            raise _unknown_key(key, cls, str(path))
-        values[key] = _coerce(key, value, types_by_name[key], str(path))
+        if key in foreign and foreign[key].is_harmless(value):
+            warn(f"{path}: '{key} = {value!r}' is ignored ({foreign[key].advice})")
+        elif key in foreign:
+            unknown.append(f"'{key}' is an sd-scripts option: {foreign[key].advice}")
+        elif key not in types_by_name:
+            unknown.append(str(_unknown_key(key, cls, "")).removeprefix(": "))
+        else:
+            values[key] = _coerce(key, value, types_by_name[key], str(path))
+    if unknown:
+        raise ConfigError(f"{path}: " + "; ".join(unknown))
     return values
 
 
@@ -212,7 +221,8 @@ def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.
     Flags not given are absent from the parsed namespace (``argparse.SUPPRESS``): defaults are applied later,
     TOML first, then the dataclass's.
     """
-    parser = ArgumentParser(description=description, allow_abbrev=False, **parser_kwargs)
+    parser = ArgumentParser(description=description, allow_abbrev=False, foreign=getattr(cls, "FOREIGN_KEYS", None),
+                            **parser_kwargs)
     parser.add_argument("--config_file", type=str, default=None, help="TOML file holding any of the flags below")
     types_by_name = _field_types(cls)
     for f in dataclasses.fields(cls):

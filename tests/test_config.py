@@ -54,6 +54,27 @@ def test_help_shows_each_default():
         assert shown in " ".join(text.split()), shown
 
 
+def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, capsys):
+    """A GUI-written kohya TOML: options at values that change nothing here load with a warning each; the others
+    are refused all in one message, each with what to do instead (not a look-alike flag of ours)."""
+    path = write(tmp_path, "[model_arguments]\nv2 = false\n[training_arguments]\nxformers = true\n"
+                           "save_model_as = 'safetensors'\nmax_data_loader_n_workers = 8\nnoise_offset = 0.0\n"
+                           "[additional_network_arguments]\nnetwork_dim = 8\n")
+    assert parse_config(TrainConfig, BASE + ["--config_file", path]).network_dim == 8
+    warned = capsys.readouterr().err
+    assert warned.count("warning:") == 5 and "'xformers = True' is ignored" in warned
+    path = write(tmp_path, "noise_offset = 0.05\nnetwork_train_text_encoder_only = true\nlerning_rate = 1\n"
+                           "[[datasets]]\nresolution = 512\n")
+    with pytest.raises(ConfigError) as refused:
+        parse_config(TrainConfig, BASE + ["--config_file", path])
+    message = str(refused.value)
+    assert "'noise_offset' is an sd-scripts option" in message and "--unet_lr 0" in message
+    assert "did you mean 'learning_rate'" in message and "scripts/make_split.py" in message
+    with pytest.raises(ConfigError, match="--xformers: diffusers already uses") as flag:
+        parse_config(TrainConfig, BASE + ["--xformers", "--sample_every_n_steps", "10"])
+    assert "--sample_every_n_epochs" in str(flag.value) and "did you mean" not in str(flag.value)
+
+
 def test_misspelled_key_names_it_and_suggests(tmp_path):
     path = write(tmp_path, 'learning_rte = 1e-4\n')
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rte'.*did you mean 'learning_rate'"):

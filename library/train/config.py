@@ -14,6 +14,7 @@ from typing import Optional
 from library.config import DEFAULT, option, value_sources
 from library.errors import ConfigError, warn
 from library.outputs import check_inside
+from library.train.foreign_flags import SD_SCRIPTS_KEYS
 from library.train.methods import method_class, method_names
 from library.train.proxy_features import ProxyFeatures
 
@@ -29,6 +30,8 @@ class TrainConfig:
     # Options that override one another (max_train_epochs, when set, replaces max_train_steps): one of them on the
     # command line drops the config file's value of the other (library.config), so the command line wins.
     OVERRIDE_GROUPS = (("max_train_steps", "max_train_epochs"),)
+    # sd-scripts options we do not take, each with what to do instead (library.train.foreign_flags).
+    FOREIGN_KEYS = SD_SCRIPTS_KEYS
 
     # --- model -------------------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(

@@ -1,0 +1,105 @@
+"""sd-scripts' flags and TOML keys that this toolkit does not take, and what a kohya user does instead.
+
+A kohya user's command line or GUI-written TOML names options we do not have (memory savers, SD 2.x switches,
+noise tricks, augmentation, bucketing). Instead of "unknown key" (or a "did you mean" pointing at an unrelated
+flag), each gets its own advice. In a TOML file, a key at a value that changes nothing here (``v2 = false``,
+``xformers = true``: diffusers already uses PyTorch's fused attention, ``noise_offset = 0``, ...) is accepted
+with one ``warning:`` line, so such configs load; any other value is refused with the advice. On the command
+line every such flag is refused with its advice (a launch script is quick to edit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def _always(_: Any) -> bool:
+    return True
+
+
+def _false(value: Any) -> bool:
+    return value is False
+
+
+def _zero(value: Any) -> bool:
+    return value in (0, 0.0, None)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """What an sd-scripts option means here (``advice``) and which TOML values change nothing (``harmless``)."""
+
+    advice: str
+    harmless: Callable[[Any], bool] | None = None
+
+    def is_harmless(self, value: Any) -> bool:
+        return self.harmless is not None and self.harmless(value)
+
+
+_SD1_ONLY = "smp-lora trains SD v1.x (epsilon prediction) only; drop it"
+_FUSED_ATTENTION = "diffusers already uses PyTorch's fused attention (SDPA); drop it"
+_PLAIN_OBJECTIVE = ("not supported: the objectives (paper Eq. 1, 6, 10) use the plain epsilon MSE, which the attack "
+                    "suite's losses assume too; drop it")
+_NO_AUGMENTATION = ("not supported: images are centre-cropped squares at --resolution with no augmentation "
+                    "(the latents are cached once); drop it")
+_IN_MEMORY = "not needed: latents are cached and served from memory, without data-loader workers; drop it"
+
+SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
+    "v2": ForeignKey(_SD1_ONLY, _false),
+    "v_parameterization": ForeignKey(_SD1_ONLY, _false),
+    "sdxl": ForeignKey(_SD1_ONLY, _false),
+    "xformers": ForeignKey(_FUSED_ATTENTION, _always),
+    "sdpa": ForeignKey(_FUSED_ATTENTION, _always),
+    "mem_eff_attn": ForeignKey(_FUSED_ATTENTION, _always),
+    "lowram": ForeignKey("not needed; drop it", _always),
+    "highvram": ForeignKey("not needed; drop it", _always),
+    "ddp_timeout": ForeignKey("not supported (accelerate's default timeout applies); drop it", _always),
+    "max_data_loader_n_workers": ForeignKey(_IN_MEMORY, _always),
+    "persistent_data_loader_workers": ForeignKey(_IN_MEMORY, _always),
+    "full_fp16": ForeignKey("use --mixed_precision fp16 (LoRA weights stay fp32)", _false),
+    "full_bf16": ForeignKey("use --mixed_precision bf16 (LoRA weights stay fp32)", _false),
+    "save_model_as": ForeignKey("LoRA files are always written as .safetensors; drop it",
+                                lambda v: v == "safetensors"),
+    "log_with": ForeignKey("tensorboard logs are written when --logging_dir is given; drop it",
+                           lambda v: v == "tensorboard"),
+    "log_prefix": ForeignKey("each run logs into <logging_dir>/<output_name>-<timestamp>; drop it"),
+    "noise_offset": ForeignKey(_PLAIN_OBJECTIVE, _zero),
+    "multires_noise_iterations": ForeignKey(_PLAIN_OBJECTIVE, _zero),
+    "multires_noise_discount": ForeignKey(_PLAIN_OBJECTIVE, _always),
+    "adaptive_noise_scale": ForeignKey(_PLAIN_OBJECTIVE, _zero),
+    "ip_noise_gamma": ForeignKey(_PLAIN_OBJECTIVE, _zero),
+    "min_snr_gamma": ForeignKey(_PLAIN_OBJECTIVE, _zero),
+    "scale_v_pred_loss_like_noise_pred": ForeignKey(_SD1_ONLY, _false),
+    "debiased_estimation_loss": ForeignKey(_PLAIN_OBJECTIVE, _false),
+    "caption_dropout_rate": ForeignKey("not supported: every step uses the image's caption; drop it", _zero),
+    "caption_dropout_every_n_epochs": ForeignKey("not supported: every step uses the image's caption", _zero),
+    "caption_tag_dropout_rate": ForeignKey("not supported: every step uses the image's caption", _zero),
+    "color_aug": ForeignKey(_NO_AUGMENTATION, _false),
+    "flip_aug": ForeignKey(_NO_AUGMENTATION, _false),
+    "random_crop": ForeignKey(_NO_AUGMENTATION, _false),
+    "enable_bucket": ForeignKey("no aspect-ratio buckets: images are centre-cropped squares at --resolution", _false),
+    "min_bucket_reso": ForeignKey("no aspect-ratio buckets: drop it", _always),
+    "max_bucket_reso": ForeignKey("no aspect-ratio buckets: drop it", _always),
+    "bucket_reso_steps": ForeignKey("no aspect-ratio buckets: drop it", _always),
+    "bucket_no_upscale": ForeignKey("no aspect-ratio buckets: drop it", _always),
+    "optimizer_args": ForeignKey("not supported: AdamW takes --weight_decay only", lambda v: v in ([], "", None)),
+    "lr_scheduler_num_cycles": ForeignKey("not supported (cosine runs one cycle)", lambda v: v in (1, None)),
+    "lr_scheduler_power": ForeignKey("not supported (linear decays linearly)", lambda v: v in (1, 1.0, None)),
+    "save_last_n_epochs": ForeignKey("not supported: every --save_every_n_epochs file is kept; drop it"),
+    "save_last_n_steps": ForeignKey("not supported: every --save_every_n_steps file is kept; drop it"),
+    "sample_every_n_steps": ForeignKey("use --sample_every_n_epochs"),
+    "sample_sampler": ForeignKey("give the sampler per prompt in the --sample_prompts file; drop it", _always),
+    "network_train_text_encoder_only": ForeignKey("use --unet_lr 0 (only the text-encoder LoRA trains)", _false),
+    "reg_data_dir": ForeignKey("DreamBooth's class images: --with_prior_preservation --class_data_dir DIR "
+                               "--class_prompt TEXT"),
+    "dataset_config": ForeignKey("give the images as a split manifest (scripts/make_split.py; --split_manifest) "
+                                 "or, for plain LoRA, a kohya folder (--train_data_dir)"),
+    "datasets": ForeignKey("this is an sd-scripts dataset config: give the images as a split manifest "
+                           "(scripts/make_split.py; --split_manifest) or, for plain LoRA, a kohya folder "
+                           "(--train_data_dir)"),
+    "in_json": ForeignKey("give the images as a split manifest (scripts/make_split.py) or a kohya folder"),
+}
+
+
+__all__ = ["ForeignKey", "SD_SCRIPTS_KEYS"]
