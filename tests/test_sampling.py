@@ -14,6 +14,24 @@ def test_prompt_options_are_parsed():
     assert parse_prompt_line("plain prompt") == PromptSpec("plain prompt")
 
 
+def test_sd_scripts_prompt_files(tmp_path, capsys):
+    """Options in any case (sd-scripts ignores case), --ss read and ignored with a warning, anything else refused,
+    and sd-scripts' TOML / JSON prompt files refused instead of read line by line as prompts."""
+    assert parse_prompt_line("a cat --N blurry --W 64 --ss euler_a --S 20") == PromptSpec(
+        "a cat", "blurry", 64, None, None, 20)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --ss euler_a --s 20\n")
+    assert read_prompt_file(prompts) == [PromptSpec("a cat", steps=20)]
+    assert "--ss (sampler) ignored" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown prompt option --cn"):
+        parse_prompt_line("a cat --cn canny")
+    for suffix in (".toml", ".json"):
+        other = tmp_path / f"prompts{suffix}"
+        other.write_text("[prompt]\nwidth = 32\n")
+        with pytest.raises(ConfigError, match="prompt files are not read; write one prompt per line"):
+            read_prompt_file(other)
+
+
 def test_bad_prompt_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         read_prompt_file(tmp_path / "missing.txt")

@@ -1,7 +1,9 @@
 """Image generation through diffusers' StableDiffusionPipeline, for training-time samples and evaluation.
 
-Prompt files follow sd-scripts: one prompt per line, ``#`` comments, and optional inline options
-``--n <negative prompt> --w <width> --h <height> --d <seed> --s <steps> --l <cfg scale>``.
+Prompt files follow sd-scripts' text format: one prompt per line, ``#`` comments, and optional inline options
+``--n <negative prompt> --w <width> --h <height> --d <seed> --s <steps> --l <cfg scale>`` (any case). sd-scripts'
+``--ss <sampler>`` is read and ignored (samples use one sampler; a warning says so); any other option, and
+sd-scripts' TOML / JSON prompt files, are one ConfigError line.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Sequence
 
 import torch
 
-from library.errors import ConfigError
+from library.errors import ConfigError, warn
 from library.fileio import atomic_write_path
 from library.sd.bundle import ModelBundle
 from library.sd.text import encode_prompts
 
-_OPTION = re.compile(r"\s--([nwhdsl])\s+")
+_OPTION = re.compile(r"\s--([A-Za-z]+)\s+")
+_IGNORED_OPTIONS = {"ss": "sampler"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ def parse_prompt_line(line: str, source: str = "prompt") -> PromptSpec:
     fields = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
               "s": ("steps", int), "l": ("guidance_scale", float)}
     for flag, value in zip(parts[1::2], parts[2::2]):
+        flag = flag.lower()
+        if flag in _IGNORED_OPTIONS:
+            continue
+        if flag not in fields:
+            raise ConfigError(f"{source}: unknown prompt option --{flag}; the options are "
+                              + ", ".join(f"--{f} ({name})" for f, (name, _) in fields.items()))
         name, kind = fields[flag]
         try:
             spec = replace(spec, **{name: kind(value.strip())})
@@ -52,10 +61,18 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt file not found: {path}")
-    specs = [parse_prompt_line(line, f"{path}:{i}") for i, line in enumerate(path.read_text().splitlines(), 1)
+    if path.suffix.lower() in (".toml", ".json"):
+        raise ConfigError(f"prompt file {path}: sd-scripts' {path.suffix} prompt files are not read; write one prompt "
+                          "per line with inline --n / --w / --h / --d / --s / --l options (a .txt file)")
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
+    specs = [parse_prompt_line(line, f"{path}:{i}") for i, line in lines]
     if not specs:
         raise ConfigError(f"prompt file {path} holds no prompt")
+    ignored = sorted({f for _, line in lines for f in _OPTION.findall(" " + line) if f.lower() in _IGNORED_OPTIONS})
+    if ignored:
+        warn(f"prompt file {path}: " + ", ".join(f"--{f} ({_IGNORED_OPTIONS[f.lower()]})" for f in ignored)
+             + " ignored: samples use one sampler")
     return specs
 
 

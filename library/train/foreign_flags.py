@@ -89,7 +89,7 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "save_last_n_epochs": ForeignKey("not supported: every --save_every_n_epochs file is kept; drop it"),
     "save_last_n_steps": ForeignKey("not supported: every --save_every_n_steps file is kept; drop it"),
     "sample_every_n_steps": ForeignKey("use --sample_every_n_epochs"),
-    "sample_sampler": ForeignKey("give the sampler per prompt in the --sample_prompts file; drop it", _always),
+    "sample_sampler": ForeignKey("training-time samples use one sampler (DDIM); drop it", _always),
     "network_train_text_encoder_only": ForeignKey("use --unet_lr 0 (only the text-encoder LoRA trains)", _false),
     "reg_data_dir": ForeignKey("DreamBooth's class images: --with_prior_preservation --class_data_dir DIR "
                                "--class_prompt TEXT"),
