@@ -75,6 +75,16 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
     assert "--sample_every_n_epochs" in str(flag.value) and "did you mean" not in str(flag.value)
 
 
+@pytest.mark.parametrize("item,expected", [
+    ("weights_sd=/x.safetensors", "--network_weights"),  # a Python-API argument, not an option: was ignored
+    ("for_inference=true", "--network_weights"),
+    ("algo=locon", "--network_args takes conv_dim=R and conv_alpha=A"),  # LyCORIS: before any model loads
+])
+def test_network_args_take_the_locon_options_only(item, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(TrainConfig, BASE + ["--network_args", item])
+
+
 def test_misspelled_key_names_it_and_suggests(tmp_path):
     path = write(tmp_path, 'learning_rte = 1e-4\n')
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rte'.*did you mean 'learning_rate'"):

@@ -279,6 +279,16 @@ def test_privacy_settings_given_to_plain_lora_are_one_warning(tiny_train_args, t
     assert "warning:" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method,extra,expected", [
+    ("smp_lora", ["--relaxloss_alpha", "0.5", "--dp_noise_multiplier", "3"], "(train_dp_lora.py) only act on"),
+    ("lora", ["--prior_loss_weight", "0.5"], "only act with --with_prior_preservation"),
+    ("lora", ["--caption_extension", ".caption"], "captions come from the manifest"),
+])
+def test_settings_another_method_or_mode_reads_are_one_warning(tiny_train_args, capsys, method, extra, expected):
+    assert train_entry(method, "", tiny_train_args + extra + ["--dry_run"]) == 0
+    assert expected in one_line(capsys, starts="warning:")
+
+
 # ---- 11: conditioning in the metadata --------------------------------------------------------------------------
 def test_lora_metadata_records_the_conditioning(finished_run, tiny_train_args):
     with safe_open(finished_run[1] / "lora.safetensors", "pt") as handle:

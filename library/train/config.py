@@ -236,10 +236,14 @@ class TrainConfig:
             raise ConfigError("'attacker_timesteps' must be a non-empty list of integers in [0, 1000)")
         self._validate_proxy_features()
         self._validate_train_mode()
-        overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder"} & set(self.network_kwargs)
+        overlap = {"dropout", "neuron_dropout", "train_unet_only", "apply_text_encoder", "weights_sd",
+                   "for_inference"} & set(self.network_kwargs)  # the last two: Python-API arguments, not options
         if overlap:
             raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
-                              "--network_train_unet_only instead")
+                              "--network_train_unet_only / --network_weights instead")
+        if unknown := sorted(set(self.network_kwargs) - {"conv_dim", "conv_alpha"}):
+            raise ConfigError(f"unknown network argument(s) {', '.join(unknown)}: --network_args takes conv_dim=R "
+                              "and conv_alpha=A (LoCon); LyCORIS options are not supported")
         if self.resolution % 8:
             raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
         if not self.cache_latents:
@@ -301,13 +305,25 @@ class TrainConfig:
         with an SMP TOML: the run is plain LoRA, whatever the file's name says)."""
         cls = method_class(method)
         cls.check_config(self)
-        if not cls.has_attacker:
-            ignored = [name for name, source in value_sources(self).items()
-                       if name in ATTACKER_FIELDS and not source.startswith(DEFAULT)]
-            if ignored:
-                warn(f"{', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores them (train "
-                     "with train_mp_lora.py / train_smp_lora.py for the defence)")
+        given = {name for name, source in value_sources(self).items() if not source.startswith(DEFAULT)}
+        if not cls.has_attacker and (ignored := sorted(given & ATTACKER_FIELDS)):
+            warn(f"{', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores them (train "
+                 "with train_mp_lora.py / train_smp_lora.py for the defence)")
+        others = [f"{name} (train_{owner}.py)" for owner, fields in METHOD_FIELDS.items() if owner != method
+                  for name in sorted(given & fields)]
+        if others:
+            warn(f"{', '.join(others)} only act on that training script; {method} ignores them")
+        if not self.with_prior_preservation and (ignored := sorted(given & PRIOR_FIELDS)):
+            warn(f"{', '.join(ignored)} only act with --with_prior_preservation; this run ignores them")
+        if self.split_manifest and "caption_extension" in given:
+            warn("caption_extension is ignored: with --split_manifest the captions come from the manifest")
 
+
+#: What only one method reads (its training script's name -> its options), and what only DreamBooth reads.
+METHOD_FIELDS = {"relaxloss": frozenset({"relaxloss_alpha"}),
+                 "dp_lora": frozenset({"dp_noise_multiplier", "dp_clip_norm", "dp_delta"})}
+PRIOR_FIELDS = frozenset({"prior_loss_weight", "class_data_dir", "class_prompt", "num_class_images",
+                          "class_sample_steps", "prior_in_objective"})
 
 #: What only MP/SMP-LoRA's proxy attacker reads (Eq. 5, 6, 10 and Algorithm 1's attacker phase).
 ATTACKER_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)
