@@ -25,7 +25,7 @@ from library.eval.features import FeatureSettings, applied_lora, feature_cache_k
 from library.eval.unet_weights import check_unet_weights, resolve_unet_weights
 from library.sd.bundle import fingerprint
 from library.sd.single_file import save_single_file
-from networks.lora import create_network_from_weights
+from networks.lora import create_network_from_weights, lora_file_sha256
 from networks.lora_convert import to_kohya_state_dict
 
 # No bootstrap and no plots: these tests compare per-sample scores and AUCs, which need neither (half the time).
@@ -304,6 +304,26 @@ def test_model_specs_name_and_record_each_unet(world, merged, tmp_path):
     assert record["kind"] == "unet" and record["layout"] == "diffusers" and record["sha256"] == specs[2].unet.sha256
     assert specs[4].sha256 == specs[5].sha256 == specs[2].sha256  # the same weights, wherever they lie
     assert specs[1].record()["sha256"] == specs[1].lora_sha256 and specs[0].record()["path"] is None
+
+
+def test_diffusers_alphas_in_the_header_are_part_of_a_loras_identity(world, peft_file, tmp_path):
+    """Two diffusers files with the same tensors and another lora_alpha in the header are other models: they must
+    not share a feature cache entry (the second used to be served the first one's numbers)."""
+    from library.data.manifest import manifest_sha256
+    from library.eval.config import EvalConfig
+    from library.eval.inputs import SplitIdentity, model_specs
+
+    files = []
+    for alpha in (16, 4):
+        path = tmp_path / f"alpha{alpha}" / "pytorch_lora_weights.safetensors"
+        path.parent.mkdir()
+        meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 16, "unet.lora_alpha": alpha})}
+        save_file(load_file(str(peft_file)), str(path), metadata=meta)
+        files.append(str(path))
+    config = EvalConfig(network_weights=[*files, str(peft_file)])
+    specs = model_specs(config, SplitIdentity(manifest_sha256(world["manifest_file"]), "-"))[1:]
+    assert len({spec.sha256 for spec in specs}) == 3
+    assert specs[2].sha256 == lora_file_sha256(peft_file)  # no adapter header: the tensors' hash, as before
 
 
 def test_unet_sha256_enters_the_cache_key(merged):

@@ -3,6 +3,7 @@ and the evaluated models (the base model, one spec per LoRA file and one per ful
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,17 @@ def model_specs(config: EvalConfig, split: SplitIdentity) -> list[ModelSpec]:
     """The base model, one spec per LoRA (files exist and belong to this split), then one per fully fine-tuned
     UNet (files found, format checked and hashed); names unique."""
     from networks.lora import lora_file_sha256, read_lora_metadata
+    from networks.lora_convert import ADAPTER_METADATA_KEY
 
     specs = [ModelSpec(BASE_NAME)]
     used = {BASE_NAME}
     for file in config.network_weights:
         path = Path(file)
-        sha = lora_file_sha256(path)  # ModelError for a missing file
-        meta = _recorded(config, split, f"LoRA {path}", read_lora_metadata(path))  # not safetensors: ModelError
+        sha = lora_file_sha256(path)  # ModelError for a missing file; the tensors only (sd-scripts' model hash)
+        header = read_lora_metadata(path)  # not safetensors: ModelError
+        if header.get(ADAPTER_METADATA_KEY):  # diffusers' alphas live in the header: part of what is evaluated
+            sha = hashlib.sha256(f"{sha}\x1f{header[ADAPTER_METADATA_KEY]}".encode("utf-8")).hexdigest()
+        meta = _recorded(config, split, f"LoRA {path}", header)
         specs.append(ModelSpec(_unique_name(path.stem, used), path, sha, meta))
     for entry in config.unet_weights:
         weights = resolve_unet_weights(entry, allow_pickle=config.allow_pickle)  # one ModelError line if unusable
