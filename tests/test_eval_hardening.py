@@ -360,6 +360,19 @@ def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "mps"], "use --device cpu or cuda"),  # crashed deep in torch ("not linked with mps")
+    (["--device", "meta"], "use --device cpu or cuda"),
+    (["--network_multiplier", "nan"], "'network_multiplier' must be a finite number"),  # failed after the base
+    (["--network_weights", "x.safetensors", "./x.safetensors"], "'network_weights' lists a file twice"),
+])
+def test_bad_evaluation_flags_are_one_line(flags, expected, tiny_model_dir, manifest_path, tmp_path, capfd,
+                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    assert expected in one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", *flags))
+
+
 def test_largest_seeds_are_valid():
     EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", seed=2**63 - 1,
                quality_seed=2**63 - 64).validate()  # 64 images: seeds up to 2**63 - 1

@@ -177,6 +177,15 @@ def test_second_run_hits_the_feature_cache(world, evaluated):
     assert [r["auc"] for r in again["results"]] == [r["auc"] for r in report["results"]]
 
 
+def test_a_run_without_plots_leaves_no_earlier_plots_beside_its_report(world, evaluated, tmp_path):
+    out = tmp_path / "eval"
+    args = base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
+                     str(world["root"] / "eval" / "cache"))
+    assert evaluate_mia.main(args) == 0 and (out / "roc.png").is_file()
+    assert evaluate_mia.main(args + ["--no-plots"]) == 0
+    assert not any((out / name).exists() for name in ("roc.png", "roc_loglog.png", "hist.png"))
+
+
 def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path):
     """--jobs 2: features, attacks and quality samples per model in worker processes, the same numbers."""
     serial_dir, serial = evaluated

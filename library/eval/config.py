@@ -9,6 +9,8 @@ every model, honest thresholds and checkpoints chosen on D_aux, bootstrap CIs).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Optional
 
 from library.config import option
@@ -208,9 +210,11 @@ class EvalConfig:
         if self.n_bootstrap < 0:
             raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
         for name in ("network_weights", "unet_weights"):
-            values = getattr(self, name)
+            values = [os.path.realpath(v) for v in getattr(self, name)]  # x.safetensors and ./x.safetensors too
             if len(set(values)) != len(values):
                 raise ConfigError(f"'{name}' lists a file twice")
+        if not math.isfinite(self.network_multiplier):
+            raise ConfigError(f"'network_multiplier' must be a finite number, got {self.network_multiplier}")
         self._validate_attack_suite()
         self._validate_quality()
 

@@ -25,6 +25,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"'device' {name!r} is not a torch device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"'device' {name!r} asks for CUDA but no GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: not what the evaluation was tested on
+        raise ConfigError(f"'device' {name!r} is not supported; use --device cpu or cuda (or auto)")
     return device
 
 

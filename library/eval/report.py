@@ -345,13 +345,15 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["json"], json.dumps(report_dict(result), indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["markdown"], report_markdown(result))
     atomic_write_text(paths["csv"], scores_csv(result))
+    plots = {"roc": output_dir / "roc.png", "roc_loglog": output_dir / "roc_loglog.png", "hist": output_dir / "hist.png"}
     if result.config.plots:
-        paths["roc"] = output_dir / "roc.png"
-        paths["roc_loglog"] = output_dir / "roc_loglog.png"
-        paths["hist"] = output_dir / "hist.png"
+        paths.update(plots)
         plot_roc(result, paths["roc"], loglog=False)
         plot_roc(result, paths["roc_loglog"], loglog=True)
         plot_histograms(result, paths["hist"])
+    else:  # an earlier run's plots would sit beside this report as if they were its own
+        for stale in plots.values():
+            stale.unlink(missing_ok=True)
     return paths
 
 
