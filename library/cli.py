@@ -85,18 +85,36 @@ def offline_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit), raised where Ctrl-C would be: the same clean-up runs
+    (worker processes stopped, locks released), where the default action would leave worker processes running."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a :class:`UserError` prints ``error: <message>`` on stderr and returns exit status 2.
 
-    The exit status is ``main``'s return value when that is an int (scripts that report their own status), else 0.
+    The exit status is ``main``'s return value when that is an int (scripts that report their own status), else 0;
+    Ctrl-C gives 130, SIGTERM 143 (after the same clean-up).
     """
     offline_environment()
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         status = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr, flush=True)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return status if isinstance(status, int) and not isinstance(status, bool) else 0

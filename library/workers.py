@@ -58,6 +58,11 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         if self._executor is not None:
+            if isinstance(exc[0], type) and issubclass(exc[0], KeyboardInterrupt):
+                # Ctrl-C reaches the workers too (one process group); a SIGTERM sent to this process alone does
+                # not (library.cli.Terminated): stop them instead of waiting for, or orphaning, their jobs.
+                for process in list((getattr(self._executor, "_processes", None) or {}).values()):
+                    process.terminate()
             # On an error, drop the queued jobs instead of running them to completion first.
             self._executor.shutdown(wait=True, cancel_futures=exc[0] is not None)
             self._executor = None

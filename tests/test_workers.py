@@ -80,3 +80,41 @@ def test_jobs_below_one_is_a_config_error():
         WorkerPool(0)
     with pytest.raises(ConfigError, match="at least 1"):
         WorkerPool(2, threads_per_job=0)
+
+
+def test_sigterm_stops_the_worker_processes_too(tmp_path):
+    """``kill <pid>`` reaches the main process only (Ctrl-C reaches the whole process group): it must stop the
+    workers, not leave them computing (they used to run on, then print ConnectionRefusedError tracebacks)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from library.cli import run_cli
+        from library.workers import WorkerPool
+
+        def main(argv):
+            with WorkerPool(2, 1) as pool:
+                def kill():
+                    print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                threading.Timer(3.0, kill).start()
+                pool.map(time.sleep, [120, 120, 120])
+
+        if __name__ == "__main__":
+            sys.exit(run_cli(main))
+    """))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 143 and "terminated" in done.stderr, done.stderr
+    assert time.monotonic() - started < 60  # not after the workers' two minutes
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
