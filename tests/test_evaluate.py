@@ -186,6 +186,18 @@ def test_a_run_without_plots_leaves_no_earlier_plots_beside_its_report(world, ev
     assert not any((out / name).exists() for name in ("roc.png", "roc_loglog.png", "hist.png"))
 
 
+def test_report_md_says_which_checks_were_skipped(world, evaluated, tmp_path):
+    out = tmp_path / "eval"
+    args = base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
+                     str(world["root"] / "eval" / "cache"), "--no-plots", "--network_multiplier", "0.5",
+                     "--allow_manifest_mismatch")
+    assert evaluate_mia.main(args) == 0
+    text = (out / "report.md").read_text()
+    assert "**override**: every LoRA applied at strength 0.5" in text
+    assert "**override**: a LoRA trained on other splits may be evaluated" in text
+    assert "paper h'" not in text.split("## Main results")[0]  # the paper's attacker did not run
+
+
 def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path):
     """--jobs 2: features, attacks and quality samples per model in worker processes, the same numbers."""
     serial_dir, serial = evaluated

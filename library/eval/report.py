@@ -156,6 +156,20 @@ def _conditioning_line(conditioning: dict[str, Any] | None) -> list[str]:
             f"tokens{size} (from: {', '.join(sources)})"]
 
 
+def _overrides_line(cfg: Any) -> list[str]:
+    """The checks this evaluation was told to skip, and a LoRA strength other than 1: what a reader must know."""
+    notes = [text for flag, text in (
+        ("allow_manifest_mismatch", "a LoRA trained on other splits may be evaluated (--allow_manifest_mismatch): "
+                                    "its membership labels may be wrong"),
+        ("allow_base_mismatch", "a LoRA trained on another base model may be evaluated (--allow_base_mismatch)"),
+        ("allow_conditioning_mismatch", "the caption encoding or image size may differ from the LoRAs' training "
+                                        "(--allow_conditioning_mismatch)"),
+    ) if getattr(cfg, flag, False)]
+    if cfg.network_multiplier != 1.0:
+        notes.append(f"every LoRA applied at strength {cfg.network_multiplier:g} (--network_multiplier)")
+    return [f"- **override**: {note}" for note in notes]
+
+
 def report_markdown(result: "EvalResult") -> str:
     cfg, info = result.config, result.info
     rows = result.rows
@@ -170,10 +184,12 @@ def report_markdown(result: "EvalResult") -> str:
         f"- D_te: {n_m} members / {n_nm} non-members; attacks fit on D_aux "
         f"({result.samples.aux_index.size} samples)",
         f"- features: loss at t = {list(cfg.timesteps)} x {cfg.num_noise_draws} noise draws (same noise for every "
-        f"model), seed {cfg.seed}; paper h' on `{cfg.paper_features}`"
-        + ("" if cfg.paper_features == "multi_t_loss" else
-           f" at t ~ U[{cfg.paper_min_timestep}, {cfg.paper_max_timestep}), {cfg.paper_draws} draw(s) per sample"),
+        f"model), seed {cfg.seed}"
+        + ("" if "paper" not in cfg.attacks else f"; paper h' on `{cfg.paper_features}`"
+           + ("" if cfg.paper_features == "multi_t_loss" else
+              f" at t ~ U[{cfg.paper_min_timestep}, {cfg.paper_max_timestep}), {cfg.paper_draws} draw(s) per sample")),
         *_conditioning_line(info.get("conditioning")),
+        *_overrides_line(cfg),
         *(f"- model `{m.name}`: `{m.path}` (sha256 `{str(m.sha256)[:16]}`)" for m in result.models if m.path),
         "",
         "## Main results (paper Table 1 columns first)",

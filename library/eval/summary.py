@@ -188,7 +188,9 @@ def worst_case_table(report: dict[str, Any]) -> list[str]:
             "one with no membership signal at all; chance q95: the highest AUC the suite reaches in 95 % of shuffles.",
             "- set audit (dataset inference): one-sided Mann-Whitney U test of the worst-case attack's scores on "
             "D^m_te (the suspect set) against D^nm_te (known non-members); suspect images needed: the smallest n "
-            "whose median p over seeded random n-subsets is below alpha.",
+            "whose median p over seeded random n-subsets is below alpha. The attack is the one with the highest AUC "
+            "on this same D_te, so this p (and the honest ε below) is optimistic: with no signal at all it falls "
+            "below alpha more often than alpha; the suite-wide p is the one that accounts for that choice.",
             f"- ε lower bound at δ = {eps.get('delta')} from two-sided {100 * (eps.get('confidence') or 0.95):g} % "
             "Clopper-Pearson intervals on TPR and FPR on D_te: honest at the decision rule fixed on D_aux; oracle = "
             "the maximum over every D_te "
