@@ -200,8 +200,15 @@ def test_conditioning_rules(capsys):
     with pytest.raises(ConfigError, match="evaluate them separately"):
         resolve_conditioning(config, [paper, _spec("plain", ss_clip_skip="1", ss_max_token_length="225",
                                                    ss_resolution="(512, 512)")])
-    with pytest.raises(ModelError, match=r"ss_clip_skip='two'"):
+    with pytest.raises(ModelError, match=r"lora file odd.safetensors: metadata ss_clip_skip='two'"):
         resolve_conditioning(config, [_spec("odd", ss_clip_skip="two")])
+    from library.eval.unet_weights import UNetWeights
+
+    # A fine-tuned UNet is named as such, not "LoRA file None".
+    unet = ModelSpec("ft", metadata={"ss_clip_skip": "two"}, unet=UNetWeights(Path("ft.safetensors"), "single_file",
+                                                                              (Path("ft.safetensors"),), "0" * 64))
+    with pytest.raises(ModelError, match=r"unet file ft.safetensors: metadata ss_clip_skip='two'"):
+        resolve_conditioning(config, [unet])
     assert capsys.readouterr().err == ""
     # a file without the keys: the defaults, with one warning line
     old = resolve_conditioning(config, [_spec("old")])

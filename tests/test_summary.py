@@ -79,6 +79,8 @@ SUITE = {
                 "probes": ["gsa"]},
         "blackbox": {"threat_model": "black-box", "queries_per_sample": 50.0, "citation": "Wu et al. 2022"},
         "blind": {"threat_model": "no model", "queries_per_sample": 0.0, "citation": "Das et al. 2024", "probes": []},
+        "paper": {"threat_model": "gray-box", "queries_per_sample": 16.0, "citation": "the paper", "probes": []},
+        "loss": {"threat_model": "gray-box", "queries_per_sample": 8.0, "citation": "Yeom et al.", "probes": []},
     },
     "features": {"probes": {"lora": {"sima": {"queries_computed": 40, "cache_hit": False},
                                      "gsa": {"queries_computed": 600, "cache_hit": False}},
@@ -126,6 +128,8 @@ def test_suite_sections_worst_case_oracle_extras_table11_and_cost():
     # Cost: nominal, computed per model (per sample over the 20 samples), cached, unknown probes, escaped pipes.
     assert "| sima | gray-box: eps \\| caption | 2 | lora: 40 (2/sample); smp_lora: cached | Rao et al. 2025 |" in text
     assert "| blackbox | black-box | 50 | n/a |" in text and "| blind | no model | 0 | 0 |" in text
+    assert "| paper | gray-box | 16 | its own random-t draws (feature engine) |" in text  # not the shared losses
+    assert "| loss | gray-box | 8 | shared fixed-t losses |" in text
 
 
 def test_an_older_report_renders_without_the_suite():

@@ -79,7 +79,7 @@ def _parse(spec: ModelSpec, key: str) -> int | None:
     if raw == "None":
         return None
     if not raw.isdigit() or int(raw) <= 0:
-        raise ModelError(f"LoRA file {spec.lora_path}: metadata {key}={raw!r} is neither a positive integer nor "
+        raise ModelError(f"{spec.kind} file {spec.path}: metadata {key}={raw!r} is neither a positive integer nor "
                          "'None'; fix the file's metadata or re-export it")
     return int(raw)
 
@@ -104,7 +104,7 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
     """(value, source) of one setting; appends the files that do not record it to ``missing``."""
     flag = getattr(config, field)
     recorded = {spec.name: _parse(spec, key) for spec in loras if _records(spec, key)}
-    missing.extend(str(spec.lora_path or spec.unet.path) for spec in loras if spec.name not in recorded)
+    missing.extend(str(spec.path) for spec in loras if spec.name not in recorded)
     distinct = {}
     for name, value in recorded.items():
         distinct.setdefault(_comparable(field, value), (name, value))
@@ -145,7 +145,7 @@ def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Cond
         keys = " / ".join(key for field, key, _ in _SETTINGS if field in dict(unrecorded))
         used = " and ".join(_describe(field, values[field]) for field, _ in unrecorded)
         flags = " / ".join(f"--{field}" for field, _ in unrecorded)
-        print(f"warning: LoRA file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
+        print(f"warning: model file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
               f"with {used} — pass {flags} if they were trained otherwise", file=sys.stderr, flush=True)
     return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source,
                         values["resolution"] or DEFAULT_RESOLUTION)

@@ -228,13 +228,16 @@ def table11_table(report: dict[str, Any]) -> list[str]:
     return lines + ["", f"- {TABLE11_PAPER} (ASR as the paper prints it: its protocol is our oracle column)."]
 
 
-def _computed_queries(report: dict[str, Any], probes: list[str] | None, nominal: float | None) -> str:
+def _computed_queries(report: dict[str, Any], name: str, probes: list[str] | None, nominal: float | None) -> str:
     """Per model: UNet forwards the attack's probes triggered (a query shared with an earlier probe is counted
     once, at that probe), total and per sample; "cached" when every probe came from the cache."""
     if probes is None:
         return "n/a"
     if not probes:
-        return "shared fixed-t losses" if nominal else "0"
+        if not nominal:
+            return "0"
+        own = name == "paper" and (report.get("config") or {}).get("paper_features") != "multi_t_loss"
+        return "its own random-t draws (feature engine)" if own else "shared fixed-t losses"
     runs = (report.get("features") or {}).get("probes") or {}
     n = sum(((report.get("samples") or {}).get("counts") or {}).values()) or None
     cells = []
@@ -260,7 +263,7 @@ def cost_table(report: dict[str, Any]) -> list[str]:
         nominal = settings.get("queries_per_sample")
         lines.append(f"| {name} | {_cell(settings.get('threat_model') or 'n/a')} | "
                      f"{'n/a' if nominal is None else f'{nominal:g}'} | "
-                     f"{_cell(_computed_queries(report, settings.get('probes'), nominal))} | "
+                     f"{_cell(_computed_queries(report, name, settings.get('probes'), nominal))} | "
                      f"{_cell(settings.get('citation') or '—')} |")
     return lines + ["", "- a backward pass counts as 2 forwards; a UNet query shared by several probes (same sample, "
                         "t, noise, caption) is computed once and counted at the first probe that asked for it."]
