@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from library.errors import ConfigError, UserError
@@ -101,9 +103,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     Ctrl-C gives 130, SIGTERM 143 (after the same clean-up).
     """
     offline_environment()
-    import signal
-    import threading
-
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:

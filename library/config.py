@@ -141,9 +141,9 @@ def _unknown_section(name: str, sections: Sequence[str], source: str) -> ConfigE
                        "before any section)")
 
 
-def _unknown_key(key: str, cls: type, source: str) -> ConfigError:
-    hint = _closest(key, list(_field_types(cls)), "'{}'")
-    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+def _unknown_key_message(key: str, cls: type) -> str:
+    return f"unknown key '{key}'" + _closest(key, list(_field_types(cls)), "'{}'")
+
 
 
 def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         elif key in foreign:
             unknown.append(f"'{key}' is an sd-scripts option: {foreign[key].advice}")
         elif key not in types_by_name:
-            unknown.append(str(_unknown_key(key, cls, "")).removeprefix(": "))
+            unknown.append(_unknown_key_message(key, cls))
         else:
             values[key] = _coerce(key, value, types_by_name[key], str(path))
     if unknown:
@@ -338,7 +338,7 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
     given: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if key not in types_by_name:
-            raise _unknown_key(key, cls, "overrides")
+            raise ConfigError(f"overrides: {_unknown_key_message(key, cls)}")
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         elif isinstance(value, (list, tuple)):

@@ -50,9 +50,7 @@ def schedule_alpha_bar(ctx: QueryContext, t: int) -> torch.Tensor:
 def inversion_key(step: int, t: int, start: str = "z0") -> str:
     """The memo key of the DDIM-inverted latent at ``t`` (step ``step`` from the latent named ``start``, by default
     the clean latent): the same path is one set of queries, whichever probe walks it; t = 0 is the start itself."""
-    if t == 0:
-        return start
-    return f"ddim-inversion:step={step}:t={t}" if start == "z0" else f"{start}:ddim-inversion:step={step}:t={t}"
+    return start if t == 0 else f"{start}:ddim-inversion:step={step}:t={t}"
 
 
 def ddim_inversion(ctx: QueryContext, end: int, step: int, *, start: tuple[str, torch.Tensor] | None = None,
