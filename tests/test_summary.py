@@ -88,7 +88,7 @@ SUITE = {
                                          "gsa": {"queries_computed": 0, "cache_hit": True}}}},
     "samples": {"counts": {"member_test": 10, "nonmember_test": 10}},
     "privacy_audit": {
-        "lora": {"set_audit": {"p_value": 1.2e-5, "n_needed": 4, "alpha": 0.01, "n_suspect": 10},
+        "lora": {"set_audit": {"p_value": 1.2e-5, "n_needed": 4, "alpha": 0.01, "n_suspect": 10, "n_attacks": 3},
                  "epsilon_lb": {"honest": 1.234, "oracle": 2.5, "delta": 1e-5, "confidence": 0.95},
                  "dp_epsilon": None, "worst_case_null": {"p_value": 1e-4, "null_q95": 0.712}},
         "smp_lora": {"set_audit": {"p_value": 0.2, "n_needed": None, "alpha": 0.01, "n_suspect": 10},
@@ -116,7 +116,7 @@ def test_suite_sections_worst_case_oracle_extras_table11_and_cost():
     assert "0.900 [0.850, 0.950]" in lora and "0.950 [0.900, 1.000]" in lora  # the floor beside the worst case
     assert "| 0.0001 (0.712) | 1.2e-05 | 4 of 10 | 1.234 | 2.500 | — |" in lora  # suite-wide p (chance q95)
     smp = next(line for line in lines if line.startswith("| smp_lora | gsa |"))
-    assert "| n/a | 0.2 | not reached (10)" in smp and "| 8 (δ 1e-05) |" in smp  # the accountant's upper bound beside the bound
+    assert "| n/a | 0.2 (uncorrected) | not reached (10) (uncorrected)" in smp  # a report from before the correction and "| 8 (δ 1e-05) |" in smp  # the accountant's upper bound beside the bound
     # Oracle extras: sima's best candidate on D_te (t=100), labelled; the D_aux choice stays the headline.
     extras = oracle_extra_rows(SUITE)
     assert [(r["model"], r["label"], r["auc"]) for r in extras] == [("lora", "sima t=100 [oracle t]", 0.88)]

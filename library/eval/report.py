@@ -39,10 +39,12 @@ CONVENTIONS = {
     "ci": "stratified percentile bootstrap, 95 %",
     "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
     "worst_case": "per model: the headline attack with the highest AUC on D_te; floor rows (blind) excluded",
-    "set_audit": "one-sided Mann-Whitney U of the worst-case scores, D^m_te (suspects) vs D^nm_te; n_needed: the "
-                 "smallest n whose median p over 200 seeded n-subsets is < audit_alpha (null: not reached)",
-    "epsilon_lb": "max(log((TPR_lo - delta)/FPR_hi), log((1 - FPR_hi - delta)/(1 - TPR_lo))), >= 0, two-sided 95 % "
-                  "Clopper-Pearson; honest: the D_aux decision rule; oracle: max over D_te thresholds (optimistic)",
+    "set_audit": "one-sided Mann-Whitney U of the worst-case scores, D^m_te (suspects) vs D^nm_te, Bonferroni over "
+                 "the n_attacks it was chosen from (p_value = min(1, n_attacks * p_value_single)); n_needed: the "
+                 "smallest n whose median p over 200 seeded n-subsets is < audit_alpha / n_attacks (null: not reached)",
+    "epsilon_lb": "max(log((TPR_lo - delta)/FPR_hi), log((1 - FPR_hi - delta)/(1 - TPR_lo))), >= 0, two-sided "
+                  "Clopper-Pearson at 'confidence' (95 % per result row; 1 - 0.05 / n_attacks for a model's worst "
+                  "case); honest: the D_aux decision rule; oracle: max over D_te thresholds (optimistic)",
 }
 # What each held-out loss of library.eval.quality means; each feature extractor labels its own metrics.
 LOSS_NOTES = {
