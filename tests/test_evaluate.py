@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +24,7 @@ from library.eval.features import (
     FeatureEngine,
     FeatureSettings,
     Sample,
+    feature_cache_key,
     noise_seed,
     plan_queries,
     query_noise,
@@ -166,6 +168,17 @@ def test_paper_draws_extend_the_single_draw(world):
     assert torch.equal(three.paper[:, :1], one.paper) and torch.equal(three.paper_timesteps[:, :1], one.paper_timesteps)
     assert not torch.equal(three.paper[:, 1], three.paper[:, 2])
     assert three.losses.shape == one.losses.shape
+
+
+def test_the_cache_key_ignores_paper_settings_that_change_no_feature():
+    plain = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3)
+    key = lambda settings: feature_cache_key(settings, "fp", None, "m", 8)  # noqa: E731
+    reused = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3, paper_features="multi_t_loss",
+                             paper_min_timestep=100, paper_draws=4)  # h' reads the fixed-t losses: no query of its own
+    assert key(reused) == key(plain)  # so adding h' to a finished evaluation finds its losses in the cache
+    own = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3, paper_features="loss")
+    assert len({key(plain), key(own), key(replace(own, paper_min_timestep=100)), key(replace(own, paper_draws=4)),
+                key(replace(own, paper_features="error_map"))}) == 5
 
 
 def test_second_run_hits_the_feature_cache(world, evaluated):
