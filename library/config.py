@@ -51,17 +51,34 @@ _SOURCES_ATTR = "_value_sources"
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,
-           minimum: float | None = None, maximum: float | None = None) -> Any:
+           minimum: float | None = None, maximum: float | None = None,
+           parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field carrying its CLI help text, allowed values and numeric bounds (both inclusive).
 
     ``seed: int = option(0, "...", minimum=0, maximum=2**63 - 1)``: a value outside the bounds, from the command
     line, a TOML file or :func:`load_config`'s overrides, is one ConfigError line (``None`` is always allowed for
-    an ``Optional`` field, and each item of a list is checked).
+    an ``Optional`` field, and each item of a list is checked). ``parse``: how the text of a flag, or a TOML
+    string, becomes the value (for forms like sd-scripts' ``resolution = "512,512"``); a ValueError from it is
+    the error message.
     """
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "parse": parse}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def square_size(text: str) -> int:
+    """A square image size from its text: ``512`` or sd-scripts' ``512,512`` (width,height); other forms are a
+    ValueError whose message says what to write."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"must be a size in pixels like 512 or 512,512, got {text!r}") from None
+    if len(sizes) > 2 or len(set(sizes)) != 1:
+        raise ValueError(f"must be square (images are resized and centre-cropped to one size; aspect-ratio "
+                         f"bucketing is not supported), got {text!r}: use 512 or 512,512")
+    return sizes[0]
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -169,10 +186,25 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         elif key not in types_by_name:
             unknown.append(_unknown_key_message(key, cls))
         else:
+            parse = _parsers(cls).get(key)
+            if parse is not None and isinstance(value, str):
+                value = _parsed(parse, value, f"{path}: '{key}'")
             values[key] = _coerce(key, value, types_by_name[key], str(path))
     if unknown:
         raise ConfigError(f"{path}: " + "; ".join(unknown))
     return values
+
+
+def _parsers(cls: type) -> dict[str, Callable[[str], Any]]:
+    """``{field: its parse function}`` of the fields that have one (:func:`option`)."""
+    return {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if f.metadata.get("parse")}
+
+
+def _parsed(parse: Callable[[str], Any], text: str, where: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 class _ChoicesOrNone(tuple):
@@ -197,6 +229,21 @@ def _cli_type(base: type, optional: bool) -> Callable[[str], Any]:
         return base(text)
 
     convert.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
+    return convert
+
+
+def _cli_parse(parse: Callable[[str], Any], optional: bool) -> Callable[[str], Any]:
+    """argparse's converter of a field with a parse function: its ValueError message becomes argparse's;
+    ``none`` or ``''`` is None for an Optional field."""
+
+    def convert(text: str) -> Any:
+        if optional and text.strip().lower() in ("", "none"):
+            return None
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
     return convert
 
 
@@ -239,7 +286,8 @@ def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.
             continue
         if choices and optional:
             choices = _ChoicesOrNone(choices)
-        parser.add_argument(f"--{f.name}", type=_cli_type(base, optional), choices=choices, **kwargs)
+        convert = _cli_type(base, optional) if f.metadata.get("parse") is None else _cli_parse(f.metadata["parse"], optional)
+        parser.add_argument(f"--{f.name}", type=convert, choices=choices, **kwargs)
     return parser
 
 
@@ -343,6 +391,9 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
             value = os.fspath(value)
         elif isinstance(value, (list, tuple)):
             value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        parse = _parsers(cls).get(key)
+        if parse is not None and isinstance(value, str):  # as in a TOML file
+            value = _parsed(parse, value, f"overrides: '{key}'")
         given[key] = _coerce(key, value, types_by_name[key], "overrides")
     return _combine(cls, file_values, str(config_file), given, "overrides")
 

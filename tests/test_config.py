@@ -35,6 +35,22 @@ shuffle_caption = true
     assert cfg.pretrained_model_name_or_path == "model_dir"
 
 
+def test_resolution_takes_sd_scripts_width_height_form(tmp_path):
+    from library.config import load_config
+    from library.eval.config import EvalConfig
+
+    path = write(tmp_path, 'resolution = "512,512"\n')  # sd-scripts' TOML form
+    assert parse_config(TrainConfig, ["--config_file", path] + BASE).resolution == 512
+    assert parse_config(TrainConfig, BASE + ["--resolution", "256,256"]).resolution == 256
+    assert load_config(TrainConfig, None, {"resolution": "64, 64", "pretrained_model_name_or_path": "m",
+                                           "split_manifest": "s.json"}).resolution == 64
+    with pytest.raises(ConfigError, match="--resolution: must be square"):
+        parse_config(TrainConfig, BASE + ["--resolution", "512,768"])
+    evaluation = ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json"]
+    assert parse_config(EvalConfig, evaluation + ["--resolution", "64,64"]).resolution == 64
+    assert parse_config(EvalConfig, evaluation + ["--resolution", "none"]).resolution is None  # the LoRAs' own
+
+
 def test_defaults_are_the_papers():
     cfg = parse_config(TrainConfig, BASE)
     assert (cfg.network_dim, cfg.network_alpha) == (64, 32.0)
@@ -97,6 +113,8 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('shuffle_caption = 1', "'shuffle_caption' must be true or false"),
     ('update_order = "sideways"', "'update_order' must be one of"),
     ('privacy_lambda = -0.5', "'privacy_lambda' must be a finite number >= 0"),
+    ('resolution = "512,768"', "'resolution': must be square .* use 512 or 512,512"),
+    ('resolution = "large"', "'resolution': must be a size in pixels like 512 or 512,512, got 'large'"),
 ])
 def test_bad_values_get_one_clear_error(tmp_path, line, message):
     path = write(tmp_path, line + "\n")

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Optional
 
-from library.config import option
+from library.config import option, square_size
 from library.errors import ConfigError
 
 # Both registries import no torch: the choices below (and so --help) are read from them.
@@ -59,8 +59,8 @@ class EvalConfig:
 
     # --- features --------------------------------------------------------------------------------
     resolution: Optional[int] = option(
-        None, "image resolution in pixels (resize short side + centre crop); default: the LoRAs' training resolution "
-        "(their ss_resolution metadata), else 512")
+        None, "image resolution in pixels (resize short side + centre crop; 512 or 512,512); default: the LoRAs' "
+        "training resolution (their ss_resolution metadata), else 512", parse=square_size)
     timesteps: list[int] = option([50, 100, 200, 350], "fixed timesteps of the loss features (membership lives at small t)")
     num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
     batch_size: int = option(16, "UNet queries per forward pass")

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from library.config import DEFAULT, option, value_sources
+from library.config import DEFAULT, option, square_size, value_sources
 from library.errors import ConfigError, warn
 from library.outputs import check_inside
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
@@ -48,7 +48,8 @@ class TrainConfig:
     train_data_dir: Optional[str] = option(
         None, "plain LoRA only: train on every image of this captioned folder instead of a manifest")
     caption_extension: str = option(".txt", "caption file extension for --train_data_dir")
-    resolution: int = option(512, "square training resolution in pixels (resize short side + centre crop)")
+    resolution: int = option(512, "square training resolution in pixels (resize short side + centre crop); 512 or "
+                             "sd-scripts' 512,512", parse=square_size)
     cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents")
     cache_latents_to_disk: bool = option(False, "also keep cached latents on disk (under <output_dir>/latent_cache)")
     latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)")
