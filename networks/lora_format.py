@@ -303,6 +303,12 @@ def unknown_module_error(key: str, source: str, has_te: bool) -> ModelError:
             "was built without; build it with --network_args conv_dim=R or from the file "
             "(create_network_from_weights)"
         )
+    if re.search(r"^lora_unet_(conv_in|conv_out|time_embedding)[._]", key):
+        return ModelError(
+            f"LoRA file {source}: key '{key}' adapts a layer that kohya LoRA / LoCon never adapt (a LyCORIS file "
+            "trained with its full-network preset?); this network adapts the attention, feed-forward and (with "
+            "conv_dim) ResNet layers only: train or export the LoRA without those modules"
+        )
     return ModelError(
         f"LoRA file {source}: key '{key}' matches no layer of this SD v1.x model{hint}; the LoRA was "
         "probably trained for another base model — use a LoRA trained for this model"

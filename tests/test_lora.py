@@ -444,6 +444,16 @@ def test_lora_for_another_model_is_refused(models, tmp_path):
         with pytest.raises(ModelError, match=r"sdxl_lora\.safetensors.*input_blocks_4_1_proj_in.*another base"):
             load()
 
+    lycoris = dict(sd)  # LyCORIS' full-network preset also adapts conv_in / time_embedding: not another base model
+    lycoris["lora_unet_conv_in.lora_down.weight"] = torch.zeros(RANK, 4, 3, 3)
+    lycoris["lora_unet_conv_in.lora_up.weight"] = torch.zeros(32, RANK, 1, 1)
+    bad = tmp_path / "lycoris_full.safetensors"
+    save_file(lycoris, str(bad))
+    for load in (lambda: create_network_from_weights(1.0, bad, None, *models), lambda: network.load_weights(bad)):
+        with pytest.raises(ModelError, match=r"lycoris_full\.safetensors.*lora_unet_conv_in.*never adapt") as info:
+            load()
+        assert "another base model" not in str(info.value)
+
 
 def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
