@@ -33,7 +33,7 @@ def test_fixed_one_t_kinds_draw_a_t_per_key_within_range():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"calibration": "base", "noise": "fixed", "kind": "error_map"}, "works on losses"),
+    ({"calibration": "base", "noise": "fixed", "kind": "error_map"}, "works on losses: use attacker_features t_loss"),
     ({"noise": "paired"}, "'attacker_noise' must be one of"),
 ])
 def test_impossible_combinations_are_config_errors(kwargs, message):

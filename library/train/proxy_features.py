@@ -129,8 +129,8 @@ class ProxyFeatures:
             if value not in allowed:
                 raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}, got {value!r}")
         if self.calibration == "base" and self.kind == "error_map":
-            raise ConfigError("'attacker_calibration = base' works on losses: use attacker_features loss or "
-                              "multi_t_loss")
+            raise ConfigError("'attacker_calibration = base' works on losses: use attacker_features t_loss, "
+                              "loss or multi_t_loss")
 
     def dim(self, latent_shape: Sequence[int]) -> int:
         return feature_dim(self.kind, latent_shape, self.timesteps)
