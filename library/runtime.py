@@ -61,6 +61,24 @@ def torch_setup() -> dict[str, object]:
     }
 
 
+def seed_torch(seed: int, full_determinism: bool = False) -> None:
+    """``torch.manual_seed(seed)``; with ``full_determinism`` also the switches that make a GPU repeat its bits.
+
+    A GPU's fastest kernels are not all deterministic (atomic adds in backward passes, cuDNN's autotuner
+    choosing another algorithm, cuBLAS' split-K workspaces), so two seeded GPU runs can differ in the last bits
+    and drift apart. This turns on torch's deterministic algorithms (``warn_only``: an op without a
+    deterministic kernel warns instead of stopping a run), cuDNN's deterministic mode without autotuning, and
+    the cuBLAS workspace setting torch asks for (it must precede the first cuBLAS call, so call this before
+    any model runs). CPU kernels are deterministic at a fixed thread count already (docs/determinism.md).
+    """
+    if full_determinism:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` intra-op threads (:func:`configure_torch`), then restore the previous setting.

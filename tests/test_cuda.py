@@ -89,6 +89,19 @@ def test_a_gpu_run_resumes_with_its_dropout_streams(tiny_train_args, tmp_path):
             torch.testing.assert_close(resumed[key], full[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
+def test_full_determinism_repeats_a_gpu_run_bit_for_bit(tiny_train_args, tmp_path):
+    """Two seeded SMP-LoRA runs on the GPU with --full_determinism (dropout on, so the GPU's RNG matters too)
+    write equal files; without it, atomic adds in the backward passes may move the last bits."""
+    from safetensors.torch import load_file
+
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--network_dropout", "0.1", "--full_determinism"]
+    for run in ("a", "b"):
+        assert _train("smp_lora", args, tmp_path / run, cuda=True)["device"].startswith("cuda")
+    for name in ("smp_lora.safetensors", "smp_lora-attacker.safetensors"):
+        first, second = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert all(torch.equal(first[key], second[key]) for key in first), name
+
+
 def test_the_evaluation_on_the_gpu_scores_like_the_cpu(mia_world, tmp_path):
     """``evaluate_mia --device cuda`` against ``--device cpu`` on the over-fitted LoRA: the same per-sample noise,
     so the same scores up to rounding, and the same AUCs."""

@@ -219,3 +219,24 @@ def test_gradient_checkpointing_gives_the_same_lora(tiny_train_args, tmp_path):
     a, b = load_file(plain.lora_path), load_file(ckpt.lora_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_up" in k)  # it trained
+
+
+def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args, tmp_path, monkeypatch):
+    """--full_determinism turns on torch's deterministic kernels (what makes a GPU repeat itself; checked on a GPU
+    by tests/test_cuda.py) and changes no bit on the CPU, which is deterministic already."""
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2"]
+    plain = run("smp_lora", common + ["--output_dir", str(tmp_path / "plain")])
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        strict = run("smp_lora", common + ["--full_determinism", "--output_dir", str(tmp_path / "strict")])
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:  # process-wide switches: give the rest of the suite torch's defaults back
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    a, b = load_file(plain.lora_path), load_file(strict.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)

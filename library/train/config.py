@@ -81,6 +81,10 @@ class TrainConfig:
 
     # --- optimisation ------------------------------------------------------------------------
     seed: int = option(1337, "random seed (data order, noise, initialisation), in [0, 2**63 - 1]")
+    full_determinism: bool = option(
+        False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN without autotuning, "
+        "CUBLAS_WORKSPACE_CONFIG), as transformers' --full_determinism: a seeded GPU run repeats bit for bit, "
+        "slower; an op without a deterministic kernel warns. The CPU repeats without it")
     train_batch_size: int = option(1, "training batch size per process")
     max_train_epochs: Optional[int] = option(None, "number of epochs over D_tr (overrides max_train_steps)")
     max_train_steps: int = option(1600, "number of optimisation steps")

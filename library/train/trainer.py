@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
 from library.errors import ConfigError, TrainingError
-from library.runtime import cuda_devices, eval_mode
+from library.runtime import cuda_devices, eval_mode, seed_torch
 from library.sd.diffusion import (
     NoiseDraw,
     denoising_errors,
@@ -92,7 +92,7 @@ class Trainer:
                               "--multi_gpu / --num_processes")
         self.device = self.accelerator.device
         self.collectives = Collectives(self.accelerator)
-        torch.manual_seed(config.seed)  # before the models load and the LoRA is initialised
+        seed_torch(config.seed, config.full_determinism)  # before the models load and the LoRA is initialised
 
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
