@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,8 @@ class ArgumentParser(argparse.ArgumentParser):
                  foreign: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         """``foreign``: other tools' flags we do not take, each with an ``advice`` (what to do instead)."""
         super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" for a flag ("expected one argument"); a number in exponent form is a value too.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
         self.error_prefix = error_prefix
         self.help_hint = help_hint
         self.foreign = dict(foreign or {})

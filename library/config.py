@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -317,6 +318,16 @@ def _combine(cls: type[ConfigT], file_values: dict[str, Any], file_source: str, 
     return make_config(cls, values, sources)
 
 
+def _check_finite(name: str, value: Any, annotation: Any) -> None:
+    """No option means anything by NaN or infinity (a NaN passes every ``<`` check and switches features off
+    silently; an infinite noise multiplier hangs the DP accountant): one ConfigError line for either."""
+    base, _ = _unwrap_optional(annotation)
+    if base is float or (typing.get_origin(base) is list and typing.get_args(base) == (float,)):
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not math.isfinite(item):
+                raise ConfigError(f"'{name}' must be a finite number, got {item!r}")
+
+
 def _check_bounds(f: dataclasses.Field, value: Any) -> None:
     minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
     if value is None or (minimum is None and maximum is None):
@@ -350,6 +361,7 @@ def make_config(cls: type[ConfigT], values: dict[str, Any], sources: Mapping[str
                 if item not in choices:
                     raise ConfigError(f"'{f.name}' must be one of {list(choices)}, got {item!r}")
         if f.name in values:
+            _check_finite(f.name, values[f.name], types_by_name[f.name])
             _check_bounds(f, values[f.name])
     config = cls(**values)
     if sources is not None:

@@ -314,7 +314,8 @@ class Bounded:
 @pytest.mark.parametrize("argv, message", [
     (["--seed", str(2**64)], f"'seed' must be in [0, {2**63 - 1}], got {2**64}"),
     (["--seed", "-1"], "'seed' must be in [0, "),
-    (["--rate", "nan"], "'rate' must be in [0.0, 1.0], got nan"),
+    (["--rate", "nan"], "'rate' must be a finite number, got nan"),
+    (["--rate", "-1e-3"], "'rate' must be in [0.0, 1.0], got -0.001"),  # a value, not a flag, in exponent form
     (["--steps", "3", "0"], "'steps' must be >= 1, got 0"),
     (["--limit", "11"], "'limit' must be <= 10, got 11"),
 ])

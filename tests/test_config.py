@@ -113,6 +113,10 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('shuffle_caption = 1', "'shuffle_caption' must be true or false"),
     ('update_order = "sideways"', "'update_order' must be one of"),
     ('privacy_lambda = -0.5', "'privacy_lambda' must be a finite number >= 0"),
+    ('max_grad_norm = nan', "'max_grad_norm' must be a finite number, got nan"),  # it switched clipping off
+    ('dp_noise_multiplier = inf', "'dp_noise_multiplier' must be a finite number, got inf"),  # the accountant hung
+    ('network_alpha = -inf', "'network_alpha' must be a finite number"),
+    ('lr_warmup_steps = -10', "'lr_warmup_steps' must be >= 0, got -10"),
     ('resolution = "512,768"', "'resolution': must be square .* use 512 or 512,512"),
     ('resolution = "large"', "'resolution': must be a size in pixels like 512 or 512,512, got 'large'"),
 ])

@@ -224,6 +224,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
         for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
