@@ -153,13 +153,30 @@ def test_resume_of_another_shape_method_split_or_budget_is_one_line(finished_run
              ("smp_lora", ["--max_train_steps", "3"], "method"),
              ("lora", ["--max_train_steps", "3", "--split_manifest", str(other)], "split_manifest"),
              ("lora", ["--max_train_steps", "3", "--seed", "7"], "seed"),
-             ("lora", ["--max_train_steps", "1"], "at step 2")]
+             ("lora", ["--max_train_steps", "1"], "at step 2"),
+             # The state's optimizer would keep its own rates while the LoRA's metadata named these:
+             ("lora", ["--max_train_steps", "3", "--unet_lr", "0.3"], "optimizer.unet_lr = 0.001, this run has 0.3"),
+             ("lora", ["--max_train_steps", "3", "--weight_decay", "0.5"], "optimizer.weight_decay"),
+             ("lora", ["--max_train_steps", "3", "--mixed_precision", "bf16"], "mixed_precision = 'no'")]
     for method, extra, expected in cases:
         assert train_entry(method, "", resume + extra) == 2
         line = one_line(capsys)
         assert expected in line and str(state) in line, line
     assert snapshot(out) == before
     assert not (tmp_path / "resumed" / "lora.safetensors").exists()
+
+
+def test_resume_with_another_proxy_attacker_is_one_line_before_any_work(tiny_train_args, tmp_path, capsys):
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "1"]
+    assert train_entry("smp_lora", "", common + ["--save_state", "--output_dir", str(tmp_path / "a")]) == 0
+    state = tmp_path / "a" / "smp_lora-state"
+    for extra, expected in ((["--attacker_features", "loss"], "attacker.features = 'error_map', this run has 'loss'"),
+                            (["--attacker_lr", "0.1"], "attacker.lr")):
+        args = common + ["--max_train_steps", "2", "--resume", str(state), "--output_dir", str(tmp_path / "b")]
+        assert train_entry("smp_lora", "", args + extra) == 2
+        line = one_line(capsys)
+        assert expected in line and "--attacker_" in line, line
+        assert not (tmp_path / "b" / "smp_lora.safetensors").exists()
 
 
 def test_a_moved_dataset_keeps_its_lora_and_its_state(finished_run, tmp_path, manifest_path, digits_dir):

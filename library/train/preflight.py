@@ -42,6 +42,13 @@ IDENTITY_FLAGS = {
     "split_sha256": "--split_manifest (its splits: which images, captions and repeats)",
     "manifest_sha256": "--split_manifest (its sha256)",
     "members_sha256": "the training images and captions",
+    # The state's optimizer, scheduler and gradient scaler carry these: a resume would silently keep the state's
+    # values (or fail inside torch) while the saved LoRA's metadata names the new ones.
+    "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay (to go on "
+                 "at other rates, start a new run from the LoRA with --network_weights)",
+    "mixed_precision": "--mixed_precision",
+    "attacker": "--attacker_features / --attacker_timesteps / --attacker_normalization / --attacker_lr / "
+                "--attacker_weight_decay",
 }
 
 
@@ -133,7 +140,25 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         # The file's bytes: only compared with a state that predates split_sha256 (they change with dataset_root).
         "manifest_sha256": trainer.data.manifest_sha256,
         "members_sha256": members_sha256(trainer.data.members),
+        "optimizer": _optimizer_settings(config),
+        "mixed_precision": config.mixed_precision,
+        **({"attacker": _attacker_settings(config)} if trainer.method_class.has_attacker else {}),
     }
+
+
+def _optimizer_settings(config: TrainConfig) -> str:
+    """The optimizer's type and the rates it was built with, as the state's optimizer holds them."""
+    return json.dumps({"type": config.optimizer_type, "weight_decay": config.weight_decay,
+                       "unet_lr": config.learning_rate if config.unet_lr is None else config.unet_lr,
+                       "text_encoder_lr": (config.learning_rate if config.text_encoder_lr is None
+                                           else config.text_encoder_lr)}, sort_keys=True)
+
+
+def _attacker_settings(config: TrainConfig) -> str:
+    """The proxy attacker's shape (its input features) and its optimizer's rates."""
+    return json.dumps({"features": config.attacker_features, "timesteps": list(config.attacker_timesteps),
+                       "normalization": config.attacker_normalization, "lr": config.attacker_lr,
+                       "weight_decay": config.attacker_weight_decay}, sort_keys=True)
 
 
 def _identity_of_older_state(summary: dict[str, Any]) -> dict[str, Any]:
@@ -160,15 +185,30 @@ def check_resume(trainer: Trainer) -> None:
         if key == "manifest_sha256" and "split_sha256" in saved:
             continue  # a moved dataset's re-written manifest: same splits, other bytes
         if key in saved and current[key] != saved[key]:
+            name, was, now = _difference(key, saved[key], current[key])
             raise TrainingError(
-                f"cannot resume from {directory}: it was trained with {key} = {_show(saved[key])}, this run has "
-                f"{_show(current[key])} (set by {IDENTITY_FLAGS.get(key, key)}); resume with the settings of that "
-                "run, or start a new run without --resume")
+                f"cannot resume from {directory}: it was trained with {name} = {was}, this run has {now} (set by "
+                f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
+                "without --resume")
     step = int(summary.get("global_step", 0))
     if step > trainer.total_steps:
         raise ConfigError(f"cannot resume from {directory}: the state is at step {step}, beyond this run's "
                           f"{trainer.total_steps} steps; ask for at least {step} (--max_train_steps, or "
                           "--max_train_epochs which overrides it)")
+
+
+def _difference(key: str, saved: Any, current: Any) -> tuple[str, str, str]:
+    """(what differs, its saved value, this run's) for the refusal: the first differing entry of a group of
+    settings (``optimizer.unet_lr``), else the identity key itself."""
+    try:
+        was, now = json.loads(saved), json.loads(current)
+    except (TypeError, ValueError):
+        was = now = None
+    if isinstance(was, dict) and isinstance(now, dict):
+        for entry in sorted(set(was) | set(now)):
+            if was.get(entry) != now.get(entry):
+                return f"{key}.{entry}", _show(was.get(entry)), _show(now.get(entry))
+    return key, _show(saved), _show(current)
 
 
 def _show(value: Any) -> str:
