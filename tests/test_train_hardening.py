@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from library.config import parse_config
@@ -339,3 +340,53 @@ def test_dry_run_names_what_decides_the_length(tiny_train_args, capsys):
     out = capsys.readouterr().out
     assert "set by max_train_epochs = 2; max_train_steps is ignored" in out
     assert math.isfinite(float(out.split(" optimisation steps")[0].split()[-1]))
+
+
+# ---- a diverging run: its last good LoRA is a good one ----------------------------------------------------
+def test_non_finite_gradients_stop_before_the_step_and_keep_the_weights_of_the_last_one(
+        finished_run, tmp_path, capsys, monkeypatch):
+    """A finite loss can still give non-finite gradients (an overflow in the backward pass, DP-SGD's noise); the
+    optimizer step would write them into the weights, and the "last good" file would be all NaN."""
+    from safetensors.torch import load_file
+
+    from library.train.collectives import Collectives
+
+    base, _ = finished_run
+    one = tmp_path / "one"
+    assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(one)]) == 0
+    calls = []
+    reduce_gradients = Collectives.reduce_gradients
+
+    def overflowing_second_step(self, params):  # the second step's gradients overflow
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return reduce_gradients(self, params)
+
+    monkeypatch.setattr(Collectives, "reduce_gradients", overflowing_second_step)
+    out = tmp_path / "diverged"
+    assert train_entry("lora", "", base + ["--max_train_steps", "3", "--output_dir", str(out)]) == 2
+    line = one_line(capsys)
+    assert "step 1: non-finite gradients" in line and "clip" not in line and "privacy_lambda" not in line, line
+    kept = load_file(out / "lora-last-good.safetensors")
+    reference = load_file(one / "lora.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert all(torch.equal(kept[key], reference[key]) for key in reference)  # the weights after step 1
+
+
+@pytest.mark.parametrize("method, flags, says, not_said", [
+    ("lora", [], "Lower the learning rate.", ["privacy_lambda", "fp16", "dp_clip_norm"]),
+    ("smp_lora", ["--mixed_precision", "fp16"], "Lower the learning rate or privacy_lambda, or use mixed_precision "
+     "bf16/no instead of fp16.", ["dp_clip_norm"]),
+    ("dp_lora", ["--max_grad_norm", "0"], "Lower the learning rate or dp_clip_norm / dp_noise_multiplier, clip "
+     "gradients (max_grad_norm 1).", ["privacy_lambda"]),
+])
+def test_divergence_advice_fits_the_run(method, flags, says, not_said):
+    from types import SimpleNamespace
+
+    from library.train.divergence import advice
+    from library.train.methods import method_class
+
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
+    text = advice(SimpleNamespace(config=config, method_class=method_class(method), method_name=method))
+    assert text == says and not any(word in text for word in not_said)

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
-from library.errors import ConfigError, TrainingError
+from library.errors import ConfigError
 from library.runtime import cuda_devices, eval_mode, seed_torch
 from library.sd.diffusion import (
     NoiseDraw,
@@ -33,7 +33,7 @@ from library.sd.diffusion import (
     per_sample_loss,
 )
 from library.sd.sampling import build_pipeline, generate, read_prompt_file, save_grid
-from library.train import artifacts, preflight, prior
+from library.train import artifacts, divergence, preflight, prior
 from library.train.artifacts import TrainResult
 from library.train.collectives import Collectives
 from library.train.config import TrainConfig
@@ -209,7 +209,7 @@ class Trainer:
             # not implement: that forward runs attention through PyTorch's (twice differentiable) math kernel.
             with sdpa_kernel(SDPBackend.MATH) if hessian_now else contextlib.nullcontext():
                 result = self._forward(self.sampler.next_indices(), ctx)  # line 7: a fresh D_tr batch
-                loss, loss_logs = self._method_loss(ctx, result)  # line 8
+                loss, loss_logs = divergence.checked_loss(self, ctx, result)  # line 8
             if hessian_now:
                 hessian = hessian_top_eigenvalue(loss, self.trainable, generator=self.hessian_generator)
                 self.smoothness.add_hessian_norm(self.global_step, hessian)
@@ -220,6 +220,7 @@ class Trainer:
         logs.update(self.method.process_gradients(cfg.train_batch_size))  # DP-SGD: clip per sample, add noise
         self.collectives.reduce_gradients(self.trainable)
         logs["grad_norm"] = _flat_grad_norm(self.trainable)  # before clipping (paper Fig. 1b)
+        divergence.check_gradient_norm(self, logs["grad_norm"])  # NaN weights would be no "last good" LoRA
         if self.smoothness is not None:
             self.smoothness.add_grad_norm(self.global_step, logs["grad_norm"])
         if cfg.grad_normalize and logs["grad_norm"] > 0:  # paper Table 10 baseline
@@ -261,27 +262,6 @@ class Trainer:
         return ForwardResult(errors=errors, losses=losses, latents=latents, conditioning=conditioning,
                              keys=[members.keys[i] for i in indices], draw=draw, prior_loss=prior_loss,
                              captions=captions[:n])
-
-    def _method_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
-        """The method's loss; a non-finite one stops the run with the last good LoRA kept."""
-        prior_loss = result.prior_loss
-        if prior_loss is not None and not self.config.prior_in_objective:
-            result = dataclasses.replace(result, prior_loss=None)
-        try:
-            loss, logs = self.method.lora_loss(ctx, result)
-            if prior_loss is not None:
-                logs["prior_loss"] = prior_loss.item()
-                if not self.config.prior_in_objective:
-                    loss = loss + prior_loss
-                    logs["loss"] = loss.item()
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite training loss ({logs}). Lower the learning rate or "
-                                    "privacy_lambda, or use mixed_precision bf16/no instead of fp16.")
-        except TrainingError as exc:
-            artifacts.save_last_good(self)
-            raise TrainingError(f"step {self.global_step}: {exc} The last good LoRA was kept as "
-                                f"{artifacts.last_good_path(self)}.") from None
-        return loss, logs
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
