@@ -27,6 +27,10 @@ class ModelError(UserError):
     """A model or LoRA file that is missing, corrupt or does not match the base model."""
 
 
+class OutputError(UserError):
+    """A file that cannot be written: the disk or quota is full, the file system is read-only."""
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good state has been kept."""
 

@@ -7,6 +7,7 @@ Every artefact the toolkit writes (LoRA files, states, manifests, reports) goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from library.errors import OutputError
+
 OLD_MARK = ".old."  # in the name of the folder replace_dir moves an older folder into while it swaps
+#: errno values that mean "this storage takes no more writes": the user can fix them, so they are one line.
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextlib.contextmanager
+def storage_errors_named(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, a full quota or a read-only file system while writing ``target`` into one
+    :class:`~library.errors.OutputError` line naming it (the atomic writers below leave the older file, if
+    any, as it was)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _STORAGE_FULL:
+            raise
+        raise OutputError(f"cannot write {target}: {exc.strerror}; nothing was replaced (an earlier file there "
+                          "is intact): free space and run again (a training run: --resume its last saved "
+                          "state)") from None
 
 
 @contextlib.contextmanager
@@ -35,8 +55,9 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with storage_errors_named(target):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()

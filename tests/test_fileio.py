@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 
-from library.fileio import replace_dir, temporary_dir
+from library.errors import OutputError
+from library.fileio import (
+    atomic_write_text,
+    replace_dir,
+    temporary_dir,
+    write_safetensors,
+)
 from library.outputs import remove_stale_temporaries
 
 
@@ -58,3 +66,32 @@ def test_a_swapped_out_folder_is_not_restored_over_its_replacement(tmp_path):
     remove_stale_temporaries(tmp_path)
     assert (tmp_path / "run-state" / "state.pt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-state"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_older_file_survives(tmp_path, monkeypatch):
+    import torch
+
+    target = tmp_path / "lora.safetensors"
+    write_safetensors(target, {"w": torch.ones(2)})
+    before = target.read_bytes()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"cannot write .*notes\.txt: No space left on device.*--resume"):
+        atomic_write_text(tmp_path / "notes.txt", "x")
+    monkeypatch.setattr("library.fileio.open", lambda *a, **k: full(None), raising=False)  # fileio's open only
+    with pytest.raises(OutputError, match=r"lora\.safetensors: No space left on device"):
+        write_safetensors(target, {"w": torch.zeros(2)})
+    monkeypatch.undo()
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
+def test_other_os_errors_are_not_relabelled(tmp_path, monkeypatch):
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_text", denied)
+    with pytest.raises(PermissionError):
+        atomic_write_text(tmp_path / "notes.txt", "x")

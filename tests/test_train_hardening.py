@@ -390,3 +390,26 @@ def test_divergence_advice_fits_the_run(method, flags, says, not_said):
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
     text = advice(SimpleNamespace(config=config, method_class=method_class(method), method_name=method))
     assert text == says and not any(word in text for word in not_said)
+
+
+
+def test_a_full_disk_at_a_state_save_is_one_line_and_the_earlier_files_survive(finished_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    import errno
+
+    import library.train.checkpoint as checkpoint
+
+    base, out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    args = base + ["--max_train_steps", "3", "--save_state", "--resume", str(out / "lora-state"),
+                   "--output_dir", str(out)]
+    assert train_entry("lora", "", args) == 2
+    line = one_line(capsys)
+    assert f"cannot write {out / 'lora-state'}: No space left on device" in line and "--resume" in line, line
+    after = snapshot(out)
+    assert after["lora-state/state.pt"] == before["lora-state/state.pt"]  # the older state is the one to resume

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from library.errors import TrainingError
-from library.fileio import replace_dir, temporary_dir
+from library.fileio import replace_dir, storage_errors_named, temporary_dir
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "train_state.json"
@@ -28,9 +28,10 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dic
     target = Path(directory)
     tmp = temporary_dir(target)
     try:
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
-        replace_dir(tmp, target)
+        with storage_errors_named(target):
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
+            replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -24,7 +24,12 @@ from typing import Any, ContextManager, Iterator
 import torch
 
 from library.errors import ConfigError, TrainingError
-from library.fileio import replace_dir, temporary_dir, write_safetensors
+from library.fileio import (
+    replace_dir,
+    storage_errors_named,
+    temporary_dir,
+    write_safetensors,
+)
 from library.sd.bundle import ModelBundle
 from library.sd.configs import diffusers_config, text_encoder_config
 from library.sd.single_file import save_single_file
@@ -180,11 +185,12 @@ def _save_model_folder(target: Path, model: torch.nn.Module, config: dict[str, A
     """A diffusers / transformers model folder (``config.json`` + one safetensors file), built aside, moved in."""
     staging = temporary_dir(target)
     try:
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                   for k, v in model.state_dict().items()}
-        write_safetensors(staging / weights, tensors, {"format": "pt", **metadata})
-        replace_dir(staging, target)
+        with storage_errors_named(target):
+            (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                       for k, v in model.state_dict().items()}
+            write_safetensors(staging / weights, tensors, {"format": "pt", **metadata})
+            replace_dir(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
