@@ -240,3 +240,27 @@ def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args,
         torch.backends.cudnn.deterministic = False
     a, b = load_file(plain.lora_path), load_file(strict.lora_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_that_ends_two_epochs_runs_the_end_of_each(tiny_train_args, tmp_path):
+    """24 members in batches of 4 (6 per epoch) accumulated over 12: every step ends two epochs, and each of them
+    gets its record and its save (before, only the second one did)."""
+    out = tmp_path / "out"
+    result = run("lora", tiny_train_args + ["--max_train_epochs", "4", "--save_every_n_epochs", "1",
+                                            "--gradient_accumulation_steps", "12", "--output_dir", str(out)])
+    record = json.loads(result.record_path.read_text())
+    assert result.global_step == 2 and [(e["epoch"], e["step"]) for e in record["epochs"]] == [(1, 1), (2, 1), (3, 2),
+                                                                                               (4, 2)]
+    # Epochs 3 and 4 end with the last step: the final lora.safetensors is theirs.
+    assert sorted(p.name for p in out.glob("lora-0*.safetensors")) == ["lora-000001.safetensors", "lora-000002.safetensors"]
+
+
+def test_resuming_a_finished_state_keeps_the_final_metrics(tiny_train_args, tmp_path):
+    out = tmp_path / "out"
+    first = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--save_state",
+                                               "--output_dir", str(out)])
+    final = json.loads(first.record_path.read_text())["final"]
+    assert final and "l_ada" in final
+    again = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--save_state",
+                                               "--resume", str(out / "smp_lora-state"), "--output_dir", str(out)])
+    assert json.loads(again.record_path.read_text())["final"] == final

@@ -117,6 +117,7 @@ class Trainer:
         self.noise_generator = torch.Generator().manual_seed((config.seed * 7919 + rank) % 2**64)
         self.global_step = 0
         self.epoch_logs: list[dict[str, Any]] = []
+        self.last_logs: dict[str, float] = {}  # the latest step's, kept in the state: a resume at the end has them
         self.method: TrainingMethod = None  # built in prepare(): the attacker's input size depends on the latents
         self.smoothness = SmoothnessTracker() if config.track_smoothness else None
         self.hessian_generator = torch.Generator().manual_seed(config.seed + 3)
@@ -270,12 +271,12 @@ class Trainer:
             self.accelerator.init_trackers(f"{self.output_name}-{time.strftime('%Y%m%d%H%M%S')}")  # a run each
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.method_name, mininterval=1.0,
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
-        logs: dict[str, float] = {}
+        logs = self.last_logs
         started, start_step = time.perf_counter(), self.global_step
         images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
         while self.global_step < self.total_steps:
             epoch_before = self.completed_epochs()
-            logs = self.step()
+            logs = self.last_logs = self.step()
             if self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
                 elapsed = time.perf_counter() - started
                 done = self.global_step - start_step
@@ -284,8 +285,7 @@ class Trainer:
             bar.update(1)
             if self.global_step % cfg.log_every_n_steps == 0:
                 self.accelerator.log(logs, step=self.global_step)
-            epoch = self.completed_epochs()
-            if epoch > epoch_before:
+            for epoch in range(epoch_before + 1, self.completed_epochs() + 1):  # a long accumulation may end two
                 self._end_of_epoch(epoch, logs)
             if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
                     and self.global_step < self.total_steps:
@@ -375,6 +375,7 @@ class Trainer:
             "rank_rng": rank_rng,
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
+            "last_logs": json.dumps(self.last_logs),
             **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
                 "hessian_generator": self.hessian_generator.get_state()} if self.smoothness is not None else {}),
         }
@@ -398,6 +399,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.global_step = int(state["global_step"])
         self.epoch_logs = json.loads(state["epoch_logs"])
+        self.last_logs = json.loads(state.get("last_logs", "{}"))  # older states: none kept
         if self.smoothness is not None and "smoothness" in state:  # --track_smoothness: its history goes on
             self.smoothness = SmoothnessTracker(**json.loads(state["smoothness"]))
             self.hessian_generator.set_state(state["hessian_generator"])
