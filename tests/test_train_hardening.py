@@ -116,8 +116,12 @@ def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, 
     before = snapshot(out)
     for extra in ([], ["--dry_run"]):
         assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out)] + extra) == 2
-        assert "--overwrite" in one_line(capsys)
+        line = one_line(capsys)
+        assert "--overwrite" in line and f"--resume {out / 'lora-state'}" in line, line
     assert snapshot(out) == before
+    shutil.rmtree(out / "lora-state")  # a run saved without its state (or killed while saving it): no resume to offer
+    assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out)]) == 2
+    assert "--resume" not in one_line(capsys)
     assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--overwrite"]) == 0
     assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"]
 

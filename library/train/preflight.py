@@ -97,9 +97,10 @@ def check_overwrite(trainer: Trainer) -> None:
     final = trainer.output_dir / f"{trainer.output_name}.safetensors"
     if config.overwrite or not final.exists() or _resumes_own_state(trainer):
         return
+    state = trainer.output_dir / f"{trainer.output_name}-state"
+    resume = f", or --resume {state} to continue it" if state.is_dir() else ""
     raise ConfigError(f"--output_dir {trainer.output_dir} already holds the finished run {final.name}; pass "
-                      "--overwrite to replace it, choose another --output_dir or --output_name, or --resume its "
-                      "state to continue it")
+                      f"--overwrite to replace it, or choose another --output_dir or --output_name{resume}")
 
 
 def _resumes_own_state(trainer: Trainer) -> bool:
