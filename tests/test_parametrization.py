@@ -197,3 +197,23 @@ def test_gradient_checkpointing_gives_the_same_full_finetune(tiny_train_args, tm
             for name, extra in (("a", []), ("b", ["--gradient_checkpointing"]))]
     a, b = (load_file(r.lora_path.parent / "lora-unet" / "diffusion_pytorch_model.safetensors") for r in runs)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("args, frozen", [
+    (["--unet_lr", "0", "--text_encoder_lr", "1e-3"], "lora_unet"),  # only the text-encoder LoRA trains
+    (FULL + ["--train_text_encoder", "--unet_lr", "0"], "unet"),  # only the text encoder trains
+])
+def test_a_part_at_rate_zero_is_frozen_and_gathers_no_gradient(tiny_train_args, args, frozen):
+    """Before, every part kept requires_grad: the optimiser never zeroed the rate-0 part's gradients, which piled
+    up step after step into the logged gradient norm and the clipping of the other part."""
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + args + ["--max_train_steps", "3"]), "lora")
+    trainer.prepare()
+    if trainer.trained.kind == "lora":
+        parts = {"lora_unet": [p for m in trainer.trained.network.unet_loras for p in m.parameters()]}
+    else:
+        parts = {"unet": list(trainer.bundle.unet.parameters())}
+    norms = [trainer.step()["grad_norm"] for _ in range(3)]
+    assert all(not p.requires_grad and p.grad is None for p in parts[frozen])
+    assert {id(p) for p in trainer.trainable} == {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    optimised = torch.cat([p.grad.flatten() for p in trainer.trainable if p.grad is not None])
+    assert norms[-1] == pytest.approx(optimised.norm().item())  # the norm is the trained part's, this step's

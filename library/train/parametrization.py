@@ -212,9 +212,16 @@ def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torc
             network.load_weights(config.network_weights)
         network.to(device)
         trained = LoRAParametrization(network)
-    if not trained.param_groups(config):
+    groups = trained.param_groups(config)
+    if not groups:
         raise ConfigError("nothing to train: every learning rate of the trained parts is 0 (check unet_lr, "
                           "text_encoder_lr and learning_rate)")
+    # A part at rate 0 is frozen, not trained at rate 0: the optimiser never zeroes its gradients, which would pile
+    # up step after step, count in the gradient norm and shrink the other part's updates under clipping.
+    optimized = {id(param) for group in groups for param in group["params"]}
+    for param in trained.params:
+        param.requires_grad_(id(param) in optimized)
+    trained.params = [param for param in trained.params if id(param) in optimized]
     if config.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
     return trained
