@@ -83,6 +83,13 @@ def test_train_text_encoder_saves_it_too(tiny_train_args, tiny_model_dir):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).last_hidden_state, trainer.bundle.text_encoder(ids).last_hidden_state,
                               atol=1e-6)
+    # Overwritten by a run that trains the UNet only: that text encoder is not this run's, so it goes.
+    _trained(tiny_train_args + FULL + ["--max_train_steps", "1", "--overwrite"], "lora")
+    assert not folder.exists() and (trainer.output_dir / "lora-unet").is_dir()
+    folder.mkdir()  # a folder of that name that no run of ours wrote stays
+    (folder / "model.safetensors").write_bytes(b"not ours")
+    _trained(tiny_train_args + FULL + ["--max_train_steps", "1", "--overwrite"], "lora")
+    assert (folder / "model.safetensors").read_bytes() == b"not ours"
 
 
 def test_resume_is_exact_for_full_finetuning(tiny_train_args, tmp_path):

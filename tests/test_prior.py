@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -120,3 +122,48 @@ def test_dry_run_says_how_many_class_images_it_would_generate(dreambooth_args, t
     assert train_entry("lora", "", dreambooth_args + ["--dry_run"]) == 0
     assert "(6 to generate with the base model)" in capsys.readouterr().out
     assert not (tmp_path / "class").exists()
+
+
+def test_class_images_are_generated_under_mixed_precision(dreambooth_args, tmp_path):
+    """bf16 autocast casts the frozen UNet and text encoder, the VAE stays fp32: generation crashed in the VAE."""
+    Trainer(parse_config(TrainConfig, dreambooth_args + ["--mixed_precision", "bf16"]), "lora")
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 6
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--num_class_images", "3"], "'num_class_images' = 3 is fewer than one batch (train_batch_size = 4)"),
+    (["--class_data_dir", "{file}/sub"], "--class_data_dir"),  # a path under a file: was NotADirectoryError
+])
+def test_impossible_class_image_settings_are_refused_before_any_generation(dreambooth_args, tmp_path, capsys,
+                                                                          change, expected):
+    (tmp_path / "file").write_text("not a folder")
+    change = [arg.replace("{file}", str(tmp_path / "file")) for arg in change]
+    for extra in (["--dry_run"], []):
+        assert train_entry("smp_lora", "", dreambooth_args + change + extra) == 2
+        err = capsys.readouterr()
+        assert err.err.count("\n") == 1 and expected in err.err and "generated" not in err.out, err.err
+    assert not (tmp_path / "class").exists()
+
+
+def test_an_sd_scripts_regularisation_folder_is_read(dreambooth_args, tmp_path, capsys):
+    """reg/<repeats>_<class>/*.png, no caption files: sd-scripts captions them by the class name. Before, the
+    subfolder was ignored and the base model filled the top level with generated images."""
+    from PIL import Image
+
+    reg = tmp_path / "reg" / "1_a number"
+    reg.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(reg / f"r{i}.png")
+    args = [arg for arg in dreambooth_args if arg != "a digit"]
+    args[args.index("--class_prompt") + 1:args.index("--class_prompt") + 1] = [""]  # no class prompt at all
+    args[args.index("--class_data_dir") + 1] = str(tmp_path / "reg")
+    trainer = Trainer(parse_config(TrainConfig, args), "lora")
+    assert "generated" not in capsys.readouterr().out
+    assert [p.name for p in map(Path, trainer.data.prior.paths)] == [f"r{i}.png" for i in range(6)]
+    assert set(trainer.data.prior.captions) == {"a number"}
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["1_a number"]
+
+
+def test_caption_extension_is_not_called_ignored_when_class_images_read_it(dreambooth_args, capsys):
+    parse_config(TrainConfig, dreambooth_args + ["--caption_extension", ".caption"]).validate_for_method("lora")
+    assert "caption_extension is ignored" not in capsys.readouterr().err

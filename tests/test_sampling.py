@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from library.errors import ConfigError
 from library.sd.sampling import PromptSpec, parse_prompt_line, read_prompt_file
@@ -93,3 +94,61 @@ def test_generation_encodes_prompts_as_training_does(monkeypatch):
     monkeypatch.setattr(type(pipe), "__call__", spy)
     generate(pipe, [PromptSpec(long_prompt)], resolution=32, steps=1, clip_skip=2, max_token_length=225)
     assert seen == [(1, 227, bundle.text_encoder.config.hidden_size)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a digit --w 30", "--w must be a positive multiple of 8"),  # the pipeline refused it after an epoch
+    ("a digit --h -32", "--h must be a positive multiple of 8"),
+    ("a digit --s 0", "--s must be at least 1"),  # was silently the default
+    ("a digit --l nan", "--l must be a finite guidance scale"),
+])
+def test_prompt_option_values_are_checked_when_the_file_is_read(line, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_prompt_line(line, "p.txt:1")
+
+
+def test_a_grid_of_different_sizes_crops_no_image(tmp_path):
+    from PIL import Image
+
+    from library.sd.sampling import save_grid
+
+    small, large = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 255))
+    grid = Image.open(save_grid([small, large], tmp_path / "g.png"))
+    assert grid.size == (128, 48)
+    assert grid.crop((64, 0, 128, 48)).tobytes() == large.tobytes()  # the whole of the larger image
+
+
+def _sampling_run(tiny_train_args, tmp_path, name, extra):
+    from library.config import parse_config
+    from library.train.config import TrainConfig
+    from library.train.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one --d 1\na handwritten digit two --s 2 --w 48\n")
+    args = tiny_train_args + ["--max_train_steps", "7", "--sample_steps", "2", "--output_dir", str(tmp_path / name)]
+    sampling = ["--sample_prompts", str(prompts), "--sample_every_n_epochs", "1"]
+    return train(parse_config(TrainConfig, args + extra + (sampling if name.startswith("s") else [])), "lora")
+
+
+def test_sampling_under_mixed_precision_and_with_lora_dropout_changes_no_weight(tiny_train_args, tmp_path):
+    """bf16 autocast casts the frozen UNet and text encoder while the VAE stays fp32: the pipeline crashed in the
+    VAE. With LoRA dropout, the samples drew their masks from the RNG training goes on with: other weights."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    for extra in (["--mixed_precision", "bf16"], ["--network_dropout", "0.1"]):
+        sampled = _sampling_run(tiny_train_args, tmp_path, f"s{len(extra[1])}", extra)
+        assert Image.open(tmp_path / f"s{len(extra[1])}" / "sample" / "lora_e000001.png").size == (96, 32)
+        plain = _sampling_run(tiny_train_args, tmp_path, f"p{len(extra[1])}", extra)
+        a, b = load_file(sampled.lora_path), load_file(plain.lora_path)
+        assert all(torch.equal(a[k], b[k]) for k in a), extra
+
+
+@pytest.mark.parametrize("flags", [["--sample_prompts", "p.txt"], ["--sample_every_n_epochs", "1"]])
+def test_a_sampling_flag_without_its_partner_warns(flags, capsys):
+    from library.config import parse_config
+    from library.train.config import TrainConfig
+
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
+    config.validate_for_method("lora")
+    assert "no samples are drawn: --sample_prompts and --sample_every_n_epochs go together" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from library.data.images import IMAGE_EXTENSIONS
 from library.errors import DataError
 
 METADATA_FILE = "metadata.jsonl"
-_REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
+REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's <repeats>_<name> folders
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ImageCaption:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
     # Hidden files are no images of the dataset (macOS' "._x.png" resource forks; kohya skips them too).
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -72,7 +72,7 @@ def read_caption_file(path: Path) -> str:
 
 def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[ImageCaption]:
     records = []
-    for image in sorted(p for p in folder.iterdir() if _is_image(p)):
+    for image in sorted(p for p in folder.iterdir() if is_image(p)):
         caption_path = image.with_suffix(caption_extension)
         if not caption_path.is_file():
             raise DataError(
@@ -86,11 +86,11 @@ def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[Ima
 def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
     records = _scan_folder(root, caption_extension, repeats=1)
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        match = _REPEATS_DIR.match(sub.name)
+        match = REPEATS_DIR.match(sub.name)
         if match is None:
             # A folder without images (say a latent cache) is harmless; one with images would be silently
             # skipped by kohya's loader, so say so instead of training on a subset.
-            if any(_is_image(p) for p in sub.iterdir()):
+            if any(is_image(p) for p in sub.iterdir()):
                 raise DataError(
                     f"dataset subfolder {sub} does not match '<repeats>_<name>' (e.g. '1_{sub.name}'): "
                     f"rename it, or move its images into {root}"

@@ -8,11 +8,12 @@ sd-scripts' TOML / JSON prompt files, are one ConfigError line.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -51,10 +52,26 @@ def parse_prompt_line(line: str, source: str = "prompt") -> PromptSpec:
                               + ", ".join(f"--{f} ({name})" for f, (name, _) in fields.items()))
         name, kind = fields[flag]
         try:
-            spec = replace(spec, **{name: kind(value.strip())})
+            parsed = kind(value.strip())
         except ValueError:
             raise ConfigError(f"{source}: option --{flag} expects a {kind.__name__}, got {value.strip()!r}") from None
+        if (problem := _value_problem(flag, parsed)) is not None:  # now, not in the pipeline after an epoch
+            raise ConfigError(f"{source}: option --{flag} {problem}, got {value.strip()!r}")
+        spec = replace(spec, **{name: parsed})
     return spec
+
+
+def _value_problem(flag: str, value: float) -> str | None:
+    """What is wrong with a prompt option's value (None: nothing)."""
+    if flag in ("w", "h") and (value <= 0 or value % 8):
+        return "must be a positive multiple of 8 (pixels)"
+    if flag == "s" and value < 1:
+        return "must be at least 1 (sampling steps)"
+    if flag == "d" and not 0 <= value < 2**63:
+        return "must be a seed in [0, 2**63)"
+    if flag == "l" and not math.isfinite(value):
+        return "must be a finite guidance scale"
+    return None
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
@@ -94,12 +111,17 @@ def build_pipeline(bundle: ModelBundle, sampler: str = "ddim"):
 
 @torch.no_grad()
 def generate(pipe, specs: Sequence[PromptSpec], *, resolution: int, steps: int = 20, guidance_scale: float = 7.5,
-             seed: int = 0, clip_skip: int = 1, max_token_length: int | None = None) -> list:
+             seed: int = 0, clip_skip: int = 1, max_token_length: int | None = None,
+             autocast: Callable[[], ContextManager] | None = None) -> list:
     """PIL images, one per spec; image ``i`` uses the spec's seed, else ``seed + i`` (independent of order).
 
     The prompts are encoded as training encodes captions (:func:`library.sd.text.encode_prompts`: kohya's
     ``clip_skip`` and 75-token chunks up to ``max_token_length``), not by the pipeline, which truncates at 77 tokens
     and counts clip skip one lower; with ``clip_skip=1`` and one window both give the same embeddings.
+
+    ``autocast``: a training run's mixed-precision context, where the UNet and text encoder are cast to bf16/fp16
+    (or only one of them, in a full fine-tune) while the VAE stays fp32: denoising runs under it, and the latents
+    are decoded by the fp32 VAE outside it (SD's VAE overflows in fp16).
     """
     def encode(prompt: str) -> torch.Tensor:
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt], max_token_length=max_token_length,
@@ -108,13 +130,25 @@ def generate(pipe, specs: Sequence[PromptSpec], *, resolution: int, steps: int =
     images = []
     for i, spec in enumerate(specs):
         generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else seed + i)
-        out = pipe(prompt_embeds=encode(spec.prompt), negative_prompt_embeds=encode(spec.negative_prompt or ""),
-                   height=spec.height or resolution, width=spec.width or resolution,
-                   num_inference_steps=spec.steps or steps,
-                   guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else guidance_scale,
-                   generator=generator)
-        images.append(out.images[0])
+        with contextlib.nullcontext() if autocast is None else autocast():
+            out = pipe(prompt_embeds=encode(spec.prompt), negative_prompt_embeds=encode(spec.negative_prompt or ""),
+                       height=_given(spec.height, resolution), width=_given(spec.width, resolution),
+                       num_inference_steps=_given(spec.steps, steps),
+                       guidance_scale=_given(spec.guidance_scale, guidance_scale), generator=generator,
+                       output_type="pil" if autocast is None else "latent")
+        images.append(out.images[0] if autocast is None else _decode(pipe, out.images))
     return images
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _decode(pipe, latents: torch.Tensor):
+    """The pipeline's own decoding of ``latents``, by the VAE in its own dtype: one PIL image."""
+    vae = pipe.vae
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
 def save_grid(images: Sequence, path: str | Path, columns: int | None = None) -> Path:
@@ -125,7 +159,8 @@ def save_grid(images: Sequence, path: str | Path, columns: int | None = None) ->
         raise ValueError("no images to tile")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
+    # Cells as large as the largest image: prompts may ask for other sizes (--w / --h); none is cropped.
+    width, height = max(image.size[0] for image in images), max(image.size[1] for image in images)
     grid = Image.new("RGB", (columns * width, rows * height))
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))

@@ -322,8 +322,10 @@ class TrainConfig:
             warn(f"{', '.join(others)} only act on that training script; {method} ignores them")
         if not self.with_prior_preservation and (ignored := sorted(given & PRIOR_FIELDS)):
             warn(f"{', '.join(ignored)} only act with --with_prior_preservation; this run ignores them")
-        if self.split_manifest and "caption_extension" in given:
+        if self.split_manifest and "caption_extension" in given and not self.with_prior_preservation:
             warn("caption_extension is ignored: with --split_manifest the captions come from the manifest")
+        if bool(self.sample_prompts) != bool(self.sample_every_n_epochs):  # sd-scripts samples only with both
+            warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
 
 
 #: What only one method reads (its training script's name -> its options), and what only DreamBooth reads.

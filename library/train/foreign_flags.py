@@ -91,8 +91,8 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "sample_every_n_steps": ForeignKey("use --sample_every_n_epochs"),
     "sample_sampler": ForeignKey("training-time samples use one sampler (DDIM); drop it", _always),
     "network_train_text_encoder_only": ForeignKey("use --unet_lr 0 (only the text-encoder LoRA trains)", _false),
-    "reg_data_dir": ForeignKey("DreamBooth's class images: --with_prior_preservation --class_data_dir DIR "
-                               "--class_prompt TEXT"),
+    "reg_data_dir": ForeignKey("DreamBooth's class images: --with_prior_preservation --class_data_dir DIR (the "
+                               "same folder: its <repeats>_<class> subfolders are read) --num_class_images N"),
     "dataset_config": ForeignKey("give the images as a split manifest (scripts/make_split.py; --split_manifest) "
                                  "or, for plain LoRA, a kohya folder (--train_data_dir)"),
     "datasets": ForeignKey("this is an sd-scripts dataset config: give the images as a split manifest "

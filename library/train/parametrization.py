@@ -166,7 +166,22 @@ class FullParametrization(Parametrization):
             weights = "diffusion_pytorch_model.safetensors" if part_name == "unet" else "model.safetensors"
             _save_model_folder(output_dir / f"{name}-{part_name}", part, _folder_config(part_name, part), weights,
                                dtype, meta)
+        if "text_encoder" not in self.parts:  # an overwritten run's trained text encoder must not pose as this one's
+            _remove_our_folder(output_dir / f"{name}-text_encoder", "model.safetensors")
         return path
+
+
+def _remove_our_folder(folder: Path, weights: str) -> None:
+    """Delete ``folder`` if a full fine-tune of this toolkit wrote it (its weights say so); anything else stays."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(folder / weights), framework="pt") as handle:
+            ours = (handle.metadata() or {}).get("smp_lora.train_mode") == "full"
+    except Exception:  # missing or unreadable (safetensors' own error type): not ours to delete
+        return
+    if ours:
+        shutil.rmtree(folder)
 
 
 def _folder_config(part_name: str, part: torch.nn.Module) -> dict[str, Any]:

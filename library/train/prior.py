@@ -6,10 +6,12 @@ dog") denoised in the same batched forward, and their loss times ``--prior_loss_
 knew of the class while it learns the instance.
 
 Class images come from ``--class_data_dir``: images with same-stem caption files, or without, captioned by
-``--class_prompt``. When the folder holds fewer than ``--num_class_images``, the base model generates the missing
-ones from ``--class_prompt`` (seeded per image, so the cache is the same whoever fills it) and writes them there with
-their caption, as diffusers' ``train_dreambooth.py`` does; later runs reuse them. Like diffusers, a run uses the
-first ``num_class_images`` images of the folder.
+``--class_prompt``; an sd-scripts regularisation folder works too (its ``<repeats>_<class>`` subfolders are read, an
+image without a caption file is captioned by its class name as sd-scripts does; the repeats are not used). When
+the folder holds fewer than ``--num_class_images``, the base model generates the missing ones from
+``--class_prompt`` (seeded per image, so the cache is the same whoever fills it) and writes them there with their
+caption, as diffusers' ``train_dreambooth.py`` does; later runs reuse them. Like diffusers, a run uses the first
+``num_class_images`` images of the folder (sorted by path).
 
 Class images are never members nor non-members: they are not in the split manifest, the proxy attacker of
 MP/SMP-LoRA never sees them, and the membership sets (and their counts) are the manifest's alone.
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
-from library.data.dataset import ImageCaption, read_caption_file
-from library.data.images import IMAGE_EXTENSIONS
+from library.data.dataset import REPEATS_DIR, ImageCaption, is_image, read_caption_file
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
+from library.outputs import check_output_dir
 from library.runtime import hashed_seed
 from library.sd.bundle import ModelBundle
 from library.sd.sampling import PromptSpec, build_pipeline, generate
@@ -36,7 +38,12 @@ GENERATED_PREFIX = "class_"
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The class images of ``folder``: its own and those of kohya ``<repeats>_<class>`` subfolders (an sd-scripts
+    regularisation folder, ``reg/1_dog/*.png``), sorted by path; none when it does not exist yet."""
+    if not folder.is_dir():
+        return []
+    folders = [folder] + sorted(sub for sub in folder.iterdir() if sub.is_dir() and REPEATS_DIR.match(sub.name))
+    return sorted(p for sub in folders for p in sub.iterdir() if is_image(p))
 
 
 def has_word(caption: str, word: str) -> bool:
@@ -55,9 +62,7 @@ def check_instance_captions(paths: list[Path], captions: list[str], token: str) 
 
 def missing_class_images(config: TrainConfig) -> int:
     """How many class images the base model must still generate into ``--class_data_dir``."""
-    folder = Path(config.class_data_dir or "")
-    have = len(_images(folder)) if folder.is_dir() else 0
-    return max(0, config.num_class_images - have)
+    return max(0, config.num_class_images - len(_images(Path(config.class_data_dir or ""))))
 
 
 def check_prior_config(config: TrainConfig) -> None:
@@ -70,6 +75,12 @@ def check_prior_config(config: TrainConfig) -> None:
     folder = Path(config.class_data_dir)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"'class_data_dir' {folder} is not a folder")
+    if config.num_class_images < config.train_batch_size:  # every step pairs each member with a class image
+        raise ConfigError(f"'num_class_images' = {config.num_class_images} is fewer than one batch "
+                          f"(train_batch_size = {config.train_batch_size}): each step denoises as many class images "
+                          "as members; use at least that many")
+    if missing_class_images(config):  # the base model will write them there: a folder that can take them
+        check_output_dir(folder, "--class_data_dir", create=not config.dry_run)
     if missing_class_images(config) and not config.class_prompt:
         raise ConfigError(f"'class_data_dir' {folder} holds fewer than num_class_images = {config.num_class_images} "
                           "class images and no 'class_prompt' is given to generate the rest: add images or set "
@@ -79,7 +90,8 @@ def check_prior_config(config: TrainConfig) -> None:
                           f"'{config.instance_token}': the class prompt names the class only (e.g. 'a photo of a dog')")
 
 
-def generate_class_images(config: TrainConfig, bundle: ModelBundle) -> int:
+def generate_class_images(config: TrainConfig, bundle: ModelBundle,
+                          autocast: Callable[[], ContextManager] | None = None) -> int:
     """Fill ``--class_data_dir`` up to ``--num_class_images`` with the base model's images; how many were made.
 
     Call it before any adapter is attached, or with the adapter switched off: the prior is the *base* model's."""
@@ -97,7 +109,7 @@ def generate_class_images(config: TrainConfig, bundle: ModelBundle) -> int:
             continue
         spec = PromptSpec(config.class_prompt, seed=hashed_seed("class-image", config.seed, index - 1))
         image = generate(pipe, [spec], resolution=config.resolution, steps=config.class_sample_steps,
-                         clip_skip=config.clip_skip, max_token_length=config.max_token_length)[0]
+                         clip_skip=config.clip_skip, max_token_length=config.max_token_length, autocast=autocast)[0]
         with atomic_write_path(image_path) as tmp:
             image.save(tmp, format="PNG")
         atomic_write_text(image_path.with_suffix(config.caption_extension), config.class_prompt)
@@ -111,10 +123,13 @@ def class_images(config: TrainConfig) -> list[ImageCaption]:
     records = []
     for image in _images(folder)[:config.num_class_images]:
         caption_path = image.with_suffix(config.caption_extension)
+        kohya_class = REPEATS_DIR.match(image.parent.name) if image.parent != folder else None
         if caption_path.is_file():
             caption = read_caption_file(caption_path)
         elif config.class_prompt:
             caption = config.class_prompt
+        elif kohya_class:  # sd-scripts captions such an image by its folder's class name
+            caption = kohya_class.group(2)
         else:
             raise DataError(f"class image {image} has no caption file {caption_path.name} and no 'class_prompt' is "
                             "given: write one, or set class_prompt")
@@ -129,14 +144,15 @@ def class_images(config: TrainConfig) -> list[ImageCaption]:
 
 
 def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: bool,
-                  wait_for_everyone: Callable[[], None]) -> tuple[list[ImageCaption], int]:
+                  wait_for_everyone: Callable[[], None],
+                  autocast: Callable[[], ContextManager] | None = None) -> tuple[list[ImageCaption], int]:
     """The class images a run trains its prior on, generated first where missing (by the main process, from the
     base model as loaded: call this before the trained parameters are attached), and how many were generated.
     Torch's global RNG is left as it was, so the adapter's initialisation does not depend on the generation."""
     made = 0
     if is_main_process and missing_class_images(config):
         state = torch.get_rng_state()
-        made = generate_class_images(config, bundle)
+        made = generate_class_images(config, bundle, autocast)
         torch.set_rng_state(state)
     wait_for_everyone()
     return class_images(config), made
