@@ -72,9 +72,11 @@ class FeatureNormalizer(nn.Module):
       ``per_feature=True`` keeps one mean/variance per input feature instead, the right choice for a
       few heterogeneous features such as per-sample losses at several timesteps (``[B, T]``), whose
       scales differ by t. It needs ``num_features``.
-    * Inputs are always normalised with the **running** statistics (never the batch's own, unlike
-      BatchNorm in train mode): batch statistics over a {member, non-member} pair would leak the pairing
-      to the attacker, and the transform must be the same at training and evaluation time.
+    * Inputs are always normalised with the **running** statistics of the batches seen *before* (never the
+      batch's own, unlike BatchNorm in train mode; the first batch sees the identity transform): batch
+      statistics over a {member, non-member} pair would leak the pairing to the attacker, and the transform
+      must be the same at training and evaluation time. (Until 2026-12-05 a training batch was added to the
+      statistics before it was normalised: the first batch was normalised by its own.)
     * Running statistics are EMAs of the first two moments with rate max(momentum, 1/n_batches): an exact
       cumulative mean for the first 1/momentum batches, then a slow EMA that follows the drift of the
       features as the LoRA trains. They are buffers, so they are saved in the attacker's state dict.
@@ -135,9 +137,12 @@ class FeatureNormalizer(nn.Module):
             # Squared errors are >= 0; clamp guards against tiny negatives from other feature choices.
             x = torch.log(x.clamp_min(0.0) + self.eps)
         if self.uses_standardize:
+            # The statistics of the batches before this one: a batch normalised by its own statistics (the
+            # first one, and every one with weight 1/n early on) would show the attacker its pairing.
+            mean, var = self.running_mean.clone(), self.running_var
             if update_stats:
                 self._update(x)
-            x = (x - self.running_mean) * torch.rsqrt(self.running_var + 1e-8)
+            x = (x - mean) * torch.rsqrt(var + 1e-8)
         return x
 
 
@@ -152,8 +157,9 @@ class ProxyAttacker(nn.Module):
         hidden: hidden layer sizes (default (512, 256)).
         dropout: dropout after each hidden layer (upstream 0.5; the paper does not mention it).
         normalization: input transform (see :class:`FeatureNormalizer`). Default ``"log_standardize"``
-            because raw squared errors are heavy-tailed with a t-dependent scale; ``"none"`` reproduces
-            the upstream attacker exactly.
+            because raw squared errors are heavy-tailed with a t-dependent scale; ``"none"`` feeds the raw
+            features, as upstream does (upstream also ran h_w under fp16 autocast, which saturated; ours runs in
+            fp32 whatever the autocast).
         eps, momentum, per_feature_stats: passed to :class:`FeatureNormalizer` (``per_feature``).
 
     ``forward`` accepts ``[B, in_features]`` or ``[B, *feature_shape]`` (flattened from dim 1) and runs

@@ -245,6 +245,20 @@ def test_stats_update_only_when_asked():
     assert att.normalizer.running_mean.item() == pytest.approx(x.mean().item(), rel=1e-6)
 
 
+def test_a_training_batch_is_normalised_by_the_batches_before_it_never_by_its_own():
+    """Per-feature statistics of a 1 + 1 batch would map it to [[-1, 1], [1, -1]] whatever the values: the attacker
+    would read the pairing, not the features."""
+    from library.privacy import FeatureNormalizer
+
+    norm = FeatureNormalizer("standardize", per_feature=True, num_features=2)
+    first = torch.tensor([[0.05, 0.30], [0.90, 0.02]])
+    torch.testing.assert_close(norm(first, update_stats=True), first)  # nothing seen yet: the identity
+    second = torch.tensor([[0.2, 0.1], [0.4, 0.5]])
+    expected = (second - first.mean(0)) / (first.var(0, unbiased=False) + 1e-8).sqrt()
+    torch.testing.assert_close(norm(second, update_stats=True), expected)  # the first batch's statistics only
+    assert norm.num_batches_tracked.item() == 2
+
+
 def test_per_feature_stats_for_multi_timestep_losses():
     # Losses at 3 timesteps with very different scales: per-feature stats standardise each column.
     torch.manual_seed(0)
