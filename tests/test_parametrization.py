@@ -120,11 +120,12 @@ def test_base_model_switch_swaps_the_initial_weights_in_and_back(tiny_model_dir)
     assert all(p.requires_grad for p in trained.params)
 
 
-def test_calibrated_smp_trains_a_full_finetune(tiny_train_args):
+@pytest.mark.parametrize("method", ["smp_lora", "mp_lora"])  # MP-LoRA did not keep the base: it crashed
+def test_calibrated_proxy_trains_a_full_finetune(tiny_train_args, method, tmp_path):
     args = tiny_train_args + FULL + ["--attacker_batch_size", "2", "--attacker_features", "t_loss",
                                      "--attacker_calibration", "base", "--attacker_normalization", "standardize",
-                                     "--max_train_steps", "2"]
-    result = train(parse_config(TrainConfig, args), "smp_lora")
+                                     "--max_train_steps", "2", "--output_dir", str(tmp_path / method)]
+    result = train(parse_config(TrainConfig, args), method)
     assert result.global_step == 2 and "g" in result.final_logs
 
 

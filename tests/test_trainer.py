@@ -264,3 +264,44 @@ def test_resuming_a_finished_state_keeps_the_final_metrics(tiny_train_args, tmp_
     again = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--save_state",
                                                "--resume", str(out / "smp_lora-state"), "--output_dir", str(out)])
     assert json.loads(again.record_path.read_text())["final"] == final
+
+
+def test_g_attacker_dropout_scores_g_with_upstreams_train_mode_attacker(tiny_train_args, tmp_path):
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--attacker_dropout", "0.5"]
+    default = run("smp_lora", common + ["--output_dir", str(tmp_path / "eval")])
+    upstream = run("smp_lora", common + ["--g_attacker_dropout", "--output_dir", str(tmp_path / "train")])
+    meta = {}
+    with safe_open(upstream.lora_path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["smp_lora.g_attacker_dropout"] == "true"
+    with safe_open(default.lora_path, "pt") as handle:
+        assert "smp_lora.g_attacker_dropout" not in handle.metadata()
+    assert upstream.final_logs["g"] != default.final_logs["g"]  # dropout masks on h_w's hidden layers
+    a, b = load_file(default.attacker_path), load_file(upstream.attacker_path)
+    key = "normalizer.num_batches_tracked"  # G never updates the normaliser: only the two attacker batches did
+    assert a[key].item() == b[key].item() == 2
+
+
+def test_shuffle_caption_shuffles_the_attacker_batches_captions_too(tiny_train_args):
+    """h_w is applied (in G) to D_tr captions in shuffled order: it must be trained on shuffled aux captions too, as
+    upstream's aux samples came through the same shuffling dataset. Seeded per draw: the same run, the same order."""
+    from library.train.trainer import Trainer
+
+    def attacker_captions() -> list[list[str]]:
+        trainer = Trainer(parse_config(TrainConfig, tiny_train_args + [
+            "--attacker_batch_size", "4", "--shuffle_caption", "--k_steps", "3"]), "smp_lora")
+        trainer.prepare()
+        aux = trainer.method.aux
+        aux.member_captions = [f"digit {i}, tag a, tag b, tag c, tag d" for i in range(len(aux.member_captions))]
+        aux.nonmember_captions = [f"digit {i}, tag a, tag b, tag c, tag d" for i in range(len(aux.nonmember_captions))]
+        seen, features = [], trainer.method._features
+        trainer.method._features = lambda ctx, latents, keys, captions, *rest: (seen.append(captions), features(
+            ctx, latents, keys, captions, *rest))[1]
+        trainer.method.attacker_phase(trainer._context())
+        return seen
+
+    first = attacker_captions()
+    assert len(first) == 3 and any(not c.endswith("tag d") for batch in first for c in batch)
+    assert all(sorted(t for t in c.split(", ") if t.startswith("tag")) == ["tag a", "tag b", "tag c", "tag d"]
+               for batch in first for c in batch)  # the same tags, in another order
+    assert attacker_captions() == first  # seeded

@@ -1,8 +1,9 @@
 """The training configuration shared by the entry scripts ``train_<method>.py`` (one per registered method).
 
 Flag names follow kohya sd-scripts where a flag exists there; the privacy flags are this project's.
-Defaults are the paper's (Table 5 / App. E): r 64 / alpha 32, UNet lr 1e-4, text-encoder lr 1e-5,
-lambda 0.05, delta 1e-5, attacker Adam lr 1e-5 with weight decay 1e-4, k = 1, batch size 1.
+Defaults are the paper's (Table 5 / App. E) where it gives one: r 64 / alpha 32, lr 1e-4, lambda 0.05, delta
+1e-5, attacker Adam lr 1e-5 with weight decay 1e-4, k = 1, batch size 1. The paper's text-encoder lr 1e-5 is set by
+the shipped configs; without one, ``text_encoder_lr`` follows ``learning_rate`` as in sd-scripts.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ class TrainConfig:
     g_noise: str = option("reuse", "G on the training batch reuses L_ada's (t, eps) forward, or draws fresh "
                           "noise with a second UNet pass (upstream)", choices=["reuse", "independent"])
     g_member_weight: float = option(1.0, "weight of the member term of G on D_tr (0.5 = literal Eq. 5)")
+    g_attacker_dropout: bool = option(
+        False, "keep h_w's dropout on while G is scored on the training batch, as upstream (train mode); default: "
+        "eval mode, a deterministic G")
     attacker_eval_every_n_epochs: int = option(1, "monitor the proxy's accuracy on D_aux / D_te every N epochs")
 
     # --- baselines (train_relaxloss.py, train_dp_lora.py) ------------------------------------------

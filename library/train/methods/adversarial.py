@@ -14,10 +14,12 @@ Eq. 10, L_ada / (1 - lambda*G + delta). Per training iteration (Algorithm 1):
 from __future__ import annotations
 
 import math
+import random
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
+from library.data.dataset import shuffle_caption
 from library.errors import warn
 from library.privacy import (
     ProxyAttacker,
@@ -57,6 +59,10 @@ class AdversarialLoRA(TrainingMethod):
     needs_aux = True
     has_attacker = True
     step_cost = 3
+
+    @classmethod
+    def needs_base_model(cls, config: TrainConfig) -> bool:
+        return config.attacker_calibration == "base"  # MP-LoRA's proxy too: a full fine-tune keeps the base
 
     def __init__(self, config: TrainConfig, aux: AuxData, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config
@@ -139,11 +145,15 @@ class AdversarialLoRA(TrainingMethod):
         logs: dict[str, float] = {}
         self.attacker.train()
         for _ in range(self.config.k_steps):
+            draw = (self.member_sampler.epoch, self.member_sampler.position)  # names this draw, for the shuffle
             member_idx = self.member_sampler.next_indices()
             nonmember_idx = self.nonmember_sampler.next_indices()
             latents = torch.cat([self.aux.member_latents[member_idx], self.aux.nonmember_latents[nonmember_idx]])
             captions = [self.aux.member_captions[i] for i in member_idx] + \
                        [self.aux.nonmember_captions[i] for i in nonmember_idx]
+            if self.config.shuffle_caption:  # as D_tr's are (and upstream's aux samples, from the same dataset)
+                rng = random.Random(f"{self.config.seed}-aux-{draw[0]}-{draw[1]}-{self.member_sampler.rank}")
+                captions = [shuffle_caption(c, self.config.keep_tokens, rng) for c in captions]
             keys = [self.aux.member_keys[i] for i in member_idx] + [self.aux.nonmember_keys[i] for i in nonmember_idx]
             with torch.no_grad():  # the attacker step never backpropagates into the LoRA
                 features = self._features(ctx, latents, keys, captions)
@@ -206,13 +216,13 @@ class AdversarialLoRA(TrainingMethod):
         else:  # upstream (and fixed / multi-t features): a second, differentiable UNet pass
             features = self._features(ctx, result.latents, result.keys, result.captions, result.conditioning)
         # The attacker is a fixed function here: the LoRA's gradient flows through its input only. Upstream
-        # leaves it in train mode (dropout active); we evaluate it deterministically, and eval mode also
-        # keeps its normaliser's statistics fitted on balanced attacker batches only.
-        self.attacker.eval()
+        # leaves it in train mode (dropout active, --g_attacker_dropout); by default we evaluate it
+        # deterministically. Either way its normaliser's statistics stay fitted on balanced attacker batches only.
+        self.attacker.train(cfg.g_attacker_dropout)
         for param in self.attacker.parameters():
             param.requires_grad_(False)
         try:
-            logits = self.attacker(features)
+            logits = self.attacker(features, update_stats=False)
         finally:
             for param in self.attacker.parameters():
                 param.requires_grad_(True)
@@ -302,6 +312,7 @@ class AdversarialLoRA(TrainingMethod):
             "smp_lora.attacker_every_n_steps": str(cfg.attacker_every_n_steps),
             "smp_lora.update_order": cfg.update_order,
             "smp_lora.g_noise": cfg.g_noise,
+            **({"smp_lora.g_attacker_dropout": "true"} if cfg.g_attacker_dropout else {}),
         }
 
 
@@ -319,10 +330,6 @@ class SMPLoRA(AdversarialLoRA):
     name = "smp_lora"
     objective = "smp"
     base_config = "smp_lora"
-
-    @classmethod
-    def needs_base_model(cls, config: TrainConfig) -> bool:
-        return config.attacker_calibration == "base"
 
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
