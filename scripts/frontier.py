@@ -19,6 +19,7 @@ from library.cli import ArgumentParser, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> None:
+    from library.data.manifest import CORE_SPLITS, read_manifest  # noqa: PLC0415
     from library.demo.frontier import FrontierSettings, run_frontier  # noqa: PLC0415
     from library.demo.run import DemoSettings  # noqa: PLC0415
     from library.errors import ConfigError  # noqa: PLC0415
@@ -32,10 +33,18 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs, help="trainings at once, one process each")
     parser.add_argument("--eval_jobs", type=int, default=DemoSettings().eval_jobs, help="models evaluated at once")
     parser.add_argument("--retrain", action="store_true", help="retrain runs whose LoRA file exists")
+    parser.add_argument("--set_size", type=int, default=None,
+                        help="images per membership set, as demo.py's (default: the work dir's split, else 50)")
     args = parser.parse_args(argv)
-    if min(args.jobs, args.eval_jobs) < 1:
-        raise ConfigError("--jobs and --eval_jobs must be at least 1")
-    demo = DemoSettings(workdir=args.workdir, jobs=args.jobs, eval_jobs=args.eval_jobs, retrain=args.retrain)
+    if min(args.jobs, args.eval_jobs, args.set_size or 1) < 1:
+        raise ConfigError("--jobs, --eval_jobs and --set_size must be at least 1")
+    manifest = args.workdir / "data" / "split.json"
+    if args.set_size is None and manifest.is_file():  # the demo's work dir (runs/demo100 too): its own sizes
+        sizes = {k: v for k, v in read_manifest(manifest, verify=False).sizes().items() if k in CORE_SPLITS}
+    else:
+        sizes = dict.fromkeys(CORE_SPLITS, args.set_size or 50)
+    demo = DemoSettings(workdir=args.workdir, jobs=args.jobs, eval_jobs=args.eval_jobs, retrain=args.retrain,
+                        split_sizes=sizes)
     run_frontier(FrontierSettings(demo=demo, sweep=args.sweep, out_dir=args.out_dir, runs_filter=args.only))
 
 

@@ -135,6 +135,17 @@ def test_suite_null_names_the_folder_it_cannot_read(tmp_path, capsys):
     assert run([str(tmp_path / "eval")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "eval/scores.csv: cannot read the evaluation's per-sample scores" in line, line
+    for text in ("[]", "{}"):  # valid JSON, not a report: was an AttributeError / KeyError traceback
+        (tmp_path / "eval" / "report.json").write_text(text)
+        assert run([str(tmp_path / "eval")]) == 2
+        assert "not an evaluation report" in one_error_line(capsys.readouterr().err)
+
+
+def test_demo_workdir_that_is_a_file_is_one_line(tmp_path, capsys):
+    run, _ = _clis(tmp_path)["demo.py"]
+    (tmp_path / "afile").write_text("x")
+    assert run(["--workdir", str(tmp_path / "afile")]) == 2
+    assert "--workdir" in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("script", ["train_lora.py", "scripts/make_split.py"])

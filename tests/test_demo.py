@@ -100,3 +100,38 @@ def test_a_work_dir_keeps_the_split_size_it_was_made_with(tmp_path):
     larger = {**sizes, "member_test": 6, "nonmember_test": 6}
     with pytest.raises(ConfigError, match="holds a split of .* give another --workdir"):
         prepare_data(DemoSettings(workdir=tmp_path, split_sizes=larger, defence=None))
+
+
+def test_retrain_overwrites_the_finished_runs(tmp_path, monkeypatch, small_demo_settings):
+    """--retrain retrains the LoRAs: their configs carry --overwrite (the trainer refused every one of them)."""
+    import library.demo.run as run
+
+    settings = dataclasses.replace(small_demo_settings(tmp_path / "w"), retrain=True)
+    for name in ("lora", "mp_lora", "smp_lora"):
+        (settings.workdir / name).mkdir(parents=True)
+        (settings.workdir / name / f"{name}.safetensors").write_bytes(b"")
+    trained = []
+    monkeypatch.setattr(run, "train_all", lambda configs, jobs: trained.extend(c for _, c in configs))
+    train_methods(settings, tmp_path / "base", tmp_path / "split.json")
+    assert sorted(c.output_name for c in trained) == sorted(run.demo_runs(settings)) and all(c.overwrite for c in trained)
+
+
+def test_preparing_a_work_dir_is_one_process_at_a_time(tmp_path):
+    import threading
+    import time
+
+    from library.demo.run import shared_preparation
+
+    order = []
+
+    def second() -> None:
+        with shared_preparation(tmp_path):
+            order.append("second")
+
+    with shared_preparation(tmp_path):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)  # the second waits for the first to finish its preparation
+        order.append("first done")
+    thread.join(timeout=10)
+    assert order == ["first done", "second"]

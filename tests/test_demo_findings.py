@@ -51,3 +51,12 @@ def test_utility_lines_read_conditional_accuracy_and_u():
     assert lines[0] == ("- conditional accuracy (samples of the fine-tuned digits read as the digit asked for): base "
                         "10.0 %, plain LoRA 90.0 %.")
     assert "`smp_lora` keeps U = 0.94 of plain LoRA's gain over the base (conditional accuracy 85.0 %)." in lines[1]
+
+
+def test_a_p_value_is_never_printed_across_the_line_its_verdict_draws():
+    from library.demo.findings import p_text
+
+    assert p_text(500 / 10001) == "0.049995" and p_text(0.0123456) == "0.0123" and p_text(0.62) == "0.62"
+    (line,) = chance_findings({"worst_case_null": {"p_value": 500 / 10001, "n_attacks": 11, "observed_max_auc": 0.7,
+                                                   "null_q95": 0.65, "null_median": 0.58}})
+    assert "NOT at chance (p = 0.049995)" in line

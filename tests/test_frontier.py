@@ -174,3 +174,34 @@ def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
             assert getattr(config, run.knob) == run.value
         if run.label == "smp_calibrated":  # fresh noise: a fixed-draw proxy is fooled on its draws (docs/results.md §6)
             assert config.attacker_noise == "fresh" and config.attacker_calibration == "base"
+
+
+def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(tmp_path, monkeypatch):
+    """Epoch checkpoints are <name>-NNNNNN.safetensors only (an MP/SMP run's -attacker files were read as epochs);
+    retraining removes an earlier training's checkpoints; a final file without its run record (killed between the
+    two) is trained again, over the old file."""
+    import library.demo.frontier as frontier
+    from library.demo.run import DemoSettings
+    from library.errors import DataError
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[run]]\nmethod = "smp_lora"\nlabel = "es"\nsave_every_n_epochs = 1\n')
+    (run,) = read_sweep(sweep)
+    folder = tmp_path / "frontier" / "runs" / run.name
+    folder.mkdir(parents=True)
+    for name in ("-000001", "-000001-attacker", "-000002", "", "-attacker"):
+        (folder / f"{run.name}{name}.safetensors").write_bytes(b"")
+    assert frontier.checkpoints(folder, run.name) == [(folder / f"{run.name}-000001.safetensors", 1),
+                                                      (folder / f"{run.name}-000002.safetensors", 2)]
+    trained = []
+    monkeypatch.setattr(frontier, "train_all", lambda configs, jobs: trained.extend(c for _, c in configs))
+    settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path), sweep=sweep, out_dir=tmp_path / "frontier")
+    with pytest.raises(DataError, match=r"es\.json: the run record"):
+        frontier.run_files(settings, run)
+    frontier.train_sweep(settings, [run], tmp_path / "base", tmp_path / "split.json")  # no record: redone
+    assert [c.output_name for c in trained] == [run.name] and trained[0].overwrite
+    assert frontier.checkpoints(folder, run.name) == [] and not (folder / f"{run.name}-000001-attacker.safetensors").exists()
+    (folder / f"{run.name}.json").write_text('{"epochs": [{"epoch": 2}]}')
+    trained.clear()
+    frontier.train_sweep(settings, [run], tmp_path / "base", tmp_path / "split.json")
+    assert trained == []  # finished: kept

@@ -262,6 +262,54 @@ def test_launcher_real_entry_script(tmp_path, tiny_model_dir, manifest_path):
     assert DRY_RUN_OK in result.stdout
 
 
+# A LAUNCH / PYTHON stand-in that records its command and writes what a finished training / evaluation leaves.
+FINISHER = "#!/usr/bin/env bash\n" + RECORDER + """
+out= name=
+while [ $# -gt 0 ]; do
+  case "$1" in --output_dir) out="$2"; shift ;; --output_name) name="$2"; shift ;; esac; shift
+done
+case "$name" in
+  "") [ -n "$out" ] && mkdir -p "$out" && echo '{}' > "$out/report.json" ;;
+  *) mkdir -p "$out" && touch "$out/$name.safetensors" && echo '{}' > "$out/$name.json" ;;
+esac
+exit 0
+"""
+
+
+def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, manifest_path):
+    """A launcher that died after seed 1 (or is given more seeds) trains and evaluates only what is not finished;
+    RETRAIN=1 trains again, with --overwrite."""
+    stub = tmp_path / "finish.sh"
+    stub.write_text(FINISHER)
+    stub.chmod(0o755)
+    rec_file = tmp_path / "commands.bin"
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
+               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file))
+
+    def calls(seeds: str, **extra: str) -> list[str]:
+        rec_file.unlink(missing_ok=True)
+        result = _run_launcher("pokemon", tmp_path, {**env, "SEEDS": seeds, **extra})
+        assert result.returncode == 0, result.stderr
+        return [f"{c[0]} {_flag(c, '--output_dir').rsplit('/', 2)[-2]}" for c in _recorded(rec_file)
+                if c[0] in ("train_lora.py", "evaluate_mia.py")]
+
+    assert calls("1") == ["train_lora.py seed1", "evaluate_mia.py seed1"]
+    assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]  # seed 1 is finished: skipped
+    redone = calls("1", RETRAIN="1")
+    assert redone == ["train_lora.py seed1", "evaluate_mia.py seed1"]
+    (tmp_path / "o" / "seed2" / "lora" / "lora.json").unlink()  # killed between its LoRA and its record
+    assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]
+    assert "--overwrite" in _recorded(rec_file)[0]
+
+
+@pytest.mark.parametrize("seeds, message", [("1 x", "'x' is not a seed"), ("1 1", "1 is given twice")])
+def test_bad_seeds_stop_the_launcher_before_any_training(stack, tmp_path, seeds, message):
+    env, rec_file = stack
+    result = _run_launcher("pokemon", tmp_path, {**env, "SEEDS": seeds})
+    assert result.returncode == 2 and message in result.stderr
+    assert not _recorded(rec_file)
+
+
 def test_launchers_are_valid_bash():
     for path in sorted(LAUNCH_DIR.glob("*.sh")):
         subprocess.run(["bash", "-n", str(path)], check=True)

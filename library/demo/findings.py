@@ -21,7 +21,7 @@ def findings(report: dict) -> list[str]:
         null = (audits.get(model) or {}).get("worst_case_null")
         lines.append(f"- `{model}`: strongest attack `{worst.attack}`, AUC {worst.auc:.3f} "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}]" + ("" if not null else
-                                                    f"; suite-wide permutation p = {null['p_value']:.3g}"))
+                                                    f"; suite-wide permutation p = {p_text(null['p_value'])}"))
     lines += chance_findings(audits.get("base"))
     plain = best.get("lora")
     for method, worst in best.items():
@@ -36,12 +36,22 @@ def findings(report: dict) -> list[str]:
             verdict = "does NOT measurably reduce it (the 95 % CIs overlap)"
         null = (audits.get(method) or {}).get("worst_case_null")
         signal = "" if not null else (
-            f" The suite finds no signal in it at the 5 % level (suite-wide p = {null['p_value']:.3g})."
+            f" The suite finds no signal in it at the 5 % level (suite-wide p = {p_text(null['p_value'])})."
             if null["p_value"] >= 0.05 else
-            f" The suite still finds its members (suite-wide p = {null['p_value']:.3g}).")
+            f" The suite still finds its members (suite-wide p = {p_text(null['p_value'])}).")
         lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
                      f"{method} {verdict}.{signal}")
     return lines + utility_findings(report) + [""]
+
+
+def p_text(p: float, alpha: float = 0.05) -> str:
+    """``p`` to 3 significant digits, or more where those would round it across ``alpha`` (p = 0.049995 is
+    "0.049995", not "0.05", beside a verdict that it is below 0.05)."""
+    for digits in (3, 4, 5, 6):
+        text = f"{p:.{digits}g}"
+        if (float(text) < alpha) == (p < alpha):
+            return text
+    return repr(p)
 
 
 def chance_findings(base_audit: dict | None) -> list[str]:
@@ -54,8 +64,8 @@ def chance_findings(base_audit: dict | None) -> list[str]:
             f"{null['observed_max_auc']:.3f}, while the highest of {null['n_attacks']} AUCs with no membership signal "
             f"reaches {null['null_q95']:.3f} in 5 % of label shuffles (median {null['null_median']:.3f}): ")
     if null["p_value"] >= 0.05:
-        return [head + f"at chance (p = {null['p_value']:.3g}), as it must be."]
-    return [head + f"NOT at chance (p = {null['p_value']:.3g}): the split or an attack leaks; do not trust the rows."]
+        return [head + f"at chance (p = {p_text(null['p_value'])}), as it must be."]
+    return [head + f"NOT at chance (p = {p_text(null['p_value'])}): the split or an attack leaks; do not trust the rows."]
 
 
 def utility_findings(report: dict) -> list[str]:

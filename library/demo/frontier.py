@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.demo.findings import p_text
 from library.demo.run import (
     DEMO_SWEEP,
     DemoSettings,
@@ -31,11 +33,12 @@ from library.demo.run import (
     prepare_base_model,
     prepare_data,
     prepare_feature_net,
+    shared_preparation,
     tiny_train_config,
     train_all,
 )
 from library.demo.sweep import SweepRun, read_sweep
-from library.errors import ConfigError
+from library.errors import ConfigError, DataError
 from library.eval.quality import PER_T_PREFIX
 from library.eval.summary import worst_case
 from library.train.config import TrainConfig
@@ -64,9 +67,12 @@ def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest
     placed = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
     if run.overrides.get("with_prior_preservation") and not run.overrides.get("class_data_dir"):
         placed["class_data_dir"] = str(settings.out / "class_images")  # the base's class images, generated once
-    return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, settings.out / "runs" / run.name,
-                             run.name, {"progress_bar": False, "overwrite": settings.demo.retrain,
-                                    **settings.demo.train_overrides, **run.overrides, **placed})
+    folder = settings.out / "runs" / run.name
+    # A run to train whose final file exists is retrained or was cut off before its record: it is redone.
+    overwrite = settings.demo.retrain or (folder / f"{run.name}.safetensors").is_file()
+    return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, folder,
+                             run.name, {"progress_bar": False, "overwrite": overwrite,
+                                        **settings.demo.train_overrides, **run.overrides, **placed})
 
 
 def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any]]:
@@ -75,17 +81,34 @@ def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any
     final = folder / f"{run.name}.safetensors"
     if not run.save_every_n_epochs:
         return [(final, run.value)]
-    files = []
-    for path in sorted(folder.glob(f"{run.name}-[0-9]*.safetensors")):
-        files.append((path, int(path.stem.rsplit("-", 1)[1])))
-    record = json.loads((folder / f"{run.name}.json").read_text())
+    files = [(path, epoch) for path, epoch in checkpoints(folder, run.name)]
+    try:
+        record = json.loads((folder / f"{run.name}.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder / run.name}.json: the run record of a finished run is missing or unreadable ({exc}); "
+                        "retrain it (--retrain, or delete its folder)") from None
     epochs = record["epochs"][-1]["epoch"] if record.get("epochs") else None
     return files + [(final, epochs)]
 
 
+def checkpoints(folder: Path, name: str) -> list[tuple[Path, int]]:
+    """A run's epoch checkpoints ``<name>-NNNNNN.safetensors`` with their epochs (not ``-attacker`` files)."""
+    pattern = re.compile(rf"{re.escape(name)}-(\d{{6}})\.safetensors")
+    return sorted((path, int(match.group(1))) for path in folder.glob(f"{name}-*.safetensors")
+                  if (match := pattern.fullmatch(path.name)))
+
+
 def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:
     """Train the runs whose final file is missing, ``demo.jobs`` at a time (slowest first)."""
-    todo = [r for r in runs if settings.demo.retrain or not (settings.out / "runs" / r.name / f"{r.name}.safetensors").is_file()]
+    def finished(run: SweepRun) -> bool:  # the record is written after the LoRA: a run killed between is redone
+        folder = settings.out / "runs" / run.name
+        return (folder / f"{run.name}.safetensors").is_file() and (folder / f"{run.name}.json").is_file()
+
+    todo = [r for r in runs if settings.demo.retrain or not finished(r)]
+    for run in todo:  # a retrained run's table holds its own checkpoints only, not an earlier training's
+        for path, _ in checkpoints(settings.out / "runs" / run.name, run.name):
+            path.unlink()
+            path.with_name(path.stem + "-attacker.safetensors").unlink(missing_ok=True)
     todo.sort(key=lambda r: -method_class(r.method).step_cost)
     jobs = max(1, min(settings.demo.jobs, len(todo)))
     train_all([(r.method, train_config(settings, r, base, manifest)) for r in todo], jobs)
@@ -210,9 +233,9 @@ def chance_check(runs: list[dict]) -> list[str]:
     head = f"- **no detectable signal** (suite-wide permutation p >= {SUITE_ALPHA}), by U:"
     if not silent:
         closest = max(tested, key=lambda p: p["suite_p"])
-        return [head, f"  - none. Highest p: `{closest['model']}`, p {closest['suite_p']:.3g} (AUC "
+        return [head, f"  - none. Highest p: `{closest['model']}`, p {p_text(closest['suite_p'])} (AUC "
                       f"{closest['worst_auc']:.3f}, U {closest['utility_retained']:.2f})."]
-    return [head] + [f"  - `{p['model']}`: p {p['suite_p']:.3g}, worst-case AUC {p['worst_auc']:.3f}, U "
+    return [head] + [f"  - `{p['model']}`: p {p_text(p['suite_p'])}, worst-case AUC {p['worst_auc']:.3f}, U "
                      f"{p['utility_retained']:.2f}" for p in silent]
 
 
@@ -360,12 +383,13 @@ def run_frontier(settings: FrontierSettings) -> Path:
             raise ConfigError(f"--only {sorted(unknown)}: no such curve in {settings.sweep}")
         runs = [r for r in runs if r.label in settings.runs_filter]
     demo = settings.demo
-    demo.workdir.mkdir(parents=True, exist_ok=True)
-    with torch_threads(demo.threads):
-        manifest = prepare_data(demo)
-        base = prepare_base_model(demo, manifest)
+    with shared_preparation(demo.workdir):
+        with torch_threads(demo.threads):
+            manifest = prepare_data(demo)
+            base = prepare_base_model(demo, manifest)
+        with torch_threads(1):
+            feature_net = prepare_feature_net(demo, manifest)
     with torch_threads(1):
-        feature_net = prepare_feature_net(demo, manifest)
         train_sweep(settings, runs, base, manifest)
         files = {path.stem: (run, value) for run in runs for path, value in run_files(settings, run)}
         # U's unit: the first plain-LoRA run's final file (its stem is its model name in the report).

@@ -21,13 +21,14 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from library.config import load_config, parse_flags
 from library.data.dataset import scan_dataset
@@ -39,6 +40,7 @@ from library.demo.sweep import sweep_run
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.eval.summary import main_results_table, privacy_utility_table
+from library.outputs import check_output_dir
 from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
@@ -269,7 +271,8 @@ def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[st
     # only (this beats settings.train_overrides).
     quiet = {"progress_bar": False} if jobs > 1 else {}
     configs = {name: tiny_train_config(settings, runs[name][1], base, manifest, settings.workdir / name, name,
-                                       {**settings.train_overrides, **runs[name][2], **quiet}) for name in todo}
+                                       {"overwrite": settings.retrain, **settings.train_overrides, **runs[name][2],
+                                        **quiet}) for name in todo}
     # The slowest runs first, so the plain run fills the gap.
     order = sorted(todo, key=lambda name: -method_class(runs[name][0]).step_cost)
     if jobs > 1:
@@ -316,8 +319,9 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
               "U >= 0.9: the most U at worst-case AUC <= 0.60, else the most U with no detectable signal (suite-wide "
               "p >= 0.05), else the lowest worst-case AUC; the lowest of all when none keeps U), from its own "
               "evaluation on the same D_te."
-              if extra else "`.venv/bin/python scripts/frontier.py` re-runs the whole sweep on this work dir (about "
-              "70 min on 2 cores) and adds its best defence as a last row.")
+              if extra else f"`.venv/bin/python scripts/frontier.py --workdir {settings.workdir}` re-runs the whole "
+              "sweep on this work dir (about 70 min on 2 cores at 50 + 50 images) and adds its best defence as a "
+              "last row.")
     total = sum(timings.values())
     split = read_manifest(settings.workdir / "data" / "split.json", verify=False)
     base_classes = sorted({digit_label(e.caption) for e in split.pretrain})
@@ -357,16 +361,36 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     return path
 
 
+@contextlib.contextmanager
+def shared_preparation(workdir: Path) -> Iterator[None]:
+    """The block that builds what every run on ``workdir`` shares (data, base model, digit feature net), one process
+    at a time: a second demo or frontier started on the same work dir waits here, then finds them built (without
+    it, one deleted the images the other was writing). The kernel releases the lock when a process dies."""
+    check_output_dir(workdir, "--workdir")
+    with open(workdir / ".smp-lora-prepare.lock", "a+") as handle:
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only; elsewhere the preparation is not serialised
+        except ImportError:
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # blocking: wait for the other preparation
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def run_demo(settings: DemoSettings) -> Path:
     from library.runtime import torch_threads
 
-    settings.workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    with torch_threads(settings.threads):  # restored afterwards (the tests run the demo in-process)
-        manifest = _timed("data", lambda: prepare_data(settings), timings)
-        base = _timed("base model", lambda: prepare_base_model(settings, manifest), timings)
+    with shared_preparation(settings.workdir):
+        with torch_threads(settings.threads):  # restored afterwards (the tests run the demo in-process)
+            manifest = _timed("data", lambda: prepare_data(settings), timings)
+            base = _timed("base model", lambda: prepare_base_model(settings, manifest), timings)
+        with torch_threads(1):
+            feature_net = _timed("digit feature net", lambda: prepare_feature_net(settings, manifest), timings)
     with torch_threads(1):
-        feature_net = _timed("digit feature net", lambda: prepare_feature_net(settings, manifest), timings)
         loras = _timed("training", lambda: train_methods(settings, base, manifest), timings)
         eval_dir = _timed("evaluation", lambda: evaluate_methods(settings, base, manifest, loras, feature_net),
                           timings)

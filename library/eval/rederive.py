@@ -47,6 +47,8 @@ def suite_null_from_files(eval_dir: Path, seed: int | None = None) -> dict[str, 
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{report_path}: not a readable evaluation report ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise DataError(f"{report_path}: not an evaluation report (no 'results'; expected evaluate_mia's report.json)")
     if seed is None:
         seed = int((report.get("seeds") or {}).get("noise_attacks_bootstrap") or 0)
     splits, scores = read_scores_csv(Path(eval_dir) / "scores.csv")

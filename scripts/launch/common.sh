@@ -14,6 +14,9 @@
 #   LAUNCH      how training scripts are started (default "accelerate launch"; e.g. "python" on one GPU,
 #               or "accelerate launch --num_processes 4")
 #   PYTHON      the Python interpreter for evaluation and the collector (default python)
+#   RETRAIN=1   train and evaluate again what a previous call finished; by default a rerun skips every run whose
+#               <name>.safetensors and <name>.json exist and every evaluation whose report.json is newer than its
+#               models, so a launcher that died at seed 3 goes on from there
 # Relative MODEL / DATA / OUT paths are taken from the directory you call the launcher from; the launcher
 # itself runs from the repository root, so the configs' relative paths resolve there.
 
@@ -55,13 +58,20 @@ smp_setup() {
     if [[ -n "${OUT:-}" ]]; then OUT="$(smp_abspath "$OUT")"; else OUT="$SMP_REPO_ROOT/$default_out"; fi
     SEEDS="${SEEDS:-$default_seeds}"
     [[ -n "${SEEDS// /}" ]] || smp_die "SEEDS is empty: give at least one seed"
+    local seed seen=" "
+    for seed in $SEEDS; do  # every seed checked before the first (hours-long) training starts
+        [[ "$seed" =~ ^[0-9]+$ ]] || smp_die "SEEDS: '$seed' is not a seed (non-negative integers, space-separated)"
+        [[ "$seen" != *" $seed "* ]] || smp_die "SEEDS: $seed is given twice (it would count as two seeds)"
+        seen+="$seed "
+    done
+    RETRAIN="${RETRAIN:-0}"
     DRY_RUN="${DRY_RUN:-0}"
     PYTHON="${PYTHON:-python}"
     read -r -a SMP_LAUNCH <<< "${LAUNCH:-accelerate launch}"
     read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"
     read -r -a SMP_EVAL_EXTRA <<< "${EVAL_ARGS:-}"
     cd "$SMP_REPO_ROOT"
-    export MODEL DATA OUT SEEDS DRY_RUN
+    export MODEL DATA OUT SEEDS DRY_RUN RETRAIN
     smp_log "model $MODEL"
     smp_log "manifest $DATA"
     local mode=""
@@ -83,6 +93,13 @@ smp_train() {
     local method="$1" config="$2" seed="$3" out_dir="$4" name="$5"
     shift 5
     [[ -f "$config" ]] || smp_die "config $config not found"
+    if [[ "$DRY_RUN" != 1 && -e "$out_dir/$name.safetensors" ]]; then
+        if [[ "$RETRAIN" != 1 && -f "$out_dir/$name.json" ]]; then
+            smp_log "skip: $out_dir/$name.safetensors is a finished run (RETRAIN=1 trains it again)"
+            return 0
+        fi
+        set -- "$@" --overwrite  # RETRAIN=1, or a run killed between its LoRA and its record: train it again
+    fi
     local cmd=("${SMP_LAUNCH[@]}" "train_${method}.py" --config_file "$config"
         --pretrained_model_name_or_path "$MODEL" --split_manifest "$DATA"
         --seed "$seed" --output_dir "$out_dir" --output_name "$name" "$@")
@@ -123,6 +140,16 @@ smp_evaluate_models() {
     local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" "$flag" "$@"
         --split_manifest "$DATA" --output_dir "$out_dir")
     cmd+=("${SMP_EVAL_EXTRA[@]}")
+    if [[ "$DRY_RUN" != 1 && "$RETRAIN" != 1 && -f "$out_dir/report.json" ]]; then
+        local model fresh=1
+        for model in "$@"; do
+            [[ "$model" -nt "$out_dir/report.json" ]] && fresh=0
+        done
+        if [[ "$fresh" == 1 ]]; then
+            smp_log "skip: $out_dir/report.json is newer than its models (RETRAIN=1 evaluates again)"
+            return 0
+        fi
+    fi
     if [[ ! -f evaluate_mia.py ]]; then
         [[ "$DRY_RUN" == 1 ]] || smp_die "evaluate_mia.py not found in $SMP_REPO_ROOT: cannot evaluate"
         smp_log "dry run: evaluate_mia.py is not there yet; skipping evaluation"
