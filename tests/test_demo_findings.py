@@ -54,7 +54,7 @@ def test_utility_lines_read_conditional_accuracy_and_u():
 
 
 def test_a_p_value_is_never_printed_across_the_line_its_verdict_draws():
-    from library.demo.findings import p_text
+    from library.eval.summary import p_text
 
     assert p_text(500 / 10001) == "0.049995" and p_text(0.0123456) == "0.0123" and p_text(0.62) == "0.62"
     (line,) = chance_findings({"worst_case_null": {"p_value": 500 / 10001, "n_attacks": 11, "observed_max_auc": 0.7,

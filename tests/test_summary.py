@@ -170,3 +170,11 @@ def test_the_oracle_checkpoint_is_never_the_worst_case():
     worst = worst_case({"results": [_row("lora", "loss avg", 0.70), oracle, honest]})["lora"]
     assert worst.attack == "loss avg" and worst.auc == 0.70
     assert worst_case({"results": [oracle]}) == {}
+
+
+def test_the_set_audit_p_is_never_printed_across_its_alpha():
+    from library.eval.summary import _audit_cells
+
+    cells = _audit_cells({"set_audit": {"p_value": 0.010441, "n_needed": None, "alpha": 0.01, "n_suspect": 50,
+                                        "n_attacks": 11}})
+    assert cells[1:3] == ["0.0104", "not reached (50)"]  # not "0.01" beside "not reached at p < 0.01"

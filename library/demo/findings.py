@@ -8,7 +8,7 @@ learned that generalises (conditional accuracy, U), and whether the paper's own 
 
 from __future__ import annotations
 
-from library.eval.summary import paper_honest_row, worst_case
+from library.eval.summary import p_text, paper_honest_row, worst_case
 
 
 def findings(report: dict) -> list[str]:
@@ -42,16 +42,6 @@ def findings(report: dict) -> list[str]:
         lines.append(f"- {method} vs plain LoRA under the strongest attack: {worst.auc:.3f} vs {plain.auc:.3f}; "
                      f"{method} {verdict}.{signal}")
     return lines + utility_findings(report) + [""]
-
-
-def p_text(p: float, alpha: float = 0.05) -> str:
-    """``p`` to 3 significant digits, or more where those would round it across ``alpha`` (p = 0.049995 is
-    "0.049995", not "0.05", beside a verdict that it is below 0.05)."""
-    for digits in (3, 4, 5, 6):
-        text = f"{p:.{digits}g}"
-        if (float(text) < alpha) == (p < alpha):
-            return text
-    return repr(p)
 
 
 def chance_findings(base_audit: dict | None) -> list[str]:

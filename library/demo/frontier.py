@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from library.demo.findings import p_text
 from library.demo.run import (
     DEMO_SWEEP,
     DemoSettings,
@@ -40,7 +39,7 @@ from library.demo.run import (
 from library.demo.sweep import SweepRun, read_sweep
 from library.errors import ConfigError, DataError
 from library.eval.quality import PER_T_PREFIX
-from library.eval.summary import worst_case
+from library.eval.summary import p_text, worst_case
 from library.train.config import TrainConfig
 from library.train.methods import method_class
 

@@ -107,6 +107,16 @@ def dp_budget(metadata: dict[str, str] | None) -> dict[str, float] | None:
 # ------------------------------------------------------------------------------------------------ markdown
 
 
+def p_text(p: float, alpha: float = 0.05, digits: int = 3) -> str:
+    """``p`` to ``digits`` significant digits, or more where those would round it across ``alpha`` or onto it
+    (p = 0.049995 is "0.049995", not "0.05", beside a verdict that it is below 0.05)."""
+    for more in range(digits, digits + 4):
+        text = f"{p:.{more}g}"
+        if (float(text) < alpha) == (p < alpha) and (float(text) != alpha or p == alpha):
+            return text
+    return repr(p)
+
+
 def fmt(value: Any, pct: bool = False) -> str:
     """A number as report.md prints it (``pct``: times 100, two decimals); None -> "n/a"."""
     if value is None:
@@ -152,7 +162,7 @@ def _audit_cells(block: dict[str, Any]) -> list[str]:
     n_needed = sets.get("n_needed")
     needed = "n/a" if not sets else (f"{n_needed} of {sets.get('n_suspect')}" if n_needed is not None
                                      else f"not reached ({sets.get('n_suspect')})")
-    p_value = "n/a" if sets.get("p_value") is None else f"{sets['p_value']:.2g}"
+    p_value = "n/a" if sets.get("p_value") is None else p_text(sets["p_value"], sets.get("alpha") or 0.05, 2)
     if sets and "n_attacks" not in sets:  # a report from before the correction for the choice of attack
         p_value, needed = f"{p_value} (uncorrected)", f"{needed} (uncorrected)"
     null = block.get("worst_case_null")
