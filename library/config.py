@@ -187,23 +187,21 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         elif key not in types_by_name:
             unknown.append(_unknown_key_message(key, cls))
         else:
-            parse = _parsers(cls).get(key)
-            if parse is not None and isinstance(value, str):
-                value = _parsed(parse, value, f"{path}: '{key}'")
+            value = _parsed(cls, key, value, f"{path}: '{key}'")
             values[key] = _coerce(key, value, types_by_name[key], str(path))
     if unknown:
         raise ConfigError(f"{path}: " + "; ".join(unknown))
     return values
 
 
-def _parsers(cls: type) -> dict[str, Callable[[str], Any]]:
-    """``{field: its parse function}`` of the fields that have one (:func:`option`)."""
-    return {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if f.metadata.get("parse")}
-
-
-def _parsed(parse: Callable[[str], Any], text: str, where: str) -> Any:
+def _parsed(cls: type, key: str, value: Any, where: str) -> Any:
+    """A TOML or overrides ``value`` of field ``key``: a string read by the field's parse function (:func:`option`)
+    if it has one, anything else as it is (the type check follows)."""
+    parse = next((f.metadata.get("parse") for f in dataclasses.fields(cls) if f.name == key), None)
+    if parse is None or not isinstance(value, str):
+        return value
     try:
-        return parse(text)
+        return parse(value)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -216,35 +214,26 @@ class _ChoicesOrNone(tuple):
         return item is None or tuple.__contains__(self, item)
 
 
-def _cli_type(base: type, optional: bool) -> Callable[[str], Any]:
-    """argparse's converter of a field: ``base``, where ``none`` (numbers) or ``''`` gives None for Optional fields.
+def _cli_type(base: type, optional: bool, parse: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
+    """argparse's converter of a field: ``base`` (or the field's ``parse`` function, whose ValueError message
+    becomes argparse's), where ``none`` (numbers) or ``''`` gives None for Optional fields.
 
     Text options take only ``''`` as None: ``none`` may be a real name (``--output_name none``).
     """
-    if not optional:
+    if not optional and parse is None:
         return base
 
     def convert(text: str) -> Any:
-        if text == "" or (base is not str and text.strip().lower() == "none"):
+        if optional and (text == "" or (base is not str and text.strip().lower() == "none")):
             return None
-        return base(text)
-
-    convert.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
-    return convert
-
-
-def _cli_parse(parse: Callable[[str], Any], optional: bool) -> Callable[[str], Any]:
-    """argparse's converter of a field with a parse function: its ValueError message becomes argparse's;
-    ``none`` or ``''`` is None for an Optional field."""
-
-    def convert(text: str) -> Any:
-        if optional and text.strip().lower() in ("", "none"):
-            return None
+        if parse is None:
+            return base(text)
         try:
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
+    convert.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
     return convert
 
 
@@ -287,8 +276,8 @@ def build_parser(cls: type, description: str, **parser_kwargs: Any) -> argparse.
             continue
         if choices and optional:
             choices = _ChoicesOrNone(choices)
-        convert = _cli_type(base, optional) if f.metadata.get("parse") is None else _cli_parse(f.metadata["parse"], optional)
-        parser.add_argument(f"--{f.name}", type=convert, choices=choices, **kwargs)
+        parser.add_argument(f"--{f.name}", type=_cli_type(base, optional, f.metadata.get("parse")), choices=choices,
+                            **kwargs)
     return parser
 
 
@@ -403,9 +392,7 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
             value = os.fspath(value)
         elif isinstance(value, (list, tuple)):
             value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
-        parse = _parsers(cls).get(key)
-        if parse is not None and isinstance(value, str):  # as in a TOML file
-            value = _parsed(parse, value, f"overrides: '{key}'")
+        value = _parsed(cls, key, value, f"overrides: '{key}'")  # as in a TOML file
         given[key] = _coerce(key, value, types_by_name[key], "overrides")
     return _combine(cls, file_values, str(config_file), given, "overrides")
 

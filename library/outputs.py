@@ -60,16 +60,18 @@ def check_inside(folder: str | os.PathLike, name: str, flag: str) -> str:
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output folder for the duration of a run.
+    """An exclusive lock on an output folder for the duration of a run.
 
     A second run into the same folder fails at once with one clear line instead of both finishing and the
-    last one silently overwriting the other. The lock is an ``flock`` on ``<folder>/.smp-lora.lock``: the
-    kernel releases it when the process dies, so a killed run never leaves the folder locked.
+    last one silently overwriting the other; with ``wait``, it waits for the first instead (work that the second
+    then finds done). The lock is an ``flock`` on ``<folder>/.smp-lora.lock``: the kernel releases it when the
+    process dies, so a killed run never leaves the folder locked.
     """
 
-    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir", *, wait: bool = False) -> None:
         self.folder = Path(folder)
         self.flag = flag
+        self.wait = wait
         self._handle: int | None = None
 
     def __enter__(self) -> "OutputLock":
@@ -80,7 +82,7 @@ class OutputLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         handle = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(handle)
             raise ConfigError(f"{self.flag} {self.folder} is in use by another run (it holds {LOCK_FILE}); wait for "

@@ -58,6 +58,10 @@ class FrontierSettings:
     def out(self) -> Path:
         return self.out_dir or self.demo.workdir / "frontier"
 
+    def run_folder(self, run: SweepRun) -> Path:
+        """Where ``run`` trains: its LoRA, checkpoints and run record."""
+        return self.out / "runs" / run.name
+
 
 def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest: Path) -> TrainConfig:
     """The run's TrainConfig: the demo's ``configs/tiny`` file of its method, quiet (runs go in parallel), the
@@ -66,7 +70,7 @@ def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest
     placed = {"save_every_n_epochs": run.save_every_n_epochs} if run.save_every_n_epochs else {}
     if run.overrides.get("with_prior_preservation") and not run.overrides.get("class_data_dir"):
         placed["class_data_dir"] = str(settings.out / "class_images")  # the base's class images, generated once
-    folder = settings.out / "runs" / run.name
+    folder = settings.run_folder(run)
     # A run to train whose final file exists is retrained or was cut off before its record: it is redone.
     overwrite = settings.demo.retrain or (folder / f"{run.name}.safetensors").is_file()
     return tiny_train_config(settings.demo, method_class(run.method).base_config, base, manifest, folder,
@@ -76,11 +80,11 @@ def train_config(settings: FrontierSettings, run: SweepRun, base: Path, manifest
 
 def run_files(settings: FrontierSettings, run: SweepRun) -> list[tuple[Path, Any]]:
     """(LoRA file, knob value) of a finished run: the final file, plus its epoch checkpoints if any."""
-    folder = settings.out / "runs" / run.name
+    folder = settings.run_folder(run)
     final = folder / f"{run.name}.safetensors"
     if not run.save_every_n_epochs:
         return [(final, run.value)]
-    files = [(path, epoch) for path, epoch in checkpoints(folder, run.name)]
+    files = checkpoints(folder, run.name)
     try:
         record = json.loads((folder / f"{run.name}.json").read_text())
     except (OSError, ValueError) as exc:
@@ -100,12 +104,12 @@ def checkpoints(folder: Path, name: str) -> list[tuple[Path, int]]:
 def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:
     """Train the runs whose final file is missing, ``demo.jobs`` at a time (slowest first)."""
     def finished(run: SweepRun) -> bool:  # the record is written after the LoRA: a run killed between is redone
-        folder = settings.out / "runs" / run.name
+        folder = settings.run_folder(run)
         return (folder / f"{run.name}.safetensors").is_file() and (folder / f"{run.name}.json").is_file()
 
     todo = [r for r in runs if settings.demo.retrain or not finished(r)]
     for run in todo:  # a retrained run's table holds its own checkpoints only, not an earlier training's
-        for path, _ in checkpoints(settings.out / "runs" / run.name, run.name):
+        for path, _ in checkpoints(settings.run_folder(run), run.name):
             path.unlink()
             path.with_name(path.stem + "-attacker.safetensors").unlink(missing_ok=True)
     todo.sort(key=lambda r: -method_class(r.method).step_cost)
@@ -393,7 +397,7 @@ def run_frontier(settings: FrontierSettings) -> Path:
         files = {path.stem: (run, value) for run in runs for path, value in run_files(settings, run)}
         # U's unit: the first plain-LoRA run's final file (its stem is its model name in the report).
         plain = next((r.name for r in runs if r.method == "lora"), None)
-        report = evaluate_sweep(settings, [settings.out / "runs" / files[s][0].name / f"{s}.safetensors"
+        report = evaluate_sweep(settings, [settings.run_folder(files[s][0]) / f"{s}.safetensors"
                                            for s in files], base, manifest, feature_net, plain)
     points = frontier_points(report, runs, files)
     path = write_outputs(settings, points, report)

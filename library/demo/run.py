@@ -21,14 +21,13 @@ Steps (each cached in the work dir, so a second run reuses the data, base model 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from library.config import load_config, parse_flags
 from library.data.dataset import scan_dataset
@@ -40,7 +39,7 @@ from library.demo.sweep import sweep_run
 from library.errors import ConfigError
 from library.eval.config import EvalConfig
 from library.eval.summary import main_results_table, privacy_utility_table
-from library.outputs import check_output_dir
+from library.outputs import OutputLock, check_output_dir
 from library.train.config import METHODS, TrainConfig
 from library.train.methods import method_class
 
@@ -361,23 +360,12 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     return path
 
 
-@contextlib.contextmanager
-def shared_preparation(workdir: Path) -> Iterator[None]:
-    """The block that builds what every run on ``workdir`` shares (data, base model, digit feature net), one process
-    at a time: a second demo or frontier started on the same work dir waits here, then finds them built (without
-    it, one deleted the images the other was writing). The kernel releases the lock when a process dies."""
+def shared_preparation(workdir: Path) -> OutputLock:
+    """The lock around building what every run on ``workdir`` shares (data, base model, digit feature net): a second
+    demo or frontier started on the same work dir waits for it, then finds them built (without it, one deleted the
+    images the other was writing)."""
     check_output_dir(workdir, "--workdir")
-    with open(workdir / ".smp-lora-prepare.lock", "a+") as handle:
-        try:
-            import fcntl  # noqa: PLC0415 - POSIX only; elsewhere the preparation is not serialised
-        except ImportError:
-            yield
-            return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # blocking: wait for the other preparation
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return OutputLock(workdir, "--workdir", wait=True)
 
 
 def run_demo(settings: DemoSettings) -> Path:

@@ -54,8 +54,8 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
     meta = {
         "ss_output_name": trainer.output_name,
         "ss_learning_rate": str(cfg.learning_rate),
-        "ss_unet_lr": str(cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate),
+        "ss_unet_lr": str(cfg.effective_unet_lr),
+        "ss_text_encoder_lr": str(cfg.effective_text_encoder_lr),
         "ss_max_train_steps": str(trainer.total_steps),
         "ss_steps": str(trainer.global_step),
         "ss_seed": str(cfg.seed),

@@ -204,6 +204,16 @@ class TrainConfig:
                            "without training (writes nothing)")
 
     @property
+    def effective_unet_lr(self) -> float:
+        """The UNet part's learning rate: ``unet_lr``, else ``learning_rate`` (sd-scripts' fallback)."""
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        """The text-encoder part's learning rate: ``text_encoder_lr``, else ``learning_rate``."""
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
     def network_kwargs(self) -> dict[str, str]:
         """``network_args`` as the keyword arguments of ``networks.lora.create_network``."""
         kwargs: dict[str, str] = {}

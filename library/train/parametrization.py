@@ -51,10 +51,6 @@ def _trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return params
 
 
-def _lr(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 class Parametrization:
     """The trained parameters of a run and everything the loop does with them."""
 
@@ -129,8 +125,7 @@ class FullParametrization(Parametrization):
         self._base = [p.detach().clone() for p in self.params] if keep_base else None
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
-        rates = {"unet": _lr(config.unet_lr, config.learning_rate),
-                 "text_encoder": _lr(config.text_encoder_lr, config.learning_rate)}
+        rates = {"unet": config.effective_unet_lr, "text_encoder": config.effective_text_encoder_lr}
         return [{"params": list(part.parameters()), "lr": rates[name], "name": name}
                 for name, part in self.parts.items() if rates[name] > 0]
 

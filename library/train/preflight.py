@@ -150,9 +150,8 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
 def _optimizer_settings(config: TrainConfig) -> str:
     """The optimizer's type and the rates it was built with, as the state's optimizer holds them."""
     return json.dumps({"type": config.optimizer_type, "weight_decay": config.weight_decay,
-                       "unet_lr": config.learning_rate if config.unet_lr is None else config.unet_lr,
-                       "text_encoder_lr": (config.learning_rate if config.text_encoder_lr is None
-                                           else config.text_encoder_lr)}, sort_keys=True)
+                       "unet_lr": config.effective_unet_lr, "text_encoder_lr": config.effective_text_encoder_lr},
+                      sort_keys=True)
 
 
 def _attacker_settings(config: TrainConfig) -> str:
