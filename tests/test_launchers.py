@@ -71,7 +71,8 @@ def test_config_is_table5(dataset, method):
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("MODEL", "DATA", "OUT", "SEEDS", "DRY_RUN", "EXTRA_ARGS", "EVAL_ARGS", "LAUNCH", "METHODS",
-                "DATASET", "LAMBDAS", "LRS", "RANKS", "INSTANCE_TOKEN", "CLASS_PROMPT", "NUM_CLASS_IMAGES"):
+                "DATASET", "LAMBDAS", "LRS", "RANKS", "INSTANCE_TOKEN", "CLASS_PROMPT", "NUM_CLASS_IMAGES",
+                "RETRAIN", "RESUMABLE"):
         env.pop(key, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
@@ -300,6 +301,33 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     (tmp_path / "o" / "seed2" / "lora" / "lora.json").unlink()  # killed between its LoRA and its record
     assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]
     assert "--overwrite" in _recorded(rec_file)[0]
+
+
+def test_launched_trainings_keep_one_state_and_resume_the_latest(tmp_path, tiny_model_dir, manifest_path):
+    """A killed training goes on from its newest state when the launcher is called again (the trainer's side:
+    tests/test_retention.py); RETRAIN=1 starts from the first step, RESUMABLE=0 writes no states."""
+    stub = tmp_path / "finish.sh"
+    stub.write_text(FINISHER)
+    stub.chmod(0o755)
+    rec_file = tmp_path / "commands.bin"
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
+               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file), SEEDS="1")
+
+    def training(**extra: str) -> list[str]:
+        rec_file.unlink(missing_ok=True)
+        result = _run_launcher("pokemon", tmp_path, {**env, **extra})
+        assert result.returncode == 0, result.stderr
+        return next(c for c in _recorded(rec_file) if c[0] == "train_lora.py")
+
+    argv = training()
+    assert "--save_state" in argv and _flag(argv, "--resume") == "latest"
+    assert _flag(argv, "--save_last_n_epochs_state") == "1"  # configs/pokemon saves every 50 epochs
+    argv = training(RETRAIN="1")
+    assert "--save_state" in argv and "--resume" not in argv
+    argv = training(RETRAIN="1", RESUMABLE="0")
+    assert not {"--save_state", "--resume", "--save_last_n_epochs_state"} & set(argv)
+    result = _run_launcher("pokemon", tmp_path, {**env, "RESUMABLE": "yes"})
+    assert result.returncode == 2 and "RESUMABLE must be 0 or 1" in result.stderr
 
 
 @pytest.mark.parametrize("seeds, message", [("1 x", "'x' is not a seed"), ("1 1", "1 is given twice")])

@@ -15,7 +15,7 @@ from library.config import config_to_dict
 from library.errors import TrainingError
 from library.fileio import atomic_write_text, write_safetensors
 from library.runtime import SAVE_DTYPES
-from library.train import checkpoint, preflight
+from library.train import checkpoint, preflight, retention
 
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
@@ -112,6 +112,18 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     if trainer.config.save_state:
         save_state(trainer, trainer.output_dir / f"{name}-state")
     return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})
+
+
+def save_checkpoint(trainer: Trainer, cadence: retention.Cadence, number: int) -> None:
+    """An intermediate checkpoint (``<name>-NNNNNN`` at an epoch, ``<name>-stepNNNNNNNN`` at a step), then the
+    older ones ``--save_last_n_*`` no longer keeps are deleted (:mod:`library.train.retention`)."""
+    save_outputs(trainer, retention.checkpoint_name(trainer.output_name, cadence, number))
+    cfg = trainer.config
+    files = cfg.save_last_n_epochs if cadence == "epoch" else cfg.save_last_n_steps
+    states = cfg.save_last_n_epochs_state if cadence == "epoch" else cfg.save_last_n_steps_state
+    keep = retention.Retention(files=files, states=states if states is not None else files)
+    if trainer.accelerator.is_main_process and (keep.files is not None or keep.states is not None):
+        retention.prune(trainer.output_dir, trainer.output_name, cadence, number, keep, trainer.trained.remove)
 
 
 def last_good_name(trainer: Trainer) -> str:

@@ -191,8 +191,18 @@ class TrainConfig:
     save_precision: str = option("fp16", "dtype of the saved LoRA", choices=["float", "fp16", "bf16"])
     save_every_n_epochs: Optional[int] = option(None, "also save a LoRA every N epochs")
     save_every_n_steps: Optional[int] = option(None, "also save a LoRA every N steps")
+    save_last_n_epochs: Optional[int] = option(
+        None, "keep only the newest N of the --save_every_n_epochs files (older ones are deleted; default: all)")
+    save_last_n_steps: Optional[int] = option(
+        None, "keep only the --save_every_n_steps files of the last N steps (older ones are deleted; default: all)")
     save_state: bool = option(False, "save a resumable training state with every LoRA save and at the end")
-    resume: Optional[str] = option(None, "resume from a state directory written by --save_state")
+    save_last_n_epochs_state: Optional[int] = option(
+        None, "keep only the newest N epoch states (default: as --save_last_n_epochs)")
+    save_last_n_steps_state: Optional[int] = option(
+        None, "keep only the step states of the last N steps (default: as --save_last_n_steps)")
+    resume: Optional[str] = option(
+        None, "resume from a state directory written by --save_state, or 'latest': the newest state of "
+        "<output_dir>/<output_name> (a new run when there is none)")
     logging_dir: Optional[str] = option(
         None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)")
     log_every_n_steps: int = option(10, "how often step metrics are logged")
@@ -240,10 +250,12 @@ class TrainConfig:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
-        for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs"]:
+        for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs",
+                     "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state"]:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {value}")
+        self._validate_retention()
         self._validate_rates_and_seed()
         if self.privacy_lambda < 0 or not math.isfinite(self.privacy_lambda):
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
@@ -277,6 +289,18 @@ class TrainConfig:
                               "'lr_scheduler = constant_with_warmup', or 'lr_warmup_steps = 0'")
         if not 0 <= self.attacker_dropout < 1:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
+
+    def _validate_retention(self) -> None:
+        """A retention flag without the saves it prunes would be ignored silently: refuse it."""
+        needs = {"save_last_n_epochs": ("save_every_n_epochs", self.save_every_n_epochs),
+                 "save_last_n_steps": ("save_every_n_steps", self.save_every_n_steps),
+                 "save_last_n_epochs_state": ("save_every_n_epochs", self.save_every_n_epochs and self.save_state),
+                 "save_last_n_steps_state": ("save_every_n_steps", self.save_every_n_steps and self.save_state)}
+        for name, (every, present) in needs.items():
+            if getattr(self, name) is not None and not present:
+                states = " and 'save_state'" if name.endswith("_state") else ""
+                raise ConfigError(f"'{name}' prunes the checkpoints of '{every}'{states}, which this run does not "
+                                  f"write; set {every}{states}, or drop {name}")
 
     def _validate_rates_and_seed(self) -> None:
         """Rates torch would reject with a traceback (or, for a negative part rate, silently read as "off")."""

@@ -86,8 +86,6 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "optimizer_args": ForeignKey("not supported: AdamW takes --weight_decay only", lambda v: v in ([], "", None)),
     "lr_scheduler_num_cycles": ForeignKey("not supported (cosine runs one cycle)", lambda v: v in (1, None)),
     "lr_scheduler_power": ForeignKey("not supported (linear decays linearly)", lambda v: v in (1, 1.0, None)),
-    "save_last_n_epochs": ForeignKey("not supported: every --save_every_n_epochs file is kept; drop it"),
-    "save_last_n_steps": ForeignKey("not supported: every --save_every_n_steps file is kept; drop it"),
     "sample_every_n_steps": ForeignKey("use --sample_every_n_epochs"),
     "sample_sampler": ForeignKey("training-time samples use one sampler (DDIM); drop it", _always),
     "network_train_text_encoder_only": ForeignKey("use --unet_lr 0 (only the text-encoder LoRA trains)", _false),

@@ -76,6 +76,10 @@ class Parametrization:
         """Write the trained weights as ``<output_dir>/<name>.safetensors`` (and siblings); returns that file."""
         raise NotImplementedError
 
+    def remove(self, output_dir: Path, name: str) -> None:
+        """Delete what :meth:`save` wrote under ``name`` (an intermediate checkpoint past its retention)."""
+        (output_dir / f"{name}.safetensors").unlink(missing_ok=True)
+
 
 class LoRAParametrization(Parametrization):
     """A kohya LoRA / LoCon network (``networks.lora``) patched into the frozen models."""
@@ -164,6 +168,11 @@ class FullParametrization(Parametrization):
         if "text_encoder" not in self.parts:  # an overwritten run's trained text encoder must not pose as this one's
             _remove_our_folder(output_dir / f"{name}-text_encoder", "model.safetensors")
         return path
+
+    def remove(self, output_dir: Path, name: str) -> None:
+        super().remove(output_dir, name)
+        _remove_our_folder(output_dir / f"{name}-unet", "diffusion_pytorch_model.safetensors")
+        _remove_our_folder(output_dir / f"{name}-text_encoder", "model.safetensors")
 
 
 def _remove_our_folder(folder: Path, weights: str) -> None:

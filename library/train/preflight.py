@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from library.errors import ConfigError, TrainingError
 from library.outputs import OutputLock, check_output_dir
+from library.train import retention
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.data import latent_cache_dir
@@ -88,6 +89,19 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
                                          "process could not take its lock); wait for it to finish or choose another "
                                          "folder")
         yield
+
+
+def resolve_latest_state(trainer: Trainer) -> None:
+    """``--resume latest``: the newest state of ``<output_dir>/<output_name>``, or a new run when there is none
+    (diffusers' ``--resume_from_checkpoint latest``; what the launchers pass, so a killed run goes on)."""
+    config = trainer.config
+    if config.resume != retention.LATEST:
+        return
+    state = retention.latest_state(trainer.output_dir, trainer.output_name)
+    config.resume = str(state) if state is not None else None
+    if trainer.accelerator.is_main_process:
+        print(f"--resume latest: {f'resuming from {state}' if state else 'no state of this run yet, starting a new run'}",
+              flush=True)
 
 
 def check_overwrite(trainer: Trainer) -> None:

@@ -289,7 +289,7 @@ class Trainer:
                 self._end_of_epoch(epoch, logs)
             if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
                     and self.global_step < self.total_steps:
-                artifacts.save_outputs(self, f"{self.output_name}-step{self.global_step:08d}")
+                artifacts.save_checkpoint(self, "step", self.global_step)
         bar.close()
         if self.smoothness is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ class Trainer:
         if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             self._sample_images(f"{self.output_name}_e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
-            artifacts.save_outputs(self, f"{self.output_name}-{epoch:06d}")
+            artifacts.save_checkpoint(self, "epoch", epoch)
 
     def _proxy_monitor(self, epoch: int) -> dict[str, float]:
         """The proxy h_w's accuracy on D_aux and D_te (a monitor only; evaluate_mia.py is the real test).
@@ -416,6 +416,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     preflight.check_output_folders(config)
     trainer = Trainer(config, method_name)
     with preflight.run_lock(trainer):
+        preflight.resolve_latest_state(trainer)
         preflight.check_overwrite(trainer)
         if config.resume:
             preflight.check_resume(trainer)

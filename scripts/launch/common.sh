@@ -14,9 +14,13 @@
 #   LAUNCH      how training scripts are started (default "accelerate launch"; e.g. "python" on one GPU,
 #               or "accelerate launch --num_processes 4")
 #   PYTHON      the Python interpreter for evaluation and the collector (default python)
-#   RETRAIN=1   train and evaluate again what a previous call finished; by default a rerun skips every run whose
-#               <name>.safetensors and <name>.json exist and every evaluation whose report.json is newer than its
-#               models, so a launcher that died at seed 3 goes on from there
+#   RETRAIN=1   train and evaluate again what a previous call finished, each run from its first step; by default
+#               a rerun skips every run whose <name>.safetensors and <name>.json exist and every evaluation whose
+#               report.json is newer than its models, so a launcher that died at seed 3 goes on from there
+#   RESUMABLE=0 write no training states. By default every training saves a resumable state with each
+#               --save_every_n_epochs checkpoint, keeps only the newest (--save_last_n_epochs_state 1) and the
+#               final <name>-state, and starts with --resume latest: a training killed at epoch 320 of 400 goes
+#               on from its epoch-300 state, bit for bit, when the launcher is called again
 # Relative MODEL / DATA / OUT paths are taken from the directory you call the launcher from; the launcher
 # itself runs from the repository root, so the configs' relative paths resolve there.
 
@@ -65,13 +69,15 @@ smp_setup() {
         seen+="$seed "
     done
     RETRAIN="${RETRAIN:-0}"
+    RESUMABLE="${RESUMABLE:-1}"
+    [[ "$RESUMABLE" == 0 || "$RESUMABLE" == 1 ]] || smp_die "RESUMABLE must be 0 or 1, got '$RESUMABLE'"
     DRY_RUN="${DRY_RUN:-0}"
     PYTHON="${PYTHON:-python}"
     read -r -a SMP_LAUNCH <<< "${LAUNCH:-accelerate launch}"
     read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"
     read -r -a SMP_EVAL_EXTRA <<< "${EVAL_ARGS:-}"
     cd "$SMP_REPO_ROOT"
-    export MODEL DATA OUT SEEDS DRY_RUN RETRAIN
+    export MODEL DATA OUT SEEDS DRY_RUN RETRAIN RESUMABLE
     smp_log "model $MODEL"
     smp_log "manifest $DATA"
     local mode=""
@@ -99,6 +105,14 @@ smp_train() {
             return 0
         fi
         set -- "$@" --overwrite  # RETRAIN=1, or a run killed between its LoRA and its record: train it again
+    fi
+    if [[ "$RESUMABLE" == 1 ]]; then  # in a dry run too: the flags are validated with the config
+        local resumable=(--save_state)
+        [[ "$RETRAIN" == 1 ]] || resumable+=(--resume latest)  # the newest state of this run, if any
+        if grep -Eq '^[[:space:]]*save_every_n_epochs[[:space:]]*=' "$config"; then
+            resumable+=(--save_last_n_epochs_state 1)  # one state per run on disk, not one per checkpoint
+        fi
+        set -- "${resumable[@]}" "$@"
     fi
     local cmd=("${SMP_LAUNCH[@]}" "train_${method}.py" --config_file "$config"
         --pretrained_model_name_or_path "$MODEL" --split_manifest "$DATA"

@@ -1,0 +1,120 @@
+"""Checkpoint retention (--save_last_n_*) and --resume latest: the pure choices, then runs on the tiny stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.config import parse_config
+from library.errors import ConfigError
+from library.train import retention
+from library.train.config import TrainConfig
+from library.train.trainer import Trainer, train
+
+
+def run(args: list[str], method: str = "lora"):
+    return train(parse_config(TrainConfig, args), method)
+
+
+def test_epochs_keep_the_newest_n_saves_and_steps_keep_the_last_n_steps():
+    assert retention.to_remove([10, 20, 30, 40], "epoch", 40, 2) == [10, 20]
+    assert retention.to_remove([10, 20], "epoch", 20, 2) == []
+    assert retention.to_remove([10, 20, 30, 50], "epoch", 30, 1) == [10, 20]  # 50: a later run's, not ours
+    assert retention.to_remove([10, 20, 30], "epoch", 30, None) == []
+    # sd-scripts' --save_last_n_steps is a distance: at step 600 with N = 250, 350 and older go
+    assert retention.to_remove([200, 300, 350, 400, 600], "step", 600, 250) == [200, 300]
+
+
+def test_checkpoint_names_round_trip_and_foreign_names_are_not_ours():
+    assert retention.checkpoint_name("run", "epoch", 5) == "run-000005"
+    assert retention.checkpoint_name("run", "step", 5) == "run-step00000005"
+    assert retention.parse_checkpoint("run", "run-000005") == retention.Checkpoint("run-000005", "epoch", 5)
+    assert retention.parse_checkpoint("run", "run-step00000005").cadence == "step"
+    for other in ["run", "run-5", "run-last-good", "runx-000005", "other-000005", "run-000005-attacker"]:
+        assert retention.parse_checkpoint("run", other) is None, other
+    assert retention.parse_checkpoint("a.b", "aXb-000005") is None  # the name is not a regular expression
+
+
+def test_latest_state_is_the_highest_recorded_step(tmp_path):
+    def state(name, step):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.json").write_text(json.dumps({"global_step": step}))
+
+    assert retention.latest_state(tmp_path, "run") is None
+    state("run-000002-state", 12)
+    state("run-step00000018-state", 18)
+    state("run-000001-state", 6)
+    state("other-000009-state", 99)  # another run's
+    (tmp_path / "run-000009-state").mkdir()  # not a state (no summary)
+    assert retention.latest_state(tmp_path, "run") == tmp_path / "run-step00000018-state"
+    state("run-state", 24)
+    assert retention.latest_state(tmp_path, "run") == tmp_path / "run-state"
+
+
+def test_retention_deletes_older_checkpoints_and_keeps_the_final_ones(tiny_train_args, tmp_path):
+    out = tmp_path / "kept"
+    # 24 members in batches of 4: 6 steps an epoch, so 24 steps are 4 epochs and epochs 1-3 write checkpoints
+    run(tiny_train_args + ["--max_train_steps", "24", "--save_every_n_epochs", "1", "--save_last_n_epochs", "2",
+                           "--save_state", "--save_last_n_epochs_state", "1", "--output_dir", str(out)])
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["lora-000002.json", "lora-000002.safetensors", "lora-000003-state", "lora-000003.json",
+                     "lora-000003.safetensors", "lora-state", "lora.json", "lora.safetensors"]
+    steps = tmp_path / "steps"
+    run(tiny_train_args + ["--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "3",
+                           "--output_dir", str(steps)])
+    assert sorted(p.name for p in steps.glob("lora-step*.safetensors")) == [
+        "lora-step00000004.safetensors", "lora-step00000006.safetensors"]
+
+
+def test_retention_without_the_saves_it_prunes_is_refused(tiny_train_args):
+    with pytest.raises(ConfigError, match="'save_last_n_epochs' prunes the checkpoints of 'save_every_n_epochs'"):
+        parse_config(TrainConfig, tiny_train_args + ["--save_last_n_epochs", "2"])
+    with pytest.raises(ConfigError, match="save_last_n_steps_state.*'save_state'"):
+        parse_config(TrainConfig, tiny_train_args + ["--save_every_n_steps", "2", "--save_last_n_steps_state", "1"])
+    with pytest.raises(ConfigError, match="'save_last_n_epochs' must be > 0"):
+        parse_config(TrainConfig, tiny_train_args + ["--save_every_n_epochs", "1", "--save_last_n_epochs", "0"])
+
+
+def test_resume_latest_continues_a_killed_run_exactly(tiny_train_args, tmp_path, monkeypatch, capsys):
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "18", "--save_every_n_epochs",
+                                "1", "--save_state", "--save_last_n_epochs_state", "1"]
+    whole = run(common + ["--output_dir", str(tmp_path / "whole")], "smp_lora")
+
+    killed = tmp_path / "killed"
+    original_step = Trainer.step
+
+    def step_until_killed(self):
+        if self.global_step == 15:  # in epoch 3, after the states of epochs 1 and 2
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_until_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(common + ["--resume", "latest", "--output_dir", str(killed)], "smp_lora")
+    assert "no state of this run yet, starting a new run" in capsys.readouterr().out
+    assert [p.name for p in killed.glob("*-state")] == ["smp_lora-000002-state"]  # epoch 1's was pruned
+    steps_taken: list[int] = []
+
+    def counted_step(self):
+        steps_taken.append(self.global_step)
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "step", counted_step)
+    resumed = run(common + ["--resume", "latest", "--output_dir", str(killed)], "smp_lora")
+    assert f"resuming from {killed / 'smp_lora-000002-state'}" in capsys.readouterr().out
+    assert steps_taken == list(range(12, 18))  # from epoch 2's state on, not from the start
+    for produced, expected in [(resumed.lora_path, whole.lora_path), (resumed.attacker_path, whole.attacker_path)]:
+        a, b = load_file(produced), load_file(expected)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_fine_tune_checkpoint_goes_with_its_model_folders(tiny_train_args, tmp_path):
+    out = tmp_path / "full"
+    run(tiny_train_args + ["--train_mode", "full", "--learning_rate", "1e-5", "--max_train_steps", "4",
+                           "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--output_dir", str(out)])
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("lora-step"))
+    # at step 3, "the last 1 step" keeps steps 2 and 3; step 1's file, record and UNet folder are gone
+    assert kept == [f"lora-step0000000{s}{suffix}" for s in (2, 3) for suffix in ("-unet", ".json", ".safetensors")]
