@@ -397,6 +397,24 @@ def test_divergence_advice_fits_the_run(method, flags, says, not_said):
 
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--learning_rate", "1e38"], "step 0: the optimizer step overflowed float32"),
+    (["--attacker_lr", "1e38"], "the proxy attacker's optimizer step overflowed float32"),
+])
+def test_a_rate_that_overflows_the_optimizer_is_one_line(tiny_train_args, tmp_path, capsys, flags, says):
+    """1e38 is finite and passes validation, but AdamW divides it by 1 - beta1 = 0.1: torch's RuntimeError from
+    inside the optimizer, before any weight moved."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "overflow"
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--output_dir", str(out), *flags]
+    assert train_entry("smp_lora", "", args) == 2
+    line = one_line(capsys)
+    assert says in line and flags[0][2:] in line, line
+    if flags[0] == "--learning_rate":
+        assert all(torch.isfinite(t).all() for t in load_file(out / "smp_lora-last-good.safetensors").values())
+
+
 def test_a_full_disk_at_a_state_save_is_one_line_and_the_earlier_files_survive(finished_run, tmp_path, capsys,
                                                                                 monkeypatch):
     import errno

@@ -8,9 +8,10 @@ the clip norm and noise of DP-SGD for a DP run, gradient clipping where it is of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Iterator, NoReturn
 
 import torch
 
@@ -71,3 +72,17 @@ def check_gradient_norm(trainer: Trainer, grad_norm: float) -> None:
     if not math.isfinite(grad_norm) and not trainer.grad_scaler.is_enabled():
         stop(trainer, f"non-finite gradients (norm {grad_norm}), the weights are left as they were. "
                       f"{advice(trainer)}")
+
+
+@contextlib.contextmanager
+def optimizer_overflow(trainer: Trainer) -> Iterator[None]:
+    """The optimizer step, where a float32 overflow (a learning rate near 1e38: AdamW divides it by 1 - beta1)
+    is torch's multi-line RuntimeError from inside the optimizer; it fails before any weight moves, so the run
+    stops with one line and the weights as they were."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        stop(trainer, f"the optimizer step overflowed float32 ({exc}): a learning rate this large "
+                      f"(learning_rate {trainer.config.learning_rate}) cannot train. {advice(trainer)}")

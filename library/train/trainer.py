@@ -230,7 +230,8 @@ class Trainer:
                     p.grad.div_(logs["grad_norm"])
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.grad_scaler.step(self.optimizer)  # line 9 (skipped by the fp16 scaler on inf/NaN gradients)
+        with divergence.optimizer_overflow(self):
+            self.grad_scaler.step(self.optimizer)  # line 9 (skipped by the fp16 scaler on inf/NaN gradients)
         self.grad_scaler.update()
         self.scheduler.step()
         if cfg.update_order == "lora_first" and attacker_turn:  # upstream code order

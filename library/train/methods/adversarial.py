@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 
 from library.data.dataset import shuffle_caption
-from library.errors import warn
+from library.errors import TrainingError, warn
 from library.privacy import (
     ProxyAttacker,
     attacker_loss,
@@ -163,7 +163,13 @@ class AdversarialLoRA(TrainingMethod):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ctx.reduce_gradients(list(self.attacker.parameters()))
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except RuntimeError as exc:  # float32 overflow inside AdamW (see divergence.optimizer_overflow)
+                if "overflow" not in str(exc):
+                    raise
+                raise TrainingError(f"the proxy attacker's optimizer step overflowed float32 ({exc}): attacker_lr "
+                                    f"{self.config.attacker_lr} cannot train; lower attacker_lr") from None
             # Each process saw different noise: average the feature normaliser's running statistics too,
             # so the attacker stays identical on every rank.
             with torch.no_grad():
