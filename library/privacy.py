@@ -305,9 +305,10 @@ def validate_privacy_lambda(lam: float) -> float:
 
 
 def validate_privacy_delta(delta: float) -> float:
-    """δ of Eq. 10 must be a finite number >= 0 (paper: 1e-5)."""
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta < 0:
-        raise ConfigError(f"privacy_delta must be a finite number >= 0, got {delta!r}")
+    """δ of Eq. 10 must be a finite number > 0 (paper: 1e-5): the paper's "small positive constant" (with G <= 0
+    the denominator stays >= 1 without it; the training config refuses 0 the same way)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta <= 0:
+        raise ConfigError(f"'privacy_delta' must be a finite number > 0 (paper: 1e-5), got {delta!r}")
     return float(delta)
 
 
@@ -353,7 +354,7 @@ def smp_lora_loss(l_ada: Tensor, g: Tensor, lam: float, delta: float = DEFAULT_D
     the attacker stops recognising training samples as members. Unlike Eq. 6, the loss stays bounded
     below by 0, and the 1/D factors are what bound the local smoothness in Eq. 11.
 
-    Raises :class:`ConfigError` for λ < 0 or δ < 0, and :class:`TrainingError` naming λ, G and D when
+    Raises :class:`ConfigError` for λ < 0 or δ <= 0, and :class:`TrainingError` naming λ, G and D when
     L_ada or G is not finite or D is not a positive finite number.
     """
     lam = validate_privacy_lambda(lam)

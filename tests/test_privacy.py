@@ -106,7 +106,7 @@ def test_mp_loss_value_and_gradients():
     assert g.grad.item() == pytest.approx(lam)
 
 
-@pytest.mark.parametrize("lam,delta", [(0.05, 1e-5), (1.0, 1e-5), (0.0, 1e-5), (0.5, 0.0)])
+@pytest.mark.parametrize("lam,delta", [(0.05, 1e-5), (1.0, 1e-5), (0.0, 1e-5), (0.5, 0.1)])
 def test_smp_loss_value_and_gradients(lam, delta):
     l_ada_v, g_v = 0.12, -0.9
     l_ada, g = _leaf(l_ada_v), _leaf(g_v)
@@ -128,8 +128,9 @@ def test_lambda_and_delta_validation():
         smp_lora_loss(_leaf(0.1), _leaf(-1.0), -0.5)
     with pytest.raises(ConfigError, match="privacy_lambda must be >= 0"):
         mp_lora_loss(_leaf(0.1), _leaf(-1.0), -0.5)
-    with pytest.raises(ConfigError, match="privacy_delta"):
-        smp_lora_loss(_leaf(0.1), _leaf(-1.0), 0.1, delta=-1.0)
+    for bad_delta in (-1.0, 0.0, float("nan")):  # 0 too, as the training config refuses it
+        with pytest.raises(ConfigError, match="'privacy_delta' must be a finite number > 0"):
+            smp_lora_loss(_leaf(0.1), _leaf(-1.0), 0.1, delta=bad_delta)
 
 
 def test_non_finite_inputs_raise_training_error():

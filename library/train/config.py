@@ -15,6 +15,7 @@ from typing import Optional
 from library.config import DEFAULT, option, square_size, value_sources
 from library.errors import ConfigError, warn
 from library.outputs import check_inside
+from library.privacy import validate_privacy_delta
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
 from library.train.methods import method_class, method_names
 from library.train.proxy_features import ProxyFeatures
@@ -261,8 +262,7 @@ class TrainConfig:
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
         if self.prior_loss_weight < 0 or not math.isfinite(self.prior_loss_weight):
             raise ConfigError(f"'prior_loss_weight' must be a finite number >= 0, got {self.prior_loss_weight}")
-        if self.privacy_delta <= 0:
-            raise ConfigError(f"'privacy_delta' must be > 0, got {self.privacy_delta}")
+        validate_privacy_delta(self.privacy_delta)
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")
         if any(not 0 <= t < 1000 for t in self.attacker_timesteps) or not self.attacker_timesteps:
