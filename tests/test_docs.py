@@ -83,3 +83,15 @@ def test_markdown_links_resolve():
 def test_readme_starts_with_the_two_commands():
     head = "\n".join((REPO / "README.md").read_text(encoding="utf-8").splitlines()[:25])
     assert "bash scripts/demo.sh" in head and "bash scripts/test.sh" in head
+
+
+def test_the_readme_flags_of_the_banded_defence_are_a_valid_smp_config():
+    """The README names the defence by its flags; given as written they must make a run, not a config error."""
+    from library.config import parse_config
+    from library.train.config import TrainConfig
+
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    flags = re.search(r"banded, calibrated \(t, loss\) proxy\*\* \(`([^`]+)`", text).group(1).split()
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s", *flags])
+    assert (config.attacker_features, config.attacker_calibration, config.attacker_max_timestep) == ("t_loss", "base",
+                                                                                                     400)
