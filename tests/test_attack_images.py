@@ -30,11 +30,18 @@ from library.eval.attacks.image_distance import (
     ImageSet,
     nearest_distances,
     paired_distances,
+    ssim,
 )
 from library.eval.attacks.reconstruction import (
     ReconstructionProbe,
     reconstruction_timesteps,
 )
+from library.eval.attacks.rediffuse import (
+    ReDiffuseAttack,
+    ReDiffuseProbe,
+    variation_timesteps,
+)
+from library.eval.config import EvalConfig
 from library.eval.features import Sample, applied_lora
 from library.eval.probes import ModelContext, QueryContext
 from library.fileio import sha256_file
@@ -206,6 +213,71 @@ def test_reconstruction_equals_hand_computation(world, samples, latents):
                                rtol=1e-4, atol=1e-8)
 
 
+def reference_ssim(x: np.ndarray, y: np.ndarray, win: int = 7) -> float:
+    """skimage's structural_similarity written out window by window ([H, W, C] in [0, 1], data_range 1)."""
+    h, w, c = x.shape
+    values = []
+    for ch in range(c):
+        for i in range(h - win + 1):
+            for j in range(w - win + 1):
+                a, b = x[i:i + win, j:j + win, ch].ravel(), y[i:i + win, j:j + win, ch].ravel()
+                ma, mb = a.mean(), b.mean()
+                va, vb = a.var(ddof=1), b.var(ddof=1)
+                cov = ((a - ma) * (b - mb)).sum() / (a.size - 1)
+                values.append((2 * ma * mb + 1e-4) * (2 * cov + 9e-4) / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4)))
+    return float(np.mean(values))
+
+
+def test_ssim_equals_the_windowed_formula():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.uniform(-1, 1, (2, 3, 11, 9)))
+    b = (a + torch.from_numpy(rng.normal(0, 0.3, (2, 3, 11, 9)))).clamp(-1, 1)
+    got = ssim(a, b)
+    for i in range(2):
+        x, y = ((a[i] + 1) / 2).permute(1, 2, 0).numpy(), ((b[i] + 1) / 2).permute(1, 2, 0).numpy()
+        assert got[i].item() == pytest.approx(reference_ssim(x, y), rel=1e-10)
+    torch.testing.assert_close(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    small = a[:, :, :6, :6]  # smaller than the window: the largest odd window that fits (5)
+    assert ssim(small, b[:, :, :6, :6])[0].item() == pytest.approx(
+        reference_ssim(((small[0] + 1) / 2).permute(1, 2, 0).numpy(),
+                       ((b[0, :, :6, :6] + 1) / 2).permute(1, 2, 0).numpy(), win=5), rel=1e-10)
+
+
+def test_rediffuse_schedule_and_options():
+    assert variation_timesteps(10, 10) == [10] and variation_timesteps(25, 10) == [25, 15, 5]
+    attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_timestep=30, rediffuse_variations=4), CPU)
+    assert attack.queries_per_sample() == 4 * 3
+    for bad, key in (({"rediffuse_timestep": 0}, "rediffuse_timestep"), ({"rediffuse_interval": 0}, "rediffuse_interval"),
+                     ({"rediffuse_variations": 0}, "rediffuse_variations")):
+        with pytest.raises(ConfigError, match=key):
+            EvalConfig(pretrained_model_name_or_path="model", split_manifest="split.json", **bad).validate()
+
+
+@torch.no_grad()
+def test_rediffuse_equals_hand_computation(world, samples, latents):
+    """Two variations noised to t = 30 and brought back in DDIM steps of 20 (30, 10, clean), with the caption and
+    no guidance, decoded and averaged; the distances of that average to the query."""
+    bundle = world["bundle"]
+    probe = ReDiffuseProbe(timestep=30, interval=20, variations=2)
+    ctx = QueryContext(model_context(bundle, samples), [3, 4], latents[[3, 4]])
+    out = probe.compute(ctx)
+    assert ctx.queries == 2 * 2 * 2 and torch.all(out[COST_OUTPUT] == 4.0)
+    a = float(bundle.noise_scheduler.alphas_cumprod[30])
+    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo"])
+    rebuilt, decoded = [], []
+    for draw in range(2):
+        z = math.sqrt(a) * latents[[3, 4]] + math.sqrt(1 - a) * ctx.noise("rediffuse", draw)
+        z0_hat = hand_ddim(bundle.unet, z, [30, 10], cond, None, 1.0, bundle.noise_scheduler.alphas_cumprod.double())
+        rebuilt.append(z0_hat)
+        decoded.append(bundle.vae.decode(z0_hat / bundle.vae.config.scaling_factor).sample.clamp(-1, 1))
+    image, latent = (decoded[0] + decoded[1]) / 2, (rebuilt[0] + rebuilt[1]) / 2
+    query = ctx.images()
+    torch.testing.assert_close(out["pixel"], ((image - query) ** 2).flatten(1).mean(1).double(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(out["latent"], ((latent - latents[[3, 4]]) ** 2).flatten(1).mean(1).double(),
+                               rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(out["dssim"], 1 - ssim(query, image), rtol=1e-4, atol=1e-6)
+
+
 @torch.no_grad()
 def test_blind_features_ignore_the_model(world, samples, latents):
     bundle, probe = world["bundle"], BlindProbe()
@@ -228,15 +300,17 @@ def test_blind_features_ignore_the_model(world, samples, latents):
 def test_end_to_end_rows_costs_and_floor(world):
     out = world["root"] / "eval_images"
     rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"]), "--attacks", "blackbox",
-                                     "reconstruction", "blind", "--blackbox_num_images", "4", "--blackbox_steps", "4"))
+                                     "reconstruction", "rediffuse", "blind", "--blackbox_num_images", "4",
+                                     "--blackbox_steps", "4", "--rediffuse_variations", "2"))
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     rows = {(r["model"], r["attack"], r["variant"]): r for r in report["results"]}
     for model in ("base", "overfit"):
-        for attack in ("blackbox", "reconstruction"):
+        for attack in ("blackbox", "reconstruction", "rediffuse"):
             row = rows[(model, attack, "classifier")]
             assert row["headline"] and row["kind"] == "classifier" and not row["floor"]
             assert {(model, attack, v) for v in ("pixel", "latent")} <= set(rows)
+        assert not rows[(model, "rediffuse", "dssim")]["headline"]  # the paper's own attack: a variant
         blind = rows[(model, "blind", "classifier")]
         assert blind["floor"] and blind["headline"]
         assert blind["auc_ci"][0] <= 0.5 <= blind["auc_ci"][1], blind  # random i.i.d. images: chance
@@ -246,9 +320,11 @@ def test_end_to_end_rows_costs_and_floor(world):
     assert settings["blackbox"]["queries_per_sample"] == pytest.approx(4 * 4 * 2 / n)  # one caption for all
     assert settings["reconstruction"]["queries_per_sample"] == 2 * 2  # [251, 1] x (cond + uncond)
     assert settings["blind"]["queries_per_sample"] == 0.0
+    assert settings["rediffuse"]["queries_per_sample"] == 2 * 1  # n = 2 variations of one DDIM step (t 10, k 10)
     probes = report["features"]["probes"]["overfit"]
     assert probes["blackbox"]["queries_computed"] == 4 * 4 * 2
     assert probes["reconstruction"]["queries_computed"] == n * 4
+    assert probes["rediffuse"]["queries_computed"] == n * 2
     aucs = {f"{m} {a} {v}": round(r["auc"], 3) for (m, a, v), r in rows.items()}
     print("AUCs on D_te:", json.dumps(aucs, indent=1))
     assert np.isfinite(list(aucs.values())).all()

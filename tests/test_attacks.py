@@ -43,7 +43,7 @@ def by_variant(score_sets):
 
 def test_registry_and_interface():
     suite = {"paper", "loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima", "blackbox",
-             "reconstruction", "blind"}
+             "reconstruction", "rediffuse", "blind"}
     # The default is the whole suite; PFAMI is registered but opt-in (docs/attacks.md: its cost, its demo AUC).
     assert set(DEFAULT_ATTACKS) == suite and set(ATTACK_NAMES) == suite | {"pfami"}
     for name in ATTACK_NAMES:

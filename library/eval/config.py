@@ -136,6 +136,10 @@ class EvalConfig:
     reconstruction_strength: float = option(
         0.5, "reconstruction: how far the query is noised before it is denoised (img2img strength, 0-1)")
     reconstruction_repeats: int = option(1, "reconstruction: noisings per query (averaged; Pang & Wang: 3)")
+    rediffuse_timestep: int = option(
+        10, "ReDiffuse: t, how far each variation noises the query (paper, SD: 10)")
+    rediffuse_interval: int = option(10, "ReDiffuse: k, the DDIM step of the way back (paper: 10)")
+    rediffuse_variations: int = option(10, "ReDiffuse: n, variations averaged per query (paper: 10)")
     epsilon_delta: float = option(1e-5, "empirical epsilon: the delta of the (epsilon, delta) lower bound")
     audit_alpha: float = option(0.01, "set-level audit: the p-value a suspect set must reach")
 
@@ -228,7 +232,7 @@ class EvalConfig:
             raise ConfigError("need 0 < secmi_step <= secmi_timestep < 1000 with secmi_timestep a multiple of "
                               f"secmi_step, got secmi_timestep={self.secmi_timestep}, secmi_step={self.secmi_step}")
         for name in ("pia_norm", "sima_norm", "gsa_timesteps", "blackbox_num_images", "blackbox_steps",
-                     "reconstruction_repeats", "pfami_perturbations"):
+                     "reconstruction_repeats", "pfami_perturbations", "rediffuse_interval", "rediffuse_variations"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if len(self.pfami_crop_range) != 2 or any(not 0.0 < f <= 1.0 for f in self.pfami_crop_range):
@@ -236,6 +240,8 @@ class EvalConfig:
                               f"perturbation), got {self.pfami_crop_range}")
         if any(not 0.0 < f < 1.0 for f in self.clid_mask_fractions):
             raise ConfigError(f"'clid_mask_fractions' must lie in (0, 1), got {self.clid_mask_fractions}")
+        if not 0 < self.rediffuse_timestep < 1000:
+            raise ConfigError(f"'rediffuse_timestep' must be in [1, 999], got {self.rediffuse_timestep}")
         if not 0.0 < self.reconstruction_strength <= 1.0:
             raise ConfigError(f"'reconstruction_strength' must be in (0, 1], got {self.reconstruction_strength}")
         if self.blackbox_guidance_scale < 1.0:

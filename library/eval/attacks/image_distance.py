@@ -1,7 +1,8 @@
 """What the image-space attacks share: image distances, the feature extractors, and the small classifier.
 
-The black-box attack (Wu et al. 2022, :mod:`~library.eval.attacks.blackbox`) and the reconstruction attack (Pang &
-Wang, NDSS 2025, :mod:`~library.eval.attacks.reconstruction`) both reduce a query image to its distances to some
+The black-box attack (Wu et al. 2022, :mod:`~library.eval.attacks.blackbox`), the reconstruction attack (Pang &
+Wang, NDSS 2025, :mod:`~library.eval.attacks.reconstruction`) and ReDiffuse (:mod:`~library.eval.attacks.rediffuse`,
+which adds :func:`ssim`) all reduce a query image to its distances to some
 model-made images: pixel MSE (images in [-1, 1]), VAE-latent MSE (free: the latents exist anyway) and the mean
 squared difference of features in each space the evaluation's weights give (:mod:`library.eval.extractors`:
 ``digits`` via ``--digit_feature_weights``, ``inception`` via ``--inception_weights``). One probe output per
@@ -130,6 +131,25 @@ def paired_distances(query: ImageSet, other: ImageSet) -> dict[str, torch.Tensor
     return {name: (x.double() - others[name].double()).square().mean(dim=1) for name, x in query.spaces().items()}
 
 
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """[N] float64: the structural similarity of images ``a`` and ``b`` [N, C, H, W] in [-1, 1], as
+    ``skimage.metrics.structural_similarity(x, y, data_range=1, channel_axis=-1)`` computes it on the images
+    mapped to [0, 1]: a uniform ``window`` x ``window`` filter (smaller for a smaller image), K1 0.01, K2 0.03,
+    sample covariances, averaged over the window positions inside the image and over the channels."""
+    x, y = (a.double() + 1.0) / 2.0, (b.double() + 1.0) / 2.0
+    window = min(window, x.shape[-2], x.shape[-1])
+    window -= 1 - window % 2  # odd, as skimage requires
+    pool = functools.partial(torch.nn.functional.avg_pool2d, kernel_size=window, stride=1)
+    mx, my = pool(x), pool(y)
+    n = window * window
+    unbiased = n / (n - 1) if n > 1 else 1.0
+    vx, vy = unbiased * (pool(x * x) - mx * mx), unbiased * (pool(y * y) - my * my)
+    vxy = unbiased * (pool(x * y) - mx * my)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
 # ------------------------------------------------------------------------------------------------ classifier
 
 
@@ -200,4 +220,4 @@ class DistanceClassifierAttack(Attack):
 
 __all__ = ["COST_OUTPUT", "DistanceClassifierAttack", "ImageSet", "classifier_score_set", "describe",
            "fit_logistic", "given_extractors", "load_image_extractors", "mse_matrix", "nearest_distances",
-           "paired_distances"]
+           "paired_distances", "ssim"]

@@ -38,13 +38,14 @@ ATTACK_CLASSES: dict[str, str] = {
     "pfami": "library.eval.attacks.pfami:PFAMIAttack",
     "blackbox": "library.eval.attacks.blackbox:BlackBoxAttack",
     "reconstruction": "library.eval.attacks.reconstruction:ReconstructionAttack",
+    "rediffuse": "library.eval.attacks.rediffuse:ReDiffuseAttack",
     "blind": "library.eval.attacks.blind:BlindAttack",
 }
 ATTACK_NAMES = tuple(ATTACK_CLASSES)
 # What runs without --attacks: the whole suite (docs/attacks.md), so that a model's headline is its worst case
 # over all of it. Kept apart from the registry so that registering an attack does not add it here by itself.
 DEFAULT_ATTACKS = ("paper", "loss", "calibrated", "secmi", "pia", "pian", "clid", "gsa", "sima", "blackbox",
-                   "reconstruction", "blind")
+                   "reconstruction", "rediffuse", "blind")
 
 
 def attack_class(name: str) -> type[Attack]:
