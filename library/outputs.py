@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Sequence
 
 from library.errors import ConfigError
 from library.fileio import restore_swapped_out
@@ -65,13 +66,17 @@ class OutputLock:
     A second run into the same folder fails at once with one clear line instead of both finishing and the
     last one silently overwriting the other; with ``wait``, it waits for the first instead (work that the second
     then finds done). The lock is an ``flock`` on ``<folder>/.smp-lora.lock``: the kernel releases it when the
-    process dies, so a killed run never leaves the folder locked.
+    process dies, so a killed run never leaves the folder locked. Its stale temporaries, and those of the
+    ``owned`` subfolders (ones only this folder's run writes, as a training's ``sample/``), are removed once the
+    lock is held.
     """
 
-    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir", *, wait: bool = False) -> None:
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir", *, wait: bool = False,
+                 owned: Sequence[str] = ()) -> None:
         self.folder = Path(folder)
         self.flag = flag
         self.wait = wait
+        self.owned = tuple(owned)
         self._handle: int | None = None
 
     def __enter__(self) -> "OutputLock":
@@ -89,6 +94,9 @@ class OutputLock:
                               "it to finish or choose another folder") from None
         self._handle = handle
         remove_stale_temporaries(self.folder)
+        for name in self.owned:
+            if (self.folder / name).is_dir():
+                remove_stale_temporaries(self.folder / name)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -162,7 +162,11 @@ def test_resume_of_another_shape_method_split_or_budget_is_one_line(finished_run
              # The state's optimizer would keep its own rates while the LoRA's metadata named these:
              ("lora", ["--max_train_steps", "3", "--unet_lr", "0.3"], "optimizer.unet_lr = 0.001, this run has 0.3"),
              ("lora", ["--max_train_steps", "3", "--weight_decay", "0.5"], "optimizer.weight_decay"),
-             ("lora", ["--max_train_steps", "3", "--mixed_precision", "bf16"], "mixed_precision = 'no'")]
+             ("lora", ["--max_train_steps", "3", "--mixed_precision", "bf16"], "mixed_precision = 'no'"),
+             # What conditions the UNet: the LoRA's metadata would name the new value, and the evaluation use it
+             ("lora", ["--max_train_steps", "3", "--clip_skip", "2"], "clip_skip = 1, this run has 2 (set by --clip_skip)"),
+             ("lora", ["--max_train_steps", "3", "--resolution", "64"], "resolution = 32, this run has 64"),
+             ("lora", ["--max_train_steps", "3", "--min_timestep", "500"], "min_timestep = 0, this run has 500")]
     for method, extra, expected in cases:
         assert train_entry(method, "", resume + extra) == 2
         line = one_line(capsys)
@@ -182,6 +186,71 @@ def test_resume_with_another_proxy_attacker_is_one_line_before_any_work(tiny_tra
         line = one_line(capsys)
         assert expected in line and "--attacker_" in line, line
         assert not (tmp_path / "b" / "smp_lora.safetensors").exists()
+
+
+def test_resume_with_another_objective_or_batch_is_one_line_and_save_settings_may_change(tiny_train_args, tmp_path,
+                                                                                        capsys):
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "1"]
+    assert train_entry("smp_lora", "", common + ["--save_state", "--output_dir", str(tmp_path / "a")]) == 0
+    args = common + ["--max_train_steps", "2", "--resume", str(tmp_path / "a" / "smp_lora-state"), "--dry_run"]
+    for extra, expected in ((["--privacy_lambda", "0.5"], "privacy_lambda = 0.05, this run has 0.5"),
+                            (["--train_batch_size", "6"], "train_batch_size = 4, this run has 6"),
+                            (["--attacker_noise", "fixed"], "attacker_noise = 'fresh', this run has 'fixed'"),
+                            (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps")):
+        assert train_entry("smp_lora", "", args + extra) == 2
+        assert expected in one_line(capsys)
+    allowed = ["--save_every_n_steps", "1", "--log_every_n_steps", "1", "--attacker_eval_every_n_epochs", "3",
+               "--cache_latents_to_disk", "--output_dir", str(tmp_path / "b")]
+    assert train_entry("smp_lora", "", args + allowed) == 0
+
+
+def test_a_bad_state_is_one_line_before_any_model_work(finished_run, tmp_path, capsys):
+    """Checked by --dry_run, which stops before the latents are encoded: a real run finds it as early."""
+    base, out = copy_run(finished_run, tmp_path)
+    run = base + ["--max_train_steps", "3", "--output_dir", str(tmp_path / "r")]
+    state = out / "lora-state"
+    assert train_entry("lora", "", run + ["--dry_run", "--resume", str(out)]) == 2  # the run's folder, not its state
+    assert "the states in that folder: lora-state" in one_line(capsys)
+    (state / "state.pt").write_bytes(os.urandom(64))
+    assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2
+    line = one_line(capsys)
+    assert "is corrupt or not a training state" in line and "weights_only" not in line
+    (state / "state.pt").write_bytes(b"PK\x03\x04" + os.urandom(64))  # an archive's header, then junk: the load
+    assert train_entry("lora", "", run + ["--resume", str(state)]) == 2
+    line = one_line(capsys)
+    assert "is corrupt or not a training state" in line and "weights_only" not in line
+    summary = state / "train_state.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "global_step": "two"}))
+    assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2
+    assert "records global_step 'two', not a step" in one_line(capsys)
+
+
+def test_an_interrupted_run_names_the_state_to_resume_and_leftovers_go(tiny_train_args, tmp_path, capsys,
+                                                                       monkeypatch):
+    from library.train.trainer import Trainer
+
+    out = tmp_path / "int"
+    (out / "sample").mkdir(parents=True)
+    (out / "sample" / ".lora_e000001.png.k1ll3d.tmp").write_bytes(b"half a png")
+    original = Trainer.step
+
+    def interrupted_at_step_3(self):
+        if self.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "step", interrupted_at_step_3)
+    args = tiny_train_args + ["--max_train_steps", "4", "--save_state", "--save_every_n_steps", "2",
+                              "--output_dir", str(out)]
+    assert train_entry("lora", "", args) == 130
+    err = capsys.readouterr().err
+    assert f"the newest state of this run is {out / 'lora-step00000002-state'}" in err and "interrupted" in err
+    assert not list((out / "sample").glob(".*.tmp"))  # the run's own subfolder is swept when it starts
+    (out / "lora.safetensors").write_bytes(b"")  # as if killed between the LoRA and its record
+    monkeypatch.setattr(Trainer, "step", original)
+    assert train_entry("lora", "", args) == 2
+    line = one_line(capsys)
+    assert "a run's LoRA without its run record" in line and "lora-step00000002-state (its newest state)" in line
 
 
 def test_a_moved_dataset_keeps_its_lora_and_its_state(finished_run, tmp_path, manifest_path, digits_dir):

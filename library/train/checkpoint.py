@@ -57,12 +57,31 @@ def read_summary(directory: str | os.PathLike) -> dict[str, Any] | None:
     return summary
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+
+
+def check_state_file(directory: str | os.PathLike) -> None:
+    """Before any model work: ``state.pt`` is there and looks like a torch archive (a truncated or foreign file
+    is one line now, not after the latents are encoded). A run's output folder given instead of one of its
+    states names the states inside it."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        inside = sorted(p.name for p in directory.iterdir() if (p / SUMMARY_FILE).is_file()) if directory.is_dir() else []
+        hint = f"; the states in that folder: {', '.join(inside)}" if inside else ""
+        raise TrainingError(f"cannot resume: {path} not found (pass a directory written by --save_state{hint})")
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise TrainingError(f"cannot resume: {path} is corrupt or not a training state (not a torch archive)")
+
+
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
     """Read a state written by :func:`save_state`; a missing or corrupt one is a clear error."""
+    check_state_file(directory)
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise TrainingError(f"cannot resume: {path} not found (pass a directory written by --save_state)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state ({exc})") from None
+        # torch's message spans lines and advises weights_only=False, which is wrong for a corrupt file
+        reason = " ".join(str(exc).split("Re-running `torch.load`")[0].split())[:200]
+        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state ({reason})") from None

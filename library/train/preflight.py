@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from library.config import config_to_dict
 from library.errors import ConfigError, TrainingError
 from library.outputs import OutputLock, check_output_dir
-from library.train import retention
+from library.train import checkpoint, retention
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.data import latent_cache_dir
@@ -29,6 +30,25 @@ from library.train.parametrization import trains_text_encoder
 if TYPE_CHECKING:
     from library.train.data import LabelledSet
     from library.train.trainer import Trainer
+
+SAMPLE_FOLDER = "sample"  # <output_dir>/sample: the training-time sample grids
+
+# Settings a resumed run may change: where, how often and how long it writes, logs and samples, and how it computes
+# but not what (the latent cache on disk, gradient checkpointing, deterministic GPU kernels), plus paths whose
+# content the identity checks (the manifest's splits, the members). Every other setting changes what is trained or
+# what its files claim (the LoRA's metadata names this run's values): a resume must keep it.
+RESUMABLE_CHANGES = frozenset({
+    "pretrained_model_name_or_path", "tokenizer_path", "allow_pickle", "split_manifest", "train_data_dir",
+    "cache_latents", "cache_latents_to_disk", "latent_cache_dir", "vae_batch_size", "full_determinism",
+    "gradient_checkpointing", "max_train_epochs", "max_train_steps", "network_weights", "class_data_dir",
+    "attacker_eval_every_n_epochs", "output_dir", "output_name", "overwrite", "save_precision", "save_every_n_epochs",
+    "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_state", "save_last_n_epochs_state",
+    "save_last_n_steps_state", "resume", "logging_dir", "log_every_n_steps", "sample_prompts", "sample_every_n_epochs",
+    "sample_steps", "progress_bar", "dry_run",
+    # compared by the identity's groups, with their own messages (a rate that the others override is no change)
+    "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "weight_decay", "train_text_encoder",
+    "network_train_unet_only", "with_prior_preservation", "num_class_images",
+})
 
 # identity key -> how the user changes it (for the refusal's "what to do")
 IDENTITY_FLAGS = {
@@ -81,7 +101,7 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
         refusal: ConfigError | None = None
         if trainer.accelerator.is_main_process:
             try:
-                held.enter_context(OutputLock(trainer.output_dir, "--output_dir"))
+                held.enter_context(OutputLock(trainer.output_dir, "--output_dir", owned=[SAMPLE_FOLDER]))
             except ConfigError as exc:
                 refusal = exc
         if trainer.collectives.any_rank(refusal is not None):
@@ -111,10 +131,12 @@ def check_overwrite(trainer: Trainer) -> None:
     final = trainer.output_dir / f"{trainer.output_name}.safetensors"
     if config.overwrite or not final.exists() or _resumes_own_state(trainer):
         return
-    state = trainer.output_dir / f"{trainer.output_name}-state"
-    resume = f", or --resume {state} to continue it" if state.is_dir() else ""
-    raise ConfigError(f"--output_dir {trainer.output_dir} already holds the finished run {final.name}; pass "
-                      f"--overwrite to replace it, or choose another --output_dir or --output_name{resume}")
+    state = retention.latest_state(trainer.output_dir, trainer.output_name)
+    resume = f", or --resume {state} (its newest state) to continue it" if state is not None else ""
+    record = final.with_suffix(".json")
+    what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
+    raise ConfigError(f"--output_dir {trainer.output_dir} already holds {what} {final.name}; pass --overwrite to "
+                      f"replace it, or choose another --output_dir or --output_name{resume}")
 
 
 def _resumes_own_state(trainer: Trainer) -> bool:
@@ -188,11 +210,13 @@ def _identity_of_older_state(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(trainer: Trainer) -> None:
-    """``--resume``: the state exists, belongs to this run (same identity) and is not past this run's budget."""
+    """``--resume``: the state exists, belongs to this run (same identity and training settings) and is not past
+    this run's budget; checked before the model work (latents, class images) that a bad state would waste."""
     directory = Path(trainer.config.resume)
     summary = read_summary(directory)
+    checkpoint.check_state_file(directory)
     if summary is None:
-        return  # only state.pt: load_state checks what it can (a missing or corrupt state is a clear error there)
+        return  # only state.pt: load_state checks what it can (a corrupt state is a clear error there)
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
@@ -204,11 +228,39 @@ def check_resume(trainer: Trainer) -> None:
                 f"cannot resume from {directory}: it was trained with {name} = {was}, this run has {now} (set by "
                 f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
                 "without --resume")
-    step = int(summary.get("global_step", 0))
+    _check_settings(directory, summary.get("config"), trainer.config)
+    step = summary.get("global_step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TrainingError(f"cannot resume: {directory / checkpoint.SUMMARY_FILE} records global_step {step!r}, "
+                            "not a step; pass a directory written by --save_state")
     if step > trainer.total_steps:
         raise ConfigError(f"cannot resume from {directory}: the state is at step {step}, beyond this run's "
                           f"{trainer.total_steps} steps; ask for at least {step} (--max_train_steps, or "
                           "--max_train_epochs which overrides it)")
+
+
+def _check_settings(directory: Path, saved: Any, config: TrainConfig) -> None:
+    """Every setting outside :data:`RESUMABLE_CHANGES` that the state's config records must be this run's (a
+    state's config is JSON: compare JSON with JSON; a setting an older state does not record is not compared)."""
+    if not isinstance(saved, dict):
+        return
+    current = json.loads(json.dumps(config_to_dict(config), default=str))
+    for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES):
+        if saved[key] != current[key]:
+            raise TrainingError(
+                f"cannot resume from {directory}: it was trained with {key} = {_show(saved[key])}, this run has "
+                f"{_show(current[key])} (set by --{key}); a resumed run keeps what it trains with, so resume with "
+                "that value, or start a new run without --resume")
+
+
+def interrupted_hint(trainer: Trainer) -> str:
+    """What to do after Ctrl-C or a SIGTERM: nothing is saved at that moment, so name the newest state."""
+    state = retention.latest_state(trainer.output_dir, trainer.output_name)
+    if state is None:
+        return ("nothing was saved at the interruption and this run wrote no state to resume from (--save_state "
+                "with --save_every_n_epochs or --save_every_n_steps writes them)")
+    return (f"nothing was saved at the interruption; the newest state of this run is {state}: the same command with "
+            "--resume latest continues from it")
 
 
 def _difference(key: str, saved: Any, current: Any) -> tuple[str, str, str]:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -356,7 +357,7 @@ class Trainer:
             images = generate(build_pipeline(self.bundle), specs, resolution=self.config.resolution,
                               steps=self.config.sample_steps, seed=self.config.seed, clip_skip=self.config.clip_skip,
                               max_token_length=self.config.max_token_length, autocast=self.autocast)
-        save_grid(images, self.output_dir / "sample" / f"{name}.png")
+        save_grid(images, self.output_dir / preflight.SAMPLE_FOLDER / f"{name}.png")
 
     # ---- state ------------------------------------------------------------------------------------
     def ranks_in_sync(self) -> bool:
@@ -425,8 +426,13 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
         if config.dry_run:
             print("dry run: model, data and config are valid; nothing was trained", flush=True)
             return None
-        trainer.prepare()
-        result = trainer.run()
+        try:
+            trainer.prepare()
+            result = trainer.run()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: run_cli prints "interrupted"; say what is left to resume
+            if trainer.accelerator.is_main_process:
+                print(preflight.interrupted_hint(trainer), file=sys.stderr, flush=True)
+            raise
     if trainer.accelerator.is_main_process:
         what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
         print(f"saved {what} to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
