@@ -60,6 +60,19 @@ def test_a_swap_killed_between_its_renames_is_undone_at_the_next_start(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-state"]
 
 
+def test_resuming_a_state_moved_aside_by_a_killed_swap_says_where_it_is(tmp_path):
+    """Until a run into its folder puts it back, --resume of that state names where it lies (not "no folder")."""
+    from library.errors import TrainingError
+    from library.train.checkpoint import read_summary
+
+    _folder(tmp_path / ".run-state.old.k1ll3d.tmp" / "run-state", "old")
+    with pytest.raises(TrainingError, match=r"moved aside by a save that was killed; it is intact at .*"
+                                            r"\.run-state\.old\.k1ll3d\.tmp/run-state"):
+        read_summary(tmp_path / "run-state")
+    with pytest.raises(TrainingError, match="is not a folder"):
+        read_summary(tmp_path / "other-state")
+
+
 def test_a_swapped_out_folder_is_not_restored_over_its_replacement(tmp_path):
     _folder(tmp_path / ".run-state.old.x9.tmp" / "run-state", "old")
     _folder(tmp_path / "run-state", "new")  # the swap finished; only the clean-up was cut short

@@ -8,6 +8,7 @@ interrupted save leaves the previous state intact.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from library.errors import TrainingError
-from library.fileio import replace_dir, storage_errors_named, temporary_dir
+from library.fileio import OLD_MARK, replace_dir, storage_errors_named, temporary_dir
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "train_state.json"
@@ -43,6 +44,11 @@ def read_summary(directory: str | os.PathLike) -> dict[str, Any] | None:
     None when only ``state.pt`` is there. A missing state folder or an unreadable summary is a clear error."""
     directory = Path(directory)
     if not directory.is_dir():
+        aside = sorted(directory.parent.glob(f".{glob.escape(directory.name)}{OLD_MARK}*.tmp/{glob.escape(directory.name)}"))
+        if aside:  # a replace_dir killed between its two renames
+            raise TrainingError(f"cannot resume: {directory} was moved aside by a save that was killed; it is intact at "
+                                f"{aside[0]}: move it back to {directory} (a training into {directory.parent} does "
+                                "that when it starts)")
         raise TrainingError(f"cannot resume: {directory} is not a folder (pass a directory written by --save_state)")
     path = directory / SUMMARY_FILE
     if not path.is_file():
