@@ -326,6 +326,8 @@ def test_launched_trainings_keep_one_state_and_resume_the_latest(tmp_path, tiny_
     assert "--save_state" in argv and "--resume" not in argv
     argv = training(RETRAIN="1", RESUMABLE="0")
     assert not {"--save_state", "--resume", "--save_last_n_epochs_state"} & set(argv)
+    argv = training(RETRAIN="1", EXTRA_ARGS="--no-save_state")  # as RESUMABLE=0, not a config error
+    assert not {"--save_state", "--resume", "--save_last_n_epochs_state"} & set(argv) and "--no-save_state" in argv
     result = _run_launcher("pokemon", tmp_path, {**env, "RESUMABLE": "yes"})
     assert result.returncode == 2 and "RESUMABLE must be 0 or 1" in result.stderr
 

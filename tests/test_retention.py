@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -38,20 +39,25 @@ def test_checkpoint_names_round_trip_and_foreign_names_are_not_ours():
     assert retention.parse_checkpoint("a.b", "aXb-000005") is None  # the name is not a regular expression
 
 
-def test_latest_state_is_the_highest_recorded_step(tmp_path):
-    def state(name, step):
+def test_latest_state_is_the_one_this_run_wrote_last(tmp_path):
+    def state(name, step, written, run="run"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "train_state.json").write_text(json.dumps({"global_step": step}))
+        summary = tmp_path / name / "train_state.json"
+        summary.write_text(json.dumps({"global_step": step, "output_name": run}))
+        os.utime(summary, ns=(written, written))
 
     assert retention.latest_state(tmp_path, "run") is None
-    state("run-000002-state", 12)
-    state("run-step00000018-state", 18)
-    state("run-000001-state", 6)
-    state("other-000009-state", 99)  # another run's
+    state("run-000001-state", 6, 10**18)
+    state("run-000002-state", 12, 2 * 10**18)
+    state("run-step00000018-state", 18, 3 * 10**18)
+    state("other-000009-state", 99, 9 * 10**18, run="other")  # another run's name
+    state("run-000007-state", 42, 9 * 10**18, run="run-000007")  # another run named like a checkpoint of this one
     (tmp_path / "run-000009-state").mkdir()  # not a state (no summary)
     assert retention.latest_state(tmp_path, "run") == tmp_path / "run-step00000018-state"
-    state("run-state", 24)
+    state("run-state", 60, 4 * 10**18)  # a finished run's final state ...
     assert retention.latest_state(tmp_path, "run") == tmp_path / "run-state"
+    state("run-000003-state", 18, 5 * 10**18)  # ... replaced by an --overwrite retrain, killed after its epoch 3
+    assert retention.latest_state(tmp_path, "run") == tmp_path / "run-000003-state"
 
 
 def test_retention_deletes_older_checkpoints_and_keeps_the_final_ones(tiny_train_args, tmp_path):
@@ -62,6 +68,12 @@ def test_retention_deletes_older_checkpoints_and_keeps_the_final_ones(tiny_train
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert names == ["lora-000002.json", "lora-000002.safetensors", "lora-000003-state", "lora-000003.json",
                      "lora-000003.safetensors", "lora-state", "lora.json", "lora.safetensors"]
+    # A run named like a checkpoint of another ("lora-000001") in the same folder is not that run's to delete
+    run(tiny_train_args + ["--max_train_steps", "6", "--save_state", "--output_name", "lora-000001",
+                           "--output_dir", str(out)])
+    run(tiny_train_args + ["--max_train_steps", "18", "--save_every_n_epochs", "2", "--save_last_n_epochs", "1",
+                           "--save_state", "--output_dir", str(out), "--overwrite"])  # prunes at epoch 2
+    assert {"lora-000001.safetensors", "lora-000001.json", "lora-000001-state"} <= {p.name for p in out.iterdir()}
     steps = tmp_path / "steps"
     run(tiny_train_args + ["--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "3",
                            "--output_dir", str(steps)])
@@ -69,11 +81,12 @@ def test_retention_deletes_older_checkpoints_and_keeps_the_final_ones(tiny_train
         "lora-step00000004.safetensors", "lora-step00000006.safetensors"]
 
 
-def test_retention_without_the_saves_it_prunes_is_refused(tiny_train_args):
-    with pytest.raises(ConfigError, match="'save_last_n_epochs' prunes the checkpoints of 'save_every_n_epochs'"):
-        parse_config(TrainConfig, tiny_train_args + ["--save_last_n_epochs", "2"])
-    with pytest.raises(ConfigError, match="save_last_n_steps_state.*'save_state'"):
-        parse_config(TrainConfig, tiny_train_args + ["--save_every_n_steps", "2", "--save_last_n_steps_state", "1"])
+def test_retention_without_the_saves_it_prunes_is_one_warning(tiny_train_args, capsys):
+    parse_config(TrainConfig, tiny_train_args + ["--save_last_n_epochs", "2"])  # sd-scripts ignores it: so do we
+    assert "warning: 'save_last_n_epochs' prunes the checkpoints of 'save_every_n_epochs'" in capsys.readouterr().err
+    parse_config(TrainConfig, tiny_train_args + ["--save_every_n_steps", "2", "--save_last_n_steps_state", "1"])
+    err = capsys.readouterr().err
+    assert "warning: 'save_last_n_steps_state' prunes" in err and "and 'save_state'" in err
     with pytest.raises(ConfigError, match="'save_last_n_epochs' must be > 0"):
         parse_config(TrainConfig, tiny_train_args + ["--save_every_n_epochs", "1", "--save_last_n_epochs", "0"])
 

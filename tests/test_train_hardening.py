@@ -204,6 +204,30 @@ def test_resume_with_another_objective_or_batch_is_one_line_and_save_settings_ma
     assert train_entry("smp_lora", "", args + allowed) == 0
 
 
+def test_resume_on_another_base_model_or_schedule_length_is_refused_and_equal_spellings_are_not(
+        finished_run, tmp_path, capsys, tiny_model_dir):
+    from library.demo.tiny import save_tiny_model
+
+    base, out = finished_run
+    resume = base + ["--resume", str(out / "lora-state"), "--output_dir", str(tmp_path / "r"), "--dry_run"]
+    other_model = tmp_path / "other_model"
+    save_tiny_model(other_model, seed=1)
+    flags = [str(other_model) if arg == str(tiny_model_dir) else arg for arg in resume]
+    assert train_entry("lora", "", flags + ["--max_train_steps", "3"]) == 2
+    assert "base_fingerprint" in one_line(capsys)  # the LoRA's metadata would name a base it was not trained on
+    # max_token_length 75 is the default None; the network_args LoCon keys in another order are the same network
+    assert train_entry("lora", "", resume + ["--max_train_steps", "3", "--max_token_length", "75"]) == 0
+    capsys.readouterr()
+    cosine = base + ["--lr_scheduler", "cosine", "--save_state", "--network_args", "conv_dim=2", "conv_alpha=1"]
+    assert train_entry("lora", "", cosine + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "c")]) == 0
+    again = cosine[:-2] + ["conv_alpha=1", "conv_dim=2", "--resume", str(tmp_path / "c" / "lora-state"), "--dry_run",
+                           "--output_dir", str(tmp_path / "c2")]
+    assert train_entry("lora", "", again + ["--max_train_steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_entry("lora", "", again + ["--max_train_steps", "4"]) == 2
+    assert "lr_scheduler 'cosine' decays over 2 steps and this run asks for 4" in one_line(capsys)
+
+
 def test_a_bad_state_is_one_line_before_any_model_work(finished_run, tmp_path, capsys):
     """Checked by --dry_run, which stops before the latents are encoded: a real run finds it as early."""
     base, out = copy_run(finished_run, tmp_path)

@@ -291,7 +291,8 @@ class TrainConfig:
             raise ConfigError("'attacker_dropout' must be in [0, 1)")
 
     def _validate_retention(self) -> None:
-        """A retention flag without the saves it prunes would be ignored silently: refuse it."""
+        """A retention flag without the saves it prunes does nothing: one warning (sd-scripts ignores it silently,
+        and its configs carry such keys)."""
         needs = {"save_last_n_epochs": ("save_every_n_epochs", self.save_every_n_epochs),
                  "save_last_n_steps": ("save_every_n_steps", self.save_every_n_steps),
                  "save_last_n_epochs_state": ("save_every_n_epochs", self.save_every_n_epochs and self.save_state),
@@ -299,8 +300,8 @@ class TrainConfig:
         for name, (every, present) in needs.items():
             if getattr(self, name) is not None and not present:
                 states = " and 'save_state'" if name.endswith("_state") else ""
-                raise ConfigError(f"'{name}' prunes the checkpoints of '{every}'{states}, which this run does not "
-                                  f"write; set {every}{states}, or drop {name}")
+                warn(f"'{name}' prunes the checkpoints of '{every}'{states}, which this run does not write, so it "
+                     f"does nothing; set {every}{states}, or drop {name}")
 
     def _validate_rates_and_seed(self) -> None:
         """Rates torch would reject with a traceback (or, for a negative part rate, silently read as "off")."""

@@ -40,15 +40,16 @@ SAMPLE_FOLDER = "sample"  # <output_dir>/sample: the training-time sample grids
 RESUMABLE_CHANGES = frozenset({
     "pretrained_model_name_or_path", "tokenizer_path", "allow_pickle", "split_manifest", "train_data_dir",
     "cache_latents", "cache_latents_to_disk", "latent_cache_dir", "vae_batch_size", "full_determinism",
-    "gradient_checkpointing", "max_train_epochs", "max_train_steps", "network_weights", "class_data_dir",
+    "gradient_checkpointing", "max_train_epochs", "max_train_steps", "network_weights",
     "attacker_eval_every_n_epochs", "output_dir", "output_name", "overwrite", "save_precision", "save_every_n_epochs",
     "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_state", "save_last_n_epochs_state",
     "save_last_n_steps_state", "resume", "logging_dir", "log_every_n_steps", "sample_prompts", "sample_every_n_epochs",
     "sample_steps", "progress_bar", "dry_run",
     # compared by the identity's groups, with their own messages (a rate that the others override is no change)
     "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "weight_decay", "train_text_encoder",
-    "network_train_unet_only", "with_prior_preservation", "num_class_images",
+    "network_train_unet_only", "with_prior_preservation", "num_class_images", "network_args",
 })
+SCHEDULES_OVER_THE_RUN = ("cosine", "linear")  # their rate at a step depends on the run's length
 
 # identity key -> how the user changes it (for the refusal's "what to do")
 IDENTITY_FLAGS = {
@@ -68,6 +69,7 @@ IDENTITY_FLAGS = {
     "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay (to go on "
                  "at other rates, start a new run from the LoRA with --network_weights)",
     "mixed_precision": "--mixed_precision",
+    "base_fingerprint": "--pretrained_model_name_or_path (another base model's weights)",
     "attacker": "--attacker_features / --attacker_timesteps / --attacker_normalization / --attacker_lr / "
                 "--attacker_weight_decay",
 }
@@ -179,7 +181,10 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "members_sha256": members_sha256(trainer.data.members),
         "optimizer": _optimizer_settings(config),
         "mixed_precision": config.mixed_precision,
+        **({"base_fingerprint": trainer.bundle.loaded_fingerprint} if trainer.bundle.loaded_fingerprint else {}),
         **({"attacker": _attacker_settings(config)} if trainer.method_class.has_attacker else {}),
+        # compared on its own (check_resume): the length a cosine / linear schedule decays over
+        "schedule_steps": trainer.total_steps if config.lr_scheduler in SCHEDULES_OVER_THE_RUN else 0,
     }
 
 
@@ -220,8 +225,8 @@ def check_resume(trainer: Trainer) -> None:
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
-        if key == "manifest_sha256" and "split_sha256" in saved:
-            continue  # a moved dataset's re-written manifest: same splits, other bytes
+        if key == "manifest_sha256" and "split_sha256" in saved or key == "schedule_steps":
+            continue  # a moved dataset's re-written manifest: same splits, other bytes; the schedule: below
         if key in saved and current[key] != saved[key]:
             name, was, now = _difference(key, saved[key], current[key])
             raise TrainingError(
@@ -229,6 +234,12 @@ def check_resume(trainer: Trainer) -> None:
                 f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
                 "without --resume")
     _check_settings(directory, summary.get("config"), trainer.config)
+    length = saved.get("schedule_steps")
+    if isinstance(length, int) and length and length != current["schedule_steps"]:
+        raise TrainingError(
+            f"cannot resume from {directory}: its lr_scheduler '{trainer.config.lr_scheduler}' decays over {length} "
+            f"steps and this run asks for {trainer.total_steps} (--max_train_steps / --max_train_epochs): the rate "
+            f"would jump at the resume; resume with {length} steps, or start a new run without --resume")
     step = summary.get("global_step", 0)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise TrainingError(f"cannot resume: {directory / checkpoint.SUMMARY_FILE} records global_step {step!r}, "
@@ -245,8 +256,10 @@ def _check_settings(directory: Path, saved: Any, config: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return
     current = json.loads(json.dumps(config_to_dict(config), default=str))
+    same = {"max_token_length": lambda v: 75 if v is None else v}  # None means CLIP's 75 tokens
     for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES):
-        if saved[key] != current[key]:
+        normal = same.get(key, lambda v: v)
+        if normal(saved[key]) != normal(current[key]):
             raise TrainingError(
                 f"cannot resume from {directory}: it was trained with {key} = {_show(saved[key])}, this run has "
                 f"{_show(current[key])} (set by --{key}); a resumed run keeps what it trains with, so resume with "

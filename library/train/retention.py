@@ -77,19 +77,42 @@ class Retention:
     states: int | None
 
 
+def _file_run_name(path: Path) -> str | None:
+    """The run a weights file was written by (its ``ss_output_name``), or None when it does not say."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("ss_output_name")
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours
+        return None
+
+
+def _state_run_name(state: Path) -> str | None:
+    """The run a state was written by (its summary's ``output_name``), or None when it does not say."""
+    try:
+        summary = read_summary(state) or {}
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours
+        return None
+    name = summary.get("output_name")
+    return name if isinstance(name, str) else None
+
+
 def existing(output_dir: Path, output_name: str, cadence: Cadence) -> tuple[list[int], list[int]]:
-    """(numbers of the checkpoint files, numbers of the checkpoint states) of this cadence in ``output_dir``."""
+    """(numbers of the checkpoint files, numbers of the checkpoint states) of this cadence in ``output_dir``,
+    written by this run: a checkpoint name is also another run's possible ``--output_name`` (``lora-000001``), so
+    each file's and state's own record of its run decides, not its name alone."""
     files, states = [], []
     if not output_dir.is_dir():
         return files, states
     for entry in output_dir.iterdir():
         if entry.name.endswith(".safetensors") and entry.is_file():
             found = parse_checkpoint(output_name, entry.name[: -len(".safetensors")])
-            if found is not None and found.cadence == cadence:
+            if found is not None and found.cadence == cadence and _file_run_name(entry) == output_name:
                 files.append(found.number)
         elif entry.name.endswith("-state") and (entry / SUMMARY_FILE).is_file():
             found = parse_checkpoint(output_name, entry.name[: -len("-state")])
-            if found is not None and found.cadence == cadence:
+            if found is not None and found.cadence == cadence and _state_run_name(entry) == output_name:
                 states.append(found.number)
     return files, states
 
@@ -113,21 +136,28 @@ def prune(output_dir: Path, output_name: str, cadence: Cadence, current: int, re
 
 
 def latest_state(output_dir: Path, output_name: str) -> Path | None:
-    """The state of ``<output_dir>/<output_name>`` (final or intermediate) with the highest recorded step."""
+    """The state of ``<output_dir>/<output_name>`` (final or intermediate) written last: the newest progress of
+    whichever run last trained under that name (an ``--overwrite`` retrain killed at step 12 continues from there,
+    not from the replaced run's final state at step 60). States of other runs are skipped by their summary's
+    ``output_name``; one too old to record it counts by its name."""
     if not output_dir.is_dir():
         return None
-    best: tuple[int, Path] | None = None
+    best: tuple[int, int, Path] | None = None
     for entry in output_dir.iterdir():
-        if not entry.name.endswith("-state") or not (entry / SUMMARY_FILE).is_file():
+        summary_file = entry / SUMMARY_FILE
+        if not entry.name.endswith("-state") or not summary_file.is_file():
             continue
         stem = entry.name[: -len("-state")]
         if stem != output_name and parse_checkpoint(output_name, stem) is None:
             continue
-        summary = read_summary(entry) or {}
-        step = int(summary.get("global_step", -1))
-        if best is None or step > best[0]:
-            best = (step, entry)
-    return best[1] if best else None
+        recorded = _state_run_name(entry)
+        if recorded is not None and recorded != output_name:
+            continue
+        step = (read_summary(entry) or {}).get("global_step", -1)
+        key = (summary_file.stat().st_mtime_ns, step if isinstance(step, int) else -1, entry)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
 
 
 __all__ = ["Checkpoint", "LATEST", "Retention", "checkpoint_name", "existing", "latest_state", "parse_checkpoint",

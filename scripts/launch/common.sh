@@ -106,7 +106,10 @@ smp_train() {
         fi
         set -- "$@" --overwrite  # RETRAIN=1, or a run killed between its LoRA and its record: train it again
     fi
-    if [[ "$RESUMABLE" == 1 ]]; then  # in a dry run too: the flags are validated with the config
+    local extra=" ${SMP_EXTRA[*]} "
+    if [[ "$RESUMABLE" == 1 && "$extra" == *" --no-save_state "* ]]; then
+        smp_log "EXTRA_ARGS has --no-save_state: no resumable states (as RESUMABLE=0)"
+    elif [[ "$RESUMABLE" == 1 ]]; then  # in a dry run too: the flags are validated with the config
         local resumable=(--save_state)
         [[ "$RETRAIN" == 1 ]] || resumable+=(--resume latest)  # the newest state of this run, if any
         if grep -Eq '^[[:space:]]*save_every_n_epochs[[:space:]]*=' "$config"; then
