@@ -9,8 +9,9 @@ sd-scripts' retention flags, with their semantics:
   the file setting), so a long run can keep every LoRA but only its newest resumable state.
 
 The final ``<name>.safetensors`` and ``<name>-state`` are never deleted; neither is anything whose name is not one
-of this run's checkpoint names. ``--resume latest`` (as diffusers' ``--resume_from_checkpoint latest``) picks the
-state of ``<output_dir>/<output_name>`` with the highest recorded step, or starts a new run when there is none.
+of this run's checkpoint names or whose own record names another run. ``--resume latest`` (as diffusers'
+``--resume_from_checkpoint latest``) picks the state of ``<output_dir>/<output_name>`` written last, or starts a new
+run when there is none.
 """
 
 from __future__ import annotations
