@@ -202,7 +202,7 @@ class TrainConfig:
     save_last_n_steps_state: Optional[int] = option(
         None, "keep only the step states of the last N steps (default: as --save_last_n_steps)")
     resume: Optional[str] = option(
-        None, "resume from a state directory written by --save_state, or 'latest': the newest state of "
+        None, "resume from a state directory written by --save_state, or 'latest': the state last written for "
         "<output_dir>/<output_name> (a new run when there is none)")
     logging_dir: Optional[str] = option(
         None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)")
