@@ -137,9 +137,11 @@ class EvalConfig:
         0.5, "reconstruction: how far the query is noised before it is denoised (img2img strength, 0-1)")
     reconstruction_repeats: int = option(1, "reconstruction: noisings per query (averaged; Pang & Wang: 3)")
     rediffuse_timestep: int = option(
-        10, "ReDiffuse: t, how far each variation noises the query (paper, SD: 10)")
-    rediffuse_interval: int = option(10, "ReDiffuse: k, the DDIM step of the way back (paper: 10)")
-    rediffuse_variations: int = option(10, "ReDiffuse: n, variations averaged per query (paper: 10)")
+        10, "ReDiffuse: t, how far each variation noises the query (paper's SD setting: 10; the authors' script: 50)")
+    rediffuse_interval: int = option(
+        10, "ReDiffuse: k, the DDIM step of the way back (paper's SD setting: 10; the authors' script: 50)")
+    rediffuse_variations: int = option(
+        10, "ReDiffuse: n, variations averaged per query (paper's SD setting: 10; the authors' script: 1)")
     epsilon_delta: float = option(1e-5, "empirical epsilon: the delta of the (epsilon, delta) lower bound")
     audit_alpha: float = option(0.01, "set-level audit: the p-value a suspect set must reach")
 

@@ -8,16 +8,21 @@ Per query and variation r < n (``--rediffuse_variations``, paper: 10), with fres
     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps_r,    t = ``--rediffuse_timestep`` (paper, SD: 10),
 then deterministic DDIM from t down in steps of k (``--rediffuse_interval``, paper: 10) to the clean latent, with
 the query's caption and no guidance (the variation API's); decode. The average of the n decoded images is
-compared with the query: the paper's score is their SSIM (:func:`~.image_distance.ssim`, skimage's defaults);
-we also keep the pixel MSE of the averaged image and the latent MSE of the averaged latent. Attack
+compared with the query as the VAE shows it, decode(z_0) (the authors' SD code compares with that, not with the
+query's pixels: the VAE's own reconstruction error would otherwise swamp a small-t denoising error): the paper's
+score is their SSIM (:func:`~.image_distance.ssim`, skimage's defaults); we also keep the pixel MSE of the same
+two images and the latent MSE of the averaged latent against z_0. Attack
 (:class:`~.image_distance.DistanceClassifierAttack`, the suite's protocol): a logistic regression on D_aux over
 the three (headline), and each alone as a threshold variant fitted on D_aux; ``dssim`` = 1 - SSIM is the
 paper's own attack.
 
 Cost: n x ceil(t / k) UNet queries and n VAE decodes per sample (defaults: 10 x 1 = 10).
 
-Our choices: the public SD code denoises to alpha-bar of step 0 and reads SSIM on the query image; we denoise to
-the clean latent (the variation API returns a clean image) and read SSIM on the image as the evaluation loads it.
+Our choices: the authors' SD script (lijingwei0502/diffusion_mia, ``stable_attack.py``) defaults to t = k = 50,
+n = 1 with classifier-free guidance 7.5 and reads SSIM on grayscale images; we take the paper's SD setting as a
+public re-implementation states it (t = k = n = 10; the flags give the script's), no guidance (a variation API
+conditions on the image, and the caption here), RGB SSIM with data range 1, and denoise to the clean latent
+rather than to alpha-bar of step 0.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ def variation_timesteps(timestep: int, interval: int) -> list[int]:
 
 
 class ReDiffuseProbe(Probe):
-    """Per sample: ``dssim`` (1 - SSIM of the query and its averaged variations), ``pixel`` (their MSE in [-1, 1]),
-    ``latent`` (the MSE of the query's latent and the averaged variation latents), and the cost."""
+    """Per sample: ``dssim`` (1 - SSIM of the VAE-decoded query and its averaged variations), ``pixel`` (their MSE
+    in [-1, 1]), ``latent`` (the MSE of the query's latent and the averaged variation latents), and the cost."""
 
     name = "rediffuse"
 
@@ -78,7 +83,7 @@ class ReDiffuseProbe(Probe):
             image_sum = image_sum + ctx.model.decode(latents).float().cpu()
             latent_sum = latent_sum + latents.cpu()
         images, latents = image_sum / self.variations, latent_sum / self.variations
-        query = ctx.images().float()
+        query = ctx.model.decode(ctx.z0).float().cpu()  # the query as the VAE shows it (the authors' reference)
         return {
             "dssim": 1.0 - ssim(query, images),
             "pixel": (query.double() - images.double()).square().flatten(1).mean(dim=1),
