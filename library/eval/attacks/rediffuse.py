@@ -62,7 +62,9 @@ class ReDiffuseProbe(Probe):
         self.timesteps = variation_timesteps(self.timestep, self.interval)
 
     def settings(self) -> dict[str, Any]:
-        return {"timestep": self.timestep, "interval": self.interval, "variations": self.variations}
+        # "reference" names what the averages are compared with (a cache written before it compared the pixels)
+        return {"timestep": self.timestep, "interval": self.interval, "variations": self.variations,
+                "reference": "decoded_z0"}
 
     def queries_per_sample(self) -> float:
         return float(self.variations * len(self.timesteps))
