@@ -247,27 +247,33 @@ def test_rediffuse_schedule_and_options():
     assert variation_timesteps(10, 10) == [10] and variation_timesteps(25, 10) == [25, 15, 5]
     attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_timestep=30, rediffuse_variations=4), CPU)
     assert attack.queries_per_sample() == 4 * 3
+    guided_attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_guidance_scale=7.5), CPU)
+    assert guided_attack.queries_per_sample() == 10 * 1 * 2  # the authors' CFG: a conditional and an empty pass
     for bad, key in (({"rediffuse_timestep": 0}, "rediffuse_timestep"), ({"rediffuse_interval": 0}, "rediffuse_interval"),
-                     ({"rediffuse_variations": 0}, "rediffuse_variations")):
+                     ({"rediffuse_variations": 0}, "rediffuse_variations"),
+                     ({"rediffuse_guidance_scale": 0.5}, "rediffuse_guidance_scale")):
         with pytest.raises(ConfigError, match=key):
             EvalConfig(pretrained_model_name_or_path="model", split_manifest="split.json", **bad).validate()
 
 
 @torch.no_grad()
-def test_rediffuse_equals_hand_computation(world, samples, latents):
-    """Two variations noised to t = 30 and brought back in DDIM steps of 20 (30, 10, clean), with the caption and
-    no guidance, decoded and averaged; the distances of that average to the VAE-decoded query."""
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_rediffuse_equals_hand_computation(world, samples, latents, scale):
+    """Two variations noised to t = 30 and brought back in DDIM steps of 20 (30, 10, clean), with the caption
+    (guided by the empty caption at scale 3), decoded and averaged; the distances of that average to the
+    VAE-decoded query."""
     bundle = world["bundle"]
-    probe = ReDiffuseProbe(timestep=30, interval=20, variations=2)
+    probe = ReDiffuseProbe(timestep=30, interval=20, variations=2, guidance_scale=scale)
     ctx = QueryContext(model_context(bundle, samples), [3, 4], latents[[3, 4]])
     out = probe.compute(ctx)
-    assert ctx.queries == 2 * 2 * 2 and torch.all(out[COST_OUTPUT] == 4.0)
+    passes = 1 if scale == 1.0 else 2
+    assert ctx.queries == 2 * 2 * 2 * passes and torch.all(out[COST_OUTPUT] == 4.0 * passes)
     a = float(bundle.noise_scheduler.alphas_cumprod[30])
-    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo"])
+    cond, uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo", ""]).split(1)
     rebuilt, decoded = [], []
     for draw in range(2):
         z = math.sqrt(a) * latents[[3, 4]] + math.sqrt(1 - a) * ctx.noise("rediffuse", draw)
-        z0_hat = hand_ddim(bundle.unet, z, [30, 10], cond, None, 1.0, bundle.noise_scheduler.alphas_cumprod.double())
+        z0_hat = hand_ddim(bundle.unet, z, [30, 10], cond, uncond, scale, bundle.noise_scheduler.alphas_cumprod.double())
         rebuilt.append(z0_hat)
         decoded.append(bundle.vae.decode(z0_hat / bundle.vae.config.scaling_factor).sample.clamp(-1, 1))
     image, latent = (decoded[0] + decoded[1]) / 2, (rebuilt[0] + rebuilt[1]) / 2

@@ -142,6 +142,8 @@ class EvalConfig:
         10, "ReDiffuse: k, the DDIM step of the way back (paper's SD setting: 10; the authors' script: 50)")
     rediffuse_variations: int = option(
         10, "ReDiffuse: n, variations averaged per query (paper's SD setting: 10; the authors' script: 1)")
+    rediffuse_guidance_scale: float = option(
+        1.0, "ReDiffuse: classifier-free guidance of the variations (1 = none; the authors' script: 7.5)")
     epsilon_delta: float = option(1e-5, "empirical epsilon: the delta of the (epsilon, delta) lower bound")
     audit_alpha: float = option(0.01, "set-level audit: the p-value a suspect set must reach")
 
@@ -246,6 +248,9 @@ class EvalConfig:
             raise ConfigError(f"'rediffuse_timestep' must be in [1, 999], got {self.rediffuse_timestep}")
         if not 0.0 < self.reconstruction_strength <= 1.0:
             raise ConfigError(f"'reconstruction_strength' must be in (0, 1], got {self.reconstruction_strength}")
+        if self.rediffuse_guidance_scale < 1.0:
+            raise ConfigError(f"'rediffuse_guidance_scale' must be >= 1 (1 = no guidance), got "
+                              f"{self.rediffuse_guidance_scale}")
         if self.blackbox_guidance_scale < 1.0:
             raise ConfigError(f"'blackbox_guidance_scale' must be >= 1 (1 = no guidance), got "
                               f"{self.blackbox_guidance_scale}")
