@@ -76,6 +76,20 @@ def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> to
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def context_eps(ctx: QueryContext, key: str, scale: float) -> EpsFn:
+    """eps(z, t) for the batch's own captions through the context's memoised queries (so the engine counts them),
+    guided by the empty caption at ``scale`` (1: the conditional pass alone); ``key`` names the latent chain."""
+    blank = [""] * len(ctx)
+
+    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+        cond = ctx.predict(z, t, key=key).float()
+        if guidance_passes(scale) == 1:
+            return cond
+        return guided(cond, ctx.predict(z, t, key=key, caption_key="empty", captions=blank).float(), scale)
+
+    return eps
+
+
 def unet_eps(unet: Any, cond: torch.Tensor, uncond: torch.Tensor, scale: float, dtype: torch.dtype) -> EpsFn:
     """eps(z, t) of ``unet`` for one caption's conditioning ``cond`` [1, T, D] (``uncond``: the empty caption's),
     guided by ``scale``; with guidance the conditional and unconditional rows go through one forward."""

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from library.errors import ConfigError
-from library.eval.attacks.blackbox import EpsFn, ddim_denoise, guidance_passes, guided
+from library.eval.attacks.blackbox import (
+    EpsFn,
+    context_eps,
+    ddim_denoise,
+    guidance_passes,
+)
 from library.eval.attacks.ddim import ddim_timesteps
 from library.eval.attacks.image_distance import (
     COST_OUTPUT,
@@ -79,16 +84,7 @@ class ReconstructionProbe(Probe):
     def _eps(self, ctx: QueryContext, repeat: int) -> EpsFn:
         """Guided eps through the context's memoised queries (so the engine counts them)."""
         key = f"reconstruction:strength={self.strength}:steps={self.steps}:draw={repeat}"
-        blank = [""] * len(ctx)
-
-        def eps(z: torch.Tensor, t: int) -> torch.Tensor:
-            cond = ctx.predict(z, t, key=key).float()
-            if guidance_passes(self.guidance_scale) == 1:
-                return cond
-            uncond = ctx.predict(z, t, key=key, caption_key="empty", captions=blank).float()
-            return guided(cond, uncond, self.guidance_scale)
-
-        return eps
+        return context_eps(ctx, key, self.guidance_scale)
 
     def reconstruct(self, ctx: QueryContext, repeat: int) -> torch.Tensor:
         """The batch's clean latents after noising to the start timestep with draw ``repeat`` and denoising."""

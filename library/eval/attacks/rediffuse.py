@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from library.eval.attacks.blackbox import ddim_denoise, guidance_passes, guided
+from library.eval.attacks.blackbox import context_eps, ddim_denoise, guidance_passes
 from library.eval.attacks.image_distance import (
     COST_OUTPUT,
     DistanceClassifierAttack,
@@ -76,16 +76,7 @@ class ReDiffuseProbe(Probe):
         abar = float(ctx.model.alphas_cumprod[self.timestep])
         z = math.sqrt(abar) * ctx.z0.float() + math.sqrt(1.0 - abar) * ctx.noise("rediffuse", draw).float()
         key = f"rediffuse:t={self.timestep}:k={self.interval}:s={self.guidance_scale}:draw={draw}"
-        blank = [""] * len(ctx)
-
-        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            cond = ctx.predict(x, t, key=key).float()
-            if guidance_passes(self.guidance_scale) == 1:
-                return cond
-            return guided(cond, ctx.predict(x, t, key=key, caption_key="empty", captions=blank).float(),
-                          self.guidance_scale)
-
-        return ddim_denoise(z, self.timesteps, eps, ctx.model.alphas_cumprod)
+        return ddim_denoise(z, self.timesteps, context_eps(ctx, key, self.guidance_scale), ctx.model.alphas_cumprod)
 
     @torch.no_grad()
     def compute(self, ctx: QueryContext) -> dict[str, torch.Tensor]:
