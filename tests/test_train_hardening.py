@@ -126,6 +126,26 @@ def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, 
     assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"]
 
 
+def test_an_overwrite_killed_before_its_record_leaves_no_mixed_run(finished_run, tmp_path, capsys, monkeypatch):
+    """The old record goes before the new LoRA is written: a retrain killed between the new LoRA and its record
+    leaves a LoRA without record (refused as unfinished), not the new LoRA beside the replaced run's record."""
+    import library.train.artifacts as artifacts
+
+    base, out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+
+    def killed(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "atomic_write_text", killed)
+    args = base + ["--max_train_steps", "1", "--output_dir", str(out)]
+    assert train_entry("lora", "", args + ["--overwrite"]) == 130
+    assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"] and not (out / "lora.json").exists()
+    capsys.readouterr()
+    assert train_entry("lora", "", args) == 2
+    assert "a run's LoRA without its run record" in one_line(capsys)
+
+
 def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):
     out = tmp_path / "out"
     with OutputLock(out):

@@ -95,6 +95,9 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     attacker_path = None
     record_path = trainer.output_dir / f"{name}.json"
     if accelerator.is_main_process:
+        # The record is what marks a run finished: an old one (``--overwrite``) goes first, so a kill before the new
+        # record leaves a LoRA without record (unfinished, as the overwrite refusal says), never a mixed set.
+        record_path.unlink(missing_ok=True)
         save_weights(trainer, name)
         if trainer.method.has_attacker:
             attacker_path = trainer.output_dir / f"{name}-attacker.safetensors"
