@@ -71,6 +71,16 @@ def test_zero_part_rate_still_means_do_not_train_and_the_largest_seed_trains(tin
         assert handle.metadata()["ss_seed"] == str(2**63 - 1)
 
 
+def test_a_text_encoder_at_rate_0_through_learning_rate_gets_no_lora(tiny_train_args, tmp_path):
+    """learning_rate 0 with only unet_lr set leaves the text encoder at rate 0: no text-encoder LoRA is made (it
+    would be saved as zeros and stop the text embeddings from being cached), as with text_encoder_lr 0."""
+    args = tiny_train_args + ["--learning_rate", "0", "--unet_lr", "1e-3", "--max_train_steps", "1"]
+    assert train_entry("lora", "", args) == 0
+    with safe_open(tmp_path / "out" / "lora.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+
+
 # ---- 3: output folders ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--output_dir", "--logging_dir", "--latent_cache_dir"])
 @pytest.mark.parametrize("under", [False, True])

@@ -39,10 +39,10 @@ from networks.lora_format import check_metadata
 
 
 def trains_text_encoder(config: TrainConfig) -> bool:
-    """Whether the run updates the text encoder (its LoRA, or its own weights in full fine-tuning)."""
-    if config.train_mode == "full":
-        return config.train_text_encoder
-    return not config.network_train_unet_only and (config.text_encoder_lr is None or config.text_encoder_lr > 0)
+    """Whether the run updates the text encoder (its LoRA, or its own weights in full fine-tuning): asked for, and at
+    a rate above 0 (``text_encoder_lr``, else ``learning_rate``; a part at rate 0 is left out of the optimiser)."""
+    asked = config.train_text_encoder if config.train_mode == "full" else not config.network_train_unet_only
+    return asked and config.effective_text_encoder_lr > 0
 
 
 def _trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -219,7 +219,7 @@ def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torc
                           keep_base: bool) -> Parametrization:
     """What ``config.train_mode`` trains, on ``device``, with gradient checkpointing when asked."""
     if config.train_mode == "full":
-        trained: Parametrization = FullParametrization(bundle, config.train_text_encoder, keep_base)
+        trained: Parametrization = FullParametrization(bundle, trains_text_encoder(config), keep_base)
     else:
         network = lora.create_network(
             1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
