@@ -279,6 +279,28 @@ def test_lora_trained_on_another_manifest_is_refused(world, tmp_path, capsys):
     assert "another split manifest" in err
 
 
+def test_lora_trained_on_a_folder_or_continuing_another_splits_lora_is_refused(world, tmp_path, capsys):
+    """Membership labels are only valid for weights that never saw a non-member: a LoRA of this project trained on
+    a whole folder records no split, and one continuing a LoRA of another split inherits what that one saw."""
+    from library.data.manifest import split_sha256
+
+    network = create_network(1.0, 2, 1.0, None, None, world["bundle"].unet)
+    folder = tmp_path / "folder.safetensors"
+    network.save_weights(folder, metadata={"smp_lora.method": "lora"})
+    err = run_error(capsys, base_args(world, tmp_path / "out", "--network_weights", str(folder)))
+    assert "folder.safetensors was trained on a whole folder" in err and "--allow_manifest_mismatch" in err
+    this_split = split_sha256(world["manifest"])
+    continued = tmp_path / "continued.safetensors"
+    meta = {"smp_lora.method": "lora", "smp_lora.split_sha256": this_split}
+    network.save_weights(continued, metadata={**meta, "smp_lora.parent_split_sha256": f"{'0' * 64},{this_split}"})
+    err = run_error(capsys, base_args(world, tmp_path / "out", "--network_weights", str(continued)))
+    assert "continued.safetensors continues a LoRA trained on another split (000000000000...)" in err
+    network.save_weights(continued, metadata={**meta, "smp_lora.parent_split_sha256": "unrecorded"})
+    args = base_args(world, tmp_path / "out", "--network_weights", str(continued), "--attacks", "loss", "--no-plots")
+    assert evaluate_mia.main(args) == 0
+    assert "continues a LoRA that records no split" in capsys.readouterr().err
+
+
 def test_changed_image_is_refused(world, tmp_path, capsys):
     data = tmp_path / "data"
     records = write_random_images(data, 8, seed=1)

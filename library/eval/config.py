@@ -50,7 +50,8 @@ class EvalConfig:
         "weights, or a pipeline folder with unet/) or an SD single-file .safetensors (its UNet is used)")
     split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
     allow_manifest_mismatch: bool = option(
-        False, "evaluate a LoRA whose metadata names another split manifest (its membership labels may be wrong)")
+        False, "evaluate a LoRA whose metadata names another split manifest, continues a LoRA of another split, or "
+        "records none (trained on a whole folder): its membership labels may be wrong")
     allow_base_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another base model (smp_lora.base_fingerprint) than "
         "--pretrained_model_name_or_path")

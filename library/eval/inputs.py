@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from library.errors import DataError, ModelError
+from library.data.lineage import UNRECORDED, parent_splits
+from library.errors import DataError, ModelError, warn
 from library.eval.conditioning import CONDITIONING_KEYS
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
@@ -61,14 +62,37 @@ def _recorded(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[st
     older files by the manifest file's bytes."""
     key = "split_sha256" if meta.get("smp_lora.split_sha256") else "manifest_sha256"
     recorded, current = meta.get(f"smp_lora.{key}"), getattr(split, key)
-    if recorded and recorded != current and not config.allow_manifest_mismatch:
-        raise DataError(
-            f"{what} was trained with another split manifest ({key} {recorded[:12]}...) than "
-            f"{config.split_manifest} ({current[:12]}...): its membership labels would be wrong; "
-            "pass the manifest it was trained with (or --allow_manifest_mismatch)"
-        )
+    if not config.allow_manifest_mismatch:
+        if recorded and recorded != current:
+            raise DataError(
+                f"{what} was trained with another split manifest ({key} {recorded[:12]}...) than "
+                f"{config.split_manifest} ({current[:12]}...): its membership labels would be wrong; "
+                "pass the manifest it was trained with (or --allow_manifest_mismatch)"
+            )
+        if meta.get("smp_lora.method") and not recorded:
+            raise DataError(
+                f"{what} was trained on a whole folder (--train_data_dir), not on a split manifest: nothing records "
+                f"which images it saw, so {config.split_manifest}'s non-members may be members; train it with "
+                "--split_manifest (or pass --allow_manifest_mismatch if that folder held this manifest's members only)"
+            )
+        _check_ancestors(config, split, what, meta)
     return {k: v for k, v in meta.items() if k not in _MODEL_DESCRIPTION_KEYS
             and (k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS)}
+
+
+def _check_ancestors(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[str, str]) -> None:
+    """A LoRA that continued another (``--network_weights``) carries the splits its ancestors trained on
+    (:mod:`library.data.lineage`): another split is one DataError line, an unrecorded one a warning."""
+    ancestors = parent_splits(meta)
+    other = sorted({s for s in ancestors if s not in (split.split_sha256, UNRECORDED)})
+    if other:
+        raise DataError(
+            f"{what} continues a LoRA trained on another split ({other[0][:12]}...) than {config.split_manifest} "
+            f"({split.split_sha256[:12]}...): its weights may have seen this split's non-members; evaluate a LoRA "
+            "trained from scratch, or from a LoRA of this split only (or pass --allow_manifest_mismatch)")
+    if UNRECORDED in ancestors:
+        warn(f"{what} continues a LoRA that records no split (from elsewhere, or trained on a whole folder): its "
+             f"membership numbers assume that LoRA never saw {config.split_manifest}'s images")
 
 
 def check_base_model(config: EvalConfig, specs: Sequence[ModelSpec], base_fingerprint: str) -> None:

@@ -36,6 +36,7 @@ from library.sd.single_file import save_single_file
 from library.train.config import TrainConfig
 from networks import lora
 from networks.lora_format import check_metadata
+from networks.lora_io import read_lora_metadata
 
 
 def trains_text_encoder(config: TrainConfig) -> bool:
@@ -57,6 +58,7 @@ class Parametrization:
     kind = "parametrization"
     module: torch.nn.Module  # what per-sample-gradient hooks wrap (DP-SGD)
     params: list[torch.nn.Parameter]  # the trained parameters, requires_grad set
+    parent_metadata: dict[str, str] | None = None  # the metadata of the LoRA this run continues (--network_weights)
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups with their learning rates (a rate of 0 leaves that part out)."""
@@ -86,8 +88,9 @@ class LoRAParametrization(Parametrization):
 
     kind = "lora"
 
-    def __init__(self, network: lora.LoRANetwork):
+    def __init__(self, network: lora.LoRANetwork, parent_metadata: dict[str, str] | None = None):
         self.network = network
+        self.parent_metadata = parent_metadata
         self.module = network
         self.params = _trainable(network.get_trainable_params())
 
@@ -227,10 +230,12 @@ def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torc
         )
         network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
                          apply_unet=True)
+        parent = None
         if config.network_weights:
             network.load_weights(config.network_weights)
+            parent = read_lora_metadata(config.network_weights)  # what its weights have seen: library.data.lineage
         network.to(device)
-        trained = LoRAParametrization(network)
+        trained = LoRAParametrization(network, parent)
     groups = trained.param_groups(config)
     if not groups:
         raise ConfigError("nothing to train: every learning rate of the trained parts is 0 (check unet_lr, "

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from library.config import config_to_dict
-from library.errors import ConfigError, TrainingError
+from library.data.lineage import UNRECORDED, splits_seen
+from library.errors import ConfigError, TrainingError, warn
 from library.outputs import OutputLock, check_output_dir
 from library.train import checkpoint, retention
 from library.train.checkpoint import read_summary
@@ -139,6 +140,28 @@ def check_overwrite(trainer: Trainer) -> None:
     what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
     raise ConfigError(f"--output_dir {trainer.output_dir} already holds {what} {final.name}; pass --overwrite to "
                       f"replace it, or choose another --output_dir or --output_name{resume}")
+
+
+def warn_about_parent_lora(trainer: Trainer) -> None:
+    """A LoRA continued with ``--network_weights`` brings what it was trained on: another split's members may be this
+    split's non-members (evaluate_mia.py refuses the result against this split, :mod:`library.data.lineage`), another
+    base model's adaptation means something else on this one. Said before training, where it can still change."""
+    parent, config = trainer.trained.parent_metadata, trainer.config
+    if parent is None or not trainer.accelerator.is_main_process:
+        return
+    split = trainer.data.split_sha256
+    other = [s for s in splits_seen(parent) if s != split]
+    if split and other:
+        what = "records no split (a LoRA from elsewhere, or trained on a whole folder)" if other == [UNRECORDED] \
+            else "was trained (or continues a LoRA trained) on another split"
+        warn(f"--network_weights {config.network_weights} {what}: its weights may have seen this split's "
+             f"non-members, so a membership evaluation of this run against {config.split_manifest} is not valid "
+             "(evaluate_mia.py " + ("warns" if other == [UNRECORDED] else "refuses it") + ")")
+    recorded, loaded = parent.get("smp_lora.base_fingerprint"), trainer.bundle.loaded_fingerprint
+    if recorded and loaded and recorded != loaded:
+        warn(f"--network_weights {config.network_weights} was trained on another base model (fingerprint "
+             f"{recorded[:12]}...) than {config.pretrained_model_name_or_path} ({loaded[:12]}...): its weights "
+             "adapted other numbers; continue it on the base it was trained on")
 
 
 def _resumes_own_state(trainer: Trainer) -> bool:

@@ -420,6 +420,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     with preflight.run_lock(trainer):
         preflight.resolve_latest_state(trainer)
         preflight.check_overwrite(trainer)
+        preflight.warn_about_parent_lora(trainer)
         if config.resume:
             preflight.check_resume(trainer)
         print(trainer.plan(), flush=True)
