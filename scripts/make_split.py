@@ -69,6 +69,8 @@ def _main(argv: Sequence[str] | None) -> None:
     sizes = {name: getattr(args, name) for name in CORE_SPLITS if getattr(args, name) is not None}
     if args.preset is None and len(sizes) != len(CORE_SPLITS):
         parser.error("give --preset or all of " + ", ".join(f"--{n}" for n in CORE_SPLITS))
+    if args.seed < 0:
+        parser.error(f"--seed must be an integer >= 0, got {args.seed}")
     base_domain = None
     if args.base_domain_caption_regex is not None:
         try:

@@ -157,6 +157,7 @@ def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manif
                                                          "--dp_clip_norm", "0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "occurs 2 times in D_tr" in err[0] and "epsilon would be understated" in err[0]
+    assert f"(as {manifest.abs_path(manifest.member_test[0])}:" in err[0]  # the image named
     # plain LoRA trains it, the repeated image twice per epoch, and its plan says so
     assert train_entry("lora", "", tiny_train_args + ["--split_manifest", str(repeated), "--dry_run"]) == 0
     n = len(manifest.members())
@@ -174,4 +175,4 @@ def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manif
     plain = [a for a in tiny_train_args]
     plain[plain.index("--split_manifest"):plain.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
     assert train_entry("dp_lora", "", plain + ["--dp_clip_norm", "0.05", "--dry_run"]) == 2
-    assert "occurs 2 times in D_tr" in capsys.readouterr().err
+    assert f"occurs 2 times in D_tr (as {folder / '0.png'}, {folder / 'copy.png'}:" in capsys.readouterr().err

@@ -281,6 +281,9 @@ def test_make_split_output_is_checked(tmp_path, capsys):
     folder.mkdir()
     assert make_split(args + ["--output", str(folder)]) == 2
     assert "--output" in one_error_line(capsys.readouterr().err) and list(folder.iterdir()) == []
+    bad_seed = args[:args.index("--seed")] + ["--seed", "-1"] + args[args.index("--seed") + 2:]
+    assert make_split(bad_seed + ["--output", str(tmp_path / "s.json")]) == 2
+    assert "--seed must be an integer >= 0" in capsys.readouterr().err
     out = tmp_path / "new" / "split.json"
     assert make_split(args + ["--output", str(out)]) == 0  # a missing parent folder is created
     first = out.read_bytes()

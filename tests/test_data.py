@@ -100,6 +100,13 @@ def test_bom_captions_hidden_files_and_symlinked_images(tmp_path):
                                           "nonmember_test": 1}, seed=0, dataset_root=folder)
     listed = {e.path for entries in manifest.splits().values() for e in entries}
     assert "img4.png" in listed and not any(p.startswith("._") for p in listed)
+    linked = tmp_path / "linked"  # a '<repeats>_<name>' folder symlinked in from another disk: listed by its name
+    linked.mkdir()
+    (linked / "2_dogs").symlink_to(folder, target_is_directory=True)
+    manifest = make_split(scan_dataset(linked), sizes={"member_aux": 1, "member_test": 1, "nonmember_aux": 1,
+                                                       "nonmember_test": 1}, seed=0, dataset_root=linked)
+    listed = {e.path for entries in manifest.splits().values() for e in entries}
+    assert all(p.startswith("2_dogs/") for p in listed) and manifest.abs_path(manifest.member_test[0]).is_file()
     meta = tmp_path / "hf"
     _png(meta / "a.png")
     (meta / "metadata.jsonl").write_bytes(("\ufeff" + json.dumps({"file_name": "a.png", "text": "a"})).encode("utf-8"))
@@ -152,6 +159,49 @@ def test_bad_subfolder_and_empty_dataset(tmp_path):
         scan_dataset(empty)
     with pytest.raises(DataError, match="does not exist"):
         scan_dataset(tmp_path / "nope")
+
+
+def test_images_kohya_would_skip_are_refused_and_a_caption_extension_must_name_one(tmp_path):
+    """An image below a '<repeats>_<name>' folder, or deeper in a folder that is not one, is not read by kohya's
+    loader: refused with its path instead of training on a subset. A cache without images stays harmless."""
+    from library.errors import ConfigError
+
+    root = tmp_path / "data"
+    _pair(root / "5_a", "a0", "a zero")
+    (root / "cache" / "deep").mkdir(parents=True)
+    (root / "cache" / "deep" / "x.npz").write_bytes(b"latents")
+    (root / "5_a" / ".hidden").mkdir()
+    _png(root / "5_a" / ".hidden" / "thumb.png")
+    assert [r.path.name for r in scan_dataset(root)] == ["a0.png"]
+    nested = _pair(root / "5_a" / "more", "a1", "a one")
+    with pytest.raises(DataError, match=f"image {nested} is in a folder inside {root / '5_a'}"):
+        scan_dataset(root)
+    nested.unlink()
+    deep = _pair(root / "other" / "deeper", "b0", "b zero")
+    with pytest.raises(DataError, match=rf"{root / 'other'} does not match .*\({deep}\)"):
+        scan_dataset(root)
+    for extension in ("", "."):
+        with pytest.raises(ConfigError, match="names no extension"):
+            scan_dataset(root, extension)
+
+
+
+def test_hugging_face_layouts_get_their_own_advice(tmp_path, capsys):
+    """A dataset's train/ folder given by its parent, a metadata.csv (not read), and images a metadata.jsonl
+    does not list (left out, with a warning naming the first)."""
+    hf = tmp_path / "hf"
+    _png(hf / "train" / "a.png")
+    (hf / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a"}) + "\n")
+    with pytest.raises(DataError, match=f"give {hf / 'train'} itself as the dataset folder"):
+        scan_dataset(hf)
+    _png(hf / "train" / "extra" / "b.png")
+    assert [r.path.name for r in scan_dataset(hf / "train")] == ["a.png"]
+    assert f"1 other image(s) in {hf / 'train'} (first: {hf / 'train' / 'extra' / 'b.png'})" in capsys.readouterr().err
+    csv = tmp_path / "csv"
+    _png(csv / "a.png")
+    (csv / "metadata.csv").write_text("file_name,text\na.png,a\n")
+    with pytest.raises(DataError, match=r"has no caption file a\.txt.*metadata\.csv is not read"):
+        scan_dataset(csv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,5 +471,5 @@ def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
     data = load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=True)
     expected = sum(e.repeats for e in manifest.members())
     assert expected > len(manifest.members())  # the seed put at least one repeated image among the members
-    assert len(data.members) == expected and most_repeats(data.members) == 3
-    assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux) == 1
+    assert len(data.members) == expected and most_repeats(data.members)[0] == 3
+    assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux)[0] == 1

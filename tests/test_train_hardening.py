@@ -57,7 +57,8 @@ def copy_run(finished_run, tmp_path):
 # ---- 1, 2: rates and seeds -----------------------------------------------------------------------------
 @pytest.mark.parametrize("flag,value", [("--learning_rate", "-1e-4"), ("--learning_rate", "nan"),
                                         ("--unet_lr", "-1e-4"), ("--unet_lr", "inf"), ("--text_encoder_lr", "nan"),
-                                        ("--text_encoder_lr", "-1"), ("--seed", str(2**64)), ("--seed", "-1")])
+                                        ("--text_encoder_lr", "-1"), ("--seed", str(2**64)), ("--seed", "-1"),
+                                        ("--keep_tokens", "-1")])
 def test_bad_rate_or_seed_is_one_line(tiny_train_args, capsys, flag, value):
     assert train_entry("lora", "", tiny_train_args + [flag, value]) == 2
     assert flag.lstrip("-") in one_line(capsys)
@@ -69,6 +70,19 @@ def test_zero_part_rate_still_means_do_not_train_and_the_largest_seed_trains(tin
     assert train_entry("lora", "", args) == 0
     with safe_open(tmp_path / "out" / "lora.safetensors", "pt") as handle:
         assert handle.metadata()["ss_seed"] == str(2**63 - 1)
+
+
+def test_a_dry_run_on_a_folder_decodes_its_images(tiny_train_args, digits_dir, tmp_path, capsys):
+    """--train_data_dir has no make_split.py to decode its images first: --dry_run does, so "valid" means it."""
+    folder = tmp_path / "folder"
+    shutil.copytree(digits_dir, folder)
+    broken = sorted(folder.rglob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated
+    args = list(tiny_train_args)
+    args[args.index("--split_manifest"):args.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    assert train_entry("lora", "", args + ["--dry_run"]) == 2
+    line = one_line(capsys)
+    assert str(broken) in line and "Traceback" not in line
 
 
 def test_a_text_encoder_at_rate_0_through_learning_rate_gets_no_lora(tiny_train_args, tmp_path):
@@ -154,6 +168,33 @@ def test_an_overwrite_killed_before_its_record_leaves_no_mixed_run(finished_run,
     capsys.readouterr()
     assert train_entry("lora", "", args) == 2
     assert "a run's LoRA without its run record" in one_line(capsys)
+
+
+def test_continuing_a_lora_records_its_splits_and_warns_when_they_differ(finished_run, digits_dir, tmp_path, capsys):
+    """--network_weights: the new LoRA records the splits its parent's weights saw (library.data.lineage), and a
+    parent of another split is a warning before training (evaluate_mia.py then refuses the new LoRA)."""
+    from conftest import SPLIT_SIZES
+
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import read_manifest, split_sha256, write_manifest
+    from library.data.splits import make_split
+
+    base, out = finished_run
+    parent = out / "lora.safetensors"
+    with safe_open(parent, "pt") as handle:
+        parent_split = handle.metadata()["smp_lora.split_sha256"]
+    other = tmp_path / "other.json"
+    write_manifest(make_split(scan_dataset(digits_dir), sizes=SPLIT_SIZES, seed=1, dataset_root=digits_dir), other)
+    for manifest, warned in ((None, False), (other, True)):
+        args = base + ["--max_train_steps", "1", "--network_weights", str(parent), "--output_dir",
+                       str(tmp_path / str(warned))] + (["--split_manifest", str(other)] if manifest else [])
+        assert train_entry("lora", "", args) == 0
+        err = capsys.readouterr().err
+        assert ("was trained (or continues a LoRA trained) on another split" in err) == warned, err
+        with safe_open(tmp_path / str(warned) / "lora.safetensors", "pt") as handle:
+            meta = handle.metadata()
+        assert meta["smp_lora.parent_split_sha256"] == parent_split
+    assert meta["smp_lora.split_sha256"] == split_sha256(read_manifest(other)) != parent_split
 
 
 def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from library.data.images import IMAGE_EXTENSIONS
-from library.errors import DataError
+from library.errors import ConfigError, DataError, warn
 
 METADATA_FILE = "metadata.jsonl"
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's <repeats>_<name> folders
@@ -83,23 +83,44 @@ def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[Ima
     return records
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_below(folder: Path) -> Path | None:
+    """The first image anywhere below ``folder`` (hidden folders skipped), or None."""
+    return next((p for p in sorted(folder.rglob("*")) if is_image(p)
+                 and not any(part.startswith(".") for part in p.relative_to(folder).parts)), None)
+
+
 def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
+    # kohya reads the images of the root and of its '<repeats>_<name>' folders, one level each; an image anywhere
+    # else would be skipped silently, so it is refused instead of training on a subset. A folder without images
+    # (say a latent cache) is harmless.
     records = _scan_folder(root, caption_extension, repeats=1)
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in _subfolders(root):
         match = REPEATS_DIR.match(sub.name)
         if match is None:
-            # A folder without images (say a latent cache) is harmless; one with images would be silently
-            # skipped by kohya's loader, so say so instead of training on a subset.
-            if any(is_image(p) for p in sub.iterdir()):
+            if (sub / METADATA_FILE).is_file():  # a Hugging Face dataset's train/ split folder
+                raise DataError(f"dataset subfolder {sub} is a Hugging Face imagefolder (it holds {METADATA_FILE}): "
+                                f"give {sub} itself as the dataset folder")
+            if (image := _image_below(sub)) is not None:
                 raise DataError(
-                    f"dataset subfolder {sub} does not match '<repeats>_<name>' (e.g. '1_{sub.name}'): "
-                    f"rename it, or move its images into {root}"
+                    f"dataset subfolder {sub} does not match '<repeats>_<name>' (e.g. '1_{sub.name}'), so its images "
+                    f"({image}) would not be read: rename it, or move its images into {root}"
                 )
             continue
         repeats = int(match.group(1))
         if repeats < 1:
             raise DataError(f"dataset subfolder {sub} has 0 repeats: rename it to '1_{match.group(2)}' or remove it")
         records.extend(_scan_folder(sub, caption_extension, repeats))
+        for nested in _subfolders(sub):
+            if (image := _image_below(nested)) is not None:
+                raise DataError(
+                    f"image {image} is in a folder inside {sub}, and only the images directly in a "
+                    f"'<repeats>_<name>' folder are read: move it into {sub}, or into a '<repeats>_<name>' folder "
+                    f"of its own in {root}"
+                )
     return records
 
 
@@ -138,6 +159,11 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
         if key in records:
             raise DataError(f"{where} lists {name} a second time: keep one line per image")
         records[key] = ImageCaption(image, caption.strip(), 1)
+    unlisted = [p for p in sorted(root.rglob("*")) if is_image(p) and p.relative_to(root).as_posix() not in records
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if unlisted:
+        warn(f"{metadata} lists {len(records)} images; {len(unlisted)} other image(s) in {root} (first: "
+             f"{unlisted[0]}) have no line in it and are left out: add a line for each to use them")
     return [records[k] for k in sorted(records)]
 
 
@@ -154,13 +180,22 @@ def scan_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder")
+    if not caption_extension.strip("."):
+        raise ConfigError(f"caption extension {caption_extension!r} names no extension: pass the captions' one, "
+                          "e.g. --caption_extension .txt or .caption")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     metadata = root / METADATA_FILE
     if metadata.is_file():
         records = _scan_imagefolder(root, metadata, caption_column)
     else:
-        records = _scan_kohya(root, caption_extension)
+        try:
+            records = _scan_kohya(root, caption_extension)
+        except DataError as exc:
+            if (root / "metadata.csv").is_file():  # the other Hugging Face imagefolder format
+                raise DataError(f"{exc} ({root / 'metadata.csv'} is not read: only {METADATA_FILE} is, one JSON "
+                                "object per line with file_name and the caption column; convert it)") from None
+            raise
     if not records:
         raise DataError(
             f"dataset folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) with captions: "

@@ -98,7 +98,14 @@ def _relative(record: ImageCaption, root: Path) -> str:
     try:
         return _located(record.path).relative_to(root).as_posix()
     except ValueError:
-        raise DataError(f"image {record.path} is not inside the dataset folder {root}") from None
+        pass
+    # A symlinked '<repeats>_<name>' folder resolves elsewhere: the root is then one of the folders the dataset
+    # lists the image under, and the manifest records the image by that name (reading it follows the link).
+    listed = Path(os.path.abspath(record.path))
+    for folder in listed.parents:
+        if folder.resolve() == root:
+            return listed.relative_to(folder).as_posix()
+    raise DataError(f"image {record.path} is not inside the dataset folder {root}")
 
 
 def _candidates(
@@ -221,8 +228,8 @@ def make_split(
             f"member_aux ({wanted.member_aux}) and nonmember_aux ({wanted.nonmember_aux}) differ; the paper's "
             f"D_aux is balanced — make them equal or pass --allow_unbalanced_aux"
         )
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ConfigError(f"split seed must be an integer, got {seed!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"split seed must be an integer >= 0, got {seed!r}")
     if not records:
         raise DataError("no images to split: the dataset is empty")
 

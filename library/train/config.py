@@ -249,8 +249,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
-        if self.lr_warmup_steps < 0:
-            raise ConfigError(f"'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
+        for name in ["lr_warmup_steps", "keep_tokens"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"'{name}' must be >= 0, got {getattr(self, name)}")
         for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs",
                      "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state"]:
             value = getattr(self, name)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from library.data.dataset import ImageCaption, scan_dataset
+from library.data.images import open_rgb
 from library.data.latents import LatentCache
 from library.data.manifest import (
     SplitManifest,
@@ -79,20 +80,26 @@ def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> Labelle
                        keys=[e.sha256 for e in entries])
 
 
-def most_repeats(labelled: LabelledSet) -> int:
-    """How often the most repeated image occurs, by key: D_tr's keys are the images' sha256 (from the manifest, or
-    hashed from a --train_data_dir folder), so kohya repeats and one image under two names both count."""
-    return max(Counter(labelled.keys).values(), default=0)
+def most_repeats(labelled: LabelledSet) -> tuple[int, list[Path]]:
+    """How often the most repeated image occurs, by key, and the files under which it does (each once): D_tr's
+    keys are the images' sha256 (from the manifest, or hashed from a --train_data_dir folder), so kohya repeats and
+    one image under two names both count."""
+    counts = Counter(labelled.keys)
+    if not counts:
+        return 0, []
+    key, repeats = counts.most_common(1)[0]
+    return repeats, sorted({Path(path) for path, k in zip(labelled.paths, labelled.keys) if k == key})
 
 
 def check_training_data(data: TrainingData, method: type[TrainingMethod], config: TrainConfig, world: int) -> None:
     """What the method needs of the sets, checked before any model work (so ``--dry_run`` says it): each member
     image once where the method says why (``distinct_members``: kohya repeats or one image under two names are
     refused), and an attacker's D^m_aux / D^nm_aux each filling one ``--attacker_batch_size`` batch."""
-    if method.distinct_members and (repeats := most_repeats(data.members)) > 1:
-        raise DataError(f"{method.distinct_members}: an image occurs {repeats} times in D_tr (kohya "
-                        f"<repeats>_<name> folders, or one image under two names); train {method.name} on a set "
-                        "with each image once")
+    repeats, files = most_repeats(data.members)
+    if method.distinct_members and repeats > 1:
+        raise DataError(f"{method.distinct_members}: an image occurs {repeats} times in D_tr (as "
+                        f"{', '.join(map(str, files))}: kohya <repeats>_<name> folders, or one image under two "
+                        f"names); train {method.name} on a set with each image once")
     if method.needs_aux and data.member_aux is not None and data.nonmember_aux is not None:
         for aux, what in ((data.member_aux, "D^m_aux"), (data.nonmember_aux, "D^nm_aux")):
             check_batch_fits(len(aux), config.attacker_batch_size, world, f"{what} (--attacker_batch_size)")
@@ -119,6 +126,9 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
             raise DataError("MP/SMP-LoRA need a split manifest (--split_manifest) to know the auxiliary "
                             "member and non-member sets; --train_data_dir is for plain LoRA")
         records: list[ImageCaption] = scan_dataset(config.train_data_dir, config.caption_extension)
+        if config.dry_run:  # a manifest's images were decoded by make_split.py; a folder's are checked here
+            for record in records:
+                open_rgb(record.path)
         paths, captions, keys = [], [], []
         for record in records:  # kohya's <repeats>_<name> folders: repeat the image in the epoch
             paths += [record.path] * record.repeats

@@ -97,6 +97,24 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
                            "(scripts/make_split.py; --split_manifest) or, for plain LoRA, a kohya folder "
                            "(--train_data_dir)"),
     "in_json": ForeignKey("give the images as a split manifest (scripts/make_split.py) or a kohya folder"),
+    # keys of recent sd-scripts / kohya_ss GUI configs, harmless at their defaults
+    "loss_type": ForeignKey(_PLAIN_OBJECTIVE, lambda v: v == "l2"),
+    "huber_c": ForeignKey(_PLAIN_OBJECTIVE, _always),  # used by loss_type huber / smooth_l1 only
+    "huber_schedule": ForeignKey(_PLAIN_OBJECTIVE, _always),
+    "noise_offset_type": ForeignKey(_PLAIN_OBJECTIVE, _always),  # the kind of noise_offset, which is refused
+    "zero_terminal_snr": ForeignKey(_PLAIN_OBJECTIVE, _false),
+    "masked_loss": ForeignKey("not supported: the loss covers the whole latent; drop it", _false),
+    "scale_weight_norms": ForeignKey("not supported (max-norm regularisation would change what the privacy "
+                                     "objective trains); drop it", _zero),
+    "fp8_base": ForeignKey("not supported: use --mixed_precision fp16 or bf16", _false),
+    "dynamo_backend": ForeignKey("torch.compile is not used here; drop it", lambda v: str(v).lower() in ("no", "")),
+    "lr_scheduler_args": ForeignKey("not supported: the schedulers take --lr_warmup_steps only",
+                                    lambda v: v in ([], "", None)),
+    "save_state_on_train_end": ForeignKey("use --save_state (it also saves the final state)", _false),
+    "training_comment": ForeignKey("not recorded in the LoRA's metadata here; drop it", _always),
+    "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
+    "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
+    "epoch": ForeignKey("the kohya_ss GUI's name for sd-scripts' max_train_epochs: use max_train_epochs"),
 }
 
 
