@@ -289,6 +289,17 @@ def _images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def test_latent_cache_says_once_that_small_images_are_upscaled(tmp_path, tiny_vae, capsys):
+    paths = _images(tmp_path / "img", 3)  # 32 px
+    LatentCache(tiny_vae, "fp-a", 32).get_many(paths)
+    assert capsys.readouterr().err == ""  # at the resolution: nothing to say
+    small = _png(tmp_path / "small" / "s.png", size=(16, 24))
+    cache = LatentCache(tiny_vae, "fp-a", 32)
+    cache.get_many(paths + [small, _png(tmp_path / "small" / "t.png", size=(8, 8))])
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"image {small} is 16x24, smaller than the resolution 32" in err
+
+
 def test_latent_cache_memory_and_disk(tmp_path, tiny_vae):
     paths = _images(tmp_path / "img", 5)
     vae = _CountingVAE(tiny_vae)

@@ -292,7 +292,7 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
         result = _run_launcher("pokemon", tmp_path, {**env, "SEEDS": seeds, **extra})
         assert result.returncode == 0, result.stderr
         return [f"{c[0]} {_flag(c, '--output_dir').rsplit('/', 2)[-2]}" for c in _recorded(rec_file)
-                if c[0] in ("train_lora.py", "evaluate_mia.py")]
+                if c[0].startswith("train_") or c[0] == "evaluate_mia.py"]
 
     assert calls("1") == ["train_lora.py seed1", "evaluate_mia.py seed1"]
     assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]  # seed 1 is finished: skipped
@@ -301,6 +301,37 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     (tmp_path / "o" / "seed2" / "lora" / "lora.json").unlink()  # killed between its LoRA and its record
     assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]
     assert "--overwrite" in _recorded(rec_file)[0]
+    # a report is reused only for the command that made it: other models, or other EVAL_ARGS, evaluate again
+    assert calls("1", METHODS="lora smp_lora") == ["train_smp_lora.py seed1", "evaluate_mia.py seed1"]
+    assert calls("1", METHODS="lora") == ["evaluate_mia.py seed1"]
+    assert calls("1", METHODS="lora") == []
+    assert calls("1", METHODS="lora", EVAL_ARGS="--n_bootstrap 10") == ["evaluate_mia.py seed1"]
+    assert "--n_bootstrap" in (tmp_path / "o" / "seed1" / "eval" / "launch_command.txt").read_text()
+
+
+def test_the_launchers_find_the_repositorys_environment_or_say_what_is_missing(tmp_path, tiny_model_dir,
+                                                                               manifest_path):
+    """PYTHON / LAUNCH default to the repository's .venv (not activated); one that is not there is one line;
+    TOKENIZER reaches training and evaluation as --tokenizer_path."""
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
+               SEEDS="1", DRY_RUN="1")
+    for key, value in (("PYTHON", "no-such-python"), ("LAUNCH", "no-such-accelerate launch")):
+        result = _run_launcher("pokemon", tmp_path, {**env, key: value})
+        assert result.returncode == 2 and f"{key} '{value}' not found" in result.stderr, result.stderr
+    result = _run_launcher("pokemon", tmp_path, {**env, "TOKENIZER": str(tmp_path / "nope")})
+    assert result.returncode == 2 and "TOKENIZER" in result.stderr and "is not a folder" in result.stderr
+    recorder = tmp_path / "record.sh"
+    recorder.write_text("#!/usr/bin/env bash\n" + RECORDER)
+    recorder.chmod(0o755)
+    rec_file = tmp_path / "commands.bin"
+    tokenizer = tiny_model_dir / "tokenizer"
+    result = _run_launcher("pokemon", tmp_path, {**env, "DRY_RUN": "0", "TOKENIZER": str(tokenizer),
+                                                 "LAUNCH": f"bash {recorder}", "PYTHON": str(recorder),
+                                                 "REC_FILE": str(rec_file)})
+    assert result.returncode == 0, result.stderr
+    commands = {c[0]: c for c in _recorded(rec_file)}
+    for script in ("train_lora.py", "evaluate_mia.py"):
+        assert _flag(commands[script], "--tokenizer_path") == str(tokenizer), script
 
 
 def test_launched_trainings_keep_one_state_and_resume_the_latest(tmp_path, tiny_model_dir, manifest_path):

@@ -170,6 +170,23 @@ def test_an_overwrite_killed_before_its_record_leaves_no_mixed_run(finished_run,
     assert "a run's LoRA without its run record" in one_line(capsys)
 
 
+def test_an_overwrite_retrain_unmarks_the_replaced_run_when_it_starts(finished_run, tmp_path, capsys, monkeypatch):
+    """--overwrite takes the replaced run's record away before training (not in a dry run): a retrain killed early
+    leaves an unfinished run that a launcher continues, not the old run looking finished."""
+    from library.train.trainer import Trainer
+
+    base, out = copy_run(finished_run, tmp_path)
+    args = base + ["--max_train_steps", "2", "--output_dir", str(out), "--overwrite"]
+    assert train_entry("lora", "", args + ["--dry_run"]) == 0 and (out / "lora.json").is_file()
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "step", killed)
+    assert train_entry("lora", "", args) == 130
+    assert not (out / "lora.json").exists() and (out / "lora.safetensors").is_file()
+
+
 def test_continuing_a_lora_records_its_splits_and_warns_when_they_differ(finished_run, digits_dir, tmp_path, capsys):
     """--network_weights: the new LoRA records the splits its parent's weights saw (library.data.lineage), and a
     parent of another split is a warning before training (evaluate_mia.py then refuses the new LoRA)."""

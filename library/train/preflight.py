@@ -132,6 +132,10 @@ def check_overwrite(trainer: Trainer) -> None:
     (sd-scripts users continue a run with ``--resume <output_dir>/<name>-state`` into the same folder)."""
     config = trainer.config
     final = trainer.output_dir / f"{trainer.output_name}.safetensors"
+    if config.overwrite and final.exists() and not config.dry_run and trainer.accelerator.is_main_process:
+        # The record marks a run finished: the replaced run's goes now, so a retrain killed before its end is an
+        # unfinished run (resumed by --resume latest; a launcher's rerun continues it), not the old run, finished.
+        final.with_suffix(".json").unlink(missing_ok=True)
     if config.overwrite or not final.exists() or _resumes_own_state(trainer):
         return
     state = retention.latest_state(trainer.output_dir, trainer.output_name)

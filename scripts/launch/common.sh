@@ -11,12 +11,19 @@
 #               otherwise skipped; results are not collected
 #   EXTRA_ARGS  extra flags appended to every training call, whitespace-separated (e.g. "--resolution 256")
 #   EVAL_ARGS   extra flags for evaluate_mia.py, whitespace-separated
-#   LAUNCH      how training scripts are started (default "accelerate launch"; e.g. "python" on one GPU,
-#               or "accelerate launch --num_processes 4")
-#   PYTHON      the Python interpreter for evaluation and the collector (default python)
+#   TOKENIZER   a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers SD 1.5 copy), passed as --tokenizer_path
+#               to training and evaluation: needed when MODEL is a single .safetensors file without one (as
+#               v1-5-pruned.safetensors) and open_clip is not installed
+#   LAUNCH      how training scripts are started (default: the repository's .venv accelerate, else the one on
+#               PATH, as "accelerate launch --quiet"; e.g. "python" on one GPU, or "accelerate launch --quiet
+#               --num_processes 4"; --quiet keeps a refused run to its one error line, without accelerate's traceback)
+#   PYTHON      the Python interpreter for evaluation and the collector (default: the repository's .venv python,
+#               else python on PATH)
 #   RETRAIN=1   train and evaluate again what a previous call finished, each run from its first step; by default
 #               a rerun skips every run whose <name>.safetensors and <name>.json exist and every evaluation whose
-#               report.json is newer than its models, so a launcher that died at seed 3 goes on from there
+#               report.json is newer than its models and was made by the same command (its launch_command.txt),
+#               so a launcher that died at seed 3 goes on from there. A killed RETRAIN=1 call is continued by
+#               the same command without RETRAIN=1 (the retrain's states are the newest)
 #   RESUMABLE=0 write no training states. By default every training saves a resumable state with each
 #               --save_every_n_epochs checkpoint, keeps only the newest (--save_last_n_epochs_state 1) and the
 #               final <name>-state, and starts with --resume latest: a training killed at epoch 320 of 400 goes
@@ -72,10 +79,28 @@ smp_setup() {
     RESUMABLE="${RESUMABLE:-1}"
     [[ "$RESUMABLE" == 0 || "$RESUMABLE" == 1 ]] || smp_die "RESUMABLE must be 0 or 1, got '$RESUMABLE'"
     DRY_RUN="${DRY_RUN:-0}"
-    PYTHON="${PYTHON:-python}"
-    read -r -a SMP_LAUNCH <<< "${LAUNCH:-accelerate launch}"
+    local venv="$SMP_REPO_ROOT/.venv/bin"  # scripts/setup.sh's environment, used without being activated
+    if [[ -z "${PYTHON:-}" ]]; then
+        PYTHON=python
+        [[ -x "$venv/python" ]] && PYTHON="$venv/python"
+    fi
+    if [[ -n "${LAUNCH:-}" ]]; then
+        read -r -a SMP_LAUNCH <<< "$LAUNCH"
+    elif [[ -x "$venv/accelerate" ]]; then
+        SMP_LAUNCH=("$venv/accelerate" launch --quiet)
+    else
+        SMP_LAUNCH=(accelerate launch --quiet)
+    fi
+    command -v "$PYTHON" > /dev/null || smp_die "PYTHON '$PYTHON' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set PYTHON"
+    command -v "${SMP_LAUNCH[0]}" > /dev/null || smp_die "LAUNCH '${SMP_LAUNCH[*]}' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set LAUNCH (e.g. LAUNCH=python)"
     read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"
     read -r -a SMP_EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+    if [[ -n "${TOKENIZER:-}" ]]; then
+        TOKENIZER="$(smp_abspath "$TOKENIZER")"
+        [[ -d "$TOKENIZER" ]] || smp_die "TOKENIZER $TOKENIZER is not a folder: point it at a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers SD 1.5 copy)"
+        SMP_EXTRA=(--tokenizer_path "$TOKENIZER" "${SMP_EXTRA[@]}")
+        SMP_EVAL_EXTRA=(--tokenizer_path "$TOKENIZER" "${SMP_EVAL_EXTRA[@]}")
+    fi
     cd "$SMP_REPO_ROOT"
     export MODEL DATA OUT SEEDS DRY_RUN RETRAIN RESUMABLE
     smp_log "model $MODEL"
@@ -157,14 +182,18 @@ smp_evaluate_models() {
     local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" "$flag" "$@"
         --split_manifest "$DATA" --output_dir "$out_dir")
     cmd+=("${SMP_EVAL_EXTRA[@]}")
+    local made_by="$out_dir/launch_command.txt" command_text
+    command_text="$(printf '%s\n' "${cmd[@]}")"
     if [[ "$DRY_RUN" != 1 && "$RETRAIN" != 1 && -f "$out_dir/report.json" ]]; then
         local model fresh=1
         for model in "$@"; do
             [[ "$model" -nt "$out_dir/report.json" ]] && fresh=0
         done
-        if [[ "$fresh" == 1 ]]; then
-            smp_log "skip: $out_dir/report.json is newer than its models (RETRAIN=1 evaluates again)"
+        if [[ "$fresh" == 1 && -f "$made_by" && "$(cat "$made_by")" == "$command_text" ]]; then
+            smp_log "skip: $out_dir/report.json is newer than its models and was made by this command (RETRAIN=1 evaluates again)"
             return 0
+        elif [[ "$fresh" == 1 ]]; then
+            smp_log "$out_dir/report.json was made by another command (other models or EVAL_ARGS): evaluating again"
         fi
     fi
     if [[ ! -f evaluate_mia.py ]]; then
@@ -187,6 +216,9 @@ smp_evaluate_models() {
         cmd+=(--dry_run)
     fi
     smp_run "${cmd[@]}"
+    if [[ "$DRY_RUN" != 1 && -d "$out_dir" ]]; then
+        printf '%s\n' "$command_text" > "$made_by"  # what the skip above compares
+    fi
 }
 
 # smp_collect <output_dir> <report.json>...

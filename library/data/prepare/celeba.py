@@ -75,6 +75,9 @@ IMAGE_DIR = "img_align_celeba"
 IDENTITY_FILE = "identity_CelebA.txt"
 ATTR_FILE = "list_attr_celeba.txt"
 ATTR_FILE_CSV = "list_attr_celeba.csv"
+#: What a user short of CelebA identities can do: --sizes re-splits a subset's images, it does not pick fewer people.
+_WHOLE_CELEBA = ("or extract the whole img_align_celeba.zip: a subset is a set of identities, which --sizes does not "
+                 "shrink (it only re-splits their images)")
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,8 @@ def select_celeba(
     if subset == "varying":
         counts = varying_counts(num_ids, VARYING_TOTAL, seed)
         eligible = [str(i) for i, images in by_identity.items() if len(images) >= VARYING_MAX]
-        chosen = [int(i) for i in sample_sorted(eligible, num_ids, rng, f"identities with >= {VARYING_MAX} images")]
+        chosen = [int(i) for i in sample_sorted(eligible, num_ids, rng, f"identities with >= {VARYING_MAX} images",
+                                                    _WHOLE_CELEBA)]
         # Counts are assigned to identities in the (shuffled) order drawn, not by identity number.
         order = rng.permutation(len(chosen))
         wanted = {chosen[j]: counts[k] for k, j in enumerate(order)}
@@ -216,10 +220,12 @@ def select_celeba(
             for is_male, count in groups.items():
                 pool = [str(i) for i in eligible_ids if genders.get(i) is is_male]
                 label = "male" if is_male else "female"
-                chosen += [int(i) for i in sample_sorted(pool, count, rng, f"{label} identities with >= {per_id} images")]
+                chosen += [int(i) for i in sample_sorted(pool, count, rng, f"{label} identities with >= {per_id} images",
+                                                           _WHOLE_CELEBA)]
         else:
             pool = [str(i) for i in eligible_ids]
-            chosen = [int(i) for i in sample_sorted(pool, num_ids, rng, f"identities with >= {per_id} images")]
+            chosen = [int(i) for i in sample_sorted(pool, num_ids, rng, f"identities with >= {per_id} images",
+                                                        _WHOLE_CELEBA)]
         wanted = {identity: per_id for identity in chosen}
 
     picks: list[CelebaPick] = []
@@ -278,6 +284,7 @@ def prepare_celeba(
         write_pair(out, Path(pick.image).stem, image_dir / pick.image, caption, resolution)
     return split_and_save(out, manifest_path, preset=f"celeba_{subset}", seed=seed, sizes=sizes,
                           created_by=f"scripts/prepare_celeba.py --subset {subset}")
+
 
 
 def _find(celeba_dir: Path, *names: str) -> Path:

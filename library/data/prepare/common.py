@@ -224,12 +224,14 @@ def rng_for(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), tag])
 
 
-def sample_sorted(items: Iterable[str], count: int, rng: np.random.Generator, what: str) -> list[str]:
-    """``count`` distinct items drawn from the sorted ``items``; a DataError when there are too few."""
+def sample_sorted(items: Iterable[str], count: int, rng: np.random.Generator, what: str,
+                  fewer: str = "or ask for fewer (--sizes)") -> list[str]:
+    """``count`` distinct items drawn from the sorted ``items``; a DataError when there are too few (``fewer``:
+    what else the user can do)."""
     pool = sorted(items)
     if count > len(pool):
         raise DataError(f"need {count} {what} but only {len(pool)} are available: check the input files "
-                        f"(a partial download?) or ask for fewer")
+                        f"(a partial download?) {fewer}")
     picked = rng.choice(len(pool), size=count, replace=False)
     return [pool[i] for i in sorted(picked)]
 
@@ -372,7 +374,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="selection and split seed (default 1337)")
     parser.add_argument("--sizes", type=str, default=None,
                         help="override the Table 4 sizes: member_aux,member_test,nonmember_aux,nonmember_test "
-                             "(for a quick smaller run; the preset is the paper's)")
+                             "(for a quick smaller run; the preset is the paper's; a CelebA subset keeps its "
+                             "identities and images, the rest become 'unused')")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the images and captions in --output_dir and the --manifest file")
 
