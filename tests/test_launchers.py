@@ -309,6 +309,21 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     assert "--n_bootstrap" in (tmp_path / "o" / "seed1" / "eval" / "launch_command.txt").read_text()
 
 
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "accelerate").exists(), reason="no .venv (scripts/setup.sh)")
+def test_the_default_launch_is_one_quiet_accelerate_process(tmp_path, tiny_model_dir, manifest_path):
+    """Without LAUNCH: the .venv's accelerate, one process, and a refused run is its error line (no traceback)."""
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
+               SEEDS="1", DRY_RUN="1", EXTRA_ARGS=EXTRA_ARGS)
+    result = _run_launcher("pokemon", tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "accelerate launch --quiet --num_processes 1 train_lora.py" in result.stderr
+    assert DRY_RUN_OK in result.stdout
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    result = _run_launcher("pokemon", tmp_path, {**env, "MODEL": str(empty)})
+    assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_launchers_find_the_repositorys_environment_or_say_what_is_missing(tmp_path, tiny_model_dir,
                                                                                manifest_path):
     """PYTHON / LAUNCH default to the repository's .venv (not activated); one that is not there is one line;

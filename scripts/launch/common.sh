@@ -15,8 +15,10 @@
 #               to training and evaluation: needed when MODEL is a single .safetensors file without one (as
 #               v1-5-pruned.safetensors) and open_clip is not installed
 #   LAUNCH      how training scripts are started (default: the repository's .venv accelerate, else the one on
-#               PATH, as "accelerate launch --quiet"; e.g. "python" on one GPU, or "accelerate launch --quiet
-#               --num_processes 4"; --quiet keeps a refused run to its one error line, without accelerate's traceback)
+#               PATH, as "accelerate launch --quiet --num_processes 1": one process, the paper's batch, even on a
+#               box with several GPUs, where accelerate would start one per GPU; --quiet keeps a refused run to its
+#               one error line, without accelerate's traceback). E.g. "python", or "accelerate launch --quiet
+#               --multi_gpu --num_processes 4" (the global batch grows with the processes)
 #   PYTHON      the Python interpreter for evaluation and the collector (default: the repository's .venv python,
 #               else python on PATH)
 #   RETRAIN=1   train and evaluate again what a previous call finished, each run from its first step; by default
@@ -87,9 +89,9 @@ smp_setup() {
     if [[ -n "${LAUNCH:-}" ]]; then
         read -r -a SMP_LAUNCH <<< "$LAUNCH"
     elif [[ -x "$venv/accelerate" ]]; then
-        SMP_LAUNCH=("$venv/accelerate" launch --quiet)
+        SMP_LAUNCH=("$venv/accelerate" launch --quiet --num_processes 1)
     else
-        SMP_LAUNCH=(accelerate launch --quiet)
+        SMP_LAUNCH=(accelerate launch --quiet --num_processes 1)
     fi
     command -v "$PYTHON" > /dev/null || smp_die "PYTHON '$PYTHON' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set PYTHON"
     command -v "${SMP_LAUNCH[0]}" > /dev/null || smp_die "LAUNCH '${SMP_LAUNCH[*]}' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set LAUNCH (e.g. LAUNCH=python)"
