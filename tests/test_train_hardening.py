@@ -212,6 +212,15 @@ def test_continuing_a_lora_records_its_splits_and_warns_when_they_differ(finishe
             meta = handle.metadata()
         assert meta["smp_lora.parent_split_sha256"] == parent_split
     assert meta["smp_lora.split_sha256"] == split_sha256(read_manifest(other)) != parent_split
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "foreign.safetensors"  # a LoRA from elsewhere: no record of what it saw
+    save_file(load_file(str(parent)), str(foreign))
+    args = base + ["--max_train_steps", "1", "--network_weights", str(foreign), "--output_dir", str(tmp_path / "f")]
+    assert train_entry("lora", "", args) == 0
+    assert "records no split" in capsys.readouterr().err
+    with safe_open(tmp_path / "f" / "lora.safetensors", "pt") as handle:
+        assert handle.metadata()["smp_lora.parent_split_sha256"] == "unrecorded"
 
 
 def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):

@@ -155,12 +155,14 @@ def warn_about_parent_lora(trainer: Trainer) -> None:
         return
     split = trainer.data.split_sha256
     other = [s for s in splits_seen(parent) if s != split]
-    if split and other:
-        what = "records no split (a LoRA from elsewhere, or trained on a whole folder)" if other == [UNRECORDED] \
-            else "was trained (or continues a LoRA trained) on another split"
-        warn(f"--network_weights {config.network_weights} {what}: its weights may have seen this split's "
-             f"non-members, so a membership evaluation of this run against {config.split_manifest} is not valid "
-             "(evaluate_mia.py " + ("warns" if other == [UNRECORDED] else "refuses it") + ")")
+    if split and other == [UNRECORDED]:
+        warn(f"--network_weights {config.network_weights} records no split (a LoRA from elsewhere, or trained on a "
+             f"whole folder): a membership evaluation of this run against {config.split_manifest} assumes that LoRA "
+             "never saw its images (evaluate_mia.py says so)")
+    elif split and other:
+        warn(f"--network_weights {config.network_weights} was trained (or continues a LoRA trained) on another "
+             f"split: its weights may have seen this split's non-members, so a membership evaluation of this run "
+             f"against {config.split_manifest} is not valid (evaluate_mia.py refuses it)")
     recorded, loaded = parent.get("smp_lora.base_fingerprint"), trainer.bundle.loaded_fingerprint
     if recorded and loaded and recorded != loaded:
         warn(f"--network_weights {config.network_weights} was trained on another base model (fingerprint "
