@@ -72,11 +72,16 @@ def seed_torch(seed: int, full_determinism: bool = False) -> None:
     any model runs). CPU kernels are deterministic at a fixed thread count already (docs/determinism.md).
     """
     if full_determinism:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        use_deterministic_kernels()
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> None:
+    """The switches of ``seed_torch(..., full_determinism=True)`` (process-wide; a spawned worker sets them again)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 @contextlib.contextmanager

@@ -21,14 +21,16 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, ContextManager, Iterable, TypeVar
 
 from library.errors import ConfigError
-from library.runtime import configure_torch, torch_threads
+from library.runtime import configure_torch, torch_threads, use_deterministic_kernels
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, deterministic: bool = False) -> None:
     configure_torch(threads)
+    if deterministic:
+        use_deterministic_kernels()
 
 
 class WorkerPool:
@@ -39,11 +41,12 @@ class WorkerPool:
     it its last bits, may then depend on ``jobs``: pass a count wherever results must not.
     """
 
-    def __init__(self, jobs: int, threads_per_job: int | None = None) -> None:
+    def __init__(self, jobs: int, threads_per_job: int | None = None, *, deterministic: bool = False) -> None:
         if jobs < 1 or (threads_per_job is not None and threads_per_job < 1):
             raise ConfigError(f"jobs and threads per job must be at least 1, got {jobs} and {threads_per_job}")
         self.jobs = int(jobs)
         self.threads_per_job = None if threads_per_job is None else int(threads_per_job)
+        self.deterministic = deterministic  # a worker turns on deterministic kernels (use_deterministic_kernels)
         self._executor: ProcessPoolExecutor | None = None
 
     @property
@@ -53,7 +56,8 @@ class WorkerPool:
     def __enter__(self) -> "WorkerPool":
         if self.parallel:
             self._executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(self.threads_per_job or 1,))
+                                                 initializer=_init_worker,
+                                                 initargs=(self.threads_per_job or 1, self.deterministic))
         return self
 
     def __exit__(self, *exc: object) -> None:

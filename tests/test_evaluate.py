@@ -230,6 +230,22 @@ def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path)
     assert (out / "samples_overfit.png").is_file() and (out / "samples_base.png").is_file()
 
 
+def test_full_determinism_changes_no_cpu_bit(world, evaluated, tmp_path, monkeypatch):
+    """--full_determinism switches torch's deterministic kernels on (for a GPU; workers: tests/test_workers.py)
+    and, on the CPU, which is deterministic already, gives the default run's scores to the bit."""
+    serial_dir, _ = evaluated
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
+    out = tmp_path / "strict"
+    try:
+        rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                                         "--no_cache", "--full_determinism"))
+        assert rc == 0 and torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    finally:  # process-wide switches: give the rest of the suite torch's defaults back
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert (out / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
+
+
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
     """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's."""
     import library.eval.run as run

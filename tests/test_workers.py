@@ -24,6 +24,22 @@ def setup(_: int) -> dict[str, object]:
     return torch_setup()
 
 
+def deterministic(_: int) -> tuple[bool, bool, str | None]:
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def test_deterministic_workers_turn_on_the_deterministic_kernels():
+    """What --full_determinism asks of evaluate_mia.py's workers (spawned: torch's switches are per process)."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    for wanted in (True, False):
+        with WorkerPool(2, threads_per_job=1, deterministic=wanted) as pool:
+            results = pool.map(deterministic, [0, 1])
+        assert all(r[:2] == (wanted, wanted) for r in results)
+        assert all(r[2] is not None for r in results) or not wanted  # cuBLAS' deterministic workspace
+    assert not torch.are_deterministic_algorithms_enabled()  # this process untouched
+
+
 def test_serial_pool_runs_in_this_process_in_order():
     with WorkerPool(1) as pool:
         results = pool.map(job, [3, 1, 2])

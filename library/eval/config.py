@@ -88,6 +88,10 @@ class EvalConfig:
         1, "torch threads of each model's job (features, attacks, quality samples), in a worker or in this process "
         "alike: a job's floats depend on its thread count, so this, not --jobs, fixes the numbers (more help one "
         "large model on a many-core CPU)")
+    full_determinism: bool = option(
+        False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN without autotuning, "
+        "CUBLAS_WORKSPACE_CONFIG), in every worker too, as training's --full_determinism: a GPU evaluation repeats "
+        "bit for bit; no effect on the CPU; cached features are reused as they are (--no_cache recomputes them)")
 
     # --- attacks ---------------------------------------------------------------------------------
     attacks: list[str] = option(list(DEFAULT_ATTACKS), "attacks to run", choices=list(ATTACK_NAMES))

@@ -47,7 +47,7 @@ from library.eval.records import (
     ModelSpec,
 )
 from library.outputs import OutputLock, check_output_dir
-from library.runtime import PRECISION_DTYPES
+from library.runtime import PRECISION_DTYPES, use_deterministic_kernels
 from library.workers import WorkerPool
 
 FPR_TARGETS = (0.05, 0.01, 0.001)
@@ -260,6 +260,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     started = time.time()
+    if config.full_determinism:  # before any model runs (cuBLAS reads its setting once); workers: WorkerPool
+        use_deterministic_kernels()
     manifest, samples, split = load_samples(config)
     specs = model_specs(config, split)
     manifest_sha = split.manifest_sha256
@@ -274,7 +276,7 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
                             "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device), "conditioning": conditioning.as_dict()}
-    with WorkerPool(config.jobs, config.threads) as pool:
+    with WorkerPool(config.jobs, config.threads, deterministic=config.full_determinism) as pool:
         features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()
         scores, rows, attack_settings = run_attacks(config, specs, samples, features, device, pool)
