@@ -87,10 +87,15 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _visible_images(folder: Path) -> list[Path]:
+    """Every image anywhere below ``folder``, sorted; hidden files and folders (``.ipynb_checkpoints``) skipped."""
+    return [p for p in sorted(folder.rglob("*"))
+            if is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
 def _image_below(folder: Path) -> Path | None:
-    """The first image anywhere below ``folder`` (hidden folders skipped), or None."""
-    return next((p for p in sorted(folder.rglob("*")) if is_image(p)
-                 and not any(part.startswith(".") for part in p.relative_to(folder).parts)), None)
+    """The first image anywhere below ``folder``, or None."""
+    return next(iter(_visible_images(folder)), None)
 
 
 def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
@@ -159,8 +164,7 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
         if key in records:
             raise DataError(f"{where} lists {name} a second time: keep one line per image")
         records[key] = ImageCaption(image, caption.strip(), 1)
-    unlisted = [p for p in sorted(root.rglob("*")) if is_image(p) and p.relative_to(root).as_posix() not in records
-                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    unlisted = [p for p in _visible_images(root) if p.relative_to(root).as_posix() not in records]
     if unlisted:
         warn(f"{metadata} lists {len(records)} images; {len(unlisted)} other image(s) in {root} (first: "
              f"{unlisted[0]}) have no line in it and are left out: add a line for each to use them")

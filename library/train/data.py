@@ -95,8 +95,8 @@ def check_training_data(data: TrainingData, method: type[TrainingMethod], config
     """What the method needs of the sets, checked before any model work (so ``--dry_run`` says it): each member
     image once where the method says why (``distinct_members``: kohya repeats or one image under two names are
     refused), and an attacker's D^m_aux / D^nm_aux each filling one ``--attacker_batch_size`` batch."""
-    repeats, files = most_repeats(data.members)
-    if method.distinct_members and repeats > 1:
+    repeats, files = most_repeats(data.members) if method.distinct_members else (1, [])
+    if repeats > 1:
         raise DataError(f"{method.distinct_members}: an image occurs {repeats} times in D_tr (as "
                         f"{', '.join(map(str, files))}: kohya <repeats>_<name> folders, or one image under two "
                         f"names); train {method.name} on a set with each image once")

@@ -36,7 +36,6 @@ from library.sd.single_file import save_single_file
 from library.train.config import TrainConfig
 from networks import lora
 from networks.lora_format import check_metadata
-from networks.lora_io import read_lora_metadata
 
 
 def trains_text_encoder(config: TrainConfig) -> bool:
@@ -231,9 +230,8 @@ def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torc
         network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
                          apply_unet=True)
         parent = None
-        if config.network_weights:
-            network.load_weights(config.network_weights)
-            parent = read_lora_metadata(config.network_weights)  # what its weights have seen: library.data.lineage
+        if config.network_weights:  # its metadata: what its weights have seen (library.data.lineage)
+            parent = network.load_weights(config.network_weights).metadata
         network.to(device)
         trained = LoRAParametrization(network, parent)
     groups = trained.param_groups(config)

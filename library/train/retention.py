@@ -89,12 +89,16 @@ def _file_run_name(path: Path) -> str | None:
         return None
 
 
-def _state_run_name(state: Path) -> str | None:
-    """The run a state was written by (its summary's ``output_name``), or None when it does not say."""
+def _summary(state: Path) -> dict:
+    """A state's summary, or ``{}`` when it cannot be read (then nothing proves the state is this run's)."""
     try:
-        summary = read_summary(state) or {}
+        return read_summary(state) or {}
     except Exception:  # noqa: BLE001 - unreadable: not provably ours
-        return None
+        return {}
+
+
+def _state_run_name(summary: dict) -> str | None:
+    """The run a state was written by (its summary's ``output_name``), or None when it does not say."""
     name = summary.get("output_name")
     return name if isinstance(name, str) else None
 
@@ -113,7 +117,7 @@ def existing(output_dir: Path, output_name: str, cadence: Cadence) -> tuple[list
                 files.append(found.number)
         elif entry.name.endswith("-state") and (entry / SUMMARY_FILE).is_file():
             found = parse_checkpoint(output_name, entry.name[: -len("-state")])
-            if found is not None and found.cadence == cadence and _state_run_name(entry) == output_name:
+            if found is not None and found.cadence == cadence and _state_run_name(_summary(entry)) == output_name:
                 states.append(found.number)
     return files, states
 
@@ -151,10 +155,11 @@ def latest_state(output_dir: Path, output_name: str) -> Path | None:
         stem = entry.name[: -len("-state")]
         if stem != output_name and parse_checkpoint(output_name, stem) is None:
             continue
-        recorded = _state_run_name(entry)
+        summary = _summary(entry)
+        recorded = _state_run_name(summary)
         if recorded is not None and recorded != output_name:
             continue
-        step = (read_summary(entry) or {}).get("global_step", -1)
+        step = summary.get("global_step", -1)
         key = (summary_file.stat().st_mtime_ns, step if isinstance(step, int) else -1, entry)
         if best is None or key[:2] > best[:2]:
             best = key

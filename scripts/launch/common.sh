@@ -86,13 +86,9 @@ smp_setup() {
         PYTHON=python
         [[ -x "$venv/python" ]] && PYTHON="$venv/python"
     fi
-    if [[ -n "${LAUNCH:-}" ]]; then
-        read -r -a SMP_LAUNCH <<< "$LAUNCH"
-    elif [[ -x "$venv/accelerate" ]]; then
-        SMP_LAUNCH=("$venv/accelerate" launch --quiet --num_processes 1)
-    else
-        SMP_LAUNCH=(accelerate launch --quiet --num_processes 1)
-    fi
+    local accelerate=accelerate
+    [[ -x "$venv/accelerate" ]] && accelerate="$venv/accelerate"
+    read -r -a SMP_LAUNCH <<< "${LAUNCH:-$accelerate launch --quiet --num_processes 1}"
     command -v "$PYTHON" > /dev/null || smp_die "PYTHON '$PYTHON' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set PYTHON"
     command -v "${SMP_LAUNCH[0]}" > /dev/null || smp_die "LAUNCH '${SMP_LAUNCH[*]}' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set LAUNCH (e.g. LAUNCH=python)"
     read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"

@@ -286,7 +286,6 @@ def prepare_celeba(
                           created_by=f"scripts/prepare_celeba.py --subset {subset}")
 
 
-
 def _find(celeba_dir: Path, *names: str) -> Path:
     """A metadata file in the CelebA folder or its ``Anno/`` subfolder (the official archive layout)."""
     for name in names:
