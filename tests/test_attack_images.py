@@ -245,11 +245,17 @@ def test_ssim_equals_the_windowed_formula():
 
 def test_rediffuse_schedule_and_options():
     assert variation_timesteps(10, 10) == [10] and variation_timesteps(25, 10) == [25, 15, 5]
-    attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_timestep=30, rediffuse_variations=4), CPU)
+    assert variation_timesteps(50, 0) == [50]  # interval 0: one step from t to the clean latent
+    attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_timesteps=[30], rediffuse_interval=10,
+                                                    rediffuse_variations=4), CPU)
     assert attack.queries_per_sample() == 4 * 3
+    assert ReDiffuseAttack.from_config(EvalConfig(), CPU).queries_per_sample() == 10 * (1 + 1)  # t 10 and 50
     guided_attack = ReDiffuseAttack.from_config(EvalConfig(rediffuse_guidance_scale=7.5), CPU)
-    assert guided_attack.queries_per_sample() == 10 * 1 * 2  # the authors' CFG: a conditional and an empty pass
-    for bad, key in (({"rediffuse_timestep": 0}, "rediffuse_timestep"), ({"rediffuse_interval": 0}, "rediffuse_interval"),
+    assert guided_attack.queries_per_sample() == 10 * 2 * 2  # the authors' CFG: a conditional and an empty pass
+    for bad, key in (({"rediffuse_timesteps": [0]}, "rediffuse_timesteps"),
+                     ({"rediffuse_timesteps": [10, 10]}, "rediffuse_timesteps"),
+                     ({"rediffuse_timesteps": []}, "rediffuse_timesteps"),
+                     ({"rediffuse_interval": -1}, "rediffuse_interval"),
                      ({"rediffuse_variations": 0}, "rediffuse_variations"),
                      ({"rediffuse_guidance_scale": 0.5}, "rediffuse_guidance_scale")):
         with pytest.raises(ConfigError, match=key):
@@ -263,7 +269,7 @@ def test_rediffuse_equals_hand_computation(world, samples, latents, scale):
     (guided by the empty caption at scale 3), decoded and averaged; the distances of that average to the
     VAE-decoded query."""
     bundle = world["bundle"]
-    probe = ReDiffuseProbe(timestep=30, interval=20, variations=2, guidance_scale=scale)
+    probe = ReDiffuseProbe(timesteps=[30], interval=20, variations=2, guidance_scale=scale)
     ctx = QueryContext(model_context(bundle, samples), [3, 4], latents[[3, 4]])
     out = probe.compute(ctx)
     passes = 1 if scale == 1.0 else 2
@@ -278,10 +284,28 @@ def test_rediffuse_equals_hand_computation(world, samples, latents, scale):
         decoded.append(bundle.vae.decode(z0_hat / bundle.vae.config.scaling_factor).sample.clamp(-1, 1))
     image, latent = (decoded[0] + decoded[1]) / 2, (rebuilt[0] + rebuilt[1]) / 2
     query = bundle.vae.decode(latents[[3, 4]] / bundle.vae.config.scaling_factor).sample.clamp(-1, 1)  # the VAE's view
-    torch.testing.assert_close(out["pixel"], ((image - query) ** 2).flatten(1).mean(1).double(), rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(out["latent"], ((latent - latents[[3, 4]]) ** 2).flatten(1).mean(1).double(),
+    torch.testing.assert_close(out["t=30 pixel"], ((image - query) ** 2).flatten(1).mean(1).double(), rtol=1e-4,
+                               atol=1e-8)
+    torch.testing.assert_close(out["t=30 latent"], ((latent - latents[[3, 4]]) ** 2).flatten(1).mean(1).double(),
                                rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(out["dssim"], 1 - ssim(query, image), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["t=30 dssim"], 1 - ssim(query, image), rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_rediffuse_timesteps_are_single_t_runs_side_by_side(world, samples, latents):
+    """Several t share the paired noise: each t's outputs are those of a probe at that t alone (so adding a t to
+    the suite leaves the others' numbers as they were); the cost is the sum of theirs."""
+    bundle = world["bundle"]
+    both = ReDiffuseProbe(timesteps=[10, 50], variations=2)
+    ctx = QueryContext(model_context(bundle, samples), [0, 1], latents[[0, 1]])
+    out = both.compute(ctx)
+    assert ctx.queries == 2 * 2 * (1 + 1) and torch.all(out[COST_OUTPUT] == 4.0)  # 2 samples, 2 draws, 2 t
+    for t in (10, 50):
+        alone = ReDiffuseProbe(timesteps=[t], variations=2).compute(
+            QueryContext(model_context(bundle, samples), [0, 1], latents[[0, 1]]))
+        for distance in ("dssim", "pixel", "latent"):
+            assert torch.equal(out[f"t={t} {distance}"], alone[f"t={t} {distance}"])
+    assert not torch.equal(out["t=10 latent"], out["t=50 latent"])
 
 
 @torch.no_grad()
@@ -308,6 +332,7 @@ def test_end_to_end_rows_costs_and_floor(world):
     rc = evaluate_mia.main(base_args(world, out, "--network_weights", str(world["lora"]), "--attacks", "blackbox",
                                      "reconstruction", "rediffuse", "blind", "--blackbox_num_images", "4",
                                      "--blackbox_steps", "4", "--rediffuse_variations", "2"))
+    # (rediffuse at its default t 10 and 50: one DDIM step each)
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     rows = {(r["model"], r["attack"], r["variant"]): r for r in report["results"]}
@@ -315,8 +340,11 @@ def test_end_to_end_rows_costs_and_floor(world):
         for attack in ("blackbox", "reconstruction", "rediffuse"):
             row = rows[(model, attack, "classifier")]
             assert row["headline"] and row["kind"] == "classifier" and not row["floor"]
-            assert {(model, attack, v) for v in ("pixel", "latent")} <= set(rows)
-        assert not rows[(model, "rediffuse", "dssim")]["headline"]  # the paper's own attack: a variant
+            if attack != "rediffuse":
+                assert {(model, attack, v) for v in ("pixel", "latent")} <= set(rows)
+        for t in (10, 50):  # the paper's own attack, each t's distances and classifier: labelled extras
+            for variant in ("dssim", "pixel", "latent", "classifier"):
+                assert not rows[(model, "rediffuse", f"t={t} {variant}")]["headline"]
         blind = rows[(model, "blind", "classifier")]
         assert blind["floor"] and blind["headline"]
         assert blind["auc_ci"][0] <= 0.5 <= blind["auc_ci"][1], blind  # random i.i.d. images: chance
@@ -326,11 +354,11 @@ def test_end_to_end_rows_costs_and_floor(world):
     assert settings["blackbox"]["queries_per_sample"] == pytest.approx(4 * 4 * 2 / n)  # one caption for all
     assert settings["reconstruction"]["queries_per_sample"] == 2 * 2  # [251, 1] x (cond + uncond)
     assert settings["blind"]["queries_per_sample"] == 0.0
-    assert settings["rediffuse"]["queries_per_sample"] == 2 * 1  # n = 2 variations of one DDIM step (t 10, k 10)
+    assert settings["rediffuse"]["queries_per_sample"] == 2 * 2  # n = 2 variations of one DDIM step at t 10 and 50
     probes = report["features"]["probes"]["overfit"]
     assert probes["blackbox"]["queries_computed"] == 4 * 4 * 2
     assert probes["reconstruction"]["queries_computed"] == n * 4
-    assert probes["rediffuse"]["queries_computed"] == n * 2
+    assert probes["rediffuse"]["queries_computed"] == n * 4
     aucs = {f"{m} {a} {v}": round(r["auc"], 3) for (m, a, v), r in rows.items()}
     print("AUCs on D_te:", json.dumps(aucs, indent=1))
     assert np.isfinite(list(aucs.values())).all()

@@ -141,10 +141,12 @@ class EvalConfig:
     reconstruction_strength: float = option(
         0.5, "reconstruction: how far the query is noised before it is denoised (img2img strength, 0-1)")
     reconstruction_repeats: int = option(1, "reconstruction: noisings per query (averaged; Pang & Wang: 3)")
-    rediffuse_timestep: int = option(
-        10, "ReDiffuse: t, how far each variation noises the query (paper's SD setting: 10; the authors' script: 50)")
+    rediffuse_timesteps: list[int] = option(
+        [10, 50], "ReDiffuse: each t how far the variations noise the query (paper's SD setting: 10; the authors' "
+        "script: 50); the classifier weighs them on D_aux")
     rediffuse_interval: int = option(
-        10, "ReDiffuse: k, the DDIM step of the way back (paper's SD setting: 10; the authors' script: 50)")
+        0, "ReDiffuse: k, the DDIM step of the way back; 0 = one step from t (k = t, as both the paper's SD setting "
+        "and the authors' script)")
     rediffuse_variations: int = option(
         10, "ReDiffuse: n, variations averaged per query (paper's SD setting: 10; the authors' script: 1)")
     rediffuse_guidance_scale: float = option(
@@ -241,7 +243,7 @@ class EvalConfig:
             raise ConfigError("need 0 < secmi_step <= secmi_timestep < 1000 with secmi_timestep a multiple of "
                               f"secmi_step, got secmi_timestep={self.secmi_timestep}, secmi_step={self.secmi_step}")
         for name in ("pia_norm", "sima_norm", "gsa_timesteps", "blackbox_num_images", "blackbox_steps",
-                     "reconstruction_repeats", "pfami_perturbations", "rediffuse_interval", "rediffuse_variations"):
+                     "reconstruction_repeats", "pfami_perturbations", "rediffuse_variations"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
         if len(self.pfami_crop_range) != 2 or any(not 0.0 < f <= 1.0 for f in self.pfami_crop_range):
@@ -249,8 +251,13 @@ class EvalConfig:
                               f"perturbation), got {self.pfami_crop_range}")
         if any(not 0.0 < f < 1.0 for f in self.clid_mask_fractions):
             raise ConfigError(f"'clid_mask_fractions' must lie in (0, 1), got {self.clid_mask_fractions}")
-        if not 0 < self.rediffuse_timestep < 1000:
-            raise ConfigError(f"'rediffuse_timestep' must be in [1, 999], got {self.rediffuse_timestep}")
+        timesteps = self.rediffuse_timesteps
+        if not timesteps or any(not 0 < t < 1000 for t in timesteps) or len(set(timesteps)) != len(timesteps):
+            raise ConfigError(f"'rediffuse_timesteps' must be a non-empty list of distinct integers in [1, 999], got "
+                              f"{timesteps}")
+        if self.rediffuse_interval < 0:
+            raise ConfigError(f"'rediffuse_interval' must be >= 0 (0 = one DDIM step from t), got "
+                              f"{self.rediffuse_interval}")
         if not 0.0 < self.reconstruction_strength <= 1.0:
             raise ConfigError(f"'reconstruction_strength' must be in (0, 1], got {self.reconstruction_strength}")
         if self.rediffuse_guidance_scale < 1.0:
