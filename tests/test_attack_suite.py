@@ -65,7 +65,8 @@ BLACKBOX_GAP = pytest.mark.xfail(strict=False, reason=(
     "(test_black_box_attacks_find_the_overfitted_lora_when_a_caption_names_one_image)"))
 
 
-@pytest.mark.parametrize("attack", WHITE_OR_GRAY_BOX + ("reconstruction", pytest.param("blackbox", marks=BLACKBOX_GAP)))
+@pytest.mark.parametrize("attack", WHITE_OR_GRAY_BOX + ("reconstruction", "rediffuse",
+                                                        pytest.param("blackbox", marks=BLACKBOX_GAP)))
 def test_each_attack_finds_the_overfitted_lora(suite_report, attack):
     row = headline(suite_report, "overfit", attack)
     floor = 0.8 if attack in WHITE_OR_GRAY_BOX else 0.7
