@@ -133,6 +133,7 @@ class ReDiffuseAttack(DistanceClassifierAttack):
 
     def __init__(self, probe: ReDiffuseProbe, seed: int = 0) -> None:
         super().__init__(probe, seed)
+        self.timesteps = list(probe.timesteps)
         self.per_timestep: dict[int, Any] = {}
 
     @classmethod
@@ -142,11 +143,11 @@ class ReDiffuseAttack(DistanceClassifierAttack):
         return cls(probe, config.seed)
 
     def timestep_distances(self, distances: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
-        """``{t: {name: distances}}`` of every t of the probe, when it has several (else empty)."""
-        timesteps = self.probe.timesteps if isinstance(self.probe, ReDiffuseProbe) else []
-        if len(timesteps) < 2:
+        """``{t: {name: distances}}`` of every t of the probe, when it has several (else empty: the headline is
+        that one t's classifier)."""
+        if len(self.timesteps) < 2:
             return {}
-        return {t: {output_name(t, d): distances[output_name(t, d)] for d in DISTANCES} for t in timesteps}
+        return {t: {output_name(t, d): distances[output_name(t, d)] for d in DISTANCES} for t in self.timesteps}
 
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
         super().fit(aux, labels, oracle=oracle)
