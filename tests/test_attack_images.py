@@ -44,6 +44,7 @@ from library.eval.attacks.rediffuse import (
 from library.eval.config import EvalConfig
 from library.eval.features import Sample, applied_lora
 from library.eval.probes import ModelContext, QueryContext
+from library.eval.summary import oracle_extra_rows
 from library.fileio import sha256_file
 from library.sd.text import encode_prompts
 
@@ -345,6 +346,9 @@ def test_end_to_end_rows_costs_and_floor(world):
         for t in (10, 50):  # the paper's own attack, each t's distances and classifier: labelled extras
             for variant in ("dssim", "pixel", "latent", "classifier"):
                 assert not rows[(model, "rediffuse", f"t={t} {variant}")]["headline"]
+        oracle = [r for r in oracle_extra_rows(report) if r["model"] == model and r["attack"] == "rediffuse"]
+        assert [r["variant"] for r in oracle] == [max(("t=10 classifier", "t=50 classifier"),
+                                                      key=lambda v: rows[(model, "rediffuse", v)]["auc"])]
         blind = rows[(model, "blind", "classifier")]
         assert blind["floor"] and blind["headline"]
         assert blind["auc_ci"][0] <= 0.5 <= blind["auc_ci"][1], blind  # random i.i.d. images: chance
