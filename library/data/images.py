@@ -140,10 +140,14 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def load_image(path: str | Path, resolution: int) -> torch.Tensor:
-    """Load an image as a float32 tensor of shape (3, resolution, resolution) with values in [-1, 1]."""
+def image_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """An RGB image (:func:`open_rgb`) as a float32 tensor of shape (3, resolution, resolution) in [-1, 1]."""
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    img = resize_center_crop(open_rgb(Path(path)), resolution)
-    array = np.asarray(img, dtype=np.float32)  # (R, R, 3), 0..255
+    array = np.asarray(resize_center_crop(img, resolution), dtype=np.float32)  # (R, R, 3), 0..255
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().div_(127.5).sub_(1.0)
+
+
+def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+    """Load an image as a float32 tensor of shape (3, resolution, resolution) with values in [-1, 1]."""
+    return image_tensor(open_rgb(Path(path)), resolution)

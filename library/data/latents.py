@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from PIL import Image
 
-from library.data.images import IMAGE_CONVERSION, load_image
+from library.data.images import IMAGE_CONVERSION, image_tensor, open_rgb
 from library.errors import DataError, warn
 from library.fileio import sha256_file, write_safetensors
 
@@ -133,25 +132,22 @@ class LatentCache:
         write_safetensors(self._file(key), {"latent": latent.contiguous()}, meta)
 
     # -- encoding --------------------------------------------------------------------------------------
-    def _warn_if_upscaled(self, paths: Sequence[Path]) -> None:
+    def _warn_if_upscaled(self, path: Path, width: int, height: int) -> None:
         """An image whose short side is below the resolution is upscaled to fill it (blurred: the model learns the
-        blur): said once per cache, naming the first such image (its header only is read)."""
-        for path in paths if not self._upscale_warned else ():
-            try:
-                with Image.open(path) as image:
-                    width, height = image.size
-            except Exception:  # load_image names an unreadable file in its own error
-                continue
-            if min(width, height) < self.resolution:
-                warn(f"image {path} is {width}x{height}, smaller than the resolution {self.resolution}: it is "
-                     "upscaled to fill it (and so are any others like it); prepare the images at that size or larger, "
-                     "or train at a lower --resolution")
-                self._upscale_warned = True
-                return
+        blur): said once per cache, naming the first such image."""
+        if not self._upscale_warned and min(width, height) < self.resolution:
+            warn(f"image {path} is {width}x{height}, smaller than the resolution {self.resolution}: it is upscaled to "
+                 "fill it (and so are any others like it); prepare the images at that size or larger, or train at a "
+                 "lower --resolution")
+            self._upscale_warned = True
 
     def _encode(self, paths: Sequence[Path], keys: Sequence[str]) -> torch.Tensor:
-        self._warn_if_upscaled(paths)
-        pixels = torch.stack([load_image(p, self.resolution) for p in paths])
+        tensors = []
+        for path in paths:  # each image decoded once: its size for the warning, its pixels to encode
+            image = open_rgb(Path(path))
+            self._warn_if_upscaled(path, *image.size)
+            tensors.append(image_tensor(image, self.resolution))
+        pixels = torch.stack(tensors)
         # One generator per image, seeded by its key: a sampled latent does not depend on batch composition.
         seeds = [int(k[:15], 16) for k in keys] if self.mode == "sample" else None
         latents = encode_pixels(self.vae, pixels, sample_seeds=seeds)
