@@ -163,13 +163,14 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
     return model.fit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64))
 
 
-def classifier_score_set(attack: str, model: Any, x: np.ndarray, info: dict[str, Any] | None = None) -> ScoreSet:
-    """The headline :class:`ScoreSet` of a fitted classifier: scores = its logit (no ties from saturated
-    probabilities), member_probs = p(member); fitted on D_aux only, so its ASR is the honest one."""
+def classifier_score_set(attack: str, model: Any, x: np.ndarray, info: dict[str, Any] | None = None, *,
+                         variant: str = "classifier", headline: bool = True) -> ScoreSet:
+    """The :class:`ScoreSet` of a fitted classifier (by default the attack's headline): scores = its logit (no ties
+    from saturated probabilities), member_probs = p(member); fitted on D_aux only, so its ASR is the honest one."""
     x = np.asarray(x, dtype=np.float64)
-    return ScoreSet(attack=attack, variant="classifier", scores=np.asarray(model.decision_function(x), np.float64),
+    return ScoreSet(attack=attack, variant=variant, scores=np.asarray(model.decision_function(x), np.float64),
                     kind="classifier", member_probs=np.asarray(model.predict_proba(x)[:, 1], np.float64),
-                    checkpoint="honest", headline=True, info=dict(info or {}))
+                    checkpoint="honest", headline=headline, info=dict(info or {}))
 
 
 class DistanceClassifierAttack(Attack):
