@@ -73,7 +73,8 @@ def _legacy_eval_args(workdir: Path, base: Path, manifest: Path, loras: list[Pat
     args = ["--pretrained_model_name_or_path", str(base), "--split_manifest", str(manifest),
             "--network_weights", *[str(p) for p in loras], "--resolution", "32",
             "--output_dir", str(out), "--cache_dir", str(workdir / "eval_cache"), "--jobs", str(eval_jobs),
-            "--paper_draws", "16", "--paper_max_timestep", "500"]  # issue 16: h' with draws in the band t < 500
+            "--paper_draws", "16", "--paper_max_timestep", "500",  # issue 16: h' with draws in the band t < 500
+            "--overwrite"]  # evaluate_mia refuses a finished report without it; the demo re-evaluates its own
     if frontier:
         args.append("--no-progress_bar")
     if feature_net is not None:

@@ -159,6 +159,36 @@ def test_busy_output_dir_is_refused_and_left_alone(tiny_model_dir, manifest_path
     assert snapshot(out) == before
 
 
+def test_finished_evaluation_is_kept_unless_overwrite(tiny_model_dir, manifest_path, tmp_path, capfd):
+    """A second evaluation into a finished one's folder is refused and changes nothing; --overwrite replaces the
+    report; an interrupted evaluation's folder (files, no report.json) needs no flag."""
+    out = tmp_path / "out"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out)) == 0
+    first = json.loads((out / "report.json").read_text())
+    before = snapshot(out)
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--timesteps", "7"))
+    assert f"--output_dir {out} already holds a finished evaluation (report.json)" in err
+    assert "--overwrite" in err and f"--cache_dir {out / 'cache'}" in err
+    assert snapshot(out) == before
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--timesteps", "7", "--overwrite")) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert first["config"]["timesteps"] == [5] and second["config"]["timesteps"] == [7]
+    (out / "report.json").unlink()  # as a run killed before its report
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out)) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["timesteps"] == [5]
+
+
+def test_overwrite_keeps_the_old_report_when_the_new_run_fails(tiny_model_dir, manifest_path, tmp_path, capfd):
+    out = tmp_path / "out"
+    (out / "cache").mkdir(parents=True)
+    (out / "report.json").write_text("{\"from\": \"the earlier run\"}")
+    missing = tmp_path / "missing.safetensors"
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--overwrite",
+                                     "--network_weights", str(missing)))
+    assert str(missing) in err
+    assert (out / "report.json").read_text() == "{\"from\": \"the earlier run\"}"
+
+
 # ----------------------------------------------------------------------------------------- 3. conditioning
 
 

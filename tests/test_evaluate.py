@@ -183,7 +183,8 @@ def test_the_cache_key_ignores_paper_settings_that_change_no_feature():
 
 def test_second_run_hits_the_feature_cache(world, evaluated):
     out, report = evaluated
-    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"])))
+    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                                     "--overwrite"))
     assert rc == 0
     again = json.loads((out / "report.json").read_text())
     assert all(entry["hit"] for entry in again["features"]["cache"].values())
@@ -195,7 +196,7 @@ def test_a_run_without_plots_leaves_no_earlier_plots_beside_its_report(world, ev
     args = base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
                      str(world["root"] / "eval" / "cache"))
     assert evaluate_mia.main(args) == 0 and (out / "roc.png").is_file()
-    assert evaluate_mia.main(args + ["--no-plots"]) == 0
+    assert evaluate_mia.main(args + ["--no-plots", "--overwrite"]) == 0
     assert not any((out / name).exists() for name in ("roc.png", "roc_loglog.png", "hist.png"))
 
 

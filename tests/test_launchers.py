@@ -294,7 +294,11 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
         return [f"{c[0]} {_flag(c, '--output_dir').rsplit('/', 2)[-2]}" for c in _recorded(rec_file)
                 if c[0].startswith("train_") or c[0] == "evaluate_mia.py"]
 
+    def last_evaluation() -> list[str]:
+        return [c for c in _recorded(rec_file) if c[0] == "evaluate_mia.py"][-1]
+
     assert calls("1") == ["train_lora.py seed1", "evaluate_mia.py seed1"]
+    assert "--overwrite" not in last_evaluation()  # a first evaluation replaces nothing
     assert calls("1 2") == ["train_lora.py seed2", "evaluate_mia.py seed2"]  # seed 1 is finished: skipped
     redone = calls("1", RETRAIN="1")
     assert redone == ["train_lora.py seed1", "evaluate_mia.py seed1"]
@@ -306,7 +310,10 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     assert calls("1", METHODS="lora") == ["evaluate_mia.py seed1"]
     assert calls("1", METHODS="lora") == []
     assert calls("1", METHODS="lora", EVAL_ARGS="--n_bootstrap 10") == ["evaluate_mia.py seed1"]
-    assert "--n_bootstrap" in (tmp_path / "o" / "seed1" / "eval" / "launch_command.txt").read_text()
+    assert "--overwrite" in last_evaluation()  # evaluating again replaces the report, as chosen above
+    made_by = (tmp_path / "o" / "seed1" / "eval" / "launch_command.txt").read_text()
+    assert "--n_bootstrap" in made_by and "--overwrite" not in made_by  # so the next call's skip still matches
+    assert calls("1", METHODS="lora", EVAL_ARGS="--n_bootstrap 10") == []
 
 
 @pytest.mark.skipif(not (REPO / ".venv" / "bin" / "accelerate").exists(), reason="no .venv (scripts/setup.sh)")

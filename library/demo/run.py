@@ -184,6 +184,7 @@ def demo_eval_config(settings: DemoSettings, base: Path, manifest: Path, loras: 
         "pretrained_model_name_or_path": str(base), "split_manifest": str(manifest),
         "network_weights": [str(p) for p in loras], "resolution": 32, "output_dir": str(output_dir),
         "cache_dir": str(settings.workdir / "eval_cache"), "jobs": settings.eval_jobs,
+        "overwrite": True,  # the demo's own folder: each demo run evaluates again, from the cached features
         # The paper's h' (its MLP, optimiser, 100 epochs, balanced batches), given 16 (t, eps) draws per sample with
         # t < 500, where membership lives; the paper says neither. With upstream's one draw at t ~ U[0, 1000) it was
         # at chance on a plain LoRA that the loss attack catches at AUC 0.92 (docs/results.md section 12).

@@ -181,6 +181,9 @@ class EvalConfig:
     # --- metrics and output ----------------------------------------------------------------------
     n_bootstrap: int = option(1000, "bootstrap resamples for the 95% CIs (0 = no CIs)")
     output_dir: str = option("mia_eval", "where report.json, report.md, scores.csv and the plots go")
+    overwrite: bool = option(
+        False, "replace the report of an earlier evaluation in --output_dir (without it such a folder is refused, so a "
+        "finished evaluation is never lost; its cached features are reused either way)")
     plots: bool = option(True, "draw roc.png, roc_loglog.png and hist.png")
     progress_bar: bool = option(True, "show tqdm progress bars")
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 REPORT_FORMAT = "smp-lora-mia-report"
 REPORT_VERSION = 1
+REPORT_FILE = "report.json"  # written last: it marks a finished evaluation
 CONVENTIONS = {
     "score": "higher = member",
     "auc_deviation": "|AUC - 0.5| / 0.5 (paper Table 1 'AUC')",
@@ -356,11 +357,10 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     """Write every output file; returns their paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": output_dir / "report.json",
+        "json": output_dir / REPORT_FILE,
         "markdown": output_dir / "report.md",
         "csv": output_dir / "scores.csv",
     }
-    atomic_write_text(paths["json"], json.dumps(report_dict(result), indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["markdown"], report_markdown(result))
     atomic_write_text(paths["csv"], scores_csv(result))
     plots = {"roc": output_dir / "roc.png", "roc_loglog": output_dir / "roc_loglog.png", "hist": output_dir / "hist.png"}
@@ -372,8 +372,11 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     else:  # an earlier run's plots would sit beside this report as if they were its own
         for stale in plots.values():
             stale.unlink(missing_ok=True)
+    # report.json last: it marks a finished evaluation (``--overwrite``), so a kill never leaves one that looks
+    # finished beside another run's scores.
+    atomic_write_text(paths["json"], json.dumps(report_dict(result), indent=2, allow_nan=False) + "\n")
     return paths
 
 
-__all__ = ["CONVENTIONS", "LOSS_NOTES", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
+__all__ = ["CONVENTIONS", "LOSS_NOTES", "REPORT_FILE", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
            "results_table", "score_column", "scores_csv", "write_report"]

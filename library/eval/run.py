@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from library.errors import ConfigError
 from library.eval import audit, metrics, quality, report
 from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.registry import build_attacks
@@ -255,7 +256,19 @@ def evaluate(config: EvalConfig) -> EvalResult:
     check_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
                    allow_pickle=config.allow_pickle)
     with OutputLock(output_dir, "--output_dir"):
+        check_earlier_report(config, output_dir)
         return _evaluate_locked(config, output_dir)
+
+
+def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
+    """Refuse a ``--output_dir`` that holds a finished evaluation (its ``report.json``) unless ``--overwrite``.
+    An interrupted evaluation (files without ``report.json``) needs no flag."""
+    if config.overwrite or not (output_dir / report.REPORT_FILE).is_file():
+        return
+    # Another folder recomputes nothing if it reads the same feature cache.
+    reuse = "" if config.cache_dir or config.no_cache else f" with --cache_dir {output_dir / 'cache'} to reuse its features"
+    raise ConfigError(f"--output_dir {output_dir} already holds a finished evaluation ({report.REPORT_FILE}); "
+                      f"pass --overwrite to replace it, or choose another --output_dir{reuse}")
 
 
 def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
@@ -290,6 +303,9 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
         # Utility (library.eval.quality): held-out losses always (free: the attack features hold them); samples,
         # grids and FD/KID with --quality.
         info["utility"] = quality.heldout_losses(features, samples.splits, config.timesteps)
+        # This run's first file goes into output_dir next. A report replaced with --overwrite stays until now (a
+        # failed run keeps it) and goes first (a killed run leaves no finished-looking report beside new files).
+        (output_dir / report.REPORT_FILE).unlink(missing_ok=True)
         if config.quality:
             t0 = time.perf_counter()
             info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,

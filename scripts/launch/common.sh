@@ -212,6 +212,8 @@ smp_evaluate_models() {
             return 0
         fi
         cmd+=(--dry_run)
+    elif [[ -f "$out_dir/report.json" ]]; then
+        cmd+=(--overwrite)  # the checks above chose to evaluate again (other models or flags, or RETRAIN=1)
     fi
     smp_run "${cmd[@]}"
     if [[ "$DRY_RUN" != 1 && -d "$out_dir" ]]; then
