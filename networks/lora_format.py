@@ -34,6 +34,8 @@ from library.sd.bundle import BASE_MODEL_VERSION
 
 # The readers live in networks.lora_io; re-exported here, where callers have always found them.
 from networks.lora_io import (
+    ATTACKER_HINT,
+    ATTACKER_KEY_PREFIXES,
     check_lora_file,
     describe_source,
     load_lora_state_dict,
@@ -190,9 +192,8 @@ def _normalise_lora_name(name: str) -> str:
 
 
 def _foreign_format_hint(key: str) -> str:
-    if key.startswith(("normalizer.", "net.")):  # library.privacy.ProxyAttacker's state dict
-        return (" — it looks like an MP/SMP-LoRA run's proxy attacker (<name>-attacker.safetensors), not a LoRA; "
-                "pass the run's <name>.safetensors")
+    if key.startswith(ATTACKER_KEY_PREFIXES):
+        return f" — {ATTACKER_HINT}"
     if "lora_A" in key or "lora_B" in key or key.startswith(("unet.", "text_encoder.")) or ".lora.down." in key:
         return (
             " — it looks like a diffusers/PEFT-format LoRA; this loader reads kohya-format files "

@@ -23,6 +23,8 @@ import torch
 from library.errors import ModelError
 
 __all__ = [
+    "ATTACKER_HINT",
+    "ATTACKER_KEY_PREFIXES",
     "MAX_HEADER_BYTES",
     "PICKLE_SUFFIXES",
     "check_lora_file",
@@ -39,6 +41,11 @@ _CONVERT_HINT = (
     "convert it once, in a Python session you trust, with "
     "safetensors.torch.save_file(torch.load(FILE, weights_only=True), 'lora.safetensors')"
 )
+
+# library.privacy.ProxyAttacker's state dict (an MP/SMP run's <name>-attacker.safetensors, beside its LoRA).
+ATTACKER_KEY_PREFIXES = ("normalizer.", "net.")
+ATTACKER_HINT = ("it looks like an MP/SMP-LoRA run's proxy attacker (<name>-attacker.safetensors), not a LoRA; pass "
+                 "the run's <name>.safetensors")
 
 
 def describe_source(source: str | os.PathLike | None) -> str:
@@ -89,6 +96,10 @@ def check_lora_file(file: str | os.PathLike) -> tuple[int, dict[str, Any]]:
         raise _corrupt(path, "its header is not JSON") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
+    tensors = [key for key in header if key != "__metadata__"]
+    if tensors and all(key.startswith(ATTACKER_KEY_PREFIXES) for key in tensors):
+        # Before any metadata check: its sparse metadata would otherwise read as a LoRA trained without a split.
+        raise ModelError(f"LoRA file {path} holds no LoRA tensors: {ATTACKER_HINT}")
     return header_len, header
 
 

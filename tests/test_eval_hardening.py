@@ -121,6 +121,20 @@ def test_bad_lora_file_is_one_line_before_any_model_loads(name, tiny_model_dir, 
             reader(bad)
 
 
+def test_the_proxy_attacker_file_is_named_as_such(trained, tiny_model_dir, manifest_path, tmp_path, capfd,
+                                                 monkeypatch):
+    """``--network_weights run/*.safetensors`` picks up the run's attacker file too: the error says what it is (its
+    metadata alone would read as a LoRA trained without a split manifest), to evaluate_mia and to training."""
+    monkeypatch.setattr("library.eval.run.load_bundle", lambda *a: pytest.fail("the base model was loaded"))
+    attacker = trained / "smp_lora-attacker.safetensors"
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", "--network_weights",
+                                     str(trained / "smp_lora.safetensors"), str(attacker)))
+    assert f"LoRA file {attacker} holds no LoRA tensors" in err and "proxy attacker" in err
+    assert "whole folder" not in err
+    with pytest.raises(ModelError, match="proxy attacker"):
+        create_network(1.0, 2, 2.0, None, None, load_sd_model(tiny_model_dir).unet).load_weights(attacker)
+
+
 # ----------------------------------------------------------------------------------------- 2. output folder
 
 
