@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import types
 from collections import Counter
@@ -370,6 +371,51 @@ def test_coco(tmp_path):
     with pytest.raises(DataError, match="captions_train2017.json"):
         coco.main(["--images_dir", str(images_dir), "--annotations", str(tmp_path / "none.json"),
                    "--output_dir", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs are never written to; a split that cannot be made is refused before any image is written
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_an_output_folder_that_overlaps_the_inputs_is_refused_even_with_overwrite(fake_celeba, tmp_path):
+    """--overwrite deletes a folder's images and captions: pointed at the dataset itself it would delete the
+    source images (or CelebA's identity .txt), so an output that is, lies in or holds an input is refused."""
+    root, captions = fake_celeba
+    before = _files(root)
+    for out, relation in [(root / "img_align_celeba", "is the input"), (root / "img_align_celeba" / "sub", "lies inside"),
+                          (root, "holds the input")]:
+        with pytest.raises(DataError, match=relation):
+            celeba.main(["--celeba_dir", str(root), "--captions", str(captions), "--subset", "small",
+                         "--output_dir", str(out), "--manifest", str(tmp_path / "m.json"), "--overwrite"])
+    assert _files(root) == before
+    src = _imagefolder_source(tmp_path / "src", 8, seed=6)
+    kept = _files(src)
+    for out in (src, src / "prepared"):  # the source is scanned recursively: a folder inside it is refused too
+        with pytest.raises(DataError, match="choose a folder outside the inputs"):
+            pokemon.main(["--source", str(src), "--output_dir", str(out), "--sizes", "2,2,2,2", "--overwrite",
+                          "--manifest", str(tmp_path / "p.json")])
+    assert _files(src) == kept and not (tmp_path / "p.json").exists()
+    # A folder beside the inputs, even inside the dataset's root, is fine.
+    result = celeba.main(["--celeba_dir", str(root), "--captions", str(captions), "--subset", "small",
+                          "--output_dir", str(root / "prepared"), "--manifest", str(tmp_path / "m.json"),
+                          "--resolution", str(RES)])
+    assert result.num_images == 200
+    shutil.rmtree(root / "prepared")
+
+
+@pytest.mark.parametrize("sizes, message", [("5,3,5,3", "needs 16: pass smaller --sizes"),
+                                            ("3,2,2,2", "member_aux (3) and nonmember_aux (2) differ")])
+def test_a_split_that_cannot_be_made_is_refused_before_any_image_is_written(tmp_path, sizes, message):
+    src = _imagefolder_source(tmp_path / "src", 12, seed=7)
+    out = tmp_path / "out"
+    with pytest.raises((DataError, ConfigError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        pokemon.main(["--source", str(src), "--output_dir", str(out), "--resolution", "8", "--sizes", sizes])
+    assert not out.exists()  # the corrected rerun needs no --overwrite
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def prepare_afhq(
         raise DataError(f"captions file {captions_file} covers {len(captioned)} of the {len(images)} AFHQ train "
                         f"images in {train_dir}, but {total} captioned images are needed: caption more images")
     picks = sample_sorted(captioned, total, rng_for(seed, "afhq"), "captioned AFHQ images")
-    out = prepare_output_dir(output_dir, overwrite)
+    out = prepare_output_dir(output_dir, overwrite, [train_dir, captions_file])
     for name in picks:
         cls, file_name = name.split("/", 1)
         write_pair(out, f"{cls}_{Path(file_name).stem}", train_dir / name, captions.require(name), resolution)

@@ -47,6 +47,7 @@ from library.data.prepare.common import (
     CaptionTable,
     PreparedDataset,
     add_output_arguments,
+    check_enough,
     common_options,
     output_paths,
     preparation_parser,
@@ -267,18 +268,20 @@ def prepare_celeba(
     if not available:
         raise DataError(f"none of the images listed in {identity_file} is in {image_dir}: extract "
                         f"img_align_celeba.zip there")
-    genders = None
+    genders, genders_from = None, []
     if subset == "gender":
         attr = attr_file or _find(celeba_dir, ATTR_FILE, ATTR_FILE_CSV)
         genders = identity_genders(available, read_male_attribute(attr))
+        genders_from = [attr]
     picks = select_celeba(available, subset, seed, genders=genders, gender_ratio=gender_ratio)
+    check_enough(len(picks), f"celeba_{subset}", sizes, f"--subset {subset}")
     captions = CaptionTable.from_file(captions_file)
     missing = [p.image for p in picks if p.image not in captions]
     if missing:
         raise DataError(f"captions file {captions_file} has no caption for {len(missing)} selected image(s), "
                         f"e.g. {missing[0]}: caption every image of {IMAGE_DIR} (the paper used BLIP)")
 
-    out = prepare_output_dir(output_dir, overwrite)
+    out = prepare_output_dir(output_dir, overwrite, [image_dir, identity_file, captions_file, *genders_from])
     for pick in picks:
         caption = f"{identity_token}{pick.identity}, {captions.require(pick.image)}"
         write_pair(out, Path(pick.image).stem, image_dir / pick.image, caption, resolution)

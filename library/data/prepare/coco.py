@@ -96,7 +96,7 @@ def prepare_coco(
         raise DataError(f"only {len(usable)} images of {annotation_file} are in {images_dir}, {total} are needed: "
                         f"is --images_dir the folder matching the annotation file (train2017 for captions_train2017)?")
     picks = sample_sorted(usable, total, rng_for(seed, "coco"), "captioned COCO images")
-    out = prepare_output_dir(output_dir, overwrite)
+    out = prepare_output_dir(output_dir, overwrite, [images_dir, annotation_file])
     for name in picks:
         write_pair(out, Path(name).stem, images_dir / name, captions[name], resolution)
     return split_and_save(out, manifest_path, preset=PRESET, seed=seed, sizes=sizes,

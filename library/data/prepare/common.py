@@ -41,7 +41,7 @@ from library.data.manifest import (
     manifest_sha256,
     write_manifest,
 )
-from library.data.splits import PRESETS, make_split
+from library.data.splits import make_split, resolve_sizes
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
 from library.outputs import check_output_dir
@@ -249,10 +249,23 @@ def parse_sizes(text: str) -> dict[str, int]:
 
 
 def split_total(preset: str, sizes: Mapping[str, int] | None) -> int:
-    """How many images a preparation must select for ``preset`` (or the explicit ``sizes``)."""
-    if sizes:
-        return sum(sizes.values())
-    return PRESETS[preset].total
+    """How many images a preparation must select for ``preset`` (or the explicit ``sizes``), checked before any
+    image is written: a split that cannot be made is refused while the output folder is still untouched."""
+    wanted = resolve_sizes(dict(sizes) if sizes else None, None if sizes else preset)
+    if wanted.member_aux != wanted.nonmember_aux:
+        raise ConfigError(f"--sizes: member_aux ({wanted.member_aux}) and nonmember_aux ({wanted.nonmember_aux}) "
+                          "differ; the paper's D_aux is balanced, make them equal (scripts/make_split.py "
+                          "--allow_unbalanced_aux splits a prepared folder unbalanced)")
+    return wanted.total
+
+
+def check_enough(available: int, preset: str, sizes: Mapping[str, int] | None, where: str) -> None:
+    """Refuse, before anything is written, a split that needs more images than the ``available`` ones."""
+    total = split_total(preset, sizes)
+    if available < total:
+        asked = f"--sizes {','.join(str(v) for v in sizes.values())}" if sizes else f"the {preset} preset"
+        raise DataError(f"{where} gives {available} images but {asked} needs {total}: pass smaller --sizes "
+                        f"({','.join(CORE_SPLITS)}) or add images")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,9 +273,18 @@ def split_total(preset: str, sizes: Mapping[str, int] | None) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then delete its images and captions)."""
+def prepare_output_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then delete its images and captions), and
+    one that overlaps any of the ``inputs`` (the dataset's folders and files) whatever ``overwrite`` says: the
+    preparation writes, and with ``--overwrite`` deletes, images and captions there."""
     out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or source in out.parents or out in source.parents:
+            relation = "is" if out == source else "lies inside" if source in out.parents else "holds"
+            raise DataError(f"--output_dir {out_dir} {relation} the input {given}: the preparation writes (and with "
+                            "--overwrite deletes) images and captions there; choose a folder outside the inputs")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output {out_dir} exists and is not a folder: choose another --output_dir")
     if out_dir.is_dir() and any(out_dir.iterdir()):

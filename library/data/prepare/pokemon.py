@@ -32,6 +32,7 @@ from library.data.images import IMAGE_EXTENSIONS
 from library.data.prepare.common import (
     PreparedDataset,
     add_output_arguments,
+    check_enough,
     common_options,
     output_paths,
     preparation_parser,
@@ -116,8 +117,6 @@ def prepare_pokemon(
     source = Path(source)
     if not source.exists():
         raise DataError(f"Pokemon source {source} not found: expected {_SOURCE_HELP}")
-    if source.resolve() == Path(output_dir).resolve():
-        raise DataError(f"--output_dir {output_dir} must differ from --source (images are re-encoded)")
     parquet_files = _parquet_files(source)
     if source.is_dir() and _has_images(source):
         items: list[tuple[str, Path | bytes, str]] = [
@@ -131,11 +130,12 @@ def prepare_pokemon(
         warn(f"warning: {source} holds {len(items)} images; the paper's Pokemon BLIP captions set has "
              f"{EXPECTED_IMAGES} (splits need the Table 4 total, the rest is left unused)")
 
-    out = prepare_output_dir(output_dir, overwrite)
+    preset = "pokemon_table4" if table4 else "pokemon"
+    check_enough(len(items), preset, sizes, f"--source {source}")
+    out = prepare_output_dir(output_dir, overwrite, [source])
     width = max(4, len(str(len(items) - 1)))
     for index, (_where, image, caption) in enumerate(items):
         write_pair(out, f"pokemon_{index:0{width}d}", image, with_prefix(caption, caption_prefix), resolution)
-    preset = "pokemon_table4" if table4 else "pokemon"
     return split_and_save(out, manifest_path, preset=preset, seed=seed, sizes=sizes,
                           created_by="scripts/prepare_pokemon.py" + (" --table4" if table4 else ""))
 
