@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from library.config import load_toml, make_config, parse_config
+from library.data.manifest import read_manifest, split_sha256
 from library.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,9 @@ ABLATIONS = {  # launcher -> (method, number of runs per seed, flag that varies)
 }
 EXTRA_ARGS = "--resolution 32 --mixed_precision no --no-progress_bar"
 DRY_RUN_OK = "dry run: model, data"  # the trainer's "dry run: model, data ... are valid; nothing was trained"
-RECORDER = 'for a in "$@"; do printf "%s\\0" "$a"; done >> "$REC_FILE"; printf "\\036" >> "$REC_FILE"\n'
+# A stand-in's body that records its command line; the launchers' own `$PYTHON -c` (the split's hash) runs for real.
+RECORDER = ('[ "$1" = -c ] && exec "$REAL_PYTHON" "$@"\n'
+            'for a in "$@"; do printf "%s\\0" "$a"; done >> "$REC_FILE"; printf "\\036" >> "$REC_FILE"\n')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,6 +78,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
                 "RETRAIN", "RESUMABLE"):
         env.pop(key, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["REAL_PYTHON"] = sys.executable  # RECORDER's
     env.update(extra)
     return env
 
@@ -263,7 +267,8 @@ def test_launcher_real_entry_script(tmp_path, tiny_model_dir, manifest_path):
     assert DRY_RUN_OK in result.stdout
 
 
-# A LAUNCH / PYTHON stand-in that records its command and writes what a finished training / evaluation leaves.
+# A LAUNCH / PYTHON stand-in that records its command and writes what a finished training / evaluation leaves (a
+# run record of the split SPLIT_SHA).
 FINISHER = "#!/usr/bin/env bash\n" + RECORDER + """
 out= name=
 while [ $# -gt 0 ]; do
@@ -271,10 +276,15 @@ while [ $# -gt 0 ]; do
 done
 case "$name" in
   "") [ -n "$out" ] && mkdir -p "$out" && echo '{}' > "$out/report.json" ;;
-  *) mkdir -p "$out" && touch "$out/$name.safetensors" && echo '{}' > "$out/$name.json" ;;
+  *) mkdir -p "$out" && touch "$out/$name.safetensors" && echo "{\\"split_sha256\\": \\"$SPLIT_SHA\\"}" > "$out/$name.json" ;;
 esac
 exit 0
 """
+
+
+
+def _finisher_env(manifest: Path) -> dict[str, str]:
+    return {"SPLIT_SHA": split_sha256(read_manifest(manifest, verify=False))}
 
 
 def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, manifest_path):
@@ -284,8 +294,10 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     stub.write_text(FINISHER)
     stub.chmod(0o755)
     rec_file = tmp_path / "commands.bin"
-    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
-               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file))
+    data = tmp_path / "split.json"  # the launchers only hash it: its relative dataset_root need not resolve
+    data.write_bytes(manifest_path.read_bytes())
+    env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(data), OUT=str(tmp_path / "o"), METHODS="lora",
+               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file), **_finisher_env(manifest_path))
 
     def calls(seeds: str, **extra: str) -> list[str]:
         rec_file.unlink(missing_ok=True)
@@ -314,6 +326,13 @@ def test_a_rerun_goes_on_where_the_last_call_stopped(tmp_path, tiny_model_dir, m
     made_by = (tmp_path / "o" / "seed1" / "eval" / "launch_command.txt").read_text()
     assert "--n_bootstrap" in made_by and "--overwrite" not in made_by  # so the next call's skip still matches
     assert calls("1", METHODS="lora", EVAL_ARGS="--n_bootstrap 10") == []
+    # The dataset prepared again (another split in the same file): trained and evaluated again, not skipped.
+    doc = json.loads(data.read_text())
+    splits = doc["splits"]
+    splits["member_aux"][0], splits["nonmember_aux"][0] = splits["nonmember_aux"][0], splits["member_aux"][0]
+    data.write_text(json.dumps(doc))
+    assert calls("1", METHODS="lora", EVAL_ARGS="--n_bootstrap 10") == ["train_lora.py seed1", "evaluate_mia.py seed1"]
+    assert "--overwrite" in [c for c in _recorded(rec_file) if c[0] == "train_lora.py"][0]
 
 
 @pytest.mark.skipif(not (REPO / ".venv" / "bin" / "accelerate").exists(), reason="no .venv (scripts/setup.sh)")
@@ -364,7 +383,8 @@ def test_launched_trainings_keep_one_state_and_resume_the_latest(tmp_path, tiny_
     stub.chmod(0o755)
     rec_file = tmp_path / "commands.bin"
     env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"), METHODS="lora",
-               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file), SEEDS="1")
+               LAUNCH=f"bash {stub}", PYTHON=str(stub), REC_FILE=str(rec_file), SEEDS="1",
+               **_finisher_env(manifest_path))
 
     def training(**extra: str) -> list[str]:
         rec_file.unlink(missing_ok=True)

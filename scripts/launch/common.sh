@@ -22,8 +22,9 @@
 #   PYTHON      the Python interpreter for evaluation and the collector (default: the repository's .venv python,
 #               else python on PATH)
 #   RETRAIN=1   train and evaluate again what a previous call finished, each run from its first step; by default
-#               a rerun skips every run whose <name>.safetensors and <name>.json exist and every evaluation whose
-#               report.json is newer than its models and was made by the same command (its launch_command.txt),
+#               a rerun skips every run whose <name>.safetensors and <name>.json (naming DATA's split) exist and
+#               every evaluation whose report.json is newer than its models and was made by the same command on
+#               the same split (its launch_command.txt),
 #               so a launcher that died at seed 3 goes on from there. A killed RETRAIN=1 call is continued by
 #               the same command without RETRAIN=1 (the retrain's states are the newest)
 #   RESUMABLE=0 write no training states. By default every training saves a resumable state with each
@@ -116,6 +117,17 @@ smp_run() {
     "$@"
 }
 
+# The content hash of DATA's split (library.data.manifest.split_sha256: the images and captions of every set, not
+# where the dataset lies), into SMP_SPLIT_SHA, once per launch. A finished run or report of another split is not
+# skipped: a re-prepared dataset trains and evaluates again; a moved one (same split) does not.
+smp_split_sha_init() {
+    [[ -z "${SMP_SPLIT_SHA:-}" ]] || return 0
+    SMP_SPLIT_SHA="$("$PYTHON" -c 'import sys
+from library.data.manifest import read_manifest, split_sha256
+print(split_sha256(read_manifest(sys.argv[1], verify=False)))' "$DATA")" && [[ -n "$SMP_SPLIT_SHA" ]] \
+        || smp_die "cannot read the split manifest $DATA (see the error above)"
+}
+
 # smp_train <method> <config.toml> <seed> <output_dir> <output_name> [flags...]
 # One training run of train_<method>.py; the extra flags come before EXTRA_ARGS (which win).
 smp_train() {
@@ -124,8 +136,12 @@ smp_train() {
     [[ -f "$config" ]] || smp_die "config $config not found"
     if [[ "$DRY_RUN" != 1 && -e "$out_dir/$name.safetensors" ]]; then
         if [[ "$RETRAIN" != 1 && -f "$out_dir/$name.json" ]]; then
-            smp_log "skip: $out_dir/$name.safetensors is a finished run (RETRAIN=1 trains it again)"
-            return 0
+            smp_split_sha_init
+            if grep -q "\"split_sha256\": \"$SMP_SPLIT_SHA\"" "$out_dir/$name.json"; then
+                smp_log "skip: $out_dir/$name.safetensors is a finished run (RETRAIN=1 trains it again)"
+                return 0
+            fi
+            smp_log "$out_dir/$name.safetensors was trained on another split than $DATA: training again"
         fi
         set -- "$@" --overwrite  # RETRAIN=1, or a run killed between its LoRA and its record: train it again
     fi
@@ -182,6 +198,10 @@ smp_evaluate_models() {
     cmd+=("${SMP_EVAL_EXTRA[@]}")
     local made_by="$out_dir/launch_command.txt" command_text
     command_text="$(printf '%s\n' "${cmd[@]}")"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        smp_split_sha_init
+        command_text+=$'\n'"# split_sha256 $SMP_SPLIT_SHA"  # the same path may hold another split later
+    fi
     if [[ "$DRY_RUN" != 1 && "$RETRAIN" != 1 && -f "$out_dir/report.json" ]]; then
         local model fresh=1
         for model in "$@"; do
@@ -191,7 +211,7 @@ smp_evaluate_models() {
             smp_log "skip: $out_dir/report.json is newer than its models and was made by this command (RETRAIN=1 evaluates again)"
             return 0
         elif [[ "$fresh" == 1 ]]; then
-            smp_log "$out_dir/report.json was made by another command (other models or EVAL_ARGS): evaluating again"
+            smp_log "$out_dir/report.json was made by another command (other models, EVAL_ARGS or split): evaluating again"
         fi
     fi
     if [[ ! -f evaluate_mia.py ]]; then
