@@ -21,7 +21,8 @@ def _main(argv: Sequence[str] | None) -> None:
 
     config = parse_config(EvalConfig, argv, __doc__.splitlines()[0])
     result = evaluate(config)
-    print(f"wrote {config.output_dir}/report.md ({len(result.rows)} results for {len(result.models)} models)")
+    if result is not None:  # None: --dry_run
+        print(f"wrote {config.output_dir}/report.md ({len(result.rows)} results for {len(result.models)} models)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

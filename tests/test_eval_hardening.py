@@ -192,6 +192,27 @@ def test_finished_evaluation_is_kept_unless_overwrite(tiny_model_dir, manifest_p
     assert json.loads((out / "report.json").read_text())["config"]["timesteps"] == [5]
 
 
+def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(trained, tiny_model_dir, manifest_path,
+                                                                            tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr("library.eval.run.load_bundle", lambda *a: pytest.fail("the base model was loaded"))
+    out = tmp_path / "new" / "out"
+    lora = trained / "smp_lora.safetensors"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora),
+                                       "--dry_run")) == 0
+    printed = capfd.readouterr().out
+    assert "dry run: 2 model(s) (base, smp_lora), attacks loss, fitted on" in printed and "nothing computed" in printed
+    assert not (tmp_path / "new").exists()
+    # What a real run would refuse, the dry run refuses: a LoRA of another split, a finished report.
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights",
+                                     str(trained / "smp_lora-attacker.safetensors"), "--dry_run"))
+    assert "proxy attacker" in err
+    out.mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    assert "already holds a finished evaluation" in one_error(capfd, eval_args(tiny_model_dir, manifest_path, out,
+                                                                                "--dry_run"))
+    assert os.listdir(out) == ["report.json"]
+
+
 def test_overwrite_keeps_the_old_report_when_the_new_run_fails(tiny_model_dir, manifest_path, tmp_path, capfd):
     out = tmp_path / "out"
     (out / "cache").mkdir(parents=True)

@@ -95,15 +95,29 @@ def _recorded(path: Path) -> list[list[str]]:
     return [chunk.split("\x00")[:-1] for chunk in chunks if chunk]
 
 
+def _trainings(path: Path) -> list[list[str]]:
+    return [c for c in _recorded(path) if c[0].startswith("train_")]
+
+
+def _checked_dry_evaluations(path: Path, stderr: str, count: int) -> None:
+    """A dry run checks each evaluation's flags on the base model alone (no LoRA exists yet): --dry_run, no models."""
+    evaluations = [c for c in _recorded(path) if c[0] == "evaluate_mia.py"]
+    assert len(evaluations) == count and "checking the evaluation's flags on the base model" in stderr
+    for argv in evaluations:
+        assert argv[-1] == "--dry_run" and not {"--network_weights", "--unet_weights"} & set(argv)
+
+
 @pytest.fixture
 def stack(tiny_model_dir, manifest_path, tmp_path):
-    """MODEL / DATA given relative to the caller's directory (tmp_path), a recording LAUNCH stub."""
+    """MODEL / DATA given relative to the caller's directory (tmp_path), recording LAUNCH and PYTHON stubs."""
     recorder = tmp_path / "record.sh"
-    recorder.write_text(RECORDER)
+    recorder.write_text("#!/usr/bin/env bash\n" + RECORDER)
+    recorder.chmod(0o755)
     rec_file = tmp_path / "commands.bin"
     model_rel = os.path.relpath(tiny_model_dir, tmp_path)
     env = _env(tmp_path, MODEL=model_rel, DATA=os.path.relpath(manifest_path, tmp_path), OUT="out",
-               DRY_RUN="1", SEEDS="1337 7", EXTRA_ARGS=EXTRA_ARGS, LAUNCH=f"bash {recorder}", REC_FILE=str(rec_file))
+               DRY_RUN="1", SEEDS="1337 7", EXTRA_ARGS=EXTRA_ARGS, LAUNCH=f"bash {recorder}", PYTHON=str(recorder),
+               REC_FILE=str(rec_file))
     return env, rec_file
 
 
@@ -130,7 +144,7 @@ def test_dataset_launcher_dry_run(dataset, stack, tmp_path, manifest_path, monke
     env, rec_file = stack
     result = _run_launcher(dataset, tmp_path, env)
     assert result.returncode == 0, result.stderr
-    commands = _recorded(rec_file)
+    commands = _trainings(rec_file)
     assert [c[0] for c in commands] == [f"train_{m}.py" for m in METHODS] * 2
     out = (tmp_path / "out").resolve()
     for argv, (seed, method) in zip(commands, [(s, m) for s in ("1337", "7") for m in METHODS]):
@@ -139,8 +153,8 @@ def test_dataset_launcher_dry_run(dataset, stack, tmp_path, manifest_path, monke
         assert _flag(argv, "--output_dir") == str(out / f"seed{seed}" / method)
         assert _flag(argv, "--split_manifest") == str(manifest_path)
         assert argv[-1] == "--dry_run" and " ".join(argv).count(EXTRA_ARGS) == 1
-    # Evaluation / collection are skipped in a dry run (no LoRA files exist), and the launcher says so.
-    assert "skipping evaluation" in result.stderr and "would collect 2 report(s)" in result.stderr
+    _checked_dry_evaluations(rec_file, result.stderr, 2)  # one per seed
+    assert "would collect 2 report(s)" in result.stderr
     for argv in commands[:3]:  # one seed: the other differs only by --seed / --output_dir
         printed = _dry_run_in_process(argv, monkeypatch, capsys)
         assert DRY_RUN_OK in printed
@@ -161,7 +175,8 @@ def test_ablation_launcher_dry_run(launcher, stack, tmp_path, monkeypatch, capsy
     result = _run_launcher(launcher, tmp_path, env)
     assert result.returncode == 0, result.stderr
     method, runs, flag = ABLATIONS[launcher]
-    commands = _recorded(rec_file)
+    commands = _trainings(rec_file)
+    _checked_dry_evaluations(rec_file, result.stderr, 1)
     assert len(commands) == runs and {c[0] for c in commands} == {f"train_{method}.py"}
     values = [_flag(c, flag) for c in commands]
     assert len(set(c[c.index("--output_name") + 1] for c in commands)) == runs  # distinct run names
@@ -223,9 +238,9 @@ def test_table9_launchers_train_the_whole_unet_and_audit_it(kind, stack, tmp_pat
     env.update(SEEDS="1337", INSTANCE_TOKEN="handwritten")  # the digits' captions hold no "pokemon"
     result = _run_launcher(f"pokemon_{kind}", tmp_path, env)
     assert result.returncode == 0, result.stderr
-    commands = _recorded(rec_file)
+    commands = _trainings(rec_file)
     assert [c[0] for c in commands] == ["train_lora.py", "train_smp_lora.py"]
-    assert "skipping evaluation" in result.stderr
+    _checked_dry_evaluations(rec_file, result.stderr, 1)
     for argv in commands:
         assert _flag(argv, "--config_file") == f"configs/pokemon/{argv[0][6:-3]}.toml"
         assert _flag(argv, "--train_mode") == "full" and float(_flag(argv, "--unet_lr")) == 5e-6
@@ -258,13 +273,17 @@ def test_launcher_needs_model_and_manifest(tmp_path, tiny_model_dir):
 
 
 def test_launcher_real_entry_script(tmp_path, tiny_model_dir, manifest_path):
-    """One real subprocess: the actual train_lora.py accepts every flag the launcher passes."""
+    """Real subprocesses: the actual train_lora.py and evaluate_mia.py accept every flag the launcher passes."""
     env = _env(tmp_path, MODEL=str(tiny_model_dir), DATA=str(manifest_path), OUT=str(tmp_path / "o"),
                DRY_RUN="1", SEEDS="1337", METHODS="lora", LAUNCH=shlex.quote(sys.executable),
                EXTRA_ARGS=EXTRA_ARGS)
     result = _run_launcher("celeba_small", tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert DRY_RUN_OK in result.stdout
+    assert "dry run: 1 model(s) (base)" in result.stdout  # evaluate_mia.py --dry_run on the base model
+    # A misspelled evaluation flag stops the dry run, not a real run after hours of training.
+    result = _run_launcher("celeba_small", tmp_path, {**env, "EVAL_ARGS": "--attacks lossy"})
+    assert result.returncode == 2 and "error: --attacks: invalid choice: 'lossy'" in result.stderr
 
 
 # A LAUNCH / PYTHON stand-in that records its command and writes what a finished training / evaluation leaves (a

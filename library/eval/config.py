@@ -185,6 +185,10 @@ class EvalConfig:
         False, "replace the report of an earlier evaluation in --output_dir (without it such a folder is refused, so a "
         "finished evaluation is never lost; its cached features are reused either way)")
     plots: bool = option(True, "draw roc.png, roc_loglog.png and hist.png")
+    dry_run: bool = option(
+        False, "check the flags, the base model's files, the manifest (its images included), the models' files and "
+        "training conditioning, the quality weights and the output folder, print the plan and exit; loads no SD "
+        "weights, computes and writes nothing")
     progress_bar: bool = option(True, "show tqdm progress bars")
 
     @property

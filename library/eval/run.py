@@ -241,8 +241,9 @@ def run_attacks(config: EvalConfig, specs: list[ModelSpec], samples: EvalSamples
     return all_scores, rows, attack_settings
 
 
-def evaluate(config: EvalConfig) -> EvalResult:
-    """Run the whole evaluation and write the report into ``config.output_dir``.
+def evaluate(config: EvalConfig) -> EvalResult | None:
+    """Run the whole evaluation and write the report into ``config.output_dir`` (``--dry_run``: check, print the
+    plan and return None).
 
     Everything that needs no model weights is checked first (output folder, base model files, LoRA files, their
     training conditioning), and the output folder is locked for the run, so two evaluations into one folder
@@ -250,11 +251,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """
     from library.sd.loading import check_sd_model  # noqa: PLC0415
 
-    output_dir = check_output_dir(config.output_dir, "--output_dir")
+    output_dir = check_output_dir(config.output_dir, "--output_dir", create=not config.dry_run)
     if config.cache_dir and not config.no_cache:
-        check_output_dir(config.cache_dir, "--cache_dir")
+        check_output_dir(config.cache_dir, "--cache_dir", create=not config.dry_run)
     check_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
                    allow_pickle=config.allow_pickle)
+    if config.dry_run:
+        return dry_run(config, output_dir)
     with OutputLock(output_dir, "--output_dir"):
         check_earlier_report(config, output_dir)
         return _evaluate_locked(config, output_dir)
@@ -269,6 +272,20 @@ def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
     reuse = "" if config.cache_dir or config.no_cache else f" with --cache_dir {output_dir / 'cache'} to reuse its features"
     raise ConfigError(f"--output_dir {output_dir} already holds a finished evaluation ({report.REPORT_FILE}); "
                       f"pass --overwrite to replace it, or choose another --output_dir{reuse}")
+
+
+def dry_run(config: EvalConfig, output_dir: Path) -> None:
+    """``--dry_run``: every check of a real run that needs no SD weights, then the plan on one line."""
+    check_earlier_report(config, output_dir)
+    _, samples, split = load_samples(config)
+    specs = model_specs(config, split)
+    conditioning = resolve_conditioning(config, specs)
+    if config.quality:
+        load_extractors(config, torch.device("cpu"))
+    n_test = sum(name.endswith("_test") for name in samples.splits)
+    print(f"dry run: {len(specs)} model(s) ({', '.join(s.name for s in specs)}), attacks {', '.join(config.attacks)}, "
+          f"fitted on {len(samples.splits) - n_test} D_aux and scored on {n_test} D_te images at "
+          f"{conditioning.resolution} px; would write {output_dir}/{report.REPORT_FILE}; nothing computed", flush=True)
 
 
 def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:

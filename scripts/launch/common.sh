@@ -6,9 +6,9 @@
 #   DATA        split manifest (default data/<dataset>/split.json, written by scripts/prepare_*.py)
 #   SEEDS       training seeds, space-separated (dataset launchers: "1337 1338 1339"; ablations: "1337")
 #   OUT         output root (default runs/<dataset> or runs/<ablation>/<dataset>)
-#   DRY_RUN=1   pass --dry_run to every training call (validates model, manifest and config, trains nothing);
-#               evaluation is dry-run too when evaluate_mia.py has --dry_run and the LoRA files exist,
-#               otherwise skipped; results are not collected
+#   DRY_RUN=1   pass --dry_run to every training call (validates model, manifest and config, trains nothing)
+#               and to every evaluation (its flags, on the base model alone where the models do not exist yet);
+#               results are not collected
 #   EXTRA_ARGS  extra flags appended to every training call, whitespace-separated (e.g. "--resolution 256")
 #   EVAL_ARGS   extra flags for evaluate_mia.py, whitespace-separated
 #   TOKENIZER   a CLIP tokenizer folder (e.g. the tokenizer/ of a diffusers SD 1.5 copy), passed as --tokenizer_path
@@ -164,18 +164,6 @@ smp_train() {
     smp_run "${cmd[@]}"
 }
 
-# Does evaluate_mia.py accept --dry_run? (asked once, from its --help)
-smp_eval_has_dry_run() {
-    if [[ -z "${SMP_EVAL_DRY_RUN:-}" ]]; then
-        if "$PYTHON" evaluate_mia.py --help 2>/dev/null | grep -q -- '--dry_run'; then
-            SMP_EVAL_DRY_RUN=1
-        else
-            SMP_EVAL_DRY_RUN=0
-        fi
-    fi
-    [[ "$SMP_EVAL_DRY_RUN" == 1 ]]
-}
-
 # smp_evaluate <output_dir> <lora.safetensors>...
 # One evaluate_mia.py call over several LoRAs (same split, same features), writing <output_dir>/report.json.
 # No --clip_skip / --max_token_length: evaluate_mia.py takes them from the LoRA files' metadata, so the attack
@@ -214,25 +202,19 @@ smp_evaluate_models() {
             smp_log "$out_dir/report.json was made by another command (other models, EVAL_ARGS or split): evaluating again"
         fi
     fi
-    if [[ ! -f evaluate_mia.py ]]; then
-        [[ "$DRY_RUN" == 1 ]] || smp_die "evaluate_mia.py not found in $SMP_REPO_ROOT: cannot evaluate"
-        smp_log "dry run: evaluate_mia.py is not there yet; skipping evaluation"
-        return 0
-    fi
     if [[ "$DRY_RUN" == 1 ]]; then
-        local lora
-        for lora in "$@"; do
-            if [[ ! -e "$lora" ]]; then
-                smp_log "dry run: skipping evaluation ($lora does not exist: a dry run trains nothing)"
-                return 0
+        local model
+        for model in "$@"; do
+            if [[ ! -e "$model" ]]; then  # a dry run trains nothing: the flags are checked on the base model alone
+                smp_log "dry run: $model does not exist yet; checking the evaluation's flags on the base model"
+                cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" --split_manifest "$DATA"
+                    --output_dir "$out_dir" "${SMP_EVAL_EXTRA[@]}")
+                break
             fi
         done
-        if ! smp_eval_has_dry_run; then
-            smp_log "dry run: evaluate_mia.py has no --dry_run; skipping evaluation"
-            return 0
-        fi
         cmd+=(--dry_run)
-    elif [[ -f "$out_dir/report.json" ]]; then
+    fi
+    if [[ -f "$out_dir/report.json" ]]; then
         cmd+=(--overwrite)  # the checks above chose to evaluate again (other models or flags, or RETRAIN=1)
     fi
     smp_run "${cmd[@]}"
