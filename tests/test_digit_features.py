@@ -105,6 +105,15 @@ def test_training_is_deterministic(digits):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.parametrize("epochs", [4, 5, 6])
+def test_any_step_count_trains(digits, epochs):
+    """One batch per epoch: 5 steps in all is a one-step warm-up, where torch's OneCycleLR divided by zero."""
+    pixels, labels = digits
+    result = D.train_digit_feature_net(pixels[:40], labels[:40], seed=0, epochs=epochs, batch_size=64, threads=1,
+                                       log=lambda _: None)
+    assert all(torch.isfinite(v).all() for v in result.net.state_dict().values() if v.is_floating_point())
+
+
 def test_loading_a_foreign_or_missing_file_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 

@@ -67,7 +67,8 @@ SUITE = {
         _suite_row("lora", "sima", "t=50", 0.80, headline=False, selected="t=50"),
         _suite_row("lora", "sima", "t=100", 0.88, headline=False, selected="t=50"),  # the best on D_te: oracle extra
         _suite_row("lora", "gsa", "", 0.90, asr=(0.85, 0.92)),
-        _suite_row("lora", "blackbox", "", 0.70, asr=(0.66, None)),
+        # a classifier without an oracle checkpoint: its oracle ASR is its best threshold on D_te
+        {**_suite_row("lora", "blackbox", "", 0.70, asr=(0.66, None)), "best_threshold_balanced_accuracy": 0.69},
         _suite_row("lora", "blind", "", 0.95, floor=True),  # a leaky split would show here; never the worst case
         _suite_row("smp_lora", "gsa", "", 0.60, asr=(0.58, 0.63)),
         _suite_row("smp_lora", "blind", "", 0.50, floor=True),
@@ -123,7 +124,7 @@ def test_suite_sections_worst_case_oracle_extras_table11_and_cost():
     assert "| lora | sima t=100 [oracle t] |" in text
     # Table 11: black-box and gradient rows with ASR % and |AUC-0.5|/0.5.
     assert "| gradient (Pang et al. 2023) | lora | gsa | 85.00 | 92.00 | 0.800 |" in text
-    assert "| black-box (Wu et al. 2022) | lora | blackbox | 66.00 | n/a | 0.400 |" in text
+    assert "| black-box (Wu et al. 2022) | lora | blackbox | 66.00 | 69.00 | 0.400 |" in text
     assert "| gradient (Pang et al. 2023) | smp_lora | gsa | 58.00 | 63.00 | 0.200 |" in text
     # Cost: nominal, computed per model (per sample over the 20 samples), cached, unknown probes, escaped pipes.
     assert "| sima | gray-box: eps \\| caption | 2 | lora: 40 (2/sample); smp_lora: cached | Rao et al. 2025 |" in text

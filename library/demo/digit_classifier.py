@@ -53,6 +53,7 @@ DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 2e-3
 DEFAULT_HOLDOUT = 0.15
+WARMUP_FRACTION = 0.2  # of the one-cycle schedule
 _MAX_SHIFT = 2  # pixels of random translation used as augmentation
 
 
@@ -169,10 +170,11 @@ def train_digit_feature_net(
         torch.manual_seed(seed)  # initial weights and dropout masks; fork_rng keeps the caller's RNG intact
         net = DigitFeatureNet()
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        steps_per_epoch = math.ceil(len(x_train) / batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
-        )
+        total_steps = epochs * math.ceil(len(x_train) / batch_size)
+        # OneCycleLR divides by (pct_start * total_steps - 1): a warm-up of exactly one step (5 steps in all at
+        # 0.2) would divide by zero, so that one case warms up over two steps.
+        warmup = WARMUP_FRACTION if WARMUP_FRACTION * total_steps != 1 else 2 / total_steps
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup)
         net.train()
         for epoch in range(epochs):
             perm = torch.randperm(len(x_train), generator=generator)

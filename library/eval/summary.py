@@ -233,10 +233,15 @@ def table11_table(report: dict[str, Any]) -> list[str]:
              "AUC [95% CI] |", "|---|---|---|---:|---:|---:|---|"]
     for name in TABLE11_ATTACKS:
         for r in (r for r in rows if r["attack"] == name):
+            # Both attacks are classifiers fitted on D_aux (their ASR: argmax p(member), honest); their oracle ASR
+            # is the best threshold on D_te of the same score, as for a threshold attack.
+            oracle = r.get("asr_oracle") if r.get("asr_oracle") is not None else \
+                r.get("best_threshold_balanced_accuracy")
             lines.append(f"| {TABLE11_ATTACKS[name]} | {r['model']} | {r['label']} | "
-                         f"{fmt(r.get('asr_honest'), True)} | {fmt(r.get('asr_oracle'), True)} | "
+                         f"{fmt(r.get('asr_honest'), True)} | {fmt(oracle, True)} | "
                          f"{fmt(r.get('auc_deviation'))} | {fmt(r.get('auc'))}{fmt_ci(r.get('auc_ci'))} |")
-    return lines + ["", f"- {TABLE11_PAPER} (ASR as the paper prints it: its protocol is our oracle column)."]
+    return lines + ["", f"- {TABLE11_PAPER} (ASR as the paper prints it: its protocol is our oracle column, the best "
+                        "threshold on D_te; honest: argmax p(member) of the classifier fitted on D_aux)."]
 
 
 def _computed_queries(report: dict[str, Any], name: str, probes: list[str] | None, nominal: float | None) -> str:
