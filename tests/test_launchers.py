@@ -361,8 +361,9 @@ def test_the_default_launch_is_one_quiet_accelerate_process(tmp_path, tiny_model
                SEEDS="1", DRY_RUN="1", EXTRA_ARGS=EXTRA_ARGS)
     result = _run_launcher("pokemon", tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "accelerate launch --quiet --num_processes 1 train_lora.py" in result.stderr
-    assert DRY_RUN_OK in result.stdout
+    assert "accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no " \
+        "train_lora.py" in result.stderr
+    assert DRY_RUN_OK in result.stdout and "were not passed to `accelerate launch`" not in result.stderr
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     result = _run_launcher("pokemon", tmp_path, {**env, "MODEL": str(empty)})

@@ -15,10 +15,11 @@
 #               to training and evaluation: needed when MODEL is a single .safetensors file without one (as
 #               v1-5-pruned.safetensors) and open_clip is not installed
 #   LAUNCH      how training scripts are started (default: the repository's .venv accelerate, else the one on
-#               PATH, as "accelerate launch --quiet --num_processes 1": one process, the paper's batch, even on a
-#               box with several GPUs, where accelerate would start one per GPU; --quiet keeps a refused run to its
-#               one error line, without accelerate's traceback). E.g. "python", or "accelerate launch --quiet
-#               --multi_gpu --num_processes 4" (the global batch grows with the processes)
+#               PATH, as "accelerate launch --quiet --num_processes 1 ...": one process, the paper's batch, even on
+#               a box with several GPUs, where accelerate would start one per GPU; --quiet and the defaults given
+#               keep a refused run to its one error line, without accelerate's traceback or warning). E.g.
+#               "python", or "accelerate launch --quiet --multi_gpu --num_processes 4" (the global batch grows
+#               with the processes)
 #   PYTHON      the Python interpreter for evaluation and the collector (default: the repository's .venv python,
 #               else python on PATH)
 #   RETRAIN=1   train and evaluate again what a previous call finished, each run from its first step; by default
@@ -89,7 +90,9 @@ smp_setup() {
     fi
     local accelerate=accelerate
     [[ -x "$venv/accelerate" ]] && accelerate="$venv/accelerate"
-    read -r -a SMP_LAUNCH <<< "${LAUNCH:-$accelerate launch --quiet --num_processes 1}"
+    # --num_machines / --mixed_precision / --dynamo_backend: accelerate's own defaults, given so that it prints no
+    # warning about them (the trainer sets its precision from its config, not from accelerate's).
+    read -r -a SMP_LAUNCH <<< "${LAUNCH:-$accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
     command -v "$PYTHON" > /dev/null || smp_die "PYTHON '$PYTHON' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set PYTHON"
     command -v "${SMP_LAUNCH[0]}" > /dev/null || smp_die "LAUNCH '${SMP_LAUNCH[*]}' not found: run bash scripts/setup.sh (the launchers use its .venv), activate your environment, or set LAUNCH (e.g. LAUNCH=python)"
     read -r -a SMP_EXTRA <<< "${EXTRA_ARGS:-}"
