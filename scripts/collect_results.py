@@ -31,6 +31,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from library.fileio import atomic_write_text
+
 ID_FIELDS = ("model", "attack", "variant", "label", "headline")
 SKIP_FIELDS = {"seed", "n", "num_members", "num_nonmembers", "n_members", "n_nonmembers"}
 # Preferred column order (the paper's Table 1 order); any other metric follows alphabetically.
@@ -151,8 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="every row of every attack (each timestep, candidate, ...), not only the headline rows")
     args = parser.parse_args(argv)
     loaded = []
+    seen: set[Path] = set()
     try:
         for path in args.reports:
+            if path.is_dir():
+                raise CollectError(f"report {path} is a folder: pass the report.json inside it")
+            if path.resolve() in seen:
+                raise CollectError(f"report {path} is given twice: it would count as two seeds")
+            seen.add(path.resolve())
             if not path.is_file():
                 if args.allow_missing:
                     print(f"warning: {path} does not exist; skipped", file=sys.stderr)
@@ -176,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         doc = {"reports": [src for src, _ in loaded], "summary": summary}
-        (args.output_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.output_dir / "summary.json", json.dumps(doc, indent=2) + "\n")
         header = f"Mean ± s.e. over {len(loaded)} report(s): " + ", ".join(src for src, _ in loaded) + "\n\n"
-        (args.output_dir / "summary.md").write_text(header + table, encoding="utf-8")
+        atomic_write_text(args.output_dir / "summary.md", header + table)
         print(f"wrote {args.output_dir / 'summary.json'} and summary.md")
     return 0
 

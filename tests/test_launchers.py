@@ -483,6 +483,11 @@ def test_collect_results(tmp_path, capsys):
     assert collect.main([str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert collect.main(["--allow_missing", str(tmp_path / "missing.json"), reports[0]]) == 0
+    capsys.readouterr()
+    assert collect.main([reports[0], str(Path(reports[0]).parent / ".." / "seed0" / "report.json")]) == 2
+    assert "is given twice: it would count as two seeds" in capsys.readouterr().err
+    assert collect.main([str(tmp_path / "seed0")]) == 2
+    assert "is a folder: pass the report.json inside it" in capsys.readouterr().err
 
 
 def test_collect_results_keeps_variants_apart_and_reads_evaluate_mia_rows(tmp_path, capsys):

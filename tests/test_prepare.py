@@ -371,6 +371,8 @@ def test_coco(tmp_path):
     with pytest.raises(DataError, match="captions_train2017.json"):
         coco.main(["--images_dir", str(images_dir), "--annotations", str(tmp_path / "none.json"),
                    "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(DataError, match=f"file {images_dir} is a folder, not a file"):
+        coco.main(["--images_dir", str(images_dir), "--annotations", str(images_dir), "--output_dir", str(tmp_path / "x")])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def require_path(path: Path, what: str, *, folder: bool = False) -> Path:
     ok = path.is_dir() if folder else path.is_file()
     if not ok:
         kind = "folder" if folder else "file"
-        raise DataError(f"{kind} {path} not found: expected {what}")
+        found = "not found" if not path.exists() else f"is a {'file' if folder else 'folder'}, not a {kind}"
+        raise DataError(f"{kind} {path} {found}: expected {what}")
     return path
 
 
