@@ -297,7 +297,11 @@ def unknown_module_error(key: str, source: str, has_te: bool) -> ModelError:
     if key.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in key or "output_blocks" in key:
         hint = " (its names are SDXL / original-LDM names)"
     elif key.startswith(LORA_PREFIX_TEXT_ENCODER + "_") and not has_te:
-        hint = " (it adapts the text encoder, which this network does not include)"
+        return ModelError(
+            f"LoRA file {source}: key '{key}' adapts the text encoder, which this network does not include (it was "
+            "built for the UNet only): to continue the file, train the text encoder too "
+            "(--no-network_train_unet_only, with --text_encoder_lr)"
+        )
     elif re.search(r"_(resnets|downsamplers|upsamplers)_\d+_", key):
         return ModelError(
             f"LoRA file {source}: key '{key}' adapts a ResNet block (a conv_dim / LoCon LoRA), which this network "

@@ -455,6 +455,15 @@ def test_lora_for_another_model_is_refused(models, tmp_path):
         assert "another base model" not in str(info.value)
 
 
+def test_a_text_encoder_lora_into_a_unet_only_network_says_how_to_continue_it():
+    from networks.lora_format import unknown_module_error
+
+    error = unknown_module_error("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "te.safetensors",
+                                 has_te=False)
+    assert "adapts the text encoder" in str(error) and "--no-network_train_unet_only" in str(error)
+    assert "another base model" not in str(error)
+
+
 def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")

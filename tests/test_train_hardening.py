@@ -272,6 +272,26 @@ def test_resume_of_another_shape_method_split_or_budget_is_one_line(finished_run
     assert not (tmp_path / "resumed" / "lora.safetensors").exists()
 
 
+def test_a_unet_only_state_ignores_the_text_encoders_rate(tiny_train_args, tmp_path, capsys):
+    """The text encoder's rate is no parameter group of a UNet-only state: changing it alone changes nothing the
+    resume trains, and --learning_rate (both rates) is refused by the rate that matters."""
+    common = tiny_train_args + ["--network_train_unet_only", "--max_train_steps", "1"]
+    assert train_entry("lora", "", common + ["--save_state", "--output_dir", str(tmp_path / "a")]) == 0
+    resume = common + ["--max_train_steps", "2", "--resume", str(tmp_path / "a" / "lora-state"), "--dry_run",
+                       "--output_dir", str(tmp_path / "b")]
+    assert train_entry("lora", "", resume + ["--learning_rate", "0.3"]) == 2
+    assert "optimizer.unet_lr = 0.001, this run has 0.3" in one_line(capsys)
+    assert train_entry("lora", "", resume + ["--text_encoder_lr", "0.3"]) == 0
+
+
+def test_a_refusal_shows_where_two_long_values_differ():
+    from library.train.preflight import _show
+
+    shown = _show("/tmp/" + "a" * 100 + "/class_images_copy")
+    assert shown.endswith("/class_images_copy'") and "..." in shown and len(shown) < 120
+    assert _show(0.001) == "0.001"
+
+
 def test_resume_with_another_proxy_attacker_is_one_line_before_any_work(tiny_train_args, tmp_path, capsys):
     common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "1"]
     assert train_entry("smp_lora", "", common + ["--save_state", "--output_dir", str(tmp_path / "a")]) == 0

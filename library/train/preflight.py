@@ -67,8 +67,8 @@ IDENTITY_FLAGS = {
     "members_sha256": "the training images and captions",
     # The state's optimizer, scheduler and gradient scaler carry these: a resume would silently keep the state's
     # values (or fail inside torch) while the saved LoRA's metadata names the new ones.
-    "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay (to go on "
-                 "at other rates, start a new run from the LoRA with --network_weights)",
+    "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay; to go on "
+                 "at other rates, start a new run from the LoRA with --network_weights",
     "mixed_precision": "--mixed_precision",
     "base_fingerprint": "--pretrained_model_name_or_path (another base model's weights)",
     "attacker": "--attacker_features / --attacker_timesteps / --attacker_normalization / --attacker_lr / "
@@ -224,6 +224,21 @@ def _optimizer_settings(config: TrainConfig) -> str:
                       sort_keys=True)
 
 
+def _trained_rates(settings: Any, identity: dict[str, Any]) -> Any:
+    """The optimizer settings without the text encoder's rate when no text encoder is trained (it is no
+    parameter group of the state then: changing it changes nothing); other values as they are."""
+    if identity.get("text_encoder_lora") or not isinstance(settings, str):
+        return settings
+    try:
+        rates = json.loads(settings)
+    except ValueError:
+        return settings
+    if not isinstance(rates, dict):
+        return settings
+    rates.pop("text_encoder_lr", None)
+    return json.dumps(rates, sort_keys=True)
+
+
 def _attacker_settings(config: TrainConfig) -> str:
     """The proxy attacker's shape (its input features) and its optimizer's rates."""
     return json.dumps({"features": config.attacker_features, "timesteps": list(config.attacker_timesteps),
@@ -256,8 +271,10 @@ def check_resume(trainer: Trainer) -> None:
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
         if key == "manifest_sha256" and "split_sha256" in saved or key == "schedule_steps":
             continue  # a moved dataset's re-written manifest: same splits, other bytes; the schedule: below
-        if key in saved and current[key] != saved[key]:
-            name, was, now = _difference(key, saved[key], current[key])
+        was_value, now_value = (saved.get(key), current[key]) if key != "optimizer" else \
+            (_trained_rates(saved.get(key), current), _trained_rates(current[key], current))
+        if key in saved and now_value != was_value:
+            name, was, now = _difference(key, was_value, now_value)
             raise TrainingError(
                 f"cannot resume from {directory}: it was trained with {name} = {was}, this run has {now} (set by "
                 f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
@@ -320,5 +337,6 @@ def _difference(key: str, saved: Any, current: Any) -> tuple[str, str, str]:
 
 
 def _show(value: Any) -> str:
+    # Long values (paths) keep both ends: two paths often differ only near the end.
     text = repr(value)
-    return text if len(text) <= 24 else text[:12] + "..."
+    return text if len(text) <= 120 else text[:50] + "..." + text[-60:]
