@@ -464,6 +464,18 @@ def test_continuing_a_lora_of_another_rank_names_the_flag(finished_run, tmp_path
     assert "has rank 4" in (line := one_line(capsys)) and "--network_dim 4" in line
 
 
+def test_continuing_a_lora_with_another_alpha_says_which_alpha_it_keeps(finished_run, tmp_path, capsys):
+    from safetensors import safe_open
+
+    base, out = finished_run  # alpha 4
+    args = base + ["--network_alpha", "1", "--network_weights", str(out / "lora.safetensors"), "--max_train_steps",
+                   "1", "--output_dir", str(tmp_path / "more")]
+    assert train_entry("lora", "", args) == 0
+    assert "--network_alpha 1 is not used" in capsys.readouterr().err
+    with safe_open(tmp_path / "more" / "lora.safetensors", "pt") as handle:
+        assert float(handle.metadata()["ss_network_alpha"]) == 4.0
+
+
 def test_each_run_logs_into_a_tensorboard_run_of_its_own(tiny_train_args, tmp_path, monkeypatch):
     import library.train.trainer as trainer_module
 

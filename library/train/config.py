@@ -52,7 +52,8 @@ class TrainConfig:
     caption_extension: str = option(".txt", "caption file extension for --train_data_dir")
     resolution: int = option(512, "square training resolution in pixels (resize short side + centre crop); 512 or "
                              "sd-scripts' 512,512", parse=square_size)
-    cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents")
+    cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents (always on: no "
+                                 "augmentation is applied, so caching changes only speed; false is refused)")
     cache_latents_to_disk: bool = option(False, "also keep cached latents on disk (under <output_dir>/latent_cache)")
     latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)")
     vae_batch_size: int = option(8, "batch size for VAE encoding when caching latents")

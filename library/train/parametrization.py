@@ -23,7 +23,7 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 
-from library.errors import ConfigError, TrainingError
+from library.errors import ConfigError, TrainingError, warn
 from library.fileio import (
     replace_dir,
     storage_errors_named,
@@ -217,6 +217,19 @@ def _save_model_folder(target: Path, model: torch.nn.Module, config: dict[str, A
             shutil.rmtree(staging)
 
 
+def _warn_if_alpha_differs(config: TrainConfig, parent: dict[str, str]) -> None:
+    """A continued LoRA keeps its file's alphas (as in sd-scripts: they are part of its weights); a different
+    ``--network_alpha`` is said to be unused, since the run's config would otherwise name a scale it never had."""
+    try:
+        alpha = float(parent.get("ss_network_alpha", ""))
+    except ValueError:
+        return  # a file without the record: its alphas are loaded all the same
+    if alpha != float(config.network_alpha):
+        warn(f"--network_alpha {config.network_alpha:g} is not used: the LoRA continued from {config.network_weights} "
+             f"keeps its own alpha {alpha:g} (as sd-scripts does; the saved LoRA records it); pass --network_alpha "
+             f"{alpha:g} so that the run's config says so too")
+
+
 def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torch.device,
                           keep_base: bool) -> Parametrization:
     """What ``config.train_mode`` trains, on ``device``, with gradient checkpointing when asked."""
@@ -232,6 +245,7 @@ def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torc
         parent = None
         if config.network_weights:  # its metadata: what its weights have seen (library.data.lineage)
             parent = network.load_weights(config.network_weights).metadata
+            _warn_if_alpha_differs(config, parent)
         network.to(device)
         trained = LoRAParametrization(network, parent)
     groups = trained.param_groups(config)
