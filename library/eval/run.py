@@ -38,7 +38,12 @@ from library.eval.conditioning import resolve_conditioning
 from library.eval.config import EvalConfig
 from library.eval.extractors import load_extractors
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
-from library.eval.inputs import check_base_model, load_samples, model_specs
+from library.eval.inputs import (
+    SplitIdentity,
+    check_base_model,
+    load_samples,
+    model_specs,
+)
 from library.eval.models import load_bundle, process_bundle, resolve_device
 from library.eval.records import (
     BASE_NAME,
@@ -274,12 +279,22 @@ def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
                       f"pass --overwrite to replace it, or choose another --output_dir{reuse}")
 
 
+def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, SplitIdentity, list[ModelSpec], Any]:
+    """The checked inputs of a run, read before any SD weights: ``(config with the models' training conditioning,
+    manifest, samples, split identity, model specs, that conditioning)``."""
+    manifest, samples, split = load_samples(config)
+    specs = model_specs(config, split)
+    # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
+    conditioning = resolve_conditioning(config, specs)
+    config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
+                                 max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
+    return config, manifest, samples, split, specs, conditioning
+
+
 def dry_run(config: EvalConfig, output_dir: Path) -> None:
     """``--dry_run``: every check of a real run that needs no SD weights, then the plan on one line."""
     check_earlier_report(config, output_dir)
-    _, samples, split = load_samples(config)
-    specs = model_specs(config, split)
-    conditioning = resolve_conditioning(config, specs)
+    config, _, samples, _, specs, conditioning = read_inputs(config)
     if config.quality:
         load_extractors(config, torch.device("cpu"))
     n_test = sum(name.endswith("_test") for name in samples.splits)
@@ -292,13 +307,8 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     started = time.time()
     if config.full_determinism:  # before any model runs (cuBLAS reads its setting once); workers: WorkerPool
         use_deterministic_kernels()
-    manifest, samples, split = load_samples(config)
-    specs = model_specs(config, split)
+    config, manifest, samples, split, specs, conditioning = read_inputs(config)
     manifest_sha = split.manifest_sha256
-    # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
-    conditioning = resolve_conditioning(config, specs)
-    config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
-                                 max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
     extractors = load_extractors(config, device) if config.quality else []

@@ -224,19 +224,14 @@ def _optimizer_settings(config: TrainConfig) -> str:
                       sort_keys=True)
 
 
-def _trained_rates(settings: Any, identity: dict[str, Any]) -> Any:
-    """The optimizer settings without the text encoder's rate when no text encoder is trained (it is no
-    parameter group of the state then: changing it changes nothing); other values as they are."""
-    if identity.get("text_encoder_lora") or not isinstance(settings, str):
-        return settings
+def _without_text_encoder_rate(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` with its optimizer settings (:func:`_optimizer_settings`) less the text encoder's rate."""
     try:
-        rates = json.loads(settings)
-    except ValueError:
-        return settings
-    if not isinstance(rates, dict):
-        return settings
-    rates.pop("text_encoder_lr", None)
-    return json.dumps(rates, sort_keys=True)
+        rates = json.loads(identity["optimizer"])
+        rates.pop("text_encoder_lr", None)
+    except (KeyError, TypeError, ValueError, AttributeError):  # an older state without (readable) settings
+        return identity
+    return {**identity, "optimizer": json.dumps(rates, sort_keys=True)}
 
 
 def _attacker_settings(config: TrainConfig) -> str:
@@ -268,13 +263,13 @@ def check_resume(trainer: Trainer) -> None:
         return  # only state.pt: load_state checks what it can (a corrupt state is a clear error there)
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
+    if not current["text_encoder_lora"]:  # its rate is no parameter group of the state: changing it changes nothing
+        saved, current = _without_text_encoder_rate(saved), _without_text_encoder_rate(current)
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
         if key == "manifest_sha256" and "split_sha256" in saved or key == "schedule_steps":
             continue  # a moved dataset's re-written manifest: same splits, other bytes; the schedule: below
-        was_value, now_value = (saved.get(key), current[key]) if key != "optimizer" else \
-            (_trained_rates(saved.get(key), current), _trained_rates(current[key], current))
-        if key in saved and now_value != was_value:
-            name, was, now = _difference(key, was_value, now_value)
+        if key in saved and current[key] != saved[key]:
+            name, was, now = _difference(key, saved[key], current[key])
             raise TrainingError(
                 f"cannot resume from {directory}: it was trained with {name} = {was}, this run has {now} (set by "
                 f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
