@@ -160,7 +160,7 @@ def test_the_demos_defence_is_the_frontiers_run(tmp_path):
 
 
 def test_the_seed_sweeps_first_seed_is_the_demos_own_runs(tmp_path):
-    """configs/frontier/seeds.toml at seed 1337 trains the demo's plain LoRA, SMP-LoRA and defence with their very
+    """configs/frontier/seeds.toml at seed 1337 trains the demo's plain LoRA, MP-, SMP-LoRA and defence with their very
     configs (so its spread is around the demo's rows); every other seed differs from them in the seed alone."""
     from library.demo.run import demo_runs
 
@@ -168,7 +168,7 @@ def test_the_seed_sweeps_first_seed_is_the_demos_own_runs(tmp_path):
     base, manifest = settings.workdir / "base_model", settings.workdir / "data" / "split.json"
     frontier = FrontierSettings(demo=settings, sweep=REPO_ROOT / "configs" / "frontier" / "seeds.toml")
     runs = read_sweep(frontier.sweep)
-    demo_names = {"lora_seeds": "lora", "smp_paper_seeds": "smp_lora", "smp_t_band_seeds": settings.defence,
+    demo_names = {"lora_seeds": "lora", "mp_paper_seeds": "mp_lora", "smp_paper_seeds": "smp_lora", "smp_t_band_seeds": settings.defence,
                   "smp_t_band_every2_seeds": settings.defence}  # ... with the attacker phase every second step
     assert {r.label for r in runs} == set(demo_names)
     for run in runs:
