@@ -167,3 +167,24 @@ def test_an_sd_scripts_regularisation_folder_is_read(dreambooth_args, tmp_path, 
 def test_caption_extension_is_not_called_ignored_when_class_images_read_it(dreambooth_args, capsys):
     parse_config(TrainConfig, dreambooth_args + ["--caption_extension", ".caption"]).validate_for_method("lora")
     assert "caption_extension is ignored" not in capsys.readouterr().err
+
+
+def test_a_resume_knows_the_class_images_by_content_not_by_folder(dreambooth_args, tmp_path, capsys):
+    """A copied --class_data_dir resumes (to the same LoRA); other class captions are refused, naming the flag."""
+    import shutil
+
+    from library.errors import TrainingError
+
+    whole = train(parse_config(TrainConfig, dreambooth_args + ["--output_dir", str(tmp_path / "a")]), "lora")
+    train(parse_config(TrainConfig, dreambooth_args + ["--max_train_steps", "2", "--save_state",
+                                                        "--output_dir", str(tmp_path / "b")]), "lora")
+    copy = shutil.copytree(tmp_path / "class", tmp_path / "moved" / "class")
+    state = str(tmp_path / "b" / "lora-state")
+    moved = dreambooth_args + ["--class_data_dir", str(copy), "--resume", state]
+    resumed = train(parse_config(TrainConfig, moved + ["--output_dir", str(tmp_path / "c")]), "lora")
+    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (copy / "class_00003.txt").write_text("a digit, bold")
+    with pytest.raises(TrainingError, match=r"class_images_sha256 .*--class_data_dir"):
+        train(parse_config(TrainConfig, moved + ["--output_dir", str(tmp_path / "d")]), "lora")

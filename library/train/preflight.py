@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from library.config import config_to_dict
 from library.data.lineage import UNRECORDED, splits_seen
 from library.errors import ConfigError, TrainingError, warn
 from library.outputs import OutputLock, check_output_dir
-from library.train import checkpoint, retention
+from library.train import checkpoint, prior, retention
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.data import latent_cache_dir
@@ -36,8 +36,8 @@ SAMPLE_FOLDER = "sample"  # <output_dir>/sample: the training-time sample grids
 
 # Settings a resumed run may change: where, how often and how long it writes, logs and samples, and how it computes
 # but not what (the latent cache on disk, gradient checkpointing, deterministic GPU kernels), plus paths whose
-# content the identity checks (the manifest's splits, the members). Every other setting changes what is trained or
-# what its files claim (the LoRA's metadata names this run's values): a resume must keep it.
+# content the identity checks (the manifest's splits, the members, the class images). Every other setting changes
+# what is trained or what its files claim (the LoRA's metadata names this run's values): a resume must keep it.
 RESUMABLE_CHANGES = frozenset({
     "pretrained_model_name_or_path", "tokenizer_path", "allow_pickle", "split_manifest", "train_data_dir",
     "cache_latents", "cache_latents_to_disk", "latent_cache_dir", "vae_batch_size", "full_determinism",
@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = frozenset({
     # compared by the identity's groups, with their own messages (a rate that the others override is no change)
     "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "weight_decay", "train_text_encoder",
     "network_train_unet_only", "with_prior_preservation", "num_class_images", "network_args",
+    "class_data_dir",  # its images by content (class_images_sha256); by path only for a state without that
 })
 SCHEDULES_OVER_THE_RUN = ("cosine", "linear")  # their rate at a step depends on the run's length
 
@@ -65,6 +66,7 @@ IDENTITY_FLAGS = {
     "split_sha256": "--split_manifest (its splits: which images, captions and repeats)",
     "manifest_sha256": "--split_manifest (its sha256)",
     "members_sha256": "the training images and captions",
+    "class_images_sha256": "--class_data_dir (its first --num_class_images images and their captions)",
     # The state's optimizer, scheduler and gradient scaler carry these: a resume would silently keep the state's
     # values (or fail inside torch) while the saved LoRA's metadata names the new ones.
     "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay; to go on "
@@ -186,9 +188,13 @@ def _resumes_own_state(trainer: Trainer) -> bool:
 def members_sha256(members: LabelledSet) -> str:
     """sha256 of the training set as the LoRA sees it: each member's path (relative to the members' common
     folder, so a moved dataset still matches) and caption, in order, repeats included."""
-    parents = [str(Path(p).parent) for p in members.paths]
+    return _paths_and_captions_sha256(members.paths, members.captions)
+
+
+def _paths_and_captions_sha256(paths: Sequence[str | Path], captions: Sequence[str]) -> str:
+    parents = [str(Path(p).parent) for p in paths]
     root = os.path.commonpath(parents) if parents else ""
-    lines = [f"{os.path.relpath(p, root)}\t{c}" for p, c in zip(members.paths, members.captions)]
+    lines = [f"{os.path.relpath(p, root)}\t{c}" for p, c in zip(paths, captions)]
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
@@ -208,6 +214,7 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         # The file's bytes: only compared with a state that predates split_sha256 (they change with dataset_root).
         "manifest_sha256": trainer.data.manifest_sha256,
         "members_sha256": members_sha256(trainer.data.members),
+        **({"class_images_sha256": digest} if (digest := class_images_sha256(trainer)) else {}),
         "optimizer": _optimizer_settings(config),
         "mixed_precision": config.mixed_precision,
         **({"base_fingerprint": trainer.bundle.loaded_fingerprint} if trainer.bundle.loaded_fingerprint else {}),
@@ -215,6 +222,21 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         # compared on its own (check_resume): the length a cosine / linear schedule decays over
         "schedule_steps": trainer.total_steps if config.lr_scheduler in SCHEDULES_OVER_THE_RUN else 0,
     }
+
+
+def class_images_sha256(trainer: Trainer) -> str | None:
+    """DreamBooth's class images as :func:`members_sha256` sees members (relative paths and captions: a moved or
+    copied ``--class_data_dir`` still matches); None without prior preservation, or while images are still to be
+    generated (a dry run generates none)."""
+    config = trainer.config
+    if not config.with_prior_preservation:
+        return None
+    if trainer.data.prior is not None:
+        return _paths_and_captions_sha256(trainer.data.prior.paths, trainer.data.prior.captions)
+    if prior.missing_class_images(config):
+        return None
+    records = prior.class_images(config)
+    return _paths_and_captions_sha256([r.path for r in records], [r.caption for r in records])
 
 
 def _optimizer_settings(config: TrainConfig) -> str:
@@ -274,7 +296,9 @@ def check_resume(trainer: Trainer) -> None:
                 f"cannot resume from {directory}: it was trained with {name} = {was}, this run has {now} (set by "
                 f"{IDENTITY_FLAGS.get(key, key)}); resume with the settings of that run, or start a new run "
                 "without --resume")
-    _check_settings(directory, summary.get("config"), trainer.config)
+    # A state from before class_images_sha256 was recorded: its class images are known by their folder alone
+    by_path = set() if "class_images_sha256" in saved else {"class_data_dir"}
+    _check_settings(directory, summary.get("config"), trainer.config, RESUMABLE_CHANGES - by_path)
     length = saved.get("schedule_steps")
     if isinstance(length, int) and length and length != current["schedule_steps"]:
         raise TrainingError(
@@ -291,14 +315,14 @@ def check_resume(trainer: Trainer) -> None:
                           "--max_train_epochs which overrides it)")
 
 
-def _check_settings(directory: Path, saved: Any, config: TrainConfig) -> None:
-    """Every setting outside :data:`RESUMABLE_CHANGES` that the state's config records must be this run's (a
-    state's config is JSON: compare JSON with JSON; a setting an older state does not record is not compared)."""
+def _check_settings(directory: Path, saved: Any, config: TrainConfig, resumable: frozenset[str]) -> None:
+    """Every setting outside ``resumable`` that the state's config records must be this run's (a state's config
+    is JSON: compare JSON with JSON; a setting an older state does not record is not compared)."""
     if not isinstance(saved, dict):
         return
     current = json.loads(json.dumps(config_to_dict(config), default=str))
     same = {"max_token_length": lambda v: 75 if v is None else v}  # None means CLIP's 75 tokens
-    for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES):
+    for key in sorted(set(saved) & set(current) - resumable):
         normal = same.get(key, lambda v: v)
         if normal(saved[key]) != normal(current[key]):
             raise TrainingError(
