@@ -93,6 +93,16 @@ def test_tiny_stack_is_deterministic_and_leaves_global_rng_alone() -> None:
     assert fingerprint(first) != fingerprint(build_tiny_stack(seed=1))
 
 
+@pytest.mark.parametrize("kind", ["folder", "single"])
+def test_loading_leaves_the_global_rng_alone(tiny_files: tuple[ModelBundle, Path, Path], kind: str) -> None:
+    """A seeded run draws its LoRA's initialisation after the model loads: either format leaves it the same."""
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_sd_model(tiny_files[1] if kind == "folder" else tiny_files[2])
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_noise_scheduler_is_sd_training_schedule() -> None:
     config = make_noise_scheduler().config
     assert config.num_train_timesteps == 1000

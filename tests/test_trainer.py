@@ -221,6 +221,18 @@ def test_gradient_checkpointing_gives_the_same_lora(tiny_train_args, tmp_path):
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_up" in k)  # it trained
 
 
+def test_the_same_weights_as_one_file_or_a_folder_train_the_same_lora(tiny_train_args, tiny_model_dir, tmp_path):
+    from library.sd.loading import load_sd_model
+    from library.sd.single_file import save_single_file
+
+    single = save_single_file(load_sd_model(tiny_model_dir), tmp_path / "base.safetensors")
+    folder = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
+    as_file = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
+                                            "--pretrained_model_name_or_path", str(single)])
+    a, b = load_file(folder.lora_path), load_file(as_file.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args, tmp_path, monkeypatch):
     """--full_determinism turns on torch's deterministic kernels (what makes a GPU repeat itself; checked on a GPU
     by tests/test_cuda.py) and changes no bit on the CPU, which is deterministic already."""

@@ -219,10 +219,14 @@ def load_sd_model(
     check_sd_model(path, tokenizer_path=tokenizer_path, allow_pickle=allow_pickle)
     path = Path(path).expanduser()
     tok_path = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
-    if path.is_dir():
-        bundle = _load_folder(path, tok_path, dtype, allow_pickle)
-    else:
-        bundle = load_single_file(path, tok_path, dtype, allow_pickle=allow_pickle)
+    # A single file's networks are built from their configs first, which draws a (discarded) random
+    # initialisation from torch's global generator; a folder draws none. The fork leaves a seeded stream, and with
+    # it the LoRA's initialisation, as it was: the same weights train the same LoRA in either format.
+    with torch.random.fork_rng(devices=[]):
+        if path.is_dir():
+            bundle = _load_folder(path, tok_path, dtype, allow_pickle)
+        else:
+            bundle = load_single_file(path, tok_path, dtype, allow_pickle=allow_pickle)
     _check_stack(bundle, path)
     logger.info("loaded SD v1.x model from %s", path)
     return bundle
