@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=8, help="images in each of the four membership lists")
     parser.add_argument("--images", type=int, default=600, help="digits written (the rest pre-trains the base)")
     parser.add_argument("--vae_steps", type=int, default=100)
-    parser.add_argument("--unet_steps", type=int, default=600)
+    parser.add_argument("--unet_steps", type=int, default=400)  # tests/test_mechanism.py's
     parser.add_argument("--steps", type=int, default=200, help="LoRA steps per run (batch 8)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--conv_dim", type=int, default=16, help="LoCon rank of the ResNet convs (0: attention only)")
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--attacker_lr", type=float, default=1e-3)
     parser.add_argument("--k_steps", type=int, default=2)
     parser.add_argument("--eval_every", type=int, default=5, help="epochs between proxy measurements")
-    parser.add_argument("--last", type=int, default=10, help="average the last N proxy measurements")
+    parser.add_argument("--last", type=int, default=8, help="average the last N proxy measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ loop — cached latents and text states, UNet forward, MSE, backward, AdamW — 
 Peak memory, each method alone in a fresh subprocess: on CUDA, ``torch.cuda.max_memory_allocated`` over its
 timed steps; on the CPU, the growth of the process's peak RSS over them.
 
-    python bench/step_overhead.py [--steps 30] [--rounds 5] [--batch_size 8] [--threads 2]
+    python bench/step_overhead.py [--steps 20] [--rounds 5] [--batch_size 8] [--threads N]
 
 Prints a table of median step time per method and the ratios; never used as a timed test.
 """
