@@ -39,6 +39,8 @@ import torch  # noqa: E402 - after offline_environment()
 T_BAND_FLAGS = ["--attacker_features", "t_loss", "--attacker_noise", "fresh", "--attacker_calibration", "base",
                 "--attacker_normalization", "standardize", "--attacker_max_timestep", "400"]
 
+ATTACKER_CYCLE = 2  # the *_every2 variants' --attacker_every_n_steps
+
 # name -> (training method, extra flags). smp_calibrated is the frontier's SMP-LoRA (configs/frontier/demo.toml):
 # base-calibrated losses at five timesteps, fresh noise; the attacker batch stays --batch_size for every method.
 VARIANTS = {
@@ -46,8 +48,8 @@ VARIANTS = {
     "mp_lora": ("mp_lora", []),
     "smp_lora": ("smp_lora", []),
     # Algorithm 1's attacker phase (lines 4-6) on every second LoRA step only: half its no-grad pass
-    "mp_lora_every2": ("mp_lora", ["--attacker_every_n_steps", "2"]),
-    "smp_lora_every2": ("smp_lora", ["--attacker_every_n_steps", "2"]),
+    "mp_lora_every2": ("mp_lora", ["--attacker_every_n_steps", str(ATTACKER_CYCLE)]),
+    "smp_lora_every2": ("smp_lora", ["--attacker_every_n_steps", str(ATTACKER_CYCLE)]),
     "smp_calibrated": ("smp_lora", ["--attacker_features", "multi_t_loss", "--attacker_timesteps", "25", "100", "200",
                                     "300", "400", "--attacker_noise", "fresh", "--attacker_calibration", "base",
                                     "--attacker_normalization", "standardize"]),
@@ -57,7 +59,7 @@ VARIANTS = {
     # ... with the proxy's t banded below 400 and G read from L_ada's rows in that band only
     "smp_t_band": ("smp_lora", T_BAND_FLAGS),
     # ... and its attacker phase on every second LoRA step (G still on every step)
-    "smp_t_band_every2": ("smp_lora", [*T_BAND_FLAGS, "--attacker_every_n_steps", "2"]),
+    "smp_t_band_every2": ("smp_lora", [*T_BAND_FLAGS, "--attacker_every_n_steps", str(ATTACKER_CYCLE)]),
     "relaxloss": ("relaxloss", ["--relaxloss_alpha", "0.1"]),
     "dp_lora": ("dp_lora", ["--dp_clip_norm", "0.05"]),
 }
@@ -157,7 +159,8 @@ def child(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="steps per method per round")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps per method per round (rounded up to an even count: whole attacker cycles)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -166,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for hidden in ("--_child", "--_model", "--_manifest", "--_out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Whole attacker cycles of the *_every2 variants: their steps with and without the attacker phase in proportion
+    args.steps = -(-args.steps // ATTACKER_CYCLE) * ATTACKER_CYCLE
     torch.set_num_threads(args.threads)
     if args._child:
         child(args)

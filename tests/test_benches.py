@@ -40,6 +40,7 @@ def test_step_overhead_bench_times_every_variant_against_plain_lora():
     ratios = dict(re.findall(r"(\w+) / plain: ([\d.]+)x", out))
     assert {"mp_lora", "smp_lora", "smp_lora_every2", "smp_t_band", "smp_t_band_every2"} <= set(ratios)
     assert all(float(value) > 0 for value in ratios.values()) and "plain LoRA / bare loop" in out
+    assert "rounds x 2 steps" in out  # --steps 1 rounds up to whole attacker cycles of the *_every2 variants
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
