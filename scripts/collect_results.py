@@ -10,7 +10,8 @@ rows, or an object whose ``rows`` (or ``results``) key holds that list. A row is
 * ``attack`` — which attack or evaluation (e.g. ``loss``, ``fid``) and ``variant`` (e.g. ``t=50``, ``avg``) or
   ``label`` (both in one: ``loss avg``); optional,
 * ``headline`` — whether the row is its attack's headline; when rows carry it, only headline rows are
-  collected unless ``--all_variants``,
+  collected unless ``--all_variants`` (a headline whose variant each report chose, ``info.headline_on_aux``,
+  is collected as ``<attack> selected``),
 * any number of metric fields: a number, or an object holding ``value`` / ``mean`` / ``estimate``;
   ``tpr_at_fpr`` (``{"0.05": x, "0.01": y}``) becomes ``tpr@5%fpr``, ``tpr@1%fpr``, ...
 
@@ -66,8 +67,14 @@ def report_rows(doc: Any, source: str) -> list[dict[str, Any]]:
     return [row for row in rows if isinstance(row, dict)]
 
 
-def _attack_label(row: dict[str, Any]) -> str:
-    """The row's attack with its variant (``loss t=50``): rows of one attack's variants are different results."""
+def _attack_label(row: dict[str, Any], headline_only: bool = False) -> str:
+    """The row's attack with its variant (``loss t=50``): rows of one attack's variants are different results.
+    Among headline rows, one whose variant each report chose on D_aux (GSA's ``gsa1`` or ``gsa2``, its
+    ``info.headline_on_aux``) is ``<attack> selected``, as the other attacks' chosen rows are labelled: one
+    result across seeds whichever variant each seed chose."""
+    info = row.get("info")
+    if headline_only and isinstance(info, dict) and info.get("headline_on_aux") and row.get("attack"):
+        return f"{row['attack']} selected"
     if row.get("label"):
         return str(row["label"])
     return " ".join(str(row[k]) for k in ("attack", "variant") if row.get(k) not in (None, ""))
@@ -92,14 +99,15 @@ def collect(reports: Sequence[tuple[str, Any]], all_variants: bool = False) -> l
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for source, doc in reports:
         rows = report_rows(doc, source)
-        if not all_variants and any("headline" in row for row in rows):
+        headline_only = not all_variants and any("headline" in row for row in rows)
+        if headline_only:
             rows = [row for row in rows if row.get("headline")]
         seen: set[tuple[str, str]] = set()
         for row in rows:
             if "model" not in row:
                 print(f"warning: {source}: a row without 'model' is ignored", file=sys.stderr)
                 continue
-            model, attack = str(row["model"]), _attack_label(row)
+            model, attack = str(row["model"]), _attack_label(row, headline_only)
             if (model, attack) in seen:
                 raise CollectError(f"{source}: two rows for model {model!r}, attack {attack!r}; give each variant "
                                    "its own 'variant' or 'label' (they would be averaged as if they were seeds)")

@@ -518,3 +518,21 @@ def test_collect_results_keeps_variants_apart_and_reads_evaluate_mia_rows(tmp_pa
     twice.write_text(json.dumps([{"model": "lora", "attack": "loss", "auc": 0.9}] * 2))
     assert collect.main([str(twice)]) == 2
     assert "two rows" in capsys.readouterr().err
+
+
+def test_collect_results_averages_a_headline_chosen_per_seed(tmp_path):
+    """GSA's headline is gsa1 in one seed and gsa2 in another (chosen on D_aux): one row over both seeds."""
+    collect = _collector()
+    reports = []
+    for seed, chosen in enumerate(["gsa1", "gsa2"]):
+        rows = [{"model": "lora", "attack": "gsa", "variant": v, "label": f"gsa {v}", "headline": v == chosen,
+                 "auc": 0.7 + seed / 10, "info": {"headline_on_aux": chosen}} for v in ("gsa1", "gsa2")]
+        (tmp_path / f"report{seed}.json").write_text(json.dumps({"results": rows}))
+        reports.append(str(tmp_path / f"report{seed}.json"))
+    assert collect.main(["--output_dir", str(tmp_path / "head"), *reports]) == 0
+    summary = json.loads((tmp_path / "head" / "summary.json").read_text())["summary"]
+    auc = next(e for e in summary if e["metric"] == "auc")
+    assert {e["attack"] for e in summary} == {"gsa selected"} and auc["n"] == 2 and auc["mean"] == pytest.approx(0.75)
+    assert collect.main(["--all_variants", "--output_dir", str(tmp_path / "all"), *reports]) == 0
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())["summary"]
+    assert {e["attack"] for e in summary} == {"gsa gsa1", "gsa gsa2"}
