@@ -184,7 +184,9 @@ def test_finished_evaluation_is_kept_unless_overwrite(tiny_model_dir, manifest_p
     assert f"--output_dir {out} already holds a finished evaluation (report.json)" in err
     assert "--overwrite" in err and f"--cache_dir {out / 'cache'}" in err
     assert snapshot(out) == before
+    (out / "samples_gone.png").write_bytes(b"a grid of the replaced run's --quality")
     assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--timesteps", "7", "--overwrite")) == 0
+    assert not (out / "samples_gone.png").exists()  # this report has no samples: none may sit beside it
     second = json.loads((out / "report.json").read_text())
     assert first["config"]["timesteps"] == [5] and second["config"]["timesteps"] == [7]
     (out / "report.json").unlink()  # as a run killed before its report

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from library.workers import WorkerPool
 
 REAL_CHUNK = 64  # reference images loaded at once
+GRID_PREFIX = "samples_"  # samples_<model>.png
 GRID_MAX_IMAGES = 16  # a 64-image grid of 512 px samples would be a 4096 px, ~20 MB PNG
 PER_T_PREFIX = "loss_nonmember_test_t"  # + the timestep: the held-out loss at that t alone
 
@@ -129,7 +130,7 @@ def run_quality(config: EvalConfig, specs: Sequence[ModelSpec], manifest: Any, d
     timing: dict[str, float] = {}
     for spec, (images, seconds) in zip(specs, generated):
         t1 = time.perf_counter()
-        grid = save_grid(images[:GRID_MAX_IMAGES], output_dir / f"samples_{spec.name}.png")
+        grid = save_grid(images[:GRID_MAX_IMAGES], output_dir / f"{GRID_PREFIX}{spec.name}.png")
         grids[spec.name] = grid.name
         fake_images = pil_to_tensor(images)
         row = utility.setdefault(spec.name, {})
@@ -200,5 +201,5 @@ def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | No
             row["utility_retained"] = (row[metric] - m_base) / (m_ref - m_base)
 
 
-__all__ = ["GRID_MAX_IMAGES", "PER_T_PREFIX", "WORSE_THAN_BASE", "add_utility_retained", "conditional_accuracy",
+__all__ = ["GRID_MAX_IMAGES", "GRID_PREFIX", "PER_T_PREFIX", "WORSE_THAN_BASE", "add_utility_retained", "conditional_accuracy",
            "heldout_losses", "real_features", "run_quality", "utility_reference", "worse_than_base"]

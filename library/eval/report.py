@@ -19,7 +19,7 @@ import numpy as np
 from library import __version__
 from library.config import config_to_dict
 from library.eval.extractors import extractor_notes
-from library.eval.quality import PER_T_PREFIX, WORSE_THAN_BASE, worse_than_base
+from library.eval.quality import GRID_PREFIX, PER_T_PREFIX, WORSE_THAN_BASE, worse_than_base
 from library.eval.summary import results_table, suite_sections
 from library.fileio import atomic_write_path, atomic_write_text
 
@@ -353,6 +353,18 @@ def plot_histograms(result: "EvalResult", path: Path) -> None:
     plt.close(fig)
 
 
+def clear_replaced(output_dir: Path) -> None:
+    """Before an evaluation writes its first file into ``output_dir``: remove the finished one it replaces
+    (``--overwrite``): its report.json (a killed run must not leave it beside new files) and its sample grids (a
+    model of that run, or a run with ``--quality``, would otherwise leave ``samples_<model>.png`` beside a report
+    that has none). The rest of its files are rewritten or removed by :func:`write_report`."""
+    replaced = output_dir / REPORT_FILE
+    if replaced.is_file():
+        for grid in output_dir.glob(f"{GRID_PREFIX}*.png"):
+            grid.unlink(missing_ok=True)
+    replaced.unlink(missing_ok=True)
+
+
 def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     """Write every output file; returns their paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -378,5 +390,5 @@ def write_report(result: "EvalResult", output_dir: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["CONVENTIONS", "LOSS_NOTES", "REPORT_FILE", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
+__all__ = ["CONVENTIONS", "clear_replaced", "LOSS_NOTES", "REPORT_FILE", "REPORT_FORMAT", "metric_notes", "report_dict", "report_markdown",
            "results_table", "score_column", "scores_csv", "write_report"]

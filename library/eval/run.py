@@ -332,7 +332,7 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
         info["utility"] = quality.heldout_losses(features, samples.splits, config.timesteps)
         # This run's first file goes into output_dir next. A report replaced with --overwrite stays until now (a
         # failed run keeps it) and goes first (a killed run leaves no finished-looking report beside new files).
-        (output_dir / report.REPORT_FILE).unlink(missing_ok=True)
+        report.clear_replaced(output_dir)
         if config.quality:
             t0 = time.perf_counter()
             info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
