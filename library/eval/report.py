@@ -39,7 +39,8 @@ CONVENTIONS = {
                   "accuracy at the epoch chosen on a held-out part of D_aux",
     "ci": "stratified percentile bootstrap, 95 %",
     "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
-    "worst_case": "per model: the headline attack with the highest AUC on D_te; floor rows (blind) excluded",
+    "worst_case": "per model: the headline attack with the highest AUC on D_te; floor rows (blind) and rows whose "
+                  "checkpoint was chosen on D_te (paper h' [oracle ckpt]) excluded",
     "set_audit": "one-sided Mann-Whitney U of the worst-case scores, D^m_te (suspects) vs D^nm_te, Bonferroni over "
                  "the n_attacks it was chosen from (p_value = min(1, n_attacks * p_value_single)); n_needed: the "
                  "smallest n whose median p over 200 seeded n-subsets is < audit_alpha / n_attacks (null: not reached)",

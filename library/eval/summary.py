@@ -191,8 +191,8 @@ def worst_case_table(report: dict[str, Any]) -> list[str]:
         floor = "—" if w.floor is None else f"{fmt(w.floor['auc'])}{fmt_ci(w.floor.get('auc_ci'))}"
         lines.append(f"| {model} | {w.attack} | {fmt(w.auc)}{fmt_ci(w.auc_ci)} | {fmt(w.tpr_at_fpr.get('0.01'), True)} "
                      f"| {floor} | " + " | ".join(_audit_cells(audits.get(model) or {})) + " |")
-    lines += ["", "- worst case: the headline attack with the highest AUC on D_te (floor rows excluded); TPR@1%FPR: "
-              "the highest over the headline attacks."]
+    lines += ["", "- worst case: the headline attack with the highest AUC on D_te (floor rows and h' at its oracle "
+              "checkpoint, chosen on D_te, excluded); TPR@1%FPR: the highest over those attacks."]
     if audits:
         lines += [
             "- suite-wide p: a permutation test of the worst case (the same shuffle of D_te's member labels for every "
