@@ -6,6 +6,7 @@ import argparse
 import difflib
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -99,11 +100,22 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no fileno (captured), or no poll on this platform
+        return False
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a :class:`UserError` prints ``error: <message>`` on stderr and returns exit status 2.
 
     The exit status is ``main``'s return value when that is an int (scripts that report their own status), else 0;
-    Ctrl-C gives 130, SIGTERM 143 (after the same clean-up).
+    Ctrl-C gives 130, SIGTERM 143 (after the same clean-up); output piped into a reader that stops early
+    (``| head``) ends the run quietly with 141, as a shell tool killed by SIGPIPE does.
     """
     offline_environment()
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
@@ -116,6 +128,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt as exc:
         print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr, flush=True)
         return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker process's): a real failure
+        # The reader has gone: send the rest of stdout, and the flush at exit, to /dev/null (Python's advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -157,6 +157,19 @@ def test_real_script_exits_2_with_one_line(script, tmp_path):
     assert "unrecognized arguments: --lerning_rate" in line or "required" in line
 
 
+def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path):
+    """``script | head``: no BrokenPipeError traceback, the exit status of a tool killed by SIGPIPE."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from library.cli import run_cli\n"
+            "def main(argv):\n    for i in range(200000):\n        print('row', i)\n"
+            "sys.exit(run_cli(main, []))")
+    process = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=tmp_path)
+    assert process.stdout.readline() == b"row 0\n"
+    process.stdout.close()  # as head does after its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141 and stderr == ""
+
+
 def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(TrainConfig, ["--help"])
