@@ -19,7 +19,12 @@ import numpy as np
 from library import __version__
 from library.config import config_to_dict
 from library.eval.extractors import extractor_notes
-from library.eval.quality import GRID_PREFIX, PER_T_PREFIX, WORSE_THAN_BASE, worse_than_base
+from library.eval.quality import (
+    GRID_PREFIX,
+    PER_T_PREFIX,
+    WORSE_THAN_BASE,
+    worse_than_base,
+)
 from library.eval.summary import results_table, suite_sections
 from library.fileio import atomic_write_path, atomic_write_text
 
