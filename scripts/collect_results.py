@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaded = []
     seen: set[Path] = set()
+    contents: dict[str, Path] = {}
     try:
         for path in args.reports:
             if path.is_dir():
@@ -176,9 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CollectError(f"report {path} does not exist: did evaluate_mia.py finish for that seed? "
                                    f"(--allow_missing skips it)")
             try:
-                loaded.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+                text = path.read_text(encoding="utf-8")
+                loaded.append((str(path), json.loads(text)))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise CollectError(f"report {path} is not readable JSON ({exc})") from None
+            if (copy := contents.get(text)) is not None:  # two evaluations never write the same bytes (timings)
+                raise CollectError(f"report {path} is a copy of {copy}: it would count as two seeds")
+            contents[text] = path
         if not loaded:
             raise CollectError("no report to collect")
         summary = collect(loaded, args.all_variants)

@@ -488,6 +488,11 @@ def test_collect_results(tmp_path, capsys):
     assert "is given twice: it would count as two seeds" in capsys.readouterr().err
     assert collect.main([str(tmp_path / "seed0")]) == 2
     assert "is a folder: pass the report.json inside it" in capsys.readouterr().err
+    copy = tmp_path / "copy" / "report.json"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(reports[0]).read_bytes())
+    assert collect.main([reports[0], str(copy)]) == 2
+    assert f"is a copy of {reports[0]}: it would count as two seeds" in capsys.readouterr().err
 
 
 def test_collect_results_keeps_variants_apart_and_reads_evaluate_mia_rows(tmp_path, capsys):
