@@ -168,14 +168,15 @@ def test_the_seed_sweeps_first_seed_is_the_demos_own_runs(tmp_path):
     base, manifest = settings.workdir / "base_model", settings.workdir / "data" / "split.json"
     frontier = FrontierSettings(demo=settings, sweep=REPO_ROOT / "configs" / "frontier" / "seeds.toml")
     runs = read_sweep(frontier.sweep)
-    demo_names = {"lora_seeds": "lora", "mp_paper_seeds": "mp_lora", "smp_paper_seeds": "smp_lora", "smp_t_band_seeds": settings.defence,
+    demo_names = {"lora_seeds": "lora", "lora_120_seeds": "lora", "mp_paper_seeds": "mp_lora", "smp_paper_seeds": "smp_lora", "smp_t_band_seeds": settings.defence,
                   "smp_t_band_every2_seeds": settings.defence}  # ... with the attacker phase every second step
     assert {r.label for r in runs} == set(demo_names)
     for run in runs:
         method, config_name, overrides = demo_runs(settings)[demo_names[run.label]]
-        every = {"attacker_every_n_steps": 2} if "every2" in run.label else {}
+        extra = {"attacker_every_n_steps": 2} if "every2" in run.label else {}
+        extra |= {"max_train_epochs": 120} if "120" in run.label else {}  # stopped early
         ours = tiny_train_config(settings, config_name, base, manifest, tmp_path / "x", "x",
-                                 {**overrides, "progress_bar": False, "seed": run.value, **every})
+                                 {**overrides, "progress_bar": False, "seed": run.value, **extra})
         theirs = train_config(frontier, run, base, manifest)
         assert method == run.method
         _same(dataclasses.replace(ours, output_dir=theirs.output_dir, output_name=theirs.output_name,
