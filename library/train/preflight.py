@@ -229,13 +229,9 @@ def class_images_sha256(trainer: Trainer) -> str | None:
     copied ``--class_data_dir`` still matches); None without prior preservation, or while images are still to be
     generated (a dry run generates none)."""
     config = trainer.config
-    if not config.with_prior_preservation:
+    if not config.with_prior_preservation or prior.missing_class_images(config):
         return None
-    if trainer.data.prior is not None:
-        return _paths_and_captions_sha256(trainer.data.prior.paths, trainer.data.prior.captions)
-    if prior.missing_class_images(config):
-        return None
-    records = prior.class_images(config)
+    records = prior.class_images(config)  # what the trainer read (it generated the missing ones unless a dry run)
     return _paths_and_captions_sha256([r.path for r in records], [r.caption for r in records])
 
 
