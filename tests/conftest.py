@@ -106,7 +106,8 @@ def _small_demo_settings(workdir, **overrides):
         eval_overrides=["--paper_epochs", "2", "--n_bootstrap", "20", "--quality_num_images", "4",
                         "--quality_steps", "2", "--no-progress_bar", "--gsa_timesteps", "2", "--blackbox_num_images",
                         "2", "--blackbox_steps", "2", "--pia_timesteps", "50", "--sima_timesteps", "0", "20",
-                        "--secmi_timestep", "20", "--clid_mask_fractions", "0.5"],
+                        "--secmi_timestep", "20", "--clid_mask_fractions", "0.5", "--pfami_perturbations", "2",
+                        "--rediffuse_variations", "2"],
         **overrides,
     )
 

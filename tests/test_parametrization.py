@@ -159,8 +159,8 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
                    "lora")
     folder, single = result.lora_path.parent / "lora-unet", result.lora_path
     common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--resolution", "32", "--timesteps", "100",
-              "200", "--num_noise_draws", "1", "--attacks", "loss", "gsa", "--n_bootstrap", "0", "--no-plots",
-              "--no-progress_bar", "--unet_weights", str(folder), str(single)]
+              "200", "--num_noise_draws", "1", "--attacks", "loss", "gsa", "--gsa_timesteps", "2", "--n_bootstrap", "0",
+              "--no-plots", "--no-progress_bar", "--unet_weights", str(folder), str(single)]
     out = tmp_path / "eval"
     assert evaluate_mia.main(common + ["--split_manifest", str(manifest_path), "--output_dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -331,6 +331,7 @@ def plot_histograms(result: "EvalResult", path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = _headline_labels(result)
     models = list(result.scores)
@@ -349,9 +350,14 @@ def plot_histograms(result: "EvalResult", path: Path) -> None:
             values = s.scores[test]
             lo, hi = float(values.min()), float(values.max())
             bins = np.linspace(lo, hi if hi > lo else lo + 1e-9, 25)
-            ax.hist(values[y == 1], bins=bins, alpha=0.6, label="member")
-            ax.hist(values[y == 0], bins=bins, alpha=0.6, label="non-member")
+            # stairs: one artist per histogram (ax.hist makes a patch per bar)
+            ax.stairs(np.histogram(values[y == 1], bins)[0], bins, fill=True, alpha=0.6, label="member")
+            ax.stairs(np.histogram(values[y == 0], bins)[0], bins, fill=True, alpha=0.6, label="non-member")
             ax.set_title(f"{model}: {label}", fontsize=8)
+            # Counts on the y axis say nothing the overlap does not (every panel has the same D_te), and tick
+            # layout is most of the drawing time of a suite-wide grid (17 models x 15 attacks: 9 s instead of 22 s)
+            ax.set_yticks([])
+            ax.xaxis.set_major_locator(MaxNLocator(4))
             ax.tick_params(labelsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
