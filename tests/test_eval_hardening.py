@@ -460,9 +460,11 @@ def test_a_lora_trained_on_another_base_is_refused(trained, tiny_model_dir, mani
     assert read_lora_metadata(lora)["smp_lora.base_fingerprint"]
     other = tmp_path / "other-base"
     save_tiny_model(other, seed=1)
-    rc, lines = run_cli(capfd, eval_args(other, manifest_path, tmp_path / "eval", "--network_weights", str(lora)))
-    assert rc == 2 and len(lines) == 1
-    assert "was trained on another base model" in lines[0] and "--allow_base_mismatch" in lines[0]
+    for precision in ("no", "bf16"):  # the base's fp32 weights are compared, whatever precision the run computes in
+        rc, lines = run_cli(capfd, eval_args(other, manifest_path, tmp_path / "eval", "--network_weights", str(lora),
+                                             "--mixed_precision", precision))
+        assert rc == 2 and len(lines) == 1, precision
+        assert "was trained on another base model" in lines[0] and "--allow_base_mismatch" in lines[0]
     rc, lines = run_cli(capfd, eval_args(other, manifest_path, tmp_path / "forced", "--network_weights", str(lora),
                                          "--allow_base_mismatch"))
     assert rc == 0, lines

@@ -202,14 +202,20 @@ def test_a_run_without_plots_leaves_no_earlier_plots_beside_its_report(world, ev
 
 def test_report_md_says_which_checks_were_skipped(world, evaluated, tmp_path):
     out = tmp_path / "eval"
-    args = base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
-                     str(world["root"] / "eval" / "cache"), "--no-plots", "--network_multiplier", "0.5",
-                     "--allow_manifest_mismatch")
-    assert evaluate_mia.main(args) == 0
+    def args(out, multiplier):
+        return base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
+                         str(world["root"] / "eval" / "cache"), "--no-plots", "--network_multiplier", multiplier,
+                         "--allow_manifest_mismatch")
+
+    assert evaluate_mia.main(args(out, "0.5")) == 0
     text = (out / "report.md").read_text()
     assert "**override**: every LoRA applied at strength 0.5" in text
     assert "**override**: a LoRA trained on other splits may be evaluated" in text
     assert "paper h'" not in text.split("## Main results")[0]  # the paper's attacker did not run
+    # The multiplier scales the LoRA only: at another strength, the base's features come from the cache
+    assert evaluate_mia.main(args(tmp_path / "x", "0.25")) == 0
+    cache = json.loads((tmp_path / "x" / "report.json").read_text())["features"]["cache"]
+    assert cache["base"]["hit"] and not cache[world["lora"].stem]["hit"]
 
 
 def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path):

@@ -97,9 +97,9 @@ def _check_ancestors(config: EvalConfig, split: SplitIdentity, what: str, meta: 
 
 def check_base_model(config: EvalConfig, specs: Sequence[ModelSpec], base_fingerprint: str) -> None:
     """A model trained on another base than the one given is one ModelError line: its LoRA would be measured on
-    weights it never adapted (shapes alike, numbers meaningless). Compared only when the evaluation loads the base
-    as training recorded it (fp32: another dtype gives another fingerprint) and the file records one."""
-    if config.allow_base_mismatch or config.mixed_precision != "no":
+    weights it never adapted (shapes alike, numbers meaningless). ``base_fingerprint`` is of the base's fp32 weights
+    (:func:`library.eval.models.load_bundle`), as training records it; files that record none are not checked."""
+    if config.allow_base_mismatch:
         return
     for spec in specs:
         recorded = spec.metadata.get("smp_lora.base_fingerprint")

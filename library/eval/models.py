@@ -30,14 +30,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_bundle(config: EvalConfig, device: torch.device) -> Any:
-    """The base model on ``device`` in the evaluation dtype."""
+def load_bundle(config: EvalConfig, device: torch.device, *, fingerprint: bool = False) -> Any:
+    """The base model on ``device`` in the evaluation dtype. With ``fingerprint``, its ``loaded_fingerprint`` is
+    set as training sets it: of the weights loaded in fp32, then cast, so that a LoRA's recorded base is checked
+    whatever ``--mixed_precision`` (the cast gives the same bits as loading in that dtype)."""
+    from library.sd.bundle import cast_weights
     from library.sd.loading import load_sd_model
 
     assert config.pretrained_model_name_or_path is not None
+    dtype = PRECISION_DTYPES[config.mixed_precision]
     bundle = load_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
-                           dtype=PRECISION_DTYPES[config.mixed_precision], allow_pickle=config.allow_pickle)
+                           dtype=torch.float32 if fingerprint else dtype, allow_pickle=config.allow_pickle)
+    if fingerprint:
+        bundle.loaded_fingerprint = bundle.fingerprint()
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        cast_weights(module, dtype)
         module.to(device)
     return bundle
 

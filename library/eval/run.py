@@ -148,19 +148,19 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     """Load the base model, encode latents once, then features of every model (cached; ``pool.jobs`` at once)."""
     from library.data.latents import LatentCache
     from library.eval.unet_weights import check_unet_weights
-    from library.sd.bundle import fingerprint, vae_fingerprint
+    from library.sd.bundle import vae_fingerprint
     from networks.lora import create_network_from_weights
 
     dtype = PRECISION_DTYPES[config.mixed_precision]
     t0 = time.perf_counter()
-    bundle = load_bundle(config, device)
+    bundle = load_bundle(config, device, fingerprint=True)
     # Fail fast on a LoRA or UNet for another model, before any long feature computation.
     for spec in specs:
         if spec.lora_path is not None:
             create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
         if spec.unet is not None:
             check_unet_weights(spec.unet, bundle.unet)
-    base_fp = fingerprint(bundle)
+    base_fp = bundle.loaded_fingerprint  # fp32 weights, as training records them (also the cache keys' base)
     info["base_fingerprint"] = base_fp
     check_base_model(config, specs, base_fp)
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
@@ -176,7 +176,11 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
         multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
     )
-    jobs = [FeatureJob(config, spec, settings, samples.samples, latents, base_fp, manifest_sha, device)
+    # --network_multiplier scales LoRAs only: the base's and full fine-tunes' features (and cache keys) are those
+    # of any multiplier
+    unscaled = dataclasses.replace(settings, multiplier=1.0)
+    jobs = [FeatureJob(config, spec, settings if spec.lora_path is not None else unscaled, samples.samples, latents,
+                       base_fp, manifest_sha, device)
             for spec in specs]
     if pool.parallel:
         del bundle, latent_cache  # the workers load their own copies
