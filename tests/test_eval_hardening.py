@@ -208,6 +208,9 @@ def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(train
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights",
                                      str(trained / "smp_lora-attacker.safetensors"), "--dry_run"))
     assert "proxy attacker" in err
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora), "--quality",
+                                     "--utility_reference", "smp-lora", "--dry_run"))  # a real run failed only at the end
+    assert "'utility_reference' 'smp-lora' is not an evaluated model" in err
     out.mkdir(parents=True)
     (out / "report.json").write_text("{}")
     assert "already holds a finished evaluation" in one_error(capfd, eval_args(tiny_model_dir, manifest_path, out,

@@ -303,6 +303,28 @@ def test_utility_reference_defaults_to_the_one_plain_lora_and_checks_a_given_nam
         utility_reference(config, [spec("a", "lora")])
 
 
+def test_check_utility_reference_says_why_several_plain_loras_leave_u_out(capsys):
+    from library.errors import ConfigError
+    from library.eval.quality import check_utility_reference
+    from library.eval.records import ModelSpec
+
+    def spec(name, method):
+        return ModelSpec(name, Path(f"{name}.safetensors"), metadata={"smp_lora.method": method})
+
+    config = SimpleNamespace(utility_reference=None)
+    check_utility_reference(config, [ModelSpec("base"), spec("a", "lora"), spec("b", "smp_lora")])
+    assert capsys.readouterr().err == ""  # one plain LoRA: it is the reference
+    check_utility_reference(config, [ModelSpec("base"), spec("a", "lora"), spec("b", "lora")])
+    err = capsys.readouterr().err
+    assert err.startswith("warning: U (utility retained) is left out: 2 plain-LoRA files (a, b)") and "--utility_reference" in err
+    config.utility_reference = "b"
+    check_utility_reference(config, [ModelSpec("base"), spec("a", "lora"), spec("b", "lora")])
+    assert capsys.readouterr().err == ""
+    config.utility_reference = "typo"
+    with pytest.raises(ConfigError, match="'utility_reference' 'typo'"):
+        check_utility_reference(config, [spec("a", "lora")])
+
+
 def test_a_model_that_denoises_some_t_worse_than_the_base_is_flagged():
     from library.eval.quality import worse_than_base
 

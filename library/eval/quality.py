@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from library.errors import ConfigError
+from library.errors import ConfigError, warn
 from library.eval import metrics
 from library.eval.config import EvalConfig
 from library.eval.extractors import FeatureExtractor, extract_features
@@ -117,7 +117,7 @@ def run_quality(config: EvalConfig, specs: Sequence[ModelSpec], manifest: Any, d
     from library.sd.sampling import save_grid  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    reference = utility_reference(config, specs)  # a wrong name fails before the samples are generated
+    reference = utility_reference(config, specs)  # checked before any model ran (check_utility_reference)
     prompts = quality_prompts(manifest, config.quality_num_images)
     refs = reference_entries(manifest, config.quality_reference)
     generated = generate_all(config, specs, prompts, device, pool)
@@ -188,6 +188,17 @@ def utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> str | N
     return plain[0] if len(plain) == 1 else None
 
 
+def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> None:
+    """Before any model runs (and in ``--dry_run``): a ``--utility_reference`` that names no evaluated model is a
+    ConfigError; several plain-LoRA files and no reference leave U out, which a ``warning:`` line says."""
+    if utility_reference(config, specs) is not None:  # a wrong --utility_reference raises here
+        return
+    plain = [s.name for s in specs if s.metadata.get("smp_lora.method") == "lora"]
+    if len(plain) > 1:
+        warn(f"U (utility retained) is left out: {len(plain)} plain-LoRA files ({', '.join(plain)}) could be its "
+             "reference; pass --utility_reference NAME to count U in units of one of them")
+
+
 def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,
                          base: str = BASE_NAME) -> None:
     """Utility gain retained, U = (m - m_base) / (m_ref - m_base) (issue 16), as ``utility_retained`` in every row
@@ -201,5 +212,6 @@ def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | No
             row["utility_retained"] = (row[metric] - m_base) / (m_ref - m_base)
 
 
-__all__ = ["GRID_MAX_IMAGES", "GRID_PREFIX", "PER_T_PREFIX", "WORSE_THAN_BASE", "add_utility_retained", "conditional_accuracy",
-           "heldout_losses", "real_features", "run_quality", "utility_reference", "worse_than_base"]
+__all__ = ["GRID_MAX_IMAGES", "GRID_PREFIX", "PER_T_PREFIX", "WORSE_THAN_BASE", "add_utility_retained",
+           "check_utility_reference", "conditional_accuracy", "heldout_losses", "real_features", "run_quality",
+           "utility_reference", "worse_than_base"]

@@ -292,6 +292,8 @@ def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, Split
     conditioning = resolve_conditioning(config, specs)
     config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
                                  max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
+    if config.quality:
+        quality.check_utility_reference(config, specs)
     return config, manifest, samples, split, specs, conditioning
 
 
