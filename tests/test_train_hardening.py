@@ -150,6 +150,23 @@ def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, 
     assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"]
 
 
+def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
+    """A run killed after saving a state leaves no LoRA: a new run into its folder would write its states under the
+    same names (the interrupted run's progress lost), so it is refused unless it resumes or passes --overwrite."""
+    base, out = copy_run(finished_run, tmp_path)
+    (out / "lora.safetensors").unlink()
+    (out / "lora.json").unlink()
+    before = snapshot(out)
+    for extra in ([], ["--dry_run"]):
+        assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out)] + extra) == 2
+        line = one_line(capsys)
+        assert "holds an unfinished run of lora (its newest state: lora-state)" in line and "--resume latest" in line
+    assert snapshot(out) == before
+    assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name",
+                                           "other"]) == 0  # another name's states are not this run's
+    assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--overwrite"]) == 0
+
+
 def test_an_overwrite_killed_before_its_record_leaves_no_mixed_run(finished_run, tmp_path, capsys, monkeypatch):
     """The old record goes before the new LoRA is written: a retrain killed between the new LoRA and its record
     leaves a LoRA without record (refused as unfinished), not the new LoRA beside the replaced run's record."""
@@ -221,6 +238,36 @@ def test_continuing_a_lora_records_its_splits_and_warns_when_they_differ(finishe
     assert "records no split" in capsys.readouterr().err
     with safe_open(tmp_path / "f" / "lora.safetensors", "pt") as handle:
         assert handle.metadata()["smp_lora.parent_split_sha256"] == "unrecorded"
+
+
+def test_a_resume_keeps_the_record_of_the_lora_the_run_started_from(finished_run, tmp_path, capsys):
+    """The weights of a run that continued a LoRA come back from its state, and so does its record of the splits
+    behind them: a resume without --network_weights keeps it, one with another LoRA's is refused (the state's
+    weights would be saved under that LoRA's record)."""
+    base, out = finished_run
+    parent = out / "lora.safetensors"
+    with safe_open(parent, "pt") as handle:
+        lineage = handle.metadata()["smp_lora.split_sha256"]
+    child = base + ["--save_state", "--save_every_n_steps", "1"]
+    assert train_entry("lora", "", child + ["--max_train_steps", "1", "--network_weights", str(parent),
+                                            "--output_dir", str(tmp_path / "child")]) == 0
+    state = tmp_path / "child" / "lora-state"
+    resumed = tmp_path / "resumed"
+    assert train_entry("lora", "", child + ["--max_train_steps", "2", "--resume", str(state), "--output_dir",
+                                            str(resumed)]) == 0
+    with safe_open(resumed / "lora.safetensors", "pt") as handle:
+        assert handle.metadata()["smp_lora.parent_split_sha256"] == lineage  # was: nothing recorded
+    again = tmp_path / "again"  # and the resumed run's own state carries it on
+    assert train_entry("lora", "", child + ["--max_train_steps", "3", "--resume", str(resumed / "lora-state"),
+                                            "--output_dir", str(again)]) == 0
+    with safe_open(again / "lora.safetensors", "pt") as handle:
+        assert handle.metadata()["smp_lora.parent_split_sha256"] == lineage
+    capsys.readouterr()
+    # A state that started from scratch, resumed with a --network_weights: its weights are the state's, not that file's
+    assert train_entry("lora", "", child + ["--max_train_steps", "2", "--resume", str(out / "lora-state"),
+                                            "--network_weights", str(parent), "--output_dir", str(tmp_path / "x")]) == 2
+    line = one_line(capsys)
+    assert "cannot resume" in line and "parent_splits" in line and "--network_weights" in line, line
 
 
 def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):

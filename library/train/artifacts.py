@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from library.config import config_to_dict
-from library.data.lineage import lineage_metadata
 from library.errors import TrainingError
 from library.fileio import atomic_write_text, write_safetensors
 from library.runtime import SAVE_DTYPES
@@ -70,7 +69,7 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
         meta["smp_lora.split_sha256"] = trainer.data.split_sha256 or ""  # what evaluate_mia.py checks
     if trainer.bundle.loaded_fingerprint:  # evaluate_mia.py refuses the file on another base model
         meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
-    meta.update(lineage_metadata(trainer.trained.parent_metadata))
+    meta.update(trainer.trained.lineage)  # the splits the starting weights saw (a resumed run: the state's record)
     meta.update(trainer.method.metadata())
     return meta
 

@@ -19,10 +19,12 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from types import MappingProxyType
+from typing import Any, ContextManager, Iterator, Mapping
 
 import torch
 
+from library.data.lineage import lineage_metadata
 from library.errors import ConfigError, TrainingError, warn
 from library.fileio import (
     replace_dir,
@@ -58,6 +60,9 @@ class Parametrization:
     module: torch.nn.Module  # what per-sample-gradient hooks wrap (DP-SGD)
     params: list[torch.nn.Parameter]  # the trained parameters, requires_grad set
     parent_metadata: dict[str, str] | None = None  # the metadata of the LoRA this run continues (--network_weights)
+    # What the saved files record of the splits the starting weights saw (library.data.lineage): the parent's, or
+    # on a resume the state's (replaced, never mutated)
+    lineage: Mapping[str, str] = MappingProxyType({})
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups with their learning rates (a rate of 0 leaves that part out)."""
@@ -90,6 +95,7 @@ class LoRAParametrization(Parametrization):
     def __init__(self, network: lora.LoRANetwork, parent_metadata: dict[str, str] | None = None):
         self.network = network
         self.parent_metadata = parent_metadata
+        self.lineage = lineage_metadata(parent_metadata)
         self.module = network
         self.params = _trainable(network.get_trainable_params())
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from library.config import config_to_dict
-from library.data.lineage import UNRECORDED, splits_seen
+from library.data.lineage import PARENT_SPLITS_KEY, UNRECORDED, splits_seen
 from library.errors import ConfigError, TrainingError, warn
 from library.outputs import OutputLock, check_output_dir
 from library.train import checkpoint, prior, retention
@@ -64,6 +64,8 @@ IDENTITY_FLAGS = {
     "prior_images": "--with_prior_preservation / --num_class_images",
     "seed": "--seed",
     "split_sha256": "--split_manifest (its splits: which images, captions and repeats)",
+    "parent_splits": "--network_weights: the LoRA the run started from, whose splits the saved files record; a resume "
+                     "takes its weights from the state, so give that run's --network_weights or none",
     "manifest_sha256": "--split_manifest (its sha256)",
     "members_sha256": "the training images and captions",
     "class_images_sha256": "--class_data_dir (its first --num_class_images images and their captions)",
@@ -130,17 +132,25 @@ def resolve_latest_state(trainer: Trainer) -> None:
 
 
 def check_overwrite(trainer: Trainer) -> None:
-    """Refuse to replace a finished run's LoRA unless ``--overwrite``, or this run resumes that run's own state
-    (sd-scripts users continue a run with ``--resume <output_dir>/<name>-state`` into the same folder)."""
+    """Refuse to replace a finished run's LoRA, or an unfinished run's states, unless ``--overwrite``, or this run
+    resumes that run's own state (sd-scripts users continue a run with ``--resume <output_dir>/<name>-state`` into
+    the same folder; ``--resume latest`` finds the newest)."""
     config = trainer.config
     final = trainer.output_dir / f"{trainer.output_name}.safetensors"
     if config.overwrite and final.exists() and not config.dry_run and trainer.accelerator.is_main_process:
         # The record marks a run finished: the replaced run's goes now, so a retrain killed before its end is an
         # unfinished run (resumed by --resume latest; a launcher's rerun continues it), not the old run, finished.
         final.with_suffix(".json").unlink(missing_ok=True)
-    if config.overwrite or not final.exists() or _resumes_own_state(trainer):
+    if config.overwrite or _resumes_own_state(trainer):
         return
     state = retention.latest_state(trainer.output_dir, trainer.output_name)
+    if not final.exists():
+        if state is None or config.resume:  # nothing to lose, or a run resuming a state from elsewhere
+            return
+        # A new run would write its states under the same names and so replace the interrupted run's progress.
+        raise ConfigError(f"--output_dir {trainer.output_dir} holds an unfinished run of {trainer.output_name} (its "
+                          f"newest state: {state.name}); pass --resume latest to continue it, --overwrite to start a "
+                          "new run in its place, or choose another --output_dir or --output_name")
     resume = f", or --resume {state} (its newest state) to continue it" if state is not None else ""
     record = final.with_suffix(".json")
     what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
@@ -211,6 +221,8 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "prior_images": config.num_class_images if config.with_prior_preservation else 0,
         "seed": config.seed,
         "split_sha256": trainer.data.split_sha256,
+        # the splits behind the starting weights (--network_weights): a resume takes the weights from the state
+        "parent_splits": trainer.trained.lineage.get(PARENT_SPLITS_KEY, ""),
         # The file's bytes: only compared with a state that predates split_sha256 (they change with dataset_root).
         "manifest_sha256": trainer.data.manifest_sha256,
         "members_sha256": members_sha256(trainer.data.members),
@@ -281,6 +293,11 @@ def check_resume(trainer: Trainer) -> None:
         return  # only state.pt: load_state checks what it can (a corrupt state is a clear error there)
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
+    if saved.get("parent_splits") and not current["parent_splits"]:
+        # Resumed without --network_weights: the state's weights started from a LoRA, and its record of the splits
+        # behind them goes on into what this run saves (else a resume would launder another split's weights)
+        trainer.trained.lineage = {PARENT_SPLITS_KEY: saved["parent_splits"]}
+        current["parent_splits"] = saved["parent_splits"]
     if not current["text_encoder_lora"]:  # its rate is no parameter group of the state: changing it changes nothing
         saved, current = _without_text_encoder_rate(saved), _without_text_encoder_rate(current)
     for key in current:  # in run_identity's order (the summary's keys are sorted): the most telling first
