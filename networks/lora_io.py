@@ -110,12 +110,18 @@ def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises several types for truncated / garbage files
         raise ModelError(
             f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
             "the file is corrupt or truncated — re-download or re-export it"
         ) from exc
+    # Said here, naming the file: applied, such weights would surface as NaN outputs far from their cause
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ModelError(f"LoRA file {path} holds NaN/inf values (first in '{bad}'): the run that wrote it diverged "
+                         "or the file is damaged; use an earlier checkpoint of that run")
+    return tensors
 
 
 def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:

@@ -135,6 +135,21 @@ def test_the_proxy_attacker_file_is_named_as_such(trained, tiny_model_dir, manif
         create_network(1.0, 2, 2.0, None, None, load_sd_model(tiny_model_dir).unet).load_weights(attacker)
 
 
+def test_a_lora_with_nan_weights_is_one_line_naming_the_file(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
+    """A diverged run's LoRA: named at load, not as NaN noise predictions of a model (with advice that does not fit)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(trained / "smp_lora.safetensors"))
+    key = next(k for k in sorted(tensors) if k.endswith("lora_up.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    diverged = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(diverged), metadata=read_lora_metadata(trained / "smp_lora.safetensors"))
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", "--network_weights",
+                                     str(diverged)))
+    assert f"LoRA file {diverged} holds NaN/inf values (first in '{key}')" in err and "earlier checkpoint" in err
+
+
 # ----------------------------------------------------------------------------------------- 2. output folder
 
 

@@ -322,6 +322,10 @@ def test_lora_trained_on_a_folder_or_continuing_another_splits_lora_is_refused(w
     args = base_args(world, tmp_path / "out", "--network_weights", str(continued), "--attacks", "loss", "--no-plots")
     assert evaluate_mia.main(args) == 0
     assert "continues a LoRA that records no split" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.safetensors"  # sd-scripts', or metadata stripped: accepted, but not in silence
+    network.save_weights(foreign)
+    assert evaluate_mia.main(base_args(world, tmp_path / "dry", "--network_weights", str(foreign), "--dry_run")) == 0
+    assert f"LoRA {foreign} records no split (not trained by smp-lora" in capsys.readouterr().err
 
 
 def test_changed_image_is_refused(world, tmp_path, capsys):

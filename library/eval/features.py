@@ -372,7 +372,9 @@ class FeatureEngine:
         if not torch.isfinite(losses).all():
             from library.errors import ModelError
 
-            raise ModelError(f"model '{name}' gives NaN/inf noise predictions (try --mixed_precision no)")
+            advice = ("try --mixed_precision no" if self.dtype != torch.float32 else
+                      "in fp32 its weights (or the base model's) must hold values too large to compute with")
+            raise ModelError(f"model '{name}' gives NaN/inf noise predictions ({advice})")
         out = {"losses": losses.view(n, k, m)}
         if paper is not None and paper_t is not None:
             out["paper"] = paper

@@ -75,6 +75,9 @@ def _recorded(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[st
                 f"which images it saw, so {config.split_manifest}'s non-members may be members; train it with "
                 "--split_manifest (or pass --allow_manifest_mismatch if that folder held this manifest's members only)"
             )
+        if not recorded and not meta.get("smp_lora.method"):
+            warn(f"{what} records no split (not trained by smp-lora, or its metadata was stripped): nothing checks "
+                 f"that it never saw {config.split_manifest}'s non-members, and its membership numbers assume so")
         _check_ancestors(config, split, what, meta)
     return {k: v for k, v in meta.items() if k not in _MODEL_DESCRIPTION_KEYS
             and (k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS)}
