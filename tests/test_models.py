@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import types
 from pathlib import Path
@@ -295,6 +296,16 @@ def test_single_file_tokenizer_sources(
     monkeypatch.setattr(single_file.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelError, match=r"no_tokenizer\.safetensors.*--tokenizer_path"):
         load_sd_model(bare)
+
+    # a folder without a tokenizer (the model's root, its unet/, an empty one) is one line at the check, with the
+    # likely fix; transformers would build a broken tokenizer from it that fails only after the model loaded
+    (tmp_path / "empty").mkdir()
+    for wrong, hint in ((folder, f"did you mean {folder / 'tokenizer'}"), (folder / "unet", "diffusers SD v1.5"),
+                        (tmp_path / "empty", "diffusers SD v1.5")):
+        for model in (bare, folder):
+            with pytest.raises(ModelError, match=rf"tokenizer folder {re.escape(str(wrong))} holds no CLIP tokenizer.*"
+                                                 rf"{re.escape(hint)}"):
+                check_sd_model(model, tokenizer_path=wrong)
 
     # an explicit tokenizer folder wins
     loaded = load_sd_model(bare, tokenizer_path=folder / "tokenizer")

@@ -105,12 +105,32 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+# What a CLIP tokenizer folder holds: tokenizer.json (the fast format; transformers >= 5 writes only it), or the BPE
+# vocabulary and merges of the slow one
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def _holds_tokenizer(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in files) for files in TOKENIZER_FILES)
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """A folder holding a CLIP tokenizer's files, or one :class:`ModelError` line (a diffusers model's root or its
+    unet/ folder is the likely mistake: transformers would build a broken tokenizer from it and fail much later)."""
+    if not folder.is_dir():
+        raise ModelError(f"tokenizer folder {folder} does not exist; pass a folder holding a CLIP tokenizer")
+    if not _holds_tokenizer(folder):
+        hint = (f"; did you mean {folder / 'tokenizer'}?" if _holds_tokenizer(folder / "tokenizer")
+                else " (e.g. the tokenizer/ folder of a diffusers SD v1.5 copy)")
+        raise ModelError(f"tokenizer folder {folder} holds no CLIP tokenizer (neither tokenizer.json nor vocab.json "
+                         f"with merges.txt): pass the folder that does{hint}")
+
+
 def load_tokenizer_folder(folder: Path) -> Any:
     """A CLIP tokenizer from a local folder (offline); :class:`ModelError` if the folder is missing or unusable."""
     from transformers import CLIPTokenizer
 
-    if not folder.is_dir():
-        raise ModelError(f"tokenizer folder {folder} does not exist; pass a folder holding a CLIP tokenizer")
+    check_tokenizer_folder(folder)
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/... for unusable folders

@@ -32,6 +32,7 @@ from library.errors import ModelError
 from library.sd.bundle import (
     ModelBundle,
     assemble_bundle,
+    check_tokenizer_folder,
     first_line,
     load_tokenizer_folder,
 )
@@ -127,8 +128,8 @@ def _check_folder(folder: Path, tokenizer_path: Path | None, allow_pickle: bool)
                 "(expected unet/, vae/, text_encoder/ and tokenizer/ as written by "
                 "StableDiffusionPipeline.save_pretrained)"
             )
-    if tokenizer_path is not None and not tokenizer_path.is_dir():
-        raise ModelError(f"tokenizer folder {tokenizer_path} does not exist; pass a folder holding a CLIP tokenizer")
+    if tokenizer_path is not None:
+        check_tokenizer_folder(tokenizer_path)
     _check_weight_format(folder, allow_pickle)
     _check_scheduler_config(folder)
 

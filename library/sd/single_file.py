@@ -31,6 +31,7 @@ from library.fileio import write_safetensors
 from library.sd.bundle import (
     ModelBundle,
     assemble_bundle,
+    check_tokenizer_folder,
     first_line,
     load_tokenizer_folder,
 )
@@ -186,10 +187,7 @@ def check_tokenizer_source(path: Path, metadata: Mapping[str, str], tokenizer_pa
     seconds to minutes before the same error.
     """
     if tokenizer_path is not None:
-        if not tokenizer_path.is_dir():
-            raise ModelError(
-                f"tokenizer folder {tokenizer_path} does not exist; pass a folder holding a CLIP tokenizer"
-            )
+        check_tokenizer_folder(tokenizer_path)
         return
     if META_TOKENIZER in metadata or _open_clip_bpe() is not None:
         return
