@@ -88,15 +88,19 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
     assert "did you mean 'learning_rate'" in message and "scripts/make_split.py" in message
     path = write(tmp_path, "[training_arguments]\nloss_type = 'l2'\nhuber_c = 0.1\nhuber_schedule = 'snr'\n"
                            "dynamo_backend = 'no'\nlr_scheduler_args = []\nnoise_offset_type = 'Original'\n"
-                           "training_comment = ''\nzero_terminal_snr = false\nmasked_loss = false\n")
+                           "training_comment = ''\nzero_terminal_snr = false\nmasked_loss = false\n"
+                           "no_half_vae = false\nenable_bucket = true\nweighted_captions = false\n")
     parse_config(TrainConfig, BASE + ["--config_file", path])  # a recent kohya_ss GUI's keys at their defaults
-    assert capsys.readouterr().err.count("warning:") == 9
+    warned = capsys.readouterr().err
+    assert warned.count("warning:") == 12 and "centre-cropped squares" in warned
     path = write(tmp_path, "epoch = 10\nloss_type = 'huber'\n")
     with pytest.raises(ConfigError, match="use max_train_epochs.*plain epsilon MSE"):
         parse_config(TrainConfig, BASE + ["--config_file", path])
     with pytest.raises(ConfigError, match="--xformers: diffusers already uses") as flag:
         parse_config(TrainConfig, BASE + ["--xformers", "--sample_every_n_steps", "10"])
     assert "--sample_every_n_epochs" in str(flag.value) and "did you mean" not in str(flag.value)
+    with pytest.raises(ConfigError, match="--no_half_vae: the VAE always runs in fp32 here"):
+        parse_config(TrainConfig, BASE + ["--no_half_vae"])
 
 
 @pytest.mark.parametrize("item,expected", [

@@ -78,7 +78,8 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "color_aug": ForeignKey(_NO_AUGMENTATION, _false),
     "flip_aug": ForeignKey(_NO_AUGMENTATION, _false),
     "random_crop": ForeignKey(_NO_AUGMENTATION, _false),
-    "enable_bucket": ForeignKey("no aspect-ratio buckets: images are centre-cropped squares at --resolution", _false),
+    # The kohya_ss GUI writes enable_bucket = true by default: loaded, with a warning of what happens instead
+    "enable_bucket": ForeignKey("no aspect-ratio buckets: images are centre-cropped squares at --resolution", _always),
     "min_bucket_reso": ForeignKey("no aspect-ratio buckets: drop it", _always),
     "max_bucket_reso": ForeignKey("no aspect-ratio buckets: drop it", _always),
     "bucket_reso_steps": ForeignKey("no aspect-ratio buckets: drop it", _always),
@@ -114,6 +115,17 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "training_comment": ForeignKey("not recorded in the LoRA's metadata here; drop it", _always),
     "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
+    "no_half_vae": ForeignKey("the VAE always runs in fp32 here (what --no_half_vae asks for); drop it", _always),
+    "vae": ForeignKey("not supported: the base model's own VAE is used; bake another VAE into the base model"),
+    "no_metadata": ForeignKey("not supported: the LoRA's metadata records what evaluate_mia.py checks (split, base "
+                              "model, conditioning); it never holds paths or captions", _false),
+    "weighted_captions": ForeignKey("not supported: captions are read as plain text; drop it", _false),
+    "dim_from_weights": ForeignKey("set --network_dim (and --network_alpha) to the --network_weights file's", _false),
+    "debug_dataset": ForeignKey("use --dry_run (it checks model, data and config, trains nothing)", _false),
+    "skip_cache_check": ForeignKey("not needed: the latent cache is keyed by content; drop it", _always),
+    "console_log_level": ForeignKey("not supported; drop it", _always),
+    "console_log_file": ForeignKey("not supported; drop it", _always),
+    "console_log_simple": ForeignKey("not supported; drop it", _always),
     "epoch": ForeignKey("the kohya_ss GUI's name for sd-scripts' max_train_epochs: use max_train_epochs"),
 }
 
