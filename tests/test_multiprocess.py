@@ -31,6 +31,7 @@ def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args,
            "--attacker_batch_size", "2", "--max_train_steps", "3"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("method smp_lora: ") == 1, result.stdout  # the plan, once (torchrun: not per rank)
     record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
     assert record["num_processes"] == 2
     assert record["ranks_in_sync"] is True
@@ -73,6 +74,7 @@ def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_arg
            "--num_class_images", "4", "--class_sample_steps", "2"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("method smp_lora: ") == 1, result.stdout  # the plan, once (torchrun: not per rank)
     record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
     assert record["num_processes"] == 2 and record["ranks_in_sync"] is True
     assert len(list((tmp_path / "class").glob("*.png"))) == 4

@@ -423,9 +423,11 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
         preflight.warn_about_parent_lora(trainer)
         if config.resume:
             preflight.check_resume(trainer)
-        print(trainer.plan(), flush=True)
+        if trainer.accelerator.is_main_process:  # once, under any launcher
+            print(trainer.plan(), flush=True)
         if config.dry_run:
-            print("dry run: model, data and config are valid; nothing was trained", flush=True)
+            if trainer.accelerator.is_main_process:
+                print("dry run: model, data and config are valid; nothing was trained", flush=True)
             return None
         try:
             trainer.prepare()
