@@ -456,6 +456,7 @@ def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_p
     (["--device", "mps"], "use --device cpu or cuda"),  # crashed deep in torch ("not linked with mps")
     (["--device", "meta"], "use --device cpu or cuda"),
     (["--network_multiplier", "nan"], "'network_multiplier' must be a finite number"),  # failed after the base
+    (["--n_bootstrap", "1"], "'n_bootstrap' must be 0 (no CIs) or at least 10 resamples, got 1"),  # was a "CI"
     (["--network_weights", "x.safetensors", "./x.safetensors"], "'network_weights' lists a file twice"),
 ])
 def test_bad_evaluation_flags_are_one_line(flags, expected, tiny_model_dir, manifest_path, tmp_path, capfd,

@@ -26,6 +26,7 @@ NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
 
 
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64 (as in training)
+MIN_BOOTSTRAP = 10  # the fewest resamples whose 2.5 / 97.5 percentiles still span an interval
 
 
 def _check_seed(name: str, value: int, span: int = 1) -> None:
@@ -179,7 +180,7 @@ class EvalConfig:
         "among --quality_features, e.g. digits); default: the one plain-LoRA file evaluated, if there is exactly one")
 
     # --- metrics and output ----------------------------------------------------------------------
-    n_bootstrap: int = option(1000, "bootstrap resamples for the 95% CIs (0 = no CIs)")
+    n_bootstrap: int = option(1000, f"bootstrap resamples for the 95% CIs (0 = no CIs, else >= {MIN_BOOTSTRAP})")
     output_dir: str = option("mia_eval", "where report.json, report.md, scores.csv and the plots go")
     overwrite: bool = option(
         False, "replace the report of an earlier evaluation in --output_dir (without it such a folder is refused, so a "
@@ -229,8 +230,10 @@ class EvalConfig:
             raise ConfigError(f"'paper_weight_decay' must be >= 0, got {self.paper_weight_decay}")
         if not 0.0 <= self.paper_dropout < 1.0:
             raise ConfigError(f"'paper_dropout' must be in [0, 1), got {self.paper_dropout}")
-        if self.n_bootstrap < 0:
-            raise ConfigError(f"'n_bootstrap' must be >= 0, got {self.n_bootstrap}")
+        if self.n_bootstrap < 0 or 0 < self.n_bootstrap < MIN_BOOTSTRAP:
+            # percentiles of a handful of resamples are no interval (one resample: both bounds the same number)
+            raise ConfigError(f"'n_bootstrap' must be 0 (no CIs) or at least {MIN_BOOTSTRAP} resamples, got "
+                              f"{self.n_bootstrap} (default 1000; a few hundred give stable bounds)")
         for name in ("network_weights", "unet_weights"):
             values = [os.path.realpath(v) for v in getattr(self, name)]  # x.safetensors and ./x.safetensors too
             if len(set(values)) != len(values):
