@@ -135,6 +135,18 @@ def test_the_proxy_attacker_file_is_named_as_such(trained, tiny_model_dir, manif
         create_network(1.0, 2, 2.0, None, None, load_sd_model(tiny_model_dir).unet).load_weights(attacker)
 
 
+def test_a_safetensors_file_that_is_no_lora_is_refused_by_the_dry_run(tiny_model_dir, manifest_path, tmp_path, capfd,
+                                                                       monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr("library.eval.run.load_bundle", lambda *a: pytest.fail("the base model was loaded"))
+    other = tmp_path / "weights.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, str(other))
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "out", "--network_weights", str(other),
+                                     "--dry_run"))
+    assert f"LoRA file {other}: unexpected key 'a' is not a kohya LoRA tensor" in err
+
+
 def test_a_lora_with_nan_weights_is_one_line_naming_the_file(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
     """A diverged run's LoRA: named at load, not as NaN noise predictions of a model (with advice that does not fit)."""
     from safetensors.torch import load_file, save_file

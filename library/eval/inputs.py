@@ -83,6 +83,18 @@ def _recorded(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[st
             and (k.startswith(("smp_lora.", "ss_network", "ss_base")) or k in CONDITIONING_KEYS)}
 
 
+def check_lora_layouts(specs: Sequence[ModelSpec]) -> None:
+    """Every LoRA file's tensors have a LoRA layout (kohya, diffusers or PEFT keys, in down/up pairs) and finite
+    values: one ModelError line before the base model loads, in ``--dry_run`` too. Whether its layers are this
+    model's is checked once the base model is loaded."""
+    from networks.lora_convert import group_lora_state_dict
+    from networks.lora_io import read_lora_source
+
+    for spec in specs:
+        if spec.lora_path is not None:
+            group_lora_state_dict(*read_lora_source(spec.lora_path))
+
+
 def _check_ancestors(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[str, str]) -> None:
     """A LoRA that continued another (``--network_weights``) carries the splits its ancestors trained on
     (:mod:`library.data.lineage`): another split is one DataError line, an unrecorded one a warning."""
@@ -155,4 +167,4 @@ def load_samples(config: EvalConfig) -> tuple[Any, EvalSamples, SplitIdentity]:
     return manifest, EvalSamples(samples, rel, splits, np.asarray(labels, dtype=np.int64)), identity
 
 
-__all__ = ["SplitIdentity", "load_samples", "model_specs"]
+__all__ = ["SplitIdentity", "check_lora_layouts", "load_samples", "model_specs"]

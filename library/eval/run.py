@@ -41,6 +41,7 @@ from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures,
 from library.eval.inputs import (
     SplitIdentity,
     check_base_model,
+    check_lora_layouts,
     load_samples,
     model_specs,
 )
@@ -288,6 +289,7 @@ def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, Split
     manifest, samples, split identity, model specs, that conditioning)``."""
     manifest, samples, split = load_samples(config)
     specs = model_specs(config, split)
+    check_lora_layouts(specs)  # a file that is no LoRA at all fails here, before any SD weight is read
     # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
     conditioning = resolve_conditioning(config, specs)
     config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
