@@ -276,6 +276,25 @@ def test_default_conditioning_is_todays(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_base_alone_is_evaluated_at_its_own_image_size(tiny_model_dir, manifest_path, tmp_path, capfd):
+    """Nothing records a resolution: the base model's configs say it (sample_size x the VAE's downscale: 32 px for
+    the tiny stack, 512 for SD v1.5), in either saved form, instead of 512 px for every model."""
+    from library.sd.loading import load_sd_model, native_resolution
+    from library.sd.single_file import save_single_file
+
+    single = tmp_path / "tiny.safetensors"
+    save_single_file(load_sd_model(tiny_model_dir), single)
+    assert native_resolution(tiny_model_dir) == native_resolution(single) == 32
+    assert native_resolution(tmp_path / "missing") is None
+    for model in (tiny_model_dir, single):
+        argv = eval_args(model, manifest_path, tmp_path / "out", "--dry_run")
+        del argv[argv.index("--resolution"):argv.index("--resolution") + 2]
+        assert evaluate_mia.main(argv) == 0
+        assert "at 32 px" in capfd.readouterr().out
+    got = resolve_conditioning(EvalConfig(), [ModelSpec("base"), _spec("a", ss_resolution="(64, 64)")], 32)
+    assert (got.resolution, got.source["resolution"]) == (64, "LoRA metadata")  # a LoRA's record still wins
+
+
 def test_conditioning_rules(capsys):
     config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s")
     paper = _spec("paper", ss_clip_skip="2", ss_max_token_length="225", ss_resolution="(512, 512)")

@@ -8,7 +8,8 @@ default: the last layer, the tokenizer's 75-token window) and ``ss_resolution`` 
 default the evaluation uses what the files say:
 
 * ``--clip_skip`` / ``--max_token_length`` / ``--resolution`` unset: the LoRAs' recorded values; the base model
-  alone (no LoRA): clip_skip 1, the 75-token window and 512 px;
+  alone (no LoRA): clip_skip 1, the 75-token window and the base's own image size (its configs': 512 px for SD
+  v1.5, else 512);
 * a flag that contradicts a LoRA's record is refused unless ``--allow_conditioning_mismatch``;
 * LoRAs recorded with different conditioning are refused in one evaluation (their features would not be
   comparable to each other's training): evaluate them separately;
@@ -127,15 +128,19 @@ def _resolve_one(config: EvalConfig, loras: Sequence[ModelSpec], field: str, key
     return default, "default"
 
 
-def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Conditioning:
+def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec],
+                         native_resolution: int | None = None) -> Conditioning:
     """The conditioning of this evaluation (see the module docstring); prints one ``warning:`` line for LoRA
-    files that record no conditioning and are evaluated with an assumed one."""
+    files that record no conditioning and are evaluated with an assumed one. ``native_resolution``: the base
+    model's own image size (:func:`library.sd.loading.native_resolution`), the resolution nothing else sets."""
+    default_size = native_resolution or DEFAULT_RESOLUTION
+    settings = [(f, k, default_size if f == "resolution" else d) for f, k, d in _SETTINGS]
     # LoRAs, and fine-tuned UNets that record their training (a foreign UNet records nothing: no warning for it)
     loras = [spec for spec in specs if spec.lora_path is not None or (spec.unet is not None and spec.metadata)]
     values: dict[str, int | None] = {}
     source: dict[str, str] = {}
     unrecorded: list[tuple[str, list[str]]] = []
-    for field, key, default in _SETTINGS:
+    for field, key, default in settings:
         missing: list[str] = []
         values[field], source[field] = _resolve_one(config, loras, field, key, default, missing)
         if missing and source[field] != "flag":
@@ -148,7 +153,7 @@ def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec]) -> Cond
         print(f"warning: model file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
               f"with {used} — pass {flags} if they were trained otherwise", file=sys.stderr, flush=True)
     return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source,
-                        values["resolution"] or DEFAULT_RESOLUTION)
+                        values["resolution"] or default_size)
 
 
 __all__ = ["CLIP_SKIP_KEY", "CONDITIONING_KEYS", "Conditioning", "DEFAULT_RESOLUTION", "MAX_TOKEN_LENGTH_KEY",

@@ -62,7 +62,8 @@ class EvalConfig:
     # --- features --------------------------------------------------------------------------------
     resolution: Optional[int] = option(
         None, "image resolution in pixels (resize short side + centre crop; 512 or 512,512); default: the LoRAs' "
-        "training resolution (their ss_resolution metadata), else 512", parse=square_size)
+        "training resolution (their ss_resolution metadata), else the base model's own (its UNet's sample_size x "
+        "the VAE's downscale: 512 for SD v1.5)", parse=square_size)
     timesteps: list[int] = option([50, 100, 200, 350], "fixed timesteps of the loss features (membership lives at small t)")
     num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
     batch_size: int = option(16, "UNet queries per forward pass")

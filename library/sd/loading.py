@@ -37,7 +37,11 @@ from library.sd.bundle import (
     load_tokenizer_folder,
 )
 from library.sd.configs import SCHEDULER_SETTINGS
-from library.sd.single_file import check_single_file, load_single_file
+from library.sd.single_file import (
+    check_single_file,
+    load_single_file,
+    single_file_configs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +204,25 @@ def check_sd_model(
         check_single_file(path, tok_path)
     else:
         raise ModelError(f"{path} is neither a diffusers folder nor a .safetensors checkpoint")
+
+
+def native_resolution(path: str | Path) -> int | None:
+    """The image size an SD v1.x model generates by default (diffusers' pipelines: the UNet's ``sample_size`` times
+    the VAE's downscale, 64 x 8 = 512 for SD v1.5), from its configs alone; None when they do not say."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+            vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        elif path.suffix.lower() == ".safetensors":
+            configs = single_file_configs(path)
+            unet, vae = configs["unet"], configs["vae"]
+        else:
+            return None
+        size, levels = int(unet["sample_size"]), len(vae["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError, ModelError):
+        return None  # check_sd_model names what is wrong with the model; here it only has no default size
+    return size * 2 ** (levels - 1) if size > 0 and levels > 0 else None
 
 
 def load_sd_model(

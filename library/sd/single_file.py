@@ -221,6 +221,13 @@ def _configs(path: Path, metadata: Mapping[str, str]) -> tuple[dict[str, Any], s
     return configs, "; files without smp-lora metadata are read with the SD v1.5 architecture"
 
 
+def single_file_configs(path: Path) -> dict[str, Any]:
+    """The networks' configs of a single ``.safetensors`` (its metadata's, else SD v1.5's), reading no tensor."""
+    with _open_safetensors(path) as handle:
+        metadata = handle.metadata() or {}
+    return _configs(path, metadata)[0]
+
+
 def check_single_file(path: Path, tokenizer_path: Path | None) -> None:
     """The cheap checks of :func:`load_single_file` (header, key layout, configs, tokenizer), reading no tensor."""
     with _open_safetensors(path) as handle:
