@@ -270,6 +270,18 @@ def test_a_resume_keeps_the_record_of_the_lora_the_run_started_from(finished_run
     assert "cannot resume" in line and "parent_splits" in line and "--network_weights" in line, line
 
 
+def test_a_resume_may_change_what_the_run_ignores(finished_run, tmp_path, capsys):
+    """Settings the run says it ignores (another method's, DreamBooth's without prior preservation, the caption
+    extension of a manifest run, keep_tokens without shuffling) do not block a resume; one it reads still does."""
+    base, out = copy_run(finished_run, tmp_path)
+    ignored = ["--caption_extension", ".cap", "--relaxloss_alpha", "0.5", "--class_prompt", "a dog", "--keep_tokens",
+               "2", "--hessian_every_n_steps", "7"]
+    resume = base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--output_dir", str(out)]
+    assert train_entry("lora", "", resume + ["--shuffle_caption"]) == 2
+    assert "shuffle_caption" in one_line(capsys)
+    assert train_entry("lora", "", resume + ignored) == 0, capsys.readouterr().err
+
+
 def test_second_run_into_a_locked_folder_is_one_line(tiny_train_args, tmp_path, capsys):
     out = tmp_path / "out"
     with OutputLock(out):

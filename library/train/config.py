@@ -369,6 +369,24 @@ class TrainConfig:
             warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
 
 
+    def inert_settings(self, method: str) -> frozenset[str]:
+        """The settings this run of ``method`` never reads (validate_for_method warns when one is given): a resume
+        may change them. What makes each inert (the method, prior preservation, caption shuffling, smoothness
+        tracking, proxy restarts) is itself compared at a resume, so they are inert in the resumed run too."""
+        inert = {name for owner, fields in METHOD_FIELDS.items() if owner != method for name in fields}
+        if not method_class(method).has_attacker:
+            inert |= ATTACKER_FIELDS
+        if not self.with_prior_preservation:
+            inert |= PRIOR_FIELDS | ({"caption_extension"} if self.split_manifest else set())
+        if not self.shuffle_caption:
+            inert.add("keep_tokens")
+        if not self.track_smoothness:
+            inert.add("hessian_every_n_steps")
+        if self.attacker_restart == "none":
+            inert.add("attacker_restart_every_n_epochs")
+        return frozenset(inert)
+
+
 #: What only one method reads (its training script's name -> its options), and what only DreamBooth reads.
 METHOD_FIELDS = {"relaxloss": frozenset({"relaxloss_alpha"}),
                  "dp_lora": frozenset({"dp_noise_multiplier", "dp_clip_norm", "dp_delta"})}

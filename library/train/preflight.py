@@ -311,7 +311,8 @@ def check_resume(trainer: Trainer) -> None:
                 "without --resume")
     # A state from before class_images_sha256 was recorded: its class images are known by their folder alone
     by_path = set() if "class_images_sha256" in saved else {"class_data_dir"}
-    _check_settings(directory, summary.get("config"), trainer.config, RESUMABLE_CHANGES - by_path)
+    inert = trainer.config.inert_settings(trainer.method_name)  # "ignored" by this run: no reason to refuse
+    _check_settings(directory, summary.get("config"), trainer.config, (RESUMABLE_CHANGES - by_path) | inert)
     length = saved.get("schedule_steps")
     if isinstance(length, int) and length and length != current["schedule_steps"]:
         raise TrainingError(
