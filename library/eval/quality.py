@@ -184,8 +184,13 @@ def utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> str | N
             raise ConfigError(f"'utility_reference' {config.utility_reference!r} is not an evaluated model; choose "
                               f"one of {names}")
         return config.utility_reference
-    plain = [s.name for s in specs if s.metadata.get("smp_lora.method") == "lora"]
+    plain = _plain_loras(specs)
     return plain[0] if len(plain) == 1 else None
+
+
+def _plain_loras(specs: Sequence[ModelSpec]) -> list[str]:
+    """The names of the plain-LoRA files among ``specs`` (training metadata ``smp_lora.method = lora``)."""
+    return [s.name for s in specs if s.metadata.get("smp_lora.method") == "lora"]
 
 
 def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> None:
@@ -193,7 +198,7 @@ def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> N
     ConfigError; several plain-LoRA files and no reference leave U out, which a ``warning:`` line says."""
     if utility_reference(config, specs) is not None:  # a wrong --utility_reference raises here
         return
-    plain = [s.name for s in specs if s.metadata.get("smp_lora.method") == "lora"]
+    plain = _plain_loras(specs)
     if len(plain) > 1:
         warn(f"U (utility retained) is left out: {len(plain)} plain-LoRA files ({', '.join(plain)}) could be its "
              "reference; pass --utility_reference NAME to count U in units of one of them")

@@ -368,7 +368,6 @@ class TrainConfig:
         if bool(self.sample_prompts) != bool(self.sample_every_n_epochs):  # sd-scripts samples only with both
             warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
 
-
     def inert_settings(self, method: str) -> frozenset[str]:
         """The settings this run of ``method`` never reads (validate_for_method warns when one is given): a resume
         may change them. What makes each inert (the method, prior preservation, caption shuffling, smoothness

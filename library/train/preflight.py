@@ -285,7 +285,9 @@ def _identity_of_older_state(summary: dict[str, Any]) -> dict[str, Any]:
 
 def check_resume(trainer: Trainer) -> None:
     """``--resume``: the state exists, belongs to this run (same identity and training settings) and is not past
-    this run's budget; checked before the model work (latents, class images) that a bad state would waste."""
+    this run's budget; checked before the model work (latents, class images) that a bad state would waste. A run
+    resumed without ``--network_weights`` takes the state's record of the LoRA its weights started from
+    (``trainer.trained.lineage``), which its files then carry."""
     directory = Path(trainer.config.resume)
     summary = read_summary(directory)
     checkpoint.check_state_file(directory)
