@@ -21,11 +21,12 @@ to the text encoder when its path starts with ``text_model.`` or ``encoder.layer
 order: a ``<prefix>.<module>.alpha`` tensor of the file; else the ``lora_adapter_metadata`` diffusers (>= 0.34)
 stores in the safetensors header (``unet.lora_alpha``, ``unet.alpha_pattern``, ``use_rslora``); else alpha = rank
 (scale 1, the diffusers convention for files without alphas). A PEFT ``adapter_model.safetensors`` keeps its
-``lora_alpha`` in a separate ``adapter_config.json``, which is not read: such a file is loaded at scale 1.
+``lora_alpha`` in the ``adapter_config.json`` beside it, which :func:`networks.lora_io.read_lora_metadata` reads
+into the same metadata entry.
 
 Refused with one :class:`~library.errors.ModelError`: DoRA (``lora_magnitude_vector``) and LoRA-bias tensors,
-second-text-encoder (SDXL) keys, two keys naming one kohya tensor, and (given the model's layer names) a key whose
-layer the model lacks, named by the file's own key.
+SDXL text-encoder keys (``text_encoder_2.``, kohya's ``lora_te1_`` / ``lora_te2_``), two keys naming one kohya
+tensor, and (given the model's layer names) a key whose layer the model lacks, named by the file's own key.
 """
 
 from __future__ import annotations
@@ -40,17 +41,15 @@ import torch
 from library.errors import ModelError
 from networks.lora_format import (
     KOHYA_SUFFIXES,
-    LORA_PREFIX_TEXT_ENCODER,
-    LORA_PREFIX_UNET,
     ModuleWeights,
     group_kohya_state_dict,
     lora_name,
 )
+from networks.lora_io import ADAPTER_METADATA_KEY
 
 __all__ = ["ADAPTER_METADATA_KEY", "group_lora_state_dict", "is_foreign_key", "parse_foreign_key",
            "to_kohya_state_dict"]
 
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _PARTS = {"unet.": "unet", "text_encoder.": "text_encoder"}
 _TE_ROOTS = ("text_model.", "encoder.layers.")
 # (tail regex, which tensor). The tail follows the module path; order matters only for readability.
@@ -73,8 +72,10 @@ _UNSUPPORTED = (("lora_magnitude_vector", "a DoRA network"), ("lora_B.bias", "a 
 
 
 def is_foreign_key(key: str) -> bool:
-    """Whether ``key`` is not already a kohya key (``lora_unet_*`` / ``lora_te_*``)."""
-    return not key.startswith((LORA_PREFIX_UNET + "_", LORA_PREFIX_TEXT_ENCODER + "_"))
+    """Whether ``key`` is not a kohya-style key. Every kohya key starts with ``lora_`` (``lora_unet_*``,
+    ``lora_te_*``, and SDXL's ``lora_te1_*`` / ``lora_te2_*``, which the kohya checks then name as SDXL's); no
+    diffusers or PEFT key does."""
+    return not key.startswith("lora_")
 
 
 def _split_part(path: str) -> tuple[str, str]:
@@ -140,9 +141,12 @@ def _refuse_unsupported(key: str, source: str) -> None:
     for marker, what in _UNSUPPORTED:
         if marker in key:
             raise ModelError(f"LoRA file {source}: key '{key}' belongs to {what}, which this loader does not support")
-    if key.startswith("text_encoder_2."):
+    if key.startswith(("text_encoder_2.", "lora_te2_", "lora_te3_")):
         raise ModelError(f"LoRA file {source}: key '{key}' adapts a second text encoder (an SDXL LoRA); use a LoRA "
                          "trained for this SD v1.x model")
+    if key.startswith("lora_te1_"):
+        raise ModelError(f"LoRA file {source}: key '{key}' names SDXL's first text encoder (lora_te1_: an SDXL "
+                         "LoRA from sd-scripts); use a LoRA trained for this SD v1.x model")
 
 
 def to_kohya_state_dict(

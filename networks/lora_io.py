@@ -23,6 +23,7 @@ import torch
 from library.errors import ModelError
 
 __all__ = [
+    "ADAPTER_METADATA_KEY",
     "ATTACKER_HINT",
     "ATTACKER_KEY_PREFIXES",
     "MAX_HEADER_BYTES",
@@ -31,10 +32,13 @@ __all__ = [
     "describe_source",
     "load_lora_state_dict",
     "lora_file_sha256",
+    "peft_adapter_metadata",
     "read_lora_metadata",
     "read_lora_source",
 ]
 
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: the LoRA's scale
+PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # PEFT's save_pretrained
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _CONVERT_HINT = (
@@ -125,19 +129,49 @@ def load_lora_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of a LoRA file (``{}`` if it has none)."""
+    """The safetensors header metadata of a LoRA file (``{}`` if it has none), with a PEFT adapter's scale from the
+    ``adapter_config.json`` beside it (:func:`peft_adapter_metadata`) when the header has none of its own."""
     path = Path(file)
     check_lora_file(path)
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(sorted((handle.metadata() or {}).items()))  # safetensors hands keys in random order
+            metadata = dict(handle.metadata() or {})
     except Exception as exc:
         raise ModelError(
             f"LoRA file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
             "the file is corrupt or truncated — re-download or re-export it"
         ) from exc
+    if ADAPTER_METADATA_KEY not in metadata:
+        metadata.update(peft_adapter_metadata(path))
+    return dict(sorted(metadata.items()))  # safetensors hands keys in random order
+
+
+def peft_adapter_metadata(path: Path) -> dict[str, str]:
+    """The scale of a PEFT ``save_pretrained`` LoRA, which PEFT keeps in ``adapter_config.json`` beside
+    ``adapter_model.safetensors`` rather than in the file, as diffusers' ``lora_adapter_metadata`` header entry
+    (for both model parts: the file's keys say which one it adapts); ``{}`` for any other file.
+
+    Without it such a file would load at scale 1 (alpha = rank), not PEFT's ``lora_alpha / r``.
+    """
+    config_file = path.with_name(PEFT_CONFIG_NAME)
+    if path.name != PEFT_WEIGHTS_NAME or not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_file} (the PEFT config of LoRA file {path}) is not valid JSON ({exc}); fix it, "
+                         "or move it away to load the file at scale 1") from exc
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA" or "lora_alpha" not in config:
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ModelError(f"{config_file} (the PEFT config of LoRA file {path}) "
+                         + (f"describes a {kind} adapter, not a LoRA" if kind and kind != "LORA" else
+                            "has no lora_alpha") + "; only PEFT LoRA adapters are read")
+    fields = ("r", "lora_alpha", "alpha_pattern", "use_rslora", "use_dora")
+    adapter = {f"{part}.{field}": config[field] for part in ("unet", "text_encoder") for field in fields
+               if field in config}
+    return {ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
 
 
 def read_lora_source(

@@ -9,6 +9,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,7 +27,7 @@ from library.eval.unet_weights import check_unet_weights, resolve_unet_weights
 from library.sd.bundle import fingerprint
 from library.sd.single_file import save_single_file
 from networks.lora import create_network_from_weights, lora_file_sha256
-from networks.lora_convert import to_kohya_state_dict
+from networks.lora_convert import group_lora_state_dict, to_kohya_state_dict
 
 # No bootstrap and no plots: these tests compare per-sample scores and AUCs, which need neither (half the time).
 ATTACKS = ("--attacks", "loss", "calibrated", "sima", "--n_bootstrap", "0", "--no-plots")
@@ -344,7 +345,7 @@ def test_unet_of_another_shape_is_one_error_line(world, tmp_path, capsys):
     config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
     UNet2DConditionModel.from_config(config).save_pretrained(str(tmp_path / "wide" / "unet"))
     with pytest.raises(ModelError, match="conv_in.weight"):  # from the headers alone, no weight read
-        check_unet_weights(resolve_unet_weights(tmp_path / "wide"), world["bundle"].unet)
+        check_unet_weights(resolve_unet_weights(tmp_path / "wide"), world["bundle"].unet, world["bundle"].text_encoder)
     err = one_error(capsys, base_args(world, tmp_path / "out", "--unet_weights", str(tmp_path / "wide"),
                                       "--attacks", "loss"))
     assert "wide" in err and "do not fit the base model's UNet" in err
@@ -358,3 +359,93 @@ def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
     assert "--allow_pickle" in one_error(capsys, base_args(world, tmp_path / "b", "--unet_weights", str(ckpt)))
     lora_as_unet = one_error(capsys, base_args(world, tmp_path / "c", "--unet_weights", str(world["lora"])))
     assert "not an SD single-file checkpoint" in lora_as_unet
+
+
+def test_an_sdxl_kohya_file_is_named_as_sdxl_not_as_a_corrupt_diffusers_file():
+    # sd-scripts' SDXL LoRAs carry lora_te1_/lora_te2_ keys with .alpha tensors; the .alpha tail once read them as
+    # PEFT alphas and called the file "incomplete or corrupt — re-export it".
+    te1 = "lora_te1_text_model_encoder_layers_0_self_attn_k_proj"
+    sd = {f"{te1}.lora_down.weight": torch.randn(4, 768), f"{te1}.lora_up.weight": torch.randn(768, 4),
+          f"{te1}.alpha": torch.tensor(4.0)}
+    for keys in (sd, {k.replace("lora_te1_", "lora_te2_"): v for k, v in sd.items()}):
+        with pytest.raises(ModelError, match="SDXL") as info:
+            group_lora_state_dict(keys, "sdxl.safetensors")
+        assert "corrupt" not in str(info.value)
+    unet = "lora_unet_input_blocks_4_1_proj_in"  # kohya keys of another model pass to the layer check unchanged
+    kohya = {f"{unet}.lora_down.weight": torch.randn(4, 8), f"{unet}.alpha": torch.tensor(4.0)}
+    assert to_kohya_state_dict(kohya) == (kohya, {})
+
+
+def test_a_finetunes_own_text_encoder_is_audited_with_it(world, merged, tmp_path, capsys):
+    """A full fine-tune that trained its text encoder is audited with it, in each saved form (single file, pipeline
+    folder, this toolkit's <name>-unet/ + <name>-text_encoder/); a bare UNet folder keeps the base's; the base
+    text encoder is back after the block."""
+    from library.sd.text import encode_prompts
+
+    bundle = copy.deepcopy(world["bundle"])
+    with torch.no_grad():
+        for p in bundle.text_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bundle.unet.load_state_dict(merged["unet"].state_dict())
+    single = tmp_path / "ft.safetensors"
+    save_single_file(bundle, single)
+    for unet_folder, te_folder in ((tmp_path / "ft-unet", tmp_path / "ft-text_encoder"),
+                                   (tmp_path / "pipe" / "unet", tmp_path / "pipe" / "text_encoder")):
+        bundle.unet.save_pretrained(str(unet_folder), safe_serialization=True)
+        bundle.text_encoder.save_pretrained(str(te_folder), safe_serialization=True)
+    base = world["bundle"]
+
+    def encoded(model):
+        with torch.no_grad():
+            return encode_prompts(base.tokenizer, model.text_encoder, ["digit 3"])
+
+    base_states, tuned_states = encoded(base), encoded(bundle)
+    assert not torch.allclose(base_states, tuned_states)
+    for entry in (single, tmp_path / "ft-unet", tmp_path / "pipe", tmp_path / "pipe" / "unet"):
+        weights = resolve_unet_weights(entry)
+        assert weights.text_encoder, entry
+        check_unet_weights(weights, base.unet, base.text_encoder)
+        with applied_lora(base, None, 1.0, torch.device("cpu"), torch.float32, unet=weights):
+            torch.testing.assert_close(encoded(base), tuned_states, rtol=1e-5, atol=1e-5, msg=str(entry))
+        torch.testing.assert_close(encoded(base), base_states, rtol=0, atol=0)
+    bare = resolve_unet_weights(merged["folder"])
+    assert not bare.text_encoder
+    with applied_lora(base, None, 1.0, torch.device("cpu"), torch.float32, unet=bare):
+        torch.testing.assert_close(encoded(base), base_states, rtol=0, atol=0)
+    # the same UNet without its text encoder is another model in the caches
+    alone = shutil.copytree(tmp_path / "ft-unet", tmp_path / "ft_alone")
+    assert resolve_unet_weights(alone).sha256 != resolve_unet_weights(tmp_path / "ft-unet").sha256
+
+    wide = tmp_path / "wide" / "pipe"  # a text encoder of another shape: one line naming the entry
+    bundle.unet.save_pretrained(str(wide / "unet"), safe_serialization=True)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**{**bundle.text_encoder.config.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    CLIPTextModel(config).save_pretrained(str(wide / "text_encoder"), safe_serialization=True)
+    with pytest.raises(ModelError, match=r"pipe.*do not fit the base model's text encoder"):
+        check_unet_weights(resolve_unet_weights(wide), base.unet, base.text_encoder)
+
+
+def test_a_peft_adapter_takes_its_scale_from_its_adapter_config(world, peft_file, tmp_path):
+    """PEFT's save_pretrained keeps lora_alpha in adapter_config.json beside adapter_model.safetensors; read without
+    it, the adapter was audited at scale 1 instead of lora_alpha / r."""
+    bundle = world["bundle"]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    weights = folder / "adapter_model.safetensors"
+    save_file(load_file(str(peft_file)), str(weights))
+    rank = next(t.shape[0] for k, t in load_file(str(peft_file)).items() if k.endswith("down.weight"))
+
+    def scales():
+        network, _ = create_network_from_weights(1.0, weights, None, bundle.text_encoder, bundle.unet)
+        return {lora.scale for lora in network.loras}
+
+    assert scales() == {1.0}  # no config beside it: diffusers' convention
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 3 * rank}))
+    assert scales() == {3.0}
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": rank, "alpha": rank}))
+    with pytest.raises(ModelError, match="adapter_config.json.*LOHA adapter, not a LoRA"):
+        scales()
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="adapter_config.json.*not valid JSON"):
+        scales()

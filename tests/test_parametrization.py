@@ -155,8 +155,9 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
                                                                  digits_dir, tmp_path, capsys):
     import evaluate_mia
 
-    result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--clip_skip", "2"]),
-                   "lora")
+    # with its text encoder trained: both forms are audited with it (the folder's from lora-text_encoder/ beside it)
+    result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--clip_skip", "2",
+                                                                       "--train_text_encoder"]), "lora")
     folder, single = result.lora_path.parent / "lora-unet", result.lora_path
     common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--resolution", "32", "--timesteps", "100",
               "200", "--num_noise_draws", "1", "--attacks", "loss", "gsa", "--gsa_timesteps", "2", "--n_bootstrap", "0",
@@ -170,6 +171,7 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
     assert report["conditioning"]["clip_skip"] == 2  # read from the fine-tune's own metadata
     single_meta = next(m["metadata"] for m in report["models"] if m["name"] == "lora")
     assert single_meta["smp_lora.train_mode"] == "full" and "smp_lora.sd_configs" not in single_meta
+    assert {m["name"]: m["text_encoder"] for m in report["models"]} == {"base": None, "lora-unet": "own", "lora": "own"}
 
     from conftest import SPLIT_SIZES
 

@@ -40,7 +40,12 @@ from library.eval.probes import (
     cached_probe_runs,
     compute_probes,
 )
-from library.eval.unet_weights import UNetWeights, load_unet_state_dict, swapped_unet
+from library.eval.unet_weights import (
+    UNetWeights,
+    load_text_encoder_state_dict,
+    load_unet_state_dict,
+    swapped_weights,
+)
 from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
@@ -176,15 +181,19 @@ def applied_lora(bundle: Any, lora_path: str | Path | None, multiplier: float, d
                  dtype: torch.dtype, unet: UNetWeights | None = None) -> Iterator[Any]:
     """The model under audit for the duration of the block; yields the applied LoRA network, or None.
 
-    ``unet`` (a fully fine-tuned UNet, :mod:`library.eval.unet_weights`) swaps its weights into the bundle's UNet
-    (the network stays None, so probes see a model without LoRA and group the UNet's own blocks); ``lora_path``
-    applies a kohya / diffusers / PEFT LoRA file to the UNet and text encoder; neither is the base model. A LoRA
-    or UNet for another model raises :class:`~library.errors.ModelError` before anything is patched; the base
-    weights are back even if the block fails.
+    ``unet`` (a full fine-tune, :mod:`library.eval.unet_weights`) swaps its weights into the bundle's UNet, and
+    its own text encoder's, if it has one, into the bundle's (the network stays None, so probes see a model
+    without LoRA and group the UNet's own blocks); ``lora_path`` applies a kohya / diffusers / PEFT LoRA file to
+    the UNet and text encoder; neither is the base model. A LoRA or UNet for another model raises
+    :class:`~library.errors.ModelError` before anything is patched; the base weights are back even if the block
+    fails.
     """
     with contextlib.ExitStack() as stack:
         if unet is not None:
-            stack.enter_context(swapped_unet(bundle.unet, load_unet_state_dict(unet, bundle.unet)))
+            stack.enter_context(swapped_weights(bundle.unet, load_unet_state_dict(unet, bundle.unet)))
+            if unet.text_encoder:  # a fine-tune that trained its text encoder is audited with it
+                stack.enter_context(swapped_weights(bundle.text_encoder,
+                                                    load_text_encoder_state_dict(unet, bundle.text_encoder)))
         if lora_path is None:
             yield None
             return

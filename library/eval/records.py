@@ -55,6 +55,7 @@ class ModelSpec:
         """The report's entry of this model (``lora_path`` / ``lora_sha256`` kept for older readers)."""
         return {"name": self.name, "kind": self.kind, "path": None if self.path is None else str(self.path),
                 "sha256": self.sha256, "layout": None if self.unet is None else self.unet.layout,
+                "text_encoder": None if self.unet is None else "own" if self.unet.text_encoder else "base",
                 "lora_path": None if self.lora_path is None else str(self.lora_path),
                 "lora_sha256": self.lora_sha256, "metadata": self.metadata}
 

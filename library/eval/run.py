@@ -161,7 +161,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         if spec.lora_path is not None:
             create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
         if spec.unet is not None:
-            check_unet_weights(spec.unet, bundle.unet)
+            check_unet_weights(spec.unet, bundle.unet, bundle.text_encoder)
     base_fp = bundle.loaded_fingerprint  # fp32 weights, as training records them (also the cache keys' base)
     info["base_fingerprint"] = base_fp
     check_base_model(config, specs, base_fp)

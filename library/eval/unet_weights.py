@@ -2,20 +2,24 @@
 
 An entry is a **diffusers model folder** (``config.json`` + ``diffusion_pytorch_model.safetensors``, or a
 ``.safetensors.index.json`` with its shards), directly or in a ``unet/`` subfolder (a whole pipeline folder), or an
-**SD single-file checkpoint** in the original LDM layout, of which only the ``model.diffusion_model.*`` tensors
-are read and renamed with diffusers' own ``convert_ldm_unet_checkpoint`` (as :mod:`library.sd.single_file`
-does for base models). The text encoder and VAE always stay the base model's: a fine-tune that also changed
-them is audited through its UNet only. Pickle weights (``.ckpt``, ``.bin``) are read only with
-``--allow_pickle``, as for the base model, and then with ``torch.load(weights_only=True)``.
+**SD single-file checkpoint** in the original LDM layout, whose ``model.diffusion_model.*`` tensors are read and
+renamed with diffusers' own ``convert_ldm_unet_checkpoint`` (as :mod:`library.sd.single_file`
+does for base models). A fine-tune that trained its **text encoder** too is audited with it: an entry's text
+encoder is the single file's ``cond_stage_model.transformer.*`` tensors, a pipeline folder's ``text_encoder/``, or
+the ``<name>-text_encoder/`` folder this toolkit writes beside ``<name>-unet/`` (:func:`text_encoder_files`); an
+entry without one (a bare UNet folder) keeps the base model's. The VAE always stays the base model's. Pickle
+weights (``.ckpt``, ``.bin``) are read only with ``--allow_pickle``, as for the base model, and then with
+``torch.load(weights_only=True)``.
 
-The UNet must have the base model's architecture: the same tensor names and shapes (checked on the safetensors
+The UNet (and text encoder) must have the base model's architecture: the same tensor names and shapes (checked on the safetensors
 headers, with meta tensors, before any weight is read), else one :class:`~library.errors.ModelError` line.
 Its identity in caches and the report is :func:`weights_sha256`: the sha256 of each weight file's tensor
 index (names, dtypes, shapes, offsets) and tensor bytes, header metadata excluded, so a re-saved file with other
-metadata keeps its cached features and two different UNets never share them.
+metadata keeps its cached features and two different UNets never share them (with its own text encoder, that
+fact and the text encoder's files are part of it).
 
-:func:`swapped_unet` puts the fine-tuned tensors into the base UNet for a block and gives the base its own
-tensor objects back afterwards (no copy of the base weights is made).
+:func:`swapped_weights` puts the fine-tuned tensors into the base UNet (and text encoder) for a block and gives
+the base its own tensor objects back afterwards (no copy of the base weights is made).
 """
 
 from __future__ import annotations
@@ -32,23 +36,26 @@ import torch
 from library.errors import ModelError
 from library.sd.bundle import first_line
 
-__all__ = ["UNetWeights", "check_unet_weights", "load_unet_state_dict", "resolve_unet_weights", "swapped_unet",
-           "weights_metadata", "weights_sha256"]
+__all__ = ["UNetWeights", "check_unet_weights", "load_text_encoder_state_dict", "load_unet_state_dict",
+           "resolve_unet_weights", "swapped_weights", "text_encoder_files", "weights_metadata", "weights_sha256"]
 
 _WEIGHTS = "diffusion_pytorch_model"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _LDM_UNET_PREFIX = "model.diffusion_model."
+_LDM_CLIP_PREFIX = "cond_stage_model.transformer."  # SD v1.x single files; diffusers' convert_ldm_clip_checkpoint
 _PICKLE_HINT = "pass --allow_pickle only if you trust the file (unpickling can run code), or convert it to .safetensors"
 
 
 @dataclass(frozen=True)
 class UNetWeights:
-    """A resolved ``--unet_weights`` entry: what was given, its layout, its weight files and their sha256."""
+    """A resolved ``--unet_weights`` entry: what was given, its layout, its weight files, its text encoder's weight
+    files (empty: the base model's text encoder is used) and their sha256."""
 
     path: Path
     layout: str  # "diffusers" (a model folder) or "single_file" (an LDM checkpoint)
     files: tuple[Path, ...]
     sha256: str
+    text_encoder: tuple[Path, ...] = ()
 
 
 def _folder_files(folder: Path, allow_pickle: bool) -> tuple[Path, ...]:
@@ -91,12 +98,14 @@ def _check_safetensors(file: Path) -> dict[str, Any]:
 def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWeights:
     """Find and hash the weight files of one ``--unet_weights`` entry; every failure is one ModelError line."""
     given = Path(path).expanduser()
+    text_encoder: tuple[Path, ...] = ()
     if given.is_dir():
         folder = given / "unet" if not (given / "config.json").is_file() and (given / "unet").is_dir() else given
         if not (folder / "config.json").is_file():
             raise ModelError(f"UNet weights {given} is not a diffusers UNet folder (no config.json, no unet/ "
                              "subfolder); pass a UNet folder, its pipeline folder or a single .safetensors file")
         files, layout = _folder_files(folder, allow_pickle), "diffusers"
+        text_encoder = text_encoder_files(folder, allow_pickle)
     elif given.is_file():
         suffix = given.suffix.lower()
         if suffix in _PICKLE_SUFFIXES and not allow_pickle:
@@ -112,7 +121,36 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
             if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
                 raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
                                  "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
-    return UNetWeights(given, layout, files, weights_sha256(files))
+            if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys):
+                text_encoder = (given,)
+    sha = weights_sha256(files + tuple(f for f in text_encoder if f not in files))
+    if text_encoder:  # its own text encoder changes every feature: never a cache entry of the UNet alone
+        sha = hashlib.sha256(f"{sha}\x1ftext_encoder".encode("utf-8")).hexdigest()
+    return UNetWeights(given, layout, files, sha, text_encoder)
+
+
+def text_encoder_files(unet_folder: Path, allow_pickle: bool = False) -> tuple[Path, ...]:
+    """The weight file of the text encoder that goes with a diffusers UNet folder: a pipeline's ``text_encoder/``
+    beside its ``unet/``, or ``<name>-text_encoder/`` beside ``<name>-unet/`` (a full fine-tune of this toolkit
+    with ``--train_text_encoder``); ``()`` when there is none (the base model's text encoder is used)."""
+    if unet_folder.name == "unet":
+        folder = unet_folder.parent / "text_encoder"
+    elif unet_folder.name.endswith("-unet"):
+        folder = unet_folder.with_name(unet_folder.name.removesuffix("-unet") + "-text_encoder")
+    else:
+        return ()
+    if not folder.is_dir():
+        return ()
+    if (folder / "model.safetensors").is_file():
+        return (folder / "model.safetensors",)
+    if (folder / "pytorch_model.bin").is_file():
+        if not allow_pickle:
+            raise ModelError(f"text encoder {folder} (of UNet weights {unet_folder}) holds only pickle weights "
+                             f"(pytorch_model.bin); {_PICKLE_HINT}")
+        return (folder / "pytorch_model.bin",)
+    raise ModelError(f"text encoder {folder} (of UNet weights {unet_folder}) holds no model.safetensors (a sharded "
+                     "text encoder is not read); save it as one file, or move the folder away to audit the UNet "
+                     "with the base model's text encoder")
 
 
 def weights_metadata(weights: UNetWeights) -> dict[str, str]:
@@ -185,13 +223,38 @@ def load_unet_state_dict(weights: UNetWeights, unet: Any, meta: bool = False) ->
     return state
 
 
-def check_unet_weights(weights: UNetWeights, unet: Any) -> None:
-    """ModelError unless ``weights`` fit the base ``unet`` (names and shapes); reads only the files' headers, so
-    the orchestrator can call it for every ``--unet_weights`` entry right after loading the base model."""
+def load_text_encoder_state_dict(weights: UNetWeights, text_encoder: Any, meta: bool = False
+                                 ) -> dict[str, torch.Tensor]:
+    """The transformers-named state dict of ``weights``' own text encoder (``{}``: it has none), checked against
+    the base ``text_encoder``'s names and shapes (``meta=True``: headers only)."""
+    if not weights.text_encoder:
+        return {}
+    state: dict[str, torch.Tensor] = {}
+    for file in weights.text_encoder:
+        state.update(_read_file(file, meta, _LDM_CLIP_PREFIX if weights.layout == "single_file" else ""))
+    if weights.layout == "single_file":
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+        state = convert_ldm_clip_checkpoint(state)
+    base = text_encoder.state_dict()
+    if not any(k.startswith("text_model.") for k in base):  # transformers versions differ in this prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    # position ids: a buffer older exports saved and newer models rebuild (not in their state dict)
+    state = {k: v for k, v in state.items() if k in base or not k.endswith("embeddings.position_ids")}
+    _check_architecture(weights.path, base, state, "text encoder")
+    return state
+
+
+def check_unet_weights(weights: UNetWeights, unet: Any, text_encoder: Any) -> None:
+    """ModelError unless ``weights`` fit the base ``unet`` and ``text_encoder`` (names and shapes); reads only the
+    files' headers, so the orchestrator can call it for every ``--unet_weights`` entry right after loading the
+    base model."""
     load_unet_state_dict(weights, unet, meta=True)
+    load_text_encoder_state_dict(weights, text_encoder, meta=True)
 
 
-def _check_architecture(path: Path, base: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> None:
+def _check_architecture(path: Path, base: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+                        part: str = "UNet") -> None:
     missing = [k for k in base if k not in got]
     unexpected = [k for k in got if k not in base]
     wrong = [k for k in base if k in got and tuple(got[k].shape) != tuple(base[k].shape)]
@@ -202,25 +265,25 @@ def _check_architecture(path: Path, base: Mapping[str, torch.Tensor], got: Mappi
     else:
         detail = f"{len(missing)} tensors missing, {len(unexpected)} unexpected, e.g. " + (
             f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
-    raise ModelError(f"UNet weights {path} do not fit the base model's UNet ({detail}); a fully fine-tuned UNet "
+    raise ModelError(f"UNet weights {path} do not fit the base model's {part} ({detail}); a full fine-tune "
                      "must have its base model's architecture — pass the base model it was fine-tuned from")
 
 
 @contextlib.contextmanager
-def swapped_unet(unet: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """``unet`` computes with ``state``'s weights (cast to each base tensor's device and dtype) for the block.
+def swapped_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``module`` computes with ``state``'s weights (cast to each base tensor's device and dtype) for the block.
 
     The base tensors are kept by reference and assigned back afterwards (even if the block fails), with their
     ``requires_grad`` flags, so nothing of the base model is copied or changed.
     """
-    originals = dict(unet.state_dict(keep_vars=True))
+    originals = dict(module.state_dict(keep_vars=True))
     flags = {k: v.requires_grad for k, v in originals.items()}
     swapped = {k: state[k].to(device=v.device, dtype=v.dtype) for k, v in originals.items()}
-    unet.load_state_dict(swapped, strict=True, assign=True)
+    module.load_state_dict(swapped, strict=True, assign=True)
     del swapped
     try:
         yield
     finally:
-        unet.load_state_dict(originals, strict=True, assign=True)
-        for key, tensor in unet.state_dict(keep_vars=True).items():
+        module.load_state_dict(originals, strict=True, assign=True)
+        for key, tensor in module.state_dict(keep_vars=True).items():
             tensor.requires_grad_(flags[key])
