@@ -11,8 +11,9 @@ entry without one (a bare UNet folder) keeps the base model's. The VAE always st
 weights (``.ckpt``, ``.bin``) are read only with ``--allow_pickle``, as for the base model, and then with
 ``torch.load(weights_only=True)``.
 
-The UNet (and text encoder) must have the base model's architecture: the same tensor names and shapes (checked on the safetensors
-headers, with meta tensors, before any weight is read), else one :class:`~library.errors.ModelError` line.
+The UNet (and text encoder) must have the base model's architecture: the same tensor names and shapes (checked
+on the safetensors headers, with meta tensors, before any weight is read), else one
+:class:`~library.errors.ModelError` line.
 Its identity in caches and the report is :func:`weights_sha256`: the sha256 of each weight file's tensor
 index (names, dtypes, shapes, offsets) and tensor bytes, header metadata excluded, so a re-saved file with other
 metadata keeps its cached features and two different UNets never share them (with its own text encoder, that
