@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -134,6 +135,26 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         handle.write(raw[8 + header_len :])
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: numpy scalars and arrays to Python, NaN/inf to None, paths to str."""
+    import numpy as np  # noqa: PLC0415
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

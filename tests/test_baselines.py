@@ -114,6 +114,8 @@ def test_dp_lora_trains_reports_epsilon_and_resumes_exactly(tiny_train_args, tmp
     epochs = json.loads(full.record_path.read_text())["epochs"]
     eps = [e["dp_epsilon"] for e in epochs]
     assert eps == sorted(eps) and eps[0] > 0 and "dp_clipped_fraction" in full.final_logs
+    final = json.loads(full.record_path.read_text())["final"]  # the metadata's epsilon, after a partial epoch too
+    assert final["dp_epsilon"] == pytest.approx(float(meta["smp_lora.dp_epsilon"]), rel=1e-3)
     train(parse_config(TrainConfig, common + ["--max_train_steps", "4", "--save_state",
                                               "--output_dir", str(tmp_path / "b")]), "dp_lora")
     resumed = train(parse_config(TrainConfig, common + ["--max_train_steps", "8", "--resume",
@@ -176,3 +178,51 @@ def test_dp_lora_refuses_a_member_image_that_occurs_twice(tiny_train_args, manif
     plain[plain.index("--split_manifest"):plain.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
     assert train_entry("dp_lora", "", plain + ["--dp_clip_norm", "0.05", "--dry_run"]) == 2
     assert f"occurs 2 times in D_tr (as {folder / '0.png'}, {folder / 'copy.png'}:" in capsys.readouterr().err
+
+
+def test_dp_without_noise_records_strict_json_and_its_report_cell_says_no_bound(tiny_train_args, tmp_path):
+    from library.eval.summary import _dp_cell, dp_budget
+    from library.fileio import json_safe
+
+    result = train(parse_config(TrainConfig, tiny_train_args + ["--dp_noise_multiplier", "0", "--max_train_steps", "2",
+                                                                "--output_dir", str(tmp_path)]), "dp_lora")
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads(result.record_path.read_text(), parse_constant=refuse)  # was a bare Infinity
+    assert record["final"]["dp_epsilon"] is None
+    with safe_open(result.lora_path, "pt") as handle:
+        budget = dp_budget(handle.metadata())
+    # report.json holds that epsilon as null; report.md's cell once crashed formatting it
+    assert _dp_cell(json_safe(budget)) == "∞ (no noise) (δ 1e-05)"
+    assert _dp_cell({"epsilon": 2.5, "delta": None}) == "2.5" and _dp_cell(None) == "—"
+
+
+def test_dp_epsilon_is_never_negative_and_a_large_delta_is_warned_about(lora_world, tiny_train_args, capsys):
+    _, network, params, *_ = lora_world
+    dp = DPSGD(network, params, noise_multiplier=5.0, clip_norm=1.0, sample_rate=0.25, delta=0.1, seed=0)
+    try:
+        for _ in range(6):
+            dp.accountant.step(noise_multiplier=5.0, sample_rate=0.25)
+        assert float(dp.accountant.get_epsilon(0.1)) < 0 and dp.epsilon() == 0.0  # Opacus' conversion undershoots
+    finally:
+        dp.module._close()
+    train(parse_config(TrainConfig, tiny_train_args + ["--dp_delta", "0.5", "--dry_run"]), "dp_lora")
+    assert "warning: 'dp_delta' 0.5 is not below 1/|D_tr|" in capsys.readouterr().err
+
+
+def test_dp_refuses_to_continue_a_lora_trained_on_its_members(tiny_train_args, tmp_path, capsys):
+    """The accountant counts this run's steps: a starting LoRA that saw the members would sit outside epsilon."""
+    parent = train(parse_config(TrainConfig, tiny_train_args + ["--max_train_steps", "1", "--output_dir",
+                                                                str(tmp_path / "parent")]), "lora")
+    args = tiny_train_args + ["--network_weights", str(parent.lora_path), "--output_dir", str(tmp_path / "dp")]
+    with pytest.raises(ConfigError, match="trained on this split's members.*--resume"):
+        train(parse_config(TrainConfig, args), "dp_lora")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"  # a LoRA from elsewhere: allowed, with what epsilon then means
+    save_file(load_file(str(parent.lora_path)), str(foreign))
+    capsys.readouterr()
+    args[args.index("--network_weights") + 1] = str(foreign)
+    train(parse_config(TrainConfig, args + ["--dry_run"]), "dp_lora")
+    assert "saved epsilon counts this run's DP-SGD steps only" in capsys.readouterr().err

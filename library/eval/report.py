@@ -26,7 +26,7 @@ from library.eval.quality import (
     worse_than_base,
 )
 from library.eval.summary import results_table, suite_sections
-from library.fileio import atomic_write_path, atomic_write_text
+from library.fileio import atomic_write_path, atomic_write_text, json_safe
 
 if TYPE_CHECKING:
     from library.eval.records import EvalResult
@@ -72,28 +72,10 @@ def score_column(model: str, label: str) -> str:
     return f"{model}|{label}"
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None, paths to str."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def report_dict(result: "EvalResult") -> dict[str, Any]:
     samples = result.samples
     counts = {name: int(sum(1 for s in samples.splits if s == name)) for name in dict.fromkeys(samples.splits)}
-    return _clean({
+    return json_safe({
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "created_by": f"smp-lora {__version__}",

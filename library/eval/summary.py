@@ -16,6 +16,7 @@ LoRA, no membership signal) shows that floor, and the suite-wide permutation tes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -167,8 +168,15 @@ def _audit_cells(block: dict[str, Any]) -> list[str]:
         p_value, needed = f"{p_value} (uncorrected)", f"{needed} (uncorrected)"
     null = block.get("worst_case_null")
     chance = "n/a" if not null else f"{null['p_value']:.3g} ({fmt(null['null_q95'])})"
-    return [chance, p_value, needed, fmt(eps.get("honest")), fmt(eps.get("oracle")),
-            "—" if not dp else f"{dp['epsilon']:.3g} (δ {dp['delta']:.0e})"]
+    return [chance, p_value, needed, fmt(eps.get("honest")), fmt(eps.get("oracle")), _dp_cell(dp)]
+
+
+def _dp_cell(dp: dict[str, Any] | None) -> str:
+    """The accountant's epsilon (delta) of a DP-SGD model; report.json holds an infinite epsilon (no noise) as null."""
+    if not dp:
+        return "—"
+    epsilon = "∞ (no noise)" if dp.get("epsilon") is None or math.isinf(dp["epsilon"]) else f"{dp['epsilon']:.3g}"
+    return epsilon if dp.get("delta") is None else f"{epsilon} (δ {dp['delta']:.0e})"
 
 
 def worst_case_table(report: dict[str, Any]) -> list[str]:

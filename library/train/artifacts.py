@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from library.config import config_to_dict
 from library.errors import TrainingError
-from library.fileio import atomic_write_text, write_safetensors
+from library.fileio import atomic_write_text, json_safe, write_safetensors
 from library.runtime import SAVE_DTYPES
 from library.train import checkpoint, preflight, retention
 
@@ -110,9 +110,10 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
             "num_processes": accelerator.num_processes, "device": str(trainer.device), "ranks_in_sync": in_sync,
             "manifest_sha256": trainer.data.manifest_sha256, "split_sha256": trainer.data.split_sha256,
             "config": config_to_dict(trainer.config),
-            "epochs": trainer.epoch_logs, "final": final_logs or {},
+            "epochs": trainer.epoch_logs, "final": {**(final_logs or {}), **trainer.method.final_logs()},
         }
-        atomic_write_text(record_path, json.dumps(record, indent=2, default=str))
+        # strict JSON (DP-SGD without noise has epsilon inf): non-finite numbers are null, as in report.json
+        atomic_write_text(record_path, json.dumps(json_safe(record), indent=2, default=str, allow_nan=False))
     if trainer.config.save_state:
         save_state(trainer, trainer.output_dir / f"{name}-state")
     return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})

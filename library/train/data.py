@@ -103,6 +103,7 @@ def check_training_data(data: TrainingData, method: type[TrainingMethod], config
     if method.needs_aux and data.member_aux is not None and data.nonmember_aux is not None:
         for aux, what in ((data.member_aux, "D^m_aux"), (data.nonmember_aux, "D^nm_aux")):
             check_batch_fits(len(aux), config.attacker_batch_size, world, f"{what} (--attacker_batch_size)")
+    method.check_data(config, len(data.members))
 
 
 def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:

@@ -83,12 +83,15 @@ class DPSGD:
                 "dp_median_grad_norm": float(norms.median())}
 
     def epsilon(self) -> float:
-        """epsilon spent so far at ``delta`` (inf with zero noise; 0 before the first step)."""
+        """epsilon spent so far at ``delta`` (inf with zero noise; 0 before the first step).
+
+        The RDP-to-(epsilon, delta) conversion can go below 0 for large noise and a large delta; epsilon is never
+        negative, so that is 0."""
         if not self.accountant.history:
             return 0.0
         if self.noise_multiplier == 0:
             return float("inf")
-        return float(self.accountant.get_epsilon(self.delta))
+        return max(0.0, float(self.accountant.get_epsilon(self.delta)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"accountant_history": json.dumps(self.accountant.history), "generator": self.generator.get_state()}

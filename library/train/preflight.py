@@ -158,14 +158,18 @@ def check_overwrite(trainer: Trainer) -> None:
                       f"replace it, or choose another --output_dir or --output_name{resume}")
 
 
-def warn_about_parent_lora(trainer: Trainer) -> None:
+def check_parent_lora(trainer: Trainer) -> None:
     """A LoRA continued with ``--network_weights`` brings what it was trained on: another split's members may be this
     split's non-members (evaluate_mia.py refuses the result against this split, :mod:`library.data.lineage`), another
-    base model's adaptation means something else on this one. Said before training, where it can still change."""
+    base model's adaptation means something else on this one, and the method may refuse it (DP-SGD's accountant
+    cannot count it). Said before training, where it can still change."""
     parent, config = trainer.trained.parent_metadata, trainer.config
-    if parent is None or not trainer.accelerator.is_main_process:
+    if parent is None:
         return
     split = trainer.data.split_sha256
+    trainer.method_class.check_parent(config, splits_seen(parent), split)  # on every rank: a refusal stops them all
+    if not trainer.accelerator.is_main_process:
+        return
     other = [s for s in splits_seen(parent) if s != split]
     if split and other == [UNRECORDED]:
         warn(f"--network_weights {config.network_weights} records no split (a LoRA from elsewhere, or trained on a "

@@ -420,7 +420,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     with preflight.run_lock(trainer):
         preflight.resolve_latest_state(trainer)
         preflight.check_overwrite(trainer)
-        preflight.warn_about_parent_lora(trainer)
+        preflight.check_parent_lora(trainer)
         if config.resume:
             preflight.check_resume(trainer)
         if trainer.accelerator.is_main_process:  # once, under any launcher

@@ -121,6 +121,15 @@ class TrainingMethod:
     def check_config(cls, config: TrainConfig) -> None:
         """Method-specific config checks; a ConfigError line each (see :meth:`TrainConfig.validate_for_method`)."""
 
+    @classmethod
+    def check_data(cls, config: TrainConfig, num_members: int) -> None:
+        """Checks that need |D_tr| (``num_members``), before any model work (``--dry_run`` runs them)."""
+
+    @classmethod
+    def check_parent(cls, config: TrainConfig, seen: Sequence[str], split: str | None) -> None:
+        """Checks of a LoRA continued with ``--network_weights``: ``seen`` the splits its weights saw
+        (:func:`library.data.lineage.splits_seen`), ``split`` this run's (None: a folder without manifest)."""
+
     def before_training(self, ctx: StepContext, sets: Sequence[SampleSet]) -> None:
         """Called once, after :meth:`build` and before any step or resume, with every set of the split."""
 
@@ -136,6 +145,10 @@ class TrainingMethod:
         return {}
 
     def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {}
+
+    def final_logs(self) -> dict[str, float]:
+        """What the run record's ``final`` block adds to the last step's logs."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

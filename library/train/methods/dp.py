@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from library.errors import ConfigError
+from library.data.lineage import UNRECORDED
+from library.errors import ConfigError, warn
 from library.train.methods.base import MethodSetup
 from library.train.methods.plain import PlainLoRA
 
@@ -56,11 +57,33 @@ class DPLoRA(PlainLoRA):
                 raise ConfigError(f"DP-SGD does not support '{flag}' (Opacus takes per-sample gradients from one "
                                   "plain fp32/bf16 forward and backward per batch); drop it")
 
+    @classmethod
+    def check_data(cls, config: TrainConfig, num_members: int) -> None:
+        if num_members and config.dp_delta >= 1 / num_members:  # delta: the chance the guarantee fails outright
+            warn(f"'dp_delta' {config.dp_delta:g} is not below 1/|D_tr| = 1/{num_members}: an (epsilon, delta) "
+                 "guarantee with such a delta allows leaking a whole training image; use a smaller one "
+                 f"(e.g. {0.1 / num_members:.1g})")
+
+    @classmethod
+    def check_parent(cls, config: TrainConfig, seen: Sequence[str], split: str | None) -> None:
+        # The accountant counts this run's steps only: a starting LoRA that saw these members is outside its epsilon.
+        if split is not None and split in seen:
+            raise ConfigError(
+                f"--network_weights {config.network_weights} was trained on this split's members, and DP-SGD's "
+                "epsilon counts this run's steps only, so it would bound nothing; continue a DP-SGD run with "
+                "--resume (its accountant goes on), or start from scratch or from a LoRA that never saw these images")
+        warn(f"--network_weights {config.network_weights}: the saved epsilon counts this run's DP-SGD steps only; it "
+             "bounds what the LoRA reveals of D_tr only if that starting LoRA never saw these images"
+             + (" (it records no split)" if UNRECORDED in seen else ""))
+
     def process_gradients(self, batch_size: int) -> dict[str, float]:
         return self.dp.privatize(batch_size)
 
     def end_of_epoch(self, epoch: int) -> dict[str, float]:
         return {"dp_epsilon": self.dp.epsilon()}
+
+    def final_logs(self) -> dict[str, float]:
+        return {"dp_epsilon": self.dp.epsilon()}  # the metadata's, also after a last partial epoch
 
     def state_dict(self) -> dict[str, Any]:
         return self.dp.state_dict()
