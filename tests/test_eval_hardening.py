@@ -222,7 +222,7 @@ def test_finished_evaluation_is_kept_unless_overwrite(tiny_model_dir, manifest_p
 
 
 def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(trained, tiny_model_dir, manifest_path,
-                                                                            tmp_path, capfd, monkeypatch):
+                                                                            digits_dir, tmp_path, capfd, monkeypatch):
     monkeypatch.setattr("library.eval.run.load_bundle", lambda *a: pytest.fail("the base model was loaded"))
     out = tmp_path / "new" / "out"
     lora = trained / "smp_lora.safetensors"
@@ -235,9 +235,34 @@ def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(train
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights",
                                      str(trained / "smp_lora-attacker.safetensors"), "--dry_run"))
     assert "proxy attacker" in err
+    from library.eval.small_cnn import SmallCNN, save_small_cnn
+
+    digits = tmp_path / "digits.safetensors"
+    save_small_cnn(SmallCNN(), digits)
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora), "--quality",
-                                     "--utility_reference", "smp-lora", "--dry_run"))  # a real run failed only at the end
+                                     "--digit_feature_weights", str(digits), "--utility_reference", "smp-lora",
+                                     "--dry_run"))  # a real run failed only at the end
     assert "'utility_reference' 'smp-lora' is not an evaluated model" in err
+    # U needs a classifier: without one an explicit reference was ignored in silence
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora), "--quality",
+                                     "--utility_reference", "smp_lora", "--dry_run"))
+    assert "needs a classifier among the quality features: give --digit_feature_weights (digits)" in err
+    # What an attack needs of its own: checked by the dry run (the real run refused it after every feature)
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--attacks", "loss", "blackbox",
+                                     "--digit_feature_weights", str(tmp_path / "missing.safetensors"), "--dry_run"))
+    assert "missing.safetensors" in err and "does not exist" in err
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--attacks", "reconstruction",
+                                     "--reconstruction_strength", "0.0005", "--dry_run"))
+    assert "leaves no step of the 20-step DDIM schedule (its smallest is t = 1); use a strength of at least 0.001" in err
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+
+    small = tmp_path / "one_aux_member.json"
+    sizes = {"member_aux": 1, "member_test": 4, "nonmember_aux": 1, "nonmember_test": 4}
+    write_manifest(make_split(scan_dataset(digits_dir), sizes=sizes, seed=0, dataset_root=digits_dir), small)
+    err = one_error(capfd, eval_args(tiny_model_dir, small, out, "--attacks", "loss", "paper", "--dry_run"))
+    assert "holdout_fraction 0.2: D_aux has only 1 members, too few to hold any out" in err
     out.mkdir(parents=True)
     (out / "report.json").write_text("{}")
     assert "already holds a finished evaluation" in one_error(capfd, eval_args(tiny_model_dir, manifest_path, out,
@@ -489,6 +514,8 @@ def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_p
     (["--network_multiplier", "nan"], "'network_multiplier' must be a finite number"),  # failed after the base
     (["--n_bootstrap", "1"], "'n_bootstrap' must be 0 (no CIs) or at least 10 resamples, got 1"),  # was a "CI"
     (["--network_weights", "x.safetensors", "./x.safetensors"], "'network_weights' lists a file twice"),
+    (["--gsa_timesteps", "1001"], "'gsa_timesteps' must be at most 1000"),  # t = -1 read abar_999
+    (["--blackbox_steps", "2000"], "'blackbox_steps' must be at most 1000"),  # 2000 copies of t = 1
 ])
 def test_bad_evaluation_flags_are_one_line(flags, expected, tiny_model_dir, manifest_path, tmp_path, capfd,
                                            monkeypatch):

@@ -257,6 +257,10 @@ class EvalConfig:
                      "reconstruction_repeats", "pfami_perturbations", "rediffuse_variations"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"'{name}' must be > 0, got {getattr(self, name)}")
+        for name in ("gsa_timesteps", "blackbox_steps"):  # each picks that many distinct of the 1000 timesteps
+            if getattr(self, name) > 1000:
+                raise ConfigError(f"'{name}' must be at most 1000 (the training schedule's timesteps), got "
+                                  f"{getattr(self, name)}")
         if len(self.pfami_crop_range) != 2 or any(not 0.0 < f <= 1.0 for f in self.pfami_crop_range):
             raise ConfigError(f"'pfami_crop_range' must be two crop fractions in (0, 1] (first and last "
                               f"perturbation), got {self.pfami_crop_range}")
@@ -290,6 +294,11 @@ class EvalConfig:
         _check_seed("quality_seed", self.quality_seed, span=self.quality_num_images)
         if self.utility_reference is not None and not self.quality:
             raise ConfigError("'utility_reference' is only used with --quality (U is computed on the samples)")
+        classifiers = [entry for entry in EXTRACTORS.values() if "utility_retained" in entry.notes]
+        if self.utility_reference is not None and not any(getattr(self, e.weights_option) for e in classifiers):
+            raise ConfigError("'utility_reference' is the unit of U, the retained gain in conditional accuracy, which "
+                              "needs a classifier among the quality features: give "
+                              + " or ".join(f"--{e.weights_option} ({e.name})" for e in classifiers))
         # Each registered extractor names the field of its weight file (library.eval.extractors).
         weights = {name: (entry.weights_option, getattr(self, entry.weights_option))
                    for name, entry in EXTRACTORS.items()}

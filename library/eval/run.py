@@ -297,7 +297,15 @@ def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, Split
                                  max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
     if config.quality:
         quality.check_utility_reference(config, specs)
+    check_attacks(config, samples)
     return config, manifest, samples, split, specs, conditioning
+
+
+def check_attacks(config: EvalConfig, samples: EvalSamples) -> None:
+    """Build every attack on the CPU (their own option checks; the image-space attacks load their feature weights)
+    and check it against D_aux's labels: one error line before any SD weight is read, in ``--dry_run`` too."""
+    for attack in build_attacks(config, torch.device("cpu")):
+        attack.check_labels(samples.labels[samples.aux_index])
 
 
 def dry_run(config: EvalConfig, output_dir: Path) -> None:

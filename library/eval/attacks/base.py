@@ -148,6 +148,10 @@ class Attack(ABC):
         """Nominal cost in UNet forwards per sample (the report's cost column); default: its probes' costs."""
         return float(sum(p.queries_per_sample() for p in self.probes()))
 
+    def check_labels(self, labels: np.ndarray) -> None:
+        """ConfigError if the attack cannot be fitted on a D_aux with these ``labels`` (1 = member); called before
+        any model work, so a split too small for the attack's own needs fails in a moment (``--dry_run`` too)."""
+
     @abstractmethod
     def fit(self, aux: AttackInputs, labels: np.ndarray, *, oracle: tuple[AttackInputs, np.ndarray] | None = None) -> None:
         """Fit on D_aux (``labels``: 1 = member). ``oracle`` (D_te with labels) is only for choices the paper makes

@@ -104,6 +104,10 @@ class PaperMLPAttack(Attack):
         attack.loss_queries = len(config.timesteps) * config.num_noise_draws
         return attack
 
+    def check_labels(self, labels: np.ndarray) -> None:
+        if self.holdout_fraction > 0:
+            stratified_holdout(labels, self.holdout_fraction, self.seed)  # a class too small to hold out raises
+
     def queries_per_sample(self) -> float:
         """D random-t queries per sample (the paper's features); the shared fixed-t losses with multi_t_loss."""
         return float(self.loss_queries) if self.features == "multi_t_loss" else float(self.draws)

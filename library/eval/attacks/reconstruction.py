@@ -52,9 +52,10 @@ def reconstruction_timesteps(steps: int, strength: float, num_train_timesteps: i
     start = math.floor(strength * num_train_timesteps + 1e-9)  # 0.51 * 1000 is 510.00000000000006
     timesteps = ddim_timesteps(steps, start, num_train_timesteps)
     if not timesteps:
+        smallest = ddim_timesteps(steps, num_train_timesteps=num_train_timesteps)[-1]
         raise ConfigError(f"'reconstruction_strength' {strength} leaves no step of the {steps}-step DDIM schedule "
-                          f"(the smallest is {ddim_timesteps(steps, num_train_timesteps=num_train_timesteps)[-1]}); "
-                          "raise it or --blackbox_steps")
+                          f"(its smallest is t = {smallest}); use a strength of at least "
+                          f"{smallest / num_train_timesteps:g}")
     return timesteps
 
 
