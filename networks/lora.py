@@ -320,10 +320,12 @@ class LoRANetwork(nn.Module):
             lora = by_name[name]
             down, up = check_shapes(lora.module_path, w, lora.in_dim, lora.out_dim, lora.kernel_size, source)
             if down.shape[0] != lora.rank:
+                key = next((k for k in w.keys if k.endswith(".lora_down.weight")), w.keys[0])
+                flag = "--network_dim " if lora.kernel_size in (None, (1, 1)) else "--network_args conv_dim="
                 raise ModelError(
-                    f"LoRA file {source}: '{w.keys[0]}' has rank {down.shape[0]} but this network was built with "
-                    f"rank {lora.rank}; continue it with --network_dim {down.shape[0]} (and its --network_alpha), "
-                    "or in Python build the network from the file (create_network_from_weights)"
+                    f"LoRA file {source}: '{key}' has rank {down.shape[0]} but this network was built with rank "
+                    f"{lora.rank}; continue it with {flag}{down.shape[0]}, or with --dim_from_weights, which "
+                    "builds the network from the file's own ranks and alphas (also when they differ by layer)"
                 )
             with torch.no_grad():
                 lora.lora_down.weight.copy_(down)

@@ -520,7 +520,37 @@ def test_continuing_a_lora_of_another_rank_names_the_flag(finished_run, tmp_path
     args = base + ["--network_dim", "8", "--network_weights", str(out / "lora.safetensors"), "--max_train_steps", "1",
                    "--output_dir", str(tmp_path / "more")]
     assert train_entry("lora", "", args) == 2
-    assert "has rank 4" in (line := one_line(capsys)) and "--network_dim 4" in line
+    assert "has rank 4" in (line := one_line(capsys)) and "--network_dim 4" in line and "--dim_from_weights" in line
+
+
+def test_dim_from_weights_continues_a_file_whose_ranks_differ(finished_run, tmp_path, capsys):
+    """sd-scripts' --dim_from_weights: a resized LoRA (ranks per layer, resize_lora.py --dynamic_method) could not
+    be continued: each --network_dim the error suggested was the wrong one for some other layer."""
+    from safetensors.torch import load_file, save_file
+
+    base, out = finished_run  # rank 4, alpha 4
+    mixed = load_file(str(out / "lora.safetensors"))
+    layer = sorted(k.removesuffix(".lora_down.weight") for k in mixed if k.endswith(".lora_down.weight"))[0]
+    mixed[f"{layer}.lora_down.weight"] = mixed[f"{layer}.lora_down.weight"][:2].contiguous()
+    mixed[f"{layer}.lora_up.weight"] = mixed[f"{layer}.lora_up.weight"][:, :2].contiguous()
+    mixed[f"{layer}.alpha"] = torch.tensor(1.0)
+    source = tmp_path / "mixed.safetensors"
+    save_file(mixed, str(source))
+    args = base + ["--network_weights", str(source), "--max_train_steps", "1", "--output_dir", str(tmp_path / "a")]
+    assert train_entry("lora", "", args) == 2
+    assert "has rank 2" in one_line(capsys)
+    assert train_entry("lora", "", args + ["--dim_from_weights", "--learning_rate", "0", "--unet_lr", "0",
+                                           "--text_encoder_lr", "1e-9"]) == 0  # the UNet LoRA stays as loaded
+    saved = load_file(str(tmp_path / "a" / "lora.safetensors"))
+    assert set(saved) == set(mixed)
+    for key, tensor in mixed.items():
+        if key.startswith("lora_unet_"):
+            assert torch.equal(saved[key].to(tensor.dtype), tensor), key
+    with safe_open(tmp_path / "a" / "lora.safetensors", "pt") as handle:
+        assert json.loads(handle.metadata()["ss_network_args"])["variable_rank"] is True
+    capsys.readouterr()
+    assert train_entry("lora", "", base + ["--dim_from_weights", "--dry_run"]) == 2
+    assert "'dim_from_weights' builds the network from the --network_weights file" in one_line(capsys)
 
 
 def test_continuing_a_lora_with_another_alpha_says_which_alpha_it_keeps(finished_run, tmp_path, capsys):

@@ -77,6 +77,9 @@ class TrainConfig:
     network_alpha: float = option(32.0, "LoRA alpha, scale = alpha / rank (the paper's; sd-scripts' default is 1)")
     network_dropout: Optional[float] = option(None, "dropout on the LoRA down-projection output")
     network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file")
+    dim_from_weights: bool = option(False, "with --network_weights: build the network from that file (each layer "
+                                           "its rank and alpha, only the layers it adapts: also a file whose ranks "
+                                           "differ), ignoring --network_dim / --network_alpha / conv_dim")
     network_train_unet_only: bool = option(False, "train the UNet LoRA only (no text-encoder LoRA)")
     network_args: list[str] = option(
         [], "key=value options for the network module, as sd-scripts: conv_dim=R conv_alpha=A also adapts the "
@@ -330,6 +333,8 @@ class TrainConfig:
         elif self.train_text_encoder:
             raise ConfigError("'train_text_encoder' is for 'train_mode = full'; a LoRA's text-encoder part is set by "
                               "text_encoder_lr / network_train_unet_only")
+        if self.dim_from_weights and not self.network_weights:
+            raise ConfigError("'dim_from_weights' builds the network from the --network_weights file; give one")
 
     def _validate_proxy_features(self) -> None:
         band = self.attacker_max_timestep

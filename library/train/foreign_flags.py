@@ -120,7 +120,6 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "no_metadata": ForeignKey("not supported: the LoRA's metadata records what evaluate_mia.py checks (split, base "
                               "model, conditioning); it never holds paths or captions", _false),
     "weighted_captions": ForeignKey("not supported: captions are read as plain text; drop it", _false),
-    "dim_from_weights": ForeignKey("set --network_dim (and --network_alpha) to the --network_weights file's", _false),
     "debug_dataset": ForeignKey("use --dry_run (it checks model, data and config, trains nothing)", _false),
     "skip_cache_check": ForeignKey("not needed: the latent cache is keyed by content; drop it", _always),
     "console_log_level": ForeignKey("not supported; drop it", _always),

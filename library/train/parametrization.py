@@ -236,22 +236,35 @@ def _warn_if_alpha_differs(config: TrainConfig, parent: dict[str, str]) -> None:
              f"{alpha:g} so that the run's config says so too")
 
 
+def _lora_network(config: TrainConfig, bundle: ModelBundle) -> tuple[lora.LoRANetwork, dict[str, str] | None]:
+    """(the LoRA network to train, the metadata of the LoRA it continues or None). ``--dim_from_weights`` shapes it
+    by the ``--network_weights`` file (sd-scripts' flag: per-layer ranks and alphas), else the flags do."""
+    if config.dim_from_weights:
+        assert config.network_weights  # TrainConfig refuses dim_from_weights without it
+        text_encoder = bundle.text_encoder if trains_text_encoder(config) else None
+        network, _ = lora.create_network_from_weights(1.0, config.network_weights, bundle.vae, text_encoder,
+                                                      bundle.unet, dropout=config.network_dropout)
+        return network, lora.read_lora_metadata(config.network_weights)
+    network = lora.create_network(
+        1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
+        dropout=config.network_dropout, **config.network_kwargs,
+    )
+    parent = None
+    if config.network_weights:  # its metadata: what its weights have seen (library.data.lineage)
+        parent = network.load_weights(config.network_weights).metadata
+        _warn_if_alpha_differs(config, parent)
+    return network, parent
+
+
 def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torch.device,
                           keep_base: bool) -> Parametrization:
     """What ``config.train_mode`` trains, on ``device``, with gradient checkpointing when asked."""
     if config.train_mode == "full":
         trained: Parametrization = FullParametrization(bundle, trains_text_encoder(config), keep_base)
     else:
-        network = lora.create_network(
-            1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
-            dropout=config.network_dropout, **config.network_kwargs,
-        )
+        network, parent = _lora_network(config, bundle)
         network.apply_to(bundle.text_encoder, bundle.unet, apply_text_encoder=trains_text_encoder(config),
                          apply_unet=True)
-        parent = None
-        if config.network_weights:  # its metadata: what its weights have seen (library.data.lineage)
-            parent = network.load_weights(config.network_weights).metadata
-            _warn_if_alpha_differs(config, parent)
         network.to(device)
         trained = LoRAParametrization(network, parent)
     groups = trained.param_groups(config)

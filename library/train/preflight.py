@@ -221,6 +221,7 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "network_dim": config.network_dim,
         "network_alpha": float(config.network_alpha),
         "network_args": json.dumps(config.network_kwargs, sort_keys=True),
+        **({"dim_from_weights": True} if config.dim_from_weights else {}),  # the network's shape is the file's
         "text_encoder_lora": trains_text_encoder(config),
         "prior_images": config.num_class_images if config.with_prior_preservation else 0,
         "seed": config.seed,
