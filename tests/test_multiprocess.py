@@ -56,12 +56,17 @@ def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
         assert full.keys() == resumed.keys()
         for key in full:
             assert torch.equal(full[key], resumed[key]), (name, key)
-    # The same state on one process: it goes on, and says it is no longer the uninterrupted run.
-    one = subprocess.run([sys.executable, str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size",
-                          "2", "--attacker_batch_size", "2", "--max_train_steps", "3", "--resume", "half/smp_lora-state",
-                          "--output_dir", "single"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # The same state on one process with the same total batches (2 x 2 = 1 x 4): it goes on, and says it is no
+    # longer the uninterrupted run; with the per-process batches (half the totals) it is refused.
+    single = [sys.executable, str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--max_train_steps", "3",
+              "--resume", "half/smp_lora-state", "--output_dir", "single"]
+    one = subprocess.run([*single, "--train_batch_size", "4", "--attacker_batch_size", "4"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
     assert "the state was written by 2 process(es), this run has 1" in one.stdout
+    halved = subprocess.run([*single, "--train_batch_size", "2", "--attacker_batch_size", "2", "--overwrite"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert halved.returncode == 2 and "total_batch = 4, this run has 2" in halved.stderr, halved.stderr[-2000:]
 
 
 def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_args, tmp_path):

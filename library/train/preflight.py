@@ -74,6 +74,8 @@ IDENTITY_FLAGS = {
     "optimizer": "--optimizer_type / --learning_rate / --unet_lr / --text_encoder_lr / --weight_decay; to go on "
                  "at other rates, start a new run from the LoRA with --network_weights",
     "mixed_precision": "--mixed_precision",
+    "total_batch": "--train_batch_size x the number of processes",
+    "total_attacker_batch": "--attacker_batch_size x the number of processes",
     "base_fingerprint": "--pretrained_model_name_or_path (another base model's weights)",
     "attacker": "--attacker_features / --attacker_timesteps / --attacker_normalization / --attacker_lr / "
                 "--attacker_weight_decay",
@@ -222,6 +224,11 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "network_alpha": float(config.network_alpha),
         "network_args": json.dumps(config.network_kwargs, sort_keys=True),
         **({"dim_from_weights": True} if config.dim_from_weights else {}),  # the network's shape is the file's
+        # The batches over all processes (each takes its share): another process count may resume with the same
+        # totals, never with other ones (which the per-process settings alone would not show)
+        "total_batch": config.train_batch_size * trainer.accelerator.num_processes,
+        **({"total_attacker_batch": config.attacker_batch_size * trainer.accelerator.num_processes}
+           if trainer.method_class.has_attacker else {}),
         "text_encoder_lora": trains_text_encoder(config),
         "prior_images": config.num_class_images if config.with_prior_preservation else 0,
         "seed": config.seed,
@@ -296,8 +303,11 @@ def check_resume(trainer: Trainer) -> None:
     directory = Path(trainer.config.resume)
     summary = read_summary(directory)
     checkpoint.check_state_file(directory)
-    if summary is None:
-        return  # only state.pt: load_state checks what it can (a corrupt state is a clear error there)
+    if summary is None:  # state.pt alone carries no identity: it would resume any run, dropping its lineage record
+        raise TrainingError(
+            f"cannot resume from {directory}: it holds no {checkpoint.SUMMARY_FILE}, the record of the run that wrote "
+            "the state (method, settings, split, the LoRA it started from) that says whether it belongs to this run; "
+            "pass the whole folder --save_state wrote")
     saved = summary.get("identity") or _identity_of_older_state(summary)
     current = run_identity(trainer)
     if saved.get("parent_splits") and not current["parent_splits"]:
@@ -318,8 +328,12 @@ def check_resume(trainer: Trainer) -> None:
                 "without --resume")
     # A state from before class_images_sha256 was recorded: its class images are known by their folder alone
     by_path = set() if "class_images_sha256" in saved else {"class_data_dir"}
+    # Per-process batches: compared as totals (the identity) where the state records them
+    by_total = {name for name, key in (("train_batch_size", "total_batch"),
+                                       ("attacker_batch_size", "total_attacker_batch")) if key in saved}
     inert = trainer.config.inert_settings(trainer.method_name)  # "ignored" by this run: no reason to refuse
-    _check_settings(directory, summary.get("config"), trainer.config, (RESUMABLE_CHANGES - by_path) | inert)
+    _check_settings(directory, summary.get("config"), trainer.config,
+                    (RESUMABLE_CHANGES - by_path) | inert | by_total)
     length = saved.get("schedule_steps")
     if isinstance(length, int) and length and length != current["schedule_steps"]:
         raise TrainingError(
