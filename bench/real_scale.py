@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where the trainer runs (it takes the GPU whenever one is visible)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per method (after one warm-up step)")
-    parser.add_argument("--drift", action="store_true", help="time plain LoRA again at the end (the machine's drift)")
+    parser.add_argument("--drift", action="store_true",
+                        help="time plain LoRA again at the end (the machine's drift; needs lora in --methods)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense peak TFLOP/s (e.g. 989 for an H100 SXM in bf16): prints MFU")
@@ -196,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="sd15: the bench; tiny: the demo's stack, a smoke run of this script")
     parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (the paper: 512)")
     args = parser.parse_args(argv)
+    if args.drift and "lora" not in args.methods:
+        parser.error("--drift times plain LoRA again at the end: add lora to --methods")
     torch.set_num_threads(args.threads)
     if (args.device == "cuda") != torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch {'sees no' if args.device == 'cuda' else 'sees a'} CUDA device "

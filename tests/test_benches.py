@@ -50,3 +50,10 @@ def test_gpu_check_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and done.stderr.strip() == "scripts/gpu_check.sh: torch sees no CUDA device"
     assert not list((tmp_path / "out").iterdir())  # nothing ran
+
+
+def test_real_scale_drift_without_plain_lora_is_refused():
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "real_scale.py"), "--drift", "--methods",
+                           "smp_lora"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "--drift times plain LoRA again at the end: add lora to --methods" in done.stderr
