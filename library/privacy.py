@@ -324,9 +324,9 @@ def _value(t: Tensor) -> float:
 def mp_lora_loss(l_ada: Tensor, g: Tensor, lam: float) -> Tensor:
     """Eq. 6: L_PL = L_ada + λ·G (MP-LoRA). ∂L/∂L_ada = 1, ∂L/∂G = λ.
 
-    G ≤ 0 is unbounded below, so minimising this pushes G → −∞ (the attacker's member log-probability
-    to −∞); this is the instability the paper attributes to MP-LoRA. Raises :class:`TrainingError` if
-    L_ada or G is not finite.
+    G ≤ 0 is unbounded below, so minimising this can push G → −∞ (the attacker's member log-probability
+    to −∞); the paper puts MP-LoRA's instability down to unconstrained local smoothness (Proposition 1, Eq. 8).
+    Raises :class:`TrainingError` if L_ada or G is not finite.
     """
     lam = validate_privacy_lambda(lam)
     _check_scalar(l_ada, "l_ada")

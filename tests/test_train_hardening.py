@@ -58,9 +58,11 @@ def copy_run(finished_run, tmp_path):
 @pytest.mark.parametrize("flag,value", [("--learning_rate", "-1e-4"), ("--learning_rate", "nan"),
                                         ("--unet_lr", "-1e-4"), ("--unet_lr", "inf"), ("--text_encoder_lr", "nan"),
                                         ("--text_encoder_lr", "-1"), ("--seed", str(2**64)), ("--seed", "-1"),
-                                        ("--keep_tokens", "-1")])
+                                        ("--keep_tokens", "-1"),
+                                        ("--g_member_weight", "-1"), ("--g_member_weight", "0")])  # failed at step 0
 def test_bad_rate_or_seed_is_one_line(tiny_train_args, capsys, flag, value):
-    assert train_entry("lora", "", tiny_train_args + [flag, value]) == 2
+    method = "smp_lora" if flag == "--g_member_weight" else "lora"
+    assert train_entry(method, "", tiny_train_args + [flag, value, "--dry_run"]) == 2
     assert flag.lstrip("-") in one_line(capsys)
 
 
@@ -727,6 +729,22 @@ def test_a_rate_that_overflows_the_optimizer_is_one_line(tiny_train_args, tmp_pa
     assert says in line and flags[0][2:] in line, line
     if flags[0] == "--learning_rate":
         assert all(torch.isfinite(t).all() for t in load_file(out / "smp_lora-last-good.safetensors").values())
+
+
+def test_the_last_good_lora_is_kept_in_float32_whatever_the_save_precision(tiny_train_args, tmp_path, capsys):
+    """Weights that grew past fp16's range on their way to diverging were kept as inf under --save_precision fp16."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "diverged"
+    args = tiny_train_args + ["--learning_rate", "1e25", "--max_grad_norm", "0", "--save_precision", "fp16",
+                              "--max_train_steps", "6", "--output_dir", str(out)]
+    assert train_entry("lora", "", args) == 2
+    line = one_line(capsys)
+    assert "The last good LoRA was kept (in float32)" in line and ". The last" in line, line
+    kept = load_file(out / "lora-last-good.safetensors")
+    assert {t.dtype for t in kept.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert max(t.abs().max().item() for t in kept.values()) > 65504  # what fp16 would have made inf
 
 
 def test_a_full_disk_at_a_state_save_is_one_line_and_the_earlier_files_survive(finished_run, tmp_path, capsys,

@@ -74,5 +74,8 @@ def denoising_errors(
 
 
 def per_sample_loss(errors: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: the per-sample adaptation loss, the mean squared error over (C, H, W) -> shape (B,)."""
+    """Eq. 1: the per-sample adaptation loss, the mean squared error over (C, H, W) -> shape (B,).
+
+    Eq. 1 writes a squared L2 norm (a sum); the mean, as the authors' code and kohya take it, is C*H*W times
+    smaller, which is the scale the paper's lambda values weigh G against (docs/paper-fidelity.md)."""
     return errors.flatten(1).mean(dim=1)

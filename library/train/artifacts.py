@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from library.config import config_to_dict
 from library.errors import TrainingError
 from library.fileio import atomic_write_text, json_safe, write_safetensors
@@ -74,10 +76,11 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
     return meta
 
 
-def save_weights(trainer: Trainer, name: str) -> Path:
+def save_weights(trainer: Trainer, name: str, dtype: torch.dtype | None = None) -> Path:
     """The trained weights as ``<output_dir>/<name>.safetensors`` (a LoRA file, or a full fine-tune's single file
-    with its diffusers folders beside it: :mod:`library.train.parametrization`)."""
-    return trainer.trained.save(trainer.output_dir, name, SAVE_DTYPES[trainer.config.save_precision],
+    with its diffusers folders beside it: :mod:`library.train.parametrization`), in ``--save_precision`` unless
+    ``dtype`` is given."""
+    return trainer.trained.save(trainer.output_dir, name, dtype or SAVE_DTYPES[trainer.config.save_precision],
                                 training_metadata(trainer))
 
 
@@ -140,9 +143,10 @@ def last_good_path(trainer: Trainer) -> Path:
 
 
 def save_last_good(trainer: Trainer) -> None:
-    """The LoRA as it was before the step that failed (kept for inspection when training diverges)."""
+    """The LoRA as it was before the step that failed (kept for inspection when training diverges), in float32:
+    weights that grew past fp16's range on their way to diverging are finite there, and inf in fp16."""
     if trainer.accelerator.is_main_process:
-        save_weights(trainer, last_good_name(trainer))
+        save_weights(trainer, last_good_name(trainer), torch.float32)
 
 
 def save_state(trainer: Trainer, directory: Path) -> None:

@@ -267,6 +267,9 @@ class TrainConfig:
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
         if self.prior_loss_weight < 0 or not math.isfinite(self.prior_loss_weight):
             raise ConfigError(f"'prior_loss_weight' must be a finite number >= 0, got {self.prior_loss_weight}")
+        if not (math.isfinite(self.g_member_weight) and self.g_member_weight > 0):
+            raise ConfigError(f"'g_member_weight' must be a finite number > 0 (1 = the authors' code, 0.5 = literal "
+                              f"Eq. 5), got {self.g_member_weight}")
         validate_privacy_delta(self.privacy_delta)
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")

@@ -42,7 +42,8 @@ def advice(trainer: Trainer) -> str:
 def stop(trainer: Trainer, what: str) -> NoReturn:
     """Keep the weights as they are (the last good ones) and stop the run with one line saying why and where."""
     artifacts.save_last_good(trainer)
-    raise TrainingError(f"step {trainer.global_step}: {what} The last good LoRA was kept as "
+    what = what.rstrip() if what.rstrip().endswith((".", "!", "?")) else what.rstrip() + "."
+    raise TrainingError(f"step {trainer.global_step}: {what} The last good LoRA was kept (in float32) as "
                         f"{artifacts.last_good_path(trainer)}.")
 
 
