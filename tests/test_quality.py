@@ -271,7 +271,7 @@ def test_conditional_accuracy_reads_the_prompt_class_and_skips_prompts_without_o
     assert conditional_accuracy(extractor, images[:1], ["a cat"], torch.device("cpu"))["conditional_accuracy"] is None
 
 
-def test_utility_retained_is_the_share_of_the_reference_gain():
+def test_utility_retained_is_the_share_of_the_reference_gain(capsys):
     from library.eval.quality import add_utility_retained
 
     utility = {"base": {"conditional_accuracy": 0.2}, "lora": {"conditional_accuracy": 0.9},
@@ -283,6 +283,13 @@ def test_utility_retained_is_the_share_of_the_reference_gain():
     flat = {"base": {"conditional_accuracy": 0.5}, "lora": {"conditional_accuracy": 0.5}}
     add_utility_retained(flat, "lora", "conditional_accuracy")  # no gain over the base: U undefined, left out
     assert "utility_retained" not in flat["lora"]
+    # a reference worse than the base: U's sign flipped (another model worse than the base "kept 50 % of the gain")
+    worse = {"base": {"conditional_accuracy": 0.54}, "lora": {"conditional_accuracy": 0.46},
+             "other": {"conditional_accuracy": 0.5}}
+    capsys.readouterr()
+    add_utility_retained(worse, "lora", "conditional_accuracy")
+    assert not any("utility_retained" in row for row in worse.values())
+    assert "U is left out: the reference 'lora' has conditional_accuracy 0.46, no gain" in capsys.readouterr().err
 
 
 def test_utility_reference_defaults_to_the_one_plain_lora_and_checks_a_given_name():

@@ -13,6 +13,9 @@ def test_prompt_options_are_parsed():
     spec = parse_prompt_line("a handwritten digit seven --n blurry, noisy --d 3 --s 12 --l 4.5 --w 64 --h 32")
     assert spec == PromptSpec("a handwritten digit seven", "blurry, noisy", 64, 32, 3, 12, 4.5)
     assert parse_prompt_line("plain prompt") == PromptSpec("plain prompt")
+    # an empty --n is no negative prompt (sd-scripts drops it); it once swallowed the next option as its text
+    assert parse_prompt_line("a cat --n --d 3 --s 5") == PromptSpec("a cat", seed=3, steps=5)
+    assert parse_prompt_line("a cat --d 3 --n") == PromptSpec("a cat", seed=3)
 
 
 def test_sd_scripts_prompt_files(tmp_path, capsys):
@@ -101,6 +104,7 @@ def test_generation_encodes_prompts_as_training_does(monkeypatch):
     ("a digit --h -32", "--h must be a positive multiple of 8"),
     ("a digit --s 0", "--s must be at least 1"),  # was silently the default
     ("a digit --l nan", "--l must be a finite guidance scale"),
+    ("a digit --d --s 4", "option --d has no value"),
 ])
 def test_prompt_option_values_are_checked_when_the_file_is_read(line, message):
     with pytest.raises(ConfigError, match=message):

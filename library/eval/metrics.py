@@ -343,9 +343,11 @@ def feature_metrics(names: Mapping[str, tuple[str, str | None]], real: Mapping[s
 
 def real_vs_real_floor(names: Mapping[str, tuple[str, str | None]], real: Mapping[str, np.ndarray],
                        n_subsets: int = 100, seed: int = 0) -> dict[str, float | None]:
-    """:func:`feature_metrics` between two halves of the reference set (a fixed permutation): the value "as good as
-    it gets" at about this sample size (Fréchet distances on a few hundred images are strongly biased upward, KID
-    is not); empty below 4 samples."""
+    """:func:`feature_metrics` between two halves of the reference set (a fixed permutation); empty below 4 samples.
+
+    KID is unbiased, so its floor is what real images score against real ones. Fréchet distances are biased
+    upward at small n, so the FD floor (half vs half) is above what the full reference set against as many real
+    images would give, and can exceed the models' FDs: it is no "as good as it gets" for FD."""
     n = next(iter(real.values())).shape[0]
     if n < 4:
         return {}

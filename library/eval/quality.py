@@ -207,10 +207,15 @@ def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> N
 def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,
                          base: str = BASE_NAME) -> None:
     """Utility gain retained, U = (m - m_base) / (m_ref - m_base) (issue 16), as ``utility_retained`` in every row
-    holding ``metric``; left out when the reference or the base lacks the metric or gains nothing over the base."""
+    holding ``metric``; left out when the reference or the base lacks the metric, and (with a ``warning:``) when the
+    reference gains nothing over the base: a zero or negative gain is no unit (U's sign would flip)."""
     m_base = utility.get(base, {}).get(metric)
     m_ref = utility.get(reference, {}).get(metric) if reference is not None else None
-    if m_base is None or m_ref is None or m_ref == m_base:
+    if m_base is None or m_ref is None:
+        return
+    if m_ref <= m_base:
+        warn(f"utility retained U is left out: the reference {reference!r} has {metric} {m_ref:.4g}, no gain over the "
+             f"base model's {m_base:.4g}, so there is no gain to count in its units")
         return
     for row in utility.values():
         if row.get(metric) is not None:

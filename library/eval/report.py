@@ -210,8 +210,10 @@ def report_markdown(result: "EvalResult") -> str:
                 f"{quality['kid_subset_size']}; grids: {', '.join(f'`{g}`' for g in quality['grids'].values())}")
             floor = quality.get("real_vs_real_floor") or {}
             if floor:
-                lines.append("- real-vs-real floor (two halves of the reference set): " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in floor.items() if v is not None and not k.endswith("_std")))
+                lines.append("- real-vs-real floor (two halves of the reference set; KID's is the floor, a Fréchet "
+                             "distance at half the size is biased upward and not comparable with the rows): "
+                             + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()
+                                         if v is not None and not k.endswith("_std")))
         else:
             lines.append("- no sample-quality metrics: run with --quality (and --digit_feature_weights / "
                          "--inception_weights) for FD/KID")

@@ -22,7 +22,9 @@ from library.fileio import atomic_write_path
 from library.sd.bundle import ModelBundle
 from library.sd.text import encode_prompts
 
-_OPTION = re.compile(r"\s--([A-Za-z]+)\s+")
+# An option is " --x" followed by whitespace or the end: the whitespace stays with the value, so an empty
+# value ("--n --d 3") cannot swallow the next option.
+_OPTION = re.compile(r"\s--([A-Za-z]+)(?=\s|$)")
 _IGNORED_OPTIONS = {"ss": "sampler"}
 
 
@@ -51,6 +53,8 @@ def parse_prompt_line(line: str, source: str = "prompt") -> PromptSpec:
             raise ConfigError(f"{source}: unknown prompt option --{flag}; the options are "
                               + ", ".join(f"--{f} ({name})" for f, (name, _) in fields.items()))
         name, kind = fields[flag]
+        if not value.strip() and flag != "n":  # an empty --n is no negative prompt, as in sd-scripts
+            raise ConfigError(f"{source}: option --{flag} has no value")
         try:
             parsed = kind(value.strip())
         except ValueError:
