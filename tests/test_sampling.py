@@ -56,14 +56,16 @@ def test_training_writes_sample_grid(tiny_train_args, tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit one --d 1\na handwritten digit two --s 3\n")
-    # 24 members at batch 4 = 6 steps per epoch: one epoch ends inside the run.
-    args = tiny_train_args + ["--max_train_steps", "6", "--sample_prompts", str(prompts),
+    # 24 members at batch 4 = 6 steps per epoch: one epoch ends inside the run, the second is cut short by
+    # max_train_steps and samples at the run's end, as sd-scripts does
+    args = tiny_train_args + ["--max_train_steps", "8", "--sample_prompts", str(prompts),
                               "--sample_every_n_epochs", "1", "--sample_steps", "2"]
     train(parse_config(TrainConfig, args), "lora")
     grid = tmp_path / "out" / "sample" / "lora_e000001.png"
     from PIL import Image
 
     assert Image.open(grid).size == (64, 32)  # two 32 px images side by side
+    assert sorted(p.name for p in grid.parent.iterdir()) == ["lora_e000001.png", "lora_e000002.png"]
 
 
 def test_generation_encodes_prompts_as_training_does(monkeypatch):

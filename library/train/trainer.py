@@ -293,6 +293,7 @@ class Trainer:
                     and self.global_step < self.total_steps:
                 artifacts.save_checkpoint(self, "step", self.global_step)
         bar.close()
+        self._sample_a_partial_last_epoch()
         if self.smoothness is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             logs.update({f"smoothness_{k}": v for k, v in self.smoothness.write(
@@ -322,6 +323,15 @@ class Trainer:
             self._sample_images(f"{self.output_name}_e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
             artifacts.save_checkpoint(self, "epoch", epoch)
+
+    def _sample_a_partial_last_epoch(self) -> None:
+        """A run that stops inside an epoch (``--max_train_steps``) samples as that epoch's end would, as sd-scripts
+        does (its end-of-epoch code runs after the step loop breaks)."""
+        cfg, sampler = self.config, self.sampler
+        epoch = sampler.epoch + 1  # the epoch in progress, counted from 1
+        partial = sampler.position > 0 and self.completed_epochs() < epoch
+        if partial and cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+            self._sample_images(f"{self.output_name}_e{epoch:06d}")
 
     def _proxy_monitor(self, epoch: int) -> dict[str, float]:
         """The proxy h_w's accuracy on D_aux and D_te (a monitor only; evaluate_mia.py is the real test).
