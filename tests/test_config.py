@@ -101,6 +101,18 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
     assert "--sample_every_n_epochs" in str(flag.value) and "did you mean" not in str(flag.value)
     with pytest.raises(ConfigError, match="--no_half_vae: the VAE always runs in fp32 here"):
         parse_config(TrainConfig, BASE + ["--no_half_vae"])
+    # sd-scripts' caption options: their own advice, not a look-alike ("did you mean --train_text_encoder?")
+    path = write(tmp_path, "cache_text_encoder_outputs = false\ncache_text_encoder_outputs_to_disk = false\n"
+                           "caption_prefix = ''\nkeep_tokens_separator = ''\ntoken_warmup_step = 0\n")
+    parse_config(TrainConfig, BASE + ["--config_file", path])
+    assert capsys.readouterr().err.count("warning:") == 5
+    for flag, advice in ((["--cache_text_encoder_outputs"], "cached per caption already"),
+                         (["--keep_tokens_separator", "|||"], "first N comma-separated tags"),
+                         (["--caption_prefix", "photo, "], "edit the caption files"),
+                         (["--no_token_padding"], "padded to the token length")):
+        with pytest.raises(ConfigError, match=advice) as refused:
+            parse_config(TrainConfig, BASE + flag)
+        assert "did you mean" not in str(refused.value)
 
 
 @pytest.mark.parametrize("item,expected", [

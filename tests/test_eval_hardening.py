@@ -251,6 +251,8 @@ def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(train
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--attacks", "loss", "blackbox",
                                      "--digit_feature_weights", str(tmp_path / "missing.safetensors"), "--dry_run"))
     assert "missing.safetensors" in err and "does not exist" in err
+    err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--clip_skip", "3", "--dry_run"))
+    assert "clip_skip must be between 1 and 2 for this text encoder, got 3" in err  # the tiny CLIP: 2 layers
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--attacks", "reconstruction",
                                      "--reconstruction_strength", "0.0005", "--dry_run"))
     assert "leaves no step of the 20-step DDIM schedule (its smallest is t = 1); use a strength of at least 0.001" in err

@@ -169,6 +169,14 @@ def test_caption_extension_is_not_called_ignored_when_class_images_read_it(dream
     assert "caption_extension is ignored" not in capsys.readouterr().err
 
 
+def test_a_caption_extension_without_its_dot_names_the_class_captions_too(dreambooth_args, tmp_path):
+    """'txt' reads the members' captions (sd-scripts users write it so); the class images crashed on it in
+    Path.with_suffix, after the dry run had passed."""
+    trainer = Trainer(parse_config(TrainConfig, dreambooth_args + ["--caption_extension", "caption"]), "lora")
+    assert sorted(p.suffix for p in (tmp_path / "class").iterdir()) == [".caption"] * 6 + [".png"] * 6
+    assert set(trainer.data.prior.captions) == {"a digit"}
+
+
 def test_a_resume_knows_the_class_images_by_content_not_by_folder(dreambooth_args, tmp_path, capsys):
     """A copied --class_data_dir resumes (to the same LoRA); other class captions are refused, naming the flag."""
     import shutil

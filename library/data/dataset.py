@@ -171,6 +171,15 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
     return [records[k] for k in sorted(records)]
 
 
+def caption_suffix(caption_extension: str) -> str:
+    """``--caption_extension`` as a file suffix: ``txt`` and ``.txt`` are both ``.txt`` (sd-scripts adds no dot,
+    so its users write either); one that names no extension is a ConfigError."""
+    if not caption_extension.strip("."):
+        raise ConfigError(f"caption extension {caption_extension!r} names no extension: pass the captions' one, "
+                          "e.g. --caption_extension .txt or .caption")
+    return caption_extension if caption_extension.startswith(".") else "." + caption_extension
+
+
 def scan_dataset(
     root: str | Path, caption_extension: str = ".txt", *, caption_column: str = "text"
 ) -> list[ImageCaption]:
@@ -184,11 +193,7 @@ def scan_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder")
-    if not caption_extension.strip("."):
-        raise ConfigError(f"caption extension {caption_extension!r} names no extension: pass the captions' one, "
-                          "e.g. --caption_extension .txt or .caption")
-    if not caption_extension.startswith("."):
-        caption_extension = "." + caption_extension
+    caption_extension = caption_suffix(caption_extension)
     metadata = root / METADATA_FILE
     if metadata.is_file():
         records = _scan_imagefolder(root, metadata, caption_column)

@@ -55,7 +55,8 @@ from library.eval.records import (
 )
 from library.outputs import OutputLock, check_output_dir
 from library.runtime import PRECISION_DTYPES, use_deterministic_kernels
-from library.sd.loading import native_resolution
+from library.sd.loading import native_resolution, text_encoder_layers
+from library.sd.text import check_clip_skip_layers
 from library.workers import WorkerPool
 
 FPR_TARGETS = (0.05, 0.01, 0.001)
@@ -293,6 +294,8 @@ def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, Split
     check_lora_layouts(specs)  # a file that is no LoRA at all fails here, before any SD weight is read
     # The conditioning the LoRAs were trained with (library.eval.conditioning), recorded in the report's config.
     conditioning = resolve_conditioning(config, specs, native_resolution(config.pretrained_model_name_or_path))
+    if (layers := text_encoder_layers(config.pretrained_model_name_or_path)) is not None:
+        check_clip_skip_layers(layers, conditioning.clip_skip)  # before any weight is read, in --dry_run too
     config = dataclasses.replace(config, clip_skip=conditioning.clip_skip,
                                  max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
     if config.quality:

@@ -206,23 +206,35 @@ def check_sd_model(
         raise ModelError(f"{path} is neither a diffusers folder nor a .safetensors checkpoint")
 
 
+def _network_config(path: Path, name: str) -> dict[str, Any]:
+    """The config of one network (``unet``, ``vae``, ``text_encoder``) of a model folder or single ``.safetensors``,
+    read from its files alone; OSError / ValueError / KeyError / ModelError when they do not hold it."""
+    if path.is_dir():
+        return json.loads((path / name / "config.json").read_text(encoding="utf-8"))
+    if path.suffix.lower() == ".safetensors":
+        return single_file_configs(path)[name]
+    raise KeyError(name)
+
+
 def native_resolution(path: str | Path) -> int | None:
     """The image size an SD v1.x model generates by default (diffusers' pipelines: the UNet's ``sample_size`` times
     the VAE's downscale, 64 x 8 = 512 for SD v1.5), from its configs alone; None when they do not say."""
     path = Path(path).expanduser()
     try:
-        if path.is_dir():
-            unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
-            vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
-        elif path.suffix.lower() == ".safetensors":
-            configs = single_file_configs(path)
-            unet, vae = configs["unet"], configs["vae"]
-        else:
-            return None
+        unet, vae = _network_config(path, "unet"), _network_config(path, "vae")
         size, levels = int(unet["sample_size"]), len(vae["block_out_channels"])
     except (OSError, ValueError, KeyError, TypeError, ModelError):
         return None  # check_sd_model names what is wrong with the model; here it only has no default size
     return size * 2 ** (levels - 1) if size > 0 and levels > 0 else None
+
+
+def text_encoder_layers(path: str | Path) -> int | None:
+    """The number of layers of a model's CLIP text encoder (what ``--clip_skip`` counts), from its config alone;
+    None when it does not say (the check then waits for the loaded model)."""
+    try:
+        return int(_network_config(Path(path).expanduser(), "text_encoder")["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, ModelError):
+        return None
 
 
 def load_sd_model(

@@ -199,7 +199,11 @@ def _final_layer_norm(text_encoder: Any) -> torch.nn.Module:
 
 def check_clip_skip(text_encoder: Any, clip_skip: int) -> None:
     """One ConfigError line when the text encoder has fewer than ``clip_skip`` layers."""
-    num_layers = int(text_encoder.config.num_hidden_layers)
+    check_clip_skip_layers(int(text_encoder.config.num_hidden_layers), clip_skip)
+
+
+def check_clip_skip_layers(num_layers: int, clip_skip: int) -> None:
+    """One ConfigError line when a text encoder of ``num_layers`` layers has fewer than ``clip_skip``."""
     if not 1 <= clip_skip <= num_layers:
         raise ConfigError(f"clip_skip must be between 1 and {num_layers} for this text encoder, got {clip_skip}")
 

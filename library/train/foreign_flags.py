@@ -44,6 +44,8 @@ _PLAIN_OBJECTIVE = ("not supported: the objectives (paper Eq. 1, 6, 10) use the 
 _NO_AUGMENTATION = ("not supported: images are centre-cropped squares at --resolution with no augmentation "
                     "(the latents are cached once); drop it")
 _IN_MEMORY = "not needed: latents are cached and served from memory, without data-loader workers; drop it"
+_CAPTION_AS_IS = ("not supported: a caption is used as its file holds it (first non-blank line; --shuffle_caption and "
+                  "--keep_tokens only reorder its comma-separated tags); edit the caption files instead")
 
 SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "v2": ForeignKey(_SD1_ONLY, _false),
@@ -126,6 +128,24 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "console_log_file": ForeignKey("not supported; drop it", _always),
     "console_log_simple": ForeignKey("not supported; drop it", _always),
     "epoch": ForeignKey("the kohya_ss GUI's name for sd-scripts' max_train_epochs: use max_train_epochs"),
+    # caption handling and text-encoder caching of sd-scripts' dataset options
+    "cache_text_encoder_outputs": ForeignKey("not needed: a frozen text encoder's outputs are cached per caption "
+                                             "already (not while it trains or captions are shuffled); drop it", _false),
+    "cache_text_encoder_outputs_to_disk": ForeignKey("not supported: text-encoder outputs are cached in memory; "
+                                                     "drop it", _false),
+    "keep_tokens_separator": ForeignKey("not supported: --keep_tokens N keeps the caption's first N comma-separated "
+                                        "tags in place; drop it", lambda v: v in ("", None)),
+    "caption_prefix": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
+    "caption_suffix": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
+    "caption_separator": ForeignKey("not supported: tags are separated by commas (--shuffle_caption, --keep_tokens); "
+                                    "drop it", lambda v: v in (",", None)),
+    "secondary_separator": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
+    "enable_wildcard": ForeignKey(_CAPTION_AS_IS, _false),
+    "token_warmup_min": ForeignKey("not supported: every step uses the whole caption; drop it",
+                                   lambda v: v in (1, None)),
+    "token_warmup_step": ForeignKey("not supported: every step uses the whole caption; drop it", _zero),
+    "no_token_padding": ForeignKey("not supported: captions are padded to the token length, as SD v1.x was "
+                                   "trained; drop it", _false),
 }
 
 

@@ -25,7 +25,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from library.data.dataset import REPEATS_DIR, ImageCaption, is_image, read_caption_file
+from library.data.dataset import REPEATS_DIR, ImageCaption, caption_suffix, is_image, read_caption_file
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
 from library.outputs import check_output_dir
@@ -112,7 +112,7 @@ def generate_class_images(config: TrainConfig, bundle: ModelBundle,
                          clip_skip=config.clip_skip, max_token_length=config.max_token_length, autocast=autocast)[0]
         with atomic_write_path(image_path) as tmp:
             image.save(tmp, format="PNG")
-        atomic_write_text(image_path.with_suffix(config.caption_extension), config.class_prompt)
+        atomic_write_text(image_path.with_suffix(caption_suffix(config.caption_extension)), config.class_prompt)
         made += 1
     return made
 
@@ -122,7 +122,7 @@ def class_images(config: TrainConfig) -> list[ImageCaption]:
     folder = Path(config.class_data_dir)
     records = []
     for image in _images(folder)[:config.num_class_images]:
-        caption_path = image.with_suffix(config.caption_extension)
+        caption_path = image.with_suffix(caption_suffix(config.caption_extension))
         kohya_class = REPEATS_DIR.match(image.parent.name) if image.parent != folder else None
         if caption_path.is_file():
             caption = read_caption_file(caption_path)
