@@ -25,7 +25,13 @@ from typing import Callable, ContextManager
 
 import torch
 
-from library.data.dataset import REPEATS_DIR, ImageCaption, caption_suffix, is_image, read_caption_file
+from library.data.dataset import (
+    REPEATS_DIR,
+    ImageCaption,
+    caption_suffix,
+    is_image,
+    read_caption_file,
+)
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text
 from library.outputs import check_output_dir

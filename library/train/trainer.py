@@ -33,8 +33,8 @@ from library.sd.diffusion import (
     draw_noise,
     per_sample_loss,
 )
-from library.sd.sampling import build_pipeline, generate, read_prompt_file, save_grid
-from library.train import artifacts, divergence, preflight, prior
+from library.sd.sampling import read_prompt_file
+from library.train import artifacts, divergence, preflight, prior, samples
 from library.train.artifacts import TrainResult
 from library.train.collectives import Collectives
 from library.train.config import TrainConfig
@@ -293,7 +293,8 @@ class Trainer:
                     and self.global_step < self.total_steps:
                 artifacts.save_checkpoint(self, "step", self.global_step)
         bar.close()
-        self._sample_a_partial_last_epoch()
+        if (epoch := samples.partial_epoch_due(self)) is not None:  # sd-scripts samples a cut-short epoch too
+            samples.sample_images(self, f"{self.output_name}_e{epoch:06d}")
         if self.smoothness is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             logs.update({f"smoothness_{k}": v for k, v in self.smoothness.write(
@@ -320,18 +321,9 @@ class Trainer:
         self.accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
                              step=self.global_step)
         if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-            self._sample_images(f"{self.output_name}_e{epoch:06d}")
+            samples.sample_images(self, f"{self.output_name}_e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
             artifacts.save_checkpoint(self, "epoch", epoch)
-
-    def _sample_a_partial_last_epoch(self) -> None:
-        """A run that stops inside an epoch (``--max_train_steps``) samples as that epoch's end would, as sd-scripts
-        does (its end-of-epoch code runs after the step loop breaks)."""
-        cfg, sampler = self.config, self.sampler
-        epoch = sampler.epoch + 1  # the epoch in progress, counted from 1
-        partial = sampler.position > 0 and self.completed_epochs() < epoch
-        if partial and cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-            self._sample_images(f"{self.output_name}_e{epoch:06d}")
 
     def _proxy_monitor(self, epoch: int) -> dict[str, float]:
         """The proxy h_w's accuracy on D_aux and D_te (a monitor only; evaluate_mia.py is the real test).
@@ -355,19 +347,6 @@ class Trainer:
                 out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
                                                                       m.keys + nm.keys, labels)
         return out
-
-    def _sample_images(self, name: str) -> None:
-        """Sample the --sample_prompts with the current LoRA into <output_dir>/sample/<name>.png."""
-        if not self.accelerator.is_main_process:
-            return
-        specs = read_prompt_file(self.config.sample_prompts)
-        # As the proxy monitor: no LoRA dropout in a sample, and no draw from the RNG that training goes on with.
-        with torch.random.fork_rng(devices=cuda_devices(self.device)), \
-                eval_mode(self.bundle.unet, self.bundle.text_encoder, getattr(self.trained, "network", None)):
-            images = generate(build_pipeline(self.bundle), specs, resolution=self.config.resolution,
-                              steps=self.config.sample_steps, seed=self.config.seed, clip_skip=self.config.clip_skip,
-                              max_token_length=self.config.max_token_length, autocast=self.autocast)
-        save_grid(images, self.output_dir / preflight.SAMPLE_FOLDER / f"{name}.png")
 
     # ---- state ------------------------------------------------------------------------------------
     def ranks_in_sync(self) -> bool:

@@ -1,0 +1,44 @@
+"""The sample grids of a training run (``--sample_prompts`` every ``--sample_every_n_epochs``), as sd-scripts
+draws them: at the end of every due epoch, and at the end of a run that ``--max_train_steps`` stops inside a due
+epoch. Sampling draws nothing from the random streams training goes on with, so a run with samples trains the very
+weights of one without."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from library.runtime import cuda_devices, eval_mode
+from library.sd.sampling import build_pipeline, generate, read_prompt_file, save_grid
+from library.train import preflight
+
+if TYPE_CHECKING:
+    from library.train.trainer import Trainer
+
+
+def partial_epoch_due(trainer: Trainer) -> int | None:
+    """The epoch (counted from 1) the run stopped inside, when it is due a sample grid; None otherwise."""
+    cfg, sampler = trainer.config, trainer.sampler
+    epoch = sampler.epoch + 1  # the epoch in progress
+    partial = sampler.position > 0 and trainer.completed_epochs() < epoch
+    due = bool(cfg.sample_prompts and cfg.sample_every_n_epochs) and epoch % (cfg.sample_every_n_epochs or 1) == 0
+    return epoch if partial and due else None
+
+
+def sample_images(trainer: Trainer, name: str) -> None:
+    """Sample the --sample_prompts with the current weights into <output_dir>/sample/<name>.png (main process)."""
+    if not trainer.accelerator.is_main_process:
+        return
+    cfg = trainer.config
+    specs = read_prompt_file(cfg.sample_prompts)
+    # As the proxy monitor: no LoRA dropout in a sample, and no draw from the RNG that training goes on with.
+    with torch.random.fork_rng(devices=cuda_devices(trainer.device)), \
+            eval_mode(trainer.bundle.unet, trainer.bundle.text_encoder, getattr(trainer.trained, "network", None)):
+        images = generate(build_pipeline(trainer.bundle), specs, resolution=cfg.resolution, steps=cfg.sample_steps,
+                          seed=cfg.seed, clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length,
+                          autocast=trainer.autocast)
+    save_grid(images, trainer.output_dir / preflight.SAMPLE_FOLDER / f"{name}.png")
+
+
+__all__ = ["partial_epoch_due", "sample_images"]
