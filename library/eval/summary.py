@@ -248,8 +248,10 @@ def table11_table(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {TABLE11_ATTACKS[name]} | {r['model']} | {r['label']} | "
                          f"{fmt(r.get('asr_honest'), True)} | {fmt(oracle, True)} | "
                          f"{fmt(r.get('auc_deviation'))} | {fmt(r.get('auc'))}{fmt_ci(r.get('auc_ci'))} |")
-    return lines + ["", f"- {TABLE11_PAPER} (ASR as the paper prints it: its protocol is our oracle column, the best "
-                        "threshold on D_te; honest: argmax p(member) of the classifier fitted on D_aux)."]
+    return lines + ["", f"- {TABLE11_PAPER} (ASR as the paper prints it, oracle: the best threshold on D_te of the "
+                        "classifier's p(member), as the main table's oracle column is for threshold attacks (it "
+                        "leaves these classifier rows n/a); honest: argmax p(member) of the classifier fitted on "
+                        "D_aux)."]
 
 
 def _computed_queries(report: dict[str, Any], name: str, probes: list[str] | None, nominal: float | None) -> str:
