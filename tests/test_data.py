@@ -15,7 +15,6 @@ from PIL import Image
 
 from library.data.dataset import (
     ImageCaption,
-    LatentCaptionDataset,
     scan_dataset,
     shuffle_caption,
 )
@@ -381,23 +380,6 @@ def test_shuffle_caption_keeps_leading_tokens():
     assert shuffle_caption(caption, 1, random.Random(3)) == shuffle_caption(caption, 1, random.Random(3))
     assert shuffle_caption("a, b", 5, random.Random(0)) == "a, b"
     assert shuffle_caption("a,, b ,", 0, random.Random(0)).count(",") == 1
-
-
-def test_latent_caption_dataset_repeats_and_shuffle():
-    latents = torch.arange(3 * 4 * 2 * 2, dtype=torch.float32).reshape(3, 4, 2, 2)
-    ds = LatentCaptionDataset(latents, ["a, b, c, d", "x", "y"], repeats=[2, 1, 1], shuffle_captions=True,
-                              keep_tokens=1, seed=0)
-    assert len(ds) == 4
-    assert [ds[i][2] for i in range(4)] == [0, 0, 1, 2]
-    lat, cap, idx = ds[3]
-    assert torch.equal(lat, latents[2]) and cap == "y" and idx == 2
-    first = [ds[0][1] for _ in range(3)]
-    assert len(set(first)) == 1 and first[0].startswith("a, ")  # deterministic within an epoch
-    seen = set()
-    for epoch in range(10):
-        ds.set_epoch(epoch)
-        seen.add(ds[0][1])
-    assert len(seen) > 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,9 +21,6 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
 
 from library.data.images import IMAGE_EXTENSIONS
 from library.errors import ConfigError, DataError, warn
@@ -235,49 +232,3 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random, separato
     rng.shuffle(tail)
     return f"{separator} ".join(head + tail)
 
-
-class LatentCaptionDataset(torch.utils.data.Dataset):
-    """Cached latents with their captions; items are ``(latent, caption, record_index)``.
-
-    ``repeats`` (one int per record) lists a record that many times per epoch; the returned index is always
-    the record's own index, so membership bookkeeping never sees the expanded position. Caption shuffling
-    draws from a generator seeded by (seed, epoch, item), so it is identical across DataLoader worker
-    counts and restarts; call :meth:`set_epoch` each epoch to get a new order.
-    """
-
-    def __init__(
-        self,
-        latents: torch.Tensor,
-        captions: Sequence[str],
-        *,
-        repeats: Sequence[int] | None = None,
-        shuffle_captions: bool = False,
-        keep_tokens: int = 0,
-        seed: int = 0,
-    ) -> None:
-        if len(latents) != len(captions):
-            raise ValueError(f"{len(latents)} latents but {len(captions)} captions")
-        if repeats is not None and len(repeats) != len(captions):
-            raise ValueError(f"{len(repeats)} repeats for {len(captions)} captions")
-        self.latents = latents
-        self.captions = list(captions)
-        self.shuffle_captions = shuffle_captions
-        self.keep_tokens = keep_tokens
-        self.seed = seed
-        self.epoch = 0
-        counts = repeats if repeats is not None else [1] * len(captions)
-        self._index = [i for i, n in enumerate(counts) for _ in range(n)]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, str, int]:
-        index = self._index[item]
-        caption = self.captions[index]
-        if self.shuffle_captions:
-            rng = random.Random(f"{self.seed}:{self.epoch}:{item}")
-            caption = shuffle_caption(caption, self.keep_tokens, rng)
-        return self.latents[index], caption, index

@@ -89,14 +89,14 @@ def digits_extractor(path: str | Path, device: torch.device) -> FeatureExtractor
 
 def inception_extractor(path: str | Path, device: torch.device) -> FeatureExtractor:
     """The FID Inception-v3 of ``path``: FID / KID at pool3 (2048-d) and pytorch-fid's smaller ``--dims``."""
-    from library.eval.fid_inception import load_fid_inception  # noqa: PLC0415 - torch only when used
+    from library.eval.fid_inception import INCEPTION_DIMS, load_fid_inception  # noqa: PLC0415
 
     model = load_fid_inception(path).to(device)
     return FeatureExtractor(
         "inception", f"FID Inception-v3 ({path}), pytorch-fid conventions: bilinear resize to 299, inputs in [-1, 1]",
         lambda images: model(images.float()),
-        {"2048": ("fid_2048", "kid_2048"), "768": ("fid_768", "kid_768"), "192": ("fid_192", None),
-         "64": ("fid_64", None)}, batch_size=16)
+        {dims: (f"fid_{dims}", f"kid_{dims}" if dims in ("2048", "768") else None) for dims in INCEPTION_DIMS},
+        batch_size=16)
 
 
 register_extractor(ExtractorEntry(

@@ -46,7 +46,7 @@ def reference_entries(manifest: Any, reference: str) -> list[Any]:
 
 
 def pil_to_tensor(images: Sequence[Any]) -> torch.Tensor:
-    """PIL RGB images -> [N, 3, H, W] float32 in [-1, 1] (the convention of :func:`library.data.dataset.load_image`)."""
+    """PIL RGB images -> [N, 3, H, W] float32 in [-1, 1] (the convention of :func:`library.data.images.load_image`)."""
     arrays = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().div_(127.5).sub_(1.0)
 

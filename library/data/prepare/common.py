@@ -362,8 +362,8 @@ def split_and_save(
                               seed=seed, dataset_root=image_dir)
     except (DataError, ConfigError) as exc:  # the images are written: say how to split them by hand
         raise type(exc)(f"{exc} — the {len(records)} images are in {image_dir}: split them with "
-                        f"scripts/make_split.py --dataset_dir {image_dir} (its flags: --sizes, --allow_duplicates, "
-                        "...)") from None
+                        f"scripts/make_split.py --dataset_dir {image_dir} (its flags: --member_aux, --member_test, "
+                        "--nonmember_aux, --nonmember_test or --preset, --allow_duplicates, ...)") from None
     if sizes:
         manifest.preset = f"{preset} (scaled: {','.join(str(v) for v in sizes.values())})"
     if created_by:

@@ -47,11 +47,6 @@ def method_class(name: str) -> type[TrainingMethod]:
         raise ConfigError(f"unknown method {name!r}; expected one of {', '.join(METHOD_REGISTRY)}") from None
 
 
-def build_method(name: str, setup: MethodSetup) -> TrainingMethod:
-    """The method ``name`` for a run, built from what ``setup`` holds."""
-    return method_class(name).build(setup)
-
-
 __all__ = ["METHOD_REGISTRY", "AdversarialLoRA", "AuxData", "DPLoRA", "ForwardResult", "MPLoRA", "MethodSetup",
-           "PlainLoRA", "RelaxLoss", "SMPLoRA", "SampleSet", "StepContext", "TrainingMethod", "build_method",
+           "PlainLoRA", "RelaxLoss", "SMPLoRA", "SampleSet", "StepContext", "TrainingMethod",
            "method_class", "method_names"]
