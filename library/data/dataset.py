@@ -231,4 +231,3 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random, separato
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return f"{separator} ".join(head + tail)
-
