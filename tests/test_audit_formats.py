@@ -449,3 +449,30 @@ def test_a_peft_adapter_takes_its_scale_from_its_adapter_config(world, peft_file
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(ModelError, match="adapter_config.json.*not valid JSON"):
         scales()
+
+
+def test_a_finetune_that_did_not_train_its_text_encoder_keeps_the_base_one(world, tmp_path, capsys):
+    """This toolkit's single file always holds a text encoder: the base's, cast to --save_precision, when it was not
+    trained. Read as "its own", the single file and the -unet/ folder of one fine-tune were two models."""
+    bundle = world["bundle"]
+    cases = {"false": False, "true": True}
+    for recorded, own in cases.items():
+        path = tmp_path / f"ft_{recorded}.safetensors"
+        save_single_file(bundle, path, metadata={"smp_lora.train_mode": "full",
+                                                 "smp_lora.trained_text_encoder": recorded})
+        assert bool(resolve_unet_weights(path).text_encoder) is own, recorded
+    older = tmp_path / "older.safetensors"  # written before the record: its -text_encoder/ folder says it trained one
+    save_single_file(bundle, older, metadata={"smp_lora.train_mode": "full"})
+    assert not resolve_unet_weights(older).text_encoder
+    bundle.text_encoder.save_pretrained(str(tmp_path / "older-text_encoder"), safe_serialization=True)
+    assert resolve_unet_weights(older).text_encoder
+    foreign = tmp_path / "foreign.safetensors"  # no record of ours: audited as published
+    save_single_file(bundle, foreign)
+    assert resolve_unet_weights(foreign).text_encoder
+
+    pipe = tmp_path / "pipe"  # a sharded text_encoder/ is not read: the base's, with a warning (it was an error)
+    bundle.unet.save_pretrained(str(pipe / "unet"), safe_serialization=True)
+    bundle.text_encoder.save_pretrained(str(pipe / "text_encoder"), safe_serialization=True, max_shard_size="100KB")
+    capsys.readouterr()
+    assert not resolve_unet_weights(pipe).text_encoder
+    assert "holds no model.safetensors (a sharded text encoder is not read)" in capsys.readouterr().err

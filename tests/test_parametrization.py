@@ -171,6 +171,7 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
     assert report["conditioning"]["clip_skip"] == 2  # read from the fine-tune's own metadata
     single_meta = next(m["metadata"] for m in report["models"] if m["name"] == "lora")
     assert single_meta["smp_lora.train_mode"] == "full" and "smp_lora.sd_configs" not in single_meta
+    assert single_meta["smp_lora.trained_text_encoder"] == "true"
     assert {m["name"]: m["text_encoder"] for m in report["models"]} == {"base": None, "lora-unet": "own", "lora": "own"}
 
     from conftest import SPLIT_SIZES

@@ -66,6 +66,13 @@ def test_training_writes_sample_grid(tiny_train_args, tmp_path):
 
     assert Image.open(grid).size == (64, 32)  # two 32 px images side by side
     assert sorted(p.name for p in grid.parent.iterdir()) == ["lora_e000001.png", "lora_e000002.png"]
+    # A last step that ran into the next epoch by accumulation (6 batches per epoch, 5 per step): its weights were
+    # sampled at epoch 1's end; no second, identical grid for an epoch the run never had
+    args = tiny_train_args + ["--max_train_epochs", "1", "--gradient_accumulation_steps", "5", "--sample_prompts",
+                              str(prompts), "--sample_every_n_epochs", "1", "--sample_steps", "2",
+                              "--output_dir", str(tmp_path / "acc")]
+    train(parse_config(TrainConfig, args), "lora")
+    assert sorted(p.name for p in (tmp_path / "acc" / "sample").iterdir()) == ["lora_e000001.png"]
 
 
 def test_generation_encodes_prompts_as_training_does(monkeypatch):

@@ -553,7 +553,15 @@ def test_dim_from_weights_continues_a_file_whose_ranks_differ(finished_run, tmp_
             assert torch.equal(saved[key].to(tensor.dtype), tensor), key
     with safe_open(tmp_path / "a" / "lora.safetensors", "pt") as handle:
         assert json.loads(handle.metadata()["ss_network_args"])["variable_rank"] is True
+    # its state resumes whatever --network_dim says (the flags do not describe the network), with a warning
+    state_args = args + ["--dim_from_weights", "--learning_rate", "0", "--unet_lr", "0", "--text_encoder_lr", "1e-9",
+                         "--output_dir", str(tmp_path / "s"), "--save_state"]
+    assert train_entry("lora", "", state_args) == 0
     capsys.readouterr()
+    resumed = state_args + ["--max_train_steps", "2", "--resume", str(tmp_path / "s" / "lora-state"),
+                            "--network_dim", "8", "--dry_run"]
+    assert train_entry("lora", "", resumed) == 0
+    assert "network_dim ignored: --dim_from_weights shapes the network" in capsys.readouterr().err
     assert train_entry("lora", "", base + ["--dim_from_weights", "--dry_run"]) == 2
     assert "'dim_from_weights' builds the network from the --network_weights file" in one_line(capsys)
 

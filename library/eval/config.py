@@ -48,7 +48,8 @@ class EvalConfig:
     network_multiplier: float = option(1.0, "LoRA strength used for every LoRA")
     unet_weights: list[str] = option(
         [], "fully fine-tuned UNet(s) of this base model to attack, each a diffusers UNet folder (config.json + "
-        "weights, or a pipeline folder with unet/) or an SD single-file .safetensors (its UNet is used)")
+        "weights, or a pipeline folder with unet/ and text_encoder/) or an SD single-file .safetensors (its UNet, "
+        "and its text encoder when trained)")
     split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)")
     allow_manifest_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another split manifest, continues a LoRA of another split, or "

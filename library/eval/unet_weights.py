@@ -7,7 +7,8 @@ renamed with diffusers' own ``convert_ldm_unet_checkpoint`` (as :mod:`library.sd
 does for base models). A fine-tune that trained its **text encoder** too is audited with it: an entry's text
 encoder is the single file's ``cond_stage_model.transformer.*`` tensors, a pipeline folder's ``text_encoder/``, or
 the ``<name>-text_encoder/`` folder this toolkit writes beside ``<name>-unet/`` (:func:`text_encoder_files`); an
-entry without one (a bare UNet folder) keeps the base model's. The VAE always stays the base model's. Pickle
+entry without one (a bare UNet folder, a full fine-tune of this toolkit that did not train it: its single file
+holds the base's, cast) keeps the base model's. The VAE always stays the base model's. Pickle
 weights (``.ckpt``, ``.bin``) are read only with ``--allow_pickle``, as for the base model, and then with
 ``torch.load(weights_only=True)``.
 
@@ -34,7 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from library.errors import ModelError
+from library.errors import ModelError, warn
 from library.sd.bundle import first_line
 
 __all__ = ["UNetWeights", "check_unet_weights", "load_text_encoder_state_dict", "load_unet_state_dict",
@@ -122,12 +123,26 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
             if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
                 raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
                                  "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
-            if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys):
+            if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys) \
+                    and _single_file_text_encoder_trained(given, file):
                 text_encoder = (given,)
     sha = weights_sha256(files + tuple(f for f in text_encoder if f not in files))
     if text_encoder:  # its own text encoder changes every feature: never a cache entry of the UNet alone
         sha = hashlib.sha256(f"{sha}\x1ftext_encoder".encode("utf-8")).hexdigest()
     return UNetWeights(given, layout, files, sha, text_encoder)
+
+
+def _single_file_text_encoder_trained(path: Path, file: Path) -> bool:
+    """Whether a single file's text encoder is a trained one: a full fine-tune of this toolkit says so in its
+    metadata (an untrained one is only the base's, cast to ``--save_precision``; a file from before that record
+    has ``<name>-text_encoder/`` beside it when it trained one); any other single file is audited as published."""
+    meta = _check_safetensors(file).get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("smp_lora.train_mode") != "full":
+        return True
+    recorded = meta.get("smp_lora.trained_text_encoder")
+    if recorded is not None:
+        return recorded == "true"
+    return (path.parent / f"{path.stem}-text_encoder" / "model.safetensors").is_file()
 
 
 def text_encoder_files(unet_folder: Path, allow_pickle: bool = False) -> tuple[Path, ...]:
@@ -142,16 +157,17 @@ def text_encoder_files(unet_folder: Path, allow_pickle: bool = False) -> tuple[P
         return ()
     if not folder.is_dir():
         return ()
-    if (folder / "model.safetensors").is_file():
-        return (folder / "model.safetensors",)
+    for weights in ("model.safetensors", "model.fp16.safetensors"):  # the fp16 variant, as for base models
+        if (folder / weights).is_file():
+            return (folder / weights,)
     if (folder / "pytorch_model.bin").is_file():
         if not allow_pickle:
             raise ModelError(f"text encoder {folder} (of UNet weights {unet_folder}) holds only pickle weights "
                              f"(pytorch_model.bin); {_PICKLE_HINT}")
         return (folder / "pytorch_model.bin",)
-    raise ModelError(f"text encoder {folder} (of UNet weights {unet_folder}) holds no model.safetensors (a sharded "
-                     "text encoder is not read); save it as one file, or move the folder away to audit the UNet "
-                     "with the base model's text encoder")
+    warn(f"text encoder {folder} (of UNet weights {unet_folder}) holds no model.safetensors (a sharded text encoder "
+         "is not read): that fine-tune is audited with the base model's text encoder")
+    return ()
 
 
 def weights_metadata(weights: UNetWeights) -> dict[str, str]:

@@ -373,6 +373,9 @@ class TrainConfig:
             warn(f"{', '.join(ignored)} only act with --with_prior_preservation; this run ignores them")
         if self.split_manifest and "caption_extension" in given and not self.with_prior_preservation:
             warn("caption_extension is ignored: with --split_manifest the captions come from the manifest")
+        shape = sorted(given & {"network_dim", "network_alpha", "network_args"})
+        if self.dim_from_weights and shape:
+            warn(f"{', '.join(shape)} ignored: --dim_from_weights shapes the network by the --network_weights file")
         if bool(self.sample_prompts) != bool(self.sample_every_n_epochs):  # sd-scripts samples only with both
             warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
 
@@ -391,6 +394,8 @@ class TrainConfig:
             inert.add("hessian_every_n_steps")
         if self.attacker_restart == "none":
             inert.add("attacker_restart_every_n_epochs")
+        if self.dim_from_weights:  # the network is shaped by the --network_weights file
+            inert |= {"network_dim", "network_alpha", "network_args"}
         return frozenset(inert)
 
 

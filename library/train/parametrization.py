@@ -166,7 +166,8 @@ class FullParametrization(Parametrization):
 
     def save(self, output_dir: Path, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
         """``<name>.safetensors`` (SD single file), ``<name>-unet/`` (and ``<name>-text_encoder/``), atomically."""
-        meta = {**metadata, "smp_lora.train_mode": "full"}
+        meta = {**metadata, "smp_lora.train_mode": "full",  # evaluate_mia reads the text encoder only if trained
+                "smp_lora.trained_text_encoder": str("text_encoder" in self.parts).lower()}
         check_metadata(meta)  # the LoRA files' policy: settings only, nothing that names the data
         path = save_single_file(self.bundle, output_dir / f"{name}.safetensors", dtype=dtype, metadata=meta)
         for part_name, part in self.parts.items():

@@ -220,10 +220,12 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
     return {
         "method": trainer.method_name,
         "train_mode": config.train_mode,  # before the LoRA's own facts: the first mismatch is the one reported
-        "network_dim": config.network_dim,
-        "network_alpha": float(config.network_alpha),
-        "network_args": json.dumps(config.network_kwargs, sort_keys=True),
-        **({"dim_from_weights": True} if config.dim_from_weights else {}),  # the network's shape is the file's
+        # the network's shape: the flags', or with --dim_from_weights the file's (a state of another shape does
+        # not load: one line in load_state), which the flags do not describe
+        **({"dim_from_weights": True} if config.dim_from_weights else {
+            "network_dim": config.network_dim,
+            "network_alpha": float(config.network_alpha),
+            "network_args": json.dumps(config.network_kwargs, sort_keys=True)}),
         # The batches over all processes (each takes its share): another process count may resume with the same
         # totals, never with other ones (which the per-process settings alone would not show)
         "total_batch": config.train_batch_size * trainer.accelerator.num_processes,

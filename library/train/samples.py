@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 
 
 def partial_epoch_due(trainer: Trainer) -> int | None:
-    """The epoch (counted from 1) the run stopped inside, when it is due a sample grid; None otherwise."""
+    """The epoch (counted from 1) the run stopped inside, when it is due a sample grid; None otherwise, and None
+    when an epoch ended at the last step (a step that ran on into the next epoch by gradient accumulation: those
+    weights were sampled at that epoch's end)."""
     cfg, sampler = trainer.config, trainer.sampler
     epoch = sampler.epoch + 1  # the epoch in progress
     partial = sampler.position > 0 and trainer.completed_epochs() < epoch
+    ended_here = bool(trainer.epoch_logs) and trainer.epoch_logs[-1].get("step") == trainer.global_step
     due = bool(cfg.sample_prompts and cfg.sample_every_n_epochs) and epoch % (cfg.sample_every_n_epochs or 1) == 0
-    return epoch if partial and due else None
+    return epoch if partial and due and not ended_here else None
 
 
 def sample_images(trainer: Trainer, name: str) -> None:
