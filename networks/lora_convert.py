@@ -141,12 +141,9 @@ def _refuse_unsupported(key: str, source: str) -> None:
     for marker, what in _UNSUPPORTED:
         if marker in key:
             raise ModelError(f"LoRA file {source}: key '{key}' belongs to {what}, which this loader does not support")
-    if key.startswith(("text_encoder_2.", "lora_te2_", "lora_te3_")):
-        raise ModelError(f"LoRA file {source}: key '{key}' adapts a second text encoder (an SDXL LoRA); use a LoRA "
-                         "trained for this SD v1.x model")
-    if key.startswith("lora_te1_"):
-        raise ModelError(f"LoRA file {source}: key '{key}' names SDXL's first text encoder (lora_te1_: an SDXL "
-                         "LoRA from sd-scripts); use a LoRA trained for this SD v1.x model")
+    if key.startswith(("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_te3_")):  # diffusers' / sd-scripts' names
+        raise ModelError(f"LoRA file {source}: key '{key}' adapts one of several text encoders (an SDXL LoRA); use a "
+                         "LoRA trained for this SD v1.x model")
 
 
 def to_kohya_state_dict(

@@ -294,7 +294,7 @@ def ranks_and_alphas(
 def unknown_module_error(key: str, source: str, has_te: bool) -> ModelError:
     """The error for a file key that names no layer of the model, with a hint at what the file is for."""
     hint = ""
-    if key.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in key or "output_blocks" in key:
+    if "input_blocks" in key or "output_blocks" in key:  # (lora_te1_ / lora_te2_ keys: lora_convert refuses them)
         hint = " (its names are SDXL / original-LDM names)"
     elif key.startswith(LORA_PREFIX_TEXT_ENCODER + "_") and not has_te:
         return ModelError(

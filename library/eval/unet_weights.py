@@ -119,12 +119,13 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
         raise ModelError(f"UNet weights {given} does not exist; pass a diffusers UNet folder or a .safetensors file")
     for file in files:
         if file.suffix == ".safetensors":
-            keys = [k for k in _check_safetensors(file) if k != "__metadata__"]
+            header = _check_safetensors(file)
+            keys = [k for k in header if k != "__metadata__"]
             if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
                 raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
                                  "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
             if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys) \
-                    and _single_file_text_encoder_trained(given, file):
+                    and _single_file_text_encoder_trained(given, header.get("__metadata__")):
                 text_encoder = (given,)
     sha = weights_sha256(files + tuple(f for f in text_encoder if f not in files))
     if text_encoder:  # its own text encoder changes every feature: never a cache entry of the UNet alone
@@ -132,11 +133,10 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
     return UNetWeights(given, layout, files, sha, text_encoder)
 
 
-def _single_file_text_encoder_trained(path: Path, file: Path) -> bool:
+def _single_file_text_encoder_trained(path: Path, meta: Any) -> bool:
     """Whether a single file's text encoder is a trained one: a full fine-tune of this toolkit says so in its
     metadata (an untrained one is only the base's, cast to ``--save_precision``; a file from before that record
     has ``<name>-text_encoder/`` beside it when it trained one); any other single file is audited as published."""
-    meta = _check_safetensors(file).get("__metadata__") or {}
     if not isinstance(meta, dict) or meta.get("smp_lora.train_mode") != "full":
         return True
     recorded = meta.get("smp_lora.trained_text_encoder")
