@@ -47,8 +47,24 @@ TOML_SECTIONS: tuple[str, ...] = (
     "smoothness", "output", "logging", "sampling", "evaluation", "features", "attacks", "quality", "metrics",
 ) + KOHYA_SECTIONS
 COMMAND_LINE = "command line"
+#: What a config class's ``--vae`` (kohya's flag) advises: the VAE is part of the base model here.
+BAKE_VAE_ADVICE = ("not supported: the base model's own VAE is used; put the VAE into the base model (a single file: "
+                   "python scripts/bake_vae.py --checkpoint BASE.safetensors --vae VAE --output NEW.safetensors; a "
+                   "diffusers folder: replace its vae/ folder) and train and evaluate with that")
 DEFAULT = "default"
 _SOURCES_ATTR = "_value_sources"
+
+
+@dataclasses.dataclass(frozen=True)
+class ForeignKey:
+    """What another tool's option (a config class's ``FOREIGN_KEYS``) means here (``advice``) and which TOML values
+    change nothing (``harmless``: loaded with a warning; any other value is refused with the advice)."""
+
+    advice: str
+    harmless: Callable[[Any], bool] | None = None
+
+    def is_harmless(self, value: Any) -> bool:
+        return self.harmless is not None and self.harmless(value)
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,

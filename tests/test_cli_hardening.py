@@ -51,7 +51,7 @@ def _clis(tmp: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str]]]:
     """script -> (how its __main__ runs it, the required flags)."""
     script = {name: _script(name) for name in ("make_split", "demo", "frontier", "pretrain_base",
                                                "train_digit_features", "make_tiny_model", "make_digits_dataset",
-                                               "suite_null")}
+                                               "suite_null", "bake_vae")}
     return {
         "train_lora.py": (lambda argv: train_entry("lora", "", argv), BASE),
         "evaluate_mia.py": (evaluate_mia.main, BASE),
@@ -74,6 +74,8 @@ def _clis(tmp: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str]]]:
         "make_digits_dataset.py": (lambda argv: run_cli(script["make_digits_dataset"].main, argv),
                                    ["--output_dir", str(tmp / "digits")]),
         "suite_null.py": (lambda argv: run_cli(script["suite_null"]._main, argv), [str(tmp / "eval")]),
+        "bake_vae.py": (lambda argv: run_cli(script["bake_vae"].main, argv),
+                        ["--checkpoint", "m.safetensors", "--vae", "v.safetensors", "--output", str(tmp / "o.safetensors")]),
     }
 
 
@@ -105,6 +107,12 @@ PARSE_ERRORS = [
     ("make_tiny_model.py", ["--seed", "x"], "--seed: invalid int value: 'x'"),
     ("make_digits_dataset.py", ["--source", "mnist"], "--source: invalid choice: 'mnist'"),
     ("suite_null.py", ["--sed", "1"], "did you mean --seed?"),
+    ("bake_vae.py", ["--overwirte"], "did you mean --overwrite?"),
+    # kohya's --vae: the VAE is part of the base model here; both commands name the tool that puts it there
+    ("train_lora.py", ["--vae", "vae.safetensors"], "--vae: not supported: the base model's own VAE is used; put "
+                                                    "the VAE into the base model (a single file: python "
+                                                    "scripts/bake_vae.py"),
+    ("evaluate_mia.py", ["--vae", "vae.safetensors"], "--vae: not supported: the base model's own VAE is used"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Tests for library.sd's loading (bundle, configs, ldm_keys, loading, single_file) and library.demo.tiny."""
+"""Tests for library.sd's loading (bundle, configs, ldm_keys, loading, single_file, bake_vae) and library.demo.tiny."""
 
 from __future__ import annotations
 
@@ -423,6 +423,120 @@ def test_wrong_architecture_names_the_shape(tiny_files: tuple[ModelBundle, Path,
     message = str(info.value)
     assert "model.safetensors does not look like an SD v1.x checkpoint" in message
     assert "unet conv_in.weight expects shape (320, 4, 3, 3), file has (32, 4, 3, 3)" in message
+
+
+def _rewrite_tensors(src: Path, dst: Path, edit) -> None:
+    """``src`` with its tensors passed through ``edit(dict) -> dict`` (metadata kept)."""
+    with safe_open(str(src), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata() or {}
+    save_file(edit(tensors), str(dst), metadata=metadata)
+
+
+def _unet_output(bundle: ModelBundle) -> torch.Tensor:
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 77, bundle.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        return bundle.unet(latents, 10, encoder_hidden_states=context).sample
+
+
+def test_ema_weights_are_named_and_the_non_ema_unet_is_read(
+    tiny_files: tuple[ModelBundle, Path, Path], loaded: dict[str, ModelBundle], tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """v1-5-pruned.safetensors holds both UNets (EMA under flattened ``model_ema.diffusion_model*`` names): the
+    non-EMA one is read, as kohya and A1111 read it, and a warning says so."""
+    ema_file = tmp_path / "with-ema.safetensors"
+
+    def add_ema(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ema = {"model_ema." + k.removeprefix("model.").replace(".", ""): v + 1.0
+               for k, v in tensors.items() if k.startswith(ldm_keys.LDM_UNET_PREFIX)}
+        return {**tensors, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1)}
+
+    _rewrite_tensors(tiny_files[2], ema_file, add_ema)
+    capfd.readouterr()
+    with_ema = load_sd_model(ema_file)
+    err = capfd.readouterr().err
+    assert "also holds EMA weights (model_ema.*): its non-EMA UNet (model.diffusion_model.*) is used" in err
+    assert fingerprint(with_ema) == fingerprint(loaded["single"])
+    load_sd_model(tiny_files[2])
+    assert "EMA" not in capfd.readouterr().err  # a file without EMA weights: no word
+
+
+def test_inpainting_checkpoint_is_named(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    inpaint = tmp_path / "inpaint.safetensors"
+    key = ldm_keys.LDM_UNET_PREFIX + "input_blocks.0.0.weight"
+
+    def nine_channels(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = tensors[key]
+        return {**tensors, key: torch.cat([weight, weight, weight[:, :1]], dim=1)}
+
+    _rewrite_tensors(tiny_files[2], inpaint, nine_channels)
+    with pytest.raises(ModelError, match=r"inpaint\.safetensors looks like an inpainting checkpoint \(its UNet takes "
+                                         r"9 input channels"):
+        load_sd_model(inpaint)
+
+
+def _without_vae(src: Path, dst: Path) -> None:
+    _rewrite_tensors(src, dst, lambda t: {k: v for k, v in t.items() if not k.startswith(ldm_keys.LDM_VAE_PREFIX)})
+
+
+def _vae_only(src: Path, dst: Path) -> None:
+    """The LDM VAE file a VAE download is (``encoder.*``, ``decoder.*``, ``quant_conv.*``, no prefix)."""
+    prefix = ldm_keys.LDM_VAE_PREFIX
+    _rewrite_tensors(src, dst, lambda t: {k.removeprefix(prefix): v for k, v in t.items() if k.startswith(prefix)})
+
+
+def test_checkpoint_without_vae_and_vae_file_are_named(tiny_files: tuple[ModelBundle, Path, Path],
+                                                       tmp_path: Path) -> None:
+    no_vae, vae = tmp_path / "merge-novae.safetensors", tmp_path / "vae.safetensors"
+    _without_vae(tiny_files[2], no_vae)
+    _vae_only(tiny_files[2], vae)
+    with pytest.raises(ModelError, match=r"merge-novae\.safetensors holds a UNet and a text encoder but no VAE .*"
+                                         r"python scripts/bake_vae\.py --checkpoint .*merge-novae\.safetensors"):
+        check_sd_model(no_vae)
+    with pytest.raises(ModelError, match=r"vae\.safetensors looks like a VAE file, not a base model"):
+        check_sd_model(vae)
+
+
+def test_bake_vae_from_each_vae_layout(tiny_files: tuple[ModelBundle, Path, Path], loaded: dict[str, ModelBundle],
+                                       tmp_path: Path) -> None:
+    """A checkpoint saved without its VAE takes it back from an LDM file, a diffusers-keyed file or a diffusers
+    folder, and is then the very base model it was (same fingerprint)."""
+    from library.sd.bake_vae import bake_vae
+
+    bundle, folder, single = tiny_files
+    no_vae, ldm_vae = tmp_path / "novae.safetensors", tmp_path / "vae-ldm.safetensors"
+    _without_vae(single, no_vae)
+    _vae_only(single, ldm_vae)
+    diffusers_file = tmp_path / "vae-diffusers.safetensors"
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", diffusers_file)
+    for index, vae in enumerate((ldm_vae, diffusers_file, folder / "vae")):
+        output = bake_vae(no_vae, vae, tmp_path / f"baked{index}.safetensors")
+        assert fingerprint(load_sd_model(output)) == fingerprint(loaded["single"]), vae
+
+
+def test_bake_vae_replaces_a_vae_and_refuses_a_misfit(tiny_files: tuple[ModelBundle, Path, Path],
+                                                      tmp_path: Path) -> None:
+    from library.sd.bake_vae import bake_vae
+
+    single = tiny_files[2]
+    other = tmp_path / "other-vae.safetensors"
+    _vae_only(single, other)
+    _rewrite_tensors(other, other, lambda t: {k: v + 0.5 if k == "decoder.conv_out.bias" else v for k, v in t.items()})
+    baked = bake_vae(single, other, tmp_path / "baked.safetensors")
+    new_bias = load_sd_model(baked).vae.decoder.conv_out.bias
+    assert torch.allclose(new_bias, tiny_files[0].vae.decoder.conv_out.bias + 0.5)
+    with pytest.raises(ModelError, match="exists; pass --overwrite"):
+        bake_vae(single, other, baked)
+    with pytest.raises(ModelError, match="another file"):
+        bake_vae(single, other, single)
+    misfit = tmp_path / "misfit.safetensors"
+    _rewrite_tensors(other, misfit, lambda t: {k: v for k, v in t.items() if k != "decoder.conv_out.bias"})
+    with pytest.raises(ModelError, match=r"misfit\.safetensors .*1 tensors missing"):
+        bake_vae(single, misfit, tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 def test_pickle_checkpoint_refused(tmp_path: Path) -> None:

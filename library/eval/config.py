@@ -13,7 +13,7 @@ import math
 import os
 from typing import Optional
 
-from library.config import option, square_size
+from library.config import BAKE_VAE_ADVICE, ForeignKey, option, square_size
 from library.errors import ConfigError
 
 # Both registries import no torch: the choices below (and so --help) are read from them.
@@ -39,6 +39,9 @@ def _check_seed(name: str, value: int, span: int = 1) -> None:
 
 @dataclasses.dataclass
 class EvalConfig:
+    # Other tools' options we do not take, each with what to do instead (kohya users bring --vae).
+    FOREIGN_KEYS = {"vae": ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None))}
+
     # --- what to evaluate ----------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(
         None, "SD v1.x base model the LoRAs were trained on: a local diffusers folder or a single .safetensors")

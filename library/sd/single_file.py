@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from library.errors import ModelError
+from library.errors import ModelError, warn
 from library.fileio import write_safetensors
 from library.sd.bundle import (
     ModelBundle,
@@ -120,8 +120,9 @@ def _read_json_metadata(path: Path, metadata: Mapping[str, str], key: str) -> An
         raise ModelError(f"{path}: metadata entry {key!r} is not valid JSON ({exc}); re-export the file") from exc
 
 
-def _classify_single_file(path: Path, keys: list[str]) -> None:
-    """Refuse files that are clearly not an SD v1.x checkpoint, with a message saying what they look like."""
+def _classify_single_file(path: Path, keys: list[str], *, need_vae: bool = True) -> None:
+    """Refuse files that are clearly not an SD v1.x checkpoint, with a message saying what they look like
+    (``need_vae=False``: a checkpoint saved without its VAE passes, for :mod:`library.sd.bake_vae`)."""
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise ModelError(f"{path} looks like an SDXL checkpoint; smp-lora supports SD v1.x only")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -130,12 +131,30 @@ def _classify_single_file(path: Path, keys: list[str]) -> None:
         raise ModelError(
             f"{path} looks like a LoRA file, not a base model; pass the SD v1.x checkpoint it was made for"
         )
-    missing = [p for p in (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX) if not any(k.startswith(p) for k in keys)]
+    if not any(k.startswith("model.") for k in keys) and any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        raise ModelError(f"{path} looks like a VAE file, not a base model; pass the SD v1.x checkpoint (to put this "
+                         "VAE into one: python scripts/bake_vae.py)")
+    required = (LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX) if need_vae else (LDM_UNET_PREFIX, LDM_TEXT_PREFIX)
+    missing = [p for p in required if not any(k.startswith(p) for k in keys)]
+    if missing == [LDM_VAE_PREFIX]:
+        raise ModelError(
+            f"{path} holds a UNet and a text encoder but no VAE (no '{LDM_VAE_PREFIX}*' tensors: a checkpoint saved "
+            f"without one); put a VAE into it: python scripts/bake_vae.py --checkpoint {path} --vae VAE.safetensors "
+            "--output NEW.safetensors"
+        )
     if missing:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
         raise ModelError(
             f"{path} does not look like an SD v1.x checkpoint (no '{missing[0]}*' tensors; it has e.g. {sample})"
         )
+
+
+def _note_ema(path: Path, keys: list[str]) -> None:
+    """Say which UNet a file holding two is read as (diffusers' converter says it too; ours reads no EMA key)."""
+    if any(k.startswith("model_ema.diffusion_model") for k in keys):
+        warn(f"{path} also holds EMA weights (model_ema.*): its non-EMA UNet (model.diffusion_model.*) is used, as "
+             "kohya sd-scripts and AUTOMATIC1111 use it; a diffusers folder converted from it may hold the EMA UNet "
+             "instead (diffusers' extract_ema), which is another base model: evaluate with the form you trained on")
 
 
 def _check_against(
@@ -244,6 +263,7 @@ def _read_safetensors(path: Path, tokenizer_path: Path | None) -> tuple[dict[str
         metadata = handle.metadata() or {}
         keys = list(handle.keys())
         _classify_single_file(path, keys)
+        _note_ema(path, keys)
         tokenizer = _single_file_tokenizer(path, metadata, tokenizer_path)
         # Only the three networks' tensors are read: EMA copies and schedule buffers in the file are skipped.
         try:
@@ -275,6 +295,7 @@ def _read_pickle(path: Path, tokenizer_path: Path | None) -> tuple[dict[str, str
         raise ModelError(f"{path} holds a {type(raw).__name__}, not a state dict of an SD v1.x checkpoint")
     keys = [key for key in state if isinstance(key, str)]
     _classify_single_file(path, keys)
+    _note_ema(path, keys)
     checkpoint = {k: state[k] for k in keys if k.startswith(_NETWORK_PREFIXES) and isinstance(state[k], torch.Tensor)}
     return {}, _single_file_tokenizer(path, {}, tokenizer_path), checkpoint
 
@@ -327,6 +348,10 @@ def _networks(path: Path, checkpoint: dict[str, torch.Tensor], configs: Mapping[
     if not hasattr(te_meta, "text_model"):
         te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
     checkpoint.clear()  # consumed: drop the references to tensors no network adopted
+    conv_in = unet_sd.get("conv_in.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 9:
+        raise ModelError(f"{path} looks like an inpainting checkpoint (its UNet takes 9 input channels: latents, "
+                         "mask and masked image); inpainting models are not supported")
 
     _check_against(path, "unet", unet.state_dict(), unet_sd, hint)
     _check_against(path, "vae", vae.state_dict(), vae_sd, hint)

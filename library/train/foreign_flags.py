@@ -10,8 +10,9 @@ line every such flag is refused with its advice (a launch script is quick to edi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+from library.config import BAKE_VAE_ADVICE, ForeignKey
 
 
 def _always(_: Any) -> bool:
@@ -24,17 +25,6 @@ def _false(value: Any) -> bool:
 
 def _zero(value: Any) -> bool:
     return value in (0, 0.0, None)
-
-
-@dataclass(frozen=True)
-class ForeignKey:
-    """What an sd-scripts option means here (``advice``) and which TOML values change nothing (``harmless``)."""
-
-    advice: str
-    harmless: Callable[[Any], bool] | None = None
-
-    def is_harmless(self, value: Any) -> bool:
-        return self.harmless is not None and self.harmless(value)
 
 
 _SD1_ONLY = "smp-lora trains SD v1.x (epsilon prediction) only; drop it"
@@ -118,7 +108,7 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "no_half_vae": ForeignKey("the VAE always runs in fp32 here (what --no_half_vae asks for); drop it", _always),
-    "vae": ForeignKey("not supported: the base model's own VAE is used; bake another VAE into the base model"),
+    "vae": ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None)),
     "no_metadata": ForeignKey("not supported: the LoRA's metadata records what evaluate_mia.py checks (split, base "
                               "model, conditioning); it never holds paths or captions", _false),
     "weighted_captions": ForeignKey("not supported: captions are read as plain text; drop it", _false),
