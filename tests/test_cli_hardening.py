@@ -113,6 +113,10 @@ PARSE_ERRORS = [
                                                     "the VAE into the base model (a single file: python "
                                                     "scripts/bake_vae.py"),
     ("evaluate_mia.py", ["--vae", "vae.safetensors"], "--vae: not supported: the base model's own VAE is used"),
+    # diffusers' example-script flags get advice, not a look-alike of ours ("did you mean --network_dropout?")
+    ("train_lora.py", ["--center_crop"], "--center_crop: images are always centre-cropped squares at --resolution"),
+    ("train_lora.py", ["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint: use --resume (a state "
+                                                              "folder, or latest"),
 ]
 
 

@@ -119,6 +119,32 @@ def test_missing_caption_names_image(tmp_path):
         scan_dataset(tmp_path)
 
 
+def test_captions_under_the_other_common_extension_name_the_flag(tmp_path):
+    """sd-scripts' default is .caption (its captioners write them): the error names --caption_extension."""
+    _png(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("a red square\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no caption file a\.txt, but a\.caption is there: pass --caption_extension "
+                                        r"\.caption"):
+        scan_dataset(tmp_path)
+    assert [r.caption for r in scan_dataset(tmp_path, "caption")] == ["a red square"]
+    _png(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no caption file b\.caption, but b\.txt is there"):
+        scan_dataset(tmp_path, ".caption")
+
+
+def test_images_in_formats_a_kohya_folder_does_not_read_are_named(tmp_path, capsys):
+    _pair(tmp_path, "ok", "fine")
+    Image.new("RGB", (16, 16)).save(tmp_path / "anim.gif")
+    (tmp_path / "anim.txt").write_text("a gif\n", encoding="utf-8")
+    assert [r.path.name for r in scan_dataset(tmp_path)] == ["ok.png"]  # skipped, as sd-scripts skips it ...
+    err = capsys.readouterr().err
+    assert "1 file(s) in" in err and "anim.gif) are not read" in err and "convert them" in err  # ... but not silently
+    (tmp_path / "anim.gif").unlink()
+    scan_dataset(tmp_path)
+    assert capsys.readouterr().err == ""
+
+
 def test_empty_caption_names_file(tmp_path):
     _pair(tmp_path, "blank", "   ")
     with pytest.raises(DataError, match=r"blank\.txt.*empty"):

@@ -27,6 +27,9 @@ from library.errors import ConfigError, DataError, warn
 
 METADATA_FILE = "metadata.jsonl"
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's <repeats>_<name> folders
+CAPTION_EXTENSIONS = (".txt", ".caption")  # ours and sd-scripts' defaults (its BLIP/GIT captioners write .caption)
+# Image formats a kohya folder may hold that sd-scripts does not read either: skipped, with a warning.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".jxl", ".heic", ".heif")
 
 
 @dataclass(frozen=True)
@@ -67,17 +70,33 @@ def read_caption_file(path: Path) -> str:
     raise DataError(f"caption file {path} is empty: write the image's caption into it or remove the image")
 
 
+def _missing_caption(image: Path, caption_path: Path) -> DataError:
+    """The error for an image without its caption file; one under another common extension names the flag."""
+    for other in CAPTION_EXTENSIONS:
+        if other != caption_path.suffix and image.with_suffix(other).is_file():
+            return DataError(f"image {image} has no caption file {caption_path.name}, but {image.with_suffix(other).name} "
+                             f"is there: pass --caption_extension {other} if the captions are {other} files")
+    return DataError(f"image {image} has no caption file {caption_path.name}: write one next to it "
+                     f"or remove the image from the dataset")
+
+
 def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[ImageCaption]:
     records = []
     for image in sorted(p for p in folder.iterdir() if is_image(p)):
         caption_path = image.with_suffix(caption_extension)
         if not caption_path.is_file():
-            raise DataError(
-                f"image {image} has no caption file {caption_path.name}: write one next to it "
-                f"or remove the image from the dataset"
-            )
+            raise _missing_caption(image, caption_path)
         records.append(ImageCaption(image, read_caption_file(caption_path), repeats))
     return records
+
+
+def _warn_unread_images(root: Path) -> None:
+    """A kohya folder reads IMAGE_EXTENSIONS only (as sd-scripts); say so of images in other formats it holds."""
+    unread = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file()
+              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if unread:
+        warn(f"{len(unread)} file(s) in {root} (first: {unread[0]}) are not read: a kohya folder's images are "
+             f"{', '.join(IMAGE_EXTENSIONS)}; convert them (e.g. to PNG) to train on them")
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -197,6 +216,7 @@ def scan_dataset(
     else:
         try:
             records = _scan_kohya(root, caption_extension)
+            _warn_unread_images(root)
         except DataError as exc:
             if (root / "metadata.csv").is_file():  # the other Hugging Face imagefolder format
                 raise DataError(f"{exc} ({root / 'metadata.csv'} is not read: only {METADATA_FILE} is, one JSON "

@@ -1,4 +1,5 @@
-"""sd-scripts' flags and TOML keys that this toolkit does not take, and what a kohya user does instead.
+"""sd-scripts' (and diffusers' example scripts') flags and TOML keys that this toolkit does not take, and what a
+kohya or diffusers user does instead.
 
 A kohya user's command line or GUI-written TOML names options we do not have (memory savers, SD 2.x switches,
 noise tricks, augmentation, bucketing). Instead of "unknown key" (or a "did you mean" pointing at an unrelated
@@ -34,6 +35,8 @@ _PLAIN_OBJECTIVE = ("not supported: the objectives (paper Eq. 1, 6, 10) use the 
 _NO_AUGMENTATION = ("not supported: images are centre-cropped squares at --resolution with no augmentation "
                     "(the latents are cached once); drop it")
 _IN_MEMORY = "not needed: latents are cached and served from memory, without data-loader workers; drop it"
+_HF_DATASET = ("images are local files: save the dataset as an imagefolder (images + metadata.jsonl) and make a "
+               "split manifest of it (scripts/make_split.py --caption_column NAME; --split_manifest)")
 _CAPTION_AS_IS = ("not supported: a caption is used as its file holds it (first non-blank line; --shuffle_caption and "
                   "--keep_tokens only reorder its comma-separated tags); edit the caption files instead")
 
@@ -136,6 +139,21 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "token_warmup_step": ForeignKey("not supported: every step uses the whole caption; drop it", _zero),
     "no_token_padding": ForeignKey("not supported: captions are padded to the token length, as SD v1.x was "
                                    "trained; drop it", _false),
+    # flags of diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py that have a name of ours
+    "center_crop": ForeignKey("images are always centre-cropped squares at --resolution (what --center_crop asks "
+                              "for); drop it", lambda v: v is True),
+    "random_flip": ForeignKey(_NO_AUGMENTATION, _false),
+    "resume_from_checkpoint": ForeignKey("use --resume (a state folder, or latest: the newest state of "
+                                         "--output_dir)"),
+    "checkpointing_steps": ForeignKey("use --save_every_n_steps N --save_state (the LoRA and the training state)"),
+    "rank": ForeignKey("use --network_dim (and --network_alpha)"),
+    "caption_column": ForeignKey("captions are chosen when the split is made: scripts/make_split.py "
+                                 "--caption_column NAME (for a metadata.jsonl folder)"),
+    "image_column": ForeignKey(_HF_DATASET),
+    "dataset_name": ForeignKey(_HF_DATASET),
+    "validation_prompt": ForeignKey("use --sample_prompts FILE --sample_every_n_epochs N"),
+    "report_to": ForeignKey("tensorboard logs are written when --logging_dir is given; drop it",
+                            lambda v: v == "tensorboard"),
 }
 
 
