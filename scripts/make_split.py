@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from library.cli import ArgumentParser, run_cli
-from library.data.dataset import scan_dataset
+from library.data.dataset import caption_source, scan_dataset
 from library.data.manifest import CORE_SPLITS, manifest_sha256, write_manifest
 from library.data.prepare.common import check_output_file
 from library.data.splits import PRESETS, check_images_decode, make_split
@@ -88,6 +88,7 @@ def _main(argv: Sequence[str] | None) -> None:
     )
     check_images_decode(manifest)  # a corrupt image fails now, not at the start of a training run
     manifest.created_by += " scripts/make_split.py"
+    manifest.caption_source = caption_source(args.dataset_dir, args.caption_extension, args.caption_column)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, args.output)
     digest = manifest_sha256(args.output)

@@ -265,6 +265,58 @@ def test_make_split_script(tmp_path, capsys):
     assert "is not a regular expression" in capsys.readouterr().err
 
 
+def _make_split_script():
+    spec = importlib.util.spec_from_file_location("make_split", REPO / "scripts" / "make_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = ["--member_aux", "2", "--member_test", "2", "--nonmember_aux", "2", "--nonmember_test", "2"]
+
+
+def test_a_caption_edited_after_the_split_is_named(tmp_path, capsys):
+    """The usual kohya loop edits captions and retrains: runs use the manifest's captions, and say so."""
+    _dataset(tmp_path / "d", 10, decodable=True)
+    out = tmp_path / "split.json"
+    args = ["--dataset_dir", str(tmp_path / "d"), "--output", str(out), "--seed", "1", *SMALL]
+    assert _make_split_script().main(args) == 0
+    manifest = read_manifest(out)
+    assert manifest.caption_source == {"caption_extension": ".txt"}
+    capsys.readouterr()
+    member = manifest.member_aux[0]
+    (tmp_path / "d" / member.path).with_suffix(".txt").write_text("sks, a new trigger word\n")
+    read_manifest(out)
+    err = capsys.readouterr().err
+    assert f"1 caption(s) differ from {out}'s (first: {member.path}: {member.caption!r} in the manifest, " \
+           "'sks, a new trigger word' now)" in err and "re-run scripts/make_split.py with --overwrite" in err
+    assert _make_split_script().main(args + ["--overwrite"]) == 0
+    again = read_manifest(out)
+    assert capsys.readouterr().err == ""
+    assert _paths(again.member_aux) == _paths(manifest.member_aux)  # the same images, the new caption
+    assert again.member_aux[0].caption == "sks, a new trigger word"
+    (tmp_path / "d" / again.unused[0].path).with_suffix(".txt").write_text("edited\n")
+    read_manifest(out)
+    assert capsys.readouterr().err == ""  # a spare image's caption is not compared (no run reads it)
+
+
+def test_a_metadata_caption_edited_after_the_split_is_named(tmp_path, capsys):
+    root = tmp_path / "hf"
+    _dataset(root, 8, decodable=True)
+    for caption in root.glob("*.txt"):
+        caption.unlink()
+    rows = [{"file_name": f"{i:04d}.png", "text": f"caption {i}"} for i in range(8)]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "split.json"
+    assert _make_split_script().main(["--dataset_dir", str(root), "--output", str(out), "--seed", "1", *SMALL]) == 0
+    assert read_manifest(out).caption_source == {"metadata_file": "metadata.jsonl", "caption_column": "text"}
+    capsys.readouterr()
+    rows[0]["text"], rows[1]["text"] = "caption zero", "caption one"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read_manifest(out)
+    assert "2 caption(s) differ from" in capsys.readouterr().err
+
+
 def test_user_errors_are_user_errors():
     assert issubclass(DataError, UserError) and issubclass(ConfigError, UserError)
 

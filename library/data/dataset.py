@@ -196,6 +196,45 @@ def caption_suffix(caption_extension: str) -> str:
     return caption_extension if caption_extension.startswith(".") else "." + caption_extension
 
 
+def caption_source(root: str | Path, caption_extension: str = ".txt", caption_column: str = "text") -> dict[str, str]:
+    """Where :func:`scan_dataset` reads ``root``'s captions, as a split manifest records it."""
+    if (Path(root) / METADATA_FILE).is_file():
+        return {"metadata_file": METADATA_FILE, "caption_column": caption_column}
+    return {"caption_extension": caption_suffix(caption_extension)}
+
+
+def _metadata_captions(metadata: Path, column: str) -> dict[str, str]:
+    captions = {}
+    try:
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return captions
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get(column), str):
+            captions[Path(row["file_name"]).as_posix()] = row[column].strip()
+    return captions
+
+
+def current_captions(root: Path, source: dict[str, str], paths: list[str]) -> dict[str, str | None]:
+    """The captions the files of ``root`` hold now for ``paths`` (None: missing or unreadable), read as
+    ``source`` (:func:`caption_source`) says; for comparing with a split manifest's."""
+    if "metadata_file" in source:
+        listed = _metadata_captions(root / source["metadata_file"], source.get("caption_column", "text"))
+        return {path: listed.get(path) for path in paths}
+    suffix = source.get("caption_extension", ".txt")
+    captions: dict[str, str | None] = {}
+    for path in paths:
+        try:
+            captions[path] = read_caption_file((root / path).with_suffix(suffix))
+        except DataError:
+            captions[path] = None
+    return captions
+
+
 def scan_dataset(
     root: str | Path, caption_extension: str = ".txt", *, caption_column: str = "text"
 ) -> list[ImageCaption]:

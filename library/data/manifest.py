@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library import __version__
-from library.data.dataset import ImageCaption, scan_dataset
-from library.errors import ConfigError, DataError
+from library.data.dataset import ImageCaption, current_captions, scan_dataset
+from library.errors import ConfigError, DataError, warn
 from library.fileio import atomic_write_text, sha256_file
 
 FORMAT_NAME = "smp-lora-split"
@@ -74,6 +74,9 @@ class SplitManifest:
     unused: list[SplitEntry] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     created_by: str = f"smp-lora {__version__}"
+    # Where the captions were read (dataset.caption_source), so that a caption edited since is noticed; None for
+    # manifests written by code or before 2026-12-06 (their captions are not compared).
+    caption_source: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.dataset_root = Path(self.dataset_root)
@@ -152,6 +155,8 @@ def manifest_to_json(manifest: SplitManifest, manifest_path: str | Path) -> str:
         "sizes": manifest.sizes(),
         "splits": {name: [e.to_json() for e in entries] for name, entries in manifest.splits().items()},
     }
+    if manifest.caption_source is not None:
+        doc["captions"] = manifest.caption_source
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -221,12 +226,16 @@ def read_manifest(
     seed = doc.get("seed")
     if not isinstance(seed, int):
         raise DataError(f"split manifest {path}: 'seed' must be an integer")
+    captions = doc.get("captions")
+    if captions is not None and not (isinstance(captions, dict) and all(isinstance(v, str) for v in captions.values())):
+        raise DataError(f"split manifest {path}: 'captions' must be an object of strings (where the captions were read)")
     manifest = SplitManifest(
         dataset_root=root,
         seed=seed,
         preset=doc.get("preset"),
         format_version=FORMAT_VERSION,
         created_by=str(doc.get("created_by", "")),
+        caption_source=captions,
         **lists,
     )
     if verify:
@@ -257,6 +266,22 @@ def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the sp
                     f"image {image} ({name} in {manifest_path}) has changed since the split was made: the "
                     f"manifest is stale — restore the file or re-run scripts/make_split.py"
                 )
+    _warn_edited_captions(manifest, manifest_path)
+
+
+def _warn_edited_captions(manifest: SplitManifest, manifest_path: str | Path) -> None:
+    """The manifest's captions are what runs train on; say so when the caption files say otherwise now (the usual
+    kohya loop edits captions and retrains, and would train on the old ones in silence)."""
+    if manifest.caption_source is None:
+        return
+    entries = [e for name, entries in manifest.splits().items() if name != "unused" for e in entries]
+    now = current_captions(manifest.dataset_root, manifest.caption_source, [e.path for e in entries])
+    edited = [e for e in entries if now.get(e.path) != e.caption]
+    if edited:
+        first = edited[0]
+        warn(f"{len(edited)} caption(s) differ from {manifest_path}'s (first: {first.path}: {first.caption!r} in the "
+             f"manifest, {now.get(first.path)!r} now): runs use the manifest's captions; to train on the new ones, "
+             "re-run scripts/make_split.py with --overwrite (same --seed and sizes: the same images in each set)")
 
 
 def manifest_sha256(path: str | Path) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from library.cli import ArgumentParser
-from library.data.dataset import scan_dataset
+from library.data.dataset import caption_source, scan_dataset
 from library.data.images import (
     IMAGE_EXTENSIONS,
     decode_image,
@@ -368,6 +368,7 @@ def split_and_save(
         manifest.preset = f"{preset} (scaled: {','.join(str(v) for v in sizes.values())})"
     if created_by:
         manifest.created_by += f" {created_by}"
+    manifest.caption_source = caption_source(image_dir)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, manifest_path)
     return PreparedDataset(image_dir, manifest_path, manifest, manifest_sha256(manifest_path), len(records))
