@@ -153,6 +153,15 @@ def test_bad_sizes_and_balance(tmp_path):
     assert len(make_split(records, sizes=unbalanced, seed=0, allow_unbalanced_aux=True).member_aux) == 3
 
 
+def test_empty_image_files_are_named_as_empty_not_as_copies(tmp_path):
+    records = _dataset(tmp_path, 12)
+    for name in ("0003.png", "0007.png"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"0003\.png is an empty file \(0 bytes\)"):
+        make_split(records, sizes={"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2},
+                   seed=0, allow_duplicates=True)
+
+
 def test_duplicate_images_refused(tmp_path):
     records = _dataset(tmp_path / "d", 10)
     (tmp_path / "d" / "0009.png").write_bytes((tmp_path / "d" / "0003.png").read_bytes())

@@ -7,6 +7,7 @@ the resulting :class:`SplitManifest` is stored). :data:`PRESETS` holds the sizes
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,8 @@ def _relative(record: ImageCaption, root: Path) -> str:
             return listed.relative_to(folder).as_posix()
     raise DataError(f"image {record.path} is not inside the dataset folder {root}")
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 
 def _candidates(
     records: Sequence[ImageCaption], root: Path, excluded: set[str], allow_duplicates: bool
@@ -130,6 +133,8 @@ def _candidates(
             raise DataError(f"cannot read image {record.path}: {exc} (restore it or remove it)") from None
         if rel in excluded or digest in excluded:
             continue
+        if digest == EMPTY_SHA256:  # else two of them would read as "byte-identical" copies
+            raise DataError(f"image {record.path} is an empty file (0 bytes): restore it or remove it")
         if digest in first_with_hash and not allow_duplicates:
             raise DataError(
                 f"images {first_with_hash[digest]} and {rel} in {root} are byte-identical: a copy could land on "
