@@ -17,7 +17,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library.cli import ArgumentParser, run_cli
-from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from library.sd.bake_vae import bake_vae
 
-    try:
-        output = bake_vae(args.checkpoint, args.vae, args.output, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    output = bake_vae(args.checkpoint, args.vae, args.output, overwrite=args.overwrite)  # UserError: run_cli's line
     print(f"wrote {output}: {args.checkpoint} with the VAE of {args.vae}")
     return 0
 
