@@ -532,6 +532,8 @@ def test_bake_vae_replaces_a_vae_and_refuses_a_misfit(tiny_files: tuple[ModelBun
         bake_vae(single, other, baked)
     with pytest.raises(ModelError, match="another file"):
         bake_vae(single, other, single)
+    with pytest.raises(ModelError, match=r"missing-vae\.safetensors does not exist"):
+        bake_vae(single, tmp_path / "missing-vae.safetensors", tmp_path / "never.safetensors")
     misfit = tmp_path / "misfit.safetensors"
     _rewrite_tensors(other, misfit, lambda t: {k: v for k, v in t.items() if k != "decoder.conv_out.bias"})
     with pytest.raises(ModelError, match=r"misfit\.safetensors .*1 tensors missing"):

@@ -75,6 +75,9 @@ def bake_vae(checkpoint: Path, vae: Path, output: Path, *, overwrite: bool = Fal
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+    for path in (checkpoint, vae):
+        if not path.exists():
+            raise ModelError(f"{path} does not exist")
     if checkpoint.suffix.lower() != ".safetensors":
         raise ModelError(f"{checkpoint}: the checkpoint must be a .safetensors single file")
     if output.suffix != ".safetensors":
