@@ -74,7 +74,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(tiny_train_args, monkey
     logs = trainer.step()  # the public step the benchmark times
     assert {"loss", "grad_norm", "lr"} <= set(logs) and trainer.sampler.position > 0
     # Both LoRA parts' rates, as sd-scripts logs them; "lr" is the UNet's (tiny_train_args: --learning_rate 1e-3).
-    assert (logs["lr"], logs["lr/unet"], logs["lr/text_encoder"]) == (1e-3, 1e-3, 1e-5)
+    assert (logs["lr"], logs["lr/unet"], logs["lr/textencoder"]) == (1e-3, 1e-3, 1e-5)
     assert trainer.global_step == 1  # the step advances the counter itself (benches call step() alone)
     result = train(parse_config(TrainConfig, tiny_train_args), "doubled_lora")
     with safe_open(result.lora_path, "pt") as handle:

@@ -591,6 +591,30 @@ def test_each_run_logs_into_a_tensorboard_run_of_its_own(tiny_train_args, tmp_pa
     assert sorted(p.name for p in logs.iterdir()) == ["lora-20261205100000", "lora-20261205100001"]
 
 
+def test_tensorboard_has_sd_scripts_curves(tiny_train_args, tmp_path):
+    """A kohya user's dashboard reads loss/current, loss/average, loss/epoch_average and lr/unet, lr/textencoder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from library.train.trainer import train
+
+    logs = tmp_path / "logs"
+    # 24 members in batches of 4: 6 steps an epoch, 9 steps = one and a half epochs; every step logged
+    args = tiny_train_args + ["--max_train_steps", "9", "--log_every_n_steps", "1", "--logging_dir", str(logs),
+                              "--text_encoder_lr", "1e-5"]
+    record = json.loads(train(parse_config(TrainConfig, args), "lora").record_path.read_text())
+    events = EventAccumulator(str(next(logs.iterdir()))).Reload()
+    scalar = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    current = [value for _, value in scalar["loss/current"]]
+    assert [step for step, _ in scalar["loss/current"]] == list(range(1, 10))
+    average = [value for _, value in scalar["loss/average"]]
+    assert average[5] == pytest.approx(sum(current[:6]) / 6, rel=1e-6)  # the last epoch's worth of steps ...
+    assert average[8] == pytest.approx(sum(current[3:9]) / 6, rel=1e-6)  # ... a moving window, as sd-scripts'
+    assert scalar["loss/epoch_average"] == [(1, pytest.approx(sum(current[:6]) / 6, rel=1e-6))]  # at the epoch
+    assert current[5] == pytest.approx(record["epochs"][0]["l_ada"], rel=1e-6)
+    assert [v for _, v in scalar["lr/unet"]] == pytest.approx([1e-3] * 9)
+    assert [v for _, v in scalar["lr/textencoder"]] == pytest.approx([1e-5] * 9)
+
+
 def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
     import re
 

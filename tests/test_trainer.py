@@ -36,6 +36,13 @@ def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manife
     leaked = [k for k in meta if k in ("ss_dataset_dirs", "ss_tag_frequency", "ss_datasets")]
     assert not leaked
     assert not any(str(Path(manifest_path).parent) in v for v in meta.values())  # no private paths
+    # the training keys sd-scripts writes and A1111 / civitai show (those that say nothing of the data)
+    assert {k: meta[k] for k in ("ss_lr_scheduler", "ss_lr_warmup_steps", "ss_batch_size_per_device",
+                                 "ss_gradient_accumulation_steps", "ss_total_batch_size", "ss_max_grad_norm",
+                                 "ss_steps")} == {
+        "ss_lr_scheduler": "constant", "ss_lr_warmup_steps": "0", "ss_batch_size_per_device": "4",
+        "ss_gradient_accumulation_steps": "1", "ss_total_batch_size": "4", "ss_max_grad_norm": "1.0", "ss_steps": "4"}
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     record = json.loads(result.record_path.read_text())
     assert record["global_step"] == 4 and record["method"] == "lora"
     assert result.attacker_path is None
@@ -134,7 +141,9 @@ def test_network_args_conv_dim_trains_a_locon_and_bad_entries_are_one_line(tiny_
     with safe_open(result.lora_path, "pt") as handle:
         assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     for bad, expected in ((["conv_dim"], "key=value"), (["conv_dim=0"], "conv_dim"),
-                          (["dropout=0.1"], "--network_dropout"), (["rank_dropout=0.1"], "rank_dropout")):
+                          (["dropout=0.1"], "--network_dropout"),
+                          (["rank_dropout=0.1"], "rank_dropout: sd-scripts' LoRA options that this network does not have"),
+                          (["algo=loha"], "LyCORIS options are not supported")):
         assert train_entry("lora", "", tiny_train_args + ["--network_args", *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
@@ -265,6 +274,11 @@ def test_a_step_that_ends_two_epochs_runs_the_end_of_each(tiny_train_args, tmp_p
                                                                                                (4, 2)]
     # Epochs 3 and 4 end with the last step: the final lora.safetensors is theirs.
     assert sorted(p.name for p in out.glob("lora-0*.safetensors")) == ["lora-000001.safetensors", "lora-000002.safetensors"]
+    # An epoch file's name and step count would give the batches per epoch (the member-set size up to the batch
+    # size): its metadata has no step count; the final file's has.
+    for name, steps in (("lora-000002", None), ("lora", "2")):
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as handle:
+            assert handle.metadata().get("ss_steps") == steps, name
 
 
 def test_resuming_a_finished_state_keeps_the_final_metrics(tiny_train_args, tmp_path):

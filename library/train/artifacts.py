@@ -53,11 +53,20 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
     """The saved weights' metadata (a LoRA file's, a full fine-tune's): kohya's ``ss_*`` training keys and this
     project's ``smp_lora.*`` (no data paths)."""
     cfg = trainer.config
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    processes = trainer.accelerator.num_processes
     meta = {
         "ss_output_name": trainer.output_name,
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.effective_unet_lr),
         "ss_text_encoder_lr": str(cfg.effective_text_encoder_lr),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}(weight_decay={cfg.weight_decay})",
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_batch_size_per_device": str(cfg.train_batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_total_batch_size": str(cfg.train_batch_size * cfg.gradient_accumulation_steps * processes),
         "ss_max_train_steps": str(trainer.total_steps),
         "ss_steps": str(trainer.global_step),
         "ss_seed": str(cfg.seed),
@@ -73,6 +82,10 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
         meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
     meta.update(trainer.trained.lineage)  # the splits the starting weights saw (a resumed run: the state's record)
     meta.update(trainer.method.metadata())
+    if trainer.epoch_logs and trainer.epoch_logs[-1].get("step") == trainer.global_step < trainer.total_steps:
+        # An epoch checkpoint's name gives its epoch, and its step count with it the batches per epoch: the
+        # member-set size up to the batch size, which the metadata keeps out (ss_num_batches_per_epoch).
+        del meta["ss_steps"]
     return meta
 
 

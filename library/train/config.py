@@ -27,6 +27,13 @@ ALL_METHODS = method_names()
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64
 
 
+# sd-scripts' networks/lora.py takes these as --network_args; this LoRA does not (LyCORIS has others).
+KOHYA_ONLY_NETWORK_ARGS = frozenset({"rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims",
+                                     "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                                     "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                     "loraplus_text_encoder_lr_ratio"})
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # Options that override one another (max_train_epochs, when set, replaces max_train_steps): one of them on the
@@ -283,8 +290,11 @@ class TrainConfig:
             raise ConfigError(f"'network_args' sets {', '.join(sorted(overlap))}: use --network_dropout / "
                               "--network_train_unet_only / --network_weights instead")
         if unknown := sorted(set(self.network_kwargs) - {"conv_dim", "conv_alpha"}):
+            kohya = sorted(set(unknown) & KOHYA_ONLY_NETWORK_ARGS)
+            reason = (f"{', '.join(kohya)}: sd-scripts' LoRA options that this network does not have (it has "
+                      "--network_dropout)" if kohya else "LyCORIS options are not supported")
             raise ConfigError(f"unknown network argument(s) {', '.join(unknown)}: --network_args takes conv_dim=R "
-                              "and conv_alpha=A (LoCon); LyCORIS options are not supported")
+                              f"and conv_alpha=A (LoCon); {reason}")
         if self.resolution % 8:
             raise ConfigError(f"'resolution' must be a multiple of 8, got {self.resolution}")
         if not self.cache_latents:

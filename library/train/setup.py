@@ -102,13 +102,17 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> 
     return torch.optim.AdamW(param_groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+# sd-scripts' tensorboard names of the parameter groups' learning rates
+_KOHYA_LR_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder"}
+
+
 def learning_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
-    """The step's learning rates for the logs: ``lr`` (the UNet's, else the only group's) and, with several
-    groups, ``lr/<group>`` each (``lr/unet``, ``lr/text_encoder``), as sd-scripts logs them."""
+    """The step's learning rates for the logs: ``lr`` (the UNet's, else the only group's) and each named group's
+    under sd-scripts' name (``lr/unet``, ``lr/textencoder``)."""
     rates = {group.get("name", str(i)): lr
              for i, (group, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
     main = rates.get("unet", next(iter(rates.values())))
-    return {"lr": main, **({f"lr/{name}": lr for name, lr in rates.items()} if len(rates) > 1 else {})}
+    return {"lr": main, **{_KOHYA_LR_NAMES[name]: lr for name, lr in rates.items() if name in _KOHYA_LR_NAMES}}
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

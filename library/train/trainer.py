@@ -46,6 +46,7 @@ from library.train.data import (
     latent_cache_dir,
     load_training_records,
 )
+from library.train.loss_recorder import LossRecorder
 from library.train.methods import (
     AuxData,
     ForwardResult,
@@ -112,6 +113,7 @@ class Trainer:
         self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, rank, world,
                                            what="D_tr, the members (--train_batch_size)")
         self.total_steps = total_steps(config, self.sampler)
+        self.loss_recorder = LossRecorder(self.sampler.batches_per_epoch // config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(config, self.trained.param_groups(config))
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         # modulo 2**64: any seed up to 2**63 - 1 is valid (torch takes 64 bits); smaller products are unchanged
@@ -165,10 +167,14 @@ class Trainer:
                 f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
                 f"{self._members_plan()}, batch "
                 f"{cfg.train_batch_size} x {self.accelerator.num_processes} process(es), "
-                f"{self.sampler.batches_per_epoch} batches/epoch, {self.total_steps} optimisation steps "
+                f"{self.sampler.batches_per_epoch} batches/epoch{self._leftover_plan()}, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
                 f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}"
                 + (f", latents cached in {latent_cache_dir(cfg)}" if latent_cache_dir(cfg) else ""))
+
+    def _leftover_plan(self) -> str:
+        left = self.sampler.num_items % self.sampler.global_batch_size
+        return f" (full batches only: {left} left over by each epoch's shuffle, a later epoch's)" if left else ""
 
     def _members_plan(self) -> str:
         distinct, per_epoch = len(set(self.data.members.keys)), len(self.data.members)
@@ -279,6 +285,7 @@ class Trainer:
         while self.global_step < self.total_steps:
             epoch_before = self.completed_epochs()
             logs = self.last_logs = self.step()
+            kohya_logs = self.loss_recorder.add(logs)
             if self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
                 elapsed = time.perf_counter() - started
                 done = self.global_step - start_step
@@ -286,7 +293,7 @@ class Trainer:
                                 img_s=f"{images_per_step * done / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)
             if self.global_step % cfg.log_every_n_steps == 0:
-                self.accelerator.log(logs, step=self.global_step)
+                self.accelerator.log({**logs, **kohya_logs}, step=self.global_step)
             for epoch in range(epoch_before + 1, self.completed_epochs() + 1):  # a long accumulation may end two
                 self._end_of_epoch(epoch, logs)
             if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 \
@@ -320,6 +327,7 @@ class Trainer:
         self.epoch_logs.append(record)
         self.accelerator.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
                              step=self.global_step)
+        self.accelerator.log(self.loss_recorder.end_epoch(), step=epoch)  # sd-scripts' x axis for it: the epoch
         if cfg.sample_prompts and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             samples.sample_images(self, f"{self.output_name}_e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and self.global_step < self.total_steps:
