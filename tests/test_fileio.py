@@ -108,3 +108,23 @@ def test_other_os_errors_are_not_relabelled(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_text", denied)
     with pytest.raises(PermissionError):
         atomic_write_text(tmp_path / "notes.txt", "x")
+
+
+def test_an_unpickling_refusal_names_the_object_and_never_advises_the_unsafe_load(tmp_path):
+    import pickle
+
+    import torch
+
+    from library.fileio import unpickling_failure
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"x": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError) as info:
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    assert "weights_only" in str(info.value) and "\x1b[" in str(info.value)  # what torch says ...
+    reason = unpickling_failure(info.value)  # ... and what we say
+    assert reason == "it holds Python objects (print) besides tensors, which are not unpickled"
+    assert unpickling_failure(RuntimeError("PytorchStreamReader failed\nmore")) == "RuntimeError: PytorchStreamReader failed"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -413,14 +414,34 @@ def test_a_bad_state_is_one_line_before_any_model_work(finished_run, tmp_path, c
     state = out / "lora-state"
     assert train_entry("lora", "", run + ["--dry_run", "--resume", str(out)]) == 2  # the run's folder, not its state
     assert "the states in that folder: lora-state" in one_line(capsys)
+    good = (state / "state.pt").read_bytes()
     (state / "state.pt").write_bytes(os.urandom(64))
     assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2
     line = one_line(capsys)
     assert "is corrupt or not a training state" in line and "weights_only" not in line
-    (state / "state.pt").write_bytes(b"PK\x03\x04" + os.urandom(64))  # an archive's header, then junk: the load
+    for broken in (b"PK\x03\x04" + os.urandom(64), good[: len(good) // 2]):  # an archive's header, then junk; a cut copy
+        (state / "state.pt").write_bytes(broken)
+        assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2
+        assert "is corrupt or not a training state (truncated?" in one_line(capsys)
+    with zipfile.ZipFile(state / "state.pt", "w") as archive:  # a zip file, not a torch archive
+        archive.writestr("notes.txt", "hello")
+    assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2
+    assert "(a zip file, not a torch one)" in one_line(capsys)
+
+    class RunsCode:  # what a crafted state would hold: unpickling it in full would call print
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"x": RunsCode()}, state / "state.pt")
     assert train_entry("lora", "", run + ["--resume", str(state)]) == 2
-    line = one_line(capsys)
-    assert "is corrupt or not a training state" in line and "weights_only" not in line
+    captured = capsys.readouterr()
+    assert "unpickled!" not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    line = lines[0]
+    assert line.endswith("(it holds Python objects (print) besides tensors, which are not unpickled)"), line
+    assert "weights_only" not in line and "\x1b" not in line
+    (state / "state.pt").write_bytes(good)
     summary = state / "train_state.json"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "global_step": "two"}))
     assert train_entry("lora", "", run + ["--dry_run", "--resume", str(state)]) == 2

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from library.errors import ModelError, warn
+from library.fileio import unpickling_failure
 from library.sd.bundle import first_line
 
 __all__ = ["UNetWeights", "check_unet_weights", "load_text_encoder_state_dict", "load_unet_state_dict",
@@ -202,7 +203,7 @@ def _read_file(file: Path, meta: bool, wanted: str = "") -> dict[str, torch.Tens
         try:
             state = torch.load(str(file), map_location="meta" if meta else "cpu", weights_only=True)
         except Exception as exc:
-            raise ModelError(f"UNet weights {file} could not be unpickled ({first_line(exc)})") from exc
+            raise ModelError(f"UNet weights {file} could not be unpickled ({unpickling_failure(exc)})") from exc
         state = state.get("state_dict", state) if isinstance(state, Mapping) else {}
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(wanted)}
     from safetensors import safe_open

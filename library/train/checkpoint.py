@@ -12,13 +12,20 @@ import glob
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from library.errors import TrainingError
-from library.fileio import OLD_MARK, replace_dir, storage_errors_named, temporary_dir
+from library.fileio import (
+    OLD_MARK,
+    replace_dir,
+    storage_errors_named,
+    temporary_dir,
+    unpickling_failure,
+)
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "train_state.json"
@@ -79,6 +86,13 @@ def check_state_file(directory: str | os.PathLike) -> None:
     with open(path, "rb") as handle:
         if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
             raise TrainingError(f"cannot resume: {path} is corrupt or not a training state (not a torch archive)")
+    try:  # the archive's directory is at its end: a truncated copy has none
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state (truncated? {exc})") from None
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state (a zip file, not a torch one)")
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
@@ -88,6 +102,5 @@ def load_state(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        # torch's message spans lines and advises weights_only=False, which is wrong for a corrupt file
-        reason = " ".join(str(exc).split("Re-running `torch.load`")[0].split())[:200]
-        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state ({reason})") from None
+        raise TrainingError(f"cannot resume: {path} is corrupt or not a training state "
+                            f"({unpickling_failure(exc)})") from None
