@@ -153,6 +153,30 @@ def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, 
     assert snapshot(out)["lora.safetensors"] != before["lora.safetensors"]
 
 
+def test_a_run_never_writes_over_another_runs_outputs_in_the_same_folder(finished_run, tmp_path, capsys):
+    """A finished run named ``lora-000001`` (or ``lora-attacker``) is not run ``lora``'s epoch checkpoint (or proxy
+    file): run ``lora`` would write those names, so it is refused, --overwrite or not."""
+    base, out = copy_run(finished_run, tmp_path)
+    for other in ("lora-000001", "lora-attacker", "lora-step00000002"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(out / f"lora{suffix}", out / f"{other}{suffix}")
+        record = json.loads((out / f"{other}.json").read_text())
+        record["config"]["output_name"] = other  # what that run's own record says
+        (out / f"{other}.json").write_text(json.dumps(record))
+    before = snapshot(out)
+    for extra in (["--overwrite", "--dry_run"], ["--overwrite"]):
+        assert train_entry("smp_lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name", "lora"]
+                           + extra) == 2
+        line = one_line(capsys)
+        assert "holds the run 'lora-000001' (lora-000001.json)" in line and "--output_name" in line, line
+    assert snapshot(out) == before
+    (out / "lora-000001.json").unlink()
+    (out / "lora-000001.safetensors").unlink()
+    assert train_entry("smp_lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name",
+                                               "lora", "--overwrite", "--dry_run"]) == 2
+    assert "holds the run 'lora-attacker'" in one_line(capsys)
+
+
 def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
     """A run killed after saving a state leaves no LoRA: a new run into its folder would write its states under the
     same names (the interrupted run's progress lost), so it is refused unless it resumes or passes --overwrite."""

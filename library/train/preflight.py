@@ -12,9 +12,11 @@ one split while the LoRA file names another.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -158,6 +160,25 @@ def check_overwrite(trainer: Trainer) -> None:
     what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
     raise ConfigError(f"--output_dir {trainer.output_dir} already holds {what} {final.name}; pass --overwrite to "
                       f"replace it, or choose another --output_dir or --output_name{resume}")
+
+
+def check_other_runs(trainer: Trainer) -> None:
+    """Refuse a run whose checkpoints, proxy-attacker or last-good file would take the name of another run's
+    outputs in the same folder (a run called ``lora-000001`` beside ``lora``'s epoch files): each run's record
+    ``<name>.json`` says whose file is whose. ``--overwrite`` replaces this run's outputs only."""
+    name = trainer.output_name
+    own_names = re.compile(re.escape(name) + r"-(?:\d{6}|step\d{8}|attacker|last-good)")
+    for record in sorted(trainer.output_dir.glob(f"{glob.escape(name)}-*.json")):
+        if not own_names.fullmatch(record.stem):
+            continue
+        try:
+            owner = json.loads(record.read_text(encoding="utf-8"))["config"]["output_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run record of this project
+        if owner != name:
+            raise ConfigError(f"--output_dir {trainer.output_dir} holds the run {owner!r} ({record.name}), whose "
+                              f"{record.stem}.safetensors this run ({name!r}) would write over; choose another "
+                              "--output_name or --output_dir")
 
 
 def check_parent_lora(trainer: Trainer) -> None:

@@ -416,6 +416,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     trainer = Trainer(config, method_name)
     with preflight.run_lock(trainer):
         preflight.resolve_latest_state(trainer)
+        preflight.check_other_runs(trainer)  # first: an --overwrite unmarks this run's old outputs
         preflight.check_overwrite(trainer)
         preflight.check_parent_lora(trainer)
         if config.resume:
