@@ -304,3 +304,18 @@ def test_vectorised_bootstrap_equals_one_roc_curve_per_resample(n_pos, n_neg, le
     assert (tpr_ci is None) == (n_neg < 20)  # 10 non-members cannot measure a 5 % FPR
     if tpr_ci is not None:
         assert tpr_ci == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_classifiers_asr_is_balanced_on_an_unbalanced_test_set():
+    """The ASR column reads private = 50 for every attack: a classifier that calls everyone a non-member scores 80 %
+    plain accuracy on 30 members vs 120 non-members, and 50 % in the column (its plain accuracy stays argmax_asr)."""
+    from library.eval.attacks.base import ScoreSet
+    from library.eval.run import score_metrics
+
+    y = np.array([1] * 30 + [0] * 120)
+    probs = np.full(150, 0.2)
+    probs[:6] = 0.9  # 6 of the 30 members called members
+    row = score_metrics(y, ScoreSet("paper", "[honest ckpt]", probs, "classifier", member_probs=probs,
+                                    checkpoint="honest"), n_bootstrap=0, seed=0)
+    assert row["asr_honest"] == pytest.approx(0.5 * (6 / 30 + 1.0))
+    assert row["argmax_asr"] == pytest.approx((6 + 120) / 150)

@@ -148,7 +148,7 @@ def test_dp_budget_reads_the_accountant_from_lora_metadata():
 
 
 def test_privacy_utility_table_puts_the_worst_case_beside_the_paper_attacker_and_the_utility():
-    paper = {**_row("lora", "paper h' [honest ckpt]", 0.70, ci=[0.6, 0.8]), "attack": "paper", "argmax_asr": 0.66}
+    paper = {**_row("lora", "paper h' [honest ckpt]", 0.70, ci=[0.6, 0.8]), "attack": "paper", "asr_honest": 0.66}
     report = {"results": REPORT["results"] + [paper],
               "utility": {"base": {"conditional_accuracy": 0.1, "utility_retained": 0.0, "proxy_fd_digits": 30.0},
                           "lora": {"conditional_accuracy": 0.9, "utility_retained": 1.0, "proxy_fd_digits": 5.0}}}

@@ -40,8 +40,10 @@ CONVENTIONS = {
     "tpr_at_fpr": "TPR at the largest ROC FPR <= alpha; null (n/a) when alpha * n_nonmembers < 1",
     "asr_oracle": "threshold attacks: best-threshold balanced accuracy on D_te; paper h': argmax accuracy at "
                   "the epoch with the best D_te accuracy (the paper's protocol)",
-    "asr_honest": "threshold attacks: balanced accuracy on D_te at the threshold fitted on D_aux; paper h': argmax "
-                  "accuracy at the epoch chosen on a held-out part of D_aux",
+    "asr_honest": "threshold attacks: balanced accuracy on D_te at the threshold fitted on D_aux; classifier attacks "
+                  "(paper h' at the epoch chosen on a held-out part of D_aux, GSA, black-box, reconstruction, "
+                  "ReDiffuse, blind): balanced accuracy on D_te of the decision p(member) > 0.5 of the classifier "
+                  "fitted on D_aux (argmax_asr: its plain accuracy, the paper's ASR; equal on a balanced D_te)",
     "ci": "stratified percentile bootstrap, 95 %",
     "noise": "the same (t, eps) per (sample, timestep, draw) for every model",
     "worst_case": "per model: the headline attack with the highest AUC on D_te; floor rows (blind) and rows whose "

@@ -90,9 +90,12 @@ def score_metrics(labels: np.ndarray, score_set: ScoreSet, n_bootstrap: int, see
             out["honest_tpr"], out["honest_fpr"] = tpr, fpr
     else:
         assert score_set.member_probs is not None
-        asr = metrics.argmax_asr(y, score_set.member_probs)
+        # The column's measure for every attack, so "private = 50" holds on an unbalanced D_te too (Pokemon's
+        # 233/200): balanced accuracy of the classifier's own decision, p(member) > 0.5. The paper's ASR is the
+        # plain accuracy of that decision (argmax_asr); on a balanced D_te the two are one number.
+        asr = metrics.balanced_accuracy(y, score_set.member_probs > 0.5)
         out["asr_oracle" if score_set.checkpoint == "oracle" else "asr_honest"] = asr
-        out["argmax_asr"] = asr
+        out["argmax_asr"] = metrics.argmax_asr(y, score_set.member_probs)
     if n_bootstrap > 0:
         ci, ci5 = bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=n_bootstrap, seed=seed)
         out["auc_ci"] = list(ci)
