@@ -219,6 +219,27 @@ def test_gsa_batched_lora_gradients_equal_one_backward_per_sample(mia_world, sam
     torch.testing.assert_close(gsa2, torch.stack([g2 for _, g2 in loop]), rtol=1e-4, atol=1e-8)
 
 
+def test_gsa_on_a_text_encoder_only_lora_is_zero_and_said(mia_world, samples, tmp_path, capsys):
+    """Its conditioning is detached, so no tensor of a text-encoder-only LoRA is in the UNet's graph: zero features
+    and a warning that the rows are at chance by construction (it crashed in backward before)."""
+    from safetensors.torch import save_file
+
+    bundle = mia_world["bundle"]
+    width, generator = bundle.text_encoder.config.hidden_size, torch.Generator().manual_seed(0)
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    te_only = tmp_path / "te_only.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, width, generator=generator),
+               f"{name}.lora_up.weight": torch.randn(width, 2, generator=generator),
+               f"{name}.alpha": torch.tensor(2.0)}, str(te_only))
+    probe = GSAProbe(k=1)
+    with applied_lora(bundle, te_only, 1.0, torch.device("cpu"), torch.float32) as network:
+        ctx = context(bundle, samples, network)
+        probe.begin(ctx.model)
+        out = probe.compute(ctx)
+    assert out["gsa1"].shape[1] == len(probe.groups) > 0 and not out["gsa1"].any() and not out["gsa2"].any()
+    assert "a LoRA without UNet tensors (text encoder only) gets no GSA signal" in capsys.readouterr().err
+
+
 def test_gsa_probe_on_the_base_model_uses_unet_blocks(mia_world, samples):
     bundle = mia_world["bundle"]
     ctx = context(bundle, ([samples[0][0]], samples[1][:1]))

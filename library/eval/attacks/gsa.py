@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from library.errors import warn
 from library.eval.attacks.base import Attack, AttackInputs, ScoreSet, check_labels
 from library.eval.metrics import roc_auc
 from library.eval.probes import ModelContext, Probe, QueryContext
@@ -69,6 +70,11 @@ class GSAProbe(Probe):
 
     def begin(self, model: ModelContext) -> None:
         self.groups = list(model.parameter_groups())
+        if model.network is not None and not any(m.lora_name.startswith("lora_unet_")
+                                                 for m in getattr(model.network, "loras", ())):
+            warn("gsa: a LoRA without UNet tensors (text encoder only) gets no GSA signal here: its gradients are "
+                 "taken through the UNet with the text conditioning detached, so its features are all 0 and its GSA "
+                 "rows are at chance by construction, not a finding")
 
     def compute(self, ctx: QueryContext) -> dict[str, torch.Tensor]:
         groups = list(ctx.model.parameter_groups().values())
@@ -148,7 +154,9 @@ class GSAProbe(Probe):
                     z_t = abar.sqrt() * ctx.z0 + (1.0 - abar).sqrt() * eps
                     timestep = torch.full((batch,), t, dtype=torch.long, device=ctx.model.device)
                     pred = ctx.model.unet(z_t, timestep, encoder_hidden_states=cond).sample
-                    (pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1).sum().backward()
+                    loss = (pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1).sum()
+                    if loss.requires_grad:  # else a text-encoder-only LoRA: no tensor of it is in this graph
+                        loss.backward()
                     grads = []
                     for p, acc in zip(params, total):
                         sample = getattr(p, "grad_sample", None)
