@@ -196,3 +196,30 @@ def test_a_resume_knows_the_class_images_by_content_not_by_folder(dreambooth_arg
     (copy / "class_00003.txt").write_text("a digit, bold")
     with pytest.raises(TrainingError, match=r"class_images_sha256 .*--class_data_dir"):
         train(parse_config(TrainConfig, moved + ["--output_dir", str(tmp_path / "d")]), "lora")
+
+
+def test_class_images_from_the_split_are_refused_and_a_dry_run_checks_the_class_folder(
+        dreambooth_args, manifest_path, tmp_path, capsys):
+    """A class image trains the model but is never audited: one that is a non-member (or member) of the split would
+    make the audit measure the wrong thing, so it is refused, by content; a dry run finds it, and the class
+    folder's other faults, before any image is generated."""
+    import shutil
+
+    from library.data.manifest import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    folder = tmp_path / "class"
+    folder.mkdir()
+    shutil.copy(manifest.abs_path(manifest.nonmember_test[0]), folder / "copy.png")  # a renamed non-member
+    for extra in (["--dry_run"], []):
+        assert train_entry("lora", "", dreambooth_args + extra) == 2
+        captured = capsys.readouterr()
+        assert f"class image {folder / 'copy.png'} is a non-member of the split" in captured.err, captured.err
+        assert "generated" not in captured.out
+    (folder / "copy.png").write_text("not an image")  # a corrupt one: the dry run decodes what is there
+    assert train_entry("lora", "", dreambooth_args + ["--dry_run"]) == 2
+    assert "copy.png" in capsys.readouterr().err
+    (folder / "copy.txt").write_text("a handwritten digit\n")  # a class caption naming the identifier
+    shutil.copy(manifest.abs_path(manifest.unused[0]), folder / "copy.png")  # outside the split
+    assert train_entry("lora", "", dreambooth_args + ["--dry_run"]) == 2
+    assert "contains the identifier 'handwritten'" in capsys.readouterr().err

@@ -70,6 +70,13 @@ class TrainingData:
         return [s for s in (self.members, self.member_aux, self.nonmember_aux, self.member_test,
                             self.nonmember_test) if s is not None]
 
+    def split_roles(self) -> dict[str, str]:
+        """sha256 -> "a member" / "a non-member" of every image of the split (a folder run's keys are file hashes
+        too; an image keyed by its path has none)."""
+        roles = {key: "a non-member" for s in (self.nonmember_aux, self.nonmember_test) if s is not None
+                 for key in s.keys}
+        return {**roles, **{key: "a member" for key in self.members.keys}}
+
 
 def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> LabelledSet:
     """The entries as a set; ``repeat``: each as many times as its kohya ``<repeats>_<name>`` folder says (D_tr

@@ -13,15 +13,16 @@ the folder holds fewer than ``--num_class_images``, the base model generates the
 caption, as diffusers' ``train_dreambooth.py`` does; later runs reuse them. Like diffusers, a run uses the first
 ``num_class_images`` images of the folder (sorted by path).
 
-Class images are never members nor non-members: they are not in the split manifest, the proxy attacker of
-MP/SMP-LoRA never sees them, and the membership sets (and their counts) are the manifest's alone.
+Class images are never members nor non-members: they are not in the split manifest (one with the content of a
+split image is refused), the proxy attacker of MP/SMP-LoRA never sees them, and the membership sets (and their
+counts) are the manifest's alone.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Mapping
 
 import torch
 
@@ -33,7 +34,8 @@ from library.data.dataset import (
     read_caption_file,
 )
 from library.errors import ConfigError, DataError
-from library.fileio import atomic_write_path, atomic_write_text
+from library.data.images import open_rgb
+from library.fileio import atomic_write_path, atomic_write_text, sha256_file
 from library.outputs import check_output_dir
 from library.runtime import hashed_seed
 from library.sd.bundle import ModelBundle
@@ -123,30 +125,53 @@ def generate_class_images(config: TrainConfig, bundle: ModelBundle,
     return made
 
 
-def class_images(config: TrainConfig) -> list[ImageCaption]:
-    """The first ``--num_class_images`` class images with their captions (caption file, else ``--class_prompt``)."""
+def _class_record(config: TrainConfig, folder: Path, image: Path) -> ImageCaption:
+    """One class image with its caption (caption file, else ``--class_prompt``, else its kohya class name)."""
+    caption_path = image.with_suffix(caption_suffix(config.caption_extension))
+    kohya_class = REPEATS_DIR.match(image.parent.name) if image.parent != folder else None
+    if caption_path.is_file():
+        caption = read_caption_file(caption_path)
+    elif config.class_prompt:
+        caption = config.class_prompt
+    elif kohya_class:  # sd-scripts captions such an image by its folder's class name
+        caption = kohya_class.group(2)
+    else:
+        raise DataError(f"class image {image} has no caption file {caption_path.name} and no 'class_prompt' is "
+                        "given: write one, or set class_prompt")
+    if config.instance_token and has_word(caption, config.instance_token):
+        raise DataError(f"the caption of class image {image} ({caption!r}) contains the identifier "
+                        f"'{config.instance_token}': class captions name the class only")
+    return ImageCaption(image, caption)
+
+
+def class_images(config: TrainConfig, *, existing_only: bool = False) -> list[ImageCaption]:
+    """The first ``--num_class_images`` class images with their captions; ``existing_only``: those there now (a dry
+    run checks them before any is generated)."""
     folder = Path(config.class_data_dir)
-    records = []
-    for image in _images(folder)[:config.num_class_images]:
-        caption_path = image.with_suffix(caption_suffix(config.caption_extension))
-        kohya_class = REPEATS_DIR.match(image.parent.name) if image.parent != folder else None
-        if caption_path.is_file():
-            caption = read_caption_file(caption_path)
-        elif config.class_prompt:
-            caption = config.class_prompt
-        elif kohya_class:  # sd-scripts captions such an image by its folder's class name
-            caption = kohya_class.group(2)
-        else:
-            raise DataError(f"class image {image} has no caption file {caption_path.name} and no 'class_prompt' is "
-                            "given: write one, or set class_prompt")
-        if config.instance_token and has_word(caption, config.instance_token):
-            raise DataError(f"the caption of class image {image} ({caption!r}) contains the identifier "
-                            f"'{config.instance_token}': class captions name the class only")
-        records.append(ImageCaption(image, caption))
-    if len(records) < config.num_class_images:
+    records = [_class_record(config, folder, image) for image in _images(folder)[:config.num_class_images]]
+    if len(records) < config.num_class_images and not existing_only:
         raise DataError(f"'class_data_dir' {folder} holds {len(records)} class image(s), fewer than num_class_images "
                         f"= {config.num_class_images}")
     return records
+
+
+def check_outside_split(records: list[ImageCaption], split: Mapping[str, str]) -> None:
+    """No class image is one of the split's images (``split``: sha256 -> which set): class images are trained on
+    but never audited, so a member or non-member among them would make the audit measure the wrong thing."""
+    for record in records:
+        role = split.get(sha256_file(record.path))
+        if role is not None:
+            raise DataError(f"class image {record.path} is {role} of the split (the same file content): class "
+                            "images are trained on but never audited, so they must come from outside the split; "
+                            "remove it (an empty --class_data_dir is filled by the base model from --class_prompt)")
+
+
+def check_class_images(config: TrainConfig, split: Mapping[str, str]) -> None:
+    """The class images there now, before any is generated: captions, decoding, outside the split (one line each)."""
+    records = class_images(config, existing_only=True)
+    for record in records:
+        open_rgb(record.path)
+    check_outside_split(records, split)
 
 
 def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: bool,
