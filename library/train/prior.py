@@ -33,8 +33,8 @@ from library.data.dataset import (
     is_image,
     read_caption_file,
 )
-from library.errors import ConfigError, DataError
 from library.data.images import open_rgb
+from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text, sha256_file
 from library.outputs import check_output_dir
 from library.runtime import hashed_seed
