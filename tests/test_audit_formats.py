@@ -415,6 +415,15 @@ def test_a_finetunes_own_text_encoder_is_audited_with_it(world, merged, tmp_path
     # the same UNet without its text encoder is another model in the caches
     alone = shutil.copytree(tmp_path / "ft-unet", tmp_path / "ft_alone")
     assert resolve_unet_weights(alone).sha256 != resolve_unet_weights(tmp_path / "ft-unet").sha256
+    # ... and one of this toolkit's, which records that it trained its text encoder, is refused without it
+    ours = {"smp_lora.train_mode": "full", "smp_lora.trained_text_encoder": "true"}
+    for folder in (tmp_path / "ft-unet", alone):
+        file = folder / "diffusion_pytorch_model.safetensors"
+        save_file(load_file(str(file)), str(file), metadata=ours)
+    assert resolve_unet_weights(tmp_path / "ft-unet").text_encoder  # beside its text encoder: audited with it
+    with pytest.raises(ModelError, match=r"ft_alone come from a fine-tune that trained its text encoder too, which is "
+                                         r"not beside them"):
+        resolve_unet_weights(alone)
 
     wide = tmp_path / "wide" / "pipe"  # a text encoder of another shape: one line naming the entry
     bundle.unet.save_pretrained(str(wide / "unet"), safe_serialization=True)

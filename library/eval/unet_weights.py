@@ -128,10 +128,23 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
             if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys) \
                     and _single_file_text_encoder_trained(given, header.get("__metadata__")):
                 text_encoder = (given,)
+            if layout == "diffusers" and not text_encoder:
+                _check_no_text_encoder_lost(given, folder, header.get("__metadata__"))
     sha = weights_sha256(files + tuple(f for f in text_encoder if f not in files))
     if text_encoder:  # its own text encoder changes every feature: never a cache entry of the UNet alone
         sha = hashlib.sha256(f"{sha}\x1ftext_encoder".encode("utf-8")).hexdigest()
     return UNetWeights(given, layout, files, sha, text_encoder)
+
+
+def _check_no_text_encoder_lost(given: Path, folder: Path, meta: Any) -> None:
+    """A UNet folder of a full fine-tune that trained its text encoder, found without it (copied or renamed
+    alone), would be audited with the base model's text encoder: a model nobody trained. Refused instead."""
+    if isinstance(meta, dict) and meta.get("smp_lora.trained_text_encoder") == "true":
+        stem = folder.name.removesuffix("-unet")
+        raise ModelError(f"UNet weights {given} come from a fine-tune that trained its text encoder too, which is not "
+                         f"beside them ({stem}-text_encoder/ next to {stem}-unet/, or text_encoder/ next to unet/): "
+                         "put it back with its folder name, or pass the run's single file <name>.safetensors, which "
+                         "holds both")
 
 
 def _single_file_text_encoder_trained(path: Path, meta: Any) -> bool:
