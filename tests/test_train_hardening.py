@@ -154,8 +154,8 @@ def test_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, 
 
 
 def test_a_run_never_writes_over_another_runs_outputs_in_the_same_folder(finished_run, tmp_path, capsys):
-    """A finished run named ``lora-000001`` (or ``lora-attacker``) is not run ``lora``'s epoch checkpoint (or proxy
-    file): run ``lora`` would write those names, so it is refused, --overwrite or not."""
+    """A finished run named ``lora-000001`` (or ``lora-step00000002``, ``lora-attacker``) is not run ``lora``'s
+    checkpoint (or proxy file): a run ``lora`` that would write that name is refused, --overwrite or not."""
     base, out = copy_run(finished_run, tmp_path)
     for other in ("lora-000001", "lora-attacker", "lora-step00000002"):
         for suffix in (".safetensors", ".json"):
@@ -164,17 +164,20 @@ def test_a_run_never_writes_over_another_runs_outputs_in_the_same_folder(finishe
         record["config"]["output_name"] = other  # what that run's own record says
         (out / f"{other}.json").write_text(json.dumps(record))
     before = snapshot(out)
-    for extra in (["--overwrite", "--dry_run"], ["--overwrite"]):
-        assert train_entry("smp_lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name", "lora"]
-                           + extra) == 2
-        line = one_line(capsys)
-        assert "holds the run 'lora-000001' (lora-000001.json)" in line and "--output_name" in line, line
+    smp = base + ["--output_dir", str(out), "--output_name", "lora", "--overwrite"]
+    for extra, owner in ((["--max_train_steps", "12", "--save_every_n_epochs", "1"], "lora-000001"),  # 6 steps/epoch
+                         (["--max_train_steps", "3", "--save_every_n_steps", "2"], "lora-step00000002"),
+                         (["--max_train_steps", "1"], "lora-attacker")):
+        for dry in (["--dry_run"], []):
+            assert train_entry("smp_lora", "", smp + extra + dry) == 2
+            line = one_line(capsys)
+            assert f"holds the run '{owner}' ({owner}.json)" in line and "--output_name" in line, line
     assert snapshot(out) == before
-    (out / "lora-000001.json").unlink()
-    (out / "lora-000001.safetensors").unlink()
-    assert train_entry("smp_lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name",
-                                               "lora", "--overwrite", "--dry_run"]) == 2
-    assert "holds the run 'lora-attacker'" in one_line(capsys)
+    # the names a run does not write are no obstacle: plain LoRA writes no proxy, and epoch 1 is not saved here
+    plain = base + ["--output_dir", str(out), "--overwrite", "--save_every_n_epochs", "2", "--max_train_steps", "18"]
+    assert train_entry("lora", "", plain) == 0
+    assert (out / "lora-000002.safetensors").is_file() and snapshot(out)["lora-000001.safetensors"] == \
+        before["lora-000001.safetensors"]
 
 
 def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):

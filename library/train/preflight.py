@@ -12,11 +12,10 @@ one split while the LoRA file names another.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
+import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -162,22 +161,40 @@ def check_overwrite(trainer: Trainer) -> None:
                       f"replace it, or choose another --output_dir or --output_name{resume}")
 
 
+def _names_written(trainer: Trainer) -> list[str]:
+    """The file stems this run may write besides ``<name>``: its checkpoints at the saving cadences, their proxy
+    files (MP/SMP) and the last-good LoRA of a diverged run."""
+    cfg, name = trainer.config, trainer.output_name
+    steps = trainer.total_steps
+    epochs = math.ceil(steps * cfg.gradient_accumulation_steps / max(trainer.sampler.batches_per_epoch, 1))
+    names = [name]
+    if cfg.save_every_n_epochs:
+        names += [retention.checkpoint_name(name, "epoch", e) for e in range(cfg.save_every_n_epochs, epochs + 1,
+                                                                              cfg.save_every_n_epochs)]
+    if cfg.save_every_n_steps:
+        names += [retention.checkpoint_name(name, "step", s) for s in range(cfg.save_every_n_steps, steps,
+                                                                            cfg.save_every_n_steps)]
+    attackers = [f"{n}-attacker" for n in names] if trainer.method_class.has_attacker else []
+    return names[1:] + attackers + [f"{name}-last-good"]
+
+
 def check_other_runs(trainer: Trainer) -> None:
     """Refuse a run whose checkpoints, proxy-attacker or last-good file would take the name of another run's
     outputs in the same folder (a run called ``lora-000001`` beside ``lora``'s epoch files): each run's record
     ``<name>.json`` says whose file is whose. ``--overwrite`` replaces this run's outputs only."""
     name = trainer.output_name
-    own_names = re.compile(re.escape(name) + r"-(?:\d{6}|step\d{8}|attacker|last-good)")
-    for record in sorted(trainer.output_dir.glob(f"{glob.escape(name)}-*.json")):
-        if not own_names.fullmatch(record.stem):
+    for stem in _names_written(trainer):
+        record = trainer.output_dir / f"{stem}.json"
+        if not record.is_file():
             continue
         try:
-            owner = json.loads(record.read_text(encoding="utf-8"))["config"]["output_name"]
+            doc = json.loads(record.read_text(encoding="utf-8"))
+            owner = doc["config"]["output_name"] or doc["method"]  # unset: the method's name (Trainer.output_name)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a run record of this project
         if owner != name:
             raise ConfigError(f"--output_dir {trainer.output_dir} holds the run {owner!r} ({record.name}), whose "
-                              f"{record.stem}.safetensors this run ({name!r}) would write over; choose another "
+                              f"{stem}.safetensors this run ({name!r}) would write over; choose another "
                               "--output_name or --output_dir")
 
 
