@@ -117,6 +117,9 @@ PARSE_ERRORS = [
     ("train_lora.py", ["--center_crop"], "--center_crop: images are always centre-cropped squares at --resolution"),
     ("train_lora.py", ["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint: use --resume (a state "
                                                               "folder, or latest"),
+    ("train_lora.py", ["--instance_prompt", "a photo of sks dog"], "--instance_prompt: the instance prompt is each "
+                                                                    "member's caption"),
+    ("train_lora.py", ["--allow_tf32"], "--allow_tf32: not supported"),  # not "did you mean --allow_pickle?"
 ]
 
 

@@ -154,6 +154,24 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "validation_prompt": ForeignKey("use --sample_prompts FILE --sample_every_n_epochs N"),
     "report_to": ForeignKey("tensorboard logs are written when --logging_dir is given; drop it",
                             lambda v: v == "tensorboard"),
+    "instance_prompt": ForeignKey("the instance prompt is each member's caption: write it into the caption files "
+                                  "('a photo of sks dog') before making the split, and name the identifier with "
+                                  "--instance_token sks"),
+    "instance_data_dir": ForeignKey("give the instance images as a split manifest (scripts/make_split.py; "
+                                    "--split_manifest), which MP/SMP-LoRA need, or for plain LoRA a folder "
+                                    "(--train_data_dir)"),
+    "sample_batch_size": ForeignKey("class images are generated one at a time (seeded per image); drop it",
+                                    _always),
+    "prior_generation_precision": ForeignKey("class images are generated under --mixed_precision; drop it",
+                                             _always),
+    "allow_tf32": ForeignKey("not supported: matmuls run in full fp32 unless --mixed_precision; drop it", _false),
+    "scale_lr": ForeignKey("not supported: the learning rate is used as given; drop it", _false),
+    "use_8bit_adam": ForeignKey("use --optimizer_type AdamW8bit", _false),
+    "checkpoints_total_limit": ForeignKey("use --save_last_n_steps N (and --save_last_n_steps_state N)"),
+    "snr_gamma": ForeignKey(_PLAIN_OBJECTIVE, lambda v: v in (None, 0, 0.0)),
+    "enable_xformers_memory_efficient_attention": ForeignKey(_FUSED_ATTENTION, _always),
+    "skip_save_text_encoder": ForeignKey("a trained text encoder is always saved with the UNet (evaluate_mia.py "
+                                         "audits the pair); drop it"),
 }
 
 
