@@ -103,6 +103,11 @@ def test_resume_is_exact_for_full_finetuning(tiny_train_args, tmp_path):
                                                         str(tmp_path / "c")]), "smp_lora")
     a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A full fine-tune reads no LoRA setting, so a resume may change them (a LoRA TOML reused for it): they were
+    # compared, and refused ("it was trained with network_dim = 4, this run has 8")
+    again = common + ["--max_train_steps", "4", "--network_dim", "8", "--network_alpha", "2", "--network_dropout", "0.1",
+                      "--resume", str(tmp_path / "b" / "smp_lora-state"), "--output_dir", str(tmp_path / "d"), "--dry_run"]
+    assert train_entry("smp_lora", "", again) == 0
 
 
 def test_base_model_switch_swaps_the_initial_weights_in_and_back(tiny_model_dir):

@@ -383,6 +383,8 @@ class TrainConfig:
             warn(f"{', '.join(ignored)} only act with --with_prior_preservation; this run ignores them")
         if self.split_manifest and "caption_extension" in given and not self.with_prior_preservation:
             warn("caption_extension is ignored: with --split_manifest the captions come from the manifest")
+        if self.train_mode == "full" and (lora := sorted(given & (LORA_NETWORK_FIELDS - {"network_args"}))):
+            warn(f"{', '.join(lora)} configure a LoRA; 'train_mode = full' ignores them")  # network_args: warned above
         shape = sorted(given & {"network_dim", "network_alpha", "network_args"})
         if self.dim_from_weights and shape:
             warn(f"{', '.join(shape)} ignored: --dim_from_weights shapes the network by the --network_weights file")
@@ -406,12 +408,16 @@ class TrainConfig:
             inert.add("attacker_restart_every_n_epochs")
         if self.dim_from_weights:  # the network is shaped by the --network_weights file
             inert |= {"network_dim", "network_alpha", "network_args"}
+        if self.train_mode == "full":  # no LoRA network at all
+            inert |= LORA_NETWORK_FIELDS
         return frozenset(inert)
 
 
 #: What only one method reads (its training script's name -> its options), and what only DreamBooth reads.
 METHOD_FIELDS = {"relaxloss": frozenset({"relaxloss_alpha"}),
                  "dp_lora": frozenset({"dp_noise_multiplier", "dp_clip_norm", "dp_delta"})}
+LORA_NETWORK_FIELDS = frozenset({"network_dim", "network_alpha", "network_args", "network_dropout", "network_module",
+                                 "network_train_unet_only", "dim_from_weights"})
 PRIOR_FIELDS = frozenset({"prior_loss_weight", "class_data_dir", "class_prompt", "num_class_images",
                           "class_sample_steps", "prior_in_objective"})
 

@@ -259,8 +259,8 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
         "method": trainer.method_name,
         "train_mode": config.train_mode,  # before the LoRA's own facts: the first mismatch is the one reported
         # the network's shape: the flags', or with --dim_from_weights the file's (a state of another shape does
-        # not load: one line in load_state), which the flags do not describe
-        **({"dim_from_weights": True} if config.dim_from_weights else {
+        # not load: one line in load_state), which the flags do not describe; a full fine-tune has no network
+        **({} if config.train_mode == "full" else {"dim_from_weights": True} if config.dim_from_weights else {
             "network_dim": config.network_dim,
             "network_alpha": float(config.network_alpha),
             "network_args": json.dumps(config.network_kwargs, sort_keys=True)}),
