@@ -140,9 +140,13 @@ def test_calibrated_proxy_trains_a_full_finetune(tiny_train_args, method, tmp_pa
     (["--unet_lr", "0"], "lora", "nothing to train"),
 ])
 def test_bad_full_finetune_settings_are_one_line(tiny_train_args, capsys, flags, method, expected):
-    assert train_entry(method, "", tiny_train_args + FULL + flags) == 2
+    lora_shape = tiny_train_args.index("--network_dim")  # "--network_dim 4 --network_alpha 4": a LoRA's, warned
+    args = tiny_train_args[:lora_shape] + tiny_train_args[lora_shape + 4:]
+    assert train_entry(method, "", args + FULL + flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+    assert train_entry("lora", "", tiny_train_args + FULL + ["--dry_run"]) == 0
+    assert "network_alpha, network_dim configure a LoRA; 'train_mode = full' ignores them" in capsys.readouterr().err
 
 
 def test_train_text_encoder_without_full_mode_is_refused(tiny_train_args, capsys):
@@ -197,7 +201,8 @@ def test_resuming_a_lora_state_as_a_full_finetune_is_one_line(tiny_train_args, t
     state = tmp_path / "out" / "lora-state"
     args = tiny_train_args + FULL + ["--resume", str(state), "--output_dir", str(tmp_path / "full")]
     assert train_entry("lora", "", args) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.replace(  # tiny_train_args' LoRA shape: said to be ignored by a full fine-tune
+        "warning: network_alpha, network_dim configure a LoRA; 'train_mode = full' ignores them\n", "")
     assert err.count("\n") == 1 and "train_mode = 'lora'" in err and "--train_mode" in err, err
 
 
