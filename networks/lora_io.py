@@ -74,15 +74,22 @@ def check_lora_file(file: str | os.PathLike) -> tuple[int, dict[str, Any]]:
     """
     path = Path(file)
     if path.is_dir():
-        raise ModelError(f"LoRA file {path} is a folder (a --save_state folder?); pass the .safetensors file the "
+        inside = [path / name for name in (PEFT_WEIGHTS_NAME, "pytorch_lora_weights.safetensors")
+                  if (path / name).is_file()]  # a PEFT or diffusers save_pretrained folder
+        raise ModelError(f"LoRA file {path} is a folder; pass the LoRA file in it: {inside[0]}" if inside else
+                         f"LoRA file {path} is a folder (a --save_state folder?); pass the .safetensors file the "
                          "run wrote beside it")
     if not path.is_file():
         raise ModelError(f"LoRA file {path} does not exist; check the path")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
+        hint = _CONVERT_HINT
+        if path.with_name(PEFT_CONFIG_NAME).is_file():  # the scale is in that config, read beside this name only
+            hint = hint.replace("'lora.safetensors'", f"'{path.with_name(PEFT_WEIGHTS_NAME)}'") + (
+                f" (that name, beside its {PEFT_CONFIG_NAME}, which holds its scale)")
         raise ModelError(
             f"LoRA file {path} is a pickle ({suffix}) file; only safetensors LoRA files are read (unpickling can "
-            f"run code): {_CONVERT_HINT}"
+            f"run code): {hint}"
         )
     if suffix != ".safetensors":
         raise ModelError(f"LoRA file {path} is not a .safetensors file; only safetensors LoRA files are read")

@@ -500,6 +500,17 @@ def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     (tmp_path / "smp_lora-state").mkdir()
     with pytest.raises(ModelError, match="is a folder"):
         create_network_from_weights(1.0, tmp_path / "smp_lora-state", None, *models)
+    # a PEFT save_pretrained folder: the file in it is named; its .bin is to become that file, beside its config
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"is a folder; pass the LoRA file in it: .*adapter/adapter_model\.safetensors"):
+        create_network_from_weights(1.0, adapter, None, *models)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match=r"'.*adapter/adapter_model\.safetensors'\) \(that name, beside its "
+                                         r"adapter_config\.json, which holds its scale\)"):
+        create_network_from_weights(1.0, adapter / "adapter_model.bin", None, *models)
 
     # a wrong shape names the lora_down tensor, not the .alpha key that sorts first in the file
     good = tmp_path / "good.safetensors"

@@ -866,3 +866,15 @@ def test_another_process_count_resumes_with_the_same_total_batch_only(finished_r
     summary["identity"]["total_batch"], summary["config"]["train_batch_size"] = 4, 2  # as 2 processes x 2 wrote it
     summary_file.write_text(json.dumps(summary))
     assert train_entry("lora", "", args + ["--output_dir", str(tmp_path / "c")]) == 0
+
+
+def test_continuing_a_lora_never_drops_its_text_encoder_part_in_silence(finished_run, tmp_path, capsys):
+    """A run that trains no text-encoder LoRA threw the continued file's lora_te_* weights away, and still named the
+    file as its parent; refused as --dim_from_weights refuses it."""
+    base, out = copy_run(finished_run, tmp_path)
+    parent = ["--network_weights", str(out / "lora.safetensors"), "--output_dir", str(tmp_path / "next"), "--dry_run"]
+    for flags in (["--network_train_unet_only"], ["--text_encoder_lr", "0"]):
+        assert train_entry("lora", "", base + parent + flags) == 2
+        line = one_line(capsys)
+        assert "has a text-encoder part (lora_te_" in line and "--no-network_train_unet_only" in line, line
+    assert train_entry("lora", "", base + parent) == 0  # training it too continues the whole file

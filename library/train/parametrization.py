@@ -25,7 +25,7 @@ from typing import Any, ContextManager, Iterator, Mapping
 import torch
 
 from library.data.lineage import lineage_metadata
-from library.errors import ConfigError, TrainingError, warn
+from library.errors import ConfigError, ModelError, TrainingError, warn
 from library.fileio import (
     replace_dir,
     storage_errors_named,
@@ -252,9 +252,25 @@ def _lora_network(config: TrainConfig, bundle: ModelBundle) -> tuple[lora.LoRANe
     )
     parent = None
     if config.network_weights:  # its metadata: what its weights have seen (library.data.lineage)
-        parent = network.load_weights(config.network_weights).metadata
+        loaded = network.load_weights(config.network_weights)
+        parent = loaded.metadata
+        _check_nothing_dropped(config, network, loaded.missing_keys)
         _warn_if_alpha_differs(config, parent)
     return network, parent
+
+
+def _check_nothing_dropped(config: TrainConfig, network: lora.LoRANetwork, missing_keys: tuple[str, ...]) -> None:
+    """A continued LoRA's text-encoder part would be dropped in silence by a run that trains none (apply_to leaves
+    those modules out): refused, as --dim_from_weights refuses it."""
+    if trains_text_encoder(config):
+        return
+    missing = {key.split(".")[0] for key in missing_keys}
+    if loaded := [m.lora_name for m in network.text_encoder_loras if m.lora_name not in missing]:
+        raise ModelError(
+            f"LoRA file {config.network_weights} has a text-encoder part ({loaded[0]}, ...), which this run would "
+            "drop: it trains no text-encoder LoRA (--network_train_unet_only, or a text-encoder rate of 0). To "
+            "continue the file, train the text encoder too (--no-network_train_unet_only, with --text_encoder_lr), "
+            "or continue a copy of it without its lora_te_* tensors")
 
 
 def build_parametrization(config: TrainConfig, bundle: ModelBundle, device: torch.device,
