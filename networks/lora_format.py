@@ -191,6 +191,12 @@ def _normalise_lora_name(name: str) -> str:
     return name
 
 
+# Key fragments of the LyCORIS algorithms (LoHa, LoKr, OFT, full/diff, IA3, GLoRA, norm), DoRA and LoCon's Tucker
+# middle: networks this loader does not apply, named as such rather than as a file "for another model".
+LYCORIS_KEY_FRAGMENTS = ("hada_", "lokr_", "dora_scale", "oft_", "lora_mid", ".diff", ".on_input", ".w_norm",
+                         ".b_norm", ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
+
+
 def _foreign_format_hint(key: str) -> str:
     if key.startswith(ATTACKER_KEY_PREFIXES):
         return f" — {ATTACKER_HINT}"
@@ -199,7 +205,7 @@ def _foreign_format_hint(key: str) -> str:
             " — it looks like a diffusers/PEFT-format LoRA; this loader reads kohya-format files "
             "(lora_unet_*/lora_te_* keys). Load it with diffusers' load_lora_weights, or convert it"
         )
-    if any(s in key for s in ("hada_", "lokr_", "dora_scale", "oft_", "lora_mid")):
+    if any(s in key for s in LYCORIS_KEY_FRAGMENTS):
         return " — it is a LyCORIS/DoRA-type network, which this LoRA loader does not support"
     return ""
 

@@ -515,7 +515,7 @@ def test_seed_beyond_64_bits_is_one_line(flag, value, tiny_model_dir, manifest_p
     (["--device", "meta"], "use --device cpu or cuda"),
     (["--network_multiplier", "nan"], "'network_multiplier' must be a finite number"),  # failed after the base
     (["--n_bootstrap", "1"], "'n_bootstrap' must be 0 (no CIs) or at least 10 resamples, got 1"),  # was a "CI"
-    (["--network_weights", "x.safetensors", "./x.safetensors"], "'network_weights' lists a file twice"),
+    (["--network_weights", "x.safetensors", "./x.safetensors"], "'network_weights' lists a file twice: x.safetensors"),
     (["--gsa_timesteps", "1001"], "'gsa_timesteps' must be at most 1000"),  # t = -1 read abar_999
     (["--blackbox_steps", "2000"], "'blackbox_steps' must be at most 1000"),  # 2000 copies of t = 1
 ])

@@ -454,6 +454,16 @@ def test_lora_for_another_model_is_refused(models, tmp_path):
             load()
         assert "another base model" not in str(info.value)
 
+    # LyCORIS' other algorithms are named as such, not as a file "made for another model or tool"
+    name = next(k for k in sd if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    for kind, keys in (("full/diff", [".diff", ".diff_b"]), ("IA3", [".weight", ".on_input"]),
+                       ("GLoRA", [".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"]),
+                       ("norm", [".w_norm", ".b_norm"])):
+        bad = tmp_path / f"lycoris_{kind.replace('/', '_')}.safetensors"
+        save_file({f"{name}{suffix}": torch.zeros(2) for suffix in keys}, str(bad))
+        with pytest.raises(ModelError, match="LyCORIS/DoRA-type network"):
+            create_network_from_weights(1.0, bad, None, *models)
+
 
 def test_a_text_encoder_lora_into_a_unet_only_network_says_how_to_continue_it():
     from networks.lora_format import unknown_module_error

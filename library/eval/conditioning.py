@@ -150,7 +150,8 @@ def resolve_conditioning(config: EvalConfig, specs: Sequence[ModelSpec],
         keys = " / ".join(key for field, key, _ in _SETTINGS if field in dict(unrecorded))
         used = " and ".join(_describe(field, values[field]) for field, _ in unrecorded)
         flags = " / ".join(f"--{field}" for field, _ in unrecorded)
-        print(f"warning: model file(s) {', '.join(files)} record no {keys} (older or foreign files); evaluating "
+        usable = " (a non-square ss_resolution is not used)" if "resolution" in dict(unrecorded) else ""
+        print(f"warning: model file(s) {', '.join(files)} record no {keys}{usable} (older or foreign files); evaluating "
               f"with {used} — pass {flags} if they were trained otherwise", file=sys.stderr, flush=True)
     return Conditioning(values["clip_skip"] or 1, values["max_token_length"], source,
                         values["resolution"] or default_size)

@@ -242,7 +242,8 @@ class EvalConfig:
         for name in ("network_weights", "unet_weights"):
             values = [os.path.realpath(v) for v in getattr(self, name)]  # x.safetensors and ./x.safetensors too
             if len(set(values)) != len(values):
-                raise ConfigError(f"'{name}' lists a file twice")
+                twice = next(v for v, real in zip(getattr(self, name), values) if values.count(real) > 1)
+                raise ConfigError(f"'{name}' lists a file twice: {twice}")
         if not math.isfinite(self.network_multiplier):
             raise ConfigError(f"'network_multiplier' must be a finite number, got {self.network_multiplier}")
         self._validate_attack_suite()
