@@ -199,7 +199,7 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         if key in foreign and foreign[key].is_harmless(value):
             warn(f"{path}: '{key} = {value!r}' is ignored ({foreign[key].advice})")
         elif key in foreign:
-            unknown.append(f"'{key}' is an sd-scripts option: {foreign[key].advice}")
+            unknown.append(f"'{key}' is an sd-scripts or diffusers option: {foreign[key].advice}")
         elif key not in types_by_name:
             unknown.append(_unknown_key_message(key, cls))
         else:

@@ -84,7 +84,7 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
     with pytest.raises(ConfigError) as refused:
         parse_config(TrainConfig, BASE + ["--config_file", path])
     message = str(refused.value)
-    assert "'noise_offset' is an sd-scripts option" in message and "--unet_lr 0" in message
+    assert "'noise_offset' is an sd-scripts or diffusers option" in message and "--unet_lr 0" in message
     assert "did you mean 'learning_rate'" in message and "scripts/make_split.py" in message
     path = write(tmp_path, "[training_arguments]\nloss_type = 'l2'\nhuber_c = 0.1\nhuber_schedule = 'snr'\n"
                            "dynamo_backend = 'no'\nlr_scheduler_args = []\nnoise_offset_type = 'Original'\n"

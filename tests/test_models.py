@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from library.demo.tiny import DIGIT_WORDS, build_tiny_stack, save_tiny_model  # noqa: E402
 from library.errors import ModelError  # noqa: E402
@@ -512,7 +512,17 @@ def test_bake_vae_from_each_vae_layout(tiny_files: tuple[ModelBundle, Path, Path
     _vae_only(single, ldm_vae)
     diffusers_file = tmp_path / "vae-diffusers.safetensors"
     shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", diffusers_file)
-    for index, vae in enumerate((ldm_vae, diffusers_file, folder / "vae")):
+    old_names = tmp_path / "vae-diffusers-old-names.safetensors"  # diffusers' earlier mid-attention names
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+    def old(key: str) -> str:
+        for new, previous in renames.items():
+            key = key.replace(new, previous) if ".mid_block.attentions." in key else key
+        return key
+
+    _rewrite_tensors(diffusers_file, old_names, lambda t: {old(k): v for k, v in t.items()})
+    assert any(".proj_attn." in k for k in load_file(str(old_names)))
+    for index, vae in enumerate((ldm_vae, diffusers_file, folder / "vae", old_names)):
         output = bake_vae(no_vae, vae, tmp_path / f"baked{index}.safetensors")
         assert fingerprint(load_sd_model(output)) == fingerprint(loaded["single"]), vae
 

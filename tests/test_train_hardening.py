@@ -173,9 +173,23 @@ def test_a_run_never_writes_over_another_runs_outputs_in_the_same_folder(finishe
             line = one_line(capsys)
             assert f"holds the run '{owner}' ({owner}.json)" in line and "--output_name" in line, line
     assert snapshot(out) == before
-    # the names a run does not write are no obstacle: plain LoRA writes no proxy, and epoch 1 is not saved here
+    # nor does --overwrite make another run's checkpoint this run's final file (run 'lora-000001' over 'lora''s)
+    record = json.loads((out / "lora.json").read_text())
+    (out / "lora-000003.json").write_text(json.dumps(record))  # a checkpoint record of run 'lora'
+    shutil.copy(out / "lora.safetensors", out / "lora-000003.safetensors")
+    assert train_entry("lora", "", base + ["--output_dir", str(out), "--output_name", "lora-000003", "--overwrite",
+                                           "--max_train_steps", "1"]) == 2
+    assert "holds the run 'lora' (lora-000003.json)" in one_line(capsys)
+    # the names a run does not write are no obstacle: plain LoRA writes no proxy, and epoch 1 is not saved here;
+    # nor is a run's last epoch (its final file is): 'lora-000003' is run 'lora''s, not this 3-epoch run's
     plain = base + ["--output_dir", str(out), "--overwrite", "--save_every_n_epochs", "2", "--max_train_steps", "18"]
     assert train_entry("lora", "", plain) == 0
+    assert (out / "lora-000003.json").read_text() == json.dumps(record)
+    (out / "lora-000003.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                          "output_name": "lora-000003"}}))
+    last_epoch = base + ["--output_dir", str(out), "--overwrite", "--save_every_n_epochs", "3", "--max_train_steps",
+                         "18", "--dry_run"]  # 3 epochs: the third is the final file, never 'lora-000003'
+    assert train_entry("lora", "", last_epoch) == 0
     assert (out / "lora-000002.safetensors").is_file() and snapshot(out)["lora-000001.safetensors"] == \
         before["lora-000001.safetensors"]
 

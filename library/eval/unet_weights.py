@@ -140,11 +140,14 @@ def _check_no_text_encoder_lost(given: Path, folder: Path, meta: Any) -> None:
     """A UNet folder of a full fine-tune that trained its text encoder, found without it (copied or renamed
     alone), would be audited with the base model's text encoder: a model nobody trained. Refused instead."""
     if isinstance(meta, dict) and meta.get("smp_lora.trained_text_encoder") == "true":
-        stem = folder.name.removesuffix("-unet")
+        if folder.name == "unet":
+            where = "text_encoder/ next to unet/"
+        else:
+            stem = folder.name.removesuffix("-unet") if folder.name.endswith("-unet") else "<name>"
+            where = f"{stem}-text_encoder/ next to {stem}-unet/"
         raise ModelError(f"UNet weights {given} come from a fine-tune that trained its text encoder too, which is not "
-                         f"beside them ({stem}-text_encoder/ next to {stem}-unet/, or text_encoder/ next to unet/): "
-                         "put it back with its folder name, or pass the run's single file <name>.safetensors, which "
-                         "holds both")
+                         f"beside them (as {where}): put it back so, or pass the run's single file "
+                         "<name>.safetensors, which holds both")
 
 
 def _single_file_text_encoder_trained(path: Path, meta: Any) -> bool:

@@ -35,6 +35,21 @@ _LDM_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _DIFFUSERS_BLOCKS = (".down_blocks.", ".up_blocks.", ".mid_block.")
 
 
+# diffusers' older names of the VAE's mid-block attention (from_pretrained renames them; a bare file needs it here)
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _current_attention_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        head, _, last = module.rpartition(".")
+        if ".mid_block.attentions." in key and last in _OLD_ATTENTION_NAMES:
+            key = f"{head}.{_OLD_ATTENTION_NAMES[last]}.{param}"
+        renamed[key] = tensor
+    return renamed
+
+
 def _diffusers_vae_to_ldm(source: Path, state: dict[str, torch.Tensor] | None, config: dict[str, Any]
                           ) -> dict[str, torch.Tensor]:
     """LDM-named VAE tensors from a diffusers folder (``state`` None) or diffusers-keyed tensors (``config``'s
@@ -46,7 +61,7 @@ def _diffusers_vae_to_ldm(source: Path, state: dict[str, torch.Tensor] | None, c
             model = AutoencoderKL.from_pretrained(str(source), local_files_only=True, use_safetensors=True)
         else:
             model = _meta_model(AutoencoderKL, config)
-            model.load_state_dict(state, strict=True, assign=True)
+            model.load_state_dict(_current_attention_names(state), strict=True, assign=True)
     except Exception as exc:  # missing config/weights (OSError), keys or shapes of another VAE (RuntimeError)
         raise ModelError(f"{source} is not a usable diffusers VAE ({first_line(exc)})") from exc
     return vae_to_ldm(model)

@@ -167,7 +167,9 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "allow_tf32": ForeignKey("not supported: matmuls run in full fp32 unless --mixed_precision; drop it", _false),
     "scale_lr": ForeignKey("not supported: the learning rate is used as given; drop it", _false),
     "use_8bit_adam": ForeignKey("use --optimizer_type AdamW8bit", _false),
-    "checkpoints_total_limit": ForeignKey("use --save_last_n_steps N (and --save_last_n_steps_state N)"),
+    "checkpoints_total_limit": ForeignKey("use --save_last_n_steps S, a span of steps as in sd-scripts (N x "
+                                          "--save_every_n_steps keeps N checkpoints; --save_last_n_steps_state "
+                                          "likewise for states)"),
     "snr_gamma": ForeignKey(_PLAIN_OBJECTIVE, lambda v: v in (None, 0, 0.0)),
     "enable_xformers_memory_efficient_attention": ForeignKey(_FUSED_ATTENTION, _always),
     "skip_save_text_encoder": ForeignKey("a trained text encoder is always saved with the UNet (evaluate_mia.py "

@@ -162,20 +162,21 @@ def check_overwrite(trainer: Trainer) -> None:
 
 
 def _names_written(trainer: Trainer) -> list[str]:
-    """The file stems this run may write besides ``<name>``: its checkpoints at the saving cadences, their proxy
-    files (MP/SMP) and the last-good LoRA of a diverged run."""
+    """The file stems this run may write: ``<name>``, its checkpoints at the saving cadences, their proxy files
+    (MP/SMP) and the last-good LoRA of a diverged run."""
     cfg, name = trainer.config, trainer.output_name
     steps = trainer.total_steps
     epochs = math.ceil(steps * cfg.gradient_accumulation_steps / max(trainer.sampler.batches_per_epoch, 1))
     names = [name]
     if cfg.save_every_n_epochs:
-        names += [retention.checkpoint_name(name, "epoch", e) for e in range(cfg.save_every_n_epochs, epochs + 1,
+        # not the last epoch: it ends with the final step (or the run ends inside it), where the final file is saved
+        names += [retention.checkpoint_name(name, "epoch", e) for e in range(cfg.save_every_n_epochs, epochs,
                                                                               cfg.save_every_n_epochs)]
     if cfg.save_every_n_steps:
         names += [retention.checkpoint_name(name, "step", s) for s in range(cfg.save_every_n_steps, steps,
                                                                             cfg.save_every_n_steps)]
     attackers = [f"{n}-attacker" for n in names] if trainer.method_class.has_attacker else []
-    return names[1:] + attackers + [f"{name}-last-good"]
+    return names + attackers + [f"{name}-last-good"]
 
 
 def check_other_runs(trainer: Trainer) -> None:

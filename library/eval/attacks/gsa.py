@@ -20,7 +20,7 @@ splits, where ``HistGradientBoostingClassifier``'s 20-sample leaves would not; 1
 rate 0.1, ``random_state`` = the evaluation's seed) fitted on D_aux and scored by ``predict_proba`` (p(member);
 hard labels give a degenerate ROC). Both variants are reported; the headline is the one with the better
 cross-validated AUC on D_aux (stratified k-fold, k = min(5, smallest class); gsa1 on a tie), never chosen on
-D_te. The ASR is the argmax of p(member), an honest number (checkpoint ``honest``: nothing is chosen on D_te).
+D_te. The ASR is the balanced accuracy of p(member) > 0.5, an honest number (checkpoint ``honest``: nothing is chosen on D_te).
 
 Our choices: for a LoRA the gradients are taken w.r.t. the LoRA tensors only (no published source does LoRAs);
 the text conditioning is detached, so a text-encoder LoRA tensor's feature is 0.

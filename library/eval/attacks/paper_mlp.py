@@ -14,7 +14,8 @@ that t, or the losses at the fixed timesteps (averaged over draws). The paper do
 a sample gets nor whether they are re-drawn per epoch; we take D = ``paper_draws`` fixed draws per sample (default
 1: one fixed draw). With D > 1, epoch e trains on draw e mod D of every sample (upstream's in-training monitor
 re-draws every pass; this is that, with the draws shared by every model) and a sample's score is h''s p(member)
-averaged over its D draws. The ASR is the argmax accuracy of that score (p > 1/2).
+averaged over its D draws. The ASR is the balanced accuracy of its argmax (p > 1/2); the paper's plain accuracy of
+it is ``argmax_asr`` in the report (the same number on a balanced D_te).
 """
 
 from __future__ import annotations
