@@ -176,7 +176,7 @@ def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
             assert config.attacker_noise == "fresh" and config.attacker_calibration == "base"
 
 
-def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(tmp_path, monkeypatch):
+def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(tmp_path, monkeypatch, capsys):
     """Epoch checkpoints are <name>-NNNNNN.safetensors only (an MP/SMP run's -attacker files were read as epochs);
     retraining removes an earlier training's checkpoints; a final file without its run record (killed between the
     two) is trained again, over the old file."""
@@ -201,7 +201,49 @@ def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(t
     frontier.train_sweep(settings, [run], tmp_path / "base", tmp_path / "split.json")  # no record: redone
     assert [c.output_name for c in trained] == [run.name] and trained[0].overwrite
     assert frontier.checkpoints(folder, run.name) == [] and not (folder / f"{run.name}-000001-attacker.safetensors").exists()
-    (folder / f"{run.name}.json").write_text('{"epochs": [{"epoch": 2}]}')
+    (folder / f"{run.name}.json").write_text('{"config": {"seed": 1337}, "epochs": [{"epoch": 2}]}')
     trained.clear()
     frontier.train_sweep(settings, [run], tmp_path / "base", tmp_path / "split.json")
     assert trained == []  # finished: kept
+    # its sweep entry changed since (results §12's "the same entry plus --seed 1338"): trained again, and said
+    sweep.write_text('[[run]]\nmethod = "smp_lora"\nlabel = "es"\nsave_every_n_epochs = 1\nflags = ["--seed", "1338"]\n')
+    (changed,) = read_sweep(sweep)
+    assert changed.name == run.name
+    frontier.train_sweep(settings, [changed], tmp_path / "base", tmp_path / "split.json")
+    assert [c.seed for c in trained] == [1338]
+    assert "es: trained again, its sweep entry changed since it was trained (seed = 1337, now 1338)" in \
+        capsys.readouterr().out
+
+
+def test_only_trains_its_curves_and_the_frontier_keeps_every_finished_run(tmp_path, monkeypatch, capsys):
+    """--only after the whole frontier replaced frontier.md/json with that curve alone (and no plain-LoRA U)."""
+    import contextlib
+
+    import library.demo.frontier as frontier
+    from library.demo.run import DemoSettings
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[run]]\nmethod = "lora"\nlabel = "plain"\n\n[[run]]\nmethod = "smp_lora"\nlabel = "smp"\n')
+    plain, smp = read_sweep(sweep)
+    settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path), sweep=sweep, out_dir=tmp_path / "frontier",
+                                runs_filter=["smp"])
+    folder = settings.run_folder(plain)
+    folder.mkdir(parents=True)
+    (folder / f"{plain.name}.safetensors").write_bytes(b"")
+    (folder / f"{plain.name}.json").write_text('{"config": {}}')  # the earlier full frontier's plain run: finished
+    trained, evaluated = [], []
+    monkeypatch.setattr(frontier, "shared_preparation", lambda workdir: contextlib.nullcontext())
+    for name in ("prepare_data", "prepare_base_model", "prepare_feature_net"):
+        monkeypatch.setattr(frontier, name, lambda *args: tmp_path / "x")
+    monkeypatch.setattr(frontier, "train_sweep", lambda s, runs, *a: trained.extend(r.name for r in runs))
+    monkeypatch.setattr(frontier, "evaluate_sweep", lambda s, files, *a: evaluated.append((files, a[-1])) or {})
+    monkeypatch.setattr(frontier, "frontier_points", lambda *a: [])
+    monkeypatch.setattr(frontier, "write_outputs", lambda *a: tmp_path / "frontier.md")
+    (tmp_path / "frontier.md").write_text("")
+    frontier.run_frontier(settings)
+    assert trained == [smp.name]  # only its curve trains ...
+    files, reference = evaluated[0]
+    assert [f.stem for f in files] == [plain.name, smp.name] and reference == plain.name  # ... the table keeps all
+    with pytest.raises(ConfigError, match=r"--only \['smp_lora-x'\]: no such curve in .*; its curves: plain, smp "
+                                          r"\(--only takes curves"):
+        frontier.run_frontier(FrontierSettings(demo=settings.demo, sweep=sweep, runs_filter=["smp_lora-x"]))

@@ -101,13 +101,36 @@ def checkpoints(folder: Path, name: str) -> list[tuple[Path, int]]:
                   if (match := pattern.fullmatch(path.name)))
 
 
-def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:
-    """Train the runs whose final file is missing, ``demo.jobs`` at a time (slowest first)."""
-    def finished(run: SweepRun) -> bool:  # the record is written after the LoRA: a run killed between is redone
-        folder = settings.run_folder(run)
-        return (folder / f"{run.name}.safetensors").is_file() and (folder / f"{run.name}.json").is_file()
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
-    todo = [r for r in runs if settings.demo.retrain or not finished(r)]
+
+def unfinished_reason(settings: FrontierSettings, run: SweepRun) -> str | None:
+    """Why a run is not done (None when it is): no final file or record (the record is written after the LoRA:
+    a run killed between is redone), or a record trained with other settings than its sweep entry now gives."""
+    folder = settings.run_folder(run)
+    record = folder / f"{run.name}.json"
+    if not ((folder / f"{run.name}.safetensors").is_file() and record.is_file()):
+        return "not trained yet"
+    try:
+        trained = json.loads(record.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its run record is unreadable"
+    for key, value in run.overrides.items():
+        if _normal(trained.get(key)) != _normal(value):
+            return f"its sweep entry changed since it was trained ({key} = {trained.get(key)!r}, now {value!r})"
+    return None
+
+
+def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:
+    """Train the runs that are not done, ``demo.jobs`` at a time (slowest first)."""
+    todo = []
+    for run in runs:
+        reason = unfinished_reason(settings, run)
+        if reason is not None and reason != "not trained yet":
+            print(f"{run.name}: trained again, {reason}", flush=True)
+        if settings.demo.retrain or reason is not None:
+            todo.append(run)
     for run in todo:  # a retrained run's table holds its own checkpoints only, not an earlier training's
         for path, _ in checkpoints(settings.run_folder(run), run.name):
             path.unlink()
@@ -379,12 +402,14 @@ def run_frontier(settings: FrontierSettings) -> Path:
     """Data, base and feature net (reused from the demo when cached), the sweep, its evaluation, the outputs."""
     from library.runtime import torch_threads
 
-    runs = read_sweep(settings.sweep)
+    sweep = read_sweep(settings.sweep)
+    runs = sweep
     if settings.runs_filter:
-        unknown = set(settings.runs_filter) - {r.label for r in runs}
-        if unknown:
-            raise ConfigError(f"--only {sorted(unknown)}: no such curve in {settings.sweep}")
-        runs = [r for r in runs if r.label in settings.runs_filter]
+        curves = sorted({r.label for r in sweep})
+        if unknown := set(settings.runs_filter) - set(curves):
+            raise ConfigError(f"--only {sorted(unknown)}: no such curve in {settings.sweep}; its curves: "
+                              f"{', '.join(curves)} (--only takes curves, a run's label, not run names)")
+        runs = [r for r in sweep if r.label in settings.runs_filter]
     demo = settings.demo
     with shared_preparation(demo.workdir):
         with torch_threads(demo.threads):
@@ -394,6 +419,8 @@ def run_frontier(settings: FrontierSettings) -> Path:
             feature_net = prepare_feature_net(demo, manifest)
     with torch_threads(1):
         train_sweep(settings, runs, base, manifest)
+        # --only trains its curves; the frontier keeps every finished run of the sweep (its outputs are replaced)
+        runs = [r for r in sweep if r in runs or unfinished_reason(settings, r) is None]
         files = {path.stem: (run, value) for run in runs for path, value in run_files(settings, run)}
         # U's unit: the first plain-LoRA run's final file (its stem is its model name in the report).
         plain = next((r.name for r in runs if r.method == "lora"), None)
