@@ -116,6 +116,32 @@ def test_retrain_overwrites_the_finished_runs(tmp_path, monkeypatch, small_demo_
     assert sorted(c.output_name for c in trained) == sorted(run.demo_runs(settings)) and all(c.overwrite for c in trained)
 
 
+def test_a_rerun_redoes_the_runs_a_killed_retrain_left_unfinished_or_trained_otherwise(tmp_path, monkeypatch,
+                                                                                       small_demo_settings, capsys):
+    """After a --retrain killed midway, a plain rerun evaluated an old / new / unfinished mix: a LoRA whose record
+    the retrain had removed, and LoRAs of another budget, are trained again now (over the old file)."""
+    import json
+
+    import library.demo.run as run
+
+    settings = small_demo_settings(tmp_path / "w")  # max_train_epochs 2
+    names = sorted(run.demo_runs(settings))
+    for name in names:
+        (settings.workdir / name).mkdir(parents=True)
+        (settings.workdir / name / f"{name}.safetensors").write_bytes(b"")
+        epochs = {"lora": 2, "mp_lora": 20}.get(name, 2)
+        (settings.workdir / name / f"{name}.json").write_text(json.dumps({"config": {"max_train_epochs": epochs,
+                                                                                     "progress_bar": True}}))
+    (settings.workdir / "smp_lora" / "smp_lora.json").unlink()  # the retrain was killed while it trained this one
+    trained = []
+    monkeypatch.setattr(run, "train_all", lambda configs, jobs: trained.extend(c for _, c in configs))
+    train_methods(settings, tmp_path / "base", tmp_path / "split.json")
+    redone = sorted(c.output_name for c in trained)
+    assert "mp_lora" in redone and "smp_lora" in redone and "lora" not in redone and all(c.overwrite for c in trained)
+    assert "mp_lora: trained again, its settings changed since it was trained (max_train_epochs = 20, now 2)" in \
+        capsys.readouterr().out
+
+
 def test_preparing_a_work_dir_is_one_process_at_a_time(tmp_path):
     import threading
     import time

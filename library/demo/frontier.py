@@ -36,6 +36,9 @@ from library.demo.run import (
     tiny_train_config,
     train_all,
 )
+from library.demo.run import (
+    unfinished_reason as run_unfinished_reason,
+)
 from library.demo.sweep import SweepRun, read_sweep
 from library.errors import ConfigError, DataError
 from library.eval.quality import PER_T_PREFIX
@@ -101,25 +104,9 @@ def checkpoints(folder: Path, name: str) -> list[tuple[Path, int]]:
                   if (match := pattern.fullmatch(path.name)))
 
 
-def _normal(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def unfinished_reason(settings: FrontierSettings, run: SweepRun) -> str | None:
-    """Why a run is not done (None when it is): no final file or record (the record is written after the LoRA:
-    a run killed between is redone), or a record trained with other settings than its sweep entry now gives."""
-    folder = settings.run_folder(run)
-    record = folder / f"{run.name}.json"
-    if not ((folder / f"{run.name}.safetensors").is_file() and record.is_file()):
-        return "not trained yet"
-    try:
-        trained = json.loads(record.read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its run record is unreadable"
-    for key, value in run.overrides.items():
-        if _normal(trained.get(key)) != _normal(value):
-            return f"its sweep entry changed since it was trained ({key} = {trained.get(key)!r}, now {value!r})"
-    return None
+    """Why a run of the sweep is not done (None when it is): :func:`library.demo.run.unfinished_reason`."""
+    return run_unfinished_reason(settings.run_folder(run) / f"{run.name}.safetensors", run.overrides)
 
 
 def train_sweep(settings: FrontierSettings, runs: list[SweepRun], base: Path, manifest: Path) -> None:

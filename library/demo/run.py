@@ -261,17 +261,48 @@ def demo_runs(settings: DemoSettings) -> dict[str, tuple[str, str, dict[str, Any
     return runs
 
 
+_PRESENTATION = frozenset({"progress_bar", "log_every_n_steps", "logging_dir"})  # change no trained weight
+
+
+def _normal(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def unfinished_reason(final: Path, overrides: Mapping[str, Any]) -> str | None:
+    """Why the run that writes ``final`` is not done (None when it is): no final file or record (the record is
+    written after the LoRA: a run killed between, say by an interrupted retrain, is redone), or a record trained
+    with other settings than ``overrides`` (TrainConfig fields) now give."""
+    record = final.with_suffix(".json")
+    if not (final.is_file() and record.is_file()):
+        return "not trained yet"
+    try:
+        trained = json.loads(record.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its run record is unreadable"
+    for key, value in overrides.items():
+        if key not in _PRESENTATION and _normal(trained.get(key)) != _normal(value):
+            return f"its settings changed since it was trained ({key} = {trained.get(key)!r}, now {value!r})"
+    return None
+
+
 def train_methods(settings: DemoSettings, base: Path, manifest: Path) -> dict[str, Path]:
-    """The runs of :func:`demo_runs` from configs/tiny with the same budget and seed."""
+    """The runs of :func:`demo_runs` from configs/tiny with the same budget and seed (those not done yet)."""
     runs = demo_runs(settings)
     paths = {name: settings.workdir / name / f"{name}.safetensors" for name in runs}
-    todo = [name for name in runs if settings.retrain or not paths[name].is_file()]
+    todo = []
+    for name in runs:
+        reason = unfinished_reason(paths[name], {**settings.train_overrides, **runs[name][2]})
+        if reason is not None and reason != "not trained yet":
+            _log(f"{name}: trained again, {reason}")
+        if settings.retrain or reason is not None:
+            todo.append(name)
     jobs = min(settings.jobs, len(todo)) if todo else 1
     # Progress bars from several processes would interleave, so parallel runs print their plan and result lines
     # only (this beats settings.train_overrides).
     quiet = {"progress_bar": False} if jobs > 1 else {}
     configs = {name: tiny_train_config(settings, runs[name][1], base, manifest, settings.workdir / name, name,
-                                       {"overwrite": settings.retrain, **settings.train_overrides, **runs[name][2],
+                                       {"overwrite": settings.retrain or paths[name].is_file(),
+                                        **settings.train_overrides, **runs[name][2],
                                         **quiet}) for name in todo}
     # The slowest runs first, so the plain run fills the gap.
     order = sorted(todo, key=lambda name: -method_class(runs[name][0]).step_cost)
