@@ -211,7 +211,7 @@ def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(t
     assert changed.name == run.name
     frontier.train_sweep(settings, [changed], tmp_path / "base", tmp_path / "split.json")
     assert [c.seed for c in trained] == [1338]
-    assert "es: trained again, its sweep entry changed since it was trained (seed = 1337, now 1338)" in \
+    assert "es: trained again, its settings changed since it was trained (seed = 1337, now 1338)" in \
         capsys.readouterr().out
 
 
