@@ -161,3 +161,15 @@ def test_preparing_a_work_dir_is_one_process_at_a_time(tmp_path):
         order.append("first done")
     thread.join(timeout=10)
     assert order == ["first done", "second"]
+
+
+def test_defence_takes_a_lora_run_of_the_sweep(tmp_path):
+    """A full fine-tune or DreamBooth run failed after every training (evaluated as a LoRA file / no class folder),
+    and early stopping trained a second plain LoRA: refused before any work, naming the frontier command."""
+    with pytest.raises(ConfigError, match=r"--defence full_ft-learning_rate5em05: the demo's fifth row is a LoRA "
+                                          r"run .*scripts/frontier\.py --only full_ft"):
+        DemoSettings(workdir=tmp_path, defence="full_ft-learning_rate5em05")
+    for name in ("dreambooth-prior_loss_weight1p0", "early_stopping"):
+        with pytest.raises(ConfigError, match="the demo's fifth row is a LoRA run"):
+            DemoSettings(workdir=tmp_path, defence=name)
+    DemoSettings(workdir=tmp_path, defence="relaxloss-relaxloss_alpha0p09")  # a LoRA run: fine

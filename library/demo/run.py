@@ -50,6 +50,10 @@ DEMO_SWEEP = REPO_ROOT / "configs" / "frontier" / "demo.toml"  # the privacy-uti
 TRAINING_THREADS = 1
 
 
+# The best defence the privacy-utility sweep found on this demo (docs/results.md, 2026-12-04)
+DEFAULT_DEFENCE = "smp_t_band-privacy_lambda2p0"
+
+
 @dataclass
 class DemoSettings:
     """Everything the demo varies; the defaults are the README's main command."""
@@ -77,7 +81,7 @@ class DemoSettings:
     # The best defence the privacy-utility sweep found on this demo (docs/results.md, 2026-12-04): the run of
     # configs/frontier/demo.toml with this name, trained and attacked by the demo itself beside the paper's three
     # methods, so that its table shows what does hold without the ~70 min sweep. None: the paper's three only.
-    defence: str | None = "smp_t_band-privacy_lambda2p0"
+    defence: str | None = DEFAULT_DEFENCE
     retrain: bool = False  # retrain the LoRAs even when their files exist
     jobs: int = 3  # trainings run at once (both cores stay busy to the end)
     # models evaluated at once (evaluate_mia --jobs), one process and thread each
@@ -87,8 +91,13 @@ class DemoSettings:
         if self.base_digits is not None and self.pretrain_images is not None:
             raise ConfigError("pretrain_images applies to the i.i.d. demo only (base_digits None): the new-concept "
                               "base pre-trains on every image of its base_digits")
-        if self.defence:
-            sweep_run(DEMO_SWEEP, self.defence)  # an unknown run name fails now, not after pre-training
+        if self.defence:  # an unknown run name, or one the demo cannot train and audit, fails now, not after
+            run = sweep_run(DEMO_SWEEP, self.defence)  # pre-training
+            if (run.overrides.get("train_mode") == "full" or run.overrides.get("with_prior_preservation")
+                    or run.save_every_n_epochs):
+                raise ConfigError(f"--defence {self.defence}: the demo's fifth row is a LoRA run of the sweep (not a "
+                                  "full fine-tune, a DreamBooth run or an early-stopping curve, which the frontier "
+                                  f"trains and attacks: scripts/frontier.py --only {run.label})")
         if isinstance(self.train_overrides, (list, tuple)):
             self.train_overrides = parse_flags(TrainConfig, self.train_overrides, "train_overrides")
         if isinstance(self.eval_overrides, (list, tuple)):
@@ -343,9 +352,10 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
     report = json.loads((eval_dir / "report.json").read_text())
     eval_md = (eval_dir / "report.md").read_text()
     extra = frontier_rows(settings.workdir)
-    note = (f"`{settings.defence}` is the best defence the privacy-utility sweep found on this demo "
-             "(configs/frontier/demo.toml, measured in docs/results.md), trained here with the same budget and seed. "
-             if settings.defence else "")
+    chosen = "is the best defence the privacy-utility sweep found on this demo (configs/frontier/demo.toml, " \
+        "measured in docs/results.md)" if settings.defence == DEFAULT_DEFENCE else \
+        "is a run of the privacy-utility sweep (configs/frontier/demo.toml) chosen with --defence"
+    note = (f"`{settings.defence}` {chosen}, trained here with the same budget and seed. " if settings.defence else "")
     note += ("The last row is the best defence `scripts/frontier.py` found on this work dir (of the runs keeping "
               "U >= 0.9: the most U at worst-case AUC <= 0.60, else the most U with no detectable signal (suite-wide "
               "p >= 0.05), else the lowest worst-case AUC; the lowest of all when none keeps U), from its own "
