@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mean ± standard error over seeds of every metric in several evaluation reports (paper Table 1 style).
 
-    python scripts/collect_results.py --output_dir runs/pokemon runs/pokemon/seed*/eval/report.json
+    .venv/bin/python scripts/collect_results.py --output_dir runs/pokemon runs/pokemon/seed*/eval/report.json
 
 Input schema (what ``evaluate_mia.py`` writes as ``report.json``; read tolerantly): either a JSON list of
 rows, or an object whose ``rows`` (or ``results``) key holds that list. A row is an object with
@@ -19,7 +19,8 @@ Other fields (strings, lists, confidence intervals ...) are ignored. Rows are gr
 its variant) across reports — one report per seed — and each metric's mean, standard error (sample s.d. /
 sqrt(n)) and n are written to ``<output_dir>/summary.json`` and ``summary.md`` and printed. When a group has
 ``auc`` but no ``auc_dev``, the paper's AUC deviation ``|AUC - 0.5| / 0.5`` is added. A report with two rows of
-one (model, attack, variant) is refused: they would count as two seeds. Uses the standard library only.
+one (model, attack, variant) is refused: they would count as two seeds. Needs only the standard library and this
+project (its ``library`` package: run it with the project's ``.venv/bin/python``).
 """
 
 from __future__ import annotations

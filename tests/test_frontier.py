@@ -148,6 +148,12 @@ def test_seed_spread_summarises_the_seed_curves_only():
     ("[[run]]\nmethod = 'lora'\n[[run]]\nmethod = 'lora'\n", "both named 'lora'"),
     ("title = 'x'\n", r"expected only \[\[run\]\] tables"),
     ("[[run]]\nmethod = 'lora'\nflags = ['--lamda', '1']\n", "run 1: unrecognized arguments: --lamda 1"),
+    # the knob and its values, read as training reads them: caught before any preparation, not after it
+    ("[[run]]\nmethod = 'smp_lora'\nknob = 'privacy_lamda'\nvalues = [1.0]\n",
+     r"run 1 \(smp_lora\): .*privacy_lamda"),
+    ("[[run]]\nmethod = 'lora'\nknob = 'learning_rate'\nvalues = ['fast']\n", r"run 1 \(lora\): .*learning_rate"),
+    ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = '12'\n", "'values' must be a list"),  # was two runs, 1 and 2
+    ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = 3\n", "'values' must be a list"),  # was a traceback
 ])
 def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"

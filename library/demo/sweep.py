@@ -62,7 +62,11 @@ def read_sweep(path: Path) -> list[SweepRun]:
         if values is None:  # one run; its checkpoints (if any) are the points
             runs.append(SweepRun(label, method, label, knob, None, flags, every))
             continue
-        for value in values:
+        where = f"sweep file {path}, run {i} ({label})"
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: 'values' must be a list of the knob's values, e.g. values = [1.0, 2.0]")
+        for value in values:  # each value as the training reads it: a typo'd knob or a bad value fails now
+            parse_flags(TrainConfig, [f"--{knob}", *_flag_value(value)], where)
             suffix = "_".join(_flag_value(value)).replace(".", "p").replace("-", "m")
             runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value, {**flags, knob: value}, every))
     names = [r.name for r in runs]
