@@ -15,6 +15,7 @@ import pytest
 from mia_world import base_args
 from scipy import stats
 
+from library.errors import DataError
 from library.eval.attacks.base import ScoreSet
 from library.eval.audit import (
     MIN_SET_SIZE,
@@ -247,6 +248,12 @@ def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
     from library.eval.rederive import suite_null_from_files
 
     assert suite_null_from_files(out) == {model: block["worst_case_null"] for model, block in audit.items()}
+    cut = out.parent / "cut"  # a copy cut at a line end parses: its missing samples are named, not tested without
+    cut.mkdir()
+    (cut / "report.json").write_text((out / "report.json").read_text())
+    (cut / "scores.csv").write_text("".join((out / "scores.csv").read_text().splitlines(keepends=True)[:-3]))
+    with pytest.raises(DataError, match=r"scores\.csv holds \d+ \w+ samples where report\.json counts"):
+        suite_null_from_files(cut)
     assert all("epsilon_lb" in row for row in report["results"])
     assert report["attacks"]["loss"]["probes"] == []
     md = (out / "report.md").read_text()

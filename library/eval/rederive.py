@@ -52,6 +52,11 @@ def suite_null_from_files(eval_dir: Path, seed: int | None = None) -> dict[str, 
     if seed is None:
         seed = int((report.get("seeds") or {}).get("noise_attacks_bootstrap") or 0)
     splits, scores = read_scores_csv(Path(eval_dir) / "scores.csv")
+    counts = (report.get("samples") or {}).get("counts") or {}
+    for split, expected in counts.items():  # a copy cut at a line end parses, with samples missing
+        if int((splits == split).sum()) != expected:
+            raise DataError(f"{eval_dir}/scores.csv holds {int((splits == split).sum())} {split} samples where "
+                            f"report.json counts {expected}: a truncated or edited file, or another evaluation's")
     test = np.flatnonzero(np.isin(splits, (SUSPECT_SPLIT, NONMEMBER_SPLIT)))
     labels = (splits == SUSPECT_SPLIT).astype(int)
     out = {}
