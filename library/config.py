@@ -399,18 +399,22 @@ def load_config(cls: type[ConfigT], config_file: str | Path | None = None,
     float); paths are accepted for string fields.
     """
     file_values = load_toml(config_file, cls) if config_file else {}
-    types_by_name = _field_types(cls)
-    given: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        if key not in types_by_name:
-            raise ConfigError(f"overrides: {_unknown_key_message(key, cls)}")
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        elif isinstance(value, (list, tuple)):
-            value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
-        value = _parsed(cls, key, value, f"overrides: '{key}'")  # as in a TOML file
-        given[key] = _coerce(key, value, types_by_name[key], "overrides")
+    given = {key: typed_value(cls, key, value) for key, value in (overrides or {}).items()}
     return _combine(cls, file_values, str(config_file), given, "overrides")
+
+
+def typed_value(cls: type, key: str, value: Any, source: str = "overrides") -> Any:
+    """``value`` of field ``key`` checked and converted as a TOML value is (a ConfigError line naming ``source``
+    otherwise); paths are accepted for string fields."""
+    types_by_name = _field_types(cls)
+    if key not in types_by_name:
+        raise ConfigError(f"{source}: {_unknown_key_message(key, cls)}")
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, (list, tuple)):
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    value = _parsed(cls, key, value, f"{source}: '{key}'")  # as in a TOML file
+    return _coerce(key, value, types_by_name[key], source)
 
 
 def parse_flags(cls: type, argv: Sequence[str], source: str = "flags") -> dict[str, Any]:

@@ -153,6 +153,7 @@ def test_seed_spread_summarises_the_seed_curves_only():
      r"run 1 \(smp_lora\): .*privacy_lamda"),
     ("[[run]]\nmethod = 'lora'\nknob = 'learning_rate'\nvalues = ['fast']\n", r"run 1 \(lora\): .*learning_rate"),
     ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = '12'\n", "'values' must be a list"),  # was two runs, 1 and 2
+    ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = ['12']\n", r"'seed' must be an integer, got '12'"),
     ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = 3\n", "'values' must be a list"),  # was a traceback
 ])
 def test_bad_sweep_files_are_one_line(tmp_path, text, message):
@@ -160,6 +161,18 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_sweep(path)
+
+
+def test_sweep_values_are_typed_as_a_toml_file_types_them(tmp_path):
+    """A true/false knob works (it was refused as a command-line value), and a value the config converts is stored
+    converted, so a finished run's record matches it (resolution '32,32' made the run retrain on every call)."""
+    path = tmp_path / "sweep.toml"
+    path.write_text("[[run]]\nmethod = 'lora'\nlabel = 'a'\nknob = 'g_attacker_dropout'\nvalues = [true, false]\n"
+                    "[[run]]\nmethod = 'lora'\nlabel = 'b'\nknob = 'resolution'\nvalues = ['32,32']\n"
+                    "[[run]]\nmethod = 'lora'\nlabel = 'c'\nknob = 'privacy_lambda'\nvalues = [2]\n")
+    runs = read_sweep(path)
+    assert [r.overrides for r in runs] == [{"g_attacker_dropout": True}, {"g_attacker_dropout": False},
+                                           {"resolution": 32}, {"privacy_lambda": 2.0}]
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "seeds.toml"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from library.config import parse_flags
+from library.config import parse_flags, typed_value
 from library.errors import ConfigError
 from library.train.config import ALL_METHODS, TrainConfig
 
@@ -66,9 +66,9 @@ def read_sweep(path: Path) -> list[SweepRun]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: 'values' must be a list of the knob's values, e.g. values = [1.0, 2.0]")
         for value in values:  # each value as the training reads it: a typo'd knob or a bad value fails now
-            parse_flags(TrainConfig, [f"--{knob}", *_flag_value(value)], where)
+            typed = typed_value(TrainConfig, knob, value, where)
             suffix = "_".join(_flag_value(value)).replace(".", "p").replace("-", "m")
-            runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value, {**flags, knob: value}, every))
+            runs.append(SweepRun(f"{label}-{knob}{suffix}", method, label, knob, value, {**flags, knob: typed}, every))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep file {path}: two runs are both named {next(n for n in names if names.count(n) > 1)!r}; "
