@@ -125,3 +125,18 @@ def cuda_devices(device: torch.device) -> list[int]:
 def echo(message: str) -> None:
     """Default progress sink: print and flush, so lines appear promptly when stdout is a file or a pipe."""
     print(message, flush=True)
+
+
+def machine() -> dict[str, object]:
+    """What a measurement ran on, for its record: the CPU model (seeded runs can end in other files on another
+    one, docs/results.md §23), cores, the GPU if any, and the software versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+

@@ -255,6 +255,8 @@ def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
     with pytest.raises(DataError, match=r"scores\.csv holds \d+ \w+ samples where report\.json counts"):
         suite_null_from_files(cut)
     assert all("epsilon_lb" in row for row in report["results"])
+    # what it ran on: seeded trainings can end in other files on another CPU model (docs/results.md §23)
+    assert report["machine"]["cpu"] and report["machine"]["cores"] == os.cpu_count() and report["machine"]["torch"]
     assert report["attacks"]["loss"]["probes"] == []
     md = (out / "report.md").read_text()
     assert "## Worst case over the attack suite" in md and "## Attack cost" in md

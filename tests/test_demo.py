@@ -34,6 +34,8 @@ def test_small_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, small
     assert {row["attack"] for row in report["results"]} == set(DEFAULT_ATTACKS)  # the whole suite
     text = report_md.read_text()
     assert "| smp_lora |" in text and f"| {settings.defence} |" in text and "roc.png" in text
+    assert f"one thread each; on {report['machine']['cpu']} ({report['machine']['cores']} cores)" in text
+    assert "is the best defence the privacy-utility sweep found" in text  # the default --defence, said so
     for name in ("roc.png", "roc_loglog.png", "scores.csv", "samples_smp_lora.png"):
         assert (settings.workdir / "eval" / name).is_file(), name
     out = capsys.readouterr().out

@@ -347,6 +347,12 @@ def frontier_rows(workdir: Path) -> list[tuple[str, dict, str]]:
              best["model"])]
 
 
+def _machine_line(report: dict[str, Any]) -> str:
+    """The evaluation's machine in words (MP-LoRA's and the banded row's numbers depend on the CPU model)."""
+    machine = report.get("machine") or {}
+    return f"{machine.get('cpu', 'an unrecorded CPU')} ({machine.get('cores', '?')} cores), torch {machine.get('torch', '?')}"
+
+
 def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float]) -> Path:
     """Print the headline table and write <workdir>/report.md pointing at every artefact."""
     report = json.loads((eval_dir / "report.json").read_text())
@@ -379,7 +385,7 @@ def summarise(settings: DemoSettings, eval_dir: Path, timings: dict[str, float])
         "",
         f"Wall time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}), "
         f"pre-training on {settings.threads} torch thread(s), {settings.jobs} trainings and {settings.eval_jobs} "
-        "evaluated models at once, one thread each.",
+        f"evaluated models at once, one thread each; on {_machine_line(report)}.",
         "",
         "## Privacy and utility",
         "",

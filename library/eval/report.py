@@ -97,6 +97,7 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
         "attacks": result.info.get("attack_settings"),
         "conventions": CONVENTIONS,
         "device": result.info.get("device"),
+        "machine": result.info.get("machine"),  # the CPU model too: seeded trainings can differ by it
         "timing_s": result.info.get("timing_s"),
         "results": result.rows,
         # Per model: the worst case over the suite, its set-level audit and empirical epsilon (library.eval.audit).
