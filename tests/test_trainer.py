@@ -173,8 +173,11 @@ def test_lora_file_for_another_model_is_refused(tiny_train_args, tmp_path, capsy
 def test_dry_run_trains_nothing(tiny_train_args, tmp_path, capsys):
     assert train_entry("smp_lora", "", tiny_train_args + ["--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "dry run" in out and "optimisation steps" in out
+    assert "dry run" in out and "optimisation steps" in out and "full batches only" not in out  # 24 = 6 x 4
     assert not (tmp_path / "out" / "smp_lora.safetensors").exists()
+    assert train_entry("lora", "", tiny_train_args + ["--dry_run", "--train_batch_size", "5"]) == 0
+    assert "4 batches/epoch (full batches only: each epoch's shuffle leaves 4 image(s) for a later epoch)" in \
+        capsys.readouterr().out
 
 
 def test_tiny_config_trains_and_diffusers_loads_the_lora(tiny_model_dir, manifest_path, tmp_path):

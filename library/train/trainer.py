@@ -178,7 +178,7 @@ class Trainer:
 
     def _leftover_plan(self) -> str:
         left = self.sampler.num_items % self.sampler.global_batch_size
-        return f" (full batches only: {left} left over by each epoch's shuffle, a later epoch's)" if left else ""
+        return f" (full batches only: each epoch's shuffle leaves {left} image(s) for a later epoch)" if left else ""
 
     def _members_plan(self) -> str:
         distinct, per_epoch = len(set(self.data.members.keys)), len(self.data.members)
