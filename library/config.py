@@ -67,6 +67,10 @@ class ForeignKey:
         return self.harmless is not None and self.harmless(value)
 
 
+#: kohya's ``--vae``, which training and evaluation both refuse with the same advice (an empty value is harmless).
+VAE_FOREIGN_KEY = ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None))
+
+
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,
            minimum: float | None = None, maximum: float | None = None,
            parse: Callable[[str], Any] | None = None) -> Any:

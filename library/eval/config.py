@@ -13,7 +13,7 @@ import math
 import os
 from typing import Optional
 
-from library.config import BAKE_VAE_ADVICE, ForeignKey, option, square_size
+from library.config import VAE_FOREIGN_KEY, option, square_size
 from library.errors import ConfigError
 
 # Both registries import no torch: the choices below (and so --help) are read from them.
@@ -40,7 +40,7 @@ def _check_seed(name: str, value: int, span: int = 1) -> None:
 @dataclasses.dataclass
 class EvalConfig:
     # Other tools' options we do not take, each with what to do instead (kohya users bring --vae).
-    FOREIGN_KEYS = {"vae": ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None))}
+    FOREIGN_KEYS = {"vae": VAE_FOREIGN_KEY}
 
     # --- what to evaluate ----------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(

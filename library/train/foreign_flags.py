@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from library.config import BAKE_VAE_ADVICE, ForeignKey
+from library.config import VAE_FOREIGN_KEY, ForeignKey
 
 
 def _always(_: Any) -> bool:
@@ -111,7 +111,7 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "no_half_vae": ForeignKey("the VAE always runs in fp32 here (what --no_half_vae asks for); drop it", _always),
-    "vae": ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None)),
+    "vae": VAE_FOREIGN_KEY,
     "no_metadata": ForeignKey("not supported: the LoRA's metadata records what evaluate_mia.py checks (split, base "
                               "model, conditioning); it never holds paths or captions", _false),
     "weighted_captions": ForeignKey("not supported: captions are read as plain text; drop it", _false),
