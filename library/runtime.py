@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -140,3 +144,28 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__}
 
+
+
+def provenance() -> dict[str, object]:
+    """What produced a record, so that it can be produced again: the command line, the package version and, when
+    the package runs from a git checkout, its commit (``dirty`` when tracked files differ from it)."""
+    from library import __version__
+
+    return {"command": list(sys.argv), "smp_lora": __version__, **_git_commit()}
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> dict[str, object]:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():  # an installed copy: no checkout of its own (and never a parent folder's)
+        return {}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):  # git not installed, or not a repository after all
+        return {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -257,6 +258,7 @@ def test_report_audits_the_overfitted_lora_and_not_the_base(mia_world):
     assert all("epsilon_lb" in row for row in report["results"])
     # what it ran on: seeded trainings can end in other files on another CPU model (docs/results.md §23)
     assert report["machine"]["cpu"] and report["machine"]["cores"] == os.cpu_count() and report["machine"]["torch"]
+    assert report["provenance"]["command"] == sys.argv and report["provenance"]["smp_lora"]
     assert report["attacks"]["loss"]["probes"] == []
     md = (out / "report.md").read_text()
     assert "## Worst case over the attack suite" in md and "## Attack cost" in md

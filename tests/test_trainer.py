@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,8 @@ def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manife
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     record = json.loads(result.record_path.read_text())
     assert record["global_step"] == 4 and record["method"] == "lora"
+    # where and by what it ran (seeded trainings can end in other files on another CPU model: results §23)
+    assert record["machine"]["cores"] == os.cpu_count() and record["provenance"]["command"] == sys.argv
     assert result.attacker_path is None
 
 

@@ -43,6 +43,8 @@ from library.demo.sweep import SweepRun, read_sweep
 from library.errors import ConfigError, DataError
 from library.eval.quality import PER_T_PREFIX
 from library.eval.summary import p_text, worst_case
+from library.fileio import atomic_write_text
+from library.runtime import provenance
 from library.train.config import TrainConfig
 from library.train.methods import method_class
 
@@ -313,8 +315,8 @@ def _fmt_p(value: float | None) -> str:
 
 def write_outputs(settings: FrontierSettings, points: list[dict], report: dict[str, Any]) -> Path:
     out = settings.out
-    (out / "frontier.json").write_text(json.dumps({"points": points, "best_defence": best_defence(points)}, indent=2),
-                                       encoding="utf-8")
+    atomic_write_text(out / "frontier.json", json.dumps({"points": points, "best_defence": best_defence(points),
+                                                         "provenance": provenance()}, indent=2))
     plot_frontier(points, out / "frontier.png")
     n_te = report["samples"]["counts"]
     lines = [

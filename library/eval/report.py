@@ -98,6 +98,7 @@ def report_dict(result: "EvalResult") -> dict[str, Any]:
         "conventions": CONVENTIONS,
         "device": result.info.get("device"),
         "machine": result.info.get("machine"),  # the CPU model too: seeded trainings can differ by it
+        "provenance": result.info.get("provenance"),  # the command line and the code's version (git commit)
         "timing_s": result.info.get("timing_s"),
         "results": result.rows,
         # Per model: the worst case over the suite, its set-level audit and empirical epsilon (library.eval.audit).

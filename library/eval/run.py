@@ -54,7 +54,12 @@ from library.eval.records import (
     ModelSpec,
 )
 from library.outputs import OutputLock, check_output_dir
-from library.runtime import PRECISION_DTYPES, machine, use_deterministic_kernels
+from library.runtime import (
+    PRECISION_DTYPES,
+    machine,
+    provenance,
+    use_deterministic_kernels,
+)
 from library.sd.loading import native_resolution, text_encoder_layers
 from library.sd.text import check_clip_skip_layers
 from library.workers import WorkerPool
@@ -338,7 +343,8 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
     info: dict[str, Any] = {"manifest_sha256": manifest_sha, "split_sha256": split.split_sha256,
                             "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
-                            "device": str(device), "machine": machine(), "conditioning": conditioning.as_dict()}
+                            "device": str(device), "machine": machine(), "provenance": provenance(),
+                            "conditioning": conditioning.as_dict()}
     with WorkerPool(config.jobs, config.threads, deterministic=config.full_determinism) as pool:
         features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()

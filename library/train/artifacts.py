@@ -16,7 +16,7 @@ import torch
 from library.config import config_to_dict
 from library.errors import TrainingError
 from library.fileio import atomic_write_text, json_safe, write_safetensors
-from library.runtime import SAVE_DTYPES
+from library.runtime import SAVE_DTYPES, machine, provenance
 from library.train import checkpoint, preflight, retention
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
             "method": trainer.method_name, "global_step": trainer.global_step, "total_steps": trainer.total_steps,
             "num_processes": accelerator.num_processes, "device": str(trainer.device), "ranks_in_sync": in_sync,
             "manifest_sha256": trainer.data.manifest_sha256, "split_sha256": trainer.data.split_sha256,
-            "config": config_to_dict(trainer.config),
+            "config": config_to_dict(trainer.config), "machine": machine(), "provenance": provenance(),
             "epochs": trainer.epoch_logs, "final": {**(final_logs or {}), **trainer.method.final_logs()},
         }
         # strict JSON (DP-SGD without noise has epsilon inf): non-finite numbers are null, as in report.json
