@@ -124,6 +124,18 @@ def test_resume_latest_continues_a_killed_run_exactly(tiny_train_args, tmp_path,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_extending_a_finished_run_says_its_lora_will_be_replaced(tiny_train_args, tmp_path, capsys):
+    out = tmp_path / "extended"
+    common = tiny_train_args + ["--save_state", "--resume", "latest", "--output_dir", str(out)]
+    run(common + ["--max_train_steps", "2"])
+    capsys.readouterr()
+    run(common + ["--max_train_steps", "4"])  # sd-scripts replaces the step-2 LoRA in silence
+    assert "warning: this continues the finished run lora.safetensors from step 2 to 4; its LoRA and run record are " \
+           "replaced when it ends: copy lora.safetensors now" in capsys.readouterr().out
+    run(common + ["--max_train_steps", "4"])  # nothing left to train: the same file again, nothing to warn about
+    assert "warning: this continues" not in capsys.readouterr().out
+
+
 def test_a_full_fine_tune_checkpoint_goes_with_its_model_folders(tiny_train_args, tmp_path):
     out = tmp_path / "full"
     run(tiny_train_args + ["--train_mode", "full", "--learning_rate", "1e-5", "--max_train_steps", "4",

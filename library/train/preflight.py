@@ -144,7 +144,14 @@ def check_overwrite(trainer: Trainer) -> None:
         # The record marks a run finished: the replaced run's goes now, so a retrain killed before its end is an
         # unfinished run (resumed by --resume latest; a launcher's rerun continues it), not the old run, finished.
         final.with_suffix(".json").unlink(missing_ok=True)
-    if config.overwrite or _resumes_own_state(trainer):
+    if config.overwrite:
+        return
+    if _resumes_own_state(trainer):
+        step = (read_summary(config.resume) or {}).get("global_step")
+        if final.with_suffix(".json").is_file() and step is not None and step < trainer.total_steps \
+                and trainer.accelerator.is_main_process:  # kohya replaces it in silence; say so, nothing else is lost
+            print(f"warning: this continues the finished run {final.name} from step {step} to {trainer.total_steps}; "
+                  f"its LoRA and run record are replaced when it ends: copy {final.name} now to keep them", flush=True)
         return
     state = retention.latest_state(trainer.output_dir, trainer.output_name)
     if not final.exists():
