@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +15,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-LAUNCHERS = {
-    # What the README tells users: accelerate's multi-process launcher; with no GPU it falls back to gloo on CPU.
-    # (`accelerate launch --cpu --num_processes 2` would start a single process: accelerate ignores the count.)
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29533"],
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
-}
+def launcher(name: str) -> list[str]:
+    """The command that starts two processes, on a port free now: a fixed one collides with a second suite (or
+    another user's run) on the same host, and the test would pass only on retry."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    if name == "accelerate":
+        # What the README tells users: accelerate's multi-process launcher; with no GPU it falls back to gloo on
+        # CPU. (`accelerate launch --cpu --num_processes 2` would start a single process: accelerate ignores the count.)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_process_smp_training_keeps_ranks_in_sync(launcher, tiny_train_args, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [*LAUNCHERS[launcher], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+def launch_env(tmp_path: Path) -> dict[str, str]:
+    # TMPDIR: torchrun's torchelastic_* log folders go with the test's folder, not into /tmp for good
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["accelerate", "torchrun"])
+def test_two_process_smp_training_keeps_ranks_in_sync(name, tiny_train_args, tmp_path):
+    env = launch_env(tmp_path)
+    cmd = [*launcher(name), str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--attacker_batch_size", "2", "--max_train_steps", "3"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -43,13 +53,12 @@ def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
     files of 4 uninterrupted steps (with only the main process's streams saved, both ranks drew the same noise)."""
     from safetensors.torch import load_file
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    common = [*LAUNCHERS["torchrun"], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
-              "--attacker_batch_size", "2"]
+    env = launch_env(tmp_path)
+    common = [str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2", "--attacker_batch_size", "2"]
     for extra in (["--max_train_steps", "4", "--output_dir", "full"],
                   ["--max_train_steps", "2", "--save_state", "--output_dir", "half"],
                   ["--max_train_steps", "4", "--resume", "half/smp_lora-state", "--output_dir", "resumed"]):
-        result = subprocess.run([*common, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*launcher("torchrun"), *common, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     for name in ("smp_lora.safetensors", "smp_lora-attacker.safetensors"):
         full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
@@ -72,8 +81,8 @@ def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
 def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_args, tmp_path):
     """Full fine-tuning with prior preservation on two ranks: rank 0 generates the class images while rank 1
     waits, then both train the whole UNet (gradients all-reduced) and end bit-identical."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [*LAUNCHERS["torchrun"], str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+    env = launch_env(tmp_path)
+    cmd = [*launcher("torchrun"), str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--attacker_batch_size", "2", "--max_train_steps", "3", "--train_mode", "full",
            "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a digit",
            "--num_class_images", "4", "--class_sample_steps", "2"]
@@ -91,8 +100,8 @@ def test_a_refused_two_process_run_ends_on_every_rank_at_once(tiny_train_args, t
     with the refusal."""
     from library.outputs import OutputLock
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [*LAUNCHERS["torchrun"], str(ROOT / "train_lora.py"), *tiny_train_args, "--train_batch_size", "2",
+    env = launch_env(tmp_path)
+    cmd = [*launcher("torchrun"), str(ROOT / "train_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--max_train_steps", "2"]
     with OutputLock(tmp_path / "out"):  # "another run"
         result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
