@@ -17,6 +17,9 @@ module level and its arguments picklable. A worker's exception is re-raised in t
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, ContextManager, Iterable, TypeVar
 
@@ -27,10 +30,20 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _init_worker(threads: int, deterministic: bool = False) -> None:
+def _init_worker(threads: int, deterministic: bool = False, parent: int | None = None) -> None:
     configure_torch(threads)
     if deterministic:
         use_deterministic_kernels()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (``kill -9``, the OOM killer) is re-parented and would wait for jobs
+    forever, holding its models' memory: it ends itself within a second instead."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 class WorkerPool:
@@ -57,7 +70,8 @@ class WorkerPool:
         if self.parallel:
             self._executor = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_init_worker,
-                                                 initargs=(self.threads_per_job or 1, self.deterministic))
+                                                 initargs=(self.threads_per_job or 1, self.deterministic,
+                                                           os.getpid()))
         return self
 
     def __exit__(self, *exc: object) -> None:

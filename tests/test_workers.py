@@ -134,3 +134,50 @@ def test_sigterm_stops_the_worker_processes_too(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+PARENT_KILLED_MID_JOB = """
+import os, signal, threading, time
+from library.workers import WorkerPool
+
+with WorkerPool(2) as pool:
+    def kill_self():
+        while len(pool._executor._processes or {}) < 2:
+            time.sleep(0.1)
+        print(" ".join(str(pid) for pid in pool._executor._processes), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_self, daemon=True).start()
+    pool.map(time.sleep, [300, 300])
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """kill -9 of an evaluation left its workers waiting for jobs for good (each holding its models' memory)."""
+    import subprocess
+    import sys
+    import time
+
+    # into files, not pipes: orphaned workers would hold a pipe open and the run would wait for them
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        done = subprocess.run([sys.executable, "-c", PARENT_KILLED_MID_JOB], stdout=out, stderr=err, timeout=120,
+                              cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -9, (tmp_path / "err").read_text()[-2000:]
+    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30  # spawn start-up (imports) plus the one-second watch
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    still = [pid for pid in workers if _running(pid)]
+    for pid in still:  # never leave them behind, whatever the outcome
+        os.kill(pid, 9)
+    assert not still, f"workers {still} outlived their killed parent"
