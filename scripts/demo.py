@@ -16,7 +16,9 @@ def _main(argv: Sequence[str] | None) -> None:
     from library.errors import ConfigError  # noqa: PLC0415
 
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where everything is written")
+    parser.add_argument("--workdir", type=Path, default=DemoSettings().workdir,
+                        help="where everything is written (default: runs/demo in the repository; a relative path is "
+                             "taken from the current folder)")
     parser.add_argument("--threads", type=int, default=DemoSettings().threads,
                         help="torch threads for pre-training the base model (default 1: with more it is faster, but its "
                              "weights are no longer bit-identical from run to run); trainings and evaluation use one each")

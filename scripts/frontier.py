@@ -27,7 +27,8 @@ def _main(argv: Sequence[str] | None) -> None:
     defaults = FrontierSettings()
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, default=defaults.sweep, help="sweep file (TOML, [[run]] tables)")
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="the demo's work dir (reused)")
+    parser.add_argument("--workdir", type=Path, default=DemoSettings().workdir,
+                        help="the demo's work dir, reused (default: runs/demo in the repository)")
     parser.add_argument("--out_dir", type=Path, default=None, help="default: <workdir>/frontier")
     parser.add_argument("--only", nargs="+", default=[], help="train and plot only these curves (labels)")
     parser.add_argument("--jobs", type=int, default=DemoSettings().jobs, help="trainings at once, one process each")

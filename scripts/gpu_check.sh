@@ -12,13 +12,14 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 set -uo pipefail
+out=${1:-$(dirname "$0")/../runs/gpu_check}
+case $out in /*) ;; *) out=$PWD/$out ;; esac  # a relative OUT_DIR is the caller's, as the launchers' paths
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu_check}
-mkdir -p "$out"
 python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'scripts/gpu_check.sh: torch sees no CUDA device')" || exit 2
+mkdir -p "$out"  # after the check: a refused run writes nothing
 status=0
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember a failure and go on
   local name=$1; shift

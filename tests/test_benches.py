@@ -46,10 +46,11 @@ def test_step_overhead_bench_times_every_variant_against_plain_lora():
 def test_gpu_check_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
     """scripts/gpu_check.sh (tests/test_cuda.py and the benches on a GPU box) says so, rather than timing the CPU."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+    name = f"gpu_logs_{tmp_path.name}"  # relative: the caller's folder, as the launchers' paths (it was the repo's)
+    done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), name], env=env,
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and done.stderr.strip() == "scripts/gpu_check.sh: torch sees no CUDA device"
-    assert not list((tmp_path / "out").iterdir())  # nothing ran
+    assert not (tmp_path / name).exists() and not (REPO_ROOT / name).exists()  # a refused run writes nothing
 
 
 def test_real_scale_drift_without_plain_lora_is_refused():

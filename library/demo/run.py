@@ -58,7 +58,7 @@ DEFAULT_DEFENCE = "smp_t_band-privacy_lambda2p0"
 class DemoSettings:
     """Everything the demo varies; the defaults are the README's main command."""
 
-    workdir: Path = Path("runs/demo")
+    workdir: Path = REPO_ROOT / "runs" / "demo"  # a relative --workdir is the caller's, as the launchers' paths
     # torch threads for pre-training the base model. One by default: with two, the pre-trained weights differ in
     # their last bits from run to run on CPU (measured 2026-12-03, docs/determinism.md), and every later number
     # with them; two are ~30 % faster (VAE 141 s -> 100 s) for who does not need bit-identical reruns. Evaluation
