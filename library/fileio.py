@@ -27,17 +27,32 @@ _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 @contextlib.contextmanager
 def storage_errors_named(target: str | os.PathLike) -> Iterator[None]:
-    """Turn a full disk, a full quota or a read-only file system while writing ``target`` into one
-    :class:`~library.errors.OutputError` line naming it (the atomic writers below leave the older file, if
-    any, as it was)."""
+    """Turn a full disk, a full quota, a file-size limit or a read-only file system while writing ``target`` into
+    one :class:`~library.errors.OutputError` line naming it (the atomic writers below leave the older file, if
+    any, as it was). Writers in other languages report it in their own words: torch's zip writer (given a Python
+    file) as a ``RuntimeError`` raised while the ``OSError`` is handled, safetensors' Rust writer as
+    ``... (os error 28)``; both are recognised."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in _STORAGE_FULL:
+    except Exception as exc:
+        code = _storage_errno(exc)
+        if code is None:
             raise
-        raise OutputError(f"cannot write {target}: {exc.strerror}; nothing was replaced (an earlier file there "
-                          "is intact): free space and run again (a training run: --resume its last saved "
-                          "state)") from None
+        raise OutputError(f"cannot write {target}: {os.strerror(code)}; nothing was replaced (an earlier file there "
+                          "is intact): free space and run again") from None
+
+
+def _storage_errno(exc: BaseException) -> int | None:
+    """The storage errno behind ``exc`` (itself, or what it was raised while handling), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _STORAGE_FULL:
+            return seen.errno
+        found = re.search(r"\(os error (\d+)\)", str(seen)) if type(seen).__name__ == "SafetensorError" else None
+        if found and int(found.group(1)) in _STORAGE_FULL:
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @contextlib.contextmanager

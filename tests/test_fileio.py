@@ -12,6 +12,7 @@ from library.errors import OutputError
 from library.fileio import (
     atomic_write_text,
     replace_dir,
+    storage_errors_named,
     temporary_dir,
     write_safetensors,
 )
@@ -92,13 +93,36 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_older_file_survives(tmp
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Path, "write_text", full)
-    with pytest.raises(OutputError, match=r"cannot write .*notes\.txt: No space left on device.*--resume"):
+    with pytest.raises(OutputError, match=r"cannot write .*notes\.txt: No space left on device.*run again"):
         atomic_write_text(tmp_path / "notes.txt", "x")
     monkeypatch.setattr("library.fileio.open", lambda *a, **k: full(None), raising=False)  # fileio's open only
     with pytest.raises(OutputError, match=r"lora\.safetensors: No space left on device"):
         write_safetensors(target, {"w": torch.zeros(2)})
     monkeypatch.undo()
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
+
+
+def test_a_file_size_limit_in_torch_and_safetensors_writers_is_one_line(tmp_path):
+    """torch's zip writer and safetensors' Rust writer do not raise OSError: the real writers, under a real limit
+    (RLIMIT_FSIZE, as `ulimit -f`; Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+    import resource
+
+    import torch
+    from safetensors.torch import save_file
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OutputError, match=r"cannot write .*state: File too large; nothing was replaced"):
+            with storage_errors_named(tmp_path / "state"), open(tmp_path / "state.pt", "wb") as handle:
+                torch.save({"w": torch.zeros(10_000)}, handle)
+        with pytest.raises(OutputError, match=r"cannot write .*model: File too large"):
+            with storage_errors_named(tmp_path / "model"):
+                save_file({"w": torch.zeros(10_000)}, str(tmp_path / "w.safetensors"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(RuntimeError, match="not a storage error"), storage_errors_named(tmp_path / "x"):
+        raise RuntimeError("not a storage error")
 
 
 def test_other_os_errors_are_not_relabelled(tmp_path, monkeypatch):

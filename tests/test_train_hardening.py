@@ -388,7 +388,7 @@ def test_a_unet_only_state_ignores_the_text_encoders_rate(tiny_train_args, tmp_p
 
 
 def test_a_refusal_shows_where_two_long_values_differ():
-    from library.train.preflight import _show
+    from library.train.resume import _show
 
     shown = _show("/tmp/" + "a" * 100 + "/class_images_copy")
     assert shown.endswith("/class_images_copy'") and "..." in shown and len(shown) < 120
@@ -843,24 +843,55 @@ def test_the_last_good_lora_is_kept_in_float32_whatever_the_save_precision(tiny_
 
 def test_a_full_disk_at_a_state_save_is_one_line_and_the_earlier_files_survive(finished_run, tmp_path, capsys,
                                                                                 monkeypatch):
-    import errno
+    """torch's own writer under a real file-size limit (it raised a bare RuntimeError, a traceback), during the
+    final save: the older state survives and the run is not marked finished (its record comes last)."""
+    import resource
 
     import library.train.checkpoint as checkpoint
 
     base, out = copy_run(finished_run, tmp_path)
     before = snapshot(out)
+    real_save = checkpoint.torch.save
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def save_past_the_limit(*args, **kwargs):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.torch, "save", save_past_the_limit)
     args = base + ["--max_train_steps", "3", "--save_state", "--resume", str(out / "lora-state"),
                    "--output_dir", str(out)]
     assert train_entry("lora", "", args) == 2
     line = one_line(capsys)
-    assert f"cannot write {out / 'lora-state'}: No space left on device" in line and "--resume" in line, line
+    assert f"cannot write {out / 'lora-state'}: File too large" in line, line
+    assert f"the newest state of this run is {out / 'lora-state'}: the same command with --resume latest" in line
     after = snapshot(out)
     assert after["lora-state/state.pt"] == before["lora-state/state.pt"]  # the older state is the one to resume
+    assert "lora.json" not in after  # not finished: --resume latest continues from lora-state
+
+
+def test_overwrite_with_resume_latest_replaces_a_run_of_other_settings_and_a_refusal_keeps_it(finished_run,
+                                                                                                 tmp_path, capsys):
+    """The launchers' retrain on another split is `--overwrite --resume latest`: the newest state there is the
+    replaced run's, which this run cannot resume. It was refused, after the old run's record had been deleted,
+    and every rerun failed the same way; now a new run starts. A refused --overwrite changes nothing."""
+    base, out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    refused = base + ["--max_train_steps", "2", "--seed", "7", "--overwrite", "--output_dir", str(out)]
+    assert train_entry("lora", "", refused + ["--resume", str(out / "lora-state")]) == 2
+    assert "it was trained with seed = " in one_line(capsys)
+    assert snapshot(out) == before  # the finished run's record is still there
+    assert train_entry("lora", "", refused + ["--save_state", "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "--resume latest: lora-state is the replaced run's (it was trained with seed = " in printed
+    assert "--overwrite starts a new run" in printed
+    assert json.loads((out / "lora.json").read_text())["config"]["seed"] == 7
+    # the same command again continues the new run's own state (same settings): no new run this time
+    assert train_entry("lora", "", refused + ["--save_state", "--resume", "latest"]) == 0
+    assert f"--resume latest: resuming from {out / 'lora-state'}" in capsys.readouterr().out
 
 
 def test_another_process_count_resumes_with_the_same_total_batch_only(finished_run, tmp_path, capsys):

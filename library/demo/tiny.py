@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from library.errors import ModelError
-from library.fileio import replace_dir, temporary_dir
+from library.fileio import replace_dir, storage_errors_named, temporary_dir
 from library.sd.bundle import ModelBundle, make_noise_scheduler
 from library.sd.single_file import save_single_file
 from library.sd.text import build_clip_tokenizer, small_clip_vocab
@@ -136,8 +136,9 @@ def save_tiny_folder(bundle: ModelBundle, output_dir: str | os.PathLike, *, over
     )
     staging = temporary_dir(target)
     try:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
-        replace_dir(staging, target)
+        with storage_errors_named(target):
+            pipeline.save_pretrained(str(staging), safe_serialization=True)
+            replace_dir(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -17,7 +17,7 @@ from library.config import config_to_dict
 from library.errors import TrainingError
 from library.fileio import atomic_write_text, json_safe, write_safetensors
 from library.runtime import SAVE_DTYPES, machine, provenance
-from library.train import checkpoint, preflight, retention
+from library.train import checkpoint, resume, retention
 
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
@@ -104,8 +104,8 @@ def save_attacker(trainer: Trainer, path: Path) -> None:
 
 
 def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | None = None) -> TrainResult:
-    """``<name>.safetensors`` (+ ``-attacker.safetensors``), the run record ``<name>.json`` and, with
-    ``--save_state``, the resumable state ``<name>-state``."""
+    """``<name>.safetensors`` (+ ``-attacker.safetensors``), with ``--save_state`` the resumable state
+    ``<name>-state``, and last the run record ``<name>.json`` that marks them complete."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     lora_path = trainer.output_dir / f"{name}.safetensors"
@@ -120,6 +120,8 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
             attacker_path = trainer.output_dir / f"{name}-attacker.safetensors"
             save_attacker(trainer, attacker_path)
     in_sync = trainer.ranks_in_sync()
+    if trainer.config.save_state:  # before the record: a run whose state could not be saved is not marked finished
+        save_state(trainer, trainer.output_dir / f"{name}-state")
     if accelerator.is_main_process:
         record = {
             "method": trainer.method_name, "global_step": trainer.global_step, "total_steps": trainer.total_steps,
@@ -130,8 +132,6 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
         }
         # strict JSON (DP-SGD without noise has epsilon inf): non-finite numbers are null, as in report.json
         atomic_write_text(record_path, json.dumps(json_safe(record), indent=2, default=str, allow_nan=False))
-    if trainer.config.save_state:
-        save_state(trainer, trainer.output_dir / f"{name}-state")
     return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})
 
 
@@ -168,7 +168,7 @@ def save_state(trainer: Trainer, directory: Path) -> None:
     if trainer.accelerator.is_main_process:
         checkpoint.save_state(directory, trainer.state_dict(rank_rng), {
             "global_step": trainer.global_step, "method": trainer.method_name, "output_name": trainer.output_name,
-            "epoch": trainer.completed_epochs(), "identity": preflight.run_identity(trainer),
+            "epoch": trainer.completed_epochs(), "identity": resume.run_identity(trainer),
             "config": config_to_dict(trainer.config),
         })
     trainer.accelerator.wait_for_everyone()
@@ -176,7 +176,7 @@ def save_state(trainer: Trainer, directory: Path) -> None:
 
 def load_state(trainer: Trainer, directory: str) -> None:
     """Continue from a state; one that does not fit this run (a state written before run identities were
-    recorded, see :func:`library.train.preflight.check_resume`) is one line, not torch's multi-line error."""
+    recorded, see :func:`library.train.resume.check_resume`) is one line, not torch's multi-line error."""
     state = checkpoint.load_state(directory)
     try:
         trainer.load_state_dict(state)

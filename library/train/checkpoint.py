@@ -37,7 +37,8 @@ def save_state(directory: str | os.PathLike, state: dict[str, Any], summary: dic
     tmp = temporary_dir(target)
     try:
         with storage_errors_named(target):
-            torch.save(state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as handle:  # a Python file: a full disk is an OSError, not a
+                torch.save(state, handle)                   # bare RuntimeError of torch's C++ writer
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
             replace_dir(tmp, target)
     finally:

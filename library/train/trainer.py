@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
-from library.errors import ConfigError
+from library.errors import ConfigError, OutputError
 from library.runtime import cuda_devices, eval_mode, seed_torch
 from library.sd.diffusion import (
     NoiseDraw,
@@ -34,7 +34,7 @@ from library.sd.diffusion import (
     per_sample_loss,
 )
 from library.sd.sampling import read_prompt_file
-from library.train import artifacts, divergence, preflight, prior, samples
+from library.train import artifacts, divergence, preflight, prior, resume, samples
 from library.train.artifacts import TrainResult
 from library.train.collectives import Collectives
 from library.train.config import TrainConfig
@@ -419,12 +419,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     preflight.check_output_folders(config)
     trainer = Trainer(config, method_name)
     with preflight.run_lock(trainer):
-        preflight.resolve_latest_state(trainer)
-        preflight.check_other_runs(trainer)  # first: an --overwrite unmarks this run's old outputs
-        preflight.check_overwrite(trainer)
-        preflight.check_parent_lora(trainer)
-        if config.resume:
-            preflight.check_resume(trainer)
+        preflight.check_run(trainer)
         if trainer.accelerator.is_main_process:  # once, under any launcher
             print(trainer.plan(), flush=True)
         if config.dry_run:
@@ -436,8 +431,10 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
             result = trainer.run()
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: run_cli prints "interrupted"; say what is left to resume
             if trainer.accelerator.is_main_process:
-                print(preflight.interrupted_hint(trainer), file=sys.stderr, flush=True)
+                print(resume.interrupted_hint(trainer), file=sys.stderr, flush=True)
             raise
+        except OutputError as exc:  # a full disk while saving: what is there to resume from
+            raise OutputError(f"{exc}; {resume.resume_hint(trainer)}") from None
     if trainer.accelerator.is_main_process:
         what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
         print(f"saved {what} to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
