@@ -73,16 +73,19 @@ VAE_FOREIGN_KEY = ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None))
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,
            minimum: float | None = None, maximum: float | None = None,
-           parse: Callable[[str], Any] | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, path: bool = False) -> Any:
     """A dataclass field carrying its CLI help text, allowed values and numeric bounds (both inclusive).
 
     ``seed: int = option(0, "...", minimum=0, maximum=2**63 - 1)``: a value outside the bounds, from the command
     line, a TOML file or :func:`load_config`'s overrides, is one ConfigError line (``None`` is always allowed for
     an ``Optional`` field, and each item of a list is checked). ``parse``: how the text of a flag, or a TOML
     string, becomes the value (for forms like sd-scripts' ``resolution = "512,512"``); a ValueError from it is
-    the error message.
+    the error message. ``path``: a file or folder, whose leading ``~`` is the home folder wherever it is given (a
+    shell expands it in ``--flag ~/x`` only, not in ``--flag=~/x`` or a TOML file, where an output path would
+    otherwise become a folder named ``~``).
     """
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "parse": parse}
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "parse": parse,
+                "path": path}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -372,6 +375,10 @@ def make_config(cls: type[ConfigT], values: dict[str, Any], sources: Mapping[str
         if f.name in values:
             _check_finite(f.name, values[f.name], types_by_name[f.name])
             _check_bounds(f, values[f.name])
+            if f.metadata.get("path") and values[f.name] is not None:
+                value = values[f.name]
+                values[f.name] = [os.path.expanduser(v) for v in value] if isinstance(value, list) else \
+                    os.path.expanduser(value)
     config = cls(**values)
     if sources is not None:
         # Not a field: equality, asdict() and run records are unchanged.

@@ -167,3 +167,24 @@ def test_required_and_exclusive_inputs():
 def test_network_module_cannot_name_arbitrary_code():
     with pytest.raises(ConfigError, match="--network_module: invalid choice: 'os'"):  # outside the allow-list
         parse_config(TrainConfig, BASE + ["--network_module", "os"])
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_wherever_it_is_given(tmp_path, monkeypatch):
+    """The model path expanded `~` and the output folder did not: `output_dir = "~/out"` in a TOML file (or
+    `--output_dir=~/out`, which no shell expands) wrote into a folder named `~` in the current one."""
+    from library.config import load_config
+    from library.eval.config import EvalConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    toml = tmp_path / "c.toml"
+    toml.write_text('pretrained_model_name_or_path = "~/base"\noutput_dir = "~/out"\nsplit_manifest = "~/s.json"\n'
+                    'class_prompt = "~ a tilde in a caption"\n')
+    config = parse_config(TrainConfig, ["--config_file", str(toml), "--logging_dir=~/logs", "--resume", "latest"])
+    assert (config.output_dir, config.split_manifest, config.logging_dir, config.pretrained_model_name_or_path) == (
+        str(tmp_path / "out"), str(tmp_path / "s.json"), str(tmp_path / "logs"), str(tmp_path / "base"))
+    assert config.class_prompt == "~ a tilde in a caption" and config.resume == "latest"  # not paths: as given
+    evaluation = load_config(EvalConfig, overrides={"pretrained_model_name_or_path": "m", "split_manifest": "s.json",
+                                                    "network_weights": ["~/a.safetensors", "b.safetensors"],
+                                                    "output_dir": "~/eval"})
+    assert evaluation.network_weights == [str(tmp_path / "a.safetensors"), "b.safetensors"]
+    assert evaluation.output_dir == str(tmp_path / "eval")

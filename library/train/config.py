@@ -44,25 +44,26 @@ class TrainConfig:
 
     # --- model -------------------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(
-        None, "SD v1.x base model: a local diffusers folder or a single .safetensors checkpoint")
+        None, "SD v1.x base model: a local diffusers folder or a single .safetensors checkpoint", path=True)
     tokenizer_path: Optional[str] = option(
-        None, "local CLIP tokenizer folder (needed for a single-file checkpoint that carries none)")
+        None, "local CLIP tokenizer folder (needed for a single-file checkpoint that carries none)", path=True)
     allow_pickle: bool = option(
         False, "load pickle .bin/.ckpt weights of the base model (unsafe: only for files you trust)")
 
     # --- data --------------------------------------------------------------------------------
     split_manifest: Optional[str] = option(
         None, "split manifest JSON (scripts/make_split.py): the LoRA trains on its members (D_tr); "
-        "MP/SMP-LoRA also use its aux sets (D^m_aux, D^nm_aux)")
+        "MP/SMP-LoRA also use its aux sets (D^m_aux, D^nm_aux)", path=True)
     train_data_dir: Optional[str] = option(
-        None, "plain LoRA only: train on every image of this captioned folder instead of a manifest")
+        None, "plain LoRA only: train on every image of this captioned folder instead of a manifest", path=True)
     caption_extension: str = option(".txt", "caption file extension for --train_data_dir")
     resolution: int = option(512, "square training resolution in pixels (resize short side + centre crop); 512 or "
                              "sd-scripts' 512,512", parse=square_size)
     cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents (always on: no "
                                  "augmentation is applied, so caching changes only speed; false is refused)")
     cache_latents_to_disk: bool = option(False, "also keep cached latents on disk (under <output_dir>/latent_cache)")
-    latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)")
+    latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)",
+        path=True)
     vae_batch_size: int = option(8, "batch size for VAE encoding when caching latents")
     shuffle_caption: bool = option(False, "shuffle comma-separated caption tags every time a caption is used")
     keep_tokens: int = option(0, "with --shuffle_caption: keep the first N tags in place")
@@ -83,7 +84,7 @@ class TrainConfig:
     network_dim: int = option(64, "LoRA rank r (the paper's; sd-scripts' default is 4)")
     network_alpha: float = option(32.0, "LoRA alpha, scale = alpha / rank (the paper's; sd-scripts' default is 1)")
     network_dropout: Optional[float] = option(None, "dropout on the LoRA down-projection output")
-    network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file")
+    network_weights: Optional[str] = option(None, "continue training from this LoRA .safetensors file", path=True)
     dim_from_weights: bool = option(False, "with --network_weights: build the network from that file (each layer "
                                            "its rank and alpha, only the layers it adapts: also a file whose ranks "
                                            "differ), ignoring --network_dim / --network_alpha / conv_dim")
@@ -183,7 +184,7 @@ class TrainConfig:
         "added after the method's objective, unscaled")
     class_data_dir: Optional[str] = option(
         None, "folder of class images (same-stem caption files, else class_prompt); the base model generates the "
-        "missing ones up to num_class_images into it")
+        "missing ones up to num_class_images into it", path=True)
     class_prompt: Optional[str] = option(
         None, "caption of class images without a caption file, and the prompt that generates missing ones")
     num_class_images: int = option(100, "class images a run uses (the folder's first ones; diffusers' default 100)")
@@ -194,7 +195,7 @@ class TrainConfig:
     hessian_every_n_steps: int = option(100, "with --track_smoothness: Hessian power iteration every N steps")
 
     # --- output ------------------------------------------------------------------------------
-    output_dir: str = option("output", "where LoRA files, states and logs go")
+    output_dir: str = option("output", "where LoRA files, states and logs go", path=True)
     output_name: Optional[str] = option(
         None, "base name of the output files, a plain file name (default: the method name)")
     overwrite: bool = option(
@@ -214,11 +215,12 @@ class TrainConfig:
         None, "keep only the step states of the last N steps (default: as --save_last_n_steps)")
     resume: Optional[str] = option(
         None, "resume from a state directory written by --save_state, or 'latest': the state last written for "
-        "<output_dir>/<output_name> (a new run when there is none)")
+        "<output_dir>/<output_name> (a new run when there is none)", path=True)
     logging_dir: Optional[str] = option(
-        None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)")
+        None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)",
+        path=True)
     log_every_n_steps: int = option(10, "how often step metrics are logged")
-    sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training")
+    sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training", path=True)
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
     sample_steps: int = option(20, "sampler steps for training-time samples")
     progress_bar: bool = option(True, "show a tqdm progress bar")
