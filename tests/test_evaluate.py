@@ -115,13 +115,14 @@ def test_overfitted_lora_is_detected_by_the_loss_attack_and_base_is_at_chance(ev
     assert lo <= 0.5 <= hi
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "measured, not tuned: on this random-init base with random-pixel images the LoRA also lowers every image's "
-    "loss, which the base-model calibration turns into noise; we measured calibrated AUC 0.70 [0.50, 0.88] and "
-    "0.78 [0.58, 0.91] in two runs (on the pre-trained demo base it is the strongest attack, AUC 0.97)"))
-def test_overfitted_lora_is_detected_by_the_calibrated_attack(evaluated):
-    row = measured_aucs(evaluated[1])[("overfit", "calibrated")]
-    assert row["auc"] > 0.75 and row["auc_ci"][0] > 0.5, (row["auc"], row["auc_ci"])
+def test_overfitted_lora_is_seen_by_the_calibrated_attack_less_clearly_than_by_the_loss(evaluated):
+    # Measured, not tuned: on this random-init base with random-pixel images the LoRA also lowers every image's
+    # loss, which the base-model calibration turns into noise (calibrated AUC 0.70 [0.50, 0.88] and 0.78 [0.58,
+    # 0.91] in two runs; on the pre-trained demo base it is the strongest attack, AUC 0.97). Was an xfail that
+    # could not fail: now what holds in this world, above chance and below the plain loss attack's AUC.
+    measured = measured_aucs(evaluated[1])
+    row, loss = measured[("overfit", "calibrated")], measured[("overfit", "loss")]
+    assert 0.6 < row["auc"] <= loss["auc"], (row["auc"], row["auc_ci"], loss["auc"])
 
 
 # ---------------------------------------------------------------------------------------------- paired noise, cache
