@@ -107,3 +107,77 @@ def test_the_g_terms_base_model_encodes_captions_with_the_base_text_encoder(tiny
     assert torch.equal(g_base, attacker_phase_base)
     assert not torch.equal(g_base_without_captions, attacker_phase_base)  # the text-encoder LoRA did move
     assert trainer._forward([0, 1], ctx).captions == members.captions[:2]  # L_ada's forward hands them on
+
+
+# ---- the min-max game itself (each check below once passed with the method's maths broken) -------------------
+def _privacy_trainer(tiny_train_args, method: str, *extra: str) -> Trainer:
+    args = tiny_train_args + ["--attacker_batch_size", "2", "--privacy_lambda", "0.5", "--privacy_delta", "0.1",
+                              "--attacker_lr", "1e-2", *extra]
+    trainer = Trainer(parse_config(TrainConfig, args), method)
+    trainer.prepare()
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["mp_lora", "smp_lora"])
+def test_the_lora_minimises_eq6_or_eq10_and_g_reaches_its_gradient(tiny_train_args, method):
+    """MP-LoRA: L_ada + lambda G (Eq. 6); SMP-LoRA: L_ada / (1 - lambda G + delta) (Eq. 10); and G is no constant:
+    with G detached, MP-LoRA is plain LoRA and SMP-LoRA plain LoRA at another rate, and every number still ran."""
+    trainer = _privacy_trainer(tiny_train_args, method)
+    ctx = trainer._context()
+    trainer.method.attacker_phase(ctx)
+    result = trainer._forward([0, 1, 2, 3], ctx)
+    loss, logs = trainer.method.lora_loss(ctx, result)
+    l_ada, g = logs["l_ada"], logs["g"]
+    if method == "mp_lora":
+        expected, scale = l_ada + 0.5 * g, 1.0
+        assert "denominator" not in logs
+    else:
+        expected, scale = l_ada / (1 - 0.5 * g + 0.1), 1 / (1 - 0.5 * g + 0.1)
+        assert logs["denominator"] == pytest.approx(1 - 0.5 * g + 0.1, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    params = [p for p in trainer.trainable if p.requires_grad]
+    with_g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    l_ada_only = torch.autograd.grad(result.adaptation_loss(), params, allow_unused=True)
+    difference = sum(float(((a if a is not None else 0) - scale * (b if b is not None else 0)).abs().sum())
+                     for a, b in zip(with_g, l_ada_only) if a is not None or b is not None)
+    assert difference > 1e-6 * sum(float(b.abs().sum()) for b in l_ada_only if b is not None)
+
+
+def test_g_member_weight_scales_g(tiny_train_args):
+    """--g_member_weight 0.5 (the literal Eq. 5) halves G on the same features; it was once read as 1.0 always."""
+    trainer = _privacy_trainer(tiny_train_args, "smp_lora")
+    ctx = trainer._context()
+    trainer.method.attacker_phase(ctx)
+    result = trainer._forward([0, 1, 2, 3], ctx)
+    state = ctx.noise_generator.get_state()
+    g_full = trainer.method.lora_loss(ctx, result)[1]["g"]
+    trainer.config.g_member_weight = 0.5
+    ctx.noise_generator.set_state(state)  # the same (t, eps) for G's features, should they be drawn afresh
+    assert trainer.method.lora_loss(ctx, result)[1]["g"] == pytest.approx(0.5 * g_full, rel=1e-6)
+
+
+def test_the_proxy_attacker_learns_members_as_members(tiny_train_args, monkeypatch):
+    """Algorithm 1 line 6 ascends G with members labelled as members: on features that separate the two sets the
+    attacker reaches accuracy 1 and calls a member a member (with the labels swapped it learns the opposite)."""
+    trainer = _privacy_trainer(tiny_train_args, "smp_lora")
+    method = trainer.method
+    real = method._features
+    generator = torch.Generator().manual_seed(0)
+
+    def separable(ctx, latents, keys, captions=None, conditioning=None):
+        features = real(ctx, latents, keys, captions, conditioning)
+        half = len(latents) // 2  # the attacker batch: its members first, then as many non-members
+        signs = torch.cat([torch.ones(half), -torch.ones(len(latents) - half)])[:, None]
+        return signs + 0.1 * torch.randn(features.shape, generator=generator)
+
+    monkeypatch.setattr(method, "_features", separable)
+    ctx = trainer._context()
+    for _ in range(40):
+        logs = method.attacker_phase(ctx)
+    assert logs["attacker_acc"] == 1.0
+    method.attacker.eval()
+    members = trainer.data.members
+    with torch.no_grad():
+        width = real(ctx, members.latents[:2], members.keys[:2], members.captions[:2]).shape[1]
+        probabilities = torch.softmax(method.attacker(torch.ones(3, width), update_stats=False), dim=1)
+    assert bool((probabilities[:, 1] > 0.5).all())  # column 1 is "member" (privacy.member_log_prob)
