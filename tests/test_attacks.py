@@ -169,6 +169,99 @@ def test_paper_attack_needs_its_features():
         PaperMLPAttack(features="error_map", epochs=1).fit(bare, labels)
 
 
+def _row_tagged(n_members: int, n_nonmembers: int, draws: int = 1):
+    """D_aux whose h' features name their row and draw: feature value = 100 * draw + row + 1 (all positive)."""
+    labels = np.r_[np.ones(n_members, dtype=np.int64), np.zeros(n_nonmembers, dtype=np.int64)]
+    n = labels.size
+    tags = 100.0 * np.arange(draws)[None, :, None] + np.arange(n)[:, None, None] + 1.0
+    paper = np.broadcast_to(tags, (n, draws, 4)).astype(np.float32)
+    losses = np.ones((n, len(TIMESTEPS), 1))
+    return AttackInputs(FeatureSet(losses, TIMESTEPS, paper)), labels
+
+
+def _rows_of(x: torch.Tensor) -> np.ndarray:
+    """The D_aux rows of a tagged feature tensor [N, D, F] (draw 0's tag is row + 1)."""
+    return x[:, 0, 0].numpy().astype(np.int64) - 1
+
+
+def test_honest_paper_attack_trains_without_its_holdout_and_selects_on_it(monkeypatch):
+    """The honest h' must never train on the rows it picks its epoch on, or its ASR is the oracle's optimism again."""
+    aux, labels = _row_tagged(10, 10)
+    test, test_y = _row_tagged(6, 6)
+    calls = []
+
+    def record_train(self, x, y, monitor_x, monitor_y, seed, use_ce_tiebreak):
+        calls.append({"train": _rows_of(x), "y": y, "monitor": _rows_of(monitor_x), "monitor_y": monitor_y,
+                      "tiebreak": use_ce_tiebreak})
+        return {}, 1, [{"epoch": 1, "asr": 0.5, "ce": 0.7}]
+
+    monkeypatch.setattr(PaperMLPAttack, "_train", record_train)
+    PaperMLPAttack(features="error_map", epochs=1, holdout_fraction=0.2, seed=3).fit(aux, labels, oracle=(test, test_y))
+    oracle, honest = calls
+    # The oracle h' trains on all of D_aux and monitors D_te (the paper's protocol, labelled "oracle").
+    np.testing.assert_array_equal(oracle["train"], np.arange(20))
+    np.testing.assert_array_equal(oracle["monitor"], np.arange(12))
+    train_idx, hold_idx = stratified_holdout(labels, 0.2, seed=3)
+    assert honest["tiebreak"] and not oracle["tiebreak"]
+    np.testing.assert_array_equal(honest["train"], train_idx)
+    np.testing.assert_array_equal(honest["y"], labels[train_idx])
+    np.testing.assert_array_equal(honest["monitor"], hold_idx)
+    np.testing.assert_array_equal(honest["monitor_y"], labels[hold_idx])
+    assert not set(honest["train"]) & set(honest["monitor"]) and len(hold_idx) == 4
+
+
+def test_paper_attack_epoch_e_trains_on_draw_e_mod_d(monkeypatch):
+    """With D draws, epoch e sees draw (e - 1) mod D of every sample: the D draws are there to be trained on."""
+    aux, labels = _row_tagged(8, 8, draws=3)
+    events = []  # (training?, draws of the batch's rows), in call order
+    new_model = PaperMLPAttack._new_model
+
+    def spying_model(self):
+        model = new_model(self)
+        forward = model.forward
+
+        def recording(features, update_stats=None):
+            events.append((model.training, set((features[:, 0] // 100).long().tolist())))
+            return forward(features, update_stats)
+
+        model.forward = recording
+        return model
+
+    monkeypatch.setattr(PaperMLPAttack, "_new_model", spying_model)
+    PaperMLPAttack(features="error_map", epochs=6, lr=1e-3, batch_size=4, holdout_fraction=0.25).fit(aux, labels)
+    # An epoch is a run of training batches, ended by the hold-out evaluation (eval mode).
+    per_epoch, current = [], set()
+    for training, draws in events:
+        if training:
+            current |= draws
+        elif current:
+            per_epoch.append(current)
+            current = set()
+    assert per_epoch == [{0}, {1}, {2}, {0}, {1}, {2}]
+
+
+def test_paper_attack_epoch_selection_breaks_asr_ties_by_lower_ce_then_earlier_epoch(monkeypatch):
+    """The documented selection: best ASR; the honest h' breaks ties by lower hold-out CE, then the earlier epoch;
+    the oracle h' (the paper's, upstream's strict `>`) keeps the earliest best-ASR epoch."""
+    # (hold-out ASR, CE) per epoch: epoch 1's lowest CE loses to a higher ASR; epochs 2-5 tie on ASR.
+    script = [(0.5, 0.3), (0.75, 0.6), (0.75, 0.4), (0.75, 0.5), (0.75, 0.4)]
+    evaluations = []
+
+    def scripted_evaluate(self, model, x, y):
+        evaluations.append(None)
+        return script[(len(evaluations) - 1) % len(script)]
+
+    monkeypatch.setattr(PaperMLPAttack, "_evaluate", scripted_evaluate)
+    aux, aux_y = synthetic(8, 8, shift=0.5, seed=12)
+    test, test_y = synthetic(4, 4, shift=0.5, seed=13)
+    attack = PaperMLPAttack(features="error_map", epochs=len(script), lr=1e-3, batch_size=4, holdout_fraction=0.25)
+    attack.fit(aux, aux_y, oracle=(test, test_y))
+    assert len(evaluations) == 2 * len(script)  # each h' is evaluated once per epoch, from epoch 1 again
+    assert attack.checkpoints["honest"][1] == 3  # CE 0.4 beats 0.6 and 0.5; epoch 5's equal 0.4 comes later
+    assert attack.checkpoints["oracle"][1] == 2  # no CE tie-break: the first epoch at ASR 0.75
+    assert [c["ce"] for c in attack.curves["honest"]] == [ce for _, ce in script]
+
+
 def test_stratified_holdout_keeps_both_classes():
     labels = np.r_[np.ones(10, dtype=np.int64), np.zeros(10, dtype=np.int64)]
     train, hold = stratified_holdout(labels, 0.2, seed=0)

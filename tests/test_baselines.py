@@ -95,6 +95,35 @@ def test_dp_noise_has_std_sigma_c_over_batch_and_the_accountant_counts_steps(lor
     assert 0 < first < dp.epsilon() < float("inf")
 
 
+@pytest.mark.parametrize(("num_members", "sample_rate"), [(10, 0.4), (2, 1.0)])
+def test_dp_lora_accounts_each_step_at_q_batch_over_members(lora_world, tiny_train_args, num_members, sample_rate):
+    """The reported epsilon is Opacus' RDP accountant after one step per batch at q = min(1, batch / |D_tr|):
+    q drives epsilon, so a wrong one (e.g. q = 1, every member in every batch) misstates the guarantee."""
+    from opacus.accountants import RDPAccountant
+
+    from library.train.methods.dp import DPLoRA
+
+    _, network, params, *_ = lora_world
+    config = parse_config(TrainConfig, tiny_train_args + ["--train_batch_size", "4", "--dp_noise_multiplier", "1.5",
+                                                          "--dp_clip_norm", "0.5", "--dp_delta", "1e-3"])
+    method = DPLoRA(config, network, params, num_members=num_members)
+    try:
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            _loss(lora_world, slice(0, 4)).backward()
+            method.process_gradients(4)
+    finally:
+        method.dp.module._close()  # remove the hooks: the next test wraps the network again
+    expected = RDPAccountant()
+    for _ in range(3):
+        expected.step(noise_multiplier=1.5, sample_rate=sample_rate)
+    epsilon = expected.get_epsilon(1e-3)
+    assert method.end_of_epoch(1)["dp_epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert method.final_logs()["dp_epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert method.metadata()["smp_lora.dp_epsilon"] == f"{epsilon:.4g}"
+
+
 def test_relaxloss_descends_above_the_target_and_ascends_below():
     losses = torch.tensor([0.2, 0.4], requires_grad=True)
     result = ForwardResult(errors=torch.zeros(2, 1), losses=losses, latents=torch.zeros(2), conditioning=torch.zeros(2))
