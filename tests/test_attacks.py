@@ -13,7 +13,13 @@ from library.eval.attacks import (
     attack_class,
     build_attacks,
 )
-from library.eval.attacks.base import Attack, AttackInputs, FeatureSet
+from library.eval.attacks.base import (
+    Attack,
+    AttackInputs,
+    FeatureSet,
+    SelectedThresholdAttack,
+    ThresholdAttack,
+)
 from library.eval.attacks.calibrated import CalibratedLossAttack
 from library.eval.attacks.loss_threshold import LossThresholdAttack
 from library.eval.attacks.paper_mlp import PaperMLPAttack, stratified_holdout
@@ -78,6 +84,70 @@ def test_loss_attack_scores_members_higher_and_fits_threshold_on_aux():
     np.testing.assert_allclose(sets["avg"].scores, -test.target.losses.reshape(80, -1).mean(1))
     assert sets["avg"].threshold == attack.thresholds["avg"]
     assert roc_auc(test_y, sets["avg"].scores) > 0.6
+
+
+def test_each_per_timestep_row_of_the_loss_attack_uses_its_own_timestep():
+    aux, aux_y = synthetic(10, 10, shift=0.2, seed=0)
+    attack = LossThresholdAttack()
+    attack.fit(aux, aux_y)
+    sets = by_variant(attack.score(aux))
+    losses = aux.target.losses
+    for k, t in enumerate(TIMESTEPS):  # -loss at timestep k, mean over the M draws
+        np.testing.assert_allclose(sets[f"t={t}"].scores, -losses[:, k, :].mean(axis=1))
+    assert not np.allclose(sets["t=50"].scores, sets["t=200"].scores)  # the rows differ, so the check bites
+
+
+def _one_statistic(values) -> AttackInputs:
+    """Features whose only statistic is ``values`` (K = 1 timestep, M = 1 draw)."""
+    return AttackInputs(FeatureSet(np.asarray(values, float)[:, None, None], (0,)))
+
+
+class _DirectionFitted(ThresholdAttack):
+    name = "test-direction"
+    fit_direction = True
+
+    def statistics(self, inputs):
+        return {"stat": inputs.target.losses[:, 0, 0]}
+
+
+class _DirectionFittedSelection(SelectedThresholdAttack):
+    name = "test-selection"
+    fit_direction = True
+
+    def candidates(self, inputs):
+        return {"weak": inputs.target.losses[:, 0, 0], "strong reversed": inputs.target.losses[:, 0, 1]}
+
+
+def test_a_fitted_direction_keeps_the_sign_when_members_score_higher_on_aux_and_reverses_it_when_lower():
+    y = np.array([1, 1, 1, 0, 0, 0])
+    higher = np.array([4.0, 5.0, 6.0, 1.0, 2.0, 3.0])  # AUC 1 on D_aux: the published direction holds
+    attack = _DirectionFitted()
+    attack.fit(_one_statistic(higher), y)
+    (row,) = attack.score(_one_statistic(higher))
+    assert row.info["direction"] == "published" and attack.signs["stat"] == 1.0
+    np.testing.assert_array_equal(row.scores, higher)
+    lower = -higher  # AUC 0 on D_aux: reversed, so the row's scores are -stat and members score higher again
+    attack.fit(_one_statistic(lower), y)
+    (row,) = attack.score(_one_statistic(lower))
+    assert row.info["direction"] == "reversed on D_aux" and attack.signs["stat"] == -1.0
+    np.testing.assert_array_equal(row.scores, higher)
+    assert roc_auc(y, row.scores) == 1.0 and row.info["aux_balanced_accuracy"] == 1.0
+
+
+def test_a_fitted_direction_selects_the_candidate_farthest_from_chance_on_aux():
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([1, 1, 0, 0, 0, 0, 0])  # 2 x 5 = 10 member/non-member pairs
+    weak = np.array([6.0, 2.5, 5.0, 4.0, 3.0, 2.0, 1.0])  # 7 of 10 pairs in the published order: AUC 0.7
+    strong_reversed = np.array([0.5, 1.5, 5.0, 4.0, 3.0, 2.0, 1.0])  # 1 of 10: AUC 0.1, i.e. 0.9 reversed
+    assert roc_auc_score(y, weak) == pytest.approx(0.7) and roc_auc_score(y, strong_reversed) == pytest.approx(0.1)
+    aux = AttackInputs(FeatureSet(np.stack([weak, strong_reversed], axis=1)[:, None, :], (0,)))
+    attack = _DirectionFittedSelection()
+    attack.fit(aux, y)
+    assert attack.selected == "strong reversed"  # 0.9 > 0.7 once reversed, though its raw AUC is the lower one
+    selected = by_variant(attack.score(aux))["selected"]
+    assert selected.info["selected_on_aux"] == "strong reversed" and selected.info["direction"] == "reversed on D_aux"
+    assert roc_auc(y, selected.scores) == pytest.approx(0.9)
 
 
 def test_calibrated_removes_difficulty_and_is_zero_against_itself():

@@ -77,6 +77,17 @@ def test_images_needed_small_when_separated_none_when_identical():
     assert audit["n_needed"] is None and audit["p_value"] > 0.4 and audit["alpha"] == 0.01
 
 
+def test_the_images_needed_are_counted_at_the_bonferroni_alpha():
+    rng = np.random.default_rng(4)
+    nonmembers, suspect = rng.normal(0, 1, 40), rng.normal(1, 1, 40)
+    audit = set_audit(suspect, nonmembers, 0.05, n_attacks=10)
+    # The smallest n whose median p is below 0.05 / 10, by a plain scan (no bisection).
+    scan = next(n for n in range(MIN_SET_SIZE, 41) if subset_median_p(suspect, nonmembers, n) < 0.005)
+    assert audit["n_needed"] == scan
+    assert scan > images_needed(suspect, nonmembers, 0.05)  # the uncorrected alpha would need fewer images
+    assert audit["p_value"] == pytest.approx(min(1.0, 10 * mann_whitney_p(suspect, nonmembers)))
+
+
 # ---------------------------------------------------------------------------------------------- epsilon
 
 
@@ -99,6 +110,23 @@ def test_epsilon_zero_for_identical_and_the_hand_value_for_perfect_separation():
     assert epsilon_at_decision(y, y == 1, DELTA) == pytest.approx(expected)
     assert epsilon_oracle(y, y.copy(), DELTA) == pytest.approx(expected) and expected > 1.5
     assert epsilon_from_counts(200, 200, 0, 200, DELTA) > expected  # more samples, tighter intervals, larger bound
+
+
+def test_epsilon_takes_the_backward_term_when_it_is_the_larger():
+    # 20 of 20 members and 10 of 20 non-members called members. Clopper-Pearson at 95 %, by hand: TPR_lo solves
+    # p^20 = 0.025; FPR_hi solves P(Binomial(20, p) <= 10) = 0.025. The forward term log((TPR_lo - delta) /
+    # FPR_hi) is ~0.13; the backward one, log((1 - FPR_hi - delta) / (1 - TPR_lo)), is ~0.48 and is the bound.
+    from scipy.optimize import brentq
+
+    tpr_lo = 0.025 ** (1 / 20)
+    fpr_hi = brentq(lambda p: stats.binom.cdf(10, 20, p) - 0.025, 0.5, 0.99, xtol=1e-15)
+    forward = math.log((tpr_lo - DELTA) / fpr_hi)
+    backward = math.log((1 - fpr_hi - DELTA) / (1 - tpr_lo))
+    assert forward == pytest.approx(0.1329, abs=1e-4) and backward == pytest.approx(0.4791, abs=1e-4)
+    assert epsilon_from_counts(20, 20, 10, 20, DELTA) == pytest.approx(backward, rel=1e-9)
+    # Mirrored (10 of 20 members, 0 of 20 non-members): TPR_lo = 1 - fpr_hi and FPR_hi = 1 - tpr_lo, so the two
+    # terms swap places: the forward one is now the larger, with the same value.
+    assert epsilon_from_counts(10, 20, 0, 20, DELTA) == pytest.approx(backward, rel=1e-9)
 
 
 def test_epsilon_decreases_in_delta_and_oracle_is_the_max_over_thresholds():

@@ -18,6 +18,7 @@ from library.eval.metrics import (
     frechet_distance_from_features,
     kid,
     rates_at_threshold,
+    real_vs_real_floor,
     roc_auc,
     roc_curve,
     threshold_at_fpr,
@@ -158,6 +159,13 @@ def test_best_threshold_midpoint_and_ties():
     assert bal == 1.0 and accuracy_at_threshold([0, 1], [a, b], tau) == 1.0
 
 
+def test_best_threshold_ties_go_to_the_highest_threshold():
+    # By hand, member iff score >= tau on y = [0, 1, 0, 1], s = [1, 2, 3, 4]: tau = 4 gives TPR 1/2, FPR 0 and
+    # tau = 2 gives TPR 1, FPR 1/2, both balanced accuracy 3/4 (tau = 3 and 1: 1/2). The documented tie rule
+    # keeps the higher one (lowest FPR), returned as the midpoint 3.5 between 4 and the next lower score 3.
+    assert best_threshold([0, 1, 0, 1], [1, 2, 3, 4]) == (3.5, 0.75)
+
+
 def test_accuracy_and_balanced_accuracy():
     y = np.array([1, 1, 1, 0])
     s = np.array([0.9, 0.4, 0.7, 0.2])
@@ -173,6 +181,14 @@ def test_argmax_asr():
     assert argmax_asr(y, p) == pytest.approx(3 / 5)
     with pytest.raises(ValueError):
         argmax_asr(y, p + 1)
+
+
+def test_a_probability_of_exactly_one_half_is_a_non_member():
+    # argmax over two equal logits is class 0: p = 0.5 is "non-member". Both 0.5s below sit on non-members, so
+    # the rule p > 0.5 is right on all four samples; p >= 0.5 would call both members (accuracy 1/2).
+    y = np.array([1, 0, 0, 1])
+    p = np.array([0.9, 0.5, 0.5, 0.6])
+    assert argmax_asr(y, p) == 1.0
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -266,6 +282,62 @@ def test_kid_same_vs_shifted():
         kid(real[:30], shifted, subset_size=40)
 
 
+def _hand_mmd2(x, y, degree=3):
+    """Unbiased MMD² with k(u, v) = (u·v/d + 1)^degree, one kernel value at a time (Bińkowski et al. 2018, eq. 4)."""
+    m, d = len(x), len(x[0])
+
+    def k(u, v):
+        return (sum(ui * vi for ui, vi in zip(u, v)) / d + 1.0) ** degree
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return (xx + yy) / (m * (m - 1)) - 2.0 * xy / (m * m)
+
+
+def test_kid_is_the_polynomial_kernel_mmd_by_hand():
+    # The torchmetrics comparison below is skipped where torchmetrics is absent; this one always runs. With
+    # subset_size == n every subset is a permutation of the full sets, and MMD² does not depend on the order.
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) * 1.5 + 0.4
+    mean, std = kid(a, b, subset_size=5, n_subsets=3)
+    assert mean == pytest.approx(_hand_mmd2(a.tolist(), b.tolist()), rel=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_std_is_the_population_std_over_subsets():
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(9, 3)), rng.normal(size=(8, 3)) + 0.3
+    # One subset: the population std (ddof=0) is 0; the sample std (ddof=1) would be undefined.
+    assert kid(a, b, subset_size=4, n_subsets=1, seed=2)[1] == 0.0
+    # Several subsets: the per-subset values recomputed by hand on the same seeded draws (the documented
+    # sampling: per subset, `subset_size` real then `subset_size` fake rows without replacement).
+    draw = np.random.default_rng(2)
+    values = []
+    for _ in range(4):
+        x, y = a[draw.choice(9, 4, replace=False)], b[draw.choice(8, 4, replace=False)]
+        values.append(_hand_mmd2(x.tolist(), y.tolist()))
+    assert len(set(values)) == 4  # distinct values, so ddof matters
+    mean, std = kid(a, b, subset_size=4, n_subsets=4, seed=2)
+    assert mean == pytest.approx(np.mean(values), rel=1e-10)
+    assert std == pytest.approx(np.std(values, ddof=0), rel=1e-10)
+    assert std != pytest.approx(np.std(values, ddof=1), rel=1e-3)
+
+
+def test_the_real_vs_real_floor_compares_two_disjoint_halves():
+    # Half against itself would give a Fréchet distance of exactly 0; the floor is the documented fixed
+    # permutation's first half against its second half, and the two halves share no sample.
+    rng = np.random.default_rng(13)
+    real = {"f": rng.normal(size=(10, 3))}
+    floor = real_vs_real_floor({"f": ("fd", "kid")}, real, n_subsets=3, seed=7)
+    order = np.random.default_rng(7).permutation(10)
+    first, second = order[:5], order[5:]
+    assert not set(first) & set(second)
+    assert floor["fd"] == pytest.approx(frechet_distance_from_features(real["f"][first], real["f"][second]))
+    assert floor["fd"] > 0.1
+    assert floor["kid"] == pytest.approx(_hand_mmd2(real["f"][first].tolist(), real["f"][second].tolist()), rel=1e-10)
+
+
 def test_kid_matches_torchmetrics_maths():
     torch = pytest.importorskip("torch")
     kid_mod = pytest.importorskip("torchmetrics.image.kid")
@@ -319,3 +391,34 @@ def test_a_classifiers_asr_is_balanced_on_an_unbalanced_test_set():
                                     checkpoint="honest"), n_bootstrap=0, seed=0)
     assert row["asr_honest"] == pytest.approx(0.5 * (6 / 30 + 1.0))
     assert row["argmax_asr"] == pytest.approx((6 + 120) / 150)
+
+
+def test_score_metrics_honest_and_oracle_asr_by_hand():
+    """A threshold row: the honest ASR applies the D_aux threshold to D_te; the oracle ASR is the best balanced
+    accuracy over every threshold on D_te (neither is the AUC)."""
+    from library.eval.attacks.base import ScoreSet
+    from library.eval.run import score_metrics
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = np.array([1.0, 2.0, 5.0, 3.0, 4.0, 6.0])
+    row = score_metrics(y, ScoreSet("loss", "avg", s, "threshold", threshold=3.5), n_bootstrap=0, seed=0)
+    # score >= 3.5: members 4 and 6 (TPR 2/3), non-member 5 (FPR 1/3); balanced accuracy (2/3 + 2/3) / 2.
+    assert row["honest_tpr"] == pytest.approx(2 / 3) and row["honest_fpr"] == pytest.approx(1 / 3)
+    assert row["asr_honest"] == pytest.approx(2 / 3)
+    # Oracle: tau = 3 calls all members and only the non-member 5 a member: (1 + 2/3) / 2 = 5/6. AUC: 7 of 9 pairs.
+    assert row["asr_oracle"] == pytest.approx(5 / 6)
+    assert row["auc"] == pytest.approx(7 / 9) and skm.roc_auc_score(y, s) == pytest.approx(7 / 9)
+    assert row["asr_oracle"] == pytest.approx(max(balanced_accuracy(y, s >= t) for t in s))
+
+
+def test_score_metrics_counts_a_classifier_probability_of_one_half_as_non_member():
+    from library.eval.attacks.base import ScoreSet
+    from library.eval.run import score_metrics
+
+    # Members called at 0.9 and 0.8, non-members at 0.5 and 0.1: p > 0.5 is right on all four (balanced
+    # accuracy 1); p >= 0.5 would call the non-member at 0.5 a member (3/4).
+    y = np.array([1, 1, 0, 0])
+    probs = np.array([0.9, 0.8, 0.5, 0.1])
+    row = score_metrics(y, ScoreSet("paper", "[oracle ckpt]", probs, "classifier", member_probs=probs,
+                                    checkpoint="oracle"), n_bootstrap=0, seed=0)
+    assert row["asr_oracle"] == 1.0 and row["asr_honest"] is None

@@ -9,6 +9,7 @@ from library.eval.summary import (
     main_results_table,
     oracle_extra_rows,
     privacy_utility_table,
+    results_table,
     suite_sections,
     worst_case,
 )
@@ -49,6 +50,23 @@ def test_headline_rows_and_the_main_table_come_from_the_report():
     assert table[0].startswith("| model | attack |") and len(table) == 2 + 7  # header, rule, the headline rows
     assert any(line.startswith("| lora | calibrated avg |") and "0.900 [0.850, 0.950]" in line for line in table)
     assert not any("loss t=50" in line for line in table)
+
+
+def test_the_results_table_puts_each_value_under_its_own_header():
+    """Distinct values in every column, so a value printed under a neighbour's header shows."""
+    import re
+
+    row = {**_row("lora", "loss avg", 0.8, tpr1=0.3, tpr5=0.5, ci=[0.7, 0.9]), "asr_oracle": 0.9, "asr_honest": 0.7}
+    row["tpr_at_fpr"]["0.001"] = 0.1
+    header, _, line = results_table([row])
+
+    def cells(text):  # split on the column pipes, not on the escaped ones of |AUC−0.5|
+        return [c.strip() for c in re.split(r"(?<!\\)\|", text)[1:-1]]
+
+    table = dict(zip(cells(header), cells(line)))
+    assert table == {"model": "lora", "attack": "loss avg", "ASR % (oracle)": "90.00", "ASR % (honest)": "70.00",
+                     "\\|AUC−0.5\\|/0.5": "0.600", "TPR@5%FPR %": "50.00", "AUC [95% CI]": "0.800 [0.700, 0.900]",
+                     "TPR@1%FPR %": "30.00", "TPR@0.1%FPR %": "10.00"}
 
 
 # ---------------------------------------------------------------------------------------------- the attack suite
