@@ -46,8 +46,9 @@ class DPSGD:
         from opacus.accountants import RDPAccountant  # noqa: PLC0415
 
         if noise_multiplier < 0 or clip_norm <= 0 or not 0 < sample_rate <= 1 or not 0 < delta < 1:
-            raise ConfigError(f"DP-SGD needs dp_noise_multiplier >= 0, dp_clip_norm > 0 and 0 < dp_delta < 1; got "
-                              f"{noise_multiplier}, {clip_norm}, {delta}")
+            raise ConfigError(f"DP-SGD needs dp_noise_multiplier >= 0, dp_clip_norm > 0, 0 < dp_delta < 1 and a "
+                              f"sample rate (train_batch_size / members) in (0, 1]; got {noise_multiplier}, {clip_norm}, "
+                              f"{delta}, {sample_rate}")
         # The LoRA layers nearest the input see activations that need no gradient; torch then warns once per
         # backward hook that it fires on outputs only, which is exactly what per-sample gradients need.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
