@@ -125,6 +125,15 @@ def test_unwritable_output_folder_is_refused_up_front(tiny_train_args, tmp_path,
     assert list(locked.iterdir()) == []
 
 
+def test_a_run_refused_for_its_data_leaves_no_output_folder(tiny_train_args, tmp_path, capsys):
+    """A missing manifest was refused only after --output_dir and its latent_cache had been created."""
+    out = tmp_path / "never"
+    args = tiny_train_args + ["--split_manifest", str(tmp_path / "missing.json"), "--cache_latents_to_disk",
+                              "--output_dir", str(out)]
+    assert train_entry("lora", "", args) == 2
+    assert "missing.json" in one_line(capsys) and not out.exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod 0o500")
 def test_read_only_output_folder_is_refused_up_front(tiny_train_args, tmp_path, capsys):
     read_only = tmp_path / "read_only"

@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 SAMPLE_FOLDER = "sample"  # <output_dir>/sample: the training-time sample grids
 
 
-def check_output_folders(config: TrainConfig) -> None:
+def check_output_folders(config: TrainConfig, create: bool = True) -> None:
     """``--output_dir``, ``--logging_dir`` and the latent cache folder are writable folders (created unless
-    ``--dry_run``, which writes nothing): a file there, or no permission, is one line now, not a lost run."""
-    create = not config.dry_run
+    ``--dry_run``, which writes nothing, or ``create`` is False): a file there, or no permission, is one line now,
+    not a lost run."""
+    create = create and not config.dry_run
     check_output_dir(config.output_dir, "--output_dir", create=create)
     if config.logging_dir:
         check_output_dir(config.logging_dir, "--logging_dir", create=create)

@@ -416,8 +416,9 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
 
     The output folders are checked first; the run then holds its output folder's lock from before the latents
     are encoded until the last file is written (:mod:`library.train.preflight`)."""
-    preflight.check_output_folders(config)
+    preflight.check_output_folders(config, create=False)
     trainer = Trainer(config, method_name)
+    preflight.check_output_folders(config)  # once model and data are read: a run refused there leaves no folder
     with preflight.run_lock(trainer):
         preflight.check_run(trainer)
         if trainer.accelerator.is_main_process:  # once, under any launcher
