@@ -158,6 +158,33 @@ def test_pian_rescaling_gives_gaussian_mean_abs():
     torch.testing.assert_close(unit(scaled), unit(eps))  # direction kept, scale only
 
 
+def test_secmi_and_pia_scores_are_the_negated_errors_at_the_right_columns():
+    # Higher = member: SecMI's stat is minus the step-back error at t_SEC (the probe's last column, not t_SEC - k),
+    # its trajectory minus the mean over every column; PIA's t=<t> is minus the distance at that t. On D_aux with
+    # members of lower error the fitted direction is the published one (a flipped sign would read "reversed").
+    import numpy as np
+
+    from library.eval.attacks.base import AttackInputs, FeatureSet
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([1, 0], 10)
+    errors = rng.uniform(1.0, 2.0, size=(20, 3)) - 0.5 * labels[:, None]
+    inputs = AttackInputs(FeatureSet(np.zeros((20, 1, 1)), (1,), probes={"secmi": {"error": errors},
+                                                                        "pia": {"distance": errors[:, :2]}}))
+    secmi = SecMIAttack(30, 10)
+    candidates = secmi.candidates(inputs)
+    np.testing.assert_array_equal(candidates["stat"], -errors[:, 2])
+    np.testing.assert_allclose(candidates["trajectory"], -(errors[:, 0] + errors[:, 1] + errors[:, 2]) / 3)
+    pia = PIAAttack((10, 200), 4)
+    candidates = pia.candidates(inputs)
+    np.testing.assert_array_equal(candidates["t=10"], -errors[:, 0])
+    np.testing.assert_array_equal(candidates["t=200"], -errors[:, 1])
+    for attack in (secmi, pia):
+        attack.fit(inputs, labels)
+        rows = {s.variant: s for s in attack.score(inputs)}
+        assert rows["selected"].info["direction"] == "published", attack.name
+
+
 def test_pia_options_and_cost():
     config = EvalConfig(pia_timesteps=[20, 40, 60], pia_norm=2)
     pia, pian = PIAAttack.from_config(config, "cpu"), PIANAttack.from_config(config, "cpu")

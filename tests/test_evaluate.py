@@ -26,6 +26,7 @@ from library.eval.features import (
     Sample,
     feature_cache_key,
     noise_seed,
+    paper_timestep,
     plan_queries,
     query_noise,
 )
@@ -180,6 +181,45 @@ def test_the_cache_key_ignores_paper_settings_that_change_no_feature():
     own = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3, paper_features="loss")
     assert len({key(plain), key(own), key(replace(own, paper_min_timestep=100)), key(replace(own, paper_draws=4)),
                 key(replace(own, paper_features="error_map"))}) == 5
+
+
+def test_loss_slots_are_timestep_major_with_each_slot_its_own_noise():
+    # losses [N, K, M] is read as losses[:, k, m] = the loss at timesteps[k] with noise draw m: the flat slot of a
+    # query must be k * M + m, its noise the (image, "t<t>", m) one (a transposed slot would label each loss with
+    # another timestep's value).
+    settings = FeatureSettings(timesteps=(10, 500, 900), num_noise_draws=2, seed=3)
+    samples = [Sample(f"{i}.png", "c", f"{i:064d}") for i in range(2)]
+    for q in plan_queries(samples, settings):
+        k, m = divmod(q.slot, 2)
+        assert q.timestep == settings.timesteps[k]
+        assert q.noise_seed == noise_seed(3, samples[q.sample].sha256, f"t{q.timestep}", m)
+    assert sorted(q.slot for q in plan_queries(samples[:1], settings)) == list(range(6))
+
+
+def test_paper_queries_draw_t_below_the_maximum_with_noise_of_their_own():
+    # t ~ U{min, ..., max - 1} (timestep 1000 does not exist in SD's 1000-step schedule), and each draw d has its
+    # own noise seed (a seed shared by the draws would give --paper_draws D copies of one noise).
+    settings = FeatureSettings(timesteps=(50,), num_noise_draws=1, seed=3, paper_features="loss",
+                               paper_min_timestep=998, paper_max_timestep=1000, paper_draws=3)
+    seen = {paper_timestep(settings, f"{i:064d}", d)[0] for i in range(40) for d in range(3)}
+    assert seen == {998, 999}
+    for i in range(5):
+        seeds = [paper_timestep(settings, f"{i:064d}", d)[1] for d in range(3)]
+        assert seeds == [noise_seed(3, f"{i:064d}", "paper", d) for d in range(3)] and len(set(seeds)) == 3
+
+
+def test_cache_keys_change_with_the_manifest_and_the_probe_keys_with_the_seed():
+    # A cached feature or probe output is reused only for the same samples and the same noise: the manifest's
+    # sha256 is in the feature key, the noise seed in the probes' model identity (their noise is seeded by it).
+    settings = FeatureSettings(timesteps=(10,), num_noise_draws=1, seed=3)
+    assert feature_cache_key(settings, "fp", None, "m1", 8) != feature_cache_key(settings, "fp", None, "m2", 8)
+
+    def identity(seed):
+        engine = FeatureEngine(None, replace(settings, seed=seed), device=torch.device("cpu"),
+                               base_fingerprint="fp", manifest_sha256="m", progress=False)
+        return engine.model_identity(None, 8)
+
+    assert identity(3) != identity(4)
 
 
 def test_second_run_hits_the_feature_cache(world, evaluated):

@@ -38,3 +38,44 @@ def test_different_seeds_give_different_orders():
     a = [EpochCyclingSampler(50, 5, seed=0).next_indices() for _ in range(1)]
     b = [EpochCyclingSampler(50, 5, seed=1).next_indices() for _ in range(1)]
     assert a != b
+
+
+def test_a_set_that_divides_into_batches_serves_every_batch_of_the_epoch():
+    # 6 items in batches of 2: three full batches per epoch, all of them served before the next permutation (an
+    # off-by-one in the epoch-boundary test would drop the last full batch, and one item per epoch with it).
+    sampler = EpochCyclingSampler(num_items=6, batch_size=2, seed=5)
+    assert sampler.batches_per_epoch == 3
+    epoch0 = [i for _ in range(3) for i in sampler.next_indices()]
+    assert sampler.epoch == 0 and sorted(epoch0) == list(range(6))
+    assert epoch0 == sampler._make_permutation(0).tolist()
+    sampler.next_indices()
+    assert sampler.epoch == 1
+
+
+def test_ranks_together_cover_each_epoch_once():
+    # Brute force: over one epoch the ranks' batches are the global batches cut from the epoch's permutation, so
+    # their union holds each of the first batches_per_epoch * global_batch items once (no rank re-reads another
+    # rank's samples at the next step).
+    num_items, batch_size, world = 13, 2, 3
+    ranks = [EpochCyclingSampler(num_items, batch_size, seed=4, rank=r, world_size=world) for r in range(world)]
+    assert ranks[0].batches_per_epoch == num_items // (batch_size * world) == 2
+    permutation = ranks[0]._make_permutation(0).tolist()
+    seen = []
+    for step in range(2):
+        for r, sampler in enumerate(ranks):
+            start = step * batch_size * world + r * batch_size
+            batch = sampler.next_indices()
+            assert batch == permutation[start:start + batch_size]
+            seen += batch
+    assert sorted(seen) == sorted(permutation[:12]) and len(set(seen)) == 12
+    assert all(s.epoch == 0 for s in ranks)
+    ranks[0].next_indices()
+    assert ranks[0].epoch == 1  # the 13th item waits: one global batch would not fill
+
+
+def test_consecutive_seeds_do_not_give_shifted_copies_of_one_stream():
+    # The attacker's D^m_aux and D^nm_aux samplers take seeds s and s + 1 (balanced sets: the same size); a seed
+    # derivation like seed + epoch would make the non-member stream the member stream one epoch later.
+    orders = {(seed, epoch): tuple(EpochCyclingSampler(20, 2, seed)._make_permutation(epoch).tolist())
+              for seed in range(4) for epoch in range(4)}
+    assert len(set(orders.values())) == len(orders)

@@ -378,3 +378,40 @@ def test_a_missing_spare_image_does_not_make_the_manifest_stale(tmp_path):
     (tmp_path / "d" / split.member_test[0].path).unlink()
     with pytest.raises(DataError, match="is missing: the manifest is stale"):
         read_manifest(tmp_path / "s.json", verify=True)
+
+
+def test_the_split_is_the_documented_permutation_of_the_sorted_paths(tmp_path):
+    """Brute force of make_split's contract: numpy.random.default_rng(seed).permutation over the paths in sorted
+    order, cut in order into member_aux, member_test, nonmember_aux, nonmember_test, pretrain; the leftovers sorted
+    by path. A user re-creating a split (moved dataset, another machine) relies on exactly this."""
+    records = _dataset(tmp_path / "d", 40)
+    sizes = dict(member_aux=4, member_test=6, nonmember_aux=4, nonmember_test=5)
+    split = make_split(list(reversed(records)), sizes=sizes, seed=7, pretrain=3)
+    canonical = sorted(f"{i:04d}.png" for i in range(40))
+    shuffled = [canonical[i] for i in np.random.default_rng(7).permutation(40)]
+    expected, start = {}, 0
+    for name, count in [*sizes.items(), ("pretrain", 3)]:
+        expected[name] = shuffled[start:start + count]
+        start += count
+    expected["unused"] = sorted(shuffled[start:])
+    assert {name: _paths(entries) for name, entries in split.splits().items()} == expected
+
+
+def test_a_changed_pretrain_image_makes_the_manifest_stale(tmp_path):
+    """The pretrain list is read (pre-training a base model on it): a changed image there is stale as a member is."""
+    records = _dataset(tmp_path / "d", 20)
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    split = make_split(records, sizes=sizes, seed=0, pretrain=3, dataset_root=tmp_path / "d")
+    write_manifest(split, tmp_path / "s.json")
+    (tmp_path / "d" / split.pretrain[0].path).write_bytes(b"edited")
+    with pytest.raises(DataError, match=r"pretrain.*stale"):
+        read_manifest(tmp_path / "s.json", verify=True)
+
+
+def test_every_repeat_count_survives_the_manifest(tmp_path):
+    """kohya repeats other than 1 are written and read back (2 as well as 3: an image's weight in D_tr)."""
+    entries = [SplitEntry(f"{r}.png", f"c{r}", f"{r:064d}", repeats=r) for r in (1, 2, 3)]
+    m = SplitManifest(dataset_root=tmp_path, seed=0, member_aux=entries)
+    write_manifest(m, tmp_path / "s.json")
+    back = read_manifest(tmp_path / "s.json", verify=False)
+    assert [e.repeats for e in back.member_aux] == [1, 2, 3]
