@@ -545,3 +545,50 @@ def test_a_file_with_alpha_zero_is_a_full_strength_lora(models, stack, tmp_path)
     assert all(lora.scale == 1.0 and float(lora.alpha) == RANK for lora in fresh.loras)
     fresh.load_state_dict(zero, strict=False)
     assert all(lora.scale == 1.0 for lora in fresh.loras)
+
+
+def test_dropout_acts_in_training_only(models):
+    """LoRA dropout (--network_dropout) is on the rank features while training; in eval mode (samples, the attack's
+    and the evaluation's losses) the layer is the exact base + scale * up(down(x)), the same on every call."""
+    te, unet = models
+    network = trained_network(models, dropout="0.5")
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(3))
+    base = layer(x)
+    network.apply_to(te, unet)
+    lora = getattr(network, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")
+    expected = base + (ALPHA / RANK) * (x @ lora.lora_down.weight.T @ lora.lora_up.weight.T)
+    network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+        network.train()
+        assert not torch.allclose(layer(x), expected, atol=1e-4)  # half the rank features dropped (and rescaled)
+
+
+def test_load_state_dict_takes_the_files_alpha_into_the_forward(models, stack, inputs):
+    """``network.load_state_dict`` (resume, or a caller's own loading) with another ``.alpha`` than the network was
+    built with: the cached scale must follow the loaded alpha, or the LoRA runs at the old strength."""
+    te, unet = models
+    source = create_network(1.0, RANK, 1.0, None, *copy.deepcopy(models))  # alpha 1: scale 1/4
+    randomise(source)
+    network = create_network(1.0, RANK, ALPHA, None, te, unet)  # alpha 2: scale 1/2 before loading
+    network.load_state_dict(source.state_dict())
+    assert all(lora.scale == 1.0 / RANK for lora in network.loras)
+    network.apply_to(te, unet)
+    te2, unet2 = copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet)
+    source.apply_to(te2, unet2)
+    torch.testing.assert_close(run(te, unet, inputs)[1], run(te2, unet2, inputs)[1])
+
+
+def test_defaults_and_a_file_without_alpha(models, tmp_path):
+    """sd-scripts' defaults when the caller gives none: rank 4, alpha 1 (scale 1/4). A file without ``.alpha`` keys
+    is alpha = rank (scale 1) for every module and for the rebuilt network, whose re-saved metadata says so."""
+    te, unet = models
+    default = create_network(1.0, None, None, None, te, unet)
+    assert all((lora.rank, float(lora.alpha), lora.scale) == (4, 1.0, 0.25) for lora in default.loras)
+    randomise(default)
+    no_alpha = {k: v for k, v in default.state_dict().items() if not k.endswith(".alpha")}
+    rebuilt, _ = create_network_from_weights(1.0, no_alpha, None, *copy.deepcopy(models))
+    assert all((float(lora.alpha), lora.scale) == (4.0, 1.0) for lora in rebuilt.loras)
+    rebuilt.save_weights(tmp_path / "again.safetensors")
+    assert read_lora_metadata(tmp_path / "again.safetensors")["ss_network_alpha"] == "4.0"

@@ -1,4 +1,5 @@
-"""Tests for library.sd's loading (bundle, configs, ldm_keys, loading, single_file, bake_vae) and library.demo.tiny."""
+"""Tests for library.sd's loading (bundle, configs, ldm_keys, loading, single_file, bake_vae), library.demo.tiny and
+the diffusion loss (library.sd.diffusion)."""
 
 from __future__ import annotations
 
@@ -588,3 +589,88 @@ def test_diffusers_pipeline_loads_tiny_folder(tiny_files: tuple[ModelBundle, Pat
     ).images
     assert images.shape == (2, 3, 32, 32)
     assert torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------ the diffusion loss
+
+
+class _RecordingUNet:
+    """Stands in for the UNet: records what it is given and predicts a known function of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, noisy, timesteps, encoder_hidden_states):
+        self.calls.append((noisy, timesteps, encoder_hidden_states))
+        shift = timesteps.float() / 1000.0 + encoder_hidden_states.mean((1, 2))
+        return types.SimpleNamespace(sample=0.5 * noisy + shift.view(-1, 1, 1, 1))
+
+
+def _hand_alphas_cumprod() -> torch.Tensor:
+    # SD v1.x's "scaled_linear" schedule written out: betas linear in sqrt from 0.00085 to 0.012 over 1000 steps.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def test_denoising_errors_are_the_epsilon_loss_on_the_forward_process_by_hand() -> None:
+    """Eq. 1's integrand: z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps goes into the UNet at t itself, and the error
+    is (eps_hat - eps)^2: epsilon-prediction, SD v1.x's target (not x0, not v). Noising, target and timestep reach
+    every training loss, attack feature and evaluation number, so each is checked against the formula by hand."""
+    from library.sd.diffusion import NoiseDraw, denoising_errors
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    cond = torch.randn(3, 5, 6, generator=g)
+    timesteps = torch.tensor([0, 421, 999])
+    unet = _RecordingUNet()
+    errors = denoising_errors(unet, make_noise_scheduler(), latents, cond, NoiseDraw(timesteps, noise))
+    abar = _hand_alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
+    noisy = (abar.sqrt() * latents.double() + (1 - abar).sqrt() * noise.double()).float()
+    (seen_noisy, seen_t, seen_cond), = unet.calls
+    torch.testing.assert_close(seen_noisy, noisy)
+    assert torch.equal(seen_t, timesteps) and torch.equal(seen_cond, cond)
+    prediction = 0.5 * noisy + timesteps.view(-1, 1, 1, 1) / 1000.0 + cond.mean((1, 2)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(errors, (prediction - noise) ** 2)
+
+
+def test_per_sample_loss_is_the_mean_over_channels_and_pixels() -> None:
+    """Eq. 1 per sample, as SD trainers take it: one number per row, the mean of its C*H*W squared errors."""
+    from library.sd.diffusion import per_sample_loss
+
+    errors = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    expected = torch.tensor([sum(range(12)) / 12, sum(range(12, 24)) / 12])
+    torch.testing.assert_close(per_sample_loss(errors), expected)
+
+
+def test_multi_timestep_rows_pair_each_sample_with_each_timestep() -> None:
+    """Row i*K + k is sample i (its latents and its conditioning) noised at timesteps[k]: the multi-timestep attack
+    features read the rows in that order, so a sample/timestep mix-up would hand them another sample's errors."""
+    from library.sd.diffusion import denoising_errors, fixed_timestep_noise
+
+    g = torch.Generator().manual_seed(1)
+    latents, cond = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 5, 6, generator=g)
+    draw = fixed_timestep_noise(latents, [100, 700, 300], torch.Generator().manual_seed(2))
+    assert draw.timesteps.tolist() == [100, 700, 300, 100, 700, 300]
+    unet = _RecordingUNet()
+    denoising_errors(unet, make_noise_scheduler(), latents, cond, draw)
+    (seen_noisy, _, seen_cond), = unet.calls
+    abar = _hand_alphas_cumprod()
+    for i in range(2):
+        for k, t in enumerate([100, 700, 300]):
+            row = i * 3 + k
+            expected = abar[t].sqrt() * latents[i].double() + (1 - abar[t]).sqrt() * draw.noise[row].double()
+            torch.testing.assert_close(seen_noisy[row], expected.float())
+            assert torch.equal(seen_cond[row], cond[i])
+
+
+def test_training_timesteps_cover_min_to_max_minus_one() -> None:
+    """--min_timestep / --max_timestep as in sd-scripts: t ~ U{min, ..., max - 1}; both ends are drawn, nothing
+    outside. An off-by-one would train (and attack) on a timestep the user excluded, or on t = 1000, past the
+    schedule's end."""
+    from library.sd.diffusion import draw_noise
+
+    latents = torch.zeros(4000, 1, 1, 1)
+    draw = draw_noise(latents, torch.Generator().manual_seed(0), 10, 13)
+    assert set(draw.timesteps.tolist()) == {10, 11, 12}
+    assert set(draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.tolist()) <= set(range(1000))
+    assert draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.max() == 999

@@ -165,3 +165,42 @@ def test_a_sampling_flag_without_its_partner_warns(flags, capsys):
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
     config.validate_for_method("lora")
     assert "no samples are drawn: --sample_prompts and --sample_every_n_epochs go together" in capsys.readouterr().err
+
+
+def test_each_prompt_gets_its_own_seed_steps_scale_and_the_named_sampler(monkeypatch):
+    """A prompt's --d / --s / --l reach the pipeline, else the run's defaults, and image i without --d is seed + i
+    (a grid of several prompts is not one seed repeated); --sample_sampler picks diffusers' scheduler of that name."""
+    import types
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from PIL import Image
+
+    from library.demo.tiny import build_tiny_stack
+    from library.sd.sampling import build_pipeline, generate
+
+    bundle = build_tiny_stack()
+    assert type(build_pipeline(bundle, "ddim").scheduler) is DDIMScheduler
+    assert type(build_pipeline(bundle, "euler").scheduler) is EulerDiscreteScheduler
+    pipe = build_pipeline(bundle)
+    seen = []
+
+    def fake(self, **kwargs):
+        seen.append((kwargs["generator"].initial_seed(), kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        return types.SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    monkeypatch.setattr(type(pipe), "__call__", fake)
+    specs = [PromptSpec("one"), PromptSpec("two", seed=42, steps=3, guidance_scale=2.0), PromptSpec("three")]
+    generate(pipe, specs, resolution=32, steps=2, guidance_scale=7.5, seed=5)
+    assert seen == [(5, 2, 7.5), (42, 3, 2.0), (7, 2, 7.5)]
+
+
+def test_a_grid_holds_every_image(tmp_path):
+    # Three samples in two columns need two rows; rounding the rows down would leave the third off the PNG.
+    from PIL import Image
+
+    from library.sd.sampling import save_grid
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    grid = Image.open(save_grid([Image.new("RGB", (8, 8), c) for c in colours], tmp_path / "g.png"))
+    assert grid.size == (16, 16)  # 2 columns, 2 rows: the third image starts the second row
+    assert [grid.getpixel(xy) for xy in ((0, 0), (8, 0), (0, 8))] == colours
