@@ -204,3 +204,23 @@ def test_a_grid_holds_every_image(tmp_path):
     grid = Image.open(save_grid([Image.new("RGB", (8, 8), c) for c in colours], tmp_path / "g.png"))
     assert grid.size == (16, 16)  # 2 columns, 2 rows: the third image starts the second row
     assert [grid.getpixel(xy) for xy in ((0, 0), (8, 0), (0, 8))] == colours
+
+
+def test_decoding_divides_the_latents_by_the_vaes_scaling_factor():
+    """Latents live in VAE space times scaling_factor (0.18215 for SD v1.x); the sample's decode undoes it in the
+    VAE's own dtype (a multiplication here went unnoticed: every sample would be decoded 1/0.18215^2 too loud)."""
+    from types import SimpleNamespace
+
+    from library.sd.sampling import _decode
+
+    seen = {}
+
+    def decode(latents):
+        seen["latents"] = latents
+        return SimpleNamespace(sample=latents)
+
+    vae = SimpleNamespace(dtype=torch.float64, config=SimpleNamespace(scaling_factor=0.25), decode=decode)
+    pipe = SimpleNamespace(vae=vae, image_processor=SimpleNamespace(postprocess=lambda x, output_type: [x]))
+    latents = torch.tensor([[1.0, -2.0]])
+    assert torch.equal(_decode(pipe, latents), torch.tensor([[4.0, -8.0]], dtype=torch.float64))
+    assert seen["latents"].dtype == torch.float64
