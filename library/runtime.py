@@ -145,7 +145,6 @@ def machine() -> dict[str, object]:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-
 def provenance() -> dict[str, object]:
     """What produced a record, so that it can be produced again: the command line, the package version and, when
     the package runs from a git checkout, its commit (``dirty`` when tracked files differ from it)."""

@@ -78,9 +78,9 @@ class DemoSettings:
     # a list of command-line flags (["--max_train_epochs", "2"]) is accepted and converted.
     train_overrides: dict[str, Any] = field(default_factory=dict)
     eval_overrides: dict[str, Any] = field(default_factory=dict)
-    # The best defence the privacy-utility sweep found on this demo (docs/results.md, 2026-12-04): the run of
-    # configs/frontier/demo.toml with this name, trained and attacked by the demo itself beside the paper's three
-    # methods, so that its table shows what does hold without the ~70 min sweep. None: the paper's three only.
+    # The run of configs/frontier/demo.toml with this name (default: DEFAULT_DEFENCE), trained and attacked by the
+    # demo itself beside the paper's three methods, so that its table shows what does hold without the ~70 min
+    # sweep. None: the paper's three only.
     defence: str | None = DEFAULT_DEFENCE
     retrain: bool = False  # retrain the LoRAs even when their files exist
     jobs: int = 3  # trainings run at once (both cores stay busy to the end)

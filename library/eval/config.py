@@ -46,8 +46,8 @@ class EvalConfig:
     pretrained_model_name_or_path: Optional[str] = option(
         None, "SD v1.x base model the LoRAs were trained on: a local diffusers folder or a single .safetensors",
         path=True)
-    tokenizer_path: Optional[str] = option(None, "local CLIP tokenizer folder (for a single file without one)",
-        path=True)
+    tokenizer_path: Optional[str] = option(
+        None, "local CLIP tokenizer folder (for a single file without one)", path=True)
     network_weights: list[str] = option(
         [], "LoRA .safetensors file(s) to attack; the base model (no LoRA) is always evaluated too, as row 'base'",
         path=True)
@@ -56,8 +56,8 @@ class EvalConfig:
         [], "fully fine-tuned UNet(s) of this base model to attack, each a diffusers UNet folder (config.json + "
         "weights, or a pipeline folder with unet/ and text_encoder/) or an SD single-file .safetensors (its UNet, "
         "and its text encoder when trained)", path=True)
-    split_manifest: Optional[str] = option(None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)",
-        path=True)
+    split_manifest: Optional[str] = option(
+        None, "split manifest JSON the LoRAs were trained with (D_aux / D_te)", path=True)
     allow_manifest_mismatch: bool = option(
         False, "evaluate a LoRA whose metadata names another split manifest, continues a LoRA of another split, or "
         "records none (trained on a whole folder): its membership labels may be wrong")
@@ -89,8 +89,8 @@ class EvalConfig:
         "values")
     mixed_precision: str = option("no", "dtype of the models during feature extraction", choices=["no", "fp16", "bf16"])
     device: str = option("auto", "torch device ('auto' = cuda if available, else cpu)")
-    cache_dir: Optional[str] = option(None, "where latents and features are cached (default <output_dir>/cache)",
-        path=True)
+    cache_dir: Optional[str] = option(
+        None, "where latents and features are cached (default <output_dir>/cache)", path=True)
     no_cache: bool = option(False, "do not read or write cached features (latents are still cached in memory)")
     jobs: int = option(
         1, "models processed at once (features, attacks, quality samples), each in a worker process with its own "
@@ -180,8 +180,8 @@ class EvalConfig:
     quality_features: list[str] = option(
         [], "feature extractors (default: every one whose weights are given): digits = PROXY learned-feature "
         "FD/KID of the demo's digit classifier (never FID); inception = real FID/KID", choices=list(EXTRACTORS))
-    digit_feature_weights: Optional[str] = option(None, "digit feature net file for --quality_features digits",
-        path=True)
+    digit_feature_weights: Optional[str] = option(
+        None, "digit feature net file for --quality_features digits", path=True)
     inception_weights: Optional[str] = option(
         None, "local FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's "
         "weights-inception-2015-12-05-6726825d.pth); never downloaded", path=True)

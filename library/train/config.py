@@ -62,8 +62,8 @@ class TrainConfig:
     cache_latents: bool = option(True, "encode every image once with the VAE and keep the latents (always on: no "
                                  "augmentation is applied, so caching changes only speed; false is refused)")
     cache_latents_to_disk: bool = option(False, "also keep cached latents on disk (under <output_dir>/latent_cache)")
-    latent_cache_dir: Optional[str] = option(None, "directory for on-disk latents (default <output_dir>/latent_cache)",
-        path=True)
+    latent_cache_dir: Optional[str] = option(
+        None, "directory for on-disk latents (default <output_dir>/latent_cache)", path=True)
     vae_batch_size: int = option(8, "batch size for VAE encoding when caching latents")
     shuffle_caption: bool = option(False, "shuffle comma-separated caption tags every time a caption is used")
     keep_tokens: int = option(0, "with --shuffle_caption: keep the first N tags in place")
