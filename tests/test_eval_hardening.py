@@ -121,6 +121,16 @@ def test_bad_lora_file_is_one_line_before_any_model_loads(name, tiny_model_dir, 
             reader(bad)
 
 
+def test_a_refused_evaluation_leaves_no_output_folder(tiny_model_dir, manifest_path, tmp_path, capfd):
+    """--output_dir and --cache_dir were created before the manifest and the LoRA files were read."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(BAD_LORAS["random.safetensors"])
+    out, cache = tmp_path / "out" / "eval", tmp_path / "cache"
+    for manifest, extra in ((tmp_path / "missing.json", ()), (manifest_path, ("--network_weights", str(bad)))):
+        err = one_error(capfd, eval_args(tiny_model_dir, manifest, out, "--cache_dir", str(cache), *extra))
+        assert ("missing.json" in err or "bad.safetensors" in err) and not out.parent.exists() and not cache.exists()
+
+
 def test_the_proxy_attacker_file_is_named_as_such(trained, tiny_model_dir, manifest_path, tmp_path, capfd,
                                                  monkeypatch):
     """``--network_weights run/*.safetensors`` picks up the run's attacker file too: the error says what it is (its

@@ -265,22 +265,30 @@ def evaluate(config: EvalConfig) -> EvalResult | None:
     """Run the whole evaluation and write the report into ``config.output_dir`` (``--dry_run``: check, print the
     plan and return None).
 
-    Everything that needs no model weights is checked first (output folder, base model files, LoRA files, their
-    training conditioning), and the output folder is locked for the run, so two evaluations into one folder
-    never interleave their files.
+    Everything that needs no model weights is checked first (output folder, base model files, manifest, LoRA
+    files, their training conditioning) and only then are the folders created, so a refused evaluation leaves
+    nothing behind. The output folder is locked for the run, so two evaluations into one folder never interleave
+    their files.
     """
     from library.sd.loading import check_sd_model  # noqa: PLC0415
 
-    output_dir = check_output_dir(config.output_dir, "--output_dir", create=not config.dry_run)
-    if config.cache_dir and not config.no_cache:
-        check_output_dir(config.cache_dir, "--cache_dir", create=not config.dry_run)
+    output_dir = check_output_dir(config.output_dir, "--output_dir", create=False)
+    use_cache_dir = bool(config.cache_dir) and not config.no_cache
+    if use_cache_dir:
+        check_output_dir(config.cache_dir, "--cache_dir", create=False)
     check_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
                    allow_pickle=config.allow_pickle)
     if config.dry_run:
         return dry_run(config, output_dir)
+    if config.full_determinism:  # before any model runs (cuBLAS reads its setting once); workers: WorkerPool
+        use_deterministic_kernels()
+    inputs = read_inputs(config)
+    check_output_dir(output_dir, "--output_dir")
+    if use_cache_dir:
+        check_output_dir(config.cache_dir, "--cache_dir")
     with OutputLock(output_dir, "--output_dir"):
         check_earlier_report(config, output_dir)
-        return _evaluate_locked(config, output_dir)
+        return _evaluate_locked(output_dir, *inputs)
 
 
 def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
@@ -331,11 +339,8 @@ def dry_run(config: EvalConfig, output_dir: Path) -> None:
           f"{conditioning.resolution} px; would write {output_dir}/{report.REPORT_FILE}; nothing computed", flush=True)
 
 
-def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
-    started = time.time()
-    if config.full_determinism:  # before any model runs (cuBLAS reads its setting once); workers: WorkerPool
-        use_deterministic_kernels()
-    config, manifest, samples, split, specs, conditioning = read_inputs(config)
+def _evaluate_locked(output_dir: Path, config: EvalConfig, manifest: Any, samples: EvalSamples, split: SplitIdentity,
+                     specs: list[ModelSpec], conditioning: Any) -> EvalResult:
     manifest_sha = split.manifest_sha256
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
@@ -367,7 +372,6 @@ def _evaluate_locked(config: EvalConfig, output_dir: Path) -> EvalResult:
             info["quality"] = quality.run_quality(config, specs, manifest, device, extractors,
                                                   output_dir, info["utility"], pool)
             info["timing_s"]["quality"] = time.perf_counter() - t0
-    info["started"] = started
     result = EvalResult(config, specs, samples, features, scores, rows, info)
     report.write_report(result, output_dir)
     return result
