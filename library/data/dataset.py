@@ -24,8 +24,12 @@ from pathlib import Path
 
 from library.data.images import IMAGE_EXTENSIONS
 from library.errors import ConfigError, DataError, warn
+from library.fileio import atomic_write_text
 
 METADATA_FILE = "metadata.jsonl"
+# Present while a preparation script writes a folder: a run killed half-way leaves it, and no split is drawn
+# from the images it did write.
+INCOMPLETE_MARKER = ".incomplete"
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's <repeats>_<name> folders
 CAPTION_EXTENSIONS = (".txt", ".caption")  # ours and sd-scripts' defaults (its BLIP/GIT captioners write .caption)
 # Image formats a kohya folder may hold that sd-scripts does not read either: skipped, with a warning.
@@ -248,6 +252,9 @@ def scan_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder")
+    if (root / INCOMPLETE_MARKER).exists():
+        raise DataError(f"dataset folder {root} was left half-written by an interrupted preparation (it holds "
+                        f"{INCOMPLETE_MARKER}): rerun the script that wrote it with --overwrite")
     caption_extension = caption_suffix(caption_extension)
     metadata = root / METADATA_FILE
     if metadata.is_file():
@@ -269,6 +276,16 @@ def scan_dataset(
         )
     records.sort(key=lambda r: r.path.relative_to(root).as_posix())
     return records
+
+
+def mark_incomplete(folder: Path) -> None:
+    """Mark ``folder`` as being written (:func:`scan_dataset` refuses it until :func:`mark_complete`)."""
+    atomic_write_text(folder / INCOMPLETE_MARKER, "written by a preparation script that has not finished\n")
+
+
+def mark_complete(folder: Path) -> None:
+    """Every image and caption of ``folder`` is written."""
+    (folder / INCOMPLETE_MARKER).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from library.data.dataset import ImageCaption
+from library.data.dataset import ImageCaption, mark_complete, mark_incomplete
 from library.data.digit_captions import DIGIT_NAMES, digit_caption  # noqa: F401 - the demo's names
 from library.errors import DataError
 from library.fileio import atomic_write_path, atomic_write_text
@@ -122,6 +122,7 @@ def write_digits_dataset(
             if old.is_file() and _OWN_FILE.match(old.name):
                 old.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    mark_incomplete(out)  # a killed run's folder is refused by make_split.py, not split short
 
     images, labels = load_source(source)
     if limit is not None:
@@ -136,4 +137,5 @@ def write_digits_dataset(
         caption = digit_caption(int(label))
         atomic_write_text(out / f"{stem}.txt", caption + "\n")
         records.append(ImageCaption(png, caption, 1))
+    mark_complete(out)
     return records

@@ -27,7 +27,12 @@ import numpy as np
 from PIL import Image
 
 from library.cli import ArgumentParser
-from library.data.dataset import caption_source, scan_dataset
+from library.data.dataset import (
+    caption_source,
+    mark_complete,
+    mark_incomplete,
+    scan_dataset,
+)
 from library.data.images import (
     IMAGE_EXTENSIONS,
     decode_image,
@@ -301,6 +306,7 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, inputs: Sequence[Path]) -
             raise DataError(f"output folder {out_dir} still holds {leftover[0].name} after --overwrite: "
                             f"remove it by hand (preparations write a flat folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    mark_incomplete(out_dir)  # until split_and_save: a killed preparation's folder is never split
     return out_dir
 
 
@@ -356,6 +362,7 @@ def split_and_save(
     created_by: str = "",
 ) -> PreparedDataset:
     """Split the written folder by file (Table 4 ``preset`` unless explicit ``sizes``) and save the manifest."""
+    mark_complete(image_dir)
     records = scan_dataset(image_dir)
     try:
         manifest = make_split(records, preset=None if sizes else preset, sizes=dict(sizes) if sizes else None,
