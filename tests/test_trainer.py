@@ -288,6 +288,18 @@ def test_a_step_that_ends_two_epochs_runs_the_end_of_each(tiny_train_args, tmp_p
             assert handle.metadata().get("ss_steps") == steps, name
 
 
+def test_a_step_checkpoint_at_an_epochs_end_keeps_its_step_count(tiny_train_args, tmp_path):
+    """24 members in batches of 4: step 6 ends epoch 1 and is a step checkpoint too. The epoch file has no step
+    count (with its epoch it would give the batches per epoch); the step file, named by its step, keeps it (before,
+    any file saved at an epoch's end lost it)."""
+    out = tmp_path / "out"
+    run("lora", tiny_train_args + ["--max_train_steps", "9", "--save_every_n_steps", "3", "--save_every_n_epochs",
+                                   "1", "--output_dir", str(out)])
+    for name, steps in (("lora-step00000003", "3"), ("lora-000001", None), ("lora-step00000006", "6"), ("lora", "9")):
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as handle:
+            assert handle.metadata().get("ss_steps") == steps, name
+
+
 def test_resuming_a_finished_state_keeps_the_final_metrics(tiny_train_args, tmp_path):
     out = tmp_path / "out"
     first = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--save_state",

@@ -49,9 +49,9 @@ def conditioning_metadata(cfg: TrainConfig) -> dict[str, str]:
     }
 
 
-def training_metadata(trainer: Trainer) -> dict[str, str]:
+def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None) -> dict[str, str]:
     """The saved weights' metadata (a LoRA file's, a full fine-tune's): kohya's ``ss_*`` training keys and this
-    project's ``smp_lora.*`` (no data paths)."""
+    project's ``smp_lora.*`` (no data paths). ``cadence``: the checkpoint's (None for the final or last-good file)."""
     cfg = trainer.config
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     processes = trainer.accelerator.num_processes
@@ -82,19 +82,21 @@ def training_metadata(trainer: Trainer) -> dict[str, str]:
         meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
     meta.update(trainer.trained.lineage)  # the splits the starting weights saw (a resumed run: the state's record)
     meta.update(trainer.method.metadata())
-    if trainer.epoch_logs and trainer.epoch_logs[-1].get("step") == trainer.global_step < trainer.total_steps:
+    if cadence == "epoch":
         # An epoch checkpoint's name gives its epoch, and its step count with it the batches per epoch: the
-        # member-set size up to the batch size, which the metadata keeps out (ss_num_batches_per_epoch).
+        # member-set size up to the batch size, which the metadata keeps out (ss_num_batches_per_epoch). sd-scripts
+        # writes ss_steps in every file; a step checkpoint (its name is its step) keeps it, at an epoch's end too.
         del meta["ss_steps"]
     return meta
 
 
-def save_weights(trainer: Trainer, name: str, dtype: torch.dtype | None = None) -> Path:
+def save_weights(trainer: Trainer, name: str, dtype: torch.dtype | None = None,
+                 cadence: retention.Cadence | None = None) -> Path:
     """The trained weights as ``<output_dir>/<name>.safetensors`` (a LoRA file, or a full fine-tune's single file
     with its diffusers folders beside it: :mod:`library.train.parametrization`), in ``--save_precision`` unless
-    ``dtype`` is given."""
+    ``dtype`` is given; ``cadence``: that of the checkpoint it is (:func:`training_metadata`)."""
     return trainer.trained.save(trainer.output_dir, name, dtype or SAVE_DTYPES[trainer.config.save_precision],
-                                training_metadata(trainer))
+                                training_metadata(trainer, cadence))
 
 
 def save_attacker(trainer: Trainer, path: Path) -> None:
@@ -103,9 +105,11 @@ def save_attacker(trainer: Trainer, path: Path) -> None:
     write_safetensors(path, tensors, {"smp_lora.method": trainer.method_name})
 
 
-def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | None = None) -> TrainResult:
+def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | None = None,
+                 cadence: retention.Cadence | None = None) -> TrainResult:
     """``<name>.safetensors`` (+ ``-attacker.safetensors``), with ``--save_state`` the resumable state
-    ``<name>-state``, and last the run record ``<name>.json`` that marks them complete."""
+    ``<name>-state``, and last the run record ``<name>.json`` that marks them complete. ``cadence``: an
+    intermediate checkpoint's (its step number can fall on an epoch's end, so it is passed, not guessed)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     lora_path = trainer.output_dir / f"{name}.safetensors"
@@ -115,7 +119,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
         # The record is what marks a run finished: an old one (``--overwrite``) goes first, so a kill before the new
         # record leaves a LoRA without record (unfinished, as the overwrite refusal says), never a mixed set.
         record_path.unlink(missing_ok=True)
-        save_weights(trainer, name)
+        save_weights(trainer, name, cadence=cadence)
         if trainer.method.has_attacker:
             attacker_path = trainer.output_dir / f"{name}-attacker.safetensors"
             save_attacker(trainer, attacker_path)
@@ -138,7 +142,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
 def save_checkpoint(trainer: Trainer, cadence: retention.Cadence, number: int) -> None:
     """An intermediate checkpoint (``<name>-NNNNNN`` at an epoch, ``<name>-stepNNNNNNNN`` at a step), then the
     older ones ``--save_last_n_*`` no longer keeps are deleted (:mod:`library.train.retention`)."""
-    save_outputs(trainer, retention.checkpoint_name(trainer.output_name, cadence, number))
+    save_outputs(trainer, retention.checkpoint_name(trainer.output_name, cadence, number), cadence=cadence)
     cfg = trainer.config
     files = cfg.save_last_n_epochs if cadence == "epoch" else cfg.save_last_n_steps
     states = cfg.save_last_n_epochs_state if cadence == "epoch" else cfg.save_last_n_steps_state
