@@ -686,6 +686,38 @@ def test_tensorboard_has_sd_scripts_curves(tiny_train_args, tmp_path):
     assert [v for _, v in scalar["lr/textencoder"]] == pytest.approx([1e-5] * 9)
 
 
+def test_a_resumed_runs_loss_curves_cover_the_steps_before_the_resume(tiny_train_args, tmp_path):
+    """6 steps an epoch, resumed at step 3: loss/epoch_average of epoch 1 and loss/average are the uninterrupted
+    run's (the state keeps the losses they are means of); an older state without them resumes as before, with epoch
+    1's average over steps 4-6 only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from library.train.checkpoint import STATE_FILE
+    from library.train.trainer import train
+
+    def curves(name: str, *extra: str) -> dict[str, list[tuple[int, float]]]:
+        args = tiny_train_args + ["--max_train_steps", "9", "--log_every_n_steps", "1", "--save_every_n_steps", "3",
+                                  "--save_state", "--logging_dir", str(tmp_path / f"logs-{name}"), "--output_dir",
+                                  str(tmp_path / name), *extra]
+        train(parse_config(TrainConfig, args), "lora")
+        events = EventAccumulator(str(next((tmp_path / f"logs-{name}").iterdir()))).Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("loss/epoch_average", "loss/average",
+                                                                                "loss/current")}
+
+    full = curves("full")
+    state = tmp_path / "full" / "lora-step00000003-state"
+    resumed = curves("resumed", "--resume", str(state))
+    assert resumed["loss/epoch_average"] == [(1, pytest.approx(full["loss/epoch_average"][0][1], rel=1e-6))]
+    assert [v for _, v in resumed["loss/average"]] == pytest.approx([v for _, v in full["loss/average"][3:]], rel=1e-6)
+    older = tmp_path / "older-state"
+    shutil.copytree(state, older)
+    kept = torch.load(older / STATE_FILE, weights_only=True)
+    del kept["loss_recorder"]
+    torch.save(kept, older / STATE_FILE)
+    old = curves("old", "--resume", str(older))
+    assert old["loss/epoch_average"] == [(1, pytest.approx(sum(v for _, v in old["loss/current"][:3]) / 3, rel=1e-6))]
+
+
 def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
     import re
 

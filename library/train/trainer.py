@@ -382,6 +382,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "epoch_logs": json.dumps(self.epoch_logs),
             "last_logs": json.dumps(self.last_logs),
+            "loss_recorder": json.dumps(self.loss_recorder.state_dict()),
             **({"smoothness": json.dumps(dataclasses.asdict(self.smoothness)),
                 "hessian_generator": self.hessian_generator.get_state()} if self.smoothness is not None else {}),
         }
@@ -406,6 +407,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.epoch_logs = json.loads(state["epoch_logs"])
         self.last_logs = json.loads(state.get("last_logs", "{}"))  # older states: none kept
+        self.loss_recorder.load_state_dict(json.loads(state.get("loss_recorder", "{}")))  # older states: none kept
         if self.smoothness is not None and "smoothness" in state:  # --track_smoothness: its history goes on
             self.smoothness = SmoothnessTracker(**json.loads(state["smoothness"]))
             self.hessian_generator.set_state(state["hessian_generator"])
