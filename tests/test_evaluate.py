@@ -294,6 +294,35 @@ def test_full_determinism_changes_no_cpu_bit(world, evaluated, tmp_path, monkeyp
     assert (out / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
 
 
+def test_full_determinism_features_are_cached_apart_from_the_defaults(world, evaluated, tmp_path, monkeypatch):
+    """Features computed under --full_determinism (other GPU kernels) are not those of the default kernels: a run
+    with it misses the default run's cache, and one without it still hits the cache written before it was keyed."""
+    import shutil
+
+    serial_dir, report = evaluated
+    cache = tmp_path / "cache"
+    shutil.copytree(serial_dir / "cache", cache)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
+    runs = {}
+    try:
+        for name, extra in (("strict", ["--full_determinism"]), ("strict-again", ["--full_determinism"]),
+                            ("plain", [])):
+            argv = base_args(world, tmp_path / name, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                             "--cache_dir", str(cache), *extra)
+            assert evaluate_mia.main(argv) == 0
+            runs[name] = json.loads((tmp_path / name / "report.json").read_text())["features"]["cache"]
+    finally:  # process-wide switches: give the rest of the suite torch's defaults back
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    assert not any(entry["hit"] for entry in runs["strict"].values())
+    assert all(entry["hit"] for entry in runs["strict-again"].values())
+    assert runs["plain"] == {name: {**entry, "hit": True} for name, entry in report["features"]["cache"].items()}
+    # the key of the default kernels is what it was before --full_determinism was keyed (old caches stay hits)
+    settings = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3)
+    assert feature_cache_key(settings, "fp", None, "m", 8) == \
+        "9256a3f529780bf30782a225cbcfa1c0f70d7991be5e13bb46961faed6106d82"
+
+
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
     """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's."""
     import library.eval.run as run

@@ -102,7 +102,7 @@ class EvalConfig:
     full_determinism: bool = option(
         False, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN without autotuning, "
         "CUBLAS_WORKSPACE_CONFIG), in every worker too, as training's --full_determinism: a GPU evaluation repeats "
-        "bit for bit; no effect on the CPU; cached features are reused as they are (--no_cache recomputes them)")
+        "bit for bit; no effect on the CPU; its features are cached apart from those of the default kernels")
 
     # --- attacks ---------------------------------------------------------------------------------
     attacks: list[str] = option(list(DEFAULT_ATTACKS), "attacks to run", choices=list(ATTACK_NAMES))

@@ -71,6 +71,7 @@ class FeatureSettings:
     max_token_length: int | None = None
     multiplier: float = 1.0
     dtype: str = "float32"
+    full_determinism: bool = False  # --full_determinism: other GPU kernels, so (on a GPU) other bits
 
     @property
     def paper_row(self) -> bool:
@@ -80,6 +81,8 @@ class FeatureSettings:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["timesteps"] = list(self.timesteps)
+        if not self.full_determinism:  # the default kernels' keys (features and probes) stay what they always were
+            del data["full_determinism"]
         return data
 
     def value_dict(self) -> dict[str, Any]:

@@ -186,6 +186,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         paper_draws=config.paper_draws,
         resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
         multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
+        full_determinism=config.full_determinism,
     )
     # --network_multiplier scales LoRAs only: the base's and full fine-tunes' features (and cache keys) are those
     # of any multiplier
