@@ -95,6 +95,27 @@ def test_attacker_every_n_steps_runs_the_attacker_phase_on_those_steps(every, or
         assert handle.metadata()["smp_lora.attacker_every_n_steps"] == str(every)
 
 
+def test_an_accumulated_steps_logs_are_the_mean_over_its_micro_batches(tiny_train_args, monkeypatch):
+    """With --gradient_accumulation_steps the step logged its last micro-batch's L_ada, G and loss only."""
+    import library.train.divergence as divergence
+    from library.train.loss_recorder import mean_logs
+
+    micro_logs, checked_loss = [], divergence.checked_loss
+
+    def spy(*args):
+        loss, logs = checked_loss(*args)
+        micro_logs.append(dict(logs))
+        return loss, logs
+
+    monkeypatch.setattr(divergence, "checked_loss", spy)
+    result = run("smp_lora", tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "1",
+                                                "--gradient_accumulation_steps", "3"])
+    assert len(micro_logs) == 3 and micro_logs[0]["l_ada"] != micro_logs[-1]["l_ada"]
+    for key in ("l_ada", "g", "loss", "denominator"):
+        assert result.final_logs[key] == pytest.approx(sum(m[key] for m in micro_logs) / 3, rel=1e-12)
+    assert mean_logs([{"a": 1.0, "b": 4.0}, {"a": 3.0}]) == {"a": 2.0, "b": 4.0}
+
+
 def test_resume_is_exact(tiny_train_args, tmp_path):
     common = tiny_train_args + ["--attacker_batch_size", "2"]
     full = run("smp_lora", common + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "full")])

@@ -13,6 +13,14 @@ from __future__ import annotations
 from collections import deque
 
 
+def mean_logs(micro_batches: list[dict[str, float]]) -> dict[str, float]:
+    """One optimisation step's logs from its micro-batches' (``--gradient_accumulation_steps``): each value's mean
+    over the micro-batches that logged it, as the step's objective is their mean (one micro-batch: its own)."""
+    keys = dict.fromkeys(key for logs in micro_batches for key in logs)
+    return {key: sum(values) / len(values)
+            for key in keys if (values := [logs[key] for logs in micro_batches if key in logs])}
+
+
 class LossRecorder:
     def __init__(self, steps_per_epoch: int) -> None:
         self.window: deque[float] = deque(maxlen=max(1, steps_per_epoch))

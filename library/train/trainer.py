@@ -46,7 +46,7 @@ from library.train.data import (
     latent_cache_dir,
     load_training_records,
 )
-from library.train.loss_recorder import LossRecorder
+from library.train.loss_recorder import LossRecorder, mean_logs
 from library.train.methods import (
     AuxData,
     ForwardResult,
@@ -215,6 +215,7 @@ class Trainer:
             logs.update(self.method.attacker_phase(ctx))  # Algorithm 1, lines 4-6
         self.optimizer.zero_grad(set_to_none=True)
         hessian_turn = self.smoothness is not None and self.global_step % cfg.hessian_every_n_steps == 0
+        micro_logs = []
         for micro_batch in range(cfg.gradient_accumulation_steps):
             hessian_now = hessian_turn and micro_batch == 0
             # A Hessian-vector product differentiates the backward again, which the fused attention kernels do
@@ -227,7 +228,8 @@ class Trainer:
                 self.smoothness.add_hessian_norm(self.global_step, hessian)
                 logs["hessian_norm"] = hessian
             self.grad_scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            logs.update(loss_logs)
+            micro_logs.append(loss_logs)
+        logs.update(mean_logs(micro_logs))  # the step's losses, not its last micro-batch's
         self.grad_scaler.unscale_(self.optimizer)
         logs.update(self.method.process_gradients(cfg.train_batch_size))  # DP-SGD: clip per sample, add noise
         self.collectives.reduce_gradients(self.trainable)
