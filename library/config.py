@@ -371,7 +371,9 @@ def make_config(cls: type[ConfigT], values: dict[str, Any], sources: Mapping[str
             given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
             for item in given:
                 if item not in choices:
-                    raise ConfigError(f"'{f.name}' must be one of {list(choices)}, got {item!r}")
+                    where = f"{sources[f.name]}: " if sources and sources.get(f.name, COMMAND_LINE) != COMMAND_LINE else ""
+                    raise ConfigError(f"{where}'{f.name}' must be one of {list(choices)}, got {item!r}"
+                                      f"{_closest(str(item), [str(c) for c in choices], '{!r}')}")
         if f.name in values:
             _check_finite(f.name, values[f.name], types_by_name[f.name])
             _check_bounds(f, values[f.name])

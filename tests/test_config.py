@@ -135,7 +135,8 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('network_dim = "eight"', "'network_dim' must be an integer"),
     ('learning_rate = "fast"', "'learning_rate' must be a number"),
     ('shuffle_caption = 1', "'shuffle_caption' must be true or false"),
-    ('update_order = "sideways"', "'update_order' must be one of"),
+    ('update_order = "sideways"', r"c\.toml: 'update_order' must be one of"),  # the file is named
+    ('optimizer_type = "adamw9bit"', r"'optimizer_type' must be one of .* \(did you mean 'AdamW8bit'\?\)"),
     ('privacy_lambda = -0.5', "'privacy_lambda' must be a finite number >= 0"),
     ('max_grad_norm = nan', "'max_grad_norm' must be a finite number, got nan"),  # it switched clipping off
     ('dp_noise_multiplier = inf', "'dp_noise_multiplier' must be a finite number, got inf"),  # the accountant hung
@@ -148,6 +149,12 @@ def test_bad_values_get_one_clear_error(tmp_path, line, message):
     path = write(tmp_path, line + "\n")
     with pytest.raises(ConfigError, match=message):
         parse_config(TrainConfig, ["--config_file", path] + BASE)
+
+
+def test_optimizer_type_is_read_in_any_case_as_sd_scripts_reads_it(tmp_path):
+    path = write(tmp_path, 'optimizer_type = "adamw8bit"\n')
+    assert parse_config(TrainConfig, ["--config_file", path] + BASE).optimizer_type == "AdamW8bit"
+    assert parse_config(TrainConfig, ["--optimizer_type", "ADAMW"] + BASE).optimizer_type == "AdamW"
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

@@ -25,6 +25,12 @@ METHODS = method_names(in_paper=True)  # the paper's three (the demo trains thes
 BASELINES = method_names(in_paper=False)  # issue 7's reviewer baselines (RelaxLoss, DP-SGD)
 ALL_METHODS = method_names()
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64
+OPTIMIZERS = ("AdamW", "AdamW8bit")
+
+
+def optimizer_name(text: str) -> str:
+    """``--optimizer_type`` in any case, as sd-scripts reads it (``adamw8bit`` is ``AdamW8bit``)."""
+    return next((name for name in OPTIMIZERS if name.lower() == str(text).lower()), str(text))
 
 
 # sd-scripts' networks/lora.py takes these as --network_args; this LoRA does not (LyCORIS has others).
@@ -108,7 +114,8 @@ class TrainConfig:
     text_encoder_lr: Optional[float] = option(
         None, "text-encoder LoRA learning rate (default: learning_rate, as sd-scripts; the paper's configs set "
         "1e-5; 0 = no text-encoder LoRA)")
-    optimizer_type: str = option("AdamW", "optimizer (AdamW8bit needs bitsandbytes)", choices=["AdamW", "AdamW8bit"])
+    optimizer_type: str = option("AdamW", "optimizer, in any case (AdamW8bit needs bitsandbytes)",
+                                 choices=list(OPTIMIZERS), parse=optimizer_name)
     weight_decay: float = option(1e-2, "AdamW weight decay")
     lr_scheduler: str = option("constant", "learning-rate schedule",
                                choices=["constant", "constant_with_warmup", "cosine", "linear"])
