@@ -142,6 +142,7 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('dp_noise_multiplier = inf', "'dp_noise_multiplier' must be a finite number, got inf"),  # the accountant hung
     ('network_alpha = -inf', "'network_alpha' must be a finite number"),
     ('lr_warmup_steps = -10', "'lr_warmup_steps' must be >= 0, got -10"),
+    ('lr_warmup_steps = 2.5', "'lr_warmup_steps' must be a whole number of steps or a ratio below 1, got 2.5"),
     ('resolution = "512,768"', "'resolution': must be square .* use 512 or 512,512"),
     ('resolution = "large"', "'resolution': must be a size in pixels like 512 or 512,512, got 'large'"),
 ])
@@ -155,6 +156,26 @@ def test_optimizer_type_is_read_in_any_case_as_sd_scripts_reads_it(tmp_path):
     path = write(tmp_path, 'optimizer_type = "adamw8bit"\n')
     assert parse_config(TrainConfig, ["--config_file", path] + BASE).optimizer_type == "AdamW8bit"
     assert parse_config(TrainConfig, ["--optimizer_type", "ADAMW"] + BASE).optimizer_type == "AdamW"
+
+
+def test_lr_warmup_steps_below_one_is_a_ratio_of_the_runs_steps_as_in_sd_scripts(tmp_path):
+    import torch
+
+    from library.train.setup import build_scheduler
+
+    path = write(tmp_path, "lr_warmup_steps = 4.0\nlr_scheduler = \"cosine\"\n")
+    assert parse_config(TrainConfig, ["--config_file", path] + BASE).lr_warmup_steps == 4  # steps stay steps
+    steps = parse_config(TrainConfig, ["--lr_warmup_steps", "4", "--lr_scheduler", "cosine"] + BASE).lr_warmup_steps
+    assert type(steps) is int  # as before: the run record and ss_lr_warmup_steps say "4", not "4.0"
+    cfg = parse_config(TrainConfig, ["--lr_warmup_steps", "0.3", "--lr_scheduler", "linear"] + BASE)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(cfg, optimizer, total_steps=10)  # int(0.3 * 10) = 3 warm-up steps
+    rates = []
+    for _ in range(5):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 6 / 7])
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

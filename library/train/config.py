@@ -119,7 +119,8 @@ class TrainConfig:
     weight_decay: float = option(1e-2, "AdamW weight decay")
     lr_scheduler: str = option("constant", "learning-rate schedule",
                                choices=["constant", "constant_with_warmup", "cosine", "linear"])
-    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule")
+    lr_warmup_steps: float = option(0, "warm-up steps of the lr schedule; a value below 1 is a ratio of the run's "
+                                    "steps, as in sd-scripts (0.1: the first 10 %)")
     max_grad_norm: float = option(1.0, "clip the LoRA gradient to this global L2 norm (0 disables)")
     grad_normalize: bool = option(False, "normalise the LoRA gradient to unit L2 norm (paper Table 10 baseline)")
     mixed_precision: str = option("no", "autocast precision", choices=["no", "fp16", "bf16"])
@@ -272,6 +273,11 @@ class TrainConfig:
         for name in ["lr_warmup_steps", "keep_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"'{name}' must be >= 0, got {getattr(self, name)}")
+        if self.lr_warmup_steps >= 1 or self.lr_warmup_steps == 0:  # steps (a ratio stays a float, as sd-scripts')
+            if not float(self.lr_warmup_steps).is_integer():
+                raise ConfigError(f"'lr_warmup_steps' must be a whole number of steps or a ratio below 1, got "
+                                  f"{self.lr_warmup_steps}")
+            self.lr_warmup_steps = int(self.lr_warmup_steps)
         for name in ["max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs",
                      "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state"]:
             value = getattr(self, name)
