@@ -158,6 +158,19 @@ def test_pian_rescaling_gives_gaussian_mean_abs():
     torch.testing.assert_close(unit(scaled), unit(eps))  # direction kept, scale only
 
 
+def test_pia_odd_norm_takes_absolute_differences(model, z0, hand):
+    """``--pia_norm 3``: mean |eps - eps_0|^3. The default p = 4 is even, so only an odd p sees a missing
+    absolute value (the signed cubes would partly cancel, and the distance could go negative)."""
+    abar, eps = hand
+    t = 100
+    got = outputs(PIAProbe((t,), 3), model, z0)["distance"][:, 0]
+    e0 = eps(z0, 0)
+    zt = abar[t].sqrt() * z0.double() + (1 - abar[t]).sqrt() * e0
+    torch.testing.assert_close(got.double(), ((eps(zt, t) - e0).abs() ** 3).mean(dim=(1, 2, 3)), rtol=1e-4,
+                               atol=1e-12)
+    assert (got > 0).all()
+
+
 def test_secmi_and_pia_scores_are_the_negated_errors_at_the_right_columns():
     # Higher = member: SecMI's stat is minus the step-back error at t_SEC (the probe's last column, not t_SEC - k),
     # its trajectory minus the mean over every column; PIA's t=<t> is minus the distance at that t. On D_aux with
