@@ -20,6 +20,7 @@ from library.eval.attacks.clid import (
     END_OF_TEXT,
     CLiDAttack,
     CLiDProbe,
+    RobustScaler,
     degrade_caption,
 )
 from library.eval.attacks.gsa import GSAAttack, GSAProbe, gsa_timesteps
@@ -147,7 +148,26 @@ def test_clid_robust_scaler_is_fitted_on_aux_only():
     np.testing.assert_allclose(sets["alpha=0.3"].scores, 0.7 * sets["alpha=0.0"].scores + 0.3 * sets["alpha=1.0"].scores)
     assert len(sets) == 12 and [s.variant for s in sets.values() if s.headline] == ["selected"]
     assert sets["selected"].info["selected_on_aux"] in sets and sets["selected"].threshold is not None
+    assert sets["selected"].info["robust_scaler_on_aux"] == {  # the fitted numbers, each under its own name
+        "loss": {"median": loss_scaler.median, "iqr": loss_scaler.iqr},
+        "mean_delta": {"median": delta_scaler.median, "iqr": delta_scaler.iqr}}
     assert roc_auc(y, sets["selected"].scores) > 0.8  # members: low loss and a large discrepancy
+
+
+def test_clid_discrepancy_averages_every_degraded_caption_against_the_true_one():
+    """mean_k Delta_k runs over the empty caption and every masked one, each minus the true caption's loss (the
+    fitted-scaler test above degrades every caption alike, so it would not see the empty caption dropped)."""
+    losses = np.array([[[1.0, 3.0], [4.0, 8.0], [2.0, 2.0], [3.0, 5.0], [9.0, 9.0]]])  # means over t: 2, 6, 2, 4, 9
+    inputs = AttackInputs(FeatureSet(np.zeros((1, 1, 1)), (1,), probes={"clid": {"losses": losses}}))
+    loss, delta = CLiDAttack([440, 460], [0.3, 0.5, 0.7]).loss_and_delta(inputs)
+    assert loss.tolist() == [2.0] and delta.tolist() == [(4.0 + 0.0 + 2.0 + 7.0) / 4]
+
+
+def test_clid_robust_scaler_without_spread_scales_by_one():
+    """An IQR of 0 (e.g. a D_aux whose losses mostly tie) scales by 1: finite scores, not a division by ~0."""
+    scaler = RobustScaler(np.array([2.0, 2.0, 2.0, 2.0, 5.0]))  # q1 = median = q3 = 2
+    assert (scaler.median, scaler.iqr) == (2.0, 1.0)
+    np.testing.assert_allclose(scaler(np.array([1.0, 4.5])), [-1.0, 2.5])
 
 
 # ---------------------------------------------------------------------------------------------- GSA
