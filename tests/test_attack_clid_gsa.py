@@ -23,7 +23,13 @@ from library.eval.attacks.clid import (
     RobustScaler,
     degrade_caption,
 )
-from library.eval.attacks.gsa import GSAAttack, GSAProbe, gsa_timesteps
+from library.eval.attacks.gsa import (
+    GSAAttack,
+    GSAProbe,
+    Standardizer,
+    _group_norms,
+    gsa_timesteps,
+)
 from library.eval.features import Sample, applied_lora
 from library.eval.metrics import roc_auc
 from library.eval.probes import ModelContext, QueryContext
@@ -293,6 +299,80 @@ def test_gsa_attack_scores_probabilities_and_picks_a_headline_on_aux():
         assert roc_auc(labels, s.scores) > 0.8
     assert attack.queries_per_sample() == 30
     assert attack.models["gsa1"][0].mean.shape == (6,)  # standardised with D_aux's statistics
+
+
+def test_gsa_group_norm_pools_every_tensor_of_a_group():
+    """A UNet block (the base model's parameter group) holds many tensors: its feature is the L2 norm over all
+    of them, and each group gets its own tensors (LoRA groups are one tensor each, so the LoRA tests cannot see
+    a slip in the group bounds)."""
+    groups = [[None, None], [None], [None, None, None]]  # only the sizes are read
+    grads = [torch.ones(2), torch.full((3,), 2.0), torch.tensor([3.0]), torch.tensor([3.0]), torch.zeros(2),
+             torch.tensor([[4.0]])]
+    torch.testing.assert_close(_group_norms(groups, grads), torch.tensor([14.0, 9.0, 25.0], dtype=torch.float64).sqrt())
+
+
+def test_gsa_features_are_standardised_logs_and_a_zero_column_stays_finite():
+    """Features are log norms standardised with D_aux's mean and std; a column that is the same for every sample
+    (0: a text-encoder LoRA tensor, whose gradient is never taken; or a constant norm, std 0) neither gives NaN
+    nor changes the scores."""
+    rng = np.random.default_rng(2)
+    y = np.repeat([1, 0], 12)
+    x = np.exp(rng.normal(0, 2, (24, 4)) - 1.0 * y[:, None])
+    x[:, 2], x[:, 3] = 0.0, 1.0
+    scaler = Standardizer(x)
+    logs = np.log(x[:, :2])
+    np.testing.assert_allclose(scaler(x)[:, :2], (logs - logs.mean(axis=0)) / logs.std(axis=0))
+    for column in scaler(x)[:, 2:].T:
+        assert np.isfinite(column).all() and np.unique(column).size == 1
+
+    def scores(features):
+        attack = GSAAttack(seed=0, n_estimators=20)
+        inputs = AttackInputs(FeatureSet(np.zeros((24, 1, 1)), (1,), probes={"gsa": {"gsa1": features,
+                                                                                     "gsa2": features}}))
+        attack.fit(inputs, y)
+        return attack.score(inputs)[0].scores
+
+    with_zero = scores(x)
+    assert np.isfinite(with_zero).all()
+    np.testing.assert_allclose(with_zero, scores(x[:, :2]))
+
+
+def gsa_inputs(gsa1, gsa2):
+    return AttackInputs(FeatureSet(np.zeros((len(gsa1), 1, 1)), (1,), probes={"gsa": {"gsa1": gsa1, "gsa2": gsa2}}))
+
+
+def test_gsa_headline_is_the_variant_with_the_better_cross_validated_auc():
+    """Whichever of GSA1 / GSA2 carries the signal on D_aux is the headline (by its cross-validated AUC of
+    p(member)), the other one a labelled extra row."""
+    rng = np.random.default_rng(1)
+    y = np.repeat([1, 0], 16)
+    signal = np.exp(rng.normal(0, 1, (32, 4)) - 2.0 * y[:, None])
+    noise = np.exp(rng.normal(0, 1, (32, 4)))
+    for informative, inputs in (("gsa1", gsa_inputs(signal, noise)), ("gsa2", gsa_inputs(noise, signal))):
+        attack = GSAAttack(seed=0, n_estimators=20)
+        attack.fit(inputs, y)
+        assert attack.headline == informative and attack.cv_auc[informative] > 0.8
+        assert attack.cv_auc[informative] > attack.cv_auc[({"gsa1", "gsa2"} - {informative}).pop()]
+        assert [s.variant for s in attack.score(inputs) if s.headline] == [informative]
+
+
+def test_gsa_cross_validation_has_as_many_folds_as_the_smallest_class():
+    """k = min(5, smallest class): 3 folds for a D_aux of 12 members and 3 non-members; each variant's own
+    cross-validated AUC is the number reported in its row's info."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rng = np.random.default_rng(3)
+    y = np.array([1] * 12 + [0] * 3)
+    features = {v: np.exp(rng.normal(0, 1, (15, 3)) - 0.5 * y[:, None]) for v in ("gsa1", "gsa2")}
+    inputs = gsa_inputs(features["gsa1"], features["gsa2"])
+    attack = GSAAttack(seed=0, n_estimators=20)
+    attack.fit(inputs, y)
+    info = {s.variant: s.info["cv_auc_on_aux"] for s in attack.score(inputs)}
+    for variant, x in features.items():
+        cv = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
+        p = cross_val_predict(attack._classifier(), attack.models[variant][0](x), y, cv=cv, method="predict_proba")
+        assert attack.cv_auc[variant] == pytest.approx(roc_auc(y, p[:, 1])) == info[variant]
+    assert attack.cv_auc["gsa1"] != attack.cv_auc["gsa2"]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
