@@ -17,6 +17,7 @@ from mia_world import base_args
 
 import evaluate_mia
 from library.errors import ConfigError
+from library.eval.attacks.base import AttackInputs, FeatureSet
 from library.eval.attacks.blackbox import (
     BlackBoxProbe,
     ddim_denoise,
@@ -37,6 +38,7 @@ from library.eval.attacks.reconstruction import (
     reconstruction_timesteps,
 )
 from library.eval.attacks.rediffuse import (
+    DISTANCES,
     ReDiffuseAttack,
     ReDiffuseProbe,
     variation_timesteps,
@@ -307,6 +309,50 @@ def test_rediffuse_timesteps_are_single_t_runs_side_by_side(world, samples, late
         for distance in ("dssim", "pixel", "latent"):
             assert torch.equal(out[f"t={t} {distance}"], alone[f"t={t} {distance}"])
     assert not torch.equal(out["t=10 latent"], out["t=50 latent"])
+
+
+@torch.no_grad()
+def test_rediffuse_timesteps_sharing_a_ddim_step_query_it_apart(world, samples, latents):
+    """With an interval two t can pass the same step (t = 30 in steps of 20 goes through t = 10): each chain
+    asks the UNet at its own latent there, so each t's outputs are still those of that t alone, and both
+    queries are counted."""
+    bundle = world["bundle"]
+    both = ReDiffuseProbe(timesteps=[10, 30], interval=20, variations=2)
+    ctx = QueryContext(model_context(bundle, samples), [0, 1], latents[[0, 1]])
+    out = both.compute(ctx)
+    assert ctx.queries == 2 * 2 * (1 + 2)  # 2 samples, 2 draws, steps [10] and [30, 10]
+    for t in (10, 30):
+        alone = ReDiffuseProbe(timesteps=[t], interval=20, variations=2).compute(
+            QueryContext(model_context(bundle, samples), [0, 1], latents[[0, 1]]))
+        for distance in ("dssim", "pixel", "latent"):
+            assert torch.equal(out[f"t={t} {distance}"], alone[f"t={t} {distance}"])
+
+
+def test_rediffuse_per_timestep_rows_are_the_single_t_classifiers():
+    """Each ``t=<t> classifier`` extra row is the classifier a ReDiffuse at that t alone fits on D_aux (that t's
+    three distances, its own model, members as members); a single t adds no such row."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([1, 0], 12)
+
+    def outputs(timesteps):
+        out = {COST_OUTPUT: np.full(24, 4.0)}
+        for t in timesteps:
+            for k, d in enumerate(DISTANCES):
+                out[f"t={t} {d}"] = np.exp(rng.normal(0, 1, 24) - (0.3 + k * 0.4 + t / 50) * y)
+        return out
+
+    def scored(timesteps, probe_outputs):
+        attack = ReDiffuseAttack(ReDiffuseProbe(timesteps=timesteps, variations=2), seed=0)
+        inputs = AttackInputs(FeatureSet(np.zeros((24, 1, 1)), (1,), probes={"rediffuse": probe_outputs}))
+        attack.fit(inputs, y)
+        return {s.variant: s for s in attack.score(inputs)}
+
+    both = outputs([10, 50])
+    rows = scored([10, 50], both)
+    for t in (10, 50):
+        alone = scored([t], {k: v for k, v in both.items() if k.startswith(f"t={t} ") or k == COST_OUTPUT})
+        assert not any(v.endswith(" classifier") for v in alone)
+        np.testing.assert_allclose(rows[f"t={t} classifier"].scores, alone["classifier"].scores, rtol=1e-3)
 
 
 @torch.no_grad()
