@@ -17,6 +17,7 @@ from library.data.manifest import (
     SplitManifest,
     _stored_root,
     manifest_sha256,
+    pretrain_records,
     read_manifest,
     write_manifest,
 )
@@ -368,12 +369,15 @@ def test_a_base_domain_rule_that_matches_nothing_is_refused(tmp_path):
 
 
 def test_a_missing_spare_image_does_not_make_the_manifest_stale(tmp_path):
-    """Only the images a run reads are verified: a spare (``unused``) one may go; a member may not."""
+    """Only the images a run reads are verified: a spare (``unused``) one may go, and the base's pre-training
+    images (hashed at every training and evaluation start, though neither reads them) matter to a pre-training
+    only; a member may not."""
     records = _dataset(tmp_path / "d", 20)
     sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
-    split = make_split(records, sizes=sizes, seed=0, dataset_root=tmp_path / "d")
+    split = make_split(records, sizes=sizes, seed=0, dataset_root=tmp_path / "d", pretrain=6)
     write_manifest(split, tmp_path / "s.json")
     (tmp_path / "d" / split.unused[0].path).unlink()
+    (tmp_path / "d" / split.pretrain[0].path).write_bytes(b"changed")
     read_manifest(tmp_path / "s.json", verify=True)
     (tmp_path / "d" / split.member_test[0].path).unlink()
     with pytest.raises(DataError, match="is missing: the manifest is stale"):
@@ -398,14 +402,15 @@ def test_the_split_is_the_documented_permutation_of_the_sorted_paths(tmp_path):
 
 
 def test_a_changed_pretrain_image_makes_the_manifest_stale(tmp_path):
-    """The pretrain list is read (pre-training a base model on it): a changed image there is stale as a member is."""
+    """The pretrain list is read when a base model pre-trains on it: a changed image there is stale as a member is
+    (trainings and evaluations, which do not read it, do not hash it)."""
     records = _dataset(tmp_path / "d", 20)
     sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
     split = make_split(records, sizes=sizes, seed=0, pretrain=3, dataset_root=tmp_path / "d")
     write_manifest(split, tmp_path / "s.json")
     (tmp_path / "d" / split.pretrain[0].path).write_bytes(b"edited")
-    with pytest.raises(DataError, match=r"pretrain.*stale"):
-        read_manifest(tmp_path / "s.json", verify=True)
+    with pytest.raises(DataError, match=r"pretrain in .*stale"):
+        pretrain_records(tmp_path / "s.json")
 
 
 def test_every_repeat_count_survives_the_manifest(tmp_path):

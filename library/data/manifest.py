@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from library import __version__
 from library.data.dataset import ImageCaption, current_captions, scan_dataset
@@ -183,9 +184,11 @@ def _parse_entry(row: object, where: str) -> SplitEntry:
 
 
 def read_manifest(
-    path: str | Path, *, verify: bool = True, dataset_root: str | Path | None = None
+    path: str | Path, *, verify: bool = True, dataset_root: str | Path | None = None,
+    verify_splits: Sequence[str] = CORE_SPLITS,
 ) -> SplitManifest:
-    """Read a split manifest; with ``verify`` check that every image still has its recorded sha256.
+    """Read a split manifest; with ``verify`` check that every image of ``verify_splits`` (those a training or an
+    evaluation reads) still has its recorded sha256.
 
     ``dataset_root`` overrides the stored root (for a dataset that moved). Raises :class:`DataError` for a
     missing / corrupt / wrong-version manifest, and for a missing or changed image (the manifest is stale).
@@ -239,17 +242,19 @@ def read_manifest(
         **lists,
     )
     if verify:
-        verify_manifest(manifest, path)
+        verify_manifest(manifest, path, verify_splits)
     return manifest
 
 
-def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the split manifest") -> None:
-    """Check every image a run reads exists with its recorded sha256; raise :class:`DataError` naming the first.
+def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the split manifest",
+                    splits: Sequence[str] = CORE_SPLITS) -> None:
+    """Check every image of ``splits`` exists with its recorded sha256; raise :class:`DataError` naming the first.
 
-    The ``unused`` list is not checked: no training or attack reads it, and hashing a large dataset's spare images
-    at every start would cost minutes (a missing spare image never made a run stale)."""
+    By default the four membership sets, which trainings and attacks read: ``unused`` and ``pretrain`` (the base's
+    pre-training images, read by a base's pre-training only) are not checked, as hashing a large dataset's other
+    images at every start would cost minutes (a missing spare image never made a run stale)."""
     for name, entries in manifest.splits().items():
-        for entry in entries if name != "unused" else ():
+        for entry in entries if name in splits else ():
             image = manifest.abs_path(entry)
             try:
                 digest = sha256_file(image)
@@ -266,15 +271,15 @@ def verify_manifest(manifest: SplitManifest, manifest_path: str | Path = "the sp
                     f"image {image} ({name} in {manifest_path}) has changed since the split was made: the "
                     f"manifest is stale — restore the file or re-run scripts/make_split.py"
                 )
-    _warn_edited_captions(manifest, manifest_path)
+    _warn_edited_captions(manifest, manifest_path, splits)
 
 
-def _warn_edited_captions(manifest: SplitManifest, manifest_path: str | Path) -> None:
+def _warn_edited_captions(manifest: SplitManifest, manifest_path: str | Path, splits: Sequence[str]) -> None:
     """The manifest's captions are what runs train on; say so when the caption files say otherwise now (the usual
     kohya loop edits captions and retrains, and would train on the old ones in silence)."""
     if manifest.caption_source is None:
         return
-    entries = [e for name, entries in manifest.splits().items() if name != "unused" for e in entries]
+    entries = [e for name, entries in manifest.splits().items() if name in splits for e in entries]
     now = current_captions(manifest.dataset_root, manifest.caption_source, [e.path for e in entries])
     edited = [e for e in entries if now.get(e.path) != e.caption]
     if edited:
@@ -311,7 +316,7 @@ def pretrain_records(manifest_path: str | os.PathLike | None = None,
         raise ConfigError("give exactly one of a split manifest or a dataset folder to pre-train on")
     if dataset_dir is not None:
         return scan_dataset(dataset_dir)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, verify_splits=("pretrain",))
     if not manifest.pretrain:
         raise DataError(
             f"split manifest {manifest_path} has no 'pretrain' images: re-create it with "
