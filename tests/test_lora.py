@@ -592,3 +592,43 @@ def test_defaults_and_a_file_without_alpha(models, tmp_path):
     assert all((float(lora.alpha), lora.scale) == (4.0, 1.0) for lora in rebuilt.loras)
     rebuilt.save_weights(tmp_path / "again.safetensors")
     assert read_lora_metadata(tmp_path / "again.safetensors")["ss_network_alpha"] == "4.0"
+
+
+def test_metadata_records_per_layer_alphas_that_differ_at_one_rank():
+    """Layers of one rank with differing alphas (a file built from weights) are ``variable_rank`` in
+    ``ss_network_args``: ss_network_alpha alone would claim one scale for every layer."""
+    from types import SimpleNamespace
+
+    from networks.lora_format import default_metadata
+
+    loras = [SimpleNamespace(rank=4, alpha=torch.tensor(a), kernel_size=None) for a in (2.0, 2.0, 1.0)]
+    meta = default_metadata(loras, 4, 2.0, None)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert json.loads(meta["ss_network_args"]) == {"variable_rank": True}
+    assert "ss_network_args" not in default_metadata(loras[:2], 4, 2.0, None)
+
+
+def test_a_file_whose_up_and_down_ranks_differ_is_one_error_line():
+    """A layer's lora_up must take lora_down's rank: another one is the file's fault, named as such (not a
+    reshape error from inside torch)."""
+    from networks.lora_format import ModuleWeights, check_shapes
+
+    keys = ("lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight")
+    good = ModuleWeights(torch.zeros(4, 8), torch.zeros(6, 4), None, keys)
+    assert [tuple(t.shape) for t in check_shapes("x", good, 8, 6, None, "f")] == [(4, 8), (6, 4)]
+    with pytest.raises(ModelError, match="lora_unet_x.lora_down.weight' has shapes down \\(4, 8\\) / up \\(6, 2\\)"):
+        check_shapes("x", ModuleWeights(torch.zeros(4, 8), torch.zeros(6, 2), None, keys), 8, 6, None, "f")
+
+
+def test_write_lora_file_itself_refuses_metadata_that_names_the_data(tmp_path):
+    """``write_lora_file`` (public, also called without ``save_weights``' check) keeps the privacy policy: no file
+    with a dataset key is written."""
+    from networks.lora_format import write_lora_file
+
+    tensors = {"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}
+    with pytest.raises(ValueError, match="ss_dataset_dirs"):
+        write_lora_file(tmp_path / "a.safetensors", tensors, {"ss_dataset_dirs": "{}"})
+    assert not (tmp_path / "a.safetensors").exists()
+    written = tmp_path / "b.safetensors"
+    write_lora_file(written, tensors, {"ss_seed": "1"})
+    assert read_lora_metadata(written)["sshs_model_hash"] == lora_file_sha256(written)
