@@ -133,6 +133,7 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('network_dim = "eight"', "'network_dim' must be an integer"),
+    ('network_dim = true', "'network_dim' must be an integer, got True"),  # not the rank 1
     ('learning_rate = "fast"', "'learning_rate' must be a number"),
     ('shuffle_caption = 1', "'shuffle_caption' must be true or false"),
     ('update_order = "sideways"', r"c\.toml: 'update_order' must be one of"),  # the file is named
@@ -216,3 +217,39 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_wherever_it_is_given(t
                                                     "output_dir": "~/eval"})
     assert evaluation.network_weights == [str(tmp_path / "a.safetensors"), "b.safetensors"]
     assert evaluation.output_dir == str(tmp_path / "eval")
+
+
+def test_a_whole_number_for_a_float_option_is_a_float(tmp_path):
+    """``learning_rate = 1`` (TOML) or an int override is the float 1.0: the run record and ``ss_learning_rate``
+    say "1.0" whichever way it was written."""
+    from library.config import load_config
+
+    path = write(tmp_path, "learning_rate = 1\nmax_grad_norm = 2\n")
+    cfg = parse_config(TrainConfig, ["--config_file", path] + BASE)
+    assert (cfg.learning_rate, cfg.max_grad_norm) == (1.0, 2.0)
+    assert type(cfg.learning_rate) is float and type(cfg.max_grad_norm) is float
+    typed = load_config(TrainConfig, None, {"pretrained_model_name_or_path": "m", "split_manifest": "s.json",
+                                            "learning_rate": 3})
+    assert type(typed.learning_rate) is float and str(typed.learning_rate) == "3.0"
+
+
+def test_a_toml_vae_is_refused_unless_empty(tmp_path, capsys):
+    """kohya's ``vae = "..."`` in a TOML would leave the base model's VAE in use in silence: refused with the
+    bake_vae advice (training and evaluation); an empty value changes nothing and loads with a warning."""
+    from library.config import load_config
+    from library.eval.config import EvalConfig
+
+    path = write(tmp_path, 'vae = "my_vae.safetensors"\n')
+    for cls in (TrainConfig, EvalConfig):
+        with pytest.raises(ConfigError, match="'vae' is an sd-scripts or diffusers option: not supported.*bake_vae"):
+            load_config(cls, path)
+    path = write(tmp_path, 'vae = ""\n')
+    assert parse_config(TrainConfig, ["--config_file", path] + BASE).learning_rate == 1e-4
+    assert "'vae = ''' is ignored" in capsys.readouterr().err
+
+
+def test_a_key_in_two_sections_is_refused(tmp_path):
+    """Tables are flattened (as sd-scripts does): one key in two of them would silently take the later value."""
+    path = write(tmp_path, "[training]\nlearning_rate = 1e-3\n[optimizer_arguments]\nlearning_rate = 2e-3\n")
+    with pytest.raises(ConfigError, match="c.toml: key 'learning_rate' is given twice"):
+        parse_config(TrainConfig, ["--config_file", path] + BASE)
