@@ -465,6 +465,18 @@ def test_ema_weights_are_named_and_the_non_ema_unet_is_read(
     assert "EMA" not in capfd.readouterr().err  # a file without EMA weights: no word
 
 
+def test_a_checkpoint_with_the_text_encoders_position_ids_loads(
+    tiny_files: tuple[ModelBundle, Path, Path], loaded: dict[str, ModelBundle], tmp_path: Path
+) -> None:
+    """v1-5-pruned.safetensors and most A1111 exports hold CLIP's ``position_ids`` buffer, which the model rebuilds:
+    such a file loads as the same model (it is no "unexpected" tensor of another architecture)."""
+    with_ids = tmp_path / "with-position-ids.safetensors"
+    positions = loaded["single"].text_encoder.config.max_position_embeddings
+    key = ldm_keys.LDM_TEXT_PREFIX + "text_model.embeddings.position_ids"
+    _rewrite_tensors(tiny_files[2], with_ids, lambda t: {**t, key: torch.arange(positions)[None]})
+    assert fingerprint(load_sd_model(with_ids)) == fingerprint(loaded["single"])
+
+
 def test_inpainting_checkpoint_is_named(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
     inpaint = tmp_path / "inpaint.safetensors"
     key = ldm_keys.LDM_UNET_PREFIX + "input_blocks.0.0.weight"
