@@ -396,6 +396,28 @@ def test_a_unet_only_state_ignores_the_text_encoders_rate(tiny_train_args, tmp_p
     assert train_entry("lora", "", resume + ["--text_encoder_lr", "0.3"]) == 0
 
 
+def test_a_state_that_trains_the_text_encoder_keeps_its_rate(finished_run, tmp_path, capsys):
+    """The text encoder's rate is a parameter group of a state that trains it: another --text_encoder_lr would
+    go on at the state's rate while the LoRA's ss_text_encoder_lr named the new one."""
+    base, out = finished_run
+    resume = base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--output_dir",
+                     str(tmp_path / "r"), "--dry_run"]
+    assert train_entry("lora", "", resume + ["--text_encoder_lr", "0.3"]) == 2
+    assert "optimizer.text_encoder_lr = 0.001, this run has 0.3" in one_line(capsys)
+
+
+def test_a_resume_may_change_how_its_files_are_written_not_how_it_trains(finished_run, tmp_path, capsys):
+    """--save_precision only changes the saved files' dtype: a resume may change it (and the name it saves under);
+    --max_grad_norm changes every step after the resume while ss_max_grad_norm would name the new value."""
+    base, out = finished_run
+    resume = base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--output_dir",
+                     str(tmp_path / "r"), "--dry_run"]
+    assert train_entry("lora", "", resume + ["--save_precision", "fp16", "--output_name", "other"]) == 0
+    capsys.readouterr()
+    assert train_entry("lora", "", resume + ["--max_grad_norm", "0.5"]) == 2
+    assert "max_grad_norm = 1.0, this run has 0.5 (set by --max_grad_norm)" in one_line(capsys)
+
+
 def test_a_refusal_shows_where_two_long_values_differ():
     from library.train.resume import _show
 
@@ -455,6 +477,30 @@ def test_resume_on_another_base_model_or_schedule_length_is_refused_and_equal_sp
     capsys.readouterr()
     assert train_entry("lora", "", again + ["--max_train_steps", "4"]) == 2
     assert "lr_scheduler 'cosine' decays over 2 steps and this run asks for 4" in one_line(capsys)
+
+
+def test_a_resume_takes_a_rewritten_manifest_of_the_same_splits(finished_run, tmp_path, capsys):
+    """A manifest re-written (a moved dataset) with the same splits resumes: its bytes are compared only with a
+    state too old to record its splits (split_sha256), which another manifest file must not resume in silence."""
+    base, out = copy_run(finished_run, tmp_path)
+    manifest = base[base.index("--split_manifest") + 1]
+    from library.data.manifest import manifest_sha256, read_manifest, write_manifest
+
+    rewritten = tmp_path / "elsewhere" / "rewritten.json"  # its dataset_root is stored relative to its folder
+    rewritten.parent.mkdir()
+    write_manifest(read_manifest(manifest), rewritten)
+    assert manifest_sha256(rewritten) != manifest_sha256(manifest)
+    flags = [str(rewritten) if arg == manifest else arg for arg in base]
+    resume = ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--output_dir", str(tmp_path / "r"),
+              "--dry_run"]
+    assert train_entry("lora", "", flags + resume) == 0, capsys.readouterr().err
+    summary_file = out / "lora-state" / "train_state.json"
+    summary = json.loads(summary_file.read_text())
+    del summary["identity"]["split_sha256"]  # as a state written before split_sha256 was recorded
+    summary_file.write_text(json.dumps(summary))
+    assert train_entry("lora", "", base + resume) == 0, capsys.readouterr().err  # its own manifest file
+    assert train_entry("lora", "", flags + resume) == 2
+    assert "it was trained with manifest_sha256 = " in one_line(capsys)
 
 
 def test_a_bad_state_is_one_line_before_any_model_work(finished_run, tmp_path, capsys):
