@@ -981,6 +981,17 @@ def test_overwrite_with_resume_latest_replaces_a_run_of_other_settings_and_a_ref
     assert f"--resume latest: resuming from {out / 'lora-state'}" in capsys.readouterr().out
 
 
+def test_resume_latest_without_overwrite_refuses_a_state_of_other_settings(finished_run, tmp_path, capsys):
+    """Only --overwrite turns a newest state this run cannot resume into a new run: without it, --resume latest
+    refuses it as --resume <state> does, and the folder is left as it was."""
+    base, out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    args = base + ["--max_train_steps", "2", "--seed", "7", "--output_dir", str(out), "--resume", "latest"]
+    assert train_entry("lora", "", args) == 2
+    assert "cannot resume from" in (line := one_line(capsys)) and "it was trained with seed = " in line, line
+    assert snapshot(out) == before
+
+
 def test_another_process_count_resumes_with_the_same_total_batch_only(finished_run, tmp_path, capsys):
     """Per-process batches were compared: 1 x 4 -> 2 x 2 (the same total) was refused, 1 x 4 -> 2 x 4 (double) ran.
     A state written by 2 processes at batch 2 is simulated by its summary (what check_resume reads)."""
