@@ -88,6 +88,29 @@ def test_a_dry_run_on_a_folder_decodes_its_images(tiny_train_args, digits_dir, t
     assert str(broken) in line and "Traceback" not in line
 
 
+def test_a_folder_run_resumes_its_own_images_and_captions_only(tiny_train_args, digits_dir, tmp_path, capsys):
+    """A --train_data_dir run has no manifest: its members (paths relative to the folder, and captions) are the
+    state's only record of its data. A moved copy resumes; another caption is another training set."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for image in sorted(digits_dir.glob("*.png"))[:4]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
+    args = list(tiny_train_args)
+    args[args.index("--split_manifest"):args.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    assert train_entry("lora", "", args + ["--max_train_steps", "1", "--save_state"]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    resume = ["--max_train_steps", "2", "--resume", str(tmp_path / "out" / "lora-state"), "--dry_run",
+              "--output_dir", str(tmp_path / "r")]
+    args[args.index(str(folder))] = str(moved)
+    assert train_entry("lora", "", args + resume) == 0, capsys.readouterr().err
+    caption = sorted(moved.glob("*.txt"))[0]
+    caption.write_text("a handwritten digit eight")
+    assert train_entry("lora", "", args + resume) == 2
+    assert "it was trained with members_sha256 = " in one_line(capsys)
+
+
 def test_a_text_encoder_at_rate_0_through_learning_rate_gets_no_lora(tiny_train_args, tmp_path):
     """learning_rate 0 with only unet_lr set leaves the text encoder at rate 0: no text-encoder LoRA is made (it
     would be saved as zeros and stop the text embeddings from being cached), as with text_encoder_lr 0."""
