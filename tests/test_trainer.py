@@ -52,6 +52,33 @@ def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manife
     assert result.attacker_path is None
 
 
+def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, manifest_path):
+    """ss_* values that the defaults cannot tell apart: the total batch over accumulation, the per-part rates, the
+    steps that --max_train_epochs (not --max_train_steps) sets, the conditioning; the split in the file and the
+    record; the weights in --save_precision; a state under its own --output_name, which --resume latest finds."""
+    from library.data.manifest import manifest_sha256, read_manifest, split_sha256
+    from library.train.retention import latest_state
+
+    args = ["--max_train_epochs", "1", "--gradient_accumulation_steps", "2", "--unet_lr", "2e-3",
+            "--text_encoder_lr", "5e-4", "--clip_skip", "2", "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", "1", "--output_name", "digits", "--save_state", "--save_precision", "fp16"]
+    result = run("lora", tiny_train_args + args)  # 24 members, batches of 4 accumulated over 2: 3 steps
+    with safe_open(result.lora_path, "pt") as handle:
+        meta = handle.metadata()
+    assert {t.dtype for t in load_file(result.lora_path).values()} == {torch.float16}  # --save_precision
+    assert {k: meta[k] for k in ("ss_total_batch_size", "ss_unet_lr", "ss_text_encoder_lr", "ss_learning_rate",
+                                 "ss_max_train_steps", "ss_steps", "ss_clip_skip", "ss_lr_warmup_steps",
+                                 "ss_resolution", "ss_max_token_length", "ss_output_name")} == {
+        "ss_total_batch_size": "8", "ss_unet_lr": "0.002", "ss_text_encoder_lr": "0.0005", "ss_learning_rate": "0.001",
+        "ss_max_train_steps": "3", "ss_steps": "3", "ss_clip_skip": "2", "ss_lr_warmup_steps": "1",
+        "ss_resolution": "(32, 32)", "ss_max_token_length": "None", "ss_output_name": "digits"}
+    split = split_sha256(read_manifest(manifest_path))
+    assert meta["smp_lora.split_sha256"] == split != manifest_sha256(manifest_path)
+    record = json.loads(result.record_path.read_text())
+    assert (record["split_sha256"], record["total_steps"], record["global_step"]) == (split, 3, 3)
+    assert latest_state(result.lora_path.parent, "digits") == result.lora_path.parent / "digits-state"
+
+
 @pytest.mark.parametrize("method", ["mp_lora", "smp_lora"])
 def test_privacy_methods_train_and_save_attacker_separately(method, tiny_train_args):
     args = tiny_train_args + ["--attacker_batch_size", "2", "--k_steps", "2", "--privacy_lambda", "0.5"]
