@@ -81,6 +81,17 @@ def test_retention_deletes_older_checkpoints_and_keeps_the_final_ones(tiny_train
         "lora-step00000004.safetensors", "lora-step00000006.safetensors"]
 
 
+def test_states_are_kept_as_the_files_are_unless_told_otherwise(tiny_train_args, tmp_path):
+    """Without --save_last_n_steps_state, the step states follow --save_last_n_steps (sd-scripts' default): a long
+    run does not pile up a state (a LoRA, its optimizer and RNGs) at every save."""
+    steps = tmp_path / "steps"
+    run(tiny_train_args + ["--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps", "3",
+                           "--save_state", "--output_dir", str(steps)])
+    assert sorted(p.name for p in steps.glob("lora-step*")) == [
+        "lora-step00000004-state", "lora-step00000004.json", "lora-step00000004.safetensors",
+        "lora-step00000006-state", "lora-step00000006.json", "lora-step00000006.safetensors"]
+
+
 def test_retention_without_the_saves_it_prunes_is_one_warning(tiny_train_args, capsys):
     parse_config(TrainConfig, tiny_train_args + ["--save_last_n_epochs", "2"])  # sd-scripts ignores it: so do we
     assert "warning: 'save_last_n_epochs' prunes the checkpoints of 'save_every_n_epochs'" in capsys.readouterr().err
