@@ -178,6 +178,18 @@ def test_peft_prefixes_and_processor_layout_read_as_kohya():
     assert to_kohya_state_dict(kohya_sd) == (kohya_sd, {})
 
 
+def test_each_attention_processor_projection_reads_as_its_own_layer():
+    """The old attention-processor layout names the projection in the key: q, k, v and out each land on their own
+    layer (a swapped q/k would load every weight, onto the wrong matrix)."""
+    unet, te = "unet.mid_block.attentions.0.transformer_blocks.0.attn2", "text_encoder.text_model.encoder.layers.0"
+    for projection, unet_name, te_name in (("to_q", "to_q", "q_proj"), ("to_k", "to_k", "k_proj"),
+                                           ("to_v", "to_v", "v_proj"), ("to_out", "to_out_0", "out_proj")):
+        assert set(to_kohya_state_dict({f"{unet}.processor.{projection}_lora.down.weight": torch.zeros(1)})[0]) == {
+            f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_{unet_name}.lora_down.weight"}
+        assert set(to_kohya_state_dict({f"{te}.self_attn.{projection}_lora.up.weight": torch.zeros(1)})[0]) == {
+            f"lora_te_text_model_encoder_layers_0_self_attn_{te_name}.lora_up.weight"}
+
+
 def test_alpha_from_adapter_metadata_and_alpha_keys():
     key = "unet.mid_block.attentions.0.proj_in"
     sd = {f"{key}.lora_A.weight": torch.randn(4, 8), f"{key}.lora_B.weight": torch.randn(8, 4)}
