@@ -190,6 +190,20 @@ def test_each_attention_processor_projection_reads_as_its_own_layer():
             f"lora_te_text_model_encoder_layers_0_self_attn_{te_name}.lora_up.weight"}
 
 
+def test_a_peft_key_without_a_prefix_reads_as_its_part_and_alpha_patterns_match_module_suffixes():
+    """A PEFT text-encoder adapter saved without a prefix (``text_model.`` / ``encoder.layers.`` paths) is the text
+    encoder's; an ``alpha_pattern`` key applies, as in PEFT, to the modules whose path ends with it, not to any
+    path that contains it (a block's name)."""
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"
+    for path in ("text_model.encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.q_proj"):
+        assert set(to_kohya_state_dict({f"{path}.lora_A.weight": torch.zeros(1)})[0]) == {te}
+    key = "unet.mid_block.attentions.0.proj_in"
+    sd = {f"{key}.lora_A.weight": torch.randn(4, 8), f"{key}.lora_B.weight": torch.randn(8, 4)}
+    for pattern, alpha in (({"mid_block": 6}, 2.0), ({"attentions.0.proj_in": 6}, 6.0)):
+        meta = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 2, "unet.alpha_pattern": pattern})}
+        assert float(to_kohya_state_dict(sd, meta)[0]["lora_unet_mid_block_attentions_0_proj_in.alpha"]) == alpha
+
+
 def test_alpha_from_adapter_metadata_and_alpha_keys():
     key = "unet.mid_block.attentions.0.proj_in"
     sd = {f"{key}.lora_A.weight": torch.randn(4, 8), f"{key}.lora_B.weight": torch.randn(8, 4)}
