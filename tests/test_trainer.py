@@ -143,6 +143,29 @@ def test_an_accumulated_steps_logs_are_the_mean_over_its_micro_batches(tiny_trai
     assert mean_logs([{"a": 1.0, "b": 4.0}, {"a": 3.0}]) == {"a": 2.0, "b": 4.0}
 
 
+@pytest.mark.parametrize("method", ["lora", "smp_lora"])
+def test_only_a_method_with_a_proxy_attacker_encodes_the_non_members(method, tiny_train_args, monkeypatch):
+    """Plain LoRA encoded D^nm_aux and D^nm_te with the VAE too (half the latent work of a start), and never read
+    them; the proxy attacker reads D_aux, its monitor D_te."""
+    from library.data.latents import LatentCache
+    from library.data.manifest import read_manifest
+
+    encoded, get_many = set(), LatentCache.get_many
+
+    def spy(self, paths):
+        encoded.update(str(p) for p in paths)
+        return get_many(self, paths)
+
+    monkeypatch.setattr(LatentCache, "get_many", spy)
+    args = tiny_train_args + ["--max_train_steps", "1"] + (["--attacker_batch_size", "2"] if method != "lora" else [])
+    config = parse_config(TrainConfig, args)
+    train(config, method)
+    manifest = read_manifest(config.split_manifest, verify=False)
+    members = {str(manifest.abs_path(e)) for e in manifest.members()}
+    nonmembers = {str(manifest.abs_path(e)) for e in manifest.nonmember_aux + manifest.nonmember_test}
+    assert encoded == (members if method == "lora" else members | nonmembers)
+
+
 def test_resume_is_exact(tiny_train_args, tmp_path):
     common = tiny_train_args + ["--attacker_batch_size", "2"]
     full = run("smp_lora", common + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "full")])

@@ -27,6 +27,7 @@ from library.errors import DataError
 from library.fileio import sha256_file
 from library.sd.bundle import ModelBundle, vae_fingerprint
 from library.train.config import TrainConfig
+from library.train.methods.base import AuxData
 from library.train.samplers import check_batch_fits
 
 if TYPE_CHECKING:
@@ -65,6 +66,14 @@ class TrainingData:
     manifest_sha256: str | None = None  # the file's bytes
     split_sha256: str | None = None  # its splits' content (library.data.manifest.split_sha256)
     prior: LabelledSet | None = None  # DreamBooth's class images: never a member nor a non-member, so not in sets()
+
+    def aux_data(self) -> AuxData | None:
+        """The proxy attacker's D^m_aux and D^nm_aux (None without both, or before their latents are encoded)."""
+        member, nonmember = self.member_aux, self.nonmember_aux
+        if not (member and nonmember) or member.latents is None or nonmember.latents is None:
+            return None
+        return AuxData(member.latents, member.captions, nonmember.latents, nonmember.captions, member.keys,
+                       nonmember.keys)
 
     def sets(self) -> list[LabelledSet]:
         return [s for s in (self.members, self.member_aux, self.nonmember_aux, self.member_test,
@@ -155,9 +164,12 @@ def latent_cache_dir(config: TrainConfig) -> Path | None:
     return Path(config.latent_cache_dir or Path(config.output_dir) / "latent_cache")
 
 
-def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig, device: torch.device) -> None:
-    """Encode every image once with the VAE (cached in memory, and on disk if asked)."""
+def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig, device: torch.device, *,
+                   every_set: bool = True) -> None:
+    """Encode the images once with the VAE (cached in memory, and on disk if asked): D_tr and the class images, and
+    with ``every_set`` the auxiliary and test sets (a proxy attacker reads them; the other methods never look at a
+    non-member, whose encoding would cost a VAE pass per image for nothing)."""
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
                         batch_size=config.vae_batch_size)
-    for labelled in data.sets() + ([data.prior] if data.prior is not None else []):
+    for labelled in (data.sets() if every_set else [data.members]) + ([data.prior] if data.prior is not None else []):
         labelled.latents = cache.get_many(labelled.paths).to(device)

@@ -48,7 +48,6 @@ from library.train.data import (
 )
 from library.train.loss_recorder import LossRecorder, mean_logs
 from library.train.methods import (
-    AuxData,
     ForwardResult,
     MethodSetup,
     SampleSet,
@@ -143,12 +142,8 @@ class Trainer:
     # ---- set-up that costs compute --------------------------------------------------------------
     def prepare(self) -> None:
         """Encode the latents, build the method (and let it see every set once), then resume if asked."""
-        attach_latents(self.data, self.bundle, self.config, self.device)
-        aux = None
-        if self.data.member_aux is not None and len(self.data.member_aux) and len(self.data.nonmember_aux):
-            aux = AuxData(self.data.member_aux.latents, self.data.member_aux.captions,
-                          self.data.nonmember_aux.latents, self.data.nonmember_aux.captions,
-                          self.data.member_aux.keys, self.data.nonmember_aux.keys)
+        attach_latents(self.data, self.bundle, self.config, self.device, every_set=self.method_class.has_attacker)
+        aux = self.data.aux_data()
         self.method = self.method_class.build(MethodSetup(
             self.config, self.device, aux, self.accelerator.process_index, self.accelerator.num_processes,
             network=self.trained.module, params=self.trainable, num_members=len(self.data.members)))
