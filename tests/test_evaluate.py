@@ -7,6 +7,7 @@ import csv
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,6 +21,8 @@ import evaluate_mia
 from library.data.latents import LatentCache
 from library.data.manifest import write_manifest
 from library.data.splits import make_split
+from library.eval.attacks.base import ScoreSet
+from library.eval.config import EvalConfig
 from library.eval.features import (
     FeatureEngine,
     FeatureSettings,
@@ -31,6 +34,8 @@ from library.eval.features import (
     query_noise,
 )
 from library.eval.metrics import roc_auc
+from library.eval.records import EvalResult, EvalSamples, ModelSpec
+from library.eval.report import report_dict, report_markdown, scores_csv
 from library.sd.bundle import vae_fingerprint
 from networks.lora import create_network
 
@@ -97,6 +102,47 @@ def test_calibrated_base_against_itself_is_exactly_zero(evaluated):
     for column in [c for c in table[0] if c.startswith("base|calibrated")]:
         assert all(float(r[column]) == 0.0 for r in table)
     assert rows_by(report, "base", "calibrated avg")["auc"] == 0.5
+
+
+def tiny_result(**info) -> EvalResult:
+    """An evaluation's result without any model: 1 + 2 D_aux and 3 + 1 D_te samples, one attack on two models."""
+    splits = ["member_aux", "nonmember_aux", "nonmember_aux", "member_test", "member_test", "member_test",
+              "nonmember_test"]
+    samples = EvalSamples([Sample(f"/d/{i}.png", "c", "0" * 64) for i in range(7)], [f"{i}.png" for i in range(7)],
+                          splits, np.array([int(s.startswith("member")) for s in splits]))
+    scores = {"base": [ScoreSet("loss", "avg", np.arange(7.0), "threshold", headline=True)],
+              "lora": [ScoreSet("loss", "avg", np.arange(7.0) + 10, "threshold", headline=True)]}
+    row = {"model": "lora", "label": "loss avg", "headline": False, "n_members": 3, "n_nonmembers": 1, "auc": 0.5,
+           "asr_oracle": 0.5, "asr_honest": 0.5, "auc_deviation": 0.0, "tpr_at_fpr": {}}
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s.json", seed=7)
+    models = [ModelSpec("base"), ModelSpec("lora", Path("lora.safetensors"), "b" * 64, {})]
+    return EvalResult(config, models, samples, {}, scores, [row],
+                      {"base_fingerprint": "f" * 64, "manifest_sha256": "a" * 64, "manifest_seed": 3, **info})
+
+
+def test_report_fields_and_scores_csv_columns_come_from_their_own_source():
+    """report.json's counts, seeds and hashes, scores.csv's labels and columns, and report.md's D_te / D_aux and
+    conditioning lines each read their own field (they are equal in the end-to-end world, so cannot tell)."""
+    conditioning = {"clip_skip": 2, "max_token_length": 225, "resolution": 64,
+                    "source": {"clip_skip": "LoRA metadata", "max_token_length": "flag", "resolution": "default"}}
+    result = tiny_result(conditioning=conditioning, utility={"lora": {"loss_member_test": 0.25}}, quality=None)
+    report = report_dict(result)
+    assert report["samples"] == {"counts": {"member_aux": 1, "nonmember_aux": 2, "member_test": 3,
+                                            "nonmember_test": 1}, "n_aux": 3, "n_test": 4}
+    assert report["seeds"] == {"noise_attacks_bootstrap": 7, "split": 3}
+    assert report["base_model"]["fingerprint"] == "f" * 64 and report["manifest"]["sha256"] == "a" * 64
+    assert report["utility"] == {"lora": {"loss_member_test": 0.25}} and report["quality"] is None
+    table = list(csv.DictReader(scores_csv(result).splitlines()))
+    assert [(r["split"], int(r["label"])) for r in table] == [(s, int(s.startswith("member")))
+                                                               for s in result.samples.splits]
+    assert [float(r["lora|loss avg"]) for r in table] == [i + 10.0 for i in range(7)]
+    assert [float(r["base|loss avg"]) for r in table] == [float(i) for i in range(7)]
+    md = report_markdown(result)
+    assert "- D_te: 3 members / 1 non-members; attacks fit on D_aux (3 samples)" in md
+    assert ("- captions encoded with clip_skip 2 and 225 tokens, images at 64 px (from: LoRA metadata, default, flag)"
+            in md)
+    assert f"- model `lora`: `lora.safetensors` (sha256 `{'b' * 16}`)" in md and "- model `base`" not in md
+    assert "override" not in md
 
 
 def measured_aucs(report: dict) -> dict[tuple[str, str], dict]:
