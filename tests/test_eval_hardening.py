@@ -293,6 +293,29 @@ def test_overwrite_keeps_the_old_report_when_the_new_run_fails(tiny_model_dir, m
     assert (out / "report.json").read_text() == "{\"from\": \"the earlier run\"}"
 
 
+def test_each_sample_is_read_with_its_own_split_label_path_and_caption(digits_dir, tmp_path):
+    """load_samples keeps each manifest entry's split, member label, relative path (subfolder included: scores.csv's
+    file column) and caption together (a caption or label taken from elsewhere would be evaluated without error)."""
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import read_manifest, write_manifest
+    from library.data.splits import make_split
+    from library.eval.inputs import load_samples
+
+    shutil.copytree(digits_dir, tmp_path / "data" / "1_digits")  # a kohya folder: paths carry the subfolder
+    sizes = {"member_aux": 12, "member_test": 12, "nonmember_aux": 12, "nonmember_test": 12}
+    manifest_path = tmp_path / "split.json"
+    write_manifest(make_split(scan_dataset(tmp_path / "data"), sizes=sizes, seed=0, dataset_root=tmp_path / "data"),
+                   manifest_path)
+    manifest, samples, _ = load_samples(EvalConfig(split_manifest=str(manifest_path)))
+    entries = [(name, entry) for name in ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
+               for entry in getattr(read_manifest(manifest_path), name)]
+    assert samples.splits == [name for name, _ in entries]
+    assert samples.labels.tolist() == [int(name.startswith("member_")) for name, _ in entries]
+    assert samples.rel_paths == [entry.path for _, entry in entries] and "/" in samples.rel_paths[0]
+    assert [s.caption for s in samples.samples] == [entry.caption for _, entry in entries]
+    assert len({entry.caption for _, entry in entries}) > 1 and len(samples.aux_index) == 24
+
+
 # ----------------------------------------------------------------------------------------- 3. conditioning
 
 
@@ -368,6 +391,14 @@ def test_conditioning_rules(capsys):
     assert (old.clip_skip, old.max_token_length, old.resolution) == (1, None, 512)
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and warning[0].startswith("warning: ") and "old.safetensors" in warning[0]
+
+
+def test_kohyas_default_window_is_reported_as_75_tokens():
+    """A LoRA recording kohya's "None" window is evaluated with it, and report.json says 75 tokens (never null)."""
+    demo = _spec("demo", ss_clip_skip="1", ss_max_token_length="None", ss_resolution="(512, 512)")
+    got = resolve_conditioning(EvalConfig(pretrained_model_name_or_path="m", split_manifest="s"), [demo])
+    assert got.max_token_length is None
+    assert got.as_dict()["max_token_length"] == 75
 
 
 def test_the_evaluation_sees_images_at_the_size_the_lora_learnt_them(capsys):
