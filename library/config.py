@@ -371,7 +371,8 @@ def make_config(cls: type[ConfigT], values: dict[str, Any], sources: Mapping[str
             given = values[f.name] if isinstance(values[f.name], list) else [values[f.name]]
             for item in given:
                 if item not in choices:
-                    where = f"{sources[f.name]}: " if sources and sources.get(f.name, COMMAND_LINE) != COMMAND_LINE else ""
+                    source = (sources or {}).get(f.name, COMMAND_LINE)
+                    where = "" if source == COMMAND_LINE else f"{source}: "  # a file's value: name the file
                     raise ConfigError(f"{where}'{f.name}' must be one of {list(choices)}, got {item!r}"
                                       f"{_closest(str(item), [str(c) for c in choices], '{!r}')}")
         if f.name in values:

@@ -273,10 +273,12 @@ def evaluate(config: EvalConfig) -> EvalResult | None:
     """
     from library.sd.loading import check_sd_model  # noqa: PLC0415
 
-    output_dir = check_output_dir(config.output_dir, "--output_dir", create=False)
-    use_cache_dir = bool(config.cache_dir) and not config.no_cache
-    if use_cache_dir:
-        check_output_dir(config.cache_dir, "--cache_dir", create=False)
+    folders = [(config.output_dir, "--output_dir")]
+    if config.cache_dir and not config.no_cache:
+        folders.append((config.cache_dir, "--cache_dir"))
+    for folder, flag in folders:  # checked now, created once the inputs are read
+        check_output_dir(folder, flag, create=False)
+    output_dir = Path(config.output_dir)
     check_sd_model(config.pretrained_model_name_or_path, tokenizer_path=config.tokenizer_path,
                    allow_pickle=config.allow_pickle)
     if config.dry_run:
@@ -284,9 +286,8 @@ def evaluate(config: EvalConfig) -> EvalResult | None:
     if config.full_determinism:  # before any model runs (cuBLAS reads its setting once); workers: WorkerPool
         use_deterministic_kernels()
     inputs = read_inputs(config)
-    check_output_dir(output_dir, "--output_dir")
-    if use_cache_dir:
-        check_output_dir(config.cache_dir, "--cache_dir")
+    for folder, flag in folders:
+        check_output_dir(folder, flag)
     with OutputLock(output_dir, "--output_dir"):
         check_earlier_report(config, output_dir)
         return _evaluate_locked(output_dir, *inputs)

@@ -273,7 +273,7 @@ class TrainConfig:
         for name in ["lr_warmup_steps", "keep_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"'{name}' must be >= 0, got {getattr(self, name)}")
-        if self.lr_warmup_steps >= 1 or self.lr_warmup_steps == 0:  # steps (a ratio stays a float, as sd-scripts')
+        if self.lr_warmup_steps >= 1 or self.lr_warmup_steps == 0:  # steps, an int in the record as before
             if not float(self.lr_warmup_steps).is_integer():
                 raise ConfigError(f"'lr_warmup_steps' must be a whole number of steps or a ratio below 1, got "
                                   f"{self.lr_warmup_steps}")

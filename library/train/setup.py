@@ -118,7 +118,6 @@ def learning_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     from diffusers.optimization import get_scheduler  # noqa: PLC0415 - keeps import time down for --help
 
-    warmup = config.lr_warmup_steps
-    if isinstance(warmup, float):  # a ratio of the run's steps, rounded down as sd-scripts rounds it
-        warmup = int(warmup * total_steps)
+    warmup = config.lr_warmup_steps  # below 1: a ratio of the run's steps, rounded down as sd-scripts rounds it
+    warmup = int(warmup * total_steps) if warmup < 1 else int(warmup)
     return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
