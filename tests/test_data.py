@@ -367,6 +367,22 @@ def test_latent_cache_invalidation(tmp_path, tiny_vae):
     assert LatentCache(tiny_vae, "fp-a", 32, mode="sample").key(paths[1]) != k
 
 
+def test_latent_cache_keys_full_determinism_only_when_on(tmp_path, tiny_vae):
+    """--full_determinism's kernels give a GPU other latent bits: its entries are keyed apart, while the default
+    key is the one caches were written under before the flag was keyed (they stay hits)."""
+    paths = _images(tmp_path / "img", 2)
+    plain = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache")
+    strict = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", full_determinism=True)
+    assert plain.key(paths[0]) != strict.key(paths[0])
+    plain.get_many(paths)
+    strict.get_many(paths)
+    assert strict.stats["disk_hits"] == 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    assert LatentCache(None, "fp", 32).key_for_hash("0" * 64) == \
+        "5e3ede09b3382f215f06a55625baa1a0a9c4b45f0e05c99b09501f4c5fe1ad9b"
+    assert LatentCache(None, "fp", 32, mode="sample", seed=3).key_for_hash("0" * 64) == \
+        "7454f6d266d423a008e5bb626b70f63a1f59853c2f7aef004b1741757b9c4f92"
+
+
 def test_latent_cache_corrupt_file_recomputed(tmp_path, tiny_vae):
     paths = _images(tmp_path / "img", 1)
     cache = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache")

@@ -348,6 +348,7 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
     serial_dir, report = evaluated
     cache = tmp_path / "cache"
     shutil.copytree(serial_dir / "cache", cache)
+    plain_latents = set((cache / "latents").glob("*.safetensors"))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
     runs = {}
     try:
@@ -361,6 +362,8 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
     assert not any(entry["hit"] for entry in runs["strict"].values())
+    # its latents too: one more file per image, the default run's left as they were
+    assert plain_latents and len(set((cache / "latents").glob("*.safetensors")) - plain_latents) == len(plain_latents)
     assert all(entry["hit"] for entry in runs["strict-again"].values())
     assert runs["plain"] == {name: {**entry, "hit": True} for name, entry in report["features"]["cache"].items()}
     # the key of the default kernels is what it was before --full_determinism was keyed (old caches stay hits)

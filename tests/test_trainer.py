@@ -326,8 +326,12 @@ def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args,
     import os
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
-    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2"]
+    # one latent cache for both runs: the strict run's latents (other kernels on a GPU) must not be the plain run's
+    cache = tmp_path / "latents"
+    common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--cache_latents_to_disk",
+                                "--latent_cache_dir", str(cache)]
     plain = run("smp_lora", common + ["--output_dir", str(tmp_path / "plain")])
+    plain_files = set(cache.glob("*.safetensors"))
     assert not torch.are_deterministic_algorithms_enabled()
     try:
         strict = run("smp_lora", common + ["--full_determinism", "--output_dir", str(tmp_path / "strict")])
@@ -339,6 +343,8 @@ def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args,
         torch.backends.cudnn.deterministic = False
     a, b = load_file(plain.lora_path), load_file(strict.lora_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    strict_files = set(cache.glob("*.safetensors")) - plain_files
+    assert plain_files and len(strict_files) == len(plain_files)  # every latent encoded again, under its own key
 
 
 def test_a_step_that_ends_two_epochs_runs_the_end_of_each(tiny_train_args, tmp_path):

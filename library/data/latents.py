@@ -1,8 +1,8 @@
 """The VAE latent cache: every image encoded once, kept in memory and optionally on disk.
 
 A cache entry is keyed on the image's bytes, the image conversion (:data:`library.data.images.IMAGE_CONVERSION`),
-the VAE's fingerprint, the resolution and the encoding mode, so a changed image, pixel conversion, VAE or
-resolution can never be served a stale latent.
+the VAE's fingerprint, the resolution and the encoding mode (and ``--full_determinism`` when it is on), so a changed
+image, pixel conversion, VAE, resolution or set of GPU kernels can never be served a stale latent.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class LatentCache:
     has one), i.e. they are what the UNet sees.
 
     The key of an entry is a sha256 over the image's bytes, the image conversion, ``vae_fingerprint``, the
-    resolution and the mode (and seed in sample mode). A disk file that cannot be read or does not match is
-    recomputed and rewritten.
+    resolution and the mode (and seed in sample mode, and ``full_determinism`` when it is on: torch's deterministic
+    kernels give a GPU other bits; off, the key is what it always was, so older caches stay hits). A disk file that
+    cannot be read or does not match is recomputed and rewritten.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class LatentCache:
         *,
         mode: LatentMode = "mean",
         seed: int = 0,
+        full_determinism: bool = False,
     ) -> None:
         if mode not in ("mean", "sample"):
             raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
@@ -75,6 +77,7 @@ class LatentCache:
         self.batch_size = batch_size
         self.mode: LatentMode = mode
         self.seed = seed
+        self.full_determinism = full_determinism
         self._memory: dict[str, torch.Tensor] = {}
         self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0}
         self._upscale_warned = False
@@ -85,6 +88,8 @@ class LatentCache:
                  self.mode]
         if self.mode == "sample":
             parts.append(str(self.seed))
+        if self.full_determinism:  # only when on: the default kernels' keys stay what they were before it was keyed
+            parts.append("full_determinism")
         return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
 
     def key(self, path: str | Path) -> str:

@@ -176,7 +176,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     check_base_model(config, specs, base_fp)
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
                                None if config.no_cache else _cache_root(config) / "latents",
-                               batch_size=config.vae_batch_size)
+                               batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
     latents = latent_cache.get_many([s.path for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
     settings = FeatureSettings(

@@ -170,6 +170,6 @@ def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig,
     with ``every_set`` the auxiliary and test sets (a proxy attacker reads them; the other methods never look at a
     non-member, whose encoding would cost a VAE pass per image for nothing)."""
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
-                        batch_size=config.vae_batch_size)
+                        batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
     for labelled in (data.sets() if every_set else [data.members]) + ([data.prior] if data.prior is not None else []):
         labelled.latents = cache.get_many(labelled.paths).to(device)
