@@ -145,6 +145,24 @@ def test_images_in_formats_a_kohya_folder_does_not_read_are_named(tmp_path, caps
     assert capsys.readouterr().err == ""
 
 
+def test_unread_formats_are_found_by_the_walk_that_lists_the_images(tmp_path, capsys, monkeypatch):
+    """The warning about GIF/TIFF/... files counts those of the whole visible tree (root, '<repeats>_<name>'
+    folders, folders without images, folders inside a repeats folder; not hidden ones) and names the first by path,
+    without a second walk of the dataset: nothing lists the root's whole tree again."""
+    _pair(tmp_path, "ok", "fine")
+    _pair(tmp_path / "2_x", "b", "fine too")
+    for rel in ("z.tif", "2_x/a.GIF", "2_x/notes/c.heic", "extras/deep/d.avif", ".hidden/e.gif", "2_x/.f.gif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"not read")
+    deep_walks = []
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: deep_walks.append(self) or rglob(self, pattern))
+    assert [r.path.name for r in scan_dataset(tmp_path)] == ["b.png", "ok.png"]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"4 file(s) in {tmp_path} (first: {tmp_path / '2_x' / 'a.GIF'})" in err
+    assert tmp_path not in deep_walks and sorted(deep_walks) == [tmp_path / "2_x" / "notes", tmp_path / "extras"]
+
+
 def test_empty_caption_names_file(tmp_path):
     _pair(tmp_path, "blank", "   ")
     with pytest.raises(DataError, match=r"blank\.txt.*empty"):

@@ -84,9 +84,9 @@ def _missing_caption(image: Path, caption_path: Path) -> DataError:
                      f"or remove the image from the dataset")
 
 
-def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[ImageCaption]:
+def _scan_folder(folder: Path, caption_extension: str, repeats: int, unread: list[Path]) -> list[ImageCaption]:
     records = []
-    for image in sorted(p for p in folder.iterdir() if is_image(p)):
+    for image in _images_in(folder, unread):
         caption_path = image.with_suffix(caption_extension)
         if not caption_path.is_file():
             raise _missing_caption(image, caption_path)
@@ -94,12 +94,11 @@ def _scan_folder(folder: Path, caption_extension: str, repeats: int) -> list[Ima
     return records
 
 
-def _warn_unread_images(root: Path) -> None:
-    """A kohya folder reads IMAGE_EXTENSIONS only (as sd-scripts); say so of images in other formats it holds."""
-    unread = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and p.is_file()
-              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+def _warn_unread_images(root: Path, unread: list[Path]) -> None:
+    """A kohya folder reads IMAGE_EXTENSIONS only (as sd-scripts); say so of the images in other formats that the
+    scan found in ``root`` (``unread``, in any order: the first one named is the first by path)."""
     if unread:
-        warn(f"{len(unread)} file(s) in {root} (first: {unread[0]}) are not read: a kohya folder's images are "
+        warn(f"{len(unread)} file(s) in {root} (first: {min(unread)}) are not read: a kohya folder's images are "
              f"{', '.join(IMAGE_EXTENSIONS)}; convert them (e.g. to PNG) to train on them")
 
 
@@ -107,29 +106,38 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _visible_images(folder: Path) -> list[Path]:
-    """Every image anywhere below ``folder``, sorted; hidden files and folders (``.ipynb_checkpoints``) skipped."""
-    return [p for p in sorted(folder.rglob("*"))
-            if is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+def _images_in(folder: Path, unread: list[Path] | None = None, *, deep: bool = False) -> list[Path]:
+    """The images directly in ``folder`` (``deep``: anywhere below it), sorted; hidden files and folders (macOS'
+    ``._x.png``, ``.ipynb_checkpoints``) skipped. The same walk adds the files in a format kohya does not read
+    (UNREAD_IMAGE_EXTENSIONS) to ``unread``, so the warning about them costs no second walk of the dataset."""
+    wanted = IMAGE_EXTENSIONS + (UNREAD_IMAGE_EXTENSIONS if unread is not None else ())
+    files = [p for p in sorted(folder.rglob("*") if deep else folder.iterdir())
+             if p.suffix.lower() in wanted and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if unread is not None:
+        unread.extend(p for p in files if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS)
+    return [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
-def _image_below(folder: Path) -> Path | None:
+def _image_below(folder: Path, unread: list[Path]) -> Path | None:
     """The first image anywhere below ``folder``, or None."""
-    return next(iter(_visible_images(folder)), None)
+    return next(iter(_images_in(folder, unread, deep=True)), None)
 
 
 def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
     # kohya reads the images of the root and of its '<repeats>_<name>' folders, one level each; an image anywhere
     # else would be skipped silently, so it is refused instead of training on a subset. A folder without images
-    # (say a latent cache) is harmless.
-    records = _scan_folder(root, caption_extension, repeats=1)
+    # (say a latent cache) is harmless. The walks that list the images cover the whole (visible) tree once; they
+    # also collect the images in formats kohya does not read, named once the scan is through.
+    unread: list[Path] = []
+    records = _scan_folder(root, caption_extension, 1, unread)
     for sub in _subfolders(root):
         match = REPEATS_DIR.match(sub.name)
         if match is None:
             if (sub / METADATA_FILE).is_file():  # a Hugging Face dataset's train/ split folder
                 raise DataError(f"dataset subfolder {sub} is a Hugging Face imagefolder (it holds {METADATA_FILE}): "
                                 f"give {sub} itself as the dataset folder")
-            if (image := _image_below(sub)) is not None:
+            if (image := _image_below(sub, unread)) is not None:
                 raise DataError(
                     f"dataset subfolder {sub} does not match '<repeats>_<name>' (e.g. '1_{sub.name}'), so its images "
                     f"({image}) would not be read: rename it, or move its images into {root}"
@@ -138,14 +146,15 @@ def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
         repeats = int(match.group(1))
         if repeats < 1:
             raise DataError(f"dataset subfolder {sub} has 0 repeats: rename it to '1_{match.group(2)}' or remove it")
-        records.extend(_scan_folder(sub, caption_extension, repeats))
+        records.extend(_scan_folder(sub, caption_extension, repeats, unread))
         for nested in _subfolders(sub):
-            if (image := _image_below(nested)) is not None:
+            if (image := _image_below(nested, unread)) is not None:
                 raise DataError(
                     f"image {image} is in a folder inside {sub}, and only the images directly in a "
                     f"'<repeats>_<name>' folder are read: move it into {sub}, or into a '<repeats>_<name>' folder "
                     f"of its own in {root}"
                 )
+    _warn_unread_images(root, unread)
     return records
 
 
@@ -184,7 +193,7 @@ def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[I
         if key in records:
             raise DataError(f"{where} lists {name} a second time: keep one line per image")
         records[key] = ImageCaption(image, caption.strip(), 1)
-    unlisted = [p for p in _visible_images(root) if p.relative_to(root).as_posix() not in records]
+    unlisted = [p for p in _images_in(root, deep=True) if p.relative_to(root).as_posix() not in records]
     if unlisted:
         warn(f"{metadata} lists {len(records)} images; {len(unlisted)} other image(s) in {root} (first: "
              f"{unlisted[0]}) have no line in it and are left out: add a line for each to use them")
@@ -262,7 +271,6 @@ def scan_dataset(
     else:
         try:
             records = _scan_kohya(root, caption_extension)
-            _warn_unread_images(root)
         except DataError as exc:
             if (root / "metadata.csv").is_file():  # the other Hugging Face imagefolder format
                 raise DataError(f"{exc} ({root / 'metadata.csv'} is not read: only {METADATA_FILE} is, one JSON "
