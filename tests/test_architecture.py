@@ -7,6 +7,8 @@
 2. No import cycle among the modules of library/ and networks/ (imports run at import time).
 3. No module of library/ or networks/ over MAX_MODULE_LINES lines, no function over MAX_FUNCTION_LINES.
 4. No ``sys.path`` edit in any Python file of the repository (the project is installed, editable).
+5. No test module marks all its tests slow (a module-level ``pytestmark``): run alone under pytest.ini's default
+   ``-m "not slow"`` it would collect nothing, exit status 5, a failure for a CI that runs one file at a time.
 
 Each test lists every violation it finds.
 """
@@ -235,6 +237,33 @@ def test_no_sys_path_edits():
                   for line in _sys_path_edits(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))]
     assert not violations, "sys.path edited (install the project with `pip install -e .` instead):\n" + "\n".join(
         violations)
+
+
+def _marks_module_slow(tree: ast.Module) -> bool:
+    """Whether a module-level ``pytestmark`` (a mark or a list of them) includes ``slow``."""
+    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark"
+                                                    for t in node.targets)
+               and any(isinstance(n, ast.Attribute) and n.attr == "slow" for n in ast.walk(node.value))
+               for node in tree.body)
+
+
+def test_no_test_module_is_slow_as_a_whole():
+    tests = sorted((REPO / "tests").glob("test_*.py"))
+    assert tests  # the glob does see the tests
+    violations = [_rel(path) for path in tests if _marks_module_slow(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not violations, ("every test marked slow, so `pytest -m 'not slow' FILE` collects nothing (exit 5): mark "
+                            "the slow tests one by one and add a fast one (a check of their flags, say):\n"
+                            + "\n".join(violations))
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("pytestmark = pytest.mark.slow\n", True),
+    ("pytestmark = [pytest.mark.cuda, pytest.mark.slow]\n", True),
+    ("pytestmark = pytest.mark.cuda\n", False),
+    ("@pytest.mark.slow\ndef test_x():\n    pass\n", False),
+])
+def test_slow_module_detector(source, expected):
+    assert _marks_module_slow(ast.parse(source)) == expected
 
 
 @pytest.mark.parametrize("source, expected", [

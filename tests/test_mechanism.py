@@ -20,10 +20,11 @@ The same two LoRA files then go through ``evaluate_mia.py`` (the real attacks, o
 plain LoRA must be caught by the loss and the calibrated attack (AUC > 0.75, CI above 0.5; thresholds as in
 test_evaluate) while the base model's CI contains 0.5; SMP's numbers are printed, not asserted.
 
-Marked ``slow`` (~6 min on an idle 2-core box, a pre-training and two 200-step trainings; under the parallel default
-run it took 7.3 min of one worker and made the suite 12-14 min): run it with ``bash scripts/test.sh -m slow``.
-The default run keeps the defence's mechanics covered by tests/test_features.py, tests/test_methods.py and the
-demo's end-to-end test.
+Both tests are marked ``slow`` (~6 min on an idle 2-core box, a pre-training and two 200-step trainings; under the
+parallel default run it took 7.3 min of one worker and made the suite 12-14 min): run them with
+``bash scripts/test.sh -m slow``. The default run keeps the defence's mechanics covered by tests/test_features.py,
+tests/test_methods.py and the demo's end-to-end test, and checks the two runs' flags here in a second (which also
+keeps ``pytest -m "not slow"`` of this file from collecting nothing: exit status 5, a failure for a per-file CI).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"member_aux": 8, "member_test": 8, "nonmember_aux": 8, "nonmember_test": 8}
 LAST_EVALUATIONS = 8
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,23 @@ def proxy_accuracy(record: dict) -> tuple[float, float, float]:
     return aux, test, (aux + test) / 2
 
 
+def test_the_two_runs_are_smp_lora_differing_in_lambda_alone(tmp_path, capsys):
+    """In a second, what the slow tests below find only after minutes: their flags still parse into settings of
+    train_smp_lora.py that all act on SMP-LoRA (no warning), the runs differ in lambda alone (so lambda is what the
+    proxy's accuracy measures), and Eq. 10's delta is the 1e-5 the denominator check expects."""
+    from library.config import config_to_dict, parse_config
+    from library.train.config import TrainConfig
+
+    configs = [parse_config(TrainConfig, train_args(tmp_path / "base", tmp_path / "split.json", tmp_path / "out", lam))
+               for lam in (0.0, 1.0)]
+    for config in configs:
+        config.validate_for_method("smp_lora")
+    assert capsys.readouterr().err == ""
+    plain, smp = (config_to_dict(config) for config in configs)
+    assert [name for name in plain if plain[name] != smp[name]] == ["privacy_lambda"]
+    assert configs[0].privacy_delta == 1e-5
+
+
 @pytest.fixture(scope="module")
 def runs(world):
     root, base, manifest = world
@@ -117,6 +134,7 @@ def evaluation(world, runs):
     return {(r["model"], r["label"]): r for r in results}
 
 
+@pytest.mark.slow
 def test_attacks_catch_the_overfitted_plain_lora_and_not_the_base(evaluation):
     print("\nevaluate_mia.py on D_te (8 members vs 8 non-members), AUC [95 % CI]:")
     for (model, label), row in sorted(evaluation.items()):
@@ -129,6 +147,7 @@ def test_attacks_catch_the_overfitted_plain_lora_and_not_the_base(evaluation):
     assert lo <= 0.5 <= hi
 
 
+@pytest.mark.slow
 def test_proxy_separates_members_under_plain_lora_and_not_under_smp(runs):
     measured = {name: proxy_accuracy(record) for name, record in runs.items()}
     print(f"\nproxy h_w accuracy, mean of the last {LAST_EVALUATIONS} monitor measurements (chance 0.5):")
