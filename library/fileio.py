@@ -102,8 +102,8 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     fresh private folder ``.<name>.old.<random>.tmp/<name>`` beside it, so a leftover from an earlier interrupted
     swap can never block this one, and then deleted: a reader sees the old folder or the new one, never a mix.
     Two renames are not one: if the second fails, the old folder is put back; if the process dies between them,
-    :func:`library.outputs.remove_stale_temporaries` puts it back at the next start. Either way one of the two
-    folders survives.
+    :func:`library.outputs.remove_stale_temporaries` (or ``remove_leftovers_of``) puts it back at the next start.
+    Either way one of the two folders survives.
     """
     staging, target = Path(staging), Path(target)
     if not target.exists():

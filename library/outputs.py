@@ -3,20 +3,23 @@
 Every writer in the toolkit stages its files as hidden ``.<name>.<random>.tmp`` siblings (files from
 :func:`library.fileio.atomic_write_path`, folders from :func:`library.fileio.temporary_dir`) and renames them
 into place. A run killed with ``kill -9`` can leave such temporaries behind; the next run that holds the
-folder's lock knows no other writer is alive and removes them.
+folder's lock knows no other writer is alive and removes them. A script that writes one file or folder into a
+folder it does not lock (make_split.py, make_tiny_model.py) removes those of its own output's name instead
+(:func:`remove_leftovers_of`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Callable, Sequence
 
-from library.errors import ConfigError
-from library.fileio import restore_swapped_out
+from library.errors import ConfigError, warn
+from library.fileio import OLD_MARK, restore_swapped_out
 
 LOCK_FILE = ".smp-lora.lock"
 TEMP_SUFFIX = ".tmp"
@@ -112,9 +115,40 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     yet replaced is first put back where it was. Only call this while holding the folder's :class:`OutputLock`:
     then no live writer owns them.
     """
+    return _remove_temporaries(Path(folder), lambda name: name.startswith(".") and name.endswith(TEMP_SUFFIX))
+
+
+def remove_leftovers_of(target: str | os.PathLike) -> list[Path]:
+    """Remove what a killed atomic write of ``target`` (a file or folder that a script replaces whole, outside any
+    locked folder: a split manifest, a model folder) left beside it: its staging ``.<name>.<random>.tmp`` and a
+    swap's ``.<name>.old.<random>.tmp``, whose older ``target`` is first put back if nothing took its place.
+    Returns what was removed.
+
+    Only the temporaries of ``target``'s own name: the others in its folder may be a live writer's. Call it at the
+    start of the script that writes ``target``; a second run of it on the same ``target`` at the same time (a race
+    for the one name anyway) may see its staging removed and fail; one complete ``target`` survives either way.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    # tempfile's random part has no dots, so ".a.b.x.tmp" (of a target "a.b") is no temporary of a target "a"
+    aside = re.escape(OLD_MARK[:-1])
+    own = re.compile(rf"\.{re.escape(target.name)}(?:{aside})?\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}")
+    existed = target.exists()
+    removed = _remove_temporaries(target.parent, lambda name: own.fullmatch(name) is not None)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        back = f"; put back the older {target} it had moved aside" if target.exists() and not existed else ""
+        warn(f"removed {len(removed)} leftover(s) of an interrupted write of {target} ({names}){back}")
+    return removed
+
+
+def _remove_temporaries(folder: Path, is_temporary: Callable[[str], bool]) -> list[Path]:
+    """Remove the entries of ``folder`` whose name ``is_temporary`` (after putting back a folder a killed swap had
+    moved into one); returns them."""
     removed = []
-    for entry in sorted(Path(folder).iterdir()):
-        if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
+    for entry in sorted(folder.iterdir()):
+        if not is_temporary(entry.name):
             continue
         restore_swapped_out(entry)
         if entry.is_dir() and not entry.is_symlink():

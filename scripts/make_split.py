@@ -24,6 +24,7 @@ from library.data.dataset import caption_source, scan_dataset
 from library.data.manifest import CORE_SPLITS, manifest_sha256, write_manifest
 from library.data.prepare.common import check_output_file
 from library.data.splits import PRESETS, check_images_decode, make_split
+from library.outputs import remove_leftovers_of
 
 
 def _pretrain(value: str) -> int | str:
@@ -79,6 +80,7 @@ def _main(argv: Sequence[str] | None) -> None:
             parser.error(f"--base_domain_caption_regex {args.base_domain_caption_regex!r} is not a regular expression: "
                          f"{exc}")
         base_domain = lambda record: pattern.search(record.caption) is not None  # noqa: E731
+    remove_leftovers_of(args.output)  # a run killed while writing it left its temporary file beside it
     check_output_file(args.output, "--output", args.overwrite)  # before the dataset is hashed
     records = scan_dataset(args.dataset_dir, args.caption_extension, caption_column=args.caption_column)
     manifest = make_split(

@@ -33,8 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from library.demo.tiny import save_tiny_model
+    from library.outputs import remove_leftovers_of
     from library.sd.bundle import fingerprint
 
+    for output in (args.output_dir, args.single_file):  # what a run killed while writing them left
+        if output is not None:
+            remove_leftovers_of(output)
     try:
         bundle = save_tiny_model(
             args.output_dir, seed=args.seed, single_file=args.single_file, overwrite=args.overwrite

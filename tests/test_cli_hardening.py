@@ -327,6 +327,43 @@ def test_make_split_output_is_checked(tmp_path, capsys):
     assert "is a file" in one_error_line(capsys.readouterr().err) and blocker.read_text() == "x"
 
 
+def test_the_leftovers_of_a_killed_make_split_are_swept_by_the_next_run(tmp_path, capsys):
+    """A make_split.py killed before its rename leaves ``.<name>.<random>.tmp`` beside --output (no lock sweeps that
+    folder): the next run of it removes them, and nothing of another name."""
+    data = _dataset(tmp_path / "d")
+    out = tmp_path / "split.json"
+    for leftover in (".split.json.k1ll3d.tmp", ".split.json.x2.tmp", ".split.json.v2.abc.tmp", ".other.json.x3.tmp"):
+        (tmp_path / leftover).write_text("{half a manifest")
+    args = ["--dataset_dir", str(data), "--seed", "0", "--output", str(out), "--member_aux", "2", "--member_test",
+            "2", "--nonmember_aux", "2", "--nonmember_test", "2"]
+    assert _script("make_split").main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: removed 2 leftover(s) of an interrupted write of" in err and ".split.json.k1ll3d.tmp" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.x3.tmp", ".split.json.v2.abc.tmp", "d",
+                                                          "split.json"]
+
+
+def test_a_make_tiny_model_killed_between_its_renames_is_undone_by_the_next_run(tmp_path, capsys):
+    """``--overwrite`` killed between replace_dir's two renames leaves the older model hidden in
+    ``.tiny.old.<random>.tmp/tiny`` and the new one staged: the next run puts the older one back (so without
+    --overwrite it is refused as before) and removes the temporaries, also those of --single_file."""
+    script = _script("make_tiny_model")
+    aside = tmp_path / ".tiny.old.k1ll3d.tmp" / "tiny"
+    aside.mkdir(parents=True)
+    (aside / "model_index.json").write_text("{}")  # the older model, moved aside by the first rename
+    (tmp_path / ".tiny.abc123.tmp").mkdir()  # the new one, staged
+    (tmp_path / ".tiny.safetensors.x1.tmp").write_bytes(b"half a file")
+    (tmp_path / ".other.x2.tmp").mkdir()  # another writer's: kept
+    argv = ["--output_dir", str(tmp_path / "tiny"), "--single_file", str(tmp_path / "tiny.safetensors")]
+    assert run_cli(script.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"put back the older {tmp_path / 'tiny'} it had moved aside" in err and "already exists" in err
+    assert (tmp_path / "tiny" / "model_index.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x2.tmp", "tiny"]
+    assert run_cli(script.main, argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x2.tmp", "tiny", "tiny.safetensors"]
+
+
 def test_prepare_manifest_is_checked(tmp_path, capsys):
     folder = tmp_path / "manifest_dir"
     folder.mkdir()
