@@ -549,3 +549,41 @@ def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
     assert expected > len(manifest.members())  # the seed put at least one repeated image among the members
     assert len(data.members) == expected and most_repeats(data.members)[0] == 3
     assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux)[0] == 1
+
+
+def test_a_training_start_hashes_a_member_image_twice_and_holds_its_latent_once(tmp_path, tiny_vae, monkeypatch):
+    """D^m_aux's and D^m_te's latents are D_tr's rows (a view of its tensor), not sets encoded and keyed again:
+    a member image is hashed by the manifest check and D_tr's cache key only, and its latent held once."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from library.data import latents as latents_module
+    from library.data import manifest as manifest_module
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+    from library.train.data import attach_latents, load_training_records
+
+    for i in range(8):
+        _pair(tmp_path / "data", f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+    sizes = {"member_aux": 2, "member_test": 2, "nonmember_aux": 2, "nonmember_test": 2}
+    manifest = make_split(scan_dataset(tmp_path / "data"), sizes=sizes, seed=0, dataset_root=tmp_path / "data")
+    write_manifest(manifest, tmp_path / "split.json")
+    hashed: Counter[str] = Counter()
+    real = latents_module.sha256_file
+
+    def counting(path):
+        hashed[Path(path).name] += 1
+        return real(path)
+
+    for module in (latents_module, manifest_module):
+        monkeypatch.setattr(module, "sha256_file", counting)
+    data = load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=True)
+    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False)
+    attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"))
+    assert [hashed[path.name] for path in data.members.paths] == [2] * 4  # was 3: one cache key per set
+    storage = data.members.latents.untyped_storage().data_ptr()
+    for subset in (data.member_aux, data.member_test):
+        assert subset.latents.untyped_storage().data_ptr() == storage  # a view, not a copy
+        rows = [data.members.keys.index(key) for key in subset.keys]
+        assert torch.equal(subset.latents, data.members.latents[rows])
+    assert data.nonmember_aux.latents.shape == (2, 4, 8, 8)

@@ -2,7 +2,8 @@
 
 Training reads only the manifest: D_tr = D^m_aux ∪ D^m_te are the members the LoRA fits; MP/SMP-LoRA's
 proxy attacker also sees D^m_aux and D^nm_aux. An image that appears in several roles (a D^m_aux image is
-also in D_tr) gets one latent, cached once (upstream cached it twice with different VAE samples).
+also in D_tr) gets one latent, cached once (upstream cached it twice with different VAE samples) and held once:
+D^m_aux's and D^m_te's latents are rows of D_tr's (:func:`member_latents`).
 """
 
 from __future__ import annotations
@@ -168,8 +169,31 @@ def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig,
                    every_set: bool = True) -> None:
     """Encode the images once with the VAE (cached in memory, and on disk if asked): D_tr and the class images, and
     with ``every_set`` the auxiliary and test sets (a proxy attacker reads them; the other methods never look at a
-    non-member, whose encoding would cost a VAE pass per image for nothing)."""
+    non-member, whose encoding would cost a VAE pass per image for nothing). D^m_aux and D^m_te are D_tr's rows
+    (:func:`member_latents`), not sets of their own."""
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
                         batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
-    for labelled in (data.sets() if every_set else [data.members]) + ([data.prior] if data.prior is not None else []):
-        labelled.latents = cache.get_many(labelled.paths).to(device)
+    nonmembers = [data.nonmember_aux, data.nonmember_test] if every_set else []
+    for labelled in (data.members, *nonmembers, data.prior):  # D_tr first: member_latents reads its rows
+        if labelled is not None:
+            labelled.latents = cache.get_many(labelled.paths).to(device)
+    if every_set:
+        for subset in (data.member_aux, data.member_test):
+            if subset is not None:
+                subset.latents = member_latents(data.members, subset)
+
+
+def member_latents(members: LabelledSet, subset: LabelledSet) -> torch.Tensor:
+    """The latents of ``subset`` (D^m_aux or D^m_te, whose images are all in D_tr) taken from D_tr's: neither
+    hashed nor encoded again, and held once. A view of D_tr's tensor where the subset's rows are contiguous (each
+    image once: D_tr is D^m_aux then D^m_te), else a gather of its rows (kohya repeats, one image under two names).
+    Rows are found by key (the image's sha256), so a latent is the one D_tr's encoding gave that image."""
+    assert members.latents is not None
+    first: dict[str, int] = {}
+    for row, key in enumerate(members.keys):
+        first.setdefault(key, row)
+    rows = [first[key] for key in subset.keys]
+    start = rows[0] if rows else 0
+    if rows == list(range(start, start + len(rows))):
+        return members.latents[start:start + len(rows)]
+    return members.latents[rows]
