@@ -66,6 +66,7 @@ from networks.lora_format import (
     unknown_module_error,
     write_lora_file,
 )
+from networks.lora_io import LoraSource
 from networks.lora_modules import LORA_CHILD_NAME, LoRAModule
 from networks.lora_targets import find_target_layers, is_conv3x3, layers_by_name
 
@@ -406,7 +407,7 @@ def create_network(
 
 def create_network_from_weights(
     multiplier: float,
-    file_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | None,
+    file_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoraSource | None,
     vae: nn.Module | None,
     text_encoder: nn.Module | None,
     unet: nn.Module,
@@ -417,7 +418,7 @@ def create_network_from_weights(
     the file's tensors), as sd-scripts returns them (``network, weights_sd = create_network_from_weights(...)``).
 
     Only the layers the file adapts get a module. A key that matches no layer of ``unet`` / ``text_encoder``
-    or a tensor of the wrong shape raises ModelError naming the file and the key.
+    or a tensor of the wrong shape raises ModelError naming the file and the key. A LoraSource is not read again.
     """
     kwargs = dict(kwargs)
     kwargs.pop("for_inference", None)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -28,6 +28,7 @@ __all__ = [
     "ATTACKER_KEY_PREFIXES",
     "MAX_HEADER_BYTES",
     "PICKLE_SUFFIXES",
+    "LoraSource",
     "check_lora_file",
     "describe_source",
     "load_lora_state_dict",
@@ -181,13 +182,23 @@ def peft_adapter_metadata(path: Path) -> dict[str, str]:
     return {ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
 
 
-def read_lora_source(
-    file: str | os.PathLike | Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
-    """``(state dict, its name for error messages, header metadata)`` of a LoRA file or in-memory state dict."""
+class LoraSource(NamedTuple):
+    """A LoRA as read: its state dict, its name for error messages (the file) and its header metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    metadata: dict[str, str]
+
+
+def read_lora_source(file: str | os.PathLike | Mapping[str, torch.Tensor] | LoraSource) -> LoraSource:
+    """``(state dict, its name for error messages, header metadata)`` of a LoRA file or in-memory state dict; a
+    :class:`LoraSource` (a file read once, kept by its caller) is not read again (its dicts are copies, as here
+    every call gets dicts of its own)."""
+    if isinstance(file, LoraSource):
+        return LoraSource(dict(file.state_dict), file.source, dict(file.metadata))
     if isinstance(file, Mapping):
-        return dict(file), describe_source(None), {}
-    return load_lora_state_dict(file), describe_source(file), read_lora_metadata(file)
+        return LoraSource(dict(file), describe_source(None), {})
+    return LoraSource(load_lora_state_dict(file), describe_source(file), read_lora_metadata(file))
 
 
 def lora_file_sha256(file: str | os.PathLike) -> str:

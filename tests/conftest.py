@@ -6,6 +6,8 @@ Built once per test session (a few seconds) and reused read-only by every end-to
 from __future__ import annotations
 
 import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +87,23 @@ def tiny_train_args(tiny_model_dir, manifest_path, tmp_path):
         "--no-progress_bar",
         "--log_every_n_steps", "2",  # exercises the step-log path (and the hidden bar's postfix) in every run
     ]
+
+
+@pytest.fixture
+def safetensors_reads(monkeypatch):
+    """Counts of the safetensors files read, by ``(how, file name)``: ``load_file`` (every tensor) or ``safe_open``
+    (the header first; the LoRA readers of networks.lora_io import both when they read)."""
+    import safetensors
+    import safetensors.torch
+
+    counts: Counter[tuple[str, str]] = Counter()
+    for module, name in ((safetensors.torch, "load_file"), (safetensors, "safe_open")):
+        def counting(path, *args, _real=getattr(module, name), _name=name, **kwargs):
+            counts[_name, Path(path).name] += 1
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+    return counts
 
 
 @pytest.fixture

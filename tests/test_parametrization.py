@@ -238,3 +238,19 @@ def test_a_part_at_rate_zero_is_frozen_and_gathers_no_gradient(tiny_train_args, 
     assert {id(p) for p in trainer.trainable} == {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     optimised = torch.cat([p.grad.flatten() for p in trainer.trainable if p.grad is not None])
     assert norms[-1] == pytest.approx(optimised.norm().item())  # the norm is the trained part's, this step's
+
+
+def test_dim_from_weights_reads_the_parent_lora_once(tiny_train_args, tiny_model_dir, tmp_path, safetensors_reads):
+    """--dim_from_weights takes the network's shape, its weights and the parent's metadata (its lineage) from one
+    read of the --network_weights file (its header was read a second time for the metadata)."""
+    from library.train.parametrization import _lora_network
+    from networks.lora import create_network
+
+    bundle = load_sd_model(str(tiny_model_dir))
+    parent = tmp_path / "parent.safetensors"
+    create_network(1.0, 4, 4, None, bundle.text_encoder, bundle.unet).save_weights(parent)
+    config = parse_config(TrainConfig, tiny_train_args + ["--network_weights", str(parent), "--dim_from_weights"])
+    safetensors_reads.clear()
+    network, metadata = _lora_network(config, bundle)
+    assert dict(safetensors_reads) == {("load_file", parent.name): 1, ("safe_open", parent.name): 1}
+    assert metadata["ss_network_dim"] == "4" and {m.rank for m in network.loras} == {4}

@@ -38,6 +38,7 @@ from library.sd.single_file import save_single_file
 from library.train.config import TrainConfig
 from networks import lora
 from networks.lora_format import check_metadata
+from networks.lora_io import read_lora_source
 
 
 def trains_text_encoder(config: TrainConfig) -> bool:
@@ -243,9 +244,10 @@ def _lora_network(config: TrainConfig, bundle: ModelBundle) -> tuple[lora.LoRANe
     if config.dim_from_weights:
         assert config.network_weights  # TrainConfig refuses dim_from_weights without it
         text_encoder = bundle.text_encoder if trains_text_encoder(config) else None
-        network, _ = lora.create_network_from_weights(1.0, config.network_weights, bundle.vae, text_encoder,
-                                                      bundle.unet, dropout=config.network_dropout)
-        return network, lora.read_lora_metadata(config.network_weights)
+        parent = read_lora_source(config.network_weights)  # read once: the network's weights and the lineage
+        network, _ = lora.create_network_from_weights(1.0, parent, bundle.vae, text_encoder, bundle.unet,
+                                                      dropout=config.network_dropout)
+        return network, parent.metadata
     network = lora.create_network(
         1.0, config.network_dim, config.network_alpha, bundle.vae, bundle.text_encoder, bundle.unet,
         dropout=config.network_dropout, **config.network_kwargs,
