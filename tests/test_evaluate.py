@@ -475,3 +475,15 @@ def test_bad_flag_values_are_one_line(world, tmp_path, capsys):
     assert "holdout_fraction" in err
     err = run_error(capsys, base_args(world, tmp_path / "out", "--timesteps", "1000"))
     assert "timesteps" in err
+
+
+def test_an_evaluation_reads_each_lora_file_once(world, tmp_path, safetensors_reads):
+    """A LoRA's tensors are read once (the layout check keeps them: library.eval.inputs.check_lora_layouts), not
+    again by the check against the loaded base and by the feature computation; its header alone is read by the
+    split check too."""
+    lora = Path(world["lora"])
+    args = base_args(world, tmp_path / "eval", "--attacks", "loss", "--network_weights", str(lora), "--no_cache",
+                     "--n_bootstrap", "0", "--no-plots")
+    assert evaluate_mia.main(args) == 0
+    assert safetensors_reads["load_file", lora.name] == 1  # was 3
+    assert safetensors_reads["safe_open", lora.name] == 2  # model_specs' header, and the one read of the file

@@ -27,7 +27,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,6 +50,9 @@ from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.sd.text import encode_prompts
+
+if TYPE_CHECKING:
+    from networks.lora_io import LoraSource
 
 FEATURE_FORMAT = "smp-lora-mia-features-v2"  # v2: the paper features are [N, D, F]
 PAPER_ROW_KINDS = ("error_map", "loss")  # paper feature kinds that need their own random-t query
@@ -180,14 +183,14 @@ def feature_cache_key(
 
 
 @contextlib.contextmanager
-def applied_lora(bundle: Any, lora_path: str | Path | None, multiplier: float, device: torch.device,
+def applied_lora(bundle: Any, lora_path: str | Path | LoraSource | None, multiplier: float, device: torch.device,
                  dtype: torch.dtype, unet: UNetWeights | None = None) -> Iterator[Any]:
     """The model under audit for the duration of the block; yields the applied LoRA network, or None.
 
     ``unet`` (a full fine-tune, :mod:`library.eval.unet_weights`) swaps its weights into the bundle's UNet, and
     its own text encoder's, if it has one, into the bundle's (the network stays None, so probes see a model
-    without LoRA and group the UNet's own blocks); ``lora_path`` applies a kohya / diffusers / PEFT LoRA file to
-    the UNet and text encoder; neither is the base model. A LoRA or UNet for another model raises
+    without LoRA and group the UNet's own blocks); ``lora_path`` applies a kohya / diffusers / PEFT LoRA file (or
+    the :class:`~networks.lora_io.LoraSource` read of one) to the UNet and text encoder; neither is the base model. A LoRA or UNet for another model raises
     :class:`~library.errors.ModelError` before anything is patched; the base weights are back even if the block
     fails.
     """
@@ -288,7 +291,7 @@ class FeatureEngine:
         name: str,
         samples: Sequence[Sample],
         latents: torch.Tensor,
-        lora_path: str | Path | None = None,
+        lora_path: str | Path | LoraSource | None = None,
         lora_sha256: str | None = None,
         probes: Sequence[Probe] = (),
         unet: UNetWeights | None = None,

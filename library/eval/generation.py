@@ -58,7 +58,7 @@ def generate_samples(config: EvalConfig, bundle: Any, spec: ModelSpec, prompts: 
     from library.eval.features import applied_lora  # noqa: PLC0415
     from library.sd.sampling import PromptSpec, build_pipeline, generate  # noqa: PLC0415
 
-    with applied_lora(bundle, spec.lora_path, config.network_multiplier, device, dtype, unet=spec.unet):
+    with applied_lora(bundle, spec.lora, config.network_multiplier, device, dtype, unet=spec.unet):
         pipe = build_pipeline(bundle, config.quality_sampler)
         return generate(pipe, [PromptSpec(p) for p in prompts], resolution=config.resolution,
                         steps=config.quality_steps, guidance_scale=config.quality_guidance_scale,

@@ -86,13 +86,15 @@ def _recorded(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[st
 def check_lora_layouts(specs: Sequence[ModelSpec]) -> None:
     """Every LoRA file's tensors have a LoRA layout (kohya, diffusers or PEFT keys, in down/up pairs) and finite
     values: one ModelError line before the base model loads, in ``--dry_run`` too. Whether its layers are this
-    model's is checked once the base model is loaded."""
+    model's is checked once the base model is loaded. The file is read here only: the spec keeps what was read
+    (:attr:`ModelSpec.lora_read`), which the later stages apply."""
     from networks.lora_convert import group_lora_state_dict
     from networks.lora_io import read_lora_source
 
     for spec in specs:
         if spec.lora_path is not None:
-            group_lora_state_dict(*read_lora_source(spec.lora_path))
+            spec.lora_read = read_lora_source(spec.lora_path)
+            group_lora_state_dict(*spec.lora_read)
 
 
 def _check_ancestors(config: EvalConfig, split: SplitIdentity, what: str, meta: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from library.eval.config import EvalConfig
     from library.eval.features import ModelFeatures, Sample
     from library.eval.unet_weights import UNetWeights
+    from networks.lora_io import LoraSource
 
 EVAL_SPLITS = ("member_aux", "nonmember_aux", "member_test", "nonmember_test")
 BASE_NAME = "base"
@@ -35,6 +36,13 @@ class ModelSpec:
     lora_sha256: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     unet: UNetWeights | None = None
+    # The LoRA file as read, once, by library.eval.inputs.check_lora_layouts: every later stage applies it from here
+    lora_read: LoraSource | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def lora(self) -> LoraSource | Path | None:
+        """The LoRA to apply: the file as read once (:attr:`lora_read`), else the file (None without a LoRA)."""
+        return self.lora_read if self.lora_read is not None else self.lora_path
 
     @property
     def kind(self) -> str:

@@ -145,7 +145,7 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
                            progress=config.progress_bar and not in_worker)  # bars of several processes interleave
     probes = [probe for attack in build_attacks(config, job.device) for probe in attack.probes()]
     t0 = time.perf_counter()
-    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora_path, job.spec.lora_sha256,
+    features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora, job.spec.lora_sha256,
                               probes=probes, unet=job.spec.unet)
     return features, time.perf_counter() - t0
 
@@ -168,7 +168,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     # Fail fast on a LoRA or UNet for another model, before any long feature computation.
     for spec in specs:
         if spec.lora_path is not None:
-            create_network_from_weights(1.0, spec.lora_path, bundle.vae, bundle.text_encoder, bundle.unet)
+            create_network_from_weights(1.0, spec.lora, bundle.vae, bundle.text_encoder, bundle.unet)
         if spec.unet is not None:
             check_unet_weights(spec.unet, bundle.unet, bundle.text_encoder)
     base_fp = bundle.loaded_fingerprint  # fp32 weights, as training records them (also the cache keys' base)
