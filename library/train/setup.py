@@ -63,7 +63,6 @@ class TextConditioner:
     def __init__(self, bundle: ModelBundle, config: TrainConfig, trains_text_encoder: bool):
         self.bundle = bundle
         self.config = config
-        self.trains_text_encoder = trains_text_encoder
         self.cacheable = not trains_text_encoder and not config.shuffle_caption
         self._cache: dict[str, torch.Tensor] = {}
         check_clip_skip(bundle.text_encoder, config.clip_skip)  # now, so --dry_run says it

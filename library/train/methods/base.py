@@ -73,7 +73,6 @@ class StepContext:
     min_timestep: int
     max_timestep: int
     base_model: Callable[[], ContextManager] | None = None  # the LoRA switched off for the block
-    logs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
