@@ -117,7 +117,6 @@ class ModelFeatures:
     paper_timesteps: torch.Tensor | None  # [N, D] long, the random t of each sample's paper queries
     cache_key: str = ""
     cache_hit: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
     probes: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # {probe: {output: [N, ...]}}
     probe_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # {probe: cost and cache record}
 

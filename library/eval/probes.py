@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -209,7 +209,6 @@ class ProbeRun:
     cache_hit: bool
     queries_computed: int = 0  # UNet forwards this probe triggered (memo hits excluded); 0 on a cache hit
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def unique_probes(probes: Iterable[Probe]) -> list[Probe]:
