@@ -98,8 +98,12 @@ class AdversarialLoRA(TrainingMethod):
                 # losses at different t differ in scale by orders of magnitude: one mean/var per timestep
                 per_feature_stats=cfg.attacker_features in ("multi_t_loss", "t_loss"),
             ).to(self.device)
-        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
-                                          weight_decay=cfg.attacker_weight_decay)
+        self._new_optimizer()
+
+    def _new_optimizer(self) -> None:
+        """A fresh Adam for h_w: a new attacker, or a ``warm`` restart that keeps the weights but not the moments."""
+        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=self.config.attacker_lr,
+                                          weight_decay=self.config.attacker_weight_decay)
 
     def end_of_epoch(self, epoch: int) -> dict[str, float]:
         """``--attacker_restart``: every N epochs a new h_w (``reinit``) or a reset of its Adam state (``warm``).
@@ -114,8 +118,7 @@ class AdversarialLoRA(TrainingMethod):
         if cfg.attacker_restart == "reinit":
             self._new_attacker(cfg.seed + 1 + 1000 * self.restarts)
         else:
-            self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
-                                              weight_decay=cfg.attacker_weight_decay)
+            self._new_optimizer()
         return {"attacker_restarts": float(self.restarts)}
 
     def before_training(self, ctx: StepContext, sets: Sequence[SampleSet]) -> None:
