@@ -148,14 +148,15 @@ class AdversarialLoRA(TrainingMethod):
         logs: dict[str, float] = {}
         self.attacker.train()
         for _ in range(self.config.k_steps):
-            draw = (self.member_sampler.epoch, self.member_sampler.position)  # names this draw, for the shuffle
+            # Where D^m_aux's sampler stands names this batch: the caption shuffle's seed (not a (t, eps) NoiseDraw)
+            batch_epoch, batch_position = self.member_sampler.epoch, self.member_sampler.position
             member_idx = self.member_sampler.next_indices()
             nonmember_idx = self.nonmember_sampler.next_indices()
             latents = torch.cat([self.aux.member_latents[member_idx], self.aux.nonmember_latents[nonmember_idx]])
             captions = [self.aux.member_captions[i] for i in member_idx] + \
                        [self.aux.nonmember_captions[i] for i in nonmember_idx]
             if self.config.shuffle_caption:  # as D_tr's are (and upstream's aux samples, from the same dataset)
-                rng = random.Random(f"{self.config.seed}-aux-{draw[0]}-{draw[1]}-{self.member_sampler.rank}")
+                rng = random.Random(f"{self.config.seed}-aux-{batch_epoch}-{batch_position}-{self.member_sampler.rank}")
                 captions = [shuffle_caption(c, self.config.keep_tokens, rng) for c in captions]
             keys = [self.aux.member_keys[i] for i in member_idx] + [self.aux.nonmember_keys[i] for i in nonmember_idx]
             with torch.no_grad():  # the attacker step never backpropagates into the LoRA
@@ -177,7 +178,6 @@ class AdversarialLoRA(TrainingMethod):
             # so the attacker stays identical on every rank.
             with torch.no_grad():
                 ctx.all_reduce_mean(list(self.attacker.buffers()))
-            with torch.no_grad():
                 predictions = logits.argmax(dim=1)
                 labels = torch.cat([torch.ones(n_members), torch.zeros(len(nonmember_idx))]).to(predictions)
                 logs = {"attacker_ce": loss.item(), "attacker_acc": (predictions == labels).float().mean().item()}
