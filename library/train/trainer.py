@@ -154,6 +154,7 @@ class Trainer:
             artifacts.load_state(self, self.config.resume)
 
     def plan(self) -> str:
+        """The run on one line, printed before anything costly: what is trained, on what, for how long, into where."""
         cfg = self.config
         if cfg.max_train_epochs is not None:
             budget = f"set by max_train_epochs = {cfg.max_train_epochs}; max_train_steps is ignored"
@@ -162,6 +163,7 @@ class Trainer:
         count = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])  # lr 0: none
         # fp32 weights + gradients + AdamW's two moments (AdamW8bit: two bytes of moments), activations apart
         state_bytes = count * (4 + 4 + (2 if cfg.optimizer_type == "AdamW8bit" else 8))
+        cache_dir = latent_cache_dir(cfg)
         return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
                 f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
                 f"{self._members_plan()}, batch "
@@ -169,7 +171,7 @@ class Trainer:
                 f"{self.sampler.batches_per_epoch} batches/epoch{self._leftover_plan()}, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
                 f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}"
-                + (f", latents cached in {latent_cache_dir(cfg)}" if latent_cache_dir(cfg) else ""))
+                + (f", latents cached in {cache_dir}" if cache_dir else ""))
 
     def _leftover_plan(self) -> str:
         left = self.sampler.num_items % self.sampler.global_batch_size
@@ -275,6 +277,7 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Step until ``total_steps`` (logging, epoch ends, checkpoints on the way), then save the outputs."""
         cfg = self.config
         if self.accelerator.is_main_process and cfg.logging_dir:
             self.accelerator.init_trackers(f"{self.output_name}-{time.strftime('%Y%m%d%H%M%S')}")  # a run each
@@ -287,13 +290,13 @@ class Trainer:
             epoch_before = self.completed_epochs()
             logs = self.last_logs = self.step()
             kohya_logs = self.loss_recorder.add(logs)
-            if self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
+            if log_now := self.global_step % cfg.log_every_n_steps == 0:  # postfix refreshes are not free at 20 it/s
                 elapsed = time.perf_counter() - started
                 done = self.global_step - start_step
                 bar.set_postfix(loss=f"{logs.get('loss', logs.get('l_ada', 0.0)):.4f}",
                                 img_s=f"{images_per_step * done / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)
-            if self.global_step % cfg.log_every_n_steps == 0:
+            if log_now:
                 self.accelerator.log({**logs, **kohya_logs}, step=self.global_step)
             for epoch in range(epoch_before + 1, self.completed_epochs() + 1):  # a long accumulation may end two
                 self._end_of_epoch(epoch, logs)
@@ -316,6 +319,7 @@ class Trainer:
         return result
 
     def completed_epochs(self) -> int:
+        """Epochs of D_tr completed; the current one counts once what is left of it cannot fill a batch (skipped)."""
         s = self.sampler
         return s.epoch + (1 if s.position + s.global_batch_size > s.num_items else 0)
 
