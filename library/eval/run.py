@@ -24,7 +24,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from library.eval import audit, metrics, quality, report
 from library.eval.attacks.base import AttackInputs, FeatureSet, ScoreSet
 from library.eval.attacks.registry import build_attacks
 from library.eval.bootstrap import bootstrap_auc_tpr_ci
-from library.eval.conditioning import resolve_conditioning
+from library.eval.conditioning import Conditioning, resolve_conditioning
 from library.eval.config import EvalConfig
 from library.eval.extractors import load_extractors
 from library.eval.features import FeatureEngine, FeatureSettings, ModelFeatures, Sample
@@ -63,6 +63,9 @@ from library.runtime import (
 from library.sd.loading import native_resolution, text_encoder_layers
 from library.sd.text import check_clip_skip_layers
 from library.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from library.data.manifest import SplitManifest
 
 FPR_TARGETS = (0.05, 0.01, 0.001)
 
@@ -290,7 +293,7 @@ def evaluate(config: EvalConfig) -> EvalResult | None:
         check_output_dir(folder, flag)
     with OutputLock(output_dir, "--output_dir"):
         check_earlier_report(config, output_dir)
-        return _evaluate_locked(output_dir, *inputs)
+        return _evaluate_locked(output_dir, inputs)
 
 
 def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
@@ -304,9 +307,20 @@ def check_earlier_report(config: EvalConfig, output_dir: Path) -> None:
                       f"pass --overwrite to replace it, or choose another --output_dir{reuse}")
 
 
-def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, SplitIdentity, list[ModelSpec], Any]:
-    """The checked inputs of a run, read before any SD weights: ``(config with the models' training conditioning,
-    manifest, samples, split identity, model specs, that conditioning)``."""
+@dataclass
+class EvalInputs:
+    """The checked inputs of a run (:func:`read_inputs`), read before any SD weight."""
+
+    config: EvalConfig  # the run's, with the conditioning below in place of its own
+    manifest: SplitManifest
+    samples: EvalSamples
+    split: SplitIdentity
+    specs: list[ModelSpec]
+    conditioning: Conditioning  # how the models were trained to be conditioned (library.eval.conditioning)
+
+
+def read_inputs(config: EvalConfig) -> EvalInputs:
+    """The manifest, samples and model specs, checked, and the config with the models' training conditioning."""
     manifest, samples, split = load_samples(config)
     specs = model_specs(config, split)
     check_lora_layouts(specs)  # a file that is no LoRA at all fails here, before any SD weight is read
@@ -319,7 +333,7 @@ def read_inputs(config: EvalConfig) -> tuple[EvalConfig, Any, EvalSamples, Split
     if config.quality:
         quality.check_utility_reference(config, specs)
     check_attacks(config, samples)
-    return config, manifest, samples, split, specs, conditioning
+    return EvalInputs(config, manifest, samples, split, specs, conditioning)
 
 
 def check_attacks(config: EvalConfig, samples: EvalSamples) -> None:
@@ -332,26 +346,29 @@ def check_attacks(config: EvalConfig, samples: EvalSamples) -> None:
 def dry_run(config: EvalConfig, output_dir: Path) -> None:
     """``--dry_run``: every check of a real run that needs no SD weights, then the plan on one line."""
     check_earlier_report(config, output_dir)
-    config, _, samples, _, specs, conditioning = read_inputs(config)
+    inputs = read_inputs(config)
+    config, samples, specs = inputs.config, inputs.samples, inputs.specs
     if config.quality:
         load_extractors(config, torch.device("cpu"))
     n_test = sum(name.endswith("_test") for name in samples.splits)
     print(f"dry run: {len(specs)} model(s) ({', '.join(s.name for s in specs)}), attacks {', '.join(config.attacks)}, "
           f"fitted on {len(samples.splits) - n_test} D_aux and scored on {n_test} D_te images at "
-          f"{conditioning.resolution} px; would write {output_dir}/{report.REPORT_FILE}; nothing computed", flush=True)
+          f"{inputs.conditioning.resolution} px; would write {output_dir}/{report.REPORT_FILE}; nothing computed",
+          flush=True)
 
 
-def _evaluate_locked(output_dir: Path, config: EvalConfig, manifest: Any, samples: EvalSamples, split: SplitIdentity,
-                     specs: list[ModelSpec], conditioning: Any) -> EvalResult:
-    manifest_sha = split.manifest_sha256
+def _evaluate_locked(output_dir: Path, inputs: EvalInputs) -> EvalResult:
+    """Everything after the checks, in the locked ``output_dir``: features, attacks, audit, utility, report."""
+    config, manifest, samples, specs = inputs.config, inputs.manifest, inputs.samples, inputs.specs
+    manifest_sha = inputs.split.manifest_sha256
     device = resolve_device(config.device)
     # --quality: load the feature weights first, so a missing or corrupt file fails before any long computation.
     extractors = load_extractors(config, device) if config.quality else []
-    info: dict[str, Any] = {"manifest_sha256": manifest_sha, "split_sha256": split.split_sha256,
+    info: dict[str, Any] = {"manifest_sha256": manifest_sha, "split_sha256": inputs.split.split_sha256,
                             "manifest_seed": manifest.seed,
                             "manifest_sizes": {k: v for k, v in manifest.sizes().items() if k in EVAL_SPLITS},
                             "device": str(device), "machine": machine(), "provenance": provenance(),
-                            "conditioning": conditioning.as_dict()}
+                            "conditioning": inputs.conditioning.as_dict()}
     with WorkerPool(config.jobs, config.threads, deterministic=config.full_determinism) as pool:
         features = compute_features(config, specs, samples, manifest_sha, device, info, pool)
         t0 = time.perf_counter()
