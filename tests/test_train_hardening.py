@@ -912,7 +912,7 @@ def test_divergence_advice_fits_the_run(method, flags, says, not_said):
     from library.train.methods import method_class
 
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
-    text = advice(SimpleNamespace(config=config, method_class=method_class(method), method_name=method))
+    text = advice(SimpleNamespace(config=config, method_class=method_class(method)))  # the class, not its name
     assert text == says and not any(word in text for word in not_said)
 
 

@@ -29,8 +29,8 @@ def advice(trainer: Trainer) -> str:
     options = ["the learning rate"]
     if method.has_attacker:
         options.append("privacy_lambda")
-    if trainer.method_name == "dp_lora":
-        options.append("dp_clip_norm / dp_noise_multiplier")
+    if method.divergence_advice:
+        options.append(method.divergence_advice)
     text = "Lower " + " or ".join(options)
     if config.max_grad_norm == 0:
         text += ", clip gradients (max_grad_norm 1)"

@@ -104,6 +104,7 @@ class TrainingMethod:
     distinct_members: ClassVar[str | None] = None  # why each member image must occur once in D_tr (None: repeats ok)
     base_config: ClassVar[str] = "lora"  # the configs/<set>/<base_config>.toml a run of it starts from
     step_cost: ClassVar[int] = 1  # rough cost of a step relative to plain LoRA (schedules slow runs first)
+    divergence_advice: ClassVar[str | None] = None  # its own settings to lower when a run diverges
 
     @classmethod
     def build(cls, setup: MethodSetup) -> TrainingMethod:

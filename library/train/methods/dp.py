@@ -24,6 +24,7 @@ class DPLoRA(PlainLoRA):
     distinct_members = ("DP-SGD's accountant bounds what one training record changes; an image that occurs k times "
                         "is k records, so its epsilon would be understated")
     step_cost = 2
+    divergence_advice = "dp_clip_norm / dp_noise_multiplier"
 
     def __init__(self, config: TrainConfig, network: torch.nn.Module, params: list[torch.nn.Parameter],
                  num_members: int) -> None:
