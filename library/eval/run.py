@@ -236,9 +236,9 @@ def attack_model(job: AttackJob) -> tuple[list[ScoreSet], list[dict[str, Any]], 
                                  "probes": [probe.name for probe in attack.probes()]}
         for score_set in attack.score(inputs):
             score_sets.append(score_set)
-            test_set = ScoreSet(**{**score_set.__dict__, "scores": score_set.scores[test],
-                                   "member_probs": None if score_set.member_probs is None
-                                   else score_set.member_probs[test]})
+            test_set = dataclasses.replace(score_set, scores=score_set.scores[test],
+                                           member_probs=None if score_set.member_probs is None
+                                           else score_set.member_probs[test])
             row = {"model": job.model, "attack": score_set.attack, "variant": score_set.variant,
                    "label": score_set.label, "kind": score_set.kind, "headline": score_set.headline,
                    "checkpoint": score_set.checkpoint, "floor": attack.floor}
