@@ -396,6 +396,4 @@ def _evaluate_locked(output_dir: Path, inputs: EvalInputs) -> EvalResult:
     return result
 
 
-# The records and input readers moved to their own modules; these names stay importable from here.
-__all__ = ["BASE_NAME", "EvalResult", "EvalSamples", "ModelSpec", "evaluate", "load_samples", "model_specs",
-           "score_metrics"]
+__all__ = ["evaluate", "score_metrics"]
