@@ -266,52 +266,52 @@ def cached_probe_runs(probes: Sequence[Probe], cache: ProbeCache, model_identity
                       n: int) -> tuple[dict[str, ProbeRun], list[tuple[Probe, str]]]:
     """(the probes' runs found in the cache, the (probe, cache key) pairs still to compute); each file read once."""
     runs: dict[str, ProbeRun] = {}
-    todo: list[tuple[Probe, str]] = []
+    pending: list[tuple[Probe, str]] = []
     for probe in unique_probes(probes):
         key = probe_cache_key(probe, model_identity)
         cached = cache.read(probe.name, key, n)
         if cached is not None:
             runs[probe.name] = ProbeRun(cached, key, cache_hit=True)
         else:
-            todo.append((probe, key))
-    return runs, todo
+            pending.append((probe, key))
+    return runs, pending
 
 
 def run_probes(probes: Sequence[Probe], model: ModelContext, latents: torch.Tensor, *, batch_size: int,
                cache: ProbeCache, model_identity: dict[str, Any]) -> dict[str, ProbeRun]:
     """Every probe's outputs on every sample of ``model``: from the cache, else computed batch by batch with one
     shared :class:`QueryContext` per batch (so shared queries run once)."""
-    runs, todo = cached_probe_runs(probes, cache, model_identity, len(model.samples))
-    return {**runs, **compute_probes(todo, model, latents, batch_size=batch_size, cache=cache)}
+    runs, pending = cached_probe_runs(probes, cache, model_identity, len(model.samples))
+    return {**runs, **compute_probes(pending, model, latents, batch_size=batch_size, cache=cache)}
 
 
-def compute_probes(todo: Sequence[tuple[Probe, str]], model: ModelContext, latents: torch.Tensor, *,
+def compute_probes(pending: Sequence[tuple[Probe, str]], model: ModelContext, latents: torch.Tensor, *,
                    batch_size: int, cache: ProbeCache) -> dict[str, ProbeRun]:
-    """The outputs of the (probe, cache key) pairs ``todo`` on every sample of ``model``, computed batch by batch
+    """The outputs of the (probe, cache key) pairs ``pending`` on every sample of ``model``, computed batch by batch
     with one shared :class:`QueryContext` per batch, and written to the cache."""
     from library.errors import ModelError
 
     n = len(model.samples)
     runs: dict[str, ProbeRun] = {}
-    if not todo:
+    if not pending:
         return runs
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {probe.name: {} for probe, _ in todo}
-    stats = {probe.name: ProbeRun({}, key, cache_hit=False) for probe, key in todo}
-    for probe, _ in todo:
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {probe.name: {} for probe, _ in pending}
+    stats = {probe.name: ProbeRun({}, key, cache_hit=False) for probe, key in pending}
+    for probe, _ in pending:
         t0 = time.perf_counter()
         probe.begin(model)
         stats[probe.name].seconds += time.perf_counter() - t0
     for start in range(0, n, batch_size):
         index = list(range(start, min(n, start + batch_size)))
         ctx = QueryContext(model, index, latents[index])
-        for probe, _ in todo:
+        for probe, _ in pending:
             t0, before = time.perf_counter(), ctx.queries
             outputs = probe.compute(ctx)
             stats[probe.name].queries_computed += ctx.queries - before
             stats[probe.name].seconds += time.perf_counter() - t0
             for name, value in outputs.items():
                 parts[probe.name].setdefault(name, []).append(value.detach().float().cpu())
-    for probe, key in todo:
+    for probe, key in pending:
         outputs = {name: torch.cat(chunks) for name, chunks in parts[probe.name].items()}
         bad = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
         if bad:
