@@ -137,10 +137,10 @@ class LoRANetwork(nn.Module):
         self.dropout = dropout
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
+        with_conv = modules_dim is not None or self.conv_lora_dim is not None
         for part, model, enabled in (("text_encoder", text_encoder, apply_text_encoder), ("unet", unet, True)):
             if not enabled:
                 continue
-            with_conv = modules_dim is not None or self.conv_lora_dim is not None
             for name, (path, layer) in find_target_layers(model, part, conv=with_conv).items():
                 if modules_dim is not None:
                     if name not in modules_dim:
