@@ -365,7 +365,7 @@ class LoRANetwork(nn.Module):
             layer = layers.get(lora.lora_name)
             if layer is None:
                 raise ValueError(f"merge_to: the model given has no layer {lora.module_path} for {lora.lora_name}")
-            if lora.applied and lora._target[0] is layer:
+            if lora.is_applied_to(layer):
                 lora.restore()
             with torch.no_grad():
                 delta = lora.delta_weight(compute, device) * strength

@@ -93,6 +93,10 @@ class LoRAModule(nn.Module):
     def applied(self) -> bool:
         return bool(self._target)
 
+    def is_applied_to(self, layer: nn.Module) -> bool:
+        """Whether :meth:`apply_to` patched ``layer`` (and :meth:`restore` has not undone it since)."""
+        return self.applied and self._target[0] is layer
+
     def apply_to(self, org_module: nn.Module) -> None:
         """Patch ``org_module`` so that its forward runs the LoRA, and hang this module off it."""
         if self.applied:

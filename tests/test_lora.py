@@ -21,6 +21,7 @@ from networks.lora import (
     lora_file_sha256,
     read_lora_metadata,
 )
+from networks.lora_targets import layers_by_name
 
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores alpha is caught
 
@@ -160,6 +161,8 @@ def test_multiplier_restore_and_gradients(models, inputs):
     base = run(te, unet, inputs)
     network = trained_network(models)
     network.apply_to(te, unet)
+    layers = layers_by_name(te, unet)
+    assert all(lora.is_applied_to(layers[lora.lora_name]) for lora in network.loras)
     network.set_multiplier(0.0)
     assert torch.equal(run(te, unet, inputs)[1], base[1])
     network.set_multiplier(1.0)
@@ -172,6 +175,7 @@ def test_multiplier_restore_and_gradients(models, inputs):
     clone_te, clone_unet = copy.deepcopy(te), copy.deepcopy(unet)  # e.g. an EMA copy keeps its LoRA
     assert torch.equal(run(clone_te, clone_unet, inputs)[1], run(te, unet, inputs)[1])
     network.restore()
+    assert not any(lora.is_applied_to(layers[lora.lora_name]) for lora in network.loras)
     assert not any(".lora." in k for k in unet.state_dict())
     assert "forward" not in unet.mid_block.attentions[0].proj_in.__dict__
     assert torch.equal(run(te, unet, inputs)[1], base[1])
