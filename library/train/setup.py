@@ -24,6 +24,7 @@ from library.train.samplers import EpochCyclingSampler
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The launcher's processes and device, tensorboard under ``logging_dir``; no mixed precision (see load_models)."""
     return Accelerator(
         # cpu=True on a CPU-only machine lets torchrun / `accelerate launch --multi_gpu` start a gloo
         # process group there (multi-process tests and CPU debugging of the distributed path).
@@ -114,7 +115,9 @@ def learning_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str
     return {"lr": main, **{_KOHYA_LR_NAMES[name]: lr for name, lr in rates.items() if name in _KOHYA_LR_NAMES}}
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' ``lr_scheduler`` over the run's ``total_steps``, after ``lr_warmup_steps`` of warm-up."""
     from diffusers.optimization import get_scheduler  # noqa: PLC0415 - keeps import time down for --help
 
     warmup = config.lr_warmup_steps  # below 1: a ratio of the run's steps, rounded down as sd-scripts rounds it

@@ -138,6 +138,7 @@ class TrainingMethod:
         return {}
 
     def lora_loss(self, ctx: StepContext, result: ForwardResult) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to back-propagate for a D_tr batch (L_ada of Eq. 3; MP/SMP-LoRA: Eq. 6 / 10) and its logs."""
         raise NotImplementedError
 
     def process_gradients(self, batch_size: int) -> dict[str, float]:
@@ -145,6 +146,7 @@ class TrainingMethod:
         return {}
 
     def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after each epoch of D_tr (``epoch`` counts from 1); what it returns joins that epoch's record."""
         return {}
 
     def final_logs(self) -> dict[str, float]:
@@ -152,10 +154,12 @@ class TrainingMethod:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The method's own resumable state (the proxy attacker and its samplers; DP-SGD's accountant and noise)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
     def metadata(self) -> dict[str, str]:
+        """The method's ``smp_lora.*`` entries in the saved LoRA's safetensors metadata (its settings)."""
         return {}
