@@ -351,14 +351,14 @@ class Trainer:
         # RNG); the fork is a second guard, so the monitor can never shift a later dropout mask.
         with torch.random.fork_rng(devices=cuda_devices(self.device)), \
                 eval_mode(self.bundle.unet, self.bundle.text_encoder, getattr(self.trained, "network", None)):
-            for name, (m, nm) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
-                                  "test": (self.data.member_test, self.data.nonmember_test)}.items():
-                if m is None or nm is None or len(m) + len(nm) == 0:
+            for split, (members, nonmembers) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
+                                                 "test": (self.data.member_test, self.data.nonmember_test)}.items():
+                if members is None or nonmembers is None or len(members) + len(nonmembers) == 0:
                     continue
-                latents = torch.cat([m.latents, nm.latents])
-                labels = torch.cat([torch.ones(len(m), dtype=torch.long), torch.zeros(len(nm), dtype=torch.long)])
-                out[f"proxy_acc_{name}"] = self.method.proxy_accuracy(ctx, latents, m.captions + nm.captions,
-                                                                      m.keys + nm.keys, labels)
+                latents = torch.cat([members.latents, nonmembers.latents])
+                labels = torch.tensor([1] * len(members) + [0] * len(nonmembers), dtype=torch.long)
+                out[f"proxy_acc_{split}"] = self.method.proxy_accuracy(
+                    ctx, latents, members.captions + nonmembers.captions, members.keys + nonmembers.keys, labels)
         return out
 
     # ---- state ------------------------------------------------------------------------------------
