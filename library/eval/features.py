@@ -189,9 +189,9 @@ def applied_lora(bundle: Any, lora_path: str | Path | LoraSource | None, multipl
     ``unet`` (a full fine-tune, :mod:`library.eval.unet_weights`) swaps its weights into the bundle's UNet, and
     its own text encoder's, if it has one, into the bundle's (the network stays None, so probes see a model
     without LoRA and group the UNet's own blocks); ``lora_path`` applies a kohya / diffusers / PEFT LoRA file (or
-    the :class:`~networks.lora_io.LoraSource` read of one) to the UNet and text encoder; neither is the base model. A LoRA or UNet for another model raises
-    :class:`~library.errors.ModelError` before anything is patched; the base weights are back even if the block
-    fails.
+    the :class:`~networks.lora_io.LoraSource` read of one) to the UNet and text encoder; neither is the base
+    model. A LoRA or UNet for another model raises :class:`~library.errors.ModelError` before anything is patched;
+    the base weights are back even if the block fails.
     """
     with contextlib.ExitStack() as stack:
         if unet is not None:
