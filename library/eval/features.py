@@ -342,59 +342,75 @@ class FeatureEngine:
 
     @torch.no_grad()
     def _run(self, name: str, samples: Sequence[Sample], latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The features of the applied model: every query of :func:`plan_queries`, ``batch_size`` at a time."""
         settings = self.settings
         n, k, m = len(samples), len(settings.timesteps), settings.num_noise_draws
         queries = plan_queries(samples, settings)
         losses = torch.full((n, k * m), float("nan"))
-        paper: torch.Tensor | None = None
-        draws = settings.paper_draws
-        paper_t = torch.full((n, draws), -1, dtype=torch.long) if settings.paper_row else None
-        unet, text_encoder, tokenizer = self.bundle.unet, self.bundle.text_encoder, self.bundle.tokenizer
-        latent_shape = tuple(latents.shape[1:])
+        paper: torch.Tensor | None = None  # allocated by the first paper row, whose size it learns
+        paper_t = torch.full((n, settings.paper_draws), -1, dtype=torch.long) if settings.paper_row else None
         bar = tqdm(total=len(queries), desc=f"features [{name}]", unit="query", disable=not self.progress, leave=False)
         try:
             for start in range(0, len(queries), self.batch_size):
                 chunk = queries[start : start + self.batch_size]
-                idx = torch.tensor([q.sample for q in chunk])
-                # Encode each distinct caption of the chunk once (with the LoRA's text encoder, if it has one).
-                captions = [samples[q.sample].caption for q in chunk]
-                distinct = list(dict.fromkeys(captions))
-                states = encode_prompts(tokenizer, text_encoder, distinct, max_token_length=settings.max_token_length,
-                                        clip_skip=settings.clip_skip)
-                cond = states[torch.tensor([distinct.index(c) for c in captions])]
-                draw = NoiseDraw(
-                    torch.tensor([q.timestep for q in chunk], dtype=torch.long, device=self.device),
-                    torch.stack([query_noise(q, latent_shape) for q in chunk]).to(self.device, self.dtype),
-                )
-                errors = denoising_errors(unet, self.bundle.noise_scheduler, latents[idx].to(self.device, self.dtype),
-                                          cond.to(self.dtype), draw)
-                row_losses = per_sample_loss(errors).float().cpu()
-                for row, q in enumerate(chunk):
-                    if q.slot >= 0:
-                        losses[q.sample, q.slot] = row_losses[row]
-                        continue
-                    value = errors[row].flatten().float().cpu() if settings.paper_features == "error_map" \
-                        else row_losses[row : row + 1]
-                    if paper is None:
-                        paper = torch.empty((n, draws, value.numel()), dtype=torch.float32)
-                    paper[q.sample, -1 - q.slot] = value
-                    assert paper_t is not None
-                    paper_t[q.sample, -1 - q.slot] = q.timestep
+                errors = self._chunk_errors(chunk, samples, latents)
+                paper = self._store_rows(chunk, errors, losses, paper, paper_t)
                 bar.update(len(chunk))
         finally:
             bar.close()
-        if not torch.isfinite(losses).all():
-            from library.errors import ModelError
-
-            advice = ("try --mixed_precision no" if self.dtype != torch.float32 else
-                      "in fp32 its weights (or the base model's) must hold values too large to compute with")
-            raise ModelError(f"model '{name}' gives NaN/inf noise predictions ({advice})")
+        self._check_finite(name, losses)
         out = {"losses": losses.view(n, k, m)}
         if paper is not None and paper_t is not None:
             out["paper"] = paper
             out["paper_timesteps"] = paper_t
         return out
 
+    def _chunk_errors(self, chunk: Sequence[Query], samples: Sequence[Sample], latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's squared noise-prediction errors of one chunk of queries, one row per query."""
+        settings = self.settings
+        idx = torch.tensor([q.sample for q in chunk])
+        # Encode each distinct caption of the chunk once (with the LoRA's text encoder, if it has one).
+        captions = [samples[q.sample].caption for q in chunk]
+        distinct = list(dict.fromkeys(captions))
+        states = encode_prompts(self.bundle.tokenizer, self.bundle.text_encoder, distinct,
+                                max_token_length=settings.max_token_length, clip_skip=settings.clip_skip)
+        cond = states[torch.tensor([distinct.index(c) for c in captions])]
+        latent_shape = tuple(latents.shape[1:])
+        draw = NoiseDraw(
+            torch.tensor([q.timestep for q in chunk], dtype=torch.long, device=self.device),
+            torch.stack([query_noise(q, latent_shape) for q in chunk]).to(self.device, self.dtype),
+        )
+        return denoising_errors(self.bundle.unet, self.bundle.noise_scheduler,
+                                latents[idx].to(self.device, self.dtype), cond.to(self.dtype), draw)
+
+    def _store_rows(self, chunk: Sequence[Query], errors: torch.Tensor, losses: torch.Tensor,
+                    paper: torch.Tensor | None, paper_t: torch.Tensor | None) -> torch.Tensor | None:
+        """Write a chunk's rows in place: fixed-t queries into ``losses`` [N, K*M] (Eq. 1's loss), paper queries
+        into ``paper`` [N, D, F] and their t into ``paper_t`` [N, D]; returns ``paper``, allocated on first use
+        (F is known only once an error map is seen)."""
+        row_losses = per_sample_loss(errors).float().cpu()
+        for row, q in enumerate(chunk):
+            if q.slot >= 0:
+                losses[q.sample, q.slot] = row_losses[row]
+                continue
+            value = errors[row].flatten().float().cpu() if self.settings.paper_features == "error_map" \
+                else row_losses[row : row + 1]
+            if paper is None:
+                paper = torch.empty((losses.shape[0], self.settings.paper_draws, value.numel()), dtype=torch.float32)
+            paper[q.sample, -1 - q.slot] = value
+            assert paper_t is not None
+            paper_t[q.sample, -1 - q.slot] = q.timestep
+        return paper
+
+    def _check_finite(self, name: str, losses: torch.Tensor) -> None:
+        """Raise :class:`~library.errors.ModelError` if any loss is NaN/inf (a model that cannot be audited)."""
+        if torch.isfinite(losses).all():
+            return
+        from library.errors import ModelError
+
+        advice = ("try --mixed_precision no" if self.dtype != torch.float32 else
+                  "in fp32 its weights (or the base model's) must hold values too large to compute with")
+        raise ModelError(f"model '{name}' gives NaN/inf noise predictions ({advice})")
 
 __all__ = [
     "FEATURE_FORMAT",
