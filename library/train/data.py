@@ -108,7 +108,7 @@ def most_repeats(labelled: LabelledSet) -> tuple[int, list[Path]]:
     return repeats, sorted({Path(path) for path, k in zip(labelled.paths, labelled.keys) if k == key})
 
 
-def check_training_data(data: TrainingData, method: type[TrainingMethod], config: TrainConfig, world: int) -> None:
+def check_training_data(data: TrainingData, method: type[TrainingMethod], config: TrainConfig, world_size: int) -> None:
     """What the method needs of the sets, checked before any model work (so ``--dry_run`` says it): each member
     image once where the method says why (``distinct_members``: kohya repeats or one image under two names are
     refused), and an attacker's D^m_aux / D^nm_aux each filling one ``--attacker_batch_size`` batch."""
@@ -119,7 +119,7 @@ def check_training_data(data: TrainingData, method: type[TrainingMethod], config
                         f"names); train {method.name} on a set with each image once")
     if method.needs_aux and data.member_aux is not None and data.nonmember_aux is not None:
         for aux, what in ((data.member_aux, "D^m_aux"), (data.nonmember_aux, "D^nm_aux")):
-            check_batch_fits(len(aux), config.attacker_batch_size, world, f"{what} (--attacker_batch_size)")
+            check_batch_fits(len(aux), config.attacker_batch_size, world_size, f"{what} (--attacker_batch_size)")
     method.check_data(config, len(data.members))
 
 

@@ -133,8 +133,8 @@ def run_identity(trainer: Trainer) -> dict[str, Any]:
             "network_args": json.dumps(config.network_kwargs, sort_keys=True)}),
         # The batches over all processes (each takes its share): another process count may resume with the same
         # totals, never with other ones (which the per-process settings alone would not show)
-        "total_batch": config.train_batch_size * trainer.accelerator.num_processes,
-        **({"total_attacker_batch": config.attacker_batch_size * trainer.accelerator.num_processes}
+        "total_batch": config.train_batch_size * trainer.world_size,
+        **({"total_attacker_batch": config.attacker_batch_size * trainer.world_size}
            if trainer.method_class.has_attacker else {}),
         "text_encoder_lora": trains_text_encoder(config),
         "prior_images": config.num_class_images if config.with_prior_preservation else 0,

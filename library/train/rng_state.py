@@ -21,17 +21,17 @@ def process_rng_state(noise_generator: torch.Generator, device: torch.device) ->
 
 
 def restore_process_rng_state(state: dict[str, Any], noise_generator: torch.Generator, device: torch.device,
-                              rank: int, world: int) -> str | None:
+                              rank: int, world_size: int) -> str | None:
     """Give this process its own streams back from a trainer state; returns a warning when it cannot.
 
     A state of another process count (or one written before 2026-12-05, which kept the main process's streams
     only) cannot continue every stream: each process keeps its freshly seeded ones and the run is no longer the
     uninterrupted one, which the returned line says."""
     ranks = state.get("rank_rng") or [{"noise_generator": state["noise_generator"], "torch_rng": state["torch_rng"]}]
-    if len(ranks) != world:
+    if len(ranks) != world_size:
         written = (f"was written by {len(ranks)} process(es)" if "rank_rng" in state
                    else "keeps one process's random streams (written before 2026-12-05)")
-        return (f"warning: the state {written}, this run has {world}: training goes on, but with new random "
+        return (f"warning: the state {written}, this run has {world_size}: training goes on, but with new random "
                 "streams, not as the uninterrupted run would")
     mine = ranks[rank]
     noise_generator.set_state(mine["noise_generator"])

@@ -87,8 +87,8 @@ class Trainer:
         self.output_name = config.output_name or method_name
         self.output_dir = Path(config.output_dir)
         self.accelerator = make_accelerator(config)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if self.method_class.single_process and world > 1:
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self.method_class.single_process and self.world_size > 1:
             raise ConfigError(f"{self.method_class.single_process}; launch train_{method_name}.py without "
                               "--multi_gpu / --num_processes")
         self.device = self.accelerator.device
@@ -98,7 +98,7 @@ class Trainer:
         if config.sample_prompts:
             read_prompt_file(config.sample_prompts)  # a bad prompt file fails now, not after an epoch
         self.data: TrainingData = load_training_records(config, needs_aux=self.method_class.needs_aux)
-        check_training_data(self.data, self.method_class, config, world)
+        check_training_data(self.data, self.method_class, config, self.world_size)
         prior.check_prior_config(config)
         if config.instance_token:
             prior.check_instance_captions(self.data.members.paths, self.data.members.captions, config.instance_token)
@@ -109,14 +109,14 @@ class Trainer:
         self.trainable = self.trained.params
         self.conditioner = TextConditioner(self.bundle, config, trains_text_encoder=trains_text_encoder(config))
 
-        self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, rank, world,
-                                           what="D_tr, the members (--train_batch_size)")
+        self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, self.rank,
+                                           self.world_size, what="D_tr, the members (--train_batch_size)")
         self.total_steps = total_steps(config, self.sampler)
         self.loss_recorder = LossRecorder(self.sampler.batches_per_epoch // config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(config, self.trained.param_groups(config))
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         # modulo 2**64: any seed up to 2**63 - 1 is valid (torch takes 64 bits); smaller products are unchanged
-        self.noise_generator = torch.Generator().manual_seed((config.seed * 7919 + rank) % 2**64)
+        self.noise_generator = torch.Generator().manual_seed((config.seed * 7919 + self.rank) % 2**64)
         self.global_step = 0
         self.epoch_logs: list[dict[str, Any]] = []
         self.last_logs: dict[str, float] = {}  # the latest step's, kept in the state: a resume at the end has them
@@ -135,9 +135,8 @@ class Trainer:
         if made:
             print(f"generated {made} class image(s) into {self.config.class_data_dir}", flush=True)
         self.data.prior = LabelledSet([r.path for r in records], [r.caption for r in records])
-        return EpochCyclingSampler(len(records), self.config.train_batch_size, self.config.seed + 11,
-                                   self.accelerator.process_index, self.accelerator.num_processes,
-                                   what="the class images (--num_class_images)")
+        return EpochCyclingSampler(len(records), self.config.train_batch_size, self.config.seed + 11, self.rank,
+                                   self.world_size, what="the class images (--num_class_images)")
 
     # ---- set-up that costs compute --------------------------------------------------------------
     def prepare(self) -> None:
@@ -145,7 +144,7 @@ class Trainer:
         attach_latents(self.data, self.bundle, self.config, self.device, every_set=self.method_class.has_attacker)
         aux = self.data.aux_data()
         self.method = self.method_class.build(MethodSetup(
-            self.config, self.device, aux, self.accelerator.process_index, self.accelerator.num_processes,
+            self.config, self.device, aux, self.rank, self.world_size,
             network=self.trained.module, params=self.trainable, num_members=len(self.data.members)))
         sets = [SampleSet(labelled.latents, labelled.captions, labelled.keys) for labelled in self.data.sets()
                 if labelled.latents is not None and len(labelled)]
@@ -167,7 +166,7 @@ class Trainer:
         return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
                 f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
                 f"{self._members_plan()}, batch "
-                f"{cfg.train_batch_size} x {self.accelerator.num_processes} process(es), "
+                f"{cfg.train_batch_size} x {self.world_size} process(es), "
                 f"{self.sampler.batches_per_epoch} batches/epoch{self._leftover_plan()}, {self.total_steps} optimisation steps "
                 f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
                 f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}"
@@ -260,7 +259,7 @@ class Trainer:
             latents = torch.cat([latents, class_set.latents[class_indices]])
             captions += [class_set.captions[i] for i in class_indices]
         if self.config.shuffle_caption:  # seeded by the step, so a resumed run shuffles identically
-            rng = random.Random(f"{self.config.seed}-{self.global_step}-{self.accelerator.process_index}")
+            rng = random.Random(f"{self.config.seed}-{self.global_step}-{self.rank}")
             captions = [shuffle_caption(c, self.config.keep_tokens, rng) for c in captions]
         draw = draw_noise(latents, self.noise_generator, self.config.min_timestep, self.config.max_timestep)
         with self.autocast():
@@ -285,7 +284,7 @@ class Trainer:
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
         logs = self.last_logs
         started, start_step = time.perf_counter(), self.global_step
-        images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
+        images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world_size
         while self.global_step < self.total_steps:
             epoch_before = self.completed_epochs()
             logs = self.last_logs = self.step()
@@ -400,8 +399,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.prior_sampler is not None:
             self.prior_sampler.load_state_dict(state["prior_sampler"])
-        warning = restore_process_rng_state(state, self.noise_generator, self.device, self.accelerator.process_index,
-                                            self.accelerator.num_processes)
+        warning = restore_process_rng_state(state, self.noise_generator, self.device, self.rank, self.world_size)
         if warning and self.accelerator.is_main_process:
             print(warning, flush=True)
         self.method.load_state_dict(state["method"])
