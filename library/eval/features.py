@@ -412,6 +412,7 @@ class FeatureEngine:
                   "in fp32 its weights (or the base model's) must hold values too large to compute with")
         raise ModelError(f"model '{name}' gives NaN/inf noise predictions ({advice})")
 
+
 __all__ = [
     "FEATURE_FORMAT",
     "FeatureEngine",
