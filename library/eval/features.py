@@ -347,14 +347,18 @@ class FeatureEngine:
         n, k, m = len(samples), len(settings.timesteps), settings.num_noise_draws
         queries = plan_queries(samples, settings)
         losses = torch.full((n, k * m), float("nan"))
-        paper: torch.Tensor | None = None  # allocated by the first paper row, whose size it learns
-        paper_t = torch.full((n, settings.paper_draws), -1, dtype=torch.long) if settings.paper_row else None
+        paper: torch.Tensor | None = None  # h''s inputs [N, D, F]: an error map or the loss per draw
+        paper_t: torch.Tensor | None = None  # their timesteps [N, D]
+        if settings.paper_row:
+            width = latents[0].numel() if settings.paper_features == "error_map" else 1
+            paper = torch.empty((n, settings.paper_draws, width), dtype=torch.float32)
+            paper_t = torch.full((n, settings.paper_draws), -1, dtype=torch.long)
         bar = tqdm(total=len(queries), desc=f"features [{name}]", unit="query", disable=not self.progress, leave=False)
         try:
             for start in range(0, len(queries), self.batch_size):
                 chunk = queries[start : start + self.batch_size]
                 errors = self._chunk_errors(chunk, samples, latents)
-                paper = self._store_rows(chunk, errors, losses, paper, paper_t)
+                self._store_rows(chunk, errors, losses, paper, paper_t)
                 bar.update(len(chunk))
         finally:
             bar.close()
@@ -384,10 +388,9 @@ class FeatureEngine:
                                 latents[idx].to(self.device, self.dtype), cond.to(self.dtype), draw)
 
     def _store_rows(self, chunk: Sequence[Query], errors: torch.Tensor, losses: torch.Tensor,
-                    paper: torch.Tensor | None, paper_t: torch.Tensor | None) -> torch.Tensor | None:
+                    paper: torch.Tensor | None, paper_t: torch.Tensor | None) -> None:
         """Write a chunk's rows in place: fixed-t queries into ``losses`` [N, K*M] (Eq. 1's loss), paper queries
-        into ``paper`` [N, D, F] and their t into ``paper_t`` [N, D]; returns ``paper``, allocated on first use
-        (F is known only once an error map is seen)."""
+        into ``paper`` [N, D, F] and their t into ``paper_t`` [N, D]."""
         row_losses = per_sample_loss(errors).float().cpu()
         for row, q in enumerate(chunk):
             if q.slot >= 0:
@@ -395,12 +398,9 @@ class FeatureEngine:
                 continue
             value = errors[row].flatten().float().cpu() if self.settings.paper_features == "error_map" \
                 else row_losses[row : row + 1]
-            if paper is None:
-                paper = torch.empty((losses.shape[0], self.settings.paper_draws, value.numel()), dtype=torch.float32)
+            assert paper is not None and paper_t is not None  # paper queries are planned only with settings.paper_row
             paper[q.sample, -1 - q.slot] = value
-            assert paper_t is not None
             paper_t[q.sample, -1 - q.slot] = q.timestep
-        return paper
 
     def _check_finite(self, name: str, losses: torch.Tensor) -> None:
         """Raise :class:`~library.errors.ModelError` if any loss is NaN/inf (a model that cannot be audited)."""
