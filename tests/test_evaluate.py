@@ -373,19 +373,28 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
 
 
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
-    """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's."""
+    """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's;
+    so are the latents encoded (a VAE pass on another count gives other last bits, which the features inherit)."""
     import library.eval.run as run
+    from library.data.latents import LatentCache
 
     seen: list[int] = []
-    original = run.model_features
+    encoded: list[int] = []
+    original, original_encode = run.model_features, LatentCache.get_many
 
     def spy(job, bundle=None):
         seen.append(torch.get_num_threads())
         return original(job, bundle)
 
+    def spy_encode(self, paths):
+        encoded.append(torch.get_num_threads())
+        return original_encode(self, paths)
+
     monkeypatch.setattr(run, "model_features", spy)
+    monkeypatch.setattr(LatentCache, "get_many", spy_encode)
     rc = evaluate_mia.main(base_args(world, tmp_path / "eval", "--attacks", "loss", "--threads", "2", "--no_cache"))
     assert rc == 0 and seen and set(seen) == {2}
+    assert encoded and set(encoded) == {2}
     assert torch.get_num_threads() == 1  # the caller's setting (tests/conftest.py), restored
 
 

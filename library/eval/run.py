@@ -180,7 +180,8 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
                                None if config.no_cache else _cache_root(config) / "latents",
                                batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
-    latents = latent_cache.get_many([s.path for s in samples.samples])
+    with pool.in_process():  # on --threads threads, as the features: a VAE pass's last bits depend on the count
+        latents = latent_cache.get_many([s.path for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
     settings = FeatureSettings(
         timesteps=tuple(config.timesteps), num_noise_draws=config.num_noise_draws, seed=config.seed,
