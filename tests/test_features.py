@@ -41,10 +41,11 @@ def test_impossible_combinations_are_config_errors(kwargs, message):
         ProxyFeatures(**kwargs)
 
 
-def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args):
-    with pytest.raises(ConfigError, match="use standardize"):
+@pytest.mark.parametrize("calibration", ["base", "both"])
+def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args, calibration):
+    with pytest.raises(ConfigError, match=f"'attacker_calibration = {calibration}'.*use standardize"):
         parse_config(TrainConfig, tiny_train_args + ["--attacker_features", "multi_t_loss", "--attacker_noise",
-                                                     "fixed", "--attacker_calibration", "base"])
+                                                     "fixed", "--attacker_calibration", calibration])
 
 
 def test_multi_t_features_are_batch_independent_and_calibrate_to_zero_on_the_base(tiny_model_dir):
@@ -136,6 +137,56 @@ def test_t_loss_features_are_t_and_loss_and_calibrate_the_loss_only():
     torch.testing.assert_close(proxy.calibrate(features, base), torch.stack([t / 1000.0, torch.full((3,), 0.25)], 1))
     assert not ProxyFeatures(kind="multi_t_loss", calibration="base").reuses_training_forward
     assert not ProxyFeatures(kind="loss", calibration="base").reuses_training_forward  # its G needs its own pass
+
+
+def test_both_calibration_puts_the_raw_loss_beside_the_calibrated_one():
+    """``both``: t_loss gives (t, loss, loss - base); the other loss kinds their raw columns, then the calibrated."""
+    t = torch.tensor([10, 250, 999])
+    losses = torch.tensor([0.5, 0.25, 0.125])
+    t_loss = torch.stack([t / 1000.0, losses], dim=1)
+    base = torch.stack([t / 1000.0, losses - 0.0625], dim=1)
+    both = ProxyFeatures(kind="t_loss", calibration="both")
+    assert both.dim((4, 8, 8)) == 3 and both.uses_base and both.reuses_training_forward
+    torch.testing.assert_close(both.calibrate(t_loss, base),
+                               torch.stack([t / 1000.0, losses, torch.full((3,), 0.0625)], dim=1))
+    multi = ProxyFeatures(kind="multi_t_loss", timesteps=(10, 100), noise="fixed", calibration="both")
+    assert multi.dim((4, 8, 8)) == 4 and multi.caches_base
+    raw = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    torch.testing.assert_close(multi.calibrate(raw, raw - 1.0), torch.tensor([[1.0, 2.0, 1.0, 1.0],
+                                                                              [3.0, 4.0, 1.0, 1.0]]))
+    assert ProxyFeatures(kind="loss", calibration="both").dim((4, 8, 8)) == 2
+    assert not ProxyFeatures(kind="loss").uses_base
+    with pytest.raises(ConfigError, match="'attacker_calibration = both' works on losses"):
+        ProxyFeatures(kind="error_map", calibration="both")
+
+
+@pytest.mark.parametrize("features", [["--attacker_features", "t_loss", "--attacker_max_timestep", "500"],
+                                      ["--attacker_features", "loss", "--attacker_noise", "fixed"]])
+def test_both_calibration_trains_with_a_three_column_proxy_and_records_it(tiny_train_args, features):
+    """The proxy gets the raw and calibrated columns (h_w's input size and normaliser follow), the base model runs
+    (the calibrated column is not the raw one), and the LoRA's metadata says ``both``."""
+    args = tiny_train_args + features + ["--attacker_batch_size", "2", "--privacy_lambda", "1",
+                                         "--attacker_calibration", "both", "--attacker_normalization", "standardize",
+                                         "--max_train_steps", "3", "--attacker_eval_every_n_epochs", "1000"]
+    import library.train.methods.adversarial as adversarial_module
+
+    seen = []
+    real_calibrate = adversarial_module.ProxyFeatures.calibrate
+
+    def spying_calibrate(self, raw, base):
+        out = real_calibrate(self, raw, base)
+        seen.append(out.detach())
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adversarial_module.ProxyFeatures, "calibrate", spying_calibrate)
+        result = train(parse_config(TrainConfig, args), "smp_lora")
+    assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
+    width = 3 if "t_loss" in features else 2
+    assert seen and all(f.shape[1] == width for f in seen)
+    assert any(not torch.equal(f[:, -2], f[:, -1]) for f in seen)  # the base term is not zero
+    with safe_open(result.lora_path, "pt") as handle:
+        assert handle.metadata()["smp_lora.attacker_calibration"] == "both"
 
 
 def test_calibrated_t_loss_smp_reads_g_from_the_training_forward(tiny_train_args, monkeypatch):

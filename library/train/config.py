@@ -156,7 +156,8 @@ class TrainConfig:
     attacker_calibration: str = option(
         "none", "base: the proxy sees loss(LoRA) - loss(frozen base) for the same (t, eps), the signal of the strongest "
         "evaluation attack (cached once with fixed noise, one more no-grad pass with fresh noise; needs loss "
-        "features and a normalisation without log)", choices=["none", "base"])
+        "features and a normalisation without log); both: the raw loss and that difference side by side, at the "
+        "same cost", choices=["none", "base", "both"])
     attacker_restart: str = option(
         "none", "every --attacker_restart_every_n_epochs: reinit = a freshly initialised proxy, warm = reset its Adam "
         "state only", choices=["none", "reinit", "warm"])
@@ -375,10 +376,10 @@ class TrainConfig:
                                   f"({self.min_timestep}, {self.max_timestep}], got {band}")
         ProxyFeatures(kind=self.attacker_features, timesteps=tuple(self.attacker_timesteps), noise=self.attacker_noise,
                       calibration=self.attacker_calibration)  # ConfigError for an impossible combination
-        if self.attacker_calibration == "base" and "log" in self.attacker_normalization:
-            raise ConfigError(f"'attacker_calibration = base' gives signed features (LoRA minus base), which "
-                              f"'attacker_normalization = {self.attacker_normalization}' would take the log of; "
-                              "use standardize (or none)")
+        if self.attacker_calibration != "none" and "log" in self.attacker_normalization:
+            raise ConfigError(f"'attacker_calibration = {self.attacker_calibration}' gives signed features (LoRA "
+                              f"minus base), which 'attacker_normalization = {self.attacker_normalization}' would take "
+                              "the log of; use standardize (or none)")
 
     def validate_for_method(self, method: str) -> None:
         """Checks that depend on which training script runs: the method's own (one ConfigError line each), and one

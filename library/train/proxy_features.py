@@ -30,6 +30,9 @@ adversary would really use (``docs/paper-fidelity.md``, "What h_w sees"; ``docs/
     before training, and cached (:class:`BaseFeatureCache`). With fresh noise it costs one more no-grad UNet
     pass (the LoRA switched off) on the same draw each time. Calibrated features can be negative: use a
     normalisation without ``log``.
+  * ``both`` — the raw value and the calibrated one side by side (``t_loss``: t, loss, loss minus base), at the
+    cost of ``base``: a proxy that reads only the calibrated loss defends that statistic, and the raw loss above
+    its band stays the defence's most consistent leak (``docs/results.md`` §25); this one is shown both.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from library.sd.diffusion import (
 
 FEATURE_KINDS = ("error_map", "loss", "multi_t_loss", "t_loss")
 NOISE_MODES = ("fresh", "fixed")
-CALIBRATIONS = ("none", "base")
+CALIBRATIONS = ("none", "base", "both")
 
 
 def feature_dim(kind: str, latent_shape: Sequence[int], timesteps: Sequence[int]) -> int:
@@ -128,12 +131,20 @@ class ProxyFeatures:
                                      ("attacker_calibration", self.calibration, CALIBRATIONS)):
             if value not in allowed:
                 raise ConfigError(f"'{name}' must be one of {', '.join(allowed)}, got {value!r}")
-        if self.calibration == "base" and self.kind == "error_map":
-            raise ConfigError("'attacker_calibration = base' works on losses: use attacker_features t_loss, "
-                              "loss or multi_t_loss")
+        if self.uses_base and self.kind == "error_map":
+            raise ConfigError(f"'attacker_calibration = {self.calibration}' works on losses: use attacker_features "
+                              "t_loss, loss or multi_t_loss")
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the features need the frozen base model's term (``base`` or ``both``)."""
+        return self.calibration != "none"
 
     def dim(self, latent_shape: Sequence[int]) -> int:
-        return feature_dim(self.kind, latent_shape, self.timesteps)
+        raw = feature_dim(self.kind, latent_shape, self.timesteps)
+        if self.calibration != "both":
+            return raw
+        return raw + (1 if self.kind == "t_loss" else raw)  # t_loss: t once, then the raw and calibrated losses
 
     @property
     def reuses_training_forward(self) -> bool:
@@ -143,15 +154,20 @@ class ProxyFeatures:
         return one_t and (self.calibration == "none" or self.kind == "t_loss")
 
     def calibrate(self, features: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """``features`` minus the base model's on the same (t, eps); ``t_loss`` keeps its t column."""
+        """``features`` minus the base model's on the same (t, eps), ``t_loss`` keeping its t column; with ``both``
+        the raw columns come first, the calibrated ones after them."""
         if self.kind == "t_loss":
-            return torch.stack([features[:, 0], features[:, 1] - base[:, 1]], dim=1)
+            t, loss = features[:, 0], features[:, 1]
+            columns = [t, loss, loss - base[:, 1]] if self.calibration == "both" else [t, loss - base[:, 1]]
+            return torch.stack(columns, dim=1)
+        if self.calibration == "both":
+            return torch.cat([features, features - base], dim=1)
         return features - base
 
     @property
     def caches_base(self) -> bool:
         """Whether the base model's term is a per-sample constant, computed once (fixed noise)."""
-        return self.calibration == "base" and self.noise == "fixed"
+        return self.uses_base and self.noise == "fixed"
 
     def draw(self, latents: torch.Tensor, keys: Sequence[str] | None, generator: torch.Generator | None) -> NoiseDraw:
         """The (t, eps) of a batch: B rows, or B*K for ``multi_t_loss``."""
@@ -176,7 +192,7 @@ class ProxyFeatures:
 
 
 class BaseFeatureCache:
-    """The base model's features per sample key (calibration ``base``): computed once, then looked up."""
+    """The base model's features per sample key (calibration ``base`` / ``both``): computed once, then looked up."""
 
     def __init__(self) -> None:
         self._values: dict[str, torch.Tensor] = {}

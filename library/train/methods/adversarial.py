@@ -62,7 +62,7 @@ class AdversarialLoRA(TrainingMethod):
 
     @classmethod
     def needs_base_model(cls, config: TrainConfig) -> bool:
-        return config.attacker_calibration == "base"  # MP-LoRA's proxy too: a full fine-tune keeps the base
+        return config.attacker_calibration != "none"  # MP-LoRA's proxy too: a full fine-tune keeps the base
 
     def __init__(self, config: TrainConfig, aux: AuxData, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config
@@ -95,8 +95,10 @@ class AdversarialLoRA(TrainingMethod):
             torch.manual_seed(seed)
             self.attacker = ProxyAttacker(
                 self.in_features, dropout=cfg.attacker_dropout, normalization=cfg.attacker_normalization,
-                # losses at different t differ in scale by orders of magnitude: one mean/var per timestep
-                per_feature_stats=cfg.attacker_features in ("multi_t_loss", "t_loss"),
+                # losses at different t differ in scale by orders of magnitude, and a raw loss from its
+                # calibrated difference: one mean/var per feature
+                per_feature_stats=cfg.attacker_features in ("multi_t_loss", "t_loss")
+                or self.features.calibration == "both",
             ).to(self.device)
         self._new_optimizer()
 
@@ -122,8 +124,8 @@ class AdversarialLoRA(TrainingMethod):
         return {"attacker_restarts": float(self.restarts)}
 
     def before_training(self, ctx: StepContext, sets: Sequence[SampleSet]) -> None:
-        """``--attacker_calibration base`` with fixed noise: the frozen base model's term of every sample the
-        proxy will see (D_tr, D_aux and the monitor's D_te), once. The LoRA is switched off, so this also
+        """``--attacker_calibration base`` (or ``both``) with fixed noise: the frozen base model's term of every sample
+        the proxy will see (D_tr, D_aux and the monitor's D_te), once. The LoRA is switched off, so this also
         holds when training continues from --network_weights or a resumed state."""
         for samples in sets:
             self.cache_base_features(ctx, samples.latents, samples.captions, samples.keys)
@@ -197,7 +199,7 @@ class AdversarialLoRA(TrainingMethod):
     def _features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
                   captions: list[str] | None = None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
         """What h_w sees: the raw features, minus the base model's on the same (t, eps) when calibrated."""
-        if self.features.calibration == "none":
+        if not self.features.uses_base:
             return self._raw_features(ctx, latents, keys, captions, conditioning)
         if self.features.caches_base:
             assert keys is not None
@@ -261,7 +263,7 @@ class AdversarialLoRA(TrainingMethod):
                 captions = [caption for caption, k in zip(captions, kept) if k] if captions is not None else None
         features = features_from_errors(errors, self.config.attacker_features, latents.shape[0],
                                         draw.timesteps if draw is not None else None)
-        if self.features.calibration == "base":  # t_loss: the base model on the very same (t, eps)
+        if self.features.uses_base:  # t_loss: the base model on the very same (t, eps)
             base = self._base_on_draw(ctx, latents, keys, captions, conditioning, draw)
             features = self.features.calibrate(features, base)
         return features
