@@ -181,3 +181,25 @@ def test_the_proxy_attacker_learns_members_as_members(tiny_train_args, monkeypat
         width = real(ctx, members.latents[:2], members.keys[:2], members.captions[:2]).shape[1]
         probabilities = torch.softmax(method.attacker(torch.ones(3, width), update_stats=False), dim=1)
     assert bool((probabilities[:, 1] > 0.5).all())  # column 1 is "member" (privacy.member_log_prob)
+
+
+def test_the_attacker_phase_logs_the_mean_of_its_k_steps(tiny_train_args, monkeypatch):
+    """--k_steps 3: the logged cross-entropy and accuracy are the means over the three updates, not the last one's;
+    the accuracy is the exact fraction of correct decisions (privacy.attacker_accuracy)."""
+    import library.train.methods.adversarial as adversarial_module
+    from library.privacy import attacker_accuracy
+
+    trainer = _privacy_trainer(tiny_train_args, "smp_lora", "--k_steps", "3")
+    seen = []
+    real_loss = adversarial_module.attacker_loss
+
+    def spying_loss(member_logits, nonmember_logits):
+        loss = real_loss(member_logits, nonmember_logits)
+        seen.append((loss.item(), attacker_accuracy(member_logits.detach(), nonmember_logits.detach())))
+        return loss
+
+    monkeypatch.setattr(adversarial_module, "attacker_loss", spying_loss)
+    logs = trainer.method.attacker_phase(trainer._context())
+    assert len(seen) == 3 and len({ce for ce, _ in seen}) == 3  # three updates on three batches
+    assert logs["attacker_ce"] == pytest.approx(sum(ce for ce, _ in seen) / 3, rel=1e-12)
+    assert logs["attacker_acc"] == pytest.approx(sum(acc for _, acc in seen) / 3, rel=1e-12)

@@ -23,6 +23,7 @@ from library.data.dataset import shuffle_caption
 from library.errors import TrainingError, warn
 from library.privacy import (
     ProxyAttacker,
+    attacker_accuracy,
     attacker_loss,
     mi_gain_members,
     privacy_loss_terms,
@@ -147,7 +148,8 @@ class AdversarialLoRA(TrainingMethod):
 
     # ---- Algorithm 1, lines 4-6 --------------------------------------------------------------
     def attacker_phase(self, ctx: StepContext) -> dict[str, float]:
-        logs: dict[str, float] = {}
+        """``k_steps`` updates of h_w on fresh balanced D_aux batches; logs their mean cross-entropy and accuracy."""
+        ce_sum = accuracy_sum = 0.0
         self.attacker.train()
         for _ in range(self.config.k_steps):
             # Where D^m_aux's sampler stands names this batch: the caption shuffle's seed (not a (t, eps) NoiseDraw)
@@ -180,10 +182,9 @@ class AdversarialLoRA(TrainingMethod):
             # so the attacker stays identical on every rank.
             with torch.no_grad():
                 ctx.all_reduce_mean(list(self.attacker.buffers()))
-                predictions = logits.argmax(dim=1)
-                labels = torch.cat([torch.ones(n_members), torch.zeros(len(nonmember_idx))]).to(predictions)
-                logs = {"attacker_ce": loss.item(), "attacker_acc": (predictions == labels).float().mean().item()}
-        return logs
+            ce_sum += loss.item()
+            accuracy_sum += attacker_accuracy(logits[:n_members].detach(), logits[n_members:].detach())
+        return {"attacker_ce": ce_sum / self.config.k_steps, "attacker_acc": accuracy_sum / self.config.k_steps}
 
     def _raw_features(self, ctx: StepContext, latents: torch.Tensor, keys: list[str] | None,
                       captions: list[str] | None = None, conditioning: torch.Tensor | None = None,
