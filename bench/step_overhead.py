@@ -104,7 +104,7 @@ def bare_loop(trainer):
 
     members = trainer.data.members
     conditioning = trainer.conditioner(members.captions[: trainer.config.train_batch_size])
-    optimizer = torch.optim.AdamW(trainer.trainable, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainer.trained.params, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     unet, scheduler = trainer.bundle.unet, trainer.bundle.noise_scheduler
 

@@ -135,7 +135,7 @@ def test_the_lora_minimises_eq6_or_eq10_and_g_reaches_its_gradient(tiny_train_ar
         expected, scale = l_ada / (1 - 0.5 * g + 0.1), 1 / (1 - 0.5 * g + 0.1)
         assert logs["denominator"] == pytest.approx(1 - 0.5 * g + 0.1, rel=1e-5)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    params = [p for p in trainer.trainable if p.requires_grad]
+    params = [p for p in trainer.trained.params if p.requires_grad]
     with_g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     l_ada_only = torch.autograd.grad(result.adaptation_loss(), params, allow_unused=True)
     difference = sum(float(((a if a is not None else 0) - scale * (b if b is not None else 0)).abs().sum())

@@ -235,8 +235,9 @@ def test_a_part_at_rate_zero_is_frozen_and_gathers_no_gradient(tiny_train_args, 
         parts = {"unet": list(trainer.bundle.unet.parameters())}
     norms = [trainer.step()["grad_norm"] for _ in range(3)]
     assert all(not p.requires_grad and p.grad is None for p in parts[frozen])
-    assert {id(p) for p in trainer.trainable} == {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    optimised = torch.cat([p.grad.flatten() for p in trainer.trainable if p.grad is not None])
+    optimised_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in trainer.trained.params} == optimised_ids
+    optimised = torch.cat([p.grad.flatten() for p in trainer.trained.params if p.grad is not None])
     assert norms[-1] == pytest.approx(optimised.norm().item())  # the norm is the trained part's, this step's
 
 

@@ -181,7 +181,6 @@ def test_resume_is_exact(tiny_train_args, tmp_path):
         assert torch.equal(value, load_file(resumed.attacker_path)[key]), key
 
 
-
 @pytest.mark.parametrize("dropout", [[], ["--network_dropout", "0.1"]], ids=["no-dropout", "lora-dropout"])
 def test_the_proxy_monitor_does_not_change_what_is_trained(dropout, tiny_train_args, tmp_path):
     # The fixture's D_tr holds 24 members: 6 steps of 4 per epoch, so 13 steps cross two epoch ends. With LoRA
@@ -198,6 +197,7 @@ def test_the_proxy_monitor_does_not_change_what_is_trained(dropout, tiny_train_a
         assert torch.equal(a[key], b[key]), key
     for key, value in load_file(monitored.attacker_path).items():
         assert torch.equal(value, load_file(unmonitored.attacker_path)[key]), key
+
 
 def test_cli_errors_are_one_line(tiny_train_args, tmp_path, capsys):
     bad = tmp_path / "bad.toml"

@@ -106,7 +106,6 @@ class Trainer:
         self.prior_sampler = self._build_prior_sampler() if config.with_prior_preservation else None
         self.trained = build_parametrization(config, self.bundle, self.device,
                                              keep_base=self.method_class.needs_base_model(config))
-        self.trainable = self.trained.params
         self.conditioner = TextConditioner(self.bundle, config, trains_text_encoder=trains_text_encoder(config))
 
         self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, self.rank,
@@ -145,7 +144,7 @@ class Trainer:
         aux = self.data.aux_data()
         self.method = self.method_class.build(MethodSetup(
             self.config, self.device, aux, self.rank, self.world_size,
-            network=self.trained.module, params=self.trainable, num_members=len(self.data.members)))
+            network=self.trained.module, params=self.trained.params, num_members=len(self.data.members)))
         sets = [SampleSet(labelled.latents, labelled.captions, labelled.keys) for labelled in self.data.sets()
                 if labelled.latents is not None and len(labelled)]
         self.method.before_training(self._context(), sets)
@@ -220,7 +219,7 @@ class Trainer:
                 result = self._forward(self.sampler.next_indices(), ctx)  # line 7: a fresh D_tr batch
                 loss, loss_logs = divergence.checked_loss(self, ctx, result)  # line 8
             if hessian_now:
-                hessian = hessian_top_eigenvalue(loss, self.trainable, generator=self.hessian_generator)
+                hessian = hessian_top_eigenvalue(loss, self.trained.params, generator=self.hessian_generator)
                 self.smoothness.add_hessian_norm(self.global_step, hessian)
                 logs["hessian_norm"] = hessian
             self.grad_scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
@@ -228,17 +227,17 @@ class Trainer:
         logs.update(mean_logs(micro_logs))  # the step's losses, not its last micro-batch's
         self.grad_scaler.unscale_(self.optimizer)
         logs.update(self.method.process_gradients(cfg.train_batch_size))  # DP-SGD: clip per sample, add noise
-        self.collectives.reduce_gradients(self.trainable)
-        logs["grad_norm"] = _flat_grad_norm(self.trainable)  # before clipping (paper Fig. 1b)
+        self.collectives.reduce_gradients(self.trained.params)
+        logs["grad_norm"] = _flat_grad_norm(self.trained.params)  # before clipping (paper Fig. 1b)
         divergence.check_gradient_norm(self, logs["grad_norm"])  # NaN weights would be no "last good" LoRA
         if self.smoothness is not None:
             self.smoothness.add_grad_norm(self.global_step, logs["grad_norm"])
         if cfg.grad_normalize and logs["grad_norm"] > 0:  # paper Table 10 baseline
-            for p in self.trainable:
+            for p in self.trained.params:
                 if p.grad is not None:
                     p.grad.div_(logs["grad_norm"])
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trained.params, cfg.max_grad_norm)
         with divergence.optimizer_overflow(self):
             self.grad_scaler.step(self.optimizer)  # line 9 (skipped by the fp16 scaler on inf/NaN gradients)
         self.grad_scaler.update()
@@ -349,7 +348,7 @@ class Trainer:
         # In eval mode (no LoRA or UNet dropout: a measurement, and one that draws nothing from torch's global
         # RNG); the fork is a second guard, so the monitor can never shift a later dropout mask.
         with torch.random.fork_rng(devices=cuda_devices(self.device)), \
-                eval_mode(self.bundle.unet, self.bundle.text_encoder, getattr(self.trained, "network", None)):
+                eval_mode(self.bundle.unet, self.bundle.text_encoder, self.trained.module):
             for split, (members, nonmembers) in {"aux": (self.data.member_aux, self.data.nonmember_aux),
                                                  "test": (self.data.member_test, self.data.nonmember_test)}.items():
                 if members is None or nonmembers is None or len(members) + len(nonmembers) == 0:
@@ -363,7 +362,7 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------------
     def ranks_in_sync(self) -> bool:
         """True when every process holds bit-identical LoRA (and attacker) weights."""
-        tensors = list(self.trainable)
+        tensors = list(self.trained.params)
         if self.method.has_attacker:
             tensors += [t.float() for t in self.method.attacker.state_dict().values()]
         return self.collectives.in_sync(tensors)
