@@ -47,7 +47,8 @@ def evaluate_overfit(base: dict, world: dict, folder: str, *extra: str) -> dict:
 def test_the_evaluations_flags_parse_and_name_every_attack(tmp_path):
     """In seconds, what the slow tests find only after minutes: each of their evaluations' flags still parses
     (a renamed flag or attack), the default --attacks is the whole default suite, and every registered attack has
-    an AUC threshold on the over-fitted LoRA below, but the paper's h' and the blind floor (at chance)."""
+    an AUC threshold on the over-fitted LoRA below, but the paper's h' (a CI above chance, with the demo's draws)
+    and the blind floor (at chance)."""
     from library.config import parse_config
     from library.eval.config import EvalConfig
 
@@ -95,6 +96,19 @@ def test_each_attack_finds_the_overfitted_lora(suite_report, attack):
     row = headline(suite_report, "overfit", attack)
     floor = 0.8 if attack in WHITE_OR_GRAY_BOX else 0.7
     assert row["auc"] >= floor, (attack, row["label"], row["auc"], row["auc_ci"])
+
+
+@pytest.mark.slow
+def test_the_papers_attacker_with_the_demos_draws_finds_the_overfitted_lora(attack_world):
+    """The paper's h' is the suite's weakest attack, so no floor of the others. With upstream's one (t, eps) draw
+    per image (the suite's default) it is not even sure to beat chance here (0.62 [0.47, 0.77] at its honest
+    checkpoint, docs/results.md section 27); with the demo's 16 draws at t < 500 (library/demo/run.py) it must: the
+    bootstrap CI of the honest checkpoint (chosen on D_aux) lies above 0.5."""
+    report = evaluate_overfit(attack_world, attack_world, "eval_paper16", "--attacks", "paper",
+                              "--paper_draws", "16", "--paper_max_timestep", "500")
+    row = next(r for r in report["results"] if r["model"] == "overfit" and r["attack"] == "paper"
+               and r["headline"] and "honest" in r["label"])
+    assert row["auc_ci"][0] > 0.5, (row["label"], row["auc"], row["auc_ci"])
 
 
 @pytest.fixture(scope="module")
