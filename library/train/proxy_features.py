@@ -31,8 +31,9 @@ adversary would really use (``docs/paper-fidelity.md``, "What h_w sees"; ``docs/
     pass (the LoRA switched off) on the same draw each time. Calibrated features can be negative: use a
     normalisation without ``log``.
   * ``both`` — the raw value and the calibrated one side by side (``t_loss``: t, loss, loss minus base), at the
-    cost of ``base``: a proxy that reads only the calibrated loss defends that statistic, and the raw loss above
-    its band stays the defence's most consistent leak (``docs/results.md`` §25); this one is shown both.
+    cost of ``base``. Why: a proxy that reads only the calibrated loss defends that statistic, and the raw loss
+    above its band stays the defence's most consistent leak (``docs/results.md`` §25). Measured: it does not close
+    that leak (§26), so the defaults keep ``base``.
 """
 
 from __future__ import annotations
