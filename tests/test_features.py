@@ -162,9 +162,9 @@ def test_both_calibration_puts_the_raw_loss_beside_the_calibrated_one():
 
 @pytest.mark.parametrize("features", [["--attacker_features", "t_loss", "--attacker_max_timestep", "500"],
                                       ["--attacker_features", "loss", "--attacker_noise", "fixed"]])
-def test_both_calibration_trains_with_a_three_column_proxy_and_records_it(tiny_train_args, features):
-    """The proxy gets the raw and calibrated columns (h_w's input size and normaliser follow), the base model runs
-    (the calibrated column is not the raw one), and the LoRA's metadata says ``both``."""
+def test_both_calibration_trains_on_raw_and_calibrated_columns_and_records_it(tiny_train_args, features, monkeypatch):
+    """The proxy gets the raw and the calibrated columns (t_loss: 3, loss: 2; h_w's input size and normaliser
+    follow), the raw column is not replaced by the calibrated one, and the LoRA's metadata says ``both``."""
     args = tiny_train_args + features + ["--attacker_batch_size", "2", "--privacy_lambda", "1",
                                          "--attacker_calibration", "both", "--attacker_normalization", "standardize",
                                          "--max_train_steps", "3", "--attacker_eval_every_n_epochs", "1000"]
@@ -178,9 +178,8 @@ def test_both_calibration_trains_with_a_three_column_proxy_and_records_it(tiny_t
         seen.append(out.detach())
         return out
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(adversarial_module.ProxyFeatures, "calibrate", spying_calibrate)
-        result = train(parse_config(TrainConfig, args), "smp_lora")
+    monkeypatch.setattr(adversarial_module.ProxyFeatures, "calibrate", spying_calibrate)
+    result = train(parse_config(TrainConfig, args), "smp_lora")
     assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
     width = 3 if "t_loss" in features else 2
     assert seen and all(f.shape[1] == width for f in seen)
