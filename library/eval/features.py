@@ -392,14 +392,15 @@ class FeatureEngine:
         """Write a chunk's rows in place: fixed-t queries into ``losses`` [N, K*M] (Eq. 1's loss), paper queries
         into ``paper`` [N, D, F] and their t into ``paper_t`` [N, D]."""
         row_losses = per_sample_loss(errors).float().cpu()
+        # h''s error maps leave the device once per chunk, not once per row
+        maps = errors.flatten(1).float().cpu() if paper is not None and self.settings.paper_features == "error_map" \
+            and any(q.slot < 0 for q in chunk) else None
         for row, q in enumerate(chunk):
             if q.slot >= 0:
                 losses[q.sample, q.slot] = row_losses[row]
                 continue
-            value = errors[row].flatten().float().cpu() if self.settings.paper_features == "error_map" \
-                else row_losses[row : row + 1]
             assert paper is not None and paper_t is not None  # paper queries are planned only with settings.paper_row
-            paper[q.sample, -1 - q.slot] = value
+            paper[q.sample, -1 - q.slot] = maps[row] if maps is not None else row_losses[row : row + 1]
             paper_t[q.sample, -1 - q.slot] = q.timestep
 
     def _check_finite(self, name: str, losses: torch.Tensor) -> None:

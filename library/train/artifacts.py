@@ -54,7 +54,6 @@ def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None
     project's ``smp_lora.*`` (no data paths). ``cadence``: the checkpoint's (None for the final or last-good file)."""
     cfg = trainer.config
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    world_size = trainer.world_size
     meta = {
         "ss_output_name": trainer.output_name,
         "ss_learning_rate": str(cfg.learning_rate),
@@ -66,7 +65,7 @@ def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "ss_batch_size_per_device": str(cfg.train_batch_size),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_total_batch_size": str(cfg.train_batch_size * cfg.gradient_accumulation_steps * world_size),
+        "ss_total_batch_size": str(cfg.train_batch_size * cfg.gradient_accumulation_steps * trainer.world_size),
         "ss_max_train_steps": str(trainer.total_steps),
         "ss_steps": str(trainer.global_step),
         "ss_seed": str(cfg.seed),
