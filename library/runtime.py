@@ -104,6 +104,19 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def kernel_signature(device: torch.device, batch_size: int) -> str:
+    """What picks the kernels of a forward pass on ``device``, besides its inputs' values: torch's version, the
+    device (on the CPU its instruction set and this process's intra-op thread count, on a GPU its model) and the
+    batch size. Each of these can move the last bits of a result (docs/determinism.md), so a cache keyed on it
+    never serves a value that this process would have computed otherwise. Read it where the work runs (inside
+    :func:`torch_threads`), not before."""
+    if device.type == "cuda":
+        where = f"cuda:{torch.cuda.get_device_name(device)}"
+    else:
+        where = f"{device.type}:{torch.backends.cpu.get_cpu_capability()}:threads={torch.get_num_threads()}"
+    return f"torch={torch.__version__}|{where}|batch={int(batch_size)}"
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
     """Run the block with ``modules`` in eval mode (no dropout), then give every submodule its own mode back."""

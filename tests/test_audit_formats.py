@@ -355,12 +355,12 @@ def test_diffusers_alphas_in_the_header_are_part_of_a_loras_identity(world, peft
 
 def test_unet_sha256_enters_the_cache_key(merged):
     settings = FeatureSettings(timesteps=(1,), num_noise_draws=1, seed=0)
-    plain = feature_cache_key(settings, "fp", None, "m", 4)
-    assert feature_cache_key(settings, "fp", None, "m", 4, None) == plain
+    plain = feature_cache_key(settings, "fp", None, "m", 4, kernels="k")
+    assert feature_cache_key(settings, "fp", None, "m", 4, None, kernels="k") == plain
     folder, single = resolve_unet_weights(merged["folder"]), resolve_unet_weights(merged["single"])
     assert folder.layout == "diffusers" and single.layout == "single_file" and folder.sha256 != single.sha256
     assert resolve_unet_weights(merged["folder"]).sha256 == folder.sha256  # deterministic
-    keyed = {feature_cache_key(settings, "fp", None, "m", 4, w.sha256) for w in (folder, single)}
+    keyed = {feature_cache_key(settings, "fp", None, "m", 4, w.sha256, kernels="k") for w in (folder, single)}
     assert len(keyed | {plain}) == 3
 
 

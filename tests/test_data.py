@@ -22,6 +22,7 @@ from library.data.images import load_image
 from library.data.latents import LatentCache
 from library.demo import digits as embedded_data
 from library.errors import DataError
+from library.runtime import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -355,23 +356,47 @@ def test_latent_cache_memory_and_disk(tmp_path, tiny_vae):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
 
     assert cache.get_many([]).shape == (0, 4, 8, 8)
-    again = cache.get_many(paths[::-1])  # memory hit, order follows the request
-    assert vae.encoded == 5 and torch.equal(again, lat.flip(0))
+    again = cache.get_many(paths[1::-1])  # memory hits (the same batch of two), in the order of the request
+    assert vae.encoded == 5 and torch.equal(again, lat[:2].flip(0))
 
     vae2 = _CountingVAE(tiny_vae)
-    cache2 = LatentCache(vae2, "fp-a", 32, tmp_path / "cache")
+    cache2 = LatentCache(vae2, "fp-a", 32, tmp_path / "cache", batch_size=2)
     assert torch.equal(cache2.get_many(paths), lat)  # read from disk
     assert vae2.encoded == 0 and cache2.stats["disk_hits"] == 5
+
+
+def test_latent_cache_keys_the_kernels_that_encoded_a_latent(tmp_path, tiny_vae):
+    """A VAE pass's last bits depend on the batch size and the thread count (docs/determinism.md): a latent is
+    served only to a request that would encode it in a batch of the same size on as many threads, and the latents
+    encoded instead are those of an empty cache."""
+    paths = _images(tmp_path / "img", 5)
+    cache_dir = tmp_path / "cache"
+
+    def latents(batch_size: int, threads: int = 1, cache: Path | None = cache_dir) -> tuple[torch.Tensor, dict]:
+        with torch_threads(threads):
+            lat_cache = LatentCache(tiny_vae, "fp", 32, cache, batch_size=batch_size)
+            return lat_cache.get_many(paths), lat_cache.stats
+
+    first, _ = latents(2)  # batches of 2, 2, 1
+    by_five, stats = latents(5)
+    assert stats["disk_hits"] == 0 and torch.equal(by_five, latents(5, cache=None)[0])
+    _, stats = latents(2, threads=2)
+    assert stats["disk_hits"] == 0
+    again, stats = latents(2)
+    assert stats["disk_hits"] == 5 and torch.equal(again, first)
+    # keyed on the size of the batch an image was encoded in, not on the setting: paths[4] came last, alone
+    lone = LatentCache(tiny_vae, "fp", 32, cache_dir, batch_size=2)
+    assert torch.equal(lone.get_many(paths[4:]), first[4:]) and lone.stats["disk_hits"] == 1
 
 
 def test_latent_cache_invalidation(tmp_path, tiny_vae):
     paths = _images(tmp_path / "img", 2)
     cache = LatentCache(tiny_vae, "fp-a", 32, tmp_path / "cache")
     before = cache.get_many(paths)
-    key0 = cache.key(paths[0])
+    key0 = cache.key(paths[0], 2)
     # Changed image bytes -> new key -> recomputed.
     Image.new("RGB", (32, 32), (0, 255, 0)).save(paths[0])
-    assert cache.key(paths[0]) != key0
+    assert cache.key(paths[0], 2) != key0
     vae = _CountingVAE(tiny_vae)
     cache_b = LatentCache(vae, "fp-a", 32, tmp_path / "cache")
     after = cache_b.get_many(paths)
@@ -379,25 +404,26 @@ def test_latent_cache_invalidation(tmp_path, tiny_vae):
     # to be cached, docs/determinism.md); the unchanged image keeps its cached value.
     assert vae.encoded == 2 and not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     # Another VAE fingerprint, resolution or mode -> another key.
-    k = cache.key(paths[1])
-    assert LatentCache(tiny_vae, "fp-b", 32).key(paths[1]) != k
-    assert LatentCache(tiny_vae, "fp-a", 16).key(paths[1]) != k
-    assert LatentCache(tiny_vae, "fp-a", 32, mode="sample").key(paths[1]) != k
+    k = cache.key(paths[1], 2)
+    assert LatentCache(tiny_vae, "fp-b", 32).key(paths[1], 2) != k
+    assert LatentCache(tiny_vae, "fp-a", 16).key(paths[1], 2) != k
+    assert LatentCache(tiny_vae, "fp-a", 32, mode="sample").key(paths[1], 2) != k
 
 
 def test_latent_cache_keys_full_determinism_only_when_on(tmp_path, tiny_vae):
-    """--full_determinism's kernels give a GPU other latent bits: its entries are keyed apart, while the default
-    key is the one caches were written under before the flag was keyed (they stay hits)."""
+    """--full_determinism's kernels give a GPU other latent bits: its entries are keyed apart. The content key
+    without it (which seeds sample mode's posterior draws) is what the whole key was before the flag and the
+    kernels were keyed, so sampled latents are the draws they always were."""
     paths = _images(tmp_path / "img", 2)
     plain = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache")
     strict = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", full_determinism=True)
-    assert plain.key(paths[0]) != strict.key(paths[0])
+    assert plain.key(paths[0], 2) != strict.key(paths[0], 2)
     plain.get_many(paths)
     strict.get_many(paths)
     assert strict.stats["disk_hits"] == 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
-    assert LatentCache(None, "fp", 32).key_for_hash("0" * 64) == \
+    assert LatentCache(None, "fp", 32).content_key("0" * 64) == \
         "5e3ede09b3382f215f06a55625baa1a0a9c4b45f0e05c99b09501f4c5fe1ad9b"
-    assert LatentCache(None, "fp", 32, mode="sample", seed=3).key_for_hash("0" * 64) == \
+    assert LatentCache(None, "fp", 32, mode="sample", seed=3).content_key("0" * 64) == \
         "7454f6d266d423a008e5bb626b70f63a1f59853c2f7aef004b1741757b9c4f92"
 
 
@@ -551,9 +577,9 @@ def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
     assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux)[0] == 1
 
 
-def test_a_training_start_hashes_a_member_image_twice_and_holds_its_latent_once(tmp_path, tiny_vae, monkeypatch):
+def test_a_training_start_hashes_a_member_image_once_and_holds_its_latent_once(tmp_path, tiny_vae, monkeypatch):
     """D^m_aux's and D^m_te's latents are D_tr's rows (a view of its tensor), not sets encoded and keyed again:
-    a member image is hashed by the manifest check and D_tr's cache key only, and its latent held once."""
+    a member image is hashed by the manifest check only (the cache keys on the verified hash), its latent held once."""
     from collections import Counter
     from types import SimpleNamespace
 
@@ -580,7 +606,9 @@ def test_a_training_start_hashes_a_member_image_twice_and_holds_its_latent_once(
     data = load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=True)
     config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False)
     attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"))
-    assert [hashed[path.name] for path in data.members.paths] == [2] * 4  # was 3: one cache key per set
+    # once, by the manifest's verification (was 3, then 2): the latent cache takes the verified hashes
+    assert [hashed[path.name] for path in data.members.paths] == [1] * 4
+    assert [hashed[path.name] for path in data.nonmember_aux.paths] == [1] * 2
     storage = data.members.latents.untyped_storage().data_ptr()
     for subset in (data.member_aux, data.member_test):
         assert subset.latents.untyped_storage().data_ptr() == storage  # a view, not a copy

@@ -36,6 +36,7 @@ from library.eval.features import (
 from library.eval.metrics import roc_auc
 from library.eval.records import EvalResult, EvalSamples, ModelSpec
 from library.eval.report import report_dict, report_markdown, scores_csv
+from library.runtime import torch_threads
 from library.sd.bundle import vae_fingerprint
 from networks.lora import create_network
 
@@ -218,9 +219,32 @@ def test_paper_draws_extend_the_single_draw(world):
     assert three.losses.shape == one.losses.shape
 
 
+def test_cached_features_are_those_of_the_kernels_asked_for(world, tmp_path):
+    """A UNet pass's last bits depend on the batch size and the thread count (docs/determinism.md): features
+    cached by an engine with other ones are not served; the ones computed instead equal an uncached computation."""
+    bundle, manifest = world["bundle"], world["manifest"]
+    samples = [Sample(manifest.abs_path(e), e.caption, e.sha256) for e in manifest.test()[:6]]
+    latents = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), 32).get_many([s.path for s in samples])
+    settings = FeatureSettings(timesteps=(5, 50), num_noise_draws=2, seed=3)
+
+    def features(batch_size: int, threads: int = 1, cache_dir: Path | None = tmp_path / "cache"):
+        engine = FeatureEngine(bundle, settings, device=torch.device("cpu"), batch_size=batch_size,
+                               cache_dir=cache_dir, base_fingerprint="x", manifest_sha256="y", progress=False)
+        with torch_threads(threads):
+            return engine.compute("base", samples, latents)
+
+    first = features(5)
+    other_batch, other_threads = features(3), features(5, threads=2)
+    assert not first.cache_hit and not other_batch.cache_hit and not other_threads.cache_hit
+    assert len({first.cache_key, other_batch.cache_key, other_threads.cache_key}) == 3
+    assert torch.equal(other_batch.losses, features(3, cache_dir=None).losses)
+    again = features(5)
+    assert again.cache_hit and torch.equal(again.losses, first.losses)
+
+
 def test_the_cache_key_ignores_paper_settings_that_change_no_feature():
     plain = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3)
-    key = lambda settings: feature_cache_key(settings, "fp", None, "m", 8)  # noqa: E731
+    key = lambda settings: feature_cache_key(settings, "fp", None, "m", 8, kernels="k")  # noqa: E731
     reused = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3, paper_features="multi_t_loss",
                              paper_min_timestep=100, paper_draws=4)  # h' reads the fixed-t losses: no query of its own
     assert key(reused) == key(plain)  # so adding h' to a finished evaluation finds its losses in the cache
@@ -258,7 +282,8 @@ def test_cache_keys_change_with_the_manifest_and_the_probe_keys_with_the_seed():
     # A cached feature or probe output is reused only for the same samples and the same noise: the manifest's
     # sha256 is in the feature key, the noise seed in the probes' model identity (their noise is seeded by it).
     settings = FeatureSettings(timesteps=(10,), num_noise_draws=1, seed=3)
-    assert feature_cache_key(settings, "fp", None, "m1", 8) != feature_cache_key(settings, "fp", None, "m2", 8)
+    key = lambda manifest, kernels="k": feature_cache_key(settings, "fp", None, manifest, 8, kernels=kernels)  # noqa: E731
+    assert key("m1") != key("m2") and key("m1", "other kernels") != key("m1")
 
     def identity(seed):
         engine = FeatureEngine(None, replace(settings, seed=seed), device=torch.device("cpu"),
@@ -342,7 +367,7 @@ def test_full_determinism_changes_no_cpu_bit(world, evaluated, tmp_path, monkeyp
 
 def test_full_determinism_features_are_cached_apart_from_the_defaults(world, evaluated, tmp_path, monkeypatch):
     """Features computed under --full_determinism (other GPU kernels) are not those of the default kernels: a run
-    with it misses the default run's cache, and one without it still hits the cache written before it was keyed."""
+    with it misses the default run's cache, and one without it still hits that cache."""
     import shutil
 
     serial_dir, report = evaluated
@@ -366,10 +391,6 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
     assert plain_latents and len(set((cache / "latents").glob("*.safetensors")) - plain_latents) == len(plain_latents)
     assert all(entry["hit"] for entry in runs["strict-again"].values())
     assert runs["plain"] == {name: {**entry, "hit": True} for name, entry in report["features"]["cache"].items()}
-    # the key of the default kernels is what it was before --full_determinism was keyed (old caches stay hits)
-    settings = FeatureSettings(timesteps=(10, 500), num_noise_draws=2, seed=3)
-    assert feature_cache_key(settings, "fp", None, "m", 8) == \
-        "9256a3f529780bf30782a225cbcfa1c0f70d7991be5e13bb46961faed6106d82"
 
 
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
@@ -386,9 +407,9 @@ def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path
         seen.append(torch.get_num_threads())
         return original(job, bundle)
 
-    def spy_encode(self, paths):
+    def spy_encode(self, paths, digests=None):
         encoded.append(torch.get_num_threads())
-        return original_encode(self, paths)
+        return original_encode(self, paths, digests)
 
     monkeypatch.setattr(run, "model_features", spy)
     monkeypatch.setattr(LatentCache, "get_many", spy_encode)

@@ -159,6 +159,6 @@ def test_latent_cache_key_includes_the_conversion(tmp_path: Path, monkeypatch: p
     path = tmp_path / "a.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
     cache = LatentCache(None, "fp", 8)
-    key = cache.key(path)
+    key = cache.key(path, 1)
     monkeypatch.setattr(latents, "IMAGE_CONVERSION", IMAGE_CONVERSION + "-next")
-    assert cache.key(path) != key
+    assert cache.key(path, 1) != key

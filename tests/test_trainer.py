@@ -152,9 +152,9 @@ def test_only_a_method_with_a_proxy_attacker_encodes_the_non_members(method, tin
 
     encoded, get_many = set(), LatentCache.get_many
 
-    def spy(self, paths):
+    def spy(self, paths, digests=None):
         encoded.update(str(p) for p in paths)
-        return get_many(self, paths)
+        return get_many(self, paths, digests)
 
     monkeypatch.setattr(LatentCache, "get_many", spy)
     args = tiny_train_args + ["--max_train_steps", "1"] + (["--attacker_batch_size", "2"] if method != "lora" else [])

@@ -47,7 +47,7 @@ from library.eval.unet_weights import (
     swapped_weights,
 )
 from library.fileio import write_safetensors
-from library.runtime import hashed_seed
+from library.runtime import hashed_seed, kernel_signature
 from library.sd.diffusion import NoiseDraw, denoising_errors, per_sample_loss
 from library.sd.text import encode_prompts
 
@@ -164,12 +164,14 @@ def query_noise(query: Query, shape: Sequence[int]) -> torch.Tensor:
 
 def feature_cache_key(
     settings: FeatureSettings, base_fingerprint: str, lora_sha256: str | None, manifest_sha256: str, n_samples: int,
-    unet_sha256: str | None = None,
+    unet_sha256: str | None = None, *, kernels: str,
 ) -> str:
-    """sha256 over everything the features depend on (a fully fine-tuned UNet's weights sha256 too; it is left
-    out of the key when there is none, so the keys of the base model and of LoRAs are what they always were)."""
+    """sha256 over everything the features depend on: the settings, the models, the samples and the ``kernels``
+    that compute them (:func:`~library.runtime.kernel_signature`: the thread count and the batch size move a UNet
+    pass's last bits); a fully fine-tuned UNet's weights sha256 too (left out when there is none)."""
     doc = {
         "format": FEATURE_FORMAT,
+        "kernels": kernels,
         "base_fingerprint": base_fingerprint,
         "lora_sha256": lora_sha256,
         "manifest_sha256": manifest_sha256,
@@ -303,7 +305,7 @@ class FeatureEngine:
             raise ValueError(f"{n} samples but {latents.shape[0]} latents")
         unet_sha256 = None if unet is None else unet.sha256
         key = feature_cache_key(self.settings, self.base_fingerprint, lora_sha256, self.manifest_sha256, n,
-                                unet_sha256)
+                                unet_sha256, kernels=self.kernels())
         cached = self._read_cache(key, n)
         probe_cache = ProbeCache(self.cache_dir)
         identity = self.model_identity(lora_sha256, n, unet_sha256)
@@ -327,15 +329,20 @@ class FeatureEngine:
                                              "queries_computed": run.queries_computed, "seconds": run.seconds}
                                          for p, run in runs.items()})
 
+    def kernels(self) -> str:
+        """The kernels this engine's queries run on now (read inside the caller's thread set-up)."""
+        return kernel_signature(self.device, self.batch_size)
+
     def model_identity(self, lora_sha256: str | None, n_samples: int,
                        unet_sha256: str | None = None) -> dict[str, Any]:
         """What a probe's outputs depend on besides the probe itself: the model (a fully fine-tuned UNet's
-        sha256 only when there is one, so other keys stay as they were), the samples and the settings shared by
-        every query (not the loss features' timesteps and draws)."""
+        sha256 only when there is one), the samples, the settings shared by every query (not the loss features'
+        timesteps and draws) and the kernels they run on."""
         shared = {k: v for k, v in self.settings.as_dict().items()
                   if k not in ("timesteps", "num_noise_draws") and not k.startswith("paper_")}
         identity = {"base_fingerprint": self.base_fingerprint, "lora_sha256": lora_sha256,
-                    "manifest_sha256": self.manifest_sha256, "n_samples": n_samples, "settings": shared}
+                    "manifest_sha256": self.manifest_sha256, "n_samples": n_samples, "settings": shared,
+                    "kernels": self.kernels()}
         if unet_sha256 is not None:
             identity["unet_sha256"] = unet_sha256
         return identity

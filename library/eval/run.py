@@ -181,7 +181,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
                                None if config.no_cache else _cache_root(config) / "latents",
                                batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
     with pool.in_process():  # on --threads threads, as the features: a VAE pass's last bits depend on the count
-        latents = latent_cache.get_many([s.path for s in samples.samples])
+        latents = latent_cache.get_many([s.path for s in samples.samples], [s.sha256 for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
     settings = FeatureSettings(
         timesteps=tuple(config.timesteps), num_noise_draws=config.num_noise_draws, seed=config.seed,

@@ -42,12 +42,14 @@ class LabelledSet:
     ``keys`` name each image where the proxy needs a stable identity (its fixed noise, its cached base features):
     the manifest's sha256 of the image, as evaluation keys its noise, so that a dataset moved to another folder
     gives the same run; for a --train_data_dir folder, the sha256 of each file; otherwise the image's path.
+    ``keyed_by_content``: the keys are the images' verified sha256, which the latent cache then takes as they are.
     """
 
     paths: list[Path]
     captions: list[str]
     latents: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
+    keyed_by_content: bool = False
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -94,7 +96,7 @@ def _labelled(manifest: SplitManifest, entries, repeat: bool = False) -> Labelle
     hold each image once)."""
     entries = [e for e in entries for _ in range(e.repeats if repeat else 1)]
     return LabelledSet([manifest.abs_path(e) for e in entries], [e.caption for e in entries],
-                       keys=[e.sha256 for e in entries])
+                       keys=[e.sha256 for e in entries], keyed_by_content=True)
 
 
 def most_repeats(labelled: LabelledSet) -> tuple[int, list[Path]]:
@@ -152,7 +154,7 @@ def load_training_records(config: TrainConfig, needs_aux: bool) -> TrainingData:
             paths += [record.path] * record.repeats
             captions += [record.caption] * record.repeats
             keys += [sha256_file(record.path)] * record.repeats  # by content, as a manifest keys its images
-        data = TrainingData(members=LabelledSet(paths, captions, keys=keys))
+        data = TrainingData(members=LabelledSet(paths, captions, keys=keys, keyed_by_content=True))
     if len(data.members) == 0:
         raise DataError("the training set (members) is empty")
     return data
@@ -176,7 +178,8 @@ def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig,
     nonmembers = [data.nonmember_aux, data.nonmember_test] if every_set else []
     for labelled in (data.members, *nonmembers, data.prior):  # D_tr first: member_latents reads its rows
         if labelled is not None:
-            labelled.latents = cache.get_many(labelled.paths).to(device)
+            digests = labelled.keys if labelled.keyed_by_content else None  # verified already: not hashed again
+            labelled.latents = cache.get_many(labelled.paths, digests).to(device)
     if every_set:
         for subset in (data.member_aux, data.member_test):
             if subset is not None:
