@@ -137,7 +137,7 @@ def test_dp_lora_trains_reports_epsilon_and_resumes_exactly(tiny_train_args, tmp
     common = tiny_train_args + ["--dp_noise_multiplier", "1.0", "--dp_clip_norm", "0.1", "--train_batch_size", "6"]
     full = train(parse_config(TrainConfig, common + ["--max_train_steps", "8", "--output_dir", str(tmp_path / "a")]),
                  "dp_lora")
-    with safe_open(full.lora_path, "pt") as handle:
+    with safe_open(full.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["smp_lora.method"] == "dp_lora" and float(meta["smp_lora.dp_epsilon"]) > 0
     epochs = json.loads(full.record_path.read_text())["epochs"]
@@ -150,15 +150,15 @@ def test_dp_lora_trains_reports_epsilon_and_resumes_exactly(tiny_train_args, tmp
     resumed = train(parse_config(TrainConfig, common + ["--max_train_steps", "8", "--resume",
                                                         str(tmp_path / "b" / "dp_lora-state"),
                                                         "--output_dir", str(tmp_path / "c")]), "dp_lora")
-    a, b = load_file(full.lora_path), load_file(resumed.lora_path)
+    a, b = load_file(full.weights_path), load_file(resumed.weights_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with safe_open(resumed.lora_path, "pt") as handle:
+    with safe_open(resumed.weights_path, "pt") as handle:
         assert handle.metadata()["smp_lora.dp_epsilon"] == meta["smp_lora.dp_epsilon"]
 
 
 def test_relaxloss_trains_and_records_its_target(tiny_train_args):
     result = train(parse_config(TrainConfig, tiny_train_args + ["--relaxloss_alpha", "0.05"]), "relaxloss")
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         assert handle.metadata()["smp_lora.relaxloss_alpha"] == "0.05"
     assert "relax_ascending" in result.final_logs
 
@@ -220,7 +220,7 @@ def test_dp_without_noise_records_strict_json_and_its_report_cell_says_no_bound(
 
     record = json.loads(result.record_path.read_text(), parse_constant=refuse)  # was a bare Infinity
     assert record["final"]["dp_epsilon"] is None
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         budget = dp_budget(handle.metadata())
     # report.json holds that epsilon as null; report.md's cell once crashed formatting it
     assert _dp_cell(json_safe(budget)) == "∞ (no noise) (δ 1e-05)"
@@ -244,13 +244,13 @@ def test_dp_refuses_to_continue_a_lora_trained_on_its_members(tiny_train_args, t
     """The accountant counts this run's steps: a starting LoRA that saw the members would sit outside epsilon."""
     parent = train(parse_config(TrainConfig, tiny_train_args + ["--max_train_steps", "1", "--output_dir",
                                                                 str(tmp_path / "parent")]), "lora")
-    args = tiny_train_args + ["--network_weights", str(parent.lora_path), "--output_dir", str(tmp_path / "dp")]
+    args = tiny_train_args + ["--network_weights", str(parent.weights_path), "--output_dir", str(tmp_path / "dp")]
     with pytest.raises(ConfigError, match="trained on this split's members.*--resume"):
         train(parse_config(TrainConfig, args), "dp_lora")
     from safetensors.torch import save_file
 
     foreign = tmp_path / "foreign.safetensors"  # a LoRA from elsewhere: allowed, with what epsilon then means
-    save_file(load_file(str(parent.lora_path)), str(foreign))
+    save_file(load_file(str(parent.weights_path)), str(foreign))
     capsys.readouterr()
     args[args.index("--network_weights") + 1] = str(foreign)
     train(parse_config(TrainConfig, args + ["--dry_run"]), "dp_lora")

@@ -109,7 +109,7 @@ def test_calibrated_multi_t_smp_trains_records_its_options_and_restarts_the_prox
     ]
     result = train(parse_config(TrainConfig, args), "smp_lora")
     assert torch.isfinite(torch.tensor(result.final_logs["loss"]))
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["smp_lora.attacker_noise"] == noise and meta["smp_lora.attacker_calibration"] == "base"
     assert meta["smp_lora.attacker_restart"] == "reinit/1"
@@ -184,7 +184,7 @@ def test_both_calibration_trains_on_raw_and_calibrated_columns_and_records_it(ti
     width = 3 if "t_loss" in features else 2
     assert seen and all(f.shape[1] == width for f in seen)
     assert any(not torch.equal(f[:, -2], f[:, -1]) for f in seen)  # the base term is not zero
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         assert handle.metadata()["smp_lora.attacker_calibration"] == "both"
 
 
@@ -286,6 +286,6 @@ def test_fixed_noise_proxy_gives_the_same_lora_for_a_moved_dataset(tiny_train_ar
                  "smp_lora")
     args = [str(moved / manifest_path.name) if a == str(manifest_path) else a for a in tiny_train_args]
     there = train(parse_config(TrainConfig, args + flags + ["--output_dir", str(tmp_path / "there")]), "smp_lora")
-    a, b = load_file(here.lora_path), load_file(there.lora_path)
+    a, b = load_file(here.weights_path), load_file(there.weights_path)
     for key in a:
         assert torch.equal(a[key], b[key]), key

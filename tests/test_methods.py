@@ -77,10 +77,10 @@ def test_a_new_method_is_one_class_and_one_registry_line(tiny_train_args, monkey
     assert (logs["lr"], logs["lr/unet"], logs["lr/textencoder"]) == (1e-3, 1e-3, 1e-5)
     assert trainer.global_step == 1  # the step advances the counter itself (benches call step() alone)
     result = train(parse_config(TrainConfig, tiny_train_args), "doubled_lora")
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["smp_lora.method"] == "doubled_lora" and meta["smp_lora.doubled"] == "yes"
-    assert result.lora_path.name == "doubled_lora.safetensors" and result.attacker_path is None
+    assert result.weights_path.name == "doubled_lora.safetensors" and result.attacker_path is None
 
 
 def test_the_g_terms_base_model_encodes_captions_with_the_base_text_encoder(tiny_train_args):

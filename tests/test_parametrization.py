@@ -101,7 +101,7 @@ def test_resume_is_exact_for_full_finetuning(tiny_train_args, tmp_path):
     resumed = train(parse_config(TrainConfig, common + ["--max_train_steps", "4", "--resume",
                                                         str(tmp_path / "b" / "smp_lora-state"), "--output_dir",
                                                         str(tmp_path / "c")]), "smp_lora")
-    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    a, b = load_file(whole.weights_path), load_file(resumed.weights_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A full fine-tune reads no LoRA setting, so a resume may change them (a LoRA TOML reused for it): they were
     # compared, and refused ("it was trained with network_dim = 4, this run has 8")
@@ -167,7 +167,7 @@ def test_evaluate_mia_audits_a_full_finetune_in_both_saved_forms(tiny_train_args
     # with its text encoder trained: both forms are audited with it (the folder's from lora-text_encoder/ beside it)
     result = train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--clip_skip", "2",
                                                                        "--train_text_encoder"]), "lora")
-    folder, single = result.lora_path.parent / "lora-unet", result.lora_path
+    folder, single = result.weights_path.parent / "lora-unet", result.weights_path
     common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--resolution", "32", "--timesteps", "100",
               "200", "--num_noise_draws", "1", "--attacks", "loss", "gsa", "--gsa_timesteps", "2", "--n_bootstrap", "0",
               "--no-plots", "--no-progress_bar", "--unet_weights", str(folder), str(single)]
@@ -216,7 +216,7 @@ def test_gradient_checkpointing_gives_the_same_full_finetune(tiny_train_args, tm
     runs = [train(parse_config(TrainConfig, tiny_train_args + FULL + ["--max_train_steps", "2", "--output_dir",
                                                                        str(tmp_path / name)] + extra), "lora")
             for name, extra in (("a", []), ("b", ["--gradient_checkpointing"]))]
-    a, b = (load_file(r.lora_path.parent / "lora-unet" / "diffusion_pytorch_model.safetensors") for r in runs)
+    a, b = (load_file(r.weights_path.parent / "lora-unet" / "diffusion_pytorch_model.safetensors") for r in runs)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 

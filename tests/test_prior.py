@@ -86,7 +86,7 @@ def test_dreambooth_trains_with_lora_and_full_finetuning_and_resumes_exactly(dre
                                                   "--output_dir", str(tmp_path / mode / "b")]), "smp_lora")
         resumed = train(parse_config(TrainConfig, common + ["--resume", str(tmp_path / mode / "b" / "smp_lora-state"),
                                                             "--output_dir", str(tmp_path / mode / "c")]), "smp_lora")
-        a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+        a, b = load_file(whole.weights_path), load_file(resumed.weights_path)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mode
 
 
@@ -190,7 +190,7 @@ def test_a_resume_knows_the_class_images_by_content_not_by_folder(dreambooth_arg
     state = str(tmp_path / "b" / "lora-state")
     moved = dreambooth_args + ["--class_data_dir", str(copy), "--resume", state]
     resumed = train(parse_config(TrainConfig, moved + ["--output_dir", str(tmp_path / "c")]), "lora")
-    a, b = load_file(whole.lora_path), load_file(resumed.lora_path)
+    a, b = load_file(whole.weights_path), load_file(resumed.weights_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     (copy / "class_00003.txt").write_text("a digit, bold")

@@ -130,7 +130,7 @@ def test_resume_latest_continues_a_killed_run_exactly(tiny_train_args, tmp_path,
     resumed = run(common + ["--resume", "latest", "--output_dir", str(killed)], "smp_lora")
     assert f"resuming from {killed / 'smp_lora-000002-state'}" in capsys.readouterr().out
     assert steps_taken == list(range(12, 18))  # from epoch 2's state on, not from the start
-    for produced, expected in [(resumed.lora_path, whole.lora_path), (resumed.attacker_path, whole.attacker_path)]:
+    for produced, expected in [(resumed.weights_path, whole.weights_path), (resumed.attacker_path, whole.attacker_path)]:
         a, b = load_file(produced), load_file(expected)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,4 +1,4 @@
-"""library.runtime: what a record says produced it."""
+"""library.runtime: what a record says produced it, and what a cache keys on."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from library import runtime
 
@@ -35,3 +36,15 @@ def test_an_installed_copy_records_no_commit_of_a_folder_around_it(tmp_path, mon
         assert "git_commit" not in runtime.provenance()
     finally:
         runtime._git_commit.cache_clear()
+
+
+def test_the_kernel_signature_names_what_moves_a_results_last_bits():
+    """Caches key on it (docs/determinism.md): the thread count and the batch size each give another signature,
+    the same set-up the same one."""
+    cpu = torch.device("cpu")
+    with runtime.torch_threads(1):
+        one = runtime.kernel_signature(cpu, 8)
+        assert runtime.kernel_signature(cpu, 8) == one and runtime.kernel_signature(cpu, 4) != one
+    with runtime.torch_threads(2):
+        assert runtime.kernel_signature(cpu, 8) != one
+    assert torch.__version__ in one and torch.backends.cpu.get_cpu_capability() in one

@@ -153,7 +153,7 @@ def test_sampling_under_mixed_precision_and_with_lora_dropout_changes_no_weight(
         sampled = _sampling_run(tiny_train_args, tmp_path, f"s{len(extra[1])}", extra)
         assert Image.open(tmp_path / f"s{len(extra[1])}" / "sample" / "lora_e000001.png").size == (96, 32)
         plain = _sampling_run(tiny_train_args, tmp_path, f"p{len(extra[1])}", extra)
-        a, b = load_file(sampled.lora_path), load_file(plain.lora_path)
+        a, b = load_file(sampled.weights_path), load_file(plain.weights_path)
         assert all(torch.equal(a[k], b[k]) for k in a), extra
 
 

@@ -25,11 +25,11 @@ def run(method: str, args: list[str]):
 def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manifest_path):
     result = run("lora", tiny_train_args)
     assert result.global_step == 4
-    tensors = load_file(result.lora_path)
+    tensors = load_file(result.weights_path)
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") and k.endswith(".lora_down.weight")
                for k in tensors)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in tensors)
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_network_module"] == "networks.lora" and meta["smp_lora.method"] == "lora"
     from library.data.manifest import manifest_sha256
@@ -63,9 +63,9 @@ def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, m
             "--text_encoder_lr", "5e-4", "--clip_skip", "2", "--lr_scheduler", "constant_with_warmup",
             "--lr_warmup_steps", "1", "--output_name", "digits", "--save_state", "--save_precision", "fp16"]
     result = run("lora", tiny_train_args + args)  # 24 members, batches of 4 accumulated over 2: 3 steps
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
-    assert {t.dtype for t in load_file(result.lora_path).values()} == {torch.float16}  # --save_precision
+    assert {t.dtype for t in load_file(result.weights_path).values()} == {torch.float16}  # --save_precision
     assert {k: meta[k] for k in ("ss_total_batch_size", "ss_unet_lr", "ss_text_encoder_lr", "ss_learning_rate",
                                  "ss_max_train_steps", "ss_steps", "ss_clip_skip", "ss_lr_warmup_steps",
                                  "ss_resolution", "ss_max_token_length", "ss_output_name")} == {
@@ -76,14 +76,14 @@ def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, m
     assert meta["smp_lora.split_sha256"] == split != manifest_sha256(manifest_path)
     record = json.loads(result.record_path.read_text())
     assert (record["split_sha256"], record["total_steps"], record["global_step"]) == (split, 3, 3)
-    assert latest_state(result.lora_path.parent, "digits") == result.lora_path.parent / "digits-state"
+    assert latest_state(result.weights_path.parent, "digits") == result.weights_path.parent / "digits-state"
 
 
 @pytest.mark.parametrize("method", ["mp_lora", "smp_lora"])
 def test_privacy_methods_train_and_save_attacker_separately(method, tiny_train_args):
     args = tiny_train_args + ["--attacker_batch_size", "2", "--k_steps", "2", "--privacy_lambda", "0.5"]
     result = run(method, args)
-    lora_keys = load_file(result.lora_path).keys()
+    lora_keys = load_file(result.weights_path).keys()
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora_keys)  # the attacker never goes in it
     attacker = load_file(result.attacker_path)
     assert attacker["net.0.weight"].shape[1] == 4 * 8 * 8  # input size from the 4x8x8 latent, not hard-coded
@@ -118,7 +118,7 @@ def test_attacker_every_n_steps_runs_the_attacker_phase_on_those_steps(every, or
                                                 "--attacker_every_n_steps", str(every), "--update_order", order])
     assert seen == expected_steps
     assert result.final_logs["g"] <= 0  # G enters every LoRA step, attacker phase or not
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         assert handle.metadata()["smp_lora.attacker_every_n_steps"] == str(every)
 
 
@@ -173,7 +173,7 @@ def test_resume_is_exact(tiny_train_args, tmp_path):
     state = tmp_path / "half" / "smp_lora-state"
     resumed = run("smp_lora", common + ["--max_train_steps", "6", "--resume", str(state),
                                         "--output_dir", str(tmp_path / "resumed")])
-    a, b = load_file(full.lora_path), load_file(resumed.lora_path)
+    a, b = load_file(full.weights_path), load_file(resumed.weights_path)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -192,7 +192,7 @@ def test_the_proxy_monitor_does_not_change_what_is_trained(dropout, tiny_train_a
                                             "--output_dir", str(tmp_path / "unmonitored")])
     epochs = json.loads(monitored.record_path.read_text())["epochs"]
     assert [e["epoch"] for e in epochs if "proxy_acc_aux" in e] == [1, 2]  # the monitor did run
-    a, b = load_file(monitored.lora_path), load_file(unmonitored.lora_path)
+    a, b = load_file(monitored.weights_path), load_file(unmonitored.weights_path)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     for key, value in load_file(monitored.attacker_path).items():
@@ -211,9 +211,9 @@ def test_cli_errors_are_one_line(tiny_train_args, tmp_path, capsys):
 
 def test_network_args_conv_dim_trains_a_locon_and_bad_entries_are_one_line(tiny_train_args, tmp_path, capsys):
     result = run("lora", tiny_train_args + ["--network_args", "conv_dim=2", "conv_alpha=1"])
-    tensors = load_file(result.lora_path)
+    tensors = load_file(result.weights_path)
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[:2] == (2, 32)
-    with safe_open(result.lora_path, "pt") as handle:
+    with safe_open(result.weights_path, "pt") as handle:
         assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     for bad, expected in ((["conv_dim"], "key=value"), (["conv_dim=0"], "conv_dim"),
                           (["dropout=0.1"], "--network_dropout"),
@@ -296,14 +296,14 @@ def test_bf16_autocast_trains_with_fp32_lora(tiny_train_args, tmp_path):
     args = tiny_train_args + ["--mixed_precision", "bf16", "--attacker_batch_size", "2", "--max_train_steps", "2"]
     result = run("smp_lora", args)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.final_logs.values())
-    assert all(t.dtype == torch.float32 for t in load_file(result.lora_path).values())
+    assert all(t.dtype == torch.float32 for t in load_file(result.weights_path).values())
 
 
 def test_gradient_checkpointing_gives_the_same_lora(tiny_train_args, tmp_path):
     plain = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
     ckpt = run("lora", tiny_train_args + ["--max_train_steps", "2", "--gradient_checkpointing",
                                          "--output_dir", str(tmp_path / "b")])
-    a, b = load_file(plain.lora_path), load_file(ckpt.lora_path)
+    a, b = load_file(plain.weights_path), load_file(ckpt.weights_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_up" in k)  # it trained
 
@@ -316,7 +316,7 @@ def test_the_same_weights_as_one_file_or_a_folder_train_the_same_lora(tiny_train
     folder = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "a")])
     as_file = run("lora", tiny_train_args + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "b"),
                                             "--pretrained_model_name_or_path", str(single)])
-    a, b = load_file(folder.lora_path), load_file(as_file.lora_path)
+    a, b = load_file(folder.weights_path), load_file(as_file.weights_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -341,7 +341,7 @@ def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args,
     finally:  # process-wide switches: give the rest of the suite torch's defaults back
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
-    a, b = load_file(plain.lora_path), load_file(strict.lora_path)
+    a, b = load_file(plain.weights_path), load_file(strict.weights_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     strict_files = set(cache.glob("*.safetensors")) - plain_files
     assert plain_files and len(strict_files) == len(plain_files)  # every latent encoded again, under its own key
@@ -393,10 +393,10 @@ def test_g_attacker_dropout_scores_g_with_upstreams_train_mode_attacker(tiny_tra
     default = run("smp_lora", common + ["--output_dir", str(tmp_path / "eval")])
     upstream = run("smp_lora", common + ["--g_attacker_dropout", "--output_dir", str(tmp_path / "train")])
     meta = {}
-    with safe_open(upstream.lora_path, "pt") as handle:
+    with safe_open(upstream.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["smp_lora.g_attacker_dropout"] == "true"
-    with safe_open(default.lora_path, "pt") as handle:
+    with safe_open(default.weights_path, "pt") as handle:
         assert "smp_lora.g_attacker_dropout" not in handle.metadata()
     assert upstream.final_logs["g"] != default.final_logs["g"]  # dropout masks on h_w's hidden layers
     a, b = load_file(default.attacker_path), load_file(upstream.attacker_path)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainResult:
-    lora_path: Path  # the weights file: a LoRA, or a full fine-tune's SD single file
+    weights_path: Path  # the weights file: a LoRA, or a full fine-tune's SD single file
     attacker_path: Path | None
     record_path: Path
     global_step: int
@@ -111,7 +111,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
     intermediate checkpoint's (its step number can fall on an epoch's end, so it is passed, not guessed)."""
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
-    lora_path = trainer.output_dir / f"{name}.safetensors"
+    weights_path = trainer.output_dir / f"{name}.safetensors"
     attacker_path = None
     record_path = trainer.output_dir / f"{name}.json"
     if accelerator.is_main_process:
@@ -135,7 +135,7 @@ def save_outputs(trainer: Trainer, name: str, final_logs: dict[str, float] | Non
         }
         # strict JSON (DP-SGD without noise has epsilon inf): non-finite numbers are null, as in report.json
         atomic_write_text(record_path, json.dumps(json_safe(record), indent=2, default=str, allow_nan=False))
-    return TrainResult(lora_path, attacker_path, record_path, trainer.global_step, final_logs or {})
+    return TrainResult(weights_path, attacker_path, record_path, trainer.global_step, final_logs or {})
 
 
 def save_checkpoint(trainer: Trainer, cadence: retention.Cadence, number: int) -> None:

@@ -438,7 +438,7 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
             raise OutputError(f"{exc}; {resume.resume_hint(trainer)}") from None
     if trainer.accelerator.is_main_process:
         what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
-        print(f"saved {what} to {result.lora_path}" + (f" and attacker to {result.attacker_path}"
+        print(f"saved {what} to {result.weights_path}" + (f" and attacker to {result.attacker_path}"
                                                      if result.attacker_path else ""), flush=True)
     return result
 
