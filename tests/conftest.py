@@ -107,6 +107,25 @@ def safetensors_reads(monkeypatch):
 
 
 @pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder this process may not write into, root included: mode 0o500 (which does not stop root), and
+    ``os.access``, what :func:`library.outputs.check_output_dir` asks, says so for everyone."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path) == folder:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    yield folder
+    folder.chmod(0o700)
+
+
+@pytest.fixture
 def small_demo_settings():
     """Factory of the demo pipeline at test size: 8 images per membership set, seconds of pre-training, 2 epochs."""
     return _small_demo_settings
