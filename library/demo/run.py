@@ -218,11 +218,12 @@ def fill_latent_caches(configs: list[TrainConfig]) -> None:
     """Encode the images of runs that share an on-disk latent cache into it now, in this process, with the
     trainer's own code (:func:`library.train.data.attach_latents`) on :data:`TRAINING_THREADS` threads.
 
-    Why: the VAE's CPU kernels depend on the batch size (an image encoded in a batch of one differs in the last
-    bits from the same image in a batch of eight), and the cache encodes only the images it misses, in batches of
-    ``--vae_batch_size``. Runs filling one cache at once can find another run's batch half written, encode the
-    rest in other batches than a run alone does, and train on latents ~1e-6 apart (issue 14's flaky demo test).
-    Filled here first, every parallel run reads the latents a serial run encodes for itself.
+    Why: each image is then encoded once, not once per worker. The bits do not rest on it any more: the cache
+    encodes a request in fixed batches and keys each latent on its batch's size and the thread count, so a run
+    reads only what it would encode itself (docs/determinism.md). Before both, runs filling one cache at once
+    could find another run's batch half written, encode the rest in other batches (an image encoded in a batch of
+    one differs in the last bits from the same image in a batch of eight) and train on latents ~1e-6 apart (issue
+    14's flaky demo test).
     """
     import torch
 
