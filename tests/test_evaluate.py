@@ -282,7 +282,9 @@ def test_cache_keys_change_with_the_manifest_and_the_probe_keys_with_the_seed():
     # A cached feature or probe output is reused only for the same samples and the same noise: the manifest's
     # sha256 is in the feature key, the noise seed in the probes' model identity (their noise is seeded by it).
     settings = FeatureSettings(timesteps=(10,), num_noise_draws=1, seed=3)
-    key = lambda manifest, kernels="k": feature_cache_key(settings, "fp", None, manifest, 8, kernels=kernels)  # noqa: E731
+    def key(manifest: str, kernels: str = "k") -> str:
+        return feature_cache_key(settings, "fp", None, manifest, 8, kernels=kernels)
+
     assert key("m1") != key("m2") and key("m1", "other kernels") != key("m1")
 
     def identity(seed):

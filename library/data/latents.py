@@ -48,8 +48,8 @@ class LatentCache:
     ``mode="mean"`` (default) stores the mean of the VAE's posterior: deterministic, so a member image
     gets the same latent in training and evaluation (to the last bit on the same kernels). ``mode="sample"`` draws
     one sample per image (as kohya's cache does) from a generator seeded by the image's :meth:`content_key` and
-    ``seed``, so it is reproducible too. Latents are multiplied by ``vae.config.scaling_factor`` (after subtracting ``shift_factor`` if the VAE
-    has one), i.e. they are what the UNet sees.
+    ``seed``, so it is reproducible too. Latents are multiplied by ``vae.config.scaling_factor`` (after subtracting
+    ``shift_factor`` if the VAE has one), i.e. they are what the UNet sees.
 
     The key of an entry (:meth:`key_for_hash`) is a sha256 over its :meth:`content_key` (the image's bytes, the image
     conversion, ``vae_fingerprint``, the resolution and the mode; the seed in sample mode, ``full_determinism`` when
