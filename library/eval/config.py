@@ -114,7 +114,9 @@ class EvalConfig:
     paper_draws: int = option(
         1, "independent (t, eps) draws per sample for h' (paper: not said; 1 = upstream's one query). With D > 1, "
         "h' trains on draw (epoch mod D) of each sample, as upstream's monitor re-draws every pass, and scores the "
-        "mean p(member) over the D draws; D queries per sample")
+        "mean p(member) over the D draws; D queries per sample. One draw over the whole schedule leaves h' near "
+        "chance even on LoRAs the loss attack separates (docs/paper-fidelity.md): the demo passes 16 with "
+        "--paper_max_timestep 500")
     paper_epochs: int = option(100, "epochs of h' training (paper: 100)")
     paper_lr: float = option(1e-5, "Adam learning rate of h' (paper: 1e-5)")
     paper_weight_decay: float = option(1e-4, "Adam weight decay of h' (upstream: 1e-4)")
