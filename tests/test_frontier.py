@@ -17,6 +17,7 @@ from library.demo.run import frontier_rows
 from library.demo.sweep import read_sweep
 from library.errors import ConfigError
 from library.eval.summary import privacy_utility_table
+from library.train.config_scope import check_for_method
 
 REDUCED_SWEEP = """
 [[run]]
@@ -187,7 +188,7 @@ def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
         assert {r.label for r in runs} >= {"early_stopping", "smp_calibrated", "relaxloss", "dp_sgd"}
     for run in runs:
         config = train_config(settings, run, tmp_path / "base", tmp_path / "split.json")
-        config.validate_for_method(run.method)
+        check_for_method(config, run.method)
         assert config.output_name == run.name and not config.progress_bar
         if run.value is not None:
             assert getattr(config, run.knob) == run.value

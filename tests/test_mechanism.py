@@ -88,11 +88,12 @@ def test_the_two_runs_are_smp_lora_differing_in_lambda_alone(tmp_path, capsys):
     proxy's accuracy measures), and Eq. 10's delta is the 1e-5 the denominator check expects."""
     from library.config import config_to_dict, parse_config
     from library.train.config import TrainConfig
+    from library.train.config_scope import check_for_method
 
     configs = [parse_config(TrainConfig, train_args(tmp_path / "base", tmp_path / "split.json", tmp_path / "out", lam))
                for lam in (0.0, 1.0)]
     for config in configs:
-        config.validate_for_method("smp_lora")
+        check_for_method(config, "smp_lora")
     assert capsys.readouterr().err == ""
     plain, smp = (config_to_dict(config) for config in configs)
     assert [name for name in plain if plain[name] != smp[name]] == ["privacy_lambda"]

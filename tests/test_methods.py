@@ -12,6 +12,7 @@ from safetensors import safe_open
 from library.config import parse_config
 from library.errors import ConfigError
 from library.train.config import ALL_METHODS, BASELINES, METHODS, TrainConfig
+from library.train.config_scope import check_for_method
 from library.train.methods import (
     METHOD_REGISTRY,
     ForwardResult,
@@ -50,7 +51,7 @@ def test_unknown_method_is_one_config_error_line(tiny_train_args):
     with pytest.raises(ConfigError, match="unknown method 'nope'; expected one of lora, mp_lora"):
         method_class("nope")
     with pytest.raises(ConfigError, match="unknown method"):
-        parse_config(TrainConfig, tiny_train_args).validate_for_method("nope")
+        check_for_method(parse_config(TrainConfig, tiny_train_args), "nope")
 
 
 class DoubledLoRA(PlainLoRA):

@@ -12,6 +12,7 @@ from library.config import parse_config
 from library.sd.diffusion import denoising_errors, draw_noise, per_sample_loss
 from library.train.cli import train_entry
 from library.train.config import TrainConfig
+from library.train.config_scope import check_for_method
 from library.train.prior import has_word
 from library.train.trainer import Trainer, train
 
@@ -165,7 +166,7 @@ def test_an_sd_scripts_regularisation_folder_is_read(dreambooth_args, tmp_path, 
 
 
 def test_caption_extension_is_not_called_ignored_when_class_images_read_it(dreambooth_args, capsys):
-    parse_config(TrainConfig, dreambooth_args + ["--caption_extension", ".caption"]).validate_for_method("lora")
+    check_for_method(parse_config(TrainConfig, dreambooth_args + ["--caption_extension", ".caption"]), "lora")
     assert "caption_extension is ignored" not in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import torch
 
 from library.errors import ConfigError
 from library.sd.sampling import PromptSpec, parse_prompt_line, read_prompt_file
+from library.train.config_scope import check_for_method
 
 
 def test_prompt_options_are_parsed():
@@ -163,7 +164,7 @@ def test_a_sampling_flag_without_its_partner_warns(flags, capsys):
     from library.train.config import TrainConfig
 
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
-    config.validate_for_method("lora")
+    check_for_method(config, "lora")
     assert "no samples are drawn: --sample_prompts and --sample_every_n_epochs go together" in capsys.readouterr().err
 
 

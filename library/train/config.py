@@ -12,12 +12,12 @@ import dataclasses
 import math
 from typing import Optional
 
-from library.config import DEFAULT, option, square_size, value_sources
+from library.config import option, square_size
 from library.errors import ConfigError, warn
 from library.outputs import check_inside
 from library.privacy import validate_privacy_delta
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
-from library.train.methods import method_class, method_names
+from library.train.methods import method_names
 from library.train.proxy_features import ProxyFeatures
 
 # Read from the method registry (library.train.methods.METHOD_REGISTRY), kept here for their importers.
@@ -380,63 +380,3 @@ class TrainConfig:
             raise ConfigError(f"'attacker_calibration = {self.attacker_calibration}' gives signed features (LoRA "
                               f"minus base), which 'attacker_normalization = {self.attacker_normalization}' would take "
                               "the log of; use standardize (or none)")
-
-    def validate_for_method(self, method: str) -> None:
-        """Checks that depend on which training script runs: the method's own (one ConfigError line each), and one
-        ``warning:`` line when the proxy attacker's settings are given to a method without one (train_lora.py
-        with an SMP TOML: the run is plain LoRA, whatever the file's name says)."""
-        cls = method_class(method)
-        cls.check_config(self)
-        given = {name for name, source in value_sources(self).items() if not source.startswith(DEFAULT)}
-        if not cls.has_attacker and (ignored := sorted(given & ATTACKER_FIELDS)):
-            warn(f"{', '.join(ignored)} only act on MP/SMP-LoRA's proxy attacker; {method} ignores them (train "
-                 "with train_mp_lora.py / train_smp_lora.py for the defence)")
-        others = [f"{name} (train_{owner}.py)" for owner, fields in METHOD_FIELDS.items() if owner != method
-                  for name in sorted(given & fields)]
-        if others:
-            warn(f"{', '.join(others)} only act on that training script; {method} ignores them")
-        if not self.with_prior_preservation and (ignored := sorted(given & PRIOR_FIELDS)):
-            warn(f"{', '.join(ignored)} only act with --with_prior_preservation; this run ignores them")
-        if self.split_manifest and "caption_extension" in given and not self.with_prior_preservation:
-            warn("caption_extension is ignored: with --split_manifest the captions come from the manifest")
-        if self.train_mode == "full" and (lora := sorted(given & (LORA_NETWORK_FIELDS - {"network_args"}))):
-            warn(f"{', '.join(lora)} configure a LoRA; 'train_mode = full' ignores them")  # network_args: warned above
-        shape = sorted(given & {"network_dim", "network_alpha", "network_args"})
-        if self.dim_from_weights and shape:
-            warn(f"{', '.join(shape)} ignored: --dim_from_weights shapes the network by the --network_weights file")
-        if bool(self.sample_prompts) != bool(self.sample_every_n_epochs):  # sd-scripts samples only with both
-            warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
-
-    def inert_settings(self, method: str) -> frozenset[str]:
-        """The settings this run of ``method`` never reads (validate_for_method warns when one is given): a resume
-        may change them. What makes each inert (the method, prior preservation, caption shuffling, smoothness
-        tracking, proxy restarts) is itself compared at a resume, so they are inert in the resumed run too."""
-        inert = {name for owner, fields in METHOD_FIELDS.items() if owner != method for name in fields}
-        if not method_class(method).has_attacker:
-            inert |= ATTACKER_FIELDS
-        if not self.with_prior_preservation:
-            inert |= PRIOR_FIELDS | ({"caption_extension"} if self.split_manifest else set())
-        if not self.shuffle_caption:
-            inert.add("keep_tokens")
-        if not self.track_smoothness:
-            inert.add("hessian_every_n_steps")
-        if self.attacker_restart == "none":
-            inert.add("attacker_restart_every_n_epochs")
-        if self.dim_from_weights:  # the network is shaped by the --network_weights file
-            inert |= {"network_dim", "network_alpha", "network_args"}
-        if self.train_mode == "full":  # no LoRA network at all
-            inert |= LORA_NETWORK_FIELDS
-        return frozenset(inert)
-
-
-#: What only one method reads (its training script's name -> its options), and what only DreamBooth reads.
-METHOD_FIELDS = {"relaxloss": frozenset({"relaxloss_alpha"}),
-                 "dp_lora": frozenset({"dp_noise_multiplier", "dp_clip_norm", "dp_delta"})}
-LORA_NETWORK_FIELDS = frozenset({"network_dim", "network_alpha", "network_args", "network_dropout", "network_module",
-                                 "network_train_unet_only", "dim_from_weights"})
-PRIOR_FIELDS = frozenset({"prior_loss_weight", "class_data_dir", "class_prompt", "num_class_images",
-                          "class_sample_steps", "prior_in_objective"})
-
-#: What only MP/SMP-LoRA's proxy attacker reads (Eq. 5, 6, 10 and Algorithm 1's attacker phase).
-ATTACKER_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig)
-                            if f.name.startswith(("attacker_", "privacy_", "g_")) or f.name in ("k_steps", "update_order"))

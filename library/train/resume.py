@@ -21,6 +21,7 @@ from library.errors import ConfigError, TrainingError, UserError
 from library.train import checkpoint, prior, retention
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
+from library.train.config_scope import inert_settings
 from library.train.parametrization import trains_text_encoder
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ def check_resume(trainer: Trainer) -> None:
     # Per-process batches: compared as totals (the identity) where the state records them
     by_total = {name for name, key in (("train_batch_size", "total_batch"),
                                        ("attacker_batch_size", "total_attacker_batch")) if key in saved}
-    inert = trainer.config.inert_settings(trainer.method_name)  # "ignored" by this run: no reason to refuse
+    inert = inert_settings(trainer.config, trainer.method_name)  # "ignored" by this run: no reason to refuse
     _check_settings(directory, summary.get("config"), trainer.config,
                     (RESUMABLE_CHANGES - by_path) | inert | by_total)
     length = saved.get("schedule_steps")

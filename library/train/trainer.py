@@ -38,6 +38,7 @@ from library.train import artifacts, divergence, preflight, prior, resume, sampl
 from library.train.artifacts import TrainResult
 from library.train.collectives import Collectives
 from library.train.config import TrainConfig
+from library.train.config_scope import check_for_method
 from library.train.data import (
     LabelledSet,
     TrainingData,
@@ -80,7 +81,7 @@ class Trainer:
     Entry scripts call :func:`train` instead of using this directly."""
 
     def __init__(self, config: TrainConfig, method_name: str):
-        config.validate_for_method(method_name)
+        check_for_method(config, method_name)
         self.config = config
         self.method_name = method_name
         self.method_class = method_class(method_name)
