@@ -50,6 +50,7 @@ __all__ = [
     "LORA_PREFIX_TEXT_ENCODER",
     "LORA_PREFIX_UNET",
     "ModuleWeights",
+    "USER_METADATA_KEYS",
     "check_lora_file",
     "check_metadata",
     "check_shapes",
@@ -64,6 +65,7 @@ __all__ = [
     "read_lora_metadata",
     "read_lora_source",
     "unknown_module_error",
+    "user_metadata",
     "write_lora_file",
 ]
 
@@ -116,6 +118,15 @@ _FORBIDDEN_KEY_FRAGMENTS: tuple[str, ...] = (
 )
 # A value that *is* an absolute file system path (POSIX, home-relative, Windows drive or UNC).
 _PATH_VALUE = re.compile(r"^\s*(/|~[/\\]|[A-Za-z]:[/\\]|\\\\)")
+#: sd-scripts' flags for what a saved file says of itself, in its author's words, and the metadata key each fills.
+USER_METADATA_KEYS: dict[str, str] = {
+    "training_comment": "ss_training_comment",
+    "metadata_title": "modelspec.title",
+    "metadata_author": "modelspec.author",
+    "metadata_description": "modelspec.description",
+    "metadata_license": "modelspec.license",
+    "metadata_tags": "modelspec.tags",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,6 +394,21 @@ def default_metadata(
         meta["ss_network_args"] = json.dumps(network_args)
     if dropout:
         meta["ss_network_dropout"] = str(dropout)
+    return meta
+
+
+def user_metadata(values: Mapping[str, str | None]) -> dict[str, str]:
+    """The metadata of the :data:`USER_METADATA_KEYS` flags in ``values`` (unset or empty: left out). A value that is
+    a file path is refused (ValueError naming the flag), as :func:`check_metadata` would refuse it at the save."""
+    meta = {}
+    for flag, key in USER_METADATA_KEYS.items():
+        value = values.get(flag)
+        if not value:
+            continue
+        if _PATH_VALUE.match(value):
+            raise ValueError(f"'{flag}' {value!r} looks like a file path, which can tell where the private training "
+                             f"data lives; the saved file's {key} is shared with it: write a name, not a path")
+        meta[key] = value
     return meta
 
 

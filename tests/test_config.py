@@ -92,7 +92,7 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
                            "no_half_vae = false\nenable_bucket = true\nweighted_captions = false\n")
     parse_config(TrainConfig, BASE + ["--config_file", path])  # a recent kohya_ss GUI's keys at their defaults
     warned = capsys.readouterr().err
-    assert warned.count("warning:") == 12 and "centre-cropped squares" in warned
+    assert warned.count("warning:") == 11 and "centre-cropped squares" in warned  # training_comment is ours now
     path = write(tmp_path, "epoch = 10\nloss_type = 'huber'\n")
     with pytest.raises(ConfigError, match="use max_train_epochs.*plain epsilon MSE"):
         parse_config(TrainConfig, BASE + ["--config_file", path])
@@ -253,3 +253,14 @@ def test_a_key_in_two_sections_is_refused(tmp_path):
     path = write(tmp_path, "[training]\nlearning_rate = 1e-3\n[optimizer_arguments]\nlearning_rate = 2e-3\n")
     with pytest.raises(ConfigError, match="c.toml: key 'learning_rate' is given twice"):
         parse_config(TrainConfig, ["--config_file", path] + BASE)
+
+
+def test_the_authors_metadata_is_taken_as_given_but_never_as_a_path():
+    """sd-scripts' --training_comment and --metadata_* (in a TOML too): any words, but a value that is a file path
+    is one ConfigError naming the flag before anything runs (the save would refuse it after the training)."""
+    config = parse_config(TrainConfig, BASE + ["--metadata_title", "Digits v2", "--training_comment", "C:-3 run"])
+    assert (config.metadata_title, config.training_comment) == ("Digits v2", "C:-3 run")
+    for flag, value in (("--metadata_author", "/home/me"), ("--training_comment", "C:\\data\\faces"),
+                        ("--metadata_tags", "~/faces")):
+        with pytest.raises(ConfigError, match=rf"'{flag[2:]}' .* looks like a file path.*write a name, not a path"):
+            parse_config(TrainConfig, BASE + [flag, value])

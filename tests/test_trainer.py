@@ -54,14 +54,16 @@ def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manife
 
 def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, manifest_path):
     """ss_* values that the defaults cannot tell apart: the total batch over accumulation, the per-part rates, the
-    steps that --max_train_epochs (not --max_train_steps) sets, the conditioning; the split in the file and the
-    record; the weights in --save_precision; a state under its own --output_name, which --resume latest finds."""
+    steps that --max_train_epochs (not --max_train_steps) sets, the conditioning, the author's own metadata; the
+    split in the file and the record; the weights in --save_precision; a state under its own --output_name, which
+    --resume latest finds."""
     from library.data.manifest import manifest_sha256, read_manifest, split_sha256
     from library.train.retention import latest_state
 
     args = ["--max_train_epochs", "1", "--gradient_accumulation_steps", "2", "--unet_lr", "2e-3",
             "--text_encoder_lr", "5e-4", "--clip_skip", "2", "--lr_scheduler", "constant_with_warmup",
-            "--lr_warmup_steps", "1", "--output_name", "digits", "--save_state", "--save_precision", "fp16"]
+            "--lr_warmup_steps", "1", "--output_name", "digits", "--save_state", "--save_precision", "fp16",
+            "--training_comment", "digits, rank 4", "--metadata_title", "Digits", "--metadata_author", "the lab"]
     result = run("lora", tiny_train_args + args)  # 24 members, batches of 4 accumulated over 2: 3 steps
     with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
@@ -72,6 +74,10 @@ def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, m
         "ss_total_batch_size": "8", "ss_unet_lr": "0.002", "ss_text_encoder_lr": "0.0005", "ss_learning_rate": "0.001",
         "ss_max_train_steps": "3", "ss_steps": "3", "ss_clip_skip": "2", "ss_lr_warmup_steps": "1",
         "ss_resolution": "(32, 32)", "ss_max_token_length": "None", "ss_output_name": "digits"}
+    # sd-scripts' --training_comment / --metadata_*: as given, the title in place of the file's name
+    assert (meta["ss_training_comment"], meta["modelspec.title"], meta["modelspec.author"]) == (
+        "digits, rank 4", "Digits", "the lab")
+    assert "modelspec.license" not in meta
     split = split_sha256(read_manifest(manifest_path))
     assert meta["smp_lora.split_sha256"] == split != manifest_sha256(manifest_path)
     record = json.loads(result.record_path.read_text())

@@ -18,6 +18,7 @@ from library.errors import TrainingError
 from library.fileio import atomic_write_text, json_safe, write_safetensors
 from library.runtime import SAVE_DTYPES, machine, provenance
 from library.train import checkpoint, resume, retention
+from networks.lora_format import USER_METADATA_KEYS, user_metadata
 
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
@@ -81,6 +82,8 @@ def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None
         meta["smp_lora.base_fingerprint"] = trainer.bundle.loaded_fingerprint
     meta.update(trainer.trained.lineage)  # the splits the starting weights saw (a resumed run: the state's record)
     meta.update(trainer.method.metadata())
+    # the author's own words last: --metadata_title replaces the default title (the file's name)
+    meta.update(user_metadata({name: getattr(cfg, name) for name in USER_METADATA_KEYS}))
     if cadence == "epoch":
         # An epoch checkpoint's name gives its epoch, and its step count with it the batches per epoch: the
         # member-set size up to the batch size, which the metadata keeps out (ss_num_batches_per_epoch). sd-scripts

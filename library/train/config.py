@@ -19,6 +19,7 @@ from library.privacy import validate_privacy_delta
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
 from library.train.methods import method_names
 from library.train.proxy_features import ProxyFeatures
+from networks.lora_format import USER_METADATA_KEYS, user_metadata
 
 # Read from the method registry (library.train.methods.METHOD_REGISTRY), kept here for their importers.
 METHODS = method_names(in_paper=True)  # the paper's three (the demo trains these)
@@ -229,6 +230,13 @@ class TrainConfig:
         None, "tensorboard log directory; each run logs into <logging_dir>/<output_name>-<YYYYmmddHHMMSS> (default: none)",
         path=True)
     log_every_n_steps: int = option(10, "how often step metrics are logged")
+    # what a saved file says of itself (sd-scripts' flags), written as given; never a path
+    training_comment: Optional[str] = option(None, "a comment kept in the saved file's metadata (ss_training_comment)")
+    metadata_title: Optional[str] = option(None, "modelspec.title of the saved files (default: each file's name)")
+    metadata_author: Optional[str] = option(None, "modelspec.author of the saved files")
+    metadata_description: Optional[str] = option(None, "modelspec.description of the saved files")
+    metadata_license: Optional[str] = option(None, "modelspec.license of the saved files")
+    metadata_tags: Optional[str] = option(None, "modelspec.tags of the saved files (comma-separated)")
     sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training", path=True)
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
     sample_steps: int = option(20, "sampler steps for training-time samples")
@@ -350,6 +358,10 @@ class TrainConfig:
             raise ConfigError(f"'seed' must be an integer in [0, 2**63 - 1 = {MAX_SEED}], got {self.seed}")
         if self.output_name is not None:
             check_inside(self.output_dir, self.output_name, "--output_name")
+        try:
+            user_metadata({name: getattr(self, name) for name in USER_METADATA_KEYS})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _validate_train_mode(self) -> None:
         """Adapter flags in a full fine-tune (or the reverse) would be ignored silently: refuse them."""

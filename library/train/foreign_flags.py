@@ -107,7 +107,6 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "lr_scheduler_args": ForeignKey("not supported: the schedulers take --lr_warmup_steps only",
                                     lambda v: v in ([], "", None)),
     "save_state_on_train_end": ForeignKey("use --save_state (it also saves the final state)", _false),
-    "training_comment": ForeignKey("not recorded in the LoRA's metadata here; drop it", _always),
     "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "no_half_vae": ForeignKey("the VAE always runs in fp32 here (what --no_half_vae asks for); drop it", _always),
