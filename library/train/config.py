@@ -294,6 +294,7 @@ class TrainConfig:
                 raise ConfigError(f"'{name}' must be > 0, got {value}")
         self._validate_retention()
         self._validate_rates_and_seed()
+        self._validate_outputs()
         if self.privacy_lambda < 0 or not math.isfinite(self.privacy_lambda):
             raise ConfigError(f"'privacy_lambda' must be a finite number >= 0, got {self.privacy_lambda}")
         if self.prior_loss_weight < 0 or not math.isfinite(self.prior_loss_weight):
@@ -356,6 +357,9 @@ class TrainConfig:
         # torch seeds are 64-bit; derived seeds (seed * 7919 + rank, ...) are reduced modulo 2**64 in the trainer
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"'seed' must be an integer in [0, 2**63 - 1 = {MAX_SEED}], got {self.seed}")
+
+    def _validate_outputs(self) -> None:
+        """A file name that leaves its folder, and metadata that would name where the data lives."""
         if self.output_name is not None:
             check_inside(self.output_dir, self.output_name, "--output_name")
         try:

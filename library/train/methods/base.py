@@ -119,7 +119,8 @@ class TrainingMethod:
 
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
-        """Method-specific config checks; a ConfigError line each (see :func:`library.train.config_scope.check_for_method`)."""
+        """Method-specific config checks; a ConfigError line each (see
+        :func:`library.train.config_scope.check_for_method`)."""
 
     @classmethod
     def check_data(cls, config: TrainConfig, num_members: int) -> None:
