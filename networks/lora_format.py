@@ -397,12 +397,13 @@ def default_metadata(
     return meta
 
 
-def user_metadata(values: Mapping[str, str | None]) -> dict[str, str]:
-    """The metadata of the :data:`USER_METADATA_KEYS` flags in ``values`` (unset or empty: left out). A value that is
-    a file path is refused (ValueError naming the flag), as :func:`check_metadata` would refuse it at the save."""
+def user_metadata(config: Any) -> dict[str, str]:
+    """The metadata of the :data:`USER_METADATA_KEYS` flags, read as attributes of ``config`` (a training config;
+    unset or empty: left out). A value that is a file path is refused (ValueError naming the flag), as
+    :func:`check_metadata` would refuse it at the save."""
     meta = {}
     for flag, key in USER_METADATA_KEYS.items():
-        value = values.get(flag)
+        value = getattr(config, flag, None)
         if not value:
             continue
         if _PATH_VALUE.match(value):

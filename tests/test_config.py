@@ -264,3 +264,12 @@ def test_the_authors_metadata_is_taken_as_given_but_never_as_a_path():
                         ("--metadata_tags", "~/faces")):
         with pytest.raises(ConfigError, match=rf"'{flag[2:]}' .* looks like a file path.*write a name, not a path"):
             parse_config(TrainConfig, BASE + [flag, value])
+
+
+def test_every_metadata_flag_the_saved_file_reads_is_a_training_option():
+    """user_metadata reads these attributes of the config: a renamed option would silently write nothing."""
+    import dataclasses
+
+    from networks.lora_format import USER_METADATA_KEYS
+
+    assert set(USER_METADATA_KEYS) <= {f.name for f in dataclasses.fields(TrainConfig)}

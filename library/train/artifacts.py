@@ -18,7 +18,7 @@ from library.errors import TrainingError
 from library.fileio import atomic_write_text, json_safe, write_safetensors
 from library.runtime import SAVE_DTYPES, machine, provenance
 from library.train import checkpoint, resume, retention
-from networks.lora_format import USER_METADATA_KEYS, user_metadata
+from networks.lora_format import user_metadata
 
 if TYPE_CHECKING:
     from library.train.config import TrainConfig
@@ -83,7 +83,7 @@ def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None
     meta.update(trainer.trained.lineage)  # the splits the starting weights saw (a resumed run: the state's record)
     meta.update(trainer.method.metadata())
     # the author's own words last: --metadata_title replaces the default title (the file's name)
-    meta.update(user_metadata({name: getattr(cfg, name) for name in USER_METADATA_KEYS}))
+    meta.update(user_metadata(cfg))
     if cadence == "epoch":
         # An epoch checkpoint's name gives its epoch, and its step count with it the batches per epoch: the
         # member-set size up to the batch size, which the metadata keeps out (ss_num_batches_per_epoch). sd-scripts

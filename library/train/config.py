@@ -19,7 +19,7 @@ from library.privacy import validate_privacy_delta
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
 from library.train.methods import method_names
 from library.train.proxy_features import ProxyFeatures
-from networks.lora_format import USER_METADATA_KEYS, user_metadata
+from networks.lora_format import user_metadata
 
 # Read from the method registry (library.train.methods.METHOD_REGISTRY), kept here for their importers.
 METHODS = method_names(in_paper=True)  # the paper's three (the demo trains these)
@@ -363,7 +363,7 @@ class TrainConfig:
         if self.output_name is not None:
             check_inside(self.output_dir, self.output_name, "--output_name")
         try:
-            user_metadata({name: getattr(self, name) for name in USER_METADATA_KEYS})
+            user_metadata(self)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
