@@ -44,7 +44,6 @@ from library.train.data import (
     TrainingData,
     attach_latents,
     check_training_data,
-    latent_cache_dir,
     load_training_records,
 )
 from library.train.loss_recorder import LossRecorder, mean_logs
@@ -58,6 +57,7 @@ from library.train.methods import (
 )
 from library.train.parametrization import build_parametrization, trains_text_encoder
 from library.train.rng_state import process_rng_state, restore_process_rng_state
+from library.train.run_plan import describe_run
 from library.train.samplers import EpochCyclingSampler
 from library.train.setup import (
     TextConditioner,
@@ -153,41 +153,12 @@ class Trainer:
             artifacts.load_state(self, self.config.resume)
 
     def plan(self) -> str:
-        """The run on one line, printed before anything costly: what is trained, on what, for how long, into where."""
-        cfg = self.config
-        if cfg.max_train_epochs is not None:
-            budget = f"set by max_train_epochs = {cfg.max_train_epochs}; max_train_steps is ignored"
-        else:
-            budget = f"set by max_train_steps = {cfg.max_train_steps}"
-        count = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])  # lr 0: none
-        # fp32 weights + gradients + AdamW's two moments (AdamW8bit: two bytes of moments), activations apart
-        state_bytes = count * (4 + 4 + (2 if cfg.optimizer_type == "AdamW8bit" else 8))
-        cache_dir = latent_cache_dir(cfg)
-        return (f"method {self.method_name}: {count:,} trained parameters ({self.trained.kind}; ~"
-                f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), "
-                f"{self._members_plan()}, batch "
-                f"{cfg.train_batch_size} x {self.world_size} process(es), "
-                f"{self.sampler.batches_per_epoch} batches/epoch{self._leftover_plan()}, {self.total_steps} optimisation steps "
-                f"(~{self.total_steps * cfg.gradient_accumulation_steps / max(self.sampler.batches_per_epoch, 1):.1f}"
-                f" epochs; {budget}){self._prior_plan()}, output {self.output_dir / (self.output_name + '.safetensors')}"
-                + (f", latents cached in {cache_dir}" if cache_dir else ""))
-
-    def _leftover_plan(self) -> str:
-        left = self.sampler.num_items % self.sampler.global_batch_size
-        return f" (full batches only: each epoch's shuffle leaves {left} image(s) for a later epoch)" if left else ""
-
-    def _members_plan(self) -> str:
-        distinct, per_epoch = len(set(self.data.members.keys)), len(self.data.members)
-        repeats = "" if distinct == per_epoch else f" ({per_epoch} per epoch with their kohya repeats)"
-        return f"{distinct} member images{repeats}"
-
-    def _prior_plan(self) -> str:
-        cfg = self.config
-        if not cfg.with_prior_preservation:
-            return ""
-        missing = prior.missing_class_images(cfg) if self.prior_sampler is None else 0
-        return (f", prior preservation on {cfg.num_class_images} class images x {cfg.prior_loss_weight}"
-                + (f" ({missing} to generate with the base model)" if missing else ""))
+        """The run on one line, printed before anything costly (:func:`library.train.run_plan.describe_run`)."""
+        return describe_run(
+            self.config, method_name=self.method_name, trained_kind=self.trained.kind,
+            trained_parameters=sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]),
+            sampler=self.sampler, total_steps=self.total_steps, world_size=self.world_size,
+            members=self.data.members, class_images_ready=self.prior_sampler is not None)
 
     def _context(self) -> StepContext:
         return StepContext(
