@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,16 @@ def test_a_resume_knows_the_class_images_by_content_not_by_folder(dreambooth_arg
     (copy / "class_00003.txt").write_text("a digit, bold")
     with pytest.raises(TrainingError, match=r"class_images_sha256 .*--class_data_dir"):
         train(parse_config(TrainConfig, moved + ["--output_dir", str(tmp_path / "d")]), "lora")
+
+    # A state from before class_images_sha256 was recorded knows its class images by their folder alone
+    summary_file = Path(state) / "train_state.json"
+    summary = json.loads(summary_file.read_text())
+    del summary["identity"]["class_images_sha256"]
+    summary_file.write_text(json.dumps(summary))
+    with pytest.raises(TrainingError, match=r"class_data_dir = .*\(set by --class_data_dir\)"):
+        train(parse_config(TrainConfig, moved + ["--dry_run", "--output_dir", str(tmp_path / "e")]), "lora")
+    assert train(parse_config(TrainConfig, dreambooth_args + ["--resume", state, "--dry_run",
+                                                              "--output_dir", str(tmp_path / "e")]), "lora") is None
 
 
 def test_class_images_from_the_split_are_refused_and_a_dry_run_checks_the_class_folder(
