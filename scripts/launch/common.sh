@@ -184,9 +184,10 @@ smp_evaluate() {
 smp_evaluate_models() {
     local out_dir="$1" flag="$2"
     shift 2
-    local cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" "$flag" "$@"
-        --split_manifest "$DATA" --output_dir "$out_dir")
-    cmd+=("${SMP_EVAL_EXTRA[@]}")
+    # the models go between the base model and the rest (a dry run without them keeps the rest)
+    local base=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL")
+    local rest=(--split_manifest "$DATA" --output_dir "$out_dir" "${SMP_EVAL_EXTRA[@]}")
+    local cmd=("${base[@]}" "$flag" "$@" "${rest[@]}")
     local made_by="$out_dir/launch_command.txt" command_text
     command_text="$(printf '%s\n' "${cmd[@]}")"
     if [[ "$DRY_RUN" != 1 ]]; then
@@ -210,8 +211,7 @@ smp_evaluate_models() {
         for model in "$@"; do
             if [[ ! -e "$model" ]]; then  # a dry run trains nothing: the flags are checked on the base model alone
                 smp_log "dry run: $model does not exist yet; checking the evaluation's flags on the base model"
-                cmd=("$PYTHON" evaluate_mia.py --pretrained_model_name_or_path "$MODEL" --split_manifest "$DATA"
-                    --output_dir "$out_dir" "${SMP_EVAL_EXTRA[@]}")
+                cmd=("${base[@]}" "${rest[@]}")
                 break
             fi
         done
