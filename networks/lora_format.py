@@ -126,6 +126,8 @@ USER_METADATA_KEYS: dict[str, str] = {
     "metadata_description": "modelspec.description",
     "metadata_license": "modelspec.license",
     "metadata_tags": "modelspec.tags",
+    "metadata_usage_hint": "modelspec.usage_hint",
+    "metadata_trigger_phrase": "modelspec.trigger_phrase",
 }
 
 

@@ -273,3 +273,16 @@ def test_every_metadata_flag_the_saved_file_reads_is_a_training_option():
     from networks.lora_format import USER_METADATA_KEYS
 
     assert set(USER_METADATA_KEYS) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_sd_scripts_metadata_flags_for_other_files_are_refused_with_why(tmp_path, capsys):
+    """--metadata_thumbnail would embed an image (in a private run, likely a member) in every copy of the LoRA;
+    merge / preprocessor / embedding flags describe other kinds of files. A kohya TOML leaving them empty loads."""
+    with pytest.raises(ConfigError, match="metadata_thumbnail.*would publish an image"):
+        parse_config(TrainConfig, BASE + ["--metadata_thumbnail", "face.png"])
+    with pytest.raises(ConfigError, match="metadata_thumbnail.*would publish an image"):
+        parse_config(TrainConfig, BASE + ["--config_file", write(tmp_path, "metadata_thumbnail = 'face.png'\n")])
+    config = parse_config(TrainConfig, BASE + ["--metadata_usage_hint", "prompt 'a digit'", "--config_file",
+                                               write(tmp_path, "metadata_thumbnail = ''\nmetadata_merged_from = ''\n")])
+    assert config.metadata_usage_hint == "prompt 'a digit'"
+    assert capsys.readouterr().err.count("warning:") == 2

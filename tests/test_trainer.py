@@ -63,7 +63,8 @@ def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, m
     args = ["--max_train_epochs", "1", "--gradient_accumulation_steps", "2", "--unet_lr", "2e-3",
             "--text_encoder_lr", "5e-4", "--clip_skip", "2", "--lr_scheduler", "constant_with_warmup",
             "--lr_warmup_steps", "1", "--output_name", "digits", "--save_state", "--save_precision", "fp16",
-            "--training_comment", "digits, rank 4", "--metadata_title", "Digits", "--metadata_author", "the lab"]
+            "--training_comment", "digits, rank 4", "--metadata_title", "Digits", "--metadata_author", "the lab",
+            "--metadata_trigger_phrase", "handwritten"]
     result = run("lora", tiny_train_args + args)  # 24 members, batches of 4 accumulated over 2: 3 steps
     with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
@@ -75,8 +76,8 @@ def test_kohya_metadata_and_record_name_the_runs_own_settings(tiny_train_args, m
         "ss_max_train_steps": "3", "ss_steps": "3", "ss_clip_skip": "2", "ss_lr_warmup_steps": "1",
         "ss_resolution": "(32, 32)", "ss_max_token_length": "None", "ss_output_name": "digits"}
     # sd-scripts' --training_comment / --metadata_*: as given, the title in place of the file's name
-    assert (meta["ss_training_comment"], meta["modelspec.title"], meta["modelspec.author"]) == (
-        "digits, rank 4", "Digits", "the lab")
+    assert (meta["ss_training_comment"], meta["modelspec.title"], meta["modelspec.author"],
+            meta["modelspec.trigger_phrase"]) == ("digits, rank 4", "Digits", "the lab", "handwritten")
     assert "modelspec.license" not in meta
     split = split_sha256(read_manifest(manifest_path))
     assert meta["smp_lora.split_sha256"] == split != manifest_sha256(manifest_path)

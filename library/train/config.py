@@ -237,6 +237,9 @@ class TrainConfig:
     metadata_description: Optional[str] = option(None, "modelspec.description of the saved files")
     metadata_license: Optional[str] = option(None, "modelspec.license of the saved files")
     metadata_tags: Optional[str] = option(None, "modelspec.tags of the saved files (comma-separated)")
+    metadata_usage_hint: Optional[str] = option(None, "modelspec.usage_hint of the saved files (how to prompt the model)")
+    metadata_trigger_phrase: Optional[str] = option(None, "modelspec.trigger_phrase of the saved files (e.g. the "
+                                                    "instance token)")
     sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training", path=True)
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
     sample_steps: int = option(20, "sampler steps for training-time samples")

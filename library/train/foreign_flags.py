@@ -24,6 +24,10 @@ def _false(value: Any) -> bool:
     return value is False
 
 
+def _unset(value: Any) -> bool:
+    return value in ("", None)
+
+
 def _zero(value: Any) -> bool:
     return value in (0, 0.0, None)
 
@@ -107,6 +111,12 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "lr_scheduler_args": ForeignKey("not supported: the schedulers take --lr_warmup_steps only",
                                     lambda v: v in ([], "", None)),
     "save_state_on_train_end": ForeignKey("use --save_state (it also saves the final state)", _false),
+    # sd-scripts' metadata flags that describe other kinds of files, or could publish a training image
+    "metadata_thumbnail": ForeignKey("not supported: a thumbnail in the saved file's metadata would publish an "
+                                     "image, often a training one, with every copy of the LoRA; drop it", _unset),
+    "metadata_merged_from": ForeignKey("for merged models only: a trained file has no merge sources; drop it", _unset),
+    "metadata_preprocessor": ForeignKey("for ControlNet-style models only; drop it", _unset),
+    "metadata_is_negative_embedding": ForeignKey("for textual-inversion embeddings only; drop it", _unset),
     "wandb_api_key": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "wandb_run_name": ForeignKey("wandb is not used (tensorboard logs with --logging_dir); drop it", _always),
     "no_half_vae": ForeignKey("the VAE always runs in fp32 here (what --no_half_vae asks for); drop it", _always),

@@ -23,6 +23,7 @@ from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.config_scope import inert_settings
 from library.train.parametrization import trains_text_encoder
+from networks.lora_format import USER_METADATA_KEYS
 
 if TYPE_CHECKING:
     from library.train.data import LabelledSet
@@ -41,8 +42,7 @@ RESUMABLE_CHANGES = frozenset({
     "save_last_n_steps_state", "resume", "logging_dir", "log_every_n_steps", "sample_prompts", "sample_every_n_epochs",
     "sample_steps", "progress_bar", "dry_run",
     # what the saved file says of itself: the files written after the resume carry the resumed run's words
-    "training_comment", "metadata_title", "metadata_author", "metadata_description", "metadata_license",
-    "metadata_tags",
+    *USER_METADATA_KEYS,
     # compared by the identity's groups, with their own messages (a rate that the others override is no change)
     "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "weight_decay", "train_text_encoder",
     "network_train_unet_only", "with_prior_preservation", "num_class_images", "network_args",
