@@ -165,7 +165,35 @@ def test_a_sampling_flag_without_its_partner_warns(flags, capsys):
 
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
     check_for_method(config, "lora")
-    assert "no samples are drawn: --sample_prompts and --sample_every_n_epochs go together" in capsys.readouterr().err
+    assert "no samples are drawn: --sample_prompts and --sample_every_n_epochs (or --sample_at_first) go together" \
+        in capsys.readouterr().err
+
+
+def test_sample_at_first_shows_the_base_model_then_a_resumed_runs_weights_by_step(tiny_model_dir, tiny_train_args,
+                                                                                  tmp_path):
+    """sd-scripts' --sample_at_first: before step 0 the LoRA adds exactly zero, so the grid is the base model's
+    images; a resumed run samples its state's weights under the step's name (never over an epoch's grid)."""
+    import numpy as np
+    from PIL import Image
+
+    from library.config import parse_config
+    from library.sd.loading import load_sd_model
+    from library.sd.sampling import build_pipeline, generate, read_prompt_file
+    from library.train.config import TrainConfig
+    from library.train.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one --d 1\n")
+    args = tiny_train_args + ["--sample_prompts", str(prompts), "--sample_at_first", "--sample_steps", "2"]
+    train(parse_config(TrainConfig, args + ["--max_train_steps", "2", "--save_state"]), "lora")
+    samples = tmp_path / "out" / "sample"
+    assert sorted(p.name for p in samples.iterdir()) == ["lora_e000000.png"]  # no --sample_every_n_epochs
+    base = generate(build_pipeline(load_sd_model(tiny_model_dir)), read_prompt_file(str(prompts)), resolution=32,
+                    steps=2, seed=TrainConfig.seed)
+    assert np.array_equal(np.asarray(Image.open(samples / "lora_e000000.png")), np.asarray(base[0]))
+
+    train(parse_config(TrainConfig, args + ["--max_train_steps", "3", "--resume", "latest"]), "lora")
+    assert sorted(p.name for p in samples.iterdir()) == ["lora_000002.png", "lora_e000000.png"]
 
 
 def test_each_prompt_gets_its_own_seed_steps_scale_and_the_named_sampler(monkeypatch):

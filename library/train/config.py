@@ -243,6 +243,8 @@ class TrainConfig:
     sample_prompts: Optional[str] = option(None, "text file of prompts to sample during training", path=True)
     sample_every_n_epochs: Optional[int] = option(None, "sample images from --sample_prompts every N epochs")
     sample_steps: int = option(20, "sampler steps for training-time samples")
+    sample_at_first: bool = option(False, "also sample --sample_prompts before the first step (a new run: the "
+                                   "base model's images, to compare the epochs' with)")
     progress_bar: bool = option(True, "show a tqdm progress bar")
     dry_run: bool = option(False, "validate model, data, output folders and config, print the plan and exit "
                            "without training (writes nothing)")

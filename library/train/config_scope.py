@@ -48,8 +48,9 @@ def check_for_method(config: TrainConfig, method: str) -> None:
     shape = sorted(given & {"network_dim", "network_alpha", "network_args"})
     if config.dim_from_weights and shape:
         warn(f"{', '.join(shape)} ignored: --dim_from_weights shapes the network by the --network_weights file")
-    if bool(config.sample_prompts) != bool(config.sample_every_n_epochs):  # sd-scripts samples only with both
-        warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs go together")
+    when = config.sample_every_n_epochs or config.sample_at_first
+    if bool(config.sample_prompts) != bool(when):  # sd-scripts samples only with both
+        warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs (or --sample_at_first) go together")
 
 
 def inert_settings(config: TrainConfig, method: str) -> frozenset[str]:

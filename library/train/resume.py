@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = frozenset({
     "attacker_eval_every_n_epochs", "output_dir", "output_name", "overwrite", "save_precision", "save_every_n_epochs",
     "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_state", "save_last_n_epochs_state",
     "save_last_n_steps_state", "resume", "logging_dir", "log_every_n_steps", "sample_prompts", "sample_every_n_epochs",
-    "sample_steps", "progress_bar", "dry_run",
+    "sample_steps", "sample_at_first", "progress_bar", "dry_run",
     # what the saved file says of itself: the files written after the resume carry the resumed run's words
     *USER_METADATA_KEYS,
     # compared by the identity's groups, with their own messages (a rate that the others override is no change)

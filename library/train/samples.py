@@ -1,6 +1,6 @@
 """The sample grids of a training run (``--sample_prompts`` every ``--sample_every_n_epochs``), as sd-scripts
-draws them: at the end of every due epoch, and at the end of a run that ``--max_train_steps`` stops inside a due
-epoch. Sampling draws nothing from the random streams training goes on with, so a run with samples trains the very
+draws them: at the end of every due epoch, at the end of a run that ``--max_train_steps`` stops inside a due
+epoch, and before the first step with ``--sample_at_first``. Sampling draws nothing from the random streams training goes on with, so a run with samples trains the very
 weights of one without."""
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ def partial_epoch_due(trainer: Trainer) -> int | None:
     return epoch if partial and due and not ended_here else None
 
 
+def sample_before_training(trainer: Trainer) -> None:
+    """``--sample_at_first``: the prompts before this process's first step, as sd-scripts does. A new run's grid
+    shows the base model (the LoRA starts at zero) as epoch 0; a resumed run's shows the state's weights, named by
+    its step as sd-scripts names step samples, so that it never replaces an epoch's grid with other weights."""
+    cfg = trainer.config
+    if cfg.sample_at_first and cfg.sample_prompts:
+        suffix = "e000000" if trainer.global_step == 0 else f"{trainer.global_step:06d}"
+        sample_images(trainer, f"{trainer.output_name}_{suffix}")
+
+
 def sample_images(trainer: Trainer, name: str) -> None:
     """Sample the --sample_prompts with the current weights into <output_dir>/sample/<name>.png (main process)."""
     if not trainer.accelerator.is_main_process:
@@ -44,4 +54,4 @@ def sample_images(trainer: Trainer, name: str) -> None:
     save_grid(images, trainer.output_dir / preflight.SAMPLE_FOLDER / f"{name}.png")
 
 
-__all__ = ["partial_epoch_due", "sample_images"]
+__all__ = ["partial_epoch_due", "sample_before_training", "sample_images"]

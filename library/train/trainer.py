@@ -253,6 +253,7 @@ class Trainer:
             self.accelerator.init_trackers(f"{self.output_name}-{time.strftime('%Y%m%d%H%M%S')}")  # a run each
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.method_name, mininterval=1.0,
                    disable=not (cfg.progress_bar and self.accelerator.is_main_process))
+        samples.sample_before_training(self)
         logs = self.last_logs
         started, start_step = time.perf_counter(), self.global_step
         images_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world_size
