@@ -286,3 +286,22 @@ def test_sd_scripts_metadata_flags_for_other_files_are_refused_with_why(tmp_path
                                                write(tmp_path, "metadata_thumbnail = ''\nmetadata_merged_from = ''\n")])
     assert config.metadata_usage_hint == "prompt 'a digit'"
     assert capsys.readouterr().err.count("warning:") == 2
+
+
+def test_newer_sd_scripts_options_get_their_own_advice(tmp_path, capsys):
+    """sd-scripts 2025-26 options (uploads, DeepSpeed, validation, a scheduler class by name): advice, not "did you
+    mean" a look-alike; a GUI-written TOML holding them at values that change nothing loads with warnings."""
+    for flags, advice in ((["--huggingface_repo_id", "me/faces"], "nothing is uploaded"),
+                          (["--validation_split", "0.1"], "non-members, which evaluate_mia.py measures"),
+                          (["--lr_scheduler_type", "torch.optim.lr_scheduler.StepLR"], "never names code to import"),
+                          (["--initial_epoch", "3"], "use --resume"),
+                          (["--caption_extention", ".txt"], "use --caption_extension")):
+        with pytest.raises(ConfigError, match=advice) as refused:
+            parse_config(TrainConfig, BASE + flags)
+        assert "did you mean" not in str(refused.value)
+    path = write(tmp_path, "deepspeed = false\nzero_stage = 2\nvalidation_split = 0.0\nhuggingface_repo_id = ''\n"
+                           "lr_decay_steps = 0\ntorch_compile = false\nweighting_scheme = 'uniform'\n")
+    parse_config(TrainConfig, BASE + ["--config_file", path])
+    assert capsys.readouterr().err.count("warning:") == 7
+    with pytest.raises(ConfigError, match="DeepSpeed is not used"):
+        parse_config(TrainConfig, BASE + ["--config_file", write(tmp_path, "deepspeed = true\n")])

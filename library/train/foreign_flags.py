@@ -44,6 +44,15 @@ _HF_DATASET = ("images are local files: save the dataset as an imagefolder (imag
 _CAPTION_AS_IS = ("not supported: a caption is used as its file holds it (first non-blank line; --shuffle_caption and "
                   "--keep_tokens only reorder its comma-separated tags); edit the caption files instead")
 
+_NO_UPLOAD = ("not supported: nothing is uploaded; upload the saved .safetensors yourself (a LoRA trained on "
+              "private images: mind its evaluate_mia.py report first)")
+_NO_DEEPSPEED = ("not supported: DeepSpeed is not used (an SD v1.x LoRA fits one GPU; several GPUs: accelerate "
+                 "launch --multi_gpu); drop it")
+_RESUME = "use --resume (a state continues at its step, with its data order and noise); drop it"
+_NO_VALIDATION = ("not supported: the held-out images are the split's non-members, which evaluate_mia.py measures "
+                  "(their loss is the loss attack's score); drop it")
+_OPTIMIZERS = "not supported: use --optimizer_type AdamW or AdamW8bit"
+
 SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "v2": ForeignKey(_SD1_ONLY, _false),
     "v_parameterization": ForeignKey(_SD1_ONLY, _false),
@@ -148,6 +157,62 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "token_warmup_step": ForeignKey("not supported: every step uses the whole caption; drop it", _zero),
     "no_token_padding": ForeignKey("not supported: captions are padded to the token length, as SD v1.x was "
                                    "trained; drop it", _false),
+    # sd-scripts' newer options (2025-26): uploads, DeepSpeed, validation, schedulers and optimisers by class name
+    **dict.fromkeys(("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                     "huggingface_repo_visibility"), ForeignKey(_NO_UPLOAD, _unset)),
+    **dict.fromkeys(("save_state_to_huggingface", "resume_from_huggingface", "async_upload"),
+                    ForeignKey(_NO_UPLOAD, _false)),
+    "deepspeed": ForeignKey(_NO_DEEPSPEED, _false),
+    # what configures DeepSpeed changes nothing without it
+    **dict.fromkeys(("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+                     "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                     "fp16_master_weights_and_gradients"), ForeignKey(_NO_DEEPSPEED, _always)),
+    **dict.fromkeys(("ddp_gradient_as_bucket_view", "ddp_static_graph"),
+                    ForeignKey("not needed: gradients are all-reduced by the training loop itself; drop it", _always)),
+    "torch_compile": ForeignKey("torch.compile is not used here; drop it", _false),
+    **dict.fromkeys(("initial_epoch", "initial_step"), ForeignKey(_RESUME, _unset)),
+    "skip_until_initial_step": ForeignKey(_RESUME, _false),
+    **dict.fromkeys(("validation_split", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                     "validation_seed"), ForeignKey(_NO_VALIDATION, _zero)),
+    "lr_scheduler_type": ForeignKey("not supported: a config never names code to import; use --lr_scheduler "
+                                    "(constant, constant_with_warmup, cosine, linear)", _unset),
+    **dict.fromkeys(("lr_decay_steps", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio"),
+                    ForeignKey("not supported: the schedulers take --lr_warmup_steps only", _zero)),
+    "optimizer_schedulefree_wrapper": ForeignKey(_OPTIMIZERS, _false),
+    "schedulefree_wrapper_args": ForeignKey(_OPTIMIZERS, lambda v: v in ([], "", None)),
+    "use_lion_optimizer": ForeignKey(_OPTIMIZERS, _false),
+    "fused_backward_pass": ForeignKey("not supported: gradients are gathered for the privacy objective (and "
+                                      "clipped together) before the step; drop it", _false),
+    "blocks_to_swap": ForeignKey("not needed for SD v1.x (use --gradient_checkpointing to save memory); drop it",
+                                 _zero),
+    "cpu_offload_checkpointing": ForeignKey("not needed for SD v1.x (use --gradient_checkpointing); drop it", _false),
+    "fp8_base_unet": ForeignKey("not supported: use --mixed_precision fp16 or bf16", _false),
+    **dict.fromkeys(("ip_noise_gamma_random_strength", "noise_offset_random_strength"),
+                    ForeignKey(_PLAIN_OBJECTIVE, _false)),
+    "huber_scale": ForeignKey(_PLAIN_OBJECTIVE, _always),  # acts with loss_type = 'huber' only, which is refused
+    # SD3 / FLUX timestep sampling: only those scripts read them
+    **dict.fromkeys(("weighting_scheme", "logit_mean", "logit_std", "mode_scale"), ForeignKey(_SD1_ONLY, _always)),
+    "alpha_mask": ForeignKey("not supported: the loss covers the whole latent; drop it", _false),
+    "face_crop_aug_range": ForeignKey(_NO_AUGMENTATION, _unset),
+    "resize_interpolation": ForeignKey("not supported: images are resized with Lanczos (PIL) before the centre "
+                                       "crop; drop it", _unset),
+    "caption_extention": ForeignKey("sd-scripts' old spelling: use --caption_extension"),
+    "dataset_repeats": ForeignKey("repeats come from kohya folder names (10_name) or the split manifest; drop it",
+                                  lambda v: v in (1, None)),
+    **dict.fromkeys(("base_weights", "base_weights_multiplier"),
+                    ForeignKey("not supported: merge those LoRAs into a base model first and train on that "
+                               "(--pretrained_model_name_or_path), which evaluate_mia.py then takes too", _unset)),
+    "conditioning_data_dir": ForeignKey("ControlNet training is not supported; drop it", _unset),
+    **dict.fromkeys(("log_tracker_name", "log_tracker_config"),
+                    ForeignKey("tensorboard logs are written when --logging_dir is given; drop it", _unset)),
+    "log_config": ForeignKey("the run's settings are in <output_name>.json beside the LoRA; drop it", _false),
+    "output_config": ForeignKey("not supported: the run's settings are in <output_name>.json beside the LoRA; "
+                                "drop it", _false),
+    "text_encoder_batch_size": ForeignKey("not needed: captions are encoded with their batch; drop it", _always),
+    "tokenizer_cache_dir": ForeignKey("tokenizers load offline from the model folder, or --tokenizer_path", _unset),
+    "disable_mmap_load_safetensors": ForeignKey("not needed; drop it", _always),
+    "save_n_epoch_ratio": ForeignKey("use --save_every_n_epochs", _unset),
+    "use_safetensors": ForeignKey("files are always written as .safetensors; drop it", _always),
     # flags of diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py that have a name of ours
     "center_crop": ForeignKey("images are always centre-cropped squares at --resolution (what --center_crop asks "
                               "for); drop it", lambda v: v is True),
