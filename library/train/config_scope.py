@@ -49,7 +49,7 @@ def check_for_method(config: TrainConfig, method: str) -> None:
     if config.dim_from_weights and shape:
         warn(f"{', '.join(shape)} ignored: --dim_from_weights shapes the network by the --network_weights file")
     when = config.sample_every_n_epochs or config.sample_at_first
-    if bool(config.sample_prompts) != bool(when):  # sd-scripts samples only with both
+    if bool(config.sample_prompts) != bool(when):  # sd-scripts samples only with prompts and a time to sample
         warn("no samples are drawn: --sample_prompts and --sample_every_n_epochs (or --sample_at_first) go together")
 
 

@@ -1,7 +1,7 @@
 """The sample grids of a training run (``--sample_prompts`` every ``--sample_every_n_epochs``), as sd-scripts
 draws them: at the end of every due epoch, at the end of a run that ``--max_train_steps`` stops inside a due
-epoch, and before the first step with ``--sample_at_first``. Sampling draws nothing from the random streams training goes on with, so a run with samples trains the very
-weights of one without."""
+epoch, and before the first step with ``--sample_at_first``. Sampling draws nothing from the random streams
+training goes on with, so a run with samples trains the very weights of one without."""
 
 from __future__ import annotations
 
