@@ -149,3 +149,58 @@ def test_gradients_flow_when_enabled() -> None:
     states = encode_prompts(bundle.tokenizer, bundle.text_encoder, PROMPTS, max_token_length=150, clip_skip=2)
     states.square().mean().backward()
     assert bundle.text_encoder.embeddings.token_embedding.weight.grad is not None
+
+
+def _kohya_reference(tokenizer, text_encoder, prompts, max_len: int, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's SD1 long-caption conditioning built by hand: the caption's first ``max_len`` tokens, cut into 75-token
+    windows (padded with EOS), each encoded as BOS + 75 + EOS; the stitched states keep the first window's BOS, the
+    75 inner states of every window and the last window's EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    windows = []
+    for prompt in prompts:
+        tokens = tokenizer(prompt, add_special_tokens=False).input_ids[:max_len]
+        tokens = tokens + [eos] * (max_len - len(tokens))
+        windows.append([[bos] + tokens[i : i + 75] + [eos] for i in range(0, max_len, 75)])
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        hidden = text_encoder(ids.flatten(0, 1), output_hidden_states=True).hidden_states[-clip_skip]
+        states = text_encoder.final_layer_norm(hidden).unflatten(0, ids.shape[:2])
+    inner = [states[:, c, 1:-1] for c in range(ids.shape[1])]
+    return ids, torch.cat([states[:, 0, :1], *inner, states[:, -1, -1:]], dim=1)
+
+
+@pytest.mark.parametrize(("max_len", "clip_skip"), [(150, 1), (225, 2)])
+def test_long_caption_matches_kohya_by_hand(tiny_text: ModelBundle, max_len: int, clip_skip: int) -> None:
+    # Guards the long-caption layout end to end: all max_len tokens of an over-long caption are kept (none lost to an
+    # off-by-one in the 227-id tokenization, the last id is EOS even when truncated), and the stitched sequence ends
+    # with the *last* window's EOS state, next to a short caption in the same batch.
+    tokenizer, te = tiny_text.tokenizer, tiny_text.text_encoder
+    long_prompt = " ".join(str(i % 10) for i in range(300))  # 300 single-digit tokens, longer than any window
+    prompts = [PROMPTS[0], long_prompt]
+    expected_ids, expected = _kohya_reference(tokenizer, te, prompts, max_len, clip_skip)
+    assert torch.equal(tokenize(tokenizer, prompts, max_token_length=max_len), expected_ids)
+    states = encode_prompts(tokenizer, te, prompts, max_token_length=max_len, clip_skip=clip_skip)
+    assert states.shape == (2, max_len + 2, 32)
+    torch.testing.assert_close(states, expected, rtol=0, atol=0)
+
+
+def test_default_window_truncates_a_long_prompt(tiny_text: ModelBundle) -> None:
+    # Without --max_token_length a caption longer than 75 tokens is cut to BOS + 75 + EOS (as CLIP does), not refused.
+    tokenizer = tiny_text.tokenizer
+    long_prompt = " ".join(str(i % 10) for i in range(100))
+    ids = tokenize(tokenizer, [long_prompt, PROMPTS[0]])
+    assert ids.shape == (2, 1, 77) and ids[0, 0, -1] == tokenizer.eos_token_id
+    assert ids[0, 0, 1:76].tolist() == tokenizer(long_prompt, add_special_tokens=False).input_ids[:75]
+    assert encode_prompts(tokenizer, tiny_text.text_encoder, [long_prompt]).shape == (1, 77, 32)
+
+
+def test_tokenize_edge_inputs(tiny_text: ModelBundle) -> None:
+    # A single string is one prompt (not one per character); max_token_length 0 and a tokenizer without a real
+    # window (transformers' huge "no length" sentinel) are one ConfigError each, not a crash or a huge tensor.
+    tokenizer = tiny_text.tokenizer
+    assert torch.equal(tokenize(tokenizer, PROMPTS[0]), tokenize(tokenizer, [PROMPTS[0]]))
+    with pytest.raises(ConfigError, match="multiple of 75"):
+        tokenize(tokenizer, PROMPTS, max_token_length=0)
+    unbounded = tokenizer_from_dict({**tokenizer_to_dict(tokenizer), "model_max_length": int(1e30)})
+    with pytest.raises(ConfigError, match="model_max_length"):
+        tokenize(unbounded, PROMPTS)
