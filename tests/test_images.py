@@ -162,3 +162,52 @@ def test_latent_cache_key_includes_the_conversion(tmp_path: Path, monkeypatch: p
     key = cache.key(path, 1)
     monkeypatch.setattr(latents, "IMAGE_CONVERSION", IMAGE_CONVERSION + "-next")
     assert cache.key(path, 1) != key
+
+
+def test_image_tensor_is_levels_over_127_5_minus_one() -> None:
+    # Guards the [-1, 1] normalisation the VAE expects: level 0 -> -1, 255 -> 1, and v -> v / 127.5 - 1 exactly.
+    from library.data.images import image_tensor
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = Image.fromarray(np.stack([levels, 255 - levels, np.full_like(levels, 128)], axis=-1))
+    x = image_tensor(img, 16)  # at its own size: no resize, no crop
+    expected = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    assert torch.equal(x, expected)
+    assert x[0, 0, 0] == -1.0 and x[0, -1, -1] == 1.0 and x[1, 0, 0] == 1.0
+
+
+@pytest.mark.parametrize(("size", "resized", "box"), [((34, 20), (14, 8), (3, 0, 11, 8)),
+                                                      ((20, 34), (8, 14), (0, 3, 8, 11))])
+def test_resize_center_crop_is_lanczos_round_then_centre(size, resized, box) -> None:
+    # Guards the documented resize: the short side to the resolution with Lanczos, the long side rounded to the
+    # nearest pixel (34 * 8 / 20 = 13.6 -> 14, not 13), then the centred square, for wide and tall images alike.
+    from library.data.images import resize_center_crop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = img.resize(resized, resample=Image.Resampling.LANCZOS).crop(box)
+    got = resize_center_crop(img, 8)
+    assert got.size == (8, 8) and np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_float_images_round_to_the_nearest_level() -> None:
+    # Mode F rounds to the nearest 8-bit level in both of its ranges (100.6 -> 101, not truncated to 100).
+    unit = np.array([[100.6 / 255, 0.2 / 255], [1.0, 0.0]], dtype=np.float32)  # values in [0, 1]: scaled by 255
+    levels = np.array([[100.6, 3.4], [255.0, 0.0]], dtype=np.float32)  # values in [0, 255]: levels already
+    for values, expected in ((unit, [[101, 0], [255, 0]]), (levels, [[101, 3], [255, 0]])):
+        assert np.asarray(to_rgb(Image.fromarray(values), "f.tiff"))[..., 0].tolist() == expected
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    # Phone photos are stored sideways with an EXIF orientation: the image is loaded the way it is displayed.
+    array = np.zeros((8, 16, 3), dtype=np.uint8)
+    array[:, :8, 0] = 255  # left half red, right half blue
+    array[:, 8:, 2] = 255
+    img = Image.fromarray(array)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "sideways.png"
+    img.save(path, exif=exif)
+    loaded = np.asarray(open_rgb(path))
+    assert loaded.shape == (16, 8, 3)
+    assert (loaded[:8, :, 0] == 255).all() and (loaded[8:, :, 2] == 255).all()  # red on top after the rotation
