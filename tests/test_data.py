@@ -7,6 +7,7 @@ import importlib.util
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -449,6 +450,90 @@ def test_latent_cache_sample_mode_reproducible(tmp_path, tiny_vae):
     mean = LatentCache(tiny_vae, "fp", 32).get_many(paths)
     assert torch.allclose(a, b, atol=1e-5)  # independent of batch composition
     assert not torch.allclose(a, c) and not torch.allclose(a, mean)
+
+
+def test_latent_cache_sample_mode_is_the_documented_posterior_draw(tmp_path, tiny_vae):
+    """A sampled latent is ``(mean + std * eps) * scaling_factor``, eps drawn from a generator seeded with the first
+    15 hex digits of the image's content key: the draws sampled latents always were (kohya's cache samples too)."""
+    from library.fileio import sha256_file
+
+    paths = _images(tmp_path / "img", 2)
+    cache = LatentCache(tiny_vae, "fp", 32, mode="sample", seed=1)
+    with torch.no_grad():
+        dist = tiny_vae.encode(torch.stack([load_image(p, 32) for p in paths])).latent_dist
+    eps = torch.stack([
+        torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(key[:15], 16)))
+        for key in (cache.content_key(sha256_file(p)) for p in paths)
+    ])
+    expected = (dist.mean + dist.std * eps) * tiny_vae.config.scaling_factor
+    assert torch.allclose(cache.get_many(paths), expected, atol=1e-5)
+
+
+class _ShiftedVAE(_CountingVAE):
+    """The tiny VAE with the config of a VAE that has a shift_factor (SD3 / Flux style)."""
+
+    def __init__(self, vae):
+        super().__init__(vae)
+        self.config = SimpleNamespace(scaling_factor=0.5, shift_factor=0.25)
+
+
+def test_encode_pixels_shifts_before_scaling_and_returns_float32(tiny_vae):
+    """What the UNet sees is ``(mean - shift_factor) * scaling_factor``, as float32 on the CPU whatever the VAE's
+    dtype (a bfloat16 VAE gets its pixels in bfloat16 too)."""
+    import copy
+
+    from library.data.latents import encode_pixels
+
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean = tiny_vae.encode(pixels).latent_dist.mean
+    torch.testing.assert_close(encode_pixels(_ShiftedVAE(tiny_vae), pixels), (mean - 0.25) * 0.5)
+    half = encode_pixels(copy.deepcopy(tiny_vae).to(torch.bfloat16), pixels)
+    assert half.dtype == torch.float32 and half.device.type == "cpu"
+    assert torch.allclose(half, mean * tiny_vae.config.scaling_factor, atol=0.1)
+
+
+def test_latent_cache_refuses_a_file_of_another_key_or_with_nan(tmp_path, tiny_vae):
+    """A disk entry is served only if its header names its own key and its values are finite; otherwise the latent
+    is encoded again (a renamed or copied cache file, or a NaN written by a broken run, never reaches training)."""
+    from library.fileio import write_safetensors
+
+    paths = _images(tmp_path / "img", 2)
+    cache_dir = tmp_path / "cache"
+    cache = LatentCache(tiny_vae, "fp", 32, cache_dir, batch_size=1)
+    good = cache.get_many(paths)
+    key0, key1 = (cache.key(p, 1) for p in paths)
+    (cache_dir / f"{key1}.safetensors").write_bytes((cache_dir / f"{key0}.safetensors").read_bytes())
+    write_safetensors(cache_dir / f"{key0}.safetensors", {"latent": torch.full_like(good[0], float("nan"))},
+                      {"key": key0})
+    vae = _CountingVAE(tiny_vae)
+    again = LatentCache(vae, "fp", 32, cache_dir, batch_size=1)
+    assert torch.equal(again.get_many(paths), good) and vae.encoded == 2 and again.stats["disk_hits"] == 0
+
+
+def test_latent_cache_does_not_serve_a_lone_encoding_to_a_full_batch(tmp_path, tiny_vae):
+    """An image encoded last and alone (a batch of 1) is keyed on that batch size, not on --vae_batch_size: a later
+    request that puts it in a batch of 2 encodes that batch again instead of mixing in the lone encoding."""
+    paths = _images(tmp_path / "img", 3)
+    LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", batch_size=2).get_many(paths)  # batches [0, 1], [2]
+    vae = _CountingVAE(tiny_vae)
+    cache = LatentCache(vae, "fp", 32, tmp_path / "cache", batch_size=2)
+    cache.get_many([paths[2], paths[0]])
+    assert cache.stats["disk_hits"] == 1 and vae.encoded == 2
+
+
+def test_latent_cache_keeps_encoded_and_read_latents_in_memory(tmp_path, tiny_vae):
+    """A second request is served from memory: neither encoded again (no cache_dir) nor read from disk again."""
+    paths = _images(tmp_path / "img", 2)
+    vae = _CountingVAE(tiny_vae)
+    cache = LatentCache(vae, "fp", 32)
+    first = cache.get_many(paths)
+    assert torch.equal(cache.get_many(paths), first) and vae.encoded == 2 and cache.stats["memory_hits"] == 2
+    LatentCache(tiny_vae, "fp", 32, tmp_path / "cache").get_many(paths)
+    from_disk = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache")
+    from_disk.get_many(paths)
+    from_disk.get_many(paths)
+    assert from_disk.stats == {"memory_hits": 2, "disk_hits": 2, "encoded": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------
