@@ -60,3 +60,63 @@ def test_a_p_value_is_never_printed_across_the_line_its_verdict_draws():
     (line,) = chance_findings({"worst_case_null": {"p_value": 500 / 10001, "n_attacks": 11, "observed_max_auc": 0.7,
                                                    "null_q95": 0.65, "null_median": 0.58}})
     assert "NOT at chance (p = 0.049995)" in line
+
+
+def _verdict(smp_ci: tuple[float, float], lora_ci: tuple[float, float] = (0.87, 0.97)) -> str:
+    report = _report(0.5 * sum(smp_ci), smp_ci, base_p=0.6)
+    report["results"][1]["auc_ci"] = list(lora_ci)
+    (line,) = [line for line in findings(report) if " vs plain LoRA under the strongest attack" in line]
+    return line
+
+
+def test_the_ci_verdict_needs_the_whole_interval_on_one_side():
+    # "makes it worse" only when the defence's LOWER bound clears plain LoRA's UPPER one (guards the bounds and the
+    # strictness of the "worse" branch, never exercised above); touching CIs overlap: no verdict either way.
+    assert "smp_lora makes it worse: the 95 % CIs do not overlap" in _verdict((0.75, 0.95), (0.50, 0.70))
+    assert "does NOT measurably reduce it" in _verdict((0.65, 0.80), (0.50, 0.70))  # higher, but overlapping
+    assert "does NOT measurably reduce it" in _verdict((0.70, 0.80), (0.50, 0.70))  # touching from above
+    assert "does NOT measurably reduce it" in _verdict((0.60, 0.87))  # touching from below
+    # plain LoRA is the reference, never judged against itself
+    assert not any(line.startswith("- lora vs plain LoRA") for line in findings(_report(0.65, (0.54, 0.75), 0.6)))
+
+
+def test_p_exactly_at_005_is_no_signal_as_documented():
+    # p >= 0.05: the suite finds no signal / the base is at chance (docs: "p >= 0.05"); 0.05 itself is on that side
+    report = _report(0.65, (0.54, 0.75), base_p=0.05)
+    report["privacy_audit"]["smp_lora"]["worst_case_null"]["p_value"] = 0.05
+    text = "\n".join(findings(report))
+    assert "The suite finds no signal in it at the 5 % level (suite-wide p = 0.05)." in text
+    assert "at chance (p = 0.05), as it must be." in text
+
+
+def test_utility_lines_say_when_plain_lora_learned_nothing_and_skip_its_own_u():
+    report = _report(0.65, (0.54, 0.75), base_p=0.6)
+    report["utility"]["lora"].update(conditional_accuracy=0.1, utility_retained=1.0)  # its own U: 1 by definition
+    lines = utility_findings(report)
+    assert lines[0].endswith("plain LoRA 10.0 % - plain LoRA learned nothing that generalises.")  # equal: no gain
+    assert not any("`lora` keeps U" in line for line in lines) and any("`smp_lora` keeps U" in line for line in lines)
+    # a model without a conditional accuracy (no classifier reading) gives no accuracy line, not a crash
+    report["utility"]["base"]["conditional_accuracy"] = None
+    assert not any(line.startswith("- conditional accuracy") for line in utility_findings(report))
+
+
+def _paper(auc: float, ci: tuple[float, float], draws: int = 1) -> dict:
+    report = _report(0.65, (0.54, 0.75), base_p=0.6)
+    report["results"] += [{**_row("lora", "paper", auc, ci, label="h' [honest ckpt]"), "headline": False},
+                          {**_row("base", "paper", 0.9, (0.85, 0.95), label="h' [honest ckpt]"), "headline": False}]
+    report["attacks"] = {"paper": {"draws": draws}}
+    report["features"] = {"settings": {"paper_max_timestep": 400}}
+    return report
+
+
+def test_the_paper_attacker_line_reads_plain_loras_honest_row_and_its_lower_ci_bound():
+    # the paper's regime: plain LoRA's h' CI lies above 0.5 (its lower bound, not the point estimate or upper bound)
+    (seen,) = [line for line in utility_findings(_paper(0.62, (0.51, 0.73))) if "paper's own attacker" in line]
+    assert seen == ("- the paper's own attacker h' (honest checkpoint) on plain LoRA: AUC 0.620 [0.510, 0.730]: "
+                    "it detects membership (CI above 0.5), the paper's regime.")
+    for ci in ((0.45, 0.75), (0.50, 0.70)):  # contains 0.5 (or touches it): not the paper's regime
+        (line,) = [line for line in utility_findings(_paper(0.6, ci)) if "paper's own attacker" in line]
+        assert line.endswith("its CI contains 0.5: the demo is NOT in the paper's regime for this attacker.")
+    # several draws per sample are said, one draw is not
+    (drawn,) = [line for line in utility_findings(_paper(0.62, (0.51, 0.73), draws=4)) if "attacker h'" in line]
+    assert "h' with 4 draws per sample at t < 400 (honest checkpoint)" in drawn
