@@ -267,3 +267,127 @@ def test_only_trains_its_curves_and_the_frontier_keeps_every_finished_run(tmp_pa
     with pytest.raises(ConfigError, match=r"--only \['smp_lora-x'\]: no such curve in .*; its curves: plain, smp "
                                           r"\(--only takes curves"):
         frontier.run_frontier(FrontierSettings(demo=settings.demo, sweep=sweep, runs_filter=["smp_lora-x"]))
+
+
+def test_target_check_edges_the_reference_and_what_counts_as_a_run():
+    """AUC exactly 0.60 and a measure exactly at the budget reach the target ("<="); the reference is the LAST
+    plain-LoRA point (the highest epoch); the base model is never a hit; "closest" is the lowest AUC within budget."""
+    from library.demo.frontier import TARGET_LOSS_RATIO
+
+    early = {"model": "p-000001", "method": "lora", "value": 1, "heldout_loss": 0.5, "worst_auc": 0.8, "worst_attack": "x"}
+    last = {**early, "model": "p", "value": 2, "heldout_loss": 0.2}
+    edge = {"model": "e", "method": "smp_lora", "value": 1.0, "heldout_loss": 0.2 * TARGET_LOSS_RATIO,
+            "worst_auc": 0.60, "worst_attack": "x"}
+    lines = target_check([early, last, edge])
+    assert "- **held-out loss** budget <= 0.22 (plain LoRA `p`: 0.2, + 10 %)" in lines
+    assert "  - REACHED by `e`: worst-case AUC 0.600, held-out loss 0.22" in lines
+    base = {"model": "base", "method": "base", "value": None, "heldout_loss": 0.2 * TARGET_LOSS_RATIO,
+            "worst_auc": 0.5, "worst_attack": "x"}
+    assert any("caveat: the base model, with no adaptation at all, is within it (0.22)" in line
+               for line in target_check([base, last]))  # exactly at the budget is within it
+    near = {**edge, "model": "near", "heldout_loss": 0.21, "worst_auc": 0.65, "worst_attack": "clid"}
+    far = {**edge, "model": "far", "heldout_loss": 0.21, "worst_auc": 0.75}
+    costly = {**edge, "model": "costly", "heldout_loss": 0.3, "worst_auc": 0.61}  # lower AUC, but over budget
+    miss = target_check([base, last, far, near, costly])
+    assert not any("REACHED" in line for line in miss)  # the base's 0.5 within budget is no hit
+    assert ("  - NOT reached: no run has worst-case AUC <= 0.60 within this budget. Closest within budget: `near` "
+            "at AUC 0.650 (clid).") in miss
+
+
+def test_retained_and_chance_checks_edges_and_never_plain_lora():
+    """U exactly 0.9 at AUC exactly 0.60 reaches issue 16's target; p exactly 0.05 is "no detectable signal"; plain
+    LoRA (U 1 by definition) is no defence; "highest U" and "highest p" are the maxima."""
+    plain = {"model": "plain", "method": "lora", "value": 2, "worst_auc": 0.55, "worst_attack": "x",
+             "utility_retained": 1.0, "suite_p": 0.5}
+    edge = {"model": "e", "method": "smp_lora", "value": 1.0, "worst_auc": 0.60, "worst_attack": "x",
+            "utility_retained": 0.9, "suite_p": 0.05}
+    lines = target_check([plain, edge])
+    assert "  - REACHED by `e`: worst-case AUC 0.600, U 0.90" in lines and not any("`plain`" in line for line in lines)
+    low, high = {**edge, "model": "low", "utility_retained": 0.3}, {**edge, "model": "high", "utility_retained": 0.6}
+    lines = target_check([plain, low, high])
+    assert "  - NOT reached. Highest U at AUC <= 0.6: `high`, U 0.60 (AUC 0.600)." in lines
+    assert lines[-2:] == ["  - `high`: p 0.05, worst-case AUC 0.600, U 0.60",
+                          "  - `low`: p 0.05, worst-case AUC 0.600, U 0.30"]
+    loud = [{**low, "suite_p": 0.01, "worst_auc": 0.7}, {**high, "suite_p": 0.002, "worst_auc": 0.7}]
+    assert target_check([plain, *loud])[-1] == "  - none. Highest p: `low`, p 0.01 (AUC 0.700, U 0.30)."
+    assert "  - NOT reached. No defence reaches AUC <= 0.6." in target_check([plain, *loud])
+
+
+def test_best_defence_edges_and_missing_numbers():
+    """U exactly 0.9 keeps the utility and p exactly 0.05 is no signal (the docstring's ">="); a run without U or
+    without a suite-wide p is not counted as keeping the utility / as silent; the fallbacks take the LOWEST AUC."""
+    run = {"method": "smp_lora", "worst_auc": 0.7, "utility_retained": 0.9, "suite_p": 0.01}
+    edge = {**run, "model": "edge", "worst_auc": 0.6}
+    assert best_defence([edge, {**run, "model": "x", "worst_auc": 0.5, "utility_retained": 0.89}])["model"] == "edge"
+    silent = {**run, "model": "silent", "suite_p": 0.05}
+    loud = {**run, "model": "loud", "utility_retained": 0.95, "worst_auc": 0.65}
+    assert best_defence([silent, loud])["model"] == "silent"
+    untested = {**run, "model": "untested", "suite_p": None, "utility_retained": 0.99}
+    assert best_defence([untested, {**run, "model": "lower", "worst_auc": 0.65}])["model"] == "lower"
+    no_u = {**run, "model": "no_u", "utility_retained": None, "worst_auc": 0.5, "suite_p": 0.9}
+    assert best_defence([no_u, {**run, "model": "kept", "utility_retained": 0.95}])["model"] == "kept"
+    useless = [{**run, "model": m, "utility_retained": 0.1, "worst_auc": a} for m, a in (("hi", 0.8), ("lo", 0.55))]
+    assert best_defence(useless)["model"] == "lo"
+    assert best_defence([{**run, "model": "k1", "worst_auc": 0.8}, {**run, "model": "k2"}])["model"] == "k2"
+
+
+def test_seed_spread_is_the_mean_not_the_median():
+    point = {"method": "smp_lora", "curve": "smp", "knob": "seed", "suite_p": 0.01, "conditional_accuracy": 0.5}
+    rows = [{**point, "value": s, "worst_auc": a, "utility_retained": u}
+            for s, a, u in ((1, 0.60, 0.1), (2, 0.61, 0.2), (3, 0.92, 0.9))]
+    (row,) = [line for line in seed_spread(rows) if line.startswith("| smp |")]
+    assert "| 0.710 [0.600, 0.920] | 0.40 [0.10, 0.90] |" in row
+
+
+def _frontier_report() -> dict:
+    def row(model, attack, auc, tpr):
+        return {"model": model, "attack": attack, "label": attack, "headline": True, "floor": False, "auc": auc,
+                "auc_ci": [auc - 0.1, auc + 0.05], "tpr_at_fpr": tpr}
+
+    return {"models": [{"name": "base", "path": None}, {"name": "es-000001", "path": "/r/es/es-000001.safetensors"}],
+            "results": [row("base", "loss", 0.55, {"0.01": 0.0, "0.05": 0.06}),
+                        row("es-000001", "loss", 0.8, {"0.01": 0.2, "0.05": 0.4}),
+                        row("es-000001", "clid", 0.7, {"0.01": 0.3, "0.05": 0.35})],
+            "utility": {"es-000001": {"loss_nonmember_test": 0.12, "loss_member_test": 0.08, "loss_nonmember_test_t100": 0.12,
+                                      "proxy_fd_digits": 21.5, "conditional_accuracy": 0.7, "utility_retained": 0.8}},
+            "privacy_audit": {"es-000001": {"epsilon_lb": {"honest": 1.25, "oracle": 2.5},
+                                            "worst_case_null": {"p_value": 0.03}, "dp_epsilon": {"epsilon": 8.0}}},
+            "samples": {"counts": {"member_test": 50, "nonmember_test": 50}}}
+
+
+def test_frontier_points_and_table_rows_read_the_documented_numbers(tmp_path, monkeypatch):
+    """Each point's columns come from the right report keys (held-out loss = non-members' loss, TPR@1% at FPR 0.01,
+    the honest epsilon lower bound, U), its curve and knob value from the sweep run of its file; the table prints
+    each in its column."""
+    import library.demo.frontier as frontier
+    from library.demo.sweep import SweepRun
+
+    run = SweepRun(name="es", method="lora", label="early_stopping", knob="epoch", value=None, overrides={},
+                   save_every_n_epochs=1)
+    base, es = frontier.frontier_points(_frontier_report(), [run], {"es-000001": (run, 1)})
+    assert (base["curve"], base["method"], base["value"]) == ("base", "base", None)
+    assert {k: es[k] for k in ("curve", "method", "knob", "value", "worst_auc", "worst_attack")} == {
+        "curve": "early_stopping", "method": "lora", "knob": "epoch", "value": 1, "worst_auc": 0.8, "worst_attack": "loss"}
+    assert (es["worst_tpr_at_1pct_fpr"], es["worst_tpr_at_5pct_fpr"]) == (0.3, 0.4)  # maxima over the attacks
+    assert (es["heldout_loss"], es["member_loss"], es["heldout_loss_by_t"]) == (0.12, 0.08, {"100": 0.12})
+    assert (es["conditional_accuracy"], es["utility_retained"], es["proxy_fd_digits"]) == (0.7, 0.8, 21.5)
+    assert (es["epsilon_lb"], es["suite_p"], es["dp_epsilon"]) == (1.25, 0.03, 8.0)
+    monkeypatch.setattr(frontier, "plot_frontier", lambda points, path: None)
+    settings = FrontierSettings(sweep=tmp_path / "demo.toml", out_dir=tmp_path)
+    text = frontier.write_outputs(settings, [base, es], _frontier_report()).read_text()
+    assert ("| early_stopping | epoch | 1 | 0.800 [0.700, 0.850] | loss | 0.03 | 0.400 | 0.300 | 1.25 | 8.0 | 0.1200 | "
+            "0.0800 | 21.50 | 0.700 | 0.80 |") in text.splitlines()
+
+
+def test_a_checkpointed_runs_final_file_carries_its_last_epoch(tmp_path):
+    from library.demo.frontier import run_files
+    from library.demo.run import DemoSettings
+    from library.demo.sweep import SweepRun
+
+    run = SweepRun(name="es", method="lora", label="es", knob="epoch", value=None, overrides={}, save_every_n_epochs=1)
+    settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path), out_dir=tmp_path)
+    folder = settings.run_folder(run)
+    folder.mkdir(parents=True)
+    (folder / "es-000001.safetensors").write_bytes(b"")
+    (folder / "es.json").write_text('{"epochs": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]}')
+    assert run_files(settings, run) == [(folder / "es-000001.safetensors", 1), (folder / "es.safetensors", 3)]
