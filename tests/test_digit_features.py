@@ -157,3 +157,45 @@ def test_cli_error_for_manifest_without_pretrain(manifest_path, tmp_path, capsys
     assert run_cli(main, ["--manifest", str(manifest_path), "--output", str(tmp_path / "f.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pretrain" in err
+
+
+def test_accuracies_and_feature_statistics_come_from_the_documented_images(trained, digits):
+    """Held-out accuracy on the held-out images only, train accuracy on the training images only, and the feature
+    normalisation (mean / std that features() removes) from the training images' raw features: the seeded split is
+    ``torch.randperm(N)`` under the seed, its first round(0.15 N) images held out."""
+    result, _ = trained
+    pixels, labels = digits
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))
+    held, train = order[:result.num_heldout], order[result.num_heldout:]
+    assert result.heldout_accuracy == D.accuracy(result.net, pixels[held], labels[held])
+    assert result.train_accuracy == D.accuracy(result.net, pixels[train], labels[train])
+    raw = result.net.raw_features(pixels[train])
+    assert torch.allclose(result.net.feature_mean, raw.mean(0), atol=1e-5)
+    assert torch.allclose(result.net.feature_std, raw.std(0).clamp_min(1e-6), atol=1e-5)
+
+
+def test_random_shift_moves_up_to_two_pixels_each_way_over_a_black_background():
+    image = torch.full((400, 1, 5, 5), -1.0)
+    image[:, :, 2, 2] = 1.0  # one white pixel in the middle
+    shifted = D._random_shift(image, torch.Generator().manual_seed(0))
+    assert shifted.shape == image.shape and bool(((shifted == -1) | (shifted == 1)).all())  # padding is black (-1)
+    where = {tuple(int(i) for i in (s[0] == 1).nonzero()[0]) for s in shifted}
+    assert where == {(y, x) for y in range(5) for x in range(5)}  # every shift in [-2, 2] x [-2, 2], no other
+
+
+def test_the_input_checks_sit_where_documented(digits):
+    """Labels 0..9 (10 is out), a hold-out fraction strictly inside (0, 1), at least one image held out and at least
+    10 left to train on."""
+    from library.errors import ConfigError
+
+    pixels, labels = digits
+    with pytest.raises(DataError, match="0..9"):
+        D.train_digit_feature_net(pixels[:50], torch.full((50,), 10), epochs=1)
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        D.train_digit_feature_net(pixels[:50], labels[:50], epochs=1, holdout_fraction=0.0)
+    with pytest.raises(DataError, match="too few .*: 9 left after holding out 2 \\(need at least 10"):
+        D.train_digit_feature_net(pixels[:11], labels[:11], epochs=1)  # round(11 * 0.15) = 2 held out
+    quiet = dict(epochs=1, batch_size=64, threads=1, log=lambda _: None)
+    assert D.train_digit_feature_net(pixels[:12], labels[:12], **quiet).num_train == 10  # 10 to train on: enough
+    tiny_fraction = D.train_digit_feature_net(pixels[:20], labels[:20], holdout_fraction=0.01, **quiet)
+    assert tiny_fraction.num_heldout == 1 and tiny_fraction.heldout_accuracy in (0.0, 1.0)  # never none held out

@@ -129,7 +129,8 @@ def _checked_inputs(images: torch.Tensor | Sequence[Any], labels: torch.Tensor |
         raise ConfigError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     num_heldout = max(1, int(round(len(pixels) * holdout_fraction)))
     if len(pixels) - num_heldout < 10:
-        raise DataError(f"{len(pixels)} images are too few to train a digit classifier (need at least 20)")
+        raise DataError(f"{len(pixels)} images are too few to train a digit classifier: {len(pixels) - num_heldout} "
+                        f"left after holding out {num_heldout} (need at least 10 to train on)")
     return pixels, targets, num_heldout
 
 
