@@ -95,6 +95,7 @@ def test_utility_lines_say_when_plain_lora_learned_nothing_and_skip_its_own_u():
     lines = utility_findings(report)
     assert lines[0].endswith("plain LoRA 10.0 % - plain LoRA learned nothing that generalises.")  # equal: no gain
     assert not any("`lora` keeps U" in line for line in lines) and any("`smp_lora` keeps U" in line for line in lines)
+    assert findings(report)[-len(lines) - 1:-1] == lines  # the demo prints them after the privacy verdicts
     # a model without a conditional accuracy (no classifier reading) gives no accuracy line, not a crash
     report["utility"]["base"]["conditional_accuracy"] = None
     assert not any(line.startswith("- conditional accuracy") for line in utility_findings(report))
