@@ -422,3 +422,12 @@ def test_score_metrics_counts_a_classifier_probability_of_one_half_as_non_member
     row = score_metrics(y, ScoreSet("paper", "[oracle ckpt]", probs, "classifier", member_probs=probs,
                                     checkpoint="oracle"), n_bootstrap=0, seed=0)
     assert row["asr_oracle"] == 1.0 and row["asr_honest"] is None
+
+
+def test_kid_of_two_samples_per_set_is_reported():
+    # Two samples per set is the smallest the unbiased estimator allows (m - 1 = 1 in its denominator).
+    from library.eval.metrics import feature_metrics
+
+    a, b = np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([[2.0, 1.0], [1.0, 3.0]])
+    out = feature_metrics({"f": ("fd", "kid")}, {"f": a}, {"f": b}, n_subsets=1)
+    assert out["kid"] == pytest.approx(_hand_mmd2(a.tolist(), b.tolist()), rel=1e-12) and out["kid_std"] == 0.0

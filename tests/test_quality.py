@@ -341,3 +341,352 @@ def test_a_model_that_denoises_some_t_worse_than_the_base_is_flagged():
     assert worse_than_base(utility) == {"lost": [("50", 0.281, 0.172)]}
     assert worse_than_base(utility, tolerance=0.04) == {"fine": [("50", 0.181, 0.172)], "lost": [("50", 0.281, 0.172)]}
     assert worse_than_base({"lost": utility["lost"]}) == {}  # no base row: nothing to compare with
+
+
+# ---------------------------------------------------------------------------------------------- mutation pins
+# Each test below kills mutants of quality.py / generation.py / fid_inception.py / extractors.py that changed a
+# reported number and still passed the tests above (mutation testing of the utility metrics).
+
+
+def test_heldout_losses_refuse_fewer_timesteps_than_loss_columns():
+    """One name for two columns would otherwise report loss_nonmember_test_t<t> for the first column only."""
+    losses = torch.ones(2, 2, 1)
+    with pytest.raises(ValueError, match="1 timesteps named for 2 loss columns"):
+        heldout_losses({"m": SimpleNamespace(losses=losses)}, ["member_test", "nonmember_test"], timesteps=[50])
+
+
+def test_a_loss_exactly_at_the_tolerance_is_not_flagged():
+    """``worse_than_base`` flags "more than" the tolerance: 1.5 against a base of 1.0 at tolerance 0.5 is within."""
+    from library.eval.quality import worse_than_base
+
+    utility = {"base": {"loss_nonmember_test_t50": 1.0}, "edge": {"loss_nonmember_test_t50": 1.5}}
+    assert worse_than_base(utility, tolerance=0.5) == {}
+    assert worse_than_base(utility, tolerance=0.25) == {"edge": [("50", 1.5, 1.0)]}
+
+
+def test_conditional_accuracy_counts_prompts_of_class_zero():
+    """Class 0 (the digit "0") is a class, not "no class": only None leaves a prompt out."""
+    from library.eval.extractors import FeatureExtractor
+    from library.eval.quality import conditional_accuracy
+
+    extractor = FeatureExtractor("fake", "", lambda x: {}, {}, batch_size=2,
+                                 classify=lambda images: images[:, 0, 0, 0].long(),
+                                 label_of=lambda prompt: None if prompt == "a cat" else int(prompt))
+    images = torch.tensor([0.0, 3.0, 0.0]).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()
+    out = conditional_accuracy(extractor, images, ["0", "0", "a cat"], torch.device("cpu"))
+    assert out == {"conditional_accuracy": 0.5, "conditional_accuracy_n": 2}
+
+
+def _colour_extractor(batch_size: int = 4):
+    """A feature 'network' whose features are the mean colour of each image: [N, 3]."""
+    from library.eval.extractors import FeatureExtractor
+
+    return FeatureExtractor("px", "mean colour", lambda images: {"px": images.mean((2, 3))}, {"px": ("fd_px", "kid_px")},
+                            batch_size=batch_size)
+
+
+def _flat_manifest(monkeypatch, colours: np.ndarray):
+    """A manifest of len(colours) reference entries (entry i = index i) whose images are flat ``colours[i]`` in
+    [-1, 1], and D_te captions "p0".."p3"."""
+    import library.data.images as images_mod
+
+    def fake_load_image(path, resolution):
+        return torch.tensor(colours[path], dtype=torch.float32).view(3, 1, 1).expand(3, resolution, resolution)
+
+    monkeypatch.setattr(images_mod, "load_image", fake_load_image)
+    entries = list(range(len(colours)))
+    caption = lambda c: SimpleNamespace(caption=c)
+    return SimpleNamespace(members=lambda: entries, abs_path=lambda e: e,
+                           member_test=[caption("p0"), caption("p1")], nonmember_test=[caption("p2"), caption("p3")])
+
+
+def test_real_features_read_every_reference_image_once_in_order(monkeypatch):
+    """Chunked reading (REAL_CHUNK images at a time) keeps all references, in order, at --resolution."""
+    from library.eval import quality
+
+    colours = np.random.default_rng(0).uniform(-1, 1, size=(5, 3))
+    manifest = _flat_manifest(monkeypatch, colours)
+    monkeypatch.setattr(quality, "REAL_CHUNK", 2)
+    config = SimpleNamespace(resolution=4)
+    real = quality.real_features(config, manifest, manifest.members(), [_colour_extractor(batch_size=3)],
+                                 torch.device("cpu"))
+    assert set(real) == {"px"} and real["px"]["px"].shape == (5, 3)
+    np.testing.assert_allclose(real["px"]["px"], colours, rtol=1e-6)
+
+
+def test_run_quality_scores_the_samples_against_the_references(monkeypatch, tmp_path):
+    """run_quality's numbers are feature_metrics(real = references, fake = samples) with ``--seed`` for the KID
+    subsets, the real-vs-real floor of the references with the same seed (not quality_seed), a grid of the first
+    GRID_MAX_IMAGES samples, and U counted in conditional accuracy (not in the Fréchet distance)."""
+    from PIL import Image
+
+    from library.eval import quality
+    from library.eval.extractors import FeatureExtractor
+    from library.eval.generation import pil_to_tensor
+    from library.eval.records import ModelSpec
+    from library.sd import sampling
+
+    rng = np.random.default_rng(1)
+    real_colours = rng.uniform(-1, 1, size=(24, 3))
+    manifest = _flat_manifest(monkeypatch, real_colours)
+
+    def samples(n_red):  # 20 flat images, the first n_red of them with a red channel above the middle
+        reds = [200] * n_red + [50] * (20 - n_red)
+        return [Image.new("RGB", (4, 4), (red, *(int(v) for v in rng.integers(0, 256, 2)))) for red in reds]
+
+    generated = {"base": samples(5), "lora": samples(15), "smp": samples(10)}  # accuracy 0.25, 0.75, 0.5
+    monkeypatch.setattr(quality, "generate_all", lambda config, specs, prompts, device, pool: [
+        (generated[spec.name], 1.0) for spec in specs])
+    tiled = []
+    monkeypatch.setattr(sampling, "save_grid", lambda images, path: tiled.append(len(images)) or Path(path))
+    config = SimpleNamespace(utility_reference="lora", quality_num_images=20, quality_reference="members",
+                             resolution=4, quality_kid_subsets=3, seed=7, quality_seed=11, quality_sampler="ddim",
+                             quality_steps=2, quality_guidance_scale=7.5)
+    colour = _colour_extractor()
+    extractor = FeatureExtractor("px", "", colour.extract, colour.metrics, batch_size=4, label_of=lambda p: 1,
+                                 classify=lambda images: (images[:, 0, 0, 0] > 0).long())
+    # A classifier that reads no class from the prompts gives no conditional accuracy (and does not fail).
+    glyphs = FeatureExtractor("glyphs", "", lambda images: {"g": images.amax((2, 3))}, {"g": ("fd_g", None)},
+                              classify=lambda images: torch.zeros(len(images), dtype=torch.long))
+    utility = {}
+    settings = quality.run_quality(config, [ModelSpec(name) for name in generated], manifest, torch.device("cpu"),
+                                   [extractor, glyphs], tmp_path, utility, pool=None)
+    real = {"px": real_colours}
+    for name, images in generated.items():
+        fake = extract_features(extractor, pil_to_tensor(images), torch.device("cpu"))
+        expected = feature_metrics(extractor.metrics, real, fake, n_subsets=3, seed=7)
+        assert {k: utility[name][k] for k in expected} == pytest.approx(expected, rel=1e-6), name
+    assert {name: utility[name]["conditional_accuracy"] for name in generated} == {
+        "base": 0.25, "lora": 0.75, "smp": 0.5}
+    assert utility["smp"]["utility_retained"] == pytest.approx(0.5)
+    floor = real_vs_real_floor(extractor.metrics, real, 3, 7)
+    assert {k: settings["real_vs_real_floor"][k] for k in floor} == pytest.approx(floor, rel=1e-6)
+    assert tiled == [16, 16, 16] and settings["grid_images"] == 16 and settings["grids"]["smp"] == "samples_smp.png"
+    assert settings["kid_subset_size"] == 20 and settings["n_reference"] == 24 and settings["num_images"] == 20
+
+
+def test_utility_retained_is_left_out_when_the_reference_or_the_base_lacks_the_metric():
+    from library.eval.quality import add_utility_retained
+
+    for rows in ({"base": {"conditional_accuracy": 0.2}, "lora": {}},
+                 {"base": {}, "lora": {"conditional_accuracy": 0.9}}):
+        add_utility_retained(rows, "lora", "conditional_accuracy")
+        assert not any("utility_retained" in row for row in rows.values())
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def test_the_quality_reference_names_its_split():
+    """--quality_reference members = D_tr, nonmembers, test = D_te; anything else is a ConfigError."""
+    from library.errors import ConfigError
+    from library.eval.generation import reference_entries
+
+    manifest = SimpleNamespace(members=lambda: ["m"], nonmembers=lambda: ["n"], test=lambda: ["t"])
+    assert [reference_entries(manifest, r) for r in ("members", "nonmembers", "test")] == [["m"], ["n"], ["t"]]
+    with pytest.raises(ConfigError, match="'quality_reference' must be one of"):
+        reference_entries(manifest, "train")
+
+
+def test_samples_are_scaled_like_the_reference_images(tmp_path):
+    """pil_to_tensor (the samples) and load_image (the references) must agree to the bit: [N, 3, H, W], RGB
+    channel order, 0..255 -> [-1, 1]; otherwise FID/KID compare two differently scaled sets."""
+    from PIL import Image
+
+    from library.data.images import load_image
+    from library.eval.generation import pil_to_tensor
+
+    array = np.random.default_rng(2).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "x.png")
+    ours = pil_to_tensor([Image.fromarray(array), Image.fromarray(array[::-1].copy())])
+    assert ours.shape == (2, 3, 6, 6) and ours.dtype == torch.float32
+    assert torch.equal(ours[0], load_image(tmp_path / "x.png", 6))
+    assert ours[0, :, 1, 4].tolist() == pytest.approx((array[1, 4] / 127.5 - 1.0).tolist())  # row 1, column 4
+    assert pil_to_tensor([Image.new("RGB", (2, 2), (0, 255, 0))])[0, :, 0, 0].tolist() == [-1.0, 1.0, -1.0]
+    assert torch.equal(pil_to_tensor([Image.new("L", (2, 3), 255)]), torch.ones(1, 3, 3, 2))  # grey -> RGB
+
+
+def test_quality_samples_use_the_quality_settings(monkeypatch):
+    """generate_samples passes --quality_sampler/steps/guidance_scale/seed (not --seed), the LoRA multiplier, the
+    full fine-tune's UNet, --clip_skip (1 when unset) and --max_token_length."""
+    import contextlib
+
+    import library.eval.features as features_mod
+    from library.eval.generation import generate_samples
+    from library.eval.records import ModelSpec
+    from library.sd import sampling
+
+    calls = {}
+
+    @contextlib.contextmanager
+    def fake_applied_lora(bundle, lora, multiplier, device, dtype, unet=None):
+        calls["applied"] = (bundle, lora, multiplier, dtype, unet)
+        yield None
+
+    def fake_generate(pipe, specs, **kwargs):
+        calls["generate"] = (pipe, [s.prompt for s in specs], kwargs)
+        return ["image"]
+
+    monkeypatch.setattr(features_mod, "applied_lora", fake_applied_lora)
+    monkeypatch.setattr(sampling, "build_pipeline", lambda bundle, sampler: ("pipe", bundle, sampler))
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    config = SimpleNamespace(network_multiplier=0.7, quality_sampler="euler", resolution=24, quality_steps=3,
+                             quality_guidance_scale=4.5, quality_seed=11, seed=5, clip_skip=None, max_token_length=150)
+    spec = ModelSpec("ft", unet="UNET")
+    out = generate_samples(config, "bundle", spec, ["a", "b"], torch.device("cpu"), torch.bfloat16)
+    assert out == ["image"]
+    assert calls["applied"] == ("bundle", None, 0.7, torch.bfloat16, "UNET")
+    assert calls["generate"] == (("pipe", "bundle", "euler"), ["a", "b"], {
+        "resolution": 24, "steps": 3, "guidance_scale": 4.5, "seed": 11, "clip_skip": 1, "max_token_length": 150})
+    config.clip_skip = 2
+    generate_samples(config, "bundle", spec, ["a"], torch.device("cpu"), torch.float32)
+    assert calls["generate"][2]["clip_skip"] == 2
+
+
+def test_generate_all_keeps_the_model_order_and_the_precision(monkeypatch):
+    """Images come back in the order of ``specs`` (run_quality zips them), generated in --mixed_precision, in this
+    process and in a worker's job alike."""
+    import contextlib
+
+    from library.eval import generation
+    from library.eval.records import ModelSpec
+
+    seen = []
+
+    def fake_generate_samples(config, bundle, spec, prompts, device, dtype):
+        seen.append((spec.name, dtype))
+        return [spec.name]
+
+    monkeypatch.setattr(generation, "load_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "generate_samples", fake_generate_samples)
+    config = SimpleNamespace(mixed_precision="bf16")
+    pool = SimpleNamespace(parallel=False, in_process=contextlib.nullcontext)
+    specs = [ModelSpec("base"), ModelSpec("a"), ModelSpec("b")]
+    out = generation.generate_all(config, specs, ["p"], torch.device("cpu"), pool)
+    assert [images for images, _ in out] == [["base"], ["a"], ["b"]]
+    assert seen == [("base", torch.bfloat16), ("a", torch.bfloat16), ("b", torch.bfloat16)]
+    config.mixed_precision = "fp16"
+    images, _ = generation.generate_samples_job(generation.SampleJob(config, specs[1], ["p"], torch.device("cpu")))
+    assert images == ["a"] and seen[-1] == ("a", torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- extractors
+
+
+def test_extract_features_keeps_every_image_in_order_across_batches():
+    images = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).view(5, 3, 2, 2)
+    feats = extract_features(_colour_extractor(batch_size=2), images, torch.device("cpu"))
+    assert feats["px"].dtype == np.float64
+    np.testing.assert_array_equal(feats["px"], images.mean((2, 3)).double().numpy())
+
+
+def test_extractors_give_their_networks_the_images_in_minus_one_to_one(monkeypatch, tmp_path):
+    """Both networks take [-1, 1] input (the FID Inception as pytorch-fid, the small CNN as trained): the
+    extractors pass the images on unscaled."""
+    from library.eval import fid_inception, small_cnn
+
+    seen = []
+
+    class Recorder:
+        def to(self, device):
+            return self
+
+        def __call__(self, x):
+            seen.append(x)
+            return {"2048": x.mean((2, 3))}
+
+        def features(self, x):
+            seen.append(x)
+            return x.mean((2, 3))
+
+    monkeypatch.setattr(fid_inception, "load_fid_inception", lambda path: Recorder())
+    monkeypatch.setattr(small_cnn, "load_small_cnn", lambda path: Recorder())
+    images = torch.rand(2, 3, 4, 4) * 2 - 1
+    inception_extractor(tmp_path / "i.pth", torch.device("cpu")).extract(images)
+    small_cnn_extractor("digits", "", tmp_path / "d.safetensors", torch.device("cpu")).extract(images)
+    assert len(seen) == 2 and all(torch.equal(x, images) for x in seen)
+
+
+# ---------------------------------------------------------------------------------------------- FID Inception
+
+
+def test_inception_features_are_pytorch_fids_taps(world):
+    """Input resized to 299x299 (bilinear, align_corners=False, no rescaling); "64" / "192" are the spatial means
+    of the two stem max-pools (3x3, stride 2), "768" of Mixed_6e (17x17), "2048" of Mixed_7c (8x8, pool3)."""
+    import torch.nn.functional as F
+
+    model = load_fid_inception(world["inception"])
+    seen = {}
+    model.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0]))
+    for name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_6e", "Mixed_7c"):
+        getattr(model, name).register_forward_hook(lambda module, args, out, name=name: seen.setdefault(name, out))
+    x = torch.rand(1, 3, 40, 24) * 2 - 1
+    feats = model(x)
+    assert torch.equal(seen["input"], F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+    assert seen["Mixed_6e"].shape[2:] == (17, 17) and seen["Mixed_7c"].shape[2:] == (8, 8)
+    torch.testing.assert_close(feats["64"], F.max_pool2d(seen["Conv2d_2b_3x3"], 3, stride=2).mean((2, 3)))
+    torch.testing.assert_close(feats["192"], F.max_pool2d(seen["Conv2d_4a_3x3"], 3, stride=2).mean((2, 3)))
+    torch.testing.assert_close(feats["768"], seen["Mixed_6e"].mean((2, 3)))
+    torch.testing.assert_close(feats["2048"], seen["Mixed_7c"].mean((2, 3)))
+
+
+def _branch_outputs(block, x, names):
+    """The outputs of ``block``'s submodules ``names`` during ``block(x)``, and the block's output."""
+    seen = {}
+    handles = [getattr(block, name).register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out))
+               for name in names]
+    with torch.no_grad():
+        out = block(x)
+    for handle in handles:
+        handle.remove()
+    return [seen[name] for name in names], out
+
+
+def test_inception_blocks_concatenate_their_branches_in_the_weight_files_order():
+    """The channel order of every block is the TF graph's (that of the weight files' next layer): a swapped pair of
+    branches still runs, with every later weight reading the wrong channels. Pooled branches: 3x3 average over
+    the valid pixels only, max-pooled in Mixed_7c; stride-2 max pool in the reductions. BatchNorm eps is TF's 1e-3."""
+    import torch.nn.functional as F
+
+    from library.eval.fid_inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    avg = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    blocks = {  # block: (its input channels, the branches it concatenates, in order)
+        "Mixed_5b": (192, ["branch1x1", "branch5x5_2", "branch3x3dbl_3", "branch_pool"]),
+        "Mixed_6a": (288, ["branch3x3", "branch3x3dbl_3"]),
+        "Mixed_6b": (768, ["branch1x1", "branch7x7_3", "branch7x7dbl_5", "branch_pool"]),
+        "Mixed_7a": (768, ["branch3x3_2", "branch7x7x3_4"]),
+        "Mixed_7b": (1280, ["branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b",
+                            "branch_pool"]),
+        "Mixed_7c": (2048, ["branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a", "branch3x3dbl_3b",
+                            "branch_pool"]),
+    }
+    for name, (cin, branches) in blocks.items():
+        block = getattr(model, name)
+        x = torch.randn(1, cin, 5, 5)
+        parts, out = _branch_outputs(block, x, branches)
+        if name in ("Mixed_6a", "Mixed_7a"):
+            parts.append(F.max_pool2d(x, 3, stride=2))
+        else:  # the pooled branch, recomputed from the pooled input
+            pooled = F.max_pool2d(x, 3, stride=1, padding=1) if name == "Mixed_7c" else avg(x)
+            with torch.no_grad():
+                assert torch.equal(parts[-1], block.branch_pool(pooled)), name
+        assert torch.equal(out, torch.cat(parts, 1)), name
+    ones = torch.ones(1, 1, 4, 4)  # counting the padding would darken the border to 4/9 and 6/9
+    assert torch.equal(avg(ones), ones)
+
+
+def test_inception_weights_wrapped_in_a_state_dict_key_load(world, tmp_path):
+    """A checkpoint {"state_dict": ...} (as some exporters write) loads; a dict holding non-tensors is refused."""
+    state = load_fid_inception(world["inception"]).state_dict()
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state}, wrapped)
+    assert torch.equal(load_fid_inception(wrapped).fc.bias, state["fc.bias"])
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"fc.bias": torch.zeros(1008), "epoch": 3}, mixed)
+    with pytest.raises(ModelError, match="does not hold a state dict of tensors"):
+        load_fid_inception(mixed)
