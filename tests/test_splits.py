@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -19,6 +20,7 @@ from library.data.manifest import (
     manifest_sha256,
     pretrain_records,
     read_manifest,
+    split_sha256,
     write_manifest,
 )
 from library.data.splits import PRESETS, make_split, resolve_sizes
@@ -64,6 +66,7 @@ def test_split_sizes_from_preset_and_disjoint(tmp_path):
     all_paths = [p for entries in m.splits().values() for p in _paths(entries)]
     assert len(all_paths) == len(set(all_paths)) == 900  # disjoint and complete
     assert len(m.members()) == 433 and set(_paths(m.members())).isdisjoint(_paths(m.nonmembers()))
+    assert _paths(m.nonmembers()) == _paths(m.nonmember_aux) + _paths(m.nonmember_test)  # both non-member sets
     assert _paths(m.aux()) == _paths(m.member_aux) + _paths(m.nonmember_aux)
     assert _paths(m.test()) == _paths(m.member_test) + _paths(m.nonmember_test)
     first = m.member_test[0]
@@ -420,3 +423,49 @@ def test_every_repeat_count_survives_the_manifest(tmp_path):
     write_manifest(m, tmp_path / "s.json")
     back = read_manifest(tmp_path / "s.json", verify=False)
     assert [e.repeats for e in back.member_aux] == [1, 2, 3]
+
+
+def _one_entry_manifest(manifest: Path, **entry) -> Path:
+    row = {"path": "a.png", "caption": "a", "sha256": "ab" * 32, **entry}
+    manifest.write_text(json.dumps({"format": "smp-lora-split", "format_version": 1, "dataset_root": ".", "seed": 0,
+                                    "splits": {"member_aux": [row]}}))
+    return manifest
+
+
+def test_manifest_entries_are_checked_as_read(tmp_path):
+    """A hand-edited manifest: a path leaving the dataset root, a repeat count below 1 or an unknown set name is
+    refused; an upper-case sha256 (as some tools print it) still matches the image's."""
+    for entry, message in [({"path": "../outside.png"}, "relative to the dataset root"),
+                           ({"repeats": 0}, "wrong type")]:
+        with pytest.raises(DataError, match=message):
+            read_manifest(_one_entry_manifest(tmp_path / "m.json", **entry), verify=False)
+    (tmp_path / "a.png").write_bytes(b"image")
+    digest = hashlib.sha256(b"image").hexdigest()
+    m = read_manifest(_one_entry_manifest(tmp_path / "m.json", sha256=digest.upper()))  # verifies the hash
+    assert m.member_aux[0].sha256 == digest
+    doc = json.loads((tmp_path / "m.json").read_text())
+    doc["splits"]["members"] = []  # a typo for member_aux: its images would silently belong to no set
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"unknown split\(s\) \['members'\]"):
+        read_manifest(tmp_path / "m.json", verify=False)
+
+
+def test_split_sha256_covers_captions_and_repeats_not_the_root(tmp_path):
+    """A LoRA records split_sha256: a caption or repeat count changed since makes it another split; a moved
+    dataset (another root, same entries) does not. manifest_sha256 is the plain sha256 of the file's bytes."""
+    entry = SplitEntry("a.png", "a cat", "0" * 64)
+    base = split_sha256(SplitManifest(dataset_root=tmp_path, seed=0, member_aux=[entry]))
+    assert base == split_sha256(SplitManifest(dataset_root=tmp_path / "moved", seed=0, member_aux=[entry]))
+    for changed in (SplitEntry("a.png", "a dog", "0" * 64), SplitEntry("a.png", "a cat", "0" * 64, repeats=2)):
+        assert split_sha256(SplitManifest(dataset_root=tmp_path, seed=0, member_aux=[changed])) != base
+    write_manifest(SplitManifest(dataset_root=tmp_path, seed=0, member_aux=[entry]), tmp_path / "s.json")
+    assert manifest_sha256(tmp_path / "s.json") == hashlib.sha256((tmp_path / "s.json").read_bytes()).hexdigest()
+
+
+def test_pretrain_records_keep_their_repeats(tmp_path):
+    """The pretrain list's kohya repeats weigh its images in a base's pre-training as in the dataset folder."""
+    (tmp_path / "p.png").write_bytes(b"pre")
+    entry = SplitEntry("p.png", "pre", hashlib.sha256(b"pre").hexdigest(), repeats=3)
+    write_manifest(SplitManifest(dataset_root=tmp_path, seed=0, pretrain=[entry]), tmp_path / "s.json")
+    [record] = pretrain_records(tmp_path / "s.json")
+    assert record.repeats == 3 and record.caption == "pre" and record.path == tmp_path / "p.png"
