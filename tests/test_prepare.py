@@ -26,6 +26,7 @@ from library.data.prepare.common import (
     CaptionTable,
     parse_sizes,
     read_captions,
+    sample_sorted,
     split_total,
 )
 from library.errors import ConfigError, DataError
@@ -111,6 +112,9 @@ def test_celeba_small_table4(fake_celeba, tmp_path):
         assert img.size == (RES, RES) and img.mode == "RGB"
     text = png[0].with_suffix(".txt").read_text()
     assert text.startswith("cele") and ", a person, photo number" in text
+    for path in png:  # each file has its own image's caption and identity (fixture: 9 images per identity)
+        n = int(path.stem)
+        assert path.with_suffix(".txt").read_text() == f"cele{1000 + (n - 1) // PER_ID + 1}, a person, photo number {n}\n"
 
 
 def test_celeba_gender_ratio_and_flag(fake_celeba, tmp_path):
@@ -471,3 +475,180 @@ def test_caption_files(tmp_path):
     assert parse_sizes("1,2,3,4") == dict(zip(CORE_SPLITS, (1, 2, 3, 4)))
     with pytest.raises(ConfigError, match="--sizes"):
         parse_sizes("1,2,3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What decides membership: which images are selected, from which rows, with which seed (mutation pass)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_celeba_selection_for_a_seed_is_pinned():
+    """--seed fixes the selection (docs/reproducing.md): the same seed must pick the same identities, images and
+    varying counts in every release, or a re-prepared dataset silently gets other members. The table is given in
+    reverse order: the selection depends on the names, not on the file's order."""
+    identities = {f"{i:06d}.jpg": 5000 + i // 8 for i in reversed(range(1200))}  # 150 identities x 8 images
+    small = celeba.select_celeba(identities, "small", seed=1337)
+    assert sorted({p.identity for p in small}) == [
+        5010, 5013, 5015, 5021, 5025, 5029, 5048, 5052, 5054, 5058, 5062, 5066, 5069, 5071, 5076, 5084, 5093, 5099,
+        5104, 5112, 5118, 5126, 5135, 5144, 5149]
+    varying = celeba.select_celeba(identities, "varying", seed=1337)
+    counts = Counter(p.identity for p in varying)
+    assert [(i, counts[i]) for i in sorted(counts)][:8] == [
+        (5000, 2), (5004, 2), (5005, 1), (5006, 4), (5008, 4), (5009, 2), (5010, 4), (5011, 1)]
+    assert [p.image for p in varying][:6] == ["000000.jpg", "000002.jpg", "000032.jpg", "000039.jpg", "000047.jpg",
+                                               "000049.jpg"]
+
+
+def test_celeba_identities_with_exactly_the_needed_images_are_eligible():
+    """An identity with exactly 8 images can give 8 (and exactly 4 can give varying's up to 4)."""
+    eight = {f"{i:06d}.jpg": i // 8 for i in range(100 * 8)}
+    assert len(celeba.select_celeba(eight, "large", seed=0)) == 800
+    four = {f"{i:06d}.jpg": i // 4 for i in range(100 * 4)}
+    assert len(celeba.select_celeba(four, "varying", seed=0)) == 252
+
+
+def test_selection_helpers_edges(tmp_path):
+    rng = np.random.default_rng(0)
+    assert sample_sorted(["c", "a", "b"], 3, rng, "items") == ["a", "b", "c"]  # all of them, each once
+    assert parse_sizes("0,2,0,2") == dict(zip(CORE_SPLITS, (0, 2, 0, 2)))  # "non-negative": 0 is a size
+    assert celeba.parse_ratio("20:0") == (20, 0)
+    # An identity's gender is the majority vote of its images; a tie leaves it out (not female by default).
+    ids = {"1.jpg": 1, "2.jpg": 1, "3.jpg": 2, "4.jpg": 2, "5.jpg": 2}
+    male = {"1.jpg": True, "2.jpg": False, "3.jpg": True, "4.jpg": True, "5.jpg": False}
+    assert celeba.identity_genders(ids, male) == {2: True}
+    # Kaggle's list_attr_celeba.csv: Male is 1 / -1 per image.
+    csv_attr = tmp_path / "list_attr_celeba.csv"
+    csv_attr.write_text("image_id,Smiling,Male\n000001.jpg,1,-1\n000002.jpg,-1,1\n")
+    assert celeba.read_male_attribute(csv_attr) == {"000001.jpg": False, "000002.jpg": True}
+    # A blank line inside identity_CelebA.txt does not end the list.
+    id_file = tmp_path / "identity_CelebA.txt"
+    id_file.write_text("000001.jpg 7\n\n000002.jpg 9\n")
+    assert celeba.read_identities(id_file) == {"000001.jpg": 7, "000002.jpg": 9}
+    assert pokemon.with_prefix("Pokemon,  a Pikachu", "pokemon, ") == "Pokemon, a Pikachu"  # case-insensitive
+
+
+def test_captions_csv_prefers_the_documented_columns_and_skips_its_header(tmp_path):
+    """A CSV with several candidate columns uses the first of KEY_COLUMNS / CAPTION_COLUMNS (image_id, caption);
+    the header row itself is no image."""
+    path = tmp_path / "c.csv"
+    path.write_text("file_name,text,caption,image_id\nx.jpg,a tag list,the caption,y.jpg\n")
+    assert read_captions(path) == {"y.jpg": "the caption"}
+
+
+def test_celeba_from_anno_with_kaggle_csv_and_images_not_on_disk(fake_celeba, tmp_path):
+    """The metadata may sit in Anno/ and the attributes be Kaggle's CSV (docs/reproducing.md); images listed in
+    identity_CelebA.txt but not extracted are never selected."""
+    root, captions = fake_celeba
+    other = tmp_path / "celeba"
+    (other / "Anno").mkdir(parents=True)
+    (other / "img_align_celeba").symlink_to(root / "img_align_celeba", target_is_directory=True)
+    shutil.copy(root / "identity_CelebA.txt", other / "Anno" / "identity_CelebA.txt")
+    rows = [line.split() for line in (root / "list_attr_celeba.txt").read_text().splitlines()[2:]]
+    (other / "Anno" / "list_attr_celeba.csv").write_text(
+        "image_id,Smiling,Male,Young\n" + "".join(",".join(r) + "\n" for r in rows))
+    celeba.main(["--celeba_dir", str(other), "--captions", str(captions), "--subset", "gender",
+                 "--output_dir", str(tmp_path / "g" / "images"), "--resolution", "8"])
+    sets = _check_manifest(tmp_path / "g" / "split.json", 40)
+    per_identity = Counter(_identity_of(e.caption) for entries in sets.values() for e in entries)
+    assert Counter(_is_male(i - 1000) for i in per_identity) == {False: 14, True: 6}
+    ghosts = tmp_path / "identity_with_ghosts.txt"  # 300 identities listed whose images were never extracted
+    ghosts.write_text((root / "identity_CelebA.txt").read_text()
+                      + "".join(f"{900000 + i:06d}.jpg {3000 + i // 9}\n" for i in range(300 * 9)))
+    result = celeba.prepare_celeba(root, captions, "small", tmp_path / "s" / "images", tmp_path / "s" / "split.json",
+                                   resolution=8, identity_file=ghosts)
+    assert result.num_images == 200
+
+
+def test_prepare_records_the_seed_preset_and_caption_source(tmp_path):
+    """The manifest records the --seed used (default 1337, upstream's), the scaled preset and where the captions
+    were read (so an edited caption is noticed); another --seed draws other members. Images are numbered in
+    sorted-path order, and --overwrite removes the old captions too."""
+    src = _imagefolder_source(tmp_path / "src", 12, seed=8)
+    out = tmp_path / "out"
+    args = ["--source", str(src), "--output_dir", str(out), "--resolution", "8", "--sizes", "3,3,3,3",
+            "--caption_prefix", ""]
+    first = read_manifest(pokemon.main(args).manifest_path)
+    assert first.seed == 1337 and first.preset == "pokemon (scaled: 3,3,3,3)" and first.caption_source
+    assert (out / "pokemon_0002.txt").read_text() == "a cute monster 10\n"  # sorted paths: 0, 1, 10, 11, 2, ...
+    (out / "stale.txt").write_text("a caption of an image no longer there\n")
+    second = read_manifest(pokemon.main(args + ["--seed", "5", "--overwrite"]).manifest_path)
+    assert second.seed == 5 and {e.path for e in second.members()} != {e.path for e in first.members()}
+    assert not (out / "stale.txt").exists()
+
+
+def test_pokemon_parquet_files_are_read_in_sorted_order(tmp_path, monkeypatch):
+    """Images are numbered in the parquet files' sorted order, then row order (module docstring)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train-00001-of-00002.parquet", "train-00000-of-00002.parquet"):
+        (folder / name).write_bytes(b"PAR1 stand-in")
+    rng = np.random.default_rng(9)
+
+    def read_table(source, columns):
+        part = Path(source).name[10]  # the file's number
+        blobs = []
+        for _ in range(4):
+            buffer = io.BytesIO()
+            _noise_image(rng, 8, 8).save(buffer, format="PNG")
+            blobs.append({"bytes": buffer.getvalue()})
+        texts = [f"part {part} row {r}" for r in range(4)]
+        return types.SimpleNamespace(column=lambda name: types.SimpleNamespace(
+            to_pylist=lambda: blobs if name == "image" else texts))
+
+    fake = types.ModuleType("pyarrow.parquet")
+    fake.read_table = read_table
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", fake)
+    out = tmp_path / "out"
+    pokemon.main(["--source", str(folder), "--output_dir", str(out), "--resolution", "8", "--sizes", "1,1,1,1"])
+    assert (out / "pokemon_0001.txt").read_text() == "pokemon, part 0 row 1\n"
+    assert (out / "pokemon_0005.txt").read_text() == "pokemon, part 1 row 1\n"
+
+
+def _coco_source(tmp_path: Path, n: int, first_caption=lambda i: f"first caption {i}") -> tuple[Path, Path]:
+    images_dir = tmp_path / "train2017"
+    images_dir.mkdir()
+    rng = np.random.default_rng(10)
+    images, annotations = [], []
+    for i in range(1, n + 1):
+        _noise_image(rng, 10, 8).save(images_dir / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+        annotations += [{"image_id": i, "caption": first_caption(i)}, {"image_id": i, "caption": f"second {i}"}]
+    ann = tmp_path / "captions_train2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return images_dir, ann
+
+
+def test_coco_first_non_empty_caption_and_seeded_selection(tmp_path):
+    """An empty caption is no caption: the first non-empty one wins. The seeded sample is pinned (--seed fixes the
+    selection, docs/reproducing.md)."""
+    images_dir, ann = _coco_source(tmp_path, 12, lambda i: "   " if i == 3 else f"first caption {i}")
+    assert coco.first_captions(ann)["000000000003.jpg"] == "second 3"
+    result = coco.main(["--images_dir", str(images_dir), "--annotations", str(ann), "--output_dir",
+                        str(tmp_path / "out"), "--resolution", "8", "--sizes", "2,2,2,2"])
+    m = read_manifest(result.manifest_path)
+    assert sorted(int(e.path[:12]) for s in CORE_SPLITS for e in getattr(m, s)) == [1, 3, 4, 5, 6, 8, 10, 12]
+
+
+def test_afhq_selects_captioned_images_only(tmp_path):
+    """Images without a caption are not drawn (module docstring: 'among the images that have a caption'); --afhq_dir
+    may be the train folder itself; the seeded sample is pinned."""
+    train = tmp_path / "afhq" / "train"
+    rng = np.random.default_rng(11)
+    rows = []
+    for cls in afhq.CLASSES:
+        (train / cls).mkdir(parents=True)
+        for i in range(6):
+            _noise_image(rng, 8, 8).save(train / cls / f"flickr_{cls}_{i:06d}.jpg")
+            if i % 3:  # two images in three have a caption
+                rows.append(f"flickr_{cls}_{i:06d}.jpg,a {cls} {i}")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("image_id,caption\n" + "\n".join(rows) + "\n")
+    result = afhq.main(["--afhq_dir", str(train), "--captions", str(captions), "--output_dir", str(tmp_path / "out"),
+                        "--resolution", "8", "--sizes", "2,2,2,2"])
+    m = read_manifest(result.manifest_path)
+    picked = sorted(e.path for s in CORE_SPLITS for e in getattr(m, s))
+    assert all(int(path[-5]) % 3 for path in picked)  # captioned ones only
+    assert picked == ["cat_flickr_cat_000002.png", "cat_flickr_cat_000004.png", "cat_flickr_cat_000005.png",
+                      "dog_flickr_dog_000001.png", "dog_flickr_dog_000002.png", "dog_flickr_dog_000004.png",
+                      "wild_flickr_wild_000002.png", "wild_flickr_wild_000004.png"]
