@@ -461,6 +461,12 @@ def test_caption_files(tmp_path):
     jsonl.write_text('{"file_name": "cat/x.jpg", "text": "a cat"}\n\n')
     table = CaptionTable.from_file(jsonl)
     assert table.get("cat/x.jpg") == table.get("x.jpg") == table.get("x") == "a cat"
+    # a key of the file wins over a name derived from another; a name two captions share names neither
+    table = CaptionTable({"sub/a.jpg": "B", "a.jpg": "A", "cat/x.jpg": "a cat", "dog/x.jpg": "a dog"}, "t.csv")
+    assert (table.get("a.jpg"), table.get("sub/a.jpg"), table.get("dog/x.jpg")) == ("A", "B", "a dog")
+    assert table.get("bird/x.jpg") is None and table.get("x") is None
+    with pytest.raises(DataError, match="no caption for image bird/x.jpg"):
+        table.require("bird/x.jpg")
     mapping = tmp_path / "c.json"
     mapping.write_text('{"y.png": "a dog"}')
     assert read_captions(mapping) == {"y.png": "a dog"}

@@ -189,14 +189,22 @@ def read_captions(path: str | Path) -> dict[str, str]:
 
 
 class CaptionTable:
-    """Captions by image; looks an image up by relative path, file name or stem."""
+    """Captions by image; looks an image up by relative path, file name or stem.
+
+    A key the file holds wins over a file name or stem derived from another key, and a derived key that two
+    different captions share (``cat/x.jpg`` and ``dog/x.jpg``) names neither: an image found only through it
+    has no caption (one clear error) rather than another image's."""
 
     def __init__(self, captions: Mapping[str, str], source: Path | str):
         self.source = Path(source)
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[str, str] = {Path(name).as_posix(): caption for name, caption in captions.items()}
+        derived: dict[str, set[str]] = {}
         for name, caption in captions.items():
-            for key in caption_keys(name):
-                self._by_key.setdefault(key, caption)
+            for key in caption_keys(name)[1:]:
+                derived.setdefault(key, set()).add(caption)
+        for key, options in derived.items():
+            if key not in self._by_key and len(options) == 1:
+                self._by_key[key] = next(iter(options))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CaptionTable":
