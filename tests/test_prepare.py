@@ -465,8 +465,11 @@ def test_caption_files(tmp_path):
     table = CaptionTable({"sub/a.jpg": "B", "a.jpg": "A", "cat/x.jpg": "a cat", "dog/x.jpg": "a dog"}, "t.csv")
     assert (table.get("a.jpg"), table.get("sub/a.jpg"), table.get("dog/x.jpg")) == ("A", "B", "a dog")
     assert table.get("bird/x.jpg") is None and table.get("x") is None
-    with pytest.raises(DataError, match="no caption for image bird/x.jpg"):
+    with pytest.raises(DataError, match=r"no caption for image bird/x.jpg: its file name is shared by the rows of "
+                                        r"cat/x.jpg, dog/x.jpg, .*keyed by its path \('bird/x.jpg,<caption>'\)"):
         table.require("bird/x.jpg")
+    with pytest.raises(DataError, match=r"no caption for image y.jpg: add a row for it"):
+        table.require("y.jpg")
     mapping = tmp_path / "c.json"
     mapping.write_text('{"y.png": "a dog"}')
     assert read_captions(mapping) == {"y.png": "a dog"}

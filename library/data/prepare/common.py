@@ -198,13 +198,16 @@ class CaptionTable:
     def __init__(self, captions: Mapping[str, str], source: Path | str):
         self.source = Path(source)
         self._by_key: dict[str, str] = {Path(name).as_posix(): caption for name, caption in captions.items()}
-        derived: dict[str, set[str]] = {}
+        derived: dict[str, dict[str, str]] = {}  # file name or stem -> {key of the file: its caption}
         for name, caption in captions.items():
             for key in caption_keys(name)[1:]:
-                derived.setdefault(key, set()).add(caption)
-        for key, options in derived.items():
-            if key not in self._by_key and len(options) == 1:
-                self._by_key[key] = next(iter(options))
+                derived.setdefault(key, {})[Path(name).as_posix()] = caption
+        self._shared: dict[str, list[str]] = {}  # a derived key that names several captions: the keys behind it
+        for key, owners in ((k, v) for k, v in derived.items() if k not in self._by_key):
+            if len(set(owners.values())) == 1:
+                self._by_key[key] = next(iter(owners.values()))
+            else:
+                self._shared[key] = sorted(owners)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CaptionTable":
@@ -222,6 +225,11 @@ class CaptionTable:
     def require(self, name: str) -> str:
         caption = self.get(name)
         if caption is None:
+            if shared := next((self._shared[k] for k in caption_keys(name) if k in self._shared), None):
+                raise DataError(f"captions file {self.source} has no caption for image {name}: its file name is "
+                                f"shared by the rows of {', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''}, "
+                                f"with different captions; add a row keyed by its path "
+                                f"('{Path(name).as_posix()},<caption>')")
             raise DataError(f"captions file {self.source} has no caption for image {name}: add a row for it "
                             f"(keyed by file name, e.g. '{Path(name).name},<caption>')")
         return caption
