@@ -247,7 +247,8 @@ def test_command_line_steps_beat_file_epochs(tiny_train_args, tmp_path, capsys):
     # The file alone: its epochs set the budget (as before).
     assert "set by max_train_epochs = 400" in _plan(args, capsys)
     # --max_train_steps on the command line: the file's max_train_epochs is dropped; the command line wins.
-    assert "3 optimisation steps" in _plan(args + ["--max_train_steps", "3"], capsys)
+    plan = _plan(args + ["--max_train_steps", "3", "--output_name", "mine"], capsys)
+    assert "3 optimisation steps" in plan and f"output {tmp_path / 'out' / 'mine.safetensors'}" in plan
     # Both on the command line: epochs override steps, as without a file.
     assert "set by max_train_epochs = 2" in _plan(args + ["--max_train_steps", "3", "--max_train_epochs", "2"], capsys)
     # An optional value of the file unset from the command line.

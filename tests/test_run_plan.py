@@ -20,11 +20,11 @@ def _plan(tmp_path: Path, extra: list[str], *, images: int = 10, distinct: int =
     sampler = EpochCyclingSampler(images, batch, seed=0, world_size=world_size)
     return describe_run(config, method_name="smp_lora", trained_kind="lora", trained_parameters=trained,
                         sampler=sampler, total_steps=total_steps, world_size=world_size, members=members,
-                        class_images_ready=True)
+                        class_images_ready=True, output=tmp_path / "out" / "mine.safetensors")
 
 
 def test_plan_names_budget_output_and_memory(tmp_path):
-    plan = _plan(tmp_path, ["--max_train_steps", "6", "--output_name", "mine"], trained=2**27)
+    plan = _plan(tmp_path, ["--max_train_steps", "6"], trained=2**27)
     assert plan.startswith("method smp_lora: 134,217,728 trained parameters (lora; ~2.00 GiB")  # 16 bytes each
     assert "10 member images," in plan and "batch 4 x 1 process(es), 2 batches/epoch" in plan
     assert "6 optimisation steps (~3.0 epochs; set by max_train_steps = 6)" in plan

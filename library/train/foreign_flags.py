@@ -145,12 +145,12 @@ SD_SCRIPTS_KEYS: dict[str, ForeignKey] = {
     "cache_text_encoder_outputs_to_disk": ForeignKey("not supported: text-encoder outputs are cached in memory; "
                                                      "drop it", _false),
     "keep_tokens_separator": ForeignKey("not supported: --keep_tokens N keeps the caption's first N comma-separated "
-                                        "tags in place; drop it", lambda v: v in ("", None)),
-    "caption_prefix": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
-    "caption_suffix": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
+                                        "tags in place; drop it", _unset),
+    "caption_prefix": ForeignKey(_CAPTION_AS_IS, _unset),
+    "caption_suffix": ForeignKey(_CAPTION_AS_IS, _unset),
     "caption_separator": ForeignKey("not supported: tags are separated by commas (--shuffle_caption, --keep_tokens); "
                                     "drop it", lambda v: v in (",", None)),
-    "secondary_separator": ForeignKey(_CAPTION_AS_IS, lambda v: v in ("", None)),
+    "secondary_separator": ForeignKey(_CAPTION_AS_IS, _unset),
     "enable_wildcard": ForeignKey(_CAPTION_AS_IS, _false),
     "token_warmup_min": ForeignKey("not supported: every step uses the whole caption; drop it",
                                    lambda v: v in (1, None)),

@@ -17,11 +17,12 @@ from library.train.samplers import EpochCyclingSampler
 
 def describe_run(config: TrainConfig, *, method_name: str, trained_kind: str, trained_parameters: int,
                  sampler: EpochCyclingSampler, total_steps: int, world_size: int, members: LabelledSet,
-                 class_images_ready: bool) -> str:
+                 class_images_ready: bool, output: Path) -> str:
     """One line for the main process to print.
 
     ``trained_parameters`` counts what the optimiser updates (a group at learning rate 0 holds none);
-    ``class_images_ready`` is False on a dry run, which reports how many DreamBooth class images are still to make.
+    ``class_images_ready`` is False on a dry run, which reports how many DreamBooth class images are still to make;
+    ``output`` is the file the run will write.
     """
     if config.max_train_epochs is not None:
         budget = f"set by max_train_epochs = {config.max_train_epochs}; max_train_steps is ignored"
@@ -30,7 +31,6 @@ def describe_run(config: TrainConfig, *, method_name: str, trained_kind: str, tr
     # fp32 weights + gradients + AdamW's two moments (AdamW8bit: two bytes of moments), activations apart
     state_bytes = trained_parameters * (4 + 4 + (2 if config.optimizer_type == "AdamW8bit" else 8))
     epochs = total_steps * config.gradient_accumulation_steps / max(sampler.batches_per_epoch, 1)
-    output = Path(config.output_dir) / ((config.output_name or method_name) + ".safetensors")
     cache_dir = latent_cache_dir(config)
     return (f"method {method_name}: {trained_parameters:,} trained parameters ({trained_kind}; ~"
             f"{state_bytes / 2**30:.2f} GiB of weights, gradients and optimiser state), {_members(members)}, "

@@ -158,7 +158,8 @@ class Trainer:
             self.config, method_name=self.method_name, trained_kind=self.trained.kind,
             trained_parameters=sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]),
             sampler=self.sampler, total_steps=self.total_steps, world_size=self.world_size,
-            members=self.data.members, class_images_ready=self.prior_sampler is not None)
+            members=self.data.members, class_images_ready=self.prior_sampler is not None,
+            output=self.output_dir / f"{self.output_name}.safetensors")
 
     def _context(self) -> StepContext:
         return StepContext(

@@ -197,11 +197,13 @@ class CaptionTable:
 
     def __init__(self, captions: Mapping[str, str], source: Path | str):
         self.source = Path(source)
-        self._by_key: dict[str, str] = {Path(name).as_posix(): caption for name, caption in captions.items()}
+        self._by_key: dict[str, str] = {}
         derived: dict[str, dict[str, str]] = {}  # file name or stem -> {key of the file: its caption}
         for name, caption in captions.items():
-            for key in caption_keys(name)[1:]:
-                derived.setdefault(key, {})[Path(name).as_posix()] = caption
+            exact, *others = caption_keys(name)
+            self._by_key[exact] = caption
+            for key in others:
+                derived.setdefault(key, {})[exact] = caption
         self._shared: dict[str, list[str]] = {}  # a derived key that names several captions: the keys behind it
         for key, owners in ((k, v) for k, v in derived.items() if k not in self._by_key):
             if len(set(owners.values())) == 1:
