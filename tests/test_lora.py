@@ -333,6 +333,8 @@ def test_fp16_save(models, tmp_path):
         {"smp_train_data_dir": "members"},
         {"smp_note": "/home/alice/private/faces"},
         {"ss_seed": 1337},
+        {"My_Captions": "a photo of x"},  # fragments are matched whatever the key's case
+        {"smp_member_path": "members"},  # any *_path key
     ],
 )
 def test_privacy_leaking_metadata_is_refused(models, tmp_path, metadata):
@@ -636,3 +638,86 @@ def test_write_lora_file_itself_refuses_metadata_that_names_the_data(tmp_path):
     written = tmp_path / "b.safetensors"
     write_lora_file(written, tensors, {"ss_seed": "1"})
     assert read_lora_metadata(written)["sshs_model_hash"] == lora_file_sha256(written)
+
+
+def test_a_layer_without_its_up_or_down_weight_is_refused_naming_the_missing_one():
+    """A truncated export that lost one of a layer's two matrices is one error saying which, not a KeyError."""
+    from networks.lora_format import group_kohya_state_dict
+
+    for present, missing in ((".lora_down.weight", "lora_up"), (".lora_up.weight", "lora_down")):
+        sd = {"lora_unet_x" + present: torch.zeros(4, 4), "lora_unet_x.alpha": torch.tensor(2.0)}
+        with pytest.raises(ModelError, match=f"'lora_unet_x{present}' has no matching {missing} weight"):
+            group_kohya_state_dict(sd, "f")
+
+
+def test_check_shapes_reads_flat_1x1_conv_weights_and_refuses_a_misfit_up_projection():
+    """Exporters that write a 1x1 conv's LoRA as 2-D matrices load; an up projection with a spatial kernel or for
+    another output width is the file's fault, one error line (not a reshape error from inside torch)."""
+    from networks.lora_format import ModuleWeights, check_shapes
+
+    keys = ("lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight")
+    flat = ModuleWeights(torch.zeros(4, 8), torch.zeros(6, 4), None, keys)
+    assert [tuple(t.shape) for t in check_shapes("x", flat, 8, 6, (1, 1), "f")] == [(4, 8, 1, 1), (6, 4, 1, 1)]
+    for up in (torch.zeros(6, 4, 3, 3), torch.zeros(12, 4)):
+        with pytest.raises(ModelError, match="has shapes down"):
+            check_shapes("x", ModuleWeights(torch.zeros(4, 8), up, None, keys), 8, 6, None, "f")
+
+
+def test_ranks_and_alphas_reads_a_missing_alpha_as_the_rank_and_refuses_an_unknown_layer():
+    """The per-layer alphas a network is built from: a file without ``.alpha`` is alpha = rank (scale 1), as in
+    every loader; a layer the model lacks is an error, not silently skipped."""
+    from torch import nn
+
+    from networks.lora_format import ModuleWeights, ranks_and_alphas
+
+    layers = {"lora_unet_x": nn.Linear(8, 6)}
+    weights = ModuleWeights(torch.zeros(4, 8), torch.zeros(6, 4), None, ("lora_unet_x.lora_down.weight",))
+    assert ranks_and_alphas({"lora_unet_x": weights}, layers, "f", False) == ({"lora_unet_x": 4}, {"lora_unet_x": 4.0})
+    with pytest.raises(ModelError, match="matches no layer"):
+        ranks_and_alphas({"lora_unet_y": weights}, {}, "f", False)
+
+
+@pytest.mark.parametrize(
+    "key, says",
+    [
+        ("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "SDXL / original-LDM names"),
+        ("lora_unet_output_blocks_2_1_proj_in.lora_down.weight", "SDXL / original-LDM names"),
+        ("lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight", "conv_dim / LoCon"),
+        ("lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight", "conv_dim / LoCon"),
+        ("lora_unet_time_embedding_linear_1.lora_down.weight", "never adapt"),
+    ],
+)
+def test_a_key_for_no_layer_says_what_the_file_was_made_for(key, says):
+    """The hint tells SDXL files, LoCon files and LyCORIS full-network files apart: each needs another fix."""
+    from networks.lora_format import unknown_module_error
+
+    assert says in str(unknown_module_error(key, "f.safetensors", has_te=True))
+
+
+def test_metadata_names_the_most_common_plain_rank_and_records_only_3x3_convs_as_conv_args():
+    """A1111 and sd-scripts read ss_network_dim / alpha as the file's rank and alpha, conv_dim / conv_alpha as its
+    LoCon layers (1x1 convs are plain layers, as in sd-scripts) and ss_v2 to pick the SD version."""
+    from types import SimpleNamespace
+
+    from networks.lora_format import default_metadata
+
+    def lora(rank: int, alpha: float, kernel: tuple[int, ...] | None) -> SimpleNamespace:
+        return SimpleNamespace(rank=rank, alpha=torch.tensor(alpha), kernel_size=kernel)
+
+    meta = default_metadata([lora(4, 2.0, None), lora(4, 2.0, None), lora(8, 2.0, None)], 16, 8.0, None)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert (meta["ss_v2"], meta["ss_base_model_version"], meta["modelspec.title"]) == ("False", "sd_v1", "LoRA")
+    plain = [lora(4, 2.0, None), lora(4, 2.0, (1, 1))]
+    assert "ss_network_args" not in default_metadata(plain, 4, 2.0, None)
+    assert default_metadata([lora(4, 2.0, None), *2 * [lora(8, 4.0, (1, 1))]], 4, 2.0, None)["ss_network_dim"] == "8"
+    convs = [lora(3, 1.5, (3, 3)), lora(3, 1.5, (3, 3)), lora(3, 1.0, (3, 3))]  # one rank, alphas differ
+    args = json.loads(default_metadata(plain + convs, 4, 2.0, None)["ss_network_args"])
+    assert args == {"conv_dim": "3", "conv_alpha": "1.5", "variable_rank": True}
+
+
+def test_source_date_epoch_pins_the_files_date(monkeypatch):
+    """SOURCE_DATE_EPOCH makes two seeded runs write bit-identical files; the date is naive ISO, as sd-scripts'."""
+    from networks.lora_format import creation_date
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
+    assert creation_date() == "1970-01-02T00:00:00"
