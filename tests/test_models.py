@@ -686,3 +686,70 @@ def test_training_timesteps_cover_min_to_max_minus_one() -> None:
     assert set(draw.timesteps.tolist()) == {10, 11, 12}
     assert set(draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.tolist()) <= set(range(1000))
     assert draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.max() == 999
+
+
+# ------------------------------------------------------------------------------------------- single-file contract
+
+
+def test_a_single_file_is_written_only_under_a_safetensors_name(tiny_files: tuple[ModelBundle, Path, Path],
+                                                                 tmp_path: Path) -> None:
+    """A safetensors file named .ckpt would be unpickled (or refused) by every loader: refused, nothing written."""
+    with pytest.raises(ModelError, match=r"must end in \.safetensors"):
+        save_single_file(tiny_files[0], tmp_path / "model.ckpt")
+    assert not (tmp_path / "model.ckpt").exists()
+
+
+def test_single_file_header_names_sd_v1_and_keeps_its_own_entries_over_the_callers(
+    tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path
+) -> None:
+    """A1111 / ComfyUI read modelspec.architecture to pick the model; a caller's metadata rides along but cannot
+    override the entries loading relies on."""
+    path = save_single_file(tiny_files[0], tmp_path / "ft.safetensors",
+                            metadata={"ss_seed": "1", single_file.META_FORMAT: "9"})
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["modelspec.architecture"], metadata["ss_base_model_version"]) == ("stable-diffusion-v1", "sd_v1")
+    assert (metadata["ss_seed"], metadata[single_file.META_FORMAT]) == ("1", "1")
+
+
+@pytest.mark.parametrize(
+    "key, says",
+    [
+        ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", "looks like an SDXL checkpoint"),
+        ("cond_stage_model.model.positional_embedding", r"looks like an SD 2\.x checkpoint"),
+        ("base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight", "looks like a LoRA file"),
+    ],
+)
+def test_a_checkpoint_of_another_kind_is_named_for_what_it_is(key: str, says: str, tmp_path: Path) -> None:
+    """An SDXL / SD 2.x checkpoint or a PEFT LoRA passed as the base model gets a message saying so."""
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(2), ldm_keys.LDM_UNET_PREFIX + "out.2.bias": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelError, match=rf"other\.safetensors {says}"):
+        load_sd_model(path)
+
+
+def test_a_tensor_the_model_lacks_is_one_error_naming_it(tiny_files: tuple[ModelBundle, Path, Path],
+                                                         tmp_path: Path) -> None:
+    """An extra tensor means another architecture: named by the shape check, not a load_state_dict traceback."""
+    extra = tmp_path / "extra.safetensors"
+    key = ldm_keys.LDM_TEXT_PREFIX + "text_model.extra.weight"
+    _rewrite_tensors(tiny_files[2], extra, lambda tensors: {**tensors, key: torch.zeros(2)})
+    with pytest.raises(ModelError, match=r"text_encoder: 0 tensors missing, 1 unexpected, e\.g\. unexpected "):
+        load_sd_model(extra)
+
+
+def test_an_explicit_tokenizer_folder_wins_over_the_files_own(tiny_files: tuple[ModelBundle, Path, Path],
+                                                              tmp_path: Path) -> None:
+    """--tokenizer_path is the user's choice: the tokenizer in the file's metadata must not replace it."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tiny_files[1] / "tokenizer", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    assert load_sd_model(tiny_files[2], tokenizer_path=folder).tokenizer.model_max_length == 64
+
+
+def test_an_upper_case_safetensors_name_loads(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
+    """Windows users' MODEL.SAFETENSORS is a safetensors file, not a pickle needing --allow_pickle."""
+    upper = tmp_path / "TINY.SAFETENSORS"
+    shutil.copy(tiny_files[2], upper)
+    assert torch.equal(load_sd_model(upper).unet.conv_in.weight, tiny_files[0].unet.conv_in.weight)
