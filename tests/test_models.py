@@ -276,6 +276,14 @@ def test_ldm_mapping_inverts_diffusers_converters_for_sd15() -> None:
         assert key in vae_ldm, key
 
 
+def test_vae_encoder_shortcuts_get_their_ldm_name() -> None:
+    """A1111 and ComfyUI load the encoder's shortcut convs as nin_shortcut; diffusers' converter reads conv_shortcut
+    back as well, so the round trip above cannot see a file they would fail to load."""
+    config = dict(configs.SD15_VAE_CONFIG)
+    assert (ldm_keys._vae_key_to_ldm("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", config)
+            == "encoder.down.1.block.0.nin_shortcut.weight")
+
+
 # ------------------------------------------------------------------------------------------------ tokenizers
 
 
