@@ -1038,3 +1038,93 @@ def test_continuing_a_lora_never_drops_its_text_encoder_part_in_silence(finished
         line = one_line(capsys)
         assert "has a text-encoder part (lora_te_" in line and "--no-network_train_unet_only" in line, line
     assert train_entry("lora", "", base + parent) == 0  # training it too continues the whole file
+
+
+def test_an_overwrite_that_replaces_a_continued_run_does_not_inherit_its_lora_record(finished_run, tmp_path, capsys):
+    """--overwrite --resume latest over a run that continued a LoRA starts from scratch: naming that LoRA's splits
+    as its parent would make evaluate_mia.py hold the new LoRA to splits it never trained on."""
+    base, out = finished_run
+    child = tmp_path / "child"
+    continued = base + ["--max_train_steps", "1", "--save_state", "--output_dir", str(child)]
+    assert train_entry("lora", "", continued + ["--network_weights", str(out / "lora.safetensors")]) == 0
+    assert train_entry("lora", "", continued + ["--seed", "7", "--overwrite", "--resume", "latest"]) == 0
+    assert "lora-state is the replaced run's" in capsys.readouterr().out
+    with safe_open(child / "lora.safetensors", "pt") as handle:
+        assert "smp_lora.parent_split_sha256" not in handle.metadata()
+
+
+def test_a_resume_without_prior_preservation_may_change_the_class_image_count(finished_run, tmp_path):
+    """--num_class_images is read only with --with_prior_preservation: the identity records 0 class images
+    without it, so a resume that changes the unused count is no other run."""
+    base, out = finished_run
+    assert train_entry("lora", "", base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"),
+                                           "--num_class_images", "7", "--dry_run",
+                                           "--output_dir", str(tmp_path / "r")]) == 0
+
+
+def test_a_resume_from_another_loras_weights_than_its_state_started_from_is_refused(finished_run, tmp_path, capsys):
+    """The state's weights came from the LoRA its record names: a resume naming another one as --network_weights
+    would save them under that LoRA's splits, laundering which split they started from."""
+    base, out = copy_run(finished_run, tmp_path)
+    summary_file = out / "lora-state" / "train_state.json"
+    summary = json.loads(summary_file.read_text())
+    summary["identity"]["parent_splits"] = "0" * 64  # as a state continued from a LoRA of another split
+    summary_file.write_text(json.dumps(summary))
+    assert train_entry("lora", "", base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"),
+                                           "--network_weights", str(out / "lora.safetensors"), "--dry_run",
+                                           "--output_dir", str(tmp_path / "r")]) == 2
+    assert "it was trained with parent_splits = '00000000" in one_line(capsys)
+
+
+def test_a_failed_state_save_leaves_the_older_state_and_no_staging_folder(tmp_path, monkeypatch):
+    """A save cut short (full disk, Ctrl-C) must not replace the older state, nor leave its half-written copy
+    beside it (a state holds the whole optimizer: each failed save would keep one more)."""
+    from library.train import checkpoint
+
+    target = tmp_path / "run-state"
+    checkpoint.save_state(target, {"w": torch.ones(1)}, {"global_step": 1})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_state(target, {"w": torch.zeros(1)}, {"global_step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["run-state"]
+    assert checkpoint.read_summary(target)["global_step"] == 1 and checkpoint.load_state(target)["w"].item() == 1
+
+
+def test_a_resume_with_another_lr_scheduler_is_refused(finished_run, tmp_path, capsys):
+    """The state's scheduler goes on with its own schedule: a resume naming another would train at the old rates
+    while the LoRA's ss_lr_scheduler named the new one (a constant-rate state records no schedule length)."""
+    base, out = finished_run
+    assert train_entry("lora", "", base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"),
+                                           "--lr_scheduler", "cosine", "--dry_run",
+                                           "--output_dir", str(tmp_path / "r")]) == 2
+    assert "lr_scheduler = 'constant', this run has 'cosine'" in one_line(capsys)
+
+
+def test_a_resume_may_change_how_it_computes_logs_and_saves(finished_run, tmp_path, capsys):
+    """Memory, speed, logging and saving flags change neither what is trained nor what the files claim: a resume
+    that needs another setting to fit its machine, or another save cadence, must not be refused."""
+    base, out = finished_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a digit\n")
+    changes = ["--gradient_checkpointing", "--full_determinism", "--vae_batch_size", "2", "--latent_cache_dir",
+               str(tmp_path / "cache"), "--logging_dir", str(tmp_path / "logs"), "--save_every_n_epochs", "1",
+               "--save_last_n_epochs", "1", "--save_state", "--sample_prompts", str(prompts), "--sample_at_first",
+               "--sample_steps", "2", "--progress_bar", "--allow_pickle"]
+    assert train_entry("lora", "", base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--dry_run",
+                                           "--output_dir", str(tmp_path / "r"), *changes]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,says", [('{"global_step": ', "is unreadable"), ("3", "is not a training-state summary"),
+                                       ("[1, 2]", "is not a training-state summary")])
+def test_a_cut_or_foreign_state_summary_is_one_refusal_naming_it(tmp_path, text, says):
+    """A half-copied or foreign train_state.json must be the one-line refusal, not a JSON traceback at --resume."""
+    from library.errors import TrainingError
+    from library.train.checkpoint import read_summary
+
+    (tmp_path / "train_state.json").write_text(text)
+    with pytest.raises(TrainingError, match=f"cannot resume: .*train_state.json {says}"):
+        read_summary(tmp_path)
