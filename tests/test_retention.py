@@ -154,3 +154,29 @@ def test_a_full_fine_tune_checkpoint_goes_with_its_model_folders(tiny_train_args
     kept = sorted(p.name for p in out.iterdir() if p.name.startswith("lora-step"))
     # at step 3, "the last 1 step" keeps steps 2 and 3; step 1's file, record and UNet folder are gone
     assert kept == [f"lora-step0000000{s}{suffix}" for s in (2, 3) for suffix in ("-unet", ".json", ".safetensors")]
+
+
+def test_a_pruned_checkpoint_takes_its_record_and_its_attacker_file_with_it(tmp_path):
+    """Left behind, a pruned checkpoint's run record and proxy-attacker file fill the disk and name a LoRA that
+    is gone (only smp_lora-like methods write the attacker file, which the tiny plain-LoRA runs never show)."""
+    from library.fileio import write_safetensors
+
+    for step in (2, 4, 6):
+        name = retention.checkpoint_name("run", "step", step)
+        write_safetensors(tmp_path / f"{name}.safetensors", {"w": torch.zeros(1)}, {"ss_output_name": "run"})
+        write_safetensors(tmp_path / f"{name}-attacker.safetensors", {"w": torch.zeros(1)})
+        (tmp_path / f"{name}.json").write_text("{}")
+    removed = retention.prune(tmp_path, "run", "step", 6, retention.Retention(files=2, states=None),
+                              lambda folder, name: (folder / f"{name}.safetensors").unlink())
+    assert removed == ["run-step00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"run-step0000000{step}{suffix}" for step in (4, 6)
+        for suffix in ("-attacker.safetensors", ".json", ".safetensors")]
+
+
+def test_resume_latest_takes_a_state_too_old_to_name_its_run_by_its_folder_name(tmp_path):
+    """A state written before summaries named their run is this run's by its name: skipping it, --resume latest
+    would start the run over instead of continuing it."""
+    (tmp_path / "run-000002-state").mkdir()
+    (tmp_path / "run-000002-state" / "train_state.json").write_text(json.dumps({"global_step": 12}))
+    assert retention.latest_state(tmp_path, "run") == tmp_path / "run-000002-state"
