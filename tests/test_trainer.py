@@ -434,3 +434,24 @@ def test_shuffle_caption_shuffles_the_attacker_batches_captions_too(tiny_train_a
     assert all(sorted(t for t in c.split(", ") if t.startswith("tag")) == ["tag a", "tag b", "tag c", "tag d"]
                for batch in first for c in batch)  # the same tags, in another order
     assert attacker_captions() == first  # seeded
+
+
+def test_each_process_takes_its_own_random_streams_back_and_a_state_of_another_count_says_so():
+    """Rank r continues rank r's (t, eps) stream; a state of another process count (or one written before the
+    ranks' streams were kept, which has the main process's only) cannot continue them, and says so instead."""
+    from library.train.rng_state import process_rng_state, restore_process_rng_state
+
+    cpu = torch.device("cpu")
+    streams = []
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        streams.append(process_rng_state(generator, cpu))
+    mine = torch.Generator()
+    assert restore_process_rng_state({"rank_rng": streams}, mine, cpu, rank=1, world_size=2) is None
+    assert torch.equal(mine.get_state(), streams[1]["noise_generator"])
+    warning = restore_process_rng_state({"rank_rng": streams}, mine, cpu, rank=0, world_size=1)
+    assert warning.startswith("warning: the state was written by 2 process(es), this run has 1")
+    older = dict(streams[0])  # the keys of a state written before 2026-12-05, at its top level
+    assert restore_process_rng_state(older, mine, cpu, rank=0, world_size=1) is None
+    assert torch.equal(mine.get_state(), streams[0]["noise_generator"])
+    assert "keeps one process's random streams" in restore_process_rng_state(older, mine, cpu, rank=0, world_size=2)
