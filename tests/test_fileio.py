@@ -152,3 +152,30 @@ def test_an_unpickling_refusal_names_the_object_and_never_advises_the_unsafe_loa
     reason = unpickling_failure(info.value)  # ... and what we say
     assert reason == "it holds Python objects (print) besides tensors, which are not unpickled"
     assert unpickling_failure(RuntimeError("PytorchStreamReader failed\nmore")) == "RuntimeError: PytorchStreamReader failed"
+
+
+def test_a_safetensors_header_is_canonical_so_seeded_runs_write_identical_bytes(tmp_path):
+    """safetensors orders the metadata by a per-process hash map: the header is re-encoded with sorted keys (and
+    the format's 8-byte padding), so the same weights give the same sha256 in every process."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    metadata = {f"ss_key{i}": str(i) for i in (3, 1, 4, 15, 9, 2, 6)}
+    write_safetensors(tmp_path / "w.safetensors", {"b": torch.ones(2), "a": torch.zeros(3)}, metadata)
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + length]
+    assert length % 8 == 0
+    assert header.rstrip(b" ") == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    with safe_open(tmp_path / "w.safetensors", "pt") as handle:
+        assert handle.metadata() == metadata and torch.equal(handle.get_tensor("b"), torch.ones(2))
+
+
+def test_a_killed_save_of_a_name_with_old_in_it_is_not_mistaken_for_a_swapped_out_folder(tmp_path):
+    """Only ``.<name>.old.<random>.tmp/<name>`` is a moved-aside folder: the staging folder of a run named
+    ``v1.old.2-state`` holds the new content's files, which must not be put beside the outputs at the next start."""
+    staging = _folder(temporary_dir(tmp_path / "v1.old.2-state"), "half-written")
+    remove_stale_temporaries(tmp_path)
+    assert not (tmp_path / "state.pt").exists() and not staging.exists()
