@@ -179,3 +179,46 @@ def test_a_killed_save_of_a_name_with_old_in_it_is_not_mistaken_for_a_swapped_ou
     staging = _folder(temporary_dir(tmp_path / "v1.old.2-state"), "half-written")
     remove_stale_temporaries(tmp_path)
     assert not (tmp_path / "state.pt").exists() and not staging.exists()
+
+
+def test_atomic_files_and_staged_folders_get_the_permissions_a_plain_write_would(tmp_path):
+    """mkstemp and mkdtemp make private files: a LoRA, record or state written through them must still be
+    readable by whoever the user's umask lets read a file they write."""
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "notes.txt", "x")
+        staging = temporary_dir(tmp_path / "run-state")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == 0o644
+    assert staging.stat().st_mode & 0o777 == 0o755
+
+
+def test_json_safe_turns_numpy_paths_and_non_finite_floats_into_strict_json():
+    """Run records are strict JSON: numpy scalars and paths must become JSON values, NaN/inf null, finite floats stay."""
+    import json
+
+    import numpy as np
+
+    from library.fileio import json_safe
+
+    value = {"step": np.int64(3), "loss": np.float32(0.5), "bad": float("nan"), "path": Path("a/b"), "xs": (1.5,)}
+    assert json.dumps(json_safe(value), allow_nan=False) == \
+        '{"step": 3, "loss": 0.5, "bad": null, "path": "a/b", "xs": [1.5]}'
+
+
+def test_a_safetensors_error_other_than_a_full_storage_is_not_relabelled(tmp_path):
+    """safetensors' Rust writer names its errno only in words: a denied write is not "free space and run again"."""
+    class SafetensorError(Exception):  # the name safetensors' writer raises under
+        pass
+
+    with pytest.raises(SafetensorError), storage_errors_named(tmp_path / "w.safetensors"):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 13 }) (os error 13)")
+
+
+def test_an_unreadable_state_is_named_without_terminal_colour_codes():
+    """torch colours some messages: the one-line refusal printed to a log must carry only the words."""
+    from library.fileio import unpickling_failure
+
+    assert unpickling_failure(RuntimeError("\x1b[1mPytorchStreamReader failed\x1b[0m")) == \
+        "RuntimeError: PytorchStreamReader failed"
