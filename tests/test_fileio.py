@@ -222,3 +222,9 @@ def test_an_unreadable_state_is_named_without_terminal_colour_codes():
 
     assert unpickling_failure(RuntimeError("\x1b[1mPytorchStreamReader failed\x1b[0m")) == \
         "RuntimeError: PytorchStreamReader failed"
+
+
+def test_an_atomic_write_creates_the_folders_it_writes_into(tmp_path):
+    """Reports and records go to folders that may not exist yet (a new --output_dir): the write makes them."""
+    atomic_write_text(tmp_path / "new" / "sub" / "notes.txt", "x")
+    assert (tmp_path / "new" / "sub" / "notes.txt").read_text() == "x"
