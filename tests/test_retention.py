@@ -180,3 +180,22 @@ def test_resume_latest_takes_a_state_too_old_to_name_its_run_by_its_folder_name(
     (tmp_path / "run-000002-state").mkdir()
     (tmp_path / "run-000002-state" / "train_state.json").write_text(json.dumps({"global_step": 12}))
     assert retention.latest_state(tmp_path, "run") == tmp_path / "run-000002-state"
+
+
+def test_a_later_runs_checkpoint_one_past_the_current_one_is_kept():
+    """A checkpoint numbered above the current one is a later run's leftover (an --overwrite retrain that is
+    shorter): retention counts and deletes only what this run has reached."""
+    assert retention.to_remove([1, 2, 3, 4], "epoch", 3, 1) == [1, 2]
+    assert retention.to_remove([2, 4, 6, 7], "step", 6, 2) == [2]
+
+
+def test_step_retention_leaves_the_epoch_states_alone(tmp_path):
+    """A run saving states at epochs and at steps prunes each cadence by its own rule: an epoch state's number is
+    no step, and pruning it as one deleted a folder that is not there (the run crashed mid-training)."""
+    for name in ("run-000001-state", "run-step00000002-state", "run-step00000006-state"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_state.json").write_text(json.dumps({"output_name": "run"}))
+    removed = retention.prune(tmp_path, "run", "step", 6, retention.Retention(files=None, states=2),
+                              lambda folder, name: None)
+    assert removed == ["run-step00000002-state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-000001-state", "run-step00000006-state"]
