@@ -1105,15 +1105,16 @@ def test_a_resume_with_another_lr_scheduler_is_refused(finished_run, tmp_path, c
 
 
 def test_a_resume_may_change_how_it_computes_logs_and_saves(finished_run, tmp_path, capsys):
-    """Memory, speed, logging and saving flags change neither what is trained nor what the files claim: a resume
-    that needs another setting to fit its machine, or another save cadence, must not be refused."""
+    """Memory, speed, logging, saving and the files' own words (title, comment) change nothing that is trained: a
+    resume that needs another setting to fit its machine, or another save cadence, must not be refused."""
     base, out = finished_run
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a digit\n")
     changes = ["--gradient_checkpointing", "--full_determinism", "--vae_batch_size", "2", "--latent_cache_dir",
                str(tmp_path / "cache"), "--logging_dir", str(tmp_path / "logs"), "--save_every_n_epochs", "1",
                "--save_last_n_epochs", "1", "--save_state", "--sample_prompts", str(prompts), "--sample_at_first",
-               "--sample_steps", "2", "--progress_bar", "--allow_pickle"]
+               "--sample_steps", "2", "--progress_bar", "--allow_pickle", "--training_comment", "resumed",
+               "--metadata_title", "a title"]
     assert train_entry("lora", "", base + ["--max_train_steps", "3", "--resume", str(out / "lora-state"), "--dry_run",
                                            "--output_dir", str(tmp_path / "r"), *changes]) == 0, capsys.readouterr().err
 
