@@ -280,6 +280,56 @@ def test_honest_paper_attack_trains_without_its_holdout_and_selects_on_it(monkey
     assert not set(honest["train"]) & set(honest["monitor"]) and len(hold_idx) == 4
 
 
+def test_paper_attack_trains_the_oracle_and_honest_h_from_their_own_seeds(monkeypatch):
+    """The oracle h' starts from the evaluation seed and the honest one from seed + 1: two independent inits, the
+    same for every run with that seed (so reported h' numbers are reproducible)."""
+    aux, labels = _row_tagged(10, 10)
+    seeds = []
+
+    def record_train(self, x, y, monitor_x, monitor_y, seed, use_ce_tiebreak):
+        seeds.append(seed)
+        return {}, 1, [{"epoch": 1, "asr": 0.5, "ce": 0.7}]
+
+    monkeypatch.setattr(PaperMLPAttack, "_train", record_train)
+    PaperMLPAttack(features="error_map", epochs=1, holdout_fraction=0.2, seed=5).fit(aux, labels, oracle=(aux, labels))
+    assert seeds == [5, 6]
+
+
+def test_paper_attack_epoch_trains_on_every_row_of_the_larger_class(monkeypatch):
+    """Balanced batches cycle the smaller class, so an epoch still sees every sample of the larger one (the
+    paper's epochs are passes over all of D_aux)."""
+    aux, labels = _row_tagged(9, 3)
+    trained: set[int] = set()
+    new_model = PaperMLPAttack._new_model
+
+    def spying_model(self):
+        model = new_model(self)
+        forward = model.forward
+
+        def recording(features, update_stats=None):
+            if model.training:
+                trained.update((features[:, 0].long() - 1).tolist())
+            return forward(features, update_stats)
+
+        model.forward = recording
+        return model
+
+    monkeypatch.setattr(PaperMLPAttack, "_new_model", spying_model)
+    attack = PaperMLPAttack(features="error_map", epochs=1, lr=1e-3, batch_size=2, holdout_fraction=0.0)
+    attack.fit(aux, labels, oracle=(aux, labels))
+    assert trained == set(range(12))
+
+
+def test_paper_attack_rows_say_where_their_epoch_was_chosen():
+    """The report must label the oracle checkpoint as chosen on D_te and the honest one on the D_aux hold-out."""
+    aux, aux_y = synthetic(8, 8, shift=0.5, seed=14)
+    attack = PaperMLPAttack(features="error_map", epochs=2, lr=1e-3, batch_size=4, holdout_fraction=0.25)
+    attack.fit(aux, aux_y, oracle=(aux, aux_y))
+    sets = by_variant(attack.score(aux))
+    assert sets["h' [oracle ckpt]"].info["selection_set"] == "D_te"
+    assert sets["h' [honest ckpt]"].info["selection_set"] == "D_aux hold-out"
+
+
 def test_paper_attack_epoch_e_trains_on_draw_e_mod_d(monkeypatch):
     """With D draws, epoch e sees draw (e - 1) mod D of every sample: the D draws are there to be trained on."""
     aux, labels = _row_tagged(8, 8, draws=3)
@@ -338,6 +388,57 @@ def test_stratified_holdout_keeps_both_classes():
     assert len(set(train) & set(hold)) == 0 and len(train) + len(hold) == 20
     assert labels[hold].sum() == 2 and (labels[hold] == 0).sum() == 2
 
+
+
+def test_stratified_holdout_holds_out_at_least_one_of_each_class_and_follows_the_seed():
+    """A small fraction still holds out one of each class (else the honest h' has no hold-out to choose on), and
+    the split is the evaluation seed's (so another seed is another, reproducible, split)."""
+    labels = np.r_[np.ones(10, dtype=np.int64), np.zeros(10, dtype=np.int64)]
+    _, hold = stratified_holdout(labels, 0.01, seed=0)
+    assert sorted(labels[hold].tolist()) == [0, 1]
+    splits = {tuple(stratified_holdout(labels, 0.2, seed=s)[1]) for s in range(4)}
+    assert len(splits) > 1
+    np.testing.assert_array_equal(stratified_holdout(labels, 0.2, seed=3)[1], stratified_holdout(labels, 0.2, seed=3)[1])
+
+
+def test_holdout_refuses_a_class_it_would_empty():
+    """A class of one cannot lose a sample to the hold-out: h' would train without that class, so it is refused
+    up front, with the fix in the message."""
+    labels = np.r_[np.ones(1, dtype=np.int64), np.zeros(6, dtype=np.int64)]
+    with pytest.raises(ConfigError, match="too few to hold any out"):
+        stratified_holdout(labels, 0.2, seed=0)
+    with pytest.raises(ConfigError, match="holdout_fraction 0"):
+        PaperMLPAttack(holdout_fraction=0.2).check_labels(labels)
+    PaperMLPAttack(holdout_fraction=0.0).check_labels(labels)  # no hold-out: nothing to refuse
+
+
+def test_multi_t_loss_features_are_one_column_per_timestep_averaged_over_draws():
+    """h' with multi_t_loss reads the fixed-t losses [N, K, M] as one draw of K features, each a timestep's loss
+    averaged over its M noise draws (not one feature per draw averaged over the timesteps)."""
+    inputs, _ = synthetic(3, 3, shift=0.5, seed=4)
+    x = PaperMLPAttack(features="multi_t_loss").matrix(inputs)
+    assert x.shape == (6, 1, len(TIMESTEPS))
+    np.testing.assert_allclose(x[:, 0], inputs.target.losses.mean(axis=2), rtol=1e-6)
+
+
+def test_paper_attack_monitors_several_draws_by_their_averaged_member_probability():
+    """With D > 1 draws the epoch is chosen on the same draw-averaged p(member) that scores D_te, not on draw 0."""
+    torch.manual_seed(0)
+    attack = PaperMLPAttack(features="error_map")
+    attack.in_features = 4
+    model = attack._new_model()
+    x = torch.rand(10, 3, 4) * torch.tensor([1.0, 5.0, 25.0]).view(1, 3, 1)  # draws far apart
+    y = np.r_[np.ones(5, dtype=np.int64), np.zeros(5, dtype=np.int64)]
+    acc, ce = attack._evaluate(model, x, y)
+    p = attack._member_probs(model, x).double()
+    assert acc == float(((p > 0.5).numpy() == y).mean())
+    assert ce == pytest.approx(float(torch.nn.functional.binary_cross_entropy(p, torch.as_tensor(y).double())))
+
+
+def test_paper_attack_refuses_an_unknown_feature_kind():
+    """A misspelt paper_features is one ConfigError naming the choices, not a silent fallback to another input."""
+    with pytest.raises(ConfigError, match="error_map, loss or multi_t_loss"):
+        PaperMLPAttack(features="x")
 
 def test_feature_set_validates_shapes():
     with pytest.raises(ValueError):
