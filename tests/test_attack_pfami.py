@@ -60,6 +60,39 @@ def test_crop_fractions_and_the_centre_crop():
     torch.testing.assert_close(center_crop_resized(framed, 0.5), expected)
 
 
+def test_crop_fractions_refuse_no_perturbation_and_a_zero_fraction():
+    """P = 0 (no fluctuation to measure) and a crop of 0 (an empty image) are refused where they are built."""
+    for count, first, last in ((0, 0.9, 0.7), (3, 0.0, 0.7), (3, 0.9, 0.0)):
+        with pytest.raises(ValueError, match="PFAMI needs"):
+            crop_fractions(first, last, count)
+
+
+def test_centre_crop_keeps_int_of_the_side():
+    """The crop's side is int(R * fraction), as documented (torchvision's CenterCrop of that size): at 0.65 of 10
+    px it is the central 6 x 6, not 7 x 7, so a 6 x 6 centre of one value fills the resized image."""
+    framed = torch.full((1, 1, 10, 10), -1.0)
+    framed[:, :, 2:8, 2:8] = 0.4
+    torch.testing.assert_close(center_crop_resized(framed, 0.65), torch.full((1, 1, 10, 10), 0.4))
+
+
+def test_probe_refuses_a_step_that_does_not_fit_the_timestep():
+    """The inversion runs t = k, 2k, ..., t_SEC: a step of 0 or one that does not divide t_SEC is a ValueError."""
+    for timestep, step in ((25, 10), (10, 0), (10, 20)):
+        with pytest.raises(ValueError, match="multiple of step"):
+            PFAMIProbe((0.9,), timestep=timestep, step=step)
+
+
+def test_sum_candidate_is_the_fluctuation_summed_over_timesteps_and_defaults_cost_121():
+    """The ``sum`` row is the public script's score, the fluctuation summed over t; the defaults (P = 10, t_SEC
+    100, k 10) cost the documented 11 x 11 queries per sample."""
+    errors = np.random.default_rng(1).uniform(1.0, 2.0, size=(6, 3, 2))
+    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5)
+    inputs = AttackInputs(FeatureSet(np.zeros((6, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
+    np.testing.assert_allclose(attack.candidates(inputs)["sum"], probability_fluctuation(errors).sum(axis=1))
+    default = PFAMIAttack()
+    assert default.probe.fractions == crop_fractions(0.95, 0.7, 10) and default.queries_per_sample() == 121
+
+
 @pytest.fixture(scope="module")
 def model(mia_world):
     manifest = mia_world["manifest"]
