@@ -355,6 +355,60 @@ def test_rediffuse_per_timestep_rows_are_the_single_t_classifiers():
         np.testing.assert_allclose(rows[f"t={t} classifier"].scores, alone["classifier"].scores, rtol=1e-3)
 
 
+def distance_inputs(n: int, seed: int, floor_zero: bool = False) -> tuple[AttackInputs, np.ndarray]:
+    """ReDiffuse outputs at one t (and the cost row) for n members then n non-members: members' distances smaller."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([1, 0], n)
+    out = {COST_OUTPUT: np.full(2 * n, 4.0)}
+    for k, d in enumerate(DISTANCES):
+        out[f"t=10 {d}"] = np.exp(rng.normal(0, 0.5, 2 * n) - (1.0 + k) * y) * 10.0 ** k
+    if floor_zero:
+        out["t=10 pixel"][0] = 0.0  # an exact reconstruction
+    return AttackInputs(FeatureSet(np.zeros((2 * n, 1, 1)), (1,), probes={"rediffuse": out})), y
+
+
+def fitted_distance_attack(aux: AttackInputs, y: np.ndarray) -> ReDiffuseAttack:
+    attack = ReDiffuseAttack(ReDiffuseProbe(timesteps=[10], variations=2), seed=0)
+    attack.fit(aux, y)
+    return attack
+
+
+def test_distance_attack_scores_small_distances_as_members():
+    """Small distance = member in every row: the classifier's score and p(member), and each distance's threshold
+    row (score -d, its threshold fitted on D_aux, member iff score >= threshold); the cost is no feature."""
+    from library.eval.metrics import roc_auc
+
+    aux, aux_y = distance_inputs(20, 0)
+    test, test_y = distance_inputs(20, 1)
+    attack = fitted_distance_attack(aux, aux_y)
+    rows = {s.variant: s for s in attack.score(test)}
+    assert set(rows) == {"classifier", *(f"t=10 {d}" for d in DISTANCES)}
+    classifier = rows.pop("classifier")
+    assert roc_auc(test_y, classifier.scores) > 0.8 and roc_auc(test_y, classifier.member_probs) > 0.8
+    assert classifier.info["features"] == [f"-log t=10 {d}" for d in sorted(DISTANCES)]
+    distances = test.target.probe("rediffuse")
+    for name, row in rows.items():
+        np.testing.assert_array_equal(row.scores, -distances[name])
+        predicted = row.scores >= row.threshold
+        assert predicted[test_y == 1].mean() > 0.7 and predicted[test_y == 0].mean() < 0.3, name
+
+
+def test_distance_classifier_is_standardised_and_an_exact_match_stays_finite():
+    """The logistic regression (C = 1) sees standardised -log distances: rescaling a distance changes no score,
+    and a distance of 0 (an exact match) gives a finite score, not an infinite log."""
+    aux, aux_y = distance_inputs(15, 2, floor_zero=True)
+    attack = fitted_distance_attack(aux, aux_y)
+    scores = attack.score(aux)[0].scores
+    assert np.isfinite(scores).all()
+    outputs = dict(aux.target.probe("rediffuse"))
+    outputs["t=10 latent"] = outputs["t=10 latent"] * 1e6
+    rescaled = AttackInputs(FeatureSet(np.zeros((30, 1, 1)), (1,), probes={"rediffuse": outputs}))
+    np.testing.assert_allclose(fitted_distance_attack(rescaled, aux_y).score(rescaled)[0].scores, scores, rtol=1e-6)
+    assert attack.model[-1].C == 1.0
+    with pytest.raises(RuntimeError, match="before fit"):
+        ReDiffuseAttack(ReDiffuseProbe(timesteps=[10], variations=2)).score(aux)
+
+
 @torch.no_grad()
 def test_blind_features_ignore_the_model(world, samples, latents):
     bundle, probe = world["bundle"], BlindProbe()
