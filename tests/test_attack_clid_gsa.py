@@ -65,6 +65,13 @@ def test_degrade_caption_counts_and_edge_cases():
         degrade_caption("a photo", 1.0)
 
 
+def test_degrade_caption_refuses_a_zero_fraction():
+    """A fraction of 0 is refused, not silently rounded up to one masked word (the caption would not be what the
+    settings say)."""
+    with pytest.raises(ValueError, match="fraction"):
+        degrade_caption("a photo", 0.0)
+
+
 # ---------------------------------------------------------------------------------------------- probe contexts
 
 
@@ -174,6 +181,18 @@ def test_clid_robust_scaler_without_spread_scales_by_one():
     scaler = RobustScaler(np.array([2.0, 2.0, 2.0, 2.0, 5.0]))  # q1 = median = q3 = 2
     assert (scaler.median, scaler.iqr) == (2.0, 1.0)
     np.testing.assert_allclose(scaler(np.array([1.0, 4.5])), [-1.0, 2.5])
+
+
+def test_clid_from_config_uses_the_configured_fractions_and_refuses_scoring_before_fit():
+    """--clid_mask_fractions reaches the probe (its conditions and cost), and scoring without D_aux's scalers is an
+    error that says so rather than a crash deep inside numpy."""
+    from library.eval.config import EvalConfig
+
+    attack = CLiDAttack.from_config(EvalConfig(clid_timesteps=[2, 5], clid_mask_fractions=[0.5]), torch.device("cpu"))
+    assert attack.probe.fractions == (0.5,) and attack.probe.timesteps == (2, 5)
+    assert attack.queries_per_sample() == 2 * (2 + 1)
+    with pytest.raises(RuntimeError, match="D_aux first"):
+        attack.score(clid_inputs(np.ones(4), np.zeros(4)))
 
 
 # ---------------------------------------------------------------------------------------------- GSA
@@ -354,6 +373,46 @@ def test_gsa_headline_is_the_variant_with_the_better_cross_validated_auc():
         assert attack.headline == informative and attack.cv_auc[informative] > 0.8
         assert attack.cv_auc[informative] > attack.cv_auc[({"gsa1", "gsa2"} - {informative}).pop()]
         assert [s.variant for s in attack.score(inputs) if s.headline] == [informative]
+
+
+def test_gsa_scores_each_sample_alone_with_the_aux_fit():
+    """Nothing is fitted on D_te: a sample's p(member) is the same scored alone or in a batch, and the standardiser
+    is D_aux's (all of it), so scoring cannot leak the test set's statistics into the scores."""
+    rng = np.random.default_rng(4)
+    y = np.repeat([1, 0], 12)
+    aux = {v: np.exp(rng.normal(0, 1, (24, 3)) - 1.0 * y[:, None]) for v in ("gsa1", "gsa2")}
+    test = {v: 10.0 * np.exp(rng.normal(0, 1, (6, 3))) for v in ("gsa1", "gsa2")}  # far from D_aux
+    attack = GSAAttack(seed=0, n_estimators=20)
+    attack.fit(gsa_inputs(aux["gsa1"], aux["gsa2"]), y)
+    for variant in ("gsa1", "gsa2"):
+        logs = np.log(aux[variant])
+        np.testing.assert_allclose(attack.models[variant][0].mean, logs.mean(axis=0))
+        np.testing.assert_allclose(attack.models[variant][0].std, logs.std(axis=0))
+    batch = attack.score(gsa_inputs(test["gsa1"], test["gsa2"]))
+    for i in range(6):
+        alone = attack.score(gsa_inputs(test["gsa1"][i : i + 1], test["gsa2"][i : i + 1]))
+        assert [s.scores[0] for s in alone] == [s.scores[i] for s in batch]
+
+
+def test_gsa_seed_reaches_the_cross_validation_and_from_config():
+    """The evaluation's --seed shuffles the cross-validation folds (the headline choice on D_aux) and seeds the
+    trees: a run is reproducible for its seed and not tied to seed 0."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from library.eval.config import EvalConfig
+
+    assert GSAAttack.from_config(EvalConfig(seed=7, gsa_timesteps=4), torch.device("cpu")).seed == 7
+    rng = np.random.default_rng(6)
+    y = np.repeat([1, 0], 15)
+    x = np.exp(rng.normal(0, 1, (30, 3)) - 0.7 * y[:, None])  # a weak signal: the folds move the AUC
+    attack = GSAAttack(seed=7, n_estimators=20)
+    attack.fit(gsa_inputs(x, x), y)
+    assert attack._classifier().random_state == 7
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=7)
+    p = cross_val_predict(attack._classifier(), attack.models["gsa1"][0](x), y, cv=cv, method="predict_proba")
+    assert attack.cv_auc["gsa1"] == pytest.approx(roc_auc(y, p[:, 1]))
+    with pytest.raises(RuntimeError, match="fit on D_aux first"):
+        GSAAttack().score(gsa_inputs(x, x))
 
 
 def test_gsa_cross_validation_has_as_many_folds_as_the_smallest_class():
