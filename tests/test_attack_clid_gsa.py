@@ -415,6 +415,22 @@ def test_gsa_seed_reaches_the_cross_validation_and_from_config():
         GSAAttack().score(gsa_inputs(x, x))
 
 
+def test_gsa_without_two_folds_reports_no_cv_auc_and_keeps_gsa1():
+    """A D_aux with one member cannot be cross-validated: the fit still runs (cv AUC NaN, said in the rows) and
+    the headline falls back to GSA1, as it does on any tie (never chosen by what D_te would show)."""
+    rng = np.random.default_rng(7)
+    y = np.array([1] + [0] * 7)
+    x = np.exp(rng.normal(0, 1, (8, 3)))
+    attack = GSAAttack(seed=0, n_estimators=5)
+    attack.fit(gsa_inputs(x, x.copy()), y)
+    assert all(np.isnan(a) for a in attack.cv_auc.values()) and attack.headline == "gsa1"
+    tied = GSAAttack(seed=0, n_estimators=5)
+    y = np.repeat([1, 0], 6)
+    x = np.exp(rng.normal(0, 1, (12, 3)))
+    tied.fit(gsa_inputs(x, x.copy()), y)
+    assert tied.cv_auc["gsa1"] == tied.cv_auc["gsa2"] and tied.headline == "gsa1"
+
+
 def test_gsa_cross_validation_has_as_many_folds_as_the_smallest_class():
     """k = min(5, smallest class): 3 folds for a D_aux of 12 members and 3 non-members; each variant's own
     cross-validated AUC is the number reported in its row's info."""
