@@ -355,13 +355,15 @@ def test_rediffuse_per_timestep_rows_are_the_single_t_classifiers():
         np.testing.assert_allclose(rows[f"t={t} classifier"].scores, alone["classifier"].scores, rtol=1e-3)
 
 
-def distance_inputs(n: int, seed: int, floor_zero: bool = False) -> tuple[AttackInputs, np.ndarray]:
-    """ReDiffuse outputs at one t (and the cost row) for n members then n non-members: members' distances smaller."""
+def distance_inputs(n: int, seed: int, floor_zero: bool = False,
+                    timesteps: tuple[int, ...] = (10,)) -> tuple[AttackInputs, np.ndarray]:
+    """ReDiffuse outputs (and the cost row) for n members then n non-members: members' distances smaller."""
     rng = np.random.default_rng(seed)
     y = np.repeat([1, 0], n)
     out = {COST_OUTPUT: np.full(2 * n, 4.0)}
-    for k, d in enumerate(DISTANCES):
-        out[f"t=10 {d}"] = np.exp(rng.normal(0, 0.5, 2 * n) - (1.0 + k) * y) * 10.0 ** k
+    for t in timesteps:
+        for k, d in enumerate(DISTANCES):
+            out[f"t={t} {d}"] = np.exp(rng.normal(0, 0.5, 2 * n) - (1.0 + k) * y) * 10.0 ** k
     if floor_zero:
         out["t=10 pixel"][0] = 0.0  # an exact reconstruction
     return AttackInputs(FeatureSet(np.zeros((2 * n, 1, 1)), (1,), probes={"rediffuse": out})), y
@@ -407,6 +409,15 @@ def test_distance_classifier_is_standardised_and_an_exact_match_stays_finite():
     assert attack.model[-1].C == 1.0
     with pytest.raises(RuntimeError, match="before fit"):
         ReDiffuseAttack(ReDiffuseProbe(timesteps=[10], variations=2)).score(aux)
+
+
+def test_rediffuse_headline_is_the_classifier_over_every_t():
+    """With several t the one headline is the classifier over all of them; each t's own classifier and each
+    distance are labelled extras (a per-t headline would be a choice made after seeing D_te)."""
+    aux, y = distance_inputs(10, 3, timesteps=(10, 50))
+    attack = ReDiffuseAttack(ReDiffuseProbe(timesteps=[10, 50], variations=2), seed=0)
+    attack.fit(aux, y)
+    assert [s.variant for s in attack.score(aux) if s.headline] == ["classifier"]
 
 
 @torch.no_grad()
