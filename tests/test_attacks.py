@@ -389,7 +389,6 @@ def test_stratified_holdout_keeps_both_classes():
     assert labels[hold].sum() == 2 and (labels[hold] == 0).sum() == 2
 
 
-
 def test_stratified_holdout_holds_out_at_least_one_of_each_class_and_follows_the_seed():
     """A small fraction still holds out one of each class (else the honest h' has no hold-out to choose on), and
     the split is the evaluation seed's (so another seed is another, reproducible, split)."""
