@@ -126,6 +126,17 @@ def read_only_folder(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def torch_defaults_restored(monkeypatch):
+    """For a test whose run turns on --full_determinism: its switches are process-wide (torch's deterministic
+    kernels, cuDNN, CUBLAS_WORKSPACE_CONFIG), so they are given back afterwards, else every later test in the same
+    worker runs under them (and a test that checks they start off fails, depending on the process layout)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+
+
+@pytest.fixture
 def small_demo_settings():
     """Factory of the demo pipeline at test size: 8 images per membership set, seconds of pre-training, 2 epochs."""
     return _small_demo_settings

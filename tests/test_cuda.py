@@ -119,20 +119,15 @@ def test_the_evaluation_on_the_gpu_scores_like_the_cpu(mia_world, tmp_path):
         assert auc["cuda"][key] == pytest.approx(value, abs=0.03), key
 
 
-def test_full_determinism_repeats_a_gpu_evaluation_bit_for_bit(mia_world, tmp_path):
+def test_full_determinism_repeats_a_gpu_evaluation_bit_for_bit(mia_world, tmp_path, torch_defaults_restored):
     """Two GPU evaluations with --full_determinism (features recomputed: --no_cache) write the same scores."""
     scores = []
-    try:
-        for run in ("a", "b"):
-            out = tmp_path / run
-            argv = base_args(mia_world, out, "--attacks", "loss", "calibrated", "--network_weights",
-                             str(mia_world["lora"]), "--device", "cuda", "--no-quality", "--no_cache",
-                             "--full_determinism")
-            assert evaluate_mia.main(argv) == 0
-            scores.append((out / "scores.csv").read_text())
-    finally:  # process-wide switches: give the rest of the suite torch's defaults back
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+    for run in ("a", "b"):
+        out = tmp_path / run
+        argv = base_args(mia_world, out, "--attacks", "loss", "calibrated", "--network_weights",
+                         str(mia_world["lora"]), "--device", "cuda", "--no-quality", "--no_cache", "--full_determinism")
+        assert evaluate_mia.main(argv) == 0
+        scores.append((out / "scores.csv").read_text())
     assert scores[0] == scores[1]
 
 

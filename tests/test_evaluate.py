@@ -351,23 +351,19 @@ def test_two_worker_processes_give_the_serial_report(world, evaluated, tmp_path)
     assert (out / "samples_overfit.png").is_file() and (out / "samples_base.png").is_file()
 
 
-def test_full_determinism_changes_no_cpu_bit(world, evaluated, tmp_path, monkeypatch):
+def test_full_determinism_changes_no_cpu_bit(world, evaluated, tmp_path, torch_defaults_restored):
     """--full_determinism switches torch's deterministic kernels on (for a GPU; workers: tests/test_workers.py)
     and, on the CPU, which is deterministic already, gives the default run's scores to the bit."""
     serial_dir, _ = evaluated
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
     out = tmp_path / "strict"
-    try:
-        rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
-                                         "--no_cache", "--full_determinism"))
-        assert rc == 0 and torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-    finally:  # process-wide switches: give the rest of the suite torch's defaults back
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+    rc = evaluate_mia.main(base_args(world, out, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                                     "--no_cache", "--full_determinism"))
+    assert rc == 0 and torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert (out / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
 
 
-def test_full_determinism_features_are_cached_apart_from_the_defaults(world, evaluated, tmp_path, monkeypatch):
+def test_full_determinism_features_are_cached_apart_from_the_defaults(world, evaluated, tmp_path,
+                                                                     torch_defaults_restored):
     """Features computed under --full_determinism (other GPU kernels) are not those of the default kernels: a run
     with it misses the default run's cache, and one without it still hits that cache."""
     import shutil
@@ -376,18 +372,12 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
     cache = tmp_path / "cache"
     shutil.copytree(serial_dir / "cache", cache)
     plain_latents = set((cache / "latents").glob("*.safetensors"))
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
     runs = {}
-    try:
-        for name, extra in (("strict", ["--full_determinism"]), ("strict-again", ["--full_determinism"]),
-                            ("plain", [])):
-            argv = base_args(world, tmp_path / name, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
-                             "--cache_dir", str(cache), *extra)
-            assert evaluate_mia.main(argv) == 0
-            runs[name] = json.loads((tmp_path / name / "report.json").read_text())["features"]["cache"]
-    finally:  # process-wide switches: give the rest of the suite torch's defaults back
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+    for name, extra in (("strict", ["--full_determinism"]), ("strict-again", ["--full_determinism"]), ("plain", [])):
+        argv = base_args(world, tmp_path / name, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                         "--cache_dir", str(cache), *extra)
+        assert evaluate_mia.main(argv) == 0
+        runs[name] = json.loads((tmp_path / name / "report.json").read_text())["features"]["cache"]
     assert not any(entry["hit"] for entry in runs["strict"].values())
     # its latents too: one more file per image, the default run's left as they were
     assert plain_latents and len(set((cache / "latents").glob("*.safetensors")) - plain_latents) == len(plain_latents)

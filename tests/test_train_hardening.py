@@ -1104,7 +1104,7 @@ def test_a_resume_with_another_lr_scheduler_is_refused(finished_run, tmp_path, c
     assert "lr_scheduler = 'constant', this run has 'cosine'" in one_line(capsys)
 
 
-def test_a_resume_may_change_how_it_computes_logs_and_saves(finished_run, tmp_path, capsys):
+def test_a_resume_may_change_how_it_computes_logs_and_saves(finished_run, tmp_path, capsys, torch_defaults_restored):
     """Memory, speed, logging, saving and the files' own words (title, comment) change nothing that is trained: a
     resume that needs another setting to fit its machine, or another save cadence, must not be refused."""
     base, out = finished_run

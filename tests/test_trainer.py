@@ -327,12 +327,11 @@ def test_the_same_weights_as_one_file_or_a_folder_train_the_same_lora(tiny_train
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args, tmp_path, monkeypatch):
+def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args, tmp_path, torch_defaults_restored):
     """--full_determinism turns on torch's deterministic kernels (what makes a GPU repeat itself; checked on a GPU
     by tests/test_cuda.py) and changes no bit on the CPU, which is deterministic already."""
     import os
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores what the run sets
     # one latent cache for both runs: the strict run's latents (other kernels on a GPU) must not be the plain run's
     cache = tmp_path / "latents"
     common = tiny_train_args + ["--attacker_batch_size", "2", "--max_train_steps", "2", "--cache_latents_to_disk",
@@ -340,14 +339,10 @@ def test_full_determinism_switches_torch_and_keeps_the_cpu_bits(tiny_train_args,
     plain = run("smp_lora", common + ["--output_dir", str(tmp_path / "plain")])
     plain_files = set(cache.glob("*.safetensors"))
     assert not torch.are_deterministic_algorithms_enabled()
-    try:
-        strict = run("smp_lora", common + ["--full_determinism", "--output_dir", str(tmp_path / "strict")])
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    finally:  # process-wide switches: give the rest of the suite torch's defaults back
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+    strict = run("smp_lora", common + ["--full_determinism", "--output_dir", str(tmp_path / "strict")])
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     a, b = load_file(plain.weights_path), load_file(strict.weights_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     strict_files = set(cache.glob("*.safetensors")) - plain_files
