@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from library.train.smoothness import SmoothnessTracker, hessian_top_eigenvalue, pearson
@@ -83,3 +84,42 @@ def test_a_resumed_tracked_run_continues_its_smoothness_history(tiny_train_args,
     full = (tmp_path / "full" / "smp_lora-smoothness.csv").read_text()
     assert full.count("\n") == 5  # header + steps 0-3
     assert (tmp_path / "resumed" / "smp_lora-smoothness.csv").read_text() == full  # not steps 2-3 only
+
+
+def test_power_iteration_reports_the_magnitude_of_a_negative_top_eigenvalue():
+    """The Hessian norm of Fig. 1b is |lambda_max|: a concave direction (-6) outweighs a convex one (1)."""
+    a = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
+    loss = -3.0 * (a ** 2).sum() + 0.5 * (b ** 2).sum()  # Hessian diag(-6, -6, 1)
+    assert hessian_top_eigenvalue(loss, [a, b], iterations=100) == pytest.approx(6.0, rel=1e-6)
+
+
+def test_power_iteration_leaves_out_parameters_the_loss_does_not_reach():
+    """A text-encoder LoRA behind cached conditioning gets no gradient: it must not stop the Hessian step."""
+    x = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    assert hessian_top_eigenvalue(2.0 * (x ** 2).sum(), [unused, x]) == pytest.approx(4.0, rel=1e-9)
+
+
+@pytest.mark.parametrize(("x", "y"), [([1.0, 2.0], [3.0, 1.0]), ([1.0, 2.0, 3.0], [2.0, 2.0, 2.0])])
+def test_pearson_is_nan_for_two_points_or_a_constant_series(x, y):
+    """Two points always correlate perfectly (r = +-1): reporting that as a finding would be wrong."""
+    assert all(math.isnan(v) for v in pearson(x, y))
+
+
+def test_tracker_correlates_each_hessian_with_its_own_steps_gradient_norm_and_writes_them(tmp_path):
+    """Fig. 1b's PCC pairs the Hessian norm of step s with the gradient norm of step s; the CSV says both per step."""
+    grads = [1.0, 5.0, 2.0, 8.0, 3.0, 9.0, 4.0, 7.0, 6.0, 0.123456789]
+    hessians = {0: 2.0, 3: 1.0, 6: 7.0, 9: 3.0}
+    tracker = SmoothnessTracker()
+    for step, grad in enumerate(grads):
+        tracker.add_grad_norm(step, grad)
+        if step in hessians:
+            tracker.add_hessian_norm(step, hessians[step])
+    expected = np.corrcoef([grads[s] for s in hessians], list(hessians.values()))[0, 1]
+    r, p = tracker.correlation()
+    assert r == pytest.approx(expected, rel=1e-9) and 0 < p < 1
+    assert tracker.write(tmp_path / "run") == {"pearson_r": r, "p_value": p, "n_hessian": 4}
+    rows = (tmp_path / "run-smoothness.csv").read_text().splitlines()
+    assert rows[:3] == ["step,grad_norm,hessian_norm", "0,1,2", "1,5,"]
+    assert rows[-1] == "9,0.12345679,3" and len(rows) == 11
