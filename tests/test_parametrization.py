@@ -255,3 +255,37 @@ def test_dim_from_weights_reads_the_parent_lora_once(tiny_train_args, tiny_model
     network, metadata = _lora_network(config, bundle)
     assert dict(safetensors_reads) == {("load_file", parent.name): 1, ("safe_open", parent.name): 1}
     assert metadata["ss_network_dim"] == "4" and {m.rank for m in network.loras} == {4}
+
+
+def test_a_new_lora_has_the_flags_rank_alpha_and_dropout(tiny_train_args, tiny_model_dir):
+    """--network_dim is the rank and --network_alpha the scale: swapped or dropped, a run trains another LoRA."""
+    from library.train.parametrization import _lora_network
+
+    config = parse_config(TrainConfig, tiny_train_args + ["--network_dim", "8", "--network_alpha", "2",
+                                                          "--network_dropout", "0.1"])
+    network, parent = _lora_network(config, load_sd_model(str(tiny_model_dir)))
+    assert parent is None and (network.lora_dim, network.alpha, network.dropout) == (8, 2.0, 0.1)
+    assert {(m.rank, m.dropout) for m in network.loras} == {(8, 0.1)}
+
+
+def test_a_saved_model_folder_is_in_the_save_precision_and_tagged_for_its_loaders(tmp_path):
+    """--save_precision fp16 halves the model folders as it does the single file; loaders check "format": "pt"."""
+    from library.train.parametrization import _save_model_folder
+
+    model = torch.nn.Linear(2, 3)
+    model.register_buffer("ids", torch.arange(3))  # an integer buffer keeps its dtype
+    _save_model_folder(tmp_path / "m", model, {"a": 1}, "model.safetensors", torch.float16,
+                       {"smp_lora.train_mode": "full"})
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt", "smp_lora.train_mode": "full"}
+        assert {k: handle.get_tensor(k).dtype for k in handle.keys()} == {
+            "weight": torch.float16, "bias": torch.float16, "ids": torch.int64}
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("flag", [[], ["--gradient_checkpointing"]])
+def test_gradient_checkpointing_is_switched_on_only_when_asked(tiny_train_args, flag):
+    """It trades compute for memory: a run that asked for it and ran out of memory without it would be a surprise."""
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + FULL + flag), "lora")
+    trainer.prepare()
+    assert trainer.bundle.unet.is_gradient_checkpointing == bool(flag)

@@ -150,10 +150,12 @@ def test_extending_a_finished_run_says_its_lora_will_be_replaced(tiny_train_args
 def test_a_full_fine_tune_checkpoint_goes_with_its_model_folders(tiny_train_args, tmp_path):
     out = tmp_path / "full"
     run(tiny_train_args + ["--train_mode", "full", "--learning_rate", "1e-5", "--max_train_steps", "4",
-                           "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--output_dir", str(out)])
+                           "--train_text_encoder", "--save_every_n_steps", "1", "--save_last_n_steps", "1",
+                           "--output_dir", str(out)])
     kept = sorted(p.name for p in out.iterdir() if p.name.startswith("lora-step"))
-    # at step 3, "the last 1 step" keeps steps 2 and 3; step 1's file, record and UNet folder are gone
-    assert kept == [f"lora-step0000000{s}{suffix}" for s in (2, 3) for suffix in ("-unet", ".json", ".safetensors")]
+    # at step 3, "the last 1 step" keeps steps 2 and 3; step 1's file, record and model folders are gone
+    assert kept == [f"lora-step0000000{s}{suffix}" for s in (2, 3)
+                    for suffix in ("-text_encoder", "-unet", ".json", ".safetensors")]
 
 
 def test_a_pruned_checkpoint_takes_its_record_and_its_attacker_file_with_it(tmp_path):
