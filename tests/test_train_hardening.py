@@ -1040,6 +1040,16 @@ def test_continuing_a_lora_never_drops_its_text_encoder_part_in_silence(finished
     assert train_entry("lora", "", base + parent) == 0  # training it too continues the whole file
 
 
+
+def test_dim_from_weights_never_drops_a_text_encoder_part_either(finished_run, tmp_path, capsys):
+    """--dim_from_weights in a run that trains no text-encoder LoRA: the file's lora_te_* part is refused, not built
+    frozen beside the UNet's and saved as if it had been continued."""
+    base, out = copy_run(finished_run, tmp_path)
+    args = base + ["--network_weights", str(out / "lora.safetensors"), "--dim_from_weights", "--network_train_unet_only",
+                   "--output_dir", str(tmp_path / "next"), "--dry_run"]
+    assert train_entry("lora", "", args) == 2
+    assert "adapts the text encoder, which this network does not include" in capsys.readouterr().err
+
 def test_an_overwrite_that_replaces_a_continued_run_does_not_inherit_its_lora_record(finished_run, tmp_path, capsys):
     """--overwrite --resume latest over a run that continued a LoRA starts from scratch: naming that LoRA's splits
     as its parent would make evaluate_mia.py hold the new LoRA to splits it never trained on."""
