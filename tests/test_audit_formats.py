@@ -387,6 +387,23 @@ def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
     assert "not an SD single-file checkpoint" in lora_as_unet
 
 
+def test_an_upper_case_safetensors_name_is_read_as_safetensors(tmp_path):
+    """FT.SAFETENSORS (as some Windows tools write it) is the same checkpoint as ft.safetensors: its identity, metadata
+    and own text encoder; it was hashed with its metadata, its text encoder ignored and its tensors unpickled."""
+    from library.eval.unet_weights import _read_file, weights_metadata
+
+    tensors = {"model.diffusion_model.conv_in.weight": torch.ones(2, 2),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}
+    lower, upper = tmp_path / "ft.safetensors", tmp_path / "FT.SAFETENSORS"
+    save_file(tensors, str(lower))
+    save_file(tensors, str(upper), metadata={"note": "saved again"})
+    expected, weights = resolve_unet_weights(lower), resolve_unet_weights(upper)
+    assert (weights.layout, weights.sha256, weights.text_encoder) == ("single_file", expected.sha256, (upper,))
+    assert weights_metadata(weights) == {"note": "saved again"}
+    read = _read_file(upper, meta=True, wanted="model.diffusion_model.")
+    assert list(read) == ["model.diffusion_model.conv_in.weight"]
+
+
 def test_an_sdxl_kohya_file_is_named_as_sdxl_not_as_a_corrupt_diffusers_file():
     # sd-scripts' SDXL LoRAs carry lora_te1_/lora_te2_ keys with .alpha tensors; the .alpha tail once read them as
     # PEFT alphas and called the file "incomplete or corrupt — re-export it".

@@ -83,6 +83,11 @@ def _folder_files(folder: Path, allow_pickle: bool) -> tuple[Path, ...]:
                      "diffusers UNet folder (config.json + weights), its pipeline folder, or a single .safetensors")
 
 
+def _is_safetensors(file: Path) -> bool:
+    # In any case, as resolve_unet_weights accepts it: FT.SAFETENSORS is no pickle.
+    return file.suffix.lower() == ".safetensors"
+
+
 def _check_safetensors(file: Path) -> dict[str, Any]:
     """The parsed JSON header of a safetensors file; ModelError for anything that is not one."""
     size = file.stat().st_size
@@ -119,7 +124,7 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
     else:
         raise ModelError(f"UNet weights {given} does not exist; pass a diffusers UNet folder or a .safetensors file")
     for file in files:
-        if file.suffix == ".safetensors":
+        if _is_safetensors(file):
             header = _check_safetensors(file)
             keys = [k for k in header if k != "__metadata__"]
             if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
@@ -191,7 +196,7 @@ def weights_metadata(weights: UNetWeights) -> dict[str, str]:
     """The header metadata of the first safetensors weight file (a fine-tune of this toolkit records its training
     settings there, as a LoRA file does); empty for pickle weights."""
     first = weights.files[0]
-    if first.suffix != ".safetensors":
+    if not _is_safetensors(first):
         return {}
     meta = _check_safetensors(first).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -203,7 +208,7 @@ def weights_sha256(files: tuple[Path, ...]) -> str:
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as handle:
-            if file.suffix == ".safetensors":
+            if _is_safetensors(file):
                 header = _check_safetensors(file)
                 header.pop("__metadata__", None)
                 digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
@@ -215,7 +220,7 @@ def weights_sha256(files: tuple[Path, ...]) -> str:
 
 def _read_file(file: Path, meta: bool, wanted: str = "") -> dict[str, torch.Tensor]:
     """The tensors of one weight file whose names start with ``wanted`` (meta tensors from the header if ``meta``)."""
-    if file.suffix != ".safetensors":  # only reached with --allow_pickle (resolve_unet_weights)
+    if not _is_safetensors(file):  # only reached with --allow_pickle (resolve_unet_weights)
         try:
             state = torch.load(str(file), map_location="meta" if meta else "cpu", weights_only=True)
         except Exception as exc:
