@@ -249,6 +249,59 @@ def test_hugging_face_layouts_get_their_own_advice(tmp_path, capsys):
         scan_dataset(csv)
 
 
+def test_a_caption_is_its_first_non_blank_line_without_surrounding_spaces(tmp_path):
+    """Spaces or a blank first line in a caption file (hand-edited captions) must not reach the prompt."""
+    _pair(tmp_path, "a", "\n  \n   sks dog, sitting  \nnotes for myself")
+    assert [r.caption for r in scan_dataset(tmp_path)] == ["sks dog, sitting"]
+
+
+def test_a_folder_named_with_0_repeats_is_refused(tmp_path):
+    """'0_dogs' would train on none of its images: refused, naming the folder and the name to give it."""
+    _pair(tmp_path / "0_dogs", "a", "a dog")
+    with pytest.raises(DataError, match=rf"{tmp_path / '0_dogs'} has 0 repeats: rename it to '1_dogs'"):
+        scan_dataset(tmp_path)
+
+
+def test_images_in_hidden_folders_and_files_are_not_part_of_the_dataset(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ and macOS' ._x.png are no training images: neither refused nor read."""
+    from library.data.dataset import is_image
+
+    _pair(tmp_path, "a", "a dog")
+    _png(tmp_path / "notes" / ".ipynb_checkpoints" / "b-checkpoint.png")  # only a hidden image below 'notes'
+    assert [r.path.name for r in scan_dataset(tmp_path)] == ["a.png"]
+    _png(tmp_path / "._a.png")
+    assert is_image(tmp_path / "a.png") and not is_image(tmp_path / "._a.png")  # class images are listed with it
+
+
+def test_metadata_blank_lines_are_skipped_and_bad_or_repeated_lines_are_named(tmp_path):
+    """A metadata.jsonl edited by hand: whitespace-only lines are fine, a line without file_name or a second line for
+    the same image is one error naming the line."""
+    _png(tmp_path / "a.png")
+    meta = tmp_path / "metadata.jsonl"
+    line = json.dumps({"file_name": "a.png", "text": "a"})
+    meta.write_text(f"{line}\n   \n\t\n")
+    assert [r.caption for r in scan_dataset(tmp_path)] == ["a"]
+    meta.write_text(f"{line}\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"line 2 has no 'file_name' key"):
+        scan_dataset(tmp_path)
+    meta.write_text(f"{line}\n" + json.dumps({"file_name": "./a.png", "text": "again"}) + "\n")
+    with pytest.raises(DataError, match=r"line 2 lists \./a\.png a second time"):
+        scan_dataset(tmp_path)
+
+
+def test_the_captions_a_folder_holds_now_read_as_its_scan_reads_them(tmp_path):
+    """The edited-caption warning compares a manifest with these: an unchanged caption must read back equal."""
+    from library.data.dataset import caption_source, current_captions
+
+    kohya, hf = tmp_path / "kohya", tmp_path / "hf"
+    _pair(kohya, "a", "  sks dog  ")
+    _png(hf / "b.png")
+    (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "  a cat "}) + "\n")
+    for root in (kohya, hf):
+        scanned = {r.path.relative_to(root).as_posix(): r.caption for r in scan_dataset(root)}
+        assert current_captions(root, caption_source(root), [*scanned, "gone.png"]) == {**scanned, "gone.png": None}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # load_image
 # ---------------------------------------------------------------------------------------------------------
@@ -553,6 +606,15 @@ def test_shuffle_caption_keeps_leading_tokens():
     assert shuffle_caption("a,, b ,", 0, random.Random(0)).count(",") == 1
 
 
+def test_shuffle_caption_moves_every_tag_after_the_kept_ones_and_refuses_a_negative_count():
+    """--keep_tokens N pins exactly N tags, as kohya does: the next one must move too, or its position is learnt."""
+    for keep in (0, 1, 2):
+        nexts = {shuffle_caption("a, b, c, d, e", keep, random.Random(seed)).split(", ")[keep] for seed in range(30)}
+        assert len(nexts) > 1, keep
+    with pytest.raises(ValueError, match="keep_tokens must be >= 0, got -1"):
+        shuffle_caption("a, b", -1, random.Random(0))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Packaged digits
 # ---------------------------------------------------------------------------------------------------------
@@ -660,6 +722,109 @@ def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
     assert expected > len(manifest.members())  # the seed put at least one repeated image among the members
     assert len(data.members) == expected and most_repeats(data.members)[0] == 3
     assert len(data.member_aux) == 2 and len(data.member_test) == 2 and most_repeats(data.member_aux)[0] == 1
+    for labelled, entries in ((data.member_aux, manifest.member_aux), (data.member_test, manifest.member_test),
+                              (data.nonmember_aux, manifest.nonmember_aux),
+                              (data.nonmember_test, manifest.nonmember_test)):
+        assert labelled.paths == [manifest.abs_path(e) for e in entries]  # each set is the manifest's own
+        assert labelled.keys == [e.sha256 for e in entries] and labelled.captions == [e.caption for e in entries]
+
+
+def test_the_attacker_gets_each_aux_sets_own_keys_and_every_split_image_has_its_role():
+    """The proxy keys its fixed noise and cached features by image: a member's key on a non-member pairs them wrong.
+    Roles: an image found among the non-members too (one image under two names) is a member, as D_tr trains on it."""
+    from dataclasses import replace
+
+    from library.train.data import LabelledSet, TrainingData
+
+    def labelled(*keys: str) -> LabelledSet:
+        return LabelledSet([Path(f"{k}.png") for k in keys], [f"caption {k}" for k in keys], torch.zeros(len(keys), 1),
+                           keys=list(keys))
+
+    data = TrainingData(members=labelled("m1", "m2"), member_aux=labelled("m1"), nonmember_aux=labelled("n1"),
+                        member_test=labelled("m2"), nonmember_test=labelled("n2", "m1"))
+    aux = data.aux_data()
+    assert (aux.member_keys, aux.nonmember_keys) == (["m1"], ["n1"])
+    assert (aux.member_captions, aux.nonmember_captions) == (["caption m1"], ["caption n1"])
+    assert data.split_roles() == {"m1": "a member", "m2": "a member", "n1": "a non-member", "n2": "a non-member"}
+    for empty in ("member_aux", "nonmember_aux"):  # a split without one of the attacker's sets: no attacker data
+        assert replace(data, **{empty: labelled()}).aux_data() is None
+
+
+def _folder_run(root: Path, dry_run: bool = False) -> SimpleNamespace:
+    """The settings load_training_records reads of a --train_data_dir run."""
+    return SimpleNamespace(split_manifest=None, train_data_dir=str(root), caption_extension=".txt", dry_run=dry_run)
+
+
+def test_a_folder_run_repeats_each_image_as_its_folder_says_and_keys_it_by_content(tmp_path):
+    """--train_data_dir: kohya repeats fill the epoch, each image is keyed by its sha256 as a manifest keys it (a
+    moved folder trains the same), and only --dry_run decodes the images (a real run decodes them as it encodes)."""
+    from library.fileio import sha256_file
+    from library.train.data import load_training_records
+
+    image = _pair(tmp_path / "data" / "2_dogs", "a", "a dog")
+    members = load_training_records(_folder_run(tmp_path / "data"), needs_aux=False).members
+    assert (members.paths, members.captions) == ([image] * 2, ["a dog"] * 2)
+    assert members.keys == [sha256_file(image)] * 2 and members.keyed_by_content
+    image.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="a.png"):
+        load_training_records(_folder_run(tmp_path / "data", dry_run=True), needs_aux=False)
+
+
+def test_latents_are_cached_on_disk_only_when_asked_in_the_output_folder_by_default():
+    """--cache_latents_to_disk writes into <output_dir>/latent_cache unless --latent_cache_dir names a folder."""
+    from library.train.data import latent_cache_dir
+
+    def config(**kw) -> SimpleNamespace:
+        return SimpleNamespace(**{"cache_latents_to_disk": True, "latent_cache_dir": None, "output_dir": "out", **kw})
+
+    assert latent_cache_dir(config()) == Path("out") / "latent_cache"
+    assert latent_cache_dir(config(latent_cache_dir="cache")) == Path("cache")
+    assert latent_cache_dir(config(cache_latents_to_disk=False)) is None
+
+
+def test_a_proxy_attacker_needs_both_aux_sets_of_a_split_manifest(tmp_path):
+    """MP/SMP-LoRA's attacker trains on D^m_aux and D^nm_aux: a plain folder, or a split with one of them empty,
+    is refused before any model work; plain LoRA trains on such a split."""
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+    from library.train.data import load_training_records
+
+    for i in range(4):
+        _pair(tmp_path / "data", f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+    with pytest.raises(DataError, match="need a split manifest"):
+        load_training_records(_folder_run(tmp_path / "data"), needs_aux=True)
+    sizes = {"member_aux": 1, "member_test": 1, "nonmember_aux": 0, "nonmember_test": 1}
+    manifest = make_split(scan_dataset(tmp_path / "data"), sizes=sizes, seed=0, dataset_root=tmp_path / "data",
+                          allow_unbalanced_aux=True)
+    write_manifest(manifest, tmp_path / "split.json")
+    config = SimpleNamespace(split_manifest=str(tmp_path / "split.json"))
+    with pytest.raises(DataError, match="need non-empty member_aux and nonmember_aux"):
+        load_training_records(config, needs_aux=True)
+    assert len(load_training_records(config, needs_aux=False).members) == 2
+
+
+def test_the_checks_before_training_refuse_a_repeated_image_or_an_attacker_batch_the_aux_sets_cannot_fill():
+    """DP-SGD's guarantee is per record: an image twice in D_tr (two names, or kohya repeats) is refused, naming its
+    files; methods without that need train on it. A proxy attacker's batch must fit D^m_aux and D^nm_aux."""
+    from library.errors import ConfigError
+    from library.train.data import LabelledSet, TrainingData, check_training_data
+
+    members = LabelledSet([Path("x.png"), Path("y.png"), Path("copy.png")], ["c"] * 3, keys=["kx", "ky", "kx"])
+    aux = LabelledSet([Path("x.png")], ["c"], keys=["kx"])
+    data = TrainingData(members=members, member_aux=aux, nonmember_aux=LabelledSet([Path("n.png")], ["c"]))
+    sizes: list[int] = []
+
+    def method(distinct: str | None = None, needs_aux: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(distinct_members=distinct, needs_aux=needs_aux, name="dp_sgd",
+                               check_data=lambda config, num_members: sizes.append(num_members))
+
+    config = SimpleNamespace(attacker_batch_size=2, train_batch_size=1)
+    check_training_data(data, method(), config, 1)
+    assert sizes == [3]  # the method's own checks see |D_tr|
+    with pytest.raises(DataError, match=r"^one record each: an image occurs 2 times in D_tr \(as copy\.png, x\.png: "):
+        check_training_data(data, method("one record each"), config, 1)
+    with pytest.raises(ConfigError, match=r"D\^m_aux \(--attacker_batch_size\) has 1 image\(s\), fewer than one batch"):
+        check_training_data(data, method(needs_aux=True), config, 1)
 
 
 def test_a_training_start_hashes_a_member_image_once_and_holds_its_latent_once(tmp_path, tiny_vae, monkeypatch):
