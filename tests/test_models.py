@@ -344,6 +344,46 @@ def test_tokenizer_too_big_for_text_encoder(tiny_files: tuple[ModelBundle, Path,
         load_sd_model(tiny_files[1], tokenizer_path=tmp_path / "big_tokenizer")
 
 
+@pytest.mark.parametrize("unet_changes, says", [
+    ({"use_linear_projection": True}, "SD 2.x / SDXL"),
+    ({"addition_embed_type": "text_time"}, "SD 2.x / SDXL"),
+    ({"cross_attention_dim": 1024}, "1024-dim text states"),
+    ({"in_channels": 9}, "9 input channels"),
+])
+def test_components_that_do_not_form_an_sd_v1_stack_are_named(
+    tiny_files: tuple[ModelBundle, Path, Path], unet_changes: dict, says: str
+) -> None:
+    """A folder assembled from SD 2.x / SDXL / inpainting parts loads part by part: the cross-checks refuse it."""
+    from library.sd.loading import _check_stack
+
+    bundle = tiny_files[0]
+    _check_stack(bundle, Path("model"))  # the tiny SD v1.x stack itself passes
+    unet = types.SimpleNamespace(config={**bundle.unet.config, **unet_changes})
+    parts = types.SimpleNamespace(unet=unet, text_encoder=bundle.text_encoder, vae=bundle.vae,
+                                  tokenizer=bundle.tokenizer)
+    with pytest.raises(ModelError, match=rf"^model.*{re.escape(says)}"):
+        _check_stack(parts, Path("model"))
+
+
+@pytest.mark.parametrize("sample_size, vae_blocks, expected", [
+    (64, [128, 256, 512, 512], 512), (32, [64], 32), (None, [64], None), ([64, 64], [64], None), (0, [64], None),
+    (64, [], None),
+])
+def test_native_resolution_is_the_unets_sample_size_times_the_vaes_downscale(
+    tmp_path: Path, sample_size: object, vae_blocks: list[int], expected: int | None
+) -> None:
+    """The default image size of a model, read from its configs: None, never a crash, when they do not give one."""
+    from library.sd.loading import native_resolution, text_encoder_layers
+
+    configs = {"unet": {"sample_size": sample_size}, "vae": {"block_out_channels": vae_blocks},
+               "text_encoder": {"num_hidden_layers": 12, "num_attention_heads": 8}}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert native_resolution(tmp_path) == expected
+    assert text_encoder_layers(tmp_path) == 12  # what --clip_skip counts
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 
@@ -369,6 +409,17 @@ def test_folder_with_corrupt_weights(tiny_files: tuple[ModelBundle, Path, Path],
         load_sd_model(broken)
 
 
+def test_a_folder_without_weights_is_named_before_any_load(
+    tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path
+) -> None:
+    """An interrupted download leaves vae/ with its config only: the dry run must say so, not the load minutes later."""
+    broken = tmp_path / "no_vae_weights"
+    shutil.copytree(tiny_files[1], broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"no_vae_weights/vae holds no weights \(no \.safetensors file\)"):
+        check_sd_model(broken)
+
+
 def test_folder_of_fp16_variant_weights_loads(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
     """A download of SD v1.5's fp16 files only: ``diffusion_pytorch_model.fp16.safetensors`` / ``model.fp16.safetensors``."""
     variant = tmp_path / "fp16_only"
@@ -382,6 +433,28 @@ def test_folder_of_fp16_variant_weights_loads(tiny_files: tuple[ModelBundle, Pat
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
 
 
+def test_a_folder_with_several_weight_variants_loads_the_plain_weights_then_fp16(tmp_path: Path) -> None:
+    """Hub downloads often hold fp16 beside other variants (ema, non_ema): the plain file wins, else fp16."""
+    from library.sd.loading import _weights_variant
+
+    for name in ("diffusion_pytorch_model.ema.safetensors", "diffusion_pytorch_model.fp16.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert _weights_variant(tmp_path) == "fp16"
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert _weights_variant(tmp_path) is None
+
+
+def test_a_folder_without_its_tokenizer_needs_tokenizer_path_only(
+    tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path
+) -> None:
+    """Some uploads leave tokenizer/ out; --tokenizer_path supplies it, and then the folder needs none."""
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_files[1], folder, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ModelError, match=r"no_tokenizer is not a diffusers .*'tokenizer/' is missing"):
+        check_sd_model(folder)
+    check_sd_model(folder, tokenizer_path=tiny_files[1] / "tokenizer")
+
+
 def test_folder_with_v_prediction_scheduler(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
     broken = tmp_path / "vpred"
     shutil.copytree(tiny_files[1], broken)
@@ -391,6 +464,26 @@ def test_folder_with_v_prediction_scheduler(tiny_files: tuple[ModelBundle, Path,
     config_file.write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"scheduler_config\.json.*v_prediction"):
         load_sd_model(broken)
+
+
+def test_a_scheduler_config_without_prediction_type_loads_and_other_schedules_are_only_logged(
+    tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Older SD v1.x folders omit prediction_type (diffusers' default: epsilon); another schedule is only logged."""
+    folder = tmp_path / "old_scheduler"
+    shutil.copytree(tiny_files[1], folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    with caplog.at_level("WARNING", logger="library.sd.loading"):
+        check_sd_model(folder)  # SD v1.x's own training schedule: nothing to say
+    assert caplog.records == []
+    del config["prediction_type"]
+    config["num_train_timesteps"] = 500
+    config_file.write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="library.sd.loading"):
+        check_sd_model(folder)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{config_file} has num_train_timesteps=500; training uses SD v1.x's 1000 regardless"]
 
 
 @pytest.mark.parametrize("cut", ["half", "header"])
@@ -572,10 +665,12 @@ def test_bake_vae_replaces_a_vae_and_refuses_a_misfit(tiny_files: tuple[ModelBun
     assert not (tmp_path / "never.safetensors").exists()
 
 
-def test_pickle_checkpoint_refused(tmp_path: Path) -> None:
-    ckpt = tmp_path / "v1-5-pruned.ckpt"
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".CKPT"])
+def test_pickle_checkpoint_refused(tmp_path: Path, suffix: str) -> None:
+    """Every pickle suffix (in any case) is named as a pickle, with the flag that reads it, not as an unknown file."""
+    ckpt = tmp_path / f"v1-5-pruned{suffix}"
     ckpt.write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ModelError, match=r"v1-5-pruned\.ckpt is a pickle-based checkpoint"):
+    with pytest.raises(ModelError, match=rf"v1-5-pruned\{suffix} is a pickle-based checkpoint.*--allow_pickle"):
         load_sd_model(ckpt)
 
 
