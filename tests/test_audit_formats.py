@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -385,6 +386,131 @@ def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
     assert "--allow_pickle" in one_error(capsys, base_args(world, tmp_path / "b", "--unet_weights", str(ckpt)))
     lora_as_unet = one_error(capsys, base_args(world, tmp_path / "c", "--unet_weights", str(world["lora"])))
     assert "not an SD single-file checkpoint" in lora_as_unet
+
+
+def test_a_unet_folder_is_read_in_each_layout_diffusers_writes(tmp_path):
+    """A sharded save (each shard once, in order; a missing one named), pickle-only folders (read with --allow_pickle
+    only) and the text encoder a full fine-tune writes beside its UNet (also as its fp16 variant)."""
+    unet = tmp_path / "ft-unet"
+    unet.mkdir()
+    (unet / "config.json").write_text("{}")
+    shards = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    weight_map = {"conv_in.weight": shards[1], "conv_in.bias": shards[0], "conv_out.weight": shards[0]}
+    for shard in shards:
+        save_file({k: torch.ones(2) for k, v in weight_map.items() if v == shard}, str(unet / shard))
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert resolve_unet_weights(unet).files == (unet / shards[0], unet / shards[1])
+    (tmp_path / "ft-text_encoder").mkdir()
+    text_encoder = tmp_path / "ft-text_encoder" / "model.fp16.safetensors"
+    save_file({"text_model.final_layer_norm.weight": torch.ones(2)}, str(text_encoder))
+    with_text_encoder = resolve_unet_weights(unet)
+    assert with_text_encoder.text_encoder == (text_encoder,)
+    save_file({"text_model.final_layer_norm.weight": torch.zeros(2)}, str(text_encoder))
+    assert resolve_unet_weights(unet).sha256 != with_text_encoder.sha256  # another text encoder: another model
+    (unet / shards[1]).unlink()
+    with pytest.raises(ModelError, match=f"shard {shards[1]} named by .*index.json is missing"):
+        resolve_unet_weights(unet)
+    for name in shards[:1] + ["diffusion_pytorch_model.safetensors.index.json"]:
+        (unet / name).unlink()
+    text_encoder.rename(text_encoder.with_name("pytorch_model.bin"))
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match=r"ft-unet holds only pickle weights \(diffusion_pytorch_model\.bin\)"):
+        resolve_unet_weights(unet)
+    (unet / "diffusion_pytorch_model.bin").unlink()
+    save_file({"conv_in.weight": torch.ones(2)}, str(unet / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ModelError, match=r"text encoder .*ft-text_encoder .*only pickle weights.*--allow_pickle"):
+        resolve_unet_weights(unet)
+    pickled = resolve_unet_weights(unet, allow_pickle=True)
+    assert pickled.files == (unet / "diffusion_pytorch_model.safetensors",)
+    assert pickled.text_encoder == (tmp_path / "ft-text_encoder" / "pytorch_model.bin",)
+
+
+def test_a_single_files_text_encoder_is_its_own_unless_our_full_finetune_says_it_was_not_trained(tmp_path):
+    """Whose text encoder a single file is audited with decides every feature: its own is part of its identity, and a
+    UNet folder whose fine-tune trained one is refused without it (naming where it belongs)."""
+    tensors = {"model.diffusion_model.conv_in.weight": torch.ones(2),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}
+    files = {"published": None, "untrained": {"smp_lora.train_mode": "full", "smp_lora.trained_text_encoder": "false"},
+             "older": {"smp_lora.train_mode": "full"}}
+    for name, metadata in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+    own, base = (resolve_unet_weights(tmp_path / f"{name}.safetensors") for name in ("published", "untrained"))
+    assert own.text_encoder == (tmp_path / "published.safetensors",) and base.text_encoder == ()
+    assert own.sha256 != base.sha256  # the same tensors, another text encoder: another model
+    assert resolve_unet_weights(tmp_path / "older.safetensors").text_encoder == ()
+    (tmp_path / "older-text_encoder").mkdir()  # written before the record: the folder beside it says it trained one
+    save_file({"text_model.final_layer_norm.weight": torch.zeros(2)},
+              str(tmp_path / "older-text_encoder" / "model.safetensors"))
+    assert resolve_unet_weights(tmp_path / "older.safetensors").text_encoder == (tmp_path / "older.safetensors",)
+    for unet, where in ((tmp_path / "ft-unet", "ft-text_encoder/ next to ft-unet/"),
+                        (tmp_path / "pipe" / "unet", "text_encoder/ next to unet/")):
+        unet.mkdir(parents=True)
+        (unet / "config.json").write_text("{}")
+        save_file({"conv_in.weight": torch.ones(2)}, str(unet / "diffusion_pytorch_model.safetensors"),
+                  metadata={"smp_lora.trained_text_encoder": "true"})
+        with pytest.raises(ModelError, match=f"text encoder too, which is not beside them \\(as {where}\\)"):
+            resolve_unet_weights(unet)
+
+
+def test_weights_of_another_architecture_are_named_and_a_swap_casts_and_gives_the_base_back(tmp_path):
+    """A fine-tune must fit its base tensor for tensor (an extra, missing or resized one is one error naming it); its
+    weights are cast to the base's dtype for the block and the base's own tensors are put back afterwards."""
+    from library.eval.unet_weights import (
+        UNetWeights,
+        load_text_encoder_state_dict,
+        load_unet_state_dict,
+        swapped_weights,
+    )
+
+    base = torch.nn.Linear(2, 1)
+    unet = tmp_path / "diffusion_pytorch_model.safetensors"
+
+    def fits(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        save_file(tensors, str(unet))
+        return load_unet_state_dict(UNetWeights(tmp_path, "diffusers", (unet,), "0" * 64), base)
+
+    good = {"weight": torch.full((1, 2), 2.0, dtype=torch.float64), "bias": torch.zeros(1, dtype=torch.float64)}
+    state = fits(good)
+    with pytest.raises(ModelError, match=r"1 tensors missing, 1 unexpected, e.g. missing bias"):
+        fits({"weight": good["weight"], "extra": torch.zeros(1)})
+    with pytest.raises(ModelError, match=r"0 tensors missing, 1 unexpected, e.g. unexpected extra"):
+        fits({**good, "extra": torch.zeros(1)})
+    with pytest.raises(ModelError, match=r"weight is \(1, 3\), the base model's \(1, 2\)"):
+        fits({**good, "weight": torch.zeros(1, 3)})
+    weight = base.weight
+    with swapped_weights(base, state):
+        assert base.weight.dtype == torch.float32 and base(torch.ones(1, 2)).item() == 4.0
+    assert base.weight is weight
+    text = tmp_path / "model.safetensors"  # transformers versions differ in the text_model. prefix of the names
+    save_file({"text_model.final_layer_norm.weight": torch.ones(2)}, str(text))
+    weights = UNetWeights(tmp_path, "diffusers", (unet,), "0" * 64, (text,))
+    for names in (["text_model.final_layer_norm.weight"], ["final_layer_norm.weight"]):
+        encoder = SimpleNamespace(state_dict=lambda names=names: {k: torch.zeros(2) for k in names})
+        assert list(load_text_encoder_state_dict(weights, encoder)) == names
+    extra = {"text_model.embeddings.position_ids": torch.zeros(2)}  # a buffer older exports hold: not a misfit
+    save_file({"text_model.final_layer_norm.weight": torch.ones(2), **extra}, str(text))
+    assert list(load_text_encoder_state_dict(weights, encoder)) == names
+    save_file({"text_model.final_layer_norm.weight": torch.ones(2), "text_model.extra.weight": torch.ones(2)},
+              str(text))
+    with pytest.raises(ModelError, match=r"text encoder \(0 tensors missing, 1 unexpected, e.g. unexpected extra"):
+        load_text_encoder_state_dict(weights, encoder)
+
+
+def test_a_single_file_unet_is_a_safetensors_or_with_allow_pickle_a_pickle(tmp_path):
+    """A pickle is read only when the user vouches for it; a file of no weight format is named as such."""
+    from library.eval.unet_weights import _read_file
+
+    ckpt, notes = tmp_path / "ft.ckpt", tmp_path / "ft.txt"
+    ckpt.write_bytes(b"pickle")
+    notes.write_text("notes")
+    with pytest.raises(ModelError, match=r"ft\.ckpt is a pickle \(\.ckpt\) checkpoint; pass --allow_pickle"):
+        resolve_unet_weights(ckpt)
+    assert resolve_unet_weights(ckpt, allow_pickle=True).files == (ckpt,)
+    torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": torch.ones(2)}, "global_step": 3}, ckpt)
+    read = _read_file(ckpt, meta=False, wanted="model.diffusion_model.")  # A1111's state_dict wrapper
+    assert list(read) == ["model.diffusion_model.conv_in.weight"]
+    with pytest.raises(ModelError, match=r"ft\.txt is neither a diffusers folder nor a \.safetensors checkpoint"):
+        resolve_unet_weights(notes)
 
 
 def test_an_upper_case_safetensors_name_is_read_as_safetensors(tmp_path):
