@@ -119,6 +119,7 @@ def test_an_sd_scripts_config_loads_where_its_options_change_nothing(tmp_path, c
     ("weights_sd=/x.safetensors", "--network_weights"),  # a Python-API argument, not an option: was ignored
     ("for_inference=true", "--network_weights"),
     ("algo=locon", "--network_args takes conv_dim=R and conv_alpha=A"),  # LyCORIS: before any model loads
+    ("=8", "entries are key=value"),  # no key: not an unknown network argument named ''
 ])
 def test_network_args_take_the_locon_options_only(item, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -139,6 +140,12 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('update_order = "sideways"', r"c\.toml: 'update_order' must be one of"),  # the file is named
     ('optimizer_type = "adamw9bit"', r"'optimizer_type' must be one of .* \(did you mean 'AdamW8bit'\?\)"),
     ('privacy_lambda = -0.5', "'privacy_lambda' must be a finite number >= 0"),
+    ('network_dim = 0', "'network_dim' must be > 0, got 0"),  # a rank-0 LoRA trains nothing
+    ('min_timestep = 500\nmax_timestep = 500', "need 0 <= min_timestep < max_timestep"),  # no t to draw
+    ('attacker_timesteps = []', "'attacker_timesteps' must be a non-empty list"),
+    ('attacker_timesteps = [1000]', "'attacker_timesteps' must be a non-empty list of integers in \\[0, 1000\\)"),
+    ('attacker_dropout = 1.0', "'attacker_dropout' must be in \\[0, 1\\)"),  # drops every unit
+    ('save_every_n_epochs = 0', "'save_every_n_epochs' must be > 0, got 0"),  # "every 0 epochs" saves never
     ('max_grad_norm = nan', "'max_grad_norm' must be a finite number, got nan"),  # it switched clipping off
     ('dp_noise_multiplier = inf', "'dp_noise_multiplier' must be a finite number, got inf"),  # the accountant hung
     ('network_alpha = -inf', "'network_alpha' must be a finite number"),
@@ -146,6 +153,7 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('lr_warmup_steps = 2.5', "'lr_warmup_steps' must be a whole number of steps or a ratio below 1, got 2.5"),
     ('resolution = "512,768"', "'resolution': must be square .* use 512 or 512,512"),
     ('resolution = "large"', "'resolution': must be a size in pixels like 512 or 512,512, got 'large'"),
+    ('resolution = "512,512,512"', "'resolution': must be square"),  # three sizes are no width,height
 ])
 def test_bad_values_get_one_clear_error(tmp_path, line, message):
     path = write(tmp_path, line + "\n")
@@ -191,6 +199,8 @@ def test_required_and_exclusive_inputs():
         parse_config(TrainConfig, ["--split_manifest", "s.json"])
     with pytest.raises(ConfigError, match="exactly one of"):
         parse_config(TrainConfig, BASE + ["--train_data_dir", "d"])
+    with pytest.raises(ConfigError, match="exactly one of"):  # neither: no training data at all
+        parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m"])
 
 
 def test_network_module_cannot_name_arbitrary_code():
@@ -305,3 +315,67 @@ def test_newer_sd_scripts_options_get_their_own_advice(tmp_path, capsys):
     assert capsys.readouterr().err.count("warning:") == 7
     with pytest.raises(ConfigError, match="DeepSpeed is not used"):
         parse_config(TrainConfig, BASE + ["--config_file", write(tmp_path, "deepspeed = true\n")])
+
+
+def test_an_explicit_none_unsets_only_an_optional_option():
+    """``load_config``'s overrides may unset an Optional option with None (as ``--max_train_epochs none``); None for
+    any other option is one ConfigError naming it, not a None that fails later inside the run."""
+    from library.config import load_config
+
+    base = {"pretrained_model_name_or_path": "m", "split_manifest": "s.json"}
+    assert load_config(TrainConfig, None, {**base, "max_train_epochs": None}).max_train_epochs is None
+    with pytest.raises(ConfigError, match="overrides: 'seed' must not be empty"):
+        load_config(TrainConfig, None, {**base, "seed": None})
+
+
+def test_a_number_for_a_text_option_is_its_text(tmp_path):
+    """``output_name = 2024`` (TOML writes numbers unquoted) names the files "2024", as the flag would; a list is
+    still refused."""
+    assert parse_config(TrainConfig, ["--config_file", write(tmp_path, "output_name = 2024\n")] + BASE).output_name \
+        == "2024"
+    with pytest.raises(ConfigError, match="'output_name' must be a string"):
+        parse_config(TrainConfig, ["--config_file", write(tmp_path, "output_name = [1]\n")] + BASE)
+
+
+def test_an_unknown_section_lists_the_sd_scripts_sections_too(tmp_path):
+    """A kohya user's misspelled ``[training_argument]`` must learn that sd-scripts' sections are read here."""
+    path = write(tmp_path, "[training_argument]\nseed = 1\n")
+    with pytest.raises(ConfigError, match=r"did you mean \[training_arguments\]\?.* and sd-scripts' general and "
+                                          r"\*_arguments"):
+        parse_config(TrainConfig, ["--config_file", path] + BASE)
+
+
+def test_a_config_file_cannot_name_another_config_file(tmp_path):
+    """``config_file`` inside a TOML would be silently unread (no includes): said so, not "unknown key"."""
+    with pytest.raises(ConfigError, match="'config_file' cannot be set inside a config file"):
+        parse_config(TrainConfig, ["--config_file", write(tmp_path, 'config_file = "other.toml"\n')] + BASE)
+
+
+def test_nan_in_a_list_of_numbers_is_named_as_not_finite():
+    """Each item of a list option is checked for NaN / infinity as a single number is, with the same message."""
+    from library.eval.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="'clid_mask_fractions' must be a finite number, got nan"):
+        parse_config(EvalConfig, BASE + ["--clid_mask_fractions", "0.3", "nan"])
+
+
+def test_a_list_of_paths_is_taken_by_load_config(tmp_path):
+    """Python callers pass ``Path`` objects, also in a list (the LoRA files to attack): read as their text."""
+    from library.config import load_config
+    from library.eval.config import EvalConfig
+
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    config = load_config(EvalConfig, overrides={"pretrained_model_name_or_path": "m", "split_manifest": "s.json",
+                                                "network_weights": files})
+    assert config.network_weights == [str(f) for f in files]
+
+
+def test_privacy_lambda_zero_is_allowed():
+    """lambda = 0 switches the privacy term off (the ablation of Eq. 6 / Eq. 10): a value, not a mistake."""
+    assert parse_config(TrainConfig, BASE + ["--privacy_lambda", "0"]).privacy_lambda == 0.0
+
+
+def test_training_settings_at_their_edges_are_valid():
+    """max_grad_norm 0 means "no clipping" and any multiple of 8 is a resolution: both train, not refused."""
+    cfg = parse_config(TrainConfig, BASE + ["--max_grad_norm", "0", "--resolution", "520"])
+    assert (cfg.max_grad_norm, cfg.resolution) == (0.0, 520)
