@@ -584,3 +584,55 @@ def test_a_lora_trained_on_another_base_is_refused(trained, tiny_model_dir, mani
     rc, lines = run_cli(capfd, eval_args(tiny_model_dir, manifest_path, tmp_path / "same", "--network_weights",
                                          str(lora)))
     assert rc == 0, lines  # its own base, as a folder here: the check passes
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"batch_size": 0}, "'batch_size' must be > 0, got 0"),  # a forward pass of no queries: an endless loop
+    ({"resolution": 0}, "'resolution' must be > 0, got 0"),
+    ({"clip_skip": 0}, "'clip_skip' must be > 0, got 0"),  # the 0-th last CLIP layer does not exist
+])
+def test_a_count_of_zero_is_refused(bad, message):
+    """Counts and sizes of the evaluation start at 1: 0 is one ConfigError naming the flag, before any work."""
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", **bad).validate()
+
+
+def test_a_resolution_is_any_multiple_of_8():
+    """The VAE halves an image three times: 520 pixels is a valid size (65 latents), 516 is one ConfigError."""
+    EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", resolution=520).validate()
+    with pytest.raises(ConfigError, match="'resolution' must be a multiple of 8, got 516"):
+        EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", resolution=516).validate()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"timesteps": [1000]}, "'timesteps' must be a non-empty list of integers in \\[0, 1000\\)"),  # no t = 1000
+    ({"timesteps": [50, 50]}, "'timesteps' lists a timestep twice"),
+    ({"attacks": ["loss", "loss"]}, "'attacks' lists an attack twice"),
+    ({"paper_lr": 0.0}, "'paper_lr' must be > 0"),  # h' would never move
+    ({"paper_dropout": 1.0}, "'paper_dropout' must be in \\[0, 1\\)"),  # drops every unit
+    ({"n_bootstrap": -1}, "'n_bootstrap' must be 0 \\(no CIs\\) or at least 10"),
+    ({"pia_timesteps": [20, 20]}, "'pia_timesteps' must be a non-empty list of distinct"),
+    ({"secmi_timestep": 100, "secmi_step": 30}, "secmi_timestep a multiple of secmi_step"),
+    ({"clid_mask_fractions": [0.0]}, "'clid_mask_fractions' must lie in \\(0, 1\\)"),  # masks no word
+    ({"blackbox_guidance_scale": 0.5}, "'blackbox_guidance_scale' must be >= 1"),
+    ({"audit_alpha": 1.0}, "'audit_alpha' must be in \\(0, 1\\)"),  # every set would pass the audit
+    ({"quality": True, "utility_reference": "lora"}, "'utility_reference' is the unit of U.*digit_feature_weights"),
+    ({"quality": True, "quality_num_images": 1, "digit_feature_weights": "d"}, "'quality_num_images' must be >= 2"),
+    ({"attacks": ["loss"], "digit_feature_weights": "d"}, "only used with --quality or the image-space attacks"),
+])
+def test_evaluation_settings_out_of_range_are_refused(bad, message):
+    """Each range and combination check of the evaluation: one ConfigError naming the flag, before any work."""
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", **bad).validate()
+
+
+@pytest.mark.parametrize("edge", [
+    {"paper_max_timestep": 1000}, {"holdout_fraction": 0.0}, {"paper_weight_decay": 0.0}, {"n_bootstrap": 10},
+    {"secmi_timestep": 100, "secmi_step": 100}, {"gsa_timesteps": 1000}, {"pfami_crop_range": [1.0, 0.7]},
+    {"reconstruction_strength": 1.0}, {"epsilon_delta": 0.0},
+    {"digit_feature_weights": "d"},  # the default attacks include the image-space ones, which read it
+    {"quality": True, "digit_feature_weights": "d", "quality_features": []},  # default: every one with weights
+])
+def test_evaluation_settings_at_their_edges_are_valid(edge):
+    """The bounds are inclusive where the docs say so: a value on the edge is a valid evaluation."""
+    EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", **edge).validate()
