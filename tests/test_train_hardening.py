@@ -825,6 +825,38 @@ def test_settings_another_method_or_mode_reads_are_one_warning(tiny_train_args, 
     assert expected in one_line(capsys, starts="warning:")
 
 
+
+def test_the_attacker_phases_order_and_steps_are_proxy_attacker_options(capsys):
+    """update_order and k_steps shape Algorithm 1's attacker phase only: plain LoRA warns that it ignores them,
+    and a resume of it may change them (an SMP-LoRA resume may not)."""
+    from library.train.config_scope import check_for_method, inert_settings
+
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json",
+                                        "--update_order", "lora_first", "--k_steps", "2"])
+    check_for_method(config, "lora")
+    assert "k_steps, update_order only act on MP/SMP-LoRA's proxy attacker" in one_line(capsys, starts="warning:")
+    assert {"update_order", "k_steps"} <= inert_settings(config, "lora")
+    assert not {"update_order", "k_steps"} & inert_settings(config, "smp_lora")
+
+
+def test_what_a_run_never_reads_may_change_at_its_resume():
+    """The proxy restart period without restarts, the LoRA shape of a full fine-tune or of --dim_from_weights, and
+    the attacker of plain LoRA are inert; the same settings are read (not inert) where they act."""
+    from library.train.config_scope import ATTACKER_FIELDS, inert_settings
+
+    base = ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json"]
+    lora = parse_config(TrainConfig, base)
+    assert "attacker_restart_every_n_epochs" in inert_settings(lora, "smp_lora")
+    assert ATTACKER_FIELDS <= inert_settings(lora, "lora")
+    assert inert_settings(lora, "smp_lora") & ATTACKER_FIELDS == {"attacker_restart_every_n_epochs"}  # no restarts
+    assert not {"network_dim", "network_alpha"} & inert_settings(lora, "lora")
+    restarted = parse_config(TrainConfig, base + ["--attacker_restart", "warm"])
+    assert "attacker_restart_every_n_epochs" not in inert_settings(restarted, "smp_lora")
+    assert {"network_dim", "network_module"} <= inert_settings(parse_config(TrainConfig, base + ["--train_mode", "full"]),
+                                                                "lora")
+    continued = parse_config(TrainConfig, base + ["--network_weights", "a.safetensors"])
+    assert "network_dim" not in inert_settings(continued, "lora")  # the rank is checked against the file's
+
 # ---- 11: conditioning in the metadata --------------------------------------------------------------------------
 def test_lora_metadata_records_the_conditioning(finished_run, tiny_train_args):
     with safe_open(finished_run[1] / "lora.safetensors", "pt") as handle:
