@@ -379,3 +379,14 @@ def test_training_settings_at_their_edges_are_valid():
     """max_grad_norm 0 means "no clipping" and any multiple of 8 is a resolution: both train, not refused."""
     cfg = parse_config(TrainConfig, BASE + ["--max_grad_norm", "0", "--resolution", "520"])
     assert (cfg.max_grad_norm, cfg.resolution) == (0.0, 520)
+
+
+def test_state_retention_without_saved_states_warns_that_it_does_nothing(capsys):
+    """--save_last_n_epochs_state prunes saved states: with epoch saves but no --save_state there are none, which a
+    user who expects old states to go (or to stay) must be told; with both it is quiet."""
+    retention = BASE + ["--save_every_n_epochs", "1", "--save_last_n_epochs_state", "2"]
+    parse_config(TrainConfig, retention)
+    assert "'save_last_n_epochs_state' prunes the checkpoints of 'save_every_n_epochs' and 'save_state'" \
+        in capsys.readouterr().err
+    parse_config(TrainConfig, retention + ["--save_state"])
+    assert "warning:" not in capsys.readouterr().err
