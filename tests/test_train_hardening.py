@@ -825,6 +825,16 @@ def test_settings_another_method_or_mode_reads_are_one_warning(tiny_train_args, 
     assert expected in one_line(capsys, starts="warning:")
 
 
+def test_prior_settings_warn_only_without_prior_preservation(capsys):
+    """With --with_prior_preservation the class settings are read: no "only act with" warning for them."""
+    from library.train.config_scope import check_for_method
+
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s.json",
+                                        "--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "a dog",
+                                        "--prior_loss_weight", "0.5"])
+    check_for_method(config, "lora")
+    assert "warning:" not in capsys.readouterr().err
+
 
 def test_the_attacker_phases_order_and_steps_are_proxy_attacker_options(capsys):
     """update_order and k_steps shape Algorithm 1's attacker phase only: plain LoRA warns that it ignores them,
