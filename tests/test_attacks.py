@@ -422,11 +422,12 @@ def test_multi_t_loss_features_are_one_column_per_timestep_averaged_over_draws()
 
 def test_paper_attack_monitors_several_draws_by_their_averaged_member_probability():
     """With D > 1 draws the epoch is chosen on the same draw-averaged p(member) that scores D_te, not on draw 0."""
-    torch.manual_seed(0)
     attack = PaperMLPAttack(features="error_map")
     attack.in_features = 4
-    model = attack._new_model()
-    x = torch.rand(10, 3, 4) * torch.tensor([1.0, 5.0, 25.0]).view(1, 3, 1)  # draws far apart
+    with torch.random.fork_rng():  # seeded, without moving the global stream later tests in this worker draw from
+        torch.manual_seed(0)
+        model = attack._new_model()
+        x = torch.rand(10, 3, 4) * torch.tensor([1.0, 5.0, 25.0]).view(1, 3, 1)  # draws far apart
     y = np.r_[np.ones(5, dtype=np.int64), np.zeros(5, dtype=np.int64)]
     acc, ce = attack._evaluate(model, x, y)
     p = attack._member_probs(model, x).double()
