@@ -47,8 +47,11 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, create: bool = True)
         return target
     try:
         target.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=target, prefix=".write-probe.", suffix=TEMP_SUFFIX)
-        probe.close()
+        handle, probe = tempfile.mkstemp(dir=target, prefix=".write-probe.", suffix=TEMP_SUFFIX)
+        os.close(handle)
+        # Gone already is fine: the lock's sweep (OutputLock) of a run's main process may remove it while another
+        # rank of the same run checks the folder; creating it was the test.
+        Path(probe).unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"{flag} {target}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
     return target

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from library.fileio import (
     temporary_dir,
     write_safetensors,
 )
-from library.outputs import remove_stale_temporaries
+from library.outputs import check_output_dir, remove_stale_temporaries
 
 
 def _folder(path, text):
@@ -228,3 +230,22 @@ def test_an_atomic_write_creates_the_folders_it_writes_into(tmp_path):
     """Reports and records go to folders that may not exist yet (a new --output_dir): the write makes them."""
     atomic_write_text(tmp_path / "new" / "sub" / "notes.txt", "x")
     assert (tmp_path / "new" / "sub" / "notes.txt").read_text() == "x"
+
+
+def test_a_write_probe_swept_by_the_main_ranks_lock_is_no_refusal(tmp_path, monkeypatch):
+    """On two ranks, the main one's lock sweeps the folder's hidden temporaries (OutputLock) while the other rank may
+    still be checking that folder: its write probe, swept right after it was made, is no "cannot write there" (a
+    two-process CI run failed so on Python 3.11). The sweep here runs as soon as the probe exists."""
+    import library.outputs as outputs
+
+    def swept_after(make):
+        def make_then_sweep(*args, **kwargs):
+            made = make(*args, **kwargs)
+            remove_stale_temporaries(kwargs["dir"])
+            return made
+        return make_then_sweep
+
+    monkeypatch.setattr(outputs, "tempfile", types.SimpleNamespace(
+        mkstemp=swept_after(tempfile.mkstemp), NamedTemporaryFile=swept_after(tempfile.NamedTemporaryFile)))
+    assert check_output_dir(tmp_path / "out", "--output_dir") == tmp_path / "out"
+    assert list((tmp_path / "out").iterdir()) == []  # the probe leaves nothing behind

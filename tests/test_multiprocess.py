@@ -34,13 +34,20 @@ def launch_env(tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
 
 
+def why(result: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: each rank's one-line refusal first (the other ranks' tracebacks from the
+    broken collective follow it and would push it out of a plain tail), then the tails of stdout and stderr."""
+    refusals = [line for line in result.stderr.splitlines() if "error: " in line]
+    return "\n".join(refusals) + "\n---\n" + result.stdout[-2000:] + result.stderr[-4000:]
+
+
 @pytest.mark.parametrize("name", ["accelerate", "torchrun"])
 def test_two_process_smp_training_keeps_ranks_in_sync(name, tiny_train_args, tmp_path):
     env = launch_env(tmp_path)
     cmd = [*launcher(name), str(ROOT / "train_smp_lora.py"), *tiny_train_args, "--train_batch_size", "2",
            "--attacker_batch_size", "2", "--max_train_steps", "3"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, why(result)
     assert result.stdout.count("method smp_lora: ") == 1, result.stdout  # the plan, once (torchrun: not per rank)
     record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
     assert record["num_processes"] == 2
@@ -59,7 +66,7 @@ def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
                   ["--max_train_steps", "2", "--save_state", "--output_dir", "half"],
                   ["--max_train_steps", "4", "--resume", "half/smp_lora-state", "--output_dir", "resumed"]):
         result = subprocess.run([*launcher("torchrun"), *common, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        assert result.returncode == 0, why(result)
     for name in ("smp_lora.safetensors", "smp_lora-attacker.safetensors"):
         full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
         assert full.keys() == resumed.keys()
@@ -71,7 +78,7 @@ def test_a_two_process_run_resumes_exactly(tiny_train_args, tmp_path):
               "--resume", "half/smp_lora-state", "--output_dir", "single"]
     one = subprocess.run([*single, "--train_batch_size", "4", "--attacker_batch_size", "4"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+    assert one.returncode == 0, why(one)
     assert "the state was written by 2 process(es), this run has 1" in one.stdout
     halved = subprocess.run([*single, "--train_batch_size", "2", "--attacker_batch_size", "2", "--overwrite"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -87,7 +94,7 @@ def test_two_process_dreambooth_full_finetune_keeps_ranks_in_sync(tiny_train_arg
            "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a digit",
            "--num_class_images", "4", "--class_sample_steps", "2"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, why(result)
     assert result.stdout.count("method smp_lora: ") == 1, result.stdout  # the plan, once (torchrun: not per rank)
     record = json.loads((tmp_path / "out" / "smp_lora.json").read_text())
     assert record["num_processes"] == 2 and record["ranks_in_sync"] is True
