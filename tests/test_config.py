@@ -154,6 +154,11 @@ def test_misspelled_key_names_it_and_suggests(tmp_path):
     ('resolution = "512,768"', "'resolution': must be square .* use 512 or 512,512"),
     ('resolution = "large"', "'resolution': must be a size in pixels like 512 or 512,512, got 'large'"),
     ('resolution = "512,512,512"', "'resolution': must be square"),  # three sizes are no width,height
+    ('save_last_n_epochs_state = 0', "'save_last_n_epochs_state' must be > 0, got 0"),  # the pruner read 0 as "all"
+    ('save_last_n_steps_state = 0', "'save_last_n_steps_state' must be > 0, got 0"),
+    ('weight_decay = -0.01', "'weight_decay' must be a finite number >= 0"),  # torch's AdamW: a traceback
+    ('attacker_lr = -1e-5', "'attacker_lr' must be a finite number >= 0"),
+    ('attacker_weight_decay = -1e-4', "'attacker_weight_decay' must be a finite number >= 0"),
 ])
 def test_bad_values_get_one_clear_error(tmp_path, line, message):
     path = write(tmp_path, line + "\n")
@@ -390,3 +395,41 @@ def test_state_retention_without_saved_states_warns_that_it_does_nothing(capsys)
         in capsys.readouterr().err
     parse_config(TrainConfig, retention + ["--save_state"])
     assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, own, other", [
+    ("save_last_n_epochs", ["--save_every_n_epochs", "1"], ["--save_every_n_steps", "1"]),
+    ("save_last_n_steps", ["--save_every_n_steps", "1"], ["--save_every_n_epochs", "1"]),
+    ("save_last_n_epochs_state", ["--save_every_n_epochs", "1", "--save_state"], ["--save_every_n_steps", "1",
+                                                                                 "--save_state"]),
+    ("save_last_n_steps_state", ["--save_every_n_steps", "1", "--save_state"], ["--save_every_n_epochs", "1",
+                                                                               "--save_state"]),
+])
+def test_each_retention_flag_answers_to_its_own_cadence(capsys, flag, own, other):
+    """Epoch and step saves are pruned apart: a step retention flag in a run that saves only per epoch prunes
+    nothing (and names the step flag to set), while its own cadence makes it quiet whatever the other does."""
+    every = "save_every_n_epochs" if "epochs" in flag else "save_every_n_steps"
+    parse_config(TrainConfig, BASE + other + [f"--{flag}", "2"])
+    assert f"'{flag}' prunes the checkpoints of '{every}'" in capsys.readouterr().err
+    parse_config(TrainConfig, BASE + own + [f"--{flag}", "2"])
+    assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1])
+def test_a_seed_from_0_to_2_63_minus_1_is_valid(seed):
+    """torch takes any non-negative int64 seed: both ends of that range are a run, not a refusal."""
+    assert parse_config(TrainConfig, BASE + ["--seed", str(seed)]).seed == seed
+
+
+def test_a_seed_past_int64_is_refused_with_its_range():
+    """2**63 overflows the int64 torch seeds with (derived seeds too): one line giving the valid range."""
+    with pytest.raises(ConfigError, match=r"'seed' must be an integer in \[0, 2\*\*63 - 1 = 9223372036854775807\], "
+                                          r"got 9223372036854775808"):
+        parse_config(TrainConfig, BASE + ["--seed", str(2**63)])
+
+
+@pytest.mark.parametrize("flag", ["--unet_lr", "--text_encoder_lr"])
+def test_a_negative_part_rate_is_refused_saying_that_0_turns_the_part_off(flag):
+    """A negative part rate is no way to switch a part off: the error tells the user that 0 is."""
+    with pytest.raises(ConfigError, match=r"must be a finite number >= 0 \(0 means: do not train that part\)"):
+        parse_config(TrainConfig, BASE + [flag, "-1e-4"])
