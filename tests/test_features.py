@@ -41,11 +41,13 @@ def test_impossible_combinations_are_config_errors(kwargs, message):
         ProxyFeatures(**kwargs)
 
 
-@pytest.mark.parametrize("calibration", ["base", "both"])
-def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args, calibration):
+@pytest.mark.parametrize("calibration, normalization", [("base", "log_standardize"), ("both", "log_standardize"),
+                                                        ("base", "log")])  # plain log takes the log too
+def test_calibration_with_a_log_normalisation_is_refused(tiny_train_args, calibration, normalization):
     with pytest.raises(ConfigError, match=f"'attacker_calibration = {calibration}'.*use standardize"):
         parse_config(TrainConfig, tiny_train_args + ["--attacker_features", "multi_t_loss", "--attacker_noise",
-                                                     "fixed", "--attacker_calibration", calibration])
+                                                     "fixed", "--attacker_calibration", calibration,
+                                                     "--attacker_normalization", normalization])
 
 
 def test_multi_t_features_are_batch_independent_and_calibrate_to_zero_on_the_base(tiny_model_dir):
@@ -268,6 +270,27 @@ def test_attacker_band_needs_t_loss_and_a_timestep_in_range(tiny_train_args, cap
     assert train_entry("smp_lora", "", tiny_train_args + flags) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min_timestep", "100", "--attacker_max_timestep", "100"], r"must be in \(min_timestep, max_timestep\] = "
+                                                                   r"\(100, 1000\], got 100"),  # an empty band
+    (["--max_timestep", "500", "--attacker_max_timestep", "600"], r"= \(0, 500\], got 600"),  # t's never drawn
+    (["--attacker_features", "multi_t_loss", "--attacker_max_timestep", "400"], "bands the t of 'attacker_features = "
+                                                                                "t_loss'"),  # fixed ts: no band
+])
+def test_an_attacker_band_outside_the_training_band_or_without_t_loss_is_refused(tiny_train_args, flags, message):
+    """The proxy's band is a part of the t the training draws, and only t_loss draws a t: else it would be inert."""
+    features = [] if "--attacker_features" in flags else ["--attacker_features", "t_loss"]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, tiny_train_args + features + flags)
+
+
+def test_an_attacker_band_may_end_where_the_training_band_ends(tiny_train_args):
+    """The band's top is inclusive: the whole training band (max_timestep) is a valid band."""
+    config = parse_config(TrainConfig, tiny_train_args + ["--attacker_features", "t_loss", "--max_timestep", "500",
+                                                          "--attacker_max_timestep", "500"])
+    assert config.attacker_max_timestep == 500
 
 
 def test_fixed_noise_proxy_gives_the_same_lora_for_a_moved_dataset(tiny_train_args, manifest_path, tmp_path):
