@@ -606,6 +606,13 @@ def test_a_resolution_is_any_multiple_of_8():
 
 @pytest.mark.parametrize("bad, message", [
     ({"timesteps": [1000]}, "'timesteps' must be a non-empty list of integers in \\[0, 1000\\)"),  # no t = 1000
+    ({"num_noise_draws": 0}, "'num_noise_draws' must be > 0, got 0"),  # a loss feature of no draws
+    ({"threads": 0}, "'threads' must be > 0, got 0"),
+    ({"paper_min_timestep": 500, "paper_max_timestep": 500}, "need 0 <= paper_min_timestep < paper_max_timestep"),
+    ({"paper_min_timestep": -1}, "need 0 <= paper_min_timestep"),  # no timestep -1 to draw
+    ({"attacks": []}, "'attacks' must name at least one of"),  # an evaluation that attacks nothing
+    ({"unet_weights": ["u", "./u"]}, "'unet_weights' lists a file twice: u"),  # one UNet, two report rows
+    ({"utility_reference": "lora"}, "'utility_reference' is only used with --quality"),  # else silently unused
     ({"timesteps": [50, 50]}, "'timesteps' lists a timestep twice"),
     ({"attacks": ["loss", "loss"]}, "'attacks' lists an attack twice"),
     ({"paper_lr": 0.0}, "'paper_lr' must be > 0"),  # h' would never move
@@ -636,3 +643,13 @@ def test_evaluation_settings_out_of_range_are_refused(bad, message):
 def test_evaluation_settings_at_their_edges_are_valid(edge):
     """The bounds are inclusive where the docs say so: a value on the edge is a valid evaluation."""
     EvalConfig(pretrained_model_name_or_path="m", split_manifest="s", **edge).validate()
+
+
+@pytest.mark.parametrize("given, missing", [({"pretrained_model_name_or_path": "m"}, "split_manifest"),
+                                            ({"pretrained_model_name_or_path": "m", "split_manifest": ""},
+                                             "split_manifest"),
+                                            ({"split_manifest": "s"}, "pretrained_model_name_or_path")])
+def test_an_evaluation_without_its_base_model_or_split_manifest_is_refused(given, missing):
+    """The manifest gives the membership labels and the base model the LoRAs' reference: neither has a default."""
+    with pytest.raises(ConfigError, match=f"'{missing}' is required"):
+        EvalConfig(**given).validate()
