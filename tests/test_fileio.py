@@ -249,3 +249,55 @@ def test_a_write_probe_swept_by_the_main_ranks_lock_is_no_refusal(tmp_path, monk
         mkstemp=swept_after(tempfile.mkstemp), NamedTemporaryFile=swept_after(tempfile.NamedTemporaryFile)))
     assert check_output_dir(tmp_path / "out", "--output_dir") == tmp_path / "out"
     assert list((tmp_path / "out").iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_a_waiting_lock_waits_for_the_run_that_holds_it_instead_of_refusing(tmp_path):
+    """``wait=True`` (the demo's shared preparation) must queue behind the holder, not fail like a second run."""
+    import threading
+
+    from library.errors import ConfigError
+    from library.outputs import OutputLock
+
+    entered, refusals = threading.Event(), []
+
+    def second_run() -> None:
+        try:
+            with OutputLock(tmp_path, wait=True):
+                entered.set()
+        except ConfigError as exc:
+            refusals.append(exc)
+
+    with OutputLock(tmp_path):
+        waiter = threading.Thread(target=second_run, daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+        assert not entered.is_set() and not refusals  # still waiting while the first run holds the folder
+    waiter.join(10)
+    assert entered.is_set() and not refusals
+
+
+def test_the_locks_sweep_removes_only_hidden_temporaries_not_a_users_tmp_files(tmp_path):
+    """The toolkit's temporaries are hidden; a user's own ``notes.tmp`` in the output folder is theirs to keep."""
+    (tmp_path / "notes.tmp").write_text("mine")
+    (tmp_path / ".lora.safetensors.k1ll3d.tmp").write_bytes(b"half a file")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".lora.safetensors.k1ll3d.tmp"]
+    assert (tmp_path / "notes.tmp").read_text() == "mine"
+
+
+def test_leftovers_of_a_target_are_its_own_not_those_of_a_name_ending_like_it(tmp_path):
+    """``.x.s.json.<random>.tmp`` is the live staging of another target ``x.s.json``: sweeping ``s.json``'s keeps it."""
+    from library.outputs import remove_leftovers_of
+
+    for name in (".s.json.k1.tmp", ".x.s.json.k2.tmp"):
+        (tmp_path / name).write_text("{half")
+    assert [p.name for p in remove_leftovers_of(tmp_path / "s.json")] == [".s.json.k1.tmp"]
+    assert (tmp_path / ".x.s.json.k2.tmp").exists()
+
+
+def test_a_linked_temporary_is_unlinked_and_what_it_points_to_is_kept(tmp_path):
+    """A hidden ``.*.tmp`` link into a user's folder goes at the sweep; the folder it points to must not."""
+    kept = _folder(tmp_path / "elsewhere", "theirs")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".linked.k1.tmp").symlink_to(kept, target_is_directory=True)
+    remove_stale_temporaries(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == [] and (kept / "state.pt").read_text() == "theirs"
