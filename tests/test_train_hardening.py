@@ -893,6 +893,14 @@ def test_allow_pickle_reaches_the_loader(tiny_train_args, capsys, monkeypatch):
         assert one_line(capsys) == "error: stop here" and seen["allow_pickle"] is expected
 
 
+def test_a_dry_run_creates_no_output_folder(tiny_train_args, tmp_path):
+    """--dry_run writes nothing: a mistyped --output_dir or --logging_dir must not be left behind as a new folder."""
+    out, logs = tmp_path / "new" / "out", tmp_path / "logs"
+    assert train_entry("lora", "", tiny_train_args + ["--dry_run", "--output_dir", str(out), "--logging_dir",
+                                                      str(logs)]) == 0
+    assert not (tmp_path / "new").exists() and not logs.exists()
+
+
 def test_dry_run_names_what_decides_the_length(tiny_train_args, capsys):
     assert train_entry("lora", "", tiny_train_args + ["--dry_run"]) == 0
     assert "set by max_train_steps = 4" in capsys.readouterr().out
