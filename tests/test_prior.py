@@ -235,3 +235,58 @@ def test_class_images_from_the_split_are_refused_and_a_dry_run_checks_the_class_
     shutil.copy(manifest.abs_path(manifest.unused[0]), folder / "copy.png")  # outside the split
     assert train_entry("lora", "", dreambooth_args + ["--dry_run"]) == 2
     assert "contains the identifier 'handwritten'" in capsys.readouterr().err
+
+
+def test_an_identifier_glued_to_more_letters_is_another_word():
+    """"sksdog" does not name the identifier "sks": the instance caption check must not pass it."""
+    assert not has_word("a photo of sksdog", "sks") and has_word("a photo of sks, dog", "sks")
+
+
+def _class_folder(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text("a digit")
+
+
+def test_only_the_folder_and_its_kohya_repeat_subfolders_hold_class_images(dreambooth_args, tmp_path):
+    """A class folder's other subfolders (rejects, previews) are no class images: sd-scripts reads none of them."""
+    from library.train.prior import class_images, missing_class_images
+
+    _class_folder(tmp_path / "class", ["c.png", "1_dog/a.png", "extras/b.png", "dog/d.png"])
+    config = parse_config(TrainConfig, dreambooth_args)
+    assert [r.path.relative_to(tmp_path / "class").as_posix() for r in class_images(config, existing_only=True)] \
+        == ["1_dog/a.png", "c.png"]
+    assert missing_class_images(config) == 4  # 6 asked, 2 there
+
+
+def test_a_class_folder_with_more_images_than_asked_needs_no_class_prompt(dreambooth_args, tmp_path):
+    """Nothing is missing from a folder with 8 images for num_class_images = 6: no prompt to generate from is due."""
+    from library.train.prior import check_prior_config, missing_class_images
+
+    _class_folder(tmp_path / "class", [f"r{i}.png" for i in range(8)])
+    args = dreambooth_args + ["--class_prompt", ""]
+    config = parse_config(TrainConfig, args)
+    assert missing_class_images(config) == 0
+    check_prior_config(config)  # no refusal
+
+
+def test_exactly_one_batch_of_class_images_is_enough(dreambooth_args, tmp_path):
+    """Each step pairs each member with one class image: num_class_images = train_batch_size (4) must be accepted."""
+    from library.train.prior import check_prior_config
+
+    _class_folder(tmp_path / "class", [f"r{i}.png" for i in range(4)])
+    check_prior_config(parse_config(TrainConfig, dreambooth_args + ["--num_class_images", "4"]))
+
+
+def test_generation_fills_the_gaps_and_keeps_the_class_images_already_there(dreambooth_args, tmp_path, capsys):
+    """A class image already in the folder (an earlier run's, or the user's, under a generated name) is reused,
+    never rendered over: the base model makes only the missing ones, under the free names."""
+    _class_folder(tmp_path / "class", ["class_00000.png"])
+    before = (tmp_path / "class" / "class_00000.png").read_bytes()
+    Trainer(parse_config(TrainConfig, dreambooth_args), "lora")
+    assert "generated 5 class image(s)" in capsys.readouterr().out
+    assert (tmp_path / "class" / "class_00000.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class_{i:05d}.png" for i in range(6)]
