@@ -290,3 +290,20 @@ def test_generation_fills_the_gaps_and_keeps_the_class_images_already_there(drea
     assert "generated 5 class image(s)" in capsys.readouterr().out
     assert (tmp_path / "class" / "class_00000.png").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class_{i:05d}.png" for i in range(6)]
+
+
+def test_a_rank_other_than_the_main_one_generates_nothing_and_reads_the_folder_after_the_wait(dreambooth_args,
+                                                                                              tmp_path):
+    """Every rank rendering the same names would race on the files; a rank that read before the wait would find
+    the folder not yet filled by the main process."""
+    from library.train.prior import prior_records
+
+    config = parse_config(TrainConfig, dreambooth_args)
+    waited = []
+
+    def main_process_fills_the_folder() -> None:  # what the main rank's generation has done once the wait returns
+        waited.append(True)
+        _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])
+
+    records, made = prior_records(config, None, False, main_process_fills_the_folder)  # no model: nothing to render
+    assert waited == [True] and made == 0 and len(records) == 6
