@@ -307,3 +307,12 @@ def test_a_rank_other_than_the_main_one_generates_nothing_and_reads_the_folder_a
 
     records, made = prior_records(config, None, False, main_process_fills_the_folder)  # no model: nothing to render
     assert waited == [True] and made == 0 and len(records) == 6
+
+
+def test_a_fuller_class_folder_gives_its_first_num_class_images_by_path(dreambooth_args, tmp_path):
+    """Like diffusers, a run takes the first num_class_images (6) of 8: not all, nor another choice of them."""
+    from library.train.prior import class_images
+
+    _class_folder(tmp_path / "class", [f"r{i}.png" for i in range(8)])
+    records = class_images(parse_config(TrainConfig, dreambooth_args))
+    assert [r.path.name for r in records] == [f"r{i}.png" for i in range(6)]
