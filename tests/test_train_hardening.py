@@ -220,6 +220,23 @@ def test_a_run_never_writes_over_another_runs_outputs_in_the_same_folder(finishe
         before["lora-000001.safetensors"]
 
 
+def test_only_another_runs_record_at_a_name_this_run_writes_refuses_the_run(finished_run, tmp_path, capsys):
+    """A diverging run writes ``<name>-last-good``: another run of that name is refused; a JSON there that is no run
+    record, or another run at a step checkpoint's name that falls on the final step (never written), is not."""
+    base, out = copy_run(finished_run, tmp_path)
+    record = json.loads((out / "lora.json").read_text())
+    (out / "lora-last-good.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                             "output_name": "lora-last-good"}}))
+    dry = base + ["--output_dir", str(out), "--overwrite", "--dry_run", "--max_train_steps", "2"]
+    assert train_entry("lora", "", dry) == 2
+    assert "holds the run 'lora-last-good' (lora-last-good.json)" in one_line(capsys)
+    (out / "lora-last-good.json").write_text('{"notes": "another tool\'s file"}')
+    assert train_entry("lora", "", dry) == 0
+    (out / "lora-step00000002.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                                "output_name": "lora-step00000002"}}))
+    assert train_entry("lora", "", dry + ["--save_every_n_steps", "2"]) == 0  # step 2 is the last: lora.safetensors
+
+
 def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
     """A run killed after saving a state leaves no LoRA: a new run into its folder would write its states under the
     same names (the interrupted run's progress lost), so it is refused unless it resumes or passes --overwrite."""
