@@ -1279,3 +1279,21 @@ def test_objects_are_gathered_one_per_rank(monkeypatch):
 
     monkeypatch.setattr(collectives, "gather_object", lambda objects: objects + [{"rank": 1}])
     assert collectives.Collectives(_TwoRanks()).gather_objects({"rank": 0}) == [{"rank": 0}, {"rank": 1}]
+
+
+def test_a_state_too_old_to_name_its_run_is_this_runs_only_by_its_name_and_a_dash(tmp_path):
+    """``lora2-state`` (no summary: written before states named their run) is run ``lora2``'s: resuming it into
+    the folder of the finished run ``lora`` must not pass as ``lora`` continuing its own state."""
+    from types import SimpleNamespace
+
+    from library.train.preflight import check_overwrite
+
+    (tmp_path / "lora2-state").mkdir()
+    (tmp_path / "lora2-state" / "state.pt").write_bytes(b"")
+    for suffix in (".safetensors", ".json"):
+        (tmp_path / f"lora{suffix}").write_text("{}")
+    trainer = SimpleNamespace(config=SimpleNamespace(overwrite=False, resume=str(tmp_path / "lora2-state")),
+                              output_dir=tmp_path, output_name="lora", total_steps=2,
+                              accelerator=SimpleNamespace(is_main_process=True))
+    with pytest.raises(ConfigError, match="already holds the finished run lora.safetensors"):
+        check_overwrite(trainer)
