@@ -237,6 +237,19 @@ def test_only_another_runs_record_at_a_name_this_run_writes_refuses_the_run(fini
     assert train_entry("lora", "", dry + ["--save_every_n_steps", "2"]) == 0  # step 2 is the last: lora.safetensors
 
 
+def test_epoch_checkpoint_names_count_the_accumulated_batches(finished_run, tmp_path, capsys):
+    """3 steps of 4 accumulated batches are 2 epochs of 6 batches: epoch 1's checkpoint would write over run
+    ``lora-000001``'s files, so the run is refused."""
+    base, out = copy_run(finished_run, tmp_path)
+    record = json.loads((out / "lora.json").read_text())
+    (out / "lora-000001.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                          "output_name": "lora-000001"}}))
+    assert train_entry("lora", "", base + ["--output_dir", str(out), "--overwrite", "--dry_run", "--max_train_steps",
+                                           "3", "--gradient_accumulation_steps", "4", "--save_every_n_epochs",
+                                           "1"]) == 2
+    assert "holds the run 'lora-000001' (lora-000001.json)" in one_line(capsys)
+
+
 def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
     """A run killed after saving a state leaves no LoRA: a new run into its folder would write its states under the
     same names (the interrupted run's progress lost), so it is refused unless it resumes or passes --overwrite."""
