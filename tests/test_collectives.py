@@ -1,0 +1,72 @@
+"""The collectives of a multi-process run, on a stand-in accelerator of two processes (the real two-process runs:
+tests/test_multiprocess.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import library.train.collectives as collectives
+from library.train.collectives import Collectives
+
+
+class _TwoRanks:
+    """An accelerator of two processes whose other rank holds ``other`` (added to each all-reduce: mean of x and
+    x + 2 is x + 1) or its digest (``other_digest``, appended to a gather)."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, other_flag: float = 0.0, other_digest: torch.Tensor | None = None) -> None:
+        self.other_flag, self.other_digest, self.gathered = other_flag, other_digest, None
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        return tensor + 1 if reduction == "mean" else tensor + self.other_flag
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.gathered = tensor
+        return torch.cat([tensor, tensor if self.other_digest is None else self.other_digest])
+
+
+def test_gradients_are_averaged_tensor_by_tensor_and_integer_buffers_are_left_alone():
+    """One flat all-reduce must hand each tensor back its own slice; a step counter is no float to average."""
+    floats = [torch.zeros(2), torch.full((3,), 10.0), torch.full((2, 2), 20.0)]
+    steps = torch.tensor([7])
+    Collectives(_TwoRanks()).all_reduce_mean([*floats, steps])
+    assert [t.tolist() for t in floats] == [[1.0] * 2, [11.0] * 3, [[21.0] * 2] * 2] and steps.item() == 7
+    frozen, trained = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    trained.grad = torch.zeros(2)
+    Collectives(_TwoRanks()).reduce_gradients([frozen, trained])  # a parameter without a gradient is skipped
+    assert trained.grad.tolist() == [1.0, 1.0] and frozen.grad is None
+    Collectives(_TwoRanks()).all_reduce_mean([])  # nothing to reduce: no collective of an empty tensor
+
+
+@pytest.mark.parametrize("mine, other, refused", [(False, 0, False), (True, 0, True), (False, 1, True)])
+def test_a_refusal_on_any_one_rank_stops_every_rank(mine, other, refused):
+    """A refusal raised on one rank alone would leave the others waiting at their next collective."""
+    assert Collectives(_TwoRanks(other_flag=other)).any_rank(mine) is refused
+
+
+def test_ranks_holding_the_same_numbers_in_another_order_are_out_of_sync():
+    """The sync check must see a permutation (same sum) between ranks, and pass identical weights."""
+    weights = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    other = _TwoRanks()
+    assert Collectives(other).in_sync(weights)  # a rank compared with itself
+    swapped = [torch.tensor([2.0, 1.0]), torch.tensor([3.0])]
+    assert not Collectives(_TwoRanks(other_digest=other.gathered)).in_sync(swapped)
+    assert Collectives(_TwoRanks(other_digest=other.gathered)).in_sync(weights)
+
+
+def test_one_process_needs_no_collective():
+    """A single-process run: its own refusal, its own object in a list of one, and always in sync."""
+    one = Collectives(SimpleNamespace(num_processes=1))  # no reduce/gather: calling one would fail
+    assert one.any_rank(True) is True and one.any_rank(False) is False
+    assert one.gather_objects({"rank": 0}) == [{"rank": 0}]
+    assert one.in_sync([torch.ones(2)]) is True
+
+
+def test_objects_are_gathered_one_per_rank(monkeypatch):
+    """Each rank contributes its object whole (a dict stays one entry), in rank order."""
+    monkeypatch.setattr(collectives, "gather_object", lambda objects: objects + [{"rank": 1}])
+    assert Collectives(_TwoRanks()).gather_objects({"rank": 0}) == [{"rank": 0}, {"rank": 1}]
