@@ -252,7 +252,8 @@ def test_epoch_checkpoint_names_count_the_accumulated_batches(finished_run, tmp_
 
 def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
     """A run killed after saving a state leaves no LoRA: a new run into its folder would write its states under the
-    same names (the interrupted run's progress lost), so it is refused unless it resumes or passes --overwrite."""
+    same names (the interrupted run's progress lost), so it is refused unless it resumes that run or passes
+    --overwrite."""
     base, out = copy_run(finished_run, tmp_path)
     (out / "lora.safetensors").unlink()
     (out / "lora.json").unlink()
@@ -261,6 +262,13 @@ def test_an_unfinished_runs_states_are_not_replaced_without_overwrite(finished_r
         assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out)] + extra) == 2
         line = one_line(capsys)
         assert "holds an unfinished run of lora (its newest state: lora-state)" in line and "--resume latest" in line
+    # nor by a run resuming a state from another folder: its states (and their pruning) would take the same names
+    elsewhere = shutil.copytree(out / "lora-state", tmp_path / "elsewhere" / "lora-state")
+    assert train_entry("lora", "", base + ["--max_train_steps", "2", "--output_dir", str(out), "--resume",
+                                           str(elsewhere)]) == 2
+    line = one_line(capsys)
+    assert f"that this run, resuming {elsewhere}, would write its states over; pass --resume {out / 'lora-state'}" \
+        in line and "--overwrite" in line, line
     assert snapshot(out) == before
     assert train_entry("lora", "", base + ["--max_train_steps", "1", "--output_dir", str(out), "--output_name",
                                            "other"]) == 0  # another name's states are not this run's

@@ -95,9 +95,15 @@ def check_overwrite(trainer: Trainer) -> None:
         return
     state = retention.latest_state(trainer.output_dir, trainer.output_name)
     if not final.exists():
-        if state is None or config.resume:  # nothing to lose, or a run resuming a state from elsewhere
+        if state is None:  # nothing to lose
             return
-        # A new run would write its states under the same names and so replace the interrupted run's progress.
+        # A new run, or one resuming a state from another folder, would write its states under the same names (and
+        # prune them) and so replace the interrupted run's progress.
+        if config.resume:
+            raise ConfigError(f"--output_dir {trainer.output_dir} holds an unfinished run of {trainer.output_name} "
+                              f"(its newest state: {state.name}) that this run, resuming {config.resume}, would "
+                              f"write its states over; pass --resume {state} to continue that run instead, "
+                              "--overwrite to replace it, or choose another --output_dir or --output_name")
         raise ConfigError(f"--output_dir {trainer.output_dir} holds an unfinished run of {trainer.output_name} (its "
                           f"newest state: {state.name}); pass --resume latest to continue it, --overwrite to start a "
                           "new run in its place, or choose another --output_dir or --output_name")
