@@ -348,6 +348,23 @@ def test_continuing_a_lora_records_its_splits_and_warns_when_they_differ(finishe
         assert handle.metadata()["smp_lora.parent_split_sha256"] == "unrecorded"
 
 
+def test_a_folder_run_continuing_a_lora_gets_no_split_warning(finished_run, digits_dir, tmp_path, capsys):
+    """A --train_data_dir run has no split to audit against: a parent LoRA's split is no warning about a membership
+    evaluation "against None" (evaluate_mia.py refuses such a run anyway: it records no split)."""
+    base, out = finished_run
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for image in sorted(digits_dir.glob("*.png"))[:4]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
+    args = list(base)
+    args[args.index("--split_manifest"):args.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    assert train_entry("lora", "", args + ["--network_weights", str(out / "lora.safetensors"), "--dry_run",
+                                           "--output_dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "split" not in err, err
+
+
 def test_a_resume_keeps_the_record_of_the_lora_the_run_started_from(finished_run, tmp_path, capsys):
     """The weights of a run that continued a LoRA come back from its state, and so does its record of the splits
     behind them: a resume without --network_weights keeps it, one with another LoRA's is refused (the state's
