@@ -88,16 +88,22 @@ def test_a_dry_run_on_a_folder_decodes_its_images(tiny_train_args, digits_dir, t
     assert str(broken) in line and "Traceback" not in line
 
 
-def test_a_folder_run_resumes_its_own_images_and_captions_only(tiny_train_args, digits_dir, tmp_path, capsys):
-    """A --train_data_dir run has no manifest: its members (paths relative to the folder, and captions) are the
-    state's only record of its data. A moved copy resumes; another caption is another training set."""
-    folder = tmp_path / "folder"
+def on_a_folder_of_four(args: list[str], digits_dir, folder) -> list[str]:
+    """``args`` training on ``folder`` (``--train_data_dir``: four captioned digits copied there), not a manifest."""
     folder.mkdir()
     for image in sorted(digits_dir.glob("*.png"))[:4]:
         shutil.copy(image, folder / image.name)
         shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
-    args = list(tiny_train_args)
+    args = list(args)
     args[args.index("--split_manifest"):args.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    return args
+
+
+def test_a_folder_run_resumes_its_own_images_and_captions_only(tiny_train_args, digits_dir, tmp_path, capsys):
+    """A --train_data_dir run has no manifest: its members (paths relative to the folder, and captions) are the
+    state's only record of its data. A moved copy resumes; another caption is another training set."""
+    folder = tmp_path / "folder"
+    args = on_a_folder_of_four(tiny_train_args, digits_dir, folder)
     assert train_entry("lora", "", args + ["--max_train_steps", "1", "--save_state"]) == 0
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)
@@ -352,13 +358,7 @@ def test_a_folder_run_continuing_a_lora_gets_no_split_warning(finished_run, digi
     """A --train_data_dir run has no split to audit against: a parent LoRA's split is no warning about a membership
     evaluation "against None" (evaluate_mia.py refuses such a run anyway: it records no split)."""
     base, out = finished_run
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    for image in sorted(digits_dir.glob("*.png"))[:4]:
-        shutil.copy(image, folder / image.name)
-        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
-    args = list(base)
-    args[args.index("--split_manifest"):args.index("--split_manifest") + 2] = ["--train_data_dir", str(folder)]
+    args = on_a_folder_of_four(base, digits_dir, tmp_path / "folder")
     assert train_entry("lora", "", args + ["--network_weights", str(out / "lora.safetensors"), "--dry_run",
                                            "--output_dir", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
