@@ -99,14 +99,11 @@ def check_overwrite(trainer: Trainer) -> None:
             return
         # A new run, or one resuming a state from another folder, would write its states under the same names (and
         # prune them) and so replace the interrupted run's progress.
-        if config.resume:
-            raise ConfigError(f"--output_dir {trainer.output_dir} holds an unfinished run of {trainer.output_name} "
-                              f"(its newest state: {state.name}) that this run, resuming {config.resume}, would "
-                              f"write its states over; pass --resume {state} to continue that run instead, "
-                              "--overwrite to replace it, or choose another --output_dir or --output_name")
+        advice = (f" that this run, resuming {config.resume}, would write its states over; pass --resume {state} to "
+                  "continue that run instead, --overwrite to replace it" if config.resume else
+                  "; pass --resume latest to continue it, --overwrite to start a new run in its place")
         raise ConfigError(f"--output_dir {trainer.output_dir} holds an unfinished run of {trainer.output_name} (its "
-                          f"newest state: {state.name}); pass --resume latest to continue it, --overwrite to start a "
-                          "new run in its place, or choose another --output_dir or --output_name")
+                          f"newest state: {state.name}){advice}, or choose another --output_dir or --output_name")
     resume = f", or --resume {state} (its newest state) to continue it" if state is not None else ""
     record = final.with_suffix(".json")
     what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
