@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -93,11 +94,15 @@ class OutputLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         handle = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(handle)
-            raise ConfigError(f"{self.flag} {self.folder} is in use by another run (it holds {LOCK_FILE}); wait for "
-                              "it to finish or choose another folder") from None
+            if not self.wait:
+                os.close(handle)
+                raise in_use(self.flag, self.folder) from None
+            # A silent wait looks like a hang: say whose turn it is
+            print(f"{self.flag} {self.folder} is in use by another run (it holds {LOCK_FILE}); waiting for it",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         self._handle = handle
         remove_stale_temporaries(self.folder)
         for name in self.owned:
@@ -109,6 +114,31 @@ class OutputLock:
         if self._handle is not None:
             os.close(self._handle)  # closing the descriptor releases the flock
             self._handle = None
+
+
+def in_use(flag: str, folder: Path) -> ConfigError:
+    """The refusal of a folder another run holds locked."""
+    return ConfigError(f"{flag} {folder} is in use by another run (it holds {LOCK_FILE}); wait for it to finish or "
+                       "choose another folder")
+
+
+def check_not_locked(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Refuse (:func:`in_use`) a folder whose :class:`OutputLock` another run holds now, without taking it or writing
+    anything: a check before minutes of work that would end at the lock anyway (the lock itself still decides)."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only; elsewhere runs are not locked
+    except ImportError:
+        return
+    try:
+        handle = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (or none readable): no run holds it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise in_use(flag, Path(folder)) from None
+    finally:
+        os.close(handle)  # releases it, had this taken it
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

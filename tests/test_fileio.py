@@ -276,6 +276,45 @@ def test_a_waiting_lock_waits_for_the_run_that_holds_it_instead_of_refusing(tmp_
     assert entered.is_set() and not refusals
 
 
+def test_a_waiting_lock_says_it_waits_and_a_free_one_says_nothing(tmp_path, capfd):
+    """A queued run that prints nothing looks hung; one that did not have to wait has nothing to say."""
+    import threading
+
+    from library.outputs import OutputLock
+
+    with OutputLock(tmp_path, wait=True):
+        pass
+    assert capfd.readouterr().err == ""
+    def second_run() -> None:
+        with OutputLock(tmp_path, "--workdir", wait=True):
+            pass
+
+    with OutputLock(tmp_path, "--workdir"):
+        waiter = threading.Thread(target=second_run, daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert capfd.readouterr().err.strip() == f"--workdir {tmp_path} is in use by another run (it holds " \
+                                              ".smp-lora.lock); waiting for it"
+
+
+def test_checking_a_lock_refuses_a_held_folder_and_takes_nothing_from_a_free_one(tmp_path):
+    """check_not_locked: the held folder is the lock's own refusal; a free one stays free (a run then takes it) and
+    a folder never locked gets no lock file (a check writes nothing)."""
+    from library.errors import ConfigError
+    from library.outputs import OutputLock, check_not_locked
+
+    check_not_locked(tmp_path / "never", "--output_dir")
+    assert not (tmp_path / "never").exists()
+    with OutputLock(tmp_path / "out"):
+        with pytest.raises(ConfigError, match=f"^--output_dir {tmp_path / 'out'} is in use by another run"):
+            check_not_locked(tmp_path / "out", "--output_dir")
+    check_not_locked(tmp_path / "out", "--output_dir")
+    with OutputLock(tmp_path / "out"):  # the check released what it took
+        pass
+
+
 def test_the_locks_sweep_removes_only_hidden_temporaries_not_a_users_tmp_files(tmp_path):
     """The toolkit's temporaries are hidden; a user's own ``notes.tmp`` in the output folder is theirs to keep."""
     (tmp_path / "notes.tmp").write_text("mine")

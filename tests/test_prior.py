@@ -175,7 +175,7 @@ def test_a_caption_extension_without_its_dot_names_the_class_captions_too(dreamb
     """'txt' reads the members' captions (sd-scripts users write it so); the class images crashed on it in
     Path.with_suffix, after the dry run had passed."""
     trainer = Trainer(parse_config(TrainConfig, dreambooth_args + ["--caption_extension", "caption"]), "lora")
-    assert sorted(p.suffix for p in (tmp_path / "class").iterdir()) == [".caption"] * 6 + [".png"] * 6
+    assert sorted(p.suffix for p in (tmp_path / "class").glob("class_*")) == [".caption"] * 6 + [".png"] * 6
     assert set(trainer.data.prior.captions) == {"a digit"}
 
 
@@ -316,3 +316,47 @@ def test_a_fuller_class_folder_gives_its_first_num_class_images_by_path(dreamboo
     _class_folder(tmp_path / "class", [f"r{i}.png" for i in range(8)])
     records = class_images(parse_config(TrainConfig, dreambooth_args))
     assert [r.path.name for r in records] == [f"r{i}.png" for i in range(6)]
+
+
+def test_runs_sharing_a_class_folder_generate_in_turn_and_the_second_counts_again(dreambooth_args, tmp_path,
+                                                                                  capfd):
+    """Two runs filling one --class_data_dir at once rendered the same names (the last rename won; with other class
+    prompts an image could get the other run's caption). Generation waits for the folder's lock; once it has it, the
+    images the first run made are there and nothing is left to render (no model is given: rendering would fail)."""
+    import threading
+
+    from library.outputs import OutputLock
+    from library.train.prior import generate_class_images
+
+    config = parse_config(TrainConfig, dreambooth_args)
+    made, errors = [], []
+
+    def second_run() -> None:
+        try:
+            made.append(generate_class_images(config, None))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with OutputLock(tmp_path / "class", "--class_data_dir"):  # the first run, generating
+        waiter = threading.Thread(target=second_run, daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and not made and not errors
+        _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])
+    waiter.join(10)
+    assert made == [0] and not errors, errors
+    assert "--class_data_dir" in capfd.readouterr().err  # it said it waited
+
+
+def test_a_dreambooth_run_into_a_folder_another_run_holds_is_refused_before_generating(dreambooth_args, tmp_path,
+                                                                                      capsys):
+    """The run's lock is taken once model and data are read; class images come before it. A run that the lock
+    refuses must not spend minutes rendering them first (nor leave them behind)."""
+    from library.outputs import OutputLock
+
+    with OutputLock(tmp_path / "out"):
+        assert train_entry("smp_lora", "", dreambooth_args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "--output_dir" in captured.err and "in use by another run" in captured.err
+    assert "generated" not in captured.out
+    assert not list((tmp_path / "class").glob("*.png"))

@@ -12,11 +12,11 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from library.data.lineage import UNRECORDED, splits_seen
 from library.errors import ConfigError, warn
-from library.outputs import OutputLock, check_output_dir
+from library.outputs import OutputLock, check_not_locked, check_output_dir
 from library.train import resume, retention
 from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
@@ -54,17 +54,30 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
         yield
         return
     with contextlib.ExitStack() as held:
-        refusal: ConfigError | None = None
-        if trainer.accelerator.is_main_process:
-            try:
-                held.enter_context(OutputLock(trainer.output_dir, "--output_dir", owned=[SAMPLE_FOLDER]))
-            except ConfigError as exc:
-                refusal = exc
-        if trainer.collectives.any_rank(refusal is not None):
-            raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main "
-                                         "process could not take its lock); wait for it to finish or choose another "
-                                         "folder")
+        _on_the_main_process(trainer, lambda: held.enter_context(
+            OutputLock(trainer.output_dir, "--output_dir", owned=[SAMPLE_FOLDER])))
         yield
+
+
+def check_output_not_locked(trainer: Trainer) -> None:
+    """Before minutes of work that precede the run's lock (DreamBooth's class images): a run that the lock would
+    refuse, since another run holds its ``--output_dir``, stops now, on every rank (the lock still decides)."""
+    _on_the_main_process(trainer, lambda: check_not_locked(trainer.output_dir, "--output_dir"))
+
+
+def _on_the_main_process(trainer: Trainer, check: Callable[[], object]) -> None:
+    """Run ``check`` (which may refuse with a ConfigError) on the main process; a refusal ends every rank, with the
+    main one's line there."""
+    refusal: ConfigError | None = None
+    if trainer.accelerator.is_main_process:
+        try:
+            check()
+        except ConfigError as exc:
+            refusal = exc
+    if trainer.collectives.any_rank(refusal is not None):
+        raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main "
+                                     "process could not take its lock); wait for it to finish or choose another "
+                                     "folder")
 
 
 def check_run(trainer: Trainer) -> None:

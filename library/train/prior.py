@@ -36,7 +36,7 @@ from library.data.dataset import (
 from library.data.images import open_rgb
 from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text, sha256_file
-from library.outputs import check_output_dir
+from library.outputs import OutputLock, check_output_dir
 from library.runtime import hashed_seed
 from library.sd.bundle import ModelBundle
 from library.sd.sampling import PromptSpec, build_pipeline, generate
@@ -102,12 +102,22 @@ def generate_class_images(config: TrainConfig, bundle: ModelBundle,
                           autocast: Callable[[], ContextManager] | None = None) -> int:
     """Fill ``--class_data_dir`` up to ``--num_class_images`` with the base model's images; how many were made.
 
-    Call it before any adapter is attached, or with the adapter switched off: the prior is the *base* model's."""
-    missing = missing_class_images(config)
+    Call it before any adapter is attached, or with the adapter switched off: the prior is the *base* model's.
+    Runs sharing the folder generate one at a time, under its lock (:class:`~library.outputs.OutputLock`, waiting):
+    one run renders the missing images, the next finds them there, and no image is rendered twice or gets another
+    run's caption. A full folder is only read, and needs no lock (nor write access)."""
+    if not missing_class_images(config):
+        return 0
+    with OutputLock(config.class_data_dir, "--class_data_dir", wait=True):
+        return _fill(config, bundle, missing_class_images(config), autocast)  # counted again: another run's turn
+
+
+def _fill(config: TrainConfig, bundle: ModelBundle, missing: int,
+          autocast: Callable[[], ContextManager] | None) -> int:
+    """Render ``missing`` class images into the free ``class_NNNNN.png`` names, each seeded by its index."""
     if not missing:
         return 0
     folder = Path(config.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(bundle)
     made, index = 0, 0
     while made < missing:

@@ -130,6 +130,7 @@ class Trainer:
         prior.check_class_images(self.config, self.data.split_roles())  # before minutes of generation
         if self.config.dry_run:
             return None
+        preflight.check_output_not_locked(self)  # not minutes of generation for a run its lock would refuse
         records, made = prior.prior_records(self.config, self.bundle, self.accelerator.is_main_process,
                                             self.accelerator.wait_for_everyone, self.autocast)
         if made:
