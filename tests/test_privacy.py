@@ -49,6 +49,23 @@ def test_log_probs_match_softmax_and_are_stable():
         member_log_prob(torch.zeros(3, 3))
 
 
+def test_half_precision_logits_give_fp32_log_probs():
+    """fp16 log-probabilities round G to ~3 digits and saturate: the module promises fp32 whatever the logits."""
+    z = _logits(6, 7).float()
+    for fn in (member_log_prob, nonmember_log_prob):
+        out = fn(z.half())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, fn(z.half().float()))
+
+
+def test_an_empty_batch_is_refused_not_turned_into_nan():
+    """The mean over an empty half of Eq. 5 is NaN, which would silently poison the LoRA's loss."""
+    with pytest.raises(ValueError, match="empty batch"):
+        mi_gain(torch.zeros(0, 2), _logits(3, 0))
+    with pytest.raises(ValueError, match="empty batch"):
+        mi_gain_members(torch.zeros(0, 2))
+
+
 def test_mi_gain_is_eq5_with_unequal_halves():
     zm, znm = _logits(3, 1), _logits(5, 2)
     pm, pnm = torch.softmax(zm, 1)[:, 1], torch.softmax(znm, 1)[:, 1]
@@ -145,6 +162,22 @@ def test_non_finite_inputs_raise_training_error():
         smp_lora_loss(_leaf(0.1), _leaf(2.0), 1.0)
 
 
+def test_a_zero_smp_denominator_is_refused():
+    """D = 0 exactly (λ = 1, G = 1.5, δ = 0.5) would divide L_ada by zero: the check needs D > 0, not D >= 0."""
+    assert smp_denominator(_leaf(1.5), 1.0, 0.5).item() == 0.0
+    with pytest.raises(TrainingError, match="denominator 1 - lambda\\*G \\+ delta=0.0"):
+        smp_lora_loss(_leaf(0.1), _leaf(1.5), 1.0, delta=0.5)
+
+
+@pytest.mark.parametrize("loss", [mp_lora_loss, smp_lora_loss])
+def test_a_non_scalar_l_ada_or_g_is_a_value_error_naming_it(loss):
+    """A per-sample loss vector passed by mistake must be named, not fail deep inside torch."""
+    with pytest.raises(ValueError, match="l_ada must be a scalar"):
+        loss(torch.tensor([0.1, 0.2]), _leaf(-1.0), 0.1)
+    with pytest.raises(ValueError, match="g must be a scalar"):
+        loss(_leaf(0.1), torch.tensor([-1.0, -2.0]), 0.1)
+
+
 def test_privacy_loss_terms():
     t = privacy_loss_terms("smp", _leaf(0.2), _leaf(-1.0), 0.5)
     assert t.loss.item() == pytest.approx(0.2 / (1.5 + 1e-5))
@@ -198,6 +231,24 @@ def test_attacker_architecture_follows_in_features():
     for bad in (dict(in_features=0), dict(in_features=4, dropout=1.0), dict(in_features=4, normalization="zscore")):
         with pytest.raises(ConfigError):
             ProxyAttacker(**bad)
+
+
+def test_attacker_in_features_refuses_an_empty_dimension():
+    """A zero-sized latent dimension would build an attacker with no inputs."""
+    with pytest.raises(ConfigError, match="non-empty and positive"):
+        attacker_in_features((4, 0, 8))
+    with pytest.raises(ConfigError, match="non-empty and positive"):
+        attacker_in_features(())
+
+
+@pytest.mark.parametrize("normalization", ["none", "log_standardize"])
+def test_half_precision_features_run_in_the_attackers_dtype(normalization):
+    """Features from a fp16 UNet pass must be cast to h_ω's fp32 weights, not crash on a dtype mismatch."""
+    att = ProxyAttacker(8, normalization=normalization).eval()
+    x = torch.rand(2, 8)
+    out = att(x.half())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, att(x.half().float()))
 
 
 def test_attacker_runs_fp32_under_autocast():
@@ -281,6 +332,28 @@ def test_normalizer_is_differentiable_and_bounded():
     assert grad.abs().max().item() <= 1 / math.sqrt(1e-4) + 1e-9
     with pytest.raises(ConfigError):
         FeatureNormalizer("log", eps=0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=float("inf")), "eps must be a positive number"),
+    (dict(eps=float("nan")), "eps must be a positive number"),
+    (dict(momentum=0.0), r"momentum must be in \(0, 1\]"),
+    (dict(momentum=1.5), r"momentum must be in \(0, 1\]"),
+    (dict(per_feature=True), "per-feature standardisation needs the number of features"),
+])
+def test_normalizer_refuses_bad_settings_with_a_config_error(kwargs, message):
+    """An infinite eps maps every feature to inf; a missing feature count would fail later as a TypeError."""
+    with pytest.raises(ConfigError, match=message):
+        FeatureNormalizer("log_standardize", **kwargs)
+
+
+def test_momentum_one_is_allowed_and_keeps_only_the_last_batch():
+    """momentum = 1 is the documented upper end of (0, 1]: the statistics are those of the last batch seen."""
+    norm = FeatureNormalizer("standardize", momentum=1.0)
+    norm(torch.tensor([[1.0, 3.0]]), update_stats=True)
+    norm(torch.tensor([[10.0, 14.0]]), update_stats=True)
+    assert norm.running_mean.item() == pytest.approx(12.0)
+    assert norm.running_var.item() == pytest.approx(4.0)
 
 
 def test_attacker_learns_separable_features():
