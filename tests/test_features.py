@@ -32,6 +32,28 @@ def test_fixed_one_t_kinds_draw_a_t_per_key_within_range():
     assert again.timesteps.item() == draw.timesteps[5].item() and torch.equal(again.noise[0], draw.noise[5])
 
 
+def test_fixed_one_t_draws_never_reach_the_exclusive_max_timestep():
+    """[min, max) as for training's own t: max_timestep is the first t the proxy must not see (a band's end)."""
+    draw = fixed_draw([f"{i}.png" for i in range(64)], None, (1, 2, 2), seed=0, min_timestep=100, max_timestep=102)
+    assert set(draw.timesteps.tolist()) == {100, 101}
+
+
+def test_fixed_proxy_noise_draws_its_t_inside_the_configured_band():
+    """A banded proxy (--attacker_min/max_timestep) with fixed noise must not see timesteps outside its band."""
+    proxy = ProxyFeatures(kind="t_loss", noise="fixed", min_timestep=400, max_timestep=410)
+    draw = proxy.draw(torch.zeros(32, 1, 2, 2), [f"{i}.png" for i in range(32)], None)
+    assert draw.timesteps.min() >= 400 and draw.timesteps.max() < 410
+
+
+def test_fixed_noise_needs_exactly_one_key_per_sample():
+    """Too few keys would pair the wrong samples with the fixed noise (or drop rows) instead of failing."""
+    proxy = ProxyFeatures(kind="loss", noise="fixed")
+    with pytest.raises(ValueError, match="one key per sample"):
+        proxy.draw(torch.zeros(2, 4, 8, 8), ["a.png"], None)
+    with pytest.raises(ValueError, match="one key per sample"):
+        proxy.draw(torch.zeros(2, 4, 8, 8), None, None)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"calibration": "base", "noise": "fixed", "kind": "error_map"}, "works on losses: use attacker_features t_loss"),
     ({"noise": "paired"}, "'attacker_noise' must be one of"),
@@ -139,6 +161,21 @@ def test_t_loss_features_are_t_and_loss_and_calibrate_the_loss_only():
     torch.testing.assert_close(proxy.calibrate(features, base), torch.stack([t / 1000.0, torch.full((3,), 0.25)], 1))
     assert not ProxyFeatures(kind="multi_t_loss", calibration="base").reuses_training_forward
     assert not ProxyFeatures(kind="loss", calibration="base").reuses_training_forward  # its G needs its own pass
+
+
+def test_base_calibration_is_the_lora_value_minus_the_base_value():
+    """The calibrated signal is loss(LoRA) - loss(base): members fall below 0; the reverse sign flips what h_w learns."""
+    multi = ProxyFeatures(kind="multi_t_loss", timesteps=(10, 100), noise="fixed", calibration="base")
+    raw = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    torch.testing.assert_close(multi.calibrate(raw, raw + 0.5), torch.full((2, 2), -0.5))
+
+
+def test_only_one_fresh_t_per_sample_reuses_the_training_forward():
+    """L_ada's forward has one fresh t per sample: multi-t features and fixed noise need their own UNet pass."""
+    assert ProxyFeatures(kind="loss").reuses_training_forward
+    assert ProxyFeatures(kind="error_map").reuses_training_forward
+    assert not ProxyFeatures(kind="multi_t_loss").reuses_training_forward
+    assert not ProxyFeatures(kind="loss", noise="fixed").reuses_training_forward
 
 
 def test_both_calibration_puts_the_raw_loss_beside_the_calibrated_one():
