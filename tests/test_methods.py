@@ -15,7 +15,10 @@ from library.train.config import ALL_METHODS, BASELINES, METHODS, TrainConfig
 from library.train.config_scope import check_for_method
 from library.train.methods import (
     METHOD_REGISTRY,
+    AdversarialLoRA,
+    AuxData,
     ForwardResult,
+    MethodSetup,
     PlainLoRA,
     StepContext,
     method_class,
@@ -107,6 +110,13 @@ def test_the_g_terms_base_model_encodes_captions_with_the_base_text_encoder(tiny
         g_base_without_captions = method._base_on_draw(ctx, latents, keys, None, lora_conditioning, draw)
     assert torch.equal(g_base, attacker_phase_base)
     assert not torch.equal(g_base_without_captions, attacker_phase_base)  # the text-encoder LoRA did move
+    # --g_noise fresh: G's own second pass gets L_ada's conditioning and the captions; the same base term
+    state = ctx.noise_generator.get_state()
+    with torch.no_grad():
+        g_fresh = method._features(ctx, latents, keys, captions, lora_conditioning)
+        ctx.noise_generator.set_state(state)
+        attacker_phase = method._features(ctx, latents, keys, captions)
+    assert torch.equal(g_fresh, attacker_phase)
     assert trainer._forward([0, 1], ctx).captions == members.captions[:2]  # L_ada's forward hands them on
 
 
@@ -204,3 +214,159 @@ def test_the_attacker_phase_logs_the_mean_of_its_k_steps(tiny_train_args, monkey
     assert len(seen) == 3 and len({ce for ce, _ in seen}) == 3  # three updates on three batches
     assert logs["attacker_ce"] == pytest.approx(sum(ce for ce, _ in seen) / 3, rel=1e-12)
     assert logs["attacker_acc"] == pytest.approx(sum(acc for _, acc in seen) / 3, rel=1e-12)
+
+
+# ---- the proxy attacker's own settings, on random auxiliary latents (no model is loaded) ---------------------
+def _config(*flags: str) -> TrainConfig:
+    """A config that names no real model or data (nothing here loads them)."""
+    return parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s", *flags])
+
+
+def _adversarial_method(*flags: str, method: str = "smp_lora", nonmembers: int = 4) -> AdversarialLoRA:
+    """MP/SMP-LoRA built on 4 random D^m_aux latents and ``nonmembers`` D^nm_aux ones, batches of 2."""
+    config = _config("--attacker_batch_size", "2", *flags)
+    member_keys, nonmember_keys = [f"m{i}" for i in range(4)], [f"n{i}" for i in range(nonmembers)]
+    aux = AuxData(torch.rand(4, 4, 4, 4), member_keys, torch.rand(nonmembers, 4, 4, 4), nonmember_keys,
+                  member_keys, nonmember_keys)
+    built = method_class(method).build(MethodSetup(config=config, device=torch.device("cpu"), aux=aux))
+    assert isinstance(built, AdversarialLoRA)
+    return built
+
+
+def test_the_attacker_draws_every_non_member_when_the_aux_sets_differ_in_size():
+    """D^nm_aux larger than D^m_aux: its sampler must cycle over all of it, not over as many as there are members."""
+    method = _adversarial_method(nonmembers=6)
+    drawn = {i for _ in range(3) for i in method.nonmember_sampler.next_indices()}
+    assert drawn == set(range(6))
+
+
+@pytest.mark.parametrize("flags, per_feature", [
+    ([], False),  # error maps: one scale
+    (["--attacker_features", "loss"], False),
+    (["--attacker_features", "t_loss"], True),  # a loss and its t: scales apart
+    (["--attacker_features", "multi_t_loss", "--attacker_timesteps", "10", "100"], True),
+    (["--attacker_features", "loss", "--attacker_noise", "fixed", "--attacker_calibration", "both",
+      "--attacker_normalization", "standardize"], True),  # a raw loss next to its calibrated difference
+])
+def test_the_proxy_standardises_features_of_different_scales_apart(flags, per_feature):
+    """One mean/variance over columns orders of magnitude apart drowns the small ones: h_w then barely learns."""
+    assert _adversarial_method(*flags).attacker.normalizer.per_feature is per_feature
+
+
+def test_a_base_model_is_kept_only_for_base_calibrated_features():
+    """A full fine-tune doubles its memory for the base copy: kept when the proxy compares with the base, only then."""
+    for method in ("mp_lora", "smp_lora"):
+        cls = method_class(method)
+        assert not cls.needs_base_model(_config())
+        assert cls.needs_base_model(_config("--attacker_features", "t_loss", "--attacker_calibration", "base",
+                                            "--attacker_normalization", "standardize"))
+
+
+def _attacker_weights(method: AdversarialLoRA) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in method.attacker.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_attacker_reinit_restarts_count_restarts_and_each_draws_a_new_attacker():
+    """Each reinit must give a new h_w (a stuck proxy is the reason to restart), and the record counts restarts."""
+    method = _adversarial_method("--attacker_restart", "reinit", "--attacker_restart_every_n_epochs", "2")
+    first = _attacker_weights(method)
+    assert method.end_of_epoch(1) == {} and _same(_attacker_weights(method), first)
+    assert method.end_of_epoch(2) == {"attacker_restarts": 1.0}
+    second = _attacker_weights(method)
+    assert method.end_of_epoch(4) == {"attacker_restarts": 2.0}
+    assert not _same(second, first) and not _same(_attacker_weights(method), second)
+
+
+def test_attacker_warm_restarts_keep_the_weights_and_drop_adams_moments():
+    """``warm`` resets only the optimiser: a reinit there would throw away what h_w has learnt."""
+    method = _adversarial_method("--attacker_restart", "warm", "--attacker_restart_every_n_epochs", "1")
+    for param in method.attacker.parameters():
+        param.grad = torch.ones_like(param)
+    method.optimizer.step()
+    assert method.optimizer.state
+    weights = _attacker_weights(method)
+    assert method.end_of_epoch(1) == {"attacker_restarts": 1.0}
+    assert _same(_attacker_weights(method), weights) and not method.optimizer.state
+
+
+def test_an_attacker_step_sees_a_member_batch_then_a_non_member_batch_each_from_its_own_set(monkeypatch):
+    """h_w must learn members against non-members: a non-member batch of member latents teaches it nothing."""
+    from types import SimpleNamespace
+
+    method = _adversarial_method(nonmembers=6)
+    seen = []
+
+    def recording(ctx, latents, keys, captions=None, conditioning=None):
+        seen.append((latents, keys))
+        return torch.rand(len(keys), method.in_features)
+
+    monkeypatch.setattr(method, "_features", recording)
+    ctx = SimpleNamespace(reduce_gradients=lambda params: None, all_reduce_mean=lambda tensors: None)
+    method.attacker_phase(ctx)  # the features are stubbed: no model in the context
+    (latents, keys), = seen
+    assert [key[0] for key in keys] == ["m", "m", "n", "n"]
+    aux = method.aux
+    expected = [aux.member_latents[aux.member_keys.index(k)] if k[0] == "m" else
+                aux.nonmember_latents[aux.nonmember_keys.index(k)] for k in keys]
+    assert torch.equal(latents, torch.stack(expected))
+    assert method.member_sampler.position == method.nonmember_sampler.position == 2
+
+
+def test_proxy_accuracy_is_the_fraction_of_right_decisions_over_every_chunk(monkeypatch):
+    """The monitor's proxy accuracy: argmax over h_w's two logits against the labels, every row of every chunk."""
+    method = _adversarial_method()
+    monkeypatch.setattr(method, "attacker", torch.nn.Identity())  # the "features" below are the logits
+    monkeypatch.setattr(method, "_features", lambda ctx, latents, keys, captions: latents)
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # says 1, 1, 0, 1, 0
+    labels = torch.tensor([1, 0, 0, 1, 1])
+    keys = [f"k{i}" for i in range(5)]
+    accuracy = method.proxy_accuracy(None, logits, keys, keys, labels, batch_size=2)
+    assert accuracy == pytest.approx(3 / 5)
+
+
+def test_g_reads_only_the_rows_whose_t_lies_in_the_proxys_band():
+    """h_w is trained on t in [0, --attacker_max_timestep): G must not score rows it never saw."""
+    from library.sd.diffusion import NoiseDraw
+
+    method = _adversarial_method("--attacker_features", "t_loss", "--attacker_max_timestep", "500")
+    errors = torch.rand(4, 4, 4, 4)
+
+    def result(*timesteps: int) -> ForwardResult:
+        return ForwardResult(errors, errors.mean(dim=(1, 2, 3)), torch.rand(4, 4, 4, 4), torch.rand(4, 3, 8),
+                             keys=[f"k{i}" for i in range(4)], draw=NoiseDraw(torch.tensor(timesteps), errors))
+
+    features = method._training_features(None, result(499, 500, 10, 900))
+    assert features is not None and features.shape[0] == 2
+    torch.testing.assert_close(features[:, 0], torch.tensor([0.499, 0.010]))  # t / 1000 of the rows kept
+    assert method._training_features(None, result(500, 600, 700, 999)) is None
+
+
+def test_a_resumed_attacker_goes_on_counting_its_restarts():
+    """The restart count seeds each reinit: a resume that forgot it would draw the first restart's h_w again."""
+    flags = ("--attacker_restart", "reinit", "--attacker_restart_every_n_epochs", "1")
+    run = _adversarial_method(*flags)
+    run.end_of_epoch(1), run.end_of_epoch(2)
+    resumed = _adversarial_method(*flags)
+    resumed.load_state_dict(run.state_dict())
+    assert resumed.end_of_epoch(3) == run.end_of_epoch(3) == {"attacker_restarts": 3.0}
+    assert _same(_attacker_weights(resumed), _attacker_weights(run))
+
+
+def test_the_lora_file_records_the_games_settings_under_their_own_keys():
+    """The LoRA file is how an audit knows the lambda and proxy it was trained against: a renamed key is lost."""
+    meta = _adversarial_method("--privacy_lambda", "0.25", "--privacy_delta", "0.125", "--k_steps", "3",
+                               "--attacker_every_n_steps", "2", "--attacker_lr", "0.002", "--g_attacker_dropout",
+                               "--attacker_restart", "warm", "--attacker_restart_every_n_epochs", "5").metadata()
+    assert {key: meta[key] for key in ("smp_lora.privacy_lambda", "smp_lora.privacy_delta", "smp_lora.k_steps",
+                                       "smp_lora.attacker_every_n_steps", "smp_lora.attacker_lr",
+                                       "smp_lora.attacker_batch_size", "smp_lora.attacker_restart",
+                                       "smp_lora.g_attacker_dropout")} == {
+        "smp_lora.privacy_lambda": "0.25", "smp_lora.privacy_delta": "0.125", "smp_lora.k_steps": "3",
+        "smp_lora.attacker_every_n_steps": "2", "smp_lora.attacker_lr": "0.002", "smp_lora.attacker_batch_size": "2",
+        "smp_lora.attacker_restart": "warm/5", "smp_lora.g_attacker_dropout": "true"}
+    assert "smp_lora.g_attacker_dropout" not in _adversarial_method().metadata()
+
