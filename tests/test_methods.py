@@ -370,3 +370,14 @@ def test_the_lora_file_records_the_games_settings_under_their_own_keys():
         "smp_lora.attacker_restart": "warm/5", "smp_lora.g_attacker_dropout": "true"}
     assert "smp_lora.g_attacker_dropout" not in _adversarial_method().metadata()
 
+
+
+def test_smp_lora_warns_when_delta_too_lifts_the_denominator_past_100_and_advises_a_lambda_counting_it(capsys):
+    """1 + lambda*log 2 + delta bounds Eq. 10's denominator from below: its advice must count this run's delta."""
+    smp = method_class("smp_lora")
+    smp.check_config(_config("--privacy_lambda", "100", "--privacy_delta", "40"))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: privacy_lambda 100.0 makes the Eq. 10 denominator 110 ")
+    assert "lambda below 85 keeps it under 100" in err  # 1 + 85 log 2 + 40 < 100 (it said 143: 1 + 99 + 40)
+    smp.check_config(_config("--privacy_lambda", "100", "--privacy_delta", "20"))  # ~90: trains, more slowly
+    assert capsys.readouterr().err == ""

@@ -358,4 +358,5 @@ class SMPLoRA(AdversarialLoRA):
         if g_at_chance > 0 and at_chance > LARGE_DENOMINATOR:
             warn(f"privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} already for "
                  "an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA will barely train; "
-                 f"lambda below {(LARGE_DENOMINATOR - 1) / g_at_chance:.0f} keeps it under {LARGE_DENOMINATOR:.0f}")
+                 f"lambda below {(LARGE_DENOMINATOR - 1 - config.privacy_delta) / g_at_chance:.0f} keeps it under "
+                 f"{LARGE_DENOMINATOR:.0f}")  # delta is part of the denominator too
