@@ -50,8 +50,15 @@ def test_capabilities_say_what_the_loop_must_provide():
     assert METHOD_REGISTRY["mp_lora"].objective == "mp" and METHOD_REGISTRY["smp_lora"].objective == "smp"
 
 
+def test_the_demo_trains_the_slow_methods_first():
+    """The demo sorts its runs by step_cost, so the plain run (one UNet pass a step) fills the gap at the end."""
+    order = sorted(METHOD_REGISTRY, key=lambda name: -METHOD_REGISTRY[name].step_cost)
+    assert order[:2] == ["mp_lora", "smp_lora"] and order[2] == "dp_lora" and set(order[3:]) == {"lora", "relaxloss"}
+
+
 def test_unknown_method_is_one_config_error_line(tiny_train_args):
-    with pytest.raises(ConfigError, match="unknown method 'nope'; expected one of lora, mp_lora"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'; expected one of lora, mp_lora, smp_lora, "
+                                          "relaxloss, dp_lora$"):  # every method, the baselines too
         method_class("nope")
     with pytest.raises(ConfigError, match="unknown method"):
         check_for_method(parse_config(TrainConfig, tiny_train_args), "nope")
@@ -255,11 +262,13 @@ def test_the_proxy_standardises_features_of_different_scales_apart(flags, per_fe
 
 def test_a_base_model_is_kept_only_for_base_calibrated_features():
     """A full fine-tune doubles its memory for the base copy: kept when the proxy compares with the base, only then."""
+    base_calibrated = _config("--attacker_features", "t_loss", "--attacker_calibration", "base",
+                              "--attacker_normalization", "standardize")
+    for name in ("lora", "relaxloss", "dp_lora"):  # no proxy: the setting is not theirs
+        assert not method_class(name).needs_base_model(base_calibrated)
     for method in ("mp_lora", "smp_lora"):
         cls = method_class(method)
-        assert not cls.needs_base_model(_config())
-        assert cls.needs_base_model(_config("--attacker_features", "t_loss", "--attacker_calibration", "base",
-                                            "--attacker_normalization", "standardize"))
+        assert not cls.needs_base_model(_config()) and cls.needs_base_model(base_calibrated)
 
 
 def _attacker_weights(method: AdversarialLoRA) -> list[torch.Tensor]:
