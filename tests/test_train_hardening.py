@@ -836,6 +836,22 @@ def test_a_resumed_runs_loss_curves_cover_the_steps_before_the_resume(tiny_train
     assert old["loss/epoch_average"] == [(1, pytest.approx(sum(v for _, v in old["loss/current"][:3]) / 3, rel=1e-6))]
 
 
+def test_the_loss_curves_follow_the_methods_objective_and_each_epoch_averages_its_own_steps():
+    """SMP-LoRA's loss/current is Eq. 10's loss, not L_ada; an epoch's average must not carry the earlier epochs'."""
+    from library.train.loss_recorder import LossRecorder
+
+    recorder = LossRecorder(steps_per_epoch=2)
+    assert recorder.add({"l_ada": 1.0, "loss": 2.0})["loss/current"] == 2.0
+    assert recorder.add({"l_ada": 4.0}) == {"loss/current": 4.0, "loss/average": 3.0}  # plain LoRA logs L_ada only
+    assert recorder.add({"grad_norm": 1.0}) == {}
+    assert recorder.end_epoch() == {"loss/epoch_average": 3.0}
+    recorder.add({"loss": 10.0})
+    assert recorder.end_epoch() == {"loss/epoch_average": 10.0}
+    assert recorder.end_epoch() == {}  # no step ended in that epoch
+    # --gradient_accumulation_steps past an epoch's batches: no whole step an epoch, still a window of one
+    assert LossRecorder(steps_per_epoch=0).add({"loss": 5.0}) == {"loss/current": 5.0, "loss/average": 5.0}
+
+
 def test_the_plan_counts_only_the_parameters_that_train(tiny_train_args, capsys):
     import re
 
@@ -1048,6 +1064,81 @@ def test_the_last_good_lora_is_kept_in_float32_whatever_the_save_precision(tiny_
     assert {t.dtype for t in kept.values()} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert max(t.abs().max().item() for t in kept.values()) > 65504  # what fp16 would have made inf
+
+
+def _doubling_trainer(prior_in_objective: bool, monkeypatch):
+    """A stand-in trainer for :mod:`library.train.divergence`: its method's loss is twice L_ada, and saving the last
+    good LoRA only names the file."""
+    from types import SimpleNamespace
+
+    import library.train.divergence as divergence
+    from library.train.methods import method_class
+
+    monkeypatch.setattr(divergence.artifacts, "save_last_good", lambda trainer: None)
+    monkeypatch.setattr(divergence.artifacts, "last_good_path", lambda trainer: "out/x-last-good.safetensors")
+
+    def lora_loss(ctx, result):
+        loss = 2 * result.adaptation_loss()
+        return loss, {"l_ada": result.adaptation_loss().item(), "loss": loss.item()}
+
+    config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"])
+    config.prior_in_objective = prior_in_objective
+    return SimpleNamespace(config=config, method=SimpleNamespace(lora_loss=lora_loss),
+                           method_class=method_class("lora"), global_step=7)
+
+
+@pytest.mark.parametrize("in_objective, loss", [(True, 2 * (3.0 + 0.5)), (False, 2 * 3.0 + 0.5)])
+def test_the_prior_term_goes_into_the_methods_objective_or_is_added_after_it(in_objective, loss, monkeypatch):
+    """DreamBooth's prior term enters the loss once: inside Eq. 6/10 (--prior_in_objective) or added after it."""
+    from library.train.divergence import checked_loss
+    from library.train.methods import ForwardResult
+
+    trainer = _doubling_trainer(in_objective, monkeypatch)
+    zeros = torch.zeros(4, 1)
+    result = ForwardResult(zeros, torch.tensor([1.0, 2.0, 3.0, 6.0]), zeros, zeros, prior_loss=torch.tensor(0.5))
+    total, logs = checked_loss(trainer, None, result)
+    assert total.item() == logs["loss"] == loss and logs["prior_loss"] == 0.5
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_one_does(monkeypatch):
+    """+inf is no less a diverged run than NaN: the step after it would write NaN weights."""
+    from library.errors import TrainingError
+    from library.train.divergence import checked_loss
+    from library.train.methods import ForwardResult
+
+    trainer = _doubling_trainer(True, monkeypatch)
+    zeros = torch.zeros(2, 1)
+    with pytest.raises(TrainingError, match=r"^step 7: non-finite training loss .*Lower the learning rate"):
+        checked_loss(trainer, None, ForwardResult(zeros, torch.tensor([1.0, float("inf")]), zeros, zeros))
+
+
+def test_non_finite_gradients_under_fp16_are_left_to_the_gradient_scaler(monkeypatch):
+    """fp16's scaler skips an overflowing step and lowers its scale: a routine event there, not a diverged run."""
+    from types import SimpleNamespace
+
+    from library.errors import TrainingError
+    from library.train.divergence import check_gradient_norm
+
+    trainer = _doubling_trainer(True, monkeypatch)
+    trainer.grad_scaler = SimpleNamespace(is_enabled=lambda: True)
+    check_gradient_norm(trainer, float("inf"))
+    trainer.grad_scaler = SimpleNamespace(is_enabled=lambda: False)
+    check_gradient_norm(trainer, 1.0)
+    with pytest.raises(TrainingError, match=r"^step 7: non-finite gradients \(norm nan\)"):
+        check_gradient_norm(trainer, float("nan"))
+
+
+def test_a_stop_line_ends_the_reason_with_a_full_stop_before_naming_the_last_good_lora(monkeypatch):
+    """A reason without one (SMP-LoRA's refusal) must not run on into "... checkpoint The last good LoRA"."""
+    from library.errors import TrainingError
+    from library.train.divergence import stop
+
+    trainer = _doubling_trainer(True, monkeypatch)
+    for what in ("resume from the last checkpoint", "resume from the last checkpoint.  "):
+        with pytest.raises(TrainingError) as stopped:
+            stop(trainer, what)
+        assert str(stopped.value) == ("step 7: resume from the last checkpoint. The last good LoRA was kept (in "
+                                      "float32) as out/x-last-good.safetensors.")
 
 
 def test_a_full_disk_at_a_state_save_is_one_line_and_the_earlier_files_survive(finished_run, tmp_path, capsys,
