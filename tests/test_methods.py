@@ -390,3 +390,5 @@ def test_smp_lora_warns_when_delta_too_lifts_the_denominator_past_100_and_advise
     assert "lambda below 85 keeps it under 100" in err  # 1 + 85 log 2 + 40 < 100 (it said 143: 1 + 99 + 40)
     smp.check_config(_config("--privacy_lambda", "100", "--privacy_delta", "20"))  # ~90: trains, more slowly
     assert capsys.readouterr().err == ""
+    smp.check_config(_config("--privacy_lambda", "1", "--privacy_delta", "100"))  # no lambda helps: say what does
+    assert "privacy_delta 100.0 alone puts it past 100: lower it" in capsys.readouterr().err

@@ -356,7 +356,10 @@ class SMPLoRA(AdversarialLoRA):
         g_at_chance = config.g_member_weight * math.log(2.0)  # -G
         at_chance = 1.0 + config.privacy_lambda * g_at_chance + config.privacy_delta
         if g_at_chance > 0 and at_chance > LARGE_DENOMINATOR:
+            room = LARGE_DENOMINATOR - 1 - config.privacy_delta  # delta is part of the denominator too
+            advice = (f"lambda below {room / g_at_chance:.0f} keeps it under {LARGE_DENOMINATOR:.0f}" if room > 0 else
+                      f"privacy_delta {config.privacy_delta} alone puts it past {LARGE_DENOMINATOR:.0f}: lower it "
+                      "(the paper's is 1e-5)")
             warn(f"privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} already for "
                  "an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA will barely train; "
-                 f"lambda below {(LARGE_DENOMINATOR - 1 - config.privacy_delta) / g_at_chance:.0f} keeps it under "
-                 f"{LARGE_DENOMINATOR:.0f}")  # delta is part of the denominator too
+                 + advice)
