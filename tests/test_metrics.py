@@ -224,6 +224,33 @@ def test_bootstrap_ci_stratified_keeps_class_counts_and_skips_na():
     assert 0.0 <= lo <= hi <= 1.0
 
 
+def test_unstratified_bootstrap_skips_one_class_resamples_and_draws_every_sample():
+    """A tiny set often resamples to one class (skipped, not a crash), and its only member must be drawable."""
+    y, s = np.array([1, 0, 0]), np.array([2.0, 0.0, 1.0])  # the only member first: index 0 must be drawable
+    lo, hi = bootstrap_ci(y, s, roc_auc, n_boot=200, stratified=False)
+    assert lo == hi == 1.0  # every two-class resample separates perfectly
+
+
+@pytest.mark.parametrize("n_boot, alpha", [(0, 0.05), (10, 0.0), (10, 1.0)])
+def test_bootstrap_refuses_no_resamples_and_a_degenerate_alpha(n_boot, alpha):
+    """n_boot = 0 would give no CI at all and alpha 0 or 1 a meaningless one: both are refused, not reported."""
+    y, s = _data(6, n_pos=20, n_neg=20)
+    with pytest.raises(ValueError):
+        bootstrap_ci(y, s, roc_auc, n_boot=n_boot, alpha=alpha)
+    with pytest.raises(ValueError):
+        bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=n_boot, alpha=alpha)
+
+
+def test_vectorised_bootstrap_tpr_ci_follows_its_fpr_target():
+    """The TPR CI is n/a exactly where tpr_at_fpr is at the requested FPR (not 5 %), and FPR 1 admits all."""
+    y = np.r_[np.ones(30), np.zeros(30)]
+    s = np.random.default_rng(8).normal(size=y.size) + y
+    assert bootstrap_auc_tpr_ci(y, s, 0.01, n_boot=50)[1] is None  # 30 non-members cannot measure 1 % FPR
+    assert bootstrap_auc_tpr_ci(y, s, 1.0, n_boot=50)[1] == (1.0, 1.0)
+    # The default is the report's TPR@5%FPR.
+    assert bootstrap_auc_tpr_ci(y, s, n_boot=50) == bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=50)
+
+
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
