@@ -26,11 +26,13 @@ from library.eval.audit import (
     epsilon_from_counts,
     epsilon_lb,
     epsilon_oracle,
+    honest_predictions,
     images_needed,
     mann_whitney_p,
     privacy_audit,
     set_audit,
     subset_median_p,
+    suite_null,
     worst_case_null,
 )
 
@@ -86,6 +88,32 @@ def test_the_images_needed_are_counted_at_the_bonferroni_alpha():
     assert audit["n_needed"] == scan
     assert scan > images_needed(suspect, nonmembers, 0.05)  # the uncorrected alpha would need fewer images
     assert audit["p_value"] == pytest.approx(min(1.0, 10 * mann_whitney_p(suspect, nonmembers)))
+
+
+def test_the_set_test_refuses_an_empty_set_and_a_subset_size_out_of_range():
+    """An empty set would give a NaN p-value, not an error; one suspect is a valid subset, 0 and size + 1 are not."""
+    for suspect, nonmembers in (([], [1.0, 2.0]), ([1.0], [])):
+        with pytest.raises(ValueError, match="at least one suspect"):
+            mann_whitney_p(suspect, nonmembers)
+    suspect, nonmembers = np.arange(3.0, 6.0), np.arange(3.0)
+    assert subset_median_p(suspect, nonmembers, 1, n_subsets=5) == pytest.approx(1 / 4)  # one above three: 1 / C(4, 1)
+    for n in (0, 4):
+        with pytest.raises(ValueError, match="subset size"):
+            subset_median_p(suspect, nonmembers, n)
+
+
+def test_a_p_value_equal_to_alpha_does_not_reach_it():
+    """"Below alpha" is strict: an exact p-value that lands on alpha must not count as reaching it."""
+    suspect, nonmembers = [3.0, 4.0], [0.0, 1.0, 2.0]
+    assert mann_whitney_p(suspect, nonmembers) == 0.1  # both above all three: exactly 1 / C(5, 2)
+    assert images_needed(suspect, nonmembers, 0.1) is None
+    assert images_needed(suspect, nonmembers, 0.1001) == 2
+
+
+def test_set_audit_refuses_fewer_than_one_attack():
+    """A correction over zero attacks would divide alpha by zero or scale p by a non-positive count."""
+    with pytest.raises(ValueError, match="n_attacks"):
+        set_audit([3.0, 4.0], [0.0, 1.0], 0.05, n_attacks=0)
 
 
 # ---------------------------------------------------------------------------------------------- epsilon
@@ -152,6 +180,12 @@ def test_honest_epsilon_uses_the_fitted_rule():
     assert epsilon_lb(ScoreSet("a", "", scores, "threshold"), y, index, DELTA)["honest"] is None
 
 
+def test_a_score_at_the_threshold_is_called_a_member():
+    """The fitted rule is ``score >= threshold``: a tie at the threshold is a member, as the threshold was fitted."""
+    at = ScoreSet("a", "", np.array([1.0, 2.0, 2.0, 3.0]), "threshold", threshold=2.0)
+    assert honest_predictions(at, np.arange(4)).tolist() == [False, True, True, True]
+
+
 # ---------------------------------------------------------------------------------------------- worst case at chance
 
 
@@ -193,6 +227,19 @@ def test_worst_case_null_is_calibrated_where_one_ci_per_attack_is_not():
 def test_worst_case_null_refuses_one_class():
     with pytest.raises(ValueError, match="members and non-members"):
         worst_case_null(np.zeros((2, 4)), np.ones(4))
+
+
+def test_worst_case_null_refuses_no_members():
+    """Without members the AUC divides by zero: refused, never a NaN p-value."""
+    with pytest.raises(ValueError, match="members and non-members"):
+        worst_case_null(np.zeros((2, 4)), np.zeros(4))
+
+
+def test_worst_case_null_shuffles_as_many_members_as_there_are():
+    """One attack's null AUC is centred on 0.5 only if each shuffle keeps the member count; else p is off."""
+    scores = np.random.default_rng(3).normal(size=(1, 40))
+    null = worst_case_null(scores, np.r_[np.ones(20), np.zeros(20)], n_permutations=2000)
+    assert null["null_median"] == pytest.approx(0.5, abs=0.02)
 
 
 def _row(model, attack, auc, floor=False):
@@ -251,6 +298,30 @@ def test_privacy_audit_is_not_fooled_by_choosing_the_best_of_many_null_attacks(m
     assert np.mean(single) > 0.25  # the selection bias is real on this data
     assert np.mean(corrected) <= 0.05 + 2.5 * math.sqrt(0.05 * 0.95 / 300)  # and corrected away
     assert np.mean(eps_positive) <= 0.05 + 2.5 * math.sqrt(0.05 * 0.95 / 300)
+
+
+def test_privacy_audit_skips_a_model_when_a_test_set_is_missing():
+    """Without known non-members (or suspects) there is no set test: the audit is left out, not a crash."""
+    scores = np.arange(24.0)
+    sets = {"m": [ScoreSet("a", "", scores, "threshold", threshold=10.0, headline=True)]}
+    splits = ["member_aux"] * 4 + ["member_test"] * 20
+    assert privacy_audit([_row("m", "a", 0.9)], sets, splits, {}, alpha=0.05, delta=DELTA) == {}
+
+
+def test_privacy_audit_reports_the_tpr_at_1pct_fpr():
+    """The block's ``tpr_at_1pct_fpr`` is the 1 % level, not another FPR the rows also carry."""
+    splits = ["member_test"] * 10 + ["nonmember_test"] * 10
+    sets = {"m": [ScoreSet("a", "", np.arange(20.0)[::-1], "threshold", threshold=10.0, headline=True)]}
+    row = {**_row("m", "a", 0.9), "tpr_at_fpr": {"0.01": 0.2, "0.05": 0.6}}
+    assert privacy_audit([row], sets, splits, {}, alpha=0.05, delta=DELTA)["m"]["tpr_at_1pct_fpr"] == 0.2
+
+
+def test_suite_null_is_none_when_any_candidate_has_no_scores():
+    """The permutation test must cover every candidate: one without per-sample scores means no test, not a crash."""
+    rows = [_row("m", "a", 0.6), _row("m", "b", 0.7)]
+    labels, test = np.r_[np.ones(5), np.zeros(5)], np.arange(10)
+    assert suite_null(rows, {"a": np.arange(10.0)}, labels, test, seed=0) is None
+    assert suite_null(rows, {"a": np.arange(10.0), "b": np.zeros(10)}, labels, test, seed=0)["attacks"] == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
