@@ -135,7 +135,8 @@ def test_suite_sections_worst_case_oracle_extras_table11_and_cost():
     assert "0.900 [0.850, 0.950]" in lora and "0.950 [0.900, 1.000]" in lora  # the floor beside the worst case
     assert "| 0.0001 (0.712) | 1.2e-05 | 4 of 10 | 1.234 | 2.500 | — |" in lora  # suite-wide p (chance q95)
     smp = next(line for line in lines if line.startswith("| smp_lora | gsa |"))
-    assert "| n/a | 0.2 (uncorrected) | not reached (10) (uncorrected)" in smp  # a report from before the correction and "| 8 (δ 1e-05) |" in smp  # the accountant's upper bound beside the bound
+    assert "| n/a | 0.2 (uncorrected) | not reached (10) (uncorrected)" in smp  # a report from before the correction
+    assert "| 8 (δ 1e-05) |" in smp  # the accountant's upper bound beside the bound
     # Oracle extras: sima's best candidate on D_te (t=100), labelled; the D_aux choice stays the headline.
     extras = oracle_extra_rows(SUITE)
     assert [(r["model"], r["label"], r["auc"]) for r in extras] == [("lora", "sima t=100 [oracle t]", 0.88)]
@@ -163,6 +164,35 @@ def test_an_older_report_renders_without_the_suite():
 def test_dp_budget_reads_the_accountant_from_lora_metadata():
     assert dp_budget({"smp_lora.dp_epsilon": "3.5", "smp_lora.dp_delta": "1e-05"}) == {"epsilon": 3.5, "delta": 1e-5}
     assert dp_budget({"smp_lora.method": "lora"}) is None and dp_budget(None) is None
+    assert dp_budget({"smp_lora.dp_epsilon": "not a number"}) is None  # unreadable metadata: no budget, no crash
+
+
+def test_the_dp_cell_says_no_noise_for_an_infinite_epsilon_and_shows_delta_only_when_known():
+    """An accountant epsilon of inf (no noise) must not print as a number, and a missing delta as no "(δ ...)"."""
+    from library.eval.summary import _audit_cells
+
+    def dp_cell(dp):
+        return _audit_cells({"dp_epsilon": dp})[-1]
+
+    assert dp_cell({"epsilon": float("inf"), "delta": 1e-5}) == "∞ (no noise) (δ 1e-05)"
+    assert dp_cell({"epsilon": None, "delta": None}) == "∞ (no noise)"
+    assert dp_cell({"epsilon": 3.5, "delta": None}) == "3.5" and dp_cell(None) == "—"
+
+
+def test_the_worst_case_table_prints_the_tpr_at_1pct_fpr():
+    """The TPR@1%FPR column holds the 1 % level (0.30 for lora), not the 5 % one (0.60) the rows also carry."""
+    from library.eval.summary import worst_case_table
+
+    lora = next(line for line in worst_case_table(REPORT) if line.startswith("| lora |"))
+    assert lora.startswith("| lora | calibrated avg | 0.900 [0.850, 0.950] | 30.00 |")
+
+
+def test_oracle_extras_skip_headline_rows_and_rows_without_an_auc():
+    """An oracle extra is a D_te-chosen candidate beside the headline, never the headline itself or an n/a AUC."""
+    rows = [_suite_row("lora", "sima", "selected", 0.90, selected="t=50"),
+            _suite_row("lora", "sima", "t=50", 0.80, headline=False, selected="t=50"),
+            {**_suite_row("lora", "sima", "t=100", 0.70, headline=False, selected="t=50"), "auc": None}]
+    assert [r["label"] for r in oracle_extra_rows({"results": rows})] == ["sima t=50 [oracle t]"]
 
 
 def test_privacy_utility_table_puts_the_worst_case_beside_the_paper_attacker_and_the_utility():
