@@ -21,6 +21,7 @@ from networks.lora import (
     lora_file_sha256,
     read_lora_metadata,
 )
+from networks.lora_modules import LoRAModule
 from networks.lora_targets import layers_by_name
 
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores alpha is caught
@@ -416,6 +417,81 @@ def test_sd_scripts_inference_contract(models, stack, inputs, tmp_path):
     merged = run(te2, unet2, inputs)
     torch.testing.assert_close(merged[0], patched[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(merged[1], patched[1], atol=1e-5, rtol=1e-4)
+
+
+def test_merging_into_another_copy_leaves_the_applied_model_adapted(models, stack, inputs):
+    """merge_to a second copy of the base (to export a merged model) must not unpatch the model the LoRA runs in."""
+    te, unet = models
+    network = trained_network(models)
+    network.apply_to(te, unet)
+    patched = run(te, unet, inputs)
+    network.merge_to(copy.deepcopy(stack.text_encoder), copy.deepcopy(stack.unet))
+    assert torch.equal(run(te, unet, inputs)[1], patched[1])
+
+
+# ------------------------------------------------------------------------------------------ one LoRAModule
+
+
+def lora_on(layer: torch.nn.Module, rank: int = 4, alpha: float | None = None, **kwargs) -> LoRAModule:
+    return LoRAModule("lora_unet_layer", "unet", "layer", layer, rank, alpha, **kwargs)
+
+
+def test_a_module_built_without_alpha_is_full_strength_and_rank_zero_is_a_config_error():
+    """alpha None is alpha = rank (scale 1, as kohya reads a file without alpha); rank 0 is refused, not a crash."""
+    lora = lora_on(torch.nn.Linear(8, 8), rank=4)
+    assert (float(lora.alpha), lora.scale) == (4.0, 1.0)
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
+        lora_on(torch.nn.Linear(8, 8), rank=0)
+
+
+def test_down_is_initialised_like_nn_linear():
+    """kohya / PEFT init lora_down as nn.Linear does (kaiming a=sqrt(5): bound 1/sqrt(fan_in)); seeded runs match."""
+    torch.manual_seed(0)
+    down = lora_on(torch.nn.Linear(64, 64), rank=64).lora_down.weight
+    bound = 1 / 64 ** 0.5
+    assert down.abs().max() <= bound and down.abs().max() > 0.95 * bound
+
+
+def test_a_half_precision_layer_runs_its_float32_lora_and_keeps_its_dtype():
+    """A bf16/fp16 base with fp32 LoRA weights (mixed precision): the input is cast for the LoRA, the output is not."""
+    layer = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    lora = lora_on(layer, rank=2)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    base = layer(x)
+    lora.apply_to(layer)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = base.float() + lora.lora_up(lora.lora_down(x.float()))
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_dropout_drops_the_given_fraction_of_rank_features():
+    """--network_dropout p drops a fraction p of the rank features in training (not 1 - p)."""
+    layer = torch.nn.Linear(100, 100, bias=False)
+    torch.nn.init.zeros_(layer.weight)  # the layer's output is the LoRA's alone
+    lora = lora_on(layer, rank=100, alpha=100.0, dropout=0.1)
+    with torch.no_grad():
+        lora.lora_down.weight.copy_(torch.eye(100))
+        lora.lora_up.weight.copy_(torch.eye(100))
+    lora.apply_to(layer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        dropped = float((layer(torch.ones(50, 100)) == 0).float().mean())
+    assert 0.07 < dropped < 0.13
+
+
+def test_a_module_applied_once_or_to_a_layer_with_a_patched_forward_is_refused():
+    """A LoRA sits on one layer at a time, and never over another tool's patched forward (restore would drop it)."""
+    first, second, hooked = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    lora = lora_on(first, rank=2)
+    lora.apply_to(first)
+    assert lora.is_applied_to(first) and not lora.is_applied_to(second)
+    with pytest.raises(RuntimeError, match="already applied"):
+        lora.apply_to(second)
+    hooked.forward = lambda x: x  # e.g. an offload hook's wrapper
+    with pytest.raises(RuntimeError, match="patched forward"):
+        lora_on(hooked, rank=2).apply_to(hooked)
 
 
 # ------------------------------------------------------------------------------------------ bad files
