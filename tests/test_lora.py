@@ -21,6 +21,7 @@ from networks.lora import (
     lora_file_sha256,
     read_lora_metadata,
 )
+from networks.lora_io import check_lora_file, read_lora_source
 from networks.lora_modules import LoRAModule
 from networks.lora_targets import layers_by_name
 
@@ -612,6 +613,61 @@ def test_unreadable_or_foreign_files_are_refused(models, tmp_path):
     sd[down] = torch.zeros(sd[down].shape[0], sd[down].shape[1] + 1)
     with pytest.raises(ModelError, match=rf"'{down.replace('.', '[.]')}' has shapes"):
         create_network_from_weights(1.0, sd, None, *copy.deepcopy(models))
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("short.safetensors", b"\x01\x02\x03\x04", r"4 bytes, shorter than the 8-byte header length"),
+    ("past_end.safetensors", (12).to_bytes(8, "little") + b"{}      ", r"header claims 12 bytes but the file has 16"),
+    ("a_list.safetensors", (2).to_bytes(8, "little") + b"[]", r"header is not a JSON object"),
+    ("lora.txt", b"", r"lora\.txt is not a \.safetensors file"),
+    ("LORA.CKPT", b"\x80\x04", r"is a pickle \(\.ckpt\) file.*save_file\(.*'lora\.safetensors'\)$"),
+])
+def test_each_kind_of_unreadable_file_is_refused_with_its_own_reason(tmp_path, name, content, says):
+    """The one-line error says what is wrong with the file (too short, truncated header, pickle, wrong suffix)."""
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    with pytest.raises(ModelError, match=says):
+        check_lora_file(bad)
+
+
+def test_a_diffusers_folder_names_its_weights_file(tmp_path):
+    """A diffusers save_lora_weights folder: the error names pytorch_lora_weights.safetensors in it to pass instead."""
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"pass the LoRA file in it: .*pytorch_lora_weights\.safetensors"):
+        check_lora_file(tmp_path)
+
+
+def test_upper_case_suffixes_empty_files_and_stray_attacker_keys_are_still_loras(tmp_path):
+    """.SAFETENSORS is read; a file with no tensors, or one net.* key among LoRA keys, is not the proxy attacker."""
+    upper, empty, mixed = (tmp_path / n for n in ("LORA.SAFETENSORS", "empty.safetensors", "mixed.safetensors"))
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(upper))
+    save_file({}, str(empty))
+    save_file({"net.0.weight": torch.zeros(2), "lora_unet_x.alpha": torch.tensor(1.0)}, str(mixed))
+    for file in (upper, empty, mixed):
+        header_len, header = check_lora_file(file)
+        assert header_len == len(file.read_bytes()) - 8 - sum(t.numel() * 4 for t in load_file(str(file)).values())
+
+
+def test_a_peft_adapter_config_gives_both_parts_its_scale_unless_the_header_has_its_own(tmp_path):
+    """adapter_config.json beside adapter_model.safetensors holds PEFT's scale (rsLoRA too); it is read for that name
+    only, and a header that has diffusers' own lora_adapter_metadata keeps it."""
+    weights, other = tmp_path / "adapter_model.safetensors", tmp_path / "other.safetensors"
+    for file in (weights, other):
+        save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, str(file))
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"r": 2, "lora_alpha": 8, "use_rslora": True}))  # no peft_type: a LoRA
+    adapter = json.loads(read_lora_metadata(weights)["lora_adapter_metadata"])
+    assert adapter == {f"{part}.{field}": value for part in ("unet", "text_encoder")
+                       for field, value in (("r", 2), ("lora_alpha", 8), ("use_rslora", True))}
+    assert read_lora_source(weights).metadata == read_lora_metadata(weights)
+    assert "lora_adapter_metadata" not in read_lora_metadata(other)
+    own = json.dumps({"unet.lora_alpha": 1})
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, str(weights), metadata={"lora_adapter_metadata": own})
+    assert read_lora_metadata(weights)["lora_adapter_metadata"] == own
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, str(weights))
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(ModelError, match="adapter_config.json.*has no lora_alpha"):
+        read_lora_metadata(weights)
 
 
 def test_a_file_with_alpha_zero_is_a_full_strength_lora(models, stack, tmp_path):
