@@ -159,9 +159,9 @@ def to_kohya_state_dict(
     file_key: dict[str, str] = {}  # our key -> the file's key
     layer_of: dict[str, tuple[str, str]] = {}
     for key, tensor in sd.items():
+        _refuse_unsupported(key, source)  # every key: SDXL's text_encoder_2 keys parse as (unknown) UNet layers
         parsed = parse_foreign_key(key) if is_foreign_key(key) else None
         if parsed is None:
-            _refuse_unsupported(key, source)
             new_key = key
         else:
             part, path, tensor_kind = parsed

@@ -223,6 +223,15 @@ def test_alpha_from_adapter_metadata_and_alpha_keys():
         to_kohya_state_dict({**sd, "unet.mid_block.attentions.0.proj_in.lora.down.weight": torch.randn(4, 8)})
 
 
+def test_an_sdxl_second_text_encoder_key_in_any_layout_is_named_as_sdxl():
+    """diffusers/PEFT SDXL files name text_encoder_2 keys with the usual tails; read as UNet layers, the error
+    blamed a layer the model lacks (and to_kohya_state_dict alone converted them) instead of naming SDXL."""
+    te2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+    for key in (f"{te2}.lora_A.weight", f"{te2}.lora_linear_layer.down.weight", f"{te2}.alpha"):
+        with pytest.raises(ModelError, match=r"x\.safetensors: key 'text_encoder_2\..*an SDXL LoRA"):
+            to_kohya_state_dict({key: torch.zeros(4, 8)}, source="x.safetensors")
+
+
 def test_diffusers_text_encoder_lora_is_applied_with_its_scale(world):
     bundle = world["bundle"]
     layer = bundle.text_encoder.get_submodule("text_model.encoder.layers.0.self_attn.q_proj") \
