@@ -232,6 +232,32 @@ def test_an_sdxl_second_text_encoder_key_in_any_layout_is_named_as_sdxl():
             to_kohya_state_dict({key: torch.zeros(4, 8)}, source="x.safetensors")
 
 
+def test_dora_and_bias_networks_are_refused_by_name():
+    """A DoRA adapter (use_dora in its metadata) or a LoRA with bias terms is named as such, not loaded without them."""
+    key = "unet.mid_block.attentions.0.proj_in"
+    sd = {f"{key}.lora_A.weight": torch.randn(4, 8), f"{key}.lora_B.weight": torch.randn(8, 4)}
+    with pytest.raises(ModelError, match=rf"key '{key}\.lora_B\.bias' belongs to a LoRA with bias terms"):
+        to_kohya_state_dict({**sd, f"{key}.lora_B.bias": torch.zeros(8)}, source="x.safetensors")
+    dora = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 2, "unet.use_dora": True})}
+    with pytest.raises(ModelError, match=r"x\.safetensors is a DoRA network \(unet\.use_dora\)"):
+        to_kohya_state_dict(sd, dora, source="x.safetensors")
+
+
+def test_an_attention_processor_segment_is_not_part_of_the_layers_name():
+    """diffusers drops ``.processor.`` from a key (KEYS_TO_ALWAYS_REPLACE); kept, the layer would match none."""
+    path = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
+    converted, _ = to_kohya_state_dict({f"{path}.processor.to_q.lora.down.weight": torch.zeros(1)})
+    assert set(converted) == {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"}
+
+
+def test_a_peft_layer_missing_its_a_or_b_names_the_files_key_and_the_missing_one():
+    """A half-written PEFT file: the error names the key as the file spells it and which of A / B is missing."""
+    key = "unet.mid_block.attentions.0.proj_in"
+    for present, missing in (("lora_A", r"up \(lora_B\)"), ("lora_B", r"down \(lora_A\)")):
+        with pytest.raises(ModelError, match=rf"'{key}\.{present}\.weight' .* has no matching {missing} weight"):
+            group_lora_state_dict({f"{key}.{present}.weight": torch.zeros(4, 4)}, "x.safetensors")
+
+
 def test_diffusers_text_encoder_lora_is_applied_with_its_scale(world):
     bundle = world["bundle"]
     layer = bundle.text_encoder.get_submodule("text_model.encoder.layers.0.self_attn.q_proj") \
