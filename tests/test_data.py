@@ -589,6 +589,50 @@ def test_latent_cache_keeps_encoded_and_read_latents_in_memory(tmp_path, tiny_va
     assert from_disk.stats == {"memory_hits": 2, "disk_hits": 2, "encoded": 0}
 
 
+def test_latent_cache_gives_a_repeated_image_a_row_each_time_it_is_asked_for(tmp_path, tiny_vae):
+    """Identical images are encoded once but returned once per request position: a short batch would misalign
+    latents and captions."""
+    paths = _images(tmp_path / "img", 2)
+    vae = _CountingVAE(tiny_vae)
+    lat = LatentCache(vae, "fp", 32).get_many([paths[0], paths[1], paths[0]])
+    assert lat.shape[0] == 3 and vae.encoded == 2
+    assert torch.equal(lat[0], lat[2]) and not torch.equal(lat[0], lat[1])
+
+
+def test_latent_cache_refuses_digests_that_do_not_match_the_paths(tmp_path, tiny_vae):
+    """A digest list of another length would silently drop or misassign latents: it is refused."""
+    paths = _images(tmp_path / "img", 2)
+    with pytest.raises(ValueError, match="2 paths but 1 digests"):
+        LatentCache(tiny_vae, "fp", 32).get_many(paths, digests=["0" * 64])
+
+
+def test_latent_cache_recomputes_a_file_whose_latent_is_not_one_image(tmp_path, tiny_vae):
+    """A disk entry under the right key whose tensor is not (C, h, w) is a miss, not a latent of another shape."""
+    from library.fileio import write_safetensors
+
+    paths = _images(tmp_path / "img", 1)
+    cache = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", batch_size=1)
+    good = cache.get_many(paths)
+    key = cache.key(paths[0], 1)
+    # the batch's (1, C, h, w) tensor under the image's own key
+    write_safetensors(tmp_path / "cache" / f"{key}.safetensors", {"latent": good.clone()}, {"key": key})
+    again = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", batch_size=1)
+    assert torch.equal(again.get_many(paths), good) and again.stats["disk_hits"] == 0
+
+
+def test_latent_cache_refuses_a_batch_size_of_zero():
+    """Refused when the cache is made, naming the setting, not later as range()'s zero-step error."""
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        LatentCache(None, "fp", 32, batch_size=0)
+
+
+def test_latent_cache_warns_when_only_the_short_side_is_below_the_resolution(tmp_path, tiny_vae, capsys):
+    """A wide image whose short side is too small is upscaled too (its long side does not save it)."""
+    wide = _png(tmp_path / "wide.png", size=(64, 16))
+    LatentCache(tiny_vae, "fp", 32).get_many([wide])
+    assert f"image {wide} is 64x16, smaller than the resolution 32" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Captions and the dataset
 # ---------------------------------------------------------------------------------------------------------
