@@ -177,7 +177,8 @@ def test_image_tensor_is_levels_over_127_5_minus_one() -> None:
 
 
 @pytest.mark.parametrize(("size", "resized", "box"), [((34, 20), (14, 8), (3, 0, 11, 8)),
-                                                      ((20, 34), (8, 14), (0, 3, 8, 11))])
+                                                      ((20, 34), (8, 14), (0, 3, 8, 11)),
+                                                      ((38, 20), (15, 8), (3, 0, 11, 8))])
 def test_resize_center_crop_is_lanczos_round_then_centre(size, resized, box) -> None:
     # Guards the documented resize: the short side to the resolution with Lanczos, the long side rounded to the
     # nearest pixel (34 * 8 / 20 = 13.6 -> 14, not 13), then the centred square, for wide and tall images alike.
@@ -211,3 +212,29 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     loaded = np.asarray(open_rgb(path))
     assert loaded.shape == (16, 8, 3)
     assert (loaded[:8, :, 0] == 255).all() and (loaded[8:, :, 2] == 255).all()  # red on top after the rotation
+
+
+def test_a_decompression_bomb_is_a_data_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """Pillow's bomb guard raises its own exception type: it must still reach the user as one clear DataError."""
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (16, 16)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # 256 pixels > 2 * 8: Pillow refuses to open it
+    with pytest.raises(DataError, match=r"cannot read image .*bomb\.png"):
+        load_image(path, 8)
+
+
+def test_image_tensor_refuses_a_resolution_of_zero() -> None:
+    """A zero resolution would give an empty tensor (or a Pillow error) instead of naming the setting."""
+    from library.data.images import image_tensor
+
+    with pytest.raises(ValueError, match="resolution must be positive, got 0"):
+        image_tensor(Image.new("RGB", (8, 8)), 0)
+
+
+def test_a_palette_image_with_alpha_is_composited_on_white() -> None:
+    """Mode PA has an alpha band like LA: a transparent pixel comes out white, not refused or its hidden colour."""
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([0, 0, 0] * 256)
+    pa.putpixel((0, 0), (0, 0))  # black, fully transparent
+    pa.putpixel((1, 0), (0, 255))  # black, opaque
+    assert np.asarray(to_rgb(pa, "pa.png")).tolist() == [[[255, 255, 255], [0, 0, 0]]]
