@@ -100,8 +100,7 @@ class OutputLock:
                 os.close(handle)
                 raise in_use(self.flag, self.folder) from None
             # A silent wait looks like a hang: say whose turn it is
-            print(f"{self.flag} {self.folder} is in use by another run (it holds {LOCK_FILE}); waiting for it",
-                  file=sys.stderr, flush=True)
+            print(f"{_held_elsewhere(self.flag, self.folder)}; waiting for it", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         self._handle = handle
         remove_stale_temporaries(self.folder)
@@ -116,10 +115,13 @@ class OutputLock:
             self._handle = None
 
 
+def _held_elsewhere(flag: str, folder: Path) -> str:
+    return f"{flag} {folder} is in use by another run (it holds {LOCK_FILE})"
+
+
 def in_use(flag: str, folder: Path) -> ConfigError:
     """The refusal of a folder another run holds locked."""
-    return ConfigError(f"{flag} {folder} is in use by another run (it holds {LOCK_FILE}); wait for it to finish or "
-                       "choose another folder")
+    return ConfigError(f"{_held_elsewhere(flag, folder)}; wait for it to finish or choose another folder")
 
 
 def check_not_locked(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
