@@ -606,16 +606,20 @@ def test_latent_cache_refuses_digests_that_do_not_match_the_paths(tmp_path, tiny
         LatentCache(tiny_vae, "fp", 32).get_many(paths, digests=["0" * 64])
 
 
-def test_latent_cache_recomputes_a_file_whose_latent_is_not_one_image(tmp_path, tiny_vae):
-    """A disk entry under the right key whose tensor is not (C, h, w) is a miss, not a latent of another shape."""
+@pytest.mark.parametrize("shape", ["batch", "half_side", "channels"])
+def test_latent_cache_recomputes_a_file_whose_latent_is_not_one_image(tmp_path, tiny_vae, shape):
+    """A disk entry under the right key whose tensor is not this cache's (C, h, w) is a miss, not a latent of another
+    shape (which would break the batch it is stacked into, or train on a wrong-sized latent)."""
     from library.fileio import write_safetensors
 
     paths = _images(tmp_path / "img", 1)
     cache = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", batch_size=1)
     good = cache.get_many(paths)
     key = cache.key(paths[0], 1)
-    # the batch's (1, C, h, w) tensor under the image's own key
-    write_safetensors(tmp_path / "cache" / f"{key}.safetensors", {"latent": good.clone()}, {"key": key})
+    wrong = {"batch": good.clone(),  # the batch's (1, C, h, w) tensor under the image's own key
+             "half_side": good[0, :, ::2, ::2].clone(),  # a lower resolution's latent
+             "channels": good[0, :1].clone()}[shape]  # another VAE's channel count
+    write_safetensors(tmp_path / "cache" / f"{key}.safetensors", {"latent": wrong}, {"key": key})
     again = LatentCache(tiny_vae, "fp", 32, tmp_path / "cache", batch_size=1)
     assert torch.equal(again.get_many(paths), good) and again.stats["disk_hits"] == 0
 

@@ -122,6 +122,12 @@ class LatentCache:
         return self.cache_dir / f"{key}.safetensors"
 
     # -- disk ------------------------------------------------------------------------------------------
+    def _latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent: the VAE's latent channels, the resolution over its downsampling factor."""
+        config = self.vae.config
+        side = self.resolution // 2 ** (len(config.block_out_channels) - 1)
+        return (config.latent_channels, side, side)
+
     def _read_disk(self, key: str) -> torch.Tensor | None:
         if self.cache_dir is None:
             return None
@@ -136,7 +142,9 @@ class LatentCache:
                 latent = handle.get_tensor("latent")
         except Exception:  # any unreadable file is just a cache miss: we can always recompute
             return None
-        if meta.get("key") != key or latent.ndim != 3 or not torch.isfinite(latent).all():
+        # a file with the right key but another shape (tampered, or written by a buggy tool) is a miss too: served,
+        # it would break the batch it is stacked into, or train on a wrong-sized latent
+        if meta.get("key") != key or tuple(latent.shape) != self._latent_shape() or not torch.isfinite(latent).all():
             return None
         return latent.float()
 
@@ -183,9 +191,7 @@ class LatentCache:
         paths = [Path(p) for p in paths]
         if not paths:
             # An empty set (say an aux split of size 0) gets an empty batch of the right shape.
-            config = self.vae.config
-            side = self.resolution // 2 ** (len(config.block_out_channels) - 1)
-            return torch.empty(0, config.latent_channels, side, side)
+            return torch.empty(0, *self._latent_shape())
         if digests is None:
             digests = [self._digest(p) for p in paths]
         elif len(digests) != len(paths):
