@@ -292,21 +292,40 @@ def test_generation_fills_the_gaps_and_keeps_the_class_images_already_there(drea
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class_{i:05d}.png" for i in range(6)]
 
 
-def test_a_rank_other_than_the_main_one_generates_nothing_and_reads_the_folder_after_the_wait(dreambooth_args,
-                                                                                              tmp_path):
-    """Every rank rendering the same names would race on the files; a rank that read before the wait would find
-    the folder not yet filled by the main process."""
+def test_a_rank_other_than_the_main_one_generates_nothing_and_takes_the_main_ones_list(dreambooth_args, tmp_path):
+    """Every rank rendering the same names would race on the files; a rank reading the folder itself could see
+    another list than the main one's (a run adding images meanwhile): it takes the main process's, as broadcast."""
+    from library.data.dataset import ImageCaption
     from library.train.prior import prior_records
 
     config = parse_config(TrainConfig, dreambooth_args)
-    waited = []
+    _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])  # not what the main one read
+    sent = [], ([ImageCaption(tmp_path / "main.png", "a digit")], 3)
 
-    def main_process_fills_the_folder() -> None:  # what the main rank's generation has done once the wait returns
-        waited.append(True)
-        _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])
+    def broadcast(value):  # what the main process sends reaches every rank
+        sent[0].append(value)
+        return sent[1]
 
-    records, made = prior_records(config, None, False, main_process_fills_the_folder)  # no model: nothing to render
-    assert waited == [True] and made == 0 and len(records) == 6
+    records, made = prior_records(config, None, False, broadcast)  # no model: nothing to render
+    assert sent[0] == [None] and (records, made) == sent[1]
+
+
+def test_the_main_processs_refusal_stops_every_rank_with_its_line(dreambooth_args, tmp_path):
+    """The main process broadcasts its refusal instead of raising alone (the other ranks would wait for its list
+    for ever); every rank then raises the main one's error."""
+    from library.errors import DataError
+    from library.train.prior import prior_records
+
+    config = parse_config(TrainConfig, dreambooth_args)
+    _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])
+    (tmp_path / "class" / "class_00002.txt").unlink()
+    config.class_prompt = None  # an image with no caption file and no class prompt to fall back on
+    sent = []
+    with pytest.raises(DataError, match="class_00002.png has no caption file") as raised:
+        prior_records(config, None, True, lambda value: sent.append(value) or value)
+    assert sent == [raised.value]
+    with pytest.raises(DataError, match="class_00002.png has no caption file"):
+        prior_records(config, None, False, lambda value: sent[0])
 
 
 def test_a_fuller_class_folder_gives_its_first_num_class_images_by_path(dreambooth_args, tmp_path):

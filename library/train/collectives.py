@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 class Collectives:
@@ -42,6 +42,12 @@ class Collectives:
         if self.accelerator.num_processes == 1:
             return [obj]
         return gather_object([obj])
+
+    def from_main(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process (the others' ``obj`` is ignored)."""
+        if self.accelerator.num_processes == 1:
+            return obj
+        return broadcast_object_list([obj], from_process=0)[0]
 
     def in_sync(self, tensors: list[torch.Tensor]) -> bool:
         """True when every process holds bit-identical ``tensors`` (compared by two float64 checksums)."""

@@ -43,6 +43,8 @@ from library.sd.sampling import PromptSpec, build_pipeline, generate
 from library.train.config import TrainConfig
 
 GENERATED_PREFIX = "class_"
+# what the main process tells the others (prior_records): the records and how many were made, or its refusal
+Outcome = tuple[list[ImageCaption], int] | ConfigError | DataError | None
 
 
 def _images(folder: Path) -> list[Path]:
@@ -185,15 +187,26 @@ def check_class_images(config: TrainConfig, split: Mapping[str, str]) -> None:
 
 
 def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: bool,
-                  wait_for_everyone: Callable[[], None],
+                  from_main: Callable[[Outcome], Outcome],
                   autocast: Callable[[], ContextManager] | None = None) -> tuple[list[ImageCaption], int]:
     """The class images a run trains its prior on, generated first where missing (by the main process, from the
     base model as loaded: call this before the trained parameters are attached), and how many were generated.
-    Torch's global RNG is left as it was, so the adapter's initialisation does not depend on the generation."""
-    made = 0
-    if is_main_process and missing_class_images(config):
-        state = torch.get_rng_state()
-        made = generate_class_images(config, bundle, autocast)
-        torch.set_rng_state(state)
-    wait_for_everyone()
-    return class_images(config), made
+
+    Only the main process reads the folder; ``from_main`` gives every process the main one's value (a broadcast),
+    so all ranks train on the same list even if another run adds images to the folder meanwhile, and a refusal
+    (a missing caption, too few images) stops every rank with the main one's line. Torch's global RNG is left as it
+    was, so the adapter's initialisation does not depend on the generation."""
+    outcome: Outcome = None
+    if is_main_process:
+        try:
+            state = torch.get_rng_state()
+            made = generate_class_images(config, bundle, autocast) if missing_class_images(config) else 0
+            torch.set_rng_state(state)
+            outcome = (class_images(config), made)
+        except (ConfigError, DataError) as exc:
+            outcome = exc
+    outcome = from_main(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    assert outcome is not None, "from_main gave no value: it must broadcast the main process's"
+    return outcome

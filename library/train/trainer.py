@@ -132,8 +132,8 @@ class Trainer:
             return None
         preflight.check_output_not_locked(self)  # not minutes of generation for a run its lock would refuse
         records, made = prior.prior_records(self.config, self.bundle, self.accelerator.is_main_process,
-                                            self.accelerator.wait_for_everyone, self.autocast)
-        if made:
+                                            self.collectives.from_main, self.autocast)
+        if made and self.accelerator.is_main_process:  # every rank knows the count; it is said once
             print(f"generated {made} class image(s) into {self.config.class_data_dir}", flush=True)
         self.data.prior = LabelledSet([r.path for r in records], [r.caption for r in records])
         return EpochCyclingSampler(len(records), self.config.train_batch_size, self.config.seed + 11, self.rank,
