@@ -461,6 +461,9 @@ def test_caption_files(tmp_path):
     jsonl.write_text('{"file_name": "cat/x.jpg", "text": "a cat"}\n\n')
     table = CaptionTable.from_file(jsonl)
     assert table.get("cat/x.jpg") == table.get("x.jpg") == table.get("x") == "a cat"
+    jsonl.write_text('{"file_name": "cat/x.jpg", "text": "a cat"}\n\n{"file_name": "y.jpg", text}\n')
+    with pytest.raises(DataError, match="b.jsonl line 3 is not valid JSON"):  # blank lines counted, not read
+        read_captions(jsonl)
     # a key of the file wins over a name derived from another; a name two captions share names neither
     table = CaptionTable({"sub/a.jpg": "B", "a.jpg": "A", "cat/x.jpg": "a cat", "dog/x.jpg": "a dog"}, "t.csv")
     assert (table.get("a.jpg"), table.get("sub/a.jpg"), table.get("dog/x.jpg")) == ("A", "B", "a dog")

@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from library.data.images import IMAGE_EXTENSIONS
 from library.errors import ConfigError, DataError, warn
@@ -158,20 +159,27 @@ def _scan_kohya(root: Path, caption_extension: str) -> list[ImageCaption]:
     return records
 
 
+def jsonl_rows(lines: list[str], path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each non-blank line of the JSON-lines file ``path`` (``where``: "<path> line N", for the
+    caller's messages); a line that is not JSON is a DataError naming it."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
+        yield where, row
+
+
 def _scan_imagefolder(root: Path, metadata: Path, caption_column: str) -> list[ImageCaption]:
     records: dict[str, ImageCaption] = {}
     try:
         lines = metadata.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {metadata}: {exc}") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{metadata} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
+    for where, row in jsonl_rows(lines, metadata):
         if not isinstance(row, dict) or "file_name" not in row:
             raise DataError(f"{where} has no 'file_name' key: every line needs file_name and {caption_column}")
         if caption_column not in row:

@@ -29,6 +29,7 @@ from PIL import Image
 from library.cli import ArgumentParser
 from library.data.dataset import (
     caption_source,
+    jsonl_rows,
     mark_complete,
     mark_incomplete,
     scan_dataset,
@@ -134,14 +135,7 @@ def _read_caption_csv(path: Path, text: str) -> dict[str, str]:
 
 def _read_caption_jsonl(path: Path, text: str) -> dict[str, str]:
     captions: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc.msg}): fix or remove that line") from None
+    for where, row in jsonl_rows(text.splitlines(), path):
         if not isinstance(row, dict):
             raise DataError(f"{where} must be a JSON object like {{\"image_id\": ..., \"caption\": ...}}")
         key_col, cap_col = _pick(list(row), KEY_COLUMNS), _pick(list(row), CAPTION_COLUMNS)
