@@ -146,6 +146,113 @@ def test_report_fields_and_scores_csv_columns_come_from_their_own_source():
     assert "override" not in md
 
 
+def test_report_json_holds_every_result_row_and_the_privacy_audit():
+    """report.json is what tables are re-derived from: every row (not only the headline ones) and the audit block."""
+    audit = {"lora": {"worst_case_attack": "loss avg", "auc": 0.5}}
+    result = tiny_result(privacy_audit=audit)
+    report = report_dict(result)
+    assert report["results"] == result.rows and report["privacy_audit"] == audit
+
+
+def test_scores_csv_keeps_every_digit_of_each_score():
+    """Any metric must be re-computable from scores.csv exactly, so a score is never rounded on the way out."""
+    result = tiny_result()
+    result.scores["lora"][0].scores = np.arange(7.0) / 3 + 1e-9
+    table = list(csv.DictReader(scores_csv(result).splitlines()))
+    assert [float(r["lora|loss avg"]) for r in table] == list(np.arange(7.0) / 3 + 1e-9)
+
+
+def test_report_md_puts_non_headline_rows_under_the_per_timestep_variants():
+    """A per-timestep row must not be read as a headline result (Table 1), nor a headline row be left out of it."""
+    result = tiny_result()
+    result.rows.append({**result.rows[0], "label": "loss t=5 [head]", "headline": True})
+    md = report_markdown(result)
+    variants = md.index("## Per-timestep variants")
+    assert md.index("| lora | loss t=5 [head] |") < variants < md.index("| lora | loss avg |")
+
+
+def test_report_md_describes_the_paper_features_it_ran():
+    """The features line says which t the paper's attacker drew from (none for multi_t_loss, nothing without it)."""
+    result = tiny_result()
+    cfg = replace(result.config, paper_features="error_map", paper_min_timestep=10, paper_max_timestep=400,
+                  paper_draws=2)
+    assert ("; paper h' on `error_map` at t ~ U[10, 400), 2 draw(s) per sample\n"
+            in report_markdown(replace(result, config=cfg)))
+    multi_t = report_markdown(replace(result, config=replace(cfg, paper_features="multi_t_loss")))
+    assert "; paper h' on `multi_t_loss`\n" in multi_t
+    assert "paper h' on" not in report_markdown(replace(result, config=replace(cfg, attacks=["loss"])))
+
+
+def test_report_md_names_each_skipped_check_and_a_strength_below_one():
+    """Each override flag has its own line, and a LoRA weakened below strength 1 is said, like one above it."""
+    result = tiny_result()
+    cfg = replace(result.config, allow_base_mismatch=True, network_multiplier=0.5)
+    md = report_markdown(replace(result, config=cfg))
+    assert "- **override**: a LoRA trained on another base model may be evaluated (--allow_base_mismatch)" in md
+    assert "- **override**: every LoRA applied at strength 0.5 (--network_multiplier)" in md
+    assert "other splits" not in md and "caption encoding" not in md
+
+
+def test_report_md_utility_table_notes_and_a_model_worse_than_the_base():
+    """The utility section: one column per metric with its std beside it (a zero is a value, not n/a), the meaning
+    of each number present, and a model denoising worse than the base named with its loss and the base's."""
+    utility = {"base": {"loss_member_test": 0.5, "loss_member_test_std": 0.0, "loss_nonmember_test_t10": 0.25},
+               "lora": {"loss_member_test": 0.0, "loss_nonmember_test_t10": 0.5}}
+    md = report_markdown(tiny_result(utility=utility, quality=None))
+    assert "| model | loss_member_test | loss_nonmember_test_t10 |\n|---|---:|---:|\n" in md
+    assert "| base | 0.5 ± 0 | 0.25 |" in md and "| lora | 0 | 0.5 |" in md
+    assert "- **loss_member_test**: mean per-sample denoising loss" in md and "**loss_gap**" not in md
+    assert "- **loss_nonmember_test_t10**: loss_nonmember_test at t = 10 only" in md
+    assert ("- **`lora` denoises worse than the base model** (by > 10%) at t = 10: 0.5 against 0.25 on held-out"
+            in md)
+    assert "- no sample-quality metrics: run with --quality" in md
+
+
+def test_report_md_quality_line_and_real_vs_real_floor_without_stds():
+    """With --quality, the sampling settings, the grids and the real-vs-real floor's values (not their stds)."""
+    quality = {"num_images": 8, "sampler": "ddim", "steps": 20, "guidance_scale": 7.5, "seed": 4, "n_reference": 16,
+               "reference": "member_test", "kid_subset_size": 4, "grids": {"lora": "samples_lora.png"},
+               "real_vs_real_floor": {"kid": 0.125, "kid_std": 0.5, "fd": None}}
+    md = report_markdown(tiny_result(utility={"lora": {"loss_member_test": 0.25}}, quality=quality))
+    assert ("- samples: 8 per model from D_te captions, ddim 20 steps, guidance 7.5, seed 4; compared with the 16 real "
+            "`member_test` images; KID subset size 4; grids: `samples_lora.png`") in md
+    assert "- no sample-quality metrics" not in md
+    assert md.split("- real-vs-real floor ")[1].split("\n")[0].endswith("): kid 0.125")
+
+
+def test_write_report_removes_an_earlier_runs_plots_and_clear_replaced_its_grids(tmp_path):
+    """Files of a replaced run must not sit beside a new report as if they were its own, nor be removed without
+    one (a folder that holds no finished report is not an evaluation's)."""
+    from library.eval.report import clear_replaced, write_report
+
+    (tmp_path / "samples_old.png").write_bytes(b"a grid")
+    clear_replaced(tmp_path)  # no report.json: nothing is replaced
+    assert (tmp_path / "samples_old.png").exists()
+    (tmp_path / "roc.png").write_bytes(b"an earlier plot")
+    result = tiny_result()
+    paths = write_report(replace(result, config=replace(result.config, plots=False)), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "samples_old.png", "scores.csv"]
+    assert set(paths) == {"json", "markdown", "csv"}
+    clear_replaced(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "scores.csv"]
+
+
+def test_model_records_say_what_each_model_is():
+    """report.json's models entry is how a reader tells a LoRA from a fine-tuned UNet and which weights were used."""
+    from library.eval.unet_weights import UNetWeights
+
+    te = UNetWeights(Path("ft"), "diffusers", (Path("ft/unet.safetensors"),), "c" * 64, (Path("ft/te.safetensors"),))
+    records = [spec.record() for spec in (
+        ModelSpec("base"), ModelSpec("lora", Path("l.safetensors"), "b" * 64, {"ss_network_dim": "4"}),
+        ModelSpec("ft", unet=te), ModelSpec("ft_base_te", unet=replace(te, layout="single_file", text_encoder=())))]
+    assert [(r["kind"], r["path"], r["sha256"], r["lora_sha256"]) for r in records] == [
+        ("base", None, None, None), ("lora", "l.safetensors", "b" * 64, "b" * 64), ("unet", "ft", "c" * 64, None),
+        ("unet", "ft", "c" * 64, None)]
+    assert [(r["layout"], r["text_encoder"]) for r in records] == [
+        (None, None), (None, None), ("diffusers", "own"), ("single_file", "base")]
+    assert records[1]["metadata"] == {"ss_network_dim": "4"} and records[1]["lora_path"] == "l.safetensors"
+
+
 def measured_aucs(report: dict) -> dict[tuple[str, str], dict]:
     measured = {(m, a): rows_by(report, m, f"{a} avg") for m in ("base", "overfit") for a in ("loss", "calibrated")}
     print({k: (round(v["auc"], 3), [round(x, 3) for x in v["auc_ci"]]) for k, v in measured.items()})
