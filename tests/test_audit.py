@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -322,6 +323,63 @@ def test_suite_null_is_none_when_any_candidate_has_no_scores():
     labels, test = np.r_[np.ones(5), np.zeros(5)], np.arange(10)
     assert suite_null(rows, {"a": np.arange(10.0)}, labels, test, seed=0) is None
     assert suite_null(rows, {"a": np.arange(10.0), "b": np.zeros(10)}, labels, test, seed=0)["attacks"] == ["a", "b"]
+
+
+def _finished_evaluation(folder, **report):
+    """A finished evaluation's report.json and scores.csv: one model, two candidates (attack "a" separates D_te,
+    "b" is noise) and a floor row, on 2 D_aux + 6 + 6 D_te samples; ``report`` replaces top-level keys."""
+    from library.eval.report import score_column
+
+    splits = ["member_aux", "nonmember_aux"] + ["member_test"] * 6 + ["nonmember_test"] * 6
+    scores = {"a": np.r_[9.0, -9.0, np.arange(6) + 6.0, np.arange(6.0)],
+              "b": np.random.default_rng(1).normal(size=14), "blind": np.zeros(14)}
+    report = {"results": [_row("m", "a", 1.0), _row("m", "b", 0.5), _row("m", "blind", 0.5, floor=True)],
+              "seeds": {"noise_attacks_bootstrap": 5, "split": 11},
+              "samples": {"counts": {s: splits.count(s) for s in dict.fromkeys(splits)}}, **report}
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(report))
+    header = ["file", "split", "label", *(score_column("m", name) for name in scores)]
+    lines = [",".join(header)] + [",".join([f"{i}.png", split, str(int(split.startswith("member"))),
+                                            *(repr(float(v[i])) for v in scores.values())])
+                                  for i, split in enumerate(splits)]
+    (folder / "scores.csv").write_text("\n".join(lines) + "\n")
+    labels = np.array([int(s == "member_test") for s in splits])
+    return folder, scores, labels, np.arange(2, 14)
+
+
+def test_suite_null_from_files_tests_the_candidates_on_d_te_at_the_evaluations_seed(tmp_path):
+    """scripts/suite_null.py must give the number the report would hold: same rows, D_te only, the report's seed."""
+    from library.eval.rederive import suite_null_from_files
+
+    folder, scores, labels, test = _finished_evaluation(tmp_path / "eval")
+    rows = [_row("m", "a", 1.0), _row("m", "b", 0.5)]
+    expected = suite_null(rows, scores, labels, test, seed=5)
+    assert expected["attacks"] == ["a", "b"] and expected["seed"] == 5 and expected["observed_max_auc"] == 1.0
+    assert suite_null_from_files(folder) == {"m": expected}
+    assert suite_null_from_files(folder, seed=3) == {"m": suite_null(rows, scores, labels, test, seed=3)}
+    lines = (folder / "scores.csv").read_text().splitlines(keepends=True)
+    (folder / "scores.csv").write_text("".join(lines[:-1]))  # cut at a line end: it parses, a sample short
+    with pytest.raises(DataError, match="holds 5 nonmember_test samples where report.json counts 6"):
+        suite_null_from_files(folder)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"report.json": "{not json"}, "not a readable evaluation report"),
+    ({"report.json": json.dumps({"summary": []})}, "no 'results'"),
+    ({"scores.csv": ""}, "no per-sample scores"),
+    ({"scores.csv": "file,label,m|a\n0.png,1,0.5\n"}, "no per-sample scores"),
+    ({"scores.csv": "file,split,label,m|a,m|b\n0.png,member_test,1,high,0.5\n"}, "a score is not a number"),
+    ({"scores.csv": "file,split,label,m|a\n0.png,member_test,1,0.5\n"}, "no column for m 'b'"),
+])
+def test_suite_null_from_files_names_what_is_wrong_with_the_files(tmp_path, broken, message):
+    """A wrong or damaged folder is one DataError saying what is wrong, never a traceback or a silent number."""
+    from library.eval.rederive import suite_null_from_files
+
+    folder = _finished_evaluation(tmp_path / "eval", samples={})[0]
+    for name, text in broken.items():
+        (folder / name).write_text(text)
+    with pytest.raises(DataError, match=re.escape(message)):
+        suite_null_from_files(folder)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
