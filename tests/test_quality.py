@@ -474,6 +474,62 @@ def test_utility_retained_is_left_out_when_the_reference_or_the_base_lacks_the_m
         assert not any("utility_retained" in row for row in rows.values())
 
 
+def test_only_the_per_t_losses_can_flag_a_model_worse_than_the_base():
+    """A LoRA that raises conditional accuracy or the loss gap over the base is not "denoising worse" in report.md."""
+    from library.eval.quality import worse_than_base
+
+    utility = {"base": {"loss_nonmember_test_t50": 1.0, "conditional_accuracy": 0.5, "loss_gap": 0.01},
+               "lora": {"loss_nonmember_test_t50": 1.0, "conditional_accuracy": 0.9, "loss_gap": 0.05}}
+    assert worse_than_base(utility) == {}
+
+
+def test_real_features_load_the_references_at_the_evaluated_resolution(monkeypatch):
+    """The references are read at --resolution, the size of the samples they are compared with."""
+    from library.eval import quality
+    from library.eval.extractors import FeatureExtractor
+
+    manifest = _flat_manifest(monkeypatch, np.zeros((3, 3)))
+    side = FeatureExtractor("side", "", lambda images: {"side": torch.full((len(images), 1), images.shape[-1])},
+                            {"side": ("fd_side", None)})
+    real = quality.real_features(SimpleNamespace(resolution=8), manifest, manifest.members(), [side],
+                                 torch.device("cpu"))
+    assert real["side"]["side"].ravel().tolist() == [8, 8, 8]
+
+
+def _run_quality_of_one_model(monkeypatch, tmp_path, n_images: int) -> tuple[dict, list[int]]:
+    """(settings, images per tiled grid) of run_quality on one model "m" whose ``n_images`` flat samples took 1 s
+    to generate, scored against 8 flat references."""
+    from PIL import Image
+
+    from library.eval import quality
+    from library.eval.records import ModelSpec
+    from library.sd import sampling
+
+    manifest = _flat_manifest(monkeypatch, np.random.default_rng(3).uniform(-1, 1, size=(8, 3)))
+    samples = [Image.new("RGB", (4, 4), (40 * i, 90, 200 - 30 * i)) for i in range(n_images)]
+    monkeypatch.setattr(quality, "generate_all", lambda config, specs, prompts, device, pool: [(samples, 1.0)])
+    tiled: list[int] = []
+    monkeypatch.setattr(sampling, "save_grid", lambda images, path: tiled.append(len(images)) or Path(path))
+    config = SimpleNamespace(utility_reference=None, quality_num_images=n_images, quality_reference="members",
+                             resolution=4, quality_kid_subsets=2, seed=0, quality_seed=0, quality_sampler="ddim",
+                             quality_steps=2, quality_guidance_scale=7.5)
+    settings = quality.run_quality(config, [ModelSpec("m")], manifest, torch.device("cpu"), [_colour_extractor()],
+                                   tmp_path, {}, pool=None)
+    return settings, tiled
+
+
+def test_a_grid_of_fewer_samples_than_its_maximum_says_how_many_it_holds(monkeypatch, tmp_path):
+    """report.json's grid_images is the number of samples tiled (3 of 3), not GRID_MAX_IMAGES."""
+    settings, tiled = _run_quality_of_one_model(monkeypatch, tmp_path, 3)
+    assert tiled == [3] and settings["grid_images"] == 3
+
+
+def test_a_models_quality_time_adds_scoring_to_generating(monkeypatch, tmp_path):
+    """timing_s[model] is generation (1 s here) plus tiling and scoring its samples, the time --quality cost it."""
+    settings, _ = _run_quality_of_one_model(monkeypatch, tmp_path, 3)
+    assert settings["timing_s"]["m"] > 1.0
+
+
 # ---------------------------------------------------------------------------------------------- generation
 
 
@@ -569,6 +625,44 @@ def test_generate_all_keeps_the_model_order_and_the_precision(monkeypatch):
     config.mixed_precision = "fp16"
     images, _ = generation.generate_samples_job(generation.SampleJob(config, specs[1], ["p"], torch.device("cpu")))
     assert images == ["a"] and seen[-1] == ("a", torch.float16)
+
+
+def test_generation_times_each_model_in_this_process_and_in_a_worker(monkeypatch):
+    """A model's seconds (report.json timing_s) are its own generation time, serial or in a worker's job."""
+    import contextlib
+    import time
+
+    from library.eval import generation
+    from library.eval.records import ModelSpec
+
+    def slow_generate_samples(config, bundle, spec, prompts, device, dtype):
+        time.sleep(0.02)
+        return [spec.name]
+
+    monkeypatch.setattr(generation, "load_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "generate_samples", slow_generate_samples)
+    config = SimpleNamespace(mixed_precision="no")
+    pool = SimpleNamespace(parallel=False, in_process=contextlib.nullcontext)
+    out = generation.generate_all(config, [ModelSpec("base"), ModelSpec("a")], ["p"], torch.device("cpu"), pool)
+    assert [seconds >= 0.02 for _, seconds in out] == [True, True]
+    _, seconds = generation.generate_samples_job(generation.SampleJob(config, ModelSpec("a"), ["p"],
+                                                                      torch.device("cpu")))
+    assert seconds >= 0.02
+
+
+def test_worker_generation_returns_the_models_in_the_order_of_specs(monkeypatch):
+    """With --jobs > 1 the samples still come back in the order of ``specs``, which run_quality zips them with."""
+    from library.eval import generation
+    from library.eval.records import ModelSpec
+
+    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "generate_samples",
+                        lambda config, bundle, spec, prompts, device, dtype: [spec.name])
+    pool = SimpleNamespace(parallel=True, map=lambda fn, jobs: [fn(job) for job in jobs])  # WorkerPool.map's order
+    specs = [ModelSpec("base"), ModelSpec("a"), ModelSpec("b")]
+    out = generation.generate_all(SimpleNamespace(mixed_precision="no"), specs, ["p"], torch.device("cpu"), pool)
+    assert [images for images, _ in out] == [["base"], ["a"], ["b"]]
 
 
 # ---------------------------------------------------------------------------------------------- extractors
