@@ -418,6 +418,67 @@ def test_the_evaluation_sees_images_at_the_size_the_lora_learnt_them(capsys):
     capsys.readouterr()
 
 
+def _trained_as(name: str, **meta: str) -> ModelSpec:
+    """A LoRA file recording a default training's conditioning, ``meta`` overriding some of it."""
+    return _spec(name, **{"ss_clip_skip": "1", "ss_max_token_length": "None", "ss_resolution": "(512, 512)", **meta})
+
+
+def test_a_lora_trained_at_any_multiple_of_8_is_evaluated_at_its_size():
+    """520 px (65 latents) is a size the evaluation crops: a LoRA recording it is evaluated at 520, not at 512."""
+    got = resolve_conditioning(EvalConfig(), [_trained_as("odd", ss_resolution="(520, 520)")])
+    assert (got.resolution, got.source["resolution"]) == (520, "LoRA metadata")
+
+
+def test_a_recorded_clip_skip_of_zero_is_refused():
+    """clip_skip 0 names no CLIP layer: the file's metadata is broken, one ModelError naming the key."""
+    with pytest.raises(ModelError, match=r"metadata ss_clip_skip='0' is neither a positive integer"):
+        resolve_conditioning(EvalConfig(), [_trained_as("zero", ss_clip_skip="0")])
+
+
+def test_kohyas_none_clip_skip_is_the_last_layer():
+    """ss_clip_skip "None" is kohya's default, the last layer: clip_skip 1, never None."""
+    got = resolve_conditioning(EvalConfig(), [_trained_as("kohya", ss_clip_skip="None")])
+    assert got.clip_skip == 1 and got.as_dict()["clip_skip"] == 1
+
+
+def test_a_contradicting_flag_names_the_first_lora_and_its_recorded_clip_skip():
+    """The refusal says which LoRA (the first that clashes) and how it was trained, in the setting's own words."""
+    with pytest.raises(ConfigError, match=r"contradicts LoRA 'a', trained with clip_skip 2 \(its ss_clip_skip\)"):
+        resolve_conditioning(EvalConfig(clip_skip=1), [_trained_as("a", ss_clip_skip="2"),
+                                                       _trained_as("b", ss_clip_skip="2")])
+
+
+def test_kohyas_none_window_and_an_explicit_75_are_one_conditioning():
+    """LoRAs recording "None" and "75" used the same caption window: they are evaluated together, not refused."""
+    got = resolve_conditioning(EvalConfig(), [_trained_as("a"), _trained_as("b", ss_max_token_length="75")])
+    assert got.as_dict()["max_token_length"] == 75 and got.source["max_token_length"] == "LoRA metadata"
+
+
+def test_a_foreign_unet_that_records_nothing_gets_no_warning(capsys):
+    """A fine-tuned UNet from elsewhere records no training: the defaults, without a warning about its metadata."""
+    from library.eval.unet_weights import UNetWeights
+
+    unet = ModelSpec("ft", unet=UNetWeights(Path("ft"), "diffusers", (Path("ft"),), "0" * 64))
+    got = resolve_conditioning(EvalConfig(), [ModelSpec("base"), unet])
+    assert (got.clip_skip, got.max_token_length, got.resolution) == (1, None, 512)
+    assert capsys.readouterr().err == ""
+
+
+def test_flags_for_what_a_file_does_not_record_are_used_without_a_warning(capsys):
+    """--clip_skip / --max_token_length / --resolution say how an old file was trained: used, sourced "flag", silent."""
+    got = resolve_conditioning(EvalConfig(clip_skip=2, max_token_length=225, resolution=256), [_spec("old")])
+    assert (got.clip_skip, got.max_token_length, got.resolution) == (2, 225, 256)
+    assert got.source == {"clip_skip": "flag", "max_token_length": "flag", "resolution": "flag"}
+    assert capsys.readouterr().err == ""
+
+
+def test_a_file_missing_only_its_clip_skip_is_warned_about_that_key_alone(capsys):
+    """The warning names the unrecorded key, the value assumed and its flag, and no non-square ss_resolution."""
+    resolve_conditioning(EvalConfig(), [_spec("partial", ss_max_token_length="None", ss_resolution="(512, 512)")])
+    err = capsys.readouterr().err
+    assert "record no ss_clip_skip (older or foreign files); evaluating with clip_skip 1 — pass --clip_skip if" in err
+
+
 def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path, tmp_path, capfd):
     """A LoRA trained with --clip_skip 2 is evaluated with clip_skip 2 without any flag, and the report says so."""
     lora = trained / "smp_lora.safetensors"
