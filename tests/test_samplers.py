@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from library.errors import ConfigError
 from library.train.samplers import EpochCyclingSampler
 
 
@@ -79,3 +82,27 @@ def test_consecutive_seeds_do_not_give_shifted_copies_of_one_stream():
     orders = {(seed, epoch): tuple(EpochCyclingSampler(20, 2, seed)._make_permutation(epoch).tolist())
               for seed in range(4) for epoch in range(4)}
     assert len(set(orders.values())) == len(orders)
+
+
+def test_one_global_batch_is_enough_and_one_image_fewer_is_refused_across_processes():
+    """The refusal counts every process's batch (a set that fills one global batch trains; one image less is named)."""
+    assert EpochCyclingSampler(4, 2, seed=0, world_size=2).batches_per_epoch == 1
+    with pytest.raises(ConfigError, match=r"^the dataset has 3 image\(s\), fewer than one batch of 4 "
+                                          r"\(2 per process x 2 process\(es\)\)"):
+        EpochCyclingSampler(3, 2, seed=0, world_size=2)
+
+
+def test_every_rank_starts_the_next_epoch_when_the_global_batch_would_not_fill():
+    """8 images in global batches of 6: the second step is a new epoch for every rank, never a short or empty slice."""
+    ranks = [EpochCyclingSampler(8, 2, seed=2, rank=r, world_size=3) for r in range(3)]
+    first, second = [[sampler.next_indices() for sampler in ranks] for _ in range(2)]
+    assert all(len(batch) == 2 for batch in first + second) and all(s.epoch == 1 for s in ranks)
+    assert sum(second, []) == ranks[0]._make_permutation(1)[:6].tolist()
+
+
+@pytest.mark.parametrize("change", [{"num_items": 8}, {"seed": 12}])
+def test_a_state_of_another_set_size_or_seed_is_refused(change):
+    """A resume must not continue another set's order (or index past this set's end)."""
+    state = {**EpochCyclingSampler(7, 2, seed=11).state_dict(), **change}
+    with pytest.raises(ValueError, match="different dataset or seed"):
+        EpochCyclingSampler(7, 2, seed=11).load_state_dict(state)
