@@ -41,3 +41,16 @@ def test_plan_says_what_an_epoch_leaves_and_counts_repeats_once(tmp_path):
 def test_plan_prices_8bit_moments_at_two_bytes(tmp_path):
     plan = _plan(tmp_path, ["--optimizer_type", "AdamW8bit"], trained=2**30 // 10)
     assert "~1.00 GiB of weights" in plan  # (4 + 4 + 2) bytes a parameter
+
+
+def test_plan_counts_epochs_in_micro_batches_when_steps_accumulate(tmp_path):
+    """A step of --gradient_accumulation_steps 3 reads 3 batches: 6 steps over 2 batches/epoch are 9 epochs, not 3."""
+    plan = _plan(tmp_path, ["--max_train_steps", "6", "--gradient_accumulation_steps", "3"])
+    assert "6 optimisation steps (~9.0 epochs; set by max_train_steps = 6)" in plan
+
+
+def test_plan_names_the_class_images_and_the_prior_weight(tmp_path):
+    """DreamBooth's prior term: how many class images and at what weight, so a wrong weight shows before training."""
+    plan = _plan(tmp_path, ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
+                            "--class_prompt", "a digit", "--num_class_images", "12", "--prior_loss_weight", "0.5"])
+    assert ", prior preservation on 12 class images x 0.5, output " in plan
