@@ -61,6 +61,7 @@ def test_presets_match_table4():
 def test_split_sizes_from_preset_and_disjoint(tmp_path):
     records = _dataset(tmp_path / "d", 900)
     m = make_split(records, preset="pokemon", seed=1337)
+    assert m.preset == "pokemon"  # the manifest names the experiment whose sizes it drew
     assert m.sizes() == dict(member_aux=200, member_test=233, nonmember_aux=200, nonmember_test=200, pretrain=0,
                              unused=67)
     all_paths = [p for entries in m.splits().values() for p in _paths(entries)]
@@ -469,3 +470,71 @@ def test_pretrain_records_keep_their_repeats(tmp_path):
     write_manifest(SplitManifest(dataset_root=tmp_path, seed=0, pretrain=[entry]), tmp_path / "s.json")
     [record] = pretrain_records(tmp_path / "s.json")
     assert record.repeats == 3 and record.caption == "pre" and record.path == tmp_path / "p.png"
+
+
+@pytest.mark.parametrize("change", [{"sizes": dict(member_aux=True, member_test=1, nonmember_aux=1, nonmember_test=1)},
+                                    {"seed": True}, {"pretrain": True}])
+def test_a_boolean_size_seed_or_pretrain_count_is_refused(tmp_path, change):
+    """A TOML ``true`` is not the number 1: taken as one, it would silently draw a split nobody asked for."""
+    kwargs = {"sizes": dict(member_aux=1, member_test=1, nonmember_aux=1, nonmember_test=1), "seed": 0, **change}
+    with pytest.raises(ConfigError, match="integer"):
+        make_split(_dataset(tmp_path / "d", 8), **kwargs)
+
+
+def test_a_set_of_size_zero_is_drawn_empty(tmp_path):
+    """Zero is a size (an evaluation-only split without non-member test images), not a refusal."""
+    split = make_split(_dataset(tmp_path / "d", 8), seed=0,
+                       sizes=dict(member_aux=2, member_test=2, nonmember_aux=2, nonmember_test=0))
+    assert split.nonmember_test == [] and len(split.unused) == 2
+
+
+def test_an_empty_dataset_is_named_as_empty():
+    """No records: one line saying so, not a traceback from the dataset-root search."""
+    with pytest.raises(DataError, match="the dataset is empty"):
+        make_split([], preset="celeba_small", seed=0)
+
+
+def test_an_excluded_path_is_matched_however_it_is_spelt(tmp_path):
+    """``exclude`` paths are compared as the manifest stores them: './0000.png' is the image 0000.png."""
+    split = make_split(_dataset(tmp_path / "d", 10), seed=0, exclude={"./0000.png"},
+                       sizes=dict(member_aux=1, member_test=1, nonmember_aux=1, nonmember_test=1))
+    assert "0000.png" not in {p for entries in split.splits().values() for p in _paths(entries)}
+
+
+def test_a_symlinked_image_leaves_the_dataset_folder_the_root(tmp_path):
+    """An image linked in from elsewhere is listed by its name in the folder; the root is not moved up to a folder
+    holding both (the manifest would name the link's target and every path would change)."""
+    _dataset(tmp_path / "d", 4)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "real.png").write_bytes(b"linked image")
+    (tmp_path / "d" / "link.png").symlink_to(tmp_path / "elsewhere" / "real.png")
+    (tmp_path / "d" / "link.txt").write_text("linked\n")
+    split = make_split(scan_dataset(tmp_path / "d"), seed=0,
+                       sizes=dict(member_aux=1, member_test=1, nonmember_aux=1, nonmember_test=1))
+    assert split.dataset_root == (tmp_path / "d").resolve()
+    assert "link.png" in {p for entries in split.splits().values() for p in _paths(entries)}
+
+
+def test_a_dataset_reached_through_a_link_keeps_its_linked_repeat_folders(tmp_path):
+    """A dataset on a linked path (a mount) whose kohya folder links elsewhere: images listed under the folder's
+    name, not refused as outside the dataset."""
+    _dataset(tmp_path / "store" / "digits", 4)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "2_digits").symlink_to(tmp_path / "store" / "digits", target_is_directory=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    split = make_split(scan_dataset(tmp_path / "alias"), seed=0, dataset_root=tmp_path / "alias",
+                       sizes=dict(member_aux=1, member_test=1, nonmember_aux=1, nonmember_test=1))
+    assert sorted(p for entries in split.splits().values() for p in _paths(entries)) == \
+        [f"2_digits/{i:04d}.png" for i in range(4)]
+
+
+def test_kohya_repeats_go_with_every_drawn_and_base_domain_image(tmp_path):
+    """An image's repeats are its weight in D_tr (and in a base's pre-training): the split keeps them on every list."""
+    _dataset(tmp_path / "d" / "3_digits", 12)
+    records = scan_dataset(tmp_path / "d")  # the kohya folder read from its parent: 3 repeats each
+    assert {r.repeats for r in records} == {3}
+    sizes = dict(member_aux=2, member_test=2, nonmember_aux=2, nonmember_test=2)
+    split = make_split(records, sizes=sizes, seed=0, dataset_root=tmp_path / "d",
+                       base_domain=lambda r: r.caption == "caption 0")
+    assert {e.repeats for entries in split.splits().values() for e in entries} == {3}
+    assert _paths(split.pretrain) == ["3_digits/0000.png"] and len(split.unused) == 3
