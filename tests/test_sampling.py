@@ -253,3 +253,26 @@ def test_decoding_divides_the_latents_by_the_vaes_scaling_factor():
     latents = torch.tensor([[1.0, -2.0]])
     assert torch.equal(_decode(pipe, latents), torch.tensor([[4.0, -8.0]], dtype=torch.float64))
     assert seen["latents"].dtype == torch.float64
+
+
+def test_a_run_cut_short_in_its_first_epoch_samples_it_with_the_runs_seed(tiny_model_dir, tiny_train_args, tmp_path):
+    """A prompt without --d draws from --seed (a grid is reproducible per run); an epoch cut short is due at 1 too."""
+    import numpy as np
+    from PIL import Image
+
+    from library.config import parse_config
+    from library.sd.loading import load_sd_model
+    from library.sd.sampling import build_pipeline, generate, read_prompt_file
+    from library.train.config import TrainConfig
+    from library.train.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one\n")
+    train(parse_config(TrainConfig, tiny_train_args + [
+        "--sample_prompts", str(prompts), "--sample_at_first", "--sample_every_n_epochs", "1", "--sample_steps", "2",
+        "--seed", "3", "--max_train_steps", "2"]), "lora")  # 6 steps per epoch: the run ends inside epoch 1
+    samples = tmp_path / "out" / "sample"
+    assert sorted(p.name for p in samples.iterdir()) == ["lora_e000000.png", "lora_e000001.png"]
+    base = generate(build_pipeline(load_sd_model(tiny_model_dir)), read_prompt_file(str(prompts)), resolution=32,
+                    steps=2, seed=3)
+    assert np.array_equal(np.asarray(Image.open(samples / "lora_e000000.png")), np.asarray(base[0]))
