@@ -213,7 +213,9 @@ def test_dp_lora_trains_reports_epsilon_and_resumes_exactly(tiny_train_args, tmp
     with safe_open(full.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert meta["smp_lora.method"] == "dp_lora" and float(meta["smp_lora.dp_epsilon"]) > 0
-    epochs = json.loads(full.record_path.read_text())["epochs"]
+    record = json.loads(full.record_path.read_text())
+    assert record["final"]["dp_epsilon"] == pytest.approx(float(meta["smp_lora.dp_epsilon"]), rel=1e-3)  # the method's
+    epochs = record["epochs"]
     eps = [e["dp_epsilon"] for e in epochs]
     assert eps == sorted(eps) and eps[0] > 0 and "dp_clipped_fraction" in full.final_logs
     final = json.loads(full.record_path.read_text())["final"]  # the metadata's epsilon, after a partial epoch too

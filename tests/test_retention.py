@@ -92,6 +92,14 @@ def test_states_are_kept_as_the_files_are_unless_told_otherwise(tiny_train_args,
         "lora-step00000006-state", "lora-step00000006.json", "lora-step00000006.safetensors"]
 
 
+def test_a_state_count_alone_prunes_the_states_and_keeps_every_file(tiny_train_args, tmp_path):
+    """--save_last_n_steps_state without --save_last_n_steps: the old states go (the large part), every LoRA stays."""
+    run(tiny_train_args + ["--max_train_steps", "8", "--save_every_n_steps", "2", "--save_last_n_steps_state", "1",
+                           "--save_state", "--output_dir", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("lora-step*-state")) == ["lora-step00000006-state"]
+    assert len(list(tmp_path.glob("lora-step*.safetensors"))) == 3
+
+
 def test_retention_without_the_saves_it_prunes_is_one_warning(tiny_train_args, capsys):
     parse_config(TrainConfig, tiny_train_args + ["--save_last_n_epochs", "2"])  # sd-scripts ignores it: so do we
     assert "warning: 'save_last_n_epochs' prunes the checkpoints of 'save_every_n_epochs'" in capsys.readouterr().err
