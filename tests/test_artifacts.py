@@ -6,6 +6,7 @@ from safetensors import safe_open
 
 from library.config import parse_config
 from library.train.artifacts import conditioning_metadata
+from library.train.checkpoint import read_summary
 from library.train.config import TrainConfig
 from library.train.trainer import train
 
@@ -30,3 +31,10 @@ def test_the_lora_names_its_precision_and_seed_and_the_attacker_file_its_method(
     assert (meta["ss_mixed_precision"], meta["ss_seed"], meta["smp_lora.seed"]) == ("bf16", "5", "5")
     with safe_open(result.attacker_path, "pt") as handle:
         assert handle.metadata() == {"smp_lora.method": "smp_lora"}
+
+
+def test_a_states_summary_counts_completed_epochs_not_steps(tiny_train_args, tmp_path):
+    """train_state.json tells a user where a state stands: 8 steps of 6 per epoch are step 8 of epoch 1 done."""
+    train(parse_config(TrainConfig, tiny_train_args + ["--max_train_steps", "8", "--save_state"]), "lora")
+    summary = read_summary(tmp_path / "out" / "lora-state")
+    assert (summary["global_step"], summary["epoch"]) == (8, 1)
