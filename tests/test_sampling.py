@@ -115,6 +115,8 @@ def test_generation_encodes_prompts_as_training_does(monkeypatch):
     ("a digit --s 0", "--s must be at least 1"),  # was silently the default
     ("a digit --l nan", "--l must be a finite guidance scale"),
     ("a digit --d --s 4", "option --d has no value"),
+    ("a digit --w 0", "--w must be a positive multiple of 8"),
+    ("a digit --s --d 4", "option --s has no value"),  # not "expects a int, got ''"
 ])
 def test_prompt_option_values_are_checked_when_the_file_is_read(line, message):
     with pytest.raises(ConfigError, match=message):
@@ -178,7 +180,7 @@ def test_sample_at_first_shows_the_base_model_then_a_resumed_runs_weights_by_ste
 
     from library.config import parse_config
     from library.sd.loading import load_sd_model
-    from library.sd.sampling import build_pipeline, generate, read_prompt_file
+    from library.sd.sampling import build_pipeline, generate
     from library.train.config import TrainConfig
     from library.train.trainer import train
 
@@ -197,7 +199,7 @@ def test_sample_at_first_shows_the_base_model_then_a_resumed_runs_weights_by_ste
 
 
 def test_each_prompt_gets_its_own_seed_steps_scale_and_the_named_sampler(monkeypatch):
-    """A prompt's --d / --s / --l reach the pipeline, else the run's defaults, and image i without --d is seed + i
+    """A prompt's --d / --s / --l / --w / --h reach the pipeline, else the run's defaults; image i without --d is seed + i
     (a grid of several prompts is not one seed repeated); --sample_sampler picks diffusers' scheduler of that name."""
     import types
 
@@ -214,25 +216,28 @@ def test_each_prompt_gets_its_own_seed_steps_scale_and_the_named_sampler(monkeyp
     seen = []
 
     def fake(self, **kwargs):
-        seen.append((kwargs["generator"].initial_seed(), kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        seen.append((kwargs["generator"].initial_seed(), kwargs["num_inference_steps"], kwargs["guidance_scale"],
+                     kwargs["width"], kwargs["height"]))
         return types.SimpleNamespace(images=[Image.new("RGB", (8, 8))])
 
     monkeypatch.setattr(type(pipe), "__call__", fake)
-    specs = [PromptSpec("one"), PromptSpec("two", seed=42, steps=3, guidance_scale=2.0), PromptSpec("three")]
+    specs = [PromptSpec("one"), PromptSpec("two", width=48, height=16, seed=42, steps=3, guidance_scale=2.0),
+             PromptSpec("three")]
     generate(pipe, specs, resolution=32, steps=2, guidance_scale=7.5, seed=5)
-    assert seen == [(5, 2, 7.5), (42, 3, 2.0), (7, 2, 7.5)]
+    assert seen == [(5, 2, 7.5, 32, 32), (42, 3, 2.0, 48, 16), (7, 2, 7.5, 32, 32)]
 
 
 def test_a_grid_holds_every_image(tmp_path):
-    # Three samples in two columns need two rows; rounding the rows down would leave the third off the PNG.
+    # Three samples in two columns need two rows; rounding the rows down would leave the third off the PNG. The
+    # images are wider than tall, so a row stepped by the width would too.
     from PIL import Image
 
     from library.sd.sampling import save_grid
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    grid = Image.open(save_grid([Image.new("RGB", (8, 8), c) for c in colours], tmp_path / "g.png"))
-    assert grid.size == (16, 16)  # 2 columns, 2 rows: the third image starts the second row
-    assert [grid.getpixel(xy) for xy in ((0, 0), (8, 0), (0, 8))] == colours
+    grid = Image.open(save_grid([Image.new("RGB", (8, 4), c) for c in colours], tmp_path / "g.png"))
+    assert grid.size == (16, 8)  # 2 columns, 2 rows: the third image starts the second row
+    assert [grid.getpixel(xy) for xy in ((0, 0), (8, 0), (0, 4))] == colours
 
 
 def test_decoding_divides_the_latents_by_the_vaes_scaling_factor():
@@ -262,7 +267,7 @@ def test_a_run_cut_short_in_its_first_epoch_samples_it_with_the_runs_seed(tiny_m
 
     from library.config import parse_config
     from library.sd.loading import load_sd_model
-    from library.sd.sampling import build_pipeline, generate, read_prompt_file
+    from library.sd.sampling import build_pipeline, generate
     from library.train.config import TrainConfig
     from library.train.trainer import train
 
@@ -276,3 +281,24 @@ def test_a_run_cut_short_in_its_first_epoch_samples_it_with_the_runs_seed(tiny_m
     base = generate(build_pipeline(load_sd_model(tiny_model_dir)), read_prompt_file(str(prompts)), resolution=32,
                     steps=2, seed=3)
     assert np.array_equal(np.asarray(Image.open(samples / "lora_e000000.png")), np.asarray(base[0]))
+
+
+def test_a_bom_indented_comments_and_an_upper_case_sampler_option_read_as_intended(tmp_path, capsys):
+    """Windows editors start the file with a BOM and users indent comments: neither may become a prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# samples\n  # an indented comment\na cat --SS euler_a\n", encoding="utf-8-sig")
+    assert read_prompt_file(prompts) == [PromptSpec("a cat")]
+    assert "--SS (sampler) ignored" in capsys.readouterr().err  # --ss in any case is the sampler, warned about
+
+
+def test_an_upper_case_toml_suffix_is_still_refused(tmp_path):
+    """PROMPTS.TOML is sd-scripts' TOML format all the same: refused, not read line by line as prompts."""
+    other = tmp_path / "PROMPTS.TOML"
+    other.write_text("[prompt]\nwidth = 32\n")
+    with pytest.raises(ConfigError, match="prompt files are not read"):
+        read_prompt_file(other)
+
+
+def test_seed_zero_and_any_multiple_of_8_pixels_are_accepted():
+    """The pipeline takes seed 0 and sizes in steps of 8 px: refusing them would reject valid prompt files."""
+    assert parse_prompt_line("a digit --d 0 --w 40 --h 8") == PromptSpec("a digit", width=40, height=8, seed=0)
