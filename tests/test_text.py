@@ -17,6 +17,8 @@ from library.demo.tiny import build_tiny_stack  # noqa: E402
 from library.errors import ConfigError  # noqa: E402
 from library.sd.bundle import ModelBundle  # noqa: E402
 from library.sd.text import (  # noqa: E402
+    _CLIP_NUM_MERGES,
+    CLIP_VOCAB_SIZE,
     byte_level_alphabet,
     clip_tokenizer_from_bpe_file,
     encode_prompts,
@@ -204,3 +206,28 @@ def test_tokenize_edge_inputs(tiny_text: ModelBundle) -> None:
     unbounded = tokenizer_from_dict({**tokenizer_to_dict(tokenizer), "model_max_length": int(1e30)})
     with pytest.raises(ConfigError, match="model_max_length"):
         tokenize(unbounded, PROMPTS)
+
+
+def test_a_full_bpe_file_gives_exactly_clips_vocabulary_size() -> None:
+    """CLIP reads 48,894 of the file's merge lines; more would put BOS/EOS past its 49,408 embeddings."""
+    assert 2 * 256 + _CLIP_NUM_MERGES + 2 == CLIP_VOCAB_SIZE == 49408
+
+
+def test_a_tokenizer_dict_without_a_window_encodes_sd_windows(tiny_text: ModelBundle) -> None:
+    """A tokenizer saved without model_max_length still encodes SD's 77-id windows, as the LoRA was trained on."""
+    data = tokenizer_to_dict(tiny_text.tokenizer)
+    del data["model_max_length"]
+    assert tokenize(tokenizer_from_dict(data), PROMPTS).shape == (2, 1, 77)
+
+
+def test_every_printable_byte_keeps_its_own_symbol_and_clips_id() -> None:
+    """Ids must match the real SD tokenizer's: "~" is the last printable ASCII symbol (93), "Ā" the first shifted."""
+    symbols = list(byte_level_alphabet().values())
+    assert [symbols.index(c) for c in "~¡ÿĀ"] == [93, 94, 187, 188]
+
+
+@pytest.mark.parametrize("max_len", [76, 151])
+def test_max_token_length_one_past_a_window_is_refused(tiny_text: ModelBundle, max_len: int) -> None:
+    """One token past a 75-token window leaves a ragged last chunk: a ConfigError, not a crash in torch.stack."""
+    with pytest.raises(ConfigError, match="multiple of 75"):
+        tokenize(tiny_text.tokenizer, PROMPTS, max_token_length=max_len)
