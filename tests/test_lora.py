@@ -21,9 +21,14 @@ from networks.lora import (
     lora_file_sha256,
     read_lora_metadata,
 )
+from networks.lora_args import (
+    parse_conv_args,
+    parse_network_kwargs,
+    single_text_encoder,
+)
 from networks.lora_io import check_lora_file, read_lora_source
 from networks.lora_modules import LoRAModule
-from networks.lora_targets import layers_by_name
+from networks.lora_targets import find_target_layers, layers_by_name
 
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a loader that ignores alpha is caught
 
@@ -853,3 +858,73 @@ def test_source_date_epoch_pins_the_files_date(monkeypatch):
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "86400")
     assert creation_date() == "1970-01-02T00:00:00"
+
+
+# ------------------------------------------------------------------------------------------ network_args / targets
+
+
+@pytest.mark.parametrize(("value", "applied"), [("1", False), ("yes", False), (1, False), ("no", True), ("0", True),
+                                                (0, True)])
+def test_train_unet_only_reads_sd_scripts_spellings_and_ints(value, applied):
+    """--network_args delivers 1 / yes / no as strings and Python callers pass ints: each means what it says."""
+    assert parse_network_kwargs({"train_unet_only": value}) == (applied, None)
+
+
+def test_either_text_encoder_switch_alone_leaves_the_text_encoder_out():
+    """train_unet_only=true wins over apply_text_encoder=true, and apply_text_encoder=false over a false unet-only."""
+    assert parse_network_kwargs({"train_unet_only": "true", "apply_text_encoder": "true"})[0] is False
+    assert parse_network_kwargs({"train_unet_only": "false", "apply_text_encoder": "false"})[0] is False
+
+
+def test_dropout_reads_sd_scripts_name_none_and_zero_and_refuses_one():
+    """neuron_dropout is sd-scripts' spelling; "None" and 0 are no dropout; p = 1 would zero every LoRA output."""
+    assert parse_network_kwargs({"neuron_dropout": "0.25"}) == (True, 0.25)
+    assert parse_network_kwargs({"dropout": "None"}) == (True, None)
+    assert parse_network_kwargs({"dropout": "0"}) == (True, None)
+    with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\)"):
+        parse_network_kwargs({"dropout": "1"})
+
+
+def test_conv_alpha_defaults_to_one_and_must_be_finite_and_positive():
+    """As sd-scripts: conv_dim alone has alpha 1 (not the rank), "None" is no LoCon; alpha 0 or inf is refused."""
+    assert parse_conv_args({"conv_dim": "3"}) == (3, 1.0)
+    assert parse_conv_args({"conv_dim": "None"}) == (None, None)
+    for alpha in ("0", "inf"):
+        with pytest.raises(ConfigError, match="conv_alpha positive"):
+            parse_conv_args({"conv_dim": "3", "conv_alpha": alpha})
+
+
+def test_two_text_encoders_are_refused_as_sdxl():
+    """sd-scripts passes a list; two encoders mean SDXL, whose layers this SD v1.x LoRA would misname."""
+    te = torch.nn.Linear(1, 1)
+    assert single_text_encoder([te]) is te
+    with pytest.raises(ModelError, match="SDXL"):
+        single_text_encoder([te, te])
+
+
+def test_an_applied_networks_own_layers_are_never_targets(models):
+    """Loading a second LoRA into adapted models must not list (or adapt) the first LoRA's down/up layers."""
+    te, unet = models
+    before = layers_by_name(te, unet)
+    create_network(1.0, RANK, ALPHA, None, te, unet, **CONV).apply_to(te, unet)
+    assert layers_by_name(te, unet).keys() == before.keys()
+
+
+def test_a_compiled_model_inside_ddp_has_the_inner_models_targets(models):
+    """accelerate wraps the UNet (DDP .module, torch.compile ._orig_mod): the LoRA names are the inner model's."""
+    _, unet = models
+    compiled, ddp = torch.nn.Module(), torch.nn.Module()
+    compiled._orig_mod = unet
+    ddp.module = compiled
+    assert find_target_layers(ddp, "unet").keys() == find_target_layers(unet, "unet").keys()
+
+
+def test_grouped_and_dilated_convs_are_no_lora_targets():
+    """A LoRA's down/up product cannot be merged into a grouped or dilated conv's weight: such convs are skipped."""
+    resnet = torch.nn.ModuleDict({"plain": torch.nn.Conv2d(4, 4, 3), "grouped": torch.nn.Conv2d(4, 4, 3, groups=2),
+                                  "dilated": torch.nn.Conv2d(4, 4, 3, dilation=2)})
+    unet = torch.nn.Module()
+    unet.down_blocks = torch.nn.ModuleList([torch.nn.Module()])
+    unet.down_blocks[0].resnets = torch.nn.ModuleList([resnet])
+    targets = find_target_layers(unet, "unet", conv=True)
+    assert [path for path, _ in targets.values()] == ["down_blocks.0.resnets.0.plain"]
