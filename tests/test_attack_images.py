@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from mia_world import base_args
 
 import evaluate_mia
@@ -48,6 +49,7 @@ from library.eval.features import Sample, applied_lora
 from library.eval.probes import ModelContext, QueryContext
 from library.eval.summary import oracle_extra_rows
 from library.fileio import sha256_file
+from library.sd.configs import SCHEDULER_SETTINGS
 from library.sd.text import encode_prompts
 
 CPU = torch.device("cpu")
@@ -172,6 +174,17 @@ def test_reconstruction_schedule():
     assert reconstruction_timesteps(100, 0.51)[0] == 501
     with pytest.raises(ConfigError, match="reconstruction_strength"):
         reconstruction_timesteps(4, 0.0005)
+
+
+def test_reconstruction_runs_the_steps_diffusers_img2img_runs():
+    """The attacker's img2img runs int(steps x strength) steps: 0.54 of 20 starts at t = 451 (10 steps), not 501."""
+    scheduler = DDIMScheduler(**SCHEDULER_SETTINGS)
+    for steps, strength in [(20, 0.54), (20, 0.51), (20, 0.49), (20, 0.55), (50, 0.5), (4, 0.3), (10, 0.99)]:
+        scheduler.set_timesteps(steps)
+        count = min(int(steps * strength), steps)  # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
+        assert reconstruction_timesteps(steps, strength) == scheduler.timesteps[steps - count:].tolist(), strength
+    with pytest.raises(ConfigError, match="at least 0.25"):  # 0.2 of 4 steps is no step at all
+        reconstruction_timesteps(4, 0.2)
 
 
 class RecordingUNet:

@@ -258,7 +258,8 @@ def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(train
     assert "clip_skip must be between 1 and 2 for this text encoder, got 3" in err  # the tiny CLIP: 2 layers
     err = one_error(capfd, eval_args(tiny_model_dir, manifest_path, out, "--attacks", "reconstruction",
                                      "--reconstruction_strength", "0.0005", "--dry_run"))
-    assert "leaves no step of the 20-step DDIM schedule (its smallest is t = 1); use a strength of at least 0.001" in err
+    assert ("leaves no step of the 20-step DDIM schedule (img2img runs int(steps x strength) of them); use a "
+            "strength of at least 0.05") in err
     from library.data.dataset import scan_dataset
     from library.data.manifest import write_manifest
     from library.data.splits import make_split

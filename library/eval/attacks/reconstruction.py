@@ -4,7 +4,7 @@ comes back. A fine-tune reconstructs its training images more faithfully than un
 
 Per query and repeat r < ``--reconstruction_repeats``: noise the clean latent to the img2img start timestep,
     z_s = sqrt(abar_s) z_0 + sqrt(1 - abar_s) eps_r    (eps_r = the paired noise ``ctx.noise("reconstruction", r)``)
-where s is the first timestep <= strength x 1000 of the ``--blackbox_steps``-step DDIM schedule (diffusers'
+where s starts the last int(steps x strength) steps of the ``--blackbox_steps``-step DDIM schedule (diffusers'
 img2img: ``--reconstruction_strength`` 0.5 of 20 steps starts at t = 451 and runs 10 steps), denoise with
 deterministic DDIM and classifier-free guidance ``--blackbox_guidance_scale`` (unconditional = the empty caption)
 to the clean latent, decode, and measure the distance to the query (:mod:`.image_distance`: pixel MSE, VAE-latent
@@ -47,16 +47,14 @@ if TYPE_CHECKING:
 
 
 def reconstruction_timesteps(steps: int, strength: float, num_train_timesteps: int = 1000) -> list[int]:
-    """The denoising timesteps of an img2img with ``strength``: the ``steps``-step DDIM schedule from its first
-    entry <= strength x ``num_train_timesteps`` down."""
-    start = math.floor(strength * num_train_timesteps + 1e-9)  # 0.51 * 1000 is 510.00000000000006
-    timesteps = ddim_timesteps(steps, start, num_train_timesteps)
-    if not timesteps:
-        smallest = ddim_timesteps(steps, num_train_timesteps=num_train_timesteps)[-1]
+    """The denoising timesteps of an img2img with ``strength``: the last ``int(steps x strength)`` entries of the
+    ``steps``-step DDIM schedule, as diffusers' img2img pipeline takes them (``get_timesteps``)."""
+    schedule = ddim_timesteps(steps, num_train_timesteps=num_train_timesteps)
+    count = min(int(steps * strength), len(schedule))  # diffusers' rounding: 0.54 of 20 steps runs 10, from 451
+    if count < 1:
         raise ConfigError(f"'reconstruction_strength' {strength} leaves no step of the {steps}-step DDIM schedule "
-                          f"(its smallest is t = {smallest}); use a strength of at least "
-                          f"{smallest / num_train_timesteps:g}")
-    return timesteps
+                          f"(img2img runs int(steps x strength) of them); use a strength of at least {1 / steps:g}")
+    return schedule[len(schedule) - count:]
 
 
 class ReconstructionProbe(Probe):
