@@ -165,6 +165,25 @@ def test_calibrated_removes_difficulty_and_is_zero_against_itself():
         assert np.all(s.scores == 0.0) and not np.signbit(s.scores).any()
 
 
+def test_calibrated_costs_the_queries_of_both_models():
+    """The calibrated attack queries the fine-tune and its base model: its reported cost is twice the loss's."""
+    config = EvalConfig(timesteps=[50, 100, 200], num_noise_draws=2)
+    assert LossThresholdAttack.from_config(config, "cpu").queries_per_sample() == 3 * 2
+    assert CalibratedLossAttack.from_config(config, "cpu").queries_per_sample() == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("attack", [LossThresholdAttack, CalibratedLossAttack])
+def test_per_timestep_rows_keep_their_timestep_when_listed_unsorted(attack):
+    """``--timesteps 200 50 100``: each t=<t> row is that timestep's column, in whatever order they were listed."""
+    inputs, _ = synthetic(10, 10, shift=0.2, seed=0)
+    order = (200, 50, 100)
+    unsorted = AttackInputs(FeatureSet(inputs.target.losses, order), FeatureSet(inputs.reference.losses, order))
+    stats = attack().statistics(unsorted)
+    reference = inputs.reference.losses if attack.needs_reference else 0.0
+    for k, t in enumerate(order):
+        np.testing.assert_allclose(stats[f"t={t}"], -(inputs.target.losses - reference)[:, k, :].mean(axis=1))
+
+
 def test_calibrated_needs_reference():
     inputs, labels = synthetic(5, 5, 0.1, seed=4)
     with pytest.raises(ConfigError, match="reference"):
