@@ -25,8 +25,13 @@ from library.eval.attacks.pia import (
     PIAProbe,
     gaussian_rescaled,
 )
-from library.eval.attacks.secmi import SecMIAttack, SecMIProbe, ddim_inversion
-from library.eval.attacks.sima import SimAProbe
+from library.eval.attacks.secmi import (
+    SecMIAttack,
+    SecMIProbe,
+    ddim_inversion,
+    step_back_errors,
+)
+from library.eval.attacks.sima import SimAAttack, SimAProbe
 from library.eval.config import EvalConfig
 from library.eval.features import Sample
 from library.eval.probes import ModelContext, ProbeCache, QueryContext, run_probes
@@ -131,6 +136,25 @@ def test_secmi_options_and_cost():
         SecMIProbe(25, 10)
 
 
+def test_secmi_takes_a_single_step_and_refuses_a_zero_step():
+    """t_SEC = k is one inversion step and its step back (2 queries); a zero step is refused by name, not a crash."""
+    assert SecMIProbe(10, 10).queries_per_sample() == 2
+    for timestep, step in [(10, 0), (10, 20), (10, -5)]:
+        with pytest.raises(ValueError, match="SecMI needs"):
+            SecMIProbe(timestep, step)
+
+
+def test_inversions_with_different_steps_keep_their_own_queries(model, z0):
+    """SecMI and PFAMI may invert with different steps in one run: their paths reach t = 10 at different latents,
+    so the memoised query there must not be shared (only eps(z_0, 0) is)."""
+    shared = QueryContext(model, range(N), z0)
+    coarse, fine = step_back_errors(shared, 20, 10), step_back_errors(shared, 20, 5)
+    # atol 0: the errors are ~1e-6, below assert_close's default absolute tolerance
+    torch.testing.assert_close(fine, step_back_errors(QueryContext(model, range(N), z0), 20, 5), rtol=1e-5, atol=0)
+    torch.testing.assert_close(coarse, step_back_errors(QueryContext(model, range(N), z0), 20, 10), rtol=1e-5,
+                               atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ PIA / PIAN
 
 
@@ -156,6 +180,20 @@ def test_pian_rescaling_gives_gaussian_mean_abs():
     torch.testing.assert_close(scaled.abs().mean(dim=(1, 2, 3)), torch.full((4,), math.sqrt(2 / math.pi)))
     unit = lambda x: x / torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True)  # noqa: E731
     torch.testing.assert_close(unit(scaled), unit(eps))  # direction kept, scale only
+
+
+def test_pian_rescaling_keeps_an_all_zero_prediction_at_zero():
+    """A UNet whose output layer starts at zero predicts eps = 0: PIAN's rescaling must not turn it into NaN."""
+    zeros = torch.zeros(2, 4, 8, 8)
+    assert torch.equal(gaussian_rescaled(zeros), zeros)
+
+
+def test_pia_refuses_timesteps_outside_1_to_999():
+    """t = 0 puts z_t at the clean latent (a statistic of zero), 1000 is past the schedule, none is no attack."""
+    for timesteps in [(0,), (1000,), (), (50, 0)]:
+        with pytest.raises(ValueError, match="PIA needs timesteps in 1..999"):
+            PIAProbe(timesteps, 4)
+    assert PIAProbe((1, 999), 4).timesteps == (1, 999)
 
 
 def test_pia_odd_norm_takes_absolute_differences(model, z0, hand):
@@ -198,11 +236,41 @@ def test_secmi_and_pia_scores_are_the_negated_errors_at_the_right_columns():
         assert rows["selected"].info["direction"] == "published", attack.name
 
 
+def test_sima_scores_are_the_negated_norms_at_their_timesteps():
+    """SimA's t=<t> candidate is minus the norm in that t's column (higher = member, the paper's direction)."""
+    import numpy as np
+
+    from library.eval.attacks.base import AttackInputs, FeatureSet
+
+    norms = np.random.default_rng(1).uniform(0.0, 1.0, size=(6, 3))
+    inputs = AttackInputs(FeatureSet(np.zeros((6, 1, 1)), (1,), probes={"sima": {"norm": norms}}))
+    candidates = SimAAttack((0, 10, 50), 2).candidates(inputs)
+    assert list(candidates) == ["t=0", "t=10", "t=50"]
+    for k, name in enumerate(candidates):
+        np.testing.assert_array_equal(candidates[name], -norms[:, k])
+
+
+def test_sima_statistic_equals_hand_computation(model, z0, hand):
+    """mean |eps(z_0, t, c)|^p over latent elements; an odd p = 3 also checks the absolute value."""
+    _, eps = hand
+    got = outputs(SimAProbe((0, 10), 3), model, z0)["norm"]
+    for k, t in enumerate((0, 10)):
+        torch.testing.assert_close(got[:, k].double(), (eps(z0, t).abs() ** 3).mean(dim=(1, 2, 3)), rtol=1e-4,
+                                   atol=1e-12)
+
+
+def test_sima_options_and_cost():
+    """--sima_timesteps and --sima_norm reach the probe and the report; one query per candidate t."""
+    attack = SimAAttack.from_config(EvalConfig(sima_timesteps=[0, 5, 30], sima_norm=4), "cpu")
+    assert attack.settings() == {"timesteps": [0, 5, 30], "norm": 4} and attack.queries_per_sample() == 3
+
+
 def test_pia_options_and_cost():
     config = EvalConfig(pia_timesteps=[20, 40, 60], pia_norm=2)
     pia, pian = PIAAttack.from_config(config, "cpu"), PIANAttack.from_config(config, "cpu")
     assert pia.queries_per_sample() == pian.queries_per_sample() == 4
     assert (pia.probe.name, pian.probe.name) == ("pia", "pian") and pian.settings()["normalized"]
+    assert pia.settings()["norm"] == pian.settings()["norm"] == 2  # --pia_norm reaches the statistic
     assert attack_class("pia") is PIAAttack and attack_class("pian") is PIANAttack
     assert "PIAN" in pian.citation and "Kong" in pia.citation
 
