@@ -25,7 +25,12 @@ from library.eval.attacks.blackbox import (
     generation_noise,
     unet_eps,
 )
-from library.eval.attacks.blind import BLIND_FEATURES, BlindProbe
+from library.eval.attacks.blind import (
+    BLIND_FEATURES,
+    BlindAttack,
+    BlindProbe,
+    blind_features,
+)
 from library.eval.attacks.ddim import ddim_timesteps
 from library.eval.attacks.image_distance import (
     COST_OUTPUT,
@@ -35,6 +40,7 @@ from library.eval.attacks.image_distance import (
     ssim,
 )
 from library.eval.attacks.reconstruction import (
+    ReconstructionAttack,
     ReconstructionProbe,
     reconstruction_timesteps,
 )
@@ -110,6 +116,14 @@ def test_ddim_loop_equals_hand_loop(world, scale):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_ddim_timesteps_are_the_sd_schedulers():
+    """The samplers' timesteps are SD's DDIM scheduler's ("leading", offset 1), also where steps do not divide 1000."""
+    scheduler = DDIMScheduler(**SCHEDULER_SETTINGS)
+    for steps in (3, 6, 7, 20, 30, 50):
+        scheduler.set_timesteps(steps)
+        assert ddim_timesteps(steps) == scheduler.timesteps.tolist(), steps
+
+
 @torch.no_grad()
 def test_blackbox_generations_are_paired_across_models_and_batches(world, samples, latents):
     bundle = world["bundle"]
@@ -152,6 +166,33 @@ def test_blackbox_probe_outputs_nearest_distances(world, samples, latents):
     torch.testing.assert_close(out["pixel"], expected_pixel.double(), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(out["latent"], expected_latent.double(), rtol=1e-5, atol=1e-9)
     assert torch.all(out[COST_OUTPUT] == 2 * 2 / 3)
+
+
+@torch.no_grad()
+def test_blackbox_generations_serve_every_batch_of_a_caption_once(world, samples, latents):
+    """A caption's images are made at its first sample, kept for its later batches and released after its last."""
+    probe = BlackBoxProbe(num_images=1, steps=1, guidance_scale=1.0)
+    model = model_context(world["bundle"], samples[:4])
+    with pytest.raises(RuntimeError, match="before begin"):
+        probe.compute(QueryContext(model, [0, 1], latents[[0, 1]]))
+    probe.begin(model)
+    first, second = (QueryContext(model, rows, latents[rows]) for rows in ([0, 1], [2, 3]))
+    probe.compute(first)
+    assert first.queries == 1 and "a photo" in probe._generated
+    probe.compute(second)
+    assert second.queries == 0 and probe._generated == {}
+
+
+@torch.no_grad()
+def test_blackbox_generations_start_from_the_models_seed(world, samples, latents):
+    """The generation noise is seeded by (--seed, caption, i): another seed generates other images."""
+    generated = []
+    for seed in (0, 3):
+        probe = BlackBoxProbe(num_images=1, steps=1, guidance_scale=1.0)
+        model = model_context(world["bundle"], samples[:2], seed=seed)
+        probe.begin(model)
+        generated.append(probe.generations(QueryContext(model, [0], latents[[0]]), "a photo").latents)
+    assert not torch.equal(generated[0], generated[1])
 
 
 def test_nearest_distance_picks_the_minimum_in_each_space():
@@ -213,20 +254,44 @@ def test_reconstruction_starts_at_its_timestep_and_counts_its_queries(world, sam
 
 
 @torch.no_grad()
-def test_reconstruction_equals_hand_computation(world, samples, latents):
+@pytest.mark.parametrize("scale", [1.0, 2.0])  # 2.0: guided by the empty caption
+def test_reconstruction_equals_hand_computation(world, samples, latents, scale):
     bundle = world["bundle"]
-    probe = ReconstructionProbe(strength=0.5, steps=4, guidance_scale=1.0, repeats=1)
+    probe = ReconstructionProbe(strength=0.5, steps=4, guidance_scale=scale, repeats=1)
     ctx = QueryContext(model_context(bundle, samples), [3, 4], latents[[3, 4]])
     out = probe.compute(ctx)
     a = float(bundle.noise_scheduler.alphas_cumprod[251])
     z = math.sqrt(a) * latents[[3, 4]] + math.sqrt(1 - a) * ctx.noise("reconstruction", 0)
-    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo"])
-    z0_hat = hand_ddim(bundle.unet, z, [251, 1], cond, None, 1.0, bundle.noise_scheduler.alphas_cumprod.double())
+    cond, uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, ["a photo", ""]).split(1)
+    z0_hat = hand_ddim(bundle.unet, z, [251, 1], cond, uncond, scale, bundle.noise_scheduler.alphas_cumprod.double())
     images = bundle.vae.decode(z0_hat / bundle.vae.config.scaling_factor).sample.clamp(-1, 1)
     torch.testing.assert_close(out["latent"], ((z0_hat - latents[[3, 4]]) ** 2).flatten(1).mean(1).double(),
                                rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(out["pixel"], ((images - ctx.images()) ** 2).flatten(1).mean(1).double(),
                                rtol=1e-4, atol=1e-8)
+
+
+@torch.no_grad()
+def test_reconstruction_averages_distances_over_distinct_draws(world, samples, latents):
+    """--reconstruction_repeats: each repeat noises with its own draw, and the distances are their mean."""
+    probe = ReconstructionProbe(strength=0.5, steps=4, guidance_scale=1.0, repeats=2)
+    ctx = QueryContext(model_context(world["bundle"], samples), [3, 4], latents[[3, 4]])
+    out = probe.compute(ctx)
+    rebuilt = [probe.reconstruct(ctx, r) for r in range(2)]
+    assert not torch.allclose(rebuilt[0], rebuilt[1])
+    per_draw = [((z - latents[[3, 4]]) ** 2).flatten(1).mean(1).double() for z in rebuilt]
+    torch.testing.assert_close(out["latent"], (per_draw[0] + per_draw[1]) / 2, rtol=1e-5, atol=1e-9)
+
+
+def test_reconstruction_options_reach_the_probe_and_the_report():
+    """The flags set the probe, and the report states where the img2img starts and what it costs."""
+    config = EvalConfig(reconstruction_strength=0.5, blackbox_steps=4, blackbox_guidance_scale=2.0,
+                        reconstruction_repeats=3)
+    attack = ReconstructionAttack.from_config(config, CPU)
+    settings = attack.settings()
+    assert [settings[k] for k in ("strength", "steps", "guidance_scale", "repeats", "start_timestep")] == [
+        0.5, 4, 2.0, 3, 251]
+    assert attack.queries_per_sample() == 3 * 2 * 2  # repeats x steps [251, 1] x (cond + uncond)
 
 
 def reference_ssim(x: np.ndarray, y: np.ndarray, win: int = 7) -> float:
@@ -450,6 +515,38 @@ def test_blind_features_ignore_the_model(world, samples, latents):
     hist = base[:, [names.index(f"hist_{b}") for b in range(8)]]
     torch.testing.assert_close(hist.sum(dim=1), torch.ones(3, dtype=torch.float64))
     assert probe.queries_per_sample() == 0.0
+
+
+def test_blind_features_equal_hand_computation():
+    """Each blind statistic of a drawn image, written out: the floor is only as good as what its features see."""
+    base = 0.05 * np.arange(8.0)[None, :].repeat(8, axis=0)  # horizontal steps of 0.05: below the edge threshold
+    base[:, 4:] += 0.3  # one vertical edge: a step of 0.35
+    image = np.stack([base, 0.5 * base, np.full((8, 8), 0.2)])  # r, g, b in [0, 1]
+    x = np.stack([image, image.transpose(0, 2, 1)])  # the second: the same with its edge horizontal
+    captions = ["a photo", "two  words here"]
+    got = blind_features(torch.from_numpy(2.0 * x - 1.0), captions).numpy()
+    grey = x.mean(axis=1)
+    dx, dy = np.diff(grey, axis=2), np.diff(grey, axis=1)
+    edges = (np.abs(dx[:, :-1, :]) > 0.1) | (np.abs(dy[:, :, :-1]) > 0.1)
+    expected = np.concatenate([
+        x.mean(axis=(2, 3)), x.std(axis=(2, 3), ddof=1),
+        np.stack([np.histogram(g, bins=8, range=(0.0, 1.0))[0] / g.size for g in grey]),
+        (dx ** 2).mean(axis=(1, 2))[:, None], (dy ** 2).mean(axis=(1, 2))[:, None], edges.mean(axis=(1, 2))[:, None],
+        grey.reshape(2, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(2, 16), [[7, 2], [15, 3]]], axis=1)
+    assert got.shape == (2, len(BLIND_FEATURES))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert got[0, BLIND_FEATURES.index("edge_density")] == 7 / 49  # the 0.35 step counts, the 0.05 ones do not
+
+
+def test_blind_attack_refuses_one_class_labels_and_scoring_before_fit():
+    """The floor row is a classifier fitted on D_aux: it needs both classes, and scores nothing unfitted."""
+    features = np.random.default_rng(0).normal(size=(6, len(BLIND_FEATURES)))
+    inputs = AttackInputs(FeatureSet(np.zeros((6, 1, 1)), (1,), probes={"blind": {"features": features}}))
+    attack = BlindAttack()
+    with pytest.raises(RuntimeError, match="before fit"):
+        attack.score(inputs)
+    with pytest.raises(ValueError, match="both members and non-members"):
+        attack.fit(inputs, np.ones(6))
 
 
 def test_end_to_end_rows_costs_and_floor(world):
