@@ -23,12 +23,11 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_
     return abar_to.sqrt() * predicted_x0(z, eps, abar_from) + (1.0 - abar_to).sqrt() * eps
 
 
-def ddim_timesteps(num_steps: int, start: int = 999, num_train_timesteps: int = 1000) -> list[int]:
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Decreasing timesteps of a ``num_steps``-step DDIM sampler, diffusers' "leading" spacing (SD v1.x's
-    scheduler config: steps_offset 1), restricted to ``<= start`` (img2img: start below 999)."""
+    scheduler config: steps_offset 1); img2img runs the last of them (:func:`.reconstruction_timesteps`)."""
     ratio = num_train_timesteps // num_steps
-    steps = [i * ratio + 1 for i in range(num_steps)][::-1]
-    return [t for t in steps if t <= start]
+    return [i * ratio + 1 for i in range(num_steps)][::-1]
 
 
 __all__ = ["ddim_step", "ddim_timesteps", "predicted_x0"]
