@@ -310,6 +310,36 @@ def test_each_sample_is_read_with_its_own_split_label_path_and_caption(digits_di
     assert len({entry.caption for _, entry in entries}) > 1 and len(samples.aux_index) == 24
 
 
+def test_report_names_keep_dashes_and_number_every_repeat():
+    """Each model's report row, scores.csv column and cache files go by its name: two models must never share one,
+    and a file's own name (``lora-step00002``) should stay recognisable."""
+    from library.eval.inputs import _unique_name
+
+    used = {"base"}
+    names = [_unique_name(stem, used) for stem in ("lora-step00002", "run", "run", "run", "base", "my lora!")]
+    assert names == ["lora-step00002", "run", "run-2", "run-3", "base-2", "my_lora_"]
+    assert used == {"base", *names}
+
+
+def test_diffusers_loras_with_one_header_and_other_tensors_are_other_models(tmp_path):
+    """The header's alphas are mixed into a diffusers LoRA's identity, its tensors must stay in it: two fine-tunes
+    exported with the same lora_alpha would otherwise share one feature cache entry (and one set of numbers)."""
+    from library.eval.inputs import SplitIdentity, model_specs
+
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 2})}
+    files = []
+    for value in (1.0, 2.0):
+        path = tmp_path / f"v{value:g}" / "pytorch_lora_weights.safetensors"
+        path.parent.mkdir()
+        save_file({"unet.conv_in.lora_A.weight": torch.full((2, 4), value),
+                   "unet.conv_in.lora_B.weight": torch.full((4, 2), value)}, str(path), metadata=meta)
+        files.append(str(path))
+    config = EvalConfig(network_weights=files, allow_manifest_mismatch=True)
+    first, second = model_specs(config, SplitIdentity("m" * 64, "s" * 64))[1:]
+    assert first.sha256 != second.sha256
+    assert first.sha256 != lora_file_sha256(files[0])  # the header's alphas count too
+
+
 # ----------------------------------------------------------------------------------------- 3. conditioning
 
 
