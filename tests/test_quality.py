@@ -702,6 +702,17 @@ def test_extractors_give_their_networks_the_images_in_minus_one_to_one(monkeypat
     assert len(seen) == 2 and all(torch.equal(x, images) for x in seen)
 
 
+def test_registering_an_extractor_name_twice_is_refused():
+    """A second extractor under a taken ``--quality_features`` name would silently replace the first (another
+    network, the same metric names in the report)."""
+    from library.eval.extractors import register_extractor
+
+    digits = EXTRACTORS["digits"]
+    with pytest.raises(ValueError, match="'digits' is registered twice"):
+        register_extractor(digits)
+    assert EXTRACTORS["digits"] is digits
+
+
 # ---------------------------------------------------------------------------------------------- FID Inception
 
 
