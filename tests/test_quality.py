@@ -713,6 +713,77 @@ def test_registering_an_extractor_name_twice_is_refused():
     assert EXTRACTORS["digits"] is digits
 
 
+def test_inception_reports_kid_at_2048_and_768_dims_only(monkeypatch, tmp_path):
+    """The report labels kid_2048 and kid_768 (extractor_notes): a KID dropped from the metrics leaves a labelled
+    row without a value; the smaller dims have FID only."""
+    from library.eval import fid_inception
+
+    monkeypatch.setattr(fid_inception, "load_fid_inception", lambda path: SimpleNamespace(to=lambda device: None))
+    metrics = inception_extractor(tmp_path / "i.pth", torch.device("cpu")).metrics
+    assert metrics == {"2048": ("fid_2048", "kid_2048"), "768": ("fid_768", "kid_768"), "192": ("fid_192", None),
+                       "64": ("fid_64", None)}
+
+
+def test_the_small_cnn_classifies_each_image_by_its_largest_logit(monkeypatch, tmp_path):
+    """The conditional accuracy compares one class per image with its prompt's digit."""
+    from library.eval import small_cnn
+
+    logits = torch.tensor([[0.0, 5.0, 1.0], [9.0, 0.0, 1.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+
+    class Logits:
+        def to(self, device):
+            return self
+
+        def __call__(self, x):
+            return logits[: len(x)]
+
+    monkeypatch.setattr(small_cnn, "load_small_cnn", lambda path: Logits())
+    extractor = small_cnn_extractor("digits", "", tmp_path / "d.safetensors", torch.device("cpu"))
+    assert extractor.classify(torch.zeros(4, 3, 2, 2)).tolist() == [1, 0, 2, 2]
+
+
+def test_quality_features_default_to_every_extractor_whose_weights_are_given(monkeypatch):
+    """--quality with weight files and no --quality_features measures with each of them; naming one measures only
+    that one."""
+    from dataclasses import replace
+
+    from library.eval.extractors import load_extractors
+
+    for name in list(EXTRACTORS):
+        monkeypatch.setitem(EXTRACTORS, name, replace(EXTRACTORS[name], load=lambda weights, device: weights))
+    config = SimpleNamespace(quality_features=[], digit_feature_weights="d.safetensors", inception_weights=None)
+    assert load_extractors(config, torch.device("cpu")) == ["d.safetensors"]
+    config.inception_weights = "i.pth"
+    assert load_extractors(config, torch.device("cpu")) == ["d.safetensors", "i.pth"]
+    config.quality_features = ["inception"]
+    assert load_extractors(config, torch.device("cpu")) == ["i.pth"]
+
+
+def test_the_digit_extractor_reads_the_digit_each_prompt_names(monkeypatch, tmp_path):
+    """Without the prompts' labels the demo's conditional accuracy (and utility_retained) is never computed."""
+    from library.data.digit_captions import digit_label_or_none
+    from library.eval import small_cnn
+    from library.eval.extractors import digits_extractor
+
+    monkeypatch.setattr(small_cnn, "load_small_cnn", lambda path: SimpleNamespace(to=lambda device: None))
+    label_of = digits_extractor(tmp_path / "d.safetensors", torch.device("cpu")).label_of
+    assert label_of is not None
+    for caption in ("a handwritten digit 7", "a digit", "digits 1 and 2"):
+        assert label_of(caption) == digit_label_or_none(caption)
+    assert label_of("a handwritten digit 7") == 7
+
+
+def test_every_metric_of_every_extractor_has_its_report_note():
+    """The report explains each metric it prints (proxy metrics say they are not FID), FID ones included."""
+    from library.eval.extractors import extractor_notes
+
+    notes = extractor_notes()
+    assert list(notes)[:2] == ["proxy_fd_digits", "proxy_kid_digits"]  # registration order
+    assert {"conditional_accuracy", "utility_retained", "fid_2048", "kid_2048", "fid_768", "kid_768", "fid_192",
+            "fid_64"} <= set(notes)
+    assert notes["proxy_fd_digits"].startswith("PROXY") and "(not FID)" in notes["proxy_fd_digits"]
+
+
 # ---------------------------------------------------------------------------------------------- FID Inception
 
 
