@@ -340,6 +340,36 @@ def test_diffusers_loras_with_one_header_and_other_tensors_are_other_models(tmp_
     assert first.sha256 != lora_file_sha256(files[0])  # the header's alphas count too
 
 
+def test_a_lora_is_matched_to_the_split_by_its_splits_content_before_its_manifest_bytes():
+    """A moved dataset's manifest is re-written (other bytes, same splits): its LoRAs must still be accepted, and a
+    LoRA of other splits refused even when the manifest bytes it recorded happen to match."""
+    from library.errors import DataError
+    from library.eval.inputs import SplitIdentity, _recorded
+
+    config, split = EvalConfig(split_manifest="split.json"), SplitIdentity("m" * 64, "s" * 64)
+    moved = {"smp_lora.method": "lora", "smp_lora.split_sha256": "s" * 64, "smp_lora.manifest_sha256": "o" * 64}
+    assert _recorded(config, split, "LoRA moved", moved)["smp_lora.split_sha256"] == "s" * 64
+    other = {**moved, "smp_lora.split_sha256": "x" * 64, "smp_lora.manifest_sha256": "m" * 64}
+    with pytest.raises(DataError, match=r"LoRA other was trained with another split manifest \(split_sha256 xxxx"):
+        _recorded(config, split, "LoRA other", other)
+    older = {"smp_lora.method": "lora", "smp_lora.manifest_sha256": "m" * 64}  # before split_sha256 was recorded
+    assert _recorded(config, split, "LoRA older", older) == older
+
+
+def test_only_training_metadata_and_conditioning_reach_the_report():
+    """The report and conditioning read what training recorded; a single file's embedded configs and tokenizer
+    (large, not training settings) and unrelated keys stay out."""
+    from library.eval.inputs import SplitIdentity, _recorded
+
+    kept = {"smp_lora.method": "lora", "smp_lora.split_sha256": "s" * 64, "ss_network_dim": "4",
+            "ss_base_model_version": "sd_v1", "ss_clip_skip": "2", "ss_max_token_length": "225",
+            "ss_resolution": "(32, 32)"}
+    dropped = {"smp_lora.sd_configs": "{}", "smp_lora.tokenizer": "{}", "smp_lora.format": "single",
+               "ss_output_name": "x", "format": "pt"}
+    config = EvalConfig(split_manifest="split.json")
+    assert _recorded(config, SplitIdentity("m" * 64, "s" * 64), "LoRA x", {**kept, **dropped}) == kept
+
+
 # ----------------------------------------------------------------------------------------- 3. conditioning
 
 
