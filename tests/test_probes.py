@@ -63,6 +63,19 @@ def latents(n: int = N) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
 
 
+def test_gradient_groups_of_a_unet_are_its_numbered_blocks():
+    """GSA reports one gradient norm per UNet block: every down and up block on its own, the rest by top module."""
+    unet = torch.nn.Module()
+    unet.conv_in = torch.nn.Linear(1, 1)
+    unet.down_blocks = torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)])
+    unet.mid_block = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    unet.up_blocks = torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)])
+    model = ModelContext(SimpleNamespace(unet=unet), [], torch.device("cpu"), torch.float32, seed=0, resolution=8)
+    groups = model.parameter_groups()
+    assert list(groups) == ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert [len(params) for params in groups.values()] == [2, 2, 2, 4, 2, 2]
+
+
 def test_probes_cover_every_sample_in_order_whatever_the_batch_size():
     """A batch cut short or a sample dropped would shift every score against its membership label."""
     for batch_size in (1, 2, N, N + 3):
