@@ -310,6 +310,16 @@ def test_each_sample_is_read_with_its_own_split_label_path_and_caption(digits_di
     assert len({entry.caption for _, entry in entries}) > 1 and len(samples.aux_index) == 24
 
 
+def test_the_split_identity_holds_the_manifest_bytes_hash_then_the_splits_hash(manifest_path):
+    """Each LoRA's recorded hashes are compared field by field with this identity: swapped, every LoRA is refused."""
+    from library.data.manifest import manifest_sha256, split_sha256
+    from library.eval.inputs import load_samples
+
+    manifest, _, identity = load_samples(EvalConfig(split_manifest=str(manifest_path)))
+    assert identity.manifest_sha256 == manifest_sha256(manifest_path) != identity.split_sha256
+    assert identity.split_sha256 == split_sha256(manifest)
+
+
 def test_report_names_keep_dashes_and_number_every_repeat():
     """Each model's report row, scores.csv column and cache files go by its name: two models must never share one,
     and a file's own name (``lora-step00002``) should stay recognisable."""
