@@ -320,6 +320,19 @@ def test_the_split_identity_holds_the_manifest_bytes_hash_then_the_splits_hash(m
     assert identity.split_sha256 == split_sha256(manifest)
 
 
+def test_a_pickle_unet_is_refused_unless_the_evaluation_allows_pickle(tmp_path):
+    """Unpickling runs the file's code: only --allow_pickle may let a .ckpt UNet be read."""
+    from library.eval.inputs import SplitIdentity, model_specs
+
+    ckpt = tmp_path / "ft.ckpt"
+    ckpt.write_bytes(b"pickle")
+    split = SplitIdentity("m" * 64, "s" * 64)
+    with pytest.raises(ModelError, match="--allow_pickle"):
+        model_specs(EvalConfig(unet_weights=[str(ckpt)], allow_manifest_mismatch=True), split)
+    config = EvalConfig(unet_weights=[str(ckpt)], allow_manifest_mismatch=True, allow_pickle=True)
+    assert [spec.name for spec in model_specs(config, split)] == ["base", "ft"]
+
+
 def test_report_names_keep_dashes_and_number_every_repeat():
     """Each model's report row, scores.csv column and cache files go by its name: two models must never share one,
     and a file's own name (``lora-step00002``) should stay recognisable."""
