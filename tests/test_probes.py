@@ -76,6 +76,18 @@ def test_gradient_groups_of_a_unet_are_its_numbered_blocks():
     assert [len(params) for params in groups.values()] == [2, 2, 2, 4, 2, 2]
 
 
+def test_alpha_bar_is_the_schedules_value_at_each_timestep():
+    """Every closed-form probe (SecMI, PIA, ...) scales by alpha-bar_t: one step off shifts every statistic."""
+    schedule = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)
+    model = fake_model(3)
+    model.bundle.noise_scheduler = SimpleNamespace(alphas_cumprod=schedule)
+    ctx = QueryContext(model, range(3), latents(3))
+    assert ctx.alpha_bar(4).flatten().tolist() == [schedule[4].float().item()] * 3
+    t = torch.tensor([0, 5, 9])
+    assert ctx.alpha_bar(t).shape == (3, 1, 1, 1)
+    assert ctx.alpha_bar(t).flatten().tolist() == schedule[t].float().tolist()
+
+
 def test_probes_cover_every_sample_in_order_whatever_the_batch_size():
     """A batch cut short or a sample dropped would shift every score against its membership label."""
     for batch_size in (1, 2, N, N + 3):
