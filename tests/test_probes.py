@@ -25,10 +25,11 @@ N = 5
 
 
 class FakeModel(ModelContext):
-    """A model whose UNet returns its input plus the timestep, and whose text encoder gives one zero vector."""
+    """A model whose UNet returns its input plus the timestep, and whose text encoder gives caption ``c<i>`` the
+    vector [i] (any other caption [-1])."""
 
     def encode(self, captions):
-        return torch.zeros(len(captions), 1, 1)
+        return torch.tensor([float(c[1:]) if c[1:].isdigit() else -1.0 for c in captions]).view(-1, 1, 1)
 
 
 def fake_model(n: int = N) -> FakeModel:
@@ -86,6 +87,22 @@ def test_alpha_bar_is_the_schedules_value_at_each_timestep():
     t = torch.tensor([0, 5, 9])
     assert ctx.alpha_bar(t).shape == (3, 1, 1, 1)
     assert ctx.alpha_bar(t).flatten().tolist() == schedule[t].float().tolist()
+
+
+def test_noise_is_each_samples_own_whatever_the_batch_and_differs_per_draw():
+    """Paired noise: a sample gets the same noise in every batch (and model), other samples and draws other noise."""
+    model = fake_model()
+    batch = QueryContext(model, [0, 1, 2], latents()[[0, 1, 2]]).noise("t", draw=0)
+    alone = QueryContext(model, [2], latents()[[2]]).noise("t", draw=0)
+    assert torch.equal(alone[0], batch[2]) and not torch.equal(batch[0], batch[1])
+    assert not torch.equal(QueryContext(model, [2], latents()[[2]]).noise("t", draw=1), alone)
+
+
+def test_conditioning_defaults_to_each_samples_own_caption():
+    """A query conditioned on another sample's caption measures the wrong thing silently."""
+    ctx = QueryContext(fake_model(), [3, 1, 4], latents()[[3, 1, 4]])
+    assert ctx.conditioning().flatten().tolist() == [3.0, 1.0, 4.0]
+    assert ctx.conditioning(["c2", "x", "c2"]).flatten().tolist() == [2.0, -1.0, 2.0]
 
 
 def test_probes_cover_every_sample_in_order_whatever_the_batch_size():
