@@ -114,6 +114,69 @@ def test_noise_scheduler_is_sd_training_schedule() -> None:
     assert config.prediction_type == "epsilon"
 
 
+# CompVis' configs/stable-diffusion/v1-inference.yaml (the parts diffusers' single-file converters read): an
+# independent statement of SD v1.5's UNet and VAE that the built-in configs must agree with.
+V1_INFERENCE_YAML = {"model": {"params": {
+    "scale_factor": 0.18215,
+    "unet_config": {"params": {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8,
+        "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True,
+        "legacy": False}},
+    "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}},
+}}}
+
+
+def _init_defaults(cls: type) -> dict[str, object]:
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+
+
+def test_sd15_unet_and_vae_configs_are_what_diffusers_derives_from_compvis_yaml() -> None:
+    """A wrong constant in the built-in configs would silently build another network for every SD v1.5 file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    # image_size 512: SD v1.5's native resolution (64-px latents); the argument is deprecated, hence the warning
+    with pytest.warns(FutureWarning):
+        unet = create_unet_diffusers_config_from_ldm(V1_INFERENCE_YAML, {}, image_size=512)
+        vae = create_vae_diffusers_config_from_ldm(V1_INFERENCE_YAML, {}, image_size=512)
+    for derived, ours, cls in ((unet, configs.SD15_UNET_CONFIG, UNet2DConditionModel),
+                               (vae, configs.SD15_VAE_CONFIG, AutoencoderKL)):
+        assert {k: ours[k] for k in derived if k in ours} == {k: v for k, v in derived.items() if k in ours}
+        # the fields the yaml leaves out are diffusers' defaults in SD v1.5's released configs
+        defaults = _init_defaults(cls)
+        rest = {k: v for k, v in ours.items() if k not in derived}
+        assert rest and rest == {k: defaults[k] for k in rest}
+
+
+def test_sd15_networks_have_sd15s_parameter_counts() -> None:
+    """The configs build networks of exactly v1-5-pruned.safetensors' size (UNet 859.5M, VAE 83.7M, CLIP 123.1M)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        networks = {"unet": UNet2DConditionModel.from_config(configs.SD15_UNET_CONFIG),
+                    "vae": AutoencoderKL.from_config(configs.SD15_VAE_CONFIG),
+                    "text": CLIPTextModel(CLIPTextConfig(**configs.SD15_TEXT_ENCODER_CONFIG))}
+    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text": 123_060_480}
+    text = configs.SD15_TEXT_ENCODER_CONFIG
+    assert text["hidden_size"] // text["num_attention_heads"] == 64  # CLIP ViT-L/14's text heads are 64 wide
+    # the rest are OpenAI CLIP's values, which transformers' defaults carry (bos/eos: SD's legacy ids, see configs)
+    defaults = CLIPTextConfig().to_dict()
+    for key in ("hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range", "initializer_factor",
+                "pad_token_id", "max_position_embeddings", "vocab_size"):
+        assert text[key] == defaults[key], key
+    assert (text["bos_token_id"], text["eos_token_id"]) == (0, 2)
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 
