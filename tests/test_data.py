@@ -913,3 +913,36 @@ def test_a_training_start_hashes_a_member_image_once_and_holds_its_latent_once(t
         rows = [data.members.keys.index(key) for key in subset.keys]
         assert torch.equal(subset.latents, data.members.latents[rows])
     assert data.nonmember_aux.latents.shape == (2, 4, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+
+
+def test_splits_seen_are_a_files_own_split_and_its_ancestors_each_once_sorted() -> None:
+    """--network_weights records these: an ancestor's split lost here lets evaluation accept a trained-on split."""
+    from library.data.lineage import parent_splits, splits_seen
+
+    # sorted, not in set order (which varies between processes): the header of a seeded run must not
+    meta = {"smp_lora.split_sha256": "d", "smp_lora.parent_split_sha256": "f,c,a,e,b,d"}
+    assert parent_splits(meta) == ["f", "c", "a", "e", "b", "d"]
+    assert splits_seen(meta) == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_a_file_without_split_records_is_unrecorded_with_no_ancestors() -> None:
+    """A LoRA from elsewhere (or trained on a folder) must read as 'unrecorded', the value files carry."""
+    from library.data.lineage import UNRECORDED, parent_splits, splits_seen
+
+    assert UNRECORDED == "unrecorded"
+    for meta in ({}, {"smp_lora.split_sha256": "", "smp_lora.parent_split_sha256": ""}):
+        assert parent_splits(meta) == []
+        assert splits_seen(meta) == ["unrecorded"]
+
+
+def test_lineage_metadata_records_every_split_the_parent_saw() -> None:
+    """A continued LoRA's header names all splits behind its weights (none recorded for a run from scratch)."""
+    from library.data.lineage import lineage_metadata
+
+    assert lineage_metadata(None) == {}
+    parent = {"smp_lora.split_sha256": "b", "smp_lora.parent_split_sha256": "a"}
+    assert lineage_metadata(parent) == {"smp_lora.parent_split_sha256": "a,b"}
+    assert lineage_metadata({}) == {"smp_lora.parent_split_sha256": "unrecorded"}
