@@ -45,6 +45,28 @@ def test_caption_parser_rejects_two_digits():
         D.digit_label("a three next to a five")
 
 
+def test_demo_captions_read_a_handwritten_digit_name():
+    """The demo's captions are its training data: another wording changes every seeded demo result."""
+    assert [digit_caption(label) for label in (0, 7, 9)] == [
+        "a handwritten digit zero", "a handwritten digit seven", "a handwritten digit nine"]
+
+
+def test_only_single_numerals_name_a_digit():
+    """A caption's other numbers (an index, a year) are not digits: "12" must not become a label."""
+    assert D.digit_label("a handwritten digit seven, sample 12 of 2024") == 7
+    with pytest.raises(DataError, match="names no digit"):
+        D.digit_label("a handwritten digit, sample 12")
+
+
+def test_the_extractors_lenient_parser_gives_none_unless_one_digit_is_named():
+    """Conditional accuracy skips prompts naming no digit or two; it must not score them against either."""
+    from library.data.digit_captions import digit_label_or_none
+
+    assert digit_label_or_none("digit 7, a seven") == 7
+    assert digit_label_or_none("a three next to a five") is None
+    assert digit_label_or_none("a photo of a cat") is None
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -199,3 +221,39 @@ def test_the_input_checks_sit_where_documented(digits):
     assert D.train_digit_feature_net(pixels[:12], labels[:12], **quiet).num_train == 10  # 10 to train on: enough
     tiny_fraction = D.train_digit_feature_net(pixels[:20], labels[:20], holdout_fraction=0.01, **quiet)
     assert tiny_fraction.num_heldout == 1 and tiny_fraction.heldout_accuracy in (0.0, 1.0)  # never none held out
+
+
+def test_a_batch_of_another_rank_is_refused_even_with_three_channels():
+    """(N, 3, W) or (N, 3, H, W, 1) must be the one-line shape error, not a crash deep inside interpolation."""
+    from library.eval.small_cnn import SmallCNN
+
+    for shape in ((2, 3, 32), (2, 3, 32, 32, 1), (2, 1, 32)):
+        with pytest.raises(DataError, match="shaped"):
+            SmallCNN.prepare(torch.zeros(shape))
+
+
+def test_features_in_batches_are_those_of_one_pass_every_image_included():
+    """Proxy FID/KID reads every image's features: a batch boundary must neither drop nor change one."""
+    from library.eval.small_cnn import SmallCNN, small_cnn_features
+
+    torch.manual_seed(0)
+    net, images = SmallCNN(), torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        batched, whole = small_cnn_features(net, images, batch_size=2), net.eval().features(images)
+    assert batched.shape == whole.shape == (5, net.num_features)
+    assert torch.allclose(batched, whole, atol=1e-6)  # not bit-equal: conv kernels depend on the batch size
+    assert small_cnn_features(net, images[:0]).shape == (0, net.num_features)
+
+
+def test_feature_standardisation_leaves_the_classifier_alone():
+    """The stored feature mean/std rescale proxy-FID features only: the network's predictions must not move."""
+    from library.eval.small_cnn import SmallCNN
+
+    torch.manual_seed(0)
+    net, images = SmallCNN().eval(), torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        logits, features = net(images), net.features(images)
+        net.feature_mean.uniform_(-1, 1)
+        net.feature_std.uniform_(0.5, 2)
+        assert torch.equal(net(images), logits)
+        assert torch.allclose(net.features(images) * net.feature_std + net.feature_mean, features, atol=1e-5)
