@@ -236,6 +236,14 @@ def test_fingerprint_changes_with_one_weight_or_config() -> None:
     assert vae_fingerprint(half.vae) != base_vae
 
 
+def test_fingerprint_changes_with_the_text_encoders_config_alone() -> None:
+    """Same weights under another activation encode prompts differently: it is another base model."""
+    bundle = build_tiny_stack(seed=0)
+    base = fingerprint(bundle)
+    bundle.text_encoder.config.hidden_act = "gelu"
+    assert fingerprint(bundle) != base
+
+
 def test_load_in_half_precision(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
     bundle, _, single = tiny_files
     loaded = load_sd_model(single, dtype=torch.float16)
@@ -257,8 +265,17 @@ def test_cast_weights_casts_without_diffusers_empty_fp32_warning(capfd: pytest.C
     assert not unet._keep_in_fp32_modules  # SD's UNet names no module to keep in float32
     logger = logging.getLogger("diffusers.models.modeling_utils")
     level = logger.level
-    cast_weights(unet, torch.bfloat16)
+    # diffusers' own handler writes to the stderr of import time (pytest's, not capfd's): listen on the logger
+    records: list[str] = []
+    heard = logging.Handler()
+    heard.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(heard)
+    try:
+        cast_weights(unet, torch.bfloat16)
+    finally:
+        logger.removeHandler(heard)
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert not [r for r in records if "kept in float32" in r]
     assert "kept in float32" not in capfd.readouterr().err
     assert logger.level == level  # restored
 
@@ -453,6 +470,22 @@ def test_native_resolution_is_the_unets_sample_size_times_the_vaes_downscale(
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"nowhere.*does not exist"):
         load_sd_model(tmp_path / "nowhere")
+
+
+def test_a_missing_tokenizer_folder_is_named_missing(tmp_path: Path) -> None:
+    """--tokenizer_path with a typo must say the folder does not exist, not that it holds no tokenizer."""
+    from library.sd.bundle import check_tokenizer_folder
+
+    with pytest.raises(ModelError, match=r"tokenizer folder .*missing does not exist"):
+        check_tokenizer_folder(tmp_path / "missing")
+
+
+def test_a_loading_failure_is_named_by_its_type_and_first_line() -> None:
+    """Loading errors are one line: the first of a multi-line message, which states the cause."""
+    from library.sd.bundle import first_line
+
+    assert first_line(OSError("no file named config.json\nsee the docs\n")) == "OSError: no file named config.json"
+    assert first_line(ValueError("")) == "ValueError: "
 
 
 def test_folder_missing_unet(tiny_files: tuple[ModelBundle, Path, Path], tmp_path: Path) -> None:
@@ -702,6 +735,19 @@ def test_bake_vae_from_each_vae_layout(tiny_files: tuple[ModelBundle, Path, Path
     for index, vae in enumerate((ldm_vae, diffusers_file, folder / "vae", old_names)):
         output = bake_vae(no_vae, vae, tmp_path / f"baked{index}.safetensors")
         assert fingerprint(load_sd_model(output)) == fingerprint(loaded["single"]), vae
+
+
+def test_bake_vae_takes_the_first_stage_model_of_a_whole_checkpoint(tiny_files: tuple[ModelBundle, Path, Path],
+                                                                  loaded: dict[str, ModelBundle],
+                                                                  tmp_path: Path) -> None:
+    """A VAE under first_stage_model.* (another full checkpoint, an LDM VAE export) is the VAE, not 'no VAE'."""
+    from library.sd.bake_vae import bake_vae
+
+    single = tiny_files[2]
+    no_vae = tmp_path / "novae.safetensors"
+    _without_vae(single, no_vae)
+    output = bake_vae(no_vae, single, tmp_path / "baked.safetensors")
+    assert fingerprint(load_sd_model(output)) == fingerprint(loaded["single"])
 
 
 def test_bake_vae_replaces_a_vae_and_refuses_a_misfit(tiny_files: tuple[ModelBundle, Path, Path],
