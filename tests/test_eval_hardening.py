@@ -798,3 +798,76 @@ def test_an_evaluation_without_its_base_model_or_split_manifest_is_refused(given
     """The manifest gives the membership labels and the base model the LoRAs' reference: neither has a default."""
     with pytest.raises(ConfigError, match=f"'{missing}' is required"):
         EvalConfig(**given).validate()
+
+
+# ------------------------------------------------------------------------------------- base model (eval.models)
+
+
+def test_device_auto_takes_cuda_only_when_a_gpu_is_there_and_cuda_needs_one(monkeypatch):
+    """--device auto must not pick CUDA on a CPU box, nor refuse an explicit cuda on a GPU one."""
+    from library.eval.models import resolve_device
+
+    for available, auto in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert resolve_device("auto") == torch.device(auto)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # a GPU is there (still patched)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no GPU is available"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def _fake_loader(monkeypatch) -> list[torch.dtype]:
+    """library.sd.loading.load_sd_model replaced by the tiny stack in the dtype asked for; returns the dtypes asked."""
+    from library.demo.tiny import build_tiny_stack
+    from library.sd.bundle import cast_weights
+
+    asked: list[torch.dtype] = []
+
+    def load(path, *, tokenizer_path=None, dtype=torch.float32, allow_pickle=False):
+        asked.append(dtype)
+        bundle = build_tiny_stack(seed=0)
+        for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+            cast_weights(module, dtype)
+        return bundle
+
+    monkeypatch.setattr("library.sd.loading.load_sd_model", load)
+    return asked
+
+
+def test_load_bundle_fingerprints_the_fp32_weights_then_casts_every_network(monkeypatch):
+    """A LoRA records its base's fp32 fingerprint: an fp16 evaluation must check that one, then run all in fp16."""
+    from types import SimpleNamespace
+
+    from library.demo.tiny import build_tiny_stack
+    from library.eval.models import load_bundle
+
+    asked = _fake_loader(monkeypatch)
+    config = SimpleNamespace(pretrained_model_name_or_path="base", tokenizer_path=None, mixed_precision="fp16",
+                             allow_pickle=False)
+    bundle = load_bundle(config, torch.device("meta"), fingerprint=True)
+    assert asked == [torch.float32]
+    assert bundle.loaded_fingerprint == build_tiny_stack(seed=0).fingerprint()
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        assert {(p.dtype, p.device.type) for p in module.parameters()} == {(torch.float16, "meta")}
+    assert load_bundle(config, torch.device("cpu")).loaded_fingerprint is None and asked[-1] == torch.float16
+
+
+def test_a_worker_reloads_the_base_model_only_when_its_settings_change(monkeypatch):
+    """Jobs of one worker share one base model; one of another precision must not get the cached one."""
+    from types import SimpleNamespace
+
+    from library.eval import models
+
+    loads: list[str] = []
+    monkeypatch.setattr(models, "load_bundle", lambda config, device: loads.append(config.mixed_precision) or
+                        object())
+    monkeypatch.setattr(models, "_PROCESS_BUNDLE", {})
+    fp16 = SimpleNamespace(pretrained_model_name_or_path="base", tokenizer_path=None, mixed_precision="fp16",
+                           allow_pickle=False)
+    fp32 = SimpleNamespace(**{**vars(fp16), "mixed_precision": "no"})
+    cpu = torch.device("cpu")
+    first = models.process_bundle(fp16, cpu)
+    assert models.process_bundle(fp16, cpu) is first and loads == ["fp16"]
+    assert models.process_bundle(fp32, cpu) is not first and loads == ["fp16", "no"]
+    assert len(models._PROCESS_BUNDLE) == 1  # one base model per worker, not one per setting ever seen
