@@ -433,3 +433,35 @@ def test_a_negative_part_rate_is_refused_saying_that_0_turns_the_part_off(flag):
     """A negative part rate is no way to switch a part off: the error tells the user that 0 is."""
     with pytest.raises(ConfigError, match=r"must be a finite number >= 0 \(0 means: do not train that part\)"):
         parse_config(TrainConfig, BASE + [flag, "-1e-4"])
+
+
+# A kohya / diffusers key at its no-op value (TOML literal) loads with a warning; at a value that would change
+# training it is refused. Each pair pins one key's predicate in library.train.foreign_flags.
+FOREIGN_VALUES = [
+    ("v2", "false", "true"),
+    ("v_parameterization", "false", "true"),
+    ("sdxl", "false", "true"),
+    ("optimizer_args", "[]", "['betas=0.9,0.99']"),
+    ("lr_scheduler_num_cycles", "1", "3"),
+    ("caption_separator", "','", "';'"),
+    ("token_warmup_min", "1", "4"),
+    ("huggingface_repo_id", "''", "'me/faces'"),
+    ("validation_split", "0.0", "0.1"),
+    ("center_crop", "true", "false"),
+    ("allow_tf32", "false", "true"),
+    ("snr_gamma", "0", "5.0"),
+    ("use_8bit_adam", "false", "true"),
+    ("full_fp16", "false", "true"),
+    ("no_half_vae", "true", None),
+]
+
+
+@pytest.mark.parametrize("key,harmless,refused", FOREIGN_VALUES, ids=[row[0] for row in FOREIGN_VALUES])
+def test_a_foreign_key_loads_at_its_no_op_value_and_is_refused_at_any_other(key, harmless, refused, tmp_path,
+                                                                             capsys):
+    """A GUI-written config must load where the key changes nothing, and never silently train otherwise."""
+    parse_config(TrainConfig, BASE + ["--config_file", write(tmp_path, f"{key} = {harmless}\n")])
+    assert capsys.readouterr().err.count("warning:") == 1
+    if refused is not None:
+        with pytest.raises(ConfigError, match=f"'{key}' is an sd-scripts or diffusers option"):
+            parse_config(TrainConfig, BASE + ["--config_file", write(tmp_path, f"{key} = {refused}\n")])
