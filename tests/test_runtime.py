@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from library import runtime
+from library.errors import ConfigError
 
 REPO = Path(runtime.__file__).resolve().parents[1]
 
@@ -48,3 +49,33 @@ def test_the_kernel_signature_names_what_moves_a_results_last_bits():
     with runtime.torch_threads(2):
         assert runtime.kernel_signature(cpu, 8) != one
     assert torch.__version__ in one and torch.backends.cpu.get_cpu_capability() in one
+
+
+def test_hashed_seeds_stay_the_values_recorded_runs_were_drawn_with():
+    """A seed derived differently (another separator, digest slice or mask) would silently change every seeded run."""
+    assert runtime.hashed_seed("a", 1) == 6864898492260683752  # its top bit is masked off: 63 bits
+    assert runtime.hashed_seed("noise", 3, "abc") == 8767218884238172253
+
+
+def test_zero_torch_threads_is_one_config_error_line():
+    """A thread count below 1 must be the one-line refusal, not torch's RuntimeError traceback mid-run."""
+    with pytest.raises(ConfigError, match="threads must be at least 1, got 0"):
+        runtime.configure_torch(0)
+
+
+def test_torch_setup_says_whether_denormals_are_flushed():
+    """The worker-vs-parent comparison is only as good as this flag: flushing denormals moves small floats to 0."""
+    assert runtime.torch_setup()["flush_denormal"] is False  # torch's default
+    if torch.set_flush_denormal(True):  # False where the CPU cannot flush
+        try:
+            assert runtime.torch_setup()["flush_denormal"] is True
+        finally:
+            torch.set_flush_denormal(False)
+
+
+def test_deterministic_kernels_are_switched_on_only_when_asked_and_only_warn(torch_defaults_restored):
+    """--full_determinism must not stop a run at an op without a deterministic kernel; without it, nothing changes."""
+    runtime.seed_torch(0)
+    assert not torch.are_deterministic_algorithms_enabled()
+    runtime.seed_torch(0, full_determinism=True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
