@@ -794,6 +794,8 @@ def test_the_attacker_gets_each_aux_sets_own_keys_and_every_split_image_has_its_
     assert (aux.member_keys, aux.nonmember_keys) == (["m1"], ["n1"])
     assert (aux.member_captions, aux.nonmember_captions) == (["caption m1"], ["caption n1"])
     assert data.split_roles() == {"m1": "a member", "m2": "a member", "n1": "a non-member", "n2": "a non-member"}
+    # every set of the split, in order (the prior's class images are neither members nor non-members)
+    assert data.sets() == [data.members, data.member_aux, data.nonmember_aux, data.member_test, data.nonmember_test]
     for empty in ("member_aux", "nonmember_aux"):  # a split without one of the attacker's sets: no attacker data
         assert replace(data, **{empty: labelled()}).aux_data() is None
 
