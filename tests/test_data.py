@@ -853,6 +853,22 @@ def test_a_proxy_attacker_needs_both_aux_sets_of_a_split_manifest(tmp_path):
     assert len(load_training_records(config, needs_aux=False).members) == 2
 
 
+def test_a_split_without_members_is_refused_before_training(tmp_path):
+    """A split whose D^m_aux and D^m_te are both empty has nothing to fit: one line, not a run over no images."""
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+    from library.train.data import load_training_records
+
+    for i in range(2):
+        _pair(tmp_path / "data", f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+    sizes = {"member_aux": 0, "member_test": 0, "nonmember_aux": 1, "nonmember_test": 1}
+    manifest = make_split(scan_dataset(tmp_path / "data"), sizes=sizes, seed=0, dataset_root=tmp_path / "data",
+                          allow_unbalanced_aux=True)
+    write_manifest(manifest, tmp_path / "split.json")
+    with pytest.raises(DataError, match="the training set \\(members\\) is empty"):
+        load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=False)
+
+
 def test_the_checks_before_training_refuse_a_repeated_image_or_an_attacker_batch_the_aux_sets_cannot_fill():
     """DP-SGD's guarantee is per record: an image twice in D_tr (two names, or kohya repeats) is refused, naming its
     files; methods without that need train on it. A proxy attacker's batch must fit D^m_aux and D^nm_aux."""
@@ -875,6 +891,10 @@ def test_the_checks_before_training_refuse_a_repeated_image_or_an_attacker_batch
         check_training_data(data, method("one record each"), config, 1)
     with pytest.raises(ConfigError, match=r"D\^m_aux \(--attacker_batch_size\) has 1 image\(s\), fewer than one batch"):
         check_training_data(data, method(needs_aux=True), config, 1)
+    config.attacker_batch_size = 1  # one image fills a batch of one process, not one batch on each of two
+    check_training_data(data, method(needs_aux=True), config, 1)
+    with pytest.raises(ConfigError, match=r"D\^m_aux \(--attacker_batch_size\)"):
+        check_training_data(data, method(needs_aux=True), config, 2)
 
 
 def test_a_training_start_hashes_a_member_image_once_and_holds_its_latent_once(tmp_path, tiny_vae, monkeypatch):
@@ -948,3 +968,21 @@ def test_lineage_metadata_records_every_split_the_parent_saw() -> None:
     parent = {"smp_lora.split_sha256": "b", "smp_lora.parent_split_sha256": "a"}
     assert lineage_metadata(parent) == {"smp_lora.parent_split_sha256": "a,b"}
     assert lineage_metadata({}) == {"smp_lora.parent_split_sha256": "unrecorded"}
+
+
+def test_the_class_images_get_latents_and_non_members_none_without_a_proxy_attacker(tmp_path, tiny_vae):
+    """DreamBooth's prior loss trains on the class images' latents; a method without an attacker never encodes
+    a non-member (a VAE pass per image for nothing)."""
+    from library.train.data import LabelledSet, TrainingData, attach_latents
+
+    for i in range(3):
+        _pair(tmp_path, f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+
+    def labelled(*indices: int) -> LabelledSet:
+        return LabelledSet([tmp_path / f"p{i}.png" for i in indices], [f"plain {i}" for i in indices])
+
+    data = TrainingData(members=labelled(0), nonmember_aux=labelled(1), prior=labelled(1, 2))
+    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False)
+    attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"), every_set=False)
+    assert data.members.latents.shape == (1, 4, 8, 8) and data.prior.latents.shape == (2, 4, 8, 8)
+    assert data.nonmember_aux.latents is None
