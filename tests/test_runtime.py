@@ -79,3 +79,9 @@ def test_deterministic_kernels_are_switched_on_only_when_asked_and_only_warn(tor
     assert not torch.are_deterministic_algorithms_enabled()
     runtime.seed_torch(0, full_determinism=True)
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark  # no autotuner's pick
+
+
+def test_a_cpu_process_owns_no_cuda_random_state():
+    """fork_rng on the CPU must not touch (or, without CUDA, fail on) a GPU's generator."""
+    assert runtime.cuda_devices(torch.device("cpu")) == []
