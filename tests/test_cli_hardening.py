@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,8 @@ PARSE_ERRORS = [
     ("train_lora.py", ["--instance_prompt", "a photo of sks dog"], "--instance_prompt: the instance prompt is each "
                                                                     "member's caption"),
     ("train_lora.py", ["--allow_tf32"], "--allow_tf32: not supported"),  # not "did you mean --allow_pickle?"
+    ("train_lora.py", ["--no-xformers"], "--xformers: diffusers already uses"),  # a negated kohya flag: its advice
+    ("train_lora.py", ["--rank=4"], "--rank: use --network_dim"),  # the --flag=value form gets the advice too
 ]
 
 
@@ -185,6 +188,41 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path):
     assert process.wait(timeout=300) == 141 and stderr == ""
 
 
+def test_a_broken_pipe_other_than_stdout_is_a_real_failure(tmp_path):
+    """A worker's pipe breaking while stdout is read must not pass for ``| head``: a traceback, not a quiet 141."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from library.cli import run_cli\n"
+            "def main(argv):\n    raise BrokenPipeError('worker pipe')\n"
+            "sys.exit(run_cli(main, []))")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 1 and "BrokenPipeError: worker pipe" in result.stderr
+
+
+def test_run_cli_gives_the_callers_sigterm_handler_back():
+    """A script run in-process (tests, the demo's steps) must leave the caller's SIGTERM handling as it was."""
+    import signal
+
+    def callers(signum: int, frame: object) -> None:
+        raise AssertionError("not sent")
+
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        assert run_cli(lambda argv: 0, []) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_the_entry_scripts_never_reach_a_model_hub(monkeypatch):
+    """Every model is a local folder: a run must not try (and, offline, hang on) the Hugging Face Hub."""
+    from library.cli import offline_environment
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    offline_environment()
+    assert [os.environ[name] for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["1", "1"]
+
+
 def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(TrainConfig, ["--help"])
@@ -197,6 +235,8 @@ def test_parser_options():
     with pytest.raises(ConfigError) as info:
         parser.parse_args(["--sede", "1"])
     assert str(info.value) == "sweep.toml, run 2: unrecognized arguments: --sede 1 (did you mean --seed?)"
+    with pytest.raises(ConfigError, match=r"--sede 1 --zzz \(did you mean --seed\?\)$"):
+        parser.parse_args(["--sede", "1", "--zzz"])  # the suggestion is for the first unknown flag
     with pytest.raises(ConfigError, match=r"^flags: unrecognized arguments: 5$"):
         parse_flags(TrainConfig, ["--seed", "3", "5"])  # a value without its flag
 
