@@ -1337,6 +1337,20 @@ def test_a_cut_or_foreign_state_summary_is_one_refusal_naming_it(tmp_path, text,
         read_summary(tmp_path)
 
 
+def test_a_state_holding_objects_is_refused_not_unpickled(tmp_path):
+    """--resume of a downloaded or tampered state must never build arbitrary objects (pickle runs their code)."""
+    import argparse
+
+    from library.errors import TrainingError
+    from library.train.checkpoint import load_state, save_state
+
+    save_state(tmp_path / "s", {"step": torch.tensor(3), "config": argparse.Namespace(seed=1)}, {"global_step": 3})
+    with pytest.raises(TrainingError, match=r"cannot resume: .*state.pt is corrupt or not a training state"):
+        load_state(tmp_path / "s")
+    save_state(tmp_path / "s", {"step": torch.tensor(3), "rng": [1, 2]}, {"global_step": 3})
+    assert load_state(tmp_path / "s")["rng"] == [1, 2]
+
+
 def test_a_state_too_old_to_name_its_run_is_this_runs_only_by_its_name_and_a_dash(tmp_path):
     """``lora2-state`` (no summary: written before states named their run) is run ``lora2``'s: resuming it into
     the folder of the finished run ``lora`` must not pass as ``lora`` continuing its own state."""
