@@ -85,3 +85,12 @@ def test_deterministic_kernels_are_switched_on_only_when_asked_and_only_warn(tor
 def test_a_cpu_process_owns_no_cuda_random_state():
     """fork_rng on the CPU must not touch (or, without CUDA, fail on) a GPU's generator."""
     assert runtime.cuda_devices(torch.device("cpu")) == []
+
+
+def test_eval_mode_gives_each_submodule_its_own_mode_back():
+    """A frozen submodule left in eval mode must stay there after the block: else its dropout turns on in training."""
+    frozen = torch.nn.Dropout(0.5).eval()
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1), frozen)
+    with runtime.eval_mode(model, None):
+        assert not model.training and not frozen.training
+    assert model.training and not frozen.training
