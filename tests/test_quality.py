@@ -599,11 +599,21 @@ def test_quality_samples_use_the_quality_settings(monkeypatch):
     assert calls["generate"][2]["clip_skip"] == 2
 
 
+def _serial_generation(monkeypatch, generate_samples) -> SimpleNamespace:
+    """library.eval.generation with the base model stubbed and ``generate_samples`` as its sampler; a serial pool."""
+    import contextlib
+
+    from library.eval import generation
+
+    monkeypatch.setattr(generation, "load_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
+    monkeypatch.setattr(generation, "generate_samples", generate_samples)
+    return SimpleNamespace(parallel=False, in_process=contextlib.nullcontext)
+
+
 def test_generate_all_keeps_the_model_order_and_the_precision(monkeypatch):
     """Images come back in the order of ``specs`` (run_quality zips them), generated in --mixed_precision, in this
     process and in a worker's job alike."""
-    import contextlib
-
     from library.eval import generation
     from library.eval.records import ModelSpec
 
@@ -613,11 +623,8 @@ def test_generate_all_keeps_the_model_order_and_the_precision(monkeypatch):
         seen.append((spec.name, dtype))
         return [spec.name]
 
-    monkeypatch.setattr(generation, "load_bundle", lambda config, device: "bundle")
-    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
-    monkeypatch.setattr(generation, "generate_samples", fake_generate_samples)
+    pool = _serial_generation(monkeypatch, fake_generate_samples)
     config = SimpleNamespace(mixed_precision="bf16")
-    pool = SimpleNamespace(parallel=False, in_process=contextlib.nullcontext)
     specs = [ModelSpec("base"), ModelSpec("a"), ModelSpec("b")]
     out = generation.generate_all(config, specs, ["p"], torch.device("cpu"), pool)
     assert [images for images, _ in out] == [["base"], ["a"], ["b"]]
@@ -629,7 +636,6 @@ def test_generate_all_keeps_the_model_order_and_the_precision(monkeypatch):
 
 def test_generation_times_each_model_in_this_process_and_in_a_worker(monkeypatch):
     """A model's seconds (report.json timing_s) are its own generation time, serial or in a worker's job."""
-    import contextlib
     import time
 
     from library.eval import generation
@@ -639,11 +645,8 @@ def test_generation_times_each_model_in_this_process_and_in_a_worker(monkeypatch
         time.sleep(0.02)
         return [spec.name]
 
-    monkeypatch.setattr(generation, "load_bundle", lambda config, device: "bundle")
-    monkeypatch.setattr(generation, "process_bundle", lambda config, device: "bundle")
-    monkeypatch.setattr(generation, "generate_samples", slow_generate_samples)
+    pool = _serial_generation(monkeypatch, slow_generate_samples)
     config = SimpleNamespace(mixed_precision="no")
-    pool = SimpleNamespace(parallel=False, in_process=contextlib.nullcontext)
     out = generation.generate_all(config, [ModelSpec("base"), ModelSpec("a")], ["p"], torch.device("cpu"), pool)
     assert [seconds >= 0.02 for _, seconds in out] == [True, True]
     _, seconds = generation.generate_samples_job(generation.SampleJob(config, ModelSpec("a"), ["p"],
