@@ -34,7 +34,7 @@ from library.data.dataset import (
     read_caption_file,
 )
 from library.data.images import open_rgb
-from library.errors import ConfigError, DataError
+from library.errors import ConfigError, DataError, UserError
 from library.fileio import atomic_write_path, atomic_write_text, sha256_file
 from library.outputs import OutputLock, check_output_dir
 from library.runtime import hashed_seed
@@ -44,7 +44,7 @@ from library.train.config import TrainConfig
 
 GENERATED_PREFIX = "class_"
 # what the main process tells the others (prior_records): the records and how many were made, or its refusal
-Outcome = tuple[list[ImageCaption], int] | ConfigError | DataError | None
+Outcome = tuple[list[ImageCaption], int] | UserError | None
 
 
 def _images(folder: Path) -> list[Path]:
@@ -203,7 +203,7 @@ def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: boo
             made = generate_class_images(config, bundle, autocast) if missing_class_images(config) else 0
             torch.set_rng_state(state)
             outcome = (class_images(config), made)
-        except (ConfigError, DataError) as exc:
+        except UserError as exc:  # any refusal of ours: the others would wait for the list for ever
             outcome = exc
     outcome = from_main(outcome)
     if isinstance(outcome, Exception):
