@@ -18,8 +18,10 @@ class _TwoRanks:
 
     num_processes, device = 2, "cpu"
 
-    def __init__(self, other_flag: float = 0.0, other_digest: torch.Tensor | None = None) -> None:
+    def __init__(self, other_flag: float = 0.0, other_digest: torch.Tensor | None = None,
+                 is_main_process: bool = True) -> None:
         self.other_flag, self.other_digest, self.gathered = other_flag, other_digest, None
+        self.is_main_process = is_main_process
 
     def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
         return tensor + 1 if reduction == "mean" else tensor + self.other_flag
@@ -64,9 +66,38 @@ def test_one_process_needs_no_collective():
     assert one.any_rank(True) is True and one.any_rank(False) is False
     assert one.gather_objects({"rank": 0}) == [{"rank": 0}]
     assert one.in_sync([torch.ones(2)]) is True
+    assert one.on_main(lambda: "value") == "value"
 
 
 def test_objects_are_gathered_one_per_rank(monkeypatch):
     """Each rank contributes its object whole (a dict stays one entry), in rank order."""
     monkeypatch.setattr(collectives, "gather_object", lambda objects: objects + [{"rank": 1}])
     assert Collectives(_TwoRanks()).gather_objects({"rank": 0}) == [{"rank": 0}, {"rank": 1}]
+
+
+def test_the_main_process_does_the_work_and_every_rank_gets_its_value_or_its_refusal(monkeypatch):
+    """on_main: only the main rank runs the work; its value, or its refusal, is what the broadcast carries, and a
+    refusal is raised on every rank (raised on the main one alone, the others would wait for ever)."""
+    from library.errors import DataError
+
+    sent = []
+
+    def broadcast(objects, from_process):  # rank 0 sends; every rank gets what it sent
+        assert from_process == 0
+        if not sent:
+            sent.append(objects[0])
+        return [sent[0]]
+
+    monkeypatch.setattr(collectives, "broadcast_object_list", broadcast)
+
+    def refuse():
+        raise DataError("class image x.png has no caption file")
+
+    with pytest.raises(DataError, match="x.png has no caption file") as raised:
+        Collectives(_TwoRanks()).on_main(refuse)
+    assert sent == [raised.value]  # broadcast, not raised before it
+    with pytest.raises(DataError, match="x.png has no caption file"):  # another rank: the main one's refusal
+        Collectives(_TwoRanks(is_main_process=False)).on_main(lambda: pytest.fail("not the main process"))
+    sent.clear()
+    assert Collectives(_TwoRanks()).on_main(lambda: ["main"]) == ["main"]
+    assert Collectives(_TwoRanks(is_main_process=False)).on_main(lambda: pytest.fail("not main")) == ["main"]

@@ -300,32 +300,32 @@ def test_a_rank_other_than_the_main_one_generates_nothing_and_takes_the_main_one
 
     config = parse_config(TrainConfig, dreambooth_args)
     _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])  # not what the main one read
-    sent = [], ([ImageCaption(tmp_path / "main.png", "a digit")], 3)
-
-    def broadcast(value):  # what the main process sends reaches every rank
-        sent[0].append(value)
-        return sent[1]
-
-    records, made = prior_records(config, None, False, broadcast)  # no model: nothing to render
-    assert sent[0] == [None] and (records, made) == sent[1]
+    main_ones = ([ImageCaption(tmp_path / "main.png", "a digit")], 3)
+    # another rank's Collectives.on_main: the work is the main process's, the value comes from its broadcast
+    assert prior_records(config, None, lambda produce: main_ones) == main_ones  # no model: nothing to render
 
 
-def test_the_main_processs_refusal_stops_every_rank_with_its_line(dreambooth_args, tmp_path):
-    """The main process broadcasts its refusal instead of raising alone (the other ranks would wait for its list
-    for ever); every rank then raises the main one's error."""
+def test_the_main_process_generates_reads_and_refuses_inside_on_main(dreambooth_args, tmp_path):
+    """The folder is read (and a refusal raised) inside the work given to on_main, which broadcasts its value or
+    its refusal: raised before it, the other ranks would wait for the list for ever."""
     from library.errors import DataError
     from library.train.prior import prior_records
 
     config = parse_config(TrainConfig, dreambooth_args)
     _class_folder(tmp_path / "class", [f"class_{i:05d}.png" for i in range(6)])
+    works = []
+
+    def main_process(produce):  # the main rank's on_main: runs the work
+        works.append(produce)
+        return produce()
+
+    records, made = prior_records(config, None, main_process)
+    assert len(works) == 1 and made == 0 and len(records) == 6
     (tmp_path / "class" / "class_00002.txt").unlink()
     config.class_prompt = None  # an image with no caption file and no class prompt to fall back on
-    sent = []
-    with pytest.raises(DataError, match="class_00002.png has no caption file") as raised:
-        prior_records(config, None, True, lambda value: sent.append(value) or value)
-    assert sent == [raised.value]
     with pytest.raises(DataError, match="class_00002.png has no caption file"):
-        prior_records(config, None, False, lambda value: sent[0])
+        prior_records(config, None, main_process)
+    assert len(works) == 2
 
 
 def test_a_fuller_class_folder_gives_its_first_num_class_images_by_path(dreambooth_args, tmp_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
+
+from library.errors import UserError
+
+T = TypeVar("T")
 
 
 class Collectives:
@@ -43,11 +47,22 @@ class Collectives:
             return [obj]
         return gather_object([obj])
 
-    def from_main(self, obj: Any) -> Any:
-        """The main process's ``obj`` on every process (the others' ``obj`` is ignored)."""
+    def on_main(self, produce: Callable[[], T]) -> T:
+        """``produce()`` run by the main process alone, its value given to every process (a broadcast). Its refusal
+        (a :class:`~library.errors.UserError`) is broadcast too and raised on every rank: raised on the main one
+        alone, it would leave the others waiting for the value for ever."""
         if self.accelerator.num_processes == 1:
-            return obj
-        return broadcast_object_list([obj], from_process=0)[0]
+            return produce()
+        outcome: T | UserError | None = None
+        if self.accelerator.is_main_process:
+            try:
+                outcome = produce()
+            except UserError as exc:
+                outcome = exc
+        outcome = broadcast_object_list([outcome], from_process=0)[0]
+        if isinstance(outcome, UserError):
+            raise outcome
+        return outcome  # type: ignore[return-value]
 
     def in_sync(self, tensors: list[torch.Tensor]) -> bool:
         """True when every process holds bit-identical ``tensors`` (compared by two float64 checksums)."""

@@ -34,7 +34,7 @@ from library.data.dataset import (
     read_caption_file,
 )
 from library.data.images import open_rgb
-from library.errors import ConfigError, DataError, UserError
+from library.errors import ConfigError, DataError
 from library.fileio import atomic_write_path, atomic_write_text, sha256_file
 from library.outputs import OutputLock, check_output_dir
 from library.runtime import hashed_seed
@@ -43,8 +43,7 @@ from library.sd.sampling import PromptSpec, build_pipeline, generate
 from library.train.config import TrainConfig
 
 GENERATED_PREFIX = "class_"
-# what the main process tells the others (prior_records): the records and how many were made, or its refusal
-Outcome = tuple[list[ImageCaption], int] | UserError | None
+PriorRecords = tuple[list[ImageCaption], int]  # the class images with their captions, and how many were generated
 
 
 def _images(folder: Path) -> list[Path]:
@@ -186,27 +185,21 @@ def check_class_images(config: TrainConfig, split: Mapping[str, str]) -> None:
     check_outside_split(records, split)
 
 
-def prior_records(config: TrainConfig, bundle: ModelBundle, is_main_process: bool,
-                  from_main: Callable[[Outcome], Outcome],
-                  autocast: Callable[[], ContextManager] | None = None) -> tuple[list[ImageCaption], int]:
-    """The class images a run trains its prior on, generated first where missing (by the main process, from the
-    base model as loaded: call this before the trained parameters are attached), and how many were generated.
+def prior_records(config: TrainConfig, bundle: ModelBundle,
+                  on_main: Callable[[Callable[[], PriorRecords]], PriorRecords],
+                  autocast: Callable[[], ContextManager] | None = None) -> PriorRecords:
+    """The class images a run trains its prior on, generated first where missing (from the base model as loaded:
+    call this before the trained parameters are attached), and how many were generated.
 
-    Only the main process reads the folder; ``from_main`` gives every process the main one's value (a broadcast),
-    so all ranks train on the same list even if another run adds images to the folder meanwhile, and a refusal
-    (a missing caption, too few images) stops every rank with the main one's line. Torch's global RNG is left as it
-    was, so the adapter's initialisation does not depend on the generation."""
-    outcome: Outcome = None
-    if is_main_process:
-        try:
-            state = torch.get_rng_state()
-            made = generate_class_images(config, bundle, autocast) if missing_class_images(config) else 0
-            torch.set_rng_state(state)
-            outcome = (class_images(config), made)
-        except UserError as exc:  # any refusal of ours: the others would wait for the list for ever
-            outcome = exc
-    outcome = from_main(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    assert outcome is not None, "from_main gave no value: it must broadcast the main process's"
-    return outcome
+    Only the main process generates and reads the folder; ``on_main``
+    (:meth:`~library.train.collectives.Collectives.on_main`) gives every rank its list, so all ranks train on the
+    same images even if another run adds some meanwhile, and its refusal stops every rank. Torch's global RNG is
+    left as it was, so the adapter's initialisation does not depend on the generation."""
+
+    def main_process_records() -> PriorRecords:
+        state = torch.get_rng_state()
+        made = generate_class_images(config, bundle, autocast) if missing_class_images(config) else 0
+        torch.set_rng_state(state)
+        return class_images(config), made
+
+    return on_main(main_process_records)

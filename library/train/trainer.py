@@ -131,8 +131,7 @@ class Trainer:
         if self.config.dry_run:
             return None
         preflight.check_output_not_locked(self)  # not minutes of generation for a run its lock would refuse
-        records, made = prior.prior_records(self.config, self.bundle, self.accelerator.is_main_process,
-                                            self.collectives.from_main, self.autocast)
+        records, made = prior.prior_records(self.config, self.bundle, self.collectives.on_main, self.autocast)
         if made and self.accelerator.is_main_process:  # every rank knows the count; it is said once
             print(f"generated {made} class image(s) into {self.config.class_data_dir}", flush=True)
         self.data.prior = LabelledSet([r.path for r in records], [r.caption for r in records])
