@@ -13,18 +13,17 @@ from library.train.collectives import Collectives
 
 
 class _TwoRanks:
-    """An accelerator of two processes whose other rank holds ``other`` (added to each all-reduce: mean of x and
-    x + 2 is x + 1) or its digest (``other_digest``, appended to a gather)."""
+    """An accelerator of two processes whose other rank holds x + 2 (a mean all-reduce gives x + 1) or its digest
+    (``other_digest``, appended to a gather)."""
 
     num_processes, device = 2, "cpu"
 
-    def __init__(self, other_flag: float = 0.0, other_digest: torch.Tensor | None = None,
-                 is_main_process: bool = True) -> None:
-        self.other_flag, self.other_digest, self.gathered = other_flag, other_digest, None
-        self.is_main_process = is_main_process
+    def __init__(self, other_digest: torch.Tensor | None = None, is_main_process: bool = True) -> None:
+        self.other_digest, self.gathered, self.is_main_process = other_digest, None, is_main_process
 
     def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
-        return tensor + 1 if reduction == "mean" else tensor + self.other_flag
+        assert reduction == "mean"
+        return tensor + 1
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         self.gathered = tensor
@@ -44,12 +43,6 @@ def test_gradients_are_averaged_tensor_by_tensor_and_integer_buffers_are_left_al
     Collectives(_TwoRanks()).all_reduce_mean([])  # nothing to reduce: no collective of an empty tensor
 
 
-@pytest.mark.parametrize("mine, other, refused", [(False, 0, False), (True, 0, True), (False, 1, True)])
-def test_a_refusal_on_any_one_rank_stops_every_rank(mine, other, refused):
-    """A refusal raised on one rank alone would leave the others waiting at their next collective."""
-    assert Collectives(_TwoRanks(other_flag=other)).any_rank(mine) is refused
-
-
 def test_ranks_holding_the_same_numbers_in_another_order_are_out_of_sync():
     """The sync check must see a permutation (same sum) between ranks, and pass identical weights."""
     weights = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
@@ -61,9 +54,8 @@ def test_ranks_holding_the_same_numbers_in_another_order_are_out_of_sync():
 
 
 def test_one_process_needs_no_collective():
-    """A single-process run: its own refusal, its own object in a list of one, and always in sync."""
+    """A single-process run: its own object in a list of one, its own work's value, and always in sync."""
     one = Collectives(SimpleNamespace(num_processes=1))  # no reduce/gather: calling one would fail
-    assert one.any_rank(True) is True and one.any_rank(False) is False
     assert one.gather_objects({"rank": 0}) == [{"rank": 0}]
     assert one.in_sync([torch.ones(2)]) is True
     assert one.on_main(lambda: "value") == "value"
@@ -75,20 +67,25 @@ def test_objects_are_gathered_one_per_rank(monkeypatch):
     assert Collectives(_TwoRanks()).gather_objects({"rank": 0}) == [{"rank": 0}, {"rank": 1}]
 
 
-def test_the_main_process_does_the_work_and_every_rank_gets_its_value_or_its_refusal(monkeypatch):
-    """on_main: only the main rank runs the work; its value, or its refusal, is what the broadcast carries, and a
-    refusal is raised on every rank (raised on the main one alone, the others would wait for ever)."""
-    from library.errors import DataError
-
+@pytest.fixture
+def sent(monkeypatch) -> list:
+    """A broadcast between two ranks: the first object sent (by rank 0) is what every later rank receives."""
     sent = []
 
-    def broadcast(objects, from_process):  # rank 0 sends; every rank gets what it sent
+    def broadcast(objects, from_process):
         assert from_process == 0
         if not sent:
             sent.append(objects[0])
         return [sent[0]]
 
     monkeypatch.setattr(collectives, "broadcast_object_list", broadcast)
+    return sent
+
+
+def test_the_main_process_does_the_work_and_every_rank_gets_its_value_or_its_refusal(sent):
+    """on_main: only the main rank runs the work; its value, or its refusal, is what the broadcast carries, and a
+    refusal is raised on every rank (raised on the main one alone, the others would wait for ever)."""
+    from library.errors import DataError
 
     def refuse():
         raise DataError("class image x.png has no caption file")
@@ -101,3 +98,18 @@ def test_the_main_process_does_the_work_and_every_rank_gets_its_value_or_its_ref
     sent.clear()
     assert Collectives(_TwoRanks()).on_main(lambda: ["main"]) == ["main"]
     assert Collectives(_TwoRanks(is_main_process=False)).on_main(lambda: pytest.fail("not main")) == ["main"]
+
+
+def test_any_other_failure_of_the_main_process_is_raised_there_and_named_on_the_other_ranks(sent):
+    """A disk error or an out-of-memory while the main rank works: it raises its own exception (the traceback is
+    the diagnosis) after telling the others, which stop with one line naming it instead of waiting for ever."""
+    from library.errors import UserError
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        Collectives(_TwoRanks()).on_main(fail)
+    with pytest.raises(UserError, match=r"^the main process stopped with OSError: \[Errno 28\] No space left on "
+                                        r"device \(its traceback is in its output\)$"):
+        Collectives(_TwoRanks(is_main_process=False)).on_main(lambda: pytest.fail("not the main process"))

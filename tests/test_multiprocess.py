@@ -122,29 +122,57 @@ def test_a_refused_two_process_run_ends_on_every_rank_at_once(tiny_train_args, t
 
 
 @pytest.mark.parametrize("main_refused", [False, True])
-def test_a_rank_without_the_lock_learns_the_main_processs_refusal(tmp_path, main_refused):
-    """What the torchrun test above cannot show without a race: a non-main rank raises the refusal itself when the
-    all-reduced flag says the main process was refused (torchrun may kill it before it prints), and runs otherwise."""
+def test_a_rank_without_the_lock_raises_the_main_processs_refusal(tmp_path, monkeypatch, main_refused):
+    """What the torchrun test above cannot show without a race: a non-main rank raises the main process's own
+    refusal line, which the broadcast brings it (torchrun may kill it before it prints), and runs otherwise."""
     from types import SimpleNamespace
 
+    import library.train.collectives as collectives
     from library.errors import ConfigError
+    from library.outputs import in_use
+    from library.train.collectives import Collectives
     from library.train.preflight import run_lock
 
-    seen = []
-
-    def any_rank(flag: bool) -> bool:
-        seen.append(flag)
-        return main_refused  # what the all-reduce over the ranks would say
-
+    main_line = in_use("--output_dir", tmp_path / "out")
+    monkeypatch.setattr(collectives, "broadcast_object_list",  # what rank 0 sent: its refusal, or None
+                        lambda objects, from_process: [main_line if main_refused else None])
+    accelerator = SimpleNamespace(is_main_process=False, num_processes=2)
     trainer = SimpleNamespace(config=SimpleNamespace(dry_run=False), output_dir=tmp_path / "out",
-                              accelerator=SimpleNamespace(is_main_process=False),
-                              collectives=SimpleNamespace(any_rank=any_rank))
+                              accelerator=accelerator, collectives=Collectives(accelerator))
     if main_refused:
-        with pytest.raises(ConfigError, match="in use by another run \\(the main process could not take its lock\\)"):
+        with pytest.raises(ConfigError) as raised:
             with run_lock(trainer):
                 pytest.fail("a refused run must not start")
+        assert str(raised.value) == str(main_line)
     else:
         with run_lock(trainer):
             pass
-    assert seen == [False]  # this rank took no lock and had nothing to refuse; it asked the others
     assert not (tmp_path / "out").exists()  # only the main process touches the folder
+
+
+def test_the_main_process_broadcasts_its_lock_refusal_before_raising_it(tmp_path, monkeypatch):
+    """The main rank, refused the lock, must send the refusal to the others (else they wait for ever), then raise
+    it; when it gets the lock, it holds it for the whole run and sends no refusal."""
+    from types import SimpleNamespace
+
+    import library.train.collectives as collectives
+    from library.errors import ConfigError
+    from library.outputs import OutputLock, check_not_locked
+    from library.train.collectives import Collectives
+    from library.train.preflight import run_lock
+
+    sent = []
+    monkeypatch.setattr(collectives, "broadcast_object_list",
+                        lambda objects, from_process: sent.append(objects[0]) or objects)
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=2)
+    trainer = SimpleNamespace(config=SimpleNamespace(dry_run=False), output_dir=tmp_path / "out",
+                              accelerator=accelerator, collectives=Collectives(accelerator))
+    with run_lock(trainer):
+        with pytest.raises(ConfigError, match="in use by another run"):
+            check_not_locked(tmp_path / "out")  # held while the run lasts
+    assert sent == [None]
+    with OutputLock(tmp_path / "out"):  # "another run"
+        with pytest.raises(ConfigError, match="in use by another run") as raised:
+            with run_lock(trainer):
+                pytest.fail("a refused run must not start")
+    assert sent[1] is raised.value

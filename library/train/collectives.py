@@ -48,18 +48,29 @@ class Collectives:
         return gather_object([obj])
 
     def on_main(self, produce: Callable[[], T]) -> T:
-        """``produce()`` run by the main process alone, its value given to every process (a broadcast). Its refusal
-        (a :class:`~library.errors.UserError`) is broadcast too and raised on every rank: raised on the main one
-        alone, it would leave the others waiting for the value for ever."""
+        """``produce()`` run by the main process alone, its value given to every process (a broadcast).
+
+        Its refusal (a :class:`~library.errors.UserError`) is broadcast too and raised on every rank: raised on the
+        main one alone, it would leave the others waiting for the value until the distributed timeout. Any other
+        exception is raised as it is on the main process (its traceback is the diagnosis) and as one line naming
+        it on the others.
+        """
         if self.accelerator.num_processes == 1:
             return produce()
         outcome: T | UserError | None = None
+        failure: Exception | None = None
         if self.accelerator.is_main_process:
             try:
                 outcome = produce()
             except UserError as exc:
                 outcome = exc
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                failure = exc
+                outcome = UserError(f"the main process stopped with {type(exc).__name__}: {exc} (its traceback is "
+                                    "in its output)")
         outcome = broadcast_object_list([outcome], from_process=0)[0]
+        if failure is not None:
+            raise failure
         if isinstance(outcome, UserError):
             raise outcome
         return outcome  # type: ignore[return-value]

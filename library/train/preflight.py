@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from library.data.lineage import UNRECORDED, splits_seen
 from library.errors import ConfigError, warn
@@ -54,30 +54,17 @@ def run_lock(trainer: Trainer) -> Iterator[None]:
         yield
         return
     with contextlib.ExitStack() as held:
-        _on_the_main_process(trainer, lambda: held.enter_context(
-            OutputLock(trainer.output_dir, "--output_dir", owned=[SAMPLE_FOLDER])))
+        def take_lock() -> None:  # held until the run ends; the broadcast carries only whether the main one got it
+            held.enter_context(OutputLock(trainer.output_dir, "--output_dir", owned=[SAMPLE_FOLDER]))
+
+        trainer.collectives.on_main(take_lock)
         yield
 
 
 def check_output_not_locked(trainer: Trainer) -> None:
     """Before minutes of work that precede the run's lock (DreamBooth's class images): a run that the lock would
     refuse, since another run holds its ``--output_dir``, stops now, on every rank (the lock still decides)."""
-    _on_the_main_process(trainer, lambda: check_not_locked(trainer.output_dir, "--output_dir"))
-
-
-def _on_the_main_process(trainer: Trainer, check: Callable[[], object]) -> None:
-    """Run ``check`` (which may refuse with a ConfigError) on the main process; a refusal ends every rank, with the
-    main one's line there."""
-    refusal: ConfigError | None = None
-    if trainer.accelerator.is_main_process:
-        try:
-            check()
-        except ConfigError as exc:
-            refusal = exc
-    if trainer.collectives.any_rank(refusal is not None):
-        raise refusal or ConfigError(f"--output_dir {trainer.output_dir} is in use by another run (the main "
-                                     "process could not take its lock); wait for it to finish or choose another "
-                                     "folder")
+    trainer.collectives.on_main(lambda: check_not_locked(trainer.output_dir, "--output_dir"))
 
 
 def check_run(trainer: Trainer) -> None:
