@@ -121,3 +121,32 @@ def test_the_paper_attacker_line_reads_plain_loras_honest_row_and_its_lower_ci_b
     # several draws per sample are said, one draw is not
     (drawn,) = [line for line in utility_findings(_paper(0.62, (0.51, 0.73), draws=4)) if "attacker h'" in line]
     assert "h' with 4 draws per sample at t < 400 (honest checkpoint)" in drawn
+
+
+def test_a_defence_without_a_ci_is_judged_as_not_reducing_the_attack():
+    """A row without a bootstrap CI (n_bootstrap 0) must give "n/a"-like text and no verdict, never a crash."""
+    report = _report(0.65, (0.54, 0.75), base_p=0.6)
+    report["results"][2]["auc_ci"] = None
+    text = "\n".join(findings(report))
+    assert "`smp_lora`: strongest attack `clid`, AUC 0.650 [nan, nan]" in text
+    assert "smp_lora does NOT measurably reduce it (the 95 % CIs overlap)" in text
+
+
+def test_each_models_line_carries_its_own_suite_wide_p():
+    """The p beside a model's strongest attack and in its verdict is that model's permutation test, not another's."""
+    report = _report(0.65, (0.54, 0.75), base_p=0.6)
+    report["results"].append(_row("mp_lora", "loss", 0.88, (0.80, 0.95)))
+    report["privacy_audit"]["mp_lora"] = _null(0.3, 0.88)
+    text = "\n".join(findings(report))
+    assert "`base`: strongest attack `loss`, AUC 0.570 [0.460, 0.680]; suite-wide permutation p = 0.6" in text
+    assert "`mp_lora`: strongest attack `loss`, AUC 0.880 [0.800, 0.950]; suite-wide permutation p = 0.3" in text
+    assert "smp_lora does NOT" not in text and "The suite still finds its members (suite-wide p = 0.01)." in text
+    assert "mp_lora does NOT measurably reduce it (the 95 % CIs overlap). The suite finds no signal in it at the 5 % " \
+           "level (suite-wide p = 0.3)." in text
+
+
+def test_a_paper_row_without_a_ci_gives_no_regime_line():
+    """Without a CI the regime cannot be judged: no h' line (not a crash on the missing bounds)."""
+    report = _paper(0.62, (0.51, 0.73))
+    report["results"][3]["auc_ci"] = None
+    assert not any("paper's own attacker" in line for line in utility_findings(report))
