@@ -156,6 +156,11 @@ def test_seed_spread_summarises_the_seed_curves_only():
     ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = '12'\n", "'values' must be a list"),  # was two runs, 1 and 2
     ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = ['12']\n", r"'seed' must be an integer, got '12'"),
     ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = 3\n", "'values' must be a list"),  # was a traceback
+    ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalues = []\n", "'values' must be a list"),  # no run, silently
+    ("[[run]]\nmethod = 'lora'\n[[runs]]\nmethod = 'smp_lora'\n", r"expected only \[\[run\]\] tables"),  # a typo
+    ("run = []\n", r"expected only \[\[run\]\] tables"),  # an empty frontier
+    ("[[run]]\nmethod = 'lora'\nknob = 'seed'\nvalue = [3]\n", r"unknown key\(s\) \['value'\]"),  # not 'values'
+    ("[[run]]\nmethod = 'lora\n", r"sweep file .*bad\.toml: "),  # not TOML: one line, not a traceback
 ])
 def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -163,6 +168,23 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         read_sweep(path)
 
+
+
+def test_a_run_without_values_is_one_epochs_point_named_by_its_label(tmp_path):
+    """An entry without values (plain LoRA saving checkpoints) is one run named by its label, its knob "epochs": the
+    knob column of frontier.md and the name its folder and --defence use."""
+    path = tmp_path / "sweep.toml"
+    path.write_text("[[run]]\nmethod = 'lora'\nlabel = 'es'\nsave_every_n_epochs = 40\n")
+    (run,) = read_sweep(path)
+    assert (run.name, run.label, run.knob, run.value, run.save_every_n_epochs) == ("es", "es", "epochs", None, 40)
+
+
+def test_every_value_of_a_run_keeps_its_checkpoint_interval(tmp_path):
+    """save_every_n_epochs beside values checkpoints each value's run (each its own early-stopping points)."""
+    path = tmp_path / "sweep.toml"
+    path.write_text("[[run]]\nmethod = 'smp_lora'\nknob = 'privacy_lambda'\nvalues = [1.0, 2.0]\nsave_every_n_epochs = 5\n")
+    assert [(r.name, r.save_every_n_epochs) for r in read_sweep(path)] == [
+        ("smp_lora-privacy_lambda1p0", 5), ("smp_lora-privacy_lambda2p0", 5)]
 
 def test_sweep_values_are_typed_as_a_toml_file_types_them(tmp_path):
     """A true/false knob works (it was refused as a command-line value), and a value the config converts is stored
