@@ -175,3 +175,152 @@ def test_defence_takes_a_lora_run_of_the_sweep(tmp_path):
         with pytest.raises(ConfigError, match="the demo's fifth row is a LoRA run"):
             DemoSettings(workdir=tmp_path, defence=name)
     DemoSettings(workdir=tmp_path, defence="relaxloss-relaxloss_alpha0p09")  # a LoRA run: fine
+
+
+@pytest.fixture
+def few_digits(monkeypatch, digits_dir):
+    """prepare_data writes the session's 60 packaged digits (tests/conftest.py), not all 1797: seconds saved."""
+    import shutil
+
+    import library.demo.digits as digits
+
+    monkeypatch.setattr(digits, "write_digits_dataset", lambda out, resolution: shutil.copytree(digits_dir, out))
+
+
+def test_a_new_concept_split_keeps_the_base_digits_apart_and_the_classifier_reads_the_rest(tmp_path, few_digits):
+    """The base pre-trains on base_digits only, the membership sets are drawn (with the demo's seed) from the other
+    digits, and the digit classifier trains on every image outside the four sets (pretrain and unused alike)."""
+    from library.demo.run import classifier_records
+
+    settings = DemoSettings(workdir=tmp_path, split_sizes=dict.fromkeys(CORE_SPLITS, 5), seed=3, defence=None)
+    split = read_manifest(prepare_data(settings), verify=False)
+    assert split.seed == 3
+    assert {digit_label(e.caption) for e in split.pretrain} == {0, 1, 2, 3, 4}
+    assert {digit_label(e.caption) for e in split.members() + split.nonmembers()} <= {5, 6, 7, 8, 9}
+    assert split.unused  # the new digits' leftovers: read by the classifier too
+    records = classifier_records(settings.workdir / "data" / "split.json")
+    assert sorted(str(r.path) for r in records) == sorted(
+        str(split.abs_path(e)) for e in split.pretrain + split.unused)
+
+
+def test_the_iid_demo_pre_trains_on_as_many_images_as_asked(tmp_path, few_digits):
+    """base_digits None with pretrain_images N: the first edition's i.i.d. base sees N images, not all the rest."""
+    settings = DemoSettings(workdir=tmp_path, split_sizes=dict.fromkeys(CORE_SPLITS, 5), base_digits=None,
+                            pretrain_images=30, defence=None)
+    assert len(read_manifest(prepare_data(settings), verify=False).pretrain) == 30
+
+
+def test_the_base_model_and_feature_net_are_built_once_with_the_demos_seed_and_threads(tmp_path, monkeypatch,
+                                                                                          manifest_path):
+    """A work dir's base model and digit classifier are reused, never rebuilt (every number depends on them); the
+    first build uses the settings' seed, threads and budget."""
+    import library.demo.digit_classifier as digit_classifier
+    import library.demo.pretrain as pretrain
+    from library.demo.run import prepare_base_model, prepare_feature_net
+
+    calls = []
+    monkeypatch.setattr(pretrain, "pretrain_base_model", lambda records, out, **kw: calls.append(("base", kw)))
+    monkeypatch.setattr(digit_classifier, "train_digit_feature_net_on_records",
+                        lambda records, out_path, **kw: calls.append(("features", kw)))
+    monkeypatch.setattr("library.demo.run.pretrain_records", lambda manifest: [])
+    settings = DemoSettings(workdir=tmp_path, defence=None, seed=7, threads=2, pretrain_kwargs={"unet_steps": 5},
+                            feature_net_kwargs={"epochs": 1})
+    base = prepare_base_model(settings, manifest_path)
+    net = prepare_feature_net(settings, manifest_path)
+    assert [c[0] for c in calls] == ["base", "features"]
+    assert {k: calls[0][1][k] for k in ("seed", "threads", "unet_steps")} == {"seed": 7, "threads": 2, "unet_steps": 5}
+    assert calls[1][1] == {"seed": 7, "epochs": 1}
+    (base / "model_index.json").parent.mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    net.write_bytes(b"")
+    assert prepare_base_model(settings, manifest_path) == base and prepare_feature_net(settings, manifest_path) == net
+    assert len(calls) == 2  # cached: nothing rebuilt
+
+
+def test_parallel_trainings_fill_their_shared_cache_first_and_start_no_idle_worker(monkeypatch):
+    """Two or more runs at once must find their shared latent cache filled (else their LoRAs differ in the last
+    bits, docs/determinism.md); never more workers than runs, and one run alone is trained in this process."""
+    import library.demo.run as run
+    import library.workers as workers
+
+    seen = []
+
+    class Pool:
+        def __init__(self, jobs, threads):
+            seen.append(("pool", jobs, threads))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items):
+            seen.append(("map", [name for name, _ in items]))
+
+    monkeypatch.setattr(workers, "WorkerPool", Pool)
+    monkeypatch.setattr(run, "fill_latent_caches", lambda configs: seen.append(("fill", configs)))
+    run.train_all([("a", 1), ("b", 2)], 2)
+    assert seen == [("fill", [1, 2]), ("pool", 2, run.TRAINING_THREADS), ("map", ["a", "b"])]
+    seen.clear()
+    run.train_all([("a", 1), ("b", 2)], 5)
+    assert seen[1] == ("pool", 2, run.TRAINING_THREADS)
+    seen.clear()
+    run.train_all([("a", 1)], 3)
+    assert seen == [("pool", 1, run.TRAINING_THREADS), ("map", ["a"])]
+
+
+def test_parallel_trainings_are_quiet_slowest_first_and_a_lone_run_keeps_its_progress_bar(tmp_path, monkeypatch):
+    """Runs at once never interleave progress bars (whatever train_overrides say) and start slowest first, all
+    ``jobs`` at a time; a single run to do (or jobs 1) trains alone with its bar."""
+    import library.demo.run as run
+
+    calls = []
+    monkeypatch.setattr(run, "train_all", lambda runs, jobs: calls.append(([c for _, c in runs], jobs)))
+    settings = DemoSettings(workdir=tmp_path, defence=None, jobs=3, train_overrides={"progress_bar": True})
+    run.train_methods(settings, tmp_path / "base", tmp_path / "split.json")
+    configs, jobs = calls[-1]
+    assert jobs == 3 and not any(c.progress_bar for c in configs)
+    assert [c.output_name for c in configs][-1] == "lora"  # plain LoRA (the cheapest step) fills the gap at the end
+    for name in ("mp_lora", "smp_lora"):  # finished: only plain LoRA is left to do
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.safetensors").write_bytes(b"")
+        (tmp_path / name / f"{name}.json").write_text('{"config": {"progress_bar": true}}')
+    run.train_methods(settings, tmp_path / "base", tmp_path / "split.json")
+    configs, jobs = calls[-1]
+    assert jobs == 1 and [(c.output_name, c.progress_bar) for c in configs] == [("lora", True)]
+
+
+def test_an_unreadable_run_record_is_retrained_and_an_equal_list_is_no_change(tmp_path):
+    """A record without its config (or not JSON) means the run is redone; a tuple override equal to the record's
+    JSON list is the same setting, not a reason to retrain every time."""
+    from library.demo.run import unfinished_reason
+
+    final = tmp_path / "x.safetensors"
+    final.write_bytes(b"")
+    for text in ('{"epochs": []}', "not json", "[1]"):
+        final.with_suffix(".json").write_text(text)
+        assert unfinished_reason(final, {}) == "its run record is unreadable", text
+    final.with_suffix(".json").write_text('{"config": {"attacker_timesteps": [20, 100], "seed": 1}}')
+    assert unfinished_reason(final, {"attacker_timesteps": (20, 100), "seed": 1}) is None
+    assert "seed = 1, now 2" in unfinished_reason(final, {"seed": 2})
+
+
+def test_the_frontiers_best_defence_becomes_the_tables_last_row(tmp_path):
+    """frontier_rows reads the frontier's best run and its report; no row before the frontier ran or when it found
+    none, and a half-written frontier.json is no row either, not a crash of the demo's report."""
+    from library.demo.run import frontier_rows
+
+    assert frontier_rows(tmp_path) == []
+    (tmp_path / "frontier" / "eval").mkdir(parents=True)
+    (tmp_path / "frontier" / "eval" / "report.json").write_text('{"results": []}')
+    best = {"model": "smp-privacy_lambda2p0", "curve": "smp", "knob": "privacy_lambda", "value": 2.0}
+    (tmp_path / "frontier" / "frontier.json").write_text(json.dumps({"best_defence": best}))
+    assert frontier_rows(tmp_path) == [("smp-privacy_lambda2p0 (frontier's best: smp, privacy_lambda = 2.0)",
+                                        {"results": []}, "smp-privacy_lambda2p0")]
+    (tmp_path / "frontier" / "frontier.json").write_text(json.dumps({"best_defence": {**best, "knob": None}}))
+    assert frontier_rows(tmp_path)[0][0] == "smp-privacy_lambda2p0 (frontier's best: smp, )"
+    (tmp_path / "frontier" / "frontier.json").write_text(json.dumps({"best_defence": None}))
+    assert frontier_rows(tmp_path) == []
+    (tmp_path / "frontier" / "frontier.json").write_text('{"best_def')
+    assert frontier_rows(tmp_path) == []
