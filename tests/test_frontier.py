@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -265,7 +266,8 @@ def test_only_trains_its_curves_and_the_frontier_keeps_every_finished_run(tmp_pa
     from library.demo.run import DemoSettings
 
     sweep = tmp_path / "sweep.toml"
-    sweep.write_text('[[run]]\nmethod = "lora"\nlabel = "plain"\n\n[[run]]\nmethod = "smp_lora"\nlabel = "smp"\n')
+    sweep.write_text('[[run]]\nmethod = "lora"\nlabel = "plain"\n\n[[run]]\nmethod = "smp_lora"\nlabel = "smp"\n'
+                     'knob = "privacy_lambda"\nvalues = [1.0]\n')  # --only takes the label, not the run's name
     plain, smp = read_sweep(sweep)
     settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path), sweep=sweep, out_dir=tmp_path / "frontier",
                                 runs_filter=["smp"])
@@ -413,3 +415,118 @@ def test_a_checkpointed_runs_final_file_carries_its_last_epoch(tmp_path):
     (folder / "es-000001.safetensors").write_bytes(b"")
     (folder / "es.json").write_text('{"epochs": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]}')
     assert run_files(settings, run) == [(folder / "es-000001.safetensors", 1), (folder / "es.safetensors", 3)]
+
+
+def test_a_dreambooth_run_keeps_its_own_class_folder_and_the_others_share_one(tmp_path):
+    """Prior-preservation runs share <frontier>/class_images (generated once), unless their flags name a folder."""
+    from library.demo.frontier import train_config
+
+    sweep = tmp_path / "sweep.toml"
+    flags = '["--train_mode", "full", "--with_prior_preservation", "--class_prompt", "a digit"'
+    sweep.write_text(f'[[run]]\nmethod = "lora"\nlabel = "shared"\nflags = {flags}]\n\n'
+                     f'[[run]]\nmethod = "lora"\nlabel = "own"\nflags = {flags}, "--class_data_dir", "/data/cls"]\n')
+    settings = FrontierSettings(sweep=sweep, out_dir=tmp_path / "frontier")
+    shared, own = (train_config(settings, run, tmp_path / "base", tmp_path / "split.json") for run in read_sweep(sweep))
+    assert shared.class_data_dir == str(tmp_path / "frontier" / "class_images") and own.class_data_dir == "/data/cls"
+
+
+def _sweep_with_two_finished_runs(tmp_path):
+    """A sweep of plain LoRA (checkpointed) and SMP-LoRA, both finished, plain LoRA with its checkpoints."""
+    from library.demo.run import DemoSettings
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[run]]\nmethod = "lora"\nlabel = "es"\nsave_every_n_epochs = 1\n\n'
+                     '[[run]]\nmethod = "smp_lora"\nlabel = "smp"\n')
+    runs = read_sweep(sweep)
+    settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path, defence=None, jobs=3), sweep=sweep,
+                                out_dir=tmp_path / "frontier")
+    for run in runs:
+        folder = settings.run_folder(run)
+        folder.mkdir(parents=True)
+        for name in (run.name, f"{run.name}-000001"):
+            (folder / f"{name}.safetensors").write_bytes(b"")
+        (folder / f"{run.name}.json").write_text('{"config": {}}')
+    return settings, runs
+
+
+def test_retrain_redoes_every_run_slowest_first_and_a_kept_run_keeps_its_checkpoints(tmp_path, monkeypatch):
+    """--retrain trains every run again (its old checkpoints removed), slowest method first, never more at once than
+    there are runs; without it a finished run's checkpoints (its early-stopping points) are never deleted."""
+    import dataclasses
+
+    import library.demo.frontier as frontier
+
+    calls = []
+    monkeypatch.setattr(frontier, "train_all", lambda runs, jobs: calls.append(([c.output_name for _, c in runs], jobs)))
+    settings, (es, smp) = _sweep_with_two_finished_runs(tmp_path)
+    (settings.run_folder(smp) / f"{smp.name}.json").unlink()  # smp cut off before its record: redone
+    frontier.train_sweep(settings, [es, smp], tmp_path / "base", tmp_path / "split.json")
+    assert calls[-1] == (["smp"], 1)
+    assert frontier.checkpoints(settings.run_folder(es), "es") == [(settings.run_folder(es) / "es-000001.safetensors", 1)]
+    retrain = dataclasses.replace(settings, demo=dataclasses.replace(settings.demo, retrain=True))
+    frontier.train_sweep(retrain, [es, smp], tmp_path / "base", tmp_path / "split.json")
+    assert calls[-1] == (["smp", "es"], 2)
+    assert frontier.checkpoints(settings.run_folder(es), "es") == []
+
+
+def test_the_sweep_evaluation_attacks_loras_and_full_fine_tunes_in_the_frontiers_folder(tmp_path, monkeypatch):
+    """A file with a ``<stem>-unet`` folder is a full fine-tune (evaluated as UNet weights), the rest are LoRAs; U counts
+    in the given reference's units; the report goes to <frontier>/eval, never over the demo's own eval."""
+    import library.demo.frontier as frontier
+    import library.eval.run as eval_run
+    from library.demo.run import DemoSettings
+
+    configs = []
+
+    def evaluate(config):
+        configs.append(config)
+        Path(config.output_dir).mkdir(parents=True)
+        (Path(config.output_dir) / "report.json").write_text('{"results": []}')
+
+    monkeypatch.setattr(eval_run, "evaluate", evaluate)
+    settings = FrontierSettings(demo=DemoSettings(workdir=tmp_path / "demo", defence=None))
+    lora, full = tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "full.safetensors"
+    (tmp_path / "b" / "full-unet").mkdir(parents=True)
+    report = frontier.evaluate_sweep(settings, [lora, full], tmp_path / "base", tmp_path / "split.json",
+                                     tmp_path / "net.safetensors", "lora")
+    (config,) = configs
+    assert report == {"results": []} and config.output_dir == str(tmp_path / "demo" / "frontier" / "eval")
+    assert config.network_weights == [str(lora)] and config.unet_weights == [str(full)]
+    assert config.utility_reference == "lora" and config.progress_bar is False
+
+
+def test_points_skip_a_model_without_attack_rows_and_the_target_skips_a_run_without_the_measure():
+    """A model the suite left without a headline AUC is no point (not a crash); a run without a proxy FD (no quality
+    images) is judged on the held-out loss only."""
+    import library.demo.frontier as frontier
+
+    report = _frontier_report()
+    report["models"].append({"name": "late", "path": "/r/late/late.safetensors"})
+    assert [p["model"] for p in frontier.frontier_points(report, [], {})] == ["base", "es-000001"]
+    plain = {"model": "p", "method": "lora", "value": 2, "heldout_loss": 0.2, "proxy_fd_digits": 20.0,
+             "worst_auc": 0.8, "worst_attack": "x"}
+    no_fd = {**plain, "model": "n", "method": "smp_lora", "proxy_fd_digits": None, "worst_auc": 0.55}
+    lines = target_check([plain, no_fd])
+    assert "  - REACHED by `n`: worst-case AUC 0.550, held-out loss 0.2" in lines
+    assert lines[-1] == ("  - NOT reached: no run has worst-case AUC <= 0.60 within this budget. Closest within "
+                         "budget: `p` at AUC 0.800 (x).")  # the proxy FD's: `n` is not counted
+
+
+def test_frontier_files_say_missing_numbers_d_te_the_best_defence_and_the_seed_spread(tmp_path, monkeypatch):
+    """frontier.md writes NaN as n/a, integer knob values as they are and p to 3 significant digits, states D_te's
+    sizes, appends the seed table; frontier.json carries the best defence the demo reads."""
+    import library.demo.frontier as frontier
+
+    monkeypatch.setattr(frontier, "plot_frontier", lambda points, path: None)
+    report = _frontier_report()
+    report["samples"]["counts"] = {"member_test": 40, "nonmember_test": 60}
+    point = {"model": "s1", "curve": "smp", "method": "smp_lora", "knob": "seed", "value": 1, "worst_auc": 0.58,
+             "worst_auc_ci": [float("nan"), 0.7], "worst_attack": "loss", "suite_p": 0.012345,
+             "worst_tpr_at_5pct_fpr": None, "worst_tpr_at_1pct_fpr": None, "heldout_loss": 0.1, "member_loss": 0.1,
+             "proxy_fd_digits": None, "conditional_accuracy": 0.5, "utility_retained": 0.95}
+    settings = FrontierSettings(sweep=tmp_path / "demo.toml", out_dir=tmp_path)
+    text = frontier.write_outputs(settings, [point], report).read_text()
+    assert "(D_te: 40 members vs 60 non-members)" in text
+    assert "| smp | seed | 1 | 0.580 [n/a, 0.700] | loss | 0.0123 | n/a | n/a |" in text
+    assert "## Across training seeds" in text
+    assert json.loads((tmp_path / "frontier.json").read_text())["best_defence"]["model"] == "s1"
