@@ -112,6 +112,8 @@ def test_retrain_overwrites_the_finished_runs(tmp_path, monkeypatch, small_demo_
     for name in ("lora", "mp_lora", "smp_lora"):
         (settings.workdir / name).mkdir(parents=True)
         (settings.workdir / name / f"{name}.safetensors").write_bytes(b"")
+        record = {"config": settings.train_overrides}  # finished with these settings: only --retrain redoes it
+        (settings.workdir / name / f"{name}.json").write_text(json.dumps(record))
     trained = []
     monkeypatch.setattr(run, "train_all", lambda configs, jobs: trained.extend(c for _, c in configs))
     train_methods(settings, tmp_path / "base", tmp_path / "split.json")
@@ -324,3 +326,39 @@ def test_the_frontiers_best_defence_becomes_the_tables_last_row(tmp_path):
     assert frontier_rows(tmp_path) == []
     (tmp_path / "frontier" / "frontier.json").write_text('{"best_def')
     assert frontier_rows(tmp_path) == []
+
+
+def _summary_row(model: str, auc: float) -> dict:
+    return {"model": model, "attack": "loss", "label": "loss", "headline": True, "floor": False, "auc": auc,
+            "auc_ci": [auc - 0.1, auc + 0.1], "tpr_at_fpr": {"0.01": 0.1}, "asr_oracle": None, "asr_honest": None,
+            "auc_deviation": None}
+
+
+def test_the_demo_report_states_the_split_the_time_the_defence_and_the_frontiers_row(tmp_path, few_digits, capsys):
+    """report.md's prose is computed: the base's and the fine-tune's digits, the wall time, the CPU (said unrecorded
+    for an older report, not a crash), why the defence row is there, and the frontier's row once it ran."""
+    from library.demo.run import summarise
+
+    settings = DemoSettings(workdir=tmp_path, split_sizes=dict.fromkeys(CORE_SPLITS, 5))
+    split = read_manifest(prepare_data(settings), verify=False)
+    new = ", ".join(str(d) for d in sorted({digit_label(e.caption) for e in split.members()}))
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    report = {"results": [_summary_row("base", 0.55), _summary_row("lora", 0.9)]}
+    (eval_dir / "report.json").write_text(json.dumps(report))
+    (eval_dir / "report.md").write_text("# Membership-inference evaluation\n")
+    text = summarise(settings, eval_dir, {"data": 60.0, "training": 120.0}).read_text()
+    assert f"(digits 0, 1, 2, 3, 4); each method fine-tuned on the same 10 member digits (D_tr; digits {new})" in text
+    assert "Wall time: 3.0 min (data 60 s, training 120 s)" in text and "on an unrecorded CPU (? cores), torch ?." in text
+    assert f"`{settings.defence}` is the best defence the privacy-utility sweep found on this demo" in text
+    assert "re-runs the whole sweep on this work dir" in text and "\n## Membership-inference evaluation" in text
+
+    (tmp_path / "frontier" / "eval").mkdir(parents=True)
+    (tmp_path / "frontier" / "eval" / "report.json").write_text(json.dumps({"results": [_summary_row("dp-x", 0.6)]}))
+    (tmp_path / "frontier" / "frontier.json").write_text(json.dumps(
+        {"best_defence": {"model": "dp-x", "curve": "dp", "knob": None}}))
+    other = dataclasses.replace(settings, defence="relaxloss-relaxloss_alpha0p09")
+    text = summarise(other, eval_dir, {}).read_text()
+    assert "`relaxloss-relaxloss_alpha0p09` is a run of the privacy-utility sweep (configs/frontier/demo.toml) chosen" in text
+    assert "| dp-x (frontier's best: dp, ) | loss |" in text and "The last row is the best defence" in text
+    assert "| lora | loss |" in capsys.readouterr().out  # the tables are printed too
