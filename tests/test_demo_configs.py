@@ -192,7 +192,6 @@ def test_an_unknown_defence_fails_when_the_settings_are_made(tmp_path):
     assert list(demo_runs(DemoSettings(workdir=tmp_path, defence=None))) == list(METHODS)
 
 
-
 def test_the_demos_eval_overrides_beat_the_callers_and_the_defaults(tmp_path):
     """settings.eval_overrides (the tests' cheap budget, a user's choice) win over what a caller (the frontier) and the
     demo set, as the docstring says."""
@@ -202,6 +201,7 @@ def test_the_demos_eval_overrides_beat_the_callers_and_the_defaults(tmp_path):
                               tmp_path / "net.safetensors", {"jobs": 3, "progress_bar": False})
     assert (config.jobs, config.paper_draws, config.quality_reference) == (1, 4, "members")
     assert config.progress_bar is False and config.paper_max_timestep == 500  # the caller's and the demo's own
+
 
 @pytest.mark.parametrize("small", [False, True], ids=["shipped", "edge_cases"])
 def test_frontier_configs_equal_the_former_flag_lists(tmp_path, small):

@@ -170,7 +170,6 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, message):
         read_sweep(path)
 
 
-
 def test_a_run_without_values_is_one_epochs_point_named_by_its_label(tmp_path):
     """An entry without values (plain LoRA saving checkpoints) is one run named by its label, its knob "epochs": the
     knob column of frontier.md and the name its folder and --defence use."""
@@ -186,6 +185,7 @@ def test_every_value_of_a_run_keeps_its_checkpoint_interval(tmp_path):
     path.write_text("[[run]]\nmethod = 'smp_lora'\nknob = 'privacy_lambda'\nvalues = [1.0, 2.0]\nsave_every_n_epochs = 5\n")
     assert [(r.name, r.save_every_n_epochs) for r in read_sweep(path)] == [
         ("smp_lora-privacy_lambda1p0", 5), ("smp_lora-privacy_lambda2p0", 5)]
+
 
 def test_sweep_values_are_typed_as_a_toml_file_types_them(tmp_path):
     """A true/false knob works (it was refused as a command-line value), and a value the config converts is stored
