@@ -866,22 +866,24 @@ def test_per_sample_loss_is_the_mean_over_channels_and_pixels() -> None:
     torch.testing.assert_close(per_sample_loss(errors), expected)
 
 
-def test_multi_timestep_rows_pair_each_sample_with_each_timestep() -> None:
+@pytest.mark.parametrize("timesteps", [[100, 700, 300], [250, 50]])  # K = 2 as well: --sima_timesteps 0 20
+def test_multi_timestep_rows_pair_each_sample_with_each_timestep(timesteps: list[int]) -> None:
     """Row i*K + k is sample i (its latents and its conditioning) noised at timesteps[k]: the multi-timestep attack
     features read the rows in that order, so a sample/timestep mix-up would hand them another sample's errors."""
     from library.sd.diffusion import denoising_errors, fixed_timestep_noise
 
     g = torch.Generator().manual_seed(1)
     latents, cond = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 5, 6, generator=g)
-    draw = fixed_timestep_noise(latents, [100, 700, 300], torch.Generator().manual_seed(2))
-    assert draw.timesteps.tolist() == [100, 700, 300, 100, 700, 300]
+    draw = fixed_timestep_noise(latents, timesteps, torch.Generator().manual_seed(2))
+    assert draw.timesteps.tolist() == timesteps * 2
     unet = _RecordingUNet()
     denoising_errors(unet, make_noise_scheduler(), latents, cond, draw)
     (seen_noisy, _, seen_cond), = unet.calls
     abar = _hand_alphas_cumprod()
+    k_count = len(timesteps)
     for i in range(2):
-        for k, t in enumerate([100, 700, 300]):
-            row = i * 3 + k
+        for k, t in enumerate(timesteps):
+            row = i * k_count + k
             expected = abar[t].sqrt() * latents[i].double() + (1 - abar[t]).sqrt() * draw.noise[row].double()
             torch.testing.assert_close(seen_noisy[row], expected.float())
             assert torch.equal(seen_cond[row], cond[i])
@@ -898,6 +900,28 @@ def test_training_timesteps_cover_min_to_max_minus_one() -> None:
     assert set(draw.timesteps.tolist()) == {10, 11, 12}
     assert set(draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.tolist()) <= set(range(1000))
     assert draw_noise(latents, torch.Generator().manual_seed(0)).timesteps.max() == 999
+
+
+def test_the_default_timesteps_are_the_whole_schedule_from_zero() -> None:
+    """Callers that pass no range (the demo's UNet pre-training) must draw t = 0 to 999: a default of 1 would
+    never train the least noisy step."""
+    from library.sd.diffusion import draw_noise
+
+    draw = draw_noise(torch.zeros(20000, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert set(draw.timesteps.tolist()) == set(range(1000))
+
+
+def test_a_noise_draw_is_the_callers_seeded_stream_timesteps_first_then_gaussian_noise() -> None:
+    """(t, eps) come from the caller's generator, timesteps first, eps ~ N(0, I) in the latents' dtype: that order
+    and that stream are what make a seeded run, and its resume, repeat bit for bit across versions."""
+    from library.sd.diffusion import draw_noise
+
+    latents = torch.zeros(3, 4, 8, 8, dtype=torch.float16)
+    draw = draw_noise(latents, torch.Generator().manual_seed(5), 10, 500)
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(draw.timesteps, torch.randint(10, 500, (3,), generator=g))
+    assert draw.noise.dtype == torch.float16
+    assert torch.equal(draw.noise, torch.randn(latents.shape, generator=g).half())
 
 
 # ------------------------------------------------------------------------------------------- single-file contract
