@@ -22,8 +22,9 @@ def run(method: str, args: list[str]):
     return train(parse_config(TrainConfig, args), method)
 
 
-def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manifest_path):
+def test_plain_lora_writes_kohya_file_with_safe_metadata(tiny_train_args, manifest_path, capsys):
     result = run("lora", tiny_train_args)
+    assert f"saved LoRA to {result.weights_path}\n" in capsys.readouterr().out  # what it saved, and where
     assert result.global_step == 4
     tensors = load_file(result.weights_path)
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") and k.endswith(".lora_down.weight")
@@ -377,6 +378,7 @@ def test_a_step_checkpoint_at_an_epochs_end_keeps_its_step_count(tiny_train_args
     for name, steps in (("lora-step00000003", "3"), ("lora-000001", None), ("lora-step00000006", "6"), ("lora", "9")):
         with safe_open(str(out / f"{name}.safetensors"), "pt") as handle:
             assert handle.metadata().get("ss_steps") == steps, name
+    assert not (out / "lora-step00000009.safetensors").exists()  # the last step's file is the final one
 
 
 def test_resuming_a_finished_state_keeps_the_final_metrics(tiny_train_args, tmp_path):
@@ -450,3 +452,96 @@ def test_each_process_takes_its_own_random_streams_back_and_a_state_of_another_c
     assert restore_process_rng_state(older, mine, cpu, rank=0, world_size=1) is None
     assert torch.equal(mine.get_state(), streams[0]["noise_generator"])
     assert "keeps one process's random streams" in restore_process_rng_state(older, mine, cpu, rank=0, world_size=2)
+
+
+def _logged_and_applied_gradient_norms(args: list[str], monkeypatch) -> tuple[float, float]:
+    """One plain-LoRA step: the gradient norm it logs, and the norm of the gradient the optimiser then applies."""
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, args), "lora")
+    trainer.prepare()
+    applied: list[float] = []
+    scaler_step = trainer.grad_scaler.step
+
+    def step(optimizer, *rest):
+        # max_norm=inf leaves the gradients as they are and returns their total L2 norm
+        applied.append(torch.nn.utils.clip_grad_norm_(trainer.trained.params, float("inf")).item())
+        return scaler_step(optimizer, *rest)
+
+    monkeypatch.setattr(trainer.grad_scaler, "step", step)
+    return trainer.step()["grad_norm"], applied[0]
+
+
+@pytest.mark.parametrize("flags, applied", [(["--max_grad_norm", "0"], "as logged"),
+                                            (["--max_grad_norm", "1e-4"], 1e-4),
+                                            (["--grad_normalize", "--max_grad_norm", "0"], 1.0)],
+                         ids=["no-clipping", "clipped", "normalised"])
+def test_the_optimiser_steps_on_the_logged_gradient_clipped_or_normalised_as_asked(flags, applied, tiny_train_args,
+                                                                                   monkeypatch):
+    """grad_norm is the L2 norm before clipping (paper Fig. 1b); --max_grad_norm 0 must not clip, --grad_normalize
+    must give a unit-norm step (Table 10's baseline): otherwise a run trains other than its settings say."""
+    logged, seen = _logged_and_applied_gradient_norms(tiny_train_args + flags, monkeypatch)
+    assert logged > 1e-3 and logged != pytest.approx(1.0, rel=1e-2)  # so that each case tells the others apart
+    assert seen == pytest.approx(logged if applied == "as logged" else applied, rel=1e-4)
+
+
+def test_an_accumulated_steps_gradient_is_the_mean_of_its_micro_batches(tiny_train_args, monkeypatch):
+    """Over 3 micro-batches the step's gradient is their mean, as one batch 3 times the size gives: a sum would
+    triple every unclipped step (and grad_norm), so --gradient_accumulation_steps would change the learning rate."""
+    import library.train.divergence as divergence
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + ["--gradient_accumulation_steps", "3",
+                                                                   "--max_grad_norm", "0"]), "lora")
+    trainer.prepare()
+    params = [p for p in trainer.trained.params if p.requires_grad]
+    checked_loss = divergence.checked_loss
+
+    def unit_gradient_loss(*args):
+        _, logs = checked_loss(*args)
+        return sum(p.sum() for p in params), logs  # a gradient of 1 on every weight, in every micro-batch
+
+    monkeypatch.setattr(divergence, "checked_loss", unit_gradient_loss)
+    assert trainer.step()["grad_norm"] == pytest.approx(sum(p.numel() for p in params) ** 0.5, rel=1e-6)
+
+
+def test_the_proxy_monitor_labels_each_splits_members_1_and_its_non_members_0(tiny_train_args, monkeypatch):
+    """proxy_acc_aux / proxy_acc_test are h_w's accuracy on D_aux and on D_te, members labelled 1: swapped labels or
+    splits would report 1 - accuracy, or the attacker's own training data as its held-out score."""
+    from library.train.methods.adversarial import AdversarialLoRA
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + ["--attacker_batch_size", "2"]), "smp_lora")
+    trainer.prepare()
+    seen: list[tuple[set[str], set[str]]] = []
+
+    def proxy_accuracy(self, ctx, latents, captions, keys, labels):
+        assert len(latents) == len(captions) == len(keys) == len(labels)
+        seen.append(({k for k, y in zip(keys, labels.tolist()) if y == 1},
+                     {k for k, y in zip(keys, labels.tolist()) if y == 0}))
+        return 0.5
+
+    monkeypatch.setattr(AdversarialLoRA, "proxy_accuracy", proxy_accuracy)
+    assert trainer._proxy_monitor(epoch=1) == {"proxy_acc_aux": 0.5, "proxy_acc_test": 0.5}
+    data = trainer.data
+    assert seen == [(set(data.member_aux.keys), set(data.nonmember_aux.keys)),
+                    (set(data.member_test.keys), set(data.nonmember_test.keys))]
+
+
+def test_shuffle_caption_gives_each_step_its_own_seeded_tag_order(tiny_train_args):
+    """kohya's --shuffle_caption reshuffles the tags at every step (the same order every step would teach it), and
+    the order depends on the step only, so a resumed run shuffles as the uninterrupted one did."""
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + ["--shuffle_caption"]), "lora")
+    trainer.prepare()
+    members = trainer.data.members
+    members.captions = [f"digit {i}, tag a, tag b, tag c, tag d, tag e" for i in range(len(members.captions))]
+    ctx = trainer._context()
+
+    def captions_at(step: int) -> list[str]:
+        trainer.global_step = step
+        return trainer._forward(list(range(8)), ctx).captions
+
+    first = captions_at(0)
+    assert captions_at(1) != first and captions_at(0) == first
