@@ -62,6 +62,9 @@ def test_prior_loss_is_the_class_rows_loss_and_the_method_sees_members_only(drea
     with torch.no_grad():
         result = trainer._forward(indices, ctx)
     assert len(result.losses) == len(indices) == len(result.keys) == 4
+    # every per-row field the method reads (its G features: errors, t, eps, captions) holds the members' rows only
+    assert {len(result.errors), len(result.latents), len(result.conditioning), len(result.draw.timesteps),
+            len(result.draw.noise), len(result.captions)} == {4}
     assert set(result.keys) <= set(trainer.data.members.keys)
 
     # Recompute the prior term by hand: the class rows of the same draw, alone.
