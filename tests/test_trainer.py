@@ -545,3 +545,17 @@ def test_shuffle_caption_gives_each_step_its_own_seeded_tag_order(tiny_train_arg
 
     first = captions_at(0)
     assert captions_at(1) != first and captions_at(0) == first
+
+
+@pytest.mark.parametrize("batch, batches_per_epoch", [(4, 6), (5, 4)], ids=["exact", "leftover"])
+def test_an_epoch_ends_with_its_last_full_batch(batch, batches_per_epoch, tiny_train_args):
+    """24 members: an epoch's end (its record, checkpoint, samples, proxy monitor) comes with its last full batch, not
+    a batch early; 4 images short of a batch of 5 are left for the next epoch's shuffle, not waited for."""
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + ["--train_batch_size", str(batch)]), "lora")
+    counts = [trainer.completed_epochs()]
+    for _ in range(batches_per_epoch + 1):
+        trainer.sampler.next_indices()
+        counts.append(trainer.completed_epochs())
+    assert counts == [0] * batches_per_epoch + [1, 1]
