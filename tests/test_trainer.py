@@ -559,3 +559,21 @@ def test_an_epoch_ends_with_its_last_full_batch(batch, batches_per_epoch, tiny_t
         trainer.sampler.next_indices()
         counts.append(trainer.completed_epochs())
     assert counts == [0] * batches_per_epoch + [1, 1]
+
+
+def test_a_state_round_trip_keeps_the_runs_history(tiny_train_args):
+    """A resumed run's record goes on from the state's: the epochs before the resume, the last step's logs and the
+    step count come back (else its record starts at the resume, and its final metrics are lost at the end)."""
+    from library.train.trainer import Trainer
+
+    def prepared() -> Trainer:
+        trainer = Trainer(parse_config(TrainConfig, tiny_train_args), "lora")
+        trainer.prepare()
+        return trainer
+
+    trainer = prepared()
+    trainer.global_step, trainer.last_logs = 6, {"loss": 0.5, "l_ada": 0.5}
+    trainer.epoch_logs = [{"epoch": 1, "step": 6, "l_ada": 0.25}]
+    resumed = prepared()
+    resumed.load_state_dict(trainer.state_dict(trainer.gather_rng_states()))
+    assert (resumed.global_step, resumed.epoch_logs, resumed.last_logs) == (6, trainer.epoch_logs, trainer.last_logs)
