@@ -577,3 +577,14 @@ def test_a_state_round_trip_keeps_the_runs_history(tiny_train_args):
     resumed = prepared()
     resumed.load_state_dict(trainer.state_dict(trainer.gather_rng_states()))
     assert (resumed.global_step, resumed.epoch_logs, resumed.last_logs) == (6, trainer.epoch_logs, trainer.last_logs)
+
+
+def test_the_loss_average_spans_one_epochs_optimisation_steps(tiny_train_args):
+    """Tensorboard's loss/average is the mean over the last epoch's worth of steps (sd-scripts' curve): 24 members
+    in batches of 4 accumulated over 2 are 3 steps an epoch, not 6."""
+    from library.train.trainer import Trainer
+
+    trainer = Trainer(parse_config(TrainConfig, tiny_train_args + ["--gradient_accumulation_steps", "2"]), "lora")
+    for loss in (1.0, 2.0, 3.0, 4.0):
+        logs = trainer.loss_recorder.add({"loss": loss})
+    assert logs["loss/average"] == pytest.approx(3.0)
