@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,36 @@ def test_dry_run_checks_everything_but_loads_no_weights_and_writes_nothing(train
     assert "already holds a finished evaluation" in one_error(capfd, eval_args(tiny_model_dir, manifest_path, out,
                                                                                 "--dry_run"))
     assert os.listdir(out) == ["report.json"]
+
+
+def test_dry_run_counts_d_aux_and_d_te_by_split_not_by_label(tiny_model_dir, digits_dir, tmp_path, capfd):
+    """The plan line's D_aux / D_te counts are what attacks fit on and are scored on (members are not D_te)."""
+    from library.data.dataset import scan_dataset
+    from library.data.manifest import write_manifest
+    from library.data.splits import make_split
+
+    manifest = tmp_path / "unbalanced.json"
+    sizes = {"member_aux": 2, "member_test": 4, "nonmember_aux": 2, "nonmember_test": 3}
+    write_manifest(make_split(scan_dataset(digits_dir), sizes=sizes, seed=0, dataset_root=digits_dir), manifest)
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest, tmp_path / "out", "--dry_run")) == 0
+    assert "fitted on 4 D_aux and scored on 7 D_te images at 32 px" in capfd.readouterr().out
+
+
+def test_a_finished_evaluation_is_refused_with_a_cache_hint_only_where_its_cache_is(tmp_path):
+    """The refusal suggests --cache_dir <out>/cache only where that cache exists (not --no_cache, not --cache_dir);
+    --overwrite lets the run replace the report."""
+    from library.eval.run import check_earlier_report
+
+    (tmp_path / "report.json").write_text("{}")
+    base = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s.json", output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="pass --overwrite") as refused:
+        check_earlier_report(base, tmp_path)
+    assert f"with --cache_dir {tmp_path / 'cache'} to reuse its features" in str(refused.value)
+    for elsewhere in ({"no_cache": True}, {"cache_dir": str(tmp_path / "shared")}):
+        with pytest.raises(ConfigError) as refused:
+            check_earlier_report(replace(base, **elsewhere), tmp_path)
+        assert "--cache_dir" not in str(refused.value), elsewhere
+    check_earlier_report(replace(base, overwrite=True), tmp_path)  # no refusal
 
 
 def test_overwrite_keeps_the_old_report_when_the_new_run_fails(tiny_model_dir, manifest_path, tmp_path, capfd):

@@ -253,6 +253,49 @@ def test_model_records_say_what_each_model_is():
     assert records[1]["metadata"] == {"ss_network_dim": "4"} and records[1]["lora_path"] == "l.safetensors"
 
 
+def test_attacks_fit_their_threshold_on_d_aux_and_report_metrics_on_d_te():
+    """The honest ASR must apply a threshold fitted without D_te: one fitted on D_te would report a leak as a win."""
+    from library.eval.attacks.base import AttackInputs, FeatureSet
+    from library.eval.run import AttackJob, attack_model
+
+    samples = tiny_result().samples  # D_aux: member, 2 non-members; D_te: 3 members, 1 non-member
+    # D_aux's member has the lowest loss; every D_te loss is above D_aux's, so D_aux's threshold calls no D_te sample
+    # a member, while D_te on its own is perfectly separable.
+    losses = np.array([1.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).reshape(7, 1, 1)
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s.json", attacks=["loss"], timesteps=[5],
+                        n_bootstrap=0)
+    job = AttackJob(config, "lora", AttackInputs(FeatureSet(losses, (5,))), samples, torch.device("cpu"))
+    score_sets, rows, settings = attack_model(job)
+    assert list(settings) == ["loss"] and all(len(s.scores) == 7 for s in score_sets)  # every sample scored
+    row = next(r for r in rows if r["label"] == "loss avg")
+    assert row["model"] == "lora" and (row["n_members"], row["n_nonmembers"]) == (3, 1)
+    assert row["honest_threshold"] > -3.0  # fitted on D_aux: between its member (-1) and non-members (-3, -4)
+    assert (row["honest_tpr"], row["honest_fpr"], row["asr_honest"]) == (0.0, 0.0, 0.5)
+    assert row["asr_oracle"] == 1.0 and row["auc"] == 1.0
+
+
+def test_every_model_is_calibrated_against_the_base_models_losses():
+    """The calibrated attack subtracts the base's loss of the same sample: a LoRA whose raw losses say nothing but
+    whose drop below the base marks its members must be caught, and the base against itself must score 0."""
+    from library.eval.features import ModelFeatures
+    from library.eval.run import run_attacks
+    from library.workers import WorkerPool
+
+    result = tiny_result()
+    labels = torch.tensor(result.samples.labels, dtype=torch.float32)
+    base = torch.linspace(1.0, 2.0, 7)[torch.randperm(7, generator=torch.Generator().manual_seed(0))]
+    losses = {"base": base + labels, "lora": base}  # the LoRA lowers its members' losses by 1, nobody else's
+    features = {name: ModelFeatures(name, value.reshape(7, 1, 1), None, None) for name, value in losses.items()}
+    config = EvalConfig(pretrained_model_name_or_path="m", split_manifest="s.json", attacks=["calibrated"],
+                        timesteps=[5], n_bootstrap=0)
+    with WorkerPool(1) as pool:
+        scores, rows, settings = run_attacks(config, result.models, result.samples, features, torch.device("cpu"), pool)
+    assert list(scores) == ["base", "lora"] and list(settings) == ["calibrated"]
+    auc = {r["model"]: r["auc"] for r in rows if r["label"] == "calibrated avg"}
+    assert auc == {"base": 0.5, "lora": 1.0}
+    assert scores["lora"][0].scores == pytest.approx(result.samples.labels, abs=1e-6)  # -(L_lora - L_base)
+
+
 def measured_aucs(report: dict) -> dict[tuple[str, str], dict]:
     measured = {(m, a): rows_by(report, m, f"{a} avg") for m in ("base", "overfit") for a in ("loss", "calibrated")}
     print({k: (round(v["auc"], 3), [round(x, 3) for x in v["auc_ci"]]) for k, v in measured.items()})

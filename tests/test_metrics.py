@@ -458,3 +458,18 @@ def test_kid_of_two_samples_per_set_is_reported():
     a, b = np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([[2.0, 1.0], [1.0, 3.0]])
     out = feature_metrics({"f": ("fd", "kid")}, {"f": a}, {"f": b}, n_subsets=1)
     assert out["kid"] == pytest.approx(_hand_mmd2(a.tolist(), b.tolist()), rel=1e-12) and out["kid_std"] == 0.0
+
+
+def test_score_metrics_counts_each_class_and_bootstraps_the_auc_and_tpr_at_5pct_fpr():
+    """The report's sample counts and CIs on an unbalanced D_te (members are not half of it, as in Pokemon's)."""
+    from library.eval.attacks.base import ScoreSet
+    from library.eval.run import score_metrics
+
+    y = np.array([1] * 10 + [0] * 30)
+    s = np.random.default_rng(0).normal(size=40) + y
+    row = score_metrics(y, ScoreSet("loss", "avg", s, "threshold"), n_bootstrap=50, seed=4)
+    assert (row["n_members"], row["n_nonmembers"]) == (10, 30)
+    assert row["tpr_at_fpr"] == {str(a): tpr_at_fpr(y, s, a) for a in (0.05, 0.01, 0.001)}
+    auc_ci, tpr_ci = bootstrap_auc_tpr_ci(y, s, 0.05, n_boot=50, seed=4)
+    assert tpr_ci is not None  # 30 non-members measure a 5 % FPR
+    assert row["auc_ci"] == list(auc_ci) and row["tpr_at_5pct_fpr_ci"] == list(tpr_ci)
