@@ -307,6 +307,20 @@ def test_a_finished_evaluation_is_refused_with_a_cache_hint_only_where_its_cache
     check_earlier_report(replace(base, overwrite=True), tmp_path)  # no refusal
 
 
+def test_no_cache_writes_no_cache_and_the_default_cache_lies_in_the_output_folder(tiny_model_dir, manifest_path,
+                                                                                  tmp_path):
+    """--no_cache leaves no feature or latent files anywhere (not even a --cache_dir given with it); without it the
+    cache is <output_dir>/cache, the folder the finished-report refusal tells the user to reuse."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "uncached"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--no_cache", "--cache_dir", str(cache))) == 0
+    assert not cache.exists() and not (out / "cache").exists()
+    assert not any(entry["hit"] for entry in json.loads((out / "report.json").read_text())["features"]["cache"].values())
+    out = tmp_path / "cached"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out)) == 0
+    assert (out / "cache" / "features").is_dir() and any((out / "cache" / "latents").iterdir())
+
+
 def test_overwrite_keeps_the_old_report_when_the_new_run_fails(tiny_model_dir, manifest_path, tmp_path, capfd):
     out = tmp_path / "out"
     (out / "cache").mkdir(parents=True)
