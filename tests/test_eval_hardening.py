@@ -628,6 +628,24 @@ def test_evaluation_conditions_as_trained(trained, tiny_model_dir, manifest_path
     assert any(line.startswith("warning: ") for line in lines) != has_tokens, lines
 
 
+def test_a_loras_max_token_length_is_what_its_features_are_computed_with(tiny_model_dir, manifest_path, tmp_path):
+    """A LoRA trained on 225-token captions is evaluated on 225-token captions, not the flag's default of 75."""
+    lora = lora_file(tiny_model_dir, tmp_path / "long.safetensors", {"ss_clip_skip": "1", "ss_max_token_length": "225"})
+    out = tmp_path / "eval"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora))) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["max_token_length"] == 225 and report["features"]["settings"]["max_token_length"] == 225
+    assert report["conditioning"]["source"]["max_token_length"] == "LoRA metadata"
+
+
+def test_the_report_lists_the_sizes_of_the_evaluated_splits_only(tiny_model_dir, manifest_path, tmp_path):
+    """The manifest's other lists (not attacked, not scored) would read as part of the evaluation."""
+    out = tmp_path / "eval"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out)) == 0
+    sizes = json.loads((out / "report.json").read_text())["manifest"]["sizes"]
+    assert sizes == {"member_aux": 12, "nonmember_aux": 12, "member_test": 12, "nonmember_test": 12}
+
+
 def test_contradicting_flag_and_mixed_loras_are_one_line(tiny_model_dir, manifest_path, tmp_path, capfd):
     paper = lora_file(tiny_model_dir, tmp_path / "paper.safetensors",
                       {"ss_clip_skip": "2", "ss_max_token_length": "225"})
