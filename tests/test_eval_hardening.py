@@ -646,6 +646,15 @@ def test_the_report_lists_the_sizes_of_the_evaluated_splits_only(tiny_model_dir,
     assert sizes == {"member_aux": 12, "nonmember_aux": 12, "member_test": 12, "nonmember_test": 12}
 
 
+def test_the_privacy_audit_runs_at_the_alpha_and_delta_asked_for(tiny_model_dir, manifest_path, tmp_path):
+    """--audit_alpha is the set audit's significance and --epsilon_delta the epsilon bounds' delta, never swapped."""
+    out = tmp_path / "eval"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--audit_alpha", "0.2",
+                                       "--epsilon_delta", "0.001")) == 0
+    audit = json.loads((out / "report.json").read_text())["privacy_audit"]["base"]
+    assert audit["set_audit"]["alpha"] == 0.2 and audit["epsilon_lb"]["delta"] == 0.001
+
+
 def test_contradicting_flag_and_mixed_loras_are_one_line(tiny_model_dir, manifest_path, tmp_path, capfd):
     paper = lora_file(tiny_model_dir, tmp_path / "paper.safetensors",
                       {"ss_clip_skip": "2", "ss_max_token_length": "225"})
