@@ -646,6 +646,21 @@ def test_the_report_lists_the_sizes_of_the_evaluated_splits_only(tiny_model_dir,
     assert sizes == {"member_aux": 12, "nonmember_aux": 12, "member_test": 12, "nonmember_test": 12}
 
 
+def test_network_multiplier_scales_the_loras_features_and_leaves_the_bases_alone(tiny_model_dir, manifest_path,
+                                                                                  tmp_path):
+    """--network_multiplier changes the LoRA's features (their cache key) but not the base's, which stay cached."""
+    lora = lora_file(tiny_model_dir, tmp_path / "lora.safetensors", {"ss_clip_skip": "1", "ss_max_token_length": "None"})
+    reports = {}
+    for multiplier in ("1", "0.5"):
+        out = tmp_path / multiplier
+        assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out, "--network_weights", str(lora),
+                                           "--network_multiplier", multiplier)) == 0
+        reports[multiplier] = json.loads((out / "report.json").read_text())["features"]
+    assert reports["0.5"]["settings"]["multiplier"] == 0.5
+    keys = {m: {name: entry["key"] for name, entry in r["cache"].items()} for m, r in reports.items()}
+    assert keys["0.5"]["base"] == keys["1"]["base"] and keys["0.5"]["lora"] != keys["1"]["lora"]
+
+
 def test_the_privacy_audit_runs_at_the_alpha_and_delta_asked_for(tiny_model_dir, manifest_path, tmp_path):
     """--audit_alpha is the set audit's significance and --epsilon_delta the epsilon bounds' delta, never swapped."""
     out = tmp_path / "eval"
