@@ -661,6 +661,13 @@ def test_network_multiplier_scales_the_loras_features_and_leaves_the_bases_alone
     assert keys["0.5"]["base"] == keys["1"]["base"] and keys["0.5"]["lora"] != keys["1"]["lora"]
 
 
+def test_no_paper_queries_are_made_without_the_paper_attack(tiny_model_dir, manifest_path, tmp_path):
+    """The paper's h' features are extra model queries per sample: an evaluation without its attack pays none."""
+    out = tmp_path / "eval"
+    assert evaluate_mia.main(eval_args(tiny_model_dir, manifest_path, out)) == 0  # --attacks loss
+    assert json.loads((out / "report.json").read_text())["features"]["settings"]["paper_features"] is None
+
+
 def test_the_privacy_audit_runs_at_the_alpha_and_delta_asked_for(tiny_model_dir, manifest_path, tmp_path):
     """--audit_alpha is the set audit's significance and --epsilon_delta the epsilon bounds' delta, never swapped."""
     out = tmp_path / "eval"
