@@ -257,3 +257,28 @@ def test_feature_standardisation_leaves_the_classifier_alone():
         net.feature_std.uniform_(0.5, 2)
         assert torch.equal(net(images), logits)
         assert torch.allclose(net.features(images) * net.feature_std + net.feature_mean, features, atol=1e-5)
+
+
+def test_accuracy_is_the_fraction_right_across_batches_and_nan_for_no_images():
+    """Held-out accuracy in the network's metadata: every image counted once, and no images is "unknown", not 0."""
+    from library.eval.small_cnn import SmallCNN
+
+    torch.manual_seed(0)
+    net, images = SmallCNN(), torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        predicted = net.eval()(images).argmax(1)
+    wrong_first = predicted.clone()
+    wrong_first[0] = (wrong_first[0] + 1) % 10
+    assert D.accuracy(net, images, predicted, batch_size=3) == 1.0
+    assert D.accuracy(net, images, wrong_first, batch_size=3) == 0.75
+    nan = D.accuracy(net, images[:0], predicted[:0])
+    assert nan != nan
+
+
+def test_zero_epochs_or_batch_size_is_a_config_error():
+    from library.errors import ConfigError
+
+    pixels, labels = torch.zeros(20, 3, 32, 32), torch.arange(20) % 10
+    for bad in ({"epochs": 0}, {"batch_size": 0}):
+        with pytest.raises(ConfigError, match="at least 1"):
+            D.train_digit_feature_net(pixels[:20], labels[:20], **bad)
