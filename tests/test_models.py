@@ -95,6 +95,47 @@ def test_tiny_stack_is_deterministic_and_leaves_global_rng_alone() -> None:
     assert fingerprint(first) != fingerprint(build_tiny_stack(seed=1))
 
 
+def test_tiny_stack_has_the_documented_architecture_frozen_in_eval_mode(
+    tiny_files: tuple[ModelBundle, Path, Path],
+) -> None:
+    """The pretrained demo base is built from these configs: a changed width, depth or activation silently gives
+    another model (and another demo), and pipelines size their default images from the UNet's sample_size."""
+    from library.data.digit_captions import DIGIT_NAMES
+
+    bundle = tiny_files[0]
+    text, vae, unet = bundle.text_encoder.config, bundle.vae.config, bundle.unet.config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.hidden_act, text.max_position_embeddings) == (32, 64, 2, 4, "quick_gelu", 77)
+    assert (tuple(vae.block_out_channels), vae.layers_per_block, vae.latent_channels) == ((32, 64, 64), 1, 4)
+    assert (tuple(unet.block_out_channels), unet.layers_per_block, unet.cross_attention_dim,
+            unet.attention_head_dim) == ((32, 64), 1, 32, 8)
+    assert unet.sample_size * 2 ** (len(vae.block_out_channels) - 1) == 32  # 32 px images by default
+    assert bundle.source == "tiny:seed=0"
+    for module in (bundle.text_encoder, bundle.vae, bundle.unet):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for name in DIGIT_NAMES:  # each caption word one token, the digit names included
+        assert len(bundle.tokenizer(f"a handwritten digit {name}").input_ids) == 6, name
+
+
+def test_save_tiny_model_refuses_a_full_folder_and_overwrites_only_a_diffusers_one(tmp_path: Path) -> None:
+    """Nothing but a diffusers folder is ever deleted, and only when asked; the weights are written as safetensors."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ModelError, match="already exists"):
+        save_tiny_model(mine)
+    with pytest.raises(ModelError, match="not a diffusers model folder"):
+        save_tiny_model(mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    model = tmp_path / "model"
+    save_tiny_model(model)
+    with pytest.raises(ModelError, match="already exists"):
+        save_tiny_model(model, seed=1)
+    save_tiny_model(model, seed=1, overwrite=True)
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folder left behind
+
+
 @pytest.mark.parametrize("kind", ["folder", "single"])
 def test_loading_leaves_the_global_rng_alone(tiny_files: tuple[ModelBundle, Path, Path], kind: str) -> None:
     """A seeded run draws its LoRA's initialisation after the model loads: either format leaves it the same."""
