@@ -282,3 +282,22 @@ def test_zero_epochs_or_batch_size_is_a_config_error():
     for bad in ({"epochs": 0}, {"batch_size": 0}):
         with pytest.raises(ConfigError, match="at least 1"):
             D.train_digit_feature_net(pixels[:20], labels[:20], **bad)
+
+
+def test_the_seed_draws_the_initial_weights_and_the_file_records_the_run(tmp_path):
+    """With lr 0 the trained net is its seeded initialisation; the saved metadata says seed, epochs and sizes, and
+    the returned net is frozen in eval mode (no dropout when the caller runs it)."""
+    from library.eval.small_cnn import SmallCNN
+
+    pixels, labels = torch.rand(20, 3, 32, 32) * 2 - 1, torch.arange(20) % 10
+    out = tmp_path / "net.safetensors"
+    result = D.train_digit_feature_net(pixels, labels, seed=5, epochs=1, lr=0.0, out_path=out, threads=1,
+                                       log=lambda _: None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        init = dict(SmallCNN().named_parameters())
+    assert all(torch.equal(p, init[name]) for name, p in result.net.named_parameters())
+    assert not result.net.training
+    metadata = D.load_digit_feature_net(out).metadata
+    assert {k: metadata[k] for k in ("seed", "epochs", "num_train", "num_heldout")} == {
+        "seed": "5", "epochs": "1", "num_train": "17", "num_heldout": "3"}
