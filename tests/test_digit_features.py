@@ -301,3 +301,13 @@ def test_the_seed_draws_the_initial_weights_and_the_file_records_the_run(tmp_pat
     metadata = D.load_digit_feature_net(out).metadata
     assert {k: metadata[k] for k in ("seed", "epochs", "num_train", "num_heldout")} == {
         "seed": "5", "epochs": "1", "num_train": "17", "num_heldout": "3"}
+
+
+def test_a_feature_constant_over_the_training_images_stays_finite():
+    """A dead (constant) feature must not turn proxy-FID features into inf/NaN through a zero std."""
+    from library.eval.small_cnn import SmallCNN
+
+    torch.manual_seed(0)
+    net, same = SmallCNN().eval(), torch.zeros(3, 3, 32, 32)
+    D._set_feature_statistics(net, same)  # every raw feature is constant over identical images
+    assert float(net.feature_std.min()) > 0 and torch.isfinite(net.features(same)).all()
