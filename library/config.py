@@ -186,7 +186,6 @@ def _unknown_key_message(key: str, cls: type) -> str:
     return f"unknown key '{key}'" + _closest(key, list(_field_types(cls)), "'{}'")
 
 
-
 def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a TOML config file into checked ``{field: value}`` for dataclass ``cls``."""
     path = Path(path)

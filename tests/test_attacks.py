@@ -459,6 +459,7 @@ def test_paper_attack_refuses_an_unknown_feature_kind():
     with pytest.raises(ConfigError, match="error_map, loss or multi_t_loss"):
         PaperMLPAttack(features="x")
 
+
 def test_feature_set_validates_shapes():
     with pytest.raises(ValueError):
         FeatureSet(np.zeros((3, 2, 1)), TIMESTEPS)

@@ -296,6 +296,7 @@ def test_dp_without_noise_records_strict_json_and_its_report_cell_says_no_bound(
 
     result = train(parse_config(TrainConfig, tiny_train_args + ["--dp_noise_multiplier", "0", "--max_train_steps", "2",
                                                                 "--output_dir", str(tmp_path)]), "dp_lora")
+
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
 

@@ -230,7 +230,6 @@ def test_images_kohya_would_skip_are_refused_and_a_caption_extension_must_name_o
             scan_dataset(root, extension)
 
 
-
 def test_hugging_face_layouts_get_their_own_advice(tmp_path, capsys):
     """A dataset's train/ folder given by its parent, a metadata.csv (not read), and images a metadata.jsonl
     does not list (left out, with a warning naming the first)."""

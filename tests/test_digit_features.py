@@ -276,6 +276,7 @@ def test_accuracy_is_the_fraction_right_across_batches_and_nan_for_no_images():
 
 
 def test_zero_epochs_or_batch_size_is_a_config_error():
+    """Either trains nothing: one clear error, not an untrained classifier left to judge the utility."""
     from library.errors import ConfigError
 
     pixels, labels = torch.zeros(20, 3, 32, 32), torch.arange(20) % 10

@@ -432,6 +432,7 @@ def test_cache_keys_change_with_the_manifest_and_the_probe_keys_with_the_seed():
     # A cached feature or probe output is reused only for the same samples and the same noise: the manifest's
     # sha256 is in the feature key, the noise seed in the probes' model identity (their noise is seeded by it).
     settings = FeatureSettings(timesteps=(10,), num_noise_draws=1, seed=3)
+
     def key(manifest: str, kernels: str = "k") -> str:
         return feature_cache_key(settings, "fp", None, manifest, 8, kernels=kernels)
 
@@ -466,6 +467,7 @@ def test_a_run_without_plots_leaves_no_earlier_plots_beside_its_report(world, ev
 
 def test_report_md_says_which_checks_were_skipped(world, evaluated, tmp_path):
     out = tmp_path / "eval"
+
     def args(out, multiplier):
         return base_args(world, out, "--attacks", "loss", "--network_weights", str(world["lora"]), "--cache_dir",
                          str(world["root"] / "eval" / "cache"), "--no-plots", "--network_multiplier", multiplier,

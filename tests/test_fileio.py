@@ -285,6 +285,7 @@ def test_a_waiting_lock_says_it_waits_and_a_free_one_says_nothing(tmp_path, capf
     with OutputLock(tmp_path, wait=True):
         pass
     assert capfd.readouterr().err == ""
+
     def second_run() -> None:
         with OutputLock(tmp_path, "--workdir", wait=True):
             pass

@@ -301,7 +301,6 @@ exit 0
 """
 
 
-
 def _finisher_env(manifest: Path) -> dict[str, str]:
     return {"SPLIT_SHA": split_sha256(read_manifest(manifest, verify=False))}
 

@@ -380,7 +380,6 @@ def test_the_lora_file_records_the_games_settings_under_their_own_keys():
     assert "smp_lora.g_attacker_dropout" not in _adversarial_method().metadata()
 
 
-
 def test_smp_lora_warns_when_delta_too_lifts_the_denominator_past_100_and_advises_a_lambda_counting_it(capsys):
     """1 + lambda*log 2 + delta bounds Eq. 10's denominator from below: its advice must count this run's delta."""
     smp = method_class("smp_lora")

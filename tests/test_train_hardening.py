@@ -938,6 +938,7 @@ def test_what_a_run_never_reads_may_change_at_its_resume():
     continued = parse_config(TrainConfig, base + ["--network_weights", "a.safetensors"])
     assert "network_dim" not in inert_settings(continued, "lora")  # the rank is checked against the file's
 
+
 # ---- 11: conditioning in the metadata --------------------------------------------------------------------------
 def test_lora_metadata_records_the_conditioning(finished_run, tiny_train_args):
     with safe_open(finished_run[1] / "lora.safetensors", "pt") as handle:
@@ -1029,7 +1030,6 @@ def test_divergence_advice_fits_the_run(method, flags, says, not_said):
     config = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "m", "--split_manifest", "s"] + flags)
     text = advice(SimpleNamespace(config=config, method_class=method_class(method)))  # the class, not its name
     assert text == says and not any(word in text for word in not_said)
-
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -1236,7 +1236,6 @@ def test_continuing_a_lora_never_drops_its_text_encoder_part_in_silence(finished
     assert train_entry("lora", "", base + parent) == 0  # training it too continues the whole file
 
 
-
 def test_dim_from_weights_never_drops_a_text_encoder_part_either(finished_run, tmp_path, capsys):
     """--dim_from_weights in a run that trains no text-encoder LoRA: the file's lora_te_* part is refused, not built
     frozen beside the UNet's and saved as if it had been continued."""
@@ -1245,6 +1244,7 @@ def test_dim_from_weights_never_drops_a_text_encoder_part_either(finished_run, t
                    "--output_dir", str(tmp_path / "next"), "--dry_run"]
     assert train_entry("lora", "", args) == 2
     assert "adapts the text encoder, which this network does not include" in capsys.readouterr().err
+
 
 def test_an_overwrite_that_replaces_a_continued_run_does_not_inherit_its_lora_record(finished_run, tmp_path, capsys):
     """--overwrite --resume latest over a run that continued a LoRA starts from scratch: naming that LoRA's splits

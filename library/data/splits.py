@@ -64,7 +64,6 @@ PRESETS: dict[str, SplitSizes] = {
 }
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Making a split
 # ---------------------------------------------------------------------------------------------------------
@@ -107,6 +106,7 @@ def _relative(record: ImageCaption, root: Path) -> str:
         if folder.resolve() == root:
             return listed.relative_to(folder).as_posix()
     raise DataError(f"image {record.path} is not inside the dataset folder {root}")
+
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 

@@ -96,7 +96,6 @@ class PretrainReport:
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
-
 # ------------------------------------------------------------------------------------------------ driver
 
 

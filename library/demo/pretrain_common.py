@@ -81,4 +81,5 @@ def window_means(losses: Sequence[float]) -> tuple[float, float]:
     k = max(1, len(losses) // 10)
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
+
 __all__ = ["IMAGE_SIZE", "Captioned", "Progress", "index_batches", "load_pixels", "warmup_cosine_lr", "window_means"]

@@ -124,7 +124,6 @@ class GSAProbe(Probe):
         gsa1 = _group_norms(groups, [g / self.k for g in total])
         return gsa1.float(), (norm_sum / self.k).float()
 
-
     def _batch_features(self, ctx: QueryContext, groups: list[list[torch.nn.Parameter]],
                         params: list[torch.nn.Parameter], cond: torch.Tensor,
                         noise: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
