@@ -166,11 +166,14 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
     # into files, not pipes: orphaned workers would hold a pipe open and the run would wait for them
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        # PYTHONPATH: this checkout's library.workers, not whichever copy is installed (the run's cwd is tmp_path)
         done = subprocess.run([sys.executable, "-c", PARENT_KILLED_MID_JOB], stdout=out, stderr=err, timeout=120,
-                              cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                 "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == -9, (tmp_path / "err").read_text()[-2000:]
     workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
     assert len(workers) == 2
