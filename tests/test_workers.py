@@ -184,3 +184,35 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     for pid in still:  # never leave them behind, whatever the outcome
         os.kill(pid, 9)
     assert not still, f"workers {still} outlived their killed parent"
+
+
+def test_a_single_job_runs_in_this_process_even_with_workers():
+    """One job alone (one training, one model) is not worth a worker's start-up and its own copy of the models."""
+    with WorkerPool(2, threads_per_job=1) as pool:
+        results = pool.map(job, [3])
+    assert results[0][:2] == (9, os.getpid())
+
+
+@pytest.mark.parametrize("threads_per_job, wanted", [(None, 1), (2, 2)])
+def test_workers_run_on_threads_per_job_one_by_default(threads_per_job, wanted):
+    """A worker's thread count moves its floats (docs/determinism.md): exactly --threads, one when not given."""
+    with WorkerPool(2, threads_per_job=threads_per_job) as pool:
+        results = pool.map(job, [1, 2])
+    assert {r[2] for r in results} == {wanted} and os.getpid() not in {r[1] for r in results}
+
+
+def _record(path: str) -> None:
+    """A job that leaves a file, so the test sees which jobs ran; slow enough that queued ones are still queued."""
+    import time
+
+    time.sleep(0.5)
+    open(path, "w").close()
+
+
+def test_a_worker_error_drops_the_queued_jobs(tmp_path):
+    """After a job fails the caller gets the error without the rest of a long queue (trainings) running first."""
+    items = [str(tmp_path / "missing" / "x")] + [str(tmp_path / f"{i}") for i in range(12)]
+    with pytest.raises(FileNotFoundError):
+        with WorkerPool(2, threads_per_job=1) as pool:
+            pool.map(_record, items)
+    assert len(list(tmp_path.glob("[0-9]*"))) < 12
