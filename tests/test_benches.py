@@ -4,11 +4,17 @@ GPU box takes except for the CUDA memory counters."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +64,273 @@ def test_real_scale_drift_without_plain_lora_is_refused():
                            "smp_lora"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 2 and "--drift times plain LoRA again at the end: add lora to --methods" in done.stderr
+
+
+# The benches' arithmetic and tables, in-process on injected measurements (fake trainers and clocks): what a
+# reader compares (ratios against plain LoRA, medians, memory units, MFU) must not depend on a real timing.
+
+def _bench(name: str) -> ModuleType:
+    """bench/<name>.py imported as a module (bench/ is not a package), so its helpers can be replaced by fakes."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Clock:
+    """A fake ``time`` module: perf_counter reads a clock that the fakes advance by the seconds they "take"."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Step:
+    """A method's training step for the step_overhead bench: counts its calls (the warm-up is one)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def _table(out: str, first: str) -> dict[str, list[str]]:
+    """Rows of a printed whitespace table after its header line (starting with ``first``), by their first cell."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
+    return {line.split()[0]: line.split()[1:] for line in lines[start + 1:] if line and not line.startswith("plain")}
+
+
+def test_step_overhead_reports_medians_of_rounds_and_ratios_against_plain_lora(monkeypatch, capsys):
+    """The table and summary are the bench's whole output: medians (not means) and x plain against LoRA's median."""
+    so = _bench("step_overhead")
+    # plain LoRA's rounds have one outlier (its mean is 0.4 s, its median 0.2 s); the others are steady
+    rounds = {"bare": [0.1] * 3, "lora": [0.2, 0.8, 0.2], "mp_lora": [0.3] * 3}
+    steps: dict[str, _Step] = {}
+    timed: list[tuple[str, int]] = []
+
+    def time_steps(fn: _Step, n: int) -> float:
+        timed.append((fn.name, n))
+        return rounds.get(fn.name, [0.5] * 3)[sum(name == fn.name for name, _ in timed) - 1]
+
+    def bare_loop(trainer: SimpleNamespace) -> _Step:
+        assert trainer.step.name == "lora"  # the floor is plain LoRA's own model and batch
+        steps["bare"] = _Step("bare")
+        return steps["bare"]
+
+    def make_trainer(variant: str, *_: object) -> SimpleNamespace:
+        steps[variant] = _Step(variant)
+        return SimpleNamespace(step=steps[variant])
+
+    memory = {v: 10.0 + i for i, v in enumerate(so.VARIANTS)}
+    monkeypatch.setattr(so, "make_fixture", lambda root: (root / "model", root / "split.json"))
+    monkeypatch.setattr(so, "make_trainer", make_trainer)
+    monkeypatch.setattr(so, "bare_loop", bare_loop)
+    monkeypatch.setattr(so, "time_steps", time_steps)
+    monkeypatch.setattr(so, "peak_memory_child", lambda v, *_: memory[v])
+    so.main(["--steps", "3", "--rounds", "3", "--batch_size", "8", "--threads", "1"])
+    out = capsys.readouterr().out
+
+    assert all(step.calls == 1 for step in steps.values())  # one warm-up step each, the rest timed by time_steps
+    assert {n for _, n in timed} == {4} and len(timed) == 3 * len(steps)  # 3 steps: 2 whole attacker cycles
+    table = _table(out, "method")
+    assert list(table) == ["bare", *so.VARIANTS]
+    assert table["bare"] == ["0.1000", "80.0", "0.50", "-"]  # the floor: no memory subprocess of its own
+    assert table["lora"] == ["0.2000", "40.0", "1.00", f"{memory['lora']:.1f}"]
+    assert table["mp_lora"] == ["0.3000", "26.7", "1.50", f"{memory['mp_lora']:.1f}"]
+    assert "plain LoRA / bare loop: 2.00x;" in out and "mp_lora / plain: 1.50x" in out
+    assert "smp_lora / plain: 2.50x" in out and "; lora / plain" not in out
+
+
+def test_step_overhead_without_memory_runs_no_memory_subprocess(monkeypatch, capsys):
+    """--no_memory skips the per-method subprocesses (minutes on a GPU box) and prints "-" in their column."""
+    so = _bench("step_overhead")
+
+    def no_subprocess(*_: object) -> float:
+        raise AssertionError("--no_memory ran a memory subprocess")
+
+    monkeypatch.setattr(so, "make_fixture", lambda root: (root / "model", root / "split.json"))
+    monkeypatch.setattr(so, "make_trainer", lambda v, *_: SimpleNamespace(step=_Step(v)))
+    monkeypatch.setattr(so, "bare_loop", lambda trainer: _Step("bare"))
+    monkeypatch.setattr(so, "time_steps", lambda fn, n: 0.1)
+    monkeypatch.setattr(so, "peak_memory_child", no_subprocess)
+    so.main(["--steps", "2", "--rounds", "1", "--threads", "1", "--no_memory"])
+    assert {row[-1] for row in _table(capsys.readouterr().out, "method").values()} == {"-"}
+
+
+def test_step_overhead_time_steps_is_seconds_per_step(monkeypatch):
+    """The table's s/step divides a round's time by its steps."""
+    so = _bench("step_overhead")
+    clock = _Clock()
+    monkeypatch.setattr(so, "time", clock)
+
+    def step() -> None:
+        clock.now += 0.25
+
+    assert so.time_steps(step, 4) == pytest.approx(0.25)
+
+
+def test_step_overhead_memory_child_reports_peak_rss_growth_in_mib(monkeypatch, capsys, tmp_path):
+    """On the CPU a method's memory is the growth of ru_maxrss (KiB on Linux) over its timed steps, in MiB."""
+    so = _bench("step_overhead")
+    trainer = SimpleNamespace(steps=0)
+    rss = iter([1000, 1000 + 3 * 1024])  # before and after the timed steps
+
+    def step() -> None:
+        trainer.steps += 1
+
+    trainer.step = step
+    monkeypatch.setattr(so, "make_trainer", lambda *_: trainer)
+    monkeypatch.setattr(so, "resource", SimpleNamespace(RUSAGE_SELF=0,
+                                                        getrusage=lambda _: SimpleNamespace(ru_maxrss=next(rss))))
+    so.main(["--_child", "lora", "--_model", str(tmp_path), "--_manifest", str(tmp_path), "--_out", str(tmp_path),
+             "--steps", "3", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == {"peak_mib": 3.0}
+    assert trainer.steps == 1 + 4  # a warm-up step, then 3 steps rounded up to whole attacker cycles
+
+
+def test_step_overhead_memory_child_gets_the_benchs_settings(monkeypatch, tmp_path):
+    """The memory subprocess must train the method as the timed runs did (steps, batch, threads, g_noise), and its
+    answer is the last line of its output."""
+    so = _bench("step_overhead")
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], **_: object) -> SimpleNamespace:
+        calls.append(cmd)
+        return SimpleNamespace(stdout='a line the trainer printed\n{"peak_mib": 5.5}\n')
+
+    monkeypatch.setattr(so, "subprocess", SimpleNamespace(run=run))
+    args = SimpleNamespace(steps=4, batch_size=3, threads=2, g_noise="independent")
+    assert so.peak_memory_child("smp_lora", tmp_path / "m", tmp_path / "s.json", tmp_path / "o", args) == 5.5
+    assert calls[0][2:] == ["--_child", "smp_lora", "--_model", str(tmp_path / "m"), "--_manifest",
+                            str(tmp_path / "s.json"), "--_out", str(tmp_path / "o"), "--steps", "4", "--batch_size",
+                            "3", "--threads", "2", "--g_noise", "independent"]
+
+
+def test_step_overhead_variants_train_their_method_with_the_benchs_attacker(monkeypatch, tmp_path):
+    """An *_every2 variant is its method with the attacker phase every second step, on the bench's batch and
+    g_noise (what the table's row names promise)."""
+    import library.train.trainer as trainer_module
+
+    so = _bench("step_overhead")
+    made: list[tuple[object, str]] = []
+
+    class Trainer:
+        def __init__(self, config: object, method: str) -> None:
+            made.append((config, method))
+
+        def prepare(self) -> None:
+            pass
+
+    monkeypatch.setattr(trainer_module, "Trainer", Trainer)
+    args = SimpleNamespace(batch_size=4, g_noise="independent")
+    so.make_trainer("smp_lora_every2", tmp_path / "m", tmp_path / "s.json", tmp_path, args)
+    config, method = made[0]
+    assert method == "smp_lora" and config.attacker_every_n_steps == so.ATTACKER_CYCLE == 2
+    assert config.attacker_batch_size == 4 and config.train_batch_size == 4 and config.g_noise == "independent"
+
+
+def test_real_scale_table_divides_by_the_mean_plain_lora_and_prints_flops_and_mfu(monkeypatch, capsys):
+    """x plain against the mean of the two plain-LoRA runs (--drift), TFLOP/step, achieved TFLOP/s, GiB, MFU %."""
+    rs = _bench("real_scale")
+    measured = iter([{"s_step": 2.0, "flops": 1e12, "memory_gib": 1.0},  # lora, first
+                     {"s_step": 6.0, "flops": 3e12, "memory_gib": 1.5},  # smp_lora
+                     {"s_step": 4.0, "flops": 1e12, "memory_gib": 1.5}])  # lora again: the drift
+    order: list[str] = []
+
+    def measure(variant: str, *_: object) -> dict[str, float]:
+        order.append(variant)
+        return next(measured)
+
+    monkeypatch.setattr(rs, "make_fixture", lambda root, *_: (root / "model", root / "split.json"))
+    monkeypatch.setattr(rs, "measure", measure)
+    rs.main(["--device", "cpu", "--architecture", "tiny", "--methods", "lora", "smp_lora", "--drift", "--threads", "1",
+             "--peak_tflops", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert order == ["lora", "smp_lora", "lora"]
+    assert lines[1] == ("| method | s/step | x plain | TFLOP/step | achieved TFLOP/s | peak RSS GiB (running max) |"
+                        " MFU |")
+    assert lines[3:] == ["| LoRA | 2.00 | 0.67 | 1.00 | 0.50 | 1.0 | 25.0 % |",
+                         "| SMP-LoRA (paper features) | 6.00 | 2.00 | 3.00 | 0.50 | 1.5 | 25.0 % |",
+                         "| LoRA | 4.00 | 1.33 | 1.00 | 0.25 | 1.5 | 12.5 % |"]
+
+
+def test_real_scale_without_plain_lora_prints_no_ratio(monkeypatch, capsys):
+    """Methods without lora (and no --drift) still run: the x plain column says "-" rather than a made-up ratio."""
+    rs = _bench("real_scale")
+    monkeypatch.setattr(rs, "make_fixture", lambda root, *_: (root / "model", root / "split.json"))
+    monkeypatch.setattr(rs, "measure", lambda *_: {"s_step": 2.0, "flops": 4e12, "memory_gib": 1.0})
+    rs.main(["--device", "cpu", "--architecture", "tiny", "--methods", "smp_lora", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("| peak RSS GiB (running max) |")  # no MFU column without --peak_tflops
+    assert lines[3:] == ["| SMP-LoRA (paper features) | 2.00 | - | 4.00 | 2.00 | 1.0 |"]
+
+
+def test_real_scale_measure_times_whole_attacker_cycles_after_the_flop_count(monkeypatch):
+    """One method's numbers: FLOPs per step over an attacker cycle, the mean over whole cycles of timed steps, and
+    the CPU's peak RSS (KiB) in GiB."""
+    rs = _bench("real_scale")
+    clock = _Clock()
+    seconds = [9.0, 9.0, 1.0, 1.0, 1.0, 5.0]  # the two counted (warm-up) steps, then the timed ones
+    a, b = torch.ones(4, 8), torch.ones(8, 16)
+
+    class Trainer:
+        config = SimpleNamespace(attacker_every_n_steps=2)
+        steps = 0
+
+        def step(self) -> None:
+            if self.steps % 2 == 0:  # the attacker phase: a matmul on every second step only
+                a @ b
+            clock.now += seconds[self.steps]
+            self.steps += 1
+
+    trainer = Trainer()
+    monkeypatch.setattr(rs, "make_trainer", lambda *_: trainer)
+    monkeypatch.setattr(rs, "time", clock)
+    monkeypatch.setattr(rs, "resource", SimpleNamespace(RUSAGE_SELF=0,
+                                                        getrusage=lambda _: SimpleNamespace(ru_maxrss=3 * 2**20)))
+    result = rs.measure("smp_lora_every2", Path("m"), Path("s"), Path("o"), SimpleNamespace(device="cpu", steps=3))
+    assert trainer.steps == 2 + 4  # 3 timed steps round up to 2 whole cycles
+    assert result == {"s_step": 2.0, "flops": 2 * 4 * 8 * 16 / 2, "memory_gib": 3.0}
+
+
+def test_real_scale_precision_is_bf16_autocast_on_cuda_fp32_on_the_cpu():
+    """--precision auto picks the trainer's --mixed_precision by device; fp32 is the trainer's "no"."""
+    rs = _bench("real_scale")
+    assert [rs.precision(SimpleNamespace(precision=p, device=d)) for p, d in
+            [("auto", "cuda"), ("auto", "cpu"), ("fp32", "cuda"), ("bf16", "cpu")]] == ["bf16", "no", "no", "bf16"]
+
+
+def test_real_scale_every2_variants_are_their_variant_with_half_the_attacker_phases():
+    """An *_every2 row is its base variant plus --attacker_every_n_steps 2; frontier variants run at lambda 1."""
+    rs = _bench("real_scale")
+    for every2, variant in rs.EVERY2.items():
+        method, flags = rs.variant_flags(variant)
+        assert rs.variant_flags(every2) == (method, [*flags, "--attacker_every_n_steps", "2"])
+    assert rs.variant_flags("smp_t_band")[1][-2:] == ["--privacy_lambda", "1.0"]
+    assert rs.variant_flags("smp_lora") == ("smp_lora", [])
+
+
+def test_real_scale_methods_use_the_papers_attacker_batch(monkeypatch, tmp_path):
+    """The bench's attacker batch is the paper's 1 (the frontier's flags set 4), and no proxy monitor is timed."""
+    import library.train.trainer as trainer_module
+
+    rs = _bench("real_scale")
+    made: list[object] = []
+
+    class Trainer:
+        def __init__(self, config: object, method: str) -> None:
+            made.append(config)
+
+        def prepare(self) -> None:
+            pass
+
+    monkeypatch.setattr(trainer_module, "Trainer", Trainer)
+    rs.make_trainer("smp_t_band", tmp_path / "m", tmp_path / "s.json", tmp_path,
+                    SimpleNamespace(precision="auto", device="cpu", resolution=64))
+    assert made[0].attacker_batch_size == 1 and made[0].attacker_eval_every_n_epochs == 100000
+
