@@ -4,6 +4,7 @@ GPU box takes except for the CUDA memory counters."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -334,3 +335,110 @@ def test_real_scale_methods_use_the_papers_attacker_batch(monkeypatch, tmp_path)
                     SimpleNamespace(precision="auto", device="cpu", resolution=64))
     assert made[0].attacker_batch_size == 1 and made[0].attacker_eval_every_n_epochs == 100000
 
+
+def _mechanism_record(aux: list[float], test: list[float], epochs: int = 20) -> dict:
+    """A run record as the trainer writes it: l_ada = epoch, g = 10 * epoch, a proxy measurement every 5 epochs."""
+    records: list[dict[str, float]] = [{"l_ada": float(i), "g": 10.0 * i} for i in range(epochs)]
+    for k, (a, t) in enumerate(zip(aux, test)):
+        records[5 * k + 4].update(proxy_acc_aux=a, proxy_acc_test=t)
+    return {"epochs": records}
+
+
+def test_mechanism_summary_averages_the_last_measurements_with_binomial_errors():
+    """The finding is the mean proxy accuracy over the last --last measurements ± sqrt(p(1-p) / (n_eval * last))."""
+    mech = _bench("mechanism")
+    row = mech.summarise(_mechanism_record([0.5, 0.6, 0.6, 0.9], [0.5, 0.5, 0.5, 0.8]), last=3, n_eval=16)
+    assert row == pytest.approx({"evaluations": 3, "aux": 0.7, "aux_se": (0.21 / 48) ** 0.5, "test": 0.6,
+                                 "test_se": (0.24 / 48) ** 0.5, "l_ada": 12.0, "g": 120.0})  # l_ada, g: last 15 epochs
+
+
+def test_mechanism_compares_every_lambda_with_lambda_zero(monkeypatch, capsys, tmp_path):
+    """Each --lambdas value is reported next to the plain-LoRA objective (lambda 0), errors over 2 * members images."""
+    mech = _bench("mechanism")
+    trained: list[float] = []
+
+    def train(base: Path, manifest: Path, out: Path, lam: float, args: object) -> dict:
+        trained.append(lam)
+        return _mechanism_record([0.9, 0.75, 0.75], [0.9, 0.5, 0.5]) if lam == 0 else \
+            _mechanism_record([0.9, 0.65, 0.65], [0.9, 0.5, 0.5])
+
+    monkeypatch.setattr(mech, "make_world", lambda root, args: (root / "base", root / "split.json"))
+    monkeypatch.setattr(mech, "train", train)
+    mech.main(["--lambdas", "0.5", "--last", "2", "--members", "4", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert trained == [0.0, 0.5]
+    assert [line.split() for line in lines[-2:]] == [
+        ["0", "0.750", "±0.108", "0.500", "±0.125", "14.5000", "145.000"],
+        ["0.5", "0.650", "±0.119", "0.500", "±0.125", "14.5000", "145.000"]]
+
+
+def test_mechanism_trains_on_the_benchs_members_and_lambda(monkeypatch, tmp_path):
+    """Each run is SMP-LoRA at its lambda on batches of both member halves, the proxy on one half's batch."""
+    import library.train.trainer as trainer_module
+
+    mech = _bench("mechanism")
+    runs: list[tuple[object, str]] = []
+
+    def run(config: object, method: str) -> None:
+        runs.append((config, method))
+        (tmp_path / "run.json").write_text('{"epochs": []}')
+
+    monkeypatch.setattr(trainer_module, "train", run)
+    args = SimpleNamespace(members=3, rank=4, lr=1e-3, steps=10, seed=0, k_steps=2, attacker_lr=1e-3,
+                           features="multi_t_loss", timesteps=[20, 50], eval_every=5, conv_dim=0)
+    assert mech.train(tmp_path / "base", tmp_path / "split.json", tmp_path, 0.5, args) == {"epochs": []}
+    config, method = runs[0]
+    assert method == "smp_lora" and config.privacy_lambda == 0.5 and config.attacker_eval_every_n_epochs == 5
+    assert config.train_batch_size == 6 and config.attacker_batch_size == 3
+
+
+def test_eval_throughput_reports_median_queries_per_second_of_engine_and_bare_unet(monkeypatch, capsys, tmp_path):
+    """queries/s = every sample's fixed-t and random-t queries over the median round; the bare loop covers as many
+    rows in batches; the ratio is engine / bare."""
+    import library.data.latents
+    import library.data.manifest
+    import library.eval.features
+    import library.sd.bundle
+    import library.sd.loading
+    import library.sd.text
+
+    et = _bench("eval_throughput")
+    clock = _Clock()
+    engine_seconds = iter([100.0, 1.0, 4.0, 1.0])  # the warm-up, then 3 rounds: median 1 s (mean 2 s)
+    computed: list[Path] = []
+    unet_rows: list[int] = []
+
+    class Engine:
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def compute(self, name: str, samples: list, latents: torch.Tensor, lora: Path, label: str) -> None:
+            computed.append(lora)
+            clock.now += next(engine_seconds)
+
+    def unet(noisy: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
+        unet_rows.append(len(noisy))
+        clock.now += 0.01 * len(noisy)  # 100 queries/s
+
+    entries = [SimpleNamespace(caption=f"digit {i}", sha256=str(i)) for i in range(8)]
+    split = SimpleNamespace(member_aux=entries[:2], member_test=entries[2:4], nonmember_aux=entries[4:6],
+                            nonmember_test=entries[6:], abs_path=lambda e: tmp_path / e.sha256)
+    bundle = SimpleNamespace(vae=None, tokenizer=None, text_encoder=None, unet=unet,
+                             noise_scheduler=SimpleNamespace(add_noise=lambda clean, noise, t: clean + noise))
+    monkeypatch.setattr(library.sd.loading, "load_sd_model", lambda path: bundle)
+    monkeypatch.setattr(library.data.manifest, "read_manifest", lambda path, verify: split)
+    monkeypatch.setattr(library.sd.bundle, "vae_fingerprint", lambda vae: "vae")
+    monkeypatch.setattr(library.data.latents, "LatentCache", lambda *_: SimpleNamespace(
+        get_many=lambda paths: torch.zeros(len(paths), 4, 4, 4)))
+    monkeypatch.setattr(library.eval.features, "FeatureEngine", Engine)
+    monkeypatch.setattr(library.eval.features, "applied_lora", lambda *_: contextlib.nullcontext())
+    monkeypatch.setattr(library.sd.text, "encode_prompts", lambda tok, enc, captions: torch.zeros(len(captions), 3, 2))
+    monkeypatch.setattr(et, "time", clock)
+    et.main(["--workdir", str(tmp_path), "--rounds", "3"])  # the default batch: evaluate_mia's 16
+    lines = capsys.readouterr().out.splitlines()
+
+    assert computed == [tmp_path / "lora" / "lora.safetensors"] * 4  # the default LoRA of the workdir
+    n_queries = 8 * (4 * 2 + 16)  # 8 samples x (4 timesteps x 2 draws + 16 random-t draws)
+    assert unet_rows == [16] * (n_queries // 16) * 4  # every query once per run, warm-up and 3 rounds
+    assert "8 samples x 24 queries, batch 16, LoRA lora.safetensors; median of 3 interleaved rounds" in lines[0]
+    assert lines[1] == "feature engine: 192 queries/s; bare UNet forward: 100 queries/s; engine / bare: 192.0 %"
