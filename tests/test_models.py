@@ -117,23 +117,19 @@ def test_tiny_stack_has_the_documented_architecture_frozen_in_eval_mode(
         assert len(bundle.tokenizer(f"a handwritten digit {name}").input_ids) == 6, name
 
 
-def test_save_tiny_model_refuses_a_full_folder_and_overwrites_only_a_diffusers_one(tmp_path: Path) -> None:
-    """Nothing but a diffusers folder is ever deleted, and only when asked; the weights are written as safetensors."""
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep")
-    with pytest.raises(ModelError, match="already exists"):
-        save_tiny_model(mine)
-    with pytest.raises(ModelError, match="not a diffusers model folder"):
-        save_tiny_model(mine, overwrite=True)
-    assert (mine / "notes.txt").read_text() == "keep"
+def test_save_tiny_model_overwrites_its_own_folder_only_when_asked(tmp_path: Path) -> None:
+    """An existing model is kept unless --overwrite (a user folder never is: test_existing_folder_is_not_clobbered);
+    the weights are written as safetensors, through a staging folder that does not stay behind."""
     model = tmp_path / "model"
     save_tiny_model(model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    seed_0 = weights.read_bytes()
     with pytest.raises(ModelError, match="already exists"):
         save_tiny_model(model, seed=1)
+    assert weights.read_bytes() == seed_0
     save_tiny_model(model, seed=1, overwrite=True)
-    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folder left behind
+    assert weights.read_bytes() != seed_0
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
 
 
 @pytest.mark.parametrize("kind", ["folder", "single"])
