@@ -389,5 +389,8 @@ def test_smp_lora_warns_when_delta_too_lifts_the_denominator_past_100_and_advise
     assert "lambda below 85 keeps it under 100" in err  # 1 + 85 log 2 + 40 < 100 (it said 143: 1 + 99 + 40)
     smp.check_config(_config("--privacy_lambda", "100", "--privacy_delta", "20"))  # ~90: trains, more slowly
     assert capsys.readouterr().err == ""
-    smp.check_config(_config("--privacy_lambda", "1", "--privacy_delta", "100"))  # no lambda helps: say what does
-    assert "privacy_delta 100.0 alone puts it past 100: lower it" in capsys.readouterr().err
+    for lam in ("1", "0"):  # no lambda helps (not even none): the warning names delta, and what to do
+        smp.check_config(_config("--privacy_lambda", lam, "--privacy_delta", "100"))
+        err = capsys.readouterr().err
+        assert err.startswith("warning: privacy_delta 100.0 makes the Eq. 10 denominator 10"), err
+        assert err.rstrip().endswith("delta alone puts it past 100: lower it (the paper's is 1e-5)"), err

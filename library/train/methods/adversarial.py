@@ -345,7 +345,7 @@ class SMPLoRA(AdversarialLoRA):
 
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
-        """Warn (one ``warning:`` line, the run goes on) when lambda makes Eq. 10 all but stop the LoRA.
+        """Warn (one ``warning:`` line, the run goes on) when lambda (or delta) makes Eq. 10 all but stop the LoRA.
 
         G <= 0 and it falls as the LoRA hides its members, so the denominator 1 - lambda*G + delta is smallest
         for an attacker at chance, G = g_member_weight * log(1/2), where training starts. If it exceeds
@@ -357,9 +357,10 @@ class SMPLoRA(AdversarialLoRA):
         at_chance = 1.0 + config.privacy_lambda * g_at_chance + config.privacy_delta
         if g_at_chance > 0 and at_chance > LARGE_DENOMINATOR:
             room = LARGE_DENOMINATOR - 1 - config.privacy_delta  # delta is part of the denominator too
-            advice = (f"lambda below {room / g_at_chance:.0f} keeps it under {LARGE_DENOMINATOR:.0f}" if room > 0 else
-                      f"privacy_delta {config.privacy_delta} alone puts it past {LARGE_DENOMINATOR:.0f}: lower it "
-                      "(the paper's is 1e-5)")
-            warn(f"privacy_lambda {config.privacy_lambda} makes the Eq. 10 denominator {at_chance:.3g} already for "
-                 "an attacker at chance, so the LoRA gradient shrinks by that factor and the LoRA will barely train; "
-                 + advice)
+            cause, advice = ((f"privacy_lambda {config.privacy_lambda}",
+                              f"lambda below {room / g_at_chance:.0f} keeps it under {LARGE_DENOMINATOR:.0f}")
+                             if room > 0 else  # no lambda helps: name what does
+                             (f"privacy_delta {config.privacy_delta}",
+                              f"delta alone puts it past {LARGE_DENOMINATOR:.0f}: lower it (the paper's is 1e-5)"))
+            warn(f"{cause} makes the Eq. 10 denominator {at_chance:.3g} already for an attacker at chance, so the "
+                 f"LoRA gradient shrinks by that factor and the LoRA will barely train; {advice}")
