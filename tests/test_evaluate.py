@@ -146,6 +146,23 @@ def test_report_fields_and_scores_csv_columns_come_from_their_own_source():
     assert "override" not in md
 
 
+@pytest.mark.parametrize("loglog", [False, True])
+def test_each_roc_curve_is_labelled_with_its_own_models_auc(monkeypatch, tmp_path, loglog):
+    """roc.png's legend is where a reader compares models: each curve must carry its own model's AUC for its panel,
+    not another model's of the same attack."""
+    import library.eval.report as report
+
+    result = tiny_result()
+    lora_row = result.rows[0]
+    result.rows = [{**lora_row, "headline": True, "auc": 0.75}, {**lora_row, "model": "base", "headline": True,
+                                                                 "auc": 0.25}]
+    legends = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: legends.extend(
+        [text.get_text() for text in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()))
+    report.plot_roc(result, tmp_path / "roc.png", loglog=loglog)
+    assert legends == [["base (AUC 0.250)", "lora (AUC 0.750)"]]
+
+
 def test_report_json_holds_every_result_row_and_the_privacy_audit():
     """report.json is what tables are re-derived from: every row (not only the headline ones) and the audit block."""
     audit = {"lora": {"worst_case_attack": "loss avg", "auc": 0.5}}
