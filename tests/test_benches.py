@@ -212,12 +212,10 @@ def test_step_overhead_memory_child_gets_the_benchs_settings(monkeypatch, tmp_pa
                             "3", "--threads", "2", "--g_noise", "independent"]
 
 
-def test_step_overhead_variants_train_their_method_with_the_benchs_attacker(monkeypatch, tmp_path):
-    """An *_every2 variant is its method with the attacker phase every second step, on the bench's batch and
-    g_noise (what the table's row names promise)."""
+def _recorded_trainers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, str]]:
+    """Replace the library's Trainer by one that records its (config, method) and prepares nothing."""
     import library.train.trainer as trainer_module
 
-    so = _bench("step_overhead")
     made: list[tuple[object, str]] = []
 
     class Trainer:
@@ -228,6 +226,14 @@ def test_step_overhead_variants_train_their_method_with_the_benchs_attacker(monk
             pass
 
     monkeypatch.setattr(trainer_module, "Trainer", Trainer)
+    return made
+
+
+def test_step_overhead_variants_train_their_method_with_the_benchs_attacker(monkeypatch, tmp_path):
+    """An *_every2 variant is its method with the attacker phase every second step, on the bench's batch and
+    g_noise (what the table's row names promise)."""
+    so = _bench("step_overhead")
+    made = _recorded_trainers(monkeypatch)
     args = SimpleNamespace(batch_size=4, g_noise="independent")
     so.make_trainer("smp_lora_every2", tmp_path / "m", tmp_path / "s.json", tmp_path, args)
     config, method = made[0]
@@ -318,22 +324,12 @@ def test_real_scale_every2_variants_are_their_variant_with_half_the_attacker_pha
 
 def test_real_scale_methods_use_the_papers_attacker_batch(monkeypatch, tmp_path):
     """The bench's attacker batch is the paper's 1 (the frontier's flags set 4), and no proxy monitor is timed."""
-    import library.train.trainer as trainer_module
-
     rs = _bench("real_scale")
-    made: list[object] = []
-
-    class Trainer:
-        def __init__(self, config: object, method: str) -> None:
-            made.append(config)
-
-        def prepare(self) -> None:
-            pass
-
-    monkeypatch.setattr(trainer_module, "Trainer", Trainer)
+    made = _recorded_trainers(monkeypatch)
     rs.make_trainer("smp_t_band", tmp_path / "m", tmp_path / "s.json", tmp_path,
                     SimpleNamespace(precision="auto", device="cpu", resolution=64))
-    assert made[0].attacker_batch_size == 1 and made[0].attacker_eval_every_n_epochs == 100000
+    config, method = made[0]
+    assert method == "smp_lora" and config.attacker_batch_size == 1 and config.attacker_eval_every_n_epochs == 100000
 
 
 def _mechanism_record(aux: list[float], test: list[float], epochs: int = 20) -> dict:
