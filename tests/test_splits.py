@@ -314,6 +314,20 @@ def test_a_caption_edited_after_the_split_is_named(tmp_path, capsys):
     assert capsys.readouterr().err == ""  # a spare image's caption is not compared (no run reads it)
 
 
+def test_a_caption_file_removed_after_the_split_is_named_as_missing(tmp_path, capsys):
+    """A caption file deleted since the split reads 'no caption file now', not Python's ``None``."""
+    _dataset(tmp_path / "d", 10, decodable=True)
+    out = tmp_path / "split.json"
+    assert _make_split_script().main(["--dataset_dir", str(tmp_path / "d"), "--output", str(out), "--seed", "1",
+                                      *SMALL]) == 0
+    capsys.readouterr()
+    member = read_manifest(out).member_aux[0]
+    (tmp_path / "d" / member.path).with_suffix(".txt").unlink()
+    read_manifest(out)
+    err = capsys.readouterr().err
+    assert f"{member.caption!r} in the manifest, no readable caption file now)" in err and "None" not in err
+
+
 def test_a_metadata_caption_edited_after_the_split_is_named(tmp_path, capsys):
     root = tmp_path / "hf"
     _dataset(root, 8, decodable=True)

@@ -284,8 +284,11 @@ def _warn_edited_captions(manifest: SplitManifest, manifest_path: str | Path, sp
     edited = [e for e in entries if now.get(e.path) != e.caption]
     if edited:
         first = edited[0]
+        current = now.get(first.path)  # None: the caption file (or metadata line) is gone or unreadable
+        missing = "no metadata line" if "metadata_file" in manifest.caption_source else "no readable caption file"
+        shown = missing if current is None else repr(current)
         warn(f"{len(edited)} caption(s) differ from {manifest_path}'s (first: {first.path}: {first.caption!r} in the "
-             f"manifest, {now.get(first.path)!r} now): runs use the manifest's captions; to train on the new ones, "
+             f"manifest, {shown} now): runs use the manifest's captions; to train on the new ones, "
              "re-run scripts/make_split.py with --overwrite (same --seed and sizes: the same images in each set)")
 
 
