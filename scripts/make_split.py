@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Choose member / non-member images of a dataset by file and save the split manifest (JSON).
+r"""Choose member / non-member images of a dataset by file and save the split manifest (JSON).
 
     python scripts/make_split.py --dataset_dir data/digits --output data/digits_split.json \
         --preset digits_demo --seed 0 --pretrain rest

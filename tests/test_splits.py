@@ -552,3 +552,9 @@ def test_kohya_repeats_go_with_every_drawn_and_base_domain_image(tmp_path):
                        base_domain=lambda r: r.caption == "caption 0")
     assert {e.repeats for entries in split.splits().values() for e in entries} == {3}
     assert _paths(split.pretrain) == ["3_digits/0000.png"] and len(split.unused) == 3
+
+
+def test_the_help_shows_its_example_commands_on_their_own_lines():
+    """The docstring's shell continuations stay in ``--help``: a plain string would join the lines with spaces."""
+    text = _make_split_script().build_parser().format_help()
+    assert "--output data/digits_split.json \\\n        --preset digits_demo" in text
