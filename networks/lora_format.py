@@ -31,6 +31,7 @@ from torch import nn
 from library.errors import ModelError
 from library.fileio import write_safetensors
 from library.sd.bundle import BASE_MODEL_VERSION
+from library.sd.ldm_keys import LDM_TEXT_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX
 
 # The readers live in networks.lora_io; re-exported here, where callers have always found them.
 from networks.lora_io import (
@@ -213,6 +214,9 @@ LYCORIS_KEY_FRAGMENTS = ("hada_", "lokr_", "dora_scale", "oft_", "lora_mid", ".d
 def _foreign_format_hint(key: str) -> str:
     if key.startswith(ATTACKER_KEY_PREFIXES):
         return f" — {ATTACKER_HINT}"
+    if key.startswith((LDM_UNET_PREFIX, LDM_VAE_PREFIX, LDM_TEXT_PREFIX)):  # a --train_mode full output, or a base
+        return (" — it is a whole SD checkpoint (UNet / VAE / text-encoder weights), not a LoRA: evaluate_mia.py "
+                "audits a full fine-tune with --unet_weights, and a base model goes in --pretrained_model_name_or_path")
     if "lora_A" in key or "lora_B" in key or key.startswith(("unet.", "text_encoder.")) or ".lora.down." in key:
         return (
             " — it looks like a diffusers/PEFT-format LoRA; this loader reads kohya-format files "
@@ -231,10 +235,10 @@ def group_kohya_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> dict[
     for key, tensor in sd.items():
         suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
+            hint = _foreign_format_hint(key) or "; the file was probably made for another model or tool"
             raise ModelError(
                 f"LoRA file {source}: unexpected key '{key}' is not a kohya LoRA tensor "
-                f"(<name>.lora_down.weight / .lora_up.weight / .alpha){_foreign_format_hint(key)}; "
-                "the file was probably made for another model or tool"
+                f"(<name>.lora_down.weight / .lora_up.weight / .alpha){hint}"
             )
         name = _normalise_lora_name(key[: -len(suffix)])
         parts.setdefault(name, {"keys": []})

@@ -787,6 +787,19 @@ def test_a_layer_without_its_up_or_down_weight_is_refused_naming_the_missing_one
             group_kohya_state_dict(sd, "f")
 
 
+def test_a_whole_sd_checkpoint_given_as_a_lora_is_named_as_such():
+    """A --train_mode full output (or a base model) passed as --network_weights: the error says what it is and where
+    it goes, not only that the file was made "for another model or tool"."""
+    from networks.lora_format import group_kohya_state_dict
+
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.x.weight",
+                "first_stage_model.encoder.conv_in.weight"):
+        with pytest.raises(ModelError, match=r"whole SD checkpoint.*--unet_weights.*--pretrained_model_name_or_path") \
+                as info:
+            group_kohya_state_dict({key: torch.zeros(2)}, "full.safetensors")
+        assert "another model or tool" not in str(info.value)  # what it is is known: no contradicting guess
+
+
 def test_check_shapes_reads_flat_1x1_conv_weights_and_refuses_a_misfit_up_projection():
     """Exporters that write a 1x1 conv's LoRA as 2-D matrices load; an up projection with a spatial kernel or for
     another output width is the file's fault, one error line (not a reshape error from inside torch)."""
