@@ -421,6 +421,7 @@ def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
     assert "--allow_pickle" in one_error(capsys, base_args(world, tmp_path / "b", "--unet_weights", str(ckpt)))
     lora_as_unet = one_error(capsys, base_args(world, tmp_path / "c", "--unet_weights", str(world["lora"])))
     assert "not an SD single-file checkpoint" in lora_as_unet
+    assert "it is a LoRA: pass it with --network_weights" in lora_as_unet  # the user's mix-up, named as such
 
 
 def test_a_unet_folder_is_read_in_each_layout_diffusers_writes(tmp_path):

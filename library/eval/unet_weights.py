@@ -128,8 +128,11 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
             header = _check_safetensors(file)
             keys = [k for k in header if k != "__metadata__"]
             if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
+                is_lora = any(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in keys)  # the wrong flag
+                hint = ("it is a LoRA: pass it with --network_weights" if is_lora
+                        else "a diffusers UNet goes in a folder with its config.json")
                 raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
-                                 "single-file checkpoint (a diffusers UNet goes in a folder with its config.json)")
+                                 f"single-file checkpoint ({hint})")
             if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys) \
                     and _single_file_text_encoder_trained(given, header.get("__metadata__")):
                 text_encoder = (given,)
