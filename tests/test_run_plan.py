@@ -54,3 +54,13 @@ def test_plan_names_the_class_images_and_the_prior_weight(tmp_path):
     plan = _plan(tmp_path, ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
                             "--class_prompt", "a digit", "--num_class_images", "12", "--prior_loss_weight", "0.5"])
     assert ", prior preservation on 12 class images x 0.5, output " in plan
+
+
+def test_a_too_small_member_set_counts_its_repeats_as_the_plan_does(tmp_path):
+    """30 images with kohya repeats are 48 per epoch: the batch error says which count its number is."""
+    from library.train.run_plan import members_sampler_name
+
+    repeated = LabelledSet([tmp_path / f"{i % 5}.png" for i in range(8)], ["a digit"] * 8)
+    plain = LabelledSet([tmp_path / f"{i}.png" for i in range(8)], ["a digit"] * 8)
+    assert members_sampler_name(repeated) == "D_tr, the members with their kohya repeats (--train_batch_size)"
+    assert members_sampler_name(plain) == "D_tr, the members (--train_batch_size)"

@@ -51,6 +51,12 @@ def _members(members: LabelledSet) -> str:
     return f"{distinct} member images{repeats}"
 
 
+def members_sampler_name(members: LabelledSet) -> str:
+    """How the too-small-for-a-batch error names D_tr: its count is per epoch, kohya repeats included, as the plan's."""
+    repeats = " with their kohya repeats" if len(set(members.keys)) != len(members) else ""
+    return f"D_tr, the members{repeats} (--train_batch_size)"
+
+
 def _prior(config: TrainConfig, class_images_ready: bool) -> str:
     if not config.with_prior_preservation:
         return ""

@@ -57,7 +57,7 @@ from library.train.methods import (
 )
 from library.train.parametrization import build_parametrization, trains_text_encoder
 from library.train.rng_state import process_rng_state, restore_process_rng_state
-from library.train.run_plan import describe_run
+from library.train.run_plan import describe_run, members_sampler_name
 from library.train.samplers import EpochCyclingSampler
 from library.train.setup import (
     TextConditioner,
@@ -110,7 +110,7 @@ class Trainer:
         self.conditioner = TextConditioner(self.bundle, config, trains_text_encoder=trains_text_encoder(config))
 
         self.sampler = EpochCyclingSampler(len(self.data.members), config.train_batch_size, config.seed, self.rank,
-                                           self.world_size, what="D_tr, the members (--train_batch_size)")
+                                           self.world_size, what=members_sampler_name(self.data.members))
         self.total_steps = total_steps(config, self.sampler)
         self.loss_recorder = LossRecorder(self.sampler.batches_per_epoch // config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(config, self.trained.param_groups(config))
