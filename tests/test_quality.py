@@ -869,3 +869,18 @@ def test_inception_weights_wrapped_in_a_state_dict_key_load(world, tmp_path):
     torch.save({"fc.bias": torch.zeros(1008), "epoch": 3}, mixed)
     with pytest.raises(ModelError, match="does not hold a state dict of tensors"):
         load_fid_inception(mixed)
+
+
+def test_quality_without_feature_weights_says_it_draws_samples_only(capsys):
+    """--quality alone writes the grids and no FID/KID: one warning says so, naming the flags that add them."""
+    from library.eval.extractors import EXTRACTORS
+    from library.eval.quality import warn_without_metric
+
+    none = {entry.weights_option: None for entry in EXTRACTORS.values()}
+    warn_without_metric(SimpleNamespace(quality=True, **none))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --quality without --") and "--inception_weights" in err and "no Fréchet" in err
+    for entry in EXTRACTORS.values():  # any one feature net gives a metric: no warning
+        warn_without_metric(SimpleNamespace(quality=True, **{**none, entry.weights_option: "w.pth"}))
+    warn_without_metric(SimpleNamespace(quality=False, **none))
+    assert capsys.readouterr().err == ""

@@ -31,7 +31,7 @@ import torch
 from library.errors import ConfigError, warn
 from library.eval import metrics
 from library.eval.config import EvalConfig
-from library.eval.extractors import FeatureExtractor, extract_features
+from library.eval.extractors import EXTRACTORS, FeatureExtractor, extract_features
 from library.eval.generation import (
     generate_all,
     pil_to_tensor,
@@ -202,6 +202,15 @@ def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> N
     if len(plain) > 1:
         warn(f"U (utility retained) is left out: {len(plain)} plain-LoRA files ({', '.join(plain)}) could be its "
              "reference; pass --utility_reference NAME to count U in units of one of them")
+
+
+def warn_without_metric(config: EvalConfig) -> None:
+    """``--quality`` with no feature weights draws the sample grids and computes no distance: say so before the run,
+    rather than leave the user looking for an FID the report cannot have."""
+    if config.quality and not any(getattr(config, e.weights_option) for e in EXTRACTORS.values()):
+        flags = " or ".join(f"--{e.weights_option} ({e.name})" for e in EXTRACTORS.values())
+        warn(f"--quality without {flags}: only the sample grids samples_<model>.png are written, no Fréchet "
+             "distance or KID; give a feature net's weights for those (docs/evaluation.md#sample-quality---quality)")
 
 
 def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,

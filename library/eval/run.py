@@ -333,6 +333,7 @@ def read_inputs(config: EvalConfig) -> EvalInputs:
                                  max_token_length=conditioning.max_token_length, resolution=conditioning.resolution)
     if config.quality:
         quality.check_utility_reference(config, specs)
+        quality.warn_without_metric(config)
     check_attacks(config, samples)
     return EvalInputs(config, manifest, samples, split, specs, conditioning)
 
