@@ -120,6 +120,17 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     shutil.rmtree(old)
 
 
+def remove_dir(target: str | os.PathLike) -> None:
+    """Delete the folder ``target`` so that it is gone whole or not at all: it is first renamed to a hidden
+    ``.<name>.<random>.tmp`` beside it, then deleted. ``shutil.rmtree`` alone, killed halfway, would leave a
+    visible half folder (a state without its summary: no state to resume, and none that a later prune sees);
+    a kill now leaves only the temporary, which :func:`library.outputs.remove_stale_temporaries` removes."""
+    target = Path(target)
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.replace(target, aside)  # a folder may be renamed over an empty one
+    shutil.rmtree(aside)
+
+
 def restore_swapped_out(entry: str | os.PathLike) -> bool:
     """Put back the folder a :func:`replace_dir` killed between its two renames had moved aside into ``entry``
     (``.<name>.old.<random>.tmp/<name>``) when nothing has taken its place; True when it did."""

@@ -209,3 +209,31 @@ def test_step_retention_leaves_the_epoch_states_alone(tmp_path):
                               lambda folder, name: None)
     assert removed == ["run-step00000002-state"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-000001-state", "run-step00000006-state"]
+
+
+def test_a_prune_killed_while_deleting_a_state_leaves_no_half_state(tmp_path, monkeypatch):
+    """A kill (here: the first file deleted, then Ctrl-C) while --save_last_n_*_state deletes an old state must not
+    leave a visible half state: one without its summary is no state to --resume latest or to a later prune, so
+    its state.pt (a whole UNet in a full fine-tune) would stay on disk for good. The state goes aside first, as a
+    hidden temporary that the next run's lock sweeps."""
+    from library.outputs import remove_stale_temporaries
+    from library.train import checkpoint
+
+    for step in (2, 6):
+        checkpoint.save_state(tmp_path / f"{retention.checkpoint_name('run', 'step', step)}-state",
+                              {"w": torch.zeros(1)}, {"global_step": step, "output_name": "run"})
+    real_unlink, deleted = os.unlink, []
+
+    def unlink_then_killed(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        deleted.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", unlink_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        retention.prune(tmp_path, "run", "step", 6, retention.Retention(files=None, states=1), lambda *_: None)
+    monkeypatch.undo()
+    assert deleted  # the kill came inside the deletion
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["run-step00000006-state"]
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-step00000006-state"]

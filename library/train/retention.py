@@ -17,11 +17,11 @@ run when there is none.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from library.fileio import remove_dir
 from library.train.checkpoint import SUMMARY_FILE, read_summary
 
 Cadence = Literal["epoch", "step"]
@@ -135,7 +135,7 @@ def prune(output_dir: Path, output_name: str, cadence: Cadence, current: int, re
         removed.append(name)
     for number in to_remove(states, cadence, current, retention.states):
         name = checkpoint_name(output_name, cadence, number)
-        shutil.rmtree(output_dir / f"{name}-state")
+        remove_dir(output_dir / f"{name}-state")  # whole or not at all: a kill midway leaves no half state
         removed.append(f"{name}-state")
     return removed
 
