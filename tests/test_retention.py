@@ -237,3 +237,29 @@ def test_a_prune_killed_while_deleting_a_state_leaves_no_half_state(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["run-step00000006-state"]
     remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-step00000006-state"]
+
+
+def test_a_prune_killed_midway_is_finished_by_the_next_one(tmp_path, monkeypatch):
+    """A checkpoint is known by its weights file: deleted first, a kill right after it orphaned the checkpoint's run
+    record and proxy file, which no later prune saw again. Deleted last, the next prune finishes the job."""
+    from library.fileio import write_safetensors
+
+    for step in (2, 4, 6):
+        name = retention.checkpoint_name("run", "step", step)
+        write_safetensors(tmp_path / f"{name}.safetensors", {"w": torch.zeros(1)}, {"ss_output_name": "run"})
+        write_safetensors(tmp_path / f"{name}-attacker.safetensors", {"w": torch.zeros(1)})
+        (tmp_path / f"{name}.json").write_text("{}")
+    real_unlink = os.unlink
+
+    def unlink_then_killed(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    keep = retention.Retention(files=2, states=None)
+    remove = lambda folder, name: (folder / f"{name}.safetensors").unlink()  # noqa: E731 - what LoRAs remove
+    monkeypatch.setattr(os, "unlink", unlink_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        retention.prune(tmp_path, "run", "step", 6, keep, remove)
+    monkeypatch.undo()
+    retention.prune(tmp_path, "run", "step", 6, keep, remove)  # the next checkpoint's prune
+    assert not [p.name for p in tmp_path.iterdir() if "step00000002" in p.name]

@@ -27,6 +27,7 @@ import torch
 from library.data.lineage import lineage_metadata
 from library.errors import ConfigError, ModelError, TrainingError, warn
 from library.fileio import (
+    remove_dir,
     replace_dir,
     storage_errors_named,
     temporary_dir,
@@ -180,9 +181,10 @@ class FullParametrization(Parametrization):
         return path
 
     def remove(self, output_dir: Path, name: str) -> None:
-        super().remove(output_dir, name)
+        # the single file last: it is what retention finds a checkpoint by, so a killed prune is finished later
         _remove_our_folder(output_dir / f"{name}-unet", "diffusion_pytorch_model.safetensors")
         _remove_our_folder(output_dir / f"{name}-text_encoder", "model.safetensors")
+        super().remove(output_dir, name)
 
 
 def _remove_our_folder(folder: Path, weights: str) -> None:
@@ -195,7 +197,7 @@ def _remove_our_folder(folder: Path, weights: str) -> None:
     except Exception:  # missing or unreadable (safetensors' own error type): not ours to delete
         return
     if ours:
-        shutil.rmtree(folder)
+        remove_dir(folder)  # whole or not at all: a half folder would no longer show whose it is
 
 
 def _folder_config(part_name: str, part: torch.nn.Module) -> dict[str, Any]:

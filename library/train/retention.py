@@ -129,9 +129,11 @@ def prune(output_dir: Path, output_name: str, cadence: Cadence, current: int, re
     removed = []
     for number in to_remove(files, cadence, current, retention.files):
         name = checkpoint_name(output_name, cadence, number)
-        remove_weights(output_dir, name)
         for extra in (f"{name}.json", f"{name}-attacker.safetensors"):
             (output_dir / extra).unlink(missing_ok=True)
+        # last: the weights file is what makes it a checkpoint here (existing), so a prune killed before it is
+        # finished by the next one, never leaving a record or proxy file that no later prune sees
+        remove_weights(output_dir, name)
         removed.append(name)
     for number in to_remove(states, cadence, current, retention.states):
         name = checkpoint_name(output_name, cadence, number)
