@@ -1367,3 +1367,15 @@ def test_a_state_too_old_to_name_its_run_is_this_runs_only_by_its_name_and_a_das
                               accelerator=SimpleNamespace(is_main_process=True))
     with pytest.raises(ConfigError, match="already holds the finished run lora.safetensors"):
         check_overwrite(trainer)
+
+
+def test_a_refused_resume_of_a_finished_run_does_not_first_warn_it_will_replace_it(finished_run, tmp_path, capsys):
+    """The warning that continuing a finished run replaces its LoRA came before the checks of the state, so a
+    refused resume said both that the LoRA would be replaced and that nothing would run."""
+    base, copy = copy_run(finished_run, tmp_path)
+    common = base + ["--output_dir", str(copy), "--resume", str(copy / "lora-state"), "--max_train_steps", "3"]
+    assert train_entry("lora", "", common + ["--seed", "7"]) == 2
+    captured = capsys.readouterr()
+    assert "it was trained with seed" in captured.err and "this continues the finished run" not in captured.out
+    assert train_entry("lora", "", common + ["--dry_run"]) == 0  # a resume that goes ahead still says it
+    assert "this continues the finished run lora.safetensors from step 2 to 3" in capsys.readouterr().out

@@ -75,6 +75,7 @@ def check_run(trainer: Trainer) -> None:
     check_parent_lora(trainer)
     if trainer.config.resume:
         resume.check_resume(trainer)
+    warn_finished_run_continued(trainer)
     unmark_replaced_run(trainer)
 
 
@@ -87,12 +88,7 @@ def check_overwrite(trainer: Trainer) -> None:
     if config.overwrite:
         return  # the replaced run is unmarked after every other check (unmark_replaced_run)
     if _resumes_own_state(trainer):
-        step = (read_summary(config.resume) or {}).get("global_step")
-        if final.with_suffix(".json").is_file() and step is not None and step < trainer.total_steps \
-                and trainer.accelerator.is_main_process:  # kohya replaces it in silence; say so, nothing else is lost
-            print(f"warning: this continues the finished run {final.name} from step {step} to {trainer.total_steps}; "
-                  f"its LoRA and run record are replaced when it ends: copy {final.name} now to keep them", flush=True)
-        return
+        return  # warn_finished_run_continued says what it replaces, once the state is known to resume
     state = retention.latest_state(trainer.output_dir, trainer.output_name)
     if not final.exists():
         if state is None:  # nothing to lose
@@ -109,6 +105,20 @@ def check_overwrite(trainer: Trainer) -> None:
     what = "the finished run" if record.is_file() else "a run's LoRA without its run record (killed while saving?):"
     raise ConfigError(f"--output_dir {trainer.output_dir} already holds {what} {final.name}; pass --overwrite to "
                       f"replace it, or choose another --output_dir or --output_name{resume}")
+
+
+def warn_finished_run_continued(trainer: Trainer) -> None:
+    """A resume of a finished run's own state (without ``--overwrite``) replaces its LoRA and run record when it ends:
+    kohya does so in silence; say so, nothing else is lost. After the state's checks: a refused resume replaces
+    nothing, and must not say it will."""
+    config = trainer.config
+    final = trainer.output_dir / f"{trainer.output_name}.safetensors"
+    if config.overwrite or not _resumes_own_state(trainer) or not trainer.accelerator.is_main_process:
+        return
+    step = (read_summary(config.resume) or {}).get("global_step")
+    if final.with_suffix(".json").is_file() and step is not None and step < trainer.total_steps:
+        print(f"warning: this continues the finished run {final.name} from step {step} to {trainer.total_steps}; "
+              f"its LoRA and run record are replaced when it ends: copy {final.name} now to keep them", flush=True)
 
 
 def unmark_replaced_run(trainer: Trainer) -> None:
