@@ -644,6 +644,29 @@ def test_an_interrupted_run_names_the_state_to_resume_and_leftovers_go(tiny_trai
     assert "a run's LoRA without its run record" in line and "lora-step00000002-state (its newest state)" in line
 
 
+def test_a_run_that_crashes_names_the_state_to_resume(tiny_train_args, tmp_path, capsys, monkeypatch):
+    """A crash mid-run names the newest state as Ctrl-C does: on two processes, the main rank of a run whose other
+    rank was killed dies in the gradients' all-reduce with gloo's "Connection closed by peer" (torchrun's SIGTERM,
+    which would print the hint, mostly comes too late), and said nothing about what to resume."""
+    from library.train.trainer import Trainer
+
+    out = tmp_path / "crash"
+    original = Trainer.step
+
+    def peer_gone_at_step_3(self):
+        if self.global_step == 3:
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "step", peer_gone_at_step_3)
+    args = tiny_train_args + ["--max_train_steps", "4", "--save_state", "--save_every_n_steps", "2",
+                              "--output_dir", str(out)]
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # the cause keeps its traceback
+        train_entry("lora", "", args)
+    err = capsys.readouterr().err
+    assert f"the newest state of this run is {out / 'lora-step00000002-state'}" in err, err
+
+
 def test_a_moved_dataset_keeps_its_lora_and_its_state(finished_run, tmp_path, manifest_path, digits_dir):
     """The dataset moved and its manifest was written again (same splits, another dataset_root, so other bytes):
     the run resumes from its state, and evaluate_mia.py takes its LoRA, with the new manifest."""

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from library.data.dataset import shuffle_caption
-from library.errors import ConfigError, OutputError
+from library.errors import ConfigError, OutputError, UserError
 from library.runtime import cuda_devices, eval_mode, seed_torch
 from library.sd.diffusion import (
     NoiseDraw,
@@ -410,6 +410,12 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
             raise
         except OutputError as exc:  # a full disk while saving: what is there to resume from
             raise OutputError(f"{exc}; {resume.resume_hint(trainer)}") from None
+        except UserError:  # its own one line
+            raise
+        except Exception:  # a crash, or another rank was killed (gloo's all-reduce fails first): say what is left
+            if trainer.accelerator.is_main_process:
+                print(f"the run stopped on an error; {resume.resume_hint(trainer)}", file=sys.stderr, flush=True)
+            raise
     if trainer.accelerator.is_main_process:
         what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
         print(f"saved {what} to {result.weights_path}" + (f" and attacker to {result.attacker_path}"
