@@ -38,14 +38,13 @@ import torch
 from library.errors import ModelError, warn
 from library.fileio import unpickling_failure
 from library.sd.bundle import first_line
+from library.sd.ldm_keys import LDM_TEXT_PREFIX, LDM_UNET_PREFIX
 
 __all__ = ["UNetWeights", "check_unet_weights", "load_text_encoder_state_dict", "load_unet_state_dict",
            "resolve_unet_weights", "swapped_weights", "text_encoder_files", "weights_metadata", "weights_sha256"]
 
 _WEIGHTS = "diffusion_pytorch_model"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_LDM_UNET_PREFIX = "model.diffusion_model."
-_LDM_CLIP_PREFIX = "cond_stage_model.transformer."  # SD v1.x single files; diffusers' convert_ldm_clip_checkpoint
 _PICKLE_HINT = "pass --allow_pickle only if you trust the file (unpickling can run code), or convert it to .safetensors"
 
 
@@ -127,13 +126,13 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
         if _is_safetensors(file):
             header = _check_safetensors(file)
             keys = [k for k in header if k != "__metadata__"]
-            if layout == "single_file" and not any(k.startswith(_LDM_UNET_PREFIX) for k in keys):
+            if layout == "single_file" and not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
                 is_lora = any(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in keys)  # the wrong flag
                 hint = ("it is a LoRA: pass it with --network_weights" if is_lora
                         else "a diffusers UNet goes in a folder with its config.json")
-                raise ModelError(f"UNet weights {given} holds no '{_LDM_UNET_PREFIX}*' tensors: it is not an SD "
+                raise ModelError(f"UNet weights {given} holds no '{LDM_UNET_PREFIX}*' tensors: it is not an SD "
                                  f"single-file checkpoint ({hint})")
-            if layout == "single_file" and any(k.startswith(_LDM_CLIP_PREFIX) for k in keys) \
+            if layout == "single_file" and any(k.startswith(LDM_TEXT_PREFIX) for k in keys) \
                     and _single_file_text_encoder_trained(given, header.get("__metadata__")):
                 text_encoder = (given,)
             if layout == "diffusers" and not text_encoder:
@@ -249,7 +248,7 @@ def load_unet_state_dict(weights: UNetWeights, unet: Any, meta: bool = False) ->
 
     ``meta=True`` reads only the headers (shape-only meta tensors): the check costs no weight read.
     """
-    wanted = _LDM_UNET_PREFIX if weights.layout == "single_file" else ""
+    wanted = LDM_UNET_PREFIX if weights.layout == "single_file" else ""
     state: dict[str, torch.Tensor] = {}
     for file in weights.files:
         state.update(_read_file(file, meta, wanted))
@@ -273,7 +272,7 @@ def load_text_encoder_state_dict(weights: UNetWeights, text_encoder: Any, meta: 
         return {}
     state: dict[str, torch.Tensor] = {}
     for file in weights.text_encoder:
-        state.update(_read_file(file, meta, _LDM_CLIP_PREFIX if weights.layout == "single_file" else ""))
+        state.update(_read_file(file, meta, LDM_TEXT_PREFIX if weights.layout == "single_file" else ""))
     if weights.layout == "single_file":
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 

@@ -45,15 +45,20 @@ def _leftover(sampler: EpochCyclingSampler) -> str:
     return f" (full batches only: each epoch's shuffle leaves {left} image(s) for a later epoch)" if left else ""
 
 
+def _has_repeats(members: LabelledSet) -> bool:
+    """Whether kohya repeats list some member more than once per epoch."""
+    return len(set(members.keys)) != len(members)
+
+
 def _members(members: LabelledSet) -> str:
-    distinct, per_epoch = len(set(members.keys)), len(members)
-    repeats = "" if distinct == per_epoch else f" ({per_epoch} per epoch with their kohya repeats)"
+    distinct = len(set(members.keys))
+    repeats = f" ({len(members)} per epoch with their kohya repeats)" if _has_repeats(members) else ""
     return f"{distinct} member images{repeats}"
 
 
 def members_sampler_name(members: LabelledSet) -> str:
     """How the too-small-for-a-batch error names D_tr: its count is per epoch, kohya repeats included, as the plan's."""
-    repeats = " with their kohya repeats" if len(set(members.keys)) != len(members) else ""
+    repeats = " with their kohya repeats" if _has_repeats(members) else ""
     return f"D_tr, the members{repeats} (--train_batch_size)"
 
 
