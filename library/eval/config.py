@@ -18,7 +18,7 @@ from library.errors import ConfigError
 
 # Both registries import no torch: the choices below (and so --help) are read from them.
 from library.eval.attacks.registry import ATTACK_NAMES, DEFAULT_ATTACKS
-from library.eval.extractors import EXTRACTORS
+from library.eval.extractors import EXTRACTORS, weights_flags, with_weights
 
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 IMAGE_SPACE_ATTACKS = ("blackbox", "reconstruction")  # they read --digit_feature_weights / --inception_weights
@@ -308,10 +308,9 @@ class EvalConfig:
         if self.utility_reference is not None and not self.quality:
             raise ConfigError("'utility_reference' is only used with --quality (U is computed on the samples)")
         classifiers = [entry for entry in EXTRACTORS.values() if "utility_retained" in entry.notes]
-        if self.utility_reference is not None and not any(getattr(self, e.weights_option) for e in classifiers):
+        if self.utility_reference is not None and not with_weights(self, classifiers):
             raise ConfigError("'utility_reference' is the unit of U, the retained gain in conditional accuracy, which "
-                              "needs a classifier among the quality features: give "
-                              + " or ".join(f"--{e.weights_option} ({e.name})" for e in classifiers))
+                              "needs a classifier among the quality features: give " + weights_flags(classifiers))
         # Each registered extractor names the field of its weight file (library.eval.extractors).
         weights = {name: (entry.weights_option, getattr(self, entry.weights_option))
                    for name, entry in EXTRACTORS.items()}

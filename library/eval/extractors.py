@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +65,16 @@ def register_extractor(entry: ExtractorEntry) -> None:
     if entry.name in EXTRACTORS:
         raise ValueError(f"feature extractor {entry.name!r} is registered twice")
     EXTRACTORS[entry.name] = entry
+
+
+def with_weights(config: Any, entries: Iterable[ExtractorEntry]) -> list[ExtractorEntry]:
+    """Those of ``entries`` whose weight file the (eval) ``config`` gives."""
+    return [entry for entry in entries if getattr(config, entry.weights_option)]
+
+
+def weights_flags(entries: Iterable[ExtractorEntry]) -> str:
+    """How a message names the flags that give ``entries`` their weights: ``--x_weights (x) or ...``."""
+    return " or ".join(f"--{entry.weights_option} ({entry.name})" for entry in entries)
 
 
 def small_cnn_extractor(name: str, source: str, path: str | Path, device: torch.device,
@@ -126,8 +136,7 @@ def extractor_notes() -> dict[str, str]:
 def load_extractors(config: EvalConfig, device: torch.device) -> list[FeatureExtractor]:
     """The extractors ``--quality`` asked for (default: every one whose weights are given), loaded; called
     before any long computation so that bad weights fail fast."""
-    names = list(config.quality_features) or [name for name, entry in EXTRACTORS.items()
-                                              if getattr(config, entry.weights_option)]
+    names = list(config.quality_features) or [entry.name for entry in with_weights(config, EXTRACTORS.values())]
     extractors = []
     for name in names:
         entry = EXTRACTORS[name]
@@ -151,4 +160,5 @@ def extract_features(extractor: FeatureExtractor, images: torch.Tensor, device: 
 
 
 __all__ = ["EXTRACTORS", "ExtractorEntry", "FeatureExtractor", "extract_features", "extractor_notes",
-           "digits_extractor", "inception_extractor", "load_extractors", "register_extractor", "small_cnn_extractor"]
+           "digits_extractor", "inception_extractor", "load_extractors", "register_extractor", "small_cnn_extractor",
+           "weights_flags", "with_weights"]

@@ -31,7 +31,13 @@ import torch
 from library.errors import ConfigError, warn
 from library.eval import metrics
 from library.eval.config import EvalConfig
-from library.eval.extractors import EXTRACTORS, FeatureExtractor, extract_features
+from library.eval.extractors import (
+    EXTRACTORS,
+    FeatureExtractor,
+    extract_features,
+    weights_flags,
+    with_weights,
+)
 from library.eval.generation import (
     generate_all,
     pil_to_tensor,
@@ -207,10 +213,9 @@ def check_utility_reference(config: EvalConfig, specs: Sequence[ModelSpec]) -> N
 def warn_without_metric(config: EvalConfig) -> None:
     """``--quality`` with no feature weights draws the sample grids and computes no distance: say so before the run,
     rather than leave the user looking for an FID the report cannot have."""
-    if config.quality and not any(getattr(config, e.weights_option) for e in EXTRACTORS.values()):
-        flags = " or ".join(f"--{e.weights_option} ({e.name})" for e in EXTRACTORS.values())
-        warn(f"--quality without {flags}: only the sample grids samples_<model>.png are written, no Fréchet "
-             "distance or KID; give a feature net's weights for those (docs/evaluation.md#sample-quality---quality)")
+    if config.quality and not with_weights(config, EXTRACTORS.values()):
+        warn(f"--quality without {weights_flags(EXTRACTORS.values())}: only the sample grids samples_<model>.png are "
+             "written, no Fréchet distance or KID; give a feature net's weights for those (docs/evaluation.md#sample-quality---quality)")
 
 
 def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,
