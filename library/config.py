@@ -32,6 +32,7 @@ import toml
 
 from library.cli import ArgumentParser
 from library.errors import ConfigError, warn
+from library.foreign_keys import SiblingKeys
 
 ConfigT = TypeVar("ConfigT")
 
@@ -47,28 +48,8 @@ TOML_SECTIONS: tuple[str, ...] = (
     "smoothness", "output", "logging", "sampling", "evaluation", "features", "attacks", "quality", "metrics",
 ) + KOHYA_SECTIONS
 COMMAND_LINE = "command line"
-#: What a config class's ``--vae`` (kohya's flag) advises: the VAE is part of the base model here.
-BAKE_VAE_ADVICE = ("not supported: the base model's own VAE is used; put the VAE into the base model (a single file: "
-                   "python scripts/bake_vae.py --checkpoint BASE.safetensors --vae VAE --output NEW.safetensors; a "
-                   "diffusers folder: replace its vae/ folder) and train and evaluate with that")
 DEFAULT = "default"
 _SOURCES_ATTR = "_value_sources"
-
-
-@dataclasses.dataclass(frozen=True)
-class ForeignKey:
-    """What another tool's option (a config class's ``FOREIGN_KEYS``) means here (``advice``) and which TOML values
-    change nothing (``harmless``: loaded with a warning; any other value is refused with the advice)."""
-
-    advice: str
-    harmless: Callable[[Any], bool] | None = None
-
-    def is_harmless(self, value: Any) -> bool:
-        return self.harmless is not None and self.harmless(value)
-
-
-#: kohya's ``--vae``, which training and evaluation both refuse with the same advice (an empty value is harmless).
-VAE_FOREIGN_KEY = ForeignKey(BAKE_VAE_ADVICE, lambda v: v in ("", None))
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, *,
@@ -198,21 +179,24 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
     types_by_name = _field_types(cls)
     foreign = getattr(cls, "FOREIGN_KEYS", {})
     values: dict[str, Any] = {}
-    unknown: list[str] = []  # every unknown key of the file in one message, not one per run
+    unknown: dict[str, str] = {}  # every unknown key of the file in one message, not one per run
     for key, value in _flatten_toml(raw, str(path), getattr(cls, "TOML_SECTIONS", TOML_SECTIONS)).items():
         if key == "config_file":
             raise ConfigError(f"{path}: 'config_file' cannot be set inside a config file")
         if key in foreign and foreign[key].is_harmless(value):
             warn(f"{path}: '{key} = {value!r}' is ignored ({foreign[key].advice})")
         elif key in foreign:
-            unknown.append(f"'{key}' is an sd-scripts or diffusers option: {foreign[key].advice}")
+            unknown[key] = f"'{key}' is an sd-scripts or diffusers option: {foreign[key].advice}"
         elif key not in types_by_name:
-            unknown.append(_unknown_key_message(key, cls))
+            unknown[key] = _unknown_key_message(key, cls)
         else:
             value = _parsed(cls, key, value, f"{path}: '{key}'")
             values[key] = _coerce(key, value, types_by_name[key], str(path))
+    sibling: SiblingKeys | None = getattr(cls, "SIBLING_KEYS", None)
+    if unknown and sibling is not None and (error := sibling.error(path, list(unknown))) is not None:
+        raise error
     if unknown:
-        raise ConfigError(f"{path}: " + "; ".join(unknown))
+        raise ConfigError(f"{path}: " + "; ".join(unknown.values()))
     return values
 
 

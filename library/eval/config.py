@@ -13,12 +13,13 @@ import math
 import os
 from typing import Optional
 
-from library.config import VAE_FOREIGN_KEY, option, square_size
+from library.config import option, square_size
 from library.errors import ConfigError
 
 # Both registries import no torch: the choices below (and so --help) are read from them.
 from library.eval.attacks.registry import ATTACK_NAMES, DEFAULT_ATTACKS
 from library.eval.extractors import EXTRACTORS, weights_flags, with_weights
+from library.foreign_keys import VAE_FOREIGN_KEY, SiblingKeys
 
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 IMAGE_SPACE_ATTACKS = ("blackbox", "reconstruction")  # they read --digit_feature_weights / --inception_weights
@@ -41,6 +42,14 @@ def _check_seed(name: str, value: int, span: int = 1) -> None:
 class EvalConfig:
     # Other tools' options we do not take, each with what to do instead (kohya users bring --vae).
     FOREIGN_KEYS = {"vae": VAE_FOREIGN_KEY}
+    # Unmistakable training keys: a training TOML given here is named as one (library.foreign_keys).
+    SIBLING_KEYS = SiblingKeys("train_*.py", frozenset({
+        "network_dim", "network_alpha", "network_args", "network_module", "train_batch_size", "learning_rate",
+        "unet_lr", "lr_scheduler", "optimizer_type", "max_train_epochs", "max_train_steps", "output_name",
+        "save_every_n_epochs", "privacy_lambda", "train_data_dir", "resume"}),
+        "evaluate_mia.py reads how a LoRA was trained from the file itself: pass the saved LoRA(s) with "
+        "--network_weights, the run's --split_manifest and the base model (--pretrained_model_name_or_path), as "
+        "flags or in an evaluation TOML (docs/evaluation.md)")
 
     # --- what to evaluate ----------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(

@@ -14,6 +14,7 @@ from typing import Optional
 
 from library.config import option, square_size
 from library.errors import ConfigError, warn
+from library.foreign_keys import SiblingKeys
 from library.outputs import check_inside
 from library.privacy import validate_privacy_delta
 from library.train.foreign_flags import SD_SCRIPTS_KEYS
@@ -48,6 +49,11 @@ class TrainConfig:
     OVERRIDE_GROUPS = (("max_train_steps", "max_train_epochs"),)
     # sd-scripts options we do not take, each with what to do instead (library.train.foreign_flags).
     FOREIGN_KEYS = SD_SCRIPTS_KEYS
+    # Unmistakable evaluation keys: an evaluation TOML given here is named as one (library.foreign_keys).
+    SIBLING_KEYS = SiblingKeys("evaluate_mia.py", frozenset({
+        "attacks", "timesteps", "n_bootstrap", "audit_alpha", "num_noise_draws", "quality", "unet_weights",
+        "holdout_fraction", "paper_epochs"}),
+        "give it to evaluate_mia.py --config_file, and train with a training TOML (configs/<dataset>/<method>.toml)")
 
     # --- model -------------------------------------------------------------------------------
     pretrained_model_name_or_path: Optional[str] = option(

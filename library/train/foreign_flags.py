@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from library.config import VAE_FOREIGN_KEY, ForeignKey
+from library.foreign_keys import VAE_FOREIGN_KEY, ForeignKey
 
 
 def _always(_: Any) -> bool:
