@@ -667,6 +667,39 @@ def test_a_run_that_crashes_names_the_state_to_resume(tiny_train_args, tmp_path,
     assert f"the newest state of this run is {out / 'lora-step00000002-state'}" in err, err
 
 
+@pytest.mark.parametrize("stop", ["crash", "sigterm"])
+def test_a_process_that_is_not_the_main_one_names_the_state_too(stop, tiny_train_args, tmp_path, capsys, monkeypatch):
+    """When the main process itself was killed, torchrun SIGTERMs the others (or they die in gloo's all-reduce):
+    they name the state then, each with its index, since the main one cannot. Here the one process stops being
+    the main one as it stops."""
+    from accelerate import Accelerator
+
+    from library.cli import Terminated
+    from library.train.trainer import Trainer
+
+    out = tmp_path / "stop"
+    original = Trainer.step
+
+    def main_gone_at_step_3(self):
+        if self.global_step == 3:
+            monkeypatch.setattr(Accelerator, "is_main_process", property(lambda accelerator: False))
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer") if stop == "crash" \
+                else Terminated
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "step", main_gone_at_step_3)
+    args = tiny_train_args + ["--max_train_steps", "4", "--save_state", "--save_every_n_steps", "2",
+                              "--output_dir", str(out)]
+    if stop == "crash":
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            train_entry("lora", "", args)
+    else:
+        assert train_entry("lora", "", args) == 143
+    err = capsys.readouterr().err
+    what = "the run stopped on an error" if stop == "crash" else "nothing was saved at the interruption"
+    assert f"process 0: {what}; the newest state of this run is {out / 'lora-step00000002-state'}" in err, err
+
+
 def test_a_moved_dataset_keeps_its_lora_and_its_state(finished_run, tmp_path, manifest_path, digits_dir):
     """The dataset moved and its manifest was written again (same splits, another dataset_root, so other bytes):
     the run resumes from its state, and evaluate_mia.py takes its LoRA, with the new manifest."""

@@ -385,6 +385,14 @@ class Trainer:
             self.hessian_generator.set_state(state["hessian_generator"])
 
 
+def _tell_from_every_process(trainer: Trainer, line: str) -> None:
+    """``line`` on stderr from every process, the others' prefixed with their index: when the main process is the
+    one killed, the launcher SIGTERMs the others (or they die in gloo's all-reduce), and only they are left to say
+    which state to resume from."""
+    who = "" if trainer.accelerator.is_main_process else f"process {trainer.accelerator.process_index}: "
+    print(who + line, file=sys.stderr, flush=True)
+
+
 def train(config: TrainConfig, method_name: str) -> TrainResult | None:
     """Train ``method_name`` (a key of ``library.train.methods.METHOD_REGISTRY``) as configured; None for a dry run.
 
@@ -405,16 +413,14 @@ def train(config: TrainConfig, method_name: str) -> TrainResult | None:
             trainer.prepare()
             result = trainer.run()
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: run_cli prints "interrupted"; say what is left to resume
-            if trainer.accelerator.is_main_process:
-                print(resume.interrupted_hint(trainer), file=sys.stderr, flush=True)
+            _tell_from_every_process(trainer, resume.interrupted_hint(trainer))
             raise
         except OutputError as exc:  # a full disk while saving: what is there to resume from
             raise OutputError(f"{exc}; {resume.resume_hint(trainer)}") from None
         except UserError:  # its own one line
             raise
         except Exception:  # a crash, or another rank was killed (gloo's all-reduce fails first): say what is left
-            if trainer.accelerator.is_main_process:
-                print(f"the run stopped on an error; {resume.resume_hint(trainer)}", file=sys.stderr, flush=True)
+            _tell_from_every_process(trainer, f"the run stopped on an error; {resume.resume_hint(trainer)}")
             raise
     if trainer.accelerator.is_main_process:
         what = "LoRA" if trainer.trained.kind == "lora" else "full fine-tune (SD single file; diffusers folders beside it)"
