@@ -50,6 +50,23 @@ def test_step_overhead_bench_times_every_variant_against_plain_lora():
     assert "rounds x 2 steps" in out  # --steps 1 rounds up to whole attacker cycles of the *_every2 variants
 
 
+def test_eval_throughput_bench_runs_on_a_demo_shaped_workdir(tiny_train_args, tiny_model_dir, manifest_path, tmp_path):
+    """The bench on real files: a demo-shaped workdir (base_model/, data/split.json) and a LoRA of one step."""
+    from library.train.cli import train_entry
+
+    assert train_entry("lora", "", tiny_train_args + ["--max_train_steps", "1"]) == 0
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "base_model").symlink_to(tiny_model_dir)
+    (workdir / "data").symlink_to(manifest_path.parent)  # split.json with the images it names
+    lora = tmp_path / "out" / "lora.safetensors"
+    out = _run_bench("eval_throughput.py", "--workdir", str(workdir), "--lora", str(lora), "--rounds", "1", "--threads",
+                     "1", "--batch_size", "64")
+    assert "samples x 24 queries, batch 64, LoRA lora.safetensors; median of 1 interleaved rounds" in out
+    speeds = r"feature engine: \d+ queries/s; bare UNet forward: \d+ queries/s; engine / bare: [\d.]+ %"
+    assert re.search(speeds, out), out
+
+
 def test_gpu_check_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
     """scripts/gpu_check.sh (tests/test_cuda.py and the benches on a GPU box) says so, rather than timing the CPU."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
