@@ -7,14 +7,14 @@ docstrings of the entry points (root ``*.py``, ``scripts/*.py``, ``bench/*.py``)
   ``torchrun [its options]``, ``bash``/``sh`` or the script path alone) names a script that exists, where the path
   is under ``scripts/`` or ``bench/`` or something runs it (a bare missing ``x.py`` in prose may be another
   tool's: sd-scripts' ``train_db.py``);
-* each ``--flag`` (or ``--flag=value``) it passes is an option string of the script's argparse parser, and a
-  literal value of a flag with string choices is one of them; ``EXTRA_ARGS="..."`` / ``EVAL_ARGS="..."`` (the
+* each ``--flag`` (or ``--flag=value``) it passes is an option string of the script's argparse parser, and its
+  literal values convert with the flag's type and are among its choices; ``EXTRA_ARGS="..."`` / ``EVAL_ARGS="..."`` (the
   launchers') are checked against the training / evaluation parser; a shell script that hands ``"$@"`` to a
   Python script (``scripts/demo.sh``) is checked against that script's parser;
 * a value naming a file under configs/, scripts/, bench/, library/, docs/, networks/ or tests/ exists;
 * an environment variable set for a ``bash scripts/...sh`` command is read by that script (or a .sh it sources).
 
-What is not: value types (``--threads N`` is a placeholder, not an int), required flags (prose quotes partial
+What is not: placeholder values (``--threads N``: an upper-case word), missing values, required flags (prose quotes partial
 commands), other tools' commands (pip, git, ruff, pytest via ``-m``), fragments that start with ``...``, and
 anything after ``git checkout <commit>`` on the same line (a past measurement, run with that commit's flags).
 Placeholders (``<x>``, ``$VAR``, ``*``, ``...``, ``{a,b}``) are never checked as flags or paths.
@@ -52,6 +52,7 @@ PLACEHOLDER = re.compile(r"[<>$*…{}]|\.\.\.")
 SEPARATORS = {"&&", "||", ";", "|", "&", ";;"}
 TRACKED_DIRS = ("configs/", "scripts/", "bench/", "library/", "docs/", "networks/", "tests/")
 LAUNCHER_VARIABLES = {"EXTRA_ARGS": "train_smp_lora.py", "EVAL_ARGS": "evaluate_mia.py"}
+UPPER_WORD = re.compile(r"^[A-Z][A-Z0-9_]*$")
 PLACEHOLDER_FLAGS = {"--flag", "--no-flag"}  # "[--flag value ...]" in usage lines
 
 
@@ -235,7 +236,8 @@ def _values(args: list[str], index: int, action: argparse.Action) -> list[str]:
 
 
 def flag_problems(script: str, args: list[str], where: str) -> list[str]:
-    """What in ``args`` the parser of ``script`` would refuse: unknown flags and values outside string choices."""
+    """What in ``args`` the parser of ``script`` would refuse: unknown flags, and literal values of a wrong type or
+    outside the flag's choices."""
     parser = entry_parser(script)
     flags = [i for i, a in enumerate(args) if a.strip("[").startswith("--") and len(a.strip("[")) > 2]
     if parser is None:
@@ -250,11 +252,22 @@ def flag_problems(script: str, args: list[str], where: str) -> list[str]:
         if action is None:
             problems.append(f"{where}: {script} has no flag {name}")
             continue
-        if action.choices and all(isinstance(c, str) for c in action.choices):
-            problems += [f"{where}: {script} {name}: {value!r} is not one of {sorted(action.choices)}"
-                         for value in _values(words, index, action)
-                         if not PLACEHOLDER.search(value) and value not in action.choices]
+        problems += [f"{where}: {script} {name}: {problem}" for value in _values(words, index, action)
+                     if (problem := _value_problem(action, value))]
     return problems
+
+
+def _value_problem(action: argparse.Action, value: str) -> str:
+    """Why argparse would refuse a literal ``value`` of ``action`` (its type or its choices), or ``""``."""
+    if PLACEHOLDER.search(value) or UPPER_WORD.match(value):  # "--threads N", "--sweep SWEEP": placeholders
+        return ""
+    try:
+        converted = action.type(value) if callable(action.type) else value
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        return f"{value!r} is refused ({exc or 'not a ' + getattr(action.type, '__name__', 'valid value')})"
+    if action.choices is not None and converted not in action.choices:
+        return f"{value!r} is not one of {', '.join(map(str, action.choices))}"
+    return ""
 
 
 def _path_problems(command: Command) -> list[str]:
@@ -336,7 +349,7 @@ def test_paths_choices_and_environment():
            "NO_SUCH_VAR=1 bash scripts/launch/pokemon.sh\npython scripts/no_such_script.py --x 1\n"
            "accelerate launch train_smp_lor.py --seed 1\n```\n")
     problems = problems_in_markdown(doc)
-    assert problems[1].startswith("doc.md:2: scripts/make_split.py --preset: 'no_such_preset' is not one of")
+    assert problems[1].startswith("doc.md:2: scripts/make_split.py --preset: 'no_such_preset' is not one of ")
     assert problems[:1] + problems[2:] == [
         "doc.md:2: no such file configs/none/x.toml", "doc.md:2: scripts/make_split.py has no flag --config",
         "doc.md:3: scripts/launch/pokemon.sh reads no NO_SUCH_VAR",
@@ -354,3 +367,11 @@ def test_paths_choices_and_environment():
 ])
 def test_other_tools_history_and_placeholders_are_left_alone(line):
     assert problems_in_markdown(f"```bash\n{line}\n```\n") == []
+
+
+def test_values_of_the_wrong_type_are_caught_and_placeholders_are_not():
+    doc = ("```bash\npython scripts/make_split.py --seed one --pretrain rest --member_aux N --output <out>\n"
+           "accelerate launch train_smp_lora.py --network_dim 8.5 --privacy_lambda 0.5 --save_state\n```\n")
+    problems = problems_in_markdown(doc)
+    assert [p.split(" is refused")[0] for p in problems] == ["doc.md:2: scripts/make_split.py --seed: 'one'",
+                                                            "doc.md:3: train_smp_lora.py --network_dim: '8.5'"]
