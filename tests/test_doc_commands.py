@@ -14,10 +14,11 @@ docstrings of the entry points (root ``*.py``, ``scripts/*.py``, ``bench/*.py``)
 * a value naming a file under configs/, scripts/, bench/, library/, docs/, networks/ or tests/ exists;
 * an environment variable set for a ``bash scripts/...sh`` command is read by that script (or a .sh it sources).
 
-What is not: placeholder values (``--threads N``: an upper-case word), missing values, required flags (prose quotes partial
-commands), other tools' commands (pip, git, ruff, pytest via ``-m``), fragments that start with ``...``, and
-anything after ``git checkout <commit>`` on the same line (a past measurement, run with that commit's flags).
-Placeholders (``<x>``, ``$VAR``, ``*``, ``...``, ``{a,b}``) are never checked as flags or paths.
+What is not: placeholder values (``--threads N``: an upper-case word), missing values and required flags (prose
+quotes partial commands), flags named in prose or comments outside a command, other tools' commands (pip, git,
+ruff, pytest via ``-m``), fragments that start with ``...``, and anything after ``git checkout <commit>`` on the
+same line (a past measurement, run with that commit's flags). Placeholders (``<x>``, ``$VAR``, ``*``, ``...``,
+``{a,b}``) are never checked as flags or paths.
 
 The parsers are the scripts' own: each script is run in-process with ``--help`` until its parser reads
 ``sys.argv``, where it is captured and the script stops (nothing after the parse runs); a parse of an
@@ -189,13 +190,13 @@ def entry_parser(script: str) -> argparse.ArgumentParser | None:
     original = argparse.ArgumentParser.parse_known_args
 
     def capture(self, args=None, namespace=None):
-        if args is None:  # the script's own parse of sys.argv
+        if args is None or list(args) == ["--help"]:  # the script's own parse of its command line
             raise _Captured(self)
         return original(self, args, namespace)
 
     saved_env, saved_argv = dict(os.environ), sys.argv
     argparse.ArgumentParser.parse_known_args = capture
-    sys.argv = [str(path), "--help"]
+    sys.argv = [str(path), "--help"]  # should the capture miss, argparse prints the help and exits: no work done
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             runpy.run_path(str(path), run_name="__main__")
@@ -206,7 +207,8 @@ def entry_parser(script: str) -> argparse.ArgumentParser | None:
     finally:
         argparse.ArgumentParser.parse_known_args = original
         sys.argv = saved_argv
-        os.environ.clear()  # the scripts set HF_HUB_OFFLINE & co.: keep this process's environment as it was
+        for name in set(os.environ) - set(saved_env):  # the scripts set HF_HUB_OFFLINE & co.: keep ours as it was
+            del os.environ[name]
         os.environ.update(saved_env)
     return None
 
@@ -333,7 +335,8 @@ def test_a_made_up_flag_is_caught():
 
 def test_continuations_launcher_options_and_placeholders():
     doc = ("```bash\nMODEL=m accelerate launch --num_processes 2 train_smp_lora.py \\\n"
-           "  --config_file configs/<yours>.toml --resolution $RES \\\n  --lambda_ 0.5   # a comment --not_a_flag\n```\n")
+           "  --config_file configs/<yours>.toml --resolution $RES \\\n"
+           "  --lambda_ 0.5   # a comment --not_a_flag\n```\n")
     assert problems_in_markdown(doc) == ["doc.md:2: train_smp_lora.py has no flag --lambda_"]
 
 
