@@ -342,6 +342,16 @@ def test_a_number_for_a_text_option_is_its_text(tmp_path):
         parse_config(TrainConfig, ["--config_file", write(tmp_path, "output_name = [1]\n")] + BASE)
 
 
+def test_an_output_name_with_the_extension_is_kept_with_a_warning(capsys):
+    """sd-scripts appends .safetensors to --output_name whatever it ends in; so do we, and say so."""
+    assert parse_config(TrainConfig, BASE + ["--output_name", "pets.safetensors"]).output_name == "pets.safetensors"
+    err = capsys.readouterr().err
+    assert "'output_name' 'pets.safetensors' ends in .safetensors, which the files get appended" in err
+    assert "(pets.safetensors.safetensors, as in sd-scripts); drop it from the name for pets.safetensors" in err
+    parse_config(TrainConfig, BASE + ["--output_name", "pets"])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_an_unknown_section_lists_the_sd_scripts_sections_too(tmp_path):
     """A kohya user's misspelled ``[training_argument]`` must learn that sd-scripts' sections are read here."""
     path = write(tmp_path, "[training_argument]\nseed = 1\n")

@@ -373,6 +373,10 @@ class TrainConfig:
         """A file name that leaves its folder, and metadata that would name where the data lives."""
         if self.output_name is not None:
             check_inside(self.output_dir, self.output_name, "--output_name")
+            if self.output_name.lower().endswith(".safetensors"):  # sd-scripts appends it too: keep, but say so
+                warn(f"'output_name' {self.output_name!r} ends in .safetensors, which the files get appended "
+                     f"({self.output_name}.safetensors, as in sd-scripts); drop it from the name for "
+                     f"{self.output_name[:-len('.safetensors')]}.safetensors")
         try:
             user_metadata(self)
         except ValueError as exc:
