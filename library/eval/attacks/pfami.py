@@ -6,8 +6,9 @@ The attacker perturbs the query image P times (a centre crop of fraction s_p of 
 evenly spaced from ``--pfami_crop_range``'s first to its last value, as the public SD script does with 0.95 ..
 0.7), encodes every version with the VAE, and reads the model's error on each version and on the image itself.
 The error is SecMI's step-back error along the deterministic DDIM inversion, at t = k, 2k, ..., t_SEC
-(:func:`~library.eval.attacks.secmi.step_back_errors`, the "posterior vs denoising" errors the public script
-reads at each of its attack timesteps). Per timestep t, the *probability fluctuation*
+(:func:`~library.eval.attacks.secmi.step_back_errors`; the authors' code offers it beside the noisy denoising
+loss, which the public SD scripts read at t = 50 ... 500: docs/attacks.md says why we do not). Per timestep t,
+the *probability fluctuation*
     f_t = (1/P) sum_p (E_p(t) - E_0(t)) / E_0(t)      (higher = member)
 with E_0 the error on the image itself and E_p on its p-th perturbation. Candidates: ``sum`` (sum over t, the
 public script's score) and each ``t=<t>``; the headline ``selected`` is the one chosen on D_aux, and so is the

@@ -11,9 +11,11 @@ to the clean latent, decode, and measure the distance to the query (:mod:`.image
 MSE, feature spaces), averaged over the repeats. Attack: a logistic regression on D_aux over the distances
 (headline), each distance alone a non-headline threshold variant.
 
-Our choices: Pang & Wang train their distance model on shadow fine-tunes; we fit the classifier on D_aux of the
-attacked model itself (the protocol of the suite). The DDIM loop is the black-box attack's
-(:func:`~library.eval.attacks.blackbox.ddim_denoise`). Cost: repeats x (steps at or below s) x (2 with guidance
+Our choices: Pang & Wang's public code generates its images from the query's caption alone (text-to-image, 3
+images, DeiT cosine similarity averaged over them), which is what :mod:`.blackbox` measures here; this module
+keeps the query image in the loop (img2img). Pang & Wang train their distance model on shadow fine-tunes; we fit
+the classifier on D_aux of the attacked model itself (the protocol of the suite). The DDIM loop is the black-box
+attack's (:func:`~library.eval.attacks.blackbox.ddim_denoise`). Cost: repeats x (steps at or below s) x (2 with guidance
 > 1, else 1) UNet forwards per sample.
 """
 

@@ -7,8 +7,8 @@ The attacker walks the clean latent up the diffusion path with deterministic DDI
     zhat_{t_SEC-k} = Phi(z_{t_SEC}, t_SEC -> t_SEC-k).
 For a member the model's noise predictions are consistent along the path, so the step back lands near where the
 inversion passed: statistic = -||zhat_{t_SEC-k} - z_{t_SEC-k}||^2 (higher = member), thresholded on D_aux.
-Cost: t_SEC/k queries for the inversion (the first at t = 0 on the clean latent) + 1 for the step back; the paper's
-SD setting k = 10, t_SEC = 100 costs 11 (the public code's t_SEC = 150 costs 16).
+Cost: t_SEC/k queries for the inversion (the first at t = 0 on the clean latent) + 1 for the step back; SecMI's
+DDPM setting k = 10, t_SEC = 100 costs 11 (their SD code inverts to t_SEC = 150 and reads the error at 140: 16).
 
 Our choices (stated where the paper or its code is vague):
 

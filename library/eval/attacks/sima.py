@@ -5,8 +5,9 @@ clean latent is close to zero for members and larger for non-members. One UNet q
 (and so the statistic) is chosen on D_aux (:class:`~library.eval.attacks.base.SelectedThresholdAttack`).
 The query at t = 0 is eps(z_0, 0, c), the very query PIA starts from: the probe engine computes it once.
 
-Our choices (the paper leaves them to the implementation): the squared L2 norm averaged over latent elements
-(``--sima_norm 2``; 4 weighs the largest errors more), candidate timesteps ``--sima_timesteps``.
+Our choices: the squared L2 norm averaged over latent elements (``--sima_norm 2``; the public code sums the 4th
+power, ``--sima_norm 4``, which weighs the largest elements more), five candidate timesteps ``--sima_timesteps``
+chosen on D_aux (the public code evaluates t = 0, 10, ..., 190 and reports the best on the evaluation data).
 """
 
 from __future__ import annotations
