@@ -75,6 +75,13 @@ def test_centre_crop_keeps_int_of_the_side():
     torch.testing.assert_close(center_crop_resized(framed, 0.65), torch.full((1, 1, 10, 10), 0.4))
 
 
+def test_centre_crop_offset_is_the_floor_of_half_the_margin():
+    """The crop starts at floor((R - side) / 2), as documented (torchvision would round 3.5 to 4): the single
+    pixel kept of an 8 x 8 image at 1/8 is pixel (3, 3), and resized it fills the image."""
+    ramp = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    torch.testing.assert_close(center_crop_resized(ramp, 0.125), torch.full((1, 1, 8, 8), 27.0))
+
+
 def test_probe_refuses_a_step_that_does_not_fit_the_timestep():
     """The inversion runs t = k, 2k, ..., t_SEC: a step of 0 or one that does not divide t_SEC is a ValueError."""
     for timestep, step in ((25, 10), (10, 0), (10, 20)):

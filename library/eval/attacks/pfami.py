@@ -49,8 +49,10 @@ def crop_fractions(first: float, last: float, count: int) -> tuple[float, ...]:
 
 
 def center_crop_resized(images: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Each image [B, C, R, R] centre-cropped to a side of int(R * ``fraction``) (at least 1) and resized back to
-    R with antialiased bilinear interpolation (torchvision's ``CenterCrop`` then ``Resize`` on tensors)."""
+    """Each image [B, C, R, R] centre-cropped to a side of int(R * ``fraction``) (at least 1), from the offset
+    floor((R - side) / 2) as the training images' centre crop, and resized back to R with antialiased bilinear
+    interpolation (torchvision's ``Resize`` on tensors). torchvision's ``CenterCrop`` rounds that offset half to
+    even instead: one pixel further when floor((R - side) / 2) is odd (3 of the 10 default crops at 512 px)."""
     size = images.shape[-1]
     side = max(1, int(size * fraction))
     top = (size - side) // 2
