@@ -1,6 +1,6 @@
-"""The reconstruction attack (Pang & Wang, NDSS 2025, "Black-box membership inference attacks against
-fine-tuned diffusion models"): img2img the query image with the fine-tuned pipeline and measure how well it
-comes back. A fine-tune reconstructs its training images more faithfully than unseen ones.
+"""The reconstruction attack, an img2img variant of Pang & Wang's (NDSS 2025, "Black-box membership inference
+attacks against fine-tuned diffusion models"): img2img the query image with the fine-tuned pipeline and measure
+how well it comes back. A fine-tune reconstructs its training images more faithfully than unseen ones.
 
 Per query and repeat r < ``--reconstruction_repeats``: noise the clean latent to the img2img start timestep,
     z_s = sqrt(abar_s) z_0 + sqrt(1 - abar_s) eps_r    (eps_r = the paired noise ``ctx.noise("reconstruction", r)``)
@@ -15,8 +15,8 @@ Our choices: Pang & Wang's public code generates its images from the query's cap
 images, DeiT cosine similarity averaged over them), which is what :mod:`.blackbox` measures here; this module
 keeps the query image in the loop (img2img). Pang & Wang train their distance model on shadow fine-tunes; we fit
 the classifier on D_aux of the attacked model itself (the protocol of the suite). The DDIM loop is the black-box
-attack's (:func:`~library.eval.attacks.blackbox.ddim_denoise`). Cost: repeats x (steps at or below s) x (2 with guidance
-> 1, else 1) UNet forwards per sample.
+attack's (:func:`~library.eval.attacks.blackbox.ddim_denoise`). Cost: repeats x (steps at or below s) x (2 with
+guidance > 1, else 1) UNet forwards per sample.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class ReconstructionAttack(DistanceClassifierAttack):
     description = ("logistic regression on D_aux over the distances of the query image to its img2img "
                    "reconstruction by the fine-tuned pipeline (pixel, VAE latent, feature spaces)")
     threat_model = "black-box: img2img outputs of the fine-tuned pipeline for the query image and its caption"
-    citation = ("Pang & Wang, NDSS 2025, Black-box membership inference attacks against fine-tuned diffusion "
-                "models")
+    citation = ("img2img variant of Pang & Wang, NDSS 2025, Black-box membership inference attacks against "
+                "fine-tuned diffusion models (who generate from the caption alone, as blackbox does)")
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> ReconstructionAttack:
