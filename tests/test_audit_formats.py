@@ -422,6 +422,10 @@ def test_bad_unet_paths_are_one_error_line(world, tmp_path, capsys):
     lora_as_unet = one_error(capsys, base_args(world, tmp_path / "c", "--unet_weights", str(world["lora"])))
     assert "not an SD single-file checkpoint" in lora_as_unet
     assert "it is a LoRA: pass it with --network_weights" in lora_as_unet  # the user's mix-up, named as such
+    peft = tmp_path / "peft.safetensors"  # a diffusers/PEFT LoRA (lora_A with an adapter name) too
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.default.weight": torch.zeros(4, 8)}, str(peft))
+    assert "it is a LoRA: pass it with --network_weights" in one_error(
+        capsys, base_args(world, tmp_path / "d", "--unet_weights", str(peft)))
 
 
 def test_a_unet_folder_is_read_in_each_layout_diffusers_writes(tmp_path):

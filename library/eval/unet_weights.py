@@ -39,6 +39,7 @@ from library.errors import ModelError, warn
 from library.fileio import unpickling_failure
 from library.sd.bundle import first_line
 from library.sd.ldm_keys import LDM_TEXT_PREFIX, LDM_UNET_PREFIX
+from networks.lora_convert import parse_foreign_key
 
 __all__ = ["UNetWeights", "check_unet_weights", "load_text_encoder_state_dict", "load_unet_state_dict",
            "resolve_unet_weights", "swapped_weights", "text_encoder_files", "weights_metadata", "weights_sha256"]
@@ -102,6 +103,13 @@ def _check_safetensors(file: Path) -> dict[str, Any]:
     return header
 
 
+def _is_lora_key(key: str) -> bool:
+    """A LoRA's down weight in any layout evaluate_mia.py reads as a LoRA: kohya's, or diffusers' and PEFT's
+    (:func:`networks.lora_convert.parse_foreign_key`)."""
+    parsed = parse_foreign_key(key)
+    return key.endswith(".lora_down.weight") or (parsed is not None and parsed[2] == "down")
+
+
 def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWeights:
     """Find and hash the weight files of one ``--unet_weights`` entry; every failure is one ModelError line."""
     given = Path(path).expanduser()
@@ -127,7 +135,7 @@ def resolve_unet_weights(path: str | Path, allow_pickle: bool = False) -> UNetWe
             header = _check_safetensors(file)
             keys = [k for k in header if k != "__metadata__"]
             if layout == "single_file" and not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
-                is_lora = any(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in keys)  # the wrong flag
+                is_lora = any(_is_lora_key(k) for k in keys)  # the user's mix-up of the two flags
                 hint = ("it is a LoRA: pass it with --network_weights" if is_lora
                         else "a diffusers UNet goes in a folder with its config.json")
                 raise ModelError(f"UNet weights {given} holds no '{LDM_UNET_PREFIX}*' tensors: it is not an SD "
