@@ -215,7 +215,8 @@ def warn_without_metric(config: EvalConfig) -> None:
     rather than leave the user looking for an FID the report cannot have."""
     if config.quality and not with_weights(config, EXTRACTORS.values()):
         warn(f"--quality without {weights_flags(EXTRACTORS.values())}: only the sample grids samples_<model>.png are "
-             "written, no Fréchet distance or KID; give a feature net's weights for those (docs/evaluation.md#sample-quality---quality)")
+             "written, no Fréchet distance or KID; give a feature net's weights for those "
+             "(docs/evaluation.md#sample-quality---quality)")
 
 
 def add_utility_retained(utility: dict[str, dict[str, Any]], reference: str | None, metric: str,
