@@ -1,7 +1,10 @@
 """Small file helpers: atomic writes and content hashes.
 
 Every artefact the toolkit writes (LoRA files, states, manifests, reports) goes through
-:func:`atomic_write_path` so that an interrupted run never leaves a half-written file behind.
+:func:`atomic_write_path` (or, for a folder, :func:`replace_dir`) so that an interrupted run never leaves a
+half-written file behind. The new content is flushed to the disk (``fsync``) before the rename that publishes it,
+and the rename itself after it: a kill leaves the old file or the new one, and so does a power cut or a crash of
+the machine, which could otherwise leave a published name over a file whose data never reached the disk.
 """
 
 from __future__ import annotations
@@ -74,10 +77,29 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with storage_errors_named(target):
             yield tmp
+            fsync_path(tmp)
             os.replace(tmp, target)
+            fsync_path(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (the names renamed into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """:func:`fsync_path` every file and folder under ``root`` (files first, then their folders) and ``root``."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 def temporary_dir(target: str | os.PathLike) -> Path:
@@ -106,8 +128,10 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     Either way one of the two folders survives.
     """
     staging, target = Path(staging), Path(target)
+    fsync_tree(staging)  # its files may come from writers that never flush (torch.save, write_text)
     if not target.exists():
         os.replace(staging, target)
+        fsync_path(target.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_MARK}", suffix=".tmp", dir=target.parent))
     os.replace(target, old / target.name)
@@ -117,6 +141,7 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
         os.replace(old / target.name, target)
         old.rmdir()
         raise
+    fsync_path(target.parent)
     shutil.rmtree(old)
 
 

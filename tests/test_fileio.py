@@ -341,3 +341,46 @@ def test_a_linked_temporary_is_unlinked_and_what_it_points_to_is_kept(tmp_path):
     (tmp_path / "out" / ".linked.k1.tmp").symlink_to(kept, target_is_directory=True)
     remove_stale_temporaries(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == [] and (kept / "state.pt").read_text() == "theirs"
+
+
+def _record_durability(monkeypatch) -> list[tuple[str, str]]:
+    """Record, in order, each fsync (of which path, by its inode) and each rename."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+    paths: dict[int, str] = {}
+
+    def opened(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        paths[fd] = os.fspath(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", opened)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", paths.get(fd, "?"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", f"{a} -> {b}")), real_replace(a, b)))
+    return events
+
+
+def test_an_atomic_write_flushes_the_data_before_publishing_it_and_the_rename_after(tmp_path, monkeypatch):
+    """A power cut must not leave a published name over data that never reached the disk: the temporary file is
+    fsynced before the rename, the folder (the rename) after it."""
+    events = _record_durability(monkeypatch)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert Path(events[0][1]).name.startswith(".a.json.") and events[2][1] == str(tmp_path)
+
+
+def test_a_folder_swap_flushes_every_staged_file_before_the_rename(tmp_path, monkeypatch):
+    target = tmp_path / "state"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    staging = temporary_dir(target)
+    (staging / "sub").mkdir()
+    (staging / "state.pt").write_bytes(b"new")
+    (staging / "sub" / "x.bin").write_bytes(b"x")
+    events = _record_durability(monkeypatch)
+    replace_dir(staging, target)
+    first_swap = next(i for i, (kind, _) in enumerate(events) if kind == "replace")
+    flushed = {Path(p).relative_to(staging).as_posix() for kind, p in events[:first_swap] if kind == "fsync"}
+    assert flushed == {".", "state.pt", "sub", "sub/x.bin"}
+    assert events[-1] == ("fsync", str(tmp_path)) and (target / "state.pt").read_bytes() == b"new"
