@@ -15,6 +15,7 @@ import torch
 from mia_world import base_args
 
 import evaluate_mia
+from library.config import make_config
 from library.data.images import load_image
 from library.errors import ConfigError
 from library.eval.attacks.base import AttackInputs, FeatureSet
@@ -180,3 +181,72 @@ def test_end_to_end_report_rows_and_costs(mia_world, tmp_path):
     assert {"pfami selected", "pfami sum", "pfami t=5", "pfami t=20"} <= labels
     computed = report["features"]["probes"]["overfit"]["pfami"]["queries_computed"]
     assert computed == 48 * 4 * 5
+
+
+def test_loss_probe_columns_are_denoising_losses_with_the_images_own_noise(model):
+    """--pfami_error loss: column p at t is ||eps_t - eps(sqrt(abar) z_p + sqrt(1 - abar) eps_t, t)||^2 / D, with
+    the same paired noise eps_t for the image and every crop (no noise draw in E_p - E_0)."""
+    images = torch.stack([load_image(s.path, 32) for s in model.samples])
+    z0 = encoded(model, images)
+    probe = PFAMIProbe((0.8,), error="loss", loss_timesteps=(50, 300))
+    ctx = QueryContext(model, range(N), z0)
+    errors = probe.compute(ctx)["error"]
+    assert errors.shape == (N, 2, 2) and probe.timesteps == (50, 300)
+    versions = (z0, encoded(model, center_crop_resized(images, 0.8)))
+    cond = ctx.conditioning()
+    for j, t in enumerate((50, 300)):
+        abar = float(model.alphas_cumprod[t])
+        eps = ctx.noise(f"pfami-loss:t={t}").float()
+        for p, latents in enumerate(versions):
+            z_t = abar ** 0.5 * latents + (1.0 - abar) ** 0.5 * eps
+            with torch.no_grad():
+                pred = model.unet(z_t, torch.full((N,), t), encoder_hidden_states=cond).sample
+            hand = (pred - eps).pow(2).flatten(1).mean(dim=1)
+            torch.testing.assert_close(errors[:, p, j], hand, rtol=1e-4, atol=1e-7)
+    assert ctx.queries == N * probe.queries_per_sample() == N * 2 * 2
+    # Another sample order gives each sample the same numbers (its noise follows the image, not the batch).
+    reverse = list(range(N))[::-1]
+    again = probe.compute(QueryContext(model, reverse, z0[reverse]))["error"]
+    torch.testing.assert_close(again, errors[reverse])
+
+
+def test_step_back_settings_keep_their_identity_and_loss_settings_differ():
+    """The default error's settings (the probe cache key) are those written before --pfami_error existed, so
+    cached step-back probes stay valid; the loss reads its own cache entry."""
+    step_back = PFAMIProbe((0.9,), timestep=20, step=5)
+    assert set(step_back.settings()) == {"crop_fractions", "timestep", "step", "perturbation"}
+    loss = PFAMIProbe((0.9,), error="loss")
+    assert loss.identity != step_back.identity and loss.settings()["timesteps"] == [50, 100, 150, 200, 250, 300,
+                                                                                   350, 400, 450, 500]
+    with pytest.raises(ValueError, match="error must be one of"):
+        PFAMIProbe((0.9,), error="ddpm")
+
+
+def test_loss_option_from_config_costs_and_validation():
+    config = EvalConfig(pfami_perturbations=2, pfami_error="loss", pfami_loss_timesteps=[100, 200, 400])
+    attack = PFAMIAttack.from_config(config, torch.device("cpu"))
+    assert attack.queries_per_sample() == 3 * 3 and attack.settings()["error"] == "loss (paired noise)"
+    assert PFAMIAttack(error="loss").queries_per_sample() == 11 * 10  # the public scripts' 110
+    errors = np.random.default_rng(2).uniform(1.0, 2.0, size=(4, 3, 3))
+    inputs = AttackInputs(FeatureSet(np.zeros((4, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
+    assert set(attack.candidates(inputs)) == {"sum", "t=100", "t=200", "t=400"}
+    for bad, key in (({"pfami_error": "ddpm"}, "'pfami_error' must be one of"),
+                     ({"pfami_loss_timesteps": [50, 1000]}, "pfami_loss_timesteps"),
+                     ({"pfami_loss_timesteps": []}, "pfami_loss_timesteps"),
+                     ({"pfami_loss_timesteps": [50, 50]}, "pfami_loss_timesteps")):
+        with pytest.raises(ConfigError, match=key):
+            make_config(EvalConfig, {"pretrained_model_name_or_path": "model", "split_manifest": "split.json", **bad})
+
+
+def test_end_to_end_with_the_loss_error(mia_world, tmp_path):
+    out = tmp_path / "eval"
+    rc = evaluate_mia.main(base_args(mia_world, out, "--network_weights", str(mia_world["lora"]),
+                                     "--attacks", "pfami", "--pfami_error", "loss", "--pfami_loss_timesteps", "100",
+                                     "300", "--pfami_perturbations", "1"))
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["attacks"]["pfami"]
+    assert entry["queries_per_sample"] == 2 * 2 and entry["timesteps"] == [100, 300]
+    labels = {r["label"] for r in report["results"] if r["model"] == "overfit"}
+    assert {"pfami selected", "pfami sum", "pfami t=100", "pfami t=300"} <= labels
+    assert report["features"]["probes"]["overfit"]["pfami"]["queries_computed"] == 48 * 2 * 2

@@ -151,8 +151,14 @@ class EvalConfig:
         [0, 10, 20, 50, 100], "SimA: candidate small timesteps of ||eps(z_0, t)|| (one is chosen on D_aux)")
     sima_norm: int = option(2, "SimA: p of the mean |eps(z_0, t)|^p statistic")
     pfami_perturbations: int = option(
-        10, "PFAMI: P, centre-crop perturbations of each query image (public SD script: 10); its error is SecMI's "
-        "step-back error (--secmi_timestep, --secmi_step), (1 + P) x (t_SEC/k + 1) queries")
+        10, "PFAMI: P, centre-crop perturbations of each query image (public SD script: 10)")
+    pfami_error: str = option(
+        "step_back", "PFAMI: the model's error on each version: step_back = SecMI's step-back error (--secmi_timestep, "
+        "--secmi_step; (1 + P) x (t_SEC/k + 1) queries); loss = the denoising loss with paired noise at "
+        "--pfami_loss_timesteps, as the public SD scripts ((1 + P) x their number)", choices=["step_back", "loss"])
+    pfami_loss_timesteps: list[int] = option(
+        [50, 100, 150, 200, 250, 300, 350, 400, 450, 500],
+        "PFAMI with --pfami_error loss: its timesteps (CopyMark's SD script: 50 .. 500)")
     pfami_crop_range: list[float] = option(
         [0.95, 0.7], "PFAMI: crop fractions of the first and last perturbation, the others evenly spaced between "
         "(public SD script: 0.95 0.7)")
@@ -268,7 +274,7 @@ class EvalConfig:
 
     def _validate_attack_suite(self) -> None:
         """The attack-suite settings: timesteps in range, positive counts, fractions in (0, 1)."""
-        for name in ("pia_timesteps", "clid_timesteps", "sima_timesteps"):
+        for name in ("pia_timesteps", "clid_timesteps", "sima_timesteps", "pfami_loss_timesteps"):
             values = getattr(self, name)
             if not values or any(not 0 <= t < 1000 for t in values) or len(set(values)) != len(values):
                 raise ConfigError(f"'{name}' must be a non-empty list of distinct integers in [0, 1000)")

@@ -5,10 +5,11 @@ image is perturbed than when a non-member is.
 The attacker perturbs the query image P times (a centre crop of fraction s_p of its side, resized back; s_p
 evenly spaced from ``--pfami_crop_range``'s first to its last value, as the public SD script does with 0.95 ..
 0.7), encodes every version with the VAE, and reads the model's error on each version and on the image itself.
-The error is SecMI's step-back error along the deterministic DDIM inversion, at t = k, 2k, ..., t_SEC
-(:func:`~library.eval.attacks.secmi.step_back_errors`; the authors' code offers it beside the noisy denoising
-loss, which the public SD scripts read at t = 50 ... 500: docs/attacks.md says why we do not). Per timestep t,
-the *probability fluctuation*
+The error is, by default, SecMI's step-back error along the deterministic DDIM inversion, at t = k, 2k, ..., t_SEC
+(:func:`~library.eval.attacks.secmi.step_back_errors`); ``--pfami_error loss`` reads instead the denoising loss
+||eps - eps(z_t, t, c)||^2 at t = 50, 100, ..., 500 (:func:`denoising_losses`), as the public SD scripts do (the
+authors' code offers both).
+Per timestep t, the *probability fluctuation*
     f_t = (1/P) sum_p (E_p(t) - E_0(t)) / E_0(t)      (higher = member)
 with E_0 the error on the image itself and E_p on its p-th perturbation. Candidates: ``sum`` (sum over t, the
 public script's score) and each ``t=<t>``; the headline ``selected`` is the one chosen on D_aux, and so is the
@@ -16,7 +17,8 @@ direction (:attr:`~library.eval.attacks.base.ThresholdAttack.fit_direction`: the
 an assumption a fine-tune need not meet, as for SecMI).
 
 Cost: (1 + P) x (t_SEC/k + 1) UNet queries per sample (defaults: 11 x 11 = 121) and P VAE encodes; the
-unperturbed image's inversion is SecMI's own (same memo keys), computed once when both run.
+unperturbed image's inversion is SecMI's own (same memo keys), computed once when both run. With the loss:
+(1 + P) x T (11 x 10 = 110).
 
 Our choices: the public script's error is summed over latent elements and divided by E_0 + 1e-6; ours is
 averaged over elements (a constant factor) and divided by E_0 floored at the smallest positive float, so the
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from library.eval.attacks.base import AttackInputs, SelectedThresholdAttack
-from library.eval.attacks.secmi import step_back_errors
+from library.eval.attacks.secmi import schedule_alpha_bar, step_back_errors
 from library.eval.probes import Probe, QueryContext
 
 if TYPE_CHECKING:
@@ -70,60 +72,111 @@ def probability_fluctuation(errors: np.ndarray) -> np.ndarray:
     return ((errors[:, 1:, :] - original) / original).mean(axis=1)
 
 
+ERRORS = ("step_back", "loss")
+PUBLIC_LOSS_TIMESTEPS = tuple(range(50, 501, 50))  # CopyMark's SD script: attack_timesteps 0 .. 450, each + 50
+
+
+def denoising_losses(ctx: QueryContext, timesteps: Sequence[int], *,
+                     start: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, T]: the mean squared denoising loss ||eps_t - eps(z_t, t, c)||^2 / D at each of ``timesteps``, z_t the
+    clean latent (or ``start``'s (name, latents)) noised with the sample's paired noise for that t.
+
+    The noise depends on the sample and t only (``ctx.noise``), not on the latent it noises: a perturbed version
+    is noised with its image's very noise, so E_p(t) - E_0(t) holds no difference of noise draws (common random
+    numbers). The public SD script draws fresh noise for every version from the global generator, which adds the
+    spread of one noise draw to each fluctuation.
+    """
+    name, z0 = start if start is not None else ("z0", ctx.z0)
+    losses = []
+    for t in timesteps:
+        abar = schedule_alpha_bar(ctx, int(t))  # float32, as SecMI's: fp16 cannot hold 1 - alpha-bar near t = 0
+        eps = ctx.noise(f"pfami-loss:t={int(t)}").float()
+        z_t = abar.sqrt() * z0.float() + (1.0 - abar).sqrt() * eps
+        pred = ctx.predict(z_t, int(t), key=f"{name}:pfami-noised:t={int(t)}").float()
+        losses.append((pred - eps).pow(2).flatten(1).mean(dim=1))
+    return torch.stack(losses, dim=1)
+
+
 class PFAMIProbe(Probe):
-    """``error`` [B, 1 + P, t_SEC/k]: SecMI's step-back errors at t = k .. t_SEC for the image (index 0) and each
-    of its P centre-crop perturbations."""
+    """``error`` [B, 1 + P, T]: the model's error on the image (index 0) and on each of its P centre-crop
+    perturbations, at T timesteps: SecMI's step-back errors at t = k .. t_SEC (``error="step_back"``) or the
+    denoising loss at ``loss_timesteps`` (``error="loss"``)."""
 
     name = "pfami"
 
-    def __init__(self, fractions: Sequence[float], timestep: int = 100, step: int = 10) -> None:
+    def __init__(self, fractions: Sequence[float], timestep: int = 100, step: int = 10, error: str = "step_back",
+                 loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
+        if error not in ERRORS:
+            raise ValueError(f"PFAMI's error must be one of {ERRORS}, got {error!r}")
         self.fractions = tuple(float(f) for f in fractions)
-        self.timestep, self.step = int(timestep), int(step)
+        self.timestep, self.step, self.error = int(timestep), int(step), error
+        self.loss_timesteps = tuple(int(t) for t in loss_timesteps)
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The timesteps of the error's last axis."""
+        if self.error == "loss":
+            return self.loss_timesteps
+        return tuple(range(self.step, self.timestep + 1, self.step))
 
     def settings(self) -> dict[str, Any]:
-        return {"crop_fractions": list(self.fractions), "timestep": self.timestep, "step": self.step,
-                "perturbation": "center crop + antialiased bilinear resize; VAE posterior mean"}
+        common = {"crop_fractions": list(self.fractions),
+                  "perturbation": "center crop + antialiased bilinear resize; VAE posterior mean"}
+        if self.error == "loss":
+            return {**common, "error": "loss (paired noise)", "timesteps": list(self.loss_timesteps)}
+        # The step-back settings carry no "error" key: the same identity (and cache) as before the option existed.
+        return {**common, "timestep": self.timestep, "step": self.step}
 
     def queries_per_sample(self) -> float:
-        return float((1 + len(self.fractions)) * (self.timestep // self.step + 1))
+        per_version = len(self.loss_timesteps) if self.error == "loss" else self.timestep // self.step + 1
+        return float((1 + len(self.fractions)) * per_version)
+
+    def _errors(self, ctx: QueryContext, start: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.error == "loss":
+            return denoising_losses(ctx, self.loss_timesteps, start=start)
+        return step_back_errors(ctx, self.timestep, self.step, start=start)
 
     def compute(self, ctx: QueryContext) -> dict[str, torch.Tensor]:
-        errors = [step_back_errors(ctx, self.timestep, self.step)]
+        errors = [self._errors(ctx)]
         images = ctx.images()
         for fraction in self.fractions:
             latents = ctx.model.encode_images(center_crop_resized(images, fraction))
-            errors.append(step_back_errors(ctx, self.timestep, self.step, start=(f"pfami-crop={fraction}", latents)))
+            errors.append(self._errors(ctx, start=(f"pfami-crop={fraction}", latents)))
         return {"error": torch.stack(errors, dim=1)}
 
 
 class PFAMIAttack(SelectedThresholdAttack):
     name = "pfami"
-    description = ("threshold on the probability fluctuation mean_p (E_p - E_0) / E_0 of SecMI's step-back error "
-                   "E under P centre-crop perturbations of the query image; timestep (or their sum) chosen on D_aux")
+    description = ("threshold on the probability fluctuation mean_p (E_p - E_0) / E_0 of the model's error E "
+                   "(SecMI's step-back error, or the denoising loss) under P centre-crop perturbations of the query "
+                   "image; timestep (or their sum) chosen on D_aux")
     threat_model = "gray-box: noise predictions at chosen latents and timesteps + caption + the VAE encoder"
     citation = ("Fu et al., 2023, A Probabilistic Fluctuation based Membership Inference Attack for Diffusion "
                 "Models (PFAMI; arXiv:2308.12143)")
     fit_direction = True  # see ThresholdAttack.fit_direction
 
     def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 100,
-                 step: int = 10) -> None:
+                 step: int = 10, error: str = "step_back",
+                 loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         super().__init__()
-        self.probe = PFAMIProbe(fractions, timestep, step)
+        self.probe = PFAMIProbe(fractions, timestep, step, error, loss_timesteps)
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> PFAMIAttack:
         first, last = config.pfami_crop_range
-        return cls(crop_fractions(first, last, config.pfami_perturbations), config.secmi_timestep, config.secmi_step)
+        return cls(crop_fractions(first, last, config.pfami_perturbations), config.secmi_timestep, config.secmi_step,
+                   config.pfami_error, config.pfami_loss_timesteps)
 
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "guidance_scale": 1.0, "schedule": "scaled_linear (training)"}
 
     def candidates(self, inputs: AttackInputs) -> dict[str, np.ndarray]:
         fluctuation = probability_fluctuation(inputs.target.probe(self.probe.name)["error"])
-        timesteps = range(self.probe.step, self.probe.timestep + 1, self.probe.step)
-        return {"sum": fluctuation.sum(axis=1), **{f"t={t}": fluctuation[:, j] for j, t in enumerate(timesteps)}}
+        return {"sum": fluctuation.sum(axis=1),
+                **{f"t={t}": fluctuation[:, j] for j, t in enumerate(self.probe.timesteps)}}
 
 
-__all__ = ["PFAMIAttack", "PFAMIProbe", "center_crop_resized", "crop_fractions", "probability_fluctuation"]
+__all__ = ["PFAMIAttack", "PFAMIProbe", "center_crop_resized", "crop_fractions", "denoising_losses",
+           "probability_fluctuation"]
