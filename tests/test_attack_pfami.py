@@ -87,18 +87,21 @@ def test_probe_refuses_a_step_that_does_not_fit_the_timestep():
     """The inversion runs t = k, 2k, ..., t_SEC: a step of 0 or one that does not divide t_SEC is a ValueError."""
     for timestep, step in ((25, 10), (10, 0), (10, 20)):
         with pytest.raises(ValueError, match="multiple of step"):
-            PFAMIProbe((0.9,), timestep=timestep, step=step)
+            PFAMIProbe((0.9,), timestep=timestep, step=step, error="step_back")
 
 
-def test_sum_candidate_is_the_fluctuation_summed_over_timesteps_and_defaults_cost_121():
-    """The ``sum`` row is the public script's score, the fluctuation summed over t; the defaults (P = 10, t_SEC
-    100, k 10) cost the documented 11 x 11 queries per sample."""
+def test_sum_candidate_is_the_fluctuation_summed_over_timesteps_and_defaults_cost_110():
+    """The ``sum`` row is the public script's score, the fluctuation summed over t; the defaults (P = 10, the
+    loss at ten timesteps) cost the public scripts' 11 x 10 queries per sample, the step-back error (t_SEC 100,
+    k 10) 11 x 11."""
     errors = np.random.default_rng(1).uniform(1.0, 2.0, size=(6, 3, 2))
-    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5)
+    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5, error="step_back")
     inputs = AttackInputs(FeatureSet(np.zeros((6, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
     np.testing.assert_allclose(attack.candidates(inputs)["sum"], probability_fluctuation(errors).sum(axis=1))
     default = PFAMIAttack()
-    assert default.probe.fractions == crop_fractions(0.95, 0.7, 10) and default.queries_per_sample() == 121
+    assert default.probe.fractions == crop_fractions(0.95, 0.7, 10) and default.queries_per_sample() == 110
+    assert default.probe.timesteps == tuple(range(50, 501, 50))
+    assert PFAMIAttack(error="step_back").queries_per_sample() == 121
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def encoded(model, images):
 def test_probe_columns_are_secmi_errors_of_the_image_and_of_each_crop(model):
     images = torch.stack([load_image(s.path, 32) for s in model.samples])
     z0 = encoded(model, images)
-    probe = PFAMIProbe((0.9, 0.75), timestep=20, step=5)
+    probe = PFAMIProbe((0.9, 0.75), timestep=20, step=5, error="step_back")
     ctx = QueryContext(model, range(N), z0)
     errors = probe.compute(ctx)["error"]
     assert errors.shape == (N, 3, 4)
@@ -146,7 +149,7 @@ def test_attack_selects_on_aux_and_scores_the_fluctuation():
     errors = rng.uniform(1.0, 2.0, size=(n, 3, 2))
     errors[labels == 1, 1:, 1] *= 1.5  # members: larger errors on their crops at t = 10
     errors[:, 1:, 0] = rng.uniform(0.1, 50.0, size=(n, 2))  # t = 5: a wide, uninformative fluctuation
-    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5)
+    attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5, error="step_back")
     inputs = AttackInputs(FeatureSet(np.zeros((n, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
     attack.fit(inputs, labels)
     assert attack.selected == "t=10"
@@ -157,7 +160,8 @@ def test_attack_selects_on_aux_and_scores_the_fluctuation():
 
 
 def test_options_validation_and_cost():
-    config = EvalConfig(pfami_perturbations=4, pfami_crop_range=[0.9, 0.6], secmi_timestep=40, secmi_step=10)
+    config = EvalConfig(pfami_perturbations=4, pfami_crop_range=[0.9, 0.6], pfami_error="step_back",
+                        secmi_timestep=40, secmi_step=10)
     attack = PFAMIAttack.from_config(config, torch.device("cpu"))
     assert attack.probe.fractions == (0.9, 0.8, 0.7, 0.6)
     assert attack.queries_per_sample() == 5 * 5
@@ -171,7 +175,8 @@ def test_options_validation_and_cost():
 def test_end_to_end_report_rows_and_costs(mia_world, tmp_path):
     out = tmp_path / "eval"
     rc = evaluate_mia.main(base_args(mia_world, out, "--network_weights", str(mia_world["lora"]),
-                                     "--attacks", "pfami", "--secmi_timestep", "20", "--secmi_step", "5",
+                                     "--attacks", "pfami", "--pfami_error", "step_back", "--secmi_timestep", "20",
+                                     "--secmi_step", "5",
                                      "--pfami_perturbations", "3"))
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -213,7 +218,7 @@ def test_loss_probe_columns_are_denoising_losses_with_the_images_own_noise(model
 def test_step_back_settings_keep_their_identity_and_loss_settings_differ():
     """The default error's settings (the probe cache key) are those written before --pfami_error existed, so
     cached step-back probes stay valid; the loss reads its own cache entry."""
-    step_back = PFAMIProbe((0.9,), timestep=20, step=5)
+    step_back = PFAMIProbe((0.9,), timestep=20, step=5, error="step_back")
     assert set(step_back.settings()) == {"crop_fractions", "timestep", "step", "perturbation"}
     loss = PFAMIProbe((0.9,), error="loss")
     assert loss.identity != step_back.identity and loss.settings()["timesteps"] == [50, 100, 150, 200, 250, 300,
@@ -226,7 +231,6 @@ def test_loss_option_from_config_costs_and_validation():
     config = EvalConfig(pfami_perturbations=2, pfami_error="loss", pfami_loss_timesteps=[100, 200, 400])
     attack = PFAMIAttack.from_config(config, torch.device("cpu"))
     assert attack.queries_per_sample() == 3 * 3 and attack.settings()["error"] == "loss (paired noise)"
-    assert PFAMIAttack(error="loss").queries_per_sample() == 11 * 10  # the public scripts' 110
     errors = np.random.default_rng(2).uniform(1.0, 2.0, size=(4, 3, 3))
     inputs = AttackInputs(FeatureSet(np.zeros((4, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
     assert set(attack.candidates(inputs)) == {"sum", "t=100", "t=200", "t=400"}
@@ -241,8 +245,8 @@ def test_loss_option_from_config_costs_and_validation():
 def test_end_to_end_with_the_loss_error(mia_world, tmp_path):
     out = tmp_path / "eval"
     rc = evaluate_mia.main(base_args(mia_world, out, "--network_weights", str(mia_world["lora"]),
-                                     "--attacks", "pfami", "--pfami_error", "loss", "--pfami_loss_timesteps", "100",
-                                     "300", "--pfami_perturbations", "1"))
+                                     "--attacks", "pfami", "--pfami_loss_timesteps", "100", "300",
+                                     "--pfami_perturbations", "1"))
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     entry = report["attacks"]["pfami"]

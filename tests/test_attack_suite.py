@@ -152,10 +152,11 @@ def test_blind_floor_is_at_chance_and_never_the_worst_case(suite_report):
     assert audit["set_audit"]["p_value"] < 0.01 and audit["epsilon_lb"]["honest"] > 0
 
 
-@pytest.fixture(scope="module")
-def opt_in_report(attack_world):
-    """The attacks outside the default suite (PFAMI), on the same world."""
-    return evaluate_overfit(attack_world, attack_world, "eval-opt-in", "--attacks", *OPT_IN)
+@pytest.fixture(scope="module", params=["loss", "step_back"])
+def opt_in_report(attack_world, request):
+    """The attacks outside the default suite (PFAMI, with each of its errors), on the same world."""
+    return evaluate_overfit(attack_world, attack_world, f"eval-opt-in-{request.param}", "--attacks", *OPT_IN,
+                            "--pfami_error", request.param)
 
 
 @pytest.mark.slow

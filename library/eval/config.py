@@ -153,9 +153,10 @@ class EvalConfig:
     pfami_perturbations: int = option(
         10, "PFAMI: P, centre-crop perturbations of each query image (public SD script: 10)")
     pfami_error: str = option(
-        "step_back", "PFAMI: the model's error on each version: step_back = SecMI's step-back error (--secmi_timestep, "
-        "--secmi_step; (1 + P) x (t_SEC/k + 1) queries); loss = the denoising loss with paired noise at "
-        "--pfami_loss_timesteps, as the public SD scripts ((1 + P) x their number)", choices=["step_back", "loss"])
+        "loss", "PFAMI: the model's error on each version: loss = the denoising loss with paired noise at "
+        "--pfami_loss_timesteps, as the public SD scripts ((1 + P) x their number queries); step_back = SecMI's "
+        "step-back error (--secmi_timestep, --secmi_step; (1 + P) x (t_SEC/k + 1) queries)",
+        choices=["loss", "step_back"])
     pfami_loss_timesteps: list[int] = option(
         [50, 100, 150, 200, 250, 300, 350, 400, 450, 500],
         "PFAMI with --pfami_error loss: its timesteps (CopyMark's SD script: 50 .. 500)")

@@ -5,10 +5,11 @@ image is perturbed than when a non-member is.
 The attacker perturbs the query image P times (a centre crop of fraction s_p of its side, resized back; s_p
 evenly spaced from ``--pfami_crop_range``'s first to its last value, as the public SD script does with 0.95 ..
 0.7), encodes every version with the VAE, and reads the model's error on each version and on the image itself.
-The error is, by default, SecMI's step-back error along the deterministic DDIM inversion, at t = k, 2k, ..., t_SEC
-(:func:`~library.eval.attacks.secmi.step_back_errors`); ``--pfami_error loss`` reads instead the denoising loss
-||eps - eps(z_t, t, c)||^2 at t = 50, 100, ..., 500 (:func:`denoising_losses`), as the public SD scripts do (the
-authors' code offers both).
+The error is, by default, the denoising loss ||eps - eps(z_t, t, c)||^2 at t = 50, 100, ..., 500
+(:func:`denoising_losses`), the public SD scripts' error; ``--pfami_error step_back`` reads instead SecMI's
+step-back error along the deterministic DDIM inversion, at t = k, 2k, ..., t_SEC
+(:func:`~library.eval.attacks.secmi.step_back_errors`). The authors' code offers both; on the demo's models the
+loss is the stronger (docs/results.md section 29).
 Per timestep t, the *probability fluctuation*
     f_t = (1/P) sum_p (E_p(t) - E_0(t)) / E_0(t)      (higher = member)
 with E_0 the error on the image itself and E_p on its p-th perturbation. Candidates: ``sum`` (sum over t, the
@@ -16,9 +17,9 @@ public script's score) and each ``t=<t>``; the headline ``selected`` is the one 
 direction (:attr:`~library.eval.attacks.base.ThresholdAttack.fit_direction`: the "local maximum" premise is
 an assumption a fine-tune need not meet, as for SecMI).
 
-Cost: (1 + P) x (t_SEC/k + 1) UNet queries per sample (defaults: 11 x 11 = 121) and P VAE encodes; the
-unperturbed image's inversion is SecMI's own (same memo keys), computed once when both run. With the loss:
-(1 + P) x T (11 x 10 = 110).
+Cost: (1 + P) x T UNet queries per sample (defaults: 11 x 10 = 110) and P VAE encodes. With the step-back
+error: (1 + P) x (t_SEC/k + 1) (11 x 11 = 121), the unperturbed image's inversion being SecMI's own (same memo
+keys), computed once when both run.
 
 Our choices: the public script's error is summed over latent elements and divided by E_0 + 1e-6; ours is
 averaged over elements (a constant factor) and divided by E_0 floored at the smallest positive float, so the
@@ -104,7 +105,7 @@ class PFAMIProbe(Probe):
 
     name = "pfami"
 
-    def __init__(self, fractions: Sequence[float], timestep: int = 100, step: int = 10, error: str = "step_back",
+    def __init__(self, fractions: Sequence[float], timestep: int = 100, step: int = 10, error: str = "loss",
                  loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
@@ -150,7 +151,7 @@ class PFAMIProbe(Probe):
 class PFAMIAttack(SelectedThresholdAttack):
     name = "pfami"
     description = ("threshold on the probability fluctuation mean_p (E_p - E_0) / E_0 of the model's error E "
-                   "(SecMI's step-back error, or the denoising loss) under P centre-crop perturbations of the query "
+                   "(the denoising loss, or SecMI's step-back error) under P centre-crop perturbations of the query "
                    "image; timestep (or their sum) chosen on D_aux")
     threat_model = "gray-box: noise predictions at chosen latents and timesteps + caption + the VAE encoder"
     citation = ("Fu et al., 2023, A Probabilistic Fluctuation based Membership Inference Attack for Diffusion "
@@ -158,7 +159,7 @@ class PFAMIAttack(SelectedThresholdAttack):
     fit_direction = True  # see ThresholdAttack.fit_direction
 
     def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 100,
-                 step: int = 10, error: str = "step_back",
+                 step: int = 10, error: str = "loss",
                  loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         super().__init__()
         self.probe = PFAMIProbe(fractions, timestep, step, error, loss_timesteps)
