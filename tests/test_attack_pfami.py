@@ -92,8 +92,8 @@ def test_probe_refuses_a_step_that_does_not_fit_the_timestep():
 
 def test_sum_candidate_is_the_fluctuation_summed_over_timesteps_and_defaults_cost_110():
     """The ``sum`` row is the public script's score, the fluctuation summed over t; the defaults (P = 10, the
-    loss at ten timesteps) cost the public scripts' 11 x 10 queries per sample, the step-back error (t_SEC 100,
-    k 10) 11 x 11."""
+    loss at ten timesteps) cost the public scripts' 11 x 10 queries per sample, the step-back error (SecMI's
+    t_SEC 150, k 10) 11 x 16."""
     errors = np.random.default_rng(1).uniform(1.0, 2.0, size=(6, 3, 2))
     attack = PFAMIAttack((0.9, 0.8), timestep=10, step=5, error="step_back")
     inputs = AttackInputs(FeatureSet(np.zeros((6, 1, 1)), (1,), probes={"pfami": {"error": errors}}))
@@ -101,7 +101,7 @@ def test_sum_candidate_is_the_fluctuation_summed_over_timesteps_and_defaults_cos
     default = PFAMIAttack()
     assert default.probe.fractions == crop_fractions(0.95, 0.7, 10) and default.queries_per_sample() == 110
     assert default.probe.timesteps == tuple(range(50, 501, 50))
-    assert PFAMIAttack(error="step_back").queries_per_sample() == 121
+    assert PFAMIAttack(error="step_back").queries_per_sample() == 176
 
 
 @pytest.fixture(scope="module")

@@ -128,9 +128,10 @@ def test_ddim_inversion_is_undone_by_the_steps_back(model, z0, hand):
 
 
 def test_secmi_options_and_cost():
-    attack = SecMIAttack.from_config(EvalConfig(secmi_timestep=150, secmi_step=10), "cpu")
-    assert attack.queries_per_sample() == 16 and attack.settings()["timestep"] == 150  # the public code's setting
-    assert SecMIAttack().queries_per_sample() == 11  # the paper's SD setting t_SEC = 100, k = 10
+    attack = SecMIAttack.from_config(EvalConfig(secmi_timestep=100, secmi_step=10), "cpu")
+    assert attack.queries_per_sample() == 11 and attack.settings()["timestep"] == 100  # the paper's DDPM setting
+    default = SecMIAttack.from_config(EvalConfig(), "cpu")
+    assert default.queries_per_sample() == SecMIAttack().queries_per_sample() == 16  # SecMI's SD code: 150, k = 10
     assert attack_class("secmi") is SecMIAttack and attack.threat_model and "Duan" in attack.citation
     with pytest.raises(ValueError):
         SecMIProbe(25, 10)

@@ -137,7 +137,8 @@ class EvalConfig:
         0.2, "part of D_aux held out to choose h''s epoch honestly (0 = no honest h', only the paper's oracle)")
 
     # --- the attack suite (docs/attacks.md): each attack's settings -------------------------------
-    secmi_timestep: int = option(100, "SecMI: t_SEC, where the deterministic DDIM inversion stops (paper: 100)")
+    secmi_timestep: int = option(
+        150, "SecMI: t_SEC, where the deterministic DDIM inversion stops (SecMI's SD code: 150; its DDPM setting: 100)")
     secmi_step: int = option(10, "SecMI: DDIM step k of the inversion and of the step back (paper: 10)")
     pia_timesteps: list[int] = option(
         [50, 100, 200, 300], "PIA / PIAN: candidate timesteps (one is chosen on D_aux; 1 query each + eps_0)")

@@ -18,7 +18,7 @@ direction (:attr:`~library.eval.attacks.base.ThresholdAttack.fit_direction`: the
 an assumption a fine-tune need not meet, as for SecMI).
 
 Cost: (1 + P) x T UNet queries per sample (defaults: 11 x 10 = 110) and P VAE encodes. With the step-back
-error: (1 + P) x (t_SEC/k + 1) (11 x 11 = 121), the unperturbed image's inversion being SecMI's own (same memo
+error: (1 + P) x (t_SEC/k + 1) (11 x 16 = 176 at SecMI's t_SEC 150), the unperturbed image's inversion being SecMI's own (same memo
 keys), computed once when both run.
 
 Our choices: the public script's error is summed over latent elements and divided by E_0 + 1e-6; ours is
@@ -105,7 +105,7 @@ class PFAMIProbe(Probe):
 
     name = "pfami"
 
-    def __init__(self, fractions: Sequence[float], timestep: int = 100, step: int = 10, error: str = "loss",
+    def __init__(self, fractions: Sequence[float], timestep: int = 150, step: int = 10, error: str = "loss",
                  loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
@@ -158,7 +158,7 @@ class PFAMIAttack(SelectedThresholdAttack):
                 "Models (PFAMI; arXiv:2308.12143)")
     fit_direction = True  # see ThresholdAttack.fit_direction
 
-    def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 100,
+    def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 150,
                  step: int = 10, error: str = "loss",
                  loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
         super().__init__()
