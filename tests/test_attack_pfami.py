@@ -237,7 +237,9 @@ def test_loss_option_from_config_costs_and_validation():
     for bad, key in (({"pfami_error": "ddpm"}, "'pfami_error' must be one of"),
                      ({"pfami_loss_timesteps": [50, 1000]}, "pfami_loss_timesteps"),
                      ({"pfami_loss_timesteps": []}, "pfami_loss_timesteps"),
-                     ({"pfami_loss_timesteps": [50, 50]}, "pfami_loss_timesteps")):
+                     ({"pfami_loss_timesteps": [50, 50]}, "pfami_loss_timesteps"),
+                     ({"pfami_error": "step_back", "pfami_loss_timesteps": [100]},
+                      "'pfami_loss_timesteps' is only used with --pfami_error loss")):
         with pytest.raises(ConfigError, match=key):
             make_config(EvalConfig, {"pretrained_model_name_or_path": "model", "split_manifest": "split.json", **bad})
 

@@ -24,6 +24,7 @@ from library.foreign_keys import VAE_FOREIGN_KEY, SiblingKeys
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 IMAGE_SPACE_ATTACKS = ("blackbox", "reconstruction")  # they read --digit_feature_weights / --inception_weights
 NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
+PFAMI_LOSS_TIMESTEPS = tuple(range(50, 501, 50))  # CopyMark's SD script: attack timesteps 0 .. 450, each + 50
 
 
 MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed takes as a non-negative int64 (as in training)
@@ -159,8 +160,7 @@ class EvalConfig:
         "step-back error (--secmi_timestep, --secmi_step; (1 + P) x (t_SEC/k + 1) queries)",
         choices=["loss", "step_back"])
     pfami_loss_timesteps: list[int] = option(
-        [50, 100, 150, 200, 250, 300, 350, 400, 450, 500],
-        "PFAMI with --pfami_error loss: its timesteps (CopyMark's SD script: 50 .. 500)")
+        list(PFAMI_LOSS_TIMESTEPS), "PFAMI with --pfami_error loss: its timesteps (CopyMark's SD script: 50 .. 500)")
     pfami_crop_range: list[float] = option(
         [0.95, 0.7], "PFAMI: crop fractions of the first and last perturbation, the others evenly spaced between "
         "(public SD script: 0.95 0.7)")
@@ -291,6 +291,9 @@ class EvalConfig:
             if getattr(self, name) > 1000:
                 raise ConfigError(f"'{name}' must be at most 1000 (the training schedule's timesteps), got "
                                   f"{getattr(self, name)}")
+        if self.pfami_error != "loss" and list(self.pfami_loss_timesteps) != list(PFAMI_LOSS_TIMESTEPS):
+            raise ConfigError("'pfami_loss_timesteps' is only used with --pfami_error loss (the step-back error "
+                              "runs along --secmi_timestep / --secmi_step): drop it or pass --pfami_error loss")
         if len(self.pfami_crop_range) != 2 or any(not 0.0 < f <= 1.0 for f in self.pfami_crop_range):
             raise ConfigError(f"'pfami_crop_range' must be two crop fractions in (0, 1] (first and last "
                               f"perturbation), got {self.pfami_crop_range}")

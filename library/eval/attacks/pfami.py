@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from library.eval.attacks.base import AttackInputs, SelectedThresholdAttack
 from library.eval.attacks.secmi import schedule_alpha_bar, step_back_errors
+from library.eval.config import PFAMI_LOSS_TIMESTEPS
 from library.eval.probes import Probe, QueryContext
 
 if TYPE_CHECKING:
@@ -74,7 +75,6 @@ def probability_fluctuation(errors: np.ndarray) -> np.ndarray:
 
 
 ERRORS = ("step_back", "loss")
-PUBLIC_LOSS_TIMESTEPS = tuple(range(50, 501, 50))  # CopyMark's SD script: attack_timesteps 0 .. 450, each + 50
 
 
 def denoising_losses(ctx: QueryContext, timesteps: Sequence[int], *,
@@ -106,7 +106,7 @@ class PFAMIProbe(Probe):
     name = "pfami"
 
     def __init__(self, fractions: Sequence[float], timestep: int = 150, step: int = 10, error: str = "loss",
-                 loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
+                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS) -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
         if error not in ERRORS:
@@ -160,7 +160,7 @@ class PFAMIAttack(SelectedThresholdAttack):
 
     def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 150,
                  step: int = 10, error: str = "loss",
-                 loss_timesteps: Sequence[int] = PUBLIC_LOSS_TIMESTEPS) -> None:
+                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS) -> None:
         super().__init__()
         self.probe = PFAMIProbe(fractions, timestep, step, error, loss_timesteps)
 
