@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 
 from library.errors import OutputError
 
+_WINDOWS = os.name == "nt"
 OLD_MARK = ".old."  # in the name of the folder replace_dir moves an older folder into while it swaps
 #: errno values that mean "this storage takes no more writes": the user can fix them, so they are one line.
 _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -86,10 +87,20 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's data, or a folder's entries (the names renamed into it), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data, or a folder's entries (the names renamed into it), to the disk.
+
+    Windows cannot open a folder to flush it (NTFS journals the names itself) and flushes only a file opened for
+    writing; a file system that cannot flush a folder (EINVAL) keeps its names as durable as it can.
+    """
+    folder = os.path.isdir(path)
+    if folder and _WINDOWS:
+        return
+    fd = os.open(path, os.O_RDWR if _WINDOWS else os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno == errno.EINVAL):
+            raise
     finally:
         os.close(fd)
 

@@ -384,3 +384,36 @@ def test_a_folder_swap_flushes_every_staged_file_before_the_rename(tmp_path, mon
     flushed = {Path(p).relative_to(staging).as_posix() for kind, p in events[:first_swap] if kind == "fsync"}
     assert flushed == {".", "state.pt", "sub", "sub/x.bin"}
     assert events[-1] == ("fsync", str(tmp_path)) and (target / "state.pt").read_bytes() == b"new"
+
+
+def test_fsync_on_windows_skips_folders_and_opens_files_for_writing(tmp_path, monkeypatch):
+    """Windows can neither open a folder nor flush a read-only descriptor: folders are skipped, files opened
+    read-write (a plain read-only open elsewhere)."""
+    import library.fileio as fileio
+
+    (tmp_path / "f.bin").write_bytes(b"x")
+    flags: list[int] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, f, *a: (flags.append(f), real_open(path, f, *a))[1])
+    fileio.fsync_path(tmp_path / "f.bin")
+    fileio.fsync_path(tmp_path)
+    assert flags == [os.O_RDONLY, os.O_RDONLY]
+    monkeypatch.setattr(fileio, "_WINDOWS", True)
+    flags.clear()
+    fileio.fsync_path(tmp_path / "f.bin")
+    fileio.fsync_path(tmp_path)
+    assert flags == [os.O_RDWR]
+
+
+def test_a_folder_the_file_system_cannot_flush_is_no_error_but_a_file_is(tmp_path, monkeypatch):
+    import library.fileio as fileio
+
+    (tmp_path / "f.bin").write_bytes(b"x")
+
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    fileio.fsync_path(tmp_path)
+    with pytest.raises(OSError):
+        fileio.fsync_path(tmp_path / "f.bin")

@@ -18,8 +18,8 @@ direction (:attr:`~library.eval.attacks.base.ThresholdAttack.fit_direction`: the
 an assumption a fine-tune need not meet, as for SecMI).
 
 Cost: (1 + P) x T UNet queries per sample (defaults: 11 x 10 = 110) and P VAE encodes. With the step-back
-error: (1 + P) x (t_SEC/k + 1) (11 x 16 = 176 at SecMI's t_SEC 150), the unperturbed image's inversion being SecMI's own (same memo
-keys), computed once when both run.
+error: (1 + P) x (t_SEC/k + 1) (11 x 16 = 176 at SecMI's t_SEC 150), the unperturbed image's inversion being
+SecMI's own (same memo keys), computed once when both run.
 
 Our choices: the public script's error is summed over latent elements and divided by E_0 + 1e-6; ours is
 averaged over elements (a constant factor) and divided by E_0 floored at the smallest positive float, so the
