@@ -24,6 +24,7 @@ from library.foreign_keys import VAE_FOREIGN_KEY, SiblingKeys
 PAPER_FEATURES = ("error_map", "loss", "multi_t_loss")
 IMAGE_SPACE_ATTACKS = ("blackbox", "reconstruction")  # they read --digit_feature_weights / --inception_weights
 NORMALIZATIONS = ("none", "log", "standardize", "log_standardize")
+PFAMI_ERRORS = ("loss", "step_back")  # the public SD scripts' denoising loss; SecMI's step-back error
 PFAMI_LOSS_TIMESTEPS = tuple(range(50, 501, 50))  # CopyMark's SD script: attack timesteps 0 .. 450, each + 50
 
 
@@ -158,7 +159,7 @@ class EvalConfig:
         "loss", "PFAMI: the model's error on each version: loss = the denoising loss with paired noise at "
         "--pfami_loss_timesteps, as the public SD scripts ((1 + P) x their number queries); step_back = SecMI's "
         "step-back error (--secmi_timestep, --secmi_step; (1 + P) x (t_SEC/k + 1) queries)",
-        choices=["loss", "step_back"])
+        choices=list(PFAMI_ERRORS))
     pfami_loss_timesteps: list[int] = option(
         list(PFAMI_LOSS_TIMESTEPS), "PFAMI with --pfami_error loss: its timesteps (CopyMark's SD script: 50 .. 500)")
     pfami_crop_range: list[float] = option(

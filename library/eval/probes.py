@@ -172,6 +172,18 @@ class QueryContext:
             self.queries += len(self)
         return self._memo[memo_key]
 
+    def denoising_loss(self, t: int, noise_tag: str, *, key: str, latents: torch.Tensor | None = None,
+                       caption_key: str = "true", captions: Sequence[str] | None = None) -> torch.Tensor:
+        """[B]: the mean squared denoising loss ||eps - eps(z_t, t, c)||^2 / D, with z_t = sqrt(abar_t) z +
+        sqrt(1 - abar_t) eps, eps the paired noise ``noise(noise_tag)`` and z ``latents`` (default: the clean
+        latents). ``key`` names z_t for :meth:`predict` (with ``caption_key`` / ``captions`` as there)."""
+        eps = self.noise(noise_tag)
+        abar = self.alpha_bar(t)
+        z = self.z0 if latents is None else latents
+        z_t = abar.sqrt() * z + (1.0 - abar).sqrt() * eps
+        pred = self.predict(z_t, t, key=key, caption_key=caption_key, captions=captions)
+        return (pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1)
+
 
 class Probe(ABC):
     """The model-side half of an attack: per batch, ``{name: tensor [B, ...]}`` (see the module docstring)."""

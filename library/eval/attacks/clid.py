@@ -94,13 +94,9 @@ class CLiDProbe(Probe):
         rows = []
         for name, captions in conditions.items():
             columns = []
-            for t in self.timesteps:
-                eps = ctx.noise(f"clid:t={t}")  # one noise per (sample, t), shared by the conditions
-                abar = ctx.alpha_bar(t)
-                z_t = abar.sqrt() * ctx.z0 + (1.0 - abar).sqrt() * eps
-                pred = ctx.predict(z_t, t, key=f"noised:clid:t={t}", caption_key=name,
-                                   captions=None if name == "true" else captions)
-                columns.append((pred.float() - eps.float()).pow(2).flatten(1).mean(dim=1))
+            for t in self.timesteps:  # one noise per (sample, t), shared by the conditions
+                columns.append(ctx.denoising_loss(t, f"clid:t={t}", key=f"noised:clid:t={t}", caption_key=name,
+                                                  captions=None if name == "true" else captions))
             rows.append(torch.stack(columns, dim=1))
         return {"losses": torch.stack(rows, dim=1)}
 

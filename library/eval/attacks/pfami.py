@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from library.eval.attacks.base import AttackInputs, SelectedThresholdAttack
-from library.eval.attacks.secmi import schedule_alpha_bar, step_back_errors
-from library.eval.config import PFAMI_LOSS_TIMESTEPS
+from library.eval.attacks.secmi import step_back_errors
+from library.eval.config import PFAMI_ERRORS, PFAMI_LOSS_TIMESTEPS
 from library.eval.probes import Probe, QueryContext
 
 if TYPE_CHECKING:
@@ -74,9 +74,6 @@ def probability_fluctuation(errors: np.ndarray) -> np.ndarray:
     return ((errors[:, 1:, :] - original) / original).mean(axis=1)
 
 
-ERRORS = ("step_back", "loss")
-
-
 def denoising_losses(ctx: QueryContext, timesteps: Sequence[int], *,
                      start: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, T]: the mean squared denoising loss ||eps_t - eps(z_t, t, c)||^2 / D at each of ``timesteps``, z_t the
@@ -87,15 +84,9 @@ def denoising_losses(ctx: QueryContext, timesteps: Sequence[int], *,
     numbers). The public SD script draws fresh noise for every version from the global generator, which adds the
     spread of one noise draw to each fluctuation.
     """
-    name, z0 = start if start is not None else ("z0", ctx.z0)
-    losses = []
-    for t in timesteps:
-        abar = schedule_alpha_bar(ctx, int(t))  # float32, as SecMI's: fp16 cannot hold 1 - alpha-bar near t = 0
-        eps = ctx.noise(f"pfami-loss:t={int(t)}").float()
-        z_t = abar.sqrt() * z0.float() + (1.0 - abar).sqrt() * eps
-        pred = ctx.predict(z_t, int(t), key=f"{name}:pfami-noised:t={int(t)}").float()
-        losses.append((pred - eps).pow(2).flatten(1).mean(dim=1))
-    return torch.stack(losses, dim=1)
+    name, latents = start if start is not None else ("z0", None)
+    return torch.stack([ctx.denoising_loss(int(t), f"pfami-loss:t={int(t)}", key=f"{name}:pfami-noised:t={int(t)}",
+                                           latents=latents) for t in timesteps], dim=1)
 
 
 class PFAMIProbe(Probe):
@@ -109,8 +100,8 @@ class PFAMIProbe(Probe):
                  loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS) -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
-        if error not in ERRORS:
-            raise ValueError(f"PFAMI's error must be one of {ERRORS}, got {error!r}")
+        if error not in PFAMI_ERRORS:
+            raise ValueError(f"PFAMI's error must be one of {PFAMI_ERRORS}, got {error!r}")
         self.fractions = tuple(float(f) for f in fractions)
         self.timestep, self.step, self.error = int(timestep), int(step), error
         self.loss_timesteps = tuple(int(t) for t in loss_timesteps)
