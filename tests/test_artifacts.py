@@ -29,6 +29,7 @@ def test_the_lora_names_its_precision_and_seed_and_the_attacker_file_its_method(
     with safe_open(result.weights_path, "pt") as handle:
         meta = handle.metadata()
     assert (meta["ss_mixed_precision"], meta["ss_seed"], meta["smp_lora.seed"]) == ("bf16", "5", "5")
+    assert meta["smp_lora.latent_mode"] == "mean"  # the default: the posterior's mean
     with safe_open(result.attacker_path, "pt") as handle:
         assert handle.metadata() == {"smp_lora.method": "smp_lora"}
 
@@ -38,3 +39,11 @@ def test_a_states_summary_counts_completed_epochs_not_steps(tiny_train_args, tmp
     train(parse_config(TrainConfig, tiny_train_args + ["--max_train_steps", "8", "--save_state"]), "lora")
     summary = read_summary(tmp_path / "out" / "lora-state")
     assert (summary["global_step"], summary["epoch"]) == (8, 1)
+
+
+def test_a_lora_trained_on_sampled_latents_says_so(tiny_train_args):
+    """--latent_mode sample is in the file: an auditor reads that the members' latents were one posterior draw."""
+    result = train(parse_config(TrainConfig, tiny_train_args + ["--latent_mode", "sample", "--max_train_steps", "1"]),
+                   "lora")
+    with safe_open(result.weights_path, "pt") as handle:
+        assert handle.metadata()["smp_lora.latent_mode"] == "sample"

@@ -996,7 +996,8 @@ def test_a_training_start_hashes_a_member_image_once_and_holds_its_latent_once(t
     for module in (latents_module, manifest_module):
         monkeypatch.setattr(module, "sha256_file", counting)
     data = load_training_records(SimpleNamespace(split_manifest=str(tmp_path / "split.json")), needs_aux=True)
-    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False)
+    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False,
+                             latent_mode="mean", seed=0)
     attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"))
     # once, by the manifest's verification (was 3, then 2): the latent cache takes the verified hashes
     assert [hashed[path.name] for path in data.members.paths] == [1] * 4
@@ -1042,6 +1043,32 @@ def test_lineage_metadata_records_every_split_the_parent_saw() -> None:
     assert lineage_metadata({}) == {"smp_lora.parent_split_sha256": "unrecorded"}
 
 
+def test_latent_mode_sample_trains_on_one_seeded_posterior_draw_of_every_set(tmp_path, tiny_vae):
+    """--latent_mode sample (sd-scripts' cache): members and non-members alike get the cache's seeded draw, the
+    same for the same --seed and another for another; the default is the posterior mean."""
+    from library.sd.bundle import vae_fingerprint
+    from library.train.data import LabelledSet, TrainingData, attach_latents
+
+    for i in range(3):
+        _pair(tmp_path, f"p{i}", f"plain {i}", color=(0, 10 + i, 0))
+    paths = [tmp_path / f"p{i}.png" for i in range(3)]
+
+    def latents(mode: str, seed: int) -> list[torch.Tensor]:
+        data = TrainingData(members=LabelledSet(paths[:2], ["a", "b"]), nonmember_aux=LabelledSet(paths[2:], ["c"]))
+        config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3,
+                                 full_determinism=False, latent_mode=mode, seed=seed)
+        attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"))
+        return [data.members.latents, data.nonmember_aux.latents]
+
+    mean, sampled, again, other = latents("mean", 5), latents("sample", 5), latents("sample", 5), latents("sample", 6)
+    fingerprint = vae_fingerprint(tiny_vae)
+    assert torch.equal(mean[0], LatentCache(tiny_vae, fingerprint, 32, batch_size=3).get_many(paths[:2]))
+    draws = LatentCache(tiny_vae, fingerprint, 32, batch_size=3, mode="sample", seed=5).get_many(paths[:2])
+    assert torch.equal(sampled[0], draws)
+    for got, same, seed_6, centre in zip(sampled, again, other, mean):
+        assert torch.equal(got, same) and not torch.allclose(got, seed_6) and not torch.allclose(got, centre)
+
+
 def test_the_class_images_get_latents_and_non_members_none_without_a_proxy_attacker(tmp_path, tiny_vae):
     """DreamBooth's prior loss trains on the class images' latents; a method without an attacker never encodes
     a non-member (a VAE pass per image for nothing)."""
@@ -1054,7 +1081,8 @@ def test_the_class_images_get_latents_and_non_members_none_without_a_proxy_attac
         return LabelledSet([tmp_path / f"p{i}.png" for i in indices], [f"plain {i}" for i in indices])
 
     data = TrainingData(members=labelled(0), nonmember_aux=labelled(1), prior=labelled(1, 2))
-    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False)
+    config = SimpleNamespace(resolution=32, cache_latents_to_disk=False, vae_batch_size=3, full_determinism=False,
+                             latent_mode="mean", seed=0)
     attach_latents(data, SimpleNamespace(vae=tiny_vae), config, torch.device("cpu"), every_set=False)
     assert data.members.latents.shape == (1, 4, 8, 8) and data.prior.latents.shape == (2, 4, 8, 8)
     assert data.nonmember_aux.latents is None

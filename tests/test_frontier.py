@@ -199,7 +199,7 @@ def test_sweep_values_are_typed_as_a_toml_file_types_them(tmp_path):
                                            {"resolution": 32}, {"privacy_lambda": 2.0}]
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "seeds.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "frontier").glob("*.toml")))
 def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
     """configs/frontier/*.toml: every run's flags are real training flags for its method (no training)."""
     from library.demo.frontier import train_config
@@ -217,6 +217,7 @@ def test_shipped_sweep_parses_into_valid_training_configs(tmp_path, name):
             assert getattr(config, run.knob) == run.value
         if run.label == "smp_calibrated":  # fresh noise: a fixed-draw proxy is fooled on its draws (docs/results.md §6)
             assert config.attacker_noise == "fresh" and config.attacker_calibration == "base"
+        assert config.latent_mode == ("sample" if run.label.endswith("_sample") else "mean")
 
 
 def test_a_retrained_run_shows_its_own_checkpoints_and_a_cut_off_run_is_redone(tmp_path, monkeypatch, capsys):

@@ -519,6 +519,7 @@ def test_resume_with_another_objective_or_batch_is_one_line_and_save_settings_ma
     for extra, expected in ((["--privacy_lambda", "0.5"], "privacy_lambda = 0.05, this run has 0.5"),
                             (["--train_batch_size", "6"], "total_batch = 4, this run has 6"),
                             (["--attacker_noise", "fixed"], "attacker_noise = 'fresh', this run has 'fixed'"),
+                            (["--latent_mode", "sample"], "latent_mode = 'mean', this run has 'sample'"),
                             (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps")):
         assert train_entry("smp_lora", "", args + extra) == 2
         assert expected in one_line(capsys)

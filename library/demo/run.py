@@ -235,7 +235,8 @@ def fill_latent_caches(configs: list[TrainConfig]) -> None:
     for config in configs:
         if config.cache_latents_to_disk and config.latent_cache_dir:  # else each run has a cache of its own
             groups.setdefault((config.latent_cache_dir, config.pretrained_model_name_or_path, config.split_manifest,
-                               config.train_data_dir, config.resolution, config.vae_batch_size), []).append(config)
+                               config.train_data_dir, config.resolution, config.vae_batch_size, config.latent_mode,
+                               config.seed if config.latent_mode == "sample" else None), []).append(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the trainer's (make_accelerator)
     for config, *others in groups.values():
         if not others:

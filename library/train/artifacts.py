@@ -74,6 +74,7 @@ def training_metadata(trainer: Trainer, cadence: retention.Cadence | None = None
         **conditioning_metadata(cfg),
         "smp_lora.method": trainer.method_name,
         "smp_lora.seed": str(cfg.seed),
+        "smp_lora.latent_mode": cfg.latent_mode,  # what the members' latents were: their posterior mean or one draw
     }
     if trainer.data.manifest_sha256:
         meta["smp_lora.manifest_sha256"] = trainer.data.manifest_sha256

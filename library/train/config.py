@@ -78,6 +78,10 @@ class TrainConfig:
     latent_cache_dir: Optional[str] = option(
         None, "directory for on-disk latents (default <output_dir>/latent_cache)", path=True)
     vae_batch_size: int = option(8, "batch size for VAE encoding when caching latents")
+    latent_mode: str = option(
+        "mean", "what an image's cached latent is: mean = the VAE posterior's mean (deterministic, the latent an "
+        "auditor encodes); sample = one posterior draw per image, drawn once and kept for the whole run (sd-scripts' "
+        "--cache_latents and the paper's runs; seeded by the image's content and --seed)", choices=["mean", "sample"])
     shuffle_caption: bool = option(False, "shuffle comma-separated caption tags every time a caption is used")
     keep_tokens: int = option(0, "with --shuffle_caption: keep the first N tags in place")
     max_token_length: Optional[int] = option(None, "75 (default), 150 or 225 tokens of caption", choices=[75, 150, 225])

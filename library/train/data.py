@@ -174,7 +174,8 @@ def attach_latents(data: TrainingData, bundle: ModelBundle, config: TrainConfig,
     non-member, whose encoding would cost a VAE pass per image for nothing). D^m_aux and D^m_te are D_tr's rows
     (:func:`member_latents`), not sets of their own."""
     cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution, latent_cache_dir(config),
-                        batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
+                        batch_size=config.vae_batch_size, mode=config.latent_mode, seed=config.seed,
+                        full_determinism=config.full_determinism)
     nonmembers = [data.nonmember_aux, data.nonmember_test] if every_set else []
     for labelled in (data.members, *nonmembers, data.prior):  # D_tr first: member_latents reads its rows
         if labelled is not None:
