@@ -142,6 +142,31 @@ def test_probe_columns_are_secmi_errors_of_the_image_and_of_each_crop(model):
     assert shared.queries - before == N * 2 * 5
 
 
+def test_with_latent_mode_sample_the_crops_are_seeded_posterior_draws(model):
+    """--latent_mode sample: a crop is encoded as the query images are, one posterior draw seeded by (seed, the
+    image's sha256, the crop): the same for every model and batch, another for another crop or image."""
+    from dataclasses import replace
+
+    from library.data.latents import encode_pixels
+    from library.runtime import hashed_seed
+
+    images = torch.stack([load_image(s.path, 32) for s in model.samples])
+    crops = center_crop_resized(images, 0.8)
+    sampling = replace(model, latent_mode="sample")
+    drawn = QueryContext(sampling, range(N), torch.zeros(N, 4, 8, 8)).encode_images(crops, tag="pfami-crop=0.8")
+    seeds = [hashed_seed("smp-lora-mia-latent-draw", 0, s.sha256, "pfami-crop=0.8") for s in model.samples]
+    torch.testing.assert_close(drawn, encode_pixels(model.bundle.vae, crops, sample_seeds=seeds))
+    alone = QueryContext(sampling, [1], torch.zeros(1, 4, 8, 8)).encode_images(crops[1:2], tag="pfami-crop=0.8")
+    torch.testing.assert_close(alone[0], drawn[1])  # per image, not per batch
+    mean = QueryContext(model, range(N), torch.zeros(N, 4, 8, 8)).encode_images(crops, tag="pfami-crop=0.8")
+    torch.testing.assert_close(mean, encoded(model, crops))
+    assert not torch.allclose(drawn, mean)
+    other = QueryContext(sampling, range(N), torch.zeros(N, 4, 8, 8)).encode_images(crops, tag="pfami-crop=0.7")
+    assert not torch.allclose(drawn, other)
+    assert PFAMIProbe((0.8,), latent_mode="sample").settings()["perturbation"].endswith("posterior draw")
+    assert PFAMIProbe((0.8,)).settings()["perturbation"].endswith("posterior mean")  # its cache identity as before
+
+
 def test_attack_selects_on_aux_and_scores_the_fluctuation():
     rng = np.random.default_rng(0)
     n = 40

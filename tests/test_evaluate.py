@@ -554,6 +554,34 @@ def test_full_determinism_features_are_cached_apart_from_the_defaults(world, eva
     assert runs["plain"] == {name: {**entry, "hit": True} for name, entry in report["features"]["cache"].items()}
 
 
+def test_latent_mode_sample_attacks_posterior_draws_cached_apart_from_the_means(world, evaluated, tmp_path):
+    """--latent_mode sample: every attack reads one seeded posterior draw per image instead of the mean (other
+    scores), recorded in the report; its latents and features are cached apart, so the mean run keeps its cache."""
+    import shutil
+
+    serial_dir, report = evaluated
+    cache = tmp_path / "cache"
+    shutil.copytree(serial_dir / "cache", cache)
+    mean_latents = set((cache / "latents").glob("*.safetensors"))
+    runs = {}
+    for name, extra in (("sample", ["--latent_mode", "sample"]), ("again", ["--latent_mode", "sample"]),
+                        ("mean", [])):
+        argv = base_args(world, tmp_path / name, *CORE_ATTACKS, "--network_weights", str(world["lora"]),
+                         "--cache_dir", str(cache), *extra)
+        assert evaluate_mia.main(argv) == 0
+        runs[name] = json.loads((tmp_path / name / "report.json").read_text())
+    sampled = runs["sample"]
+    assert sampled["features"]["settings"]["latent_mode"] == "sample"
+    assert "latent_mode" not in runs["mean"]["features"]["settings"]  # the default's settings (and keys) as before
+    assert not any(entry["hit"] for entry in sampled["features"]["cache"].values())
+    assert len(set((cache / "latents").glob("*.safetensors")) - mean_latents) == len(mean_latents)
+    assert all(entry["hit"] for entry in runs["again"]["features"]["cache"].values())
+    assert (tmp_path / "again" / "scores.csv").read_text() == (tmp_path / "sample" / "scores.csv").read_text()
+    assert runs["mean"]["features"]["cache"] == {n: {**e, "hit": True} for n, e in report["features"]["cache"].items()}
+    assert (tmp_path / "mean" / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
+    assert (tmp_path / "sample" / "scores.csv").read_text() != (serial_dir / "scores.csv").read_text()
+
+
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):
     """--jobs 1 computes features in this process, on --threads torch threads (the workers' count), not the CLI's;
     so are the latents encoded (a VAE pass on another count gives other last bits, which the features inherit)."""

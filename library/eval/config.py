@@ -87,6 +87,10 @@ class EvalConfig:
     num_noise_draws: int = option(2, "noise draws M per (sample, timestep); the same noise is used for every model")
     batch_size: int = option(16, "UNet queries per forward pass")
     vae_batch_size: int = option(8, "images per VAE pass when encoding latents")
+    latent_mode: str = option(
+        "mean", "what the clean latent z_0 of an image (and of PFAMI's crops) is: mean = the VAE posterior's mean; "
+        "sample = one posterior draw per image, seeded by the image's content and --seed, the same for every model "
+        "(the public attack scripts sample)", choices=["mean", "sample"])
     seed: int = option(
         0, "seed of the noise, the attack models, the hold-out split and the bootstrap, in [0, 2**63 - 1]")
     clip_skip: Optional[int] = option(

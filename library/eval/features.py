@@ -75,6 +75,7 @@ class FeatureSettings:
     multiplier: float = 1.0
     dtype: str = "float32"
     full_determinism: bool = False  # --full_determinism: other GPU kernels, so (on a GPU) other bits
+    latent_mode: str = "mean"  # --latent_mode: z_0 is the VAE posterior's mean, or one seeded draw of it
 
     @property
     def paper_row(self) -> bool:
@@ -86,6 +87,8 @@ class FeatureSettings:
         data["timesteps"] = list(self.timesteps)
         if not self.full_determinism:  # the default kernels' keys (features and probes) stay what they always were
             del data["full_determinism"]
+        if self.latent_mode == "mean":  # likewise the default latents'
+            del data["latent_mode"]
         return data
 
     def value_dict(self) -> dict[str, Any]:
@@ -319,7 +322,8 @@ class FeatureEngine:
                     self._write_cache(key, name, tensors, lora_sha256, unet_sha256)
                 model = ModelContext(self.bundle, samples, self.device, self.dtype, self.settings.seed,
                                      self.settings.resolution, self.settings.clip_skip,
-                                     self.settings.max_token_length, network=network)
+                                     self.settings.max_token_length, network=network,
+                                     latent_mode=self.settings.latent_mode)
                 runs.update(compute_probes(pending, model, latents, batch_size=self.batch_size, cache=probe_cache))
         assert tensors is not None
         return ModelFeatures(name, tensors["losses"].float(), tensors.get("paper"), tensors.get("paper_timesteps"),

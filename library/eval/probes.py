@@ -50,6 +50,7 @@ class ModelContext:
     clip_skip: int = 1
     max_token_length: int | None = None
     network: Any = None  # the applied LoRA network, None for the base model or a full UNet
+    latent_mode: str = "mean"  # how images are encoded (--latent_mode): the posterior's mean or a seeded draw
 
     @property
     def unet(self) -> Any:
@@ -85,12 +86,12 @@ class ModelContext:
                                 max_token_length=self.max_token_length, clip_skip=self.clip_skip)
         return states.to(self.device, self.dtype)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """SD latents of ``images`` [B, 3, R, R] in [-1, 1], encoded as the evaluation's latent cache encodes the
-        query images (the VAE posterior's mean), in the model's dtype on its device."""
+    def encode_images(self, images: torch.Tensor, sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """SD latents of ``images`` [B, 3, R, R] in [-1, 1], in the model's dtype on its device: the VAE posterior's
+        mean, or with ``sample_seeds`` (one per image) a draw seeded by each."""
         from library.data.latents import encode_pixels
 
-        return encode_pixels(self.bundle.vae, images).to(self.device, self.dtype)
+        return encode_pixels(self.bundle.vae, images, sample_seeds=sample_seeds).to(self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, R, R] in [-1, 1] (fp32) of SD latents (already multiplied by the VAE scaling factor)."""
@@ -126,6 +127,15 @@ class QueryContext:
             seed = hashed_seed("smp-lora-mia-probe-noise", self.model.seed, sample.sha256, tag, draw)
             rows.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32))
         return torch.stack(rows).to(self.model.device, self.model.dtype)
+
+    def encode_images(self, images: torch.Tensor, tag: str) -> torch.Tensor:
+        """Latents of ``images`` [B, 3, R, R] (derived from this batch's samples, e.g. PFAMI's crops), encoded as
+        the query images are (``--latent_mode``): the posterior's mean, or a draw seeded by (seed, the sample's
+        sha256, ``tag``), the same for every model."""
+        seeds = None
+        if self.model.latent_mode == "sample":
+            seeds = [hashed_seed("smp-lora-mia-latent-draw", self.model.seed, s.sha256, tag) for s in self.samples]
+        return self.model.encode_images(images, seeds)
 
     def conditioning(self, captions: Sequence[str] | None = None) -> torch.Tensor:
         """Text conditioning (B, tokens, D) of ``captions`` (default: the samples' own), each caption encoded

@@ -179,7 +179,8 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     check_base_model(config, specs, base_fp)
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
                                None if config.no_cache else _cache_root(config) / "latents",
-                               batch_size=config.vae_batch_size, full_determinism=config.full_determinism)
+                               batch_size=config.vae_batch_size, mode=config.latent_mode, seed=config.seed,
+                               full_determinism=config.full_determinism)
     with pool.in_process():  # on --threads threads, as the features: a VAE pass's last bits depend on the count
         latents = latent_cache.get_many([s.path for s in samples.samples], [s.sha256 for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
@@ -190,7 +191,7 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
         paper_draws=config.paper_draws,
         resolution=config.resolution, clip_skip=config.clip_skip, max_token_length=config.max_token_length,
         multiplier=config.network_multiplier, dtype=str(dtype).replace("torch.", ""),
-        full_determinism=config.full_determinism,
+        full_determinism=config.full_determinism, latent_mode=config.latent_mode,
     )
     # --network_multiplier scales LoRAs only: the base's and full fine-tunes' features (and cache keys) are those
     # of any multiplier

@@ -97,7 +97,7 @@ class PFAMIProbe(Probe):
     name = "pfami"
 
     def __init__(self, fractions: Sequence[float], timestep: int = 150, step: int = 10, error: str = "loss",
-                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS) -> None:
+                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS, latent_mode: str = "mean") -> None:
         if not 0 < step <= timestep or timestep % step:
             raise ValueError(f"PFAMI needs 0 < step <= timestep, timestep a multiple of step; got {timestep}, {step}")
         if error not in PFAMI_ERRORS:
@@ -105,6 +105,7 @@ class PFAMIProbe(Probe):
         self.fractions = tuple(float(f) for f in fractions)
         self.timestep, self.step, self.error = int(timestep), int(step), error
         self.loss_timesteps = tuple(int(t) for t in loss_timesteps)
+        self.latent_mode = latent_mode  # how the crops are encoded: as the query images (ctx.encode_images)
 
     @property
     def timesteps(self) -> tuple[int, ...]:
@@ -115,7 +116,8 @@ class PFAMIProbe(Probe):
 
     def settings(self) -> dict[str, Any]:
         common = {"crop_fractions": list(self.fractions),
-                  "perturbation": "center crop + antialiased bilinear resize; VAE posterior mean"}
+                  "perturbation": "center crop + antialiased bilinear resize; VAE posterior "
+                                  + ("mean" if self.latent_mode == "mean" else "draw")}
         if self.error == "loss":
             return {**common, "error": "loss (paired noise)", "timesteps": list(self.loss_timesteps)}
         # The step-back settings carry no "error" key: the same identity (and cache) as before the option existed.
@@ -134,7 +136,7 @@ class PFAMIProbe(Probe):
         errors = [self._errors(ctx)]
         images = ctx.images()
         for fraction in self.fractions:
-            latents = ctx.model.encode_images(center_crop_resized(images, fraction))
+            latents = ctx.encode_images(center_crop_resized(images, fraction), tag=f"pfami-crop={fraction}")
             errors.append(self._errors(ctx, start=(f"pfami-crop={fraction}", latents)))
         return {"error": torch.stack(errors, dim=1)}
 
@@ -151,15 +153,15 @@ class PFAMIAttack(SelectedThresholdAttack):
 
     def __init__(self, fractions: Sequence[float] = crop_fractions(0.95, 0.7, 10), timestep: int = 150,
                  step: int = 10, error: str = "loss",
-                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS) -> None:
+                 loss_timesteps: Sequence[int] = PFAMI_LOSS_TIMESTEPS, latent_mode: str = "mean") -> None:
         super().__init__()
-        self.probe = PFAMIProbe(fractions, timestep, step, error, loss_timesteps)
+        self.probe = PFAMIProbe(fractions, timestep, step, error, loss_timesteps, latent_mode)
 
     @classmethod
     def from_config(cls, config: EvalConfig, device: torch.device) -> PFAMIAttack:
         first, last = config.pfami_crop_range
         return cls(crop_fractions(first, last, config.pfami_perturbations), config.secmi_timestep, config.secmi_step,
-                   config.pfami_error, config.pfami_loss_timesteps)
+                   config.pfami_error, config.pfami_loss_timesteps, config.latent_mode)
 
     def settings(self) -> dict[str, Any]:
         return {**self.probe.settings(), "guidance_scale": 1.0, "schedule": "scaled_linear (training)"}
