@@ -580,6 +580,17 @@ def test_latent_mode_sample_attacks_posterior_draws_cached_apart_from_the_means(
     assert runs["mean"]["features"]["cache"] == {n: {**e, "hit": True} for n, e in report["features"]["cache"].items()}
     assert (tmp_path / "mean" / "scores.csv").read_text() == (serial_dir / "scores.csv").read_text()
     assert (tmp_path / "sample" / "scores.csv").read_text() != (serial_dir / "scores.csv").read_text()
+    # never a training run's draws (an attacker does not know them), not even a run trained with the same seed
+    from safetensors.torch import load_file
+
+    from library.data.latents import LatentCache
+    from library.sd.bundle import vae_fingerprint
+
+    vae, manifest = world["bundle"].vae, world["manifest"]
+    paths = [manifest.abs_path(e) for e in manifest.members()]
+    trained = LatentCache(vae, vae_fingerprint(vae), 32, mode="sample", seed=0).get_many(paths)  # eval --seed 0
+    drawn = [load_file(f)["latent"] for f in set((cache / "latents").glob("*.safetensors")) - mean_latents]
+    assert drawn and not any(torch.allclose(d, t, atol=1e-4) for d in drawn for t in trained)
 
 
 def test_serial_features_run_on_threads_whatever_the_caller_left(world, tmp_path, monkeypatch):

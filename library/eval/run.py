@@ -56,6 +56,7 @@ from library.eval.records import (
 from library.outputs import OutputLock, check_output_dir
 from library.runtime import (
     PRECISION_DTYPES,
+    hashed_seed,
     machine,
     provenance,
     use_deterministic_kernels,
@@ -153,6 +154,13 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
     return features, time.perf_counter() - t0
 
 
+def evaluation_latent_seed(seed: int) -> int:
+    """The seed of ``--latent_mode sample``'s posterior draws: derived from ``--seed`` in a namespace of its own, so
+    an evaluation never draws a training run's latents (training seeds its draws with its own ``--seed``), even at
+    an equal seed; the attacker does not know the draw a model was trained on."""
+    return hashed_seed("smp-lora-mia-latent-draw", seed)
+
+
 def _cache_root(config: EvalConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else Path(config.output_dir) / "cache"
 
@@ -179,8 +187,8 @@ def compute_features(config: EvalConfig, specs: list[ModelSpec], samples: EvalSa
     check_base_model(config, specs, base_fp)
     latent_cache = LatentCache(bundle.vae, vae_fingerprint(bundle.vae), config.resolution,
                                None if config.no_cache else _cache_root(config) / "latents",
-                               batch_size=config.vae_batch_size, mode=config.latent_mode, seed=config.seed,
-                               full_determinism=config.full_determinism)
+                               batch_size=config.vae_batch_size, mode=config.latent_mode,
+                               seed=evaluation_latent_seed(config.seed), full_determinism=config.full_determinism)
     with pool.in_process():  # on --threads threads, as the features: a VAE pass's last bits depend on the count
         latents = latent_cache.get_many([s.path for s in samples.samples], [s.sha256 for s in samples.samples])
     info["timing_s"] = {"load_and_latents": time.perf_counter() - t0}
