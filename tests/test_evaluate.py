@@ -572,6 +572,8 @@ def test_latent_mode_sample_attacks_posterior_draws_cached_apart_from_the_means(
         runs[name] = json.loads((tmp_path / name / "report.json").read_text())
     sampled = runs["sample"]
     assert sampled["features"]["settings"]["latent_mode"] == "sample"
+    assert "posterior draw per image" in (tmp_path / "sample" / "report.md").read_text()
+    assert "posterior draw" not in (tmp_path / "mean" / "report.md").read_text()
     assert "latent_mode" not in runs["mean"]["features"]["settings"]  # the default's settings (and keys) as before
     assert not any(entry["hit"] for entry in sampled["features"]["cache"].values())
     assert len(set((cache / "latents").glob("*.safetensors")) - mean_latents) == len(mean_latents)

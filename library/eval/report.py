@@ -183,6 +183,8 @@ def report_markdown(result: "EvalResult") -> str:
         + ("" if "paper" not in cfg.attacks else f"; paper h' on `{cfg.paper_features}`"
            + ("" if cfg.paper_features == "multi_t_loss" else
               f" at t ~ U[{cfg.paper_min_timestep}, {cfg.paper_max_timestep}), {cfg.paper_draws} draw(s) per sample")),
+        *(["- clean latents: one VAE posterior draw per image, the same for every model (--latent_mode sample)"]
+          if cfg.latent_mode == "sample" else []),  # the default (the posterior's mean) is docs/attacks.md's
         *_conditioning_line(info.get("conditioning")),
         *_overrides_line(cfg),
         *(f"- model `{m.name}`: `{m.path}` (sha256 `{str(m.sha256)[:16]}`)" for m in result.models if m.path),
