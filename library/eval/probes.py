@@ -35,6 +35,14 @@ from library.fileio import write_safetensors
 from library.runtime import hashed_seed
 
 PROBE_FORMAT = "smp-lora-mia-probe-v1"
+LATENT_DRAWS = "smp-lora-mia-latent-draw"  # the namespace of every --latent_mode sample draw an evaluation makes
+
+
+def evaluation_latent_seed(seed: int) -> int:
+    """The seed of ``--latent_mode sample``'s draws of the query images: derived from ``--seed`` in a namespace of
+    its own, so an evaluation never draws a training run's latents (training seeds its draws with its own
+    ``--seed``), even at an equal seed; the attacker does not know the draw a model was trained on."""
+    return hashed_seed(LATENT_DRAWS, seed)
 
 
 @dataclass
@@ -134,7 +142,7 @@ class QueryContext:
         sha256, ``tag``), the same for every model."""
         seeds = None
         if self.model.latent_mode == "sample":
-            seeds = [hashed_seed("smp-lora-mia-latent-draw", self.model.seed, s.sha256, tag) for s in self.samples]
+            seeds = [hashed_seed(LATENT_DRAWS, self.model.seed, s.sha256, tag) for s in self.samples]
         return self.model.encode_images(images, seeds)
 
     def conditioning(self, captions: Sequence[str] | None = None) -> torch.Tensor:

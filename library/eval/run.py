@@ -46,6 +46,7 @@ from library.eval.inputs import (
     model_specs,
 )
 from library.eval.models import load_bundle, process_bundle, resolve_device
+from library.eval.probes import evaluation_latent_seed
 from library.eval.records import (
     BASE_NAME,
     EVAL_SPLITS,
@@ -56,7 +57,6 @@ from library.eval.records import (
 from library.outputs import OutputLock, check_output_dir
 from library.runtime import (
     PRECISION_DTYPES,
-    hashed_seed,
     machine,
     provenance,
     use_deterministic_kernels,
@@ -152,13 +152,6 @@ def model_features(job: FeatureJob, bundle: Any = None) -> tuple[ModelFeatures, 
     features = engine.compute(job.spec.name, job.samples, job.latents, job.spec.lora, job.spec.lora_sha256,
                               probes=probes, unet=job.spec.unet)
     return features, time.perf_counter() - t0
-
-
-def evaluation_latent_seed(seed: int) -> int:
-    """The seed of ``--latent_mode sample``'s posterior draws: derived from ``--seed`` in a namespace of its own, so
-    an evaluation never draws a training run's latents (training seeds its draws with its own ``--seed``), even at
-    an equal seed; the attacker does not know the draw a model was trained on."""
-    return hashed_seed("smp-lora-mia-latent-draw", seed)
 
 
 def _cache_root(config: EvalConfig) -> Path:
